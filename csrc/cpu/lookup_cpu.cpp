@@ -1,0 +1,240 @@
+// CPU lookup operators: pooled (bag_forward / bag_backward) and non-pooled
+// (embedding_forward / embedding_backward) over a flat multi-size table.
+// Forward: one task per bag, fp32 (fp64 for fp64 weights) accumulation.
+// Backward: lookups grouped by row (row_groups.h), one task per row: deterministic.
+#include "cpu/row_groups.h"
+
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+namespace pme::cpu {
+namespace {
+
+template <class T, class I>
+void bag_forward_kernel(const T* w, const int64_t* off, const I* idx, const I* bo, int64_t B, const T* psw,
+                        const int64_t* col_of_size, int64_t W, int64_t mode, int64_t pad, T* out,
+                        int64_t* argmax) {
+  using A = acc_t<T>;
+  torch::stable::parallel_for(0, B, 64, [&](int64_t b0, int64_t b1) {
+    std::vector<A> acc(W);
+    std::vector<int64_t> cov(mode == kMax ? W : 0);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t start = bo ? static_cast<int64_t>(bo[b]) : b;
+      const int64_t end = bo ? static_cast<int64_t>(bo[b + 1]) : b + 1;
+      T* o = out + b * W;
+      int64_t n = 0;
+      if (mode == kMax) {
+        int64_t* am = argmax + b * W;
+        std::fill(acc.begin(), acc.end(), -std::numeric_limits<A>::infinity());
+        std::fill(cov.begin(), cov.end(), 0);
+        std::fill(am, am + W, int64_t{-1});
+        for (int64_t j = start; j < end; ++j) {
+          const int64_t r = idx[j];
+          if (r == pad) continue;
+          ++n;
+          const int64_t size = off[r + 1] - off[r];
+          const int64_t col = col_of_size ? col_of_size[size] : 0;
+          const T* row = w + off[r];
+          for (int64_t c = 0; c < size; ++c) {
+            const A v = static_cast<A>(row[c]);
+            ++cov[col + c];
+            if (v > acc[col + c]) {
+              acc[col + c] = v;
+              am[col + c] = j;
+            }
+          }
+        }
+        // Columns that some token of the bag does not store hold an implicit zero in the
+        // dense view; it takes part in the max (and, winning, passes gradient to no entry).
+        for (int64_t c = 0; c < W; ++c) {
+          if (n == 0 || (cov[c] < n && acc[c] < A(0))) {
+            acc[c] = A(0);
+            am[c] = -1;
+          }
+          o[c] = static_cast<T>(acc[c]);
+        }
+        continue;
+      }
+      std::fill(acc.begin(), acc.end(), A(0));
+      for (int64_t j = start; j < end; ++j) {
+        const int64_t r = idx[j];
+        if (r == pad) continue;
+        ++n;
+        const int64_t size = off[r + 1] - off[r];
+        const int64_t col = col_of_size ? col_of_size[size] : 0;
+        const T* row = w + off[r];
+        A* a = acc.data() + col;
+        if (psw) {
+          const A s = static_cast<A>(psw[j]);
+          for (int64_t c = 0; c < size; ++c) a[c] += s * static_cast<A>(row[c]);
+        } else {
+          for (int64_t c = 0; c < size; ++c) a[c] += static_cast<A>(row[c]);
+        }
+      }
+      const A scale = (mode == kMean && n > 0) ? A(1) / static_cast<A>(n) : A(1);
+      if (mode == kMean && n > 0) {
+        for (int64_t c = 0; c < W; ++c) o[c] = static_cast<T>(acc[c] / static_cast<A>(n));
+      } else {
+        for (int64_t c = 0; c < W; ++c) o[c] = static_cast<T>(acc[c] * scale);
+      }
+    }
+  });
+}
+
+TableView table_view(const Tensor& weight, const Tensor& offsets, const std::optional<Tensor>& col_of_size,
+                     int64_t width) {
+  return {offsets.const_data_ptr<int64_t>(), offsets.numel() - 1, weight.numel(),
+          col_of_size ? col_of_size->const_data_ptr<int64_t>() : nullptr, col_of_size ? col_of_size->numel() : 0,
+          width};
+}
+
+std::tuple<Tensor, Tensor> lookup_forward(const Tensor& weight, const Tensor& offsets, const Tensor& indices,
+                                          const std::optional<Tensor>& bag_offsets,
+                                          const std::optional<Tensor>& per_sample_weights,
+                                          const std::optional<Tensor>& col_of_size, int64_t out_width,
+                                          int64_t mode, int64_t padding_idx) {
+  const LookupArgs a = check_lookup_args(weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size,
+                                         mode, padding_idx);
+  PME_CHECK(out_width >= 0, "out_width must be >= 0, got ", out_width);
+  const TableView tv = table_view(weight, offsets, col_of_size, out_width);
+  const int64_t* off = tv.offsets;
+  const int64_t* cos = tv.col_of_size;
+
+  Tensor out = torch::stable::new_empty(weight, {a.num_bags, out_width});
+  Tensor argmax = torch::stable::new_empty(offsets, {mode == kMax ? a.num_bags : 0, mode == kMax ? out_width : 0});
+  dispatch_index(indices.scalar_type(), "indices", [&](auto itag) {
+    using I = decltype(itag);
+    const I* idx = indices.const_data_ptr<I>();
+    const I* bo = bag_offsets ? bag_offsets->const_data_ptr<I>() : nullptr;
+    validate_lookups(idx, a.num_lookups, bo, a.num_bags, tv);
+    dispatch_weight(weight.scalar_type(), "weight", [&](auto wtag) {
+      using T = decltype(wtag);
+      bag_forward_kernel<T, I>(weight.const_data_ptr<T>(), off, idx, bo, a.num_bags,
+                               per_sample_weights ? per_sample_weights->const_data_ptr<T>() : nullptr, cos,
+                               out_width, mode, padding_idx, out.mutable_data_ptr<T>(),
+                               mode == kMax ? argmax.mutable_data_ptr<int64_t>() : nullptr);
+    });
+  });
+  return {out, argmax};
+}
+
+std::tuple<Tensor, Tensor> lookup_backward(const Tensor& grad_out, const Tensor& weight, const Tensor& offsets,
+                                           const Tensor& indices, const std::optional<Tensor>& bag_offsets,
+                                           const std::optional<Tensor>& per_sample_weights,
+                                           const std::optional<Tensor>& col_of_size, const Tensor& argmax,
+                                           int64_t mode, int64_t padding_idx, bool psw_grad) {
+  const LookupArgs a = check_lookup_args(weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size,
+                                         mode, padding_idx);
+  PME_CHECK(grad_out.dim() == 2 && grad_out.sizes()[0] == a.num_bags, "grad_out must be [", a.num_bags,
+            ", width]");
+  PME_CHECK(grad_out.scalar_type() == weight.scalar_type(), "grad_out must have the dtype of weight");
+  const Tensor go = torch::stable::contiguous(grad_out);
+  const int64_t W = go.sizes()[1];
+  if (mode == kMax) {
+    PME_CHECK(argmax.dim() == 2 && argmax.sizes()[0] == a.num_bags && argmax.sizes()[1] == W &&
+                  argmax.scalar_type() == ScalarType::Long,
+              "argmax must be the int64 [B, width] tensor returned by the forward");
+  }
+  PME_CHECK(!psw_grad || per_sample_weights.has_value(), "psw_grad needs per_sample_weights");
+  const TableView tv = table_view(weight, offsets, col_of_size, W);
+  const int64_t* off = tv.offsets;
+  const int64_t* cos = tv.col_of_size;
+
+  Tensor grad_w = torch::stable::new_zeros(weight, {weight.numel()});
+  Tensor grad_psw = torch::stable::new_empty(weight, {psw_grad ? a.num_lookups : 0});
+  dispatch_index(indices.scalar_type(), "indices", [&](auto itag) {
+    using I = decltype(itag);
+    const I* idx = indices.const_data_ptr<I>();
+    const I* bo = bag_offsets ? bag_offsets->const_data_ptr<I>() : nullptr;
+    validate_lookups(idx, a.num_lookups, bo, a.num_bags, tv);
+    const RowGroups groups = group_by_row(idx, a.num_lookups, bo, a.num_bags, padding_idx);
+    dispatch_weight(weight.scalar_type(), "weight", [&](auto wtag) {
+      using T = decltype(wtag);
+      using A = acc_t<T>;
+      const GradInputs<T, I> in{go.const_data_ptr<T>(),
+                                W,
+                                weight.const_data_ptr<T>(),
+                                off,
+                                idx,
+                                per_sample_weights ? per_sample_weights->const_data_ptr<T>() : nullptr,
+                                cos,
+                                mode == kMax ? argmax.const_data_ptr<int64_t>() : nullptr,
+                                mode};
+      T* gw = grad_w.mutable_data_ptr<T>();
+      const int64_t U = static_cast<int64_t>(groups.rows.size());
+      torch::stable::parallel_for(0, U, 64, [&](int64_t s0, int64_t s1) {
+        std::vector<A> g(W);
+        for (int64_t s = s0; s < s1; ++s) {
+          row_gradient(in, groups, s, g.data());
+          const int64_t r = groups.rows[s];
+          T* dst = gw + off[r];
+          for (int64_t c = 0, n = off[r + 1] - off[r]; c < n; ++c) dst[c] = static_cast<T>(g[c]);
+        }
+      });
+      if (psw_grad) {
+        T* gp = grad_psw.mutable_data_ptr<T>();
+        torch::stable::parallel_for(0, a.num_lookups, 1024, [&](int64_t j0, int64_t j1) {
+          for (int64_t j = j0; j < j1; ++j) {
+            const int64_t r = idx[j], b = groups.bag_of[j];
+            if (b < 0 || r == padding_idx) {
+              gp[j] = T(0);
+              continue;
+            }
+            const int64_t size = off[r + 1] - off[r];
+            const int64_t col = cos ? cos[size] : 0;
+            const T* row = in.weight + off[r];
+            const T* g = in.grad_out + b * W + col;
+            A dot = 0;
+            for (int64_t c = 0; c < size; ++c) dot += static_cast<A>(row[c]) * static_cast<A>(g[c]);
+            gp[j] = static_cast<T>(dot);
+          }
+        });
+      }
+    });
+  });
+  return {grad_w, grad_psw};
+}
+
+// Pooled lookup: output [B, out_width] (+ argmax [B, out_width] for max).
+std::tuple<Tensor, Tensor> bag_forward(Tensor weight, Tensor offsets, Tensor indices, Tensor bag_offsets,
+                                       std::optional<Tensor> per_sample_weights, std::optional<Tensor> col_of_size,
+                                       int64_t out_width, int64_t mode, int64_t padding_idx) {
+  return lookup_forward(weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, out_width, mode,
+                        padding_idx);
+}
+
+std::tuple<Tensor, Tensor> bag_backward(Tensor grad_out, Tensor weight, Tensor offsets, Tensor indices,
+                                        Tensor bag_offsets, std::optional<Tensor> per_sample_weights,
+                                        std::optional<Tensor> col_of_size, Tensor argmax, int64_t mode,
+                                        int64_t padding_idx, bool psw_grad) {
+  return lookup_backward(grad_out, weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, argmax,
+                         mode, padding_idx, psw_grad);
+}
+
+// Non-pooled lookup: output [N, out_width]; the padding row is returned as stored and gets
+// no gradient, as F.embedding does.
+Tensor embedding_forward(Tensor weight, Tensor offsets, Tensor indices, std::optional<Tensor> col_of_size,
+                         int64_t out_width) {
+  return std::get<0>(
+      lookup_forward(weight, offsets, indices, std::nullopt, std::nullopt, col_of_size, out_width, kSum, -1));
+}
+
+Tensor embedding_backward(Tensor grad_out, Tensor weight, Tensor offsets, Tensor indices,
+                          std::optional<Tensor> col_of_size, int64_t padding_idx) {
+  const Tensor none = torch::stable::new_empty(offsets, {0});
+  return std::get<0>(lookup_backward(grad_out, weight, offsets, indices, std::nullopt, std::nullopt, col_of_size,
+                                     none, kSum, padding_idx, false));
+}
+
+}  // namespace
+
+STABLE_TORCH_LIBRARY_IMPL(pme, CPU, m) {
+  m.impl("bag_forward", TORCH_BOX(&bag_forward));
+  m.impl("bag_backward", TORCH_BOX(&bag_backward));
+  m.impl("embedding_forward", TORCH_BOX(&embedding_forward));
+  m.impl("embedding_backward", TORCH_BOX(&embedding_backward));
+}
+
+}  // namespace pme::cpu

@@ -1,0 +1,143 @@
+// CPU pruning operators: the global top-k threshold by radix select (two 16-bit histogram
+// passes, no sort), per-row survivor counts, and packing the kept entries of each row.
+#include "pme.h"
+
+#include <algorithm>
+#include <cstring>
+#include <numeric>
+#include <vector>
+
+namespace pme::cpu {
+namespace {
+
+// Order-preserving map of a float to uint32 (larger float -> larger key).
+inline uint32_t float_key(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+inline float key_float(uint32_t k) {
+  const uint32_t u = (k & 0x80000000u) ? (k & 0x7fffffffu) : ~k;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// Histogram of 16 key bits (shift) over entries whose high bits equal prefix under mask.
+std::vector<int64_t> histogram16(const float* x, int64_t n, int shift, uint32_t mask, uint32_t prefix) {
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(n / (1 << 16) + 1, 4 * torch::stable::get_num_threads()));
+  std::vector<std::vector<int64_t>> part(chunks);
+  torch::stable::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      std::vector<int64_t>& h = part[c];
+      h.assign(1 << 16, 0);
+      const int64_t lo = n * c / chunks, hi = n * (c + 1) / chunks;
+      for (int64_t i = lo; i < hi; ++i) {
+        const uint32_t k = float_key(x[i]);
+        if ((k & mask) == prefix) ++h[(k >> shift) & 0xffffu];
+      }
+    }
+  });
+  std::vector<int64_t> h(1 << 16, 0);
+  for (const auto& p : part) {
+    for (int i = 0; i < (1 << 16); ++i) h[i] += p[i];
+  }
+  return h;
+}
+
+Tensor topk_threshold(Tensor scores, int64_t k) {
+  PME_CHECK(scores.scalar_type() == ScalarType::Float, "scores must be float32, got ", dtype_name(scores.scalar_type()));
+  const Tensor s = torch::stable::contiguous(scores);
+  const int64_t n = s.numel();
+  PME_CHECK(k >= 1 && k <= n, "k must be in [1, ", n, "] (the number of scores), got ", k);
+  const float* x = s.const_data_ptr<float>();
+  // Find the key of the k-th largest: bucket by the high 16 bits, then the low 16 bits.
+  uint32_t prefix = 0, mask = 0;
+  int64_t remaining = k;  // rank still wanted, counted from the top, inside the current prefix
+  for (int shift : {16, 0}) {
+    const std::vector<int64_t> h = histogram16(x, n, shift, mask, prefix);
+    int64_t bucket = 0xffff;
+    for (; bucket > 0; --bucket) {
+      if (remaining <= h[bucket]) break;
+      remaining -= h[bucket];
+    }
+    prefix |= static_cast<uint32_t>(bucket) << shift;
+    mask |= 0xffffu << shift;
+  }
+  Tensor out = torch::stable::new_empty(s, {});
+  *out.mutable_data_ptr<float>() = key_float(prefix);
+  return out;
+}
+
+Tensor prune_counts(Tensor scores, Tensor threshold) {
+  PME_CHECK(scores.dim() == 2, "scores must be 2-D [V, D], got ", scores.dim(), " dimensions");
+  PME_CHECK(scores.scalar_type() == ScalarType::Float, "scores must be float32");
+  PME_CHECK(threshold.numel() == 1 && threshold.scalar_type() == ScalarType::Float,
+            "threshold must be a float32 tensor with one element");
+  const Tensor s = torch::stable::contiguous(scores);
+  const int64_t V = s.sizes()[0], D = s.sizes()[1];
+  const float t = *threshold.const_data_ptr<float>();
+  const float* x = s.const_data_ptr<float>();
+  Tensor counts = torch::stable::new_empty(s, {V}, ScalarType::Long);
+  int64_t* c = counts.mutable_data_ptr<int64_t>();
+  torch::stable::parallel_for(0, V, 1024, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      int64_t n = 0;
+      for (int64_t j = 0; j < D; ++j) n += x[r * D + j] >= t;
+      c[r] = n;
+    }
+  });
+  return counts;
+}
+
+Tensor prune_pack(Tensor dense, Tensor scores, Tensor offsets, bool by_score) {
+  PME_CHECK(dense.dim() == 2, "dense must be 2-D [V, D], got ", dense.dim(), " dimensions");
+  PME_CHECK(scores.dim() == 2 && scores.sizes()[0] == dense.sizes()[0] && scores.sizes()[1] == dense.sizes()[1],
+            "scores must have the shape of dense");
+  PME_CHECK(scores.scalar_type() == ScalarType::Float, "scores must be float32");
+  check_1d(offsets, "offsets");
+  PME_CHECK(offsets.scalar_type() == ScalarType::Long, "offsets must be int64");
+  const int64_t V = dense.sizes()[0], D = dense.sizes()[1];
+  PME_CHECK(offsets.numel() == V + 1, "offsets must have V + 1 = ", V + 1, " entries, got ", offsets.numel());
+  const int64_t* off = offsets.const_data_ptr<int64_t>();
+  PME_CHECK(off[0] == 0, "offsets[0] must be 0");
+  for (int64_t r = 0; r < V; ++r) {
+    const int64_t size = off[r + 1] - off[r];
+    PME_CHECK(size >= 0 && size <= D, "row ", r, " has size ", size, ", outside [0, D = ", D, "]");
+  }
+  const Tensor d = torch::stable::contiguous(dense);
+  const Tensor s = torch::stable::contiguous(scores);
+  Tensor out = torch::stable::new_empty(d, {off[V]});
+  const float* sc = s.const_data_ptr<float>();
+  dispatch_weight(d.scalar_type(), "dense", [&](auto tag) {
+    using T = decltype(tag);
+    const T* x = d.const_data_ptr<T>();
+    T* o = out.mutable_data_ptr<T>();
+    torch::stable::parallel_for(0, V, 256, [&](int64_t r0, int64_t r1) {
+      std::vector<int64_t> cols(D);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t size = off[r + 1] - off[r];
+        if (size == 0) continue;
+        const float* row = sc + r * D;
+        std::iota(cols.begin(), cols.end(), int64_t{0});
+        // Best first; ties keep the lower column (a total order: deterministic).
+        auto better = [&](int64_t a, int64_t b) { return row[a] > row[b] || (row[a] == row[b] && a < b); };
+        std::partial_sort(cols.begin(), cols.begin() + size, cols.end(), better);
+        if (!by_score) std::sort(cols.begin(), cols.begin() + size);
+        for (int64_t j = 0; j < size; ++j) o[off[r] + j] = x[r * D + cols[j]];
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+STABLE_TORCH_LIBRARY_IMPL(pme, CPU, m) {
+  m.impl("topk_threshold", TORCH_BOX(&topk_threshold));
+  m.impl("prune_counts", TORCH_BOX(&prune_counts));
+  m.impl("prune_pack", TORCH_BOX(&prune_pack));
+}
+
+}  // namespace pme::cpu

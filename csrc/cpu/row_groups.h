@@ -1,0 +1,174 @@
+// CPU: group the lookups of a batch by table row, so that every backward-shaped operator
+// (gradient, fused optimizer, score accumulation) can own one row per task and sum its
+// contributions in a fixed order: deterministic whatever the thread count.
+#pragma once
+
+#include "pme.h"
+
+#include <algorithm>
+#include <atomic>
+#include <limits>
+#include <vector>
+
+namespace pme::cpu {
+
+// Shape of the table as the kernels see it.
+struct TableView {
+  const int64_t* offsets;  // [V + 1]
+  int64_t num_rows;  // V
+  int64_t total;  // stored entries
+  const int64_t* col_of_size;  // [num_cols] or nullptr (padded layout)
+  int64_t num_cols;
+  int64_t width;  // output width W
+};
+
+// Validates bag offsets, indices and the rows they touch (sizes fit the width) in one
+// parallel pass; throws naming the first bad position. Untouched rows are not read.
+template <class I>
+void validate_lookups(const I* idx, int64_t N, const I* bo, int64_t B, const TableView& t) {
+  const int64_t V = t.num_rows;
+  PME_CHECK(t.offsets[0] == 0, "offsets[0] must be 0, got ", t.offsets[0]);
+  PME_CHECK(t.offsets[V] == t.total, "offsets[-1] = ", t.offsets[V], " must equal the number of stored entries ",
+            t.total);
+  if (bo != nullptr) {
+    PME_CHECK(bo[0] == 0, "bag offsets must start at 0, got offsets[0] = ", static_cast<int64_t>(bo[0]));
+    for (int64_t b = 0; b < B; ++b) {
+      PME_CHECK(bo[b + 1] >= bo[b], "bag offsets must be non-decreasing, but offsets[", b + 1, "] = ",
+                static_cast<int64_t>(bo[b + 1]), " < offsets[", b, "] = ", static_cast<int64_t>(bo[b]));
+    }
+    PME_CHECK(bo[B] <= N, "bag offsets point past the input: the last bag ends at ", static_cast<int64_t>(bo[B]),
+              " but there are only ", N, " indices");
+  }
+  std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
+  torch::stable::parallel_for(0, N, 1 << 14, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      const int64_t r = static_cast<int64_t>(idx[j]);
+      bool bad = r < 0 || r >= V;
+      if (!bad) {
+        const int64_t lo = t.offsets[r], hi = t.offsets[r + 1], size = hi - lo;
+        const int64_t col = t.col_of_size ? (size >= 0 && size < t.num_cols ? t.col_of_size[size] : -1) : 0;
+        bad = size < 0 || lo < 0 || hi > t.total || col < 0 || col + size > t.width;
+      }
+      if (bad) {
+        int64_t cur = first_bad.load();
+        while (j < cur && !first_bad.compare_exchange_weak(cur, j)) {
+        }
+        return;
+      }
+    }
+  });
+  const int64_t j = first_bad.load();
+  if (j == std::numeric_limits<int64_t>::max()) return;
+  const int64_t r = static_cast<int64_t>(idx[j]);
+  PME_CHECK(r >= 0 && r < V, "index out of range: indices[", j, "] = ", r, " but the table has ", V,
+            " rows (valid: 0 to ", V - 1, ")");
+  const int64_t size = t.offsets[r + 1] - t.offsets[r];
+  PME_CHECK(false, "row ", r, " (indices[", j, "]) spans offsets[", r, "] = ", t.offsets[r], " to offsets[", r + 1,
+            "] = ", t.offsets[r + 1], ": its size ", size, " is negative, overruns the ", t.total,
+            " stored entries, or does not fit in the output width ", t.width,
+            " (offsets must be non-decreasing, sizes in [0, D])");
+}
+
+// Lookups of one batch grouped by row. Segment s covers pos[seg[s] : seg[s+1]], all of row rows[s],
+// in increasing lookup position.
+struct RowGroups {
+  std::vector<int64_t> rows;  // unique rows touched, increasing
+  std::vector<int64_t> seg;  // rows.size() + 1 segment starts into pos
+  std::vector<int64_t> pos;  // lookup positions j, grouped by row
+  std::vector<int64_t> bag_of;  // bag of every lookup position (-1 after the last bag)
+  std::vector<int64_t> count;  // non-padding lookups per bag (for the mean)
+};
+
+template <class I>
+RowGroups group_by_row(const I* idx, int64_t N, const I* bo, int64_t B, int64_t padding_idx) {
+  RowGroups g;
+  g.bag_of.assign(N, -1);
+  g.count.assign(B, 0);
+  torch::stable::parallel_for(0, B, 256, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t s = bo ? static_cast<int64_t>(bo[b]) : b, e = bo ? static_cast<int64_t>(bo[b + 1]) : b + 1;
+      int64_t c = 0;
+      for (int64_t j = s; j < e; ++j) {
+        g.bag_of[j] = b;
+        c += static_cast<int64_t>(idx[j]) != padding_idx;
+      }
+      g.count[b] = c;
+    }
+  });
+  // Sort (row, position) keys; a packed 64-bit key sorts fastest when both fit in 32 bits.
+  std::vector<uint64_t> keys;
+  keys.reserve(N);
+  const bool packed = N < (int64_t{1} << 32);
+  std::vector<std::pair<int64_t, int64_t>> pairs;
+  for (int64_t j = 0; j < N; ++j) {
+    const int64_t r = idx[j];
+    if (g.bag_of[j] < 0 || r == padding_idx) continue;
+    if (packed) keys.push_back((static_cast<uint64_t>(r) << 32) | static_cast<uint64_t>(j));
+    else pairs.emplace_back(r, j);
+  }
+  if (packed) {
+    std::sort(keys.begin(), keys.end());
+    g.pos.resize(keys.size());
+    for (size_t k = 0; k < keys.size(); ++k) {
+      const int64_t r = static_cast<int64_t>(keys[k] >> 32);
+      g.pos[k] = static_cast<int64_t>(keys[k] & 0xffffffffu);
+      if (g.rows.empty() || g.rows.back() != r) {
+        g.rows.push_back(r);
+        g.seg.push_back(static_cast<int64_t>(k));
+      }
+    }
+  } else {
+    std::sort(pairs.begin(), pairs.end());
+    g.pos.resize(pairs.size());
+    for (size_t k = 0; k < pairs.size(); ++k) {
+      g.pos[k] = pairs[k].second;
+      if (g.rows.empty() || g.rows.back() != pairs[k].first) {
+        g.rows.push_back(pairs[k].first);
+        g.seg.push_back(static_cast<int64_t>(k));
+      }
+    }
+  }
+  g.seg.push_back(static_cast<int64_t>(g.pos.size()));
+  return g;
+}
+
+// Everything a backward-shaped kernel reads, with raw pointers.
+template <class T, class I>
+struct GradInputs {
+  const T* grad_out;  // [B, W]
+  int64_t W;
+  const T* weight;  // [total]
+  const int64_t* offsets;  // [V + 1]
+  const I* idx;  // [N]
+  const T* psw;  // [N] or nullptr
+  const int64_t* col_of_size;  // [D + 1] or nullptr
+  const int64_t* argmax;  // [B, W] for max, else nullptr
+  int64_t mode;
+};
+
+// Summed gradient of one row (segment s) into g[0 : size): the dense optimizer step's gradient.
+template <class T, class I>
+void row_gradient(const GradInputs<T, I>& in, const RowGroups& groups, int64_t s, acc_t<T>* g) {
+  using A = acc_t<T>;
+  const int64_t r = groups.rows[s];
+  const int64_t size = in.offsets[r + 1] - in.offsets[r];
+  const int64_t col = in.col_of_size ? in.col_of_size[size] : 0;
+  std::fill(g, g + size, A(0));
+  for (int64_t k = groups.seg[s]; k < groups.seg[s + 1]; ++k) {
+    const int64_t j = groups.pos[k];
+    const int64_t b = groups.bag_of[j];
+    const T* go = in.grad_out + b * in.W + col;
+    if (in.mode == kMax) {
+      const int64_t* am = in.argmax + b * in.W + col;
+      for (int64_t c = 0; c < size; ++c) {
+        if (am[c] == j) g[c] += static_cast<A>(go[c]);
+      }
+    } else {
+      A scale = in.psw ? static_cast<A>(in.psw[j]) : A(1);
+      if (in.mode == kMean) scale /= static_cast<A>(groups.count[b]);
+      for (int64_t c = 0; c < size; ++c) g[c] += scale * static_cast<A>(go[c]);
+    }
+  }
+}
+
+}  // namespace pme::cpu

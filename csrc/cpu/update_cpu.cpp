@@ -1,0 +1,177 @@
+// CPU fused sparse update (backward + optimizer step straight into the flat buffer) and the
+// search's score accumulation. Both visit each row of the batch once, with the summed
+// gradient of its duplicates (row_groups.h): exact and deterministic.
+#include "cpu/row_groups.h"
+
+#include <cmath>
+#include <vector>
+
+namespace pme::cpu {
+namespace {
+
+struct Hyper {
+  int64_t optimizer;
+  double lr, weight_decay, eps, beta1, beta2;
+  int64_t step;
+};
+
+// Applies one optimizer step to row r (entries w[0:size]) given its summed gradient g.
+template <class T, class A>
+void apply_step(const Hyper& h, T* w, A* g, int64_t size, A* row_state, A* m, A* v) {
+  const A wd = static_cast<A>(h.weight_decay), lr = static_cast<A>(h.lr), eps = static_cast<A>(h.eps);
+  if (wd != A(0)) {
+    for (int64_t c = 0; c < size; ++c) g[c] += wd * static_cast<A>(w[c]);
+  }
+  switch (h.optimizer) {
+    case kSGD:
+      for (int64_t c = 0; c < size; ++c) w[c] = static_cast<T>(static_cast<A>(w[c]) - lr * g[c]);
+      break;
+    case kRowwiseAdagrad: {
+      if (size == 0) break;
+      A sq = 0;
+      for (int64_t c = 0; c < size; ++c) sq += g[c] * g[c];
+      *row_state += sq / static_cast<A>(size);
+      const A denom = std::sqrt(*row_state) + eps;
+      for (int64_t c = 0; c < size; ++c) w[c] = static_cast<T>(static_cast<A>(w[c]) - lr * g[c] / denom);
+      break;
+    }
+    case kAdam: {
+      const A b1 = static_cast<A>(h.beta1), b2 = static_cast<A>(h.beta2);
+      const A bc1 = A(1) - static_cast<A>(std::pow(h.beta1, static_cast<double>(h.step)));
+      const A bc2 = A(1) - static_cast<A>(std::pow(h.beta2, static_cast<double>(h.step)));
+      const A step_size = lr / bc1, bc2_sqrt = std::sqrt(bc2);
+      for (int64_t c = 0; c < size; ++c) {
+        m[c] = b1 * m[c] + (A(1) - b1) * g[c];
+        v[c] = b2 * v[c] + (A(1) - b2) * g[c] * g[c];
+        const A denom = std::sqrt(v[c]) / bc2_sqrt + eps;
+        w[c] = static_cast<T>(static_cast<A>(w[c]) - step_size * m[c] / denom);
+      }
+      break;
+    }
+  }
+}
+
+// Runs f(segment, summed gradient) for every row of the batch, rows split across threads.
+template <class F>
+void for_each_row_gradient(const Tensor& grad_out, const Tensor& weight, const Tensor& offsets,
+                           const Tensor& indices, const Tensor& bag_offsets,
+                           const std::optional<Tensor>& per_sample_weights, const std::optional<Tensor>& col_of_size,
+                           const Tensor& argmax, int64_t mode, int64_t padding_idx, F&& f) {
+  const LookupArgs a = check_lookup_args(weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size,
+                                         mode, padding_idx);
+  PME_CHECK(grad_out.dim() == 2 && grad_out.sizes()[0] == a.num_bags, "grad_out must be [", a.num_bags,
+            ", width]");
+  PME_CHECK(grad_out.scalar_type() == weight.scalar_type(), "grad_out must have the dtype of weight");
+  const Tensor go = torch::stable::contiguous(grad_out);
+  const int64_t W = go.sizes()[1];
+  if (mode == kMax) {
+    PME_CHECK(argmax.dim() == 2 && argmax.sizes()[0] == a.num_bags && argmax.sizes()[1] == W &&
+                  argmax.scalar_type() == ScalarType::Long,
+              "argmax must be the int64 [B, width] tensor returned by the forward");
+  }
+  const TableView tv{offsets.const_data_ptr<int64_t>(), a.num_rows, weight.numel(),
+                     col_of_size ? col_of_size->const_data_ptr<int64_t>() : nullptr,
+                     col_of_size ? col_of_size->numel() : 0, W};
+  dispatch_index(indices.scalar_type(), "indices", [&](auto itag) {
+    using I = decltype(itag);
+    const I* idx = indices.const_data_ptr<I>();
+    const I* bo = bag_offsets.const_data_ptr<I>();
+    validate_lookups(idx, a.num_lookups, bo, a.num_bags, tv);
+    const RowGroups groups = group_by_row(idx, a.num_lookups, bo, a.num_bags, padding_idx);
+    dispatch_weight(weight.scalar_type(), "weight", [&](auto wtag) {
+      using T = decltype(wtag);
+      using A = acc_t<T>;
+      const GradInputs<T, I> in{go.const_data_ptr<T>(),
+                                W,
+                                weight.const_data_ptr<T>(),
+                                tv.offsets,
+                                idx,
+                                per_sample_weights ? per_sample_weights->const_data_ptr<T>() : nullptr,
+                                tv.col_of_size,
+                                mode == kMax ? argmax.const_data_ptr<int64_t>() : nullptr,
+                                mode};
+      const int64_t U = static_cast<int64_t>(groups.rows.size());
+      torch::stable::parallel_for(0, U, 64, [&](int64_t s0, int64_t s1) {
+        std::vector<A> g(W);
+        for (int64_t s = s0; s < s1; ++s) {
+          row_gradient(in, groups, s, g.data());
+          f(T{}, groups.rows[s], g.data());
+        }
+      });
+    });
+  });
+}
+
+ScalarType acc_dtype(ScalarType weight) { return weight == ScalarType::Double ? ScalarType::Double : ScalarType::Float; }
+
+void check_state(const Tensor& state, int64_t numel, ScalarType dtype, const Tensor& weight, const char* what) {
+  check_1d(state, what);
+  PME_CHECK(state.numel() == numel, what, " must have ", numel, " entries, got ", state.numel());
+  PME_CHECK(state.scalar_type() == dtype, what, " must be ", dtype_name(dtype), " for ",
+            dtype_name(weight.scalar_type()), " weights, got ", dtype_name(state.scalar_type()));
+  check_same_device(state, weight, what);
+}
+
+void sparse_update_(Tensor weight, Tensor state1, Tensor state2, Tensor grad_out, Tensor offsets, Tensor indices,
+                    Tensor bag_offsets, std::optional<Tensor> per_sample_weights, std::optional<Tensor> col_of_size,
+                    Tensor argmax, int64_t mode, int64_t padding_idx, int64_t optimizer, double lr,
+                    double weight_decay, double eps, double beta1, double beta2, int64_t step) {
+  PME_CHECK(optimizer == kSGD || optimizer == kRowwiseAdagrad || optimizer == kAdam,
+            "optimizer must be 0 (SGD), 1 (row-wise Adagrad) or 2 (Adam), got ", optimizer);
+  PME_CHECK(lr >= 0 && weight_decay >= 0 && eps >= 0, "lr, weight_decay and eps must be >= 0");
+  const ScalarType sd = acc_dtype(weight.scalar_type());
+  if (optimizer == kRowwiseAdagrad) check_state(state1, offsets.numel() - 1, sd, weight, "state1 (row-wise sum)");
+  if (optimizer == kAdam) {
+    PME_CHECK(step >= 1, "Adam needs step >= 1, got ", step);
+    PME_CHECK(beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1, "Adam betas must be in [0, 1)");
+    check_state(state1, weight.numel(), sd, weight, "state1 (first moment)");
+    check_state(state2, weight.numel(), sd, weight, "state2 (second moment)");
+  }
+  const Hyper h{optimizer, lr, weight_decay, eps, beta1, beta2, step};
+  const int64_t* off = offsets.const_data_ptr<int64_t>();
+  void* s1 = state1.numel() ? state1.mutable_data_ptr() : nullptr;
+  void* s2 = state2.numel() ? state2.mutable_data_ptr() : nullptr;
+  void* w = weight.mutable_data_ptr();
+  for_each_row_gradient(grad_out, weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, argmax,
+                        mode, padding_idx, [&](auto tag, int64_t r, auto* g) {
+                          using T = decltype(tag);
+                          using A = acc_t<T>;
+                          A* rs = optimizer == kRowwiseAdagrad ? static_cast<A*>(s1) + r : nullptr;
+                          A* m = optimizer == kAdam ? static_cast<A*>(s1) + off[r] : nullptr;
+                          A* v = optimizer == kAdam ? static_cast<A*>(s2) + off[r] : nullptr;
+                          apply_step<T, A>(h, static_cast<T*>(w) + off[r], g, off[r + 1] - off[r], rs, m, v);
+                        });
+}
+
+void accumulate_scores_(Tensor scores, Tensor grad_out, Tensor weight, Tensor offsets, Tensor indices,
+                        Tensor bag_offsets, std::optional<Tensor> per_sample_weights,
+                        std::optional<Tensor> col_of_size, Tensor argmax, int64_t mode, int64_t padding_idx,
+                        int64_t rule) {
+  PME_CHECK(rule == kSnip || rule == kGradSquared, "rule must be 0 (snip |w*g|) or 1 (g^2), got ", rule);
+  check_state(scores, weight.numel(), acc_dtype(weight.scalar_type()), weight, "scores");
+  const int64_t* off = offsets.const_data_ptr<int64_t>();
+  void* sc = scores.mutable_data_ptr();
+  const void* w = weight.const_data_ptr();
+  for_each_row_gradient(grad_out, weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, argmax,
+                        mode, padding_idx, [&](auto tag, int64_t r, auto* g) {
+                          using T = decltype(tag);
+                          using A = acc_t<T>;
+                          A* s = static_cast<A*>(sc) + off[r];
+                          const T* wr = static_cast<const T*>(w) + off[r];
+                          const int64_t size = off[r + 1] - off[r];
+                          if (rule == kSnip) {
+                            for (int64_t c = 0; c < size; ++c) s[c] += std::abs(static_cast<A>(wr[c]) * g[c]);
+                          } else {
+                            for (int64_t c = 0; c < size; ++c) s[c] += g[c] * g[c];
+                          }
+                        });
+}
+
+}  // namespace
+
+STABLE_TORCH_LIBRARY_IMPL(pme, CPU, m) {
+  m.impl("sparse_update_", TORCH_BOX(&sparse_update_));
+  m.impl("accumulate_scores_", TORCH_BOX(&accumulate_scores_));
+}
+
+}  // namespace pme::cpu

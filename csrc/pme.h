@@ -1,0 +1,134 @@
+// Shared by the CPU and CUDA kernels: enums, dtype dispatch, argument checks.
+// Everything here is header-only and uses the LibTorch stable ABI only.
+#pragma once
+
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/ScalarType.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Half.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+namespace pme {
+
+using torch::stable::Tensor;
+using torch::headeronly::ScalarType;
+
+// Pooling modes; the numbers match the `mode` argument of every pme operator.
+enum Mode : int64_t { kSum = 0, kMean = 1, kMax = 2 };
+
+// Fused sparse optimizers (sparse_update_).
+enum Optimizer : int64_t { kSGD = 0, kRowwiseAdagrad = 1, kAdam = 2 };
+
+// Score rules (accumulate_scores_).
+enum ScoreRule : int64_t { kSnip = 0, kGradSquared = 1 };
+
+#define PME_CHECK(cond, ...) STD_TORCH_CHECK(cond, "pme: ", __VA_ARGS__)
+
+// Accumulation type: fp32 for fp16/bf16/fp32 weights, fp64 for fp64 weights (gradcheck).
+template <class T> struct AccOf { using type = float; };
+template <> struct AccOf<double> { using type = double; };
+template <class T> using acc_t = typename AccOf<T>::type;
+
+inline const char* dtype_name(ScalarType t) {
+  switch (t) {
+    case ScalarType::Float: return "float32";
+    case ScalarType::Double: return "float64";
+    case ScalarType::Half: return "float16";
+    case ScalarType::BFloat16: return "bfloat16";
+    case ScalarType::Int: return "int32";
+    case ScalarType::Long: return "int64";
+    default: return "an unsupported dtype";
+  }
+}
+
+// Calls f(T{}) with T the C++ type of a weight dtype.
+template <class F>
+void dispatch_weight(ScalarType t, const char* what, F&& f) {
+  switch (t) {
+    case ScalarType::Float: f(float{}); break;
+    case ScalarType::Double: f(double{}); break;
+    case ScalarType::Half: f(c10::Half{}); break;
+    case ScalarType::BFloat16: f(c10::BFloat16{}); break;
+    default:
+      PME_CHECK(false, what, " must be float32, float64, float16 or bfloat16, got ", dtype_name(t));
+  }
+}
+
+// Calls f(I{}) with I the C++ type of an index dtype.
+template <class F>
+void dispatch_index(ScalarType t, const char* what, F&& f) {
+  switch (t) {
+    case ScalarType::Int: f(int32_t{}); break;
+    case ScalarType::Long: f(int64_t{}); break;
+    default: PME_CHECK(false, what, " must be int32 or int64, got ", dtype_name(t));
+  }
+}
+
+inline void check_1d(const Tensor& t, const char* what) {
+  PME_CHECK(t.dim() == 1, what, " must be 1-D, got ", t.dim(), " dimensions");
+  PME_CHECK(t.is_contiguous(), what, " must be contiguous");
+}
+
+inline void check_same_device(const Tensor& a, const Tensor& b, const char* what) {
+  PME_CHECK(a.device().type() == b.device().type() && a.get_device_index() == b.get_device_index(), what,
+            " must be on the same device as weight");
+}
+
+// The arguments every lookup-shaped operator shares, checked once in one place.
+struct LookupArgs {
+  int64_t num_rows;  // V
+  int64_t num_lookups;  // N
+  int64_t num_bags;  // B
+  bool implicit_bags;  // non-pooled lookup: bag b is lookup b
+};
+
+inline LookupArgs check_lookup_args(const Tensor& weight, const Tensor& offsets, const Tensor& indices,
+                                    const std::optional<Tensor>& bag_offsets,
+                                    const std::optional<Tensor>& per_sample_weights,
+                                    const std::optional<Tensor>& col_of_size, int64_t mode, int64_t padding_idx) {
+  check_1d(weight, "weight");
+  check_1d(offsets, "offsets");
+  check_1d(indices, "indices");
+  PME_CHECK(offsets.scalar_type() == ScalarType::Long, "offsets must be int64, got ",
+            dtype_name(offsets.scalar_type()));
+  PME_CHECK(offsets.numel() >= 1, "offsets must have V + 1 >= 1 entries");
+  check_same_device(offsets, weight, "offsets");
+  check_same_device(indices, weight, "indices");
+  LookupArgs a{offsets.numel() - 1, indices.numel(), indices.numel(), true};
+  if (bag_offsets.has_value()) {
+    const Tensor& bo = *bag_offsets;
+    check_1d(bo, "bag_offsets");
+    PME_CHECK(bo.scalar_type() == indices.scalar_type(), "bag_offsets (", dtype_name(bo.scalar_type()),
+              ") must have the dtype of indices (", dtype_name(indices.scalar_type()), ")");
+    PME_CHECK(bo.numel() >= 1, "bag_offsets must have B + 1 >= 1 entries");
+    check_same_device(bo, weight, "bag_offsets");
+    a.num_bags = bo.numel() - 1;
+    a.implicit_bags = false;
+  }
+  if (per_sample_weights.has_value()) {
+    const Tensor& p = *per_sample_weights;
+    check_1d(p, "per_sample_weights");
+    PME_CHECK(mode == kSum, "per_sample_weights are only supported with mode 'sum'");
+    PME_CHECK(p.numel() == indices.numel(), "per_sample_weights has ", p.numel(), " entries but indices has ",
+              indices.numel());
+    PME_CHECK(p.scalar_type() == weight.scalar_type(), "per_sample_weights (", dtype_name(p.scalar_type()),
+              ") must have the dtype of weight (", dtype_name(weight.scalar_type()), ")");
+    check_same_device(p, weight, "per_sample_weights");
+  }
+  if (col_of_size.has_value()) {
+    check_1d(*col_of_size, "col_of_size");
+    PME_CHECK(col_of_size->scalar_type() == ScalarType::Long, "col_of_size must be int64");
+    check_same_device(*col_of_size, weight, "col_of_size");
+  }
+  PME_CHECK(mode == kSum || mode == kMean || mode == kMax, "mode must be 0 (sum), 1 (mean) or 2 (max), got ", mode);
+  PME_CHECK(padding_idx >= -1 && padding_idx < a.num_rows, "padding_idx ", padding_idx,
+            " is out of range for a table of ", a.num_rows, " rows");
+  return a;
+}
+
+}  // namespace pme

@@ -1,0 +1,60 @@
+"""pme: multi-size embedding tables for PyTorch.
+
+Rows of different lengths live back to back in one flat buffer with an offset table; fused
+C++/CUDA kernels do the lookup, the backward, a fused sparse optimizer step and the pruning
+that picks every row's length (PME: Pruning-based Multi-size Embedding, our reconstruction).
+
+Main entry points: ``MultiSizeEmbeddingBag``, ``MultiSizeEmbedding``, ``convert``, ``search``,
+``pme.optim``, the functions of ``pme.ops`` and ``info()``.
+"""
+
+from ._version import __version__
+from . import ops, reference, optim
+from .modules import MultiSizeEmbedding, MultiSizeEmbeddingBag, convert
+
+__all__ = ["__version__", "ops", "reference", "optim", "MultiSizeEmbeddingBag", "MultiSizeEmbedding", "convert",
+           "search", "info"]
+
+
+def __getattr__(name):
+    # The search pulls in more code; load it on first use.
+    if name == "search":
+        from .search import search
+
+        return search
+    raise AttributeError(f"module 'pme' has no attribute {name!r}")
+
+
+def info() -> dict:
+    """Version, flavour, the CUDA version and archs the binary carries, the torch it runs on,
+    and which backend is live (``"compiled"`` or ``"reference"``, with the reason)."""
+    import platform
+
+    import torch
+
+    b = ops.BUILD_INFO or {}
+    cuda = b.get("cuda", "none") if b else None
+    local = __version__.split("+", 1)[1] if "+" in __version__ else None
+    try:
+        from importlib.metadata import version
+
+        installed = version("pme")
+    except Exception:  # not installed as a distribution (source tree on sys.path)
+        installed = __version__
+    flavour = (installed.split("+", 1)[1] if "+" in installed else
+               (None if not b else ("cpu" if cuda == "none" else "cu" + cuda.replace(".", ""))))
+    return {
+        "version": installed,
+        "flavour": flavour or local,
+        "backend": ops.backend(),
+        "load_error": ops.LOAD_ERROR,
+        "abi": b.get("abi"),
+        "built_cuda": cuda,
+        "built_archs": [a for a in b.get("archs", "").split(";") if a] if b else [],
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+    }

@@ -1,0 +1,434 @@
+"""nn.EmbeddingBag / nn.Embedding drop-ins over a flat multi-size table, and ``convert``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from . import ops
+
+__all__ = ["MultiSizeEmbeddingBag", "MultiSizeEmbedding", "convert", "parse_sizes"]
+
+LAYOUTS = ("padded", "grouped")
+
+
+def parse_sizes(sizes, num_embeddings: int, embedding_dim: int) -> torch.Tensor:
+    """Sizes argument -> ``[V]`` int64 CPU tensor, checked to lie in ``[0, embedding_dim]``.
+
+    ``sizes`` may be ``None`` (every row full width), an int (uniform), or a sequence / tensor of
+    ``num_embeddings`` ints.
+    """
+    if sizes is None:
+        sizes = embedding_dim
+    if isinstance(sizes, bool):
+        raise TypeError("sizes must be an int, a sequence of ints or a tensor, got a bool")
+    if isinstance(sizes, int):
+        out = torch.full((num_embeddings,), sizes, dtype=torch.int64)
+    else:
+        t = torch.as_tensor(sizes).detach().cpu()
+        if t.is_floating_point() or t.dtype == torch.bool:
+            raise TypeError(f"sizes must be integers, got dtype {t.dtype}")
+        out = t.to(torch.int64).reshape(-1)
+        if out.numel() != num_embeddings:
+            raise ValueError(f"sizes has {out.numel()} entries but the table has {num_embeddings} rows")
+    if out.numel() and (int(out.min()) < 0 or int(out.max()) > embedding_dim):
+        bad = int(((out < 0) | (out > embedding_dim)).nonzero()[0])
+        raise ValueError(f"sizes[{bad}] = {int(out[bad])} is outside [0, embedding_dim = {embedding_dim}]")
+    return out
+
+
+def _offsets_of(sizes: torch.Tensor) -> torch.Tensor:
+    off = torch.zeros(sizes.numel() + 1, dtype=torch.int64)
+    torch.cumsum(sizes, 0, out=off[1:])
+    return off
+
+
+def _summary(sizes: torch.Tensor) -> str:
+    if sizes.numel() == 0:
+        return "[]"
+    u = torch.unique(sizes)
+    if u.numel() <= 6:
+        counts = [(int(s), int((sizes == s).sum())) for s in u]
+        return "{" + ", ".join(f"{s}: {c}" for s, c in counts) + "}"
+    return f"[{int(sizes.min())}..{int(sizes.max())}, mean {sizes.double().mean():.1f}]"
+
+
+class _MultiSizeTable(nn.Module):
+    """Storage shared by the two modules: flat ``weight`` ``[total]`` and ``offsets`` ``[V + 1]``.
+
+    ``weight`` is an nn.Parameter; ``offsets`` (and ``col_of_size`` for the grouped layout) are
+    buffers, so ``state_dict`` carries the sizes and ``load_state_dict`` accepts a table of other
+    sizes (the module is re-shaped to the loaded one).
+    """
+
+    def __init__(self, num_embeddings, embedding_dim, sizes=None, padding_idx=None, layout="padded",
+                 size_classes=None, project=False, device=None, dtype=None, _weight=None):
+        super().__init__()
+        if not isinstance(num_embeddings, int) or num_embeddings < 0:
+            raise ValueError(f"num_embeddings must be a non-negative int, got {num_embeddings!r}")
+        if not isinstance(embedding_dim, int) or embedding_dim < 0:
+            raise ValueError(f"embedding_dim must be a non-negative int, got {embedding_dim!r}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        if project and layout != "grouped":
+            raise ValueError("project=True needs layout='grouped' (a padded output is already [B, D])")
+        dtype = dtype or torch.get_default_dtype()
+        if dtype not in ops.WEIGHT_DTYPES:
+            raise TypeError(f"dtype must be float32, float64, float16 or bfloat16, got {dtype}")
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.padding_idx = None if padding_idx is None else ops.normalize_padding_idx(padding_idx, num_embeddings)
+        self.layout = layout
+        self.project = project
+        self._size_classes = size_classes
+        sizes = parse_sizes(sizes, num_embeddings, embedding_dim)
+        self.register_buffer("offsets", _offsets_of(sizes).to(device))
+        self.register_buffer("col_of_size", None)
+        self._set_layout(sizes)
+        if _weight is not None:
+            _weight = torch.as_tensor(_weight)
+            if _weight.shape != (int(sizes.sum()),):
+                raise ValueError(f"_weight must have shape ({int(sizes.sum())},), got {tuple(_weight.shape)}")
+            self.weight = nn.Parameter(_weight.to(device=device, dtype=dtype))
+        else:
+            self.weight = nn.Parameter(torch.empty(int(sizes.sum()), device=device, dtype=dtype))
+            self.reset_parameters()
+        if project:
+            self.projection = nn.Parameter(self._identity_projection().to(device=device, dtype=dtype))
+        else:
+            self.register_parameter("projection", None)
+
+    # ---- layout ---------------------------------------------------------------------------
+    def _set_layout(self, sizes: torch.Tensor):
+        D = self.embedding_dim
+        if self.layout == "padded":
+            self.col_of_size = None
+            self.width = D
+            self.size_classes = sorted({int(s) for s in torch.unique(sizes)} - {0})
+            return
+        classes = self._size_classes
+        if classes is None:
+            classes = sorted({int(s) for s in torch.unique(sizes)} - {0})
+        classes = sorted({int(c) for c in classes})
+        if any(c <= 0 or c > D for c in classes):
+            raise ValueError(f"size_classes must lie in [1, {D}], got {classes}")
+        present = {int(s) for s in torch.unique(sizes)} - {0}
+        missing = present - set(classes)
+        if missing:
+            raise ValueError(f"layout='grouped' needs every size in size_classes {classes}; sizes {sorted(missing)} "
+                             "are not (round the sizes to the classes first)")
+        col = torch.full((D + 1,), -1, dtype=torch.int64)
+        col[0] = 0
+        start = 0
+        for c in classes:
+            col[c] = start
+            start += c
+        self.col_of_size = col.to(self.offsets.device)
+        self.width = start
+        self.size_classes = classes
+
+    def _identity_projection(self) -> torch.Tensor:
+        """``[width, D]``: the slot of size s maps to the first s output columns (== padded at init)."""
+        P = torch.zeros(self.width, self.embedding_dim)
+        for c in self.size_classes:
+            start = int(self.col_of_size[c])
+            P[start:start + c, :c] = torch.eye(c)
+        return P
+
+    @property
+    def sizes(self) -> torch.Tensor:
+        """``[V]`` int64: the stored length of every row."""
+        return self.offsets[1:] - self.offsets[:-1]
+
+    @property
+    def output_dim(self) -> int:
+        """Width of the output: ``D`` (padded, or grouped with projection) or ``sum(size_classes)``."""
+        return self.embedding_dim if (self.layout == "padded" or self.project) else self.width
+
+    def reset_parameters(self):
+        """N(0, 1) entries, as nn.EmbeddingBag; the padding row is zeroed."""
+        nn.init.normal_(self.weight)
+        self._zero_padding_row()
+
+    def _zero_padding_row(self):
+        if self.padding_idx is not None:
+            lo, hi = int(self.offsets[self.padding_idx]), int(self.offsets[self.padding_idx + 1])
+            with torch.no_grad():
+                self.weight[lo:hi].zero_()
+
+    # ---- memory accounting ----------------------------------------------------------------
+    def num_stored(self) -> int:
+        """Number of stored embedding entries (``sum(sizes)``)."""
+        return self.weight.numel()
+
+    def nbytes(self) -> int:
+        """Bytes of the table: flat weight + offsets (+ projection), optimizer state excluded."""
+        n = self.weight.numel() * self.weight.element_size() + self.offsets.numel() * 8
+        if self.projection is not None:
+            n += self.projection.numel() * self.projection.element_size()
+        return n
+
+    def dense_nbytes(self) -> int:
+        """Bytes of the full-width dense table this one replaces (``V * D`` entries)."""
+        return self.num_embeddings * self.embedding_dim * self.weight.element_size()
+
+    def memory_report(self) -> dict:
+        """Entries and bytes next to the dense table's."""
+        dense = self.num_embeddings * self.embedding_dim
+        return {"rows": self.num_embeddings, "embedding_dim": self.embedding_dim, "stored_entries": self.num_stored(),
+                "dense_entries": dense, "entry_fraction": self.num_stored() / max(dense, 1),
+                "bytes": self.nbytes(), "dense_bytes": self.dense_nbytes(),
+                "compression": self.dense_nbytes() / max(self.nbytes(), 1)}
+
+    def to_dense(self) -> torch.Tensor:
+        """Dense view ``[V, width]`` (``width = D`` padded, ``sum(size_classes)`` grouped)."""
+        return ops.to_dense(self.weight, self.offsets, self.width, self.col_of_size)
+
+    def extra_repr(self) -> str:
+        s = (f"{self.num_embeddings}, {self.embedding_dim}, sizes={_summary(self.sizes.cpu())}, "
+             f"stored={self.num_stored():,} ({100 * self.num_stored() / max(1, self.num_embeddings * self.embedding_dim):.1f}% of dense)")
+        if self.layout != "padded":
+            s += f", layout='grouped', size_classes={self.size_classes}"
+            if self.project:
+                s += ", project=True"
+        if self.padding_idx is not None:
+            s += f", padding_idx={self.padding_idx}"
+        if self.weight.dtype != torch.float32:
+            s += f", dtype={self.weight.dtype}"
+        return s
+
+    # ---- state_dict with other sizes ------------------------------------------------------
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        off = state_dict.get(prefix + "offsets")
+        if off is not None and off.shape != self.offsets.shape:
+            error_msgs.append(f"{prefix}offsets: the checkpoint has {off.numel() - 1} rows, this module has "
+                              f"{self.num_embeddings}")
+        elif off is not None and not torch.equal(off.cpu(), self.offsets.cpu()):
+            # Another set of sizes: take them, then let the default loader copy the values.
+            sizes = (off[1:] - off[:-1]).cpu()
+            parse_sizes(sizes, self.num_embeddings, self.embedding_dim)
+            self.offsets = off.to(self.offsets.device, torch.int64).clone()
+            if self.layout == "grouped":
+                self._size_classes = None
+            self._set_layout(sizes)
+            self.weight = nn.Parameter(self.weight.new_empty(int(sizes.sum())), requires_grad=self.weight.requires_grad)
+            if self.projection is not None:
+                self.projection = nn.Parameter(self._identity_projection().to(self.projection))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _apply_projection(self, out):
+        return out @ self.projection if self.projection is not None else out
+
+    # ---- constructors -----------------------------------------------------------------------
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, sizes, scores: torch.Tensor | None = None, order: str = "position",
+                   **kwargs):
+        """A table whose row ``i`` keeps ``sizes[i]`` entries of ``weight [V, D]``.
+
+        Without ``scores`` a row keeps its first ``sizes[i]`` columns; with ``scores [V, D]`` it
+        keeps its ``sizes[i]`` best-scored entries, packed by ``order`` (``"position"`` or
+        ``"score"``). Other keyword arguments go to the constructor (mode, layout, ...).
+        """
+        if weight.dim() != 2:
+            raise ValueError(f"weight must be 2-D [V, D], got shape {tuple(weight.shape)}")
+        V, D = weight.shape
+        sizes = parse_sizes(sizes, V, D).to(weight.device)
+        w = weight.detach()
+        if scores is None:
+            scores = -torch.arange(D, dtype=torch.float32, device=w.device).expand(V, D).contiguous()
+        flat, _ = ops.prune_pack(w, scores.detach().float(), sizes, order)
+        kwargs.setdefault("dtype", weight.dtype)
+        kwargs.setdefault("device", weight.device)
+        return cls(V, D, sizes=sizes, _weight=flat, **kwargs)
+
+
+class MultiSizeEmbeddingBag(_MultiSizeTable):
+    """Drop-in for ``nn.EmbeddingBag`` whose rows have different lengths.
+
+    Args:
+        num_embeddings: ``V``, rows of the table.
+        embedding_dim: ``D``, the largest row and the output width (padded layout).
+        sizes: per-row lengths in ``[0, D]``: ``None`` (all ``D``), an int, or ``V`` ints.
+        mode: ``"sum"``, ``"mean"`` (default, as nn.EmbeddingBag) or ``"max"``.
+        padding_idx, include_last_offset, device, dtype: as nn.EmbeddingBag.
+        layout: ``"padded"`` (output ``[B, D]``, a row of size s fills columns ``[0, s)``) or
+            ``"grouped"`` (output ``[B, sum(size_classes)]``, one slot of columns per size).
+        size_classes: the sizes of the grouped layout (default: the distinct sizes).
+        project: grouped layout only: multiply the pooled output by a learned ``[sum(S), D]``
+            projection (one ``s x D`` block per size, MDE-style), giving ``[B, D]``.
+        optimizer: a ``pme.optim`` optimizer: ``loss.backward()`` then updates the table in
+            place (fused sparse update) and ``weight`` gets no ``.grad``.
+
+    ``max_norm``, ``scale_grad_by_freq`` and ``sparse=True`` are not supported (a clear error).
+
+    Shapes: ``forward(input [N], offsets [B])`` or ``forward(input [B, L])`` -> ``[B, output_dim]``
+    of the table's dtype.
+    """
+
+    def __init__(self, num_embeddings, embedding_dim, sizes=None, max_norm=None, norm_type=2.0,
+                 scale_grad_by_freq=False, mode="mean", sparse=False, _weight=None, include_last_offset=False,
+                 padding_idx=None, device=None, dtype=None, layout="padded", size_classes=None, project=False,
+                 optimizer=None):
+        if max_norm is not None:
+            raise NotImplementedError("pme: max_norm is not supported (it rewrites rows during the lookup)")
+        if scale_grad_by_freq:
+            raise NotImplementedError("pme: scale_grad_by_freq is not supported")
+        if sparse:
+            raise NotImplementedError("pme: sparse=True is not supported: the gradient is already the size of the "
+                                      "flat buffer; for updates that touch only the batch's rows pass "
+                                      "optimizer=pme.optim.RowwiseAdagrad(...) (or SGD, Adam)")
+        if mode not in ops.MODES:
+            raise ValueError(f"mode must be one of {sorted(ops.MODES)}, got {mode!r}")
+        super().__init__(num_embeddings, embedding_dim, sizes, padding_idx, layout, size_classes, project, device,
+                         dtype, _weight)
+        self.mode = mode
+        self.include_last_offset = include_last_offset
+        self.optimizer = None
+        if optimizer is not None:
+            optimizer.attach(self)
+
+    def forward(self, input, offsets=None, per_sample_weights=None):
+        """``input [N]`` + ``offsets [B]`` (``[B + 1]`` with include_last_offset), or ``input [B, L]``.
+
+        Returns ``[B, output_dim]``.
+        """
+        if self.optimizer is not None and self.training and torch.is_grad_enabled():
+            out = self.optimizer.lookup(self, input, offsets, per_sample_weights)
+        else:
+            out = ops.embedding_bag(self.weight, self.offsets, input, offsets, width=self.width,
+                                    col_of_size=self.col_of_size, mode=self.mode,
+                                    per_sample_weights=per_sample_weights, padding_idx=self.padding_idx,
+                                    include_last_offset=self.include_last_offset)
+        return self._apply_projection(out)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr() + f", mode={self.mode!r}"
+        if self.include_last_offset:
+            s += ", include_last_offset=True"
+        if self.optimizer is not None:
+            s += f", optimizer={self.optimizer!r}"
+        return s
+
+    @classmethod
+    def from_embedding_bag(cls, module: nn.EmbeddingBag, sizes, init: str = "kept", scores=None, **kwargs):
+        """Multi-size copy of an ``nn.EmbeddingBag`` (mode, padding_idx, include_last_offset kept).
+
+        ``init="kept"`` keeps each row's first ``sizes[i]`` values (or its best by ``scores``);
+        ``init="fresh"`` draws new values with the standard deviation of the original table.
+        """
+        if not isinstance(module, nn.EmbeddingBag):
+            raise TypeError(f"expected an nn.EmbeddingBag, got {type(module).__name__}")
+        for attr, bad in (("max_norm", None), ("scale_grad_by_freq", False)):
+            if getattr(module, attr) != bad:
+                raise NotImplementedError(f"pme: cannot convert an nn.EmbeddingBag with {attr}={getattr(module, attr)}")
+        kwargs.setdefault("mode", module.mode)
+        kwargs.setdefault("padding_idx", module.padding_idx)
+        kwargs.setdefault("include_last_offset", module.include_last_offset)
+        return _convert_table(cls, module.weight, sizes, init, scores, kwargs)
+
+
+class MultiSizeEmbedding(_MultiSizeTable):
+    """Drop-in for ``nn.Embedding`` whose rows have different lengths.
+
+    ``forward(input)`` takes indices of any shape (int32/int64) and returns
+    ``[*input.shape, output_dim]``, zero-padded; the padding row is returned as stored and gets no
+    gradient, as in ``nn.Embedding``. Arguments as ``MultiSizeEmbeddingBag`` (no mode).
+    """
+
+    def __init__(self, num_embeddings, embedding_dim, sizes=None, padding_idx=None, max_norm=None, norm_type=2.0,
+                 scale_grad_by_freq=False, sparse=False, _weight=None, _freeze=False, device=None, dtype=None,
+                 layout="padded", size_classes=None, project=False, optimizer=None):
+        if max_norm is not None:
+            raise NotImplementedError("pme: max_norm is not supported (it rewrites rows during the lookup)")
+        if scale_grad_by_freq:
+            raise NotImplementedError("pme: scale_grad_by_freq is not supported")
+        if sparse:
+            raise NotImplementedError("pme: sparse=True is not supported; pass optimizer=pme.optim.RowwiseAdagrad(...)")
+        super().__init__(num_embeddings, embedding_dim, sizes, padding_idx, layout, size_classes, project, device,
+                         dtype, _weight)
+        self.weight.requires_grad_(not _freeze)
+        self.optimizer = None
+        if optimizer is not None:
+            optimizer.attach(self)
+
+    def forward(self, input):
+        if self.optimizer is not None and self.training and torch.is_grad_enabled():
+            flat = input.reshape(-1)
+            bo = torch.arange(flat.numel() + 1, dtype=flat.dtype, device=flat.device)
+            out = self.optimizer.lookup(self, flat, bo, None, include_last_offset=True, mode="sum",
+                                        forward_padding=False).reshape(*input.shape, self.width)
+        else:
+            out = ops.embedding(self.weight, self.offsets, input, width=self.width, col_of_size=self.col_of_size,
+                                padding_idx=self.padding_idx)
+        return self._apply_projection(out)
+
+    @classmethod
+    def from_embedding(cls, module: nn.Embedding, sizes, init: str = "kept", scores=None, **kwargs):
+        """Multi-size copy of an ``nn.Embedding`` (see ``MultiSizeEmbeddingBag.from_embedding_bag``)."""
+        if not isinstance(module, nn.Embedding):
+            raise TypeError(f"expected an nn.Embedding, got {type(module).__name__}")
+        if module.max_norm is not None or module.scale_grad_by_freq:
+            raise NotImplementedError("pme: cannot convert an nn.Embedding with max_norm or scale_grad_by_freq")
+        kwargs.setdefault("padding_idx", module.padding_idx)
+        return _convert_table(cls, module.weight, sizes, init, scores, kwargs)
+
+
+def _convert_table(cls, dense_weight, sizes, init, scores, kwargs):
+    if init not in ("kept", "fresh"):
+        raise ValueError(f"init must be 'kept' or 'fresh', got {init!r}")
+    w = dense_weight.detach()
+    if init == "kept":
+        return cls.from_dense(w, sizes, scores=scores, **kwargs)
+    V, D = w.shape
+    kwargs.setdefault("dtype", w.dtype)
+    kwargs.setdefault("device", w.device)
+    m = cls(V, D, sizes=sizes, **kwargs)
+    std = float(w.float().std()) if w.numel() > 1 else 1.0
+    with torch.no_grad():
+        m.weight.normal_(0.0, std)
+    m._zero_padding_row()
+    return m
+
+
+def convert(model: nn.Module, sizes_by_module: Mapping[str, object], init: str = "kept", scores=None,
+            **kwargs) -> nn.Module:
+    """Swaps every ``nn.EmbeddingBag`` / ``nn.Embedding`` named in ``sizes_by_module``, in place.
+
+    Args:
+        model: any module; tables are found by their ``named_modules()`` names.
+        sizes_by_module: ``{name: sizes}``; sizes as ``MultiSizeEmbeddingBag`` takes them.
+        init: ``"kept"`` (keep the first/best entries of each row) or ``"fresh"``.
+        scores: optional ``{name: [V, D] scores}`` choosing which entries ``init="kept"`` keeps.
+        kwargs: passed to every new module (e.g. ``layout="grouped", project=True``).
+
+    Returns ``model``. Raises ``KeyError`` for a name that is not an embedding table.
+    """
+    if not isinstance(sizes_by_module, Mapping):
+        raise TypeError("sizes_by_module must be a mapping {module name: sizes}")
+    modules = dict(model.named_modules())
+    for name, sizes in sizes_by_module.items():
+        mod = modules.get(name)
+        if isinstance(mod, nn.EmbeddingBag):
+            new = MultiSizeEmbeddingBag.from_embedding_bag(mod, sizes, init=init,
+                                                           scores=(scores or {}).get(name), **kwargs)
+        elif isinstance(mod, nn.Embedding):
+            new = MultiSizeEmbedding.from_embedding(mod, sizes, init=init, scores=(scores or {}).get(name),
+                                                    **kwargs)
+        else:
+            raise KeyError(f"{name!r} is not an nn.EmbeddingBag or nn.Embedding of the model "
+                           f"(found {type(mod).__name__ if mod is not None else 'nothing'})")
+        parent_name, _, attr = name.rpartition(".")
+        parent = modules[parent_name] if parent_name else model
+        if isinstance(parent, (nn.ModuleDict, nn.ModuleList, nn.Sequential)):
+            parent[attr if not isinstance(parent, (nn.ModuleList, nn.Sequential)) else int(attr)] = new
+        else:
+            setattr(parent, attr, new)
+    return model
+
+
+def _is_seq(x):
+    return isinstance(x, Sequence) and not isinstance(x, (str, bytes))

@@ -1,0 +1,173 @@
+"""Pure-PyTorch reference of every pme operator.
+
+This module is both the test oracle and the fallback used when the compiled extension cannot
+be loaded. It follows DESIGN.md's one-sentence rule literally: build the dense view of the
+multi-size table (each row zero-padded on the right, or placed in its size's slot for the
+``grouped`` layout) and call ``F.embedding_bag`` / ``F.embedding`` on it. Autograd through the
+dense view gives gradients restricted to the stored entries. Memory is O(V * width): fine for
+tests and small tables, not for production.
+
+Conventions shared with the compiled operators (see ``pme/ops.py``):
+
+- ``weight``: ``[total]`` float tensor, all rows back to back.
+- ``offsets``: ``[V + 1]`` int64, row ``i`` is ``weight[offsets[i]:offsets[i+1]]``.
+- ``col_of_size``: ``[D + 1]`` int64 or ``None``; the first output column of a row of each size
+  (``None``: the ``padded`` layout, every row starts at column 0).
+- ``bag_offsets``: ``[B + 1]`` (the last entry closes the last bag).
+- ``mode``: ``"sum"``, ``"mean"`` or ``"max"``; ``padding_idx``: a row index or ``None``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "row_ids",
+    "to_dense",
+    "embedding_bag",
+    "embedding",
+    "summed_row_grads",
+    "sparse_update_",
+    "accumulate_scores_",
+    "topk_threshold",
+    "prune_counts",
+    "prune_pack",
+]
+
+
+def row_ids(offsets: torch.Tensor) -> torch.Tensor:
+    """Row index of every stored entry: ``[total]`` int64."""
+    sizes = offsets[1:] - offsets[:-1]
+    return torch.repeat_interleave(torch.arange(sizes.numel(), device=offsets.device), sizes)
+
+
+def to_dense(weight: torch.Tensor, offsets: torch.Tensor, width: int, col_of_size: torch.Tensor | None = None):
+    """Dense view ``[V, width]`` of a flat table (differentiable w.r.t. ``weight``)."""
+    V = offsets.numel() - 1
+    rows = row_ids(offsets)
+    sizes = offsets[1:] - offsets[:-1]
+    cols = torch.arange(weight.numel(), device=weight.device) - offsets[rows]
+    if col_of_size is not None:
+        cols = cols + col_of_size[sizes[rows]]
+    dense = weight.new_zeros(V, width)
+    return dense.index_put((rows, cols), weight)
+
+
+def embedding_bag(weight, offsets, indices, bag_offsets, width, col_of_size=None, mode="mean",
+                  per_sample_weights=None, padding_idx=None):
+    """Pooled lookup ``[B, width]`` by ``F.embedding_bag`` on the dense view.
+
+    Accumulates in float32 for float16/bfloat16 tables (as the kernels do) and casts back.
+    """
+    dense = to_dense(weight, offsets, width, col_of_size)
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    psw = per_sample_weights.to(acc) if per_sample_weights is not None else None
+    if indices.numel() == 0 or bag_offsets.numel() <= 1:
+        # F.embedding_bag rejects some empty inputs that the rule still defines: zeros.
+        B = bag_offsets.numel() - 1
+        return dense.new_zeros(B, width) + 0 * dense.sum()
+    out = F.embedding_bag(indices, dense.to(acc), bag_offsets, mode=mode, per_sample_weights=psw,
+                          include_last_offset=True, padding_idx=padding_idx)
+    return out.to(weight.dtype)
+
+
+def embedding(weight, offsets, indices, width, col_of_size=None, padding_idx=None):
+    """Non-pooled lookup ``[*indices.shape, width]`` by ``F.embedding`` on the dense view."""
+    dense = to_dense(weight, offsets, width, col_of_size)
+    return F.embedding(indices, dense, padding_idx=padding_idx)
+
+
+def summed_row_grads(grad_out, weight, offsets, indices, bag_offsets, width, col_of_size=None, mode="mean",
+                     per_sample_weights=None, padding_idx=None):
+    """Gradient of ``sum(out * grad_out)`` w.r.t. the flat weight, and the rows it touches."""
+    w = weight.detach().requires_grad_(True)
+    with torch.enable_grad():
+        out = embedding_bag(w, offsets, indices, bag_offsets, width, col_of_size, mode, per_sample_weights,
+                            padding_idx)
+        (g,) = torch.autograd.grad(out, w, grad_out.to(out.dtype), allow_unused=True)
+    if g is None:
+        g = torch.zeros_like(weight)
+    n = int(bag_offsets[-1])
+    touched = indices[:n].long().unique()
+    if padding_idx is not None:
+        touched = touched[touched != padding_idx]
+    return g, touched
+
+
+def sparse_update_(weight, state1, state2, grad_out, offsets, indices, bag_offsets, width, col_of_size=None,
+                   mode="mean", per_sample_weights=None, padding_idx=None, optimizer="sgd", lr=0.01,
+                   weight_decay=0.0, eps=1e-8, beta1=0.9, beta2=0.999, step=1):
+    """Reference fused update: the dense optimizer step on the summed gradient, rows of the batch only.
+
+    ``optimizer``: ``"sgd"``, ``"rowwise_adagrad"`` (``state1`` ``[V]``), ``"adam"``
+    (``state1``/``state2`` ``[total]``; lazy: rows outside the batch keep their moments).
+    """
+    g, touched = summed_row_grads(grad_out, weight, offsets, indices, bag_offsets, width, col_of_size, mode,
+                                  per_sample_weights, padding_idx)
+    acc = state1.dtype if state1.numel() else (torch.float64 if weight.dtype == torch.float64 else torch.float32)
+    with torch.no_grad():
+        for r in touched.tolist():
+            lo, hi = int(offsets[r]), int(offsets[r + 1])
+            if hi == lo:
+                continue
+            w = weight[lo:hi].to(acc)
+            gr = g[lo:hi].to(acc) + weight_decay * w
+            if optimizer == "sgd":
+                w = w - lr * gr
+            elif optimizer == "rowwise_adagrad":
+                state1[r] += (gr * gr).mean()
+                w = w - lr * gr / (state1[r].sqrt() + eps)
+            elif optimizer == "adam":
+                m, v = state1[lo:hi], state2[lo:hi]
+                m.mul_(beta1).add_((1 - beta1) * gr)
+                v.mul_(beta2).add_((1 - beta2) * gr * gr)
+                bc1, bc2 = 1 - beta1**step, 1 - beta2**step
+                w = w - (lr / bc1) * m / (v.sqrt() / math.sqrt(bc2) + eps)
+            else:
+                raise ValueError(f"unknown optimizer {optimizer!r}")
+            weight[lo:hi] = w.to(weight.dtype)
+
+
+def accumulate_scores_(scores, grad_out, weight, offsets, indices, bag_offsets, width, col_of_size=None,
+                       mode="mean", per_sample_weights=None, padding_idx=None, rule="snip"):
+    """``scores += |w * g|`` (``snip``) or ``g^2`` (``grad``) on the rows of the batch."""
+    g, touched = summed_row_grads(grad_out, weight, offsets, indices, bag_offsets, width, col_of_size, mode,
+                                  per_sample_weights, padding_idx)
+    mask = torch.zeros(offsets.numel() - 1, dtype=torch.bool, device=weight.device)
+    mask[touched] = True
+    entry = mask[row_ids(offsets)]
+    g = g.to(scores.dtype)
+    contrib = (weight.to(scores.dtype) * g).abs() if rule == "snip" else g * g
+    with torch.no_grad():
+        scores += torch.where(entry, contrib, torch.zeros_like(contrib))
+
+
+def topk_threshold(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest score (0-d float32), as ``torch.kthvalue`` would find it."""
+    flat = scores.reshape(-1).float()
+    return torch.kthvalue(flat.cpu(), flat.numel() - k + 1).values.to(scores.device)
+
+
+def prune_counts(scores: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """Per-row number of scores ``>= threshold``: ``[V]`` int64."""
+    return (scores >= threshold).sum(dim=1)
+
+
+def prune_pack(dense: torch.Tensor, scores: torch.Tensor, offsets: torch.Tensor, by_score: bool) -> torch.Tensor:
+    """Row ``i`` keeps its ``offsets[i+1]-offsets[i]`` best entries (ties: lower column first)."""
+    V, D = dense.shape
+    out = []
+    cols = torch.arange(D, device=dense.device)
+    for r in range(V):
+        s = int(offsets[r + 1] - offsets[r])
+        if s == 0:
+            continue
+        # Stable sort of -score keeps lower columns first among ties.
+        order = torch.sort(-scores[r].double(), stable=True).indices[:s]
+        if not by_score:
+            order = torch.sort(order).values
+        out.append(dense[r, cols[order]])
+    return torch.cat(out) if out else dense.new_zeros(0)
