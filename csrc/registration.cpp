@@ -42,14 +42,14 @@ namespace pme {
 STABLE_TORCH_LIBRARY(pme, m) {
   // Lookups. weight [total] f32/f64/f16/bf16, offsets [V+1] int64, indices [N] and bag_offsets
   // [B+1] int32 or int64 (same dtype), col_of_size [D+1] int64 (grouped layout) or None
-  // (padded), mode 0 sum / 1 mean / 2 max, padding_idx -1 for none.
+  // (padded), pooling 0 sum / 1 mean / 2 max, padding_idx -1 for none.
   m.def(
       "bag_forward(Tensor weight, Tensor offsets, Tensor indices, Tensor bag_offsets, "
-      "Tensor? per_sample_weights, Tensor? col_of_size, int out_width, int mode, int padding_idx) "
+      "Tensor? per_sample_weights, Tensor? col_of_size, int out_width, int pooling, int padding_idx) "
       "-> (Tensor, Tensor)");
   m.def(
       "bag_backward(Tensor grad_out, Tensor weight, Tensor offsets, Tensor indices, Tensor bag_offsets, "
-      "Tensor? per_sample_weights, Tensor? col_of_size, Tensor argmax, int mode, int padding_idx, "
+      "Tensor? per_sample_weights, Tensor? col_of_size, Tensor argmax, int pooling, int padding_idx, "
       "bool psw_grad) -> (Tensor, Tensor)");
   m.def(
       "embedding_forward(Tensor weight, Tensor offsets, Tensor indices, Tensor? col_of_size, int out_width) "
@@ -62,12 +62,12 @@ STABLE_TORCH_LIBRARY(pme, m) {
   m.def(
       "sparse_update_(Tensor(a!) weight, Tensor(b!) state1, Tensor(c!) state2, Tensor grad_out, "
       "Tensor offsets, Tensor indices, Tensor bag_offsets, Tensor? per_sample_weights, Tensor? col_of_size, "
-      "Tensor argmax, int mode, int padding_idx, int optimizer, float lr, float weight_decay, float eps, "
+      "Tensor argmax, int pooling, int padding_idx, int optimizer, float lr, float weight_decay, float eps, "
       "float beta1, float beta2, int step) -> ()");
   // Search: scores [total] f32 += |w * g| (rule 0, SNIP) or g^2 (rule 1) for the rows of a batch.
   m.def(
       "accumulate_scores_(Tensor(a!) scores, Tensor grad_out, Tensor weight, Tensor offsets, Tensor indices, "
-      "Tensor bag_offsets, Tensor? per_sample_weights, Tensor? col_of_size, Tensor argmax, int mode, "
+      "Tensor bag_offsets, Tensor? per_sample_weights, Tensor? col_of_size, Tensor argmax, int pooling, "
       "int padding_idx, int rule) -> ()");
   // Pruning. topk_threshold: the k-th largest of scores (0-d, radix select on the device).
   // prune_counts: per-row number of scores >= threshold. prune_pack: row i keeps its

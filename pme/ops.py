@@ -10,7 +10,7 @@ Normal form of a lookup (what the operators take):
 - ``weight`` ``[total]`` float32/float64/float16/bfloat16, ``offsets`` ``[V + 1]`` int64.
 - ``indices`` ``[N]`` and ``bag_offsets`` ``[B + 1]``, both int32 or both int64.
 - ``col_of_size`` ``[D + 1]`` int64 (``grouped`` layout) or ``None`` (``padded``).
-- ``mode`` 0 sum, 1 mean, 2 max; ``padding_idx`` -1 for none.
+- ``pooling`` (the mode) 0 sum, 1 mean, 2 max; ``padding_idx`` -1 for none.
 """
 
 from __future__ import annotations

@@ -142,8 +142,9 @@ class RowwiseAdagrad(FusedOptimizer):
 
 
 class Adam(FusedOptimizer):
-    """Lazy Adam (as torch.optim.SparseAdam, plus L2 weight decay): per-entry moments, bias
-    correction by a per-table step count; rows outside the batch keep their moments."""
+    """Lazy Adam, as torch.optim.SparseAdam (same formula, eps added to sqrt(v)), plus L2 weight
+    decay: per-entry moments, bias correction by a per-table step count; rows outside the batch
+    keep their moments and weights."""
 
     name = "adam"
 

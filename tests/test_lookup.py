@@ -1,0 +1,271 @@
+"""Lookups against the oracle: F.embedding_bag / F.embedding on the dense view, in float64."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+import pme
+from pme import ops, reference
+
+from conftest import DEVICES, make_table, random_bags
+
+MODES = ["sum", "mean", "max"]
+LAYOUTS = ["padded", "grouped"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+TOL = {torch.float32: (1e-5, 1e-5), torch.float64: (1e-12, 1e-12), torch.float16: (2e-3, 2e-3),
+       torch.bfloat16: (1.6e-2, 1.6e-2)}
+
+
+def oracle(w, offsets, col, width, idx, bag_offsets, mode, psw, pad, grad_out):
+    """Output and gradients (weight, psw) of F.embedding_bag on the float64 dense view."""
+    w64 = w.detach().double().requires_grad_(True)
+    p64 = psw.detach().double().requires_grad_(True) if psw is not None else None
+    dense = reference.to_dense(w64, offsets, width, col)
+    out = F.embedding_bag(idx.long(), dense, bag_offsets.long(), mode=mode, per_sample_weights=p64,
+                          padding_idx=pad) if idx.numel() and bag_offsets.numel() else (
+        dense.new_zeros(bag_offsets.numel(), width) + 0 * dense.sum())
+    grads = torch.autograd.grad(out, [w64] + ([p64] if p64 is not None else []), grad_out.double(),
+                                allow_unused=True)
+    gw = grads[0] if grads[0] is not None else torch.zeros_like(w64)
+    gp = None
+    if p64 is not None:
+        gp = grads[1] if grads[1] is not None else torch.zeros_like(p64)
+    return out, gw, gp
+
+
+def run_case(device, dtype, mode, layout, index_dtype, use_psw, pad_choice, seed, V=50, D=16, B=24, L=7):
+    w, offsets, col, width, _ = make_table(V, D, dtype, device, layout, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    pad = {"none": None, "first": 0, "negative": -2}[pad_choice]
+    pad_row = None if pad is None else pad % V
+    idx, bags = random_bags(V, B, L, gen, index_dtype, device, padding_idx=pad_row)
+    psw = (torch.randn(idx.shape, generator=gen).to(dtype).to(device) if use_psw else None)
+    w = w.requires_grad_(True)
+    if psw is not None:
+        psw.requires_grad_(True)
+    out = ops.embedding_bag(w, offsets, idx, bags, width=width, col_of_size=col, mode=mode, per_sample_weights=psw,
+                            padding_idx=pad)
+    grad_out = torch.randn(out.shape, generator=gen).to(dtype).to(device)
+    gw, *rest = torch.autograd.grad(out, [w] + ([psw] if psw is not None else []), grad_out)
+    ref_out, ref_gw, ref_gp = oracle(w, offsets, col, width, idx, bags, mode, psw, pad_row, grad_out)
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(out.double(), ref_out.to(device), rtol=rtol, atol=atol)
+    scale = 4 if dtype in (torch.float16, torch.bfloat16) else 1  # sums of up to L rounded terms
+    torch.testing.assert_close(gw.double(), ref_gw.to(device), rtol=rtol * scale, atol=atol * scale)
+    if use_psw:
+        torch.testing.assert_close(rest[0].double(), ref_gp.to(device), rtol=rtol * scale * 4, atol=atol * scale * 4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=str)
+def test_bag_matches_dense_oracle(device, dtype, mode, layout, index_dtype):
+    run_case(device, dtype, mode, layout, index_dtype, use_psw=False, pad_choice="none", seed=3)
+    run_case(device, dtype, mode, layout, index_dtype, use_psw=False, pad_choice="negative", seed=4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_per_sample_weights(device, dtype, layout):
+    run_case(device, dtype, "sum", layout, torch.int64, use_psw=True, pad_choice="first", seed=5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=40, deadline=None)
+@given(V=st.integers(1, 40), D=st.integers(1, 24), B=st.integers(0, 12), L=st.integers(0, 9),
+       mode=st.sampled_from(MODES), layout=st.sampled_from(LAYOUTS), seed=st.integers(0, 2**16),
+       pad=st.sampled_from(["none", "first", "negative"]), psw=st.booleans(),
+       index_dtype=st.sampled_from([torch.int32, torch.int64]))
+def test_bag_random_tables(device, V, D, B, L, mode, layout, seed, pad, psw, index_dtype):
+    if pad == "negative" and V < 2:
+        pad = "first"
+    run_case(device, torch.float64, mode, layout, index_dtype, use_psw=psw and mode == "sum", pad_choice=pad,
+             seed=seed, V=V, D=D, B=B, L=L)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES)
+def test_against_nn_embedding_bag(device, mode):
+    """Module vs nn.EmbeddingBag holding the dense view: 2-D input, include_last_offset, padding."""
+    V, D = 64, 32
+    sizes = torch.randint(0, D + 1, (V,), generator=torch.Generator().manual_seed(0))
+    m = pme.MultiSizeEmbeddingBag(V, D, sizes, mode=mode, padding_idx=5, device=device)
+    ref = torch.nn.EmbeddingBag(V, D, mode=mode, padding_idx=5, device=device)
+    with torch.no_grad():
+        ref.weight.copy_(m.to_dense())
+    x = torch.randint(0, V, (10, 6), device=device)
+    x[0, :3] = 5
+    x[1, :] = 5  # a bag of padding only
+    go = torch.randn(10, D, device=device)
+    (m(x) * go).sum().backward()
+    (ref(x) * go).sum().backward()
+    torch.testing.assert_close(m(x), ref(x))
+    dense_grad = reference.to_dense(m.weight.grad, m.offsets, D)
+    mask = reference.to_dense(torch.ones_like(m.weight), m.offsets, D) > 0
+    torch.testing.assert_close(dense_grad, ref.weight.grad * mask)
+    # include_last_offset with 1-D input
+    m2 = pme.MultiSizeEmbeddingBag(V, D, sizes, mode=mode, include_last_offset=True, _weight=m.weight.detach(),
+                                   device=device)
+    ref2 = torch.nn.EmbeddingBag(V, D, mode=mode, include_last_offset=True, device=device,
+                                 _weight=ref.weight.detach().clone())
+    idx = torch.randint(0, V, (20,), device=device)
+    off = torch.tensor([0, 4, 4, 11, 20], device=device)
+    torch.testing.assert_close(m2(idx, off), ref2(idx, off))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("pad", [None, 3])
+def test_embedding_matches_f_embedding(device, dtype, layout, pad):
+    V, D = 30, 12
+    w, offsets, col, width, _ = make_table(V, D, dtype, device, layout, seed=7)
+    x = torch.randint(0, V, (4, 5, 3), device=device)
+    x[0, 0, 0] = V - 1
+    x[1, 1] = 3
+    w.requires_grad_(True)
+    out = ops.embedding(w, offsets, x, width=width, col_of_size=col, padding_idx=pad)
+    assert out.shape == (4, 5, 3, width)
+    go = torch.randn(out.shape, device=device).to(dtype)
+    (gw,) = torch.autograd.grad(out, w, go)
+    w64 = w.detach().double().requires_grad_(True)
+    ref = F.embedding(x, reference.to_dense(w64, offsets, width, col), padding_idx=pad)
+    (rgw,) = torch.autograd.grad(ref, w64, go.double())
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=atol)
+    torch.testing.assert_close(gw.double(), rgw, rtol=4 * rtol, atol=4 * atol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gradcheck_float64(device, mode, layout):
+    V, D = 12, 6
+    w, offsets, col, width, _ = make_table(V, D, torch.float64, device, layout, seed=11)
+    gen = torch.Generator().manual_seed(12)
+    idx, bags = random_bags(V, 6, 5, gen, torch.int64, device)
+    w.requires_grad_(True)
+    psw = torch.randn(idx.shape, dtype=torch.float64, device=device, requires_grad=True) if mode == "sum" else None
+
+    def f(w, psw):
+        return ops.embedding_bag(w, offsets, idx, bags, width=width, col_of_size=col, mode=mode,
+                                 per_sample_weights=psw, padding_idx=2)
+
+    assert torch.autograd.gradcheck(f, (w, psw), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_large_index_and_empty_inputs(device):
+    V, D = 1000, 8
+    w, offsets, col, width, _ = make_table(V, D, torch.float32, device, seed=1)
+    # all bags empty
+    out = ops.embedding_bag(w, offsets, torch.empty(0, dtype=torch.long, device=device),
+                            torch.zeros(3, dtype=torch.long, device=device), width=width, mode="max")
+    assert out.shape == (3, D) and bool((out == 0).all())
+    # zero bags
+    out = ops.embedding_bag(w, offsets, torch.empty(0, 4, dtype=torch.long, device=device), width=width)
+    assert out.shape == (0, D)
+    # a 2-D input of width 0
+    out = ops.embedding_bag(w, offsets, torch.empty(3, 0, dtype=torch.long, device=device), width=width, mode="sum")
+    assert out.shape == (3, D) and bool((out == 0).all())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES)
+def test_backward_is_deterministic(device, mode):
+    V, D = 200, 32
+    w, offsets, col, width, _ = make_table(V, D, torch.float32, device, seed=2)
+    gen = torch.Generator().manual_seed(3)
+    idx = torch.randint(0, 20, (4000,), generator=gen).to(device)  # many duplicates
+    bags = torch.arange(0, 4000, 8, device=device)
+    go = torch.randn(bags.numel(), D, generator=gen).to(device)
+    grads = []
+    for _ in range(3):
+        wi = w.clone().requires_grad_(True)
+        out = ops.embedding_bag(wi, offsets, idx, bags, width=width, mode=mode)
+        (g,) = torch.autograd.grad(out, wi, go)
+        grads.append(g)
+    assert all(torch.equal(grads[0], g) for g in grads[1:])
+
+
+def test_opcheck_every_operator():
+    V, D = 20, 8
+    for layout, mode in itertools.product(LAYOUTS, range(3)):
+        w, offsets, col, width, _ = make_table(V, D, torch.float32, "cpu", layout, seed=mode)
+        gen = torch.Generator().manual_seed(1)
+        idx, bags = random_bags(V, 5, 4, gen)
+        bo = torch.cat([bags, bags.new_tensor([idx.numel()])])
+        psw = torch.randn(idx.shape) if mode == 0 else None
+        wg = w.clone().requires_grad_(True)
+        torch.library.opcheck(torch.ops.pme.bag_forward, (wg, offsets, idx, bo, psw, col, width, mode, 1))
+        out, argmax = torch.ops.pme.bag_forward(w, offsets, idx, bo, psw, col, width, mode, 1)
+        go = torch.randn_like(out)
+        torch.library.opcheck(torch.ops.pme.bag_backward,
+                              (go, w, offsets, idx, bo, psw, col, argmax, mode, 1, psw is not None))
+        torch.library.opcheck(torch.ops.pme.embedding_forward, (wg, offsets, idx, col, width))
+        gx = torch.randn(idx.numel(), width)
+        torch.library.opcheck(torch.ops.pme.embedding_backward, (gx, w, offsets, idx, col, 1))
+        state = torch.zeros(V), torch.empty(0)
+        torch.library.opcheck(torch.ops.pme.sparse_update_,
+                              (w.clone(), state[0].clone(), state[1], go, offsets, idx, bo, psw, col, argmax, mode, 1,
+                               1, 0.1, 0.0, 1e-8, 0.9, 0.999, 1))
+        torch.library.opcheck(torch.ops.pme.accumulate_scores_,
+                              (torch.zeros_like(w), go, w, offsets, idx, bo, psw, col, argmax, mode, 1, 0))
+    scores = torch.rand(V, D)
+    torch.library.opcheck(torch.ops.pme.topk_threshold, (scores, 17))
+    t = torch.ops.pme.topk_threshold(scores, 17)
+    torch.library.opcheck(torch.ops.pme.prune_counts, (scores, t))
+    sizes = torch.randint(0, D + 1, (V,))
+    off = torch.zeros(V + 1, dtype=torch.long)
+    off[1:] = sizes.cumsum(0)
+    torch.library.opcheck(torch.ops.pme.prune_pack, (torch.randn(V, D), scores, off, True),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_torch_compile_fullgraph(mode):
+    torch._dynamo.reset()
+    V, D = 40, 16
+    sizes = torch.randint(1, D + 1, (V,), generator=torch.Generator().manual_seed(0))
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = pme.MultiSizeEmbeddingBag(V, D, sizes, mode=mode)
+            self.lin = torch.nn.Linear(D, 1)
+
+        def forward(self, x, off):
+            return self.lin(self.emb(x, off)).squeeze(-1)
+
+    model = Model()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randint(0, V, (30,))
+    off = torch.tensor([0, 5, 5, 17])
+    eager = model(x, off)
+    out = compiled(x, off)
+    torch.testing.assert_close(out, eager)
+    out.sum().backward()
+    g_compiled = model.emb.weight.grad.clone()
+    model.zero_grad()
+    eager.sum().backward()
+    torch.testing.assert_close(g_compiled, model.emb.weight.grad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_noncontiguous_inputs_are_accepted(device):
+    V, D = 30, 8
+    w, offsets, col, width, _ = make_table(V, D, torch.float32, device, seed=0)
+    x = torch.randint(0, V, (6, 8), device=device)
+    out_t = ops.embedding_bag(w, offsets, x.t(), width=width, mode="sum")
+    out_c = ops.embedding_bag(w, offsets, x.t().contiguous(), width=width, mode="sum")
+    torch.testing.assert_close(out_t, out_c)
+    idx = torch.randint(0, V, (40,), device=device)[::2]
+    off = torch.tensor([0, 3, 9], device=device)
+    torch.testing.assert_close(ops.embedding_bag(w, offsets, idx, off, width=width),
+                               ops.embedding_bag(w, offsets, idx.contiguous(), off, width=width))

@@ -1,0 +1,184 @@
+"""Modules: construction, repr, memory, state_dict round-trips, convert, and bad input."""
+
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pme
+from pme import ops, reference
+
+from conftest import DEVICES, make_table
+
+
+def test_repr_and_memory():
+    sizes = torch.tensor([8, 4, 4, 0, 8, 2])
+    m = pme.MultiSizeEmbeddingBag(6, 8, sizes, mode="sum", padding_idx=3)
+    r = repr(m)
+    assert "MultiSizeEmbeddingBag(6, 8" in r and "mode='sum'" in r and "padding_idx=3" in r
+    assert f"stored={int(sizes.sum())}" in r
+    rep = m.memory_report()
+    assert rep["stored_entries"] == int(sizes.sum()) == m.weight.numel()
+    assert rep["dense_bytes"] == 6 * 8 * 4
+    assert rep["bytes"] == int(sizes.sum()) * 4 + 7 * 8
+    assert torch.equal(m.sizes, sizes)
+    g = pme.MultiSizeEmbeddingBag(6, 8, sizes, layout="grouped", project=True)
+    assert "layout='grouped'" in repr(g) and g.width == 14 and g.output_dim == 8
+    e = pme.MultiSizeEmbedding(6, 8, sizes)
+    assert repr(e).startswith("MultiSizeEmbedding(6, 8")
+
+
+@pytest.mark.parametrize("layout", ["padded", "grouped"])
+def test_state_dict_round_trip_with_other_sizes(layout, tmp_path):
+    a = pme.MultiSizeEmbeddingBag(20, 16, torch.randint(1, 5, (20,)) * 4, layout=layout, mode="sum")
+    b = pme.MultiSizeEmbeddingBag(20, 16, 16, layout=layout, mode="sum")  # other sizes
+    path = tmp_path / "t.pt"
+    torch.save(a.state_dict(), path)
+    b.load_state_dict(torch.load(path))
+    assert torch.equal(a.sizes, b.sizes) and torch.equal(a.weight, b.weight)
+    x = torch.randint(0, 20, (5, 3))
+    torch.testing.assert_close(a(x), b(x))
+    with pytest.raises(RuntimeError, match="rows"):
+        pme.MultiSizeEmbeddingBag(21, 16, layout=layout).load_state_dict(a.state_dict())
+
+
+def test_grouped_projection_starts_as_padded():
+    sizes = torch.tensor([4, 8, 8, 2, 4])
+    w = torch.randn(5, 8)
+    p = pme.MultiSizeEmbeddingBag.from_dense(w, sizes, mode="sum")
+    g = pme.MultiSizeEmbeddingBag.from_dense(w, sizes, mode="sum", layout="grouped", project=True)
+    x = torch.randint(0, 5, (7, 3))
+    torch.testing.assert_close(p(x), g(x))
+    # and the grouped view without projection keeps each size in its own slot
+    g2 = pme.MultiSizeEmbeddingBag.from_dense(w, sizes, mode="sum", layout="grouped")
+    dense = g2.to_dense()
+    assert dense.shape == (5, 14)
+    torch.testing.assert_close(g2(x), F.embedding_bag(x, dense, mode="sum"))
+
+
+def test_from_dense_keeps_first_or_best_entries():
+    w = torch.randn(6, 5)
+    sizes = torch.tensor([5, 3, 0, 1, 2, 5])
+    m = pme.MultiSizeEmbeddingBag.from_dense(w, sizes)
+    dense = m.to_dense()
+    for i, s in enumerate(sizes.tolist()):
+        torch.testing.assert_close(dense[i, :s], w[i, :s])
+        assert bool((dense[i, s:] == 0).all())
+    scores = torch.rand(6, 5)
+    m2 = pme.MultiSizeEmbeddingBag.from_dense(w, sizes, scores=scores, order="score")
+    for i, s in enumerate(sizes.tolist()):
+        best = torch.argsort(scores[i], descending=True, stable=True)[:s]
+        torch.testing.assert_close(m2.to_dense()[i, :s], w[i, best])
+
+
+def test_convert_swaps_tables_in_place():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tables = torch.nn.ModuleDict({"a": torch.nn.EmbeddingBag(10, 8, mode="max", padding_idx=0),
+                                               "b": torch.nn.EmbeddingBag(7, 8, mode="sum")})
+            self.tok = torch.nn.Embedding(9, 4, padding_idx=2)
+            self.seq = torch.nn.Sequential(torch.nn.EmbeddingBag(5, 8))
+
+    net = Net()
+    dense_a = net.tables["a"].weight.detach().clone()
+    sizes_a = torch.randint(0, 9, (10,))
+    pme.convert(net, {"tables.a": sizes_a, "tables.b": 4, "tok": torch.tensor([4, 2, 4, 1, 0, 4, 4, 3, 2]),
+                      "seq.0": 8})
+    assert isinstance(net.tables["a"], pme.MultiSizeEmbeddingBag) and net.tables["a"].mode == "max"
+    assert net.tables["a"].padding_idx == 0
+    assert isinstance(net.tok, pme.MultiSizeEmbedding) and net.tok.padding_idx == 2
+    assert isinstance(net.seq[0], pme.MultiSizeEmbeddingBag)
+    d = net.tables["a"].to_dense()
+    for i, s in enumerate(sizes_a.tolist()):
+        torch.testing.assert_close(d[i, :s], dense_a[i, :s])
+    with pytest.raises(KeyError, match="not an nn.EmbeddingBag"):
+        pme.convert(net, {"nothing.here": 3})
+    # fresh init keeps the scale of the original table
+    big = torch.nn.EmbeddingBag(2000, 16)
+    torch.nn.init.normal_(big.weight, std=0.01)
+    fresh = pme.MultiSizeEmbeddingBag.from_embedding_bag(big, 8, init="fresh")
+    assert 0.008 < float(fresh.weight.detach().std()) < 0.012
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_module_dtypes_and_devices(device):
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        m = pme.MultiSizeEmbeddingBag(30, 8, torch.randint(0, 9, (30,)), dtype=dtype, device=device, mode="sum")
+        x = torch.randint(0, 30, (4, 5), device=device)
+        out = m(x)
+        assert out.dtype == dtype and out.device.type == device
+        ref = F.embedding_bag(x, m.to_dense().double(), mode="sum").to(dtype)
+        torch.testing.assert_close(out, ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: a clear error naming the argument, never a crash or a wrong answer
+# ---------------------------------------------------------------------------------------------
+ERRORS = (ValueError, TypeError, IndexError, RuntimeError)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_indices_and_offsets(device):
+    w, offsets, col, width, _ = make_table(10, 4, device=device)
+    idx = torch.tensor([1, 2, 3, 4], device=device)
+    cases = [
+        (torch.tensor([1, 10], device=device), torch.tensor([0], device=device), r"indices\[1\] = 10"),
+        (torch.tensor([1, -1], device=device), torch.tensor([0], device=device), r"indices\[1\] = -1"),
+        (idx, torch.tensor([0, 3, 2], device=device), "non-decreasing"),
+        (idx, torch.tensor([1, 2], device=device), "start at 0"),
+        (idx, torch.tensor([0, 9], device=device), "past the input"),
+    ]
+    for i, o, msg in cases:
+        with pytest.raises(ERRORS, match=msg):
+            ops.embedding_bag(w, offsets, i, o, width=width)
+    with pytest.raises(ERRORS, match=r"indices\[0\] = 11"):
+        ops.embedding(w, offsets, torch.tensor([11], device=device), width=width)
+
+
+def test_bad_arguments_are_named():
+    w, offsets, col, width, _ = make_table(10, 4)
+    idx = torch.tensor([1, 2, 3])
+    off = torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="per_sample_weights are only supported with mode='sum'"):
+        ops.embedding_bag(w, offsets, idx, off, width=width, mode="mean", per_sample_weights=torch.ones(3))
+    with pytest.raises(ValueError, match="per_sample_weights has shape"):
+        ops.embedding_bag(w, offsets, idx, off, width=width, mode="sum", per_sample_weights=torch.ones(4))
+    with pytest.raises(TypeError, match="per_sample_weights"):
+        ops.embedding_bag(w, offsets, idx, off, width=width, mode="sum", per_sample_weights=torch.ones(3).double())
+    with pytest.raises(ValueError, match="offsets must be None when input is 2-D"):
+        ops.embedding_bag(w, offsets, idx.reshape(1, 3), off, width=width)
+    with pytest.raises(ValueError, match="offsets must be given"):
+        ops.embedding_bag(w, offsets, idx, None, width=width)
+    with pytest.raises(TypeError, match="int32 or int64"):
+        ops.embedding_bag(w, offsets, idx.float(), off, width=width)
+    with pytest.raises(TypeError, match="weight must be float32"):
+        ops.embedding_bag(w.int(), offsets, idx, off, width=width)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        ops.embedding_bag(w, offsets, idx, off, width=width, mode="median")
+    with pytest.raises(ValueError, match="padding_idx 10 is out of range"):
+        ops.embedding_bag(w, offsets, idx, off, width=width, padding_idx=10)
+    with pytest.raises(ValueError, match="offsets must be a 1-D int64"):
+        ops.embedding_bag(w, offsets.int(), idx, off, width=width)
+    with pytest.raises(ERRORS, match="does not fit in the output width"):
+        ops.embedding_bag(w, offsets, idx, off, width=2)
+    bad_off = offsets.clone()
+    bad_off[-1] += 1
+    with pytest.raises(ERRORS, match=r"offsets\[-1\]"):
+        ops.embedding_bag(w, bad_off, idx, off, width=width)
+    with pytest.raises(ValueError, match="sizes\\[2\\] = 9 is outside"):
+        pme.MultiSizeEmbeddingBag(4, 8, [1, 2, 9, 3])
+    with pytest.raises(ValueError, match="sizes has 3 entries"):
+        pme.MultiSizeEmbeddingBag(4, 8, [1, 2, 3])
+    with pytest.raises(TypeError, match="sizes must be integers"):
+        pme.MultiSizeEmbeddingBag(4, 8, [1.5, 2, 3, 1])
+    with pytest.raises(NotImplementedError, match="max_norm"):
+        pme.MultiSizeEmbeddingBag(4, 8, max_norm=1.0)
+    with pytest.raises(NotImplementedError, match="sparse=True"):
+        pme.MultiSizeEmbeddingBag(4, 8, sparse=True)
+    with pytest.raises(ValueError, match="size_classes"):
+        pme.MultiSizeEmbeddingBag(4, 8, [2, 4, 8, 3], layout="grouped", size_classes=[2, 4, 8])
+    m = pme.MultiSizeEmbeddingBag(4, 8)
+    with pytest.raises(ValueError, match="input is on"):
+        m(torch.tensor([1, 2], device="meta"), torch.tensor([0]))

@@ -1,0 +1,195 @@
+"""Fused sparse updates against torch optimizers on the dense view and the float64 reference."""
+
+import pytest
+import torch
+
+import pme
+from pme import ops, reference
+
+from conftest import DEVICES, make_table, random_bags
+
+
+def _batches(V, steps, seed, device, index_dtype=torch.int64):
+    gen = torch.Generator().manual_seed(seed)
+    return [random_bags(V, 12, 6, gen, index_dtype, device) for _ in range(steps)]
+
+
+def _grad_out(B, width, step, device, dtype):
+    return torch.randn(B, width, generator=torch.Generator().manual_seed(1000 + step)).to(dtype).to(device)
+
+
+def run_fused(opt, sizes, D, batches, mode, device, dtype=torch.float32, padding_idx=None, w0=None):
+    """Trains a module with a fused optimizer on `batches` with fixed output gradients."""
+    m = pme.MultiSizeEmbeddingBag(len(sizes), D, sizes, mode=mode, padding_idx=padding_idx, device=device,
+                                  dtype=dtype, optimizer=opt)
+    if w0 is not None:
+        m.weight.data.copy_(w0)
+    for step, (idx, off) in enumerate(batches):
+        out = m(idx, off)
+        out.backward(_grad_out(out.shape[0], out.shape[1], step, device, dtype))
+    return m
+
+
+def run_torch(make_opt, sizes, D, batches, mode, device, dtype, w0, padding_idx=None, sparse_grad=False):
+    """Same training with a torch optimizer on the flat parameter, gradient through the dense view."""
+    m = pme.MultiSizeEmbeddingBag(len(sizes), D, sizes, mode=mode, padding_idx=padding_idx, device=device,
+                                  dtype=dtype)
+    w = torch.nn.Parameter(w0.clone())
+    opt = make_opt([w])
+    for step, (idx, off) in enumerate(batches):
+        opt.zero_grad()
+        bo = torch.cat([off, off.new_tensor([idx.numel()])])
+        out = reference.embedding_bag(w, m.offsets, idx, bo, D, None, mode, None, padding_idx)
+        out.backward(_grad_out(out.shape[0], out.shape[1], step, device, dtype))
+        if sparse_grad:
+            # every entry of the rows in the batch, explicit zeros included (lazy Adam's rows)
+            rows = idx.long().unique()
+            if padding_idx is not None:
+                rows = rows[rows != padding_idx]
+            entry = torch.isin(reference.row_ids(m.offsets), rows).nonzero().reshape(1, -1)
+            w.grad = torch.sparse_coo_tensor(entry, w.grad[entry[0]], w.shape)
+        opt.step()
+    return w.detach()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_sgd_matches_torch_sgd(device, mode):
+    V, D = 40, 8
+    sizes = torch.randint(0, D + 1, (V,), generator=torch.Generator().manual_seed(0))
+    batches = _batches(V, 5, 1, device)
+    w0 = torch.randn(int(sizes.sum()), generator=torch.Generator().manual_seed(2)).to(device)
+    fused = run_fused(pme.optim.SGD(lr=0.1), sizes, D, batches, mode, device, w0=w0, padding_idx=3)
+    ref = run_torch(lambda p: torch.optim.SGD(p, lr=0.1), sizes, D, batches, mode, device, torch.float32, w0,
+                    padding_idx=3)
+    torch.testing.assert_close(fused.weight, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rowwise_adagrad_with_unit_rows_is_torch_adagrad(device):
+    """With every row of size 1, row-wise Adagrad is exactly torch.optim.Adagrad."""
+    V = 50
+    sizes = torch.ones(V, dtype=torch.long)
+    sizes[7] = 0
+    batches = _batches(V, 6, 3, device)
+    w0 = torch.randn(int(sizes.sum()), generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(device)
+    fused = run_fused(pme.optim.RowwiseAdagrad(lr=0.3, eps=1e-10), sizes, 1, batches, "sum", device,
+                      dtype=torch.float64, w0=w0)
+    ref = run_torch(lambda p: torch.optim.Adagrad(p, lr=0.3, eps=1e-10), sizes, 1, batches, "sum", device,
+                    torch.float64, w0)
+    torch.testing.assert_close(fused.weight, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_adam_matches_torch_sparse_adam(device, mode, dtype):
+    V, D = 30, 8
+    sizes = torch.randint(0, D + 1, (V,), generator=torch.Generator().manual_seed(5))
+    batches = _batches(V, 6, 6, device)
+    w0 = torch.randn(int(sizes.sum()), generator=torch.Generator().manual_seed(7)).to(dtype).to(device)
+    fused = run_fused(pme.optim.Adam(lr=0.05), sizes, D, batches, mode, device, dtype=dtype, w0=w0)
+    ref = run_torch(lambda p: torch.optim.SparseAdam(p, lr=0.05), sizes, D, batches, mode, device, dtype, w0,
+                    sparse_grad=True)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(fused.weight, ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad", "adam"])
+@pytest.mark.parametrize("layout", ["padded", "grouped"])
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_fused_update_matches_reference_float64(device, optimizer, layout, mode):
+    """The operator against pme.reference (dense optimizer step on the summed gradient), weight decay on."""
+    V, D = 25, 8
+    w, offsets, col, width, sizes = make_table(V, D, torch.float64, device, layout, seed=9)
+    gen = torch.Generator().manual_seed(10)
+    n_state = {"sgd": (0, 0), "rowwise_adagrad": (V, 0), "adam": (w.numel(), w.numel())}[optimizer]
+    s = [torch.rand(n, dtype=torch.float64, generator=gen).to(device) for n in n_state]
+    w_ref, s_ref = w.clone(), [t.clone() for t in s]
+    for step in range(1, 4):
+        idx, off = random_bags(V, 9, 6, gen, torch.int64, device, padding_idx=4)
+        bo = torch.cat([off, off.new_tensor([idx.numel()])])
+        psw = torch.randn(idx.shape, generator=gen, dtype=torch.float64).to(device) if mode == "sum" else None
+        out, argmax = (torch.ops.pme.bag_forward(w, offsets, idx, bo, psw, col, width, ops.MODES[mode], 4)
+                       if ops.backend() == "compiled" else (None, None))
+        go = torch.randn(bo.numel() - 1, width, generator=gen, dtype=torch.float64).to(device)
+        kw = dict(optimizer=optimizer, lr=0.1, weight_decay=0.01, eps=1e-8, beta1=0.8, beta2=0.9, step=step)
+        ops.sparse_update_(w, s[0], s[1], go, offsets, idx, bo, col_of_size=col, argmax=argmax, mode=mode,
+                           per_sample_weights=psw, padding_idx=4, **kw)
+        reference.sparse_update_(w_ref, s_ref[0], s_ref[1], go, offsets, idx, bo, width, col, mode, psw, 4, **kw)
+        torch.testing.assert_close(w, w_ref, rtol=1e-12, atol=1e-12)
+        for a, b in zip(s, s_ref):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("opt", [lambda: pme.optim.RowwiseAdagrad(lr=0.1), lambda: pme.optim.Adam(lr=0.01)])
+def test_state_dict_resume_gives_the_same_trajectory(device, opt, tmp_path):
+    V, D = 40, 16
+    sizes = torch.randint(1, D + 1, (V,), generator=torch.Generator().manual_seed(0))
+    batches = _batches(V, 6, 8, device)
+    w0 = torch.randn(int(sizes.sum()), generator=torch.Generator().manual_seed(1)).to(device)
+    full = run_fused(opt(), sizes, D, batches, "sum", device, w0=w0)
+    half = run_fused(opt(), sizes, D, batches[:3], "sum", device, w0=w0)
+    torch.save(half.state_dict(), tmp_path / "ckpt.pt")
+    resumed = pme.MultiSizeEmbeddingBag(V, D, sizes, mode="sum", device=device, optimizer=opt())
+    resumed.load_state_dict(torch.load(tmp_path / "ckpt.pt"))
+    assert int(resumed.optim_step) == 3
+    for step, (idx, off) in enumerate(batches[3:], start=3):
+        out = resumed(idx, off)
+        out.backward(_grad_out(out.shape[0], out.shape[1], step, device, torch.float32))
+    assert torch.equal(resumed.weight, full.weight)
+    assert torch.equal(resumed.optim_state1, full.optim_state1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_update_is_deterministic(device):
+    V, D = 30, 32
+    sizes = torch.full((V,), D)
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 5, (3000,), generator=gen).to(device)  # heavy duplicates
+    off = torch.arange(0, 3000, 10, device=device)
+    w0 = torch.randn(V * D, generator=gen).to(device)
+    results = []
+    for _ in range(3):
+        m = run_fused(pme.optim.Adam(lr=0.01), sizes, D, [(idx, off)] * 2, "mean", device, w0=w0)
+        results.append(m.weight.clone())
+    assert all(torch.equal(results[0], r) for r in results[1:])
+
+
+def test_fused_table_has_no_dense_grad_and_eval_is_plain():
+    m = pme.MultiSizeEmbeddingBag(10, 4, 4, mode="sum", optimizer=pme.optim.SGD(lr=1.0))
+    assert not m.weight.requires_grad and "optimizer=SGD" in repr(m)
+    before = m.weight.clone()
+    x = torch.tensor([[1, 2]])
+    m(x).sum().backward()
+    assert m.weight.grad is None
+    changed = (m.weight != before).nonzero().reshape(-1)
+    assert set(changed.tolist()) == set(range(4, 12))  # rows 1 and 2 only
+    m.eval()
+    assert not m(x).requires_grad
+
+
+def test_embedding_fused_update_skips_padding():
+    m = pme.MultiSizeEmbedding(10, 4, 4, padding_idx=2, optimizer=pme.optim.SGD(lr=1.0))
+    with torch.no_grad():
+        m.weight[8:12] = 5.0
+    out = m(torch.tensor([[2, 3], [2, 2]]))
+    assert out.shape == (2, 2, 4) and bool((out[0, 0] == 5.0).all())  # padding row returned as stored
+    out.sum().backward()
+    assert bool((m.weight[8:12] == 5.0).all())  # ...but never updated
+
+
+def test_bad_optimizer_arguments():
+    with pytest.raises(ValueError, match="lr must be >= 0"):
+        pme.optim.SGD(lr=-1)
+    with pytest.raises(ValueError, match="betas"):
+        pme.optim.Adam(betas=(1.0, 0.9))
+    w, offsets, col, width, _ = make_table(10, 4)
+    idx, bo = torch.tensor([1, 2]), torch.tensor([0, 2])
+    go = torch.randn(1, width)
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        ops.sparse_update_(w, torch.empty(0), torch.empty(0), go, offsets, idx, bo, optimizer="lamb")
+    with pytest.raises(RuntimeError, match="state1"):
+        ops.sparse_update_(w, torch.zeros(3), torch.empty(0), go, offsets, idx, bo, optimizer="rowwise_adagrad")
