@@ -69,7 +69,8 @@ def _grouped_sizes(found, budget, D, quantum):
         b = budget - proj / dense
         if b <= 0:
             return None
-        sizes = {n: _snap_down(s, classes) for n, s in found.for_budget(b, quantum=quantum, min_size=quantum)
+        floor = quantum if b * D >= 2 * quantum else 0
+        sizes = {n: _snap_down(s, classes) for n, s in found.for_budget(b, quantum=quantum, min_size=floor)
                  .sizes.items()}
         used = sum(sum(set(s.tolist()) - {0}) * D for s in sizes.values())
         if used <= proj:
@@ -134,14 +135,16 @@ def run_experiment(cfg: ExperimentConfig, train, val, test, log=print) -> list:
         counts = {f"embeddings.{f}": train.token_counts(f) for f in train.field_names}
         counts = {n: counts[n] for n in shapes}
         for budget in cfg.budgets:
-            pme_res = found.for_budget(budget, quantum=quantum, min_size=quantum)
+            # A floor of one quantum per token unless the budget is below two quanta a token.
+            floor = quantum if budget * cfg.dim >= 2 * quantum else 0
+            pme_res = found.for_budget(budget, quantum=quantum, min_size=floor)
             sizes_of = {
                 "pme": lambda: pme_res.sizes,
                 "pme_grouped": lambda: _grouped_sizes(found, budget, cfg.dim, quantum),
                 "uniform": lambda: uniform_sizes(shapes, budget, 1, 1),
                 "popularity": lambda: popularity_sizes(counts, {n: cfg.dim for n in shapes}, budget,
-                                                       quantum=quantum, min_size=quantum),
-                "random": lambda: random_sizes(shapes, budget, quantum, quantum, seed=seed),
+                                                       quantum=quantum, min_size=floor),
+                "random": lambda: random_sizes(shapes, budget, quantum, floor, seed=seed),
             }
             for method in cfg.methods:
                 sizes = sizes_of[method]()

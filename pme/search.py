@@ -370,4 +370,4 @@ def random_sizes(shapes: dict, budget: float, quantum: int = 1, min_size: int = 
     dense = sum(V * D for V, D in shapes.values())
     return _fit_total(lambda lam: {n: _round_sizes((lam * b * shapes[n][1]).round().long(), shapes[n][1], quantum,
                                                    min_size) for n, b in base.items()},
-                      int(budget * dense), 0.0, 2.0 / max(budget, 1e-6))
+                      int(budget * dense), 0.0, 1e6)
