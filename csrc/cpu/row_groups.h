@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <atomic>
 #include <limits>
+#include <stdexcept>
 #include <vector>
 
 namespace pme::cpu {
@@ -22,46 +23,36 @@ struct TableView {
   int64_t width;  // output width W
 };
 
-// Validates bag offsets, indices and the rows they touch (sizes fit the width) in one
-// parallel pass; throws naming the first bad position. Untouched rows are not read.
+// Checks the bag offsets (O(B), in order): start at 0, inside the input, non-decreasing.
 template <class I>
-void validate_lookups(const I* idx, int64_t N, const I* bo, int64_t B, const TableView& t) {
-  const int64_t V = t.num_rows;
+void validate_bag_offsets(const I* bo, int64_t B, int64_t N, const TableView& t) {
   PME_CHECK(t.offsets[0] == 0, "offsets[0] must be 0, got ", t.offsets[0]);
-  PME_CHECK(t.offsets[V] == t.total, "offsets[-1] = ", t.offsets[V], " must equal the number of stored entries ",
-            t.total);
-  if (bo != nullptr) {
-    PME_CHECK(bo[0] == 0, "bag offsets must start at 0, got offsets[0] = ", static_cast<int64_t>(bo[0]));
-    for (int64_t b = 0; b <= B; ++b) {
-      PME_CHECK(bo[b] <= N, "bag offsets point past the input: offsets[", b, "] = ", static_cast<int64_t>(bo[b]),
-                " but there are only ", N, " indices");
-    }
-    for (int64_t b = 0; b < B; ++b) {
-      PME_CHECK(bo[b + 1] >= bo[b], "bag offsets must be non-decreasing, but offsets[", b + 1, "] = ",
-                static_cast<int64_t>(bo[b + 1]), " < offsets[", b, "] = ", static_cast<int64_t>(bo[b]));
-    }
+  PME_CHECK(t.offsets[t.num_rows] == t.total, "offsets[-1] = ", t.offsets[t.num_rows],
+            " must equal the number of stored entries ", t.total);
+  if (bo == nullptr) return;
+  PME_CHECK(bo[0] == 0, "bag offsets must start at 0, got offsets[0] = ", static_cast<int64_t>(bo[0]));
+  for (int64_t b = 0; b <= B; ++b) {
+    PME_CHECK(bo[b] <= N, "bag offsets point past the input: offsets[", b, "] = ", static_cast<int64_t>(bo[b]),
+              " but there are only ", N, " indices");
   }
-  std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
-  torch::stable::parallel_for(0, N, 1 << 14, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
-      const int64_t r = static_cast<int64_t>(idx[j]);
-      bool bad = r < 0 || r >= V;
-      if (!bad) {
-        const int64_t lo = t.offsets[r], hi = t.offsets[r + 1], size = hi - lo;
-        const int64_t col = t.col_of_size ? (size >= 0 && size < t.num_cols ? t.col_of_size[size] : -1) : 0;
-        bad = size < 0 || lo < 0 || hi > t.total || col < 0 || col + size > t.width;
-      }
-      if (bad) {
-        int64_t cur = first_bad.load();
-        while (j < cur && !first_bad.compare_exchange_weak(cur, j)) {
-        }
-        return;
-      }
-    }
-  });
-  const int64_t j = first_bad.load();
-  if (j == std::numeric_limits<int64_t>::max()) return;
-  const int64_t r = static_cast<int64_t>(idx[j]);
+  for (int64_t b = 0; b < B; ++b) {
+    PME_CHECK(bo[b + 1] >= bo[b], "bag offsets must be non-decreasing, but offsets[", b + 1, "] = ",
+              static_cast<int64_t>(bo[b + 1]), " < offsets[", b, "] = ", static_cast<int64_t>(bo[b]));
+  }
+}
+
+// Whether lookup of row r is valid: index in range, row inside the buffer, fits the width.
+inline bool lookup_ok(int64_t r, const TableView& t) {
+  if (r < 0 || r >= t.num_rows) return false;
+  const int64_t lo = t.offsets[r], hi = t.offsets[r + 1], size = hi - lo;
+  const int64_t col = t.col_of_size ? (size >= 0 && size < t.num_cols ? t.col_of_size[size] : -1) : 0;
+  return size >= 0 && lo >= 0 && hi <= t.total && col >= 0 && col + size <= t.width;
+}
+
+// Throws the message for bad lookup position j.
+template <class I>
+[[noreturn]] void report_bad_lookup(const I* idx, int64_t j, const TableView& t) {
+  const int64_t r = static_cast<int64_t>(idx[j]), V = t.num_rows;
   PME_CHECK(r >= 0 && r < V, "index out of range: indices[", j, "] = ", r, " but the table has ", V,
             " rows (valid: 0 to ", V - 1, ")");
   const int64_t size = t.offsets[r + 1] - t.offsets[r];
@@ -69,6 +60,26 @@ void validate_lookups(const I* idx, int64_t N, const I* bo, int64_t B, const Tab
             "] = ", t.offsets[r + 1], ": its size ", size, " is negative, overruns the ", t.total,
             " stored entries, or does not fit in the output width ", t.width,
             " (offsets must be non-decreasing, sizes in [0, D])");
+  throw std::runtime_error("unreachable");
+}
+
+// Validates bag offsets, indices and the rows they touch in one parallel pass; throws naming
+// the first bad position. Untouched rows are not read.
+template <class I>
+void validate_lookups(const I* idx, int64_t N, const I* bo, int64_t B, const TableView& t) {
+  validate_bag_offsets(bo, B, N, t);
+  std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
+  torch::stable::parallel_for(0, N, 1 << 14, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      if (!lookup_ok(static_cast<int64_t>(idx[j]), t)) {
+        int64_t cur = first_bad.load();
+        while (j < cur && !first_bad.compare_exchange_weak(cur, j)) {
+        }
+        return;
+      }
+    }
+  });
+  if (first_bad.load() != std::numeric_limits<int64_t>::max()) report_bad_lookup(idx, first_bad.load(), t);
 }
 
 // Lookups of one batch grouped by row. Segment s covers pos[seg[s] : seg[s+1]], all of row rows[s],

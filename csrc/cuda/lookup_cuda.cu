@@ -1,0 +1,515 @@
+// CUDA lookup operators: pooled (bag_forward / bag_backward) and non-pooled
+// (embedding_forward / embedding_backward) over a flat multi-size table. Same semantics as
+// csrc/cpu/lookup_cpu.cpp.
+//
+// Forward: a group of G threads (4, 8, 16 or 32 lanes of a warp) per bag. Lane t owns the
+// 16-byte output units t, t + G, ..., t + (NV - 1) G of the output row (a unit is VEC = 16 /
+// sizeof(T) consecutive columns), accumulating in registers (fp32, fp64 for fp64). The bag's
+// lookups are taken G at a time: lane t loads the index, the row's offsets, its output column
+// and its per-sample weight (one batch of independent loads), then the group walks the batch
+// UNR lookups at a time, broadcasting each lookup's metadata by shuffles and issuing all UNR
+// row loads before using them. A row is loaded with 16-byte vector loads when its start, size
+// and output column are multiples of VEC (checked per row, at run time) and element by element
+// otherwise. Each output row is written once (vector stores when the width allows).
+// Backward: row_groups_cuda.cuh (sort by row, one warp per row or part; deterministic).
+#include "cuda/row_groups_cuda.cuh"
+
+#include <tuple>
+
+namespace pme::cuda {
+namespace {
+
+// ------------------------------------------------------------------------------------------
+// Forward
+// ------------------------------------------------------------------------------------------
+template <class T, class I>
+struct FwdArgs {
+  const T* w;  // [total]
+  Table t;  // t.W is the output width
+  const I* idx;  // [N]
+  int64_t N;
+  const I* bo;  // [B + 1] or nullptr (implicit bags)
+  int64_t B;
+  const T* psw;  // [N] or nullptr
+  int64_t pad;  // -1: none
+  bool mean;
+  bool vec_ok;  // weight's data pointer is 16-byte aligned
+  T* out;  // [B, W]
+  int64_t* argmax;  // [B, W] (max) or nullptr
+};
+
+// Loads the lane's output unit starting at column c (VEC columns) from a row of `size`
+// entries placed at output column `col`: zeros where the row has no entry. Returns the mask of
+// the unit's columns the row has. aligned: row start, size and col are multiples of VEC, so the
+// unit is wholly inside the row or wholly outside and one 16-byte load does.
+template <class T>
+__device__ __forceinline__ unsigned load_unit(const T* row, int size, int col, bool aligned, int c, Pack<T>& out) {
+  constexpr int VEC = Pack<T>::N;
+  const int rel = c - col;  // row entry of the unit's first column
+  if (aligned) {
+    const bool in = rel >= 0 && rel < size;
+    if (in) {
+      out = load_pack(row + rel);
+    } else {
+      zero_pack(out);
+    }
+    return in ? (1u << VEC) - 1u : 0u;
+  }
+  unsigned mk = 0;
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) {
+    const bool in = rel + e >= 0 && rel + e < size;
+    out.v[e] = in ? row[rel + e] : zero_value<T>();
+    mk |= static_cast<unsigned>(in) << e;
+  }
+  return mk;
+}
+
+// G threads per bag, NV 16-byte units per thread, MAX: max pooling (else sum / mean).
+// Column arithmetic is 32-bit (the host checks the width); buffer addressing is 64-bit.
+// Occupancy floor for the common configurations (3 blocks of 256 threads per SM, <= 80
+// registers: no spills on sm_90 for fp32/fp16/bf16 sum/mean up to NV = 2); the wide, max and
+// fp64 variants are left free (they would spill).
+template <class T, int NV, bool MAX>
+constexpr int fwd_min_blocks() {
+  return (MAX || NV >= 4 || sizeof(T) == 8) ? 1 : 3;
+}
+
+template <class T, class I, int G, int NV, bool MAX>
+__global__ void __launch_bounds__(256, (fwd_min_blocks<T, NV, MAX>())) bag_forward_kernel(const FwdArgs<T, I> a) {
+  using A = acc_t<T>;
+  constexpr int VEC = Pack<T>::N;
+  // Lookups whose row loads are in flight together (tuning knob: registers vs. parallelism):
+  // 8 x 16 bytes per lane for 4- and 8-byte types, 4 for 2-byte types (their accumulators take
+  // twice the registers), halved for max (argmax and counts in registers), divided by NV.
+  constexpr int UNR_BASE = (sizeof(T) >= 4 ? 8 : 4) / (MAX ? 2 : 1) / NV;
+  constexpr int UNR = UNR_BASE < 1 ? 1 : (UNR_BASE > G ? G : UNR_BASE);
+  const int lane = threadIdx.x & 31;
+  const int t = lane & (G - 1);
+  const unsigned gmask = G == 32 ? kFullMask : (((1u << G) - 1u) << (lane & ~(G - 1)));
+  const int64_t b = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / G;
+  if (b >= a.B) return;  // the whole group leaves together
+  const int W = static_cast<int>(a.t.W);
+  // Output columns of this lane: unit v covers [cbase + v * G * VEC, + VEC).
+  const int cbase = static_cast<int>(blockIdx.y) * (G * NV * VEC) + t * VEC;
+
+  A acc[NV][VEC];
+  int64_t am[MAX ? NV : 1][MAX ? VEC : 1];
+  int32_t cov[MAX ? NV : 1][MAX ? VEC : 1];
+#pragma unroll
+  for (int v = 0; v < NV; ++v) {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      if constexpr (MAX) {
+        acc[v][e] = neg_inf<A>();
+        am[v][e] = -1;
+        cov[v][e] = 0;
+      } else {
+        acc[v][e] = A(0);
+      }
+    }
+  }
+
+  int64_t start, end;
+  bag_range(a.bo, b, a.N, start, end);
+  int n = 0;  // lookups that count (not padding, not skipped)
+  for (int64_t base = start; base < end; base += G) {
+    const int m = static_cast<int>(min(static_cast<int64_t>(G), end - base));
+    // Metadata of lookup base + t, loaded by lane t; size -1 marks a lookup to skip.
+    int64_t lo = 0;
+    int32_t size = -1, col = 0;
+    A scale = A(1);
+    if (t < m) {
+      const int64_t j = base + t;
+      const int64_t r = static_cast<int64_t>(a.idx[j]);
+      int64_t lo_, size_, col_;
+      if (r != a.pad && lookup_row(a.t, r, lo_, size_, col_)) {
+        lo = lo_;
+        size = static_cast<int32_t>(size_);
+        col = static_cast<int32_t>(col_);
+      }
+      if (a.psw != nullptr) scale = to_acc(a.psw[j]);
+    }
+    n += __popc(__ballot_sync(gmask, size >= 0) & gmask);
+
+    for (int i = 0; i < m; i += UNR) {
+      // Load phase: every row load of the UNR lookups is issued before any is used. raw holds
+      // the lane's columns of the row (0 where the row has none), msk which of them it has.
+      Pack<T> raw[UNR][NV];
+      unsigned msk[UNR][NV];
+      A usc[UNR];
+#pragma unroll
+      for (int u = 0; u < UNR; ++u) {
+        const int src = (i + u) & (G - 1);
+        const int64_t ulo = __shfl_sync(gmask, lo, src, G);
+        int32_t usz = __shfl_sync(gmask, size, src, G);
+        const int32_t ucol = __shfl_sync(gmask, col, src, G);
+        usc[u] = __shfl_sync(gmask, scale, src, G);
+        if (i + u >= m) usz = -1;
+        const bool aligned = a.vec_ok && usz >= 0 && ((ulo | usz | ucol) & (VEC - 1)) == 0;
+#pragma unroll
+        for (int v = 0; v < NV; ++v) {
+          msk[u][v] = load_unit(a.w + ulo, usz, ucol, aligned, cbase + v * G * VEC, raw[u][v]);
+        }
+      }
+      // Accumulate phase, in position order.
+#pragma unroll
+      for (int u = 0; u < UNR; ++u) {
+#pragma unroll
+        for (int v = 0; v < NV; ++v) {
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) {
+            if (!((msk[u][v] >> e) & 1u)) continue;
+            const A x = to_acc(raw[u][v].v[e]);
+            if constexpr (MAX) {
+              ++cov[v][e];
+              if (x > acc[v][e]) {
+                acc[v][e] = x;
+                am[v][e] = base + i + u;
+              }
+            } else {
+              acc[v][e] = a.psw != nullptr ? acc[v][e] + usc[u] * x : acc[v][e] + x;
+            }
+          }
+        }
+      }
+    }
+  }
+
+  // Finish and store the output row (and argmax).
+  T* o = a.out + b * W;
+  const bool vec_store = (W % VEC) == 0;
+#pragma unroll
+  for (int v = 0; v < NV; ++v) {
+    const int c0 = cbase + v * G * VEC;
+    if (c0 >= W) continue;
+    Pack<T> y;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      A r = acc[v][e];
+      if constexpr (MAX) {
+        // Columns some token of the bag does not store hold an implicit zero that takes part
+        // in the max (and, winning, passes gradient to no entry). Empty bag: zeros.
+        if (n == 0 || (cov[v][e] < n && r < A(0))) {
+          r = A(0);
+          am[v][e] = -1;
+        }
+      } else if (a.mean && n > 0) {
+        r = r / static_cast<A>(n);
+      }
+      y.v[e] = from_acc<T>(r);
+    }
+    if (vec_store) {
+      store_pack(o + c0, y);
+    } else {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        if (c0 + e < W) o[c0 + e] = y.v[e];
+      }
+    }
+    if constexpr (MAX) {
+      int64_t* amo = a.argmax + b * W;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        if (c0 + e < W) amo[c0 + e] = am[v][e];
+      }
+    }
+  }
+}
+
+// Non-pooled lookup: group g copies lookups [g * G, g * G + G) to their output rows. Lane t
+// loads lookup t's metadata (one batch of independent loads), then the group copies UNR rows
+// at a time: all loads first, then the stores (zeros where a row has no entry).
+template <class T, class I, int G, int NV>
+__global__ void __launch_bounds__(256) embedding_forward_kernel(const FwdArgs<T, I> a) {
+  constexpr int VEC = Pack<T>::N;
+  constexpr int UNR_BASE = NV >= 4 ? 1 : 4 / NV;  // rows in flight per lane (tuning knob)
+  constexpr int UNR = UNR_BASE > G ? G : UNR_BASE;
+  const int lane = threadIdx.x & 31;
+  const int t = lane & (G - 1);
+  const unsigned gmask = G == 32 ? kFullMask : (((1u << G) - 1u) << (lane & ~(G - 1)));
+  const int64_t base = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / G * G;
+  if (base >= a.N) return;  // the whole group leaves together
+  const int W = static_cast<int>(a.t.W);
+  const int cbase = static_cast<int>(blockIdx.y) * (G * NV * VEC) + t * VEC;
+  const bool vec_store = (W % VEC) == 0;
+  const int m = static_cast<int>(min(static_cast<int64_t>(G), a.N - base));
+
+  int64_t lo = 0;
+  int32_t size = -1, col = 0;
+  if (t < m) {
+    int64_t lo_, size_, col_;
+    if (lookup_row(a.t, static_cast<int64_t>(a.idx[base + t]), lo_, size_, col_)) {
+      lo = lo_;
+      size = static_cast<int32_t>(size_);
+      col = static_cast<int32_t>(col_);
+    }
+  }
+  for (int i = 0; i < m; i += UNR) {
+    Pack<T> raw[UNR][NV];
+#pragma unroll
+    for (int u = 0; u < UNR; ++u) {
+      const int src = (i + u) & (G - 1);
+      const int64_t ulo = __shfl_sync(gmask, lo, src, G);
+      int32_t usz = __shfl_sync(gmask, size, src, G);
+      const int32_t ucol = __shfl_sync(gmask, col, src, G);
+      if (i + u >= m) usz = -1;  // past the group's lookups: load nothing
+      const bool aligned = a.vec_ok && usz >= 0 && ((ulo | usz | ucol) & (VEC - 1)) == 0;
+#pragma unroll
+      for (int v = 0; v < NV; ++v) load_unit(a.w + ulo, usz, ucol, aligned, cbase + v * G * VEC, raw[u][v]);
+    }
+#pragma unroll
+    for (int u = 0; u < UNR; ++u) {
+      if (i + u >= m) continue;
+      T* o = a.out + (base + i + u) * W;
+#pragma unroll
+      for (int v = 0; v < NV; ++v) {
+        const int c0 = cbase + v * G * VEC;
+        if (c0 >= W) continue;
+        if (vec_store) {
+          store_pack(o + c0, raw[u][v]);
+        } else {
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) {
+            if (c0 + e < W) o[c0 + e] = raw[u][v].v[e];
+          }
+        }
+      }
+    }
+  }
+}
+
+enum FwdKind { kFwdSumMean, kFwdMax, kFwdEmbedding };
+
+template <class T, class I, int G, int NV, int KIND>
+void launch_forward(const Ctx& ctx, const FwdArgs<T, I>& a, int64_t units) {
+  constexpr int kThreads = 256;
+  const int64_t per_tile = static_cast<int64_t>(G) * NV;
+  const int64_t tiles = std::max<int64_t>(1, ceil_div(units, per_tile));
+  PME_CHECK(tiles <= 65535 && a.t.W < (int64_t{1} << 30), "output width ", a.t.W,
+            " is too large for the CUDA forward");
+  // Bags: one group of G threads each; embedding: one group per G lookups.
+  const int64_t groups = KIND == kFwdEmbedding ? ceil_div(a.N, G) : a.B;
+  const int64_t blocks = ceil_div(groups * G, kThreads);
+  PME_CHECK(blocks < INT32_MAX, "too many bags for one CUDA launch: ", groups);
+  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(tiles));
+  if constexpr (KIND == kFwdEmbedding) {
+    embedding_forward_kernel<T, I, G, NV><<<grid, kThreads, 0, ctx.stream>>>(a);
+  } else {
+    bag_forward_kernel<T, I, G, NV, KIND == kFwdMax><<<grid, kThreads, 0, ctx.stream>>>(a);
+  }
+  PME_CUDA_LAUNCH_CHECK();
+}
+
+// Picks the group size and units per thread from the output width, in 16-byte units.
+template <class T, class I, int KIND>
+void forward_dispatch(const Ctx& ctx, const FwdArgs<T, I>& a) {
+  const int64_t units = ceil_div(a.t.W, Pack<T>::N);
+  if (units <= 4) {
+    launch_forward<T, I, 4, 1, KIND>(ctx, a, units);
+  } else if (units <= 8) {
+    launch_forward<T, I, 8, 1, KIND>(ctx, a, units);
+  } else if (units <= 16) {
+    launch_forward<T, I, 16, 1, KIND>(ctx, a, units);
+  } else if (units <= 32) {
+    launch_forward<T, I, 32, 1, KIND>(ctx, a, units);
+  } else if (units <= 64) {
+    launch_forward<T, I, 32, 2, KIND>(ctx, a, units);
+  } else {
+    launch_forward<T, I, 32, 4, KIND>(ctx, a, units);  // wider outputs: column tiles (grid.y)
+  }
+}
+
+std::tuple<Tensor, Tensor> lookup_forward(const Tensor& weight, const Tensor& offsets, const Tensor& indices,
+                                          const std::optional<Tensor>& bag_offsets,
+                                          const std::optional<Tensor>& per_sample_weights,
+                                          const std::optional<Tensor>& col_of_size, int64_t out_width,
+                                          int64_t mode, int64_t padding_idx) {
+  const LookupArgs la = check_lookup_args(weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size,
+                                          mode, padding_idx);
+  PME_CHECK(out_width >= 0, "out_width must be >= 0, got ", out_width);
+  const Ctx ctx(weight);
+  const Table tab = make_table(weight, offsets, col_of_size, out_width);
+  Tensor out = torch::stable::new_empty(weight, {la.num_bags, out_width});
+  Tensor argmax = torch::stable::new_empty(offsets, {mode == kMax ? la.num_bags : 0, mode == kMax ? out_width : 0});
+  dispatch_index(indices.scalar_type(), "indices", [&](auto itag) {
+    using I = decltype(itag);
+    const I* idx = indices.const_data_ptr<I>();
+    const I* bo = bag_offsets ? bag_offsets->const_data_ptr<I>() : nullptr;
+    validate_lookups(ctx, offsets, idx, la.num_lookups, bo, la.num_bags, tab);
+    if (la.num_bags == 0 || out_width == 0) return;
+    dispatch_weight(weight.scalar_type(), "weight", [&](auto wtag) {
+      using T = decltype(wtag);
+      const T* w = weight.const_data_ptr<T>();
+      FwdArgs<T, I> a{w,
+                      tab,
+                      idx,
+                      la.num_lookups,
+                      bo,
+                      la.num_bags,
+                      per_sample_weights ? per_sample_weights->const_data_ptr<T>() : nullptr,
+                      padding_idx,
+                      mode == kMean,
+                      reinterpret_cast<uintptr_t>(w) % 16 == 0,
+                      out.mutable_data_ptr<T>(),
+                      mode == kMax ? argmax.mutable_data_ptr<int64_t>() : nullptr};
+      if (mode == kMax) {
+        forward_dispatch<T, I, kFwdMax>(ctx, a);
+      } else if (bo == nullptr && padding_idx < 0 && per_sample_weights == std::nullopt) {
+        forward_dispatch<T, I, kFwdEmbedding>(ctx, a);  // non-pooled: a copy per lookup
+      } else {
+        forward_dispatch<T, I, kFwdSumMean>(ctx, a);
+      }
+    });
+  });
+  return {out, argmax};
+}
+
+// ------------------------------------------------------------------------------------------
+// Backward
+// ------------------------------------------------------------------------------------------
+// Row operation of the backward: writes the row's summed gradient into grad_weight.
+template <class T>
+struct GradWriteOp {
+  using A = acc_t<T>;
+  T* gw;
+  __device__ __forceinline__ bool row_norm() const { return false; }
+  __device__ __forceinline__ void prepare(int64_t, int64_t, int64_t, A (&)[kVPL], int) const {}
+  __device__ __forceinline__ A row_update(int64_t, A, int64_t, int) const { return A(0); }
+  __device__ __forceinline__ void apply(int64_t, int64_t lo, int64_t c0, int64_t size, const A (&g)[kVPL], A, int lane) const {
+#pragma unroll
+    for (int i = 0; i < kVPL; ++i) {
+      const int64_t c = c0 + lane + kWarp * i;
+      if (c < size) gw[lo + c] = from_acc<T>(g[i]);
+    }
+  }
+};
+
+// grad_psw[j] = <row of lookup j, grad_out[bag of j] slice>, one warp per lookup, lanes over
+// columns, fixed-order reduction. 0 for padding, lookups after the last bag and skipped ones.
+template <class T, class I>
+__global__ void __launch_bounds__(256)
+    psw_grad_kernel(const T* w, Table t, const I* idx, int64_t N, const int32_t* bag_of, int64_t pad,
+                    const T* grad_out, T* grad_psw) {
+  using A = acc_t<T>;
+  const int lane = threadIdx.x & 31;
+  const int64_t nwarps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
+  for (int64_t j = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; j < N; j += nwarps) {
+    const int64_t r = static_cast<int64_t>(idx[j]);
+    const int64_t b = bag_of ? bag_of[j] : j;
+    int64_t lo = 0, size = 0, col = 0;
+    A dot = 0;
+    if (b >= 0 && r != pad && lookup_row(t, r, lo, size, col)) {
+      const T* row = w + lo;
+      const T* g = grad_out + b * t.W + col;
+      for (int64_t c = lane; c < size; c += kWarp) dot += to_acc(row[c]) * to_acc(g[c]);
+      dot = warp_sum(dot);
+    }
+    if (lane == 0) grad_psw[j] = from_acc<T>(dot);
+  }
+}
+
+// Checks grad_out / argmax like the CPU backward; returns grad_out made contiguous.
+Tensor check_grad_out(const Tensor& grad_out, const Tensor& weight, const LookupArgs& la, const Tensor& argmax,
+                      int64_t mode) {
+  PME_CHECK(grad_out.dim() == 2 && grad_out.sizes()[0] == la.num_bags, "grad_out must be [", la.num_bags,
+            ", width]");
+  PME_CHECK(grad_out.scalar_type() == weight.scalar_type(), "grad_out must have the dtype of weight");
+  check_same_device(grad_out, weight, "grad_out");
+  const Tensor go = torch::stable::contiguous(grad_out);
+  if (mode == kMax) {
+    PME_CHECK(argmax.dim() == 2 && argmax.sizes()[0] == la.num_bags && argmax.sizes()[1] == go.sizes()[1] &&
+                  argmax.scalar_type() == ScalarType::Long,
+              "argmax must be the int64 [B, width] tensor returned by the forward");
+    check_same_device(argmax, weight, "argmax");
+  }
+  return go;
+}
+
+std::tuple<Tensor, Tensor> lookup_backward(const Tensor& grad_out, const Tensor& weight, const Tensor& offsets,
+                                           const Tensor& indices, const std::optional<Tensor>& bag_offsets,
+                                           const std::optional<Tensor>& per_sample_weights,
+                                           const std::optional<Tensor>& col_of_size, const Tensor& argmax,
+                                           int64_t mode, int64_t padding_idx, bool psw_grad) {
+  const LookupArgs la = check_lookup_args(weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size,
+                                          mode, padding_idx);
+  const Tensor go = check_grad_out(grad_out, weight, la, argmax, mode);
+  PME_CHECK(!psw_grad || per_sample_weights.has_value(), "psw_grad needs per_sample_weights");
+  const int64_t W = go.sizes()[1];
+  const Ctx ctx(weight);
+  const Table tab = make_table(weight, offsets, col_of_size, W);
+  const Tensor ma = mode == kMax ? torch::stable::contiguous(argmax) : argmax;
+
+  Tensor grad_w = torch::stable::new_empty(weight, {weight.numel()});
+  Tensor grad_psw = torch::stable::new_empty(weight, {psw_grad ? la.num_lookups : 0});
+  dispatch_index(indices.scalar_type(), "indices", [&](auto itag) {
+    using I = decltype(itag);
+    const I* idx = indices.const_data_ptr<I>();
+    const I* bo = bag_offsets ? bag_offsets->const_data_ptr<I>() : nullptr;
+    validate_lookups(ctx, offsets, idx, la.num_lookups, bo, la.num_bags, tab);
+    // Untouched rows get zeros: one plain memset (bit pattern 0 is +0 in every float type).
+    if (weight.numel() > 0) {
+      PME_CUDA_CHECK(cudaMemsetAsync(grad_w.mutable_data_ptr(), 0, weight.numel() * weight.element_size(),
+                                     ctx.stream));
+    }
+    const RowGroups groups =
+        group_by_row(ctx, offsets, idx, la.num_lookups, bo, la.num_bags, padding_idx, tab, mode == kMean);
+    dispatch_weight(weight.scalar_type(), "weight", [&](auto wtag) {
+      using T = decltype(wtag);
+      const T* psw = per_sample_weights ? per_sample_weights->const_data_ptr<T>() : nullptr;
+      const GradSrc<T> src{go.const_data_ptr<T>(), W, psw,
+                           mode == kMax ? ma.const_data_ptr<int64_t>() : nullptr, tab, mode};
+      run_row_op<T>(ctx, offsets, groups, src, GradWriteOp<T>{grad_w.mutable_data_ptr<T>()});
+      if (psw_grad && la.num_lookups > 0) {
+        psw_grad_kernel<T, I><<<ctx.grid(la.num_lookups * kWarp, 256), 256, 0, ctx.stream>>>(
+            weight.const_data_ptr<T>(), tab, idx, la.num_lookups, groups.d.bag_of, padding_idx,
+            go.const_data_ptr<T>(), grad_psw.mutable_data_ptr<T>());
+        PME_CUDA_LAUNCH_CHECK();
+      }
+    });
+  });
+  return {grad_w, grad_psw};
+}
+
+// ------------------------------------------------------------------------------------------
+// Operators
+// ------------------------------------------------------------------------------------------
+std::tuple<Tensor, Tensor> bag_forward(Tensor weight, Tensor offsets, Tensor indices, Tensor bag_offsets,
+                                       std::optional<Tensor> per_sample_weights, std::optional<Tensor> col_of_size,
+                                       int64_t out_width, int64_t mode, int64_t padding_idx) {
+  return lookup_forward(weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, out_width, mode,
+                        padding_idx);
+}
+
+std::tuple<Tensor, Tensor> bag_backward(Tensor grad_out, Tensor weight, Tensor offsets, Tensor indices,
+                                        Tensor bag_offsets, std::optional<Tensor> per_sample_weights,
+                                        std::optional<Tensor> col_of_size, Tensor argmax, int64_t mode,
+                                        int64_t padding_idx, bool psw_grad) {
+  return lookup_backward(grad_out, weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, argmax,
+                         mode, padding_idx, psw_grad);
+}
+
+// Non-pooled: output [N, out_width]; the padding row is returned as stored (F.embedding).
+Tensor embedding_forward(Tensor weight, Tensor offsets, Tensor indices, std::optional<Tensor> col_of_size,
+                         int64_t out_width) {
+  return std::get<0>(
+      lookup_forward(weight, offsets, indices, std::nullopt, std::nullopt, col_of_size, out_width, kSum, -1));
+}
+
+Tensor embedding_backward(Tensor grad_out, Tensor weight, Tensor offsets, Tensor indices,
+                          std::optional<Tensor> col_of_size, int64_t padding_idx) {
+  const Tensor none = torch::stable::new_empty(offsets, {0});
+  return std::get<0>(lookup_backward(grad_out, weight, offsets, indices, std::nullopt, std::nullopt, col_of_size,
+                                     none, kSum, padding_idx, false));
+}
+
+}  // namespace
+
+STABLE_TORCH_LIBRARY_IMPL(pme, CUDA, m) {
+  m.impl("bag_forward", TORCH_BOX(&bag_forward));
+  m.impl("bag_backward", TORCH_BOX(&bag_backward));
+  m.impl("embedding_forward", TORCH_BOX(&embedding_forward));
+  m.impl("embedding_backward", TORCH_BOX(&embedding_backward));
+}
+
+}  // namespace pme::cuda

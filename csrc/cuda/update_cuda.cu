@@ -1,0 +1,216 @@
+// CUDA fused sparse update (backward + optimizer step straight into the flat buffer) and the
+// search's score accumulation. Same formulas as csrc/cpu/update_cpu.cpp. Both group the batch
+// by row (row_groups_cuda.cuh) and run one warp per touched row with the row's summed gradient
+// in registers: each row is read and written once, no dense gradient, no atomics,
+// deterministic (the row-wise Adagrad's sum of squares is a fixed-order warp reduction).
+#include "cuda/row_groups_cuda.cuh"
+
+#include <cmath>
+
+namespace pme::cuda {
+namespace {
+
+// The optimizer step on one row (SGD, row-wise Adagrad, lazy Adam), as the CPU's apply_step.
+template <class T>
+struct UpdateOp {
+  using A = acc_t<T>;
+  T* w;  // [total]
+  A* s1;  // Adagrad: [V] row sums; Adam: [total] first moments
+  A* s2;  // Adam: [total] second moments
+  int64_t optimizer;
+  A lr, wd, eps, b1, b2, one_minus_b1, one_minus_b2, step_size;
+
+  __device__ __forceinline__ bool row_norm() const { return optimizer == kRowwiseAdagrad; }
+
+  // Weight decay joins the gradient before anything else.
+  __device__ __forceinline__ void prepare(int64_t lo, int64_t c0, int64_t size, A (&g)[kVPL], int lane) const {
+    if (wd == A(0)) return;
+#pragma unroll
+    for (int i = 0; i < kVPL; ++i) {
+      const int64_t c = c0 + lane + kWarp * i;
+      if (c < size) g[i] += wd * to_acc(w[lo + c]);
+    }
+  }
+
+  // Row-wise Adagrad: state += mean of g^2 over the row; returns sqrt(state) + eps. All lanes
+  // read the old state before lane 0 writes the new one.
+  __device__ __forceinline__ A row_update(int64_t r, A sq_sum, int64_t size, int lane) const {
+    const A st = s1[r] + sq_sum / static_cast<A>(size);
+    __syncwarp();
+    if (lane == 0) s1[r] = st;
+    return sqrt(st) + eps;
+  }
+
+  __device__ __forceinline__ void apply(int64_t, int64_t lo, int64_t c0, int64_t size, const A (&g)[kVPL], A denom,
+                        int lane) const {
+#pragma unroll
+    for (int i = 0; i < kVPL; ++i) {
+      const int64_t c = c0 + lane + kWarp * i;
+      if (c >= size) continue;
+      const int64_t e = lo + c;
+      const A x = to_acc(w[e]);
+      if (optimizer == kSGD) {
+        w[e] = from_acc<T>(x - lr * g[i]);
+      } else if (optimizer == kRowwiseAdagrad) {
+        w[e] = from_acc<T>(x - lr * g[i] / denom);
+      } else {
+        const A m = b1 * s1[e] + one_minus_b1 * g[i];
+        const A v = b2 * s2[e] + one_minus_b2 * g[i] * g[i];
+        s1[e] = m;
+        s2[e] = v;
+        // torch.optim.SparseAdam's form: eps joins sqrt(v) before the bias correction, which
+        // is folded into step_size = lr * sqrt(1 - beta2^step) / (1 - beta1^step).
+        const A d = sqrt(v) + eps;
+        w[e] = from_acc<T>(x - step_size * m / d);
+      }
+    }
+  }
+};
+
+// scores += |w * g| (rule 0, SNIP) or g^2 (rule 1).
+template <class T>
+struct ScoreOp {
+  using A = acc_t<T>;
+  A* scores;  // [total]
+  const T* w;  // [total]
+  int64_t rule;
+
+  __device__ __forceinline__ bool row_norm() const { return false; }
+  __device__ __forceinline__ void prepare(int64_t, int64_t, int64_t, A (&)[kVPL], int) const {}
+  __device__ __forceinline__ A row_update(int64_t, A, int64_t, int) const { return A(0); }
+  __device__ __forceinline__ void apply(int64_t, int64_t lo, int64_t c0, int64_t size, const A (&g)[kVPL], A, int lane) const {
+#pragma unroll
+    for (int i = 0; i < kVPL; ++i) {
+      const int64_t c = c0 + lane + kWarp * i;
+      if (c >= size) continue;
+      const A add = rule == kSnip ? abs(to_acc(w[lo + c]) * g[i]) : g[i] * g[i];
+      scores[lo + c] += add;
+    }
+  }
+};
+
+ScalarType acc_dtype(ScalarType weight) {
+  return weight == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
+}
+
+void check_state(const Tensor& state, int64_t numel, ScalarType dtype, const Tensor& weight, const char* what) {
+  check_1d(state, what);
+  PME_CHECK(state.numel() == numel, what, " must have ", numel, " entries, got ", state.numel());
+  PME_CHECK(state.scalar_type() == dtype, what, " must be ", dtype_name(dtype), " for ",
+            dtype_name(weight.scalar_type()), " weights, got ", dtype_name(state.scalar_type()));
+  check_same_device(state, weight, what);
+}
+
+// Checks the lookup arguments, validates, groups the batch by row and runs make_op(T{})'s
+// operation on every touched row.
+template <class MakeOp>
+void for_each_row(const Tensor& grad_out, const Tensor& weight, const Tensor& offsets, const Tensor& indices,
+                  const Tensor& bag_offsets, const std::optional<Tensor>& per_sample_weights,
+                  const std::optional<Tensor>& col_of_size, const Tensor& argmax, int64_t mode, int64_t padding_idx,
+                  MakeOp&& make_op) {
+  const LookupArgs la = check_lookup_args(weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size,
+                                          mode, padding_idx);
+  PME_CHECK(grad_out.dim() == 2 && grad_out.sizes()[0] == la.num_bags, "grad_out must be [", la.num_bags,
+            ", width]");
+  PME_CHECK(grad_out.scalar_type() == weight.scalar_type(), "grad_out must have the dtype of weight");
+  check_same_device(grad_out, weight, "grad_out");
+  const Tensor go = torch::stable::contiguous(grad_out);
+  const int64_t W = go.sizes()[1];
+  Tensor am = argmax;
+  if (mode == kMax) {
+    PME_CHECK(argmax.dim() == 2 && argmax.sizes()[0] == la.num_bags && argmax.sizes()[1] == W &&
+                  argmax.scalar_type() == ScalarType::Long,
+              "argmax must be the int64 [B, width] tensor returned by the forward");
+    check_same_device(argmax, weight, "argmax");
+    am = torch::stable::contiguous(argmax);
+  }
+  const Ctx ctx(weight);
+  const Table tab = make_table(weight, offsets, col_of_size, W);
+  dispatch_index(indices.scalar_type(), "indices", [&](auto itag) {
+    using I = decltype(itag);
+    const I* idx = indices.const_data_ptr<I>();
+    const I* bo = bag_offsets.const_data_ptr<I>();
+    validate_lookups(ctx, offsets, idx, la.num_lookups, bo, la.num_bags, tab);
+    const RowGroups groups =
+        group_by_row(ctx, offsets, idx, la.num_lookups, bo, la.num_bags, padding_idx, tab, mode == kMean);
+    dispatch_weight(weight.scalar_type(), "weight", [&](auto wtag) {
+      using T = decltype(wtag);
+      const GradSrc<T> src{go.const_data_ptr<T>(),
+                           W,
+                           per_sample_weights ? per_sample_weights->const_data_ptr<T>() : nullptr,
+                           mode == kMax ? am.const_data_ptr<int64_t>() : nullptr,
+                           tab,
+                           mode};
+      run_row_op<T>(ctx, offsets, groups, src, make_op(T{}));
+    });
+  });
+}
+
+void sparse_update_(Tensor weight, Tensor state1, Tensor state2, Tensor grad_out, Tensor offsets, Tensor indices,
+                    Tensor bag_offsets, std::optional<Tensor> per_sample_weights, std::optional<Tensor> col_of_size,
+                    Tensor argmax, int64_t mode, int64_t padding_idx, int64_t optimizer, double lr,
+                    double weight_decay, double eps, double beta1, double beta2, int64_t step) {
+  PME_CHECK(optimizer == kSGD || optimizer == kRowwiseAdagrad || optimizer == kAdam,
+            "optimizer must be 0 (SGD), 1 (row-wise Adagrad) or 2 (Adam), got ", optimizer);
+  PME_CHECK(lr >= 0 && weight_decay >= 0 && eps >= 0, "lr, weight_decay and eps must be >= 0");
+  const ScalarType sd = acc_dtype(weight.scalar_type());
+  if (optimizer == kRowwiseAdagrad) check_state(state1, offsets.numel() - 1, sd, weight, "state1 (row-wise sum)");
+  if (optimizer == kAdam) {
+    PME_CHECK(step >= 1, "Adam needs step >= 1, got ", step);
+    PME_CHECK(beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1, "Adam betas must be in [0, 1)");
+    check_state(state1, weight.numel(), sd, weight, "state1 (first moment)");
+    check_state(state2, weight.numel(), sd, weight, "state2 (second moment)");
+  }
+  void* s1 = optimizer != kSGD && state1.numel() ? state1.mutable_data_ptr() : nullptr;
+  void* s2 = optimizer == kAdam && state2.numel() ? state2.mutable_data_ptr() : nullptr;
+  void* w = weight.mutable_data_ptr();
+  for_each_row(grad_out, weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, argmax, mode,
+               padding_idx, [&](auto tag) {
+                 using T = decltype(tag);
+                 using A = acc_t<T>;
+                 // Host-side constants, computed exactly as the CPU kernel computes them.
+                 UpdateOp<T> op{};
+                 op.w = static_cast<T*>(w);
+                 op.s1 = static_cast<A*>(s1);
+                 op.s2 = static_cast<A*>(s2);
+                 op.optimizer = optimizer;
+                 op.lr = static_cast<A>(lr);
+                 op.wd = static_cast<A>(weight_decay);
+                 op.eps = static_cast<A>(eps);
+                 op.b1 = static_cast<A>(beta1);
+                 op.b2 = static_cast<A>(beta2);
+                 op.one_minus_b1 = A(1) - op.b1;
+                 op.one_minus_b2 = A(1) - op.b2;
+                 op.step_size = A(1);
+                 if (optimizer == kAdam) {
+                   const A bc1 = A(1) - static_cast<A>(std::pow(beta1, static_cast<double>(step)));
+                   const A bc2 = A(1) - static_cast<A>(std::pow(beta2, static_cast<double>(step)));
+                   op.step_size = op.lr * std::sqrt(bc2) / bc1;
+                 }
+                 return op;
+               });
+}
+
+void accumulate_scores_(Tensor scores, Tensor grad_out, Tensor weight, Tensor offsets, Tensor indices,
+                        Tensor bag_offsets, std::optional<Tensor> per_sample_weights,
+                        std::optional<Tensor> col_of_size, Tensor argmax, int64_t mode, int64_t padding_idx,
+                        int64_t rule) {
+  PME_CHECK(rule == kSnip || rule == kGradSquared, "rule must be 0 (snip |w*g|) or 1 (g^2), got ", rule);
+  check_state(scores, weight.numel(), acc_dtype(weight.scalar_type()), weight, "scores");
+  void* sc = scores.mutable_data_ptr();
+  const void* w = weight.const_data_ptr();
+  for_each_row(grad_out, weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, argmax, mode,
+               padding_idx, [&](auto tag) {
+                 using T = decltype(tag);
+                 return ScoreOp<T>{static_cast<acc_t<T>*>(sc), static_cast<const T*>(w), rule};
+               });
+}
+
+}  // namespace
+
+STABLE_TORCH_LIBRARY_IMPL(pme, CUDA, m) {
+  m.impl("sparse_update_", TORCH_BOX(&sparse_update_));
+  m.impl("accumulate_scores_", TORCH_BOX(&accumulate_scores_));
+}
+
+}  // namespace pme::cuda
