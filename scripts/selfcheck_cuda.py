@@ -1,7 +1,7 @@
 """First checks of the CUDA kernels on a GPU machine (written without a GPU; run this first).
 
-    python csrc/cuda/selfcheck_cuda.py            # correctness against the CPU kernels + timings
-    python csrc/cuda/selfcheck_cuda.py --quick    # correctness only
+    python scripts/selfcheck_cuda.py            # correctness against the CPU kernels + timings
+    python scripts/selfcheck_cuda.py --quick    # correctness only
 
 Compares every CUDA operator with the CPU operator of the same build (the CPU kernels define the
 semantics), checks bitwise determinism of the backward-shaped operators, the validation errors

@@ -161,8 +161,6 @@ std::tuple<Tensor, Tensor> lookup_forward(const Tensor& weight, const Tensor& of
                                          mode, padding_idx);
   PME_CHECK(out_width >= 0, "out_width must be >= 0, got ", out_width);
   const TableView tv = table_view(weight, offsets, col_of_size, out_width);
-  const int64_t* off = tv.offsets;
-  const int64_t* cos = tv.col_of_size;
 
   Tensor out = torch::stable::new_empty(weight, {a.num_bags, out_width});
   Tensor argmax = torch::stable::new_empty(offsets, {mode == kMax ? a.num_bags : 0, mode == kMax ? out_width : 0});
