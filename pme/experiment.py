@@ -18,7 +18,8 @@ import torch
 
 from . import models
 from .modules import MultiSizeEmbeddingBag, convert
-from .search import alignment_quantum, popularity_sizes, random_sizes, search, uniform_sizes
+from .search import (alignment_quantum, default_min_size, popularity_sizes, random_sizes, search,
+                     uniform_sizes)
 
 __all__ = ["ExperimentConfig", "run_experiment", "write_report", "METHODS", "grouped_classes"]
 
@@ -69,7 +70,7 @@ def _grouped_sizes(found, budget, D, quantum):
         b = budget - proj / dense
         if b <= 0:
             return None
-        floor = quantum if b * D >= 2 * quantum else 0
+        floor = default_min_size(b, D, quantum)
         sizes = {n: _snap_down(s, classes) for n, s in found.for_budget(b, quantum=quantum, min_size=floor)
                  .sizes.items()}
         used = sum(sum(set(s.tolist()) - {0}) * D for s in sizes.values())
@@ -135,8 +136,7 @@ def run_experiment(cfg: ExperimentConfig, train, val, test, log=print) -> list:
         counts = {f"embeddings.{f}": train.token_counts(f) for f in train.field_names}
         counts = {n: counts[n] for n in shapes}
         for budget in cfg.budgets:
-            # A floor of one quantum per token unless the budget is below two quanta a token.
-            floor = quantum if budget * cfg.dim >= 2 * quantum else 0
+            floor = default_min_size(budget, cfg.dim, quantum)
             pme_res = found.for_budget(budget, quantum=quantum, min_size=floor)
             sizes_of = {
                 "pme": lambda: pme_res.sizes,

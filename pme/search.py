@@ -32,7 +32,7 @@ from . import ops
 from .modules import MultiSizeEmbedding, MultiSizeEmbeddingBag, convert
 from .optim import FusedOptimizer
 
-__all__ = ["search", "SearchResult", "sizes_for_budget", "uniform_sizes", "popularity_sizes", "random_sizes",
+__all__ = ["search", "SearchResult", "sizes_for_budget", "default_min_size", "uniform_sizes", "popularity_sizes", "random_sizes",
            "alignment_quantum"]
 
 RULES = ("snip", "grad", "magnitude")
@@ -116,6 +116,11 @@ class SearchResult:
         return convert(model, self.sizes, init=init, scores=self.scores if init == "kept" else None, **kwargs)
 
 
+def default_min_size(budget: float, dim: int, quantum: int) -> int:
+    """One quantum per token, unless the budget leaves fewer than two quanta a token (then 0)."""
+    return quantum if budget * dim >= 2 * quantum else 0
+
+
 def _round_sizes(counts: torch.Tensor, D: int, quantum: int, min_size: int) -> torch.Tensor:
     q = quantum
     s = torch.div(counts + q // 2, q, rounding_mode="floor") * q
@@ -163,8 +168,9 @@ def sizes_for_budget(scores: dict, budget: float, per_table: bool = False, quant
             best, lo = (sizes, t), mid
         else:
             hi = mid
-    if best is None:  # even k = 1 is over budget (min_size too large): report the smallest
-        best = sizes_at(1)
+    if best is None:
+        raise ValueError(f"budget {budget} is below what min_size={min_size} allows for every row; "
+                         "lower min_size (0 lets tokens be pruned away) or raise the budget")
     return best
 
 
@@ -213,7 +219,8 @@ def search(model: nn.Module, loader, budget: float = 0.2, *, tables=None, rule: 
             ``model(batch)`` against ``batch["labels"]``.
         per_table: the budget applies to each table instead of across all of them.
         quantum: sizes are multiples of it (default: 16 bytes' worth of the table's dtype);
-        min_size: smallest size (default: ``quantum``; 0 lets a token be pruned away).
+        min_size: smallest size (default: ``quantum``, or 0 when the budget is under two quanta
+            a token; 0 lets a token be pruned away).
 
     Returns:
         ``SearchResult`` with ``sizes`` per table name (use ``result.convert(model)``).
@@ -229,7 +236,8 @@ def search(model: nn.Module, loader, budget: float = 0.2, *, tables=None, rule: 
     chosen = _searchable(model, tables)
     dtype = next(iter(chosen.values())).weight.dtype
     quantum = alignment_quantum(dtype) if quantum is None else int(quantum)
-    min_size = quantum if min_size is None else int(min_size)
+    if min_size is None:
+        min_size = default_min_size(budget, min(m.embedding_dim for m in chosen.values()), quantum)
     work = copy.deepcopy(model)
     if device is not None:
         work = work.to(device)

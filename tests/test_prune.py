@@ -169,6 +169,12 @@ def test_search_bad_input():
         search(model, _loader(ds), budget=0.2, progress=False)
     with pytest.raises(ValueError, match="budget must be in"):
         sizes_for_budget({"a": torch.rand(3, 4)}, 0.0)
+    with pytest.raises(ValueError, match="below what min_size=4 allows"):
+        sizes_for_budget({"a": torch.rand(10, 8)}, 0.1, quantum=4, min_size=4)
+    # the default floor drops to 0 when the budget is under two quanta a token
+    r = search(models.FM.from_dataset(ds, embedding_dim=8), _loader(ds), budget=0.2, num_batches=1,
+               progress=False)
+    assert r.kept_entries <= r.budget_entries
 
 
 def test_demo_fast_run(tmp_path):
