@@ -18,7 +18,7 @@ import torch
 
 from . import models
 from .modules import MultiSizeEmbeddingBag, convert
-from .search import (alignment_quantum, default_min_size, popularity_sizes, random_sizes, search,
+from .search import (alignment_quantum, default_granularity, popularity_sizes, random_sizes, search,
                      uniform_sizes)
 
 __all__ = ["ExperimentConfig", "run_experiment", "write_report", "METHODS", "grouped_classes"]
@@ -70,8 +70,8 @@ def _grouped_sizes(found, budget, D, quantum):
         b = budget - proj / dense
         if b <= 0:
             return None
-        floor = default_min_size(b, D, quantum)
-        sizes = {n: _snap_down(s, classes) for n, s in found.for_budget(b, quantum=quantum, min_size=floor)
+        q, floor = default_granularity(b, D, quantum)
+        sizes = {n: _snap_down(s, classes) for n, s in found.for_budget(b, quantum=q, min_size=floor)
                  .sizes.items()}
         used = sum(sum(set(s.tolist()) - {0}) * D for s in sizes.values())
         if used <= proj:
@@ -136,15 +136,15 @@ def run_experiment(cfg: ExperimentConfig, train, val, test, log=print) -> list:
         counts = {f"embeddings.{f}": train.token_counts(f) for f in train.field_names}
         counts = {n: counts[n] for n in shapes}
         for budget in cfg.budgets:
-            floor = default_min_size(budget, cfg.dim, quantum)
-            pme_res = found.for_budget(budget, quantum=quantum, min_size=floor)
+            q, floor = default_granularity(budget, cfg.dim, quantum)
+            pme_res = found.for_budget(budget, quantum=q, min_size=floor)
             sizes_of = {
                 "pme": lambda: pme_res.sizes,
                 "pme_grouped": lambda: _grouped_sizes(found, budget, cfg.dim, quantum),
                 "uniform": lambda: uniform_sizes(shapes, budget, 1, 1),
                 "popularity": lambda: popularity_sizes(counts, {n: cfg.dim for n in shapes}, budget,
-                                                       quantum=quantum, min_size=floor),
-                "random": lambda: random_sizes(shapes, budget, quantum, floor, seed=seed),
+                                                       quantum=q, min_size=floor),
+                "random": lambda: random_sizes(shapes, budget, q, floor, seed=seed),
             }
             for method in cfg.methods:
                 sizes = sizes_of[method]()

@@ -32,7 +32,7 @@ from . import ops
 from .modules import MultiSizeEmbedding, MultiSizeEmbeddingBag, convert
 from .optim import FusedOptimizer
 
-__all__ = ["search", "SearchResult", "sizes_for_budget", "default_min_size", "uniform_sizes", "popularity_sizes", "random_sizes",
+__all__ = ["search", "SearchResult", "sizes_for_budget", "default_granularity", "uniform_sizes", "popularity_sizes", "random_sizes",
            "alignment_quantum"]
 
 RULES = ("snip", "grad", "magnitude")
@@ -116,9 +116,11 @@ class SearchResult:
         return convert(model, self.sizes, init=init, scores=self.scores if init == "kept" else None, **kwargs)
 
 
-def default_min_size(budget: float, dim: int, quantum: int) -> int:
-    """One quantum per token, unless the budget leaves fewer than two quanta a token (then 0)."""
-    return quantum if budget * dim >= 2 * quantum else 0
+def default_granularity(budget: float, dim: int, quantum: int) -> tuple:
+    """``(quantum, min_size)`` for a budget: the alignment quantum and a floor of one quantum per
+    token; when the budget leaves fewer than two quanta a token on average, that grid is too
+    coarse (most tokens would sit on the floor), so sizes go entry by entry with a floor of 1."""
+    return (quantum, quantum) if budget * dim >= 2 * quantum else (1, 1)
 
 
 def _round_sizes(counts: torch.Tensor, D: int, quantum: int, min_size: int) -> torch.Tensor:
@@ -218,9 +220,9 @@ def search(model: nn.Module, loader, budget: float = 0.2, *, tables=None, rule: 
         loss_fn: ``loss_fn(model, batch) -> scalar``; default BCE-with-logits of
             ``model(batch)`` against ``batch["labels"]``.
         per_table: the budget applies to each table instead of across all of them.
-        quantum: sizes are multiples of it (default: 16 bytes' worth of the table's dtype);
-        min_size: smallest size (default: ``quantum``, or 0 when the budget is under two quanta
-            a token; 0 lets a token be pruned away).
+        quantum: sizes are multiples of it (default: 16 bytes' worth of the table's dtype, or 1
+            when the budget is under two such quanta a token: see ``default_granularity``);
+        min_size: smallest size (default: one quantum; 0 lets a token be pruned away).
 
     Returns:
         ``SearchResult`` with ``sizes`` per table name (use ``result.convert(model)``).
@@ -235,9 +237,10 @@ def search(model: nn.Module, loader, budget: float = 0.2, *, tables=None, rule: 
     t0 = time.perf_counter()
     chosen = _searchable(model, tables)
     dtype = next(iter(chosen.values())).weight.dtype
-    quantum = alignment_quantum(dtype) if quantum is None else int(quantum)
-    if min_size is None:
-        min_size = default_min_size(budget, min(m.embedding_dim for m in chosen.values()), quantum)
+    dim = min(m.embedding_dim for m in chosen.values())
+    q_default, floor_default = default_granularity(budget, dim, alignment_quantum(dtype))
+    quantum = q_default if quantum is None else int(quantum)
+    min_size = min(floor_default, quantum) if min_size is None else int(min_size)
     work = copy.deepcopy(model)
     if device is not None:
         work = work.to(device)
