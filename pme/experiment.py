@@ -70,9 +70,11 @@ def _grouped_sizes(found, budget, D, quantum):
         b = budget - proj / dense
         if b <= 0:
             return None
-        q, floor = default_granularity(b, D, quantum)
-        sizes = {n: _snap_down(s, classes) for n, s in found.for_budget(b, quantum=q, min_size=floor)
-                 .sizes.items()}
+        try:  # every token keeps at least the smallest class (snapping down must not zero it)
+            cut = found.for_budget(b, quantum=1, min_size=classes[0])
+        except ValueError:
+            return None
+        sizes = {n: _snap_down(s, classes) for n, s in cut.sizes.items()}
         used = sum(sum(set(s.tolist()) - {0}) * D for s in sizes.values())
         if used <= proj:
             return sizes
