@@ -29,6 +29,7 @@ def info() -> dict:
     """Version, flavour, the CUDA version and archs the binary carries, the torch it runs on,
     and which backend is live (``"compiled"`` or ``"reference"``, with the reason)."""
     import platform
+    import re
 
     import torch
 
@@ -50,7 +51,7 @@ def info() -> dict:
         "load_error": ops.LOAD_ERROR,
         "abi": b.get("abi"),
         "built_cuda": cuda,
-        "built_archs": [a for a in b.get("archs", "").split(";") if a] if b else [],
+        "built_archs": [a for a in re.split(r"[,;]", b.get("archs", "")) if a] if b else [],
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),

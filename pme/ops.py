@@ -46,20 +46,52 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 # --------------------------------------------------------------------------------------------
 # Loading the compiled extension
 # --------------------------------------------------------------------------------------------
+def _wheel_hint() -> str:
+    """The pip command that installs the pme flavour matching the installed torch."""
+    from ._version import __version__
+
+    want = "cpu" if torch.version.cuda is None else "cu" + torch.version.cuda.replace(".", "")
+    return (f"pip install --force-reinstall --no-deps 'pme=={__version__.split('+')[0]}+{want}' "
+            f"--extra-index-url https://<WHEEL_HOST>/whl/{want}/ (see README, Wheels), or build from source "
+            f"with `pip install --no-build-isolation --no-cache-dir --force-reinstall pme`")
+
+
+def _why_not_loaded(e: BaseException) -> str:
+    """What went wrong loading ``pme._C``, in terms of what to install."""
+    import importlib.util
+    import re
+    from importlib import metadata
+
+    try:
+        flavour = metadata.version("pme").partition("+")[2]
+    except metadata.PackageNotFoundError:
+        flavour = ""
+    have = f"torch {torch.__version__} ({'CUDA ' + torch.version.cuda if torch.version.cuda else 'CPU-only'})"
+    text = f"{type(e).__name__}: {e}"
+    if importlib.util.find_spec("pme._C") is None:
+        return (f"this installation of pme has no compiled extension (installed from source without a working C++ "
+                f"compiler, or with PME_NO_EXTENSION=1). For {have}: {_wheel_hint()}")
+    if re.search(r"lib(torch_cuda|c10_cuda|cudart)\.so", str(e)):
+        return (f"{text}. This pme{'+' + flavour if flavour else ''} binary has CUDA kernels for another CUDA than "
+                f"{have}. Install the matching pme: {_wheel_hint()}")
+    if "undefined symbol" in str(e):
+        return f"{text}. pme's binary needs torch >= 2.10 (LibTorch stable ABI) but {have} is installed: upgrade torch"
+    return text
+
+
 def _load():
     """Imports ``pme._C``; returns (build info dict or None, reason it failed or None)."""
     try:
         from . import _C
     except (ImportError, OSError) as e:  # missing binary, or built for another torch/CUDA
-        return None, f"{type(e).__name__}: {e}"
-    info = dict(kv.split("=", 1) for kv in _C.build_info().split(";") if kv)
+        return None, _why_not_loaded(e)
+    info = dict(kv.split("=", 1) for kv in _C.build_info().split(";") if "=" in kv)
     built = info.get("cuda", "none")
     have = torch.version.cuda
     if built != "none" and have is not None and built.split(".")[0] != have.split(".")[0]:
         raise ImportError(
             f"pme was built for CUDA {built} but torch {torch.__version__} uses CUDA {have}: the CUDA majors "
-            f"differ. Install the pme wheel of your CUDA flavour (e.g. pme+cu{have.replace('.', '')}) or rebuild "
-            f"from source with `pip install --no-build-isolation .`.")
+            f"differ. Install the pme wheel of your CUDA flavour: {_wheel_hint()}")
     return info, None
 
 

@@ -8,6 +8,7 @@
 
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/stable/accelerator.h>
+#include <torch/headeronly/util/shim_utils.h>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -63,7 +64,7 @@ struct Ctx {
   explicit Ctx(const Tensor& t) : guard(t.get_device_index()), device(t.get_device_index()) {
     PME_CHECK(t.is_cuda(), "expected a CUDA tensor");
     void* s = nullptr;
-    STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(device, &s));
+    TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(device, &s));  // the 2.10 name
     stream = static_cast<cudaStream_t>(s);
     sms = sm_count(device);
   }
