@@ -13,6 +13,7 @@
 // otherwise. Each output row is written once (vector stores when the width allows).
 // Backward: row_groups_cuda.cuh (sort by row, one warp per row or part; deterministic).
 #include "cuda/row_groups_cuda.cuh"
+#include "lookup_ops.h"
 
 #include <tuple>
 
@@ -471,45 +472,10 @@ std::tuple<Tensor, Tensor> lookup_backward(const Tensor& grad_out, const Tensor&
   return {grad_w, grad_psw};
 }
 
-// ------------------------------------------------------------------------------------------
-// Operators
-// ------------------------------------------------------------------------------------------
-std::tuple<Tensor, Tensor> bag_forward(Tensor weight, Tensor offsets, Tensor indices, Tensor bag_offsets,
-                                       std::optional<Tensor> per_sample_weights, std::optional<Tensor> col_of_size,
-                                       int64_t out_width, int64_t mode, int64_t padding_idx) {
-  return lookup_forward(weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, out_width, mode,
-                        padding_idx);
-}
-
-std::tuple<Tensor, Tensor> bag_backward(Tensor grad_out, Tensor weight, Tensor offsets, Tensor indices,
-                                        Tensor bag_offsets, std::optional<Tensor> per_sample_weights,
-                                        std::optional<Tensor> col_of_size, Tensor argmax, int64_t mode,
-                                        int64_t padding_idx, bool psw_grad) {
-  return lookup_backward(grad_out, weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, argmax,
-                         mode, padding_idx, psw_grad);
-}
-
-// Non-pooled: output [N, out_width]; the padding row is returned as stored (F.embedding).
-Tensor embedding_forward(Tensor weight, Tensor offsets, Tensor indices, std::optional<Tensor> col_of_size,
-                         int64_t out_width) {
-  return std::get<0>(
-      lookup_forward(weight, offsets, indices, std::nullopt, std::nullopt, col_of_size, out_width, kSum, -1));
-}
-
-Tensor embedding_backward(Tensor grad_out, Tensor weight, Tensor offsets, Tensor indices,
-                          std::optional<Tensor> col_of_size, int64_t padding_idx) {
-  const Tensor none = torch::stable::new_empty(offsets, {0});
-  return std::get<0>(lookup_backward(grad_out, weight, offsets, indices, std::nullopt, std::nullopt, col_of_size,
-                                     none, kSum, padding_idx, false));
-}
+using Ops = LookupOps<&lookup_forward, &lookup_backward>;
 
 }  // namespace
 
-STABLE_TORCH_LIBRARY_IMPL(pme, CUDA, m) {
-  m.impl("bag_forward", TORCH_BOX(&bag_forward));
-  m.impl("bag_backward", TORCH_BOX(&bag_backward));
-  m.impl("embedding_forward", TORCH_BOX(&embedding_forward));
-  m.impl("embedding_backward", TORCH_BOX(&embedding_backward));
-}
+STABLE_TORCH_LIBRARY_IMPL(pme, CUDA, m) { PME_REGISTER_LOOKUPS(m, Ops); }
 
 }  // namespace pme::cuda

@@ -1,0 +1,60 @@
+// The four lookup operators' schemas mapped onto a backend's two generic functions, so the
+// CPU and the CUDA backends register the same thin wrappers:
+//   forward(weight, offsets, indices, bag_offsets?, psw?, col_of_size?, width, mode, pad)
+//   backward(grad_out, weight, offsets, indices, bag_offsets?, psw?, col_of_size?, argmax, mode, pad, psw_grad)
+// A missing bag_offsets means the non-pooled lookup (bag b is lookup b).
+#pragma once
+
+#include "pme.h"
+
+#include <tuple>
+
+namespace pme {
+
+using OptTensor = std::optional<Tensor>;
+using ForwardFn = std::tuple<Tensor, Tensor> (*)(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                                                 const OptTensor&, const OptTensor&, int64_t, int64_t, int64_t);
+using BackwardFn = std::tuple<Tensor, Tensor> (*)(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                  const OptTensor&, const OptTensor&, const OptTensor&, const Tensor&,
+                                                  int64_t, int64_t, bool);
+
+template <ForwardFn Fwd, BackwardFn Bwd>
+struct LookupOps {
+  // Pooled lookup: output [B, out_width] (+ argmax [B, out_width] for max).
+  static std::tuple<Tensor, Tensor> bag_forward(Tensor weight, Tensor offsets, Tensor indices, Tensor bag_offsets,
+                                                OptTensor per_sample_weights, OptTensor col_of_size,
+                                                int64_t out_width, int64_t mode, int64_t padding_idx) {
+    return Fwd(weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, out_width, mode, padding_idx);
+  }
+
+  static std::tuple<Tensor, Tensor> bag_backward(Tensor grad_out, Tensor weight, Tensor offsets, Tensor indices,
+                                                 Tensor bag_offsets, OptTensor per_sample_weights,
+                                                 OptTensor col_of_size, Tensor argmax, int64_t mode,
+                                                 int64_t padding_idx, bool psw_grad) {
+    return Bwd(grad_out, weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, argmax, mode,
+               padding_idx, psw_grad);
+  }
+
+  // Non-pooled lookup: output [N, out_width]; the padding row is returned as stored and gets
+  // no gradient, as F.embedding does.
+  static Tensor embedding_forward(Tensor weight, Tensor offsets, Tensor indices, OptTensor col_of_size,
+                                  int64_t out_width) {
+    return std::get<0>(Fwd(weight, offsets, indices, std::nullopt, std::nullopt, col_of_size, out_width, kSum, -1));
+  }
+
+  static Tensor embedding_backward(Tensor grad_out, Tensor weight, Tensor offsets, Tensor indices,
+                                   OptTensor col_of_size, int64_t padding_idx) {
+    const Tensor none = torch::stable::new_empty(offsets, {0});
+    return std::get<0>(Bwd(grad_out, weight, offsets, indices, std::nullopt, std::nullopt, col_of_size, none, kSum,
+                           padding_idx, false));
+  }
+};
+
+}  // namespace pme
+
+// Registers the four lookup operators of `Ops` (a LookupOps instantiation) in library block m.
+#define PME_REGISTER_LOOKUPS(m, Ops)                               \
+  m.impl("bag_forward", TORCH_BOX(&Ops::bag_forward));             \
+  m.impl("bag_backward", TORCH_BOX(&Ops::bag_backward));           \
+  m.impl("embedding_forward", TORCH_BOX(&Ops::embedding_forward)); \
+  m.impl("embedding_backward", TORCH_BOX(&Ops::embedding_backward))
