@@ -131,4 +131,21 @@ inline LookupArgs check_lookup_args(const Tensor& weight, const Tensor& offsets,
   return a;
 }
 
+// Checks grad_out [B, W] (dtype of weight) and, for max, the forward's argmax; returns W.
+inline int64_t check_grad_args(const Tensor& grad_out, const Tensor& weight, const Tensor& argmax,
+                               const LookupArgs& a, int64_t mode) {
+  PME_CHECK(grad_out.dim() == 2 && grad_out.sizes()[0] == a.num_bags, "grad_out must be [", a.num_bags,
+            ", width]");
+  PME_CHECK(grad_out.scalar_type() == weight.scalar_type(), "grad_out must have the dtype of weight");
+  check_same_device(grad_out, weight, "grad_out");
+  const int64_t W = grad_out.sizes()[1];
+  if (mode == kMax) {
+    PME_CHECK(argmax.dim() == 2 && argmax.sizes()[0] == a.num_bags && argmax.sizes()[1] == W &&
+                  argmax.scalar_type() == ScalarType::Long,
+              "argmax must be the int64 [B, width] tensor returned by the forward");
+    check_same_device(argmax, weight, "argmax");
+  }
+  return W;
+}
+
 }  // namespace pme

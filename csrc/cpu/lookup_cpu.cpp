@@ -193,16 +193,8 @@ std::tuple<Tensor, Tensor> lookup_backward(const Tensor& grad_out, const Tensor&
                                            int64_t mode, int64_t padding_idx, bool psw_grad) {
   const LookupArgs a = check_lookup_args(weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size,
                                          mode, padding_idx);
-  PME_CHECK(grad_out.dim() == 2 && grad_out.sizes()[0] == a.num_bags, "grad_out must be [", a.num_bags,
-            ", width]");
-  PME_CHECK(grad_out.scalar_type() == weight.scalar_type(), "grad_out must have the dtype of weight");
+  const int64_t W = check_grad_args(grad_out, weight, argmax, a, mode);
   const Tensor go = torch::stable::contiguous(grad_out);
-  const int64_t W = go.sizes()[1];
-  if (mode == kMax) {
-    PME_CHECK(argmax.dim() == 2 && argmax.sizes()[0] == a.num_bags && argmax.sizes()[1] == W &&
-                  argmax.scalar_type() == ScalarType::Long,
-              "argmax must be the int64 [B, width] tensor returned by the forward");
-  }
   PME_CHECK(!psw_grad || per_sample_weights.has_value(), "psw_grad needs per_sample_weights");
   const TableView tv = table_view(weight, offsets, col_of_size, W);
   const int64_t* off = tv.offsets;

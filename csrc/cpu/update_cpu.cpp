@@ -60,16 +60,8 @@ void for_each_row_gradient(const Tensor& grad_out, const Tensor& weight, const T
                            const Tensor& argmax, int64_t mode, int64_t padding_idx, F&& f) {
   const LookupArgs a = check_lookup_args(weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size,
                                          mode, padding_idx);
-  PME_CHECK(grad_out.dim() == 2 && grad_out.sizes()[0] == a.num_bags, "grad_out must be [", a.num_bags,
-            ", width]");
-  PME_CHECK(grad_out.scalar_type() == weight.scalar_type(), "grad_out must have the dtype of weight");
+  const int64_t W = check_grad_args(grad_out, weight, argmax, a, mode);
   const Tensor go = torch::stable::contiguous(grad_out);
-  const int64_t W = go.sizes()[1];
-  if (mode == kMax) {
-    PME_CHECK(argmax.dim() == 2 && argmax.sizes()[0] == a.num_bags && argmax.sizes()[1] == W &&
-                  argmax.scalar_type() == ScalarType::Long,
-              "argmax must be the int64 [B, width] tensor returned by the forward");
-  }
   const TableView tv{offsets.const_data_ptr<int64_t>(), a.num_rows, weight.numel(),
                      col_of_size ? col_of_size->const_data_ptr<int64_t>() : nullptr,
                      col_of_size ? col_of_size->numel() : 0, W};

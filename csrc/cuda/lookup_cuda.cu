@@ -413,17 +413,8 @@ __global__ void __launch_bounds__(256)
 // Checks grad_out / argmax like the CPU backward; returns grad_out made contiguous.
 Tensor check_grad_out(const Tensor& grad_out, const Tensor& weight, const LookupArgs& la, const Tensor& argmax,
                       int64_t mode) {
-  PME_CHECK(grad_out.dim() == 2 && grad_out.sizes()[0] == la.num_bags, "grad_out must be [", la.num_bags,
-            ", width]");
-  PME_CHECK(grad_out.scalar_type() == weight.scalar_type(), "grad_out must have the dtype of weight");
-  check_same_device(grad_out, weight, "grad_out");
+  check_grad_args(grad_out, weight, argmax, la, mode);
   const Tensor go = torch::stable::contiguous(grad_out);
-  if (mode == kMax) {
-    PME_CHECK(argmax.dim() == 2 && argmax.sizes()[0] == la.num_bags && argmax.sizes()[1] == go.sizes()[1] &&
-                  argmax.scalar_type() == ScalarType::Long,
-              "argmax must be the int64 [B, width] tensor returned by the forward");
-    check_same_device(argmax, weight, "argmax");
-  }
   return go;
 }
 

@@ -110,18 +110,10 @@ void for_each_row(const Tensor& grad_out, const Tensor& weight, const Tensor& of
                   MakeOp&& make_op) {
   const LookupArgs la = check_lookup_args(weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size,
                                           mode, padding_idx);
-  PME_CHECK(grad_out.dim() == 2 && grad_out.sizes()[0] == la.num_bags, "grad_out must be [", la.num_bags,
-            ", width]");
-  PME_CHECK(grad_out.scalar_type() == weight.scalar_type(), "grad_out must have the dtype of weight");
-  check_same_device(grad_out, weight, "grad_out");
+  const int64_t W = check_grad_args(grad_out, weight, argmax, la, mode);
   const Tensor go = torch::stable::contiguous(grad_out);
-  const int64_t W = go.sizes()[1];
   Tensor am = argmax;
   if (mode == kMax) {
-    PME_CHECK(argmax.dim() == 2 && argmax.sizes()[0] == la.num_bags && argmax.sizes()[1] == W &&
-                  argmax.scalar_type() == ScalarType::Long,
-              "argmax must be the int64 [B, width] tensor returned by the forward");
-    check_same_device(argmax, weight, "argmax");
     am = torch::stable::contiguous(argmax);
   }
   const Ctx ctx(weight);
