@@ -104,7 +104,7 @@ def _make_model(cfg, train, seed):
 def _train_eval(cfg, model, train, val, test, seed):
     t0 = time.perf_counter()
     hist = models.train_model(model, train, val, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                              progress=False, seed=seed, device=cfg.device)
+                              progress=cfg.progress, seed=seed, device=cfg.device)
     secs = time.perf_counter() - t0
     ev = models.evaluate(model, test, device=cfg.device)
     return {"auc": ev["auc"], "logloss": ev["logloss"], "val_auc": hist["val_auc"][-1], "train_seconds": secs}
@@ -133,7 +133,7 @@ def run_experiment(cfg: ExperimentConfig, train, val, test, log=print) -> list:
         gen = torch.Generator().manual_seed(seed)
         found = search(fresh, train.batches(cfg.batch_size, shuffle=True, generator=gen), budget=cfg.budgets[0],
                        rule=cfg.rule, num_batches=cfg.search_batches, warmup_steps=cfg.warmup_steps,
-                       device=cfg.device, progress=False)
+                       device=cfg.device, progress=cfg.progress)
         shapes = {n: (s.numel(), cfg.dim) for n, s in found.sizes.items()}
         counts = {f"embeddings.{f}": train.token_counts(f) for f in train.field_names}
         counts = {n: counts[n] for n in shapes}
