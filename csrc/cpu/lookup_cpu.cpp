@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -21,14 +22,29 @@ namespace {
 #define PME_CLONES
 #endif
 
+// Element to accumulation type; bf16 widened from its raw bits (a shift the compiler
+// vectorises, unlike the generic conversion operator).
+template <class A, class T>
+inline A widen(const T& x) {
+  return static_cast<A>(x);
+}
+
+template <>
+inline float widen<float, c10::BFloat16>(const c10::BFloat16& x) {
+  const uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
 template <class T, class A>
 inline void axpy(A* __restrict__ a, const T* __restrict__ row, int64_t n, A s) {
-  for (int64_t c = 0; c < n; ++c) a[c] += s * static_cast<A>(row[c]);
+  for (int64_t c = 0; c < n; ++c) a[c] += s * widen<A>(row[c]);
 }
 
 template <class T, class A>
 inline void add(A* __restrict__ a, const T* __restrict__ row, int64_t n) {
-  for (int64_t c = 0; c < n; ++c) a[c] += static_cast<A>(row[c]);
+  for (int64_t c = 0; c < n; ++c) a[c] += widen<A>(row[c]);
 }
 
 constexpr int64_t kPrefetchRow = 16; // lookups ahead whose row is prefetched
