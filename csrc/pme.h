@@ -148,4 +148,35 @@ inline int64_t check_grad_args(const Tensor& grad_out, const Tensor& weight, con
   return W;
 }
 
+// Dtype of optimizer state and scores: fp64 for fp64 weights, else fp32.
+inline ScalarType acc_dtype(ScalarType weight) {
+  return weight == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
+}
+
+// A 1-D state tensor of `numel` entries of the accumulation dtype on weight's device.
+inline void check_state(const Tensor& state, int64_t numel, const Tensor& weight, const char* what) {
+  const ScalarType dtype = acc_dtype(weight.scalar_type());
+  check_1d(state, what);
+  PME_CHECK(state.numel() == numel, what, " must have ", numel, " entries, got ", state.numel());
+  PME_CHECK(state.scalar_type() == dtype, what, " must be ", dtype_name(dtype), " for ",
+            dtype_name(weight.scalar_type()), " weights, got ", dtype_name(state.scalar_type()));
+  check_same_device(state, weight, what);
+}
+
+// The hyperparameters and state tensors of sparse_update_.
+inline void check_update_args(const Tensor& weight, const Tensor& state1, const Tensor& state2, const Tensor& offsets,
+                              int64_t optimizer, double lr, double weight_decay, double eps, double beta1,
+                              double beta2, int64_t step) {
+  PME_CHECK(optimizer == kSGD || optimizer == kRowwiseAdagrad || optimizer == kAdam,
+            "optimizer must be 0 (SGD), 1 (row-wise Adagrad) or 2 (Adam), got ", optimizer);
+  PME_CHECK(lr >= 0 && weight_decay >= 0 && eps >= 0, "lr, weight_decay and eps must be >= 0");
+  if (optimizer == kRowwiseAdagrad) check_state(state1, offsets.numel() - 1, weight, "state1 (row-wise sum)");
+  if (optimizer == kAdam) {
+    PME_CHECK(step >= 1, "Adam needs step >= 1, got ", step);
+    PME_CHECK(beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1, "Adam betas must be in [0, 1)");
+    check_state(state1, weight.numel(), weight, "state1 (first moment)");
+    check_state(state2, weight.numel(), weight, "state2 (second moment)");
+  }
+}
+
 }  // namespace pme

@@ -95,31 +95,11 @@ void for_each_row_gradient(const Tensor& grad_out, const Tensor& weight, const T
   });
 }
 
-ScalarType acc_dtype(ScalarType weight) { return weight == ScalarType::Double ? ScalarType::Double : ScalarType::Float; }
-
-void check_state(const Tensor& state, int64_t numel, ScalarType dtype, const Tensor& weight, const char* what) {
-  check_1d(state, what);
-  PME_CHECK(state.numel() == numel, what, " must have ", numel, " entries, got ", state.numel());
-  PME_CHECK(state.scalar_type() == dtype, what, " must be ", dtype_name(dtype), " for ",
-            dtype_name(weight.scalar_type()), " weights, got ", dtype_name(state.scalar_type()));
-  check_same_device(state, weight, what);
-}
-
 void sparse_update_(Tensor weight, Tensor state1, Tensor state2, Tensor grad_out, Tensor offsets, Tensor indices,
                     Tensor bag_offsets, std::optional<Tensor> per_sample_weights, std::optional<Tensor> col_of_size,
                     Tensor argmax, int64_t mode, int64_t padding_idx, int64_t optimizer, double lr,
                     double weight_decay, double eps, double beta1, double beta2, int64_t step) {
-  PME_CHECK(optimizer == kSGD || optimizer == kRowwiseAdagrad || optimizer == kAdam,
-            "optimizer must be 0 (SGD), 1 (row-wise Adagrad) or 2 (Adam), got ", optimizer);
-  PME_CHECK(lr >= 0 && weight_decay >= 0 && eps >= 0, "lr, weight_decay and eps must be >= 0");
-  const ScalarType sd = acc_dtype(weight.scalar_type());
-  if (optimizer == kRowwiseAdagrad) check_state(state1, offsets.numel() - 1, sd, weight, "state1 (row-wise sum)");
-  if (optimizer == kAdam) {
-    PME_CHECK(step >= 1, "Adam needs step >= 1, got ", step);
-    PME_CHECK(beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1, "Adam betas must be in [0, 1)");
-    check_state(state1, weight.numel(), sd, weight, "state1 (first moment)");
-    check_state(state2, weight.numel(), sd, weight, "state2 (second moment)");
-  }
+  check_update_args(weight, state1, state2, offsets, optimizer, lr, weight_decay, eps, beta1, beta2, step);
   const Hyper h{optimizer, lr, weight_decay, eps, beta1, beta2, step};
   const int64_t* off = offsets.const_data_ptr<int64_t>();
   void* s1 = state1.numel() ? state1.mutable_data_ptr() : nullptr;
@@ -141,7 +121,7 @@ void accumulate_scores_(Tensor scores, Tensor grad_out, Tensor weight, Tensor of
                         std::optional<Tensor> col_of_size, Tensor argmax, int64_t mode, int64_t padding_idx,
                         int64_t rule) {
   PME_CHECK(rule == kSnip || rule == kGradSquared, "rule must be 0 (snip |w*g|) or 1 (g^2), got ", rule);
-  check_state(scores, weight.numel(), acc_dtype(weight.scalar_type()), weight, "scores");
+  check_state(scores, weight.numel(), weight, "scores");
   const int64_t* off = offsets.const_data_ptr<int64_t>();
   void* sc = scores.mutable_data_ptr();
   const void* w = weight.const_data_ptr();
