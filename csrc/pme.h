@@ -179,4 +179,36 @@ inline void check_update_args(const Tensor& weight, const Tensor& state1, const 
   }
 }
 
+// Arguments of the pruning operators (shapes, dtypes, devices; no data is read).
+inline void check_topk_args(const Tensor& scores, int64_t k) {
+  PME_CHECK(scores.scalar_type() == ScalarType::Float, "scores must be float32, got ", dtype_name(scores.scalar_type()));
+  PME_CHECK(k >= 1 && k <= scores.numel(), "k must be in [1, ", scores.numel(), "] (the number of scores), got ", k);
+}
+
+inline void check_counts_args(const Tensor& scores, const Tensor& threshold) {
+  PME_CHECK(scores.dim() == 2, "scores must be 2-D [V, D], got ", scores.dim(), " dimensions");
+  PME_CHECK(scores.scalar_type() == ScalarType::Float, "scores must be float32");
+  PME_CHECK(threshold.numel() == 1 && threshold.scalar_type() == ScalarType::Float,
+            "threshold must be a float32 tensor with one element");
+  check_same_device(threshold, scores, "threshold");
+}
+
+inline void check_pack_args(const Tensor& dense, const Tensor& scores, const Tensor& offsets) {
+  PME_CHECK(dense.dim() == 2, "dense must be 2-D [V, D], got ", dense.dim(), " dimensions");
+  PME_CHECK(scores.dim() == 2 && scores.sizes()[0] == dense.sizes()[0] && scores.sizes()[1] == dense.sizes()[1],
+            "scores must have the shape of dense");
+  PME_CHECK(scores.scalar_type() == ScalarType::Float, "scores must be float32");
+  check_1d(offsets, "offsets");
+  PME_CHECK(offsets.scalar_type() == ScalarType::Long, "offsets must be int64");
+  check_same_device(scores, dense, "scores");
+  check_same_device(offsets, dense, "offsets");
+  PME_CHECK(offsets.numel() == dense.sizes()[0] + 1, "offsets must have V + 1 = ", dense.sizes()[0] + 1,
+            " entries, got ", offsets.numel());
+}
+
+inline void check_score_args(const Tensor& scores, const Tensor& weight, int64_t rule) {
+  PME_CHECK(rule == kSnip || rule == kGradSquared, "rule must be 0 (snip |w*g|) or 1 (g^2), got ", rule);
+  check_state(scores, weight.numel(), weight, "scores");
+}
+
 }  // namespace pme

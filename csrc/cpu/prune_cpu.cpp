@@ -47,10 +47,9 @@ std::vector<int64_t> histogram16(const float* x, int64_t n, int shift, uint32_t 
 }
 
 Tensor topk_threshold(Tensor scores, int64_t k) {
-  PME_CHECK(scores.scalar_type() == ScalarType::Float, "scores must be float32, got ", dtype_name(scores.scalar_type()));
+  check_topk_args(scores, k);
   const Tensor s = torch::stable::contiguous(scores);
   const int64_t n = s.numel();
-  PME_CHECK(k >= 1 && k <= n, "k must be in [1, ", n, "] (the number of scores), got ", k);
   const float* x = s.const_data_ptr<float>();
   // Find the key of the k-th largest: bucket by the high 16 bits, then the low 16 bits.
   uint32_t prefix = 0, mask = 0;
@@ -71,10 +70,7 @@ Tensor topk_threshold(Tensor scores, int64_t k) {
 }
 
 Tensor prune_counts(Tensor scores, Tensor threshold) {
-  PME_CHECK(scores.dim() == 2, "scores must be 2-D [V, D], got ", scores.dim(), " dimensions");
-  PME_CHECK(scores.scalar_type() == ScalarType::Float, "scores must be float32");
-  PME_CHECK(threshold.numel() == 1 && threshold.scalar_type() == ScalarType::Float,
-            "threshold must be a float32 tensor with one element");
+  check_counts_args(scores, threshold);
   const Tensor s = torch::stable::contiguous(scores);
   const int64_t V = s.sizes()[0], D = s.sizes()[1];
   const float t = *threshold.const_data_ptr<float>();
@@ -92,14 +88,8 @@ Tensor prune_counts(Tensor scores, Tensor threshold) {
 }
 
 Tensor prune_pack(Tensor dense, Tensor scores, Tensor offsets, bool by_score) {
-  PME_CHECK(dense.dim() == 2, "dense must be 2-D [V, D], got ", dense.dim(), " dimensions");
-  PME_CHECK(scores.dim() == 2 && scores.sizes()[0] == dense.sizes()[0] && scores.sizes()[1] == dense.sizes()[1],
-            "scores must have the shape of dense");
-  PME_CHECK(scores.scalar_type() == ScalarType::Float, "scores must be float32");
-  check_1d(offsets, "offsets");
-  PME_CHECK(offsets.scalar_type() == ScalarType::Long, "offsets must be int64");
+  check_pack_args(dense, scores, offsets);
   const int64_t V = dense.sizes()[0], D = dense.sizes()[1];
-  PME_CHECK(offsets.numel() == V + 1, "offsets must have V + 1 = ", V + 1, " entries, got ", offsets.numel());
   const int64_t* off = offsets.const_data_ptr<int64_t>();
   PME_CHECK(off[0] == 0, "offsets[0] must be 0");
   for (int64_t r = 0; r < V; ++r) {

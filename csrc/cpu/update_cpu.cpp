@@ -120,8 +120,7 @@ void accumulate_scores_(Tensor scores, Tensor grad_out, Tensor weight, Tensor of
                         Tensor bag_offsets, std::optional<Tensor> per_sample_weights,
                         std::optional<Tensor> col_of_size, Tensor argmax, int64_t mode, int64_t padding_idx,
                         int64_t rule) {
-  PME_CHECK(rule == kSnip || rule == kGradSquared, "rule must be 0 (snip |w*g|) or 1 (g^2), got ", rule);
-  check_state(scores, weight.numel(), weight, "scores");
+  check_score_args(scores, weight, rule);
   const int64_t* off = offsets.const_data_ptr<int64_t>();
   void* sc = scores.mutable_data_ptr();
   const void* w = weight.const_data_ptr();

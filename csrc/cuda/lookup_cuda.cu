@@ -371,12 +371,9 @@ std::tuple<Tensor, Tensor> lookup_forward(const Tensor& weight, const Tensor& of
 // ------------------------------------------------------------------------------------------
 // Row operation of the backward: writes the row's summed gradient into grad_weight.
 template <class T>
-struct GradWriteOp {
+struct GradWriteOp : PlainRowOp<acc_t<T>> {
   using A = acc_t<T>;
   T* gw;
-  __device__ __forceinline__ bool row_norm() const { return false; }
-  __device__ __forceinline__ void prepare(int64_t, int64_t, int64_t, A (&)[kVPL], int) const {}
-  __device__ __forceinline__ A row_update(int64_t, A, int64_t, int) const { return A(0); }
   __device__ __forceinline__ void apply(int64_t, int64_t lo, int64_t c0, int64_t size, const A (&g)[kVPL], A, int lane) const {
 #pragma unroll
     for (int i = 0; i < kVPL; ++i) {
@@ -451,7 +448,7 @@ std::tuple<Tensor, Tensor> lookup_backward(const Tensor& grad_out, const Tensor&
       const T* psw = per_sample_weights ? per_sample_weights->const_data_ptr<T>() : nullptr;
       const GradSrc<T> src{go.const_data_ptr<T>(), W, psw,
                            mode == kMax ? ma.const_data_ptr<int64_t>() : nullptr, tab, mode};
-      run_row_op<T>(ctx, offsets, groups, src, GradWriteOp<T>{grad_w.mutable_data_ptr<T>()});
+      run_row_op<T>(ctx, offsets, groups, src, GradWriteOp<T>{{}, grad_w.mutable_data_ptr<T>()});
       if (psw_grad && la.num_lookups > 0) {
         psw_grad_kernel<T, I><<<ctx.grid(la.num_lookups * kWarp, 256), 256, 0, ctx.stream>>>(
             weight.const_data_ptr<T>(), tab, idx, la.num_lookups, groups.d.bag_of, padding_idx,

@@ -106,11 +106,9 @@ __global__ void __launch_bounds__(kSelectThreads)
 }
 
 Tensor topk_threshold(Tensor scores, int64_t k) {
-  PME_CHECK(scores.scalar_type() == ScalarType::Float, "scores must be float32, got ",
-            dtype_name(scores.scalar_type()));
+  check_topk_args(scores, k);
   const Tensor s = torch::stable::contiguous(scores);
   const int64_t n = s.numel();
-  PME_CHECK(k >= 1 && k <= n, "k must be in [1, ", n, "] (the number of scores), got ", k);
   const Ctx ctx(s);
   Workspace ws;
   const int s_h0 = ws.reserve<unsigned long long>(2048), s_h1 = ws.reserve<unsigned long long>(2048),
@@ -164,11 +162,7 @@ __global__ void __launch_bounds__(256)
 }
 
 Tensor prune_counts(Tensor scores, Tensor threshold) {
-  PME_CHECK(scores.dim() == 2, "scores must be 2-D [V, D], got ", scores.dim(), " dimensions");
-  PME_CHECK(scores.scalar_type() == ScalarType::Float, "scores must be float32");
-  PME_CHECK(threshold.numel() == 1 && threshold.scalar_type() == ScalarType::Float,
-            "threshold must be a float32 tensor with one element");
-  check_same_device(threshold, scores, "threshold");
+  check_counts_args(scores, threshold);
   const Tensor s = torch::stable::contiguous(scores);
   const int64_t V = s.sizes()[0], D = s.sizes()[1];
   const Ctx ctx(s);
@@ -298,16 +292,8 @@ __global__ void prune_pack_kernel(const T* dense, const float* scores, const int
 }
 
 Tensor prune_pack(Tensor dense, Tensor scores, Tensor offsets, bool by_score) {
-  PME_CHECK(dense.dim() == 2, "dense must be 2-D [V, D], got ", dense.dim(), " dimensions");
-  PME_CHECK(scores.dim() == 2 && scores.sizes()[0] == dense.sizes()[0] && scores.sizes()[1] == dense.sizes()[1],
-            "scores must have the shape of dense");
-  PME_CHECK(scores.scalar_type() == ScalarType::Float, "scores must be float32");
-  check_1d(offsets, "offsets");
-  PME_CHECK(offsets.scalar_type() == ScalarType::Long, "offsets must be int64");
-  check_same_device(scores, dense, "scores");
-  check_same_device(offsets, dense, "offsets");
+  check_pack_args(dense, scores, offsets);
   const int64_t V = dense.sizes()[0], D = dense.sizes()[1];
-  PME_CHECK(offsets.numel() == V + 1, "offsets must have V + 1 = ", V + 1, " entries, got ", offsets.numel());
   PME_CHECK(D <= kPackMaxD, "prune_pack on CUDA supports rows of at most ", kPackMaxD, " entries, got D = ", D);
   const Ctx ctx(dense);
   const int64_t* off = offsets.const_data_ptr<int64_t>();

@@ -278,6 +278,15 @@ RowGroups group_by_row(const Ctx& ctx, const Tensor& like, const I* idx, int64_t
 // ------------------------------------------------------------------------------------------
 // Row operation
 // ------------------------------------------------------------------------------------------
+// Default hooks of a row operation that needs no per-row norm and no preparation (the
+// gradient write and the score accumulation); an operation derives from it and adds apply().
+template <class A>
+struct PlainRowOp {
+  __device__ __forceinline__ bool row_norm() const { return false; }
+  __device__ __forceinline__ void prepare(int64_t, int64_t, int64_t, A (&)[kVPL], int) const {}
+  __device__ __forceinline__ A row_update(int64_t, A, int64_t, int) const { return A(0); }
+};
+
 // Where a row's gradient comes from: the lookup's output gradient.
 template <class T>
 struct GradSrc {

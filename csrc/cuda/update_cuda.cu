@@ -69,15 +69,12 @@ struct UpdateOp {
 
 // scores += |w * g| (rule 0, SNIP) or g^2 (rule 1).
 template <class T>
-struct ScoreOp {
+struct ScoreOp : PlainRowOp<acc_t<T>> {
   using A = acc_t<T>;
   A* scores;  // [total]
   const T* w;  // [total]
   int64_t rule;
 
-  __device__ __forceinline__ bool row_norm() const { return false; }
-  __device__ __forceinline__ void prepare(int64_t, int64_t, int64_t, A (&)[kVPL], int) const {}
-  __device__ __forceinline__ A row_update(int64_t, A, int64_t, int) const { return A(0); }
   __device__ __forceinline__ void apply(int64_t, int64_t lo, int64_t c0, int64_t size, const A (&g)[kVPL], A, int lane) const {
 #pragma unroll
     for (int i = 0; i < kVPL; ++i) {
@@ -165,14 +162,13 @@ void accumulate_scores_(Tensor scores, Tensor grad_out, Tensor weight, Tensor of
                         Tensor bag_offsets, std::optional<Tensor> per_sample_weights,
                         std::optional<Tensor> col_of_size, Tensor argmax, int64_t mode, int64_t padding_idx,
                         int64_t rule) {
-  PME_CHECK(rule == kSnip || rule == kGradSquared, "rule must be 0 (snip |w*g|) or 1 (g^2), got ", rule);
-  check_state(scores, weight.numel(), weight, "scores");
+  check_score_args(scores, weight, rule);
   void* sc = scores.mutable_data_ptr();
   const void* w = weight.const_data_ptr();
   for_each_row(grad_out, weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, argmax, mode,
                padding_idx, [&](auto tag) {
                  using T = decltype(tag);
-                 return ScoreOp<T>{static_cast<acc_t<T>*>(sc), static_cast<const T*>(w), rule};
+                 return ScoreOp<T>{{}, static_cast<acc_t<T>*>(sc), static_cast<const T*>(w), rule};
                });
 }
 
