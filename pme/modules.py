@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -428,7 +428,3 @@ def convert(model: nn.Module, sizes_by_module: Mapping[str, object], init: str =
         else:
             setattr(parent, attr, new)
     return model
-
-
-def _is_seq(x):
-    return isinstance(x, Sequence) and not isinstance(x, (str, bytes))

@@ -53,19 +53,16 @@ class _Scorer(FusedOptimizer):
         self.rule = rule
 
     def attach(self, module):
-        module.register_buffer("scores", torch.zeros(module.weight.numel(), dtype=torch.float32,
-                                                     device=module.weight.device))
+        acc = torch.float64 if module.weight.dtype == torch.float64 else torch.float32  # the kernels' dtype
+        module.register_buffer("scores", torch.zeros(module.weight.numel(), dtype=acc, device=module.weight.device))
         module.weight.requires_grad_(False)
         module.optimizer = self
 
     def backward_step(self, module, grad_out, indices, bag_offsets, psw, argmax, mode, pad):
         weight = module.weight
-        scores = module.scores if weight.dtype != torch.float64 else module.scores.double()
-        ops.accumulate_scores_(scores, grad_out.to(weight.dtype), weight, module.offsets, indices, bag_offsets,
-                               col_of_size=module.col_of_size, argmax=argmax, mode=mode, per_sample_weights=psw,
-                               padding_idx=None if pad < 0 else pad, rule=self.rule)
-        if scores is not module.scores:
-            module.scores.copy_(scores)
+        ops.accumulate_scores_(module.scores, grad_out.to(weight.dtype), weight, module.offsets, indices,
+                               bag_offsets, col_of_size=module.col_of_size, argmax=argmax, mode=mode,
+                               per_sample_weights=psw, padding_idx=None if pad < 0 else pad, rule=self.rule)
 
 
 @dataclass
@@ -286,7 +283,7 @@ def search(model: nn.Module, loader, budget: float = 0.2, *, tables=None, rule: 
     batches_done = 0
     if rule == "magnitude":
         for name in chosen:
-            wt[name].scores.copy_(wt[name].weight.detach().abs().float())
+            wt[name].scores.copy_(wt[name].weight.detach().abs())
     else:
         work.train()
         for p in work.parameters():
@@ -300,7 +297,7 @@ def search(model: nn.Module, loader, budget: float = 0.2, *, tables=None, rule: 
     scores = {}
     for name in chosen:
         m = wt[name]
-        scores[name] = m.scores.reshape(m.num_embeddings, m.embedding_dim).detach()
+        scores[name] = m.scores.reshape(m.num_embeddings, m.embedding_dim).detach().float()
     sizes, thr = sizes_for_budget(scores, budget, per_table, quantum, min_size)
     dense = sum(s.numel() for s in scores.values())
     kept = sum(int(s.sum()) for s in sizes.values())

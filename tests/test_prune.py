@@ -65,7 +65,7 @@ def test_accumulate_scores_matches_reference(device, rule, mode):
     V, D = 30, 8
     w, offsets, col, width, _ = make_table(V, D, torch.float32, device, seed=4)
     gen = torch.Generator().manual_seed(5)
-    sc, sc_ref = torch.rand(w.numel()).to(device), None
+    sc = torch.rand(w.numel()).to(device)
     sc_ref = sc.clone()
     for _ in range(3):
         idx, off = random_bags(V, 7, 5, gen, torch.int64, device, padding_idx=2)
@@ -190,3 +190,35 @@ def test_demo_fast_run(tmp_path):
     rep = (tmp_path / "report.md").read_text()
     assert "| 20% | pme |" in rep and "| full | full |" in rep
     assert (tmp_path / "auc_vs_params.png").stat().st_size > 1000
+
+
+def test_search_float64_tables_and_custom_loss():
+    """A generic model (not pme.models), a loss_fn, float64 tables: the same sizes as in float32."""
+    torch.manual_seed(0)
+    V, D = 40, 8
+    x = torch.randint(0, V, (64, 3))
+    y = torch.rand(64)
+
+    class Net(torch.nn.Module):
+        def __init__(self, dtype):
+            super().__init__()
+            self.table = torch.nn.EmbeddingBag(V, D, mode="sum", dtype=dtype)
+
+        def forward(self, x):
+            return self.table(x).sum(-1)
+
+    def loss_fn(model, batch):
+        xb, yb = batch
+        return ((model(xb) - yb.to(model.table.weight.dtype)) ** 2).mean()
+
+    n32 = Net(torch.float32)
+    n64 = Net(torch.float64)
+    with torch.no_grad():
+        n64.table.weight.copy_(n32.table.weight.double())
+    batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
+    r32 = search(n32, batches, budget=0.5, num_batches=4, loss_fn=loss_fn, quantum=1, min_size=0, progress=False)
+    r64 = search(n64, batches, budget=0.5, num_batches=4, loss_fn=loss_fn, quantum=1, min_size=0, progress=False)
+    assert r64.kept_entries <= r64.budget_entries
+    assert torch.equal(r32.sizes["table"], r64.sizes["table"])
+    with pytest.raises(TypeError, match="loss_fn"):
+        search(n32, batches, budget=0.5, progress=False)
