@@ -55,6 +55,9 @@ def _summary(sizes: torch.Tensor) -> str:
     return f"[{int(sizes.min())}..{int(sizes.max())}, mean {sizes.double().mean():.1f}]"
 
 
+_STATE_BUFFERS = ("optim_state1", "optim_state2")  # pme.optim's per-table state
+
+
 class _MultiSizeTable(nn.Module):
     """Storage shared by the two modules: flat ``weight`` ``[total]`` and ``offsets`` ``[V + 1]``.
 
@@ -220,6 +223,21 @@ class _MultiSizeTable(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) / .half() / .bfloat16() cast every floating buffer; the fused optimizer's state
+        # must stay in the accumulation dtype (float32, float64 for float64 tables) and must not
+        # lose precision on the way, so it only follows the table's device.
+        held = {k: self._buffers[k] for k in _STATE_BUFFERS if self._buffers.get(k) is not None}
+        for k in held:
+            self._buffers[k] = None
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            acc = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+            for k, t in held.items():
+                self._buffers[k] = t.to(device=self.weight.device, dtype=acc)
+        return self
+
     def _apply_projection(self, out):
         return out @ self.projection if self.projection is not None else out
 
@@ -244,6 +262,18 @@ class _MultiSizeTable(nn.Module):
         kwargs.setdefault("dtype", weight.dtype)
         kwargs.setdefault("device", weight.device)
         return cls(V, D, sizes=sizes, _weight=flat, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, embeddings: torch.Tensor, sizes, freeze: bool = True, **kwargs):
+        """As ``nn.EmbeddingBag.from_pretrained`` / ``nn.Embedding.from_pretrained``, plus ``sizes``.
+
+        ``embeddings [V, D]``; row ``i`` keeps its first ``sizes[i]`` values (``scores=`` and
+        ``order=`` as in :meth:`from_dense`); ``freeze=True`` (the default, as in torch) makes
+        ``weight`` not require a gradient. Other keyword arguments go to the constructor.
+        """
+        m = cls.from_dense(embeddings, sizes, **kwargs)
+        m.weight.requires_grad_(not freeze)
+        return m
 
 
 class MultiSizeEmbeddingBag(_MultiSizeTable):

@@ -182,3 +182,35 @@ def test_bad_arguments_are_named():
     m = pme.MultiSizeEmbeddingBag(4, 8)
     with pytest.raises(ValueError, match="input is on"):
         m(torch.tensor([1, 2], device="meta"), torch.tensor([0]))
+
+
+@pytest.mark.parametrize("cls,nn_cls", [(pme.MultiSizeEmbeddingBag, torch.nn.EmbeddingBag),
+                                        (pme.MultiSizeEmbedding, torch.nn.Embedding)])
+@pytest.mark.parametrize("freeze", [True, False])
+def test_from_pretrained_is_nn_from_pretrained(cls, nn_cls, freeze):
+    gen = torch.Generator().manual_seed(3)
+    emb = torch.randn(30, 8, generator=gen)
+    sizes = torch.randint(0, 9, (30,), generator=gen)
+    kw = {"mode": "sum"} if cls is pme.MultiSizeEmbeddingBag else {}
+    m = cls.from_pretrained(emb, sizes, freeze=freeze, padding_idx=2, **kw)
+    dense = emb * (torch.arange(8) < sizes[:, None])  # each row's first sizes[i] values
+    ref = nn_cls.from_pretrained(dense, freeze=freeze, padding_idx=2, **kw)
+    assert m.weight.requires_grad == ref.weight.requires_grad == (not freeze)
+    x = torch.randint(0, 30, (5, 4), generator=gen)
+    torch.testing.assert_close(m(x), ref(x))
+
+
+def test_dtype_cast_keeps_the_optimizer_state():
+    # .to(bf16) casts the table but not the fused optimizer's float32 state (nor its precision)
+    sizes = torch.randint(0, 9, (40,), generator=torch.Generator().manual_seed(4))
+    m = pme.MultiSizeEmbeddingBag(40, 8, sizes, mode="sum", optimizer=pme.optim.RowwiseAdagrad(lr=0.1))
+    m.optim_state1.copy_(torch.rand(40, dtype=torch.float64).float())
+    before = m.optim_state1.clone()
+    m.to(torch.bfloat16)
+    assert m.weight.dtype == torch.bfloat16 and m.optim_state1.dtype == torch.float32
+    assert torch.equal(m.optim_state1, before)
+    x = torch.randint(0, 40, (6, 3))
+    m(x).float().sum().backward()  # trains in bf16 with the float32 state
+    assert bool((m.optim_state1 >= before).all()) and not torch.equal(m.optim_state1, before)
+    m.double()
+    assert m.optim_state1.dtype == torch.float64 and m.weight.dtype == torch.float64
