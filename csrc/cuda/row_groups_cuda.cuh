@@ -4,8 +4,9 @@
 // has a fixed order that does not depend on scheduling.
 //
 // Grouping (group_by_row):
-//   1. bag_kernel: bag_of[j] (int32, -1 after the last bag) and count[b] (non-padding lookups
-//      of bag b, for the mean), one warp per bag. Skipped for implicit bags (bag j = lookup j).
+//   1. bag_kernel: bag_of[j] (int32, -1 after the last bag) and count[b] (the lookups of bag b
+//      the forward counts in its mean: not padding and not skipped as bad), one warp per bag.
+//      Skipped for implicit bags (bag j = lookup j).
 //   2. key_kernel: key[j] = row of lookup j, or the sentinel V when the lookup contributes
 //      nothing (padding, after the last bag, or a bad lookup that validation did not stop);
 //      value[j] = j.
@@ -43,7 +44,7 @@ constexpr int kChunk = kWarp * kVPL;  // columns per chunk: rows up to 128 wide 
 struct RowGroupsDev {
   int64_t N;  // lookups
   const int32_t* bag_of;  // [N] bag of every position (-1 after the last bag); nullptr: implicit bags
-  const int32_t* count;  // [B] non-padding lookups of each bag, or nullptr
+  const int32_t* count;  // [B] lookups each bag counts in its mean (mode mean), or nullptr
   const int32_t* pos;  // [N] positions sorted by row; the first seg[U] are the contributing ones
   const int32_t* seg;  // [U + 1] segment starts into pos
   const int64_t* rows;  // [U] row of each segment
@@ -65,9 +66,12 @@ struct RowGroups {
 // ------------------------------------------------------------------------------------------
 // Grouping kernels
 // ------------------------------------------------------------------------------------------
+// count (mode mean only, else nullptr) must equal the forward's divisor: a lookup the forward
+// skips (padding, or a bad lookup that validation did not stop: PME_CUDA_VALIDATE=0 or a CUDA
+// graph capture) is not counted, else the gradient would not be the forward's derivative.
 template <class I>
-__global__ void __launch_bounds__(256)
-    bag_kernel(const I* idx, int64_t N, const I* bo, int64_t B, int64_t pad, int32_t* bag_of, int32_t* count) {
+__global__ void __launch_bounds__(256) bag_kernel(const I* idx, int64_t N, const I* bo, int64_t B, int64_t pad,
+                                                  Table t, int32_t* bag_of, int32_t* count) {
   const int lane = threadIdx.x & 31;
   const int64_t nwarps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
   for (int64_t b = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; b < B; b += nwarps) {
@@ -76,7 +80,11 @@ __global__ void __launch_bounds__(256)
     int c = 0;
     for (int64_t j = s + lane; j < e; j += kWarp) {
       bag_of[j] = static_cast<int32_t>(b);
-      c += static_cast<int64_t>(idx[j]) != pad;
+      if (count != nullptr) {
+        const int64_t r = static_cast<int64_t>(idx[j]);
+        int64_t lo, size, col;
+        c += r != pad && lookup_row(t, r, lo, size, col);
+      }
     }
     c = warp_sum(c);
     if (lane == 0 && count != nullptr) count[b] = c;
@@ -208,7 +216,7 @@ RowGroups group_by_row_k(const Ctx& ctx, const Tensor& like, const I* idx, int64
   if (bo != nullptr) {
     PME_CUDA_CHECK(cudaMemsetAsync(bag_of, 0xff, sizeof(int32_t) * N, st));  // -1: after the last bag
     if (B > 0) {
-      bag_kernel<I><<<ctx.grid(B * kWarp, 256), 256, 0, st>>>(idx, N, bo, B, pad, bag_of, count);
+      bag_kernel<I><<<ctx.grid(B * kWarp, 256), 256, 0, st>>>(idx, N, bo, B, pad, t, bag_of, count);
       PME_CUDA_LAUNCH_CHECK();
     }
   }
@@ -257,7 +265,7 @@ RowGroups group_by_row_k(const Ctx& ctx, const Tensor& like, const I* idx, int64
 }
 
 // Groups the lookups of a batch by row (bo == nullptr: implicit bags, bag j = lookup j).
-// need_count: also count the non-padding lookups of each bag (mode mean).
+// need_count: also count the lookups of each bag that its mean divides by (mode mean).
 template <class I>
 RowGroups group_by_row(const Ctx& ctx, const Tensor& like, const I* idx, int64_t N, const I* bo, int64_t B,
                        int64_t pad, const Table& t, bool need_count) {
