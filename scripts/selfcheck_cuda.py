@@ -4,9 +4,12 @@
     python scripts/selfcheck_cuda.py --quick    # correctness only
 
 Compares every CUDA operator with the CPU operator of the same build (the CPU kernels define the
-semantics), checks bitwise determinism of the backward-shaped operators, the validation errors
-(PME_CUDA_VALIDATE=1) and the no-sync mode (=0), CUDA-graph capture, and times the headline
-configuration (10M x 128 table, sizes 16/32/64/128, 16384 bags x 32 Zipf lookups).
+semantics), checks bitwise determinism of the backward-shaped operators (also on hot rows that
+the backward splits into parts), edge shapes (no bags, no lookups, width 0, all-padding bags),
+weights at an unaligned address, the validation errors (PME_CUDA_VALIDATE=1) and the no-sync
+mode (=0), CUDA-graph capture of every capturable operator, a second GPU when there is one, and
+times the headline configuration (10M x 128 table, sizes 16/32/64/128, 16384 bags x 32 Zipf
+lookups). Each check prints one line; the first failing assertion names what differs.
 Not a pytest file: a standalone script for the session that first gets a GPU; move what is
 useful into tests/ and benchmarks/.
 """
@@ -82,6 +85,10 @@ def check_lookups(quick):
         sizes = [s for s in sizes if 0 <= s <= D]
         V = rng.choice([7, 100, 5000])
         w, off, cos, W = make_table(V, D, sizes, dtype, DEV, trial, grouped)
+        if rng.random() < 0.25:  # data pointer off the 16-byte grid: the scalar path for every row
+            store = torch.zeros(w.numel() + 1, dtype=dtype, device=DEV)
+            store[1:].copy_(w)
+            w = store[1:]
         idx, bo = batch(V, rng.choice([1, 5, 300]), rng.choice([1, 8, 40]), itype, trial, zipf=rng.random() < 0.5,
                         trailing=rng.choice([0, 3]))
         idx, bo = idx.to(DEV), bo.to(DEV)
@@ -110,8 +117,8 @@ def check_lookups(quick):
         close(ops.embedding_backward(ge, w, off, idx, cos, pad), ops.embedding_backward(cpu(ge), cpu(w), cpu(off),
               cpu(idx), cpu(cos), pad), dtype, f"embedding_backward trial {trial}")
         # fused updates and scores
-        if dtype in (torch.float32, torch.float64):
-            sd = dtype
+        if True:  # every weight dtype; optimizer state and scores are float32 (float64 for float64)
+            sd = torch.float64 if dtype == torch.float64 else torch.float32
             for opt in (0, 1, 2):
                 s1 = torch.rand(V if opt == 1 else w.numel(), dtype=sd) if opt else torch.zeros(0, dtype=sd)
                 s2 = torch.rand(w.numel(), dtype=sd) if opt == 2 else torch.zeros(0, dtype=sd)
@@ -121,14 +128,14 @@ def check_lookups(quick):
                 ops.sparse_update_(*tensors, go, off, idx, bo, psw, cos, am, *args)
                 ops.sparse_update_(*rtensors, cpu(go), cpu(off), cpu(idx), cpu(bo), cpu(psw), cpu(cos), cpu(am), *args)
                 for a, b in zip(tensors, rtensors):
-                    close(a, b, dtype, f"sparse_update_ opt {opt} trial {trial}")
+                    close(a, b, dtype, f"sparse_update_ opt {opt} trial {trial} {dtype}")
             for rule in (0, 1):
                 sc = torch.rand(w.numel(), dtype=sd)
                 a, b = sc.to(DEV), sc.clone()
                 ops.accumulate_scores_(a, go, w, off, idx, bo, psw, cos, am, mode, pad, rule)
                 ops.accumulate_scores_(b, cpu(go), cpu(w), cpu(off), cpu(idx), cpu(bo), cpu(psw), cpu(cos), cpu(am),
                                        mode, pad, rule)
-                close(a, b, dtype, f"accumulate_scores_ rule {rule} trial {trial}")
+                close(a, b, dtype, f"accumulate_scores_ rule {rule} trial {trial} {dtype}")
         n += 1
     print(f"lookups, backward, updates, scores: {n} random configurations match the CPU kernels")
 
@@ -149,10 +156,10 @@ def check_prune():
             sizes = torch.randint(0, D + 1, (V,), generator=g)
             off = torch.zeros(V + 1, dtype=torch.int64)
             off[1:] = torch.cumsum(sizes, 0)
-            for by_score in (False, True):
-                a = ops.prune_pack(dense.to(DEV), sc.to(DEV), off.to(DEV), by_score)
-                b = ops.prune_pack(dense, sc, off, by_score)
-                assert torch.equal(a.cpu(), b), f"prune_pack {V}x{D} {kind} by_score={by_score}"
+            for by_score, dd in ((False, torch.float32), (True, torch.float32), (True, torch.bfloat16)):
+                a = ops.prune_pack(dense.to(dd).to(DEV), sc.to(DEV), off.to(DEV), by_score)
+                b = ops.prune_pack(dense.to(dd), sc, off, by_score)
+                assert torch.equal(a.cpu(), b), f"prune_pack {V}x{D} {kind} by_score={by_score} {dd}"
     print("topk_threshold, prune_counts, prune_pack: equal to the CPU kernels")
 
 
@@ -166,13 +173,141 @@ def check_errors():
         raise AssertionError("no error for an out-of-range index")
     except RuntimeError as e:
         assert "index out of range: indices[2] = 10" in str(e), str(e)
+    none = torch.empty(0, 0, dtype=torch.int64, device=DEV)
+    go = torch.ones(1, W, device=DEV)
+    bad = [  # (call, message fragment), each must raise with PME_CUDA_VALIDATE=1
+        (lambda: ops.bag_backward(go, w, off, idx, bo, None, None, none, 0, -1, False), "indices[2] = 10"),
+        (lambda: ops.sparse_update_(w.clone(), torch.empty(0, device=DEV), torch.empty(0, device=DEV), go, off, idx,
+                                    bo, None, None, none, 0, -1, 0, 0.1, 0.0, 1e-8, 0.9, 0.999, 1), "indices[2] = 10"),
+        (lambda: ops.bag_forward(w, off, idx[:2], torch.tensor([0, 2, 1], device=DEV), None, None, W, 0, -1),
+         "non-decreasing"),
+        (lambda: ops.bag_forward(w, off, idx[:2], torch.tensor([0, 3], device=DEV), None, None, W, 0, -1),
+         "past the input"),
+        (lambda: ops.bag_forward(w, off, idx[:2], torch.tensor([1, 2], device=DEV), None, None, W, 0, -1),
+         "start at 0"),
+        (lambda: ops.bag_forward(w, off, idx[:2], torch.tensor([0, 2], device=DEV), None, None, 3, 0, -1),
+         "output width 3"),
+        (lambda: ops.embedding_forward(w, off, idx, None, W), "indices[2] = 10"),
+        (lambda: ops.prune_pack(torch.zeros(2, 4, device=DEV), torch.zeros(2, 4, device=DEV),
+                                torch.tensor([0, 5, 6], device=DEV), False), "outside [0, D = 4]"),
+    ]
+    for call, frag in bad:
+        try:
+            call()
+            raise AssertionError(f"no error (expected one mentioning {frag!r})")
+        except RuntimeError as e:
+            assert frag in str(e), f"expected {frag!r} in: {e}"
+    torch.cuda.synchronize()  # no sticky device error
     os.environ["PME_CUDA_VALIDATE"] = "0"
     out, _ = ops.bag_forward(w, off, idx, bo, None, None, W, 0, -1)  # skipped, no fault
-    ops.bag_backward(torch.ones_like(out), w, off, idx, bo, None, None, torch.empty(0, 0, dtype=torch.int64,
-                     device=DEV), 0, -1, False)
+    ops.bag_backward(torch.ones_like(out), w, off, idx, bo, None, None, none, 0, -1, False)
+    # mean without validation: the bad lookup is skipped by the forward and by the backward's count
+    good = idx[:2]
+    for mode in (0, 1, 2):
+        out, am = ops.bag_forward(w, off, idx, bo, None, None, W, mode, -1)
+        ref, ram = ops.bag_forward(w, off, good, torch.tensor([0, 2], device=DEV), None, None, W, mode, -1)
+        assert torch.equal(out, ref), f"PME_CUDA_VALIDATE=0 forward mode {mode}"
+        g1, _ = ops.bag_backward(go, w, off, idx, bo, None, None, am, mode, -1, False)
+        g2, _ = ops.bag_backward(go, w, off, good, torch.tensor([0, 2], device=DEV), None, None, ram, mode, -1, False)
+        assert torch.equal(g1, g2), f"PME_CUDA_VALIDATE=0 backward mode {mode}: skipped lookup changed the gradient"
     torch.cuda.synchronize()
     os.environ["PME_CUDA_VALIDATE"] = "1"
-    print("validation: clear error with PME_CUDA_VALIDATE=1, no fault with 0")
+    print("validation: clear errors with PME_CUDA_VALIDATE=1; with 0 no fault, bad lookups skipped consistently")
+
+
+def check_edges():
+    """Shapes at the edges, each against the CPU kernels: no bags, no lookups, width 0, all-empty and
+    all-padding bags, a table of empty rows, int32 everything."""
+    cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
+    w, off, cos, W = make_table(50, 16, [0, 4, 16], torch.float32, DEV, 3)
+    z, _, _, _ = make_table(50, 16, [0], torch.float32, DEV, 3)  # every row empty, total 0
+    zoff = torch.zeros(51, dtype=torch.int64, device=DEV)
+    cases = [  # (weight, offsets, idx, bag_offsets, width, pad)
+        (w, off, [], [0], W, -1),  # no bags
+        (w, off, [], [0, 0, 0, 0], W, -1),  # bags, no lookups
+        (w, off, [1, 2, 3], [0, 0, 3, 3], W, -1),  # empty bags around a full one
+        (w, off, [5, 5, 5, 1], [0, 3, 4], W, 5),  # a bag of padding only
+        (z, zoff, [1, 2, 3], [0, 2, 3], 16, -1),  # empty rows, empty buffer
+        (w, torch.zeros_like(off), [], [0, 0], 0, -1),  # width 0
+    ]
+    for itype in (torch.int64, torch.int32):
+        for k, (wt, o, i, b, width, pad) in enumerate(cases):
+            if width == 0:
+                wt = torch.zeros(0, device=DEV)
+            idx = torch.tensor(i, dtype=itype, device=DEV)
+            bo = torch.tensor(b, dtype=itype, device=DEV)
+            for mode in (0, 1, 2):
+                out, am = ops.bag_forward(wt, o, idx, bo, None, None, width, mode, pad)
+                rout, ram = ops.bag_forward(cpu(wt), cpu(o), cpu(idx), cpu(bo), None, None, width, mode, pad)
+                assert torch.equal(out.cpu(), rout) and torch.equal(am.cpu(), ram), f"edge case {k} mode {mode}"
+                go = torch.randn(out.shape).to(DEV)
+                gw, _ = ops.bag_backward(go, wt, o, idx, bo, None, None, am, mode, pad, False)
+                rgw, _ = ops.bag_backward(go.cpu(), cpu(wt), cpu(o), cpu(idx), cpu(bo), None, None, ram, mode, pad,
+                                          False)
+                assert torch.equal(gw.cpu(), rgw), f"edge case {k} mode {mode}: backward"
+                ws = wt.clone()
+                ops.sparse_update_(ws, torch.zeros(50, device=DEV), torch.empty(0, device=DEV), go, o, idx, bo, None,
+                                   None, am, mode, pad, 1, 0.1, 0.0, 1e-8, 0.9, 0.999, 1)
+            e = ops.embedding_forward(wt, o, idx, None, width)
+            assert torch.equal(e.cpu(), ops.embedding_forward(cpu(wt), cpu(o), cpu(idx), None, width))
+    torch.cuda.synchronize()
+    print("edge shapes (no bags, no lookups, width 0, empty and padding-only bags, empty rows): equal to the CPU")
+
+
+def check_hot_rows():
+    """Rows hit by thousands of lookups (split into parts by the backward): bitwise repeatable, close to
+    the CPU (a different but fixed summation order), for the gradient, the fused steps and the scores."""
+    cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
+    for D in (64, 200):  # 200: rows wider than one 128-column chunk (two passes in row-wise Adagrad)
+        V, N = 1000, 200_000
+        w, off, cos, W = make_table(V, D, [D // 2, D], torch.float32, DEV, 9)
+        g = torch.Generator().manual_seed(10)
+        idx = torch.where(torch.rand(N, generator=g) < 0.7, torch.tensor(5), torch.randint(0, 50, (N,), generator=g))
+        bo = torch.arange(0, N + 1, 16)
+        idx, bo = idx.to(DEV), bo.to(DEV)
+        for mode in (0, 1, 2):
+            out, am = ops.bag_forward(w, off, idx, bo, None, None, W, mode, 7)
+            go = torch.randn(out.shape, generator=g).to(DEV)
+            gws = [ops.bag_backward(go, w, off, idx, bo, None, None, am, mode, 7, False)[0] for _ in range(2)]
+            assert torch.equal(gws[0], gws[1]), f"hot rows D={D} mode {mode}: backward not deterministic"
+            rgw = ops.bag_backward(go.cpu(), w.cpu(), off.cpu(), idx.cpu(), bo.cpu(), None, None, am.cpu(), mode, 7,
+                                   False)[0]
+            close(gws[0], rgw, torch.float32, f"hot rows D={D} mode {mode}: backward")
+            for opt in (1, 2):
+                res = []
+                for dev in (DEV, DEV, "cpu"):
+                    t = [w.clone().to(dev), torch.ones(V if opt == 1 else w.numel(), device=dev),
+                         torch.ones(w.numel() if opt == 2 else 0, device=dev)]
+                    ops.sparse_update_(*t, go.to(dev), off.to(dev), idx.to(dev), bo.to(dev), None, None, am.to(dev),
+                                       mode, 7, opt, 0.05, 0.01, 1e-8, 0.9, 0.999, 2)
+                    res.append(t)
+                assert all(torch.equal(a, b) for a, b in zip(res[0], res[1])), f"hot rows: opt {opt} not repeatable"
+                for a, b in zip(res[0], res[2]):
+                    close(a, b, torch.float32, f"hot rows D={D} mode {mode} opt {opt}")
+            sc = [torch.zeros(w.numel(), device=DEV) for _ in range(2)]
+            for t in sc:
+                ops.accumulate_scores_(t, go, w, off, idx, bo, None, None, am, mode, 7, 0)
+            assert torch.equal(sc[0], sc[1]), "hot rows: accumulate_scores_ not repeatable"
+    print("hot rows (70% of 200k lookups on one row): deterministic, and close to the CPU kernels")
+
+
+def check_second_device():
+    if torch.cuda.device_count() < 2:
+        print("second GPU: skipped (one GPU)")
+        return
+    dev = "cuda:1"
+    w, off, cos, W = make_table(300, 32, [8, 32], torch.float32, dev, 11)
+    idx, bo = batch(300, 40, 10, torch.int64, 12)
+    idx, bo = idx.to(dev), bo.to(dev)
+    with torch.cuda.device(0):  # the current device is not the tensors' device
+        out, am = ops.bag_forward(w, off, idx, bo, None, None, W, 2, -1)
+        gw, _ = ops.bag_backward(torch.ones_like(out), w, off, idx, bo, None, None, am, 2, -1, False)
+        t = ops.topk_threshold(w.abs(), 10)
+    torch.cuda.synchronize(1)
+    rout, _ = ops.bag_forward(w.cpu(), off.cpu(), idx.cpu(), bo.cpu(), None, None, W, 2, -1)
+    assert out.device == torch.device(dev) and torch.equal(out.cpu(), rout)
+    assert gw.device == torch.device(dev) and t.device == torch.device(dev)
+    print("second GPU: kernels run on the tensors' device")
 
 
 def check_graph():
@@ -192,7 +327,41 @@ def check_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out_g, out) and torch.equal(gw_g, gw)
-    print("CUDA graph capture and replay: same results")
+
+    # A training step (max lookup, fused Adam, scores) and the pruning scalars, captured once and
+    # replayed on new indices: equal to the same calls run eagerly.
+    V = 1000
+    go = torch.randn(bo.numel() - 1, W, device=DEV)
+    cap = [w.clone(), torch.zeros(w.numel(), device=DEV), torch.zeros(w.numel(), device=DEV),
+           torch.zeros(w.numel(), device=DEV)]  # weight, m, v, scores
+    eager = [t.clone() for t in cap]
+    idx_c = idx.clone()
+
+    def step(t, ix):
+        o, a = ops.bag_forward(t[0], off, ix, bo, None, None, W, 2, -1)
+        ops.accumulate_scores_(t[3], go, t[0], off, ix, bo, None, None, a, 2, -1, 0)
+        ops.sparse_update_(t[0], t[1], t[2], go, off, ix, bo, None, None, a, 2, -1, 2, 0.01, 0.0, 1e-8, 0.9, 0.999,
+                           1)
+        thr = ops.topk_threshold(t[3], 100)
+        return o, thr, ops.prune_counts(t[3].reshape(-1, 1), thr)
+
+    warm = [t.clone() for t in cap]
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step(warm, idx_c)  # warm-up off the capture, on scratch copies
+    torch.cuda.current_stream().wait_stream(s)
+    graph2 = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph2):
+        res_g = step(cap, idx_c)
+    for seed in range(3):
+        new_idx = torch.randint(0, V, idx.shape, generator=torch.Generator().manual_seed(100 + seed)).to(DEV)
+        idx_c.copy_(new_idx)
+        graph2.replay()
+        res_e = step(eager, new_idx)
+        torch.cuda.synchronize()
+        assert all(torch.equal(a, b) for a, b in zip(cap, eager)), f"graph replay {seed}: state differs"
+        assert all(torch.equal(a, b) for a, b in zip(res_g, res_e)), f"graph replay {seed}: outputs differ"
+    print("CUDA graph capture and replay (lookup, backward, fused Adam, scores, topk, counts): same results")
 
 
 def bench():
@@ -245,8 +414,11 @@ if __name__ == "__main__":
     a = ap.parse_args()
     print(pme.info() if hasattr(pme, "info") else "")
     check_errors()
+    check_edges()
     check_lookups(a.quick)
+    check_hot_rows()
     check_prune()
     check_graph()
+    check_second_device()
     if not a.quick:
         bench()
