@@ -227,7 +227,9 @@ class _MultiSizeTable(nn.Module):
         # .to(dtype) / .half() / .bfloat16() cast every floating buffer; the fused optimizer's state
         # must stay in the accumulation dtype (float32, float64 for float64 tables) and must not
         # lose precision on the way, so it only follows the table's device.
-        held = {k: self._buffers[k] for k in _STATE_BUFFERS if self._buffers.get(k) is not None}
+        # The step count stays a CPU scalar: the fused backward reads it on the host, which on a
+        # GPU would synchronise every step and break CUDA-graph capture.
+        held = {k: self._buffers[k] for k in _STATE_BUFFERS + ("optim_step",) if self._buffers.get(k) is not None}
         for k in held:
             self._buffers[k] = None
         try:
@@ -235,7 +237,7 @@ class _MultiSizeTable(nn.Module):
         finally:
             acc = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
             for k, t in held.items():
-                self._buffers[k] = t.to(device=self.weight.device, dtype=acc)
+                self._buffers[k] = t if k == "optim_step" else t.to(device=self.weight.device, dtype=acc)
         return self
 
     def _apply_projection(self, out):

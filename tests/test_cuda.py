@@ -77,7 +77,9 @@ def test_cuda_graph_replays_fused_training_step(opt):
     sizes = torch.randint(0, D + 1, (V,), generator=torch.Generator().manual_seed(0))
     make = {"sgd": lambda: pme.optim.SGD(lr=0.1), "rowwise_adagrad": lambda: pme.optim.RowwiseAdagrad(lr=0.1)}[opt]
     eager = pme.MultiSizeEmbeddingBag(V, D, sizes, mode="sum", device="cuda", optimizer=make())
-    graphed = pme.MultiSizeEmbeddingBag(V, D, sizes, mode="sum", device="cuda", optimizer=make())
+    # built on the CPU and moved: .cuda() must leave the host-side step count on the host
+    graphed = pme.MultiSizeEmbeddingBag(V, D, sizes, mode="sum", optimizer=make()).cuda()
+    assert graphed.optim_step.device.type == "cpu" and graphed.optim_state1.is_cuda
     graphed.load_state_dict(eager.state_dict())
     idx = torch.zeros(B * L, dtype=torch.int64, device="cuda")
     off = torch.arange(0, B * L, L, device="cuda")

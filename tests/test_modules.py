@@ -214,3 +214,4 @@ def test_dtype_cast_keeps_the_optimizer_state():
     assert bool((m.optim_state1 >= before).all()) and not torch.equal(m.optim_state1, before)
     m.double()
     assert m.optim_state1.dtype == torch.float64 and m.weight.dtype == torch.float64
+    assert m.optim_step.dtype == torch.int64 and m.optim_step.device.type == "cpu"
