@@ -269,3 +269,30 @@ def test_noncontiguous_inputs_are_accepted(device):
     off = torch.tensor([0, 3, 9], device=device)
     torch.testing.assert_close(ops.embedding_bag(w, offsets, idx, off, width=width),
                                ops.embedding_bag(w, offsets, idx.contiguous(), off, width=width))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("D", [40, 64, 128, 200, 256, 300])
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_cpu_forward_kernels_on_wide_tables(monkeypatch, dtype, D, mode):
+    """The CPU forward has an AVX-512 kernel (sum/mean, padded, widths up to 256, where the CPU
+    has AVX-512) and a portable one (PME_CPU_KERNEL=generic forces it): both match the oracle on
+    wide tables with odd row sizes, padding and per-sample weights, and agree with each other."""
+    outs = {}
+    for kernel in ["auto", "generic"]:
+        monkeypatch.setenv("PME_CPU_KERNEL", kernel)
+        run_case("cpu", dtype, mode, "padded", torch.int64, use_psw=mode == "sum", pad_choice="negative", seed=D,
+                 V=60, D=D, B=20, L=9)
+        w, offsets, col, width, _ = make_table(60, D, dtype, "cpu", seed=D)
+        idx, bags = random_bags(60, 20, 9, torch.Generator().manual_seed(D), torch.int32)
+        outs[kernel] = ops.embedding_bag(w, offsets, idx, bags, width=width, mode=mode)
+    # the same fp32 sums in the same order: identical outputs
+    assert torch.equal(outs["auto"], outs["generic"])
+    # a bad lookup is reported the same way by both kernels
+    w, offsets, col, width, _ = make_table(60, D, dtype, "cpu", seed=D)
+    for kernel in ["auto", "generic"]:
+        monkeypatch.setenv("PME_CPU_KERNEL", kernel)
+        with pytest.raises(RuntimeError, match=r"indices\[3\] = 60"):
+            ops.embedding_bag(w, offsets, torch.tensor([1, 2, 3, 60, 61]), torch.tensor([0, 2]), width=width)
+        with pytest.raises(RuntimeError, match="does not fit in the output width"):
+            ops.embedding_bag(w, offsets, torch.tensor([1, 0, 3]), torch.tensor([0, 2]), width=D - 1)

@@ -1,21 +1,32 @@
 // CPU lookup operators: pooled (bag_forward / bag_backward) and non-pooled
 // (embedding_forward / embedding_backward) over a flat multi-size table.
-// Forward: one task per bag, fp32 (fp64 for fp64 weights) accumulation.
+// Forward: one task per range of bags, fp32 (fp64 for fp64 weights) accumulation; the common
+// case (sum/mean, padded layout, fp32/fp16/bf16, width <= 256) runs an AVX-512 kernel that keeps
+// the bag's sums in registers where the CPU has AVX-512, everything else a portable kernel.
 // Backward: lookups grouped by row (row_groups.h), one task per row: deterministic.
 #include "cpu/row_groups.h"
 #include "lookup_ops.h"
 
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define PME_HAVE_AVX512_KERNEL 1
+#include <immintrin.h>
+#else
+#define PME_HAVE_AVX512_KERNEL 0
+#endif
 
 namespace pme::cpu {
 namespace {
 
-// a[0:n] += s * row[0:n] in the accumulation type; restrict lets the compiler vectorise.
+// The portable kernel's loops, cloned for AVX2 where GCC can.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define PME_CLONES __attribute__((target_clones("avx2", "default")))
 #else
@@ -37,6 +48,23 @@ inline float widen<float, c10::BFloat16>(const c10::BFloat16& x) {
   return f;
 }
 
+// Accumulation type to element; bf16 rounded to nearest even exactly as c10::BFloat16(float)
+// does, written without a branch so that the output loop vectorises.
+template <class T, class A>
+inline T narrow(A x) {
+  return static_cast<T>(x);
+}
+
+template <>
+inline c10::BFloat16 narrow<c10::BFloat16, float>(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  const uint16_t rounded = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  c10::BFloat16 out;
+  out.x = x != x ? uint16_t{0x7FC0} : rounded;
+  return out;
+}
+
 template <class T, class A>
 inline void axpy(A* __restrict__ a, const T* __restrict__ row, int64_t n, A s) {
   for (int64_t c = 0; c < n; ++c) a[c] += s * widen<A>(row[c]);
@@ -47,70 +75,84 @@ inline void add(A* __restrict__ a, const T* __restrict__ row, int64_t n) {
   for (int64_t c = 0; c < n; ++c) a[c] += widen<A>(row[c]);
 }
 
-constexpr int64_t kPrefetchRow = 16; // lookups ahead whose row is prefetched
+inline void note_bad(std::atomic<int64_t>& bad, int64_t j) {
+  int64_t cur = bad.load();
+  while (j < cur && !bad.compare_exchange_weak(cur, j)) {
+  }
+}
 
-// Forward over bags [b0, b1). Each lookup is checked before its row is read (index in range,
-// row inside the buffer and the width); the first bad position goes to `bad` and the lookup
-// is skipped, so a bad input never reads out of bounds; the caller then throws.
+// Bag b spans lookups [bag_begin, bag_end); without bag offsets lookup b is bag b.
+template <class I>
+inline int64_t bag_begin(const I* bo, int64_t b) {
+  return bo ? static_cast<int64_t>(bo[b]) : b;
+}
+
+// How far ahead the forward kernels look: the offsets of lookup j + kAheadOffsets are
+// prefetched, and the row of lookup j + kAheadRow (its offsets are in cache by then), so the
+// two dependent misses of a lookup (offset table, then row) overlap with other lookups' work.
+constexpr int64_t kAheadOffsets = 24;
+constexpr int64_t kAheadRow = 8;
+
+// Prefetches for lookup j (see kAheadRow); reads only offsets of rows in range, and a prefetch
+// never faults, so a bad index here is harmless (it is reported when its turn comes).
+// Always inlined: GCC's IPA takes a function whose only effect is __builtin_prefetch for a
+// pure one and deletes its calls (the previous forward's prefetch lambda compiled to nothing).
 template <class T, class I>
-PME_CLONES void bag_forward_range(const T* w, const TableView& t, const I* idx, const I* bo, int64_t b0, int64_t b1,
-                       const T* psw, int64_t mode, int64_t pad, T* out, int64_t* argmax, std::atomic<int64_t>& bad) {
+__attribute__((always_inline)) inline void prefetch_ahead(const T* w, const TableView& t, const I* idx, int64_t j,
+                                                          int64_t jend) {
+  if (j + kAheadOffsets < jend) {
+    const uint64_t r = static_cast<uint64_t>(static_cast<int64_t>(idx[j + kAheadOffsets]));
+    if (r < static_cast<uint64_t>(t.num_rows)) __builtin_prefetch(t.offsets + r);
+  }
+  if (j + kAheadRow < jend) {
+    const uint64_t r = static_cast<uint64_t>(static_cast<int64_t>(idx[j + kAheadRow]));
+    if (r < static_cast<uint64_t>(t.num_rows)) {
+      // Integer arithmetic: the offsets are not checked yet, the address may be anything.
+      const uintptr_t lo = reinterpret_cast<uintptr_t>(w) + static_cast<uintptr_t>(t.offsets[r]) * sizeof(T);
+      const uintptr_t hi = reinterpret_cast<uintptr_t>(w) + static_cast<uintptr_t>(t.offsets[r + 1]) * sizeof(T);
+      __builtin_prefetch(reinterpret_cast<const void*>(lo));
+      __builtin_prefetch(reinterpret_cast<const void*>(hi - 1));
+    }
+  }
+}
+
+// Locates lookup j: false for the padding row and for a bad lookup (noted in `bad`; the caller
+// throws after the kernel), else the row's start, size and output column. A row is read only
+// after these checks: index in range, row inside the buffer, row inside the output width.
+// kPadded: the caller knows the layout is padded (t.col_of_size == nullptr, column 0).
+template <bool kPadded = false, class I>
+inline bool locate(const TableView& t, const I* idx, int64_t j, int64_t pad, std::atomic<int64_t>& bad,
+                   int64_t& lo, int64_t& size, int64_t& col) {
+  const int64_t r = static_cast<int64_t>(idx[j]);
+  if (__builtin_expect(static_cast<uint64_t>(r) >= static_cast<uint64_t>(t.num_rows), 0)) {
+    note_bad(bad, j);
+    return false;
+  }
+  if (r == pad) return false;  // pad is -1 (none) or a row
+  lo = t.offsets[r];
+  const int64_t hi = t.offsets[r + 1];
+  size = hi - lo;
+  col = kPadded || !t.col_of_size ? 0 : (size >= 0 && size < t.num_cols ? t.col_of_size[size] : -1);
+  if (__builtin_expect(!(size >= 0 && lo >= 0 && hi <= t.total && col >= 0 && col + size <= t.width), 0)) {
+    note_bad(bad, j);
+    return false;
+  }
+  return true;
+}
+
+// Portable forward over bags [b0, b1): every mode and layout, accumulator in memory.
+template <class T, class I>
+PME_CLONES void bag_forward_generic(const T* w, const TableView& table, const I* idx, const I* bo, int64_t b0,
+                                    int64_t b1, const T* psw, int64_t mode, int64_t pad, T* out, int64_t* argmax,
+                                    std::atomic<int64_t>& bad) {
   using A = acc_t<T>;
-  const int64_t W = t.width, V = t.num_rows;
-  const int64_t* off = t.offsets;
+  const TableView t = table;  // a local copy stays in registers (the atomic in note_bad would force reloads)
+  const int64_t W = t.width;
   std::vector<A> acc(W);
   std::vector<int64_t> cov(mode == kMax ? W : 0);
-  auto note_bad = [&](int64_t j) {
-    int64_t cur = bad.load();
-    while (j < cur && !bad.compare_exchange_weak(cur, j)) {
-    }
-  };
-  const int64_t j0 = bo ? static_cast<int64_t>(bo[b0]) : b0;
-  const int64_t jend = bo ? static_cast<int64_t>(bo[b1]) : b1;
-  // Pass 1: locate every lookup's row (independent loads of the offset table, so many are in
-  // flight at once) and check it. Size -1 marks a lookup to skip (padding or bad).
-  const int64_t n_look = jend - j0;
-  std::vector<int64_t> lo_of(n_look), size_of(n_look), col_of(n_look);
-  for (int64_t k = 0; k < n_look; ++k) {
-    const int64_t j = j0 + k, r = static_cast<int64_t>(idx[j]);
-    int64_t lo = 0, size = -1, col = 0;
-    if (pad >= 0 && r == pad) {
-      size = -1;
-    } else if (r < 0 || r >= V) {
-      note_bad(j);
-    } else {
-      lo = off[r];
-      const int64_t hi = off[r + 1];
-      size = hi - lo;
-      col = t.col_of_size ? (size >= 0 && size < t.num_cols ? t.col_of_size[size] : -1) : 0;
-      if (!(size >= 0 && lo >= 0 && hi <= t.total && col >= 0 && col + size <= W)) {
-        note_bad(j);
-        size = -1;
-      }
-    }
-    lo_of[k] = lo;
-    size_of[k] = size;
-    col_of[k] = col;
-  }
-  // Pass 2 prefetches rows kPrefetchRow lookups ahead: their addresses are known now.
-  auto prefetch = [&](int64_t j) {
-    const int64_t k = j - j0 + kPrefetchRow;
-    if (k < n_look && size_of[k] > 0) {
-      const char* p = reinterpret_cast<const char*>(w + lo_of[k]);
-      const int64_t bytes = size_of[k] * static_cast<int64_t>(sizeof(T));
-      for (int64_t q = 0; q < bytes && q < 1024; q += 64) __builtin_prefetch(p + q);
-    }
-  };
-  auto locate = [&](int64_t j, int64_t& lo, int64_t& size, int64_t& col) {
-    const int64_t k = j - j0;
-    lo = lo_of[k];
-    size = size_of[k];
-    col = col_of[k];
-    return size >= 0;
-  };
+  const int64_t jend = bag_begin(bo, b1);
   for (int64_t b = b0; b < b1; ++b) {
-    const int64_t start = bo ? static_cast<int64_t>(bo[b]) : b;
-    const int64_t end = bo ? static_cast<int64_t>(bo[b + 1]) : b + 1;
+    const int64_t start = bag_begin(bo, b), end = bag_begin(bo, b + 1);
     T* o = out + b * W;
     int64_t n = 0;
     if (mode == kMax) {
@@ -119,13 +161,13 @@ PME_CLONES void bag_forward_range(const T* w, const TableView& t, const I* idx, 
       std::fill(cov.begin(), cov.end(), 0);
       std::fill(am, am + W, int64_t{-1});
       for (int64_t j = start; j < end; ++j) {
-        prefetch(j);
+        prefetch_ahead(w, t, idx, j, jend);
         int64_t lo, size, col;
-        if (!locate(j, lo, size, col)) continue;
+        if (!locate(t, idx, j, pad, bad, lo, size, col)) continue;
         ++n;
         const T* row = w + lo;
         for (int64_t c = 0; c < size; ++c) {
-          const A v = static_cast<A>(row[c]);
+          const A v = widen<A>(row[c]);
           ++cov[col + c];
           if (v > acc[col + c]) {
             acc[col + c] = v;
@@ -140,26 +182,217 @@ PME_CLONES void bag_forward_range(const T* w, const TableView& t, const I* idx, 
           acc[c] = A(0);
           am[c] = -1;
         }
-        o[c] = static_cast<T>(acc[c]);
+        o[c] = narrow<T>(acc[c]);
       }
       continue;
     }
     std::fill(acc.begin(), acc.end(), A(0));
     for (int64_t j = start; j < end; ++j) {
-      prefetch(j);
+      prefetch_ahead(w, t, idx, j, jend);
       int64_t lo, size, col;
-      if (!locate(j, lo, size, col)) continue;
+      if (!locate(t, idx, j, pad, bad, lo, size, col)) continue;
       ++n;
-      if (psw) axpy(acc.data() + col, w + lo, size, static_cast<A>(psw[j]));
+      if (psw) axpy(acc.data() + col, w + lo, size, widen<A>(psw[j]));
       else add(acc.data() + col, w + lo, size);
     }
     if (mode == kMean && n > 0) {
       const A inv = static_cast<A>(n);
-      for (int64_t c = 0; c < W; ++c) o[c] = static_cast<T>(acc[c] / inv);
+      for (int64_t c = 0; c < W; ++c) o[c] = narrow<T>(acc[c] / inv);
     } else {
-      for (int64_t c = 0; c < W; ++c) o[c] = static_cast<T>(acc[c]);
+      for (int64_t c = 0; c < W; ++c) o[c] = narrow<T>(acc[c]);
     }
   }
+}
+
+#if PME_HAVE_AVX512_KERNEL
+// AVX-512 sum/mean over bags [b0, b1), padded layout, output width W <= 16 * NV: the bag's sums
+// stay in NV registers of 16 floats. A row is read in steps of 64 bytes (16 fp32 or 32 fp16/bf16
+// entries); a row of n entries takes only its ceil(n / step) live steps, the last one masked, so
+// it reads its own bytes and nothing past them (a load under an empty mask would still touch its
+// cache lines). One branch per step: rows of the common small sizes skip most of them.
+#define PME_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,bmi,bmi2,lzcnt,popcnt,fma,f16c")))
+
+template <class T>
+struct Avx512Row;  // loads one step of a row (under a mask of its live entries) as floats
+
+template <>
+struct Avx512Row<float> {
+  static constexpr int kStep = 16;
+  // Mask of the entries k * 16 + i < n, from n broadcast to every lane (a compare, no branch).
+  PME_AVX512 static inline __m512i splat(int n) { return _mm512_set1_epi32(n); }
+  PME_AVX512 static inline uint32_t mask(__m512i n, int k) {
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    return _mm512_cmpgt_epi32_mask(n, _mm512_add_epi32(lane, _mm512_set1_epi32(16 * k)));
+  }
+  PME_AVX512 static inline void load(const float* p, uint32_t m, __m512* x) {
+    x[0] = _mm512_maskz_loadu_ps(static_cast<__mmask16>(m), p);
+  }
+};
+
+// The 16-bit rows: masks over 32 lanes of 16 bits.
+struct Avx512Row16 {
+  static constexpr int kStep = 32;
+  PME_AVX512 static inline __m512i splat(int n) { return _mm512_set1_epi16(static_cast<int16_t>(n)); }
+  PME_AVX512 static inline uint32_t mask(__m512i n, int k) {
+    const __m512i lane = _mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14,
+                                          13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    return _mm512_cmpgt_epi16_mask(n, _mm512_add_epi16(lane, _mm512_set1_epi16(static_cast<int16_t>(32 * k))));
+  }
+};
+
+template <>
+struct Avx512Row<c10::BFloat16> : Avx512Row16 {
+  PME_AVX512 static inline void load(const c10::BFloat16* p, uint32_t m, __m512* x) {
+    const __m512i v = _mm512_maskz_loadu_epi16(m, p);  // bf16 -> fp32 is a 16-bit shift
+    x[0] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(v)), 16));
+    x[1] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(v, 1)), 16));
+  }
+};
+
+template <>
+struct Avx512Row<c10::Half> : Avx512Row16 {
+  PME_AVX512 static inline void load(const c10::Half* p, uint32_t m, __m512* x) {
+    const __m512i v = _mm512_maskz_loadu_epi16(m, p);
+    x[0] = _mm512_cvtph_ps(_mm512_castsi512_si256(v));
+    x[1] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(v, 1));
+  }
+};
+
+template <class T>
+struct Avx512Store;  // 16 floats rounded to T (as static_cast<T> does), stored under a mask
+
+template <>
+struct Avx512Store<float> {
+  PME_AVX512 static inline void store(float* p, __mmask16 m, __m512 x) { _mm512_mask_storeu_ps(p, m, x); }
+};
+
+template <>
+struct Avx512Store<c10::BFloat16> {
+  // c10's round_to_nearest_even: (u + 0x7FFF + ((u >> 16) & 1)) >> 16, NaN -> 0x7FC0.
+  PME_AVX512 static inline void store(c10::BFloat16* p, __mmask16 m, __m512 x) {
+    const __m512i u = _mm512_castps_si512(x);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+    _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(r));
+  }
+};
+
+template <>
+struct Avx512Store<c10::Half> {
+  // Round to nearest even like c10::Half(float); a NaN becomes c10's 0x7E00 with its sign.
+  PME_AVX512 static inline void store(c10::Half* p, __mmask16 m, __m512 x) {
+    __m256i h = _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256i sign = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(x), 16));
+    const __m256i nan = _mm256_or_si256(_mm256_and_si256(sign, _mm256_set1_epi16(-0x8000)), _mm256_set1_epi16(0x7E00));
+    h = _mm256_mask_blend_epi16(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), h, nan);
+    _mm256_mask_storeu_epi16(p, m, h);
+  }
+};
+
+template <class T, class I, int NV, bool kWeighted>
+PME_AVX512 void bag_sum_avx512(const T* w, const TableView& table, const I* idx, const I* bo, int64_t b0,
+                               int64_t b1, const T* psw, bool mean, int64_t pad, T* out, std::atomic<int64_t>& bad) {
+  using Row = Avx512Row<T>;
+  constexpr int kPer = Row::kStep / 16;  // accumulators per step
+  static_assert(NV % kPer == 0, "whole steps");
+  constexpr int kSteps = NV / kPer;
+  const TableView t = table;  // a local copy stays in registers (the atomic in note_bad would force reloads)
+  const int64_t W = t.width;
+  const int64_t jend = bag_begin(bo, b1);
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t start = bag_begin(bo, b), end = bag_begin(bo, b + 1);
+    __m512 acc[NV];
+    for (int v = 0; v < NV; ++v) acc[v] = _mm512_setzero_ps();
+    int64_t n = 0;
+    for (int64_t j = start; j < end; ++j) {
+      prefetch_ahead(w, t, idx, j, jend);
+      int64_t lo, size, col;
+      if (!locate<true>(t, idx, j, pad, bad, lo, size, col)) continue;
+      ++n;
+      const T* row = w + lo;
+      const int live = static_cast<int>(size);  // <= W <= 256
+      const __m512i live_v = Row::splat(live);
+      const __m512 s = _mm512_set1_ps(kWeighted ? widen<float>(psw[j]) : 1.0f);
+      for (int k = 0; k < kSteps; ++k) {
+        if (Row::kStep * k < live) {
+          __m512 x[kPer];
+          Row::load(row + Row::kStep * k, Row::mask(live_v, k), x);
+          for (int h = 0; h < kPer; ++h) {
+            __m512& a = acc[kPer * k + h];
+            a = kWeighted ? _mm512_fmadd_ps(x[h], s, a) : _mm512_add_ps(a, x[h]);
+          }
+        }
+      }
+    }
+    if (mean && n > 0) {
+      const __m512 d = _mm512_set1_ps(static_cast<float>(n));
+      for (int v = 0; v < NV; ++v) acc[v] = _mm512_div_ps(acc[v], d);
+    }
+    T* o = out + b * W;
+    for (int v = 0; v < NV && 16 * v < W; ++v) {
+      const int64_t k = W - 16 * v;
+      Avx512Store<T>::store(o + 16 * v, k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << k) - 1), acc[v]);
+    }
+  }
+}
+
+bool cpu_has_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("bmi") &&
+                         __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("fma") &&
+                         __builtin_cpu_supports("f16c");
+  return ok;
+}
+
+// Runs the AVX-512 sum/mean kernel when it serves this call; false leaves it to the portable
+// one. PME_CPU_KERNEL=generic forces the portable kernel (read per call; the tests use it).
+template <class T, class I>
+bool bag_sum_fast(const T* w, const TableView& t, const I* idx, const I* bo, int64_t b0, int64_t b1, const T* psw,
+                  int64_t mode, int64_t pad, T* out, std::atomic<int64_t>& bad) {
+  if constexpr (std::is_same_v<T, double>) {
+    return false;
+  } else {
+    const int64_t W = t.width;
+    if (mode == kMax || t.col_of_size != nullptr || W < 1 || W > 256 || !cpu_has_avx512()) return false;
+    const char* force = std::getenv("PME_CPU_KERNEL");
+    if (force != nullptr && std::strcmp(force, "generic") == 0) return false;
+    const bool mean = mode == kMean;
+    const int64_t nv = (W + 15) / 16;
+    auto run = [&](auto nv_tag, auto weighted_tag) {
+      bag_sum_avx512<T, I, decltype(nv_tag)::value, decltype(weighted_tag)::value>(w, t, idx, bo, b0, b1, psw, mean,
+                                                                                 pad, out, bad);
+    };
+    auto with_width = [&](auto weighted_tag) {
+      // 16-bit tables take 32 entries (two accumulators) per step: at least 2 accumulators.
+      constexpr int kMin = Avx512Row<T>::kStep / 16;
+      if (nv <= 1) run(std::integral_constant<int, kMin>{}, weighted_tag);
+      else if (nv <= 2) run(std::integral_constant<int, 2>{}, weighted_tag);
+      else if (nv <= 4) run(std::integral_constant<int, 4>{}, weighted_tag);
+      else if (nv <= 8) run(std::integral_constant<int, 8>{}, weighted_tag);
+      else run(std::integral_constant<int, 16>{}, weighted_tag);
+    };
+    if (psw) with_width(std::true_type{});
+    else with_width(std::false_type{});
+    return true;
+  }
+}
+#else
+template <class T, class I>
+bool bag_sum_fast(const T*, const TableView&, const I*, const I*, int64_t, int64_t, const T*, int64_t, int64_t, T*,
+                  std::atomic<int64_t>&) {
+  return false;
+}
+#endif
+
+// Forward over bags [b0, b1). Each lookup is checked before its row is read (index in range,
+// row inside the buffer and the width); the first bad position goes to `bad` and the lookup
+// is skipped, so a bad input never reads out of bounds; the caller then throws.
+template <class T, class I>
+void bag_forward_range(const T* w, const TableView& t, const I* idx, const I* bo, int64_t b0, int64_t b1,
+                       const T* psw, int64_t mode, int64_t pad, T* out, int64_t* argmax, std::atomic<int64_t>& bad) {
+  if (bag_sum_fast(w, t, idx, bo, b0, b1, psw, mode, pad, out, bad)) return;
+  bag_forward_generic(w, t, idx, bo, b0, b1, psw, mode, pad, out, argmax, bad);
 }
 
 TableView table_view(const Tensor& weight, const Tensor& offsets, const std::optional<Tensor>& col_of_size,
