@@ -46,9 +46,12 @@ What it measures
    offsets are int64, bags all have L lookups. The same batch is replayed at every repeat.
 
 Timing: ``--warmup`` untimed calls, then up to ``--repeats`` timed calls (at least 3, fewer when
-``--max-seconds`` is reached); the median is reported. CUDA: CUDA events around each call (the
-optional ``--flush-l2`` overwrites a buffer twice the L2 size before each timed call, outside the
-events). CPU: time.perf_counter.
+``--max-seconds`` is reached); the median is reported. Python's garbage collector is paused while a
+phase is timed (as timeit does), so a collection triggered by one method's allocations does not land
+in another's timings. CUDA: CUDA events around each call (the optional ``--flush-l2`` overwrites a
+buffer twice the L2 size before each timed call, outside the events). CPU: time.perf_counter; the
+warm-up (5 calls by default: the first calls after a table is built run on cold caches and take up
+to 3x longer) stops early once it has taken half of ``--max-seconds``.
 
 Bytes and effective bandwidth
 -----------------------------
@@ -268,13 +271,26 @@ class Timer:
         return graph
 
     def __call__(self, fn, graph_ok=False) -> Times:
+        gc_was_enabled = gc.isenabled()
+        gc.collect()
+        gc.disable()  # no collection inside a timed call (timeit does the same)
+        try:
+            return self._time(fn, graph_ok)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+
+    def _time(self, fn, graph_ok) -> Times:
         times = Times()
         if self.cuda_graph and graph_ok:
             graph = self._capture(fn)
             if graph is not None:
                 fn, times.graph = graph.replay, True
+        start = time.perf_counter()
         for _ in range(self.warmup):
             fn()
+            if self.device.type == "cpu" and time.perf_counter() - start > self.max_seconds / 2:
+                break  # slow phases (a dense backward) are warm after a call or two
         sync(self.device)
         start = time.perf_counter()
         while len(times) < self.repeats and (len(times) < 3 or time.perf_counter() - start < self.max_seconds):
@@ -771,8 +787,9 @@ def parse_args(argv=None):
     p.add_argument("--dist", choices=["zipf", "uniform"], help="override the index distribution")
     p.add_argument("--dtype", choices=list(DTYPES), help="override the weight dtype")
     p.add_argument("--zipf-alpha", type=float, default=1.05, help="Zipf exponent (default 1.05)")
-    p.add_argument("--warmup", type=int, help="untimed calls first (default 5 on CUDA, 1 on CPU)")
-    p.add_argument("--repeats", type=int, help="timed calls, median reported (default 50 on CUDA, 10 on CPU)")
+    p.add_argument("--warmup", type=int, help="untimed calls first (default 5; on CPU at most max-seconds / 2 of "
+                                               "them)")
+    p.add_argument("--repeats", type=int, help="timed calls, median reported (default 50 on CUDA, 30 on CPU)")
     p.add_argument("--max-seconds", type=float,
                    help="stop repeating a phase after this many seconds (at least 3 repeats; default 5 on CUDA, "
                         "2 on CPU)")
@@ -826,9 +843,9 @@ def main(argv=None):
     overrides = {"rows": args.rows, "dim": args.dim, "bags": args.bags, "pooling": args.pooling_factor,
                  "dist": args.dist, "dtype": args.dtype}
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
+    warmup = args.warmup if args.warmup is not None else 5
     max_seconds = args.max_seconds if args.max_seconds is not None else (5.0 if cuda else 2.0)
-    repeats = args.repeats if args.repeats is not None else (5 if args.quick else (50 if cuda else 10))
+    repeats = args.repeats if args.repeats is not None else (5 if args.quick else (50 if cuda else 30))
     mem_limit = int(args.mem_limit_gb * 2**30) if args.mem_limit_gb else None
 
     info = device_info(device)
@@ -887,7 +904,7 @@ def main(argv=None):
                                               "flush_l2": bool(args.flush_l2 and cuda),
                                               "cuda_graph_forward": bool(args.cuda_graph and cuda),
                                               "clock": "CUDA events" if cuda else "time.perf_counter",
-                                              "statistic": "median"},
+                                              "statistic": "median", "gc_paused_while_timing": True},
            "mode": "sum", "index_dtype": "int64", "zipf_alpha": args.zipf_alpha, "seed": args.seed,
            "bytes_formula": BYTES_FORMULA, "configs": outs}
     with open(path, "w") as f:
