@@ -65,6 +65,8 @@ inline c10::BFloat16 narrow<c10::BFloat16, float>(float x) {
   return out;
 }
 
+// a[0:n] += s * row[0:n] (and a[0:n] += row[0:n]) in the accumulation type; restrict lets the
+// compiler vectorise.
 template <class T, class A>
 inline void axpy(A* __restrict__ a, const T* __restrict__ row, int64_t n, A s) {
   for (int64_t c = 0; c < n; ++c) a[c] += s * widen<A>(row[c]);
