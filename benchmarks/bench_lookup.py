@@ -84,7 +84,9 @@ memory is free.
 
 Output: a table per configuration on stdout, and ``benchmarks/results/lookup_<device>_<date>.json``
 (device, versions, pme.info(), copy bandwidth, every timing with all repeats, bytes, formulas) with a
-PNG of grouped bars (time per method per configuration, log scale) beside it.
+PNG of grouped bars (time per method per configuration, log scale) beside it. The JSON is rewritten
+after every configuration (``"complete": false`` until the last), so a run cut short keeps what it
+measured (``--replot`` draws its PNG).
 
 Examples::
 
@@ -870,6 +872,29 @@ def main(argv=None):
     timer = Timer(device, warmup, repeats, max_seconds, args.flush_l2, args.cuda_graph)
 
     outs = []
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = args.out or os.path.join(here, "results", f"lookup_{device_slug(device)}_{time.strftime('%Y-%m-%d')}"
+                                                        f"{'_graph' if args.cuda_graph and cuda else ''}.json")
+
+    def save(complete):
+        """Writes the JSON (atomically); called after every configuration, so a cut-short run keeps its results."""
+        if args.dry_run or args.no_save:
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        doc = {"benchmark": "bench_lookup", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+               "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]), "device": info,
+               "complete": complete, "configs_requested": list(configs),
+               "copy_bandwidth": copy, "timing": {"warmup": warmup, "repeats": repeats, "max_seconds": max_seconds,
+                                                  "flush_l2": bool(args.flush_l2 and cuda),
+                                                  "cuda_graph_forward": bool(args.cuda_graph and cuda),
+                                                  "clock": "CUDA events" if cuda else "time.perf_counter",
+                                                  "statistic": "median", "gc_paused_while_timing": True},
+               "mode": "sum", "index_dtype": "int64", "zipf_alpha": args.zipf_alpha, "seed": args.seed,
+               "bytes_formula": BYTES_FORMULA, "configs": outs}
+        with open(path + ".tmp", "w") as f:
+            json.dump(doc, f, indent=1)
+        os.replace(path + ".tmp", path)
+
     t_start = time.perf_counter()
     for ci, name in enumerate(configs):
         cfg = dict(CONFIGS[name], **overrides)
@@ -890,25 +915,12 @@ def main(argv=None):
                       f"{os.cpu_count()} cores: other processes share the CPU and these timings are inflated")
         del c
         gc.collect()
+        save(complete=False)
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
 
     if args.dry_run or args.no_save:
         return outs
-    here = os.path.dirname(os.path.abspath(__file__))
-    path = args.out or os.path.join(here, "results", f"lookup_{device_slug(device)}_{time.strftime('%Y-%m-%d')}"
-                                                        f"{'_graph' if args.cuda_graph and cuda else ''}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    doc = {"benchmark": "bench_lookup", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-           "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]), "device": info,
-           "copy_bandwidth": copy, "timing": {"warmup": warmup, "repeats": repeats, "max_seconds": max_seconds,
-                                              "flush_l2": bool(args.flush_l2 and cuda),
-                                              "cuda_graph_forward": bool(args.cuda_graph and cuda),
-                                              "clock": "CUDA events" if cuda else "time.perf_counter",
-                                              "statistic": "median", "gc_paused_while_timing": True},
-           "mode": "sum", "index_dtype": "int64", "zipf_alpha": args.zipf_alpha, "seed": args.seed,
-           "bytes_formula": BYTES_FORMULA, "configs": outs}
-    with open(path, "w") as f:
-        json.dump(doc, f, indent=1)
+    save(complete=True)
     png = plot(os.path.splitext(path)[0] + ".png", outs,
                f"{info['name']}, torch {info['torch']}, copy {copy['bytes_per_s'] / 1e9:.0f} GB/s")
     print(f"wrote {path}" + (f" and {png}" if png else ""))

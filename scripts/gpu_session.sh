@@ -134,8 +134,10 @@ bench_run() {  # bench_lookup.py with the sync-free kernels; copies the new resu
   use_pme
   mkdir -p "$OUT/results"
   touch "$STATE/bench.marker"
-  PME_CUDA_VALIDATE=0 "$PY" benchmarks/bench_lookup.py "$@"
+  # inside one 10-minute call: stop in time to copy what was measured (the JSON is saved per config)
+  PME_CUDA_VALIDATE=0 timeout "${PME_BENCH_TIMEOUT:-540}" "$PY" benchmarks/bench_lookup.py "$@"
   local rc=$?
+  [ $rc -eq 124 ] && say "bench_lookup stopped after ${PME_BENCH_TIMEOUT:-540} s; the JSON holds the configs done"
   find benchmarks/results -maxdepth 1 -type f -newer "$STATE/bench.marker" -exec cp {} "$OUT/results/" \;
   return $rc
 }
