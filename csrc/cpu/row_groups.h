@@ -108,10 +108,12 @@ RowGroups group_by_row(const I* idx, int64_t N, const I* bo, int64_t B, int64_t 
       g.count[b] = c;
     }
   });
-  // Sort (row, position) keys; a packed 64-bit key sorts fastest when both fit in 32 bits.
+  // Sort (row, position) keys; a packed 64-bit key sorts fastest when both fit in 32 bits
+  // (rows past 2^32 take the pair path; they would overflow the packed key).
   std::vector<uint64_t> keys;
   keys.reserve(N);
-  const bool packed = N < (int64_t{1} << 32);
+  bool packed = N < (int64_t{1} << 32);
+  for (int64_t j = 0; packed && j < N; ++j) packed = static_cast<uint64_t>(idx[j]) < (uint64_t{1} << 32);
   std::vector<std::pair<int64_t, int64_t>> pairs;
   for (int64_t j = 0; j < N; ++j) {
     const int64_t r = idx[j];
