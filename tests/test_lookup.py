@@ -272,25 +272,33 @@ def test_noncontiguous_inputs_are_accepted(device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("D", [40, 64, 128, 200, 256, 300])
+@pytest.mark.parametrize("D", [5, 13, 40, 64, 100, 128, 200, 255, 256, 257, 300])
 @pytest.mark.parametrize("mode", ["sum", "mean"])
 def test_cpu_forward_kernels_on_wide_tables(monkeypatch, dtype, D, mode):
-    """The CPU forward has an AVX-512 kernel (sum/mean, padded, widths up to 256, where the CPU
-    has AVX-512) and a portable one (PME_CPU_KERNEL=generic forces it): both match the oracle on
-    wide tables with odd row sizes, padding and per-sample weights, and agree with each other."""
-    outs = {}
-    for kernel in ["auto", "generic"]:
+    """The CPU forward has register kernels (sum/mean, padded, widths up to 256) for AVX-512 and
+    for AVX2, each run where the CPU has it, and a portable one; PME_CPU_KERNEL=avx512 / avx2 /
+    generic forces one (a kernel the CPU lacks falls back to the best it has). All match the
+    oracle on tables of odd widths and row sizes (row tails of every length), with padding and
+    per-sample weights, and agree with each other."""
+    kernels = ["auto", "avx512", "avx2", "generic"]
+    outs, weighted = {}, {}
+    w, offsets, col, width, _ = make_table(60, D, dtype, "cpu", seed=D)
+    idx, bags = random_bags(60, 20, 9, torch.Generator().manual_seed(D), torch.int32)
+    psw = torch.randn(idx.shape, generator=torch.Generator().manual_seed(D + 1)).to(dtype)
+    for kernel in kernels:
         monkeypatch.setenv("PME_CPU_KERNEL", kernel)
         run_case("cpu", dtype, mode, "padded", torch.int64, use_psw=mode == "sum", pad_choice="negative", seed=D,
                  V=60, D=D, B=20, L=9)
-        w, offsets, col, width, _ = make_table(60, D, dtype, "cpu", seed=D)
-        idx, bags = random_bags(60, 20, 9, torch.Generator().manual_seed(D), torch.int32)
         outs[kernel] = ops.embedding_bag(w, offsets, idx, bags, width=width, mode=mode)
+        weighted[kernel] = ops.embedding_bag(w, offsets, idx, bags, width=width, mode="sum", per_sample_weights=psw)
     # the same fp32 sums in the same order: identical outputs
-    assert torch.equal(outs["auto"], outs["generic"])
-    # a bad lookup is reported the same way by both kernels
-    w, offsets, col, width, _ = make_table(60, D, dtype, "cpu", seed=D)
-    for kernel in ["auto", "generic"]:
+    for kernel in kernels[:-1]:
+        assert torch.equal(outs[kernel], outs["generic"]), kernel
+    # weighted: both register kernels use one FMA per entry (the portable one may round twice)
+    assert torch.equal(weighted["avx2"], weighted["avx512"])
+    assert torch.equal(weighted["auto"], weighted["avx512"])
+    # a bad lookup is reported the same way by every kernel
+    for kernel in kernels:
         monkeypatch.setenv("PME_CPU_KERNEL", kernel)
         with pytest.raises(RuntimeError, match=r"indices\[3\] = 60"):
             ops.embedding_bag(w, offsets, torch.tensor([1, 2, 3, 60, 61]), torch.tensor([0, 2]), width=width)

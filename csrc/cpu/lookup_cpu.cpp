@@ -1,8 +1,9 @@
 // CPU lookup operators: pooled (bag_forward / bag_backward) and non-pooled
 // (embedding_forward / embedding_backward) over a flat multi-size table.
 // Forward: one task per range of bags, fp32 (fp64 for fp64 weights) accumulation; the common
-// case (sum/mean, padded layout, fp32/fp16/bf16, width <= 256) runs an AVX-512 kernel that keeps
-// the bag's sums in registers where the CPU has AVX-512, everything else a portable kernel.
+// case (sum/mean, padded layout, fp32/fp16/bf16, width <= 256) runs a kernel that keeps the bag's
+// sums in registers, AVX-512 or AVX2 (+FMA, F16C) as the CPU has them, everything else (and a CPU
+// with neither) a portable kernel.
 // Backward: lookups grouped by row (row_groups.h), one task per row: deterministic.
 #include "cpu/row_groups.h"
 #include "lookup_ops.h"
@@ -14,13 +15,14 @@
 #include <limits>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define PME_HAVE_AVX512_KERNEL 1
+#define PME_HAVE_SIMD_KERNELS 1
 #include <immintrin.h>
 #else
-#define PME_HAVE_AVX512_KERNEL 0
+#define PME_HAVE_SIMD_KERNELS 0
 #endif
 
 namespace pme::cpu {
@@ -206,25 +208,76 @@ PME_CLONES void bag_forward_generic(const T* w, const TableView& table, const I*
   }
 }
 
-#if PME_HAVE_AVX512_KERNEL
-// AVX-512 sum/mean over bags [b0, b1), padded layout, output width W <= 16 * NV: the bag's sums
-// stay in NV registers of 16 floats. A row is read in steps of 64 bytes (16 fp32 or 32 fp16/bf16
-// entries); a row of n entries takes only its ceil(n / step) live steps, the last one masked, so
-// it reads its own bytes and nothing past them (a load under an empty mask would still touch its
-// cache lines). One branch per step: rows of the common small sizes skip most of them.
+#if PME_HAVE_SIMD_KERNELS
+// Register kernels: sum/mean over bags [b0, b1), padded layout, output width W <= 256, the bag's
+// sums kept in NV vector registers of floats. Two instruction sets, AVX-512 and AVX2 (+FMA,
+// F16C), share one kernel (bag_sum_simd: the bag loop, prefetches, locate's checks, which steps
+// of a row are live, mean) and differ only in the vector step, an accumulator type Acc:
+//   Acc::kSteps          steps that cover the width (a step is 64 bytes of a row: one
+//                        AVX-512 register's load, two AVX2 ones; the same steps for both),
+//   acc.zero()           clears the sums,
+//   acc.step<kW, k>(row, live, s)  adds (s times, kW) step k of a row of `live` entries,
+//                        called only when k * kStep < live; it reads the row's own bytes and
+//                        nothing past them,
+//   acc.finish(o, W, n)  divides by n (when n > 0) and stores W outputs rounded as
+//                        static_cast<T>(float) does.
+// Row entries are widened exactly (fp16 by F16C, bf16 by a 16-bit shift), summed in fp32 in
+// lookup order (weighted: one FMA per entry), so both kernels give identical outputs (and, where
+// no FMA is involved, the portable kernel's).
 #define PME_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,bmi,bmi2,lzcnt,popcnt,fma,f16c")))
+#define PME_AVX2 __attribute__((target("avx2,fma,f16c")))
 
+// The shared code has no target attribute of its own (its vector code is all in Acc's methods):
+// it is compiled inlined, with those methods, into bag_sum_avx512 / bag_sum_avx2, whose
+// `flatten` makes GCC inline the whole call tree there (an always_inline intrinsic cannot be
+// inlined into a function without the target, hence Acc methods that are not always_inline).
+
+// Only the live steps of a row: one branch per step, rows of the common small sizes skip most.
+// The step numbers are template arguments, so that every accumulator is named by a constant
+// from the start (a loop over them, unrolled only late, left the sums in memory).
+template <bool kWeighted, class Acc, class T, int... K>
+inline void add_live_steps(Acc& acc, const T* row, int live, float s, std::integer_sequence<int, K...>) {
+  ((Acc::kStep * K < live ? acc.template step<kWeighted, K>(row, live, s) : void()), ...);
+}
+
+template <class Acc, class T, class I, bool kWeighted>
+inline void bag_sum_simd(const T* w, const TableView& table, const I* idx, const I* bo, int64_t b0, int64_t b1,
+                         const T* psw, bool mean, int64_t pad, T* out, std::atomic<int64_t>& bad) {
+  const TableView t = table;  // a local copy stays in registers (the atomic in note_bad would force reloads)
+  const int64_t W = t.width;
+  const int64_t jend = bag_begin(bo, b1);
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t start = bag_begin(bo, b), end = bag_begin(bo, b + 1);
+    Acc acc;
+    acc.zero();
+    int64_t n = 0;
+    for (int64_t j = start; j < end; ++j) {
+      prefetch_ahead(w, t, idx, j, jend);
+      int64_t lo, size, col;
+      if (!locate<true>(t, idx, j, pad, bad, lo, size, col)) continue;
+      ++n;
+      const T* row = w + lo;
+      const int live = static_cast<int>(size);  // <= W <= 256
+      const float s = kWeighted ? widen<float>(psw[j]) : 1.0f;
+      add_live_steps<kWeighted>(acc, row, live, s, std::make_integer_sequence<int, Acc::kSteps>{});
+    }
+    acc.finish(out + b * W, W, mean ? n : 0);
+  }
+}
+
+// ---- AVX-512: 16 floats a register; a step of 64 bytes (16 fp32 or 32 fp16/bf16 entries) is
+// one load under a mask of its live entries (a load under an empty mask would still touch its
+// cache lines, hence the branch on live steps).
 template <class T>
 struct Avx512Row;  // loads one step of a row (under a mask of its live entries) as floats
 
 template <>
 struct Avx512Row<float> {
   static constexpr int kStep = 16;
-  // Mask of the entries k * 16 + i < n, from n broadcast to every lane (a compare, no branch).
-  PME_AVX512 static inline __m512i splat(int n) { return _mm512_set1_epi32(n); }
-  PME_AVX512 static inline uint32_t mask(__m512i n, int k) {
+  // Mask of the entries k * 16 + i < n (a compare, no branch).
+  PME_AVX512 static inline uint32_t mask(int n, int k) {
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    return _mm512_cmpgt_epi32_mask(n, _mm512_add_epi32(lane, _mm512_set1_epi32(16 * k)));
+    return _mm512_cmpgt_epi32_mask(_mm512_set1_epi32(n), _mm512_add_epi32(lane, _mm512_set1_epi32(16 * k)));
   }
   PME_AVX512 static inline void load(const float* p, uint32_t m, __m512* x) {
     x[0] = _mm512_maskz_loadu_ps(static_cast<__mmask16>(m), p);
@@ -234,11 +287,11 @@ struct Avx512Row<float> {
 // The 16-bit rows: masks over 32 lanes of 16 bits.
 struct Avx512Row16 {
   static constexpr int kStep = 32;
-  PME_AVX512 static inline __m512i splat(int n) { return _mm512_set1_epi16(static_cast<int16_t>(n)); }
-  PME_AVX512 static inline uint32_t mask(__m512i n, int k) {
+  PME_AVX512 static inline uint32_t mask(int n, int k) {
     const __m512i lane = _mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14,
                                           13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-    return _mm512_cmpgt_epi16_mask(n, _mm512_add_epi16(lane, _mm512_set1_epi16(static_cast<int16_t>(32 * k))));
+    return _mm512_cmpgt_epi16_mask(_mm512_set1_epi16(static_cast<int16_t>(n)),
+                                   _mm512_add_epi16(lane, _mm512_set1_epi16(static_cast<int16_t>(32 * k))));
   }
 };
 
@@ -292,53 +345,239 @@ struct Avx512Store<c10::Half> {
   }
 };
 
-template <class T, class I, int NV, bool kWeighted>
-PME_AVX512 void bag_sum_avx512(const T* w, const TableView& table, const I* idx, const I* bo, int64_t b0,
-                               int64_t b1, const T* psw, bool mean, int64_t pad, T* out, std::atomic<int64_t>& bad) {
+template <class T, int NV>
+struct Avx512Acc {
   using Row = Avx512Row<T>;
-  constexpr int kPer = Row::kStep / 16;  // accumulators per step
+  static constexpr int kStep = Row::kStep;
+  static constexpr int kPer = kStep / 16;  // accumulators per step
   static_assert(NV % kPer == 0, "whole steps");
-  constexpr int kSteps = NV / kPer;
-  const TableView t = table;  // a local copy stays in registers (the atomic in note_bad would force reloads)
-  const int64_t W = t.width;
-  const int64_t jend = bag_begin(bo, b1);
-  for (int64_t b = b0; b < b1; ++b) {
-    const int64_t start = bag_begin(bo, b), end = bag_begin(bo, b + 1);
-    __m512 acc[NV];
-    for (int v = 0; v < NV; ++v) acc[v] = _mm512_setzero_ps();
-    int64_t n = 0;
-    for (int64_t j = start; j < end; ++j) {
-      prefetch_ahead(w, t, idx, j, jend);
-      int64_t lo, size, col;
-      if (!locate<true>(t, idx, j, pad, bad, lo, size, col)) continue;
-      ++n;
-      const T* row = w + lo;
-      const int live = static_cast<int>(size);  // <= W <= 256
-      const __m512i live_v = Row::splat(live);
-      const __m512 s = _mm512_set1_ps(kWeighted ? widen<float>(psw[j]) : 1.0f);
-      for (int k = 0; k < kSteps; ++k) {
-        if (Row::kStep * k < live) {
-          __m512 x[kPer];
-          Row::load(row + Row::kStep * k, Row::mask(live_v, k), x);
-          for (int h = 0; h < kPer; ++h) {
-            __m512& a = acc[kPer * k + h];
-            a = kWeighted ? _mm512_fmadd_ps(x[h], s, a) : _mm512_add_ps(a, x[h]);
-          }
-        }
-      }
-    }
-    if (mean && n > 0) {
+  static constexpr int kSteps = NV / kPer;
+  using Seq = std::make_integer_sequence<int, NV>;
+  __m512 a[NV];  // indexed by constants only (fold expressions), so that they stay in registers
+
+  template <bool kWeighted>
+  PME_AVX512 static inline void add(__m512& acc, __m512 x, float s) {
+    acc = kWeighted ? _mm512_fmadd_ps(x, _mm512_set1_ps(s), acc) : _mm512_add_ps(acc, x);
+  }
+  PME_AVX512 inline void zero() { zero(Seq{}); }
+  template <int... V>
+  PME_AVX512 inline void zero(std::integer_sequence<int, V...>) {
+    ((a[V] = _mm512_setzero_ps()), ...);
+  }
+  template <bool kWeighted, int K>
+  PME_AVX512 inline void step(const T* row, int live, float s) {
+    __m512 x[kPer];
+    Row::load(row + kStep * K, Row::mask(live, K), x);
+    add<kWeighted>(a[kPer * K], x[0], s);
+    if constexpr (kPer == 2) add<kWeighted>(a[kPer * K + 1], x[1], s);
+  }
+  PME_AVX512 inline void finish(T* o, int64_t W, int64_t n) { finish(o, W, n, Seq{}); }
+  template <int... V>
+  PME_AVX512 inline void finish(T* o, int64_t W, int64_t n, std::integer_sequence<int, V...>) {
+    if (n > 0) {
       const __m512 d = _mm512_set1_ps(static_cast<float>(n));
-      for (int v = 0; v < NV; ++v) acc[v] = _mm512_div_ps(acc[v], d);
+      ((a[V] = _mm512_div_ps(a[V], d)), ...);
     }
-    T* o = out + b * W;
-    for (int v = 0; v < NV && 16 * v < W; ++v) {
-      const int64_t k = W - 16 * v;
-      Avx512Store<T>::store(o + 16 * v, k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << k) - 1), acc[v]);
+    ((16 * V < W ? Avx512Store<T>::store(o + 16 * V,
+                                         W - 16 * V >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (W - 16 * V)) - 1),
+                                         a[V])
+                 : void()),
+     ...);
+  }
+};
+
+// ---- AVX2: 8 floats a register; a step of 64 bytes (16 fp32 or 32 fp16/bf16 entries, the same
+// steps as AVX-512, hence the same branches) is two 32-byte loads, without a branch of its own.
+// AVX2 masks loads only per 32-bit element: an fp32 step is two _mm256_maskload_ps of its live
+// entries; a 16-bit step loads its whole live pairs of entries with _mm256_maskload_epi32 and puts
+// the last live entry in from a scalar load (a row of odd length ends in half a pair), so it too
+// reads the row's own bytes only. Masked-out lanes read as 0, as with AVX-512's zero-masked loads.
+template <class T>
+struct Avx2Row;
+
+template <>
+struct Avx2Row<float> {
+  static constexpr int kStep = 16;
+  static constexpr bool kInterleaved = false;
+  PME_AVX2 static inline void load(const float* row, int k, int live, __m256* x) {
+    const float* p = row + 16 * k;
+    const __m256i n = _mm256_set1_epi32(live - 16 * k);  // live entries from p on, >= 1
+    // (A lane under a zero mask is not read and cannot fault, even past the end of the buffer.)
+    x[0] = _mm256_maskload_ps(p, _mm256_cmpgt_epi32(n, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+    x[1] = _mm256_maskload_ps(p + 8, _mm256_cmpgt_epi32(n, _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15)));
+  }
+};
+
+// The 32 16-bit entries of step k, the lanes past the row zero.
+struct Avx2Row16 {
+  static constexpr int kStep = 32;
+  PME_AVX2 static inline void load16(const uint16_t* row, int k, int live, __m256i* v) {
+    const uint16_t* p = row + 32 * k;
+    const int r = live - 32 * k < 32 ? live - 32 * k : 32;  // live entries in this step, 1..32
+    const __m256i pairs = _mm256_set1_epi32(r >> 1);          // whole pairs of live entries
+    v[0] = _mm256_maskload_epi32(reinterpret_cast<const int*>(p),
+                                 _mm256_cmpgt_epi32(pairs, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+    v[1] = _mm256_maskload_epi32(reinterpret_cast<const int*>(p + 16),
+                                 _mm256_cmpgt_epi32(pairs, _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15)));
+    // The last live entry, read alone (when r is even it was read already: the same value).
+    const __m256i last = _mm256_set1_epi16(static_cast<int16_t>(r - 1));
+    const __m256i value = _mm256_set1_epi16(static_cast<int16_t>(p[r - 1]));
+    const __m256i lane = _mm256_setr_epi16(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    v[0] = _mm256_blendv_epi8(v[0], value, _mm256_cmpeq_epi16(lane, last));
+    v[1] = _mm256_blendv_epi8(v[1], value, _mm256_cmpeq_epi16(_mm256_add_epi16(lane, _mm256_set1_epi16(16)), last));
+  }
+};
+
+// bf16 -> fp32 puts the 16 bits above 16 zero bits: one unpack with zero per 8 entries, which
+// works within 128-bit halves, so the sums are kept interleaved: accumulator 2i holds entries
+// 0-3 and 8-11 of its 16, accumulator 2i + 1 entries 4-7 and 12-15 (put back in order once,
+// in finish: kInterleaved).
+template <>
+struct Avx2Row<c10::BFloat16> : Avx2Row16 {
+  static constexpr bool kInterleaved = true;
+  PME_AVX2 static inline void load(const c10::BFloat16* row, int k, int live, __m256* x) {
+    __m256i v[2];
+    load16(reinterpret_cast<const uint16_t*>(row), k, live, v);
+    const __m256i z = _mm256_setzero_si256();
+    x[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(z, v[0]));
+    x[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, v[0]));
+    x[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(z, v[1]));
+    x[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, v[1]));
+  }
+  PME_AVX2 static inline void in_order(__m256& lo, __m256& hi) {
+    const __m256 a = lo;
+    lo = _mm256_permute2f128_ps(a, hi, 0x20);
+    hi = _mm256_permute2f128_ps(a, hi, 0x31);
+  }
+};
+
+template <>
+struct Avx2Row<c10::Half> : Avx2Row16 {
+  static constexpr bool kInterleaved = false;
+  PME_AVX2 static inline void load(const c10::Half* row, int k, int live, __m256* x) {
+    __m256i v[2];
+    load16(reinterpret_cast<const uint16_t*>(row), k, live, v);
+    x[0] = _mm256_cvtph_ps(_mm256_castsi256_si128(v[0]));
+    x[1] = _mm256_cvtph_ps(_mm256_extracti128_si256(v[0], 1));
+    x[2] = _mm256_cvtph_ps(_mm256_castsi256_si128(v[1]));
+    x[3] = _mm256_cvtph_ps(_mm256_extracti128_si256(v[1], 1));
+  }
+};
+
+template <class T>
+struct Avx2Store;  // 8 floats rounded to T (as static_cast<T> does), the first k (1..8) stored
+
+template <>
+struct Avx2Store<float> {
+  PME_AVX2 static inline void store(float* p, int k, __m256 x) {
+    if (k >= 8) {
+      _mm256_storeu_ps(p, x);
+    } else {
+      const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      _mm256_maskstore_ps(p, m, x);
     }
+  }
+};
+
+// 8 values of 16 bits held in 32-bit lanes (each <= 0xFFFF) to 8 contiguous ones, first k stored.
+PME_AVX2 inline void avx2_store16(void* p, int k, __m256i r) {
+  const __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+  if (k >= 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
+  } else {
+    alignas(16) uint16_t tmp[8];
+    _mm_store_si128(reinterpret_cast<__m128i*>(tmp), h);
+    std::memcpy(p, tmp, sizeof(uint16_t) * static_cast<size_t>(k));
   }
 }
 
+template <>
+struct Avx2Store<c10::BFloat16> {
+  // c10's round_to_nearest_even: (u + 0x7FFF + ((u >> 16) & 1)) >> 16, NaN -> 0x7FC0.
+  PME_AVX2 static inline void store(c10::BFloat16* p, int k, __m256 x) {
+    const __m256i u = _mm256_castps_si256(x);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+    const __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+    avx2_store16(p, k, _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(r),
+                                                             _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC0)), nan)));
+  }
+};
+
+template <>
+struct Avx2Store<c10::Half> {
+  // Round to nearest even like c10::Half(float); a NaN becomes c10's 0x7E00 with its sign.
+  PME_AVX2 static inline void store(c10::Half* p, int k, __m256 x) {
+    const __m128i h = _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256i r = _mm256_cvtepu16_epi32(h);
+    const __m256i sign = _mm256_and_si256(_mm256_srli_epi32(_mm256_castps_si256(x), 16), _mm256_set1_epi32(0x8000));
+    const __m256i nan = _mm256_or_si256(sign, _mm256_set1_epi32(0x7E00));
+    avx2_store16(p, k, _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(nan),
+                                                             _mm256_cmp_ps(x, x, _CMP_UNORD_Q))));
+  }
+};
+
+template <class T, int NV>
+struct Avx2Acc {
+  using Row = Avx2Row<T>;
+  static constexpr int kStep = Row::kStep;
+  static constexpr int kPer = kStep / 8;  // accumulators per step
+  static_assert(NV % kPer == 0, "whole steps");
+  static constexpr int kSteps = NV / kPer;
+  using Seq = std::make_integer_sequence<int, NV>;
+  __m256 a[NV];  // indexed by constants only, as in Avx512Acc
+
+  template <bool kWeighted>
+  PME_AVX2 static inline void add(__m256& acc, __m256 x, float s) {
+    acc = kWeighted ? _mm256_fmadd_ps(x, _mm256_set1_ps(s), acc) : _mm256_add_ps(acc, x);
+  }
+  PME_AVX2 inline void zero() { zero(Seq{}); }
+  template <int... V>
+  PME_AVX2 inline void zero(std::integer_sequence<int, V...>) {
+    ((a[V] = _mm256_setzero_ps()), ...);
+  }
+  template <bool kWeighted, int K>
+  PME_AVX2 inline void step(const T* row, int live, float s) {
+    __m256 x[kPer];
+    Row::load(row, K, live, x);
+    add<kWeighted>(a[kPer * K], x[0], s);
+    add<kWeighted>(a[kPer * K + 1], x[1], s);
+    if constexpr (kPer == 4) {
+      add<kWeighted>(a[kPer * K + 2], x[2], s);
+      add<kWeighted>(a[kPer * K + 3], x[3], s);
+    }
+  }
+  PME_AVX2 inline void finish(T* o, int64_t W, int64_t n) { finish(o, W, n, Seq{}); }
+  template <int... P>
+  PME_AVX2 inline void in_order(std::integer_sequence<int, P...>) {
+    (Row::in_order(a[2 * P], a[2 * P + 1]), ...);
+  }
+  template <int... V>
+  PME_AVX2 inline void finish(T* o, int64_t W, int64_t n, std::integer_sequence<int, V...>) {
+    if constexpr (Row::kInterleaved) in_order(std::make_integer_sequence<int, NV / 2>{});
+    if (n > 0) {
+      const __m256 d = _mm256_set1_ps(static_cast<float>(n));
+      ((a[V] = _mm256_div_ps(a[V], d)), ...);
+    }
+    ((8 * V < W ? Avx2Store<T>::store(o + 8 * V, static_cast<int>(W - 8 * V), a[V]) : void()), ...);
+  }
+};
+
+template <class T, class I, int NV, bool kWeighted>
+PME_AVX512 __attribute__((flatten)) void bag_sum_avx512(const T* w, const TableView& t, const I* idx, const I* bo,
+                                                        int64_t b0, int64_t b1, const T* psw, bool mean, int64_t pad,
+                                                        T* out, std::atomic<int64_t>& bad) {
+  bag_sum_simd<Avx512Acc<T, NV>, T, I, kWeighted>(w, t, idx, bo, b0, b1, psw, mean, pad, out, bad);
+}
+
+template <class T, class I, int NV, bool kWeighted>
+PME_AVX2 __attribute__((flatten)) void bag_sum_avx2(const T* w, const TableView& t, const I* idx, const I* bo,
+                                                    int64_t b0, int64_t b1, const T* psw, bool mean, int64_t pad,
+                                                    T* out, std::atomic<int64_t>& bad) {
+  bag_sum_simd<Avx2Acc<T, NV>, T, I, kWeighted>(w, t, idx, bo, b0, b1, psw, mean, pad, out, bad);
+}
+
+// __builtin_cpu_supports also checks that the OS saves the vector registers (XCR0).
 bool cpu_has_avx512() {
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("bmi") &&
@@ -347,8 +586,33 @@ bool cpu_has_avx512() {
   return ok;
 }
 
-// Runs the AVX-512 sum/mean kernel when it serves this call; false leaves it to the portable
-// one. PME_CPU_KERNEL=generic forces the portable kernel (read per call; the tests use it).
+bool cpu_has_avx2() {
+  static const bool ok =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  return ok;
+}
+
+enum class CpuKernel { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// The forward kernel for this call: the best the CPU has (AVX-512, else AVX2, else portable).
+// PME_CPU_KERNEL=avx512 / avx2 / generic forces one (read per call; the tests use it), but never
+// beyond what the CPU has: a forced kernel the CPU lacks falls back to the best one it has
+// (avx512 on an AVX2-only CPU runs AVX2; avx2 or avx512 without AVX2 run the portable kernel),
+// so no setting can execute an unsupported instruction. Any other value means the default.
+CpuKernel cpu_kernel() {
+  const CpuKernel best = cpu_has_avx512() ? CpuKernel::kAvx512
+                         : cpu_has_avx2() ? CpuKernel::kAvx2
+                                          : CpuKernel::kGeneric;
+  const char* force = std::getenv("PME_CPU_KERNEL");
+  if (force == nullptr) return best;
+  CpuKernel want = best;
+  if (std::strcmp(force, "generic") == 0) want = CpuKernel::kGeneric;
+  else if (std::strcmp(force, "avx2") == 0) want = CpuKernel::kAvx2;
+  else if (std::strcmp(force, "avx512") == 0) want = CpuKernel::kAvx512;
+  return static_cast<int>(want) < static_cast<int>(best) ? want : best;
+}
+
+// Runs a register kernel when one serves this call; false leaves it to the portable one.
 template <class T, class I>
 bool bag_sum_fast(const T* w, const TableView& t, const I* idx, const I* bo, int64_t b0, int64_t b1, const T* psw,
                   int64_t mode, int64_t pad, T* out, std::atomic<int64_t>& bad) {
@@ -356,26 +620,42 @@ bool bag_sum_fast(const T* w, const TableView& t, const I* idx, const I* bo, int
     return false;
   } else {
     const int64_t W = t.width;
-    if (mode == kMax || t.col_of_size != nullptr || W < 1 || W > 256 || !cpu_has_avx512()) return false;
-    const char* force = std::getenv("PME_CPU_KERNEL");
-    if (force != nullptr && std::strcmp(force, "generic") == 0) return false;
+    if (mode == kMax || t.col_of_size != nullptr || W < 1 || W > 256) return false;
+    const CpuKernel kernel = cpu_kernel();
+    if (kernel == CpuKernel::kGeneric) return false;
     const bool mean = mode == kMean;
-    const int64_t nv = (W + 15) / 16;
-    auto run = [&](auto nv_tag, auto weighted_tag) {
-      bag_sum_avx512<T, I, decltype(nv_tag)::value, decltype(weighted_tag)::value>(w, t, idx, bo, b0, b1, psw, mean,
+    // NV: the accumulators that cover W, rounded up to a power of two (fewer instantiations),
+    // at least one step's worth (a step is 64 bytes of a row: 1 to 4 accumulators).
+    auto dispatch = [&](auto lanes_tag, auto run) {
+      constexpr int kLanes = decltype(lanes_tag)::value;
+      constexpr int kMin = (std::is_same_v<T, float> ? 16 : 32) / kLanes;
+      const int64_t nv = (W + kLanes - 1) / kLanes;
+      auto with_width = [&](auto weighted_tag) {
+        auto go = [&](auto nv_tag) {
+          constexpr int kNv = decltype(nv_tag)::value;
+          run(std::integral_constant<int, (kNv < kMin ? kMin : kNv)>{}, weighted_tag);
+        };
+        if (nv <= 1) go(std::integral_constant<int, 1>{});
+        else if (nv <= 2) go(std::integral_constant<int, 2>{});
+        else if (nv <= 4) go(std::integral_constant<int, 4>{});
+        else if (nv <= 8) go(std::integral_constant<int, 8>{});
+        else if (nv <= 16) go(std::integral_constant<int, 16>{});
+        else if constexpr (kLanes == 8) go(std::integral_constant<int, 32>{});
+      };
+      if (psw) with_width(std::true_type{});
+      else with_width(std::false_type{});
+    };
+    if (kernel == CpuKernel::kAvx512) {
+      dispatch(std::integral_constant<int, 16>{}, [&](auto nv_tag, auto weighted_tag) {
+        bag_sum_avx512<T, I, decltype(nv_tag)::value, decltype(weighted_tag)::value>(w, t, idx, bo, b0, b1, psw, mean,
+                                                                                   pad, out, bad);
+      });
+    } else {
+      dispatch(std::integral_constant<int, 8>{}, [&](auto nv_tag, auto weighted_tag) {
+        bag_sum_avx2<T, I, decltype(nv_tag)::value, decltype(weighted_tag)::value>(w, t, idx, bo, b0, b1, psw, mean,
                                                                                  pad, out, bad);
-    };
-    auto with_width = [&](auto weighted_tag) {
-      // 16-bit tables take 32 entries (two accumulators) per step: at least 2 accumulators.
-      constexpr int kMin = Avx512Row<T>::kStep / 16;
-      if (nv <= 1) run(std::integral_constant<int, kMin>{}, weighted_tag);
-      else if (nv <= 2) run(std::integral_constant<int, 2>{}, weighted_tag);
-      else if (nv <= 4) run(std::integral_constant<int, 4>{}, weighted_tag);
-      else if (nv <= 8) run(std::integral_constant<int, 8>{}, weighted_tag);
-      else run(std::integral_constant<int, 16>{}, weighted_tag);
-    };
-    if (psw) with_width(std::true_type{});
-    else with_width(std::false_type{});
+      });
+    }
     return true;
   }
 }
