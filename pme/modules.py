@@ -235,7 +235,7 @@ class _MultiSizeTable(nn.Module):
         try:
             super()._apply(fn, recurse)
         finally:
-            acc = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+            acc = ops.acc_dtype(self.weight.dtype)
             for k, t in held.items():
                 self._buffers[k] = t if k == "optim_step" else t.to(device=self.weight.device, dtype=acc)
         return self

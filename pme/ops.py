@@ -41,6 +41,7 @@ OPTIMIZERS = {"sgd": 0, "rowwise_adagrad": 1, "adam": 2}
 SCORE_RULES = {"snip": 0, "grad": 1}
 WEIGHT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
+acc_dtype = reference.acc_dtype  # accumulation / optimizer-state dtype of a table dtype
 
 
 # --------------------------------------------------------------------------------------------

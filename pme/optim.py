@@ -63,7 +63,7 @@ class FusedOptimizer:
 
     def attach(self, module):
         """Allocates state buffers on ``module`` and makes its lookups fused."""
-        acc = torch.float64 if module.weight.dtype == torch.float64 else torch.float32
+        acc = ops.acc_dtype(module.weight.dtype)
         s1, s2 = self.state_shapes(module)
         dev = module.weight.device
         module.register_buffer("optim_state1", torch.zeros(s1, dtype=acc, device=dev))

@@ -56,6 +56,12 @@ def to_dense(weight: torch.Tensor, offsets: torch.Tensor, width: int, col_of_siz
     return dense.index_put((rows, cols), weight)
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The kernels' accumulation (and optimizer-state) dtype for a table dtype: float64 for
+    float64 tables, float32 for the others."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def embedding_bag(weight, offsets, indices, bag_offsets, width, col_of_size=None, mode="mean",
                   per_sample_weights=None, padding_idx=None):
     """Pooled lookup ``[B, width]`` by ``F.embedding_bag`` on the dense view.
@@ -63,7 +69,7 @@ def embedding_bag(weight, offsets, indices, bag_offsets, width, col_of_size=None
     Accumulates in float32 for float16/bfloat16 tables (as the kernels do) and casts back.
     """
     dense = to_dense(weight, offsets, width, col_of_size)
-    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(weight.dtype)
     psw = per_sample_weights.to(acc) if per_sample_weights is not None else None
     if indices.numel() == 0 or bag_offsets.numel() <= 1:
         # F.embedding_bag rejects some empty inputs that the rule still defines: zeros.
@@ -107,7 +113,7 @@ def sparse_update_(weight, state1, state2, grad_out, offsets, indices, bag_offse
     """
     g, touched = summed_row_grads(grad_out, weight, offsets, indices, bag_offsets, width, col_of_size, mode,
                                   per_sample_weights, padding_idx)
-    acc = state1.dtype if state1.numel() else (torch.float64 if weight.dtype == torch.float64 else torch.float32)
+    acc = state1.dtype if state1.numel() else acc_dtype(weight.dtype)
     with torch.no_grad():
         for r in touched.tolist():
             lo, hi = int(offsets[r]), int(offsets[r + 1])

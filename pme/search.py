@@ -53,7 +53,7 @@ class _Scorer(FusedOptimizer):
         self.rule = rule
 
     def attach(self, module):
-        acc = torch.float64 if module.weight.dtype == torch.float64 else torch.float32  # the kernels' dtype
+        acc = ops.acc_dtype(module.weight.dtype)  # the kernels' dtype
         module.register_buffer("scores", torch.zeros(module.weight.numel(), dtype=acc, device=module.weight.device))
         module.weight.requires_grad_(False)
         module.optimizer = self
