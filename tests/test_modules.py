@@ -215,3 +215,8 @@ def test_dtype_cast_keeps_the_optimizer_state():
     m.double()
     assert m.optim_state1.dtype == torch.float64 and m.weight.dtype == torch.float64
     assert m.optim_step.dtype == torch.int64 and m.optim_step.device.type == "cpu"
+    # a device move takes the state along but leaves the step count on the host (the fused
+    # backward reads it there; on a GPU it would cost a sync per step): "meta" stands in for cuda
+    m.to("meta")
+    assert m.weight.device.type == "meta" and m.optim_state1.device.type == "meta"
+    assert m.optim_step.device.type == "cpu"
