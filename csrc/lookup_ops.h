@@ -1,6 +1,8 @@
 // The four lookup operators' schemas mapped onto a backend's two generic functions, so the
 // CPU and the CUDA backends register the same thin wrappers:
 //   forward(weight, offsets, indices, bag_offsets?, psw?, col_of_size?, width, mode, pad)
+// (the non-pooled forward takes padding_idx for its backward and passes pad = -1: nn.Embedding
+// returns the padding row as stored)
 //   backward(grad_out, weight, offsets, indices, bag_offsets?, psw?, col_of_size?, argmax, mode, pad, psw_grad)
 // A missing bag_offsets means the non-pooled lookup (bag b is lookup b).
 #pragma once
@@ -36,9 +38,13 @@ struct LookupOps {
   }
 
   // Non-pooled lookup: output [N, out_width]; the padding row is returned as stored and gets
-  // no gradient, as F.embedding does.
+  // no gradient, as F.embedding does: padding_idx is checked here and used by the backward only
+  // (it is in the schema so that autograd passes it on without a side channel).
   static Tensor embedding_forward(Tensor weight, Tensor offsets, Tensor indices, OptTensor col_of_size,
-                                  int64_t out_width) {
+                                  int64_t out_width, int64_t padding_idx) {
+    const int64_t rows = offsets.numel() - 1;
+    PME_CHECK(padding_idx >= -1 && padding_idx < rows, "padding_idx ", padding_idx, " is out of range for ", rows,
+              " rows (-1 for none)");
     return std::get<0>(Fwd(weight, offsets, indices, std::nullopt, std::nullopt, col_of_size, out_width, kSum, -1));
   }
 

@@ -52,8 +52,8 @@ STABLE_TORCH_LIBRARY(pme, m) {
       "Tensor? per_sample_weights, Tensor? col_of_size, Tensor argmax, int pooling, int padding_idx, "
       "bool psw_grad) -> (Tensor, Tensor)");
   m.def(
-      "embedding_forward(Tensor weight, Tensor offsets, Tensor indices, Tensor? col_of_size, int out_width) "
-      "-> Tensor");
+      "embedding_forward(Tensor weight, Tensor offsets, Tensor indices, Tensor? col_of_size, int out_width, "
+      "int padding_idx) -> Tensor");
   m.def(
       "embedding_backward(Tensor grad_out, Tensor weight, Tensor offsets, Tensor indices, Tensor? col_of_size, "
       "int padding_idx) -> Tensor");

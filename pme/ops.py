@@ -140,7 +140,7 @@ if BUILD_INFO is not None:
         return torch.empty_like(weight), weight.new_empty(indices.shape[0] if psw_grad else 0)
 
     @torch.library.register_fake("pme::embedding_forward")
-    def _(weight, offsets, indices, col_of_size, out_width):
+    def _(weight, offsets, indices, col_of_size, out_width, padding_idx):
         return weight.new_empty(indices.shape[0], out_width)
 
     @torch.library.register_fake("pme::embedding_backward")
@@ -185,14 +185,15 @@ if BUILD_INFO is not None:
     torch.library.register_autograd("pme::bag_forward", _bag_backward, setup_context=_bag_setup)
 
     def _emb_setup(ctx, inputs, output):
-        weight, offsets, indices, col_of_size, out_width = inputs
+        weight, offsets, indices, col_of_size, out_width, padding_idx = inputs
+        ctx.padding_idx = padding_idx
         ctx.save_for_backward(weight, offsets, indices, col_of_size)
 
     def _emb_backward(ctx, grad_out):
         weight, offsets, indices, col_of_size = ctx.saved_tensors
         gw = torch.ops.pme.embedding_backward(grad_out.contiguous(), weight, offsets, indices, col_of_size,
-                                              getattr(ctx, "padding_idx", -1))
-        return gw, None, None, None, None
+                                              ctx.padding_idx)
+        return gw, None, None, None, None, None
 
     torch.library.register_autograd("pme::embedding_forward", _emb_backward, setup_context=_emb_setup)
 
@@ -333,30 +334,11 @@ def embedding(weight, offsets, input, *, width, col_of_size=None, padding_idx=No
         raise ValueError(f"input is on {input.device} but the table is on {weight.device}")
     flat = input.reshape(-1).contiguous()
     if _compiled(weight):
-        if pad >= 0:
-            out = _EmbeddingPadded.apply(weight, offsets, flat, col_of_size, int(width), pad)
-        else:
-            out = torch.ops.pme.embedding_forward(weight, offsets, flat, col_of_size, int(width))
+        out = torch.ops.pme.embedding_forward(weight, offsets, flat, col_of_size, int(width), pad)
         return out.reshape(*input.shape, width)
     bo = torch.arange(flat.numel() + 1, dtype=flat.dtype, device=flat.device)
     _check_reference_lookup(flat, bo, offsets, weight, col_of_size, width)
     return reference.embedding(weight, offsets, input, width, col_of_size, None if pad < 0 else pad)
-
-
-class _EmbeddingPadded(torch.autograd.Function):
-    """Non-pooled lookup whose backward skips the padding row."""
-
-    @staticmethod
-    def forward(ctx, weight, offsets, indices, col_of_size, width, pad):
-        ctx.save_for_backward(weight, offsets, indices, col_of_size)
-        ctx.pad = pad
-        return torch.ops.pme.embedding_forward(weight, offsets, indices, col_of_size, width)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        weight, offsets, indices, col_of_size = ctx.saved_tensors
-        gw = torch.ops.pme.embedding_backward(grad_out.contiguous(), weight, offsets, indices, col_of_size, ctx.pad)
-        return gw, None, None, None, None, None
 
 
 def _check_reference_lookup(indices, bag_offsets, offsets, weight, col_of_size, width):

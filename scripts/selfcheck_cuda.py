@@ -110,8 +110,8 @@ def check_lookups(quick):
         close(gw, rgw, dtype, f"bag_backward trial {trial}")
         close(gp, rgp, dtype, f"grad_psw trial {trial}")
         # non-pooled
-        e = ops.embedding_forward(w, off, idx, cos, W)
-        re = ops.embedding_forward(cpu(w), cpu(off), cpu(idx), cpu(cos), W)
+        e = ops.embedding_forward(w, off, idx, cos, W, pad)
+        re = ops.embedding_forward(cpu(w), cpu(off), cpu(idx), cpu(cos), W, pad)
         close(e, re, dtype, f"embedding_forward trial {trial}")
         ge = torch.randn(e.shape, dtype=torch.float64).to(dtype).to(DEV)
         close(ops.embedding_backward(ge, w, off, idx, cos, pad), ops.embedding_backward(cpu(ge), cpu(w), cpu(off),
@@ -187,7 +187,7 @@ def check_errors():
          "start at 0"),
         (lambda: ops.bag_forward(w, off, idx[:2], torch.tensor([0, 2], device=DEV), None, None, 3, 0, -1),
          "output width 3"),
-        (lambda: ops.embedding_forward(w, off, idx, None, W), "indices[2] = 10"),
+        (lambda: ops.embedding_forward(w, off, idx, None, W, -1), "indices[2] = 10"),
         (lambda: ops.prune_pack(torch.zeros(2, 4, device=DEV), torch.zeros(2, 4, device=DEV),
                                 torch.tensor([0, 5, 6], device=DEV), False), "outside [0, D = 4]"),
     ]
@@ -248,8 +248,8 @@ def check_edges():
                 ws = wt.clone()
                 ops.sparse_update_(ws, torch.zeros(50, device=DEV), torch.empty(0, device=DEV), go, o, idx, bo, None,
                                    None, am, mode, pad, 1, 0.1, 0.0, 1e-8, 0.9, 0.999, 1)
-            e = ops.embedding_forward(wt, o, idx, None, width)
-            assert torch.equal(e.cpu(), ops.embedding_forward(cpu(wt), cpu(o), cpu(idx), None, width))
+            e = ops.embedding_forward(wt, o, idx, None, width, pad)
+            assert torch.equal(e.cpu(), ops.embedding_forward(cpu(wt), cpu(o), cpu(idx), None, width, pad))
     torch.cuda.synchronize()
     print("edge shapes (no bags, no lookups, width 0, empty and padding-only bags, empty rows): equal to the CPU")
 

@@ -208,7 +208,7 @@ def test_opcheck_every_operator():
         go = torch.randn_like(out)
         torch.library.opcheck(torch.ops.pme.bag_backward,
                               (go, w, offsets, idx, bo, psw, col, argmax, mode, 1, psw is not None))
-        torch.library.opcheck(torch.ops.pme.embedding_forward, (wg, offsets, idx, col, width))
+        torch.library.opcheck(torch.ops.pme.embedding_forward, (wg, offsets, idx, col, width, 1))
         gx = torch.randn(idx.numel(), width)
         torch.library.opcheck(torch.ops.pme.embedding_backward, (gx, w, offsets, idx, col, 1))
         state = torch.zeros(V), torch.empty(0)
@@ -255,6 +255,33 @@ def test_torch_compile_fullgraph(mode):
     model.zero_grad()
     eager.sum().backward()
     torch.testing.assert_close(g_compiled, model.emb.weight.grad)
+
+
+def test_embedding_padding_idx_is_an_operator_argument():
+    # nn.Embedding semantics through the schema (no side channel): the forward returns the padding
+    # row as stored, the backward skips it, also under torch.compile(fullgraph=True).
+    torch._dynamo.reset()
+    V, D, pad = 12, 8, 3
+    sizes = torch.randint(0, D + 1, (V,), generator=torch.Generator().manual_seed(2))
+    sizes[pad] = D
+    m = pme.MultiSizeEmbedding(V, D, sizes, padding_idx=pad)
+    with torch.no_grad():
+        m.weight.normal_(generator=torch.Generator().manual_seed(3))
+    x = torch.tensor([[pad, 1, V - 1], [pad, pad, 0]])
+    dense = m.to_dense().detach().requires_grad_(True)
+    ref = F.embedding(x, dense, padding_idx=pad)
+    for fn in (m, torch.compile(m, fullgraph=True, backend="aot_eager")):
+        m.weight.grad = None
+        out = fn(x)
+        torch.testing.assert_close(out, ref)
+        go = torch.randn(out.shape, generator=torch.Generator().manual_seed(4))
+        out.backward(go)
+        (rg,) = torch.autograd.grad(ref, dense, go, retain_graph=True)
+        torch.testing.assert_close(pme.MultiSizeEmbedding.from_dense(rg, sizes).weight, m.weight.grad)
+        assert bool((m.weight.grad[int(m.offsets[pad]):int(m.offsets[pad + 1])] == 0).all())
+    w, offsets = m.weight.detach(), m.offsets
+    with pytest.raises(RuntimeError, match="padding_idx 12 is out of range"):
+        torch.ops.pme.embedding_forward(w, offsets, x.reshape(-1), None, D, V)
 
 
 @pytest.mark.parametrize("device", DEVICES)

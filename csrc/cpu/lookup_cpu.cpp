@@ -208,6 +208,9 @@ PME_CLONES void bag_forward_generic(const T* w, const TableView& table, const I*
   }
 }
 
+// The forward's register kernel, chosen once per call by cpu_kernel().
+enum class CpuKernel { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
+
 #if PME_HAVE_SIMD_KERNELS
 // Register kernels: sum/mean over bags [b0, b1), padded layout, output width W <= 256, the bag's
 // sums kept in NV vector registers of floats. Two instruction sets, AVX-512 and AVX2 (+FMA,
@@ -592,10 +595,9 @@ bool cpu_has_avx2() {
   return ok;
 }
 
-enum class CpuKernel { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
-
 // The forward kernel for this call: the best the CPU has (AVX-512, else AVX2, else portable).
-// PME_CPU_KERNEL=avx512 / avx2 / generic forces one (read per call; the tests use it), but never
+// PME_CPU_KERNEL=avx512 / avx2 / generic forces one (read once per call, before the parallel
+// loop; the tests use it), but never
 // beyond what the CPU has: a forced kernel the CPU lacks falls back to the best one it has
 // (avx512 on an AVX2-only CPU runs AVX2; avx2 or avx512 without AVX2 run the portable kernel),
 // so no setting can execute an unsupported instruction. Any other value means the default.
@@ -614,14 +616,13 @@ CpuKernel cpu_kernel() {
 
 // Runs a register kernel when one serves this call; false leaves it to the portable one.
 template <class T, class I>
-bool bag_sum_fast(const T* w, const TableView& t, const I* idx, const I* bo, int64_t b0, int64_t b1, const T* psw,
-                  int64_t mode, int64_t pad, T* out, std::atomic<int64_t>& bad) {
+bool bag_sum_fast(CpuKernel kernel, const T* w, const TableView& t, const I* idx, const I* bo, int64_t b0, int64_t b1,
+                  const T* psw, int64_t mode, int64_t pad, T* out, std::atomic<int64_t>& bad) {
   if constexpr (std::is_same_v<T, double>) {
     return false;
   } else {
     const int64_t W = t.width;
     if (mode == kMax || t.col_of_size != nullptr || W < 1 || W > 256) return false;
-    const CpuKernel kernel = cpu_kernel();
     if (kernel == CpuKernel::kGeneric) return false;
     const bool mean = mode == kMean;
     // NV: the accumulators that cover W, rounded up to a power of two (fewer instantiations),
@@ -660,9 +661,11 @@ bool bag_sum_fast(const T* w, const TableView& t, const I* idx, const I* bo, int
   }
 }
 #else
+CpuKernel cpu_kernel() { return CpuKernel::kGeneric; }
+
 template <class T, class I>
-bool bag_sum_fast(const T*, const TableView&, const I*, const I*, int64_t, int64_t, const T*, int64_t, int64_t, T*,
-                  std::atomic<int64_t>&) {
+bool bag_sum_fast(CpuKernel, const T*, const TableView&, const I*, const I*, int64_t, int64_t, const T*, int64_t,
+                  int64_t, T*, std::atomic<int64_t>&) {
   return false;
 }
 #endif
@@ -671,9 +674,10 @@ bool bag_sum_fast(const T*, const TableView&, const I*, const I*, int64_t, int64
 // row inside the buffer and the width); the first bad position goes to `bad` and the lookup
 // is skipped, so a bad input never reads out of bounds; the caller then throws.
 template <class T, class I>
-void bag_forward_range(const T* w, const TableView& t, const I* idx, const I* bo, int64_t b0, int64_t b1,
-                       const T* psw, int64_t mode, int64_t pad, T* out, int64_t* argmax, std::atomic<int64_t>& bad) {
-  if (bag_sum_fast(w, t, idx, bo, b0, b1, psw, mode, pad, out, bad)) return;
+void bag_forward_range(CpuKernel kernel, const T* w, const TableView& t, const I* idx, const I* bo, int64_t b0,
+                       int64_t b1, const T* psw, int64_t mode, int64_t pad, T* out, int64_t* argmax,
+                       std::atomic<int64_t>& bad) {
+  if (bag_sum_fast(kernel, w, t, idx, bo, b0, b1, psw, mode, pad, out, bad)) return;
   bag_forward_generic(w, t, idx, bo, b0, b1, psw, mode, pad, out, argmax, bad);
 }
 
@@ -708,8 +712,9 @@ std::tuple<Tensor, Tensor> lookup_forward(const Tensor& weight, const Tensor& of
       const T* psw = per_sample_weights ? per_sample_weights->const_data_ptr<T>() : nullptr;
       T* o = out.mutable_data_ptr<T>();
       int64_t* am = mode == kMax ? argmax.mutable_data_ptr<int64_t>() : nullptr;
+      const CpuKernel kernel = cpu_kernel();  // getenv once per call, not per chunk
       torch::stable::parallel_for(0, a.num_bags, 64, [&](int64_t b0, int64_t b1) {
-        bag_forward_range<T, I>(w, tv, idx, bo, b0, b1, psw, mode, padding_idx, o, am, bad);
+        bag_forward_range<T, I>(kernel, w, tv, idx, bo, b0, b1, psw, mode, padding_idx, o, am, bad);
       });
     });
     if (bad.load() != std::numeric_limits<int64_t>::max()) report_bad_lookup(idx, bad.load(), tv);
