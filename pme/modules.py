@@ -55,9 +55,6 @@ def _summary(sizes: torch.Tensor) -> str:
     return f"[{int(sizes.min())}..{int(sizes.max())}, mean {sizes.double().mean():.1f}]"
 
 
-_STATE_BUFFERS = ("optim_state1", "optim_state2")  # pme.optim's per-table state
-
-
 class _MultiSizeTable(nn.Module):
     """Storage shared by the two modules: flat ``weight`` ``[total]`` and ``offsets`` ``[V + 1]``.
 
@@ -224,20 +221,13 @@ class _MultiSizeTable(nn.Module):
                                       error_msgs)
 
     def _apply(self, fn, recurse=True):
-        # .to(dtype) / .half() / .bfloat16() cast every floating buffer; the fused optimizer's state
-        # must stay in the accumulation dtype (float32, float64 for float64 tables) and must not
-        # lose precision on the way, so it only follows the table's device.
-        # The step count stays a CPU scalar: the fused backward reads it on the host, which on a
-        # GPU would synchronise every step and break CUDA-graph capture.
-        held = {k: self._buffers[k] for k in _STATE_BUFFERS + ("optim_step",) if self._buffers.get(k) is not None}
-        for k in held:
-            self._buffers[k] = None
-        try:
+        # .to(dtype) / .half() / .bfloat16() cast every floating buffer; the state of an attached
+        # fused optimizer or scorer (pme.ops.RowConsumer) has its own dtype and device rules.
+        consumer = getattr(self, "optimizer", None)
+        if consumer is None:
+            return super()._apply(fn, recurse)
+        with consumer.state_kept(self):
             super()._apply(fn, recurse)
-        finally:
-            acc = ops.acc_dtype(self.weight.dtype)
-            for k, t in held.items():
-                self._buffers[k] = t if k == "optim_step" else t.to(device=self.weight.device, dtype=acc)
         return self
 
     def _apply_projection(self, out):

@@ -15,7 +15,9 @@ Normal form of a lookup (what the operators take):
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from typing import NamedTuple
 
 import torch
 
@@ -31,6 +33,9 @@ __all__ = [
     "topk_threshold",
     "prune_counts",
     "prune_pack",
+    "RowConsumer",
+    "StateBuffer",
+    "BackwardRows",
     "MODES",
     "OPTIMIZERS",
     "SCORE_RULES",
@@ -341,6 +346,131 @@ def embedding(weight, offsets, input, *, width, col_of_size=None, padding_idx=No
     return reference.embedding(weight, offsets, input, width, col_of_size, None if pad < 0 else pad)
 
 
+# --------------------------------------------------------------------------------------------
+# The fused path: a lookup whose backward hands its rows to a consumer instead of a gradient
+# --------------------------------------------------------------------------------------------
+class StateBuffer(NamedTuple):
+    """One buffer of a :class:`RowConsumer`'s state, registered on the table it is attached to.
+
+    ``dtype=None`` means the accumulation dtype of the table (``acc_dtype``: float32, float64
+    for a float64 table); such a buffer follows the table's device and that rule through
+    ``.to(dtype)`` / ``.half()`` (no precision lost on the way). ``host=True`` keeps the buffer
+    a CPU tensor through device moves (a scalar the host reads every step: reading it from a
+    GPU would synchronise and break graph capture). Other buffers follow the table's device
+    and keep their dtype.
+    """
+
+    name: str
+    shape: tuple
+    dtype: torch.dtype | None = None
+    host: bool = False
+
+
+class BackwardRows(NamedTuple):
+    """What the backward of one fused lookup hands to its consumer (the operators' normal form).
+
+    ``grad_out`` ``[B, width]`` contiguous, the output's gradient in the table's dtype;
+    ``indices`` ``[N]`` / ``bag_offsets`` ``[B + 1]`` (int32 or int64); ``per_sample_weights``
+    ``[N]`` or None; ``argmax`` ``[B, width]`` int64 (mode ``"max"``) or None; ``mode`` a key of
+    ``MODES``; ``padding_idx`` the row the update skips, or None.
+    """
+
+    grad_out: torch.Tensor
+    indices: torch.Tensor
+    bag_offsets: torch.Tensor
+    per_sample_weights: torch.Tensor | None
+    argmax: torch.Tensor | None
+    mode: str
+    padding_idx: int | None
+
+
+class RowConsumer:
+    """Receives the rows of a table's lookups in backward, in place of a weight gradient.
+
+    The seam of the fused path: ``attach(module)`` registers the consumer's state buffers
+    (:meth:`state`) on a ``pme`` table and sets ``module.optimizer``; the table's training
+    forward then goes through :meth:`lookup`, whose backward calls :meth:`consume` with the
+    batch's :class:`BackwardRows`. The table's ``weight`` no longer requires a gradient. The
+    fused optimizers (``pme.optim``) and the search's score accumulator are two kinds of it.
+    """
+
+    def state(self, module) -> list[StateBuffer]:
+        """The buffers this consumer keeps on ``module`` (names, shapes, dtypes)."""
+        return []
+
+    def consume(self, module, rows: BackwardRows) -> None:
+        """Takes one batch's rows (called from backward, under no_grad)."""
+        raise NotImplementedError
+
+    def attach(self, module):
+        """Allocates the state buffers (zeros) on ``module`` and makes its lookups fused."""
+        acc = acc_dtype(module.weight.dtype)
+        for b in self.state(module):
+            dev = torch.device("cpu") if b.host else module.weight.device
+            module.register_buffer(b.name, torch.zeros(b.shape, dtype=b.dtype or acc, device=dev))
+        module.weight.requires_grad_(False)
+        module.optimizer = self
+
+    @contextlib.contextmanager
+    def state_kept(self, module):
+        """Around ``module._apply(fn)``: the state skips ``fn`` and is re-placed by its own rules."""
+        specs = [b for b in self.state(module) if module._buffers.get(b.name) is not None]
+        held = {b.name: module._buffers[b.name] for b in specs}
+        for name in held:
+            module._buffers[name] = None
+        try:
+            yield
+        finally:
+            acc = acc_dtype(module.weight.dtype)
+            for b in specs:
+                t = held[b.name]
+                module._buffers[b.name] = t if b.host else t.to(device=module.weight.device, dtype=b.dtype or acc)
+
+    def lookup(self, module, input, offsets=None, per_sample_weights=None, include_last_offset=None, mode=None,
+               forward_padding=True):
+        """Training forward of ``module`` ``[B, width]``; its backward feeds :meth:`consume`.
+
+        nn.EmbeddingBag-style inputs; ``mode`` and ``include_last_offset`` default to the
+        module's. ``forward_padding=False`` returns the padding row as stored (nn.Embedding)
+        while the update still skips it.
+        """
+        weight = module.weight
+        mode = mode or module.mode
+        last = module.include_last_offset if include_last_offset is None else include_last_offset
+        indices, bag_offsets, psw, m = bag_inputs(weight, input, offsets, per_sample_weights, mode, last)
+        pad = -1 if module.padding_idx is None else module.padding_idx
+        anchor = torch.zeros((), device=weight.device, requires_grad=True)  # makes the output need a gradient
+        return _ConsumedLookup.apply(anchor, self, module, indices, bag_offsets, psw, mode,
+                                     pad if forward_padding else -1, pad)
+
+
+class _ConsumedLookup(torch.autograd.Function):
+    """Pooled lookup of ``module``'s table whose backward hands the rows to a RowConsumer."""
+
+    @staticmethod
+    def forward(ctx, anchor, consumer, module, indices, bag_offsets, psw, mode, fwd_pad, upd_pad):
+        weight, offsets, col = module.weight, module.offsets, module.col_of_size
+        argmax = None
+        if _compiled(weight):
+            out, argmax = torch.ops.pme.bag_forward(weight, offsets, indices, bag_offsets, psw, col, module.width,
+                                                    MODES[mode], fwd_pad)
+        else:
+            out = embedding_bag(weight, offsets, indices, bag_offsets, width=module.width, col_of_size=col, mode=mode,
+                                per_sample_weights=psw, padding_idx=None if fwd_pad < 0 else fwd_pad,
+                                include_last_offset=True)
+        ctx.consumer, ctx.module, ctx.mode, ctx.pad = consumer, module, mode, upd_pad
+        ctx.save_for_backward(indices, bag_offsets, psw, argmax)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        indices, bag_offsets, psw, argmax = ctx.saved_tensors
+        rows = BackwardRows(grad_out.contiguous().to(ctx.module.weight.dtype), indices, bag_offsets, psw, argmax,
+                            ctx.mode, None if ctx.pad < 0 else ctx.pad)
+        ctx.consumer.consume(ctx.module, rows)
+        return (None,) * 9
+
+
 def _check_reference_lookup(indices, bag_offsets, offsets, weight, col_of_size, width):
     """Value checks the compiled kernels do natively, for the reference path."""
     V = offsets.numel() - 1
@@ -380,14 +510,6 @@ def to_dense(weight, offsets, width, col_of_size=None):
     """Dense view ``[V, width]``: each row zero-padded (or placed in its size's slot)."""
     check_table(weight, offsets, col_of_size)
     return reference.to_dense(weight, offsets, width, col_of_size)
-
-
-def _opt_args(weight, offsets, input, input_offsets, per_sample_weights, mode, include_last_offset, padding_idx):
-    check_table(weight, offsets)
-    pad = normalize_padding_idx(padding_idx, offsets.numel() - 1)
-    indices, bag_offsets, psw, m = bag_inputs(weight, input, input_offsets, per_sample_weights, mode,
-                                              include_last_offset)
-    return indices, bag_offsets, psw, m, pad
 
 
 def sparse_update_(weight, state1, state2, grad_out, offsets, indices, bag_offsets, *, col_of_size=None,

@@ -36,8 +36,8 @@ from . import ops
 __all__ = ["SGD", "RowwiseAdagrad", "Adam", "FusedOptimizer"]
 
 
-class FusedOptimizer:
-    """Base class: hyperparameters, state allocation and the fused lookup."""
+class FusedOptimizer(ops.RowConsumer):
+    """Base class: hyperparameters and state; the fused lookup is ``pme.ops.RowConsumer``'s."""
 
     name = ""
 
@@ -61,62 +61,21 @@ class FusedOptimizer:
         """Shapes of (state1, state2) for a table."""
         return (0,), (0,)
 
-    def attach(self, module):
-        """Allocates state buffers on ``module`` and makes its lookups fused."""
-        acc = ops.acc_dtype(module.weight.dtype)
+    def state(self, module):
+        """``optim_state1``/``optim_state2`` in the table's accumulation dtype, ``optim_step`` on the host."""
         s1, s2 = self.state_shapes(module)
-        dev = module.weight.device
-        module.register_buffer("optim_state1", torch.zeros(s1, dtype=acc, device=dev))
-        module.register_buffer("optim_state2", torch.zeros(s2, dtype=acc, device=dev))
-        module.register_buffer("optim_step", torch.zeros((), dtype=torch.int64))
-        module.weight.requires_grad_(False)
-        module.optimizer = self
+        return [ops.StateBuffer("optim_state1", s1), ops.StateBuffer("optim_state2", s2),
+                ops.StateBuffer("optim_step", (), torch.int64, host=True)]
 
-    def lookup(self, module, input, offsets=None, per_sample_weights=None, include_last_offset=None, mode=None,
-               forward_padding=True):
-        """Forward of a fused table: returns ``[B, width]``; its backward applies the step."""
-        weight = module.weight
-        mode = mode or module.mode
-        last = module.include_last_offset if include_last_offset is None else include_last_offset
-        indices, bag_offsets, psw, m = ops.bag_inputs(weight, input, offsets, per_sample_weights, mode, last)
-        pad = -1 if module.padding_idx is None else module.padding_idx
-        anchor = torch.zeros((), device=weight.device, requires_grad=True)
-        return _FusedLookup.apply(anchor, self, module, indices, bag_offsets, psw, mode,
-                                  pad if forward_padding else -1, pad)
-
-
-    def backward_step(self, module, grad_out, indices, bag_offsets, psw, argmax, mode, pad):
-        """Consumes the output gradient of one fused lookup: one optimizer step on its rows."""
+    def consume(self, module, rows):
+        """One optimizer step on the rows of one fused lookup (``rows``: ``pme.ops.BackwardRows``)."""
         module.optim_step += 1
-        g = grad_out if self.grad_scale == 1.0 else grad_out / self.grad_scale
-        ops.sparse_update_(module.weight.data, module.optim_state1, module.optim_state2, g.to(module.weight.dtype),
-                           module.offsets, indices, bag_offsets, col_of_size=module.col_of_size, argmax=argmax,
-                           mode=mode, per_sample_weights=psw, padding_idx=None if pad < 0 else pad,
+        g = rows.grad_out if self.grad_scale == 1.0 else rows.grad_out / self.grad_scale
+        ops.sparse_update_(module.weight.data, module.optim_state1, module.optim_state2, g, module.offsets,
+                           rows.indices, rows.bag_offsets, col_of_size=module.col_of_size, argmax=rows.argmax,
+                           mode=rows.mode, per_sample_weights=rows.per_sample_weights, padding_idx=rows.padding_idx,
                            optimizer=self.name, lr=self.lr, weight_decay=self.weight_decay, eps=self.eps,
                            beta1=self.beta1, beta2=self.beta2, step=int(module.optim_step))
-
-
-class _FusedLookup(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, anchor, opt, module, indices, bag_offsets, psw, mode, fwd_pad, upd_pad):
-        weight, offsets, col = module.weight, module.offsets, module.col_of_size
-        argmax = None
-        if ops._compiled(weight):
-            out, argmax = torch.ops.pme.bag_forward(weight, offsets, indices, bag_offsets, psw, col, module.width,
-                                                    ops.MODES[mode], fwd_pad)
-        else:
-            out = ops.embedding_bag(weight, offsets, indices, bag_offsets, width=module.width, col_of_size=col,
-                                    mode=mode, per_sample_weights=psw,
-                                    padding_idx=None if fwd_pad < 0 else fwd_pad, include_last_offset=True)
-        ctx.opt, ctx.module, ctx.mode, ctx.pad = opt, module, mode, upd_pad
-        ctx.save_for_backward(indices, bag_offsets, psw, argmax)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        indices, bag_offsets, psw, argmax = ctx.saved_tensors
-        ctx.opt.backward_step(ctx.module, grad_out.contiguous(), indices, bag_offsets, psw, argmax, ctx.mode, ctx.pad)
-        return (None,) * 9
 
 
 class SGD(FusedOptimizer):

@@ -30,7 +30,6 @@ from torch import nn
 
 from . import ops
 from .modules import MultiSizeEmbedding, MultiSizeEmbeddingBag, convert
-from .optim import FusedOptimizer
 
 __all__ = ["search", "SearchResult", "sizes_for_budget", "default_granularity", "uniform_sizes", "popularity_sizes", "random_sizes",
            "alignment_quantum"]
@@ -43,26 +42,23 @@ def alignment_quantum(dtype: torch.dtype) -> int:
     return max(1, 16 // torch.empty((), dtype=dtype).element_size())
 
 
-class _Scorer(FusedOptimizer):
-    """A fused 'optimizer' whose step adds the entries' scores instead of updating them."""
-
-    name = "scorer"
+class _Scorer(ops.RowConsumer):
+    """Adds the scores of the batch's entries (``scores [total]``, the accumulation dtype) in backward."""
 
     def __init__(self, rule: str):
-        super().__init__(lr=0.0)
         self.rule = rule
 
-    def attach(self, module):
-        acc = ops.acc_dtype(module.weight.dtype)  # the kernels' dtype
-        module.register_buffer("scores", torch.zeros(module.weight.numel(), dtype=acc, device=module.weight.device))
-        module.weight.requires_grad_(False)
-        module.optimizer = self
+    def __repr__(self):
+        return f"_Scorer(rule={self.rule!r})"
 
-    def backward_step(self, module, grad_out, indices, bag_offsets, psw, argmax, mode, pad):
-        weight = module.weight
-        ops.accumulate_scores_(module.scores, grad_out.to(weight.dtype), weight, module.offsets, indices,
-                               bag_offsets, col_of_size=module.col_of_size, argmax=argmax, mode=mode,
-                               per_sample_weights=psw, padding_idx=None if pad < 0 else pad, rule=self.rule)
+    def state(self, module):
+        return [ops.StateBuffer("scores", (module.weight.numel(),))]
+
+    def consume(self, module, rows):
+        ops.accumulate_scores_(module.scores, rows.grad_out, module.weight, module.offsets, rows.indices,
+                               rows.bag_offsets, col_of_size=module.col_of_size, argmax=rows.argmax, mode=rows.mode,
+                               per_sample_weights=rows.per_sample_weights, padding_idx=rows.padding_idx,
+                               rule=self.rule)
 
 
 @dataclass

@@ -193,3 +193,66 @@ def test_bad_optimizer_arguments():
         ops.sparse_update_(w, torch.empty(0), torch.empty(0), go, offsets, idx, bo, optimizer="lamb")
     with pytest.raises(RuntimeError, match="state1"):
         ops.sparse_update_(w, torch.zeros(3), torch.empty(0), go, offsets, idx, bo, optimizer="rowwise_adagrad")
+
+
+class _GradientCollector(ops.RowConsumer):
+    """A RowConsumer of our own: turns every batch's rows back into the flat weight gradient
+    (through the dense-view oracle) and sums it, plus a host-side call count and an int buffer."""
+
+    def state(self, module):
+        return [ops.StateBuffer("grad_sum", (module.weight.numel(),)),
+                ops.StateBuffer("rows_seen", (module.num_embeddings,), torch.int64),
+                ops.StateBuffer("calls", (), torch.int64, host=True)]
+
+    def consume(self, module, rows):
+        assert rows.grad_out.is_contiguous() and rows.grad_out.dtype == module.weight.dtype
+        module.calls += 1
+        module.rows_seen[rows.indices.long()] += 1
+        w = module.weight.detach().double().requires_grad_(True)
+        with torch.enable_grad():
+            out = reference.embedding_bag(w, module.offsets, rows.indices, rows.bag_offsets, module.width,
+                                          module.col_of_size, rows.mode, rows.per_sample_weights, rows.padding_idx)
+            out.backward(rows.grad_out.double())
+        module.grad_sum += w.grad.to(module.grad_sum.dtype)
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("layout", ["padded", "grouped"])
+def test_row_consumer_receives_the_rows_of_the_plain_backward(mode, index_dtype, layout):
+    # The seam's contract: what consume() gets is enough to rebuild the plain lookup's weight
+    # gradient exactly (indices, bag offsets, per-sample weights, argmax mode, padding row).
+    gen = torch.Generator().manual_seed(7)
+    V, D = 30, 8
+    sizes = torch.randint(0, 3, (V,), generator=gen) * 4 if layout == "grouped" else torch.randint(0, D + 1, (V,),
+                                                                                                  generator=gen)
+    kw = dict(mode=mode, padding_idx=V - 1, layout=layout, dtype=torch.float64)
+    plain = pme.MultiSizeEmbeddingBag(V, D, sizes, **kw)
+    fused = pme.MultiSizeEmbeddingBag(V, D, sizes, optimizer=_GradientCollector(), **kw)
+    fused.weight.data.copy_(plain.weight.data)
+    assert fused.grad_sum.dtype == torch.float64 and fused.rows_seen.dtype == torch.int64
+    for step in range(3):
+        idx, off = random_bags(V, 9, 5, gen, index_dtype, padding_idx=V - 1)
+        psw = torch.rand(idx.shape, generator=gen, dtype=torch.float64) if mode == "sum" else None
+        out_p, out_f = plain(idx, off, psw), fused(idx, off, psw)
+        torch.testing.assert_close(out_f, out_p)
+        g = torch.randn(out_p.shape, generator=gen, dtype=torch.float64)
+        out_p.backward(g)
+        out_f.backward(g)
+    torch.testing.assert_close(fused.grad_sum, plain.weight.grad)
+    assert int(fused.calls) == 3 and int(fused.rows_seen.sum()) > 0
+    # the consumer's buffers follow its declared rules through casts and moves
+    fused.to(torch.float16)
+    assert fused.weight.dtype == torch.float16 and fused.grad_sum.dtype == torch.float32
+    assert fused.rows_seen.dtype == torch.int64
+    fused.to("meta")
+    assert fused.grad_sum.device.type == "meta" and fused.rows_seen.device.type == "meta"
+    assert fused.calls.device.type == "cpu"
+    assert set(fused.state_dict()) >= {"grad_sum", "rows_seen", "calls"}
+
+
+def test_fused_optimizer_state_dict_keys_are_unchanged():
+    # checkpoints written before the RowConsumer seam name the state optim_state1/2 and optim_step
+    m = pme.MultiSizeEmbeddingBag(6, 4, 4, mode="sum", optimizer=pme.optim.Adam(lr=0.1))
+    assert set(m.state_dict()) == {"weight", "offsets", "optim_state1", "optim_state2", "optim_step"}
+    assert m.optim_state1.shape == m.optim_state2.shape == (24,) and m.optim_step.device.type == "cpu"
