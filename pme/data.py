@@ -49,6 +49,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from .search import batch_to  # the one batch mover (re-exported: pme.data.batch_to)
+
 __all__ = [
     "CTRDataset",
     "load_movielens_100k",
@@ -351,7 +353,7 @@ class CTRDataset:
                 break
             part = data._slice(start, stop)
             batch = part.as_batch()
-            yield batch if device is None else batch_to(batch, device)
+            yield batch_to(batch, device, non_blocking=True)
 
     def as_batch(self) -> Batch:
         """The whole dataset as one batch dict (format as in :meth:`batches`)."""
@@ -360,16 +362,6 @@ class CTRDataset:
             "dense": self.dense,
             "labels": self.labels,
         }
-
-
-def batch_to(batch: Batch, device, non_blocking: bool = True) -> Batch:
-    """Move a batch dict (see :meth:`CTRDataset.batches`) to ``device``."""
-    mv = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
-    return {
-        "fields": {f: (mv(v), mv(o)) for f, (v, o) in batch["fields"].items()},
-        "dense": mv(batch["dense"]),
-        "labels": mv(batch["labels"]),
-    }
 
 
 # --------------------------------------------------------------------------- #

@@ -21,7 +21,6 @@ over ``model.embeddings`` leaves them alone.
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from typing import Dict, List, Mapping, Optional, Sequence, Union
@@ -29,6 +28,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from tqdm.auto import tqdm
 
 from .data import CTRDataset, batch_to
 
@@ -240,7 +241,7 @@ def predict(model: nn.Module, data: CTRDataset, batch_size: int = 8192, device=N
     was_training = model.training
     model.eval()
     try:
-        outs = [model(batch_to(b, device)).float().cpu() for b in data.batches(batch_size)]
+        outs = [model(batch_to(b, device, non_blocking=True)).float().cpu() for b in data.batches(batch_size)]
     finally:
         model.train(was_training)
     return torch.cat(outs) if outs else torch.zeros(0)
@@ -251,38 +252,6 @@ def evaluate(model: nn.Module, data: CTRDataset, batch_size: int = 8192, device=
     logits = predict(model, data, batch_size, device)
     labels = data.labels.cpu()
     return {"auc": auc(labels, logits), "logloss": log_loss(labels, logits), "n": len(data)}
-
-
-class _Progress:
-    """Tiny stand-in for tqdm: prints a line at ~10% steps and at the end."""
-
-    def __init__(self, total: int, desc: str = "") -> None:
-        self.total, self.desc, self.n, self.postfix = max(1, total), desc, 0, ""
-        self.t0 = time.perf_counter()
-        self._next = 0.1
-
-    def update(self, k: int = 1) -> None:
-        self.n += k
-        if self.n / self.total >= self._next or self.n >= self.total:
-            self._next = math.floor(self.n / self.total * 10 + 1) / 10
-            dt = time.perf_counter() - self.t0
-            print(f"{self.desc} {self.n}/{self.total} [{dt:.1f}s] {self.postfix}", file=sys.stderr, flush=True)
-
-    def set_postfix_str(self, s: str) -> None:
-        self.postfix = s
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return _Progress(total, desc)
-    return tqdm(total=total, desc=desc, leave=False)
 
 
 def _make_optimizer(model: nn.Module, optimizer, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -329,7 +298,7 @@ def train_model(
             an ``Optimizer`` instance, or a callable ``params -> Optimizer``.
         device: where to train (default: where the model's parameters are);
             the model and the datasets are moved there once.
-        progress: show a progress bar (tqdm if installed, else a plain printer).
+        progress: show a tqdm progress bar and a line per epoch.
         seed: seeds the shuffling generator and ``torch.manual_seed`` (for
             dropout); None leaves the global RNG alone and shuffles from it.
         max_steps: stop after this many optimizer steps in total.
@@ -355,7 +324,7 @@ def train_model(
     for epoch in range(int(epochs)):
         model.train()
         t0 = time.perf_counter()
-        bar = _progress(steps_per_epoch, f"epoch {epoch + 1}/{epochs}", progress)
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=not progress)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         rows = 0
         for batch in train_d.batches(batch_size, shuffle=True, generator=gen):
@@ -368,14 +337,12 @@ def train_model(
             loss_sum += loss.detach().double() * b
             rows += b
             step += 1
-            if bar is not None:
-                bar.update(1)
-                if step % 10 == 0:
-                    bar.set_postfix_str(f"loss {loss.item():.4f}")
+            bar.update(1)
+            if progress and step % 10 == 0:
+                bar.set_postfix_str(f"loss {loss.item():.4f}")
             if max_steps is not None and step >= max_steps:
                 break
-        if bar is not None:
-            bar.close()
+        bar.close()
         train_loss = float(loss_sum) / max(rows, 1)
         seconds = time.perf_counter() - t0
         if val is not None:

@@ -27,12 +27,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from . import ops
 from .modules import MultiSizeEmbedding, MultiSizeEmbeddingBag, convert
 
-__all__ = ["search", "SearchResult", "sizes_for_budget", "default_granularity", "uniform_sizes", "popularity_sizes", "random_sizes",
-           "alignment_quantum"]
+__all__ = ["search", "SearchResult", "sizes_for_budget", "default_granularity", "uniform_sizes", "popularity_sizes",
+           "random_sizes", "alignment_quantum", "batch_to"]
 
 RULES = ("snip", "grad", "magnitude")
 
@@ -258,9 +259,9 @@ def search(model: nn.Module, loader, budget: float = 0.2, *, tables=None, rule: 
     if warmup_steps > 0:
         opt = torch.optim.Adam([p for p in work.parameters() if p.requires_grad], lr=warmup_lr)
         work.train()
-        for _ in _progress(range(warmup_steps), progress, "pme.search warm-up"):
+        for _ in tqdm(range(warmup_steps), desc="pme.search warm-up", leave=False, disable=not progress):
             opt.zero_grad(set_to_none=True)
-            loss_fn(work, _to(next(it), device)).backward()
+            loss_fn(work, batch_to(next(it), device)).backward()
             opt.step()
             steps += 1
     # Full-width pme tables that accumulate scores in their backward.
@@ -284,8 +285,8 @@ def search(model: nn.Module, loader, budget: float = 0.2, *, tables=None, rule: 
         work.train()
         for p in work.parameters():
             p.grad = None
-        for _ in _progress(range(num_batches), progress, f"pme.search scoring ({rule})"):
-            loss = loss_fn(work, _to(next(it), device))
+        for _ in tqdm(range(num_batches), desc=f"pme.search scoring ({rule})", leave=False, disable=not progress):
+            loss = loss_fn(work, batch_to(next(it), device))
             loss.backward()
             batches_done += 1
         for p in work.parameters():
@@ -304,27 +305,18 @@ def search(model: nn.Module, loader, budget: float = 0.2, *, tables=None, rule: 
                         int(budget * dense), kept, dense, thr, seconds, rule, steps, batches_done, stats)
 
 
-def _to(batch, device):
-    if device is None:
+def batch_to(batch, device, non_blocking: bool = False):
+    """``batch`` with every tensor moved to ``device`` (dicts, lists and tuples walked; other values
+    kept); ``device=None`` returns it as it is. The one batch mover of pme (``pme.data`` uses it)."""
+    if device is None or batch is None:
         return batch
     if isinstance(batch, torch.Tensor):
-        return batch.to(device)
+        return batch.to(device, non_blocking=non_blocking)
     if isinstance(batch, dict):
-        return {k: _to(v, device) for k, v in batch.items()}
+        return {k: batch_to(v, device, non_blocking) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
-        return type(batch)(_to(v, device) for v in batch)
+        return type(batch)(batch_to(v, device, non_blocking) for v in batch)
     return batch
-
-
-def _progress(it, enabled, desc):
-    if not enabled:
-        return it
-    try:
-        from tqdm.auto import tqdm
-
-        return tqdm(it, desc=desc, leave=False)
-    except ImportError:
-        return it
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ only find the installed copy. PME_REQUIRE_COMPILED=1 always (the run fails on th
 fallback); for a CUDA wheel on a machine with a GPU also PME_REQUIRE_CUDA=1 (CUDA tests may not skip).
 
   TORCH_VERSION   default by flavour: +cpu 2.13.0, +cu13x 2.14.1, +cu12x 2.10.0
-  system          use the torch (and numpy, pytest) of $PYTHON as it is: no venv; WHEEL and the missing
+  system          use the torch (and pytest) of $PYTHON as it is: no venv; WHEEL and the missing
                   test dependencies go to a --target folder put on PYTHONPATH (the GPU machine:
                   torch 2.11.0 installed, no network; give PME_FIND_LINKS)
 
@@ -79,7 +79,7 @@ else
 fi
 # test dependencies: only those missing (offline machines carry them as wheels in PME_FIND_LINKS);
 # recbole (MovieLens-100K files, --no-deps) is optional
-for dep in numpy pytest hypothesis; do
+for dep in pytest hypothesis tqdm; do
   "$VPY" -c "import $dep" 2>/dev/null || pipi "${TARGET[@]}" "$dep"
 done
 "$VPY" -c "import recbole" 2>/dev/null || pipi "${TARGET[@]}" --no-deps recbole 2>/dev/null || true
