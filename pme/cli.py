@@ -1,11 +1,9 @@
-"""The ``pme`` command line: ``info``, ``demo``, ``search``, ``bench``."""
+"""The ``pme`` command line: ``info``, ``demo``, ``search``, ``bench`` (``pme.bench``, options passed through)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 
 
@@ -80,16 +78,9 @@ def _search(args):
 
 
 def _bench(args):
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    script = os.path.join(here, "benchmarks", "bench_lookup.py")
-    if not os.path.exists(script):
-        print("pme bench: benchmarks/bench_lookup.py is part of the source tree, not of the wheel; "
-              "run it from a checkout", file=sys.stderr)
-        return 2
-    import runpy
+    from . import bench
 
-    sys.argv = [script] + args.rest
-    runpy.run_path(script, run_name="__main__")
+    bench.main(args.rest)
     return 0
 
 
@@ -135,12 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default=None, help="JSON file for the sizes")
     q.set_defaults(func=_search)
 
-    q = sub.add_parser("bench", help="run benchmarks/bench_lookup.py (from a source checkout); args pass through")
-    q.add_argument("rest", nargs=argparse.REMAINDER)
+    q = sub.add_parser("bench", add_help=False,
+                       help="lookup and fused-update microbenchmark (pme.bench); `pme bench --help` for its options")
     q.set_defaults(func=_bench)
     return p
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args, rest = build_parser().parse_known_args(argv)
+    if args.cmd == "bench":
+        args.rest = rest  # every option is the benchmark's (pme.bench.parse_args)
+    elif rest:
+        build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
     return args.func(args)

@@ -1,5 +1,7 @@
 """Pruning kernels and the search against torch.kthvalue, the reference and planted data."""
 
+import json
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -190,6 +192,36 @@ def test_demo_fast_run(tmp_path):
     rep = (tmp_path / "report.md").read_text()
     assert "| 20% | pme |" in rep and "| full | full |" in rep
     assert (tmp_path / "auc_vs_params.png").stat().st_size > 1000
+
+
+def test_batch_to_moves_every_tensor_of_a_nested_batch():
+    from pme.search import batch_to
+
+    v, o = torch.tensor([1, 2, 3]), torch.tensor([0, 1])
+    batch = {"fields": {"user": (v, o)}, "dense": None, "labels": torch.rand(2), "extra": [v, "tag", 3]}
+    moved = batch_to(batch, "meta")
+    assert moved["fields"]["user"][0].is_meta and moved["fields"]["user"][1].is_meta
+    assert isinstance(moved["fields"]["user"], tuple) and moved["dense"] is None and moved["labels"].is_meta
+    assert moved["extra"][0].is_meta and moved["extra"][1:] == ["tag", 3]
+    assert batch_to(batch, None) is batch and data.batch_to is batch_to  # one mover, re-exported by pme.data
+    assert not batch["labels"].is_meta  # the input is left as it was
+
+
+def test_bench_cli_passes_options_through(tmp_path, capsys):
+    """`pme bench` runs the packaged benchmark (no checkout needed) with its own options."""
+    from pme.cli import main
+
+    out = tmp_path / "b.json"
+    assert main(["bench", "--quick", "--methods", "pme", "--rows", "1000", "--bags", "8", "--repeats", "3",
+                 "--copy-mb", "16", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["command"].startswith("pme bench --quick") and doc["complete"]
+    (case,) = doc["configs"]
+    assert case["config"]["rows"] == 1000 and {r["method"] for r in case["results"]} == {"pme"}
+    assert all(len(r["times_ms"]) >= 3 for r in case["results"] if "times_ms" in r)
+    with pytest.raises(SystemExit):
+        main(["bench", "--no-such-option"])
+    assert "--no-such-option" in capsys.readouterr().err
 
 
 def test_search_float64_tables_and_custom_loss():
