@@ -29,7 +29,6 @@ import sys
 import tempfile
 
 from setuptools import setup
-from setuptools.command.sdist import sdist as _sdist
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TORCH_TARGET = "0x020a000000000000"  # 2.10.0: only the stable surface of torch >= 2.10
@@ -37,9 +36,6 @@ PY_LIMITED = "0x030A0000"  # CPython 3.10
 # Default CUDA targets: Ampere (A100, RTX 30), Ada (L4/L40, RTX 40), Hopper (H100/H200),
 # Blackwell (B200/GB200 sm_100, RTX 50/RTX PRO sm_120). SASS for sm_X.y also runs on sm_X.z, z > y.
 WANTED_ARCHS = ("8.0", "8.6", "8.9", "9.0", "10.0", "12.0")
-# Files of the source distribution beyond what setuptools finds by itself.
-SDIST_EXTRA = ("csrc/**/*", "tests/*.py", "scripts/*.sh")
-SDIST_SKIP = re.compile(r"(__pycache__|\.pyc$|\.so$|\.o$)")
 
 
 def _flag(name):
@@ -191,7 +187,7 @@ Set PME_REQUIRE_EXTENSION=1 to make this an error instead.
 
 def get_extensions():
     """(ext_modules, cmdclass). Empty ext_modules when the extension is not to be built."""
-    cmdclass = {"sdist": sdist}
+    cmdclass = {}
     if _flag("PME_NO_EXTENSION"):
         _say("PME_NO_EXTENSION=1: pure-Python installation (pure-PyTorch reference, no pme._C)")
         return [], cmdclass
@@ -287,19 +283,6 @@ def get_extensions():
 
     cmdclass["build_ext"] = build_ext
     return [ext], cmdclass
-
-
-class sdist(_sdist):
-    """Source distribution: setuptools' defaults plus every C++/CUDA source and header (the CUDA
-    files too when this machine builds CPU only), the tests and the build scripts."""
-
-    def make_distribution(self):
-        for pattern in SDIST_EXTRA:
-            self.filelist.extend(f for f in glob.glob(pattern, recursive=True)
-                                 if os.path.isfile(f) and not SDIST_SKIP.search(f))
-        self.filelist.sort()
-        self.filelist.remove_duplicates()
-        super().make_distribution()
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Unit tests of setup.py's helpers: the default CUDA arch list, MAX_JOBS, the toolkit root, the
-local version label and the source-distribution file list. Skipped where setup.py is not next to
+local version label and the source distribution's files. Skipped where setup.py is not next to
 tests/ (scripts/check_wheel.sh runs the suite from a copy of tests/ against an installed wheel)."""
 
 import importlib.util
@@ -90,18 +90,24 @@ def test_local_version(setup_py, monkeypatch):
     assert setup_py._version() == base + "+cpu"
 
 
-def test_sdist_patterns_cover_the_sources(setup_py, monkeypatch):
-    import glob
+def test_sdist_carries_the_sources_tests_and_scripts(tmp_path):
+    # MANIFEST.in: every file under csrc/ (CUDA too), the tests and the build scripts, no binaries
+    import subprocess
+    import sys
+    import tarfile
 
-    monkeypatch.chdir(SETUP.parent)
-    listed = set()
-    for pattern in setup_py.SDIST_EXTRA:
-        listed.update(f for f in glob.glob(pattern, recursive=True)
-                      if os.path.isfile(f) and not setup_py.SDIST_SKIP.search(f))
-    sources = {str(p.relative_to(SETUP.parent)) for p in (SETUP.parent / "csrc").rglob("*")
+    root = SETUP.parent
+    env = dict(os.environ, PME_NO_EXTENSION="1")
+    subprocess.run([sys.executable, str(SETUP), "-q", "sdist", "--dist-dir", str(tmp_path)], cwd=root, env=env,
+                   check=True, capture_output=True)
+    (tarball,) = tmp_path.glob("pme-*.tar.gz")
+    with tarfile.open(tarball) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    sources = {str(p.relative_to(root)) for p in (root / "csrc").rglob("*")
                if p.is_file() and "__pycache__" not in p.parts}
-    assert sources and sources <= listed, sources - listed
-    assert "tests/conftest.py" in listed
+    assert sources and sources <= names, sources - names
+    assert {"tests/conftest.py", "scripts/setup.sh", "setup.py", "pme/ops.py", "MANIFEST.in"} <= names
+    assert not [n for n in names if n.endswith((".so", ".o", ".pyc"))]
 
 
 def test_compiler_probe(setup_py):
