@@ -231,7 +231,7 @@ def test_row_consumer_receives_the_rows_of_the_plain_backward(mode, index_dtype,
     fused = pme.MultiSizeEmbeddingBag(V, D, sizes, optimizer=_GradientCollector(), **kw)
     fused.weight.data.copy_(plain.weight.data)
     assert fused.grad_sum.dtype == torch.float64 and fused.rows_seen.dtype == torch.int64
-    for step in range(3):
+    for _ in range(3):
         idx, off = random_bags(V, 9, 5, gen, index_dtype, padding_idx=V - 1)
         psw = torch.rand(idx.shape, generator=gen, dtype=torch.float64) if mode == "sum" else None
         out_p, out_f = plain(idx, off, psw), fused(idx, off, psw)
