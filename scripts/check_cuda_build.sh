@@ -16,7 +16,8 @@ if [ ! -x .venv-cu/bin/python ]; then
   python3 -m venv .venv-cu
 fi
 VPY="$ROOT/.venv-cu/bin/python"
-"$VPY" -m pip install -q torch==2.14.1 numpy setuptools wheel ninja 2>&1 | grep -v "^WARNING: Location" || true
+# pip's exit status kept (pipefail); grep -v exits 1 when it has nothing to print
+"$VPY" -m pip install -q torch==2.14.1 numpy setuptools wheel ninja 2>&1 | { grep -v "^WARNING: Location" || [ $? -eq 1 ]; }
 SITE="$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 export CPATH="$SITE/nvidia/cu13/include${CPATH:+:$CPATH}"
 OUT="$(mktemp -d)"
