@@ -50,8 +50,14 @@ SO="$(ls pme/_C*.so 2>/dev/null | head -n 1 || true)"
 if ! ls .venv/lib/python*/site-packages/__editable__*pme* > /dev/null 2>&1; then
   pip_q install -q --no-build-isolation --no-deps -e .  # first time: the editable install, which builds
 elif [ -z "$SO" ] || [ -n "$(find csrc setup.py -newer "$SO" -print -quit)" ]; then
-  # a source changed: rebuild in place, keeping the objects in build/temp (ninja redoes what changed)
-  "$VPY" setup.py -q build_ext --inplace --build-temp build/temp 2>&1 | { grep -v "^WARNING: Location" || [ $? -eq 1 ]; }
+  # a source changed: rebuild in place, keeping the objects in build/temp (ninja redoes what changed);
+  # the compiler's output goes to build/temp/build.log and is shown when the build fails
+  mkdir -p build/temp
+  if ! "$VPY" setup.py -q build_ext --inplace --build-temp build/temp > build/temp/build.log 2>&1; then
+    cat build/temp/build.log >&2
+    echo "setup.sh: building the extension failed (log above, also in build/temp/build.log)" >&2
+    exit 1
+  fi
 fi
 for so in pme/_C*.so; do  # built from the current sources (a failed build stopped the script above)
   [ -e "$so" ] && touch "$so"
