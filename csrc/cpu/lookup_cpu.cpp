@@ -135,9 +135,16 @@ inline bool locate(const TableView& t, const I* idx, int64_t j, int64_t pad, std
   if (r == pad) return false;  // pad is -1 (none) or a row
   lo = t.offsets[r];
   const int64_t hi = t.offsets[r + 1];
+  // Overflow-safe (validate_table has checked the whole table already; this is the second line
+  // of defence): the span inside the buffer first, then the size and column against the width
+  // without forming col + size.
+  if (__builtin_expect(!(lo >= 0 && hi >= lo && hi <= t.total && hi - lo <= t.width), 0)) {
+    note_bad(bad, j);
+    return false;
+  }
   size = hi - lo;
-  col = kPadded || !t.col_of_size ? 0 : (size >= 0 && size < t.num_cols ? t.col_of_size[size] : -1);
-  if (__builtin_expect(!(size >= 0 && lo >= 0 && hi <= t.total && col >= 0 && col + size <= t.width), 0)) {
+  col = kPadded || !t.col_of_size ? 0 : (size < t.num_cols ? t.col_of_size[size] : -1);
+  if (__builtin_expect(!(col >= 0 && col <= t.width - size), 0)) {
     note_bad(bad, j);
     return false;
   }
@@ -700,7 +707,8 @@ std::tuple<Tensor, Tensor> lookup_forward(const Tensor& weight, const Tensor& of
     using I = decltype(itag);
     const I* idx = indices.const_data_ptr<I>();
     const I* bo = bag_offsets ? bag_offsets->const_data_ptr<I>() : nullptr;
-    validate_bag_offsets(bo, a.num_bags, a.num_lookups, tv);
+    validate_table(tv);
+    validate_bag_offsets(bo, a.num_bags, a.num_lookups);
     std::atomic<int64_t> bad{std::numeric_limits<int64_t>::max()};
     dispatch_weight(weight.scalar_type(), "weight", [&](auto wtag) {
       using T = decltype(wtag);
