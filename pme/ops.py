@@ -125,10 +125,24 @@ def _compiled(t: torch.Tensor) -> bool:
 # --------------------------------------------------------------------------------------------
 # Fake kernels and autograd for the compiled operators
 # --------------------------------------------------------------------------------------------
+def _same_device(op: str, **tensors):
+    """Raises unless every given tensor (None skipped) is on one device.
+
+    The dispatcher sends a call that mixes meta (or fake) tensors with real ones to the fake
+    kernel, which would return uninitialised memory for the real device: an error instead.
+    """
+    devs = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devs.values())) > 1:
+        raise RuntimeError(f"pme::{op}: all tensor arguments must be on one device, got "
+                           + ", ".join(f"{k} on {v}" for k, v in devs.items()))
+
+
 if BUILD_INFO is not None:
 
     @torch.library.register_fake("pme::bag_forward")
     def _(weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, out_width, mode, padding_idx):
+        _same_device("bag_forward", weight=weight, offsets=offsets, indices=indices, bag_offsets=bag_offsets,
+                     per_sample_weights=per_sample_weights, col_of_size=col_of_size)
         B = bag_offsets.shape[0] - 1
         out = weight.new_empty(B, out_width)
         argmax = offsets.new_empty((B, out_width) if mode == 2 else (0, 0))
@@ -137,24 +151,36 @@ if BUILD_INFO is not None:
     @torch.library.register_fake("pme::bag_backward")
     def _(grad_out, weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, argmax, mode,
           padding_idx, psw_grad):
+        _same_device("bag_backward", grad_out=grad_out, weight=weight, offsets=offsets, indices=indices,
+                     bag_offsets=bag_offsets, per_sample_weights=per_sample_weights, col_of_size=col_of_size,
+                     argmax=argmax)
         return torch.empty_like(weight), weight.new_empty(indices.shape[0] if psw_grad else 0)
 
     @torch.library.register_fake("pme::embedding_forward")
     def _(weight, offsets, indices, col_of_size, out_width):
+        _same_device("embedding_forward", weight=weight, offsets=offsets, indices=indices, col_of_size=col_of_size)
         return weight.new_empty(indices.shape[0], out_width)
 
     @torch.library.register_fake("pme::embedding_backward")
     def _(grad_out, weight, offsets, indices, col_of_size, padding_idx):
+        _same_device("embedding_backward", grad_out=grad_out, weight=weight, offsets=offsets, indices=indices,
+                     col_of_size=col_of_size)
         return torch.empty_like(weight)
 
     @torch.library.register_fake("pme::sparse_update_")
     def _(weight, state1, state2, grad_out, offsets, indices, bag_offsets, per_sample_weights, col_of_size,
           argmax, mode, padding_idx, optimizer, lr, weight_decay, eps, beta1, beta2, step):
+        _same_device("sparse_update_", weight=weight, state1=state1 if state1.numel() else None,
+                     state2=state2 if state2.numel() else None, grad_out=grad_out, offsets=offsets, indices=indices,
+                     bag_offsets=bag_offsets, per_sample_weights=per_sample_weights, col_of_size=col_of_size)
         return None
 
     @torch.library.register_fake("pme::accumulate_scores_")
     def _(scores, grad_out, weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, argmax,
           mode, padding_idx, rule):
+        _same_device("accumulate_scores_", scores=scores, grad_out=grad_out, weight=weight, offsets=offsets,
+                     indices=indices, bag_offsets=bag_offsets, per_sample_weights=per_sample_weights,
+                     col_of_size=col_of_size)
         return None
 
     @torch.library.register_fake("pme::topk_threshold")
@@ -163,10 +189,12 @@ if BUILD_INFO is not None:
 
     @torch.library.register_fake("pme::prune_counts")
     def _(scores, threshold):
+        _same_device("prune_counts", scores=scores, threshold=threshold)
         return scores.new_empty(scores.shape[0], dtype=torch.int64)
 
     @torch.library.register_fake("pme::prune_pack")
     def _(dense, scores, offsets, by_score):
+        _same_device("prune_pack", dense=dense, scores=scores, offsets=offsets)
         total = torch.library.get_ctx().new_dynamic_size()
         return dense.new_empty(total)
 
@@ -277,12 +305,37 @@ def bag_inputs(weight, input, offsets=None, per_sample_weights=None, mode="mean"
         if include_last_offset:
             if offsets.numel() < 1:
                 raise ValueError("offsets must have at least one entry when include_last_offset=True")
+            _check_last_offset(offsets, indices.numel())
             bag_offsets = offsets
         else:
             bag_offsets = torch.cat([offsets, offsets.new_full((1,), indices.numel())])
     else:
         raise ValueError(f"input must be 1-D (with offsets) or 2-D [B, L], got {input.dim()} dimensions")
     return indices.contiguous(), bag_offsets.contiguous(), (psw.contiguous() if psw is not None else None), MODES[mode]
+
+
+def _check_last_offset(offsets: torch.Tensor, n: int):
+    """include_last_offset=True: the last offset must be ``len(input)`` (the CSR convention).
+
+    torch's documentation says so; with a smaller last offset nn.EmbeddingBag's own answers
+    disagree with each other (sum ends the last bag at ``offsets[-1]``, max and any padding_idx
+    run it to the end of the input, mean sums the short bag but divides by the long one), so
+    there is nothing consistent to match: pme raises. On CUDA the check reads one value back
+    (a synchronisation); it is skipped with ``PME_CUDA_VALIDATE=0`` and during graph capture,
+    and then the bags end where the offsets say (lookups past ``offsets[-1]`` are ignored).
+    """
+    if offsets.device.type == "cuda":
+        import os
+
+        if os.environ.get("PME_CUDA_VALIDATE", "1") == "0" or torch.cuda.is_current_stream_capturing():
+            return
+    if offsets.device.type == "meta" or torch._guards.detect_fake_mode(offsets) is not None:
+        return
+    last = int(offsets[-1])
+    if last != n:
+        raise ValueError(f"include_last_offset=True: offsets[-1] = {last} must equal the number of indices {n} "
+                         f"(the last bag ends at the end of the input); nn.EmbeddingBag's results for "
+                         f"offsets[-1] < len(input) contradict its documentation and each other, so pme refuses them")
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,6 +429,30 @@ def _check_reference_lookup(indices, bag_offsets, offsets, weight, col_of_size, 
             raise ValueError(f"pme: bag offsets point past the input: the last bag ends at {int(bag_offsets[-1])} "
                              f"but there are only {indices.numel()} indices")
     check_offsets(offsets, weight.numel(), width if col_of_size is None else None)
+    if col_of_size is not None:
+        check_col_of_size(col_of_size, offsets, width)
+
+
+def check_col_of_size(col_of_size: torch.Tensor, offsets: torch.Tensor, width: int):
+    """Full check of a grouped layout's column map against the table and the output width.
+
+    Entry ``s`` is -1 (no row has size ``s``) or a column with ``s <= width`` and
+    ``col <= width - s`` (written so that nothing can overflow); every row's size has a slot.
+    The compiled operators make the same check in C++ (and on the device).
+    """
+    cos = col_of_size.detach().cpu().tolist()
+    for s_, c in enumerate(cos):
+        if not (c == -1 or (c >= 0 and s_ <= width and c <= width - s_)):
+            raise ValueError(f"col_of_size[{s_}] = {c} is not a slot of the output width {width} for rows of size "
+                             f"{s_} (a column in [0, width - size], or -1 for a size that has no slot)")
+    sizes = (offsets[1:] - offsets[:-1]).cpu()
+    bad = (sizes >= len(cos)) | (sizes < 0)
+    if not bool(bad.any()) and sizes.numel():
+        bad = torch.as_tensor(cos, dtype=torch.int64)[sizes] < 0
+    if bool(bad.any()):
+        r = int(bad.nonzero()[0])
+        raise ValueError(f"row {r} has size {int(sizes[r])}, which has no slot in col_of_size: it does not fit in "
+                         f"the output width {width}")
 
 
 def check_offsets(offsets: torch.Tensor, total: int, max_size: int | None = None):

@@ -29,6 +29,9 @@ Interaction with PyTorch habits (see README "Fused sparse update"):
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 from . import ops
@@ -43,14 +46,19 @@ class FusedOptimizer:
 
     def __init__(self, lr: float, weight_decay: float = 0.0, eps: float = 1e-8, beta1: float = 0.9,
                  beta2: float = 0.999, grad_scale: float = 1.0):
-        if not lr >= 0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
-        if not weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-        if not eps >= 0:
-            raise ValueError(f"eps must be >= 0, got {eps}")
+        for name, v in (("lr", lr), ("weight_decay", weight_decay), ("eps", eps), ("beta1", beta1),
+                        ("beta2", beta2)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
+        if not (math.isfinite(lr) and lr >= 0):
+            raise ValueError(f"lr must be >= 0 and finite, got {lr}")
+        if not (math.isfinite(weight_decay) and weight_decay >= 0):
+            raise ValueError(f"weight_decay must be >= 0 and finite, got {weight_decay}")
+        if not (math.isfinite(eps) and eps >= 0):
+            raise ValueError(f"eps must be >= 0 and finite, got {eps}")
         if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
             raise ValueError(f"betas must be in [0, 1), got ({beta1}, {beta2})")
+        _check_grad_scale(grad_scale)
         self.lr, self.weight_decay, self.eps, self.beta1, self.beta2 = lr, weight_decay, eps, beta1, beta2
         self.grad_scale = grad_scale
 
@@ -87,6 +95,7 @@ class FusedOptimizer:
 
     def backward_step(self, module, grad_out, indices, bag_offsets, psw, argmax, mode, pad):
         """Consumes the output gradient of one fused lookup: one optimizer step on its rows."""
+        _check_grad_scale(self.grad_scale)
         module.optim_step += 1
         g = grad_out if self.grad_scale == 1.0 else grad_out / self.grad_scale
         ops.sparse_update_(module.weight.data, module.optim_state1, module.optim_state2, g.to(module.weight.dtype),
@@ -94,6 +103,16 @@ class FusedOptimizer:
                            mode=mode, per_sample_weights=psw, padding_idx=None if pad < 0 else pad,
                            optimizer=self.name, lr=self.lr, weight_decay=self.weight_decay, eps=self.eps,
                            beta1=self.beta1, beta2=self.beta2, step=int(module.optim_step))
+
+
+def _check_grad_scale(scale):
+    """grad_scale divides the gradient: a positive finite number (a GradScaler's scale)."""
+    if isinstance(scale, torch.Tensor):  # its value is not read: that would synchronise a GPU
+        if scale.numel() != 1:
+            raise ValueError(f"grad_scale must be a number or a one-element tensor, got shape {tuple(scale.shape)}")
+        return
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"grad_scale must be a positive finite number, got {scale!r}")
 
 
 class _FusedLookup(torch.autograd.Function):
@@ -115,8 +134,30 @@ class _FusedLookup(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         indices, bag_offsets, psw, argmax = ctx.saved_tensors
+        # per_sample_weights that require a gradient get it (from the weights before the step).
+        gp = _psw_grad(ctx.module, grad_out, indices, bag_offsets, ctx.pad) if ctx.needs_input_grad[5] else None
         ctx.opt.backward_step(ctx.module, grad_out.contiguous(), indices, bag_offsets, psw, argmax, ctx.mode, ctx.pad)
-        return (None,) * 9
+        return None, None, None, None, None, gp, None, None, None
+
+
+def _psw_grad(module, grad_out, indices, bag_offsets, pad):
+    """Gradient of a sum lookup w.r.t. its per_sample_weights: ``<row of lookup j, grad_out[bag of j]>``.
+
+    ``[N]`` of the weight's dtype (accumulated in ops.acc_dtype); 0 for padding lookups and for
+    lookups past the last bag, as the unfused backward gives.
+    """
+    n_idx = indices.numel()
+    acc = ops.acc_dtype(module.weight.dtype)
+    rows = ops.embedding(module.weight.detach(), module.offsets, indices, width=module.width,
+                         col_of_size=module.col_of_size)  # [N, width], zero-padded
+    counts = (bag_offsets[1:] - bag_offsets[:-1]).long()
+    bag_of = torch.repeat_interleave(torch.arange(counts.numel(), device=indices.device), counts)
+    n = bag_of.numel()
+    gp = torch.zeros(n_idx, dtype=acc, device=indices.device)
+    gp[:n] = (rows[:n].to(acc) * grad_out[bag_of].to(acc)).sum(1)
+    if pad >= 0:
+        gp = gp.masked_fill(indices == pad, 0)
+    return gp.to(module.weight.dtype)
 
 
 class SGD(FusedOptimizer):
