@@ -224,6 +224,118 @@ if BUILD_INFO is not None:
 
     torch.library.register_autograd("pme::embedding_forward", _emb_backward, setup_context=_emb_setup)
 
+    # Double backward. The lookups are linear in the weight, so their backward is linear in
+    # the output gradient: the backward of the backward is the lookup of the incoming
+    # gradient-gradient (max: gathered through the forward's argmax). With per_sample_weights
+    # the backward is also linear in them (and their gradient linear in weight and grad_out),
+    # which gives the other terms.
+    def _bagbwd_setup(ctx, inputs, output):
+        grad_out, weight, offsets, indices, bag_offsets, psw, col_of_size, argmax, mode, pad, psw_grad = inputs
+        ctx.mode, ctx.pad, ctx.psw_grad = mode, pad, psw_grad
+        ctx.save_for_backward(grad_out, weight, offsets, indices, bag_offsets, psw, col_of_size, argmax)
+
+    def _bagbwd_backward(ctx, gg_w, gg_p):
+        grad_out, weight, offsets, indices, bag_offsets, psw, col, argmax = ctx.saved_tensors
+        W = grad_out.shape[1]
+        g_go = g_w = g_psw = None
+        if ctx.needs_input_grad[0]:
+            g_go = (_linear_lookup(gg_w.contiguous(), offsets, indices, bag_offsets, psw, col, W, ctx.mode, ctx.pad,
+                                   argmax) if gg_w is not None else grad_out.new_zeros(grad_out.shape))
+            if ctx.psw_grad and gg_p is not None:
+                g_go = g_go + torch.ops.pme.bag_forward(weight, offsets, indices, bag_offsets, gg_p.contiguous(), col,
+                                                        W, 0, ctx.pad)[0]
+        if ctx.needs_input_grad[1] and ctx.psw_grad and gg_p is not None:
+            g_w = torch.ops.pme.bag_backward(grad_out, weight, offsets, indices, bag_offsets, gg_p.contiguous(), col,
+                                             argmax, 0, ctx.pad, False)[0]
+        if ctx.needs_input_grad[5] and psw is not None and gg_w is not None:
+            g_psw = torch.ops.pme.bag_backward(grad_out, gg_w.contiguous(), offsets, indices, bag_offsets, psw, col,
+                                               argmax, ctx.mode, ctx.pad, True)[1]
+        return g_go, g_w, None, None, None, g_psw, None, None, None, None, None
+
+    torch.library.register_autograd("pme::bag_backward", _bagbwd_backward, setup_context=_bagbwd_setup)
+
+    def _embbwd_setup(ctx, inputs, output):
+        grad_out, weight, offsets, indices, col_of_size, padding_idx = inputs
+        ctx.pad = padding_idx
+        ctx.save_for_backward(grad_out, offsets, indices, col_of_size)
+
+    def _embbwd_backward(ctx, gg_w):
+        grad_out, offsets, indices, col = ctx.saved_tensors
+        if gg_w is None or not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None
+        out = torch.ops.pme.embedding_forward(gg_w.contiguous(), offsets, indices, col, grad_out.shape[1])
+        if ctx.pad >= 0:  # the padding row got no gradient: its lookups pass none back
+            out = out.masked_fill((indices == ctx.pad).unsqueeze(1), 0)
+        return out, None, None, None, None, None
+
+    torch.library.register_autograd("pme::embedding_backward", _embbwd_backward, setup_context=_embbwd_setup)
+
+
+def _linear_lookup(t, offsets, indices, bag_offsets, psw, col_of_size, width, mode, pad, argmax):
+    """The pooled lookup of ``t`` (a ``[total]`` tensor shaped like weight) as a linear map.
+
+    sum / mean: the lookup itself. max: the entries the forward's argmax picked (0 where the
+    implicit zero of the dense view won), i.e. the derivative of the max at that point.
+    """
+    if mode != 2:
+        return torch.ops.pme.bag_forward(t, offsets, indices, bag_offsets, psw, col_of_size, width, mode, pad)[0]
+    B = bag_offsets.numel() - 1
+    if indices.numel() == 0 or B == 0:
+        return t.new_zeros(B, width)
+    hit = argmax >= 0
+    rows = indices.long()[argmax.clamp(min=0)]
+    lo = offsets[rows]
+    col0 = 0 if col_of_size is None else col_of_size[offsets[rows + 1] - lo]
+    entry = lo + torch.arange(width, device=t.device) - col0
+    return torch.where(hit, t[entry.masked_fill(~hit, 0)], t.new_zeros(()))
+
+
+def _forward_ad_active() -> bool:
+    """Whether a forward-mode AD level (torch.autograd.forward_ad or a torch.func transform) is open."""
+    return torch.autograd.forward_ad._current_level >= 0 or torch._C._functorch.maybe_current_level() is not None
+
+
+class _BagLookup(torch.autograd.Function):
+    """The pooled lookup with a forward-mode derivative (used while forward AD is active).
+
+    The lookup is linear in the weight: its tangent is the lookup of the weight's tangent (max:
+    gathered through the argmax), plus, for per_sample_weights, the lookup weighted by theirs.
+    The backward is the operator's own (twice differentiable, see the registrations above).
+    """
+
+    @staticmethod
+    def forward(weight, offsets, indices, bag_offsets, psw, col_of_size, width, mode, pad):
+        return torch.ops.pme.bag_forward(weight, offsets, indices, bag_offsets, psw, col_of_size, width, mode, pad)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        weight, offsets, indices, bag_offsets, psw, col_of_size, width, mode, pad = inputs
+        ctx.width, ctx.mode, ctx.pad = width, mode, pad
+        ctx.psw_grad = psw is not None and ctx.needs_input_grad[4]
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(weight, offsets, indices, bag_offsets, psw, col_of_size, output[1])
+        ctx.save_for_forward(weight, offsets, indices, bag_offsets, psw, col_of_size, output[1])
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_argmax):
+        weight, offsets, indices, bag_offsets, psw, col_of_size, argmax = ctx.saved_tensors
+        gw, gp = torch.ops.pme.bag_backward(grad_out.contiguous(), weight, offsets, indices, bag_offsets, psw,
+                                            col_of_size, argmax, ctx.mode, ctx.pad, ctx.psw_grad)
+        return gw, None, None, None, (gp if ctx.psw_grad else None), None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, w_t, _o, _i, _b, psw_t, _c, _w, _m, _p):
+        weight, offsets, indices, bag_offsets, psw, col_of_size, argmax = ctx.saved_tensors
+        out_t = None
+        if w_t is not None:
+            out_t = _linear_lookup(w_t.contiguous(), offsets, indices, bag_offsets, psw, col_of_size, ctx.width,
+                                   ctx.mode, ctx.pad, argmax)
+        if psw_t is not None:
+            extra = torch.ops.pme.bag_forward(weight, offsets, indices, bag_offsets, psw_t.contiguous(), col_of_size,
+                                              ctx.width, 0, ctx.pad)[0]
+            out_t = extra if out_t is None else out_t + extra
+        return out_t, None
+
 
 # --------------------------------------------------------------------------------------------
 # Argument normalisation (shared by every public lookup function)
@@ -365,6 +477,8 @@ def embedding_bag(weight, offsets, input, input_offsets=None, *, width, col_of_s
     indices, bag_offsets, psw, m = bag_inputs(weight, input, input_offsets, per_sample_weights, mode,
                                               include_last_offset)
     if _compiled(weight):
+        if _forward_ad_active():
+            return _BagLookup.apply(weight, offsets, indices, bag_offsets, psw, col_of_size, int(width), m, pad)[0]
         out, _ = torch.ops.pme.bag_forward(weight, offsets, indices, bag_offsets, psw, col_of_size, int(width), m,
                                            pad)
         return out
@@ -386,7 +500,7 @@ def embedding(weight, offsets, input, *, width, col_of_size=None, padding_idx=No
         raise ValueError(f"input is on {input.device} but the table is on {weight.device}")
     flat = input.reshape(-1).contiguous()
     if _compiled(weight):
-        if pad >= 0:
+        if pad >= 0 or _forward_ad_active():
             out = _EmbeddingPadded.apply(weight, offsets, flat, col_of_size, int(width), pad)
         else:
             out = torch.ops.pme.embedding_forward(weight, offsets, flat, col_of_size, int(width))
@@ -397,19 +511,33 @@ def embedding(weight, offsets, input, *, width, col_of_size=None, padding_idx=No
 
 
 class _EmbeddingPadded(torch.autograd.Function):
-    """Non-pooled lookup whose backward skips the padding row."""
+    """Non-pooled lookup whose backward skips the padding row (``pad`` -1: none), with a
+    forward-mode derivative: the lookup of the weight's tangent (the padding row included, as
+    ``F.embedding``'s). The backward is the operator's own (twice differentiable)."""
 
     @staticmethod
-    def forward(ctx, weight, offsets, indices, col_of_size, width, pad):
-        ctx.save_for_backward(weight, offsets, indices, col_of_size)
-        ctx.pad = pad
+    def forward(weight, offsets, indices, col_of_size, width, pad):
         return torch.ops.pme.embedding_forward(weight, offsets, indices, col_of_size, width)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        weight, offsets, indices, col_of_size, width, pad = inputs
+        ctx.pad, ctx.width = pad, width
+        ctx.save_for_backward(weight, offsets, indices, col_of_size)
+        ctx.save_for_forward(offsets, indices, col_of_size)
 
     @staticmethod
     def backward(ctx, grad_out):
         weight, offsets, indices, col_of_size = ctx.saved_tensors
         gw = torch.ops.pme.embedding_backward(grad_out.contiguous(), weight, offsets, indices, col_of_size, ctx.pad)
         return gw, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, w_t, _o, _i, _c, _w, _p):
+        offsets, indices, col_of_size = ctx.saved_tensors
+        if w_t is None:
+            return None
+        return torch.ops.pme.embedding_forward(w_t.contiguous(), offsets, indices, col_of_size, ctx.width)
 
 
 def _check_reference_lookup(indices, bag_offsets, offsets, weight, col_of_size, width):
