@@ -170,9 +170,9 @@ if BUILD_INFO is not None:
     @torch.library.register_fake("pme::sparse_update_")
     def _(weight, state1, state2, grad_out, offsets, indices, bag_offsets, per_sample_weights, col_of_size,
           argmax, mode, padding_idx, optimizer, lr, weight_decay, eps, beta1, beta2, step):
-        _same_device("sparse_update_", weight=weight, state1=state1 if state1.numel() else None,
-                     state2=state2 if state2.numel() else None, grad_out=grad_out, offsets=offsets, indices=indices,
-                     bag_offsets=bag_offsets, per_sample_weights=per_sample_weights, col_of_size=col_of_size)
+        _same_device("sparse_update_", weight=weight, state1=state1, state2=state2, grad_out=grad_out,
+                     offsets=offsets, indices=indices, bag_offsets=bag_offsets,
+                     per_sample_weights=per_sample_weights, col_of_size=col_of_size, argmax=argmax)
         return None
 
     @torch.library.register_fake("pme::accumulate_scores_")
@@ -180,7 +180,7 @@ if BUILD_INFO is not None:
           mode, padding_idx, rule):
         _same_device("accumulate_scores_", scores=scores, grad_out=grad_out, weight=weight, offsets=offsets,
                      indices=indices, bag_offsets=bag_offsets, per_sample_weights=per_sample_weights,
-                     col_of_size=col_of_size)
+                     col_of_size=col_of_size, argmax=argmax)
         return None
 
     @torch.library.register_fake("pme::topk_threshold")

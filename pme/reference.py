@@ -70,8 +70,14 @@ def embedding_bag(weight, offsets, indices, bag_offsets, width, col_of_size=None
     """
     dense = to_dense(weight, offsets, width, col_of_size)
     acc = acc_dtype(weight.dtype)
+    # lookups past the last bag are not part of any bag (F.embedding_bag would run the last bag
+    # to the end of the input in some modes: README, Safety, include_last_offset)
+    n = int(bag_offsets[-1]) if bag_offsets.numel() else 0
+    indices = indices[:n]
+    if per_sample_weights is not None:
+        per_sample_weights = per_sample_weights[:n]
     psw = per_sample_weights.to(acc) if per_sample_weights is not None else None
-    if indices.numel() == 0 or bag_offsets.numel() <= 1:
+    if indices.numel() == 0 or bag_offsets.numel() <= 1 or width == 0:
         # F.embedding_bag rejects some empty inputs that the rule still defines: zeros.
         B = bag_offsets.numel() - 1
         return dense.new_zeros(B, width) + 0 * dense.sum()

@@ -709,6 +709,13 @@ std::tuple<Tensor, Tensor> lookup_forward(const Tensor& weight, const Tensor& of
     const I* bo = bag_offsets ? bag_offsets->const_data_ptr<I>() : nullptr;
     validate_table(tv);
     validate_bag_offsets(bo, a.num_bags, a.num_lookups);
+    // Indices past the last bag are never read, but are checked as the backward (and the CUDA
+    // validation) check them: one rule for what a valid call is.
+    for (int64_t j = bo ? static_cast<int64_t>(bo[a.num_bags]) : a.num_lookups; j < a.num_lookups; ++j) {
+      if (static_cast<uint64_t>(static_cast<int64_t>(idx[j])) >= static_cast<uint64_t>(a.num_rows)) {
+        report_bad_lookup(idx, j, tv);
+      }
+    }
     std::atomic<int64_t> bad{std::numeric_limits<int64_t>::max()};
     dispatch_weight(weight.scalar_type(), "weight", [&](auto wtag) {
       using T = decltype(wtag);
