@@ -184,6 +184,8 @@ def test_load_with_other_sizes_and_adam_state_round_trips(tmp_path):
 def _lookup_calls(w, off, col, width, idx, bo, grad_out, argmax):
     """Every lookup-shaped raw operator on one set of (possibly corrupt) table arguments."""
     acc = ops.acc_dtype(w.dtype)
+    dev = w.device
+    idx, bo, grad_out, argmax = idx.to(dev), bo.to(dev), grad_out.to(dev), argmax.to(dev)
     return {
         "bag_forward": lambda: torch.ops.pme.bag_forward(w, off, idx, bo, None, col, width, 0, -1),
         "bag_backward": lambda: torch.ops.pme.bag_backward(grad_out, w, off, idx, bo, None, col, argmax, 0, -1, False),
@@ -191,16 +193,18 @@ def _lookup_calls(w, off, col, width, idx, bo, grad_out, argmax):
         "embedding_backward": lambda: torch.ops.pme.embedding_backward(
             grad_out.new_zeros(idx.numel(), width), w, off, idx, col, -1),
         "sparse_update_": lambda: torch.ops.pme.sparse_update_(
-            w.clone(), torch.empty(0, dtype=acc), torch.empty(0, dtype=acc), grad_out, off, idx, bo, None, col, argmax,
+            w.clone(), torch.empty(0, dtype=acc, device=dev), torch.empty(0, dtype=acc, device=dev), grad_out, off, idx,
+            bo, None, col, argmax,
             0, -1, 0, 0.1, 0.0, 1e-8, 0.9, 0.999, 1),
         "accumulate_scores_": lambda: torch.ops.pme.accumulate_scores_(
-            torch.zeros(w.numel(), dtype=acc), grad_out, w, off, idx, bo, None, col, argmax, 0, -1, 0),
+            torch.zeros(w.numel(), dtype=acc, device=dev), grad_out, w, off, idx, bo, None, col, argmax, 0, -1, 0),
     }
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("value", [2 ** 63 - 4, 2 ** 63 - 1, -(2 ** 63), -2, "one past"])
-def test_col_of_size_is_validated_by_every_lookup_operator(value):
-    w, off, col, width, sizes = make_table(10, 8, layout="grouped", seed=3)
+def test_col_of_size_is_validated_by_every_lookup_operator(device, value):
+    w, off, col, width, sizes = make_table(10, 8, layout="grouped", seed=3, device=device)
     col = col.clone()
     s = int(sizes[0])
     col[s] = width - s + 1 if value == "one past" else value
@@ -211,16 +215,36 @@ def test_col_of_size_is_validated_by_every_lookup_operator(value):
             call()
 
 
-def test_decreasing_offsets_are_refused_even_for_rows_not_looked_up():
-    w = torch.randn(10)
-    off = torch.tensor([0, 6, 2, 10])  # rows 0 and 2 overlap; only they are looked up
-    idx, bo = torch.tensor([0, 2]), torch.tensor([0, 2])
+@pytest.mark.parametrize("device", DEVICES)
+def test_decreasing_offsets_are_refused_even_for_rows_not_looked_up(device):
+    w = torch.randn(10, device=device)
+    off = torch.tensor([0, 6, 2, 10], device=device)  # rows 0 and 2 overlap; only they are looked up
+    idx, bo = torch.tensor([0, 2], device=device), torch.tensor([0, 2], device=device)
     with pytest.raises(RuntimeError, match="non-decreasing"):
         ops.embedding_bag(w, off, idx, bo[:1], width=8, mode="sum")
     for name, call in _lookup_calls(w, off, None, 8, idx, bo, torch.zeros(1, 8),
                                     torch.empty(0, 0, dtype=torch.long)).items():
         with pytest.raises(RuntimeError, match="non-decreasing"):
             call()
+
+
+@pytest.mark.parametrize("device", DEVICES[1:])
+def test_cuda_validate_off_skips_bad_lookups_without_reading_out_of_bounds(device, monkeypatch):
+    """PME_CUDA_VALIDATE=0 gives up the errors, never the bounds: a huge col_of_size entry or
+    a decreasing offset table does not fault the device (rows that would read outside the
+    buffer or the width are skipped); the process stays usable."""
+    w, off, col, width, sizes = make_table(10, 8, layout="grouped", seed=3, device=device)
+    col = col.clone()
+    col[int(sizes[0])] = 2 ** 63 - 4
+    monkeypatch.setenv("PME_CUDA_VALIDATE", "0")
+    idx, bo = torch.tensor([0, 1, 2, 0], device=device), torch.tensor([0, 4], device=device)
+    for call in _lookup_calls(w, off, col, width, idx, bo, torch.zeros(1, width),
+                              torch.empty(0, 0, dtype=torch.long)).values():
+        call()
+    torch.cuda.synchronize()  # no sticky device error
+    monkeypatch.setenv("PME_CUDA_VALIDATE", "1")
+    with pytest.raises(RuntimeError, match="col_of_size"):
+        torch.ops.pme.bag_forward(w, off, idx, bo, None, col, width, 0, -1)
 
 
 @pytest.mark.parametrize("device", DEVICES)
