@@ -600,8 +600,15 @@ def check_offsets(offsets: torch.Tensor, total: int, max_size: int | None = None
 
 
 def to_dense(weight, offsets, width, col_of_size=None):
-    """Dense view ``[V, width]``: each row zero-padded (or placed in its size's slot)."""
+    """Dense view ``[V, width]``: each row zero-padded (or placed in its size's slot).
+
+    The table is checked whole first (offsets, sizes against the width, col_of_size's slots),
+    as every lookup operator does.
+    """
     check_table(weight, offsets, col_of_size)
+    check_offsets(offsets, weight.numel(), int(width) if col_of_size is None else None)
+    if col_of_size is not None:
+        check_col_of_size(col_of_size, offsets, int(width))
     return reference.to_dense(weight, offsets, width, col_of_size)
 
 

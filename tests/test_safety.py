@@ -465,3 +465,14 @@ def test_embedding_double_backward_and_jvp(pad, layout):
     out_ref, tangent_ref = torch.func.jvp(dense_f, (w.detach(),), (t,))
     torch.testing.assert_close(out, out_ref)
     torch.testing.assert_close(tangent, tangent_ref)
+
+
+def test_to_dense_checks_the_table_whole():
+    w, off, col, width, sizes = make_table(10, 8, layout="grouped", seed=3)
+    bad = col.clone()
+    bad[int(sizes[0])] = 2 ** 63 - 4
+    with pytest.raises(ValueError, match=r"col_of_size\[\d+\]"):
+        ops.to_dense(w, off, width, bad)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        ops.to_dense(torch.randn(10), torch.tensor([0, 6, 2, 10]), 8)
+    torch.testing.assert_close(ops.to_dense(w, off, width, col), reference.to_dense(w, off, width, col))
