@@ -292,6 +292,8 @@ def _linear_lookup(t, offsets, indices, bag_offsets, psw, col_of_size, width, mo
 
 def _forward_ad_active() -> bool:
     """Whether a forward-mode AD level (torch.autograd.forward_ad or a torch.func transform) is open."""
+    if torch.compiler.is_compiling():
+        return False
     return torch.autograd.forward_ad._current_level >= 0 or torch._C._functorch.maybe_current_level() is not None
 
 
@@ -436,6 +438,8 @@ def _check_last_offset(offsets: torch.Tensor, n: int):
     (a synchronisation); it is skipped with ``PME_CUDA_VALIDATE=0`` and during graph capture,
     and then the bags end where the offsets say (lookups past ``offsets[-1]`` are ignored).
     """
+    if torch.compiler.is_compiling():  # a traced graph cannot read a value: the bags end at offsets[-1]
+        return
     if offsets.device.type == "cuda":
         import os
 
