@@ -336,7 +336,7 @@ class _MultiSizeTable(nn.Module):
                 raise ValueError("the checkpoint has other sizes (offsets) but no weight: loading it would leave "
                                  "the table without values")
             plan = (off, sizes, classes)
-        if self.optimizer is not None:
+        if getattr(self, "optimizer", None) is not None:
             self._check_optim_state(state_dict, prefix, V, total)
         return plan
 
@@ -373,7 +373,7 @@ class _MultiSizeTable(nn.Module):
         if self.projection is not None:
             self.projection = nn.Parameter(self._identity_projection().to(self.projection),
                                            requires_grad=self.projection.requires_grad)
-        if self.optimizer is not None:
+        if getattr(self, "optimizer", None) is not None:
             s1, s2 = self.optimizer.state_shapes(self)
             for k, shape in (("optim_state1", s1), ("optim_state2", s2)):
                 old = self._buffers.get(k)
