@@ -71,7 +71,8 @@ def _build_lookup(case, torch, pme, device):  # noqa: C901
         "width": width, "mode": mode, "pad": case["pad"] % V if case["pad"] >= 0 and V else -1,
         "grad_out": torch.randn(idx.numel() if case["op"].startswith("embedding") else B, width, generator=g),
         "argmax": None,
-        "lr": 0.1, "step": 1, "beta1": 0.9, "beta2": 0.999, "optimizer": case["optimizer"],
+        "lr": 0.1, "step": 1, "beta1": 0.9, "beta2": 0.999, "optimizer": case["optimizer"], "eps": 1e-8,
+        "weight_decay": 0.0, "rule": 0,
     }
     if mode == 2:
         _, a["argmax"] = torch.ops.pme.bag_forward(a["weight"], a["offsets"], a["indices"], a["bag_offsets"], None,
@@ -194,9 +195,12 @@ def _lookup_valid(a, op, torch):
             if am.dim() != 2 or tuple(am.shape) != (B, W) or am.dtype != torch.int64:
                 return False
     if op == "sparse_update_":
-        opt, lr = a["optimizer"], a["lr"]
-        if not (isinstance(lr, (int, float)) and lr == lr and abs(lr) != float("inf") and lr >= 0):
+        opt = a["optimizer"]
+        if opt not in (0, 1, 2):
             return False
+        for h in (a["lr"], a["eps"], a["weight_decay"]):
+            if not (isinstance(h, (int, float)) and h == h and abs(h) != float("inf") and h >= 0):
+                return False
         s1, s2 = a["state1"], a["state2"]
         if opt == 1 and (s1.dim() != 1 or s1.numel() != V or s1.dtype != torch.float32):
             return False
@@ -211,6 +215,8 @@ def _lookup_valid(a, op, torch):
                                              "argmax")] + [s1, s2]):
             return False
     if op == "accumulate_scores_":
+        if a["rule"] not in (0, 1):
+            return False
         sc = a["scores"]
         if sc.dim() != 1 or sc.numel() != w.numel() or sc.dtype != torch.float32:
             return False
@@ -281,13 +287,13 @@ def _run_lookup(case, torch, pme, device):
         elif op == "sparse_update_":
             torch.ops.pme.sparse_update_(a["weight"], a["state1"], a["state2"], a["grad_out"], a["offsets"],
                                          a["indices"], a["bag_offsets"], a["psw"], a["col_of_size"], a["argmax"],
-                                         a["mode"], a["pad"], a["optimizer"], a["lr"], 0.0, 1e-8, a["beta1"],
-                                         a["beta2"], a["step"])
+                                         a["mode"], a["pad"], a["optimizer"], a["lr"], a["weight_decay"], a["eps"],
+                                         a["beta1"], a["beta2"], a["step"])
             res = a["weight"]
         else:
             torch.ops.pme.accumulate_scores_(a["scores"], a["grad_out"], a["weight"], a["offsets"], a["indices"],
                                              a["bag_offsets"], a["psw"], a["col_of_size"], a["argmax"], a["mode"],
-                                             a["pad"], 0)
+                                             a["pad"], a["rule"])
             res = a["scores"]
         if device == "cuda":
             torch.cuda.synchronize()
@@ -332,11 +338,11 @@ def _run_lookup(case, torch, pme, device):
         s1, s2 = cpu["state1"].clone(), cpu["state2"].clone()
         reference.sparse_update_(ref, s1, s2, cpu["grad_out"], off, idx.long(), bo.long(), W, col,
                                  modes[a["mode"]], psw, pad, ["sgd", "rowwise_adagrad", "adam"][a["optimizer"]],
-                                 a["lr"], 0.0, 1e-8, a["beta1"], a["beta2"], a["step"])
+                                 a["lr"], a["weight_decay"], a["eps"], a["beta1"], a["beta2"], a["step"])
     else:
         ref = cpu["scores"].clone()
         reference.accumulate_scores_(ref, cpu["grad_out"], w, off, idx.long(), bo.long(), W, col,
-                                     modes[a["mode"]], psw, pad, "snip")
+                                     modes[a["mode"]], psw, pad, ["snip", "grad"][a["rule"]])
     ok = torch.allclose(res.cpu().double(), ref.double(), rtol=1e-4, atol=1e-5, equal_nan=True)
     return ("correct" if ok else "wrong answer"), ""
 
@@ -532,8 +538,8 @@ def _lookup_case():
         "L": st.integers(0, 4), "layout": st.sampled_from(["padded", "grouped"]), "mode": st.integers(0, 2),
         "int32": st.booleans(), "psw": st.booleans(), "pad": st.integers(-1, 12), "optimizer": st.integers(0, 2),
         "target": st.sampled_from(["offsets", "col_of_size", "indices", "bag_offsets", "psw", "weight", "grad_out",
-                                   "argmax", "width", "mode", "pad", "lr", "step", "beta1", "state1", "state2",
-                                   "scores"]),
+                                   "argmax", "width", "mode", "pad", "lr", "step", "beta1", "beta2", "eps",
+                                   "weight_decay", "optimizer", "rule", "state1", "state2", "scores"]),
         "how": st.sampled_from(["set", "set", "set", "set", "drop", "grow", "dtype", "meta", "2d", "alias", "none"]),
         "pos": st.integers(0, 2 ** 16), "value": _values(),
     })
