@@ -210,8 +210,8 @@ def test_col_of_size_is_validated_by_every_lookup_operator(device, value):
     s = int(sizes[0])
     col[s] = width - s + 1 if value == "one past" else value
     idx, bo = torch.tensor([0, 0]), torch.tensor([0, 2])
-    for name, call in _lookup_calls(w, off, col, width, idx, bo, torch.zeros(1, width), torch.empty(0, 0,
-                                                                                                    dtype=torch.long)).items():
+    none = torch.empty(0, 0, dtype=torch.long)
+    for name, call in _lookup_calls(w, off, col, width, idx, bo, torch.zeros(1, width), none).items():
         with pytest.raises(RuntimeError, match=rf"col_of_size\[{s}\]"):
             call()
 
@@ -375,7 +375,8 @@ def test_torch_include_last_offset_short_is_inconsistent():
 # --------------------------------------------------------------------------------------------
 # Optimizer arguments and the fused path's per_sample_weights gradient
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs", [dict(lr=math.inf), dict(lr=math.nan), dict(lr=-1.0), dict(lr=0.1, weight_decay=math.inf),
+@pytest.mark.parametrize("kwargs", [dict(lr=math.inf), dict(lr=math.nan), dict(lr=-1.0),
+                                    dict(lr=0.1, weight_decay=math.inf),
                                     dict(lr=0.1, eps=math.nan), dict(lr=0.1, grad_scale=0.0),
                                     dict(lr=0.1, grad_scale=math.inf), dict(lr=0.1, grad_scale=-2.0),
                                     dict(lr=0.1, grad_scale=math.nan), dict(lr="0.1")])
