@@ -646,6 +646,8 @@ def sparse_update_(weight, state1, state2, grad_out, offsets, indices, bag_offse
                                      float(lr), float(weight_decay), float(eps), float(beta1), float(beta2),
                                      int(step))
         return
+    check_table(weight, offsets, col_of_size)
+    _check_reference_lookup(indices, bag_offsets, offsets, weight, col_of_size, grad_out.shape[1])
     reference.sparse_update_(weight, state1, state2, grad_out, offsets, indices, bag_offsets, grad_out.shape[1],
                              col_of_size, mode, per_sample_weights, None if pad < 0 else pad, optimizer, lr,
                              weight_decay, eps, beta1, beta2, step)
@@ -662,6 +664,8 @@ def accumulate_scores_(scores, grad_out, weight, offsets, indices, bag_offsets, 
         torch.ops.pme.accumulate_scores_(scores, grad_out, weight, offsets, indices, bag_offsets, per_sample_weights,
                                          col_of_size, am, MODES[mode], pad, SCORE_RULES[rule])
         return
+    check_table(weight, offsets, col_of_size)
+    _check_reference_lookup(indices, bag_offsets, offsets, weight, col_of_size, grad_out.shape[1])
     reference.accumulate_scores_(scores, grad_out, weight, offsets, indices, bag_offsets, grad_out.shape[1],
                                  col_of_size, mode, per_sample_weights, None if pad < 0 else pad, rule)
 

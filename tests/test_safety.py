@@ -547,3 +547,28 @@ def test_movielens_non_utf8_names_the_line(tmp_path):
         fh.write(b"99\t20\tM\t\xe9tudiant\t00000\n")
     with pytest.raises(ValueError, match=r"ml-100k\.user:\d+: not valid UTF-8"):
         load_movielens_100k(d)
+
+
+def test_reference_fallback_checks_the_table_too(monkeypatch):
+    """Without the compiled extension the same calls raise (the pure-PyTorch fallback)."""
+    monkeypatch.setattr(ops, "_compiled", lambda t: False)
+    w, off, col, width, sizes = make_table(10, 8, layout="grouped", seed=3)
+    bad = col.clone()
+    bad[int(sizes[0])] = 2 ** 63 - 4
+    idx, bo = torch.tensor([0, 1]), torch.tensor([0, 2])
+    g = torch.ones(1, width)
+    with pytest.raises(ValueError, match="col_of_size"):
+        ops.embedding_bag(w, off, idx, bo[:1], width=width, col_of_size=bad, mode="sum")
+    with pytest.raises(ValueError, match="col_of_size"):
+        ops.sparse_update_(w.clone(), torch.empty(0), torch.empty(0), g, off, idx, bo, col_of_size=bad, mode="sum")
+    with pytest.raises(ValueError, match="col_of_size"):
+        ops.accumulate_scores_(torch.zeros(w.numel()), g, w, off, idx, bo, col_of_size=bad, mode="sum")
+    with pytest.raises(ValueError, match="non-decreasing"):
+        ops.sparse_update_(torch.randn(10), torch.empty(0), torch.empty(0), torch.ones(1, 8),
+                           torch.tensor([0, 6, 2, 10]), idx, bo, mode="sum")
+    # and a valid call still matches the compiled kernels
+    w1, w2 = w.clone(), w.clone()
+    ops.sparse_update_(w1, torch.empty(0), torch.empty(0), g, off, idx, bo, col_of_size=col, mode="sum")
+    monkeypatch.undo()
+    ops.sparse_update_(w2, torch.empty(0), torch.empty(0), g, off, idx, bo, col_of_size=col, mode="sum")
+    torch.testing.assert_close(w1, w2)
