@@ -9,9 +9,12 @@
 #include <torch/headeronly/util/BFloat16.h>
 #include <torch/headeronly/util/Half.h>
 
+#include <cmath>
 #include <cstdint>
 #include <optional>
+#include <initializer_list>
 #include <string>
+#include <utility>
 
 namespace pme {
 
@@ -77,6 +80,27 @@ inline void check_1d(const Tensor& t, const char* what) {
 inline void check_same_device(const Tensor& a, const Tensor& b, const char* what) {
   PME_CHECK(a.device().type() == b.device().type() && a.get_device_index() == b.get_device_index(), what,
             " must be on the same device as weight");
+}
+
+// Byte span [first, last) of a tensor's elements (strides taken into account; negative
+// strides do not occur in what pme receives, a zero stride spans one element).
+inline std::pair<uintptr_t, uintptr_t> byte_span(const Tensor& t) {
+  const auto a = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  uint64_t last = 0;  // offset in elements of the last element
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    const int64_t st = t.stride(d);
+    if (st > 0) last += static_cast<uint64_t>(t.sizes()[d] - 1) * static_cast<uint64_t>(st);
+  }
+  return {a, a + static_cast<uintptr_t>((last + 1) * t.element_size())};
+}
+
+// An in-place argument (`out`) must not share memory with another argument: a weight that
+// aliases its own offsets would rewrite the table's shape while the kernel reads it.
+inline void check_no_overlap(const Tensor& out, const char* out_name, const Tensor& other, const char* other_name) {
+  if (out.numel() == 0 || other.numel() == 0) return;
+  const auto a = byte_span(out), b = byte_span(other);
+  PME_CHECK(a.second <= b.first || b.second <= a.first, out_name,
+            " is updated in place and must not share memory with ", other_name);
 }
 
 // The arguments every lookup-shaped operator shares, checked once in one place.
@@ -169,13 +193,29 @@ inline void check_update_args(const Tensor& weight, const Tensor& state1, const 
                               double beta2, int64_t step) {
   PME_CHECK(optimizer == kSGD || optimizer == kRowwiseAdagrad || optimizer == kAdam,
             "optimizer must be 0 (SGD), 1 (row-wise Adagrad) or 2 (Adam), got ", optimizer);
-  PME_CHECK(lr >= 0 && weight_decay >= 0 && eps >= 0, "lr, weight_decay and eps must be >= 0");
+  PME_CHECK(std::isfinite(lr) && lr >= 0 && std::isfinite(weight_decay) && weight_decay >= 0 &&
+                std::isfinite(eps) && eps >= 0,
+            "lr, weight_decay and eps must be finite and >= 0, got lr=", lr, ", weight_decay=", weight_decay,
+            ", eps=", eps);
   if (optimizer == kRowwiseAdagrad) check_state(state1, offsets.numel() - 1, weight, "state1 (row-wise sum)");
   if (optimizer == kAdam) {
     PME_CHECK(step >= 1, "Adam needs step >= 1, got ", step);
-    PME_CHECK(beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1, "Adam betas must be in [0, 1)");
+    PME_CHECK(beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1, "Adam betas must be in [0, 1), got (", beta1, ", ",
+              beta2, ")");
     check_state(state1, weight.numel(), weight, "state1 (first moment)");
     check_state(state2, weight.numel(), weight, "state2 (second moment)");
+  }
+}
+
+// The in-place tensors of sparse_update_ / accumulate_scores_ (`outs`, 1 to 3) must not share
+// memory with each other or with any read-only argument (`ins`).
+inline void check_in_place(std::initializer_list<std::pair<const Tensor*, const char*>> outs,
+                           std::initializer_list<std::pair<const Tensor*, const char*>> ins) {
+  for (auto o = outs.begin(); o != outs.end(); ++o) {
+    for (auto p = o + 1; p != outs.end(); ++p) check_no_overlap(*o->first, o->second, *p->first, p->second);
+    for (const auto& i : ins) {
+      if (i.first != nullptr) check_no_overlap(*o->first, o->second, *i.first, i.second);
+    }
   }
 }
 

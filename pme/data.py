@@ -40,6 +40,7 @@ import gzip
 import importlib.util
 import math
 import os
+import re
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field as dc_field
@@ -98,14 +99,46 @@ def _bags_from_lists(bags: Sequence[Sequence[int]]) -> Tuple[Tensor, Tensor]:
     return torch.tensor(flat, dtype=torch.int64), offsets
 
 
+# An integer literal in a data file: ASCII digits with an optional sign, nothing else (no
+# spaces, no "1_000", no other scripts' digits, all of which Python's int() accepts).
+_INT_RE = re.compile(r"[+-]?[0-9]+", re.ASCII)
+# A decimal number (rating): ASCII, optional fraction and exponent; no nan/inf, no "_".
+_NUM_RE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
+
+
+def _is_int(s: str) -> bool:
+    return _INT_RE.fullmatch(s) is not None
+
+
 def _sorted_tokens(tokens) -> List[str]:
     """Distinct tokens in a deterministic order: numerically when every token
-    is an integer literal, else lexicographically."""
+    is an integer literal (ASCII digits, see ``_INT_RE``), else lexicographically."""
     uniq = set(tokens)
-    try:
+    if all(_is_int(t) for t in uniq):
         return sorted(uniq, key=lambda t: (int(t), t))
-    except ValueError:
-        return sorted(uniq)
+    return sorted(uniq)
+
+
+def _lines(path: Path, fh):
+    """``(line number, text)`` of a binary file object, decoded as UTF-8 line by line.
+
+    Errors name the file and the line: a line that is not UTF-8, and a broken or truncated
+    ``.gz`` stream (reported at the first line it could not deliver).
+    """
+    lineno = 0
+    while True:
+        try:
+            raw = fh.readline()
+        except (EOFError, OSError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+            raise ValueError(f"{path}:{lineno + 1}: cannot read the file past line {lineno} "
+                             f"({type(e).__name__}: {e}); a truncated or corrupt .gz?") from None
+        if not raw:
+            return
+        lineno += 1
+        try:
+            yield lineno, raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start} of the line)") from None
 
 
 def _vocab(tokens) -> Tuple[List[str], Dict[str, int]]:
@@ -408,23 +441,29 @@ def _read_atomic(file: Path, required: Sequence[str]) -> Tuple[Dict[str, int], L
     """
     if not file.is_file():
         raise FileNotFoundError(f"missing RecBole atomic file {file}")
-    with open(file, encoding="utf-8") as fh:
-        header = fh.readline().rstrip("\r\n").split("\t")
-        cols = {h.split(":", 1)[0]: i for i, h in enumerate(header)}
-        missing = [c for c in required if c not in cols]
-        if missing:
-            raise ValueError(f"{file}: header {header} lacks column(s) {missing}")
-        ncol = len(header)
-        rows = []
-        for lineno, line in enumerate(fh, start=2):
+    rows, linenos = [], []
+    header = None
+    with open(file, "rb") as fh:
+        for lineno, line in _lines(file, fh):
             line = line.rstrip("\r\n")
+            if header is None:
+                header = line.split("\t")
+                cols = {h.split(":", 1)[0]: i for i, h in enumerate(header)}
+                missing = [c for c in required if c not in cols]
+                if missing:
+                    raise ValueError(f"{file}: header {header} lacks column(s) {missing}")
+                ncol = len(header)
+                continue
             if not line:
                 continue
             parts = line.split("\t")
             if len(parts) < ncol:
                 parts += [""] * (ncol - len(parts))
             rows.append(parts)
-    return cols, rows
+            linenos.append(lineno)
+    if header is None:
+        raise ValueError(f"{file}: empty file (no header line)")
+    return cols, rows, linenos
 
 
 def load_movielens_100k(path: Union[str, os.PathLike, None] = None, threshold: float = 4.0) -> CTRDataset:
@@ -446,18 +485,22 @@ def load_movielens_100k(path: Union[str, os.PathLike, None] = None, threshold: f
         ValueError: a file lacks a required column or has a bad rating.
     """
     d = _movielens_dir(path)
-    icols, inter = _read_atomic(d / "ml-100k.inter", ["user_id", "item_id", "rating"])
-    ucols, users = _read_atomic(d / "ml-100k.user", ["user_id", "age", "gender", "occupation", "zip_code"])
-    mcols, items = _read_atomic(d / "ml-100k.item", ["item_id", "release_year", "class"])
+    icols, inter, inter_lines = _read_atomic(d / "ml-100k.inter", ["user_id", "item_id", "rating"])
+    ucols, users, _ = _read_atomic(d / "ml-100k.user", ["user_id", "age", "gender", "occupation", "zip_code"])
+    mcols, items, _ = _read_atomic(d / "ml-100k.item", ["item_id", "release_year", "class"])
 
     # users / items: vocab over both the side file and the interactions
     ui, ii, ri = icols["user_id"], icols["item_id"], icols["rating"]
     user_vocab, user_id = _vocab([r[ui] for r in inter] + [r[ucols["user_id"]] for r in users])
     item_vocab, item_id = _vocab([r[ii] for r in inter] + [r[mcols["item_id"]] for r in items])
-    try:
-        ratings = torch.tensor([float(r[ri]) for r in inter], dtype=torch.float32)
-    except ValueError as e:
-        raise ValueError(f"{d / 'ml-100k.inter'}: bad rating value ({e})") from None
+    rating_values = []
+    for r, lineno in zip(inter, inter_lines):
+        x = float(r[ri]) if _NUM_RE.fullmatch(r[ri]) else math.nan
+        if not math.isfinite(x):  # also catches "nan", "inf", "1_000", " 4 " and 1e999
+            raise ValueError(f"{d / 'ml-100k.inter'}:{lineno}: bad rating value {r[ri]!r} (a finite decimal "
+                             f"number is expected)")
+        rating_values.append(x)
+    ratings = torch.tensor(rating_values, dtype=torch.float32)
     user = torch.tensor([user_id[r[ui]] for r in inter], dtype=torch.int64)
     item = torch.tensor([item_id[r[ii]] for r in inter], dtype=torch.int64)
 
@@ -480,14 +523,14 @@ def load_movielens_100k(path: Union[str, os.PathLike, None] = None, threshold: f
 
     # item side features
     yc, cc = mcols["release_year"], mcols["class"]
-    years = [r[yc] for r in items if r[yc].strip().isdigit()]
+    years = [r[yc] for r in items if _INT_RE.fullmatch(r[yc]) and not r[yc].startswith(("+", "-"))]
     year_vocab, year_ids = _vocab(years)
     year_table = torch.zeros(len(item_vocab), dtype=torch.int64)
     genre_vocab, genre_ids = _vocab([g for r in items for g in r[cc].split()])
     genre_bags: List[List[int]] = [[0] for _ in range(len(item_vocab))]
     for r in items:
         k = item_id[r[mcols["item_id"]]]
-        year_table[k] = year_ids.get(r[yc].strip(), 0)
+        year_table[k] = year_ids.get(r[yc], 0)
         gs = [genre_ids[g] for g in r[cc].split()]
         genre_bags[k] = gs if gs else [0]
     fields["year"] = (year_table[item], arange)
@@ -515,10 +558,24 @@ CRITEO_NUM_DENSE = 13
 CRITEO_NUM_CAT = 26
 
 
-def _open_text(path: Path):
+def _open_binary(path: Path):
+    """The file (decompressed for ``.gz``) as a binary stream; decode with :func:`_lines`."""
     if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
+        return gzip.open(path, "rb")
+    return open(path, "rb")
+
+
+# Criteo's integer columns are counts; anything outside int64 is a corrupt line.
+_INT64_MAX = 2**63 - 1
+
+
+def _criteo_int(s: str, where: str) -> int:
+    if not _is_int(s):
+        raise ValueError(f"{where}: integer column holds {s!r} (ASCII digits with an optional sign expected)")
+    if len(s.lstrip("+-")) > 19 or not -_INT64_MAX - 1 <= int(s) <= _INT64_MAX:
+        raise ValueError(f"{where}: integer column holds a {len(s.lstrip('+-'))}-digit value, outside the int64 "
+                         f"range")
+    return int(s)
 
 
 def load_criteo(
@@ -563,8 +620,8 @@ def load_criteo(
     labels: List[float] = []
     dense: List[List[float]] = []
     cats: List[List[str]] = [[] for _ in range(CRITEO_NUM_CAT)]
-    with _open_text(p) as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with _open_binary(p) as fh:
+        for lineno, line in _lines(p, fh):
             if max_rows is not None and len(labels) >= int(max_rows):
                 break
             line = line.rstrip("\r\n")
@@ -581,10 +638,7 @@ def load_criteo(
                 if s == "":
                     row.append(0.0)
                     continue
-                try:
-                    x = float(int(s))
-                except ValueError:
-                    raise ValueError(f"{p}:{lineno}: integer column holds {s!r}") from None
+                x = float(_criteo_int(s, f"{p}:{lineno}"))
                 row.append(math.log1p(x) if x > 0 else -math.log1p(-x))
             dense.append(row)
             for k, s in enumerate(parts[1 + CRITEO_NUM_DENSE :]):

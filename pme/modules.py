@@ -55,6 +55,38 @@ def _summary(sizes: torch.Tensor) -> str:
     return f"[{int(sizes.min())}..{int(sizes.max())}, mean {sizes.double().mean():.1f}]"
 
 
+class _Shape:
+    """The shape facts ``FusedOptimizer.state_shapes`` reads, for a table not built yet."""
+
+    def __init__(self, num_embeddings, embedding_dim, weight):
+        self.num_embeddings, self.embedding_dim, self.weight = num_embeddings, embedding_dim, weight
+
+
+def _classes_of_col(col_of_size, D: int) -> list[int]:
+    """Size classes of a grouped layout's column map, checked to be exactly the map pme builds.
+
+    A checkpoint's ``col_of_size`` is derived data: it is never used as is. Its classes (the
+    sizes with a slot) are read, the map is rebuilt from them, and the two must be equal.
+    """
+    if not isinstance(col_of_size, torch.Tensor) or col_of_size.dtype != torch.int64 or col_of_size.shape != (D + 1,):
+        raise ValueError(f"col_of_size must be an int64 tensor of shape ({D + 1},), got "
+                         f"{getattr(col_of_size, 'dtype', type(col_of_size))} of shape "
+                         f"{tuple(getattr(col_of_size, 'shape', ()))}")
+    col = col_of_size.detach().cpu()
+    classes = [s for s in range(1, D + 1) if int(col[s]) != -1]
+    rebuilt = torch.full((D + 1,), -1, dtype=torch.int64)
+    rebuilt[0] = 0
+    start = 0
+    for c in classes:
+        rebuilt[c] = start
+        start += c
+    if not torch.equal(rebuilt, col):
+        bad = int((rebuilt != col).nonzero()[0])
+        raise ValueError(f"col_of_size[{bad}] = {int(col[bad])} in the checkpoint is not the layout of its size "
+                         f"classes {classes} (expected {int(rebuilt[bad])}): derived data is rebuilt, not trusted")
+    return classes
+
+
 class _MultiSizeTable(nn.Module):
     """Storage shared by the two modules: flat ``weight`` ``[total]`` and ``offsets`` ``[V + 1]``.
 
@@ -200,25 +232,148 @@ class _MultiSizeTable(nn.Module):
         return s
 
     # ---- state_dict with other sizes ------------------------------------------------------
+    # One rule: everything derived is rebuilt, everything stored is validated, all or nothing.
+    # - offsets, weight and the fused optimizer's state from a checkpoint are checked whole
+    #   (_check_checkpoint) before anything is replaced;
+    # - col_of_size, width and size classes are rebuilt from the sizes; a col_of_size in the
+    #   checkpoint must equal the one rebuilt from its size classes (else an error: it is never
+    #   used as is);
+    # - on any error (ours or the default loader's, e.g. a shape mismatch) every parameter,
+    #   buffer and layout attribute of this table is restored: the module is bitwise unchanged.
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        n_err, n_missing, n_unexpected = len(error_msgs), len(missing_keys), len(unexpected_keys)
+        try:
+            plan = self._check_checkpoint(state_dict, prefix)
+        except (ValueError, TypeError) as e:
+            error_msgs.append(f"{prefix[:-1] or type(self).__name__}: {e}")
+            return
+        snapshot = self._snapshot()
+        try:
+            if plan is not None:
+                self._relayout(*plan)
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                          unexpected_keys, error_msgs)
+        except BaseException:
+            self._restore(snapshot)
+            raise
+        failed = len(error_msgs) > n_err or (strict and (len(missing_keys) > n_missing
+                                                         or len(unexpected_keys) > n_unexpected))
+        if failed:  # load_state_dict raises after every module has been visited
+            self._restore(snapshot)
+
+    def _snapshot(self):
+        """Everything a load may change: tensor objects with copies of their values, and attributes."""
+        keep = {}
+        for store in (self._parameters, self._buffers):
+            for k, t in store.items():
+                keep[(id(store), k)] = (store, k, t, None if t is None else t.detach().clone())
+        attrs = {k: getattr(self, k) for k in ("width", "size_classes", "_size_classes")}
+        return keep, attrs
+
+    def _restore(self, snapshot):
+        keep, attrs = snapshot
+        for store, k, t, values in keep.values():
+            store[k] = t
+            if t is not None:
+                with torch.no_grad():
+                    t.copy_(values)
+        for store in (self._parameters, self._buffers):  # drop what the load added
+            for k in [k for k in store if (id(store), k) not in keep]:
+                del store[k]
+        for k, v in attrs.items():
+            setattr(self, k, v)
+
+    def _check_checkpoint(self, state_dict, prefix):
+        """Validates the checkpoint's table (and optimizer state) against this module, reading nothing else.
+
+        Returns None when the sizes are this module's, else ``(offsets, sizes, size_classes)`` for
+        :meth:`_relayout`. Raises ValueError / TypeError naming what is wrong.
+        """
+        V, D = self.num_embeddings, self.embedding_dim
         off = state_dict.get(prefix + "offsets")
-        if off is not None and off.shape != self.offsets.shape:
-            error_msgs.append(f"{prefix}offsets: the checkpoint has {off.numel() - 1} rows, this module has "
-                              f"{self.num_embeddings}")
-        elif off is not None and not torch.equal(off.cpu(), self.offsets.cpu()):
-            # Another set of sizes: take them, then let the default loader copy the values.
-            sizes = (off[1:] - off[:-1]).cpu()
-            parse_sizes(sizes, self.num_embeddings, self.embedding_dim)
-            self.offsets = off.to(self.offsets.device, torch.int64).clone()
-            if self.layout == "grouped":
-                self._size_classes = None
-            self._set_layout(sizes)
-            self.weight = nn.Parameter(self.weight.new_empty(int(sizes.sum())), requires_grad=self.weight.requires_grad)
-            if self.projection is not None:
-                self.projection = nn.Parameter(self._identity_projection().to(self.projection))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        w = state_dict.get(prefix + "weight")
+        cos = state_dict.get(prefix + "col_of_size")
+        plan = None
+        if off is None:
+            off = self.offsets
+        else:
+            if not isinstance(off, torch.Tensor) or off.dtype != torch.int64 or off.dim() != 1:
+                raise TypeError(f"offsets must be a 1-D int64 tensor, got {getattr(off, 'dtype', type(off))} of "
+                                f"shape {tuple(getattr(off, 'shape', ()))}")
+            if off.numel() != V + 1:
+                raise ValueError(f"offsets: the checkpoint has {off.numel() - 1} rows, this module has {V}")
+            off = off.detach().cpu()
+            ops.check_offsets(off, int(off[-1]), D)
+        total = int(off[-1])
+        if w is not None:
+            if not isinstance(w, torch.Tensor) or w.dtype not in ops.WEIGHT_DTYPES or w.dim() != 1:
+                raise TypeError(f"weight must be a 1-D float tensor, got {getattr(w, 'dtype', type(w))} of shape "
+                                f"{tuple(getattr(w, 'shape', ()))}")
+            if w.numel() != total:
+                raise ValueError(f"weight has {w.numel()} entries but the checkpoint's offsets end at {total}")
+        sizes = (off[1:] - off[:-1]).cpu()
+        classes = None
+        if self.layout == "grouped":
+            if cos is not None:
+                classes = _classes_of_col(cos, D)
+            elif not torch.equal(off.cpu(), self.offsets.cpu()):
+                classes = None  # the distinct sizes
+            else:
+                classes = self.size_classes
+            present = {int(x) for x in torch.unique(sizes)} - {0}
+            if classes is not None and not present <= set(classes):
+                raise ValueError(f"sizes {sorted(present - set(classes))} have no slot in the checkpoint's "
+                                 f"col_of_size (size classes {classes})")
+        elif cos is not None:
+            raise ValueError("the checkpoint has a col_of_size (grouped layout) but this table is padded")
+        if not torch.equal(off.cpu(), self.offsets.cpu()) or (
+                classes is not None and list(classes) != list(self.size_classes)):
+            if w is None:
+                raise ValueError("the checkpoint has other sizes (offsets) but no weight: loading it would leave "
+                                 "the table without values")
+            plan = (off, sizes, classes)
+        if getattr(self, "optimizer", None) is not None:
+            self._check_optim_state(state_dict, prefix, V, total)
+        return plan
+
+    def _check_optim_state(self, state_dict, prefix, V, total):
+        """Checks the attached consumer's state in a checkpoint against the shapes it declares."""
+        consumer = self.optimizer
+        for b in consumer.state(_Shape(V, self.embedding_dim, torch.empty(total, device="meta"))):
+            t = state_dict.get(prefix + b.name)
+            if t is None:
+                continue
+            if b.host:  # a step count: a non-negative integer scalar
+                if (not isinstance(t, torch.Tensor) or t.numel() != 1 or t.is_floating_point()
+                        or t.dtype == torch.bool or int(t) < 0):
+                    raise ValueError(f"{b.name} must be a non-negative integer scalar tensor, got {t!r}")
+                continue
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point() or tuple(t.shape) != tuple(b.shape):
+                raise ValueError(f"{b.name} must be a float tensor of shape {tuple(b.shape)}, got "
+                                 f"{getattr(t, 'dtype', type(t))} of shape {tuple(getattr(t, 'shape', ()))}")
+            if t.numel() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{b.name} holds non-finite values")
+            if b.name != "optim_state1" or getattr(consumer, "name", "") == "rowwise_adagrad":  # sums of squares
+                if t.numel() and bool((t < 0).any()) and b.name.startswith("optim_state"):
+                    raise ValueError(f"{b.name} holds negative values (a sum of squared gradients cannot be)")
+
+    def _relayout(self, off, sizes, classes):
+        """Takes the checkpoint's sizes: offsets, derived layout, fresh weight / state of the new shape."""
+        dev = self.offsets.device
+        self.offsets = off.to(dev, torch.int64).clone()
+        if self.layout == "grouped":
+            self._size_classes = classes
+        self._set_layout(sizes)
+        self.weight = nn.Parameter(self.weight.new_empty(int(sizes.sum())), requires_grad=self.weight.requires_grad)
+        if self.projection is not None:
+            self.projection = nn.Parameter(self._identity_projection().to(self.projection),
+                                           requires_grad=self.projection.requires_grad)
+        if getattr(self, "optimizer", None) is not None:
+            for b in self.optimizer.state(self):
+                old = self._buffers.get(b.name)
+                if old is not None and not b.host and tuple(old.shape) != tuple(b.shape):
+                    self._buffers[b.name] = old.new_zeros(b.shape)
 
     def _apply(self, fn, recurse=True):
         # .to(dtype) / .half() / .bfloat16() cast every floating buffer; the state of an attached

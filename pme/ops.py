@@ -130,10 +130,24 @@ def _compiled(t: torch.Tensor) -> bool:
 # --------------------------------------------------------------------------------------------
 # Fake kernels and autograd for the compiled operators
 # --------------------------------------------------------------------------------------------
+def _same_device(op: str, **tensors):
+    """Raises unless every given tensor (None skipped) is on one device.
+
+    The dispatcher sends a call that mixes meta (or fake) tensors with real ones to the fake
+    kernel, which would return uninitialised memory for the real device: an error instead.
+    """
+    devs = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devs.values())) > 1:
+        raise RuntimeError(f"pme::{op}: all tensor arguments must be on one device, got "
+                           + ", ".join(f"{k} on {v}" for k, v in devs.items()))
+
+
 if BUILD_INFO is not None:
 
     @torch.library.register_fake("pme::bag_forward")
     def _(weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, out_width, mode, padding_idx):
+        _same_device("bag_forward", weight=weight, offsets=offsets, indices=indices, bag_offsets=bag_offsets,
+                     per_sample_weights=per_sample_weights, col_of_size=col_of_size)
         B = bag_offsets.shape[0] - 1
         out = weight.new_empty(B, out_width)
         argmax = offsets.new_empty((B, out_width) if mode == 2 else (0, 0))
@@ -142,24 +156,36 @@ if BUILD_INFO is not None:
     @torch.library.register_fake("pme::bag_backward")
     def _(grad_out, weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, argmax, mode,
           padding_idx, psw_grad):
+        _same_device("bag_backward", grad_out=grad_out, weight=weight, offsets=offsets, indices=indices,
+                     bag_offsets=bag_offsets, per_sample_weights=per_sample_weights, col_of_size=col_of_size,
+                     argmax=argmax)
         return torch.empty_like(weight), weight.new_empty(indices.shape[0] if psw_grad else 0)
 
     @torch.library.register_fake("pme::embedding_forward")
     def _(weight, offsets, indices, col_of_size, out_width, padding_idx):
+        _same_device("embedding_forward", weight=weight, offsets=offsets, indices=indices, col_of_size=col_of_size)
         return weight.new_empty(indices.shape[0], out_width)
 
     @torch.library.register_fake("pme::embedding_backward")
     def _(grad_out, weight, offsets, indices, col_of_size, padding_idx):
+        _same_device("embedding_backward", grad_out=grad_out, weight=weight, offsets=offsets, indices=indices,
+                     col_of_size=col_of_size)
         return torch.empty_like(weight)
 
     @torch.library.register_fake("pme::sparse_update_")
     def _(weight, state1, state2, grad_out, offsets, indices, bag_offsets, per_sample_weights, col_of_size,
           argmax, mode, padding_idx, optimizer, lr, weight_decay, eps, beta1, beta2, step):
+        _same_device("sparse_update_", weight=weight, state1=state1, state2=state2, grad_out=grad_out,
+                     offsets=offsets, indices=indices, bag_offsets=bag_offsets,
+                     per_sample_weights=per_sample_weights, col_of_size=col_of_size, argmax=argmax)
         return None
 
     @torch.library.register_fake("pme::accumulate_scores_")
     def _(scores, grad_out, weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, argmax,
           mode, padding_idx, rule):
+        _same_device("accumulate_scores_", scores=scores, grad_out=grad_out, weight=weight, offsets=offsets,
+                     indices=indices, bag_offsets=bag_offsets, per_sample_weights=per_sample_weights,
+                     col_of_size=col_of_size, argmax=argmax)
         return None
 
     @torch.library.register_fake("pme::topk_threshold")
@@ -168,10 +194,12 @@ if BUILD_INFO is not None:
 
     @torch.library.register_fake("pme::prune_counts")
     def _(scores, threshold):
+        _same_device("prune_counts", scores=scores, threshold=threshold)
         return scores.new_empty(scores.shape[0], dtype=torch.int64)
 
     @torch.library.register_fake("pme::prune_pack")
     def _(dense, scores, offsets, by_score):
+        _same_device("prune_pack", dense=dense, scores=scores, offsets=offsets)
         total = torch.library.get_ctx().new_dynamic_size()
         return dense.new_empty(total)
 
@@ -201,6 +229,120 @@ if BUILD_INFO is not None:
         return gw, None, None, None, None, None
 
     torch.library.register_autograd("pme::embedding_forward", _emb_backward, setup_context=_emb_setup)
+
+    # Double backward. The lookups are linear in the weight, so their backward is linear in
+    # the output gradient: the backward of the backward is the lookup of the incoming
+    # gradient-gradient (max: gathered through the forward's argmax). With per_sample_weights
+    # the backward is also linear in them (and their gradient linear in weight and grad_out),
+    # which gives the other terms.
+    def _bagbwd_setup(ctx, inputs, output):
+        grad_out, weight, offsets, indices, bag_offsets, psw, col_of_size, argmax, mode, pad, psw_grad = inputs
+        ctx.mode, ctx.pad, ctx.psw_grad = mode, pad, psw_grad
+        ctx.save_for_backward(grad_out, weight, offsets, indices, bag_offsets, psw, col_of_size, argmax)
+
+    def _bagbwd_backward(ctx, gg_w, gg_p):
+        grad_out, weight, offsets, indices, bag_offsets, psw, col, argmax = ctx.saved_tensors
+        W = grad_out.shape[1]
+        g_go = g_w = g_psw = None
+        if ctx.needs_input_grad[0]:
+            g_go = (_linear_lookup(gg_w.contiguous(), offsets, indices, bag_offsets, psw, col, W, ctx.mode, ctx.pad,
+                                   argmax) if gg_w is not None else grad_out.new_zeros(grad_out.shape))
+            if ctx.psw_grad and gg_p is not None:
+                g_go = g_go + torch.ops.pme.bag_forward(weight, offsets, indices, bag_offsets, gg_p.contiguous(), col,
+                                                        W, 0, ctx.pad)[0]
+        if ctx.needs_input_grad[1] and ctx.psw_grad and gg_p is not None:
+            g_w = torch.ops.pme.bag_backward(grad_out, weight, offsets, indices, bag_offsets, gg_p.contiguous(), col,
+                                             argmax, 0, ctx.pad, False)[0]
+        if ctx.needs_input_grad[5] and psw is not None and gg_w is not None:
+            g_psw = torch.ops.pme.bag_backward(grad_out, gg_w.contiguous(), offsets, indices, bag_offsets, psw, col,
+                                               argmax, ctx.mode, ctx.pad, True)[1]
+        return g_go, g_w, None, None, None, g_psw, None, None, None, None, None
+
+    torch.library.register_autograd("pme::bag_backward", _bagbwd_backward, setup_context=_bagbwd_setup)
+
+    def _embbwd_setup(ctx, inputs, output):
+        grad_out, weight, offsets, indices, col_of_size, padding_idx = inputs
+        ctx.pad = padding_idx
+        ctx.save_for_backward(grad_out, offsets, indices, col_of_size)
+
+    def _embbwd_backward(ctx, gg_w):
+        grad_out, offsets, indices, col = ctx.saved_tensors
+        if gg_w is None or not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None
+        out = torch.ops.pme.embedding_forward(gg_w.contiguous(), offsets, indices, col, grad_out.shape[1], ctx.pad)
+        if ctx.pad >= 0:  # the padding row got no gradient: its lookups pass none back
+            out = out.masked_fill((indices == ctx.pad).unsqueeze(1), 0)
+        return out, None, None, None, None, None
+
+    torch.library.register_autograd("pme::embedding_backward", _embbwd_backward, setup_context=_embbwd_setup)
+
+
+def _linear_lookup(t, offsets, indices, bag_offsets, psw, col_of_size, width, mode, pad, argmax):
+    """The pooled lookup of ``t`` (a ``[total]`` tensor shaped like weight) as a linear map.
+
+    sum / mean: the lookup itself. max: the entries the forward's argmax picked (0 where the
+    implicit zero of the dense view won), i.e. the derivative of the max at that point.
+    """
+    if mode != 2:
+        return torch.ops.pme.bag_forward(t, offsets, indices, bag_offsets, psw, col_of_size, width, mode, pad)[0]
+    B = bag_offsets.numel() - 1
+    if indices.numel() == 0 or B == 0:
+        return t.new_zeros(B, width)
+    hit = argmax >= 0
+    rows = indices.long()[argmax.clamp(min=0)]
+    lo = offsets[rows]
+    col0 = 0 if col_of_size is None else col_of_size[offsets[rows + 1] - lo]
+    entry = lo + torch.arange(width, device=t.device) - col0
+    return torch.where(hit, t[entry.masked_fill(~hit, 0)], t.new_zeros(()))
+
+
+def _forward_ad_active() -> bool:
+    """Whether a forward-mode AD level (torch.autograd.forward_ad or a torch.func transform) is open."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch.autograd.forward_ad._current_level >= 0 or torch._C._functorch.maybe_current_level() is not None
+
+
+class _BagLookup(torch.autograd.Function):
+    """The pooled lookup with a forward-mode derivative (used while forward AD is active).
+
+    The lookup is linear in the weight: its tangent is the lookup of the weight's tangent (max:
+    gathered through the argmax), plus, for per_sample_weights, the lookup weighted by theirs.
+    The backward is the operator's own (twice differentiable, see the registrations above).
+    """
+
+    @staticmethod
+    def forward(weight, offsets, indices, bag_offsets, psw, col_of_size, width, mode, pad):
+        return torch.ops.pme.bag_forward(weight, offsets, indices, bag_offsets, psw, col_of_size, width, mode, pad)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        weight, offsets, indices, bag_offsets, psw, col_of_size, width, mode, pad = inputs
+        ctx.width, ctx.mode, ctx.pad = width, mode, pad
+        ctx.psw_grad = psw is not None and ctx.needs_input_grad[4]
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(weight, offsets, indices, bag_offsets, psw, col_of_size, output[1])
+        ctx.save_for_forward(weight, offsets, indices, bag_offsets, psw, col_of_size, output[1])
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_argmax):
+        weight, offsets, indices, bag_offsets, psw, col_of_size, argmax = ctx.saved_tensors
+        gw, gp = torch.ops.pme.bag_backward(grad_out.contiguous(), weight, offsets, indices, bag_offsets, psw,
+                                            col_of_size, argmax, ctx.mode, ctx.pad, ctx.psw_grad)
+        return gw, None, None, None, (gp if ctx.psw_grad else None), None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, w_t, _o, _i, _b, psw_t, _c, _w, _m, _p):
+        weight, offsets, indices, bag_offsets, psw, col_of_size, argmax = ctx.saved_tensors
+        out_t = None
+        if w_t is not None:
+            out_t = _linear_lookup(w_t.contiguous(), offsets, indices, bag_offsets, psw, col_of_size, ctx.width,
+                                   ctx.mode, ctx.pad, argmax)
+        if psw_t is not None:
+            extra = torch.ops.pme.bag_forward(weight, offsets, indices, bag_offsets, psw_t.contiguous(), col_of_size,
+                                              ctx.width, 0, ctx.pad)[0]
+            out_t = extra if out_t is None else out_t + extra
+        return out_t, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,12 +425,39 @@ def bag_inputs(weight, input, offsets=None, per_sample_weights=None, mode="mean"
         if include_last_offset:
             if offsets.numel() < 1:
                 raise ValueError("offsets must have at least one entry when include_last_offset=True")
+            _check_last_offset(offsets, indices.numel())
             bag_offsets = offsets
         else:
             bag_offsets = torch.cat([offsets, offsets.new_full((1,), indices.numel())])
     else:
         raise ValueError(f"input must be 1-D (with offsets) or 2-D [B, L], got {input.dim()} dimensions")
     return indices.contiguous(), bag_offsets.contiguous(), (psw.contiguous() if psw is not None else None), MODES[mode]
+
+
+def _check_last_offset(offsets: torch.Tensor, n: int):
+    """include_last_offset=True: the last offset must be ``len(input)`` (the CSR convention).
+
+    torch's documentation says so; with a smaller last offset nn.EmbeddingBag's own answers
+    disagree with each other (sum ends the last bag at ``offsets[-1]``, max and any padding_idx
+    run it to the end of the input, mean sums the short bag but divides by the long one), so
+    there is nothing consistent to match: pme raises. On CUDA the check reads one value back
+    (a synchronisation); it is skipped with ``PME_CUDA_VALIDATE=0`` and during graph capture,
+    and then the bags end where the offsets say (lookups past ``offsets[-1]`` are ignored).
+    """
+    if torch.compiler.is_compiling():  # a traced graph cannot read a value: the bags end at offsets[-1]
+        return
+    if offsets.device.type == "cuda":
+        import os
+
+        if os.environ.get("PME_CUDA_VALIDATE", "1") == "0" or torch.cuda.is_current_stream_capturing():
+            return
+    if offsets.device.type == "meta" or torch._guards.detect_fake_mode(offsets) is not None:
+        return
+    last = int(offsets[-1])
+    if last != n:
+        raise ValueError(f"include_last_offset=True: offsets[-1] = {last} must equal the number of indices {n} "
+                         f"(the last bag ends at the end of the input); nn.EmbeddingBag's results for "
+                         f"offsets[-1] < len(input) contradict its documentation and each other, so pme refuses them")
 
 
 # --------------------------------------------------------------------------------------------
@@ -318,6 +487,8 @@ def embedding_bag(weight, offsets, input, input_offsets=None, *, width, col_of_s
     indices, bag_offsets, psw, m = bag_inputs(weight, input, input_offsets, per_sample_weights, mode,
                                               include_last_offset)
     if _compiled(weight):
+        if _forward_ad_active():
+            return _BagLookup.apply(weight, offsets, indices, bag_offsets, psw, col_of_size, int(width), m, pad)[0]
         out, _ = torch.ops.pme.bag_forward(weight, offsets, indices, bag_offsets, psw, col_of_size, int(width), m,
                                            pad)
         return out
@@ -339,7 +510,10 @@ def embedding(weight, offsets, input, *, width, col_of_size=None, padding_idx=No
         raise ValueError(f"input is on {input.device} but the table is on {weight.device}")
     flat = input.reshape(-1).contiguous()
     if _compiled(weight):
-        out = torch.ops.pme.embedding_forward(weight, offsets, flat, col_of_size, int(width), pad)
+        if _forward_ad_active():
+            out = _EmbeddingLookup.apply(weight, offsets, flat, col_of_size, int(width), pad)
+        else:
+            out = torch.ops.pme.embedding_forward(weight, offsets, flat, col_of_size, int(width), pad)
         return out.reshape(*input.shape, width)
     bo = torch.arange(flat.numel() + 1, dtype=flat.dtype, device=flat.device)
     _check_reference_lookup(flat, bo, offsets, weight, col_of_size, width)
@@ -465,10 +639,61 @@ class _ConsumedLookup(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         indices, bag_offsets, psw, argmax = ctx.saved_tensors
+        # per_sample_weights that require a gradient get it, from the weights before the consumer's step.
+        gp = _psw_grad(ctx.module, grad_out, indices, bag_offsets, ctx.pad) if ctx.needs_input_grad[5] else None
         rows = BackwardRows(grad_out.contiguous().to(ctx.module.weight.dtype), indices, bag_offsets, psw, argmax,
                             ctx.mode, None if ctx.pad < 0 else ctx.pad)
         ctx.consumer.consume(ctx.module, rows)
-        return (None,) * 9
+        return None, None, None, None, None, gp, None, None, None
+
+
+def _psw_grad(module, grad_out, indices, bag_offsets, pad):
+    """Gradient of a sum lookup w.r.t. its per_sample_weights: ``<row of lookup j, grad_out[bag of j]>``.
+
+    ``[N]`` of the weight's dtype (accumulated in acc_dtype); 0 for padding lookups and for
+    lookups past the last bag, as the unfused backward gives.
+    """
+    acc = acc_dtype(module.weight.dtype)
+    rows = embedding(module.weight.detach(), module.offsets, indices, width=module.width,
+                     col_of_size=module.col_of_size)  # [N, width], zero-padded
+    counts = (bag_offsets[1:] - bag_offsets[:-1]).long()
+    bag_of = torch.repeat_interleave(torch.arange(counts.numel(), device=indices.device), counts)
+    n = bag_of.numel()
+    gp = torch.zeros(indices.numel(), dtype=acc, device=indices.device)
+    gp[:n] = (rows[:n].to(acc) * grad_out[bag_of].to(acc)).sum(1)
+    if pad >= 0:
+        gp = gp.masked_fill(indices == pad, 0)
+    return gp.to(module.weight.dtype)
+
+
+class _EmbeddingLookup(torch.autograd.Function):
+    """Non-pooled lookup with a forward-mode derivative (used while forward AD is active): the
+    tangent is the lookup of the weight's tangent (the padding row included, as ``F.embedding``'s).
+    The backward is the operator's own (twice differentiable)."""
+
+    @staticmethod
+    def forward(weight, offsets, indices, col_of_size, width, pad):
+        return torch.ops.pme.embedding_forward(weight, offsets, indices, col_of_size, width, pad)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        weight, offsets, indices, col_of_size, width, pad = inputs
+        ctx.pad, ctx.width = pad, width
+        ctx.save_for_backward(weight, offsets, indices, col_of_size)
+        ctx.save_for_forward(offsets, indices, col_of_size)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, offsets, indices, col_of_size = ctx.saved_tensors
+        gw = torch.ops.pme.embedding_backward(grad_out.contiguous(), weight, offsets, indices, col_of_size, ctx.pad)
+        return gw, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, w_t, _o, _i, _c, _w, _p):
+        offsets, indices, col_of_size = ctx.saved_tensors
+        if w_t is None:
+            return None
+        return torch.ops.pme.embedding_forward(w_t.contiguous(), offsets, indices, col_of_size, ctx.width, ctx.pad)
 
 
 def _check_reference_lookup(indices, bag_offsets, offsets, weight, col_of_size, width):
@@ -488,6 +713,30 @@ def _check_reference_lookup(indices, bag_offsets, offsets, weight, col_of_size, 
             raise ValueError(f"pme: bag offsets point past the input: the last bag ends at {int(bag_offsets[-1])} "
                              f"but there are only {indices.numel()} indices")
     check_offsets(offsets, weight.numel(), width if col_of_size is None else None)
+    if col_of_size is not None:
+        check_col_of_size(col_of_size, offsets, width)
+
+
+def check_col_of_size(col_of_size: torch.Tensor, offsets: torch.Tensor, width: int):
+    """Full check of a grouped layout's column map against the table and the output width.
+
+    Entry ``s`` is -1 (no row has size ``s``) or a column with ``s <= width`` and
+    ``col <= width - s`` (written so that nothing can overflow); every row's size has a slot.
+    The compiled operators make the same check in C++ (and on the device).
+    """
+    cos = col_of_size.detach().cpu().tolist()
+    for s_, c in enumerate(cos):
+        if not (c == -1 or (c >= 0 and s_ <= width and c <= width - s_)):
+            raise ValueError(f"col_of_size[{s_}] = {c} is not a slot of the output width {width} for rows of size "
+                             f"{s_} (a column in [0, width - size], or -1 for a size that has no slot)")
+    sizes = (offsets[1:] - offsets[:-1]).cpu()
+    bad = (sizes >= len(cos)) | (sizes < 0)
+    if not bool(bad.any()) and sizes.numel():
+        bad = torch.as_tensor(cos, dtype=torch.int64)[sizes] < 0
+    if bool(bad.any()):
+        r = int(bad.nonzero()[0])
+        raise ValueError(f"row {r} has size {int(sizes[r])}, which has no slot in col_of_size: it does not fit in "
+                         f"the output width {width}")
 
 
 def check_offsets(offsets: torch.Tensor, total: int, max_size: int | None = None):
@@ -507,8 +756,15 @@ def check_offsets(offsets: torch.Tensor, total: int, max_size: int | None = None
 
 
 def to_dense(weight, offsets, width, col_of_size=None):
-    """Dense view ``[V, width]``: each row zero-padded (or placed in its size's slot)."""
+    """Dense view ``[V, width]``: each row zero-padded (or placed in its size's slot).
+
+    The table is checked whole first (offsets, sizes against the width, col_of_size's slots),
+    as every lookup operator does.
+    """
     check_table(weight, offsets, col_of_size)
+    check_offsets(offsets, weight.numel(), int(width) if col_of_size is None else None)
+    if col_of_size is not None:
+        check_col_of_size(col_of_size, offsets, int(width))
     return reference.to_dense(weight, offsets, width, col_of_size)
 
 
@@ -534,6 +790,8 @@ def sparse_update_(weight, state1, state2, grad_out, offsets, indices, bag_offse
                                      float(lr), float(weight_decay), float(eps), float(beta1), float(beta2),
                                      int(step))
         return
+    check_table(weight, offsets, col_of_size)
+    _check_reference_lookup(indices, bag_offsets, offsets, weight, col_of_size, grad_out.shape[1])
     reference.sparse_update_(weight, state1, state2, grad_out, offsets, indices, bag_offsets, grad_out.shape[1],
                              col_of_size, mode, per_sample_weights, None if pad < 0 else pad, optimizer, lr,
                              weight_decay, eps, beta1, beta2, step)
@@ -550,6 +808,8 @@ def accumulate_scores_(scores, grad_out, weight, offsets, indices, bag_offsets, 
         torch.ops.pme.accumulate_scores_(scores, grad_out, weight, offsets, indices, bag_offsets, per_sample_weights,
                                          col_of_size, am, MODES[mode], pad, SCORE_RULES[rule])
         return
+    check_table(weight, offsets, col_of_size)
+    _check_reference_lookup(indices, bag_offsets, offsets, weight, col_of_size, grad_out.shape[1])
     reference.accumulate_scores_(scores, grad_out, weight, offsets, indices, bag_offsets, grad_out.shape[1],
                                  col_of_size, mode, per_sample_weights, None if pad < 0 else pad, rule)
 

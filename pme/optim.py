@@ -29,6 +29,9 @@ Interaction with PyTorch habits (see README "Fused sparse update"):
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 from . import ops
@@ -43,14 +46,19 @@ class FusedOptimizer(ops.RowConsumer):
 
     def __init__(self, lr: float, weight_decay: float = 0.0, eps: float = 1e-8, beta1: float = 0.9,
                  beta2: float = 0.999, grad_scale: float = 1.0):
-        if not lr >= 0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
-        if not weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-        if not eps >= 0:
-            raise ValueError(f"eps must be >= 0, got {eps}")
+        for name, v in (("lr", lr), ("weight_decay", weight_decay), ("eps", eps), ("beta1", beta1),
+                        ("beta2", beta2)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
+        if not (math.isfinite(lr) and lr >= 0):
+            raise ValueError(f"lr must be >= 0 and finite, got {lr}")
+        if not (math.isfinite(weight_decay) and weight_decay >= 0):
+            raise ValueError(f"weight_decay must be >= 0 and finite, got {weight_decay}")
+        if not (math.isfinite(eps) and eps >= 0):
+            raise ValueError(f"eps must be >= 0 and finite, got {eps}")
         if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
             raise ValueError(f"betas must be in [0, 1), got ({beta1}, {beta2})")
+        _check_grad_scale(grad_scale)
         self.lr, self.weight_decay, self.eps, self.beta1, self.beta2 = lr, weight_decay, eps, beta1, beta2
         self.grad_scale = grad_scale
 
@@ -69,6 +77,7 @@ class FusedOptimizer(ops.RowConsumer):
 
     def consume(self, module, rows):
         """One optimizer step on the rows of one fused lookup (``rows``: ``pme.ops.BackwardRows``)."""
+        _check_grad_scale(self.grad_scale)
         module.optim_step += 1
         g = rows.grad_out if self.grad_scale == 1.0 else rows.grad_out / self.grad_scale
         ops.sparse_update_(module.weight.data, module.optim_state1, module.optim_state2, g, module.offsets,
@@ -76,6 +85,16 @@ class FusedOptimizer(ops.RowConsumer):
                            mode=rows.mode, per_sample_weights=rows.per_sample_weights, padding_idx=rows.padding_idx,
                            optimizer=self.name, lr=self.lr, weight_decay=self.weight_decay, eps=self.eps,
                            beta1=self.beta1, beta2=self.beta2, step=int(module.optim_step))
+
+
+def _check_grad_scale(scale):
+    """grad_scale divides the gradient: a positive finite number (a GradScaler's scale)."""
+    if isinstance(scale, torch.Tensor):  # its value is not read: that would synchronise a GPU
+        if scale.numel() != 1:
+            raise ValueError(f"grad_scale must be a number or a one-element tensor, got shape {tuple(scale.shape)}")
+        return
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"grad_scale must be a positive finite number, got {scale!r}")
 
 
 class SGD(FusedOptimizer):

@@ -70,8 +70,14 @@ def embedding_bag(weight, offsets, indices, bag_offsets, width, col_of_size=None
     """
     dense = to_dense(weight, offsets, width, col_of_size)
     acc = acc_dtype(weight.dtype)
+    # lookups past the last bag are not part of any bag (F.embedding_bag would run the last bag
+    # to the end of the input in some modes: README, Safety, include_last_offset)
+    n = int(bag_offsets[-1]) if bag_offsets.numel() else 0
+    indices = indices[:n]
+    if per_sample_weights is not None:
+        per_sample_weights = per_sample_weights[:n]
     psw = per_sample_weights.to(acc) if per_sample_weights is not None else None
-    if indices.numel() == 0 or bag_offsets.numel() <= 1:
+    if indices.numel() == 0 or bag_offsets.numel() <= 1 or width == 0:
         # F.embedding_bag rejects some empty inputs that the rule still defines: zeros.
         B = bag_offsets.numel() - 1
         return dense.new_zeros(B, width) + 0 * dense.sum()
@@ -151,14 +157,23 @@ def accumulate_scores_(scores, grad_out, weight, offsets, indices, bag_offsets, 
         scores += torch.where(entry, contrib, torch.zeros_like(contrib))
 
 
+# Order of scores (README, Safety): NaN, whatever its sign bit, ranks below every number (-inf
+# included) and all NaNs rank equal; -0.0 and +0.0 are equal. A NaN is never kept over a number.
+
+
 def topk_threshold(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th largest score (0-d float32), as ``torch.kthvalue`` would find it."""
-    flat = scores.reshape(-1).float()
-    return torch.kthvalue(flat.cpu(), flat.numel() - k + 1).values.to(scores.device)
+    """The k-th largest score (0-d float32) in that order: NaN when ``k`` exceeds the non-NaN count."""
+    flat = scores.reshape(-1).float().cpu()
+    finite = flat[~flat.isnan()]
+    if k > finite.numel():
+        return torch.tensor(float("nan"), device=scores.device)
+    return torch.kthvalue(finite, finite.numel() - k + 1).values.to(scores.device)
 
 
 def prune_counts(scores: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """Per-row number of scores ``>= threshold``: ``[V]`` int64."""
+    """Per-row number of scores ``>= threshold`` in that order (a NaN threshold counts all)."""
+    if bool(threshold.isnan()):
+        return torch.full((scores.shape[0],), scores.shape[1], dtype=torch.int64, device=scores.device)
     return (scores >= threshold).sum(dim=1)
 
 
@@ -171,8 +186,12 @@ def prune_pack(dense: torch.Tensor, scores: torch.Tensor, offsets: torch.Tensor,
         s = int(offsets[r + 1] - offsets[r])
         if s == 0:
             continue
-        # Stable sort of -score keeps lower columns first among ties.
-        order = torch.sort(-scores[r].double(), stable=True).indices[:s]
+        # Stable sort of -score keeps lower columns first among ties; NaN sorts last (below -inf).
+        key = -scores[r].double()
+        key = torch.where(key.isnan(), torch.full_like(key, float("inf")), key)
+        order = torch.sort(key, stable=True).indices
+        nan_last = torch.sort(scores[r][order].isnan().to(torch.int8), stable=True).indices
+        order = order[nan_last][:s]
         if not by_score:
             order = torch.sort(order).values
         out.append(dense[r, cols[order]])

@@ -135,9 +135,16 @@ inline bool locate(const TableView& t, const I* idx, int64_t j, int64_t pad, std
   if (r == pad) return false;  // pad is -1 (none) or a row
   lo = t.offsets[r];
   const int64_t hi = t.offsets[r + 1];
+  // Overflow-safe (validate_table has checked the whole table already; this is the second line
+  // of defence): the span inside the buffer first, then the size and column against the width
+  // without forming col + size.
+  if (__builtin_expect(!(lo >= 0 && hi >= lo && hi <= t.total && hi - lo <= t.width), 0)) {
+    note_bad(bad, j);
+    return false;
+  }
   size = hi - lo;
-  col = kPadded || !t.col_of_size ? 0 : (size >= 0 && size < t.num_cols ? t.col_of_size[size] : -1);
-  if (__builtin_expect(!(size >= 0 && lo >= 0 && hi <= t.total && col >= 0 && col + size <= t.width), 0)) {
+  col = kPadded || !t.col_of_size ? 0 : (size < t.num_cols ? t.col_of_size[size] : -1);
+  if (__builtin_expect(!(col >= 0 && col <= t.width - size), 0)) {
     note_bad(bad, j);
     return false;
   }
@@ -704,7 +711,15 @@ std::tuple<Tensor, Tensor> lookup_forward(const Tensor& weight, const Tensor& of
     using I = decltype(itag);
     const I* idx = indices.const_data_ptr<I>();
     const I* bo = bag_offsets ? bag_offsets->const_data_ptr<I>() : nullptr;
-    validate_bag_offsets(bo, a.num_bags, a.num_lookups, tv);
+    validate_table(tv);
+    validate_bag_offsets(bo, a.num_bags, a.num_lookups);
+    // Indices past the last bag are never read, but are checked as the backward (and the CUDA
+    // validation) check them: one rule for what a valid call is.
+    for (int64_t j = bo ? static_cast<int64_t>(bo[a.num_bags]) : a.num_lookups; j < a.num_lookups; ++j) {
+      if (static_cast<uint64_t>(static_cast<int64_t>(idx[j])) >= static_cast<uint64_t>(a.num_rows)) {
+        report_bad_lookup(idx, j, tv);
+      }
+    }
     std::atomic<int64_t> bad{std::numeric_limits<int64_t>::max()};
     dispatch_weight(weight.scalar_type(), "weight", [&](auto wtag) {
       using T = decltype(wtag);

@@ -10,12 +10,18 @@
 namespace pme::cpu {
 namespace {
 
-// Order-preserving map of a float to uint32 (larger float -> larger key).
+// Order-preserving map of a float to uint32 (larger float -> larger key). The order of scores
+// (README, Safety): NaN, whatever its sign bit and payload, is below every other value, -inf
+// included; all NaNs map to key 0, so a NaN is never kept over a number.
 inline uint32_t float_key(float f) {
+  if (f != f) return 0u;
   uint32_t u;
   std::memcpy(&u, &f, sizeof(u));
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
+
+// Whether score a ranks above score b in that order (NaN lowest, NaNs equal).
+inline bool score_above(float a, float b) { return b != b ? a == a : a > b; }
 
 inline float key_float(uint32_t k) {
   const uint32_t u = (k & 0x80000000u) ? (k & 0x7fffffffu) : ~k;
@@ -80,7 +86,10 @@ Tensor prune_counts(Tensor scores, Tensor threshold) {
   torch::stable::parallel_for(0, V, 1024, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       int64_t n = 0;
-      for (int64_t j = 0; j < D; ++j) n += x[r * D + j] >= t;
+      // x >= t in that order: a NaN threshold (k above the number of non-NaN scores) keeps
+      // everything; otherwise NaN never survives (NaN >= t is false).
+      if (t != t) n = D;
+      else for (int64_t j = 0; j < D; ++j) n += x[r * D + j] >= t;
       c[r] = n;
     }
   });
@@ -92,9 +101,9 @@ Tensor prune_pack(Tensor dense, Tensor scores, Tensor offsets, bool by_score) {
   const int64_t V = dense.sizes()[0], D = dense.sizes()[1];
   const int64_t* off = offsets.const_data_ptr<int64_t>();
   PME_CHECK(off[0] == 0, "offsets[0] must be 0");
-  for (int64_t r = 0; r < V; ++r) {
-    const int64_t size = off[r + 1] - off[r];
-    PME_CHECK(size >= 0 && size <= D, "row ", r, " has size ", size, ", outside [0, D = ", D, "]");
+  for (int64_t r = 0; r < V; ++r) {  // in order: offsets[r] >= 0 here, so the difference is exact
+    PME_CHECK(off[r + 1] >= off[r] && off[r + 1] - off[r] <= D, "row ", r, " has size ", off[r + 1] - off[r],
+              ", outside [0, D = ", D, "]");
   }
   const Tensor d = torch::stable::contiguous(dense);
   const Tensor s = torch::stable::contiguous(scores);
@@ -111,8 +120,10 @@ Tensor prune_pack(Tensor dense, Tensor scores, Tensor offsets, bool by_score) {
         if (size == 0) continue;
         const float* row = sc + r * D;
         std::iota(cols.begin(), cols.end(), int64_t{0});
-        // Best first; ties keep the lower column (a total order: deterministic).
-        auto better = [&](int64_t a, int64_t b) { return row[a] > row[b] || (row[a] == row[b] && a < b); };
+        // Best first (NaN lowest); ties keep the lower column (a total order: deterministic).
+        auto better = [&](int64_t a, int64_t b) {
+          return score_above(row[a], row[b]) || (!score_above(row[b], row[a]) && a < b);
+        };
         std::partial_sort(cols.begin(), cols.begin() + size, cols.end(), better);
         if (!by_score) std::sort(cols.begin(), cols.begin() + size);
         for (int64_t j = 0; j < size; ++j) o[off[r] + j] = x[r * D + cols[j]];

@@ -23,12 +23,72 @@ struct TableView {
   int64_t width;  // output width W
 };
 
+// Whole-table check, O(V + D), run by every lookup-shaped operator before any row is read:
+// offsets[0] == 0, non-decreasing, offsets[V] == total; col_of_size (grouped layout) maps
+// every size s to -1 (no slot) or a slot [col, col + s) inside the output width; every row's
+// size fits: <= W (padded) or has a slot (grouped). Checking the whole table (not only the
+// rows a batch touches) is what rules out rows that overlap: with offsets that decrease
+// somewhere, two rows could share entries and both look fine. Every comparison is written so
+// that no sum can wrap (size <= W && col <= W - size, never col + size <= W).
+inline void validate_table(const TableView& t) {
+  const int64_t* off = t.offsets;
+  const int64_t V = t.num_rows, W = t.width;
+  PME_CHECK(W >= 0, "the output width must be >= 0, got ", W);
+  PME_CHECK(off[0] == 0, "offsets[0] must be 0, got ", off[0]);
+  PME_CHECK(off[V] == t.total, "offsets[-1] = ", off[V], " must equal the number of stored entries ", t.total);
+  const int64_t* cos = t.col_of_size;
+  for (int64_t s = 0; cos != nullptr && s < t.num_cols; ++s) {
+    const int64_t c = cos[s];
+    PME_CHECK(c == -1 || (c >= 0 && s <= W && c <= W - s), "col_of_size[", s, "] = ", c,
+              " is not a slot of the output width ", W, " for rows of size ", s,
+              " (a column in [0, width - size], or -1 for a size that has no slot)");
+  }
+  // Row r is fine if offsets[r] <= offsets[r + 1] and its size fits. Sizes are taken as
+  // unsigned differences: no signed overflow whatever the values; the first bad row of an
+  // increasing scan has offsets[r] >= 0, so its difference is exact.
+  auto row_ok = [&](int64_t r) {
+    const int64_t lo = off[r], hi = off[r + 1];
+    const uint64_t size = static_cast<uint64_t>(hi) - static_cast<uint64_t>(lo);
+    if (hi < lo) return false;
+    if (cos == nullptr) return size <= static_cast<uint64_t>(W);
+    return size < static_cast<uint64_t>(t.num_cols) && cos[size] >= 0;
+  };
+  std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
+  torch::stable::parallel_for(0, V, 1 << 16, [&](int64_t r0, int64_t r1) {
+    bool ok = true;
+    if (cos == nullptr) {  // branch-free, vectorisable: the common case
+      const uint64_t w = static_cast<uint64_t>(W);
+      for (int64_t r = r0; r < r1; ++r) {
+        ok &= (off[r + 1] >= off[r]) & (static_cast<uint64_t>(off[r + 1]) - static_cast<uint64_t>(off[r]) <= w);
+      }
+      if (ok) return;
+    }
+    for (int64_t r = r0; r < r1; ++r) {
+      if (!row_ok(r)) {
+        int64_t cur = first_bad.load();
+        while (r < cur && !first_bad.compare_exchange_weak(cur, r)) {
+        }
+        return;
+      }
+    }
+  });
+  const int64_t r = first_bad.load();
+  if (r == std::numeric_limits<int64_t>::max()) return;
+  PME_CHECK(off[r + 1] >= off[r], "offsets must be non-decreasing: offsets[", r + 1, "] = ", off[r + 1],
+            " < offsets[", r, "] = ", off[r]);
+  const int64_t size = off[r + 1] - off[r];
+  if (cos == nullptr) {
+    PME_CHECK(false, "row ", r, " has size ", size, " (offsets[", r, "] = ", off[r], " to offsets[", r + 1, "] = ",
+              off[r + 1], "): it does not fit in the output width ", W);
+  }
+  PME_CHECK(false, "row ", r, " has size ", size, " (offsets[", r, "] = ", off[r], " to offsets[", r + 1, "] = ",
+            off[r + 1], "), which has no slot in col_of_size (", t.num_cols,
+            " entries): it does not fit in the output width ", W);
+}
+
 // Checks the bag offsets (O(B), in order): start at 0, inside the input, non-decreasing.
 template <class I>
-void validate_bag_offsets(const I* bo, int64_t B, int64_t N, const TableView& t) {
-  PME_CHECK(t.offsets[0] == 0, "offsets[0] must be 0, got ", t.offsets[0]);
-  PME_CHECK(t.offsets[t.num_rows] == t.total, "offsets[-1] = ", t.offsets[t.num_rows],
-            " must equal the number of stored entries ", t.total);
+void validate_bag_offsets(const I* bo, int64_t B, int64_t N) {
   if (bo == nullptr) return;
   PME_CHECK(bo[0] == 0, "bag offsets must start at 0, got offsets[0] = ", static_cast<int64_t>(bo[0]));
   for (int64_t b = 0; b <= B; ++b) {
@@ -42,11 +102,18 @@ void validate_bag_offsets(const I* bo, int64_t B, int64_t N, const TableView& t)
 }
 
 // Whether lookup of row r is valid: index in range, row inside the buffer, fits the width.
+// Overflow-safe (no sum that can wrap); after validate_table only the index test can fail, the
+// rest is a second line of defence that costs two compares.
 inline bool lookup_ok(int64_t r, const TableView& t) {
   if (r < 0 || r >= t.num_rows) return false;
-  const int64_t lo = t.offsets[r], hi = t.offsets[r + 1], size = hi - lo;
-  const int64_t col = t.col_of_size ? (size >= 0 && size < t.num_cols ? t.col_of_size[size] : -1) : 0;
-  return size >= 0 && lo >= 0 && hi <= t.total && col >= 0 && col + size <= t.width;
+  const int64_t lo = t.offsets[r], hi = t.offsets[r + 1];
+  if (!(lo >= 0 && hi >= lo && hi <= t.total)) return false;
+  const int64_t size = hi - lo;
+  if (size > t.width) return false;
+  if (!t.col_of_size) return true;
+  if (size >= t.num_cols) return false;
+  const int64_t col = t.col_of_size[size];
+  return col >= 0 && col <= t.width - size;
 }
 
 // Throws the message for bad lookup position j.
@@ -55,7 +122,7 @@ template <class I>
   const int64_t r = static_cast<int64_t>(idx[j]), V = t.num_rows;
   PME_CHECK(r >= 0 && r < V, "index out of range: indices[", j, "] = ", r, " but the table has ", V,
             " rows (valid: 0 to ", V - 1, ")");
-  const int64_t size = t.offsets[r + 1] - t.offsets[r];
+  const int64_t size = static_cast<int64_t>(static_cast<uint64_t>(t.offsets[r + 1]) - static_cast<uint64_t>(t.offsets[r]));
   PME_CHECK(false, "row ", r, " (indices[", j, "]) spans offsets[", r, "] = ", t.offsets[r], " to offsets[", r + 1,
             "] = ", t.offsets[r + 1], ": its size ", size, " is negative, overruns the ", t.total,
             " stored entries, or does not fit in the output width ", t.width,
@@ -67,7 +134,8 @@ template <class I>
 // the first bad position. Untouched rows are not read.
 template <class I>
 void validate_lookups(const I* idx, int64_t N, const I* bo, int64_t B, const TableView& t) {
-  validate_bag_offsets(bo, B, N, t);
+  validate_table(t);
+  validate_bag_offsets(bo, B, N);
   std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
   torch::stable::parallel_for(0, N, 1 << 14, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {

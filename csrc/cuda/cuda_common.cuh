@@ -223,7 +223,9 @@ __device__ __forceinline__ unsigned lanemask_lt() {
 }
 
 // Order-preserving map float -> uint32 (larger float, larger key); the CPU kernels use the same.
+// Every NaN (either sign bit) maps to 0: below -inf, so a NaN score is never kept over a number.
 __device__ __forceinline__ uint32_t float_key(float f) {
+  if (f != f) return 0u;
   const uint32_t u = __float_as_uint(f);
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }

@@ -154,7 +154,8 @@ __global__ void __launch_bounds__(256)
     int64_t cnt = 0;
     if (r < V) {
       const float* row = x + r * D;
-      for (int64_t c = sub; c < D; c += G) cnt += row[c] >= t;
+      // NaN threshold (k above the number of non-NaN scores): everything counts; else NaN never.
+      for (int64_t c = sub; c < D; c += G) cnt += (t != t) || row[c] >= t;
     }
     for (int o = G / 2; o > 0; o >>= 1) cnt += __shfl_xor_sync(kFullMask, cnt, o);
     if (sub == 0 && r < V) counts[r] = cnt;
@@ -196,8 +197,10 @@ __global__ void pack_check_kernel(const int64_t* off, int64_t V, int64_t D, unsi
     if (off[0] != 0) atomicMin(&err[0], 0ull);
   }
   for (int64_t r = tid; r < V; r += stride) {
-    const int64_t size = off[r + 1] - off[r];
-    if (size < 0 || size > D) atomicMin(&err[0], static_cast<unsigned long long>(r + 1));
+    if (off[r + 1] < off[r] || static_cast<uint64_t>(off[r + 1]) - static_cast<uint64_t>(off[r]) >
+                                   static_cast<uint64_t>(D)) {
+      atomicMin(&err[0], static_cast<unsigned long long>(r + 1));
+    }
   }
 }
 

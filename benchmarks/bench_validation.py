@@ -1,0 +1,72 @@
+"""Cost of the whole-table check (README, Safety) next to a lookup, on the CPU.
+
+Times ``torch.ops.pme.bag_forward`` (sum, padded, fp32) three ways, median of --repeats calls:
+- ``check``: 1 lookup on a V-row table: the O(V) whole-table check dominates;
+- ``tiny``: 1 lookup on a 1-row table: the fixed cost of a call;
+- ``forward``: --bags x --lookups uniform lookups on the V-row table.
+Prints and saves JSON (sizes, threads, CPU, torch) to --out.
+
+    python benchmarks/bench_validation.py --rows 1000000 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+import pme  # noqa: F401  (loads the operators)
+
+
+def median_ms(f, repeats):
+    for _ in range(5):
+        f()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f()
+        ts.append(time.perf_counter() - t0)
+    ts.sort()
+    return ts[len(ts) // 2] * 1e3
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=1_000_000, help="V, rows of the table (default 1M)")
+    ap.add_argument("--dim", type=int, default=64, help="D, the width (default 64); sizes D/8..D")
+    ap.add_argument("--bags", type=int, default=2048, help="bags of the forward (default 2048)")
+    ap.add_argument("--lookups", type=int, default=32, help="lookups per bag (default 32)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--repeats", type=int, default=40, help="timed calls per figure (default 40)")
+    ap.add_argument("--out", default="benchmarks/results/validation_cpu.json", help="JSON output path")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    g = torch.Generator().manual_seed(0)
+    V, D = a.rows, a.dim
+    sizes = (torch.randint(1, 9, (V,), generator=g) * D) // 8
+    off = torch.zeros(V + 1, dtype=torch.int64)
+    off[1:] = sizes.cumsum(0)
+    w = torch.randn(int(off[-1]), generator=g)
+    idx = torch.randint(0, V, (a.bags * a.lookups,), generator=g)
+    bo = torch.arange(0, a.bags * a.lookups + 1, a.lookups)
+    one, one_bo = idx[:1].clone(), torch.tensor([0, 1])
+    w1, off1 = w[:int(off[1])].clone(), off[:2].clone()
+    res = {
+        "forward_ms": median_ms(lambda: torch.ops.pme.bag_forward(w, off, idx, bo, None, None, D, 0, -1), a.repeats),
+        "check_ms": median_ms(lambda: torch.ops.pme.bag_forward(w, off, one, one_bo, None, None, D, 0, -1),
+                              a.repeats),
+        "tiny_ms": median_ms(lambda: torch.ops.pme.bag_forward(w1, off1, torch.tensor([0]), one_bo, None, None, D, 0,
+                                                               -1), a.repeats),
+    }
+    res.update(rows=V, dim=D, bags=a.bags, lookups=a.lookups, threads=a.threads, repeats=a.repeats,
+               cpu=platform.processor() or platform.machine(), torch=torch.__version__, device="cpu")
+    print(json.dumps(res, indent=1))
+    with open(a.out, "w") as fh:
+        json.dump(res, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
