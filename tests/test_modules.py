@@ -173,10 +173,10 @@ def test_bad_arguments_are_named():
         pme.MultiSizeEmbeddingBag(4, 8, sizes=[1, 2, 3])
     with pytest.raises(TypeError, match="sizes must be integers"):
         pme.MultiSizeEmbeddingBag(4, 8, sizes=[1.5, 2, 3, 1])
-    with pytest.raises(NotImplementedError, match="max_norm"):
-        pme.MultiSizeEmbeddingBag(4, 8, max_norm=1.0)
-    with pytest.raises(NotImplementedError, match="sparse=True"):
-        pme.MultiSizeEmbeddingBag(4, 8, sparse=True)
+    with pytest.raises(ValueError, match="sparse=True"):
+        pme.MultiSizeEmbeddingBag(4, 8, sparse=True, optimizer=pme.optim.SGD(lr=0.1))
+    with pytest.raises(ValueError, match="max mode does not support sparse"):
+        pme.MultiSizeEmbeddingBag(4, 8, mode="max", sparse=True)(torch.tensor([[1, 2]]))
     with pytest.raises(ValueError, match="size_classes"):
         pme.MultiSizeEmbeddingBag(4, 8, sizes=[2, 4, 8, 3], layout="grouped", size_classes=[2, 4, 8])
     m = pme.MultiSizeEmbeddingBag(4, 8)
