@@ -80,9 +80,9 @@ class _MultiSizeTable(nn.Module):
         self.scale_grad_by_freq = bool(scale_grad_by_freq)
         self.sparse = bool(sparse)
         if not isinstance(num_embeddings, int) or num_embeddings < 0:
-            raise ValueError(f"num_embeddings must be a non-negative int, got {num_embeddings!r}")
+            raise ops.ArgumentError(f"num_embeddings must be a non-negative int, got {num_embeddings!r}")
         if not isinstance(embedding_dim, int) or embedding_dim < 0:
-            raise ValueError(f"embedding_dim must be a non-negative int, got {embedding_dim!r}")
+            raise ops.ArgumentError(f"embedding_dim must be a non-negative int, got {embedding_dim!r}")
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         if project and layout != "grouped":
@@ -92,10 +92,7 @@ class _MultiSizeTable(nn.Module):
             raise TypeError(f"dtype must be float32, float64, float16 or bfloat16, got {dtype}")
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
-        try:
-            self.padding_idx = None if padding_idx is None else ops.normalize_padding_idx(padding_idx, num_embeddings)
-        except ValueError as e:  # nn.Embedding asserts here
-            raise ops.ArgumentError(str(e)) from None
+        self.padding_idx = None if padding_idx is None else ops.normalize_padding_idx(padding_idx, num_embeddings)
         self.layout = layout
         self.project = project
         self._size_classes = size_classes

@@ -51,12 +51,13 @@ class IndexOutOfRangeError(IndexError, RuntimeError):
     """An index outside the table: nn.Embedding raises IndexError, nn.EmbeddingBag RuntimeError."""
 
 
-class IndexDtypeError(TypeError, RuntimeError):
-    """Indices or offsets of a dtype other than int32/int64 (torch raises RuntimeError)."""
+class DtypeError(TypeError, RuntimeError):
+    """A tensor of the wrong dtype (indices, offsets, per_sample_weights): torch raises RuntimeError."""
 
 
-class ArgumentError(ValueError, AssertionError):
-    """A constructor argument that nn.Embedding / nn.EmbeddingBag reject with an assertion."""
+class ArgumentError(ValueError, AssertionError, RuntimeError):
+    """A bad constructor argument or padding_idx: nn.Embedding / nn.EmbeddingBag assert
+    (AssertionError), F.embedding_bag and a negative size raise RuntimeError."""
 
 
 def _torch_error_types(fn, *args):
@@ -253,7 +254,7 @@ def normalize_padding_idx(padding_idx, num_embeddings: int) -> int:
     if not isinstance(padding_idx, int) or isinstance(padding_idx, bool):
         raise TypeError(f"padding_idx must be an int or None, got {type(padding_idx).__name__}")
     if not -num_embeddings <= padding_idx < num_embeddings:
-        raise ValueError(f"padding_idx {padding_idx} is out of range for {num_embeddings} embeddings "
+        raise ArgumentError(f"padding_idx {padding_idx} is out of range for {num_embeddings} embeddings "
                          f"(valid: {-num_embeddings} to {num_embeddings - 1})")
     return padding_idx + num_embeddings if padding_idx < 0 else padding_idx
 
@@ -293,7 +294,7 @@ def bag_inputs(weight, input, offsets=None, per_sample_weights=None, mode="mean"
         input, offsets, per_sample_weights = _unnest_bags(input, offsets, per_sample_weights)
         include_last_offset = True
     if input.dtype not in INDEX_DTYPES:
-        raise IndexDtypeError(f"input (indices) must be int32 or int64, got {input.dtype}")
+        raise DtypeError(f"input (indices) must be int32 or int64, got {input.dtype}")
     if input.device != weight.device:
         raise ValueError(f"input is on {input.device} but the table is on {weight.device}")
     if per_sample_weights is not None:
@@ -303,7 +304,7 @@ def bag_inputs(weight, input, offsets=None, per_sample_weights=None, mode="mean"
             raise ValueError(f"per_sample_weights has shape {tuple(per_sample_weights.shape)} but input has "
                              f"shape {tuple(input.shape)}; they must match")
         if per_sample_weights.dtype != weight.dtype:
-            raise TypeError(f"per_sample_weights ({per_sample_weights.dtype}) must have the dtype of the table "
+            raise DtypeError(f"per_sample_weights ({per_sample_weights.dtype}) must have the dtype of the table "
                             f"({weight.dtype})")
         if per_sample_weights.device != weight.device:
             raise ValueError(f"per_sample_weights is on {per_sample_weights.device} but the table is on "
@@ -324,7 +325,7 @@ def bag_inputs(weight, input, offsets=None, per_sample_weights=None, mode="mean"
             raise ValueError(f"offsets must be a 1-D tensor, got {type(offsets).__name__} of shape "
                              f"{tuple(getattr(offsets, 'shape', ()))}")
         if offsets.dtype not in INDEX_DTYPES:
-            raise IndexDtypeError(f"offsets must be int32 or int64, got {offsets.dtype}")
+            raise DtypeError(f"offsets must be int32 or int64, got {offsets.dtype}")
         if offsets.device != weight.device:
             raise ValueError(f"offsets is on {offsets.device} but the table is on {weight.device}")
         indices, psw = input, per_sample_weights
@@ -412,7 +413,7 @@ def embedding(weight, offsets, input, *, width, col_of_size=None, padding_idx=No
                         scale_grad_by_freq=scale_grad_by_freq, sparse=sparse)
         return torch.nested.nested_tensor_from_jagged(out, input.offsets())
     if not isinstance(input, torch.Tensor) or input.dtype not in INDEX_DTYPES:
-        raise IndexDtypeError(f"input must be an int32 or int64 tensor, got {getattr(input, 'dtype', type(input))}")
+        raise DtypeError(f"input must be an int32 or int64 tensor, got {getattr(input, 'dtype', type(input))}")
     if input.device != weight.device:
         raise ValueError(f"input is on {input.device} but the table is on {weight.device}")
     flat = input.reshape(-1).contiguous()
@@ -449,7 +450,7 @@ def embedding_renorm_(weight, offsets, input, max_norm, norm_type=2.0, *, width,
     so only the stored entries are touched; vectorised on the flat buffer. Returns ``weight``.
     """
     if not isinstance(input, torch.Tensor) or input.dtype not in INDEX_DTYPES:
-        raise IndexDtypeError(f"input must be an int32 or int64 tensor, got {getattr(input, 'dtype', type(input))}")
+        raise DtypeError(f"input must be an int32 or int64 tensor, got {getattr(input, 'dtype', type(input))}")
     with torch.no_grad():
         rows = torch.unique(input.reshape(-1)).long()  # sorted, as torch visits them
         if rows.numel() == 0:
