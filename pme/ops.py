@@ -382,6 +382,8 @@ def embedding_bag(weight, offsets, input, input_offsets=None, *, width, col_of_s
     if max_norm is not None:
         embedding_renorm_(weight, offsets, indices, max_norm, norm_type, width=width, col_of_size=col_of_size)
     if (sparse or scale_grad_by_freq) and torch.is_grad_enabled() and weight.requires_grad:
+        if sparse:
+            _keep_coalesced_flag(weight)
         return _SparseGradLookup.apply(weight, psw, offsets, indices, bag_offsets, col_of_size, int(width), m, pad,
                                        pad, bool(sparse), bool(scale_grad_by_freq))
     if _compiled(weight):
@@ -420,6 +422,8 @@ def embedding(weight, offsets, input, *, width, col_of_size=None, padding_idx=No
     if max_norm is not None:
         embedding_renorm_(weight, offsets, flat, max_norm, norm_type, width=width, col_of_size=col_of_size)
     if (sparse or scale_grad_by_freq) and torch.is_grad_enabled() and weight.requires_grad:
+        if sparse:
+            _keep_coalesced_flag(weight)
         out = _SparseGradLookup.apply(weight, None, offsets, flat, None, col_of_size, int(width), MODES["sum"], -1,
                                       pad, bool(sparse), bool(scale_grad_by_freq))
         return out.reshape(*input.shape, width)
@@ -471,6 +475,34 @@ def embedding_renorm_(weight, offsets, input, max_norm, norm_type=2.0, *, width,
     return weight
 
 
+# Sparse gradients this module produced, coalesced: (values ptr, indices ptr, nnz) -> True. See
+# _keep_coalesced_flag. Bounded: entries whose hook never ran are dropped oldest first.
+_COALESCED: dict = {}
+
+
+def _keep_coalesced_flag(weight):
+    """AccumulateGrad stores a sparse gradient as a new tensor without its coalesced flag, so
+    torch.optim would sort its (one per entry) indices again; this hook, once per parameter,
+    restores the flag when ``.grad`` is exactly a gradient produced here (the sum of two
+    backward passes is a new tensor and stays uncoalesced, as it should)."""
+    if weight.is_leaf and weight.requires_grad and not getattr(weight, "_pme_keeps_coalesced", False):
+        weight.register_post_accumulate_grad_hook(_restore_coalesced)
+        weight._pme_keeps_coalesced = True
+
+
+def _restore_coalesced(param):
+    g = param.grad
+    if g is not None and g.is_sparse and not g.is_coalesced():
+        if _COALESCED.pop((g._values().data_ptr(), g._indices().data_ptr(), g._nnz()), False):
+            g._coalesced_(True)
+
+
+def _remember_coalesced(gw):
+    while len(_COALESCED) >= 64:
+        _COALESCED.pop(next(iter(_COALESCED)))
+    _COALESCED[(gw._values().data_ptr(), gw._indices().data_ptr(), gw._nnz())] = True
+
+
 class _SparseGradLookup(torch.autograd.Function):
     """A lookup whose weight gradient comes from ``pme::bag_backward_sparse``: a coalesced sparse
     COO tensor ``[total]`` (``sparse=True``) or, with only ``scale_grad_by_freq``, its dense
@@ -518,6 +550,7 @@ class _SparseGradLookup(torch.autograd.Function):
             if ctx.sparse:
                 gw = torch.sparse_coo_tensor(ent.unsqueeze(0), val, (weight.numel(),), is_coalesced=True,
                                              check_invariants=False)
+                _remember_coalesced(gw)
             else:
                 gw = torch.zeros_like(weight).index_put_((ent,), val)
         if psw is not None and ctx.needs_input_grad[1]:
