@@ -10,7 +10,10 @@ with ``torch.utils.benchmark.Timer`` on the CPU (or ``--device cuda``):
                     55/25/15/5% (about 26% of the dense entries; bench_lookup.py's rule)
 
 in two phases: ``fwd_bwd`` (forward + ``out.backward(g)``, the sparse gradient built) and
-``step`` (``zero_grad``, forward, backward and ``torch.optim.SparseAdam.step()``). The output
+``step`` (``zero_grad``, forward, backward and ``torch.optim.SparseAdam.step()``); and, for
+context, pme's fused lazy Adam (``optimizer=pme.optim.Adam``, SparseAdam's formula applied inside
+backward, no gradient tensor) on both tables (``pme_full_fused_adam``, ``pme_multisize_fused_adam``,
+phase ``step``). The output
 gradient g is a fixed random [B, D] tensor, the same batch is replayed every call. The table
 trains while it is timed (every step changes it), as in real use.
 
@@ -70,6 +73,18 @@ def cpu_name():
     return platform.processor() or "cpu"
 
 
+def _time(name, phase, fn, device, min_run_time):
+    for _ in range(2):
+        fn()  # warm-up: the first calls allocate and fault in the optimizer state
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
+        min_run_time=min_run_time)
+    print(f"  {name:24s} {phase:8s} {t.median * 1e3:9.2f} ms  (IQR {t.iqr * 1e3:.2f}, {len(t.times)} runs)", flush=True)
+    return {f"{name}/{phase}": {"median_ms": t.median * 1e3, "iqr_ms": t.iqr * 1e3, "runs": len(t.times),
+                                "calls_per_run": t.number_per_run}}
+
+
 def run_config(V, D, B, L, dist, device, gen, min_run_time, alpha):
     N = B * L
     idx = (zipf_rows(V, N, alpha, gen) if dist == "zipf" else torch.randint(0, V, (N,), generator=gen)).to(device)
@@ -80,10 +95,25 @@ def run_config(V, D, B, L, dist, device, gen, min_run_time, alpha):
         "nn": lambda: torch.nn.EmbeddingBag.from_pretrained(init.to(device), freeze=False, mode="sum", sparse=True),
         "pme_full": lambda: pme.MultiSizeEmbeddingBag.from_pretrained(init.to(device), False, mode="sum",
                                                                       sparse=True),
-        "pme_multisize": lambda: pme.MultiSizeEmbeddingBag.from_pretrained(
-            init.to(device), False, mode="sum", sparse=True, sizes=multisize(V, D, gen)),
+    }
+    sizes = multisize(V, D, gen)
+    tables["pme_multisize"] = lambda: pme.MultiSizeEmbeddingBag.from_pretrained(
+        init.to(device), False, mode="sum", sparse=True, sizes=sizes)
+    fused = {
+        "pme_full_fused_adam": lambda: pme.MultiSizeEmbeddingBag.from_pretrained(
+            init.to(device), False, mode="sum", optimizer=pme.optim.Adam(lr=1e-3)),
+        "pme_multisize_fused_adam": lambda: pme.MultiSizeEmbeddingBag.from_pretrained(
+            init.to(device), False, mode="sum", sizes=sizes, optimizer=pme.optim.Adam(lr=1e-3)),
     }
     results = {}
+    for name, make in fused.items():
+        m = make()
+
+        def fused_step():
+            m(idx, offsets).backward(g)
+
+        results.update(_time(name, "step", fused_step, device, min_run_time))
+        del m
     for name, make in tables.items():
         m = make()
         opt = torch.optim.SparseAdam(m.parameters(), lr=1e-3)
@@ -98,16 +128,7 @@ def run_config(V, D, B, L, dist, device, gen, min_run_time, alpha):
             opt.step()
 
         for phase, fn in (("fwd_bwd", fwd_bwd), ("step", step)):
-            for _ in range(3):
-                fn()  # warm-up: the first calls allocate and fault in the optimizer state
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
-                min_run_time=min_run_time)
-            results[f"{name}/{phase}"] = {"median_ms": t.median * 1e3, "iqr_ms": t.iqr * 1e3,
-                                          "runs": len(t.times), "calls_per_run": t.number_per_run}
-            print(f"  {name:14s} {phase:8s} {t.median * 1e3:9.2f} ms  (IQR {t.iqr * 1e3:.2f}, {len(t.times)} runs)",
-                  flush=True)
+            results.update(_time(name, phase, fn, device, min_run_time))
         stored = m.weight.numel()
         results[f"{name}/stored_entries"] = stored
         del m, opt
