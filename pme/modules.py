@@ -262,9 +262,10 @@ class _MultiSizeTable(nn.Module):
         else:
             state_dict[prefix + "weight"] = ops.prune_pack(w.detach(), _first_columns(V, D, w.device),
                                                            self.sizes.to(w.device))[0]
-        for name, buf in self._buffers.items():  # offsets (and the rest) stay as they are
-            if buf is not None and prefix + name not in state_dict:
-                state_dict[prefix + name] = buf.detach().clone()
+        # offsets, the grouped layout's columns, optimizer state, projection: stay as they are
+        for name, t in list(self._buffers.items()) + list(self._parameters.items()):
+            if t is not None and prefix + name not in state_dict:
+                state_dict[prefix + name] = t.detach().clone()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -436,7 +437,8 @@ class MultiSizeEmbeddingBag(_MultiSizeTable):
 
     @classmethod
     def from_embedding_bag(cls, module: nn.EmbeddingBag, sizes, init: str = "kept", scores=None, **kwargs):
-        """Multi-size copy of an ``nn.EmbeddingBag`` (mode, padding_idx, include_last_offset kept).
+        """Multi-size copy of an ``nn.EmbeddingBag`` (mode, padding_idx, include_last_offset,
+        max_norm, norm_type, scale_grad_by_freq and sparse kept).
 
         ``init="kept"`` keeps each row's first ``sizes[i]`` values (or its best by ``scores``);
         ``init="fresh"`` draws new values with the standard deviation of the original table.

@@ -256,6 +256,11 @@ def test_dense_state_dict_loads_first_entries():
             cls(V + 1, D, sizes=None).load_state_dict(dense.state_dict())
         with pytest.raises(RuntimeError, match="from_embedding_bag"):
             cls(V, D).load_state_dict({"weight": torch.ones(V, D, dtype=torch.int64)})
+    # a projected grouped table keeps its projection
+    m = pme.MultiSizeEmbeddingBag(V, D, sizes=torch.full((V,), D), layout="grouped", project=True)
+    proj = m.projection.detach().clone()
+    m.load_state_dict(torch.nn.EmbeddingBag(V, D).state_dict())
+    assert torch.equal(m.projection, proj)
     # _weight may be dense [V, D] too (nn.Embedding's form)
     w = torch.randn(V, D)
     m = pme.MultiSizeEmbedding(V, D, _weight=w, sizes=sizes)
