@@ -485,9 +485,9 @@ def _keep_coalesced_flag(weight):
     torch.optim would sort its (one per entry) indices again; this hook, once per parameter,
     restores the flag when ``.grad`` is exactly a gradient produced here (the sum of two
     backward passes is a new tensor and stays uncoalesced, as it should)."""
-    if weight.is_leaf and weight.requires_grad and not getattr(weight, "_pme_keeps_coalesced", False):
+    hooks = getattr(weight, "_post_accumulate_grad_hooks", None) or {}
+    if weight.is_leaf and weight.requires_grad and _restore_coalesced not in hooks.values():
         weight.register_post_accumulate_grad_hook(_restore_coalesced)
-        weight._pme_keeps_coalesced = True
 
 
 def _restore_coalesced(param):
