@@ -119,7 +119,8 @@ def test_bag_backward_sparse_property(V, D, B, mode, scale, seed):
     sizes = torch.randint(0, D + 1, (V,), generator=gen)
     m = pme.MultiSizeEmbeddingBag(V, D, mode=mode, sparse=True, scale_grad_by_freq=scale, sizes=sizes,
                                   dtype=torch.float64)
-    idx, bags = random_bags(V, B, 5, gen) if B else (torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
+    empty = torch.zeros(0, dtype=torch.int64)
+    idx, bags = random_bags(V, B, 5, gen) if B else (empty, empty)
     out = m(idx, bags)
     ref_w = m.to_dense().detach().requires_grad_(True)
     ref = _bag_by_embedding(idx, ref_w, bags, mode, scale) if B and idx.numel() else None
@@ -244,7 +245,8 @@ def test_scale_grad_by_freq_as_torch():
 def test_dense_state_dict_loads_first_entries():
     V, D = 12, 6
     sizes = torch.randint(0, D + 1, (V,), generator=torch.Generator().manual_seed(1))
-    for cls, nn_cls in ((pme.MultiSizeEmbeddingBag, torch.nn.EmbeddingBag), (pme.MultiSizeEmbedding, torch.nn.Embedding)):
+    for cls, nn_cls in ((pme.MultiSizeEmbeddingBag, torch.nn.EmbeddingBag),
+                        (pme.MultiSizeEmbedding, torch.nn.Embedding)):
         dense = nn_cls(V, D)
         for layout in ("padded", "grouped"):
             m = cls(V, D, sizes=sizes, layout=layout, optimizer=pme.optim.RowwiseAdagrad(lr=0.1))
