@@ -51,6 +51,13 @@ STABLE_TORCH_LIBRARY(pme, m) {
       "bag_backward(Tensor grad_out, Tensor weight, Tensor offsets, Tensor indices, Tensor bag_offsets, "
       "Tensor? per_sample_weights, Tensor? col_of_size, Tensor argmax, int pooling, int padding_idx, "
       "bool psw_grad) -> (Tensor, Tensor)");
+  // The lookup's backward as a sparse gradient of the flat buffer (sparse=True): the entries of
+  // the touched rows, increasing (int64 [nnz]), and their summed gradients ([nnz], weight's
+  // dtype); scale_grad_by_freq divides each row's sum by its number of lookups in the batch.
+  m.def(
+      "bag_backward_sparse(Tensor grad_out, Tensor weight, Tensor offsets, Tensor indices, Tensor bag_offsets, "
+      "Tensor? per_sample_weights, Tensor? col_of_size, Tensor argmax, int pooling, int padding_idx, "
+      "bool scale_grad_by_freq) -> (Tensor, Tensor)");
   m.def(
       "embedding_forward(Tensor weight, Tensor offsets, Tensor indices, Tensor? col_of_size, int out_width, "
       "int padding_idx) -> Tensor");

@@ -39,6 +39,11 @@ def parse_sizes(sizes, num_embeddings: int, embedding_dim: int) -> torch.Tensor:
     return out
 
 
+def _first_columns(V: int, D: int, device=None) -> torch.Tensor:
+    """Scores ``[V, D]`` under which every row keeps its first columns (for ``prune_pack``)."""
+    return -torch.arange(D, dtype=torch.float32, device=device).expand(V, D).contiguous()
+
+
 def _offsets_of(sizes: torch.Tensor) -> torch.Tensor:
     off = torch.zeros(sizes.numel() + 1, dtype=torch.int64)
     torch.cumsum(sizes, 0, out=off[1:])
@@ -96,12 +101,21 @@ class _MultiSizeTable(nn.Module):
     """
 
     def __init__(self, num_embeddings, embedding_dim, sizes=None, padding_idx=None, layout="padded",
-                 size_classes=None, project=False, device=None, dtype=None, _weight=None):
+                 size_classes=None, project=False, device=None, dtype=None, _weight=None, max_norm=None,
+                 norm_type=2.0, scale_grad_by_freq=False, sparse=False):
         super().__init__()
+        if max_norm is not None and (isinstance(max_norm, bool) or not isinstance(max_norm, (int, float))):
+            raise TypeError(f"max_norm must be a number or None, got {type(max_norm).__name__} (sizes is a "
+                            "keyword argument: MultiSizeEmbeddingBag(V, D, sizes=...), as nn.EmbeddingBag's third "
+                            "positional argument is max_norm)")
+        self.max_norm = max_norm
+        self.norm_type = norm_type
+        self.scale_grad_by_freq = bool(scale_grad_by_freq)
+        self.sparse = bool(sparse)
         if not isinstance(num_embeddings, int) or num_embeddings < 0:
-            raise ValueError(f"num_embeddings must be a non-negative int, got {num_embeddings!r}")
+            raise ops.ArgumentError(f"num_embeddings must be a non-negative int, got {num_embeddings!r}")
         if not isinstance(embedding_dim, int) or embedding_dim < 0:
-            raise ValueError(f"embedding_dim must be a non-negative int, got {embedding_dim!r}")
+            raise ops.ArgumentError(f"embedding_dim must be a non-negative int, got {embedding_dim!r}")
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         if project and layout != "grouped":
@@ -121,8 +135,13 @@ class _MultiSizeTable(nn.Module):
         self._set_layout(sizes)
         if _weight is not None:
             _weight = torch.as_tensor(_weight)
+            if _weight.shape == (num_embeddings, embedding_dim) and _weight.shape != (int(sizes.sum()),):
+                # a dense [V, D] table, as nn.Embedding takes it: each row keeps its first sizes[i] values
+                _weight = ops.prune_pack(_weight.detach(), _first_columns(num_embeddings, embedding_dim,
+                                                                         _weight.device), sizes.to(_weight.device))[0]
             if _weight.shape != (int(sizes.sum()),):
-                raise ValueError(f"_weight must have shape ({int(sizes.sum())},), got {tuple(_weight.shape)}")
+                raise ops.ArgumentError(f"_weight must be the flat buffer of shape ({int(sizes.sum())},) or a dense "
+                                        f"[{num_embeddings}, {embedding_dim}] table, got {tuple(_weight.shape)}")
             self.weight = nn.Parameter(_weight.to(device=device, dtype=dtype))
         else:
             self.weight = nn.Parameter(torch.empty(int(sizes.sum()), device=device, dtype=dtype))
@@ -227,11 +246,60 @@ class _MultiSizeTable(nn.Module):
                 s += ", project=True"
         if self.padding_idx is not None:
             s += f", padding_idx={self.padding_idx}"
+        if self.max_norm is not None:
+            s += f", max_norm={self.max_norm}" + (f", norm_type={self.norm_type}" if self.norm_type != 2 else "")
+        if self.scale_grad_by_freq:
+            s += ", scale_grad_by_freq=True"
+        if self.sparse:
+            s += ", sparse=True"
         if self.weight.dtype != torch.float32:
             s += f", dtype={self.weight.dtype}"
         return s
 
+    # ---- rows of the dense view -------------------------------------------------------------
+    def row(self, i: int) -> torch.Tensor:
+        """Row ``i`` of the dense view, ``[width]`` (zero-padded; negative ``i`` counts from the end).
+
+        ``weight`` is the flat buffer ``[total]``, so ``weight[i]`` is one entry, not row ``i``:
+        use ``row(i)`` / ``rows(idx)`` (or ``to_dense()``) where nn.Embedding code reads ``weight[i]``.
+        Differentiable; neither ``max_norm`` nor ``sparse`` applies.
+        """
+        V = self.num_embeddings
+        if not isinstance(i, int) or isinstance(i, bool):
+            raise TypeError(f"row index must be an int, got {type(i).__name__}")
+        if not -V <= i < V:
+            raise IndexError(f"row {i} is out of range for a table of {V} rows")
+        return self.rows(torch.tensor(i % V, device=self.weight.device))
+
+    def rows(self, idx) -> torch.Tensor:
+        """Rows ``idx`` (int32/int64 of any shape) of the dense view: ``[*idx.shape, width]``."""
+        idx = torch.as_tensor(idx, device=self.weight.device)
+        return ops.embedding(self.weight, self.offsets, idx, width=self.width, col_of_size=self.col_of_size)
+
     # ---- state_dict with other sizes ------------------------------------------------------
+    def _adopt_dense_checkpoint(self, state_dict, prefix, error_msgs):
+        """A dense nn.EmbeddingBag / nn.Embedding ``state_dict`` (``weight [V, D]``, no ``offsets``):
+        each row keeps its first ``sizes[i]`` values; the table's own sizes and buffers stay."""
+        w = state_dict.get(prefix + "weight")
+        if not isinstance(w, torch.Tensor) or w.dim() != 2 or (prefix + "offsets") in state_dict:
+            return
+        V, D = self.num_embeddings, self.embedding_dim
+        if tuple(w.shape) != (V, D) or not w.is_floating_point():
+            error_msgs.append(
+                f"{prefix}weight: a dense [{w.shape[0]}, {w.shape[1]}] {w.dtype} table cannot be loaded into this "
+                f"multi-size table of {V} rows and width {D} (a dense checkpoint must be [{V}, {D}], floating "
+                "point); load it into nn.EmbeddingBag / nn.Embedding and convert it with "
+                "MultiSizeEmbeddingBag.from_embedding_bag(module, sizes) (MultiSizeEmbedding.from_embedding, "
+                "or from_dense(weight, sizes, scores=...) to keep the best-scored entries)")
+            state_dict[prefix + "weight"] = self.weight.detach()
+        else:
+            state_dict[prefix + "weight"] = ops.prune_pack(w.detach(), _first_columns(V, D, w.device),
+                                                           self.sizes.to(w.device))[0]
+        # offsets, the grouped layout's columns, optimizer state, projection: stay as they are
+        for name, t in list(self._buffers.items()) + list(self._parameters.items()):
+            if t is not None and prefix + name not in state_dict:
+                state_dict[prefix + name] = t.detach().clone()
+
     # One rule: everything derived is rebuilt, everything stored is validated, all or nothing.
     # - offsets, weight and the fused optimizer's state from a checkpoint are checked whole
     #   (_check_checkpoint) before anything is replaced;
@@ -242,6 +310,7 @@ class _MultiSizeTable(nn.Module):
     #   buffer and layout attribute of this table is restored: the module is bitwise unchanged.
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        self._adopt_dense_checkpoint(state_dict, prefix, error_msgs)
         n_err, n_missing, n_unexpected = len(error_msgs), len(missing_keys), len(unexpected_keys)
         try:
             plan = self._check_checkpoint(state_dict, prefix)
@@ -385,6 +454,14 @@ class _MultiSizeTable(nn.Module):
             super()._apply(fn, recurse)
         return self
 
+    def _renorm(self, input):
+        """``max_norm``: renormalise the rows ``input`` looks up, in place (the fused path's share of
+        what ops.embedding_bag / ops.embedding do themselves)."""
+        if self.max_norm is not None:
+            flat = input.values() if input.is_nested else input
+            ops.embedding_renorm_(self.weight, self.offsets, flat, self.max_norm, self.norm_type, width=self.width,
+                                  col_of_size=self.col_of_size)
+
     def _apply_projection(self, out):
         return out @ self.projection if self.projection is not None else out
 
@@ -404,20 +481,20 @@ class _MultiSizeTable(nn.Module):
         sizes = parse_sizes(sizes, V, D).to(weight.device)
         w = weight.detach()
         if scores is None:
-            scores = -torch.arange(D, dtype=torch.float32, device=w.device).expand(V, D).contiguous()
+            scores = _first_columns(V, D, w.device)
         flat, _ = ops.prune_pack(w, scores.detach().float(), sizes, order)
         kwargs.setdefault("dtype", weight.dtype)
         kwargs.setdefault("device", weight.device)
         return cls(V, D, sizes=sizes, _weight=flat, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, embeddings: torch.Tensor, sizes, freeze: bool = True, **kwargs):
-        """As ``nn.EmbeddingBag.from_pretrained`` / ``nn.Embedding.from_pretrained``, plus ``sizes``.
-
-        ``embeddings [V, D]``; row ``i`` keeps its first ``sizes[i]`` values (``scores=`` and
-        ``order=`` as in :meth:`from_dense`); ``freeze=True`` (the default, as in torch) makes
-        ``weight`` not require a gradient. Other keyword arguments go to the constructor.
-        """
+    def _pretrained(cls, embeddings, freeze, sizes, kwargs):
+        if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2:
+            raise ops.ArgumentError("Embeddings parameter is expected to be 2-dimensional [V, D], got shape "
+                                    f"{tuple(getattr(embeddings, 'shape', ()))}")
+        if not embeddings.is_floating_point():
+            raise TypeError(f"pme tables hold float32, float64, float16 or bfloat16 values, got {embeddings.dtype} "
+                            "embeddings (integer tables are not supported); pass embeddings.float()")
         m = cls.from_dense(embeddings, sizes, **kwargs)
         m.weight.requires_grad_(not freeze)
         return m
@@ -429,9 +506,11 @@ class MultiSizeEmbeddingBag(_MultiSizeTable):
     Args:
         num_embeddings: ``V``, rows of the table.
         embedding_dim: ``D``, the largest row and the output width (padded layout).
-        sizes: per-row lengths in ``[0, D]``: ``None`` (all ``D``), an int, or ``V`` ints.
+        sizes: (keyword-only) per-row lengths in ``[0, D]``: ``None`` (all ``D``), an int, or ``V`` ints.
         mode: ``"sum"``, ``"mean"`` (default, as nn.EmbeddingBag) or ``"max"``.
         padding_idx, include_last_offset, device, dtype: as nn.EmbeddingBag.
+        _weight: initial values: the flat buffer ``[sum(sizes)]``, or a dense ``[V, D]`` table
+            (row ``i`` keeps its first ``sizes[i]`` values).
         layout: ``"padded"`` (output ``[B, D]``, a row of size s fills columns ``[0, s)``) or
             ``"grouped"`` (output ``[B, sum(size_classes)]``, one slot of columns per size).
         size_classes: the sizes of the grouped layout (default: the distinct sizes).
@@ -440,28 +519,26 @@ class MultiSizeEmbeddingBag(_MultiSizeTable):
         optimizer: a ``pme.optim`` optimizer: ``loss.backward()`` then updates the table in
             place (fused sparse update) and ``weight`` gets no ``.grad``.
 
-    ``max_norm``, ``scale_grad_by_freq`` and ``sparse=True`` are not supported (a clear error).
+    max_norm, norm_type, scale_grad_by_freq, sparse: as nn.EmbeddingBag, on the dense view: rows
+    looked up are renormalised in place (``max_norm``), each row's gradient is divided by its
+    count in the batch (``scale_grad_by_freq``), and ``sparse=True`` makes ``weight.grad`` a
+    coalesced sparse COO tensor ``[total]`` holding only the entries of the rows looked up (for
+    ``torch.optim.SparseAdam``, ``SGD``, ``Adagrad``). ``mode="max"`` refuses the last two, as torch.
 
-    Shapes: ``forward(input [N], offsets [B])`` or ``forward(input [B, L])`` -> ``[B, output_dim]``
-    of the table's dtype.
+    The positional order is nn.EmbeddingBag's; pme's own arguments are keyword-only.
+
+    Shapes: ``forward(input [N], offsets [B])``, ``forward(input [B, L])`` or a jagged nested
+    ``input [B, j]`` -> ``[B, output_dim]`` of the table's dtype.
     """
 
-    def __init__(self, num_embeddings, embedding_dim, sizes=None, max_norm=None, norm_type=2.0,
-                 scale_grad_by_freq=False, mode="mean", sparse=False, _weight=None, include_last_offset=False,
-                 padding_idx=None, device=None, dtype=None, layout="padded", size_classes=None, project=False,
-                 optimizer=None):
-        if max_norm is not None:
-            raise NotImplementedError("pme: max_norm is not supported (it rewrites rows during the lookup)")
-        if scale_grad_by_freq:
-            raise NotImplementedError("pme: scale_grad_by_freq is not supported")
-        if sparse:
-            raise NotImplementedError("pme: sparse=True is not supported: the gradient is already the size of the "
-                                      "flat buffer; for updates that touch only the batch's rows pass "
-                                      "optimizer=pme.optim.RowwiseAdagrad(...) (or SGD, Adam)")
+    def __init__(self, num_embeddings, embedding_dim, max_norm=None, norm_type=2.0, scale_grad_by_freq=False,
+                 mode="mean", sparse=False, _weight=None, include_last_offset=False, padding_idx=None, device=None,
+                 dtype=None, *, sizes=None, layout="padded", size_classes=None, project=False, optimizer=None):
         if mode not in ops.MODES:
             raise ValueError(f"mode must be one of {sorted(ops.MODES)}, got {mode!r}")
+        _check_fused(optimizer, sparse, scale_grad_by_freq)
         super().__init__(num_embeddings, embedding_dim, sizes, padding_idx, layout, size_classes, project, device,
-                         dtype, _weight)
+                         dtype, _weight, max_norm, norm_type, scale_grad_by_freq, sparse)
         self.mode = mode
         self.include_last_offset = include_last_offset
         self.optimizer = None
@@ -474,13 +551,30 @@ class MultiSizeEmbeddingBag(_MultiSizeTable):
         Returns ``[B, output_dim]``.
         """
         if self.optimizer is not None and self.training and torch.is_grad_enabled():
+            self._renorm(input)
             out = self.optimizer.lookup(self, input, offsets, per_sample_weights)
         else:
             out = ops.embedding_bag(self.weight, self.offsets, input, offsets, width=self.width,
                                     col_of_size=self.col_of_size, mode=self.mode,
                                     per_sample_weights=per_sample_weights, padding_idx=self.padding_idx,
-                                    include_last_offset=self.include_last_offset)
+                                    include_last_offset=self.include_last_offset, max_norm=self.max_norm,
+                                    norm_type=self.norm_type, scale_grad_by_freq=self.scale_grad_by_freq,
+                                    sparse=self.sparse)
         return self._apply_projection(out)
+
+    @classmethod
+    def from_pretrained(cls, embeddings, freeze=True, max_norm=None, norm_type=2.0, scale_grad_by_freq=False,
+                        mode="mean", sparse=False, include_last_offset=False, padding_idx=None, *, sizes=None,
+                        **kwargs):
+        """As ``nn.EmbeddingBag.from_pretrained`` (same positional order), plus keyword-only ``sizes``.
+
+        ``embeddings [V, D]`` floating point (integer tables are refused); row ``i`` keeps its first
+        ``sizes[i]`` values (default: all ``D``; ``scores=`` and ``order=`` as in :meth:`from_dense`);
+        ``freeze=True`` (the default, as in torch) makes ``weight`` not require a gradient.
+        """
+        kwargs.update(max_norm=max_norm, norm_type=norm_type, scale_grad_by_freq=scale_grad_by_freq, mode=mode,
+                      sparse=sparse, include_last_offset=include_last_offset, padding_idx=padding_idx)
+        return cls._pretrained(embeddings, freeze, sizes, kwargs)
 
     def extra_repr(self) -> str:
         s = super().extra_repr() + f", mode={self.mode!r}"
@@ -492,16 +586,16 @@ class MultiSizeEmbeddingBag(_MultiSizeTable):
 
     @classmethod
     def from_embedding_bag(cls, module: nn.EmbeddingBag, sizes, init: str = "kept", scores=None, **kwargs):
-        """Multi-size copy of an ``nn.EmbeddingBag`` (mode, padding_idx, include_last_offset kept).
+        """Multi-size copy of an ``nn.EmbeddingBag`` (mode, padding_idx, include_last_offset,
+        max_norm, norm_type, scale_grad_by_freq and sparse kept).
 
         ``init="kept"`` keeps each row's first ``sizes[i]`` values (or its best by ``scores``);
         ``init="fresh"`` draws new values with the standard deviation of the original table.
         """
         if not isinstance(module, nn.EmbeddingBag):
             raise TypeError(f"expected an nn.EmbeddingBag, got {type(module).__name__}")
-        for attr, bad in (("max_norm", None), ("scale_grad_by_freq", False)):
-            if getattr(module, attr) != bad:
-                raise NotImplementedError(f"pme: cannot convert an nn.EmbeddingBag with {attr}={getattr(module, attr)}")
+        for attr in ("max_norm", "norm_type", "scale_grad_by_freq", "sparse"):
+            kwargs.setdefault(attr, getattr(module, attr))
         kwargs.setdefault("mode", module.mode)
         kwargs.setdefault("padding_idx", module.padding_idx)
         kwargs.setdefault("include_last_offset", module.include_last_offset)
@@ -513,20 +607,17 @@ class MultiSizeEmbedding(_MultiSizeTable):
 
     ``forward(input)`` takes indices of any shape (int32/int64) and returns
     ``[*input.shape, output_dim]``, zero-padded; the padding row is returned as stored and gets no
-    gradient, as in ``nn.Embedding``. Arguments as ``MultiSizeEmbeddingBag`` (no mode).
+    gradient, as in ``nn.Embedding``. Arguments as ``MultiSizeEmbeddingBag`` (no mode), in
+    nn.Embedding's positional order; pme's own arguments are keyword-only. A jagged nested input
+    ``[B, j]`` gives a nested ``[B, j, output_dim]``.
     """
 
-    def __init__(self, num_embeddings, embedding_dim, sizes=None, padding_idx=None, max_norm=None, norm_type=2.0,
-                 scale_grad_by_freq=False, sparse=False, _weight=None, _freeze=False, device=None, dtype=None,
-                 layout="padded", size_classes=None, project=False, optimizer=None):
-        if max_norm is not None:
-            raise NotImplementedError("pme: max_norm is not supported (it rewrites rows during the lookup)")
-        if scale_grad_by_freq:
-            raise NotImplementedError("pme: scale_grad_by_freq is not supported")
-        if sparse:
-            raise NotImplementedError("pme: sparse=True is not supported; pass optimizer=pme.optim.RowwiseAdagrad(...)")
+    def __init__(self, num_embeddings, embedding_dim, padding_idx=None, max_norm=None, norm_type=2.0,
+                 scale_grad_by_freq=False, sparse=False, _weight=None, _freeze=False, device=None, dtype=None, *,
+                 sizes=None, layout="padded", size_classes=None, project=False, optimizer=None):
+        _check_fused(optimizer, sparse, scale_grad_by_freq)
         super().__init__(num_embeddings, embedding_dim, sizes, padding_idx, layout, size_classes, project, device,
-                         dtype, _weight)
+                         dtype, _weight, max_norm, norm_type, scale_grad_by_freq, sparse)
         self.weight.requires_grad_(not _freeze)
         self.optimizer = None
         if optimizer is not None:
@@ -534,24 +625,45 @@ class MultiSizeEmbedding(_MultiSizeTable):
 
     def forward(self, input):
         if self.optimizer is not None and self.training and torch.is_grad_enabled():
-            flat = input.reshape(-1)
+            self._renorm(input)
+            nested = input.is_nested
+            flat = input.values() if nested else input.reshape(-1)
             bo = torch.arange(flat.numel() + 1, dtype=flat.dtype, device=flat.device)
             out = self.optimizer.lookup(self, flat, bo, None, include_last_offset=True, mode="sum",
-                                        forward_padding=False).reshape(*input.shape, self.width)
+                                        forward_padding=False)
+            out = (torch.nested.nested_tensor_from_jagged(out, input.offsets()) if nested
+                   else out.reshape(*input.shape, self.width))
         else:
             out = ops.embedding(self.weight, self.offsets, input, width=self.width, col_of_size=self.col_of_size,
-                                padding_idx=self.padding_idx)
+                                padding_idx=self.padding_idx, max_norm=self.max_norm, norm_type=self.norm_type,
+                                scale_grad_by_freq=self.scale_grad_by_freq, sparse=self.sparse)
         return self._apply_projection(out)
+
+    @classmethod
+    def from_pretrained(cls, embeddings, freeze=True, padding_idx=None, max_norm=None, norm_type=2.0,
+                        scale_grad_by_freq=False, sparse=False, *, sizes=None, **kwargs):
+        """As ``nn.Embedding.from_pretrained`` (same positional order), plus keyword-only ``sizes``
+        (see ``MultiSizeEmbeddingBag.from_pretrained``)."""
+        kwargs.update(padding_idx=padding_idx, max_norm=max_norm, norm_type=norm_type,
+                      scale_grad_by_freq=scale_grad_by_freq, sparse=sparse)
+        return cls._pretrained(embeddings, freeze, sizes, kwargs)
 
     @classmethod
     def from_embedding(cls, module: nn.Embedding, sizes, init: str = "kept", scores=None, **kwargs):
         """Multi-size copy of an ``nn.Embedding`` (see ``MultiSizeEmbeddingBag.from_embedding_bag``)."""
         if not isinstance(module, nn.Embedding):
             raise TypeError(f"expected an nn.Embedding, got {type(module).__name__}")
-        if module.max_norm is not None or module.scale_grad_by_freq:
-            raise NotImplementedError("pme: cannot convert an nn.Embedding with max_norm or scale_grad_by_freq")
+        for attr in ("max_norm", "norm_type", "scale_grad_by_freq", "sparse"):
+            kwargs.setdefault(attr, getattr(module, attr))
         kwargs.setdefault("padding_idx", module.padding_idx)
         return _convert_table(cls, module.weight, sizes, init, scores, kwargs)
+
+
+def _check_fused(optimizer, sparse, scale_grad_by_freq):
+    if optimizer is not None and (sparse or scale_grad_by_freq):
+        raise ValueError("a fused optimizer (optimizer=...) updates the table inside backward and makes no "
+                         "gradient: it cannot be combined with sparse=True (a gradient for torch.optim) or "
+                         "scale_grad_by_freq")
 
 
 def _convert_table(cls, dense_weight, sizes, init, scores, kwargs):

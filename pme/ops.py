@@ -27,6 +27,7 @@ __all__ = [
     "backend",
     "embedding_bag",
     "embedding",
+    "embedding_renorm_",
     "to_dense",
     "sparse_update_",
     "accumulate_scores_",
@@ -47,6 +48,31 @@ SCORE_RULES = {"snip": 0, "grad": 1}
 WEIGHT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
 acc_dtype = reference.acc_dtype  # accumulation / optimizer-state dtype of a table dtype
+
+
+# Errors of the types PyTorch raises for the same mistake, so that code (and tests) written
+# against nn.Embedding / nn.EmbeddingBag catch them; each is also the type pme raised before.
+class IndexOutOfRangeError(IndexError, RuntimeError):
+    """An index outside the table: nn.Embedding raises IndexError, nn.EmbeddingBag RuntimeError."""
+
+
+class DtypeError(TypeError, RuntimeError):
+    """A tensor of the wrong dtype (indices, offsets, per_sample_weights): torch raises RuntimeError."""
+
+
+class ArgumentError(ValueError, AssertionError, RuntimeError):
+    """A bad constructor argument or padding_idx: nn.Embedding / nn.EmbeddingBag assert
+    (AssertionError), F.embedding_bag and a negative size raise RuntimeError."""
+
+
+def _torch_error_types(fn, *args):
+    """Runs a compiled lookup; an out-of-range index comes back as IndexOutOfRangeError."""
+    try:
+        return fn(*args)
+    except RuntimeError as e:
+        if "index out of range" in str(e) and not isinstance(e, IndexError):
+            raise IndexOutOfRangeError(str(e)) from None
+        raise
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,6 +186,12 @@ if BUILD_INFO is not None:
                      bag_offsets=bag_offsets, per_sample_weights=per_sample_weights, col_of_size=col_of_size,
                      argmax=argmax)
         return torch.empty_like(weight), weight.new_empty(indices.shape[0] if psw_grad else 0)
+
+    @torch.library.register_fake("pme::bag_backward_sparse")
+    def _(grad_out, weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, argmax, mode,
+          padding_idx, scale_grad_by_freq):
+        nnz = torch.library.get_ctx().new_dynamic_size()
+        return offsets.new_empty(nnz), weight.new_empty(nnz)
 
     @torch.library.register_fake("pme::embedding_forward")
     def _(weight, offsets, indices, col_of_size, out_width, padding_idx):
@@ -370,9 +402,31 @@ def normalize_padding_idx(padding_idx, num_embeddings: int) -> int:
     if not isinstance(padding_idx, int) or isinstance(padding_idx, bool):
         raise TypeError(f"padding_idx must be an int or None, got {type(padding_idx).__name__}")
     if not -num_embeddings <= padding_idx < num_embeddings:
-        raise ValueError(f"padding_idx {padding_idx} is out of range for {num_embeddings} embeddings "
+        raise ArgumentError(f"padding_idx {padding_idx} is out of range for {num_embeddings} embeddings "
                          f"(valid: {-num_embeddings} to {num_embeddings - 1})")
     return padding_idx + num_embeddings if padding_idx < 0 else padding_idx
+
+
+class _PswModeError(ValueError, NotImplementedError):
+    """per_sample_weights with a mode other than sum (torch raises NotImplementedError)."""
+
+
+def _unnest_bags(input, offsets, per_sample_weights):
+    """A jagged nested tensor of bags ``[B, j]`` -> (flat indices, ``[B + 1]`` offsets, flat weights)."""
+    if input.layout != torch.jagged:
+        raise ValueError("a nested input must have layout=torch.jagged (one bag per component), as "
+                         "nn.EmbeddingBag takes it; build it with torch.nested.nested_tensor(..., layout=torch.jagged)")
+    if offsets is not None:
+        raise ValueError("offsets must be None when input is a nested tensor (its own offsets give the bags)")
+    if input.dim() != 2:
+        raise ValueError(f"a nested input must be [B, j] (one bag of indices per component), got {input.dim()} "
+                         "dimensions")
+    if per_sample_weights is not None:
+        if not per_sample_weights.is_nested:
+            raise ValueError("if input is nested, per_sample_weights must be nested too (as in torch)")
+        per_sample_weights = per_sample_weights.values().reshape(-1)
+    values = input.values().reshape(-1)
+    return values, input.offsets().to(values.dtype), per_sample_weights
 
 
 def bag_inputs(weight, input, offsets=None, per_sample_weights=None, mode="mean", include_last_offset=False):
@@ -384,18 +438,21 @@ def bag_inputs(weight, input, offsets=None, per_sample_weights=None, mode="mean"
         raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a tensor, got {type(input).__name__}")
+    if input.is_nested:
+        input, offsets, per_sample_weights = _unnest_bags(input, offsets, per_sample_weights)
+        include_last_offset = True
     if input.dtype not in INDEX_DTYPES:
-        raise TypeError(f"input (indices) must be int32 or int64, got {input.dtype}")
+        raise DtypeError(f"input (indices) must be int32 or int64, got {input.dtype}")
     if input.device != weight.device:
         raise ValueError(f"input is on {input.device} but the table is on {weight.device}")
     if per_sample_weights is not None:
         if mode != "sum":
-            raise ValueError(f"per_sample_weights are only supported with mode='sum', got mode={mode!r}")
+            raise _PswModeError(f"per_sample_weights are only supported with mode='sum', got mode={mode!r}")
         if per_sample_weights.shape != input.shape:
             raise ValueError(f"per_sample_weights has shape {tuple(per_sample_weights.shape)} but input has "
                              f"shape {tuple(input.shape)}; they must match")
         if per_sample_weights.dtype != weight.dtype:
-            raise TypeError(f"per_sample_weights ({per_sample_weights.dtype}) must have the dtype of the table "
+            raise DtypeError(f"per_sample_weights ({per_sample_weights.dtype}) must have the dtype of the table "
                             f"({weight.dtype})")
         if per_sample_weights.device != weight.device:
             raise ValueError(f"per_sample_weights is on {per_sample_weights.device} but the table is on "
@@ -416,7 +473,7 @@ def bag_inputs(weight, input, offsets=None, per_sample_weights=None, mode="mean"
             raise ValueError(f"offsets must be a 1-D tensor, got {type(offsets).__name__} of shape "
                              f"{tuple(getattr(offsets, 'shape', ()))}")
         if offsets.dtype not in INDEX_DTYPES:
-            raise TypeError(f"offsets must be int32 or int64, got {offsets.dtype}")
+            raise DtypeError(f"offsets must be int32 or int64, got {offsets.dtype}")
         if offsets.device != weight.device:
             raise ValueError(f"offsets is on {offsets.device} but the table is on {weight.device}")
         indices, psw = input, per_sample_weights
@@ -464,19 +521,26 @@ def _check_last_offset(offsets: torch.Tensor, n: int):
 # Public functions
 # --------------------------------------------------------------------------------------------
 def embedding_bag(weight, offsets, input, input_offsets=None, *, width, col_of_size=None, mode="mean",
-                  per_sample_weights=None, padding_idx=None, include_last_offset=False):
+                  per_sample_weights=None, padding_idx=None, include_last_offset=False, max_norm=None,
+                  norm_type=2.0, scale_grad_by_freq=False, sparse=False):
     """Pooled lookup into a flat multi-size table, like ``F.embedding_bag`` on its dense view.
 
     Args:
         weight: ``[total]`` float tensor, the rows back to back.
         offsets: ``[V + 1]`` int64, row ``i`` is ``weight[offsets[i]:offsets[i+1]]``.
-        input: ``[N]`` indices with ``input_offsets``, or ``[B, L]`` (one bag per row); int32/int64.
+        input: ``[N]`` indices with ``input_offsets``, ``[B, L]`` (one bag per row), or a jagged
+            nested tensor ``[B, j]`` (one bag per component); int32/int64.
         input_offsets: ``[B]`` (or ``[B + 1]`` with ``include_last_offset``) bag starts.
         width: output width (``D`` for the padded layout, ``sum(size classes)`` for grouped).
         col_of_size: ``[D + 1]`` int64 first output column per size (grouped) or ``None``.
         mode: ``"sum"``, ``"mean"`` or ``"max"``.
         per_sample_weights: like ``input``, dtype of ``weight``, ``mode="sum"`` only.
         padding_idx: row skipped in every bag (not counted in the mean); may be negative.
+        max_norm, norm_type: every row looked up whose ``norm_type``-norm exceeds ``max_norm`` is
+            rescaled in place first (:func:`embedding_renorm_`, as torch does).
+        scale_grad_by_freq: each row's gradient divided by its number of lookups in the batch.
+        sparse: the gradient of ``weight`` is a coalesced sparse COO tensor ``[total]`` holding
+            only the entries of the rows looked up (for torch.optim.SparseAdam / SGD / Adagrad).
 
     Returns:
         ``[B, width]`` tensor of ``weight``'s dtype (accumulated in float32, or float64).
@@ -486,38 +550,201 @@ def embedding_bag(weight, offsets, input, input_offsets=None, *, width, col_of_s
     pad = normalize_padding_idx(padding_idx, V)
     indices, bag_offsets, psw, m = bag_inputs(weight, input, input_offsets, per_sample_weights, mode,
                                               include_last_offset)
+    if mode == "max" and scale_grad_by_freq:
+        raise ValueError("max mode does not support scaling the gradient by the frequency (as in torch)")
+    if mode == "max" and sparse:
+        raise ValueError("max mode does not support sparse weights (as in torch)")
+    if max_norm is not None:
+        embedding_renorm_(weight, offsets, indices, max_norm, norm_type, width=width, col_of_size=col_of_size)
+    if (sparse or scale_grad_by_freq) and torch.is_grad_enabled() and weight.requires_grad:
+        if sparse:
+            _keep_coalesced_flag(weight)
+        return _SparseGradLookup.apply(weight, psw, offsets, indices, bag_offsets, col_of_size, int(width), m, pad,
+                                       pad, bool(sparse), bool(scale_grad_by_freq))
     if _compiled(weight):
         if _forward_ad_active():
             return _BagLookup.apply(weight, offsets, indices, bag_offsets, psw, col_of_size, int(width), m, pad)[0]
-        out, _ = torch.ops.pme.bag_forward(weight, offsets, indices, bag_offsets, psw, col_of_size, int(width), m,
-                                           pad)
+        out, _ = _torch_error_types(torch.ops.pme.bag_forward, weight, offsets, indices, bag_offsets, psw,
+                                    col_of_size, int(width), m, pad)
         return out
     _check_reference_lookup(indices, bag_offsets, offsets, weight, col_of_size, width)
     return reference.embedding_bag(weight, offsets, indices, bag_offsets, width, col_of_size, mode, psw,
                                    None if pad < 0 else pad)
 
 
-def embedding(weight, offsets, input, *, width, col_of_size=None, padding_idx=None):
+def embedding(weight, offsets, input, *, width, col_of_size=None, padding_idx=None, max_norm=None, norm_type=2.0,
+              scale_grad_by_freq=False, sparse=False):
     """Non-pooled lookup ``[*input.shape, width]``, like ``F.embedding`` on the dense view.
 
     The padding row is returned as stored and receives no gradient, as in ``F.embedding``.
+    ``input`` may be a jagged nested tensor ``[B, j]`` (the output is then ``[B, j, width]``,
+    nested). ``max_norm``, ``norm_type``, ``scale_grad_by_freq``, ``sparse`` as in
+    :func:`embedding_bag`.
     """
     check_table(weight, offsets, col_of_size)
     pad = normalize_padding_idx(padding_idx, offsets.numel() - 1)
+    if isinstance(input, torch.Tensor) and input.is_nested:
+        if input.layout != torch.jagged:
+            raise ValueError("a nested input must have layout=torch.jagged; build it with "
+                             "torch.nested.nested_tensor(..., layout=torch.jagged)")
+        out = embedding(weight, offsets, input.values(), width=width, col_of_size=col_of_size,
+                        padding_idx=padding_idx, max_norm=max_norm, norm_type=norm_type,
+                        scale_grad_by_freq=scale_grad_by_freq, sparse=sparse)
+        return torch.nested.nested_tensor_from_jagged(out, input.offsets())
     if not isinstance(input, torch.Tensor) or input.dtype not in INDEX_DTYPES:
-        raise TypeError(f"input must be an int32 or int64 tensor, got {getattr(input, 'dtype', type(input))}")
+        raise DtypeError(f"input must be an int32 or int64 tensor, got {getattr(input, 'dtype', type(input))}")
     if input.device != weight.device:
         raise ValueError(f"input is on {input.device} but the table is on {weight.device}")
     flat = input.reshape(-1).contiguous()
+    if max_norm is not None:
+        embedding_renorm_(weight, offsets, flat, max_norm, norm_type, width=width, col_of_size=col_of_size)
+    if (sparse or scale_grad_by_freq) and torch.is_grad_enabled() and weight.requires_grad:
+        if sparse:
+            _keep_coalesced_flag(weight)
+        out = _SparseGradLookup.apply(weight, None, offsets, flat, None, col_of_size, int(width), MODES["sum"], -1,
+                                      pad, bool(sparse), bool(scale_grad_by_freq))
+        return out.reshape(*input.shape, width)
     if _compiled(weight):
         if _forward_ad_active():
-            out = _EmbeddingLookup.apply(weight, offsets, flat, col_of_size, int(width), pad)
+            out = _torch_error_types(_EmbeddingLookup.apply, weight, offsets, flat, col_of_size, int(width), pad)
         else:
-            out = torch.ops.pme.embedding_forward(weight, offsets, flat, col_of_size, int(width), pad)
+            out = _torch_error_types(torch.ops.pme.embedding_forward, weight, offsets, flat, col_of_size, int(width),
+                                     pad)
         return out.reshape(*input.shape, width)
     bo = torch.arange(flat.numel() + 1, dtype=flat.dtype, device=flat.device)
     _check_reference_lookup(flat, bo, offsets, weight, col_of_size, width)
     return reference.embedding(weight, offsets, input, width, col_of_size, None if pad < 0 else pad)
+
+
+def _entries_of_rows(offsets: torch.Tensor, rows: torch.Tensor):
+    """Flat positions of all stored entries of ``rows`` (in order) and, for each, its row's slot."""
+    lo = offsets[rows]
+    sizes = offsets[rows + 1] - lo
+    slot = torch.repeat_interleave(torch.arange(rows.numel(), device=rows.device), sizes)
+    start = torch.cumsum(sizes, 0) - sizes  # first output position of each row
+    return lo[slot] + torch.arange(slot.numel(), device=rows.device) - start[slot], slot
+
+
+def embedding_renorm_(weight, offsets, input, max_norm, norm_type=2.0, *, width, col_of_size=None):
+    """In place, as ``torch.embedding_renorm_`` on the dense view: every row looked up in ``input``
+    (any shape) whose ``norm_type``-norm exceeds ``max_norm`` is multiplied by
+    ``max_norm / (norm + 1e-7)``. The padded zeros do not change a norm (for ``norm_type > 0``),
+    so only the stored entries are touched; vectorised on the flat buffer. Returns ``weight``.
+    """
+    if not isinstance(input, torch.Tensor) or input.dtype not in INDEX_DTYPES:
+        raise DtypeError(f"input must be an int32 or int64 tensor, got {getattr(input, 'dtype', type(input))}")
+    with torch.no_grad():
+        rows = torch.unique(input.reshape(-1)).long()  # sorted, as torch visits them
+        if rows.numel() == 0:
+            return weight
+        V = offsets.numel() - 1
+        if int(rows[0]) < 0 or int(rows[-1]) >= V:
+            bad = int(rows[0]) if int(rows[0]) < 0 else int(rows[-1])
+            raise IndexOutOfRangeError(f"pme: index out of range: {bad} but the table has {V} rows (max_norm)")
+        dense = embedding(weight.detach(), offsets, rows, width=width, col_of_size=col_of_size)  # [U, width]
+        norms = torch.linalg.vector_norm(dense, ord=norm_type, dim=1).double()
+        over = norms > max_norm
+        if not bool(over.any()):
+            return weight
+        scale = (max_norm / (norms[over] + 1e-7)).to(acc_dtype(weight.dtype))
+        entries, slot = _entries_of_rows(offsets, rows[over])
+        w = weight.data
+        w[entries] = (w[entries].to(scale.dtype) * scale[slot]).to(w.dtype)
+    return weight
+
+
+# Sparse gradients this module produced, coalesced: (values ptr, indices ptr, nnz) -> True. See
+# _keep_coalesced_flag. Bounded: entries whose hook never ran are dropped oldest first.
+_COALESCED: dict = {}
+
+
+def _keep_coalesced_flag(weight):
+    """AccumulateGrad stores a sparse gradient as a new tensor without its coalesced flag, so
+    torch.optim would sort its (one per entry) indices again; this hook, once per parameter,
+    restores the flag when ``.grad`` is exactly a gradient produced here (the sum of two
+    backward passes is a new tensor and stays uncoalesced, as it should)."""
+    hooks = getattr(weight, "_post_accumulate_grad_hooks", None) or {}
+    if weight.is_leaf and weight.requires_grad and _restore_coalesced not in hooks.values():
+        weight.register_post_accumulate_grad_hook(_restore_coalesced)
+
+
+def _restore_coalesced(param):
+    g = param.grad
+    if g is not None and g.is_sparse and not g.is_coalesced():
+        if _COALESCED.pop((g._values().data_ptr(), g._indices().data_ptr(), g._nnz()), False):
+            g._coalesced_(True)
+
+
+def _remember_coalesced(gw):
+    while len(_COALESCED) >= 64:
+        _COALESCED.pop(next(iter(_COALESCED)))
+    _COALESCED[(gw._values().data_ptr(), gw._indices().data_ptr(), gw._nnz())] = True
+
+
+class _SparseGradLookup(torch.autograd.Function):
+    """A lookup whose weight gradient comes from ``pme::bag_backward_sparse``: a coalesced sparse
+    COO tensor ``[total]`` (``sparse=True``) or, with only ``scale_grad_by_freq``, its dense
+    scatter. ``bag_offsets=None`` is the non-pooled lookup (nn.Embedding). ``fwd_pad`` is the
+    padding row the forward skips (-1 for the non-pooled lookup, which returns it as stored),
+    ``bwd_pad`` the one that gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, weight, psw, offsets, indices, bag_offsets, col_of_size, width, mode, fwd_pad, bwd_pad, sparse,
+                scale):
+        argmax = None
+        if bag_offsets is None:
+            bag_offsets = torch.arange(indices.numel() + 1, dtype=indices.dtype, device=indices.device)
+            if _compiled(weight):
+                out = _torch_error_types(torch.ops.pme.embedding_forward, weight, offsets, indices, col_of_size,
+                                         width, bwd_pad)
+            else:
+                _check_reference_lookup(indices, bag_offsets, offsets, weight, col_of_size, width)
+                out = reference.embedding(weight, offsets, indices, width, col_of_size)
+        elif _compiled(weight):
+            out, argmax = _torch_error_types(torch.ops.pme.bag_forward, weight, offsets, indices, bag_offsets, psw,
+                                             col_of_size, width, mode, fwd_pad)
+        else:
+            _check_reference_lookup(indices, bag_offsets, offsets, weight, col_of_size, width)
+            out = reference.embedding_bag(weight, offsets, indices, bag_offsets, width, col_of_size,
+                                          _MODE_NAMES[mode], psw, None if fwd_pad < 0 else fwd_pad)
+        ctx.save_for_backward(weight, psw, offsets, indices, bag_offsets, col_of_size, argmax)
+        ctx.width, ctx.mode, ctx.bwd_pad, ctx.sparse, ctx.scale = width, mode, bwd_pad, sparse, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, psw, offsets, indices, bag_offsets, col_of_size, argmax = ctx.saved_tensors
+        go = grad_out.contiguous()
+        gw = gp = None
+        am = argmax if argmax is not None else offsets.new_empty(0, 0)
+        if ctx.needs_input_grad[0]:
+            if _compiled(weight):
+                ent, val = torch.ops.pme.bag_backward_sparse(go, weight, offsets, indices, bag_offsets, psw,
+                                                             col_of_size, am, ctx.mode, ctx.bwd_pad, ctx.scale)
+            else:
+                ent, val = reference.bag_backward_sparse(go, weight, offsets, indices, bag_offsets, ctx.width,
+                                                         col_of_size, _MODE_NAMES[ctx.mode], psw,
+                                                         None if ctx.bwd_pad < 0 else ctx.bwd_pad, ctx.scale)
+            if ctx.sparse:
+                gw = torch.sparse_coo_tensor(ent.unsqueeze(0), val, (weight.numel(),), is_coalesced=True,
+                                             check_invariants=False)
+                _remember_coalesced(gw)
+            else:
+                gw = torch.zeros_like(weight).index_put_((ent,), val)
+        if psw is not None and ctx.needs_input_grad[1]:
+            if _compiled(weight):
+                _, gp = torch.ops.pme.bag_backward(go, weight, offsets, indices, bag_offsets, psw, col_of_size, am,
+                                                   ctx.mode, ctx.bwd_pad, True)
+            else:
+                with torch.enable_grad():
+                    p = psw.detach().requires_grad_(True)
+                    out = reference.embedding_bag(weight.detach(), offsets, indices, bag_offsets, ctx.width,
+                                                  col_of_size, "sum", p, None if ctx.bwd_pad < 0 else ctx.bwd_pad)
+                    (gp,) = torch.autograd.grad(out, p, go)
+        return gw, gp, None, None, None, None, None, None, None, None, None, None
+
+
+_MODE_NAMES = {v: k for k, v in MODES.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -703,7 +930,7 @@ def _check_reference_lookup(indices, bag_offsets, offsets, weight, col_of_size, 
         lo, hi = int(indices.min()), int(indices.max())
         if lo < 0 or hi >= V:
             j = int(((indices < 0) | (indices >= V)).nonzero()[0])
-            raise IndexError(f"pme: index out of range: indices[{j}] = {int(indices[j])} but the table has {V} rows")
+            raise IndexOutOfRangeError(f"pme: index out of range: indices[{j}] = {int(indices[j])} but the table has {V} rows")
     if bag_offsets.numel():
         if int(bag_offsets[0]) != 0:
             raise ValueError(f"pme: bag offsets must start at 0, got offsets[0] = {int(bag_offsets[0])}")

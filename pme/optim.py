@@ -3,7 +3,7 @@
 Attach one to a table and ``loss.backward()`` applies the step straight into the flat buffer,
 touching only the rows of the batch and never building a gradient the size of the table::
 
-    emb = pme.MultiSizeEmbeddingBag(V, D, sizes, mode="sum",
+    emb = pme.MultiSizeEmbeddingBag(V, D, sizes=sizes, mode="sum",
                                     optimizer=pme.optim.RowwiseAdagrad(lr=0.05))
     dense_opt = torch.optim.Adam(p for p in model.parameters() if p.requires_grad)
     loss.backward()      # emb is updated here

@@ -30,6 +30,7 @@ __all__ = [
     "embedding_bag",
     "embedding",
     "summed_row_grads",
+    "bag_backward_sparse",
     "sparse_update_",
     "accumulate_scores_",
     "topk_threshold",
@@ -107,6 +108,26 @@ def summed_row_grads(grad_out, weight, offsets, indices, bag_offsets, width, col
     if padding_idx is not None:
         touched = touched[touched != padding_idx]
     return g, touched
+
+
+def bag_backward_sparse(grad_out, weight, offsets, indices, bag_offsets, width, col_of_size=None, mode="mean",
+                        per_sample_weights=None, padding_idx=None, scale_grad_by_freq=False):
+    """Sparse gradient of the flat weight: ``(entries [nnz] int64 increasing, values [nnz])``, the
+    stored entries of every row the batch looks up (padding excluded), duplicates summed; with
+    ``scale_grad_by_freq`` each row's gradient is divided by its number of lookups."""
+    g, touched = summed_row_grads(grad_out, weight, offsets, indices, bag_offsets, width, col_of_size, mode,
+                                  per_sample_weights, padding_idx)
+    rows = touched.long().sort().values
+    sizes = offsets[rows + 1] - offsets[rows]
+    slot = torch.repeat_interleave(torch.arange(rows.numel(), device=rows.device), sizes)
+    start = torch.cumsum(sizes, 0) - sizes
+    entries = offsets[rows][slot] + torch.arange(slot.numel(), device=rows.device) - start[slot]
+    values = g[entries]
+    if scale_grad_by_freq:
+        used = indices[: int(bag_offsets[-1])].long()
+        counts = torch.bincount(used, minlength=offsets.numel() - 1)
+        values = (values.to(acc_dtype(weight.dtype)) / counts[rows][slot]).to(weight.dtype)
+    return entries, values
 
 
 def sparse_update_(weight, state1, state2, grad_out, offsets, indices, bag_offsets, width, col_of_size=None,

@@ -169,8 +169,8 @@ cdf = (ranks.cumsum(0) / ranks.sum()).float()
 perm = torch.randperm(V, device="cuda", generator=g)
 idx = perm[torch.searchsorted(cdf, torch.rand(B * L, device="cuda", generator=g)).clamp(max=V - 1)]
 off = torch.arange(0, B * L, L, device="cuda")
-emb = pme.MultiSizeEmbeddingBag(V, D, sizes.cpu(), mode="sum", device="cuda")
-fused = pme.MultiSizeEmbeddingBag(V, D, sizes.cpu(), mode="sum", device="cuda",
+emb = pme.MultiSizeEmbeddingBag(V, D, sizes=sizes.cpu(), mode="sum", device="cuda")
+fused = pme.MultiSizeEmbeddingBag(V, D, sizes=sizes.cpu(), mode="sum", device="cuda",
                                   optimizer=pme.optim.RowwiseAdagrad(lr=0.01))
 go = torch.randn(B, D, device="cuda", generator=g)
 emb.weight.requires_grad_(True)

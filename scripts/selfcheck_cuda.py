@@ -109,6 +109,15 @@ def check_lookups(quick):
                                     pad, psw is not None)
         close(gw, rgw, dtype, f"bag_backward trial {trial}")
         close(gp, rgp, dtype, f"grad_psw trial {trial}")
+        # sparse gradient (sparse=True): the same entries as the CPU, values close, repeatable
+        scale = mode != 2 and rng.random() < 0.5
+        se, sv = ops.bag_backward_sparse(go, w, off, idx, bo, psw, cos, am, mode, pad, scale)
+        se2, sv2 = ops.bag_backward_sparse(go, w, off, idx, bo, psw, cos, am, mode, pad, scale)
+        assert torch.equal(se, se2) and torch.equal(sv, sv2), f"bag_backward_sparse not deterministic ({trial})"
+        rse, rsv = ops.bag_backward_sparse(cpu(go), cpu(w), cpu(off), cpu(idx), cpu(bo), cpu(psw), cpu(cos),
+                                           cpu(am), mode, pad, scale)
+        assert torch.equal(se.cpu(), rse), f"bag_backward_sparse entries differ (trial {trial})"
+        close(sv, rsv, dtype, f"bag_backward_sparse trial {trial}")
         # non-pooled
         e = ops.embedding_forward(w, off, idx, cos, W, pad)
         re = ops.embedding_forward(cpu(w), cpu(off), cpu(idx), cpu(cos), W, pad)
@@ -274,6 +283,12 @@ def check_hot_rows(quick):
             rgw = ops.bag_backward(go.cpu(), w.cpu(), off.cpu(), idx.cpu(), bo.cpu(), None, None, am.cpu(), mode, 7,
                                    False)[0]
             close(gws[0], rgw, torch.float32, f"hot rows D={D} mode {mode}: backward")
+            sp = [ops.bag_backward_sparse(go, w, off, idx, bo, None, None, am, mode, 7, mode != 2) for _ in range(2)]
+            assert torch.equal(sp[0][0], sp[1][0]) and torch.equal(sp[0][1], sp[1][1]), "hot rows: sparse bwd"
+            rsp = ops.bag_backward_sparse(go.cpu(), w.cpu(), off.cpu(), idx.cpu(), bo.cpu(), None, None, am.cpu(),
+                                          mode, 7, mode != 2)
+            assert torch.equal(sp[0][0].cpu(), rsp[0]), f"hot rows D={D} mode {mode}: sparse entries"
+            close(sp[0][1], rsp[1], torch.float32, f"hot rows D={D} mode {mode}: sparse backward")
             for opt in (1, 2):
                 res = []
                 for dev in (DEV, DEV, "cpu"):

@@ -68,7 +68,7 @@ def make_table(V, D, dtype=torch.float32, device="cpu", layout="padded", seed=0,
                 sizes[1] = 0
         else:
             sizes = random_sizes(V, D, gen, quantum)
-    m = pme.MultiSizeEmbeddingBag(V, D, sizes, layout=layout, dtype=torch.float64)
+    m = pme.MultiSizeEmbeddingBag(V, D, sizes=sizes, layout=layout, dtype=torch.float64)
     w = torch.randn(m.weight.numel(), generator=gen, dtype=torch.float64).to(dtype).to(device)
     return w, m.offsets.to(device), (None if m.col_of_size is None else m.col_of_size.to(device)), m.width, sizes
 

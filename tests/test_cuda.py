@@ -76,9 +76,9 @@ def test_cuda_graph_replays_fused_training_step(opt):
     V, D, B, L = 300, 16, 32, 6
     sizes = torch.randint(0, D + 1, (V,), generator=torch.Generator().manual_seed(0))
     make = {"sgd": lambda: pme.optim.SGD(lr=0.1), "rowwise_adagrad": lambda: pme.optim.RowwiseAdagrad(lr=0.1)}[opt]
-    eager = pme.MultiSizeEmbeddingBag(V, D, sizes, mode="sum", device="cuda", optimizer=make())
+    eager = pme.MultiSizeEmbeddingBag(V, D, sizes=sizes, mode="sum", device="cuda", optimizer=make())
     # built on the CPU and moved: .cuda() must leave the host-side step count on the host
-    graphed = pme.MultiSizeEmbeddingBag(V, D, sizes, mode="sum", optimizer=make()).cuda()
+    graphed = pme.MultiSizeEmbeddingBag(V, D, sizes=sizes, mode="sum", optimizer=make()).cuda()
     assert graphed.optim_step.device.type == "cpu" and graphed.optim_state1.is_cuda
     graphed.load_state_dict(eager.state_dict())
     idx = torch.zeros(B * L, dtype=torch.int64, device="cuda")
@@ -91,7 +91,7 @@ def test_cuda_graph_replays_fused_training_step(opt):
     batches = [(torch.randint(0, V, (B * L,), generator=torch.Generator().manual_seed(s)).cuda(),
                 torch.randn(B, D, generator=torch.Generator().manual_seed(100 + s)).cuda()) for s in range(6)]
     # capture on a scratch copy so that warm-up steps do not move `graphed`
-    scratch = pme.MultiSizeEmbeddingBag(V, D, sizes, mode="sum", device="cuda", optimizer=make())
+    scratch = pme.MultiSizeEmbeddingBag(V, D, sizes=sizes, mode="sum", device="cuda", optimizer=make())
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -255,7 +255,7 @@ def test_hot_rows_are_deterministic_and_exact(mode):
     # the fused step on the same batch: bitwise repeatable
     states = []
     for _ in range(2):
-        m = pme.MultiSizeEmbeddingBag(V, D, offsets.diff().cpu(), mode=mode, device="cuda",
+        m = pme.MultiSizeEmbeddingBag(V, D, sizes=offsets.diff().cpu(), mode=mode, device="cuda",
                                       optimizer=pme.optim.RowwiseAdagrad(lr=0.1))
         m.weight.data.copy_(w)
         m(idx, off).backward(go)

@@ -56,7 +56,7 @@ def _build_lookup(case, torch, pme, device):  # noqa: C901
         sizes[0] = 0
     else:
         sizes = torch.randint(0, D + 1, (V,), generator=g)
-    m = pme.MultiSizeEmbeddingBag(V, D, sizes, layout=layout)
+    m = pme.MultiSizeEmbeddingBag(V, D, sizes=sizes, layout=layout)
     width = m.width
     w = torch.randn(m.weight.numel(), generator=g, dtype=torch.float64).to(torch.float32)
     lens = torch.randint(0, L + 1, (B,), generator=g)
@@ -416,7 +416,7 @@ def _run_prune(case, torch, pme, device):
         if not valid:
             return "accepted an invalid call", ""
         ref = reference.prune_pack(d.cpu(), sc, oc, bool(case["seed"] % 2))
-        ok = torch.equal(res.cpu(), ref)
+        ok = res.shape == ref.shape and bool(((res.cpu() == ref) | (res.cpu().isnan() & ref.isnan())).all())  # NaN is data
     return ("correct" if ok else "wrong answer"), ""
 
 
@@ -434,7 +434,7 @@ def _run_checkpoint(case, torch, pme, device):
         else:
             sizes = torch.randint(0, D + 1, (V,), generator=gg)
         o = None if opt is None else type(opt)(lr=0.1)
-        return pme.MultiSizeEmbeddingBag(V, D, sizes, layout=layout, mode="sum", optimizer=o, device=device)
+        return pme.MultiSizeEmbeddingBag(V, D, sizes=sizes, layout=layout, mode="sum", optimizer=o, device=device)
 
     src, dst = make(case["seed"]), make(case["seed"] + 1)
     x = torch.randint(0, V, (4, 3), generator=g).to(device)

@@ -95,7 +95,7 @@ def test_against_nn_embedding_bag(device, mode):
     """Module vs nn.EmbeddingBag holding the dense view: 2-D input, include_last_offset, padding."""
     V, D = 64, 32
     sizes = torch.randint(0, D + 1, (V,), generator=torch.Generator().manual_seed(0))
-    m = pme.MultiSizeEmbeddingBag(V, D, sizes, mode=mode, padding_idx=5, device=device)
+    m = pme.MultiSizeEmbeddingBag(V, D, sizes=sizes, mode=mode, padding_idx=5, device=device)
     ref = torch.nn.EmbeddingBag(V, D, mode=mode, padding_idx=5, device=device)
     with torch.no_grad():
         ref.weight.copy_(m.to_dense())
@@ -110,7 +110,7 @@ def test_against_nn_embedding_bag(device, mode):
     mask = reference.to_dense(torch.ones_like(m.weight), m.offsets, D) > 0
     torch.testing.assert_close(dense_grad, ref.weight.grad * mask)
     # include_last_offset with 1-D input
-    m2 = pme.MultiSizeEmbeddingBag(V, D, sizes, mode=mode, include_last_offset=True, _weight=m.weight.detach(),
+    m2 = pme.MultiSizeEmbeddingBag(V, D, sizes=sizes, mode=mode, include_last_offset=True, _weight=m.weight.detach(),
                                    device=device)
     ref2 = torch.nn.EmbeddingBag(V, D, mode=mode, include_last_offset=True, device=device,
                                  _weight=ref.weight.detach().clone())
@@ -237,7 +237,7 @@ def test_torch_compile_fullgraph(mode):
     class Model(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.emb = pme.MultiSizeEmbeddingBag(V, D, sizes, mode=mode)
+            self.emb = pme.MultiSizeEmbeddingBag(V, D, sizes=sizes, mode=mode)
             self.lin = torch.nn.Linear(D, 1)
 
         def forward(self, x, off):
@@ -264,7 +264,7 @@ def test_embedding_padding_idx_is_an_operator_argument():
     V, D, pad = 12, 8, 3
     sizes = torch.randint(0, D + 1, (V,), generator=torch.Generator().manual_seed(2))
     sizes[pad] = D
-    m = pme.MultiSizeEmbedding(V, D, sizes, padding_idx=pad)
+    m = pme.MultiSizeEmbedding(V, D, sizes=sizes, padding_idx=pad)
     with torch.no_grad():
         m.weight.normal_(generator=torch.Generator().manual_seed(3))
     x = torch.tensor([[pad, 1, V - 1], [pad, pad, 0]])

@@ -14,7 +14,7 @@ from conftest import DEVICES, make_table
 
 def test_repr_and_memory():
     sizes = torch.tensor([8, 4, 4, 0, 8, 2])
-    m = pme.MultiSizeEmbeddingBag(6, 8, sizes, mode="sum", padding_idx=3)
+    m = pme.MultiSizeEmbeddingBag(6, 8, sizes=sizes, mode="sum", padding_idx=3)
     r = repr(m)
     assert "MultiSizeEmbeddingBag(6, 8" in r and "mode='sum'" in r and "padding_idx=3" in r
     assert f"stored={int(sizes.sum())}" in r
@@ -23,16 +23,16 @@ def test_repr_and_memory():
     assert rep["dense_bytes"] == 6 * 8 * 4
     assert rep["bytes"] == int(sizes.sum()) * 4 + 7 * 8
     assert torch.equal(m.sizes, sizes)
-    g = pme.MultiSizeEmbeddingBag(6, 8, sizes, layout="grouped", project=True)
+    g = pme.MultiSizeEmbeddingBag(6, 8, sizes=sizes, layout="grouped", project=True)
     assert "layout='grouped'" in repr(g) and g.width == 14 and g.output_dim == 8
-    e = pme.MultiSizeEmbedding(6, 8, sizes)
+    e = pme.MultiSizeEmbedding(6, 8, sizes=sizes)
     assert repr(e).startswith("MultiSizeEmbedding(6, 8")
 
 
 @pytest.mark.parametrize("layout", ["padded", "grouped"])
 def test_state_dict_round_trip_with_other_sizes(layout, tmp_path):
-    a = pme.MultiSizeEmbeddingBag(20, 16, torch.randint(1, 5, (20,)) * 4, layout=layout, mode="sum")
-    b = pme.MultiSizeEmbeddingBag(20, 16, 16, layout=layout, mode="sum")  # other sizes
+    a = pme.MultiSizeEmbeddingBag(20, 16, sizes=torch.randint(1, 5, (20,)) * 4, layout=layout, mode="sum")
+    b = pme.MultiSizeEmbeddingBag(20, 16, sizes=16, layout=layout, mode="sum")  # other sizes
     path = tmp_path / "t.pt"
     torch.save(a.state_dict(), path)
     b.load_state_dict(torch.load(path))
@@ -105,7 +105,7 @@ def test_convert_swaps_tables_in_place():
 @pytest.mark.parametrize("device", DEVICES)
 def test_module_dtypes_and_devices(device):
     for dtype in (torch.float16, torch.bfloat16, torch.float64):
-        m = pme.MultiSizeEmbeddingBag(30, 8, torch.randint(0, 9, (30,)), dtype=dtype, device=device, mode="sum")
+        m = pme.MultiSizeEmbeddingBag(30, 8, sizes=torch.randint(0, 9, (30,)), dtype=dtype, device=device, mode="sum")
         x = torch.randint(0, 30, (4, 5), device=device)
         out = m(x)
         assert out.dtype == dtype and out.device.type == device
@@ -168,17 +168,17 @@ def test_bad_arguments_are_named():
     with pytest.raises(ERRORS, match=r"offsets\[-1\]"):
         ops.embedding_bag(w, bad_off, idx, off, width=width)
     with pytest.raises(ValueError, match="sizes\\[2\\] = 9 is outside"):
-        pme.MultiSizeEmbeddingBag(4, 8, [1, 2, 9, 3])
+        pme.MultiSizeEmbeddingBag(4, 8, sizes=[1, 2, 9, 3])
     with pytest.raises(ValueError, match="sizes has 3 entries"):
-        pme.MultiSizeEmbeddingBag(4, 8, [1, 2, 3])
+        pme.MultiSizeEmbeddingBag(4, 8, sizes=[1, 2, 3])
     with pytest.raises(TypeError, match="sizes must be integers"):
-        pme.MultiSizeEmbeddingBag(4, 8, [1.5, 2, 3, 1])
-    with pytest.raises(NotImplementedError, match="max_norm"):
-        pme.MultiSizeEmbeddingBag(4, 8, max_norm=1.0)
-    with pytest.raises(NotImplementedError, match="sparse=True"):
-        pme.MultiSizeEmbeddingBag(4, 8, sparse=True)
+        pme.MultiSizeEmbeddingBag(4, 8, sizes=[1.5, 2, 3, 1])
+    with pytest.raises(ValueError, match="sparse=True"):
+        pme.MultiSizeEmbeddingBag(4, 8, sparse=True, optimizer=pme.optim.SGD(lr=0.1))
+    with pytest.raises(ValueError, match="max mode does not support sparse"):
+        pme.MultiSizeEmbeddingBag(4, 8, mode="max", sparse=True)(torch.tensor([[1, 2]]))
     with pytest.raises(ValueError, match="size_classes"):
-        pme.MultiSizeEmbeddingBag(4, 8, [2, 4, 8, 3], layout="grouped", size_classes=[2, 4, 8])
+        pme.MultiSizeEmbeddingBag(4, 8, sizes=[2, 4, 8, 3], layout="grouped", size_classes=[2, 4, 8])
     m = pme.MultiSizeEmbeddingBag(4, 8)
     with pytest.raises(ValueError, match="input is on"):
         m(torch.tensor([1, 2], device="meta"), torch.tensor([0]))
@@ -192,7 +192,7 @@ def test_from_pretrained_is_nn_from_pretrained(cls, nn_cls, freeze):
     emb = torch.randn(30, 8, generator=gen)
     sizes = torch.randint(0, 9, (30,), generator=gen)
     kw = {"mode": "sum"} if cls is pme.MultiSizeEmbeddingBag else {}
-    m = cls.from_pretrained(emb, sizes, freeze=freeze, padding_idx=2, **kw)
+    m = cls.from_pretrained(emb, sizes=sizes, freeze=freeze, padding_idx=2, **kw)
     dense = emb * (torch.arange(8) < sizes[:, None])  # each row's first sizes[i] values
     ref = nn_cls.from_pretrained(dense, freeze=freeze, padding_idx=2, **kw)
     assert m.weight.requires_grad == ref.weight.requires_grad == (not freeze)
@@ -203,7 +203,7 @@ def test_from_pretrained_is_nn_from_pretrained(cls, nn_cls, freeze):
 def test_dtype_cast_keeps_the_optimizer_state():
     # .to(bf16) casts the table but not the fused optimizer's float32 state (nor its precision)
     sizes = torch.randint(0, 9, (40,), generator=torch.Generator().manual_seed(4))
-    m = pme.MultiSizeEmbeddingBag(40, 8, sizes, mode="sum", optimizer=pme.optim.RowwiseAdagrad(lr=0.1))
+    m = pme.MultiSizeEmbeddingBag(40, 8, sizes=sizes, mode="sum", optimizer=pme.optim.RowwiseAdagrad(lr=0.1))
     m.optim_state1.copy_(torch.rand(40, dtype=torch.float64).float())
     before = m.optim_state1.clone()
     m.to(torch.bfloat16)

@@ -20,7 +20,7 @@ def _grad_out(B, width, step, device, dtype):
 
 def run_fused(opt, sizes, D, batches, mode, device, dtype=torch.float32, padding_idx=None, w0=None):
     """Trains a module with a fused optimizer on `batches` with fixed output gradients."""
-    m = pme.MultiSizeEmbeddingBag(len(sizes), D, sizes, mode=mode, padding_idx=padding_idx, device=device,
+    m = pme.MultiSizeEmbeddingBag(len(sizes), D, sizes=sizes, mode=mode, padding_idx=padding_idx, device=device,
                                   dtype=dtype, optimizer=opt)
     if w0 is not None:
         m.weight.data.copy_(w0)
@@ -32,7 +32,7 @@ def run_fused(opt, sizes, D, batches, mode, device, dtype=torch.float32, padding
 
 def run_torch(make_opt, sizes, D, batches, mode, device, dtype, w0, padding_idx=None, sparse_grad=False):
     """Same training with a torch optimizer on the flat parameter, gradient through the dense view."""
-    m = pme.MultiSizeEmbeddingBag(len(sizes), D, sizes, mode=mode, padding_idx=padding_idx, device=device,
+    m = pme.MultiSizeEmbeddingBag(len(sizes), D, sizes=sizes, mode=mode, padding_idx=padding_idx, device=device,
                                   dtype=dtype)
     w = torch.nn.Parameter(w0.clone())
     opt = make_opt([w])
@@ -133,7 +133,7 @@ def test_state_dict_resume_gives_the_same_trajectory(device, opt, tmp_path):
     full = run_fused(opt(), sizes, D, batches, "sum", device, w0=w0)
     half = run_fused(opt(), sizes, D, batches[:3], "sum", device, w0=w0)
     torch.save(half.state_dict(), tmp_path / "ckpt.pt")
-    resumed = pme.MultiSizeEmbeddingBag(V, D, sizes, mode="sum", device=device, optimizer=opt())
+    resumed = pme.MultiSizeEmbeddingBag(V, D, sizes=sizes, mode="sum", device=device, optimizer=opt())
     resumed.load_state_dict(torch.load(tmp_path / "ckpt.pt"))
     assert int(resumed.optim_step) == 3
     for step, (idx, off) in enumerate(batches[3:], start=3):
@@ -159,7 +159,7 @@ def test_fused_update_is_deterministic(device):
 
 
 def test_fused_table_has_no_dense_grad_and_eval_is_plain():
-    m = pme.MultiSizeEmbeddingBag(10, 4, 4, mode="sum", optimizer=pme.optim.SGD(lr=1.0))
+    m = pme.MultiSizeEmbeddingBag(10, 4, sizes=4, mode="sum", optimizer=pme.optim.SGD(lr=1.0))
     assert not m.weight.requires_grad and "optimizer=SGD" in repr(m)
     before = m.weight.clone()
     x = torch.tensor([[1, 2]])
@@ -172,7 +172,7 @@ def test_fused_table_has_no_dense_grad_and_eval_is_plain():
 
 
 def test_embedding_fused_update_skips_padding():
-    m = pme.MultiSizeEmbedding(10, 4, 4, padding_idx=2, optimizer=pme.optim.SGD(lr=1.0))
+    m = pme.MultiSizeEmbedding(10, 4, sizes=4, padding_idx=2, optimizer=pme.optim.SGD(lr=1.0))
     with torch.no_grad():
         m.weight[8:12] = 5.0
     out = m(torch.tensor([[2, 3], [2, 2]]))
@@ -227,8 +227,8 @@ def test_row_consumer_receives_the_rows_of_the_plain_backward(mode, index_dtype,
     sizes = torch.randint(0, 3, (V,), generator=gen) * 4 if layout == "grouped" else torch.randint(0, D + 1, (V,),
                                                                                                   generator=gen)
     kw = dict(mode=mode, padding_idx=V - 1, layout=layout, dtype=torch.float64)
-    plain = pme.MultiSizeEmbeddingBag(V, D, sizes, **kw)
-    fused = pme.MultiSizeEmbeddingBag(V, D, sizes, optimizer=_GradientCollector(), **kw)
+    plain = pme.MultiSizeEmbeddingBag(V, D, sizes=sizes, **kw)
+    fused = pme.MultiSizeEmbeddingBag(V, D, sizes=sizes, optimizer=_GradientCollector(), **kw)
     fused.weight.data.copy_(plain.weight.data)
     assert fused.grad_sum.dtype == torch.float64 and fused.rows_seen.dtype == torch.int64
     for _ in range(3):
@@ -253,6 +253,6 @@ def test_row_consumer_receives_the_rows_of_the_plain_backward(mode, index_dtype,
 
 def test_fused_optimizer_state_dict_keys_are_unchanged():
     # checkpoints written before the RowConsumer seam name the state optim_state1/2 and optim_step
-    m = pme.MultiSizeEmbeddingBag(6, 4, 4, mode="sum", optimizer=pme.optim.Adam(lr=0.1))
+    m = pme.MultiSizeEmbeddingBag(6, 4, sizes=4, mode="sum", optimizer=pme.optim.Adam(lr=0.1))
     assert set(m.state_dict()) == {"weight", "offsets", "optim_state1", "optim_state2", "optim_step"}
     assert m.optim_state1.shape == m.optim_state2.shape == (24,) and m.optim_step.device.type == "cpu"

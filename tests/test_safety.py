@@ -43,7 +43,7 @@ def _same_state(m, before):
 
 def _grouped_module(optimizer=None):
     sizes = torch.tensor([4, 8, 0, 4, 8, 2, 8, 4, 2, 8])
-    return pme.MultiSizeEmbeddingBag(10, 8, sizes, layout="grouped", mode="sum", optimizer=optimizer)
+    return pme.MultiSizeEmbeddingBag(10, 8, sizes=sizes, layout="grouped", mode="sum", optimizer=optimizer)
 
 
 # --------------------------------------------------------------------------------------------
@@ -68,8 +68,8 @@ def test_tampered_col_of_size_in_a_checkpoint_is_refused(value, tmp_path):
 def test_checkpoint_col_of_size_of_other_classes_rebuilds_the_layout():
     # a legitimate checkpoint whose size classes (a superset of its sizes) differ from the module's
     sizes = torch.tensor([4, 8, 4, 4])
-    a = pme.MultiSizeEmbeddingBag(4, 8, sizes, layout="grouped", size_classes=[2, 4, 8], mode="sum")
-    b = pme.MultiSizeEmbeddingBag(4, 8, 8, layout="grouped", mode="sum")
+    a = pme.MultiSizeEmbeddingBag(4, 8, sizes=sizes, layout="grouped", size_classes=[2, 4, 8], mode="sum")
+    b = pme.MultiSizeEmbeddingBag(4, 8, sizes=8, layout="grouped", mode="sum")
     b.load_state_dict(a.state_dict())
     assert b.size_classes == [2, 4, 8] and b.width == a.width and torch.equal(b.col_of_size, a.col_of_size)
     x = torch.randint(0, 4, (5, 3))
@@ -147,11 +147,11 @@ def _checkpoint_corruptions():
 @pytest.mark.parametrize("corrupt", _checkpoint_corruptions(), ids=lambda f: f.__name__)
 def test_failed_load_leaves_the_module_bitwise_unchanged(corrupt):
     torch.manual_seed(0)
-    m = pme.MultiSizeEmbeddingBag(10, 8, torch.tensor([4, 8, 0, 4, 8, 2, 8, 4, 2, 8]), layout="grouped",
+    m = pme.MultiSizeEmbeddingBag(10, 8, sizes=torch.tensor([4, 8, 0, 4, 8, 2, 8, 4, 2, 8]), layout="grouped",
                                   project=True, mode="sum", optimizer=pme.optim.Adam(lr=0.1))
     x = torch.randint(0, 10, (4, 3))
     m(x).sum().backward()  # some optimizer state
-    src = pme.MultiSizeEmbeddingBag(10, 8, torch.tensor([4, 8, 0, 4, 8, 2, 8, 4, 2, 8]), layout="grouped",
+    src = pme.MultiSizeEmbeddingBag(10, 8, sizes=torch.tensor([4, 8, 0, 4, 8, 2, 8, 4, 2, 8]), layout="grouped",
                                     project=True, mode="sum", optimizer=pme.optim.Adam(lr=0.1))
     src(x).sum().backward()
     sd = {k: v.clone() for k, v in src.state_dict().items()}
@@ -166,11 +166,11 @@ def test_failed_load_leaves_the_module_bitwise_unchanged(corrupt):
 
 def test_load_with_other_sizes_and_adam_state_round_trips(tmp_path):
     torch.manual_seed(1)
-    a = pme.MultiSizeEmbeddingBag(12, 8, torch.randint(0, 9, (12,)), mode="sum", optimizer=pme.optim.Adam(lr=0.1))
+    a = pme.MultiSizeEmbeddingBag(12, 8, sizes=torch.randint(0, 9, (12,)), mode="sum", optimizer=pme.optim.Adam(lr=0.1))
     x = torch.randint(0, 12, (5, 4))
     a(x).sum().backward()
     torch.save(a.state_dict(), tmp_path / "a.pt")
-    b = pme.MultiSizeEmbeddingBag(12, 8, 8, mode="sum", optimizer=pme.optim.Adam(lr=0.1))
+    b = pme.MultiSizeEmbeddingBag(12, 8, sizes=8, mode="sum", optimizer=pme.optim.Adam(lr=0.1))
     b.load_state_dict(torch.load(tmp_path / "a.pt", weights_only=True))
     for k, v in a.state_dict().items():
         assert torch.equal(v, b.state_dict()[k]), k
@@ -403,7 +403,7 @@ def test_grad_scale_set_later_is_validated_and_raw_op_refuses_inf_lr():
 def test_fused_path_computes_the_per_sample_weights_gradient(pad, layout):
     torch.manual_seed(3)
     w, off, col, width, sizes = make_table(12, 8, layout=layout, seed=4)
-    m = pme.MultiSizeEmbeddingBag(12, 8, sizes, mode="sum", padding_idx=pad, layout=layout,
+    m = pme.MultiSizeEmbeddingBag(12, 8, sizes=sizes, mode="sum", padding_idx=pad, layout=layout,
                                   optimizer=pme.optim.RowwiseAdagrad(lr=0.1), _weight=w.clone())
     idx, bo = random_bags(12, 6, 5, torch.Generator().manual_seed(5), padding_idx=pad)
     psw = torch.rand(idx.numel(), requires_grad=True)
