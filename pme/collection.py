@@ -43,7 +43,7 @@ from . import ops, reference
 from .modules import _summary, parse_sizes
 
 __all__ = ["EmbeddingBagConfig", "MultiSizeEmbeddingBagCollection", "KeyedOutput", "collection_lookup",
-           "embedding_names"]
+           "collection_update_", "embedding_names", "convert"]
 
 POOLINGS = {"sum": 0, "mean": 1}
 _F = 5  # fields of a feature row: table, key, column, width, pooling
@@ -97,8 +97,8 @@ def _table_of(cfg, i: int) -> _Table:
     if not isinstance(V, int) or V < 1 or not isinstance(D, int) or D < 1:
         raise ValueError(f"tables[{i}]: num_embeddings and embedding_dim must be positive ints, got {V!r}, {D!r}")
     name = getattr(cfg, "name", "") or f"t{i}"
-    feats = tuple(cfg.feature_names)
-    if not feats or not all(isinstance(f, str) and f for f in feats):
+    feats = tuple(cfg.feature_names) or (name,)  # as TorchRec: a table without features reads its own name
+    if not all(isinstance(f, str) and f for f in feats):
         raise ValueError(f"table {name!r}: feature_names must be a non-empty list of names, got {list(feats)}")
     if len(set(feats)) != len(feats):
         raise ValueError(f"table {name!r}: feature_names has duplicates: {list(feats)}")
@@ -599,6 +599,8 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
         if _is_kjt(features):
             from torchrec.sparse.jagged_tensor import KeyedTensor
 
+            if values.dtype in (torch.float16, torch.bfloat16):
+                values = values.float()  # EmbeddingBagCollection returns float32 for half tables
             return KeyedTensor(keys=self.embedding_names(), length_per_key=lengths, values=values)
         return KeyedOutput(self.embedding_names(), lengths, values)
 
@@ -781,3 +783,36 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
             flats.append(flat)
         sizes_l = [parse_sizes(s, t.num_embeddings, t.embedding_dim) for s, t in zip(_sizes_list(sizes, tabs), tabs)]
         return cls(tables, sizes=sizes_l, _weight=torch.cat(flats), **kwargs)
+
+
+def _is_ebc(mod) -> bool:
+    return hasattr(mod, "embedding_bag_configs") and hasattr(mod, "embedding_bags") and hasattr(mod, "is_weighted")
+
+
+def convert(model: nn.Module, sizes_by_module: Mapping, init: str = "kept", scores=None, **kwargs) -> nn.Module:
+    """``pme.convert`` that also swaps TorchRec collections, in place.
+
+    A name of ``sizes_by_module`` that is a ``torchrec.EmbeddingBagCollection`` becomes a
+    :class:`MultiSizeEmbeddingBagCollection` (``from_ebc``; its sizes are ``{table name: sizes}``,
+    ``scores`` likewise ``{table name: [V_t, D_t]}``); every other name goes to
+    ``pme.modules.convert`` (nn.EmbeddingBag / nn.Embedding). Returns ``model``.
+    """
+    from . import modules
+
+    if not isinstance(sizes_by_module, Mapping):
+        raise TypeError("sizes_by_module must be a mapping {module name: sizes}")
+    named = dict(model.named_modules())
+    rest = {}
+    for name, sizes in sizes_by_module.items():
+        mod = named.get(name)
+        if not _is_ebc(mod):
+            rest[name] = sizes
+            continue
+        if init != "kept":
+            raise NotImplementedError(f"pme: init={init!r} is not supported for collections (only 'kept')")
+        new = MultiSizeEmbeddingBagCollection.from_ebc(mod, sizes, scores=(scores or {}).get(name), **kwargs)
+        parent_name, _, attr = name.rpartition(".")
+        setattr(named[parent_name] if parent_name else model, attr, new)
+    if rest:
+        modules.convert(model, rest, init=init, scores=scores, **kwargs)
+    return model
