@@ -1,11 +1,13 @@
 // CPU collection operators (normal form in csrc/collection.h): all output blocks of a batch in
 // one call over one flat buffer.
-// Forward: one task per range of (block, sample) pairs; a pair pools its bag of its table's rows
-// into its own output columns, fp32 (fp64 for fp64 weights) accumulation.
+// Forward: one task per range of (block, sample) pairs; each block's bags are pooled by the
+// lookup's own kernels (pool_bags.h: AVX-512 / AVX2 registers, fp32 accumulation, fp64 for fp64)
+// into the block's output columns.
 // Backward and fused update: every (block, lookup) pair becomes a lookup of a global row
 // (table_rows[t] + index), grouped by row with row_groups.h, one task per row: deterministic,
 // each row's duplicates (across samples, and across blocks sharing a table) summed first.
 #include "collection.h"
+#include "cpu/pool_bags.h"
 #include "cpu/row_groups.h"
 #include "cpu/row_step.h"
 
@@ -16,12 +18,6 @@
 
 namespace pme::cpu {
 namespace {
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PME_COLLECTION_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define PME_COLLECTION_CLONES
-#endif
 
 constexpr int64_t kNone = std::numeric_limits<int64_t>::max();
 
@@ -131,48 +127,27 @@ void validate_all(const View<I>& v) {
   if (bad.load() != kNone) report_bad(v, bad.load());
 }
 
-// Forward over pairs [p0, p1) (pair p = block p / B, sample p % B). A bad lookup is noted and
-// skipped before its row is read; the caller throws.
+// Forward over pairs [p0, p1) (pair p = block p / B, sample p % B): each run of pairs of one
+// block is pooled by the lookup's kernel (pool_bags.h) on that block's table, into tmp
+// ([kRun, width]), then copied to the block's output columns. A bad lookup is noted and skipped
+// before its row is read; the caller throws.
+constexpr int64_t kRun = 64;
+
 template <class T, class I>
-PME_COLLECTION_CLONES void forward_range(const View<I>& view, const T* w, const T* psw, int64_t p0, int64_t p1,
-                                         T* out, acc_t<T>* acc, std::atomic<int64_t>& bad) {
-  using A = acc_t<T>;
-  const View<I> v = view;
-  for (int64_t p = p0; p < p1; ++p) {
-    const int64_t k = p / v.B, b = p % v.B;
+void forward_range(const View<I>& v, const T* w, const T* psw, int64_t p0, int64_t p1, T* out, T* tmp,
+                   std::atomic<int64_t>& bad) {
+  for (int64_t p = p0; p < p1;) {
+    const int64_t k = p / v.B, b0 = p % v.B;
+    const int64_t b1 = std::min<int64_t>({v.B, b0 + (p1 - p), b0 + kRun});
     const int64_t* f = v.block(k);
-    const int64_t W = f[kFWidth];
-    int64_t s, e;
-    v.bag(k, b, s, e);
-    for (int64_t c = 0; c < W; ++c) acc[c] = A(0);
-    int64_t n = 0;
-    for (int64_t j = s; j < e; ++j) {
-      if (j + 8 < e) {  // the row of a lookup a few steps ahead (its offsets are read later)
-        int64_t lo2, size2;
-        if (v.row(f, j + 8, lo2, size2) >= 0) __builtin_prefetch(w + lo2);
-      }
-      int64_t lo, size;
-      if (v.row(f, j, lo, size) < 0) {
-        note_bad(bad, j);
-        continue;
-      }
-      ++n;
-      const T* __restrict__ row = w + lo;
-      A* __restrict__ a = acc;
-      if (psw) {
-        const A sc = static_cast<A>(psw[j]);
-        for (int64_t c = 0; c < size; ++c) a[c] += sc * static_cast<A>(row[c]);
-      } else {
-        for (int64_t c = 0; c < size; ++c) a[c] += static_cast<A>(row[c]);
-      }
+    const int64_t t = f[kFTable], W = f[kFWidth], base = v.rows[t];
+    // The table as the lookup kernel sees it: its own rows, offsets into the global buffer.
+    const TableView tv{v.off + base, v.rows[t + 1] - base, v.total, nullptr, 0, W};
+    pool_bags<T, I>(w, tv, v.idx, v.bo + f[kFKey] * v.B + b0, b1 - b0, psw, f[kFPooling], tmp, bad);
+    for (int64_t b = b0; b < b1; ++b) {
+      std::copy(tmp + (b - b0) * W, tmp + (b - b0 + 1) * W, out + b * v.out_width + f[kFCol]);
     }
-    T* o = out + b * v.out_width + f[kFCol];
-    if (f[kFPooling] == kMean && n > 0) {
-      const A d = static_cast<A>(n);
-      for (int64_t c = 0; c < W; ++c) o[c] = static_cast<T>(acc[c] / d);
-    } else {
-      for (int64_t c = 0; c < W; ++c) o[c] = static_cast<T>(acc[c]);
-    }
+    p += b1 - b0;
   }
 }
 
@@ -204,9 +179,9 @@ Tensor collection_forward(Tensor weight, Tensor offsets, Tensor table_rows, Tens
       const T* w = weight.const_data_ptr<T>();
       const T* psw = per_sample_weights ? per_sample_weights->const_data_ptr<T>() : nullptr;
       const int64_t W = max_width(v.feat, v.F);
-      torch::stable::parallel_for(0, v.F * v.B, 64, [&](int64_t p0, int64_t p1) {
-        std::vector<acc_t<T>> acc(W);
-        forward_range<T, I>(v, w, psw, p0, p1, o, acc.data(), bad);
+      torch::stable::parallel_for(0, v.F * v.B, kRun, [&](int64_t p0, int64_t p1) {
+        std::vector<T> tmp(kRun * W);
+        forward_range<T, I>(v, w, psw, p0, p1, o, tmp.data(), bad);
       });
     });
     if (bad.load() != kNone) report_bad(v, bad.load());
