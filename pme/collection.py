@@ -42,7 +42,7 @@ from torch import nn
 from . import ops, reference
 from .modules import _summary, parse_sizes
 
-__all__ = ["EmbeddingBagConfig", "MultiSizeEmbeddingBagCollection", "KeyedOutput", "collection_lookup",
+__all__ = ["EmbeddingBagConfig", "MultiSizeEmbeddingBagCollection", "MultiSizeEmbeddingCollection", "KeyedOutput", "collection_lookup",
            "collection_update_", "embedding_names", "convert"]
 
 POOLINGS = {"sum": 0, "mean": 1}
@@ -355,6 +355,8 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
     :meth:`embedding_names` in table order, then feature order.
     """
 
+    _state_prefix = "embedding_bags"  # state_dict keys: <prefix>.<table>.weight, as TorchRec's module
+
     def __init__(self, tables, sizes=None, is_weighted: bool = False, device=None, dtype=None, optimizer=None,
                  _weight=None):
         super().__init__()
@@ -663,7 +665,7 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
         states = self._state_per_row()
         for i, t in enumerate(self._tables):
             r0, r1, e0, e1 = self._row_span(i)
-            p = f"{prefix}embedding_bags.{t.name}."
+            p = f"{prefix}{self._state_prefix}.{t.name}."
             w = self.weight[e0:e1]
             destination[p + "weight"] = (w if keep_vars else w.detach()).clone()
             destination[p + "offsets"] = self.offsets[r0:r1 + 1] - e0
@@ -679,14 +681,14 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
         states = self._state_per_row()
         expected = []
         for t in self._tables:
-            p = f"{prefix}embedding_bags.{t.name}."
+            p = f"{prefix}{self._state_prefix}.{t.name}."
             expected += [p + "weight", p + "offsets"] + [p + k for k in states]
         if self.optimizer is not None:
             expected.append(prefix + "optim_step")
         missing = [k for k in expected if k not in state_dict]
         missing_keys.extend(missing)
         if strict:
-            own = prefix + "embedding_bags."
+            own = prefix + self._state_prefix + "."
             unexpected_keys.extend(k for k in state_dict if k.startswith(own) and k not in expected)
         if missing:
             return
@@ -694,7 +696,7 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
         weights, offs, st = [], [], {k: [] for k in states}
         errors = []
         for i, t in enumerate(self._tables):
-            p = f"{prefix}embedding_bags.{t.name}."
+            p = f"{prefix}{self._state_prefix}.{t.name}."
             w, o = state_dict[p + "weight"], state_dict[p + "offsets"]
             try:
                 if not isinstance(o, torch.Tensor) or o.dtype != torch.int64 or o.shape != (t.num_embeddings + 1,):
@@ -816,3 +818,68 @@ def convert(model: nn.Module, sizes_by_module: Mapping, init: str = "kept", scor
     if rest:
         modules.convert(model, rest, init=init, scores=scores, **kwargs)
     return model
+
+
+class MultiSizeEmbeddingCollection(MultiSizeEmbeddingBagCollection):
+    """TorchRec's non-pooled ``EmbeddingCollection`` over multi-size tables (one flat buffer).
+
+    Tables as :class:`MultiSizeEmbeddingBagCollection` takes them (``torchrec.EmbeddingConfig``
+    accepted; pooling is ignored); as TorchRec, every table has the same ``embedding_dim`` D.
+    ``forward(kjt)`` returns ``{embedding name: torchrec.JaggedTensor}`` whose values are
+    ``[n_f, D]`` (one zero-padded row per lookup, equal to ``nn.Embedding`` on the dense view) and
+    whose lengths are the feature's; a mapping ``{feature: (values, offsets [B + 1])}`` returns
+    ``{embedding name: (embeddings [n_f, D], offsets)}``. All features are looked up in one call
+    (``pme::embedding_forward`` on the whole buffer, rows shifted by their table's first row).
+    The fused optimizers are not offered here (use the dense gradient of ``weight``).
+    """
+
+    _state_prefix = "embeddings"  # as torchrec.EmbeddingCollection
+
+    def __init__(self, tables, sizes=None, device=None, dtype=None, _weight=None, optimizer=None):
+        if optimizer is not None:
+            raise NotImplementedError("pme: MultiSizeEmbeddingCollection has no fused optimizer yet; train its "
+                                      "weight with a torch optimizer")
+        super().__init__(tables, sizes, is_weighted=False, device=device, dtype=dtype, _weight=_weight)
+        dims = {t.embedding_dim for t in self._tables}
+        if len(dims) != 1:
+            raise ValueError(f"all tables of an EmbeddingCollection must have the same embedding_dim (as TorchRec), "
+                             f"got {sorted(dims)}")
+        self.embedding_dim = dims.pop()
+
+    def forward(self, features):
+        keys, idx, bo, _, B = self._normal_form(features)
+        pos = {k: i for i, k in enumerate(keys)}
+        bo = bo.long()
+        rows = self.table_rows.tolist()
+        parts, spans = [], []
+        for ti, f, _ in self._blocks:
+            if f not in pos:
+                raise KeyError(f"the input has no feature {f!r} (table {self._tables[ti].name!r} reads it); its keys "
+                               f"are {list(keys)}")
+            g = pos[f]
+            s, e = int(bo[g * B]), int(bo[g * B + B])
+            v = idx[s:e].long()
+            vt = self._tables[ti].num_embeddings
+            if v.numel() and (int(v.min()) < 0 or int(v.max()) >= vt):
+                j = int(((v < 0) | (v >= vt)).nonzero()[0])
+                raise IndexError(f"pme: index out of range: {f!r} value {j} = {int(v[j])} but table "
+                                 f"{self._tables[ti].name!r} has {vt} rows")
+            parts.append(v + rows[ti])
+            spans.append((s, e, g))
+        flat = torch.cat(parts) if parts else idx.new_zeros(0, dtype=torch.int64)
+        emb = ops.embedding(self.weight, self.offsets, flat, width=self.embedding_dim)
+        out, m = {}, 0
+        kjt = _is_kjt(features)
+        if kjt:
+            from torchrec.sparse.jagged_tensor import JaggedTensor
+        for name, (s, e, g) in zip(self.embedding_names(), spans):
+            vals = emb[m:m + e - s]
+            m += e - s
+            offs = bo[g * B:g * B + B + 1] - s
+            if kjt:
+                if vals.dtype in (torch.float16, torch.bfloat16):
+                    vals = vals.float()  # as EmbeddingCollection
+                out[name] = JaggedTensor(values=vals, offsets=offs)
+            else:
+                out[name] = (vals, offs)
+        return out

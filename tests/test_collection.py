@@ -418,3 +418,48 @@ def test_reference_backend_agrees(monkeypatch):
     torch.testing.assert_close(m2.optim_state1, m.optim_state1, rtol=1e-10, atol=1e-10)
     m.eval(), m2.eval()
     torch.testing.assert_close(m2(inp).values(), m(inp).values(), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_non_pooled_collection_equals_embedding_on_dense_views(index_dtype):
+    from pme.collection import MultiSizeEmbeddingCollection
+
+    gen = torch.Generator().manual_seed(21)
+    D = 8
+    tables = [EmbeddingBagConfig(int(V), D, f"t{i}", f) for i, (V, f) in
+              enumerate([(30, ["a", "b"]), (7, ["c"]), (12, ["a"])])]
+    sizes = {t.name: random_sizes(t.num_embeddings, D, gen) for t in tables}
+    m = MultiSizeEmbeddingCollection(tables, sizes, dtype=torch.float64)
+    rows = {"a": 12, "b": 30, "c": 7}
+    inp = {}
+    for f, V in rows.items():
+        lens = torch.randint(0, 4, (5,), generator=gen)
+        lens[0] = 0
+        v = torch.randint(0, V, (int(lens.sum()),), generator=gen)
+        v[-1] = V - 1
+        o = torch.zeros(6, dtype=torch.int64)
+        o[1:] = lens.cumsum(0)
+        inp[f] = (v.to(index_dtype), o.to(index_dtype))
+    out = m(inp)
+    assert list(out) == ["a@t0", "b", "c", "a@t2"]
+    dense = {t.name: m.to_dense(t.name).detach().requires_grad_() for t in tables}
+    go = {}
+    for name, (t, f) in zip(out, [("t0", "a"), ("t0", "b"), ("t1", "c"), ("t2", "a")]):
+        vals, offs = out[name]
+        want = F.embedding(inp[f][0].long(), dense[t])
+        torch.testing.assert_close(vals, want, rtol=0, atol=0)
+        assert torch.equal(offs, inp[f][1].long())
+        go[name] = torch.randn_like(vals)
+        want.backward(go[name])
+    torch.autograd.backward([out[k][0] for k in out], [go[k] for k in out])
+    for i, t in enumerate(tables):
+        _, _, e0, e1 = m._row_span(i)
+        torch.testing.assert_close(m.weight.grad[e0:e1], dense[t.name].grad[stored_mask(m, t.name)], rtol=1e-12,
+                                   atol=1e-12)
+    bad = dict(inp)
+    bad["c"] = (torch.tensor([7], dtype=index_dtype), torch.tensor([0, 1, 1, 1, 1, 1], dtype=index_dtype))
+    with pytest.raises(IndexError, match="'t1' has 7 rows"):
+        m(bad)
+    assert set(m.state_dict()) == {f"embeddings.{t.name}.{k}" for t in tables for k in ("weight", "offsets")}
+    with pytest.raises(ValueError, match="same embedding_dim"):
+        MultiSizeEmbeddingCollection([EmbeddingBagConfig(4, 4, "x", ["x"]), EmbeddingBagConfig(4, 8, "y", ["y"])])

@@ -212,3 +212,37 @@ def test_kjt_errors():
     kjt = make_kjt(EmbeddingBagCollection(configs(), device="meta"), 3, 0)
     with pytest.raises(ValueError, match="carries no weights"):
         wm(kjt)
+
+
+def test_non_pooled_collection_equals_embedding_collection():
+    from torchrec import EmbeddingCollection, EmbeddingConfig
+
+    from pme.collection import MultiSizeEmbeddingCollection
+
+    cfgs = [EmbeddingConfig(num_embeddings=V, embedding_dim=8, name=f"t{i}", feature_names=f)
+            for i, (V, f) in enumerate([(40, ["f0", "f1"]), (9, ["f2"]), (25, ["f0"])])]
+    gen = torch.Generator().manual_seed(5)
+    sizes = {c.name: random_sizes(c.num_embeddings, 8, gen) for c in cfgs}
+    m = MultiSizeEmbeddingCollection(cfgs, sizes)
+    ec = EmbeddingCollection(cfgs)
+    with torch.no_grad():
+        for name in m.table_names:
+            ec.embeddings[name].weight.copy_(m.to_dense(name))
+    kjt = make_kjt(EmbeddingBagCollection([EmbeddingBagConfig(num_embeddings=c.num_embeddings, embedding_dim=8,
+                                                               name=c.name, feature_names=c.feature_names)
+                                           for c in cfgs], device="meta"), 7, 3)
+    want, got = ec(kjt), m(kjt)
+    assert list(got) == list(want) == ["f0@t0", "f1", "f2", "f0@t2"]
+    loss_w, loss_g = 0, 0
+    for k in want:
+        torch.testing.assert_close(got[k].values(), want[k].values(), rtol=1e-6, atol=1e-6)
+        assert torch.equal(got[k].lengths().long(), want[k].lengths().long())
+        g = torch.randn_like(want[k].values())
+        loss_w = loss_w + (want[k].values() * g).sum()
+        loss_g = loss_g + (got[k].values() * g).sum()
+    loss_w.backward()
+    loss_g.backward()
+    for i, name in enumerate(m.table_names):
+        dg = ec.embeddings[name].weight.grad
+        mask = torch.arange(8) < m.sizes(name).unsqueeze(1)
+        torch.testing.assert_close(table_grads(m)[name], dg[mask], rtol=1e-5, atol=1e-6)
