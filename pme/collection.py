@@ -28,6 +28,13 @@ sharder can place tables one by one); for each table name ``t``:
 Loading validates every table before anything is replaced (all or nothing) and accepts other
 sizes (the flat buffer is rebuilt). The normal form of the operators is documented in
 ``csrc/collection.h``; their fake kernels and autograd are registered here.
+
+For a TorchRec sharder (issue 15) the module offers what one needs without touching the flat
+buffer's layout: the tables as configs (``embedding_bag_configs()``), per-table views and sizes
+(``table_weight``, ``table_offsets``, ``sizes``, ``memory_report()["tables"]`` for the planner's
+true multi-size bytes), ``subset(names)`` (a collection of some tables with their optimizer state:
+a table-wise shard), a per-table ``state_dict``, and an input normal form in which the blocks of
+one rank are just the rows of ``features`` that rank holds.
 """
 
 from __future__ import annotations
@@ -742,6 +749,25 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
             self.optim_step.copy_(state_dict[prefix + "optim_step"].reshape(()))
 
     # ---- constructors -----------------------------------------------------------------------
+    def subset(self, table_names) -> "MultiSizeEmbeddingBagCollection":
+        """A new collection of the named tables (in that order), with copies of their rows, sizes
+        and fused-optimizer state: the unit a table-wise sharder places on one rank."""
+        idx = [self._table_index(n) for n in table_names]
+        if len(set(idx)) != len(idx):
+            raise ValueError(f"table names repeat: {list(table_names)}")
+        cfgs = [self.embedding_bag_configs()[i] for i in idx]
+        opt = None
+        if self.optimizer is not None:
+            opt = type(self.optimizer).__new__(type(self.optimizer))
+            opt.__dict__.update(self.optimizer.__dict__)
+        kwargs = {} if type(self) is not MultiSizeEmbeddingBagCollection else {"is_weighted": self.is_weighted}
+        new = type(self)(cfgs, {n: self.sizes(n).cpu() for n in table_names}, device=self.weight.device,
+                         dtype=self.weight.dtype, optimizer=opt, **kwargs)
+        sd = self.state_dict()
+        keep = {k: v for k, v in sd.items() if k == "optim_step" or k.split(".")[1] in set(table_names)}
+        new.load_state_dict(keep)
+        return new
+
     @classmethod
     def from_ebc(cls, ebc, sizes=None, scores=None, order: str = "position", **kwargs):
         """Multi-size copy of a ``torchrec.EmbeddingBagCollection`` (tables, features, pooling, weights).

@@ -463,3 +463,23 @@ def test_non_pooled_collection_equals_embedding_on_dense_views(index_dtype):
     assert set(m.state_dict()) == {f"embeddings.{t.name}.{k}" for t in tables for k in ("weight", "offsets")}
     with pytest.raises(ValueError, match="same embedding_dim"):
         MultiSizeEmbeddingCollection([EmbeddingBagConfig(4, 4, "x", ["x"]), EmbeddingBagConfig(4, 8, "y", ["y"])])
+
+
+def test_subset_copies_tables_and_optimizer_state():
+    """The table-wise unit of a future sharder: a subset equals the whole on its tables."""
+    m, tables, _ = make_collection(13, "mixed", optimizer=pme.optim.RowwiseAdagrad(lr=0.1))
+    inp = make_input(m, 6, 13)
+    m(inp).values().sum().backward()
+    sub = m.subset(["t3", "t1"])
+    assert sub.table_names == ["t3", "t1"] and int(sub.optim_step) == 1
+    for n in ("t3", "t1"):
+        assert torch.equal(sub.to_dense(n), m.to_dense(n))
+        r0, r1 = (int(x) for x in m.table_rows[m._table_index(n):m._table_index(n) + 2])
+        s0, s1 = (int(x) for x in sub.table_rows[sub._table_index(n):sub._table_index(n) + 2])
+        assert torch.equal(sub.optim_state1[s0:s1], m.optim_state1[r0:r1])
+    sub_in = {k: inp[k] for k in ("f4", "f2")}
+    want = m(inp).to_dict()
+    got = sub(sub_in).to_dict()
+    for k in ("f4", "f2"):
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+    assert sub.weight.data_ptr() != m.weight.data_ptr()
