@@ -82,6 +82,21 @@ STABLE_TORCH_LIBRARY(pme, m) {
   m.def("topk_threshold(Tensor scores, int k) -> Tensor");
   m.def("prune_counts(Tensor scores, Tensor threshold) -> Tensor");
   m.def("prune_pack(Tensor dense, Tensor scores, Tensor offsets, bool by_score) -> Tensor");
+  // Collections (normal form in collection.h): all tables in one flat buffer, every output block
+  // of a batch in one call. table_rows [T+1] int64, features [F, 5] int64 (table, key, column,
+  // width, pooling), bag_offsets [G*B+1] key-major; output [B, out_width].
+  m.def(
+      "collection_forward(Tensor weight, Tensor offsets, Tensor table_rows, Tensor features, Tensor indices, "
+      "Tensor bag_offsets, Tensor? per_sample_weights, int batch_size, int out_width) -> Tensor");
+  m.def(
+      "collection_backward(Tensor grad_out, Tensor weight, Tensor offsets, Tensor table_rows, Tensor features, "
+      "Tensor indices, Tensor bag_offsets, Tensor? per_sample_weights, int batch_size, bool psw_grad) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "collection_update_(Tensor(a!) weight, Tensor(b!) state1, Tensor(c!) state2, Tensor grad_out, "
+      "Tensor offsets, Tensor table_rows, Tensor features, Tensor indices, Tensor bag_offsets, "
+      "Tensor? per_sample_weights, int batch_size, int optimizer, float lr, float weight_decay, float eps, "
+      "float beta1, float beta2, int step) -> ()");
 }
 
 }  // namespace pme

@@ -11,9 +11,10 @@ Main entry points: ``MultiSizeEmbeddingBag``, ``MultiSizeEmbedding``, ``convert`
 from ._version import __version__
 from . import ops, reference, optim
 from .modules import MultiSizeEmbedding, MultiSizeEmbeddingBag, convert
+from .collection import MultiSizeEmbeddingBagCollection, MultiSizeEmbeddingCollection
 
 __all__ = ["__version__", "ops", "reference", "optim", "MultiSizeEmbeddingBag", "MultiSizeEmbedding", "convert",
-           "search", "info"]
+           "search", "info", "MultiSizeEmbeddingBagCollection", "MultiSizeEmbeddingCollection"]
 
 
 def __getattr__(name):

@@ -5,6 +5,7 @@
 // sums in registers, AVX-512 or AVX2 (+FMA, F16C) as the CPU has them, everything else (and a CPU
 // with neither) a portable kernel.
 // Backward: lookups grouped by row (row_groups.h), one task per row: deterministic.
+#include "cpu/pool_bags.h"
 #include "cpu/row_groups.h"
 #include "lookup_ops.h"
 
@@ -809,6 +810,26 @@ std::tuple<Tensor, Tensor> lookup_backward(const Tensor& grad_out, const Tensor&
 using Ops = LookupOps<&lookup_forward, &lookup_backward>;
 
 }  // namespace
+
+// The pooling kernel for other operators (pool_bags.h).
+template <class T, class I>
+void pool_bags(const T* w, const TableView& t, const I* idx, const I* bo, int64_t n, const T* psw, int64_t mode,
+               T* out, std::atomic<int64_t>& bad) {
+  bag_forward_range<T, I>(cpu_kernel(), w, t, idx, bo, 0, n, psw, mode, -1, out, nullptr, bad);
+}
+
+#define PME_POOL_BAGS(T, I)                                                                                     \
+  template void pool_bags<T, I>(const T*, const TableView&, const I*, const I*, int64_t, const T*, int64_t, T*, \
+                                std::atomic<int64_t>&)
+PME_POOL_BAGS(float, int32_t);
+PME_POOL_BAGS(float, int64_t);
+PME_POOL_BAGS(double, int32_t);
+PME_POOL_BAGS(double, int64_t);
+PME_POOL_BAGS(c10::Half, int32_t);
+PME_POOL_BAGS(c10::Half, int64_t);
+PME_POOL_BAGS(c10::BFloat16, int32_t);
+PME_POOL_BAGS(c10::BFloat16, int64_t);
+#undef PME_POOL_BAGS
 
 STABLE_TORCH_LIBRARY_IMPL(pme, CPU, m) { PME_REGISTER_LOOKUPS(m, Ops); }
 

@@ -13,6 +13,7 @@
 // otherwise. Each output row is written once (vector stores when the width allows).
 // Backward: row_groups_cuda.cuh (sort by row, one warp per row or part; deterministic).
 #include "cuda/row_groups_cuda.cuh"
+#include "cuda/row_ops_cuda.cuh"
 #include "lookup_ops.h"
 
 #include <tuple>
@@ -369,20 +370,6 @@ std::tuple<Tensor, Tensor> lookup_forward(const Tensor& weight, const Tensor& of
 // ------------------------------------------------------------------------------------------
 // Backward
 // ------------------------------------------------------------------------------------------
-// Row operation of the backward: writes the row's summed gradient into grad_weight.
-template <class T>
-struct GradWriteOp : PlainRowOp<acc_t<T>> {
-  using A = acc_t<T>;
-  T* gw;
-  __device__ __forceinline__ void apply(int64_t, int64_t lo, int64_t c0, int64_t size, const A (&g)[kVPL], A, int lane) const {
-#pragma unroll
-    for (int i = 0; i < kVPL; ++i) {
-      const int64_t c = c0 + lane + kWarp * i;
-      if (c < size) gw[lo + c] = from_acc<T>(g[i]);
-    }
-  }
-};
-
 // grad_psw[j] = <row of lookup j, grad_out[bag of j] slice>, one warp per lookup, lanes over
 // columns, fixed-order reduction. 0 for padding, lookups after the last bag and skipped ones.
 template <class T, class I>

@@ -4,68 +4,12 @@
 // in registers: each row is read and written once, no dense gradient, no atomics,
 // deterministic (the row-wise Adagrad's sum of squares is a fixed-order warp reduction).
 #include "cuda/row_groups_cuda.cuh"
+#include "cuda/row_ops_cuda.cuh"
 
 #include <cmath>
 
 namespace pme::cuda {
 namespace {
-
-// The optimizer step on one row (SGD, row-wise Adagrad, lazy Adam), as the CPU's apply_step.
-template <class T>
-struct UpdateOp {
-  using A = acc_t<T>;
-  T* w;  // [total]
-  A* s1;  // Adagrad: [V] row sums; Adam: [total] first moments
-  A* s2;  // Adam: [total] second moments
-  int64_t optimizer;
-  A lr, wd, eps, b1, b2, one_minus_b1, one_minus_b2, step_size;
-
-  __device__ __forceinline__ bool row_norm() const { return optimizer == kRowwiseAdagrad; }
-
-  // Weight decay joins the gradient before anything else.
-  __device__ __forceinline__ void prepare(int64_t lo, int64_t c0, int64_t size, A (&g)[kVPL], int lane) const {
-    if (wd == A(0)) return;
-#pragma unroll
-    for (int i = 0; i < kVPL; ++i) {
-      const int64_t c = c0 + lane + kWarp * i;
-      if (c < size) g[i] += wd * to_acc(w[lo + c]);
-    }
-  }
-
-  // Row-wise Adagrad: state += mean of g^2 over the row; returns sqrt(state) + eps. All lanes
-  // read the old state before lane 0 writes the new one.
-  __device__ __forceinline__ A row_update(int64_t r, A sq_sum, int64_t size, int lane) const {
-    const A st = s1[r] + sq_sum / static_cast<A>(size);
-    __syncwarp();
-    if (lane == 0) s1[r] = st;
-    return sqrt(st) + eps;
-  }
-
-  __device__ __forceinline__ void apply(int64_t, int64_t lo, int64_t c0, int64_t size, const A (&g)[kVPL], A denom,
-                        int lane) const {
-#pragma unroll
-    for (int i = 0; i < kVPL; ++i) {
-      const int64_t c = c0 + lane + kWarp * i;
-      if (c >= size) continue;
-      const int64_t e = lo + c;
-      const A x = to_acc(w[e]);
-      if (optimizer == kSGD) {
-        w[e] = from_acc<T>(x - lr * g[i]);
-      } else if (optimizer == kRowwiseAdagrad) {
-        w[e] = from_acc<T>(x - lr * g[i] / denom);
-      } else {
-        const A m = b1 * s1[e] + one_minus_b1 * g[i];
-        const A v = b2 * s2[e] + one_minus_b2 * g[i] * g[i];
-        s1[e] = m;
-        s2[e] = v;
-        // torch.optim.SparseAdam's form: eps joins sqrt(v) before the bias correction, which
-        // is folded into step_size = lr * sqrt(1 - beta2^step) / (1 - beta1^step).
-        const A d = sqrt(v) + eps;
-        w[e] = from_acc<T>(x - step_size * m / d);
-      }
-    }
-  }
-};
 
 // scores += |w * g| (rule 0, SNIP) or g^2 (rule 1).
 template <class T>

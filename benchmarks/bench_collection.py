@@ -1,0 +1,334 @@
+#!/usr/bin/env python
+"""Benchmark of pme.MultiSizeEmbeddingBagCollection on a Criteo-Kaggle-shaped collection (CPU).
+
+What it measures
+----------------
+26 tables with the published Criteo Kaggle cardinalities (the 26 categorical features of the
+Kaggle display-advertising set, as DLRM's preprocessing counts them), capped at ``--cap`` rows
+(2M), width ``--dim`` (64). pme row sizes are drawn per row: D/8, D/4, D/2, D with probabilities
+55/25/15/5% (8/16/32/64 at D = 64: 25.6% of the dense entries). Every table is read by one
+feature; a batch is ``--batch`` (2048) samples with ``--hots`` lookups per feature (1: one-hot,
+20: multi-hot), indices Zipf(``--alpha`` = 1.05) over the table's rows (ranks mapped to rows by a
+random permutation), int64. The same batch is replayed at every call. For each number of threads
+(``--threads``, 1 and 2) and each hotness:
+
+forward (under torch.no_grad()), output ``[B, 26 * D]``:
+  ``pme_collection``  the collection, one operator call for all features (KeyedJaggedTensor in).
+  ``pme_per_table``   one pme.MultiSizeEmbeddingBag per table (views of the same flat buffer), a
+                      Python loop of 26 calls + torch.cat (the inputs split per feature beforehand).
+  ``fbgemm_tbe``      FBGEMM's table-batched embedding (SplitTableBatchedEmbeddingBagsCodegen,
+                      CPU, fp32) on the dense tables (each pme table's zero-padded dense view).
+  ``torchrec_ebc``    torchrec.EmbeddingBagCollection (one nn.EmbeddingBag per table) on the same
+                      dense tables (sharing TBE's weights: no second copy).
+step (forward + backward of a fixed random output gradient + fused row-wise Adagrad):
+  ``pme_collection_fused``  the collection with optimizer=pme.optim.RowwiseAdagrad.
+  ``fbgemm_tbe_fused``      TBE with EXACT_ROWWISE_ADAGRAD (the update runs in its backward).
+and, as the issue's third target, one table (1M x D, 2048 bags x 32 Zipf lookups, the same size
+mix): ``single_pme`` vs ``single_nn_embedding_bag`` forward.
+
+Timing: torch.utils.benchmark.Timer(...).blocked_autorange(min_run_time=``--min-run-time``) with
+``num_threads`` set, median per call; methods run one after the other for each configuration, so
+the ratios of a configuration come from one run. FBGEMM's CPU TBE backward ran its scalar
+reference kernels on this machine (it reported no AVX2 in-process; see /work/shared/MACHINES.md),
+which flatters any rival's step figures. The build machine is shared: say so next to any figure.
+
+Output: a table on stdout, ``benchmarks/results/collection_<device>_<date>.json`` (device, sizes,
+distribution, every median) and a PNG of the same name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+from torch.utils.benchmark import Timer
+
+import pme
+from pme.collection import EmbeddingBagConfig, MultiSizeEmbeddingBagCollection
+
+CRITEO_KAGGLE = [1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27, 14992,
+                 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572]
+SIZE_MIX = ((8, 0.55), (4, 0.25), (2, 0.15), (1, 0.05))  # (D / divisor, probability)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def draw_sizes(V, D, gen):
+    sizes = torch.tensor([max(1, D // d) for d, _ in SIZE_MIX])
+    probs = torch.tensor([p for _, p in SIZE_MIX])
+    return sizes[torch.multinomial(probs, V, replacement=True, generator=gen)]
+
+
+def zipf_rows(V, n, alpha, gen):
+    """n rows of a table of V: Zipf(alpha) ranks by inverse CDF, ranks -> rows by a permutation."""
+    if V == 1:
+        return torch.zeros(n, dtype=torch.int64)
+    p = torch.arange(1, V + 1, dtype=torch.float64).pow(-alpha)
+    cdf = torch.cumsum(p, 0)
+    cdf /= cdf[-1].clone()
+    u = torch.rand(n, generator=gen, dtype=torch.float64)
+    ranks = torch.searchsorted(cdf, u).clamp(max=V - 1)
+    return torch.randperm(V, generator=gen)[ranks]
+
+
+def median_ms(fn, threads, min_run_time):
+    gc.collect()
+    t = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
+    m = t.blocked_autorange(min_run_time=min_run_time)
+    return m.median * 1e3
+
+
+def build(args):
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType, SparseType
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (ComputeDevice,
+                                                                        SplitTableBatchedEmbeddingBagsCodegen)
+    from torchrec import EmbeddingBagCollection
+    from torchrec import EmbeddingBagConfig as TRConfig
+
+    gen = torch.Generator().manual_seed(args.seed)
+    D = args.dim
+    cards = [max(3, min(args.cap, int(c * args.scale))) for c in CRITEO_KAGGLE]
+    names = [f"t{i}" for i in range(len(cards))]
+    cfgs = [EmbeddingBagConfig(V, D, n, [f"f{i}"]) for i, (V, n) in enumerate(zip(cards, names))]
+    sizes = {n: draw_sizes(V, D, gen) for n, V in zip(names, cards)}
+    t0 = time.perf_counter()
+    coll = MultiSizeEmbeddingBagCollection(cfgs, sizes, optimizer=pme.optim.RowwiseAdagrad(lr=0.01, eps=1e-8))
+    print(f"pme collection: {sum(cards):,} rows, {coll.weight.numel():,} stored entries "
+          f"({100 * coll.weight.numel() / (sum(cards) * D):.1f}% of dense) in {time.perf_counter() - t0:.1f} s",
+          flush=True)
+    # The per-table loop: modules over views of the collection's buffer (no copy).
+    per_table = []
+    for i, n in enumerate(names):
+        m = pme.MultiSizeEmbeddingBag(cards[i], D, sizes=sizes[n], mode="sum", include_last_offset=True,
+                                      _weight=coll.table_weight(n).detach())
+        m.weight.requires_grad_(False)
+        per_table.append(m)
+    assert per_table[2].weight.data_ptr() == coll.table_weight(names[2]).data_ptr()
+    t0 = time.perf_counter()
+    tbe = SplitTableBatchedEmbeddingBagsCodegen(
+        [(V, D, EmbeddingLocation.HOST, ComputeDevice.CPU) for V in cards],
+        optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=0.01, eps=1e-8, pooling_mode=PoolingMode.SUM,
+        weights_precision=SparseType.FP32, output_dtype=SparseType.FP32)
+    with torch.no_grad():
+        for n, w in zip(names, tbe.split_embedding_weights()):
+            w.copy_(coll.to_dense(n))
+    ebc = EmbeddingBagCollection([TRConfig(num_embeddings=V, embedding_dim=D, name=n, feature_names=[f"f{i}"])
+                                  for i, (V, n) in enumerate(zip(cards, names))], device=torch.device("meta"))
+    for n, w in zip(names, tbe.split_embedding_weights()):
+        ebc.embedding_bags[n].weight = torch.nn.Parameter(w, requires_grad=False)  # TBE's storage, shared
+    print(f"dense tables (TBE, shared with the EBC): {sum(cards) * D * 4 / 2**30:.2f} GiB in "
+          f"{time.perf_counter() - t0:.1f} s", flush=True)
+    return coll, per_table, tbe, ebc, cards, sizes
+
+
+def batch(cards, B, hots, alpha, gen):
+    from torchrec import KeyedJaggedTensor
+
+    vals = [zipf_rows(V, B * hots, alpha, gen) for V in cards]
+    per = [(v, torch.arange(0, B * hots + 1, hots, dtype=torch.int64)) for v in vals]
+    values = torch.cat(vals)
+    offsets = torch.arange(0, len(cards) * B * hots + 1, hots, dtype=torch.int64)
+    kjt = KeyedJaggedTensor.from_offsets_sync(keys=[f"f{i}" for i in range(len(cards))], values=values,
+                                              offsets=offsets, stride=B)
+    return kjt, values, offsets, per
+
+
+def run_collection(args, built, results):
+    coll, per_table, tbe, ebc, cards, sizes = built
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    B, D = args.batch, args.dim
+    batches = {hots: batch(cards, B, hots, args.alpha, gen) for hots in args.hots}
+    # The same answer from every method before anything is timed (the timed steps then move
+    # pme's and TBE's weights apart: TBE also updates the padding of its dense rows).
+    for kjt, values, offsets, per in batches.values():
+        with torch.no_grad():
+            ref = coll(kjt).values()
+            torch.testing.assert_close(tbe(values, offsets), ref, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(ebc(kjt).values(), ref, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(torch.cat([m(v, o) for m, (v, o) in zip(per_table, per)], 1), ref,
+                                       rtol=1e-5, atol=1e-5)
+    for hots in args.hots:
+        kjt, values, offsets, per = batches[hots]
+        go = torch.randn(B, len(cards) * D, generator=gen)
+
+        def fwd_pme():
+            with torch.no_grad():
+                return coll(kjt).values()
+
+        def fwd_loop():
+            with torch.no_grad():
+                return torch.cat([m(v, o) for m, (v, o) in zip(per_table, per)], 1)
+
+        def fwd_tbe():
+            with torch.no_grad():
+                return tbe(values, offsets)
+
+        def fwd_ebc():
+            with torch.no_grad():
+                return ebc(kjt).values()
+
+        def step_pme():
+            coll(kjt).values().backward(go)
+
+        def step_tbe():
+            tbe(values, offsets).backward(go)
+
+        methods = {"forward": {"pme_collection": fwd_pme, "pme_per_table": fwd_loop, "fbgemm_tbe": fwd_tbe,
+                               "torchrec_ebc": fwd_ebc},
+                   "step": {"pme_collection_fused": step_pme, "fbgemm_tbe_fused": step_tbe}}
+        coll.train()
+        for threads in args.threads:
+            row = {"config": f"criteo26_{hots}hot", "hots": hots, "batch": B, "threads": threads, "lookups":
+                   int(values.numel()), "ms": {}}
+            for phase, ms in methods.items():
+                for name, fn in ms.items():
+                    row["ms"][f"{phase}/{name}"] = median_ms(fn, threads, args.min_run_time)
+                    print(f"  {row['config']} {threads}t {phase:8s} {name:22s} {row['ms'][f'{phase}/{name}']:9.3f} ms",
+                          flush=True)
+            results.append(row)
+
+
+def run_single(args, results):
+    gen = torch.Generator().manual_seed(args.seed + 2)
+    V, D, B, L = 1_000_000, args.dim, 2048, 32
+    sizes = draw_sizes(V, D, gen)
+    dense = torch.randn(V, D, generator=gen)
+    m = pme.MultiSizeEmbeddingBag.from_dense(dense, sizes, mode="sum")
+    eb = torch.nn.EmbeddingBag.from_pretrained(m.to_dense(), mode="sum")
+    idx = zipf_rows(V, B * L, args.alpha, gen)
+    off = torch.arange(0, B * L, L)
+    with torch.no_grad():
+        torch.testing.assert_close(m(idx, off), eb(idx, off), rtol=1e-5, atol=1e-5)
+
+    def f_pme():
+        with torch.no_grad():
+            return m(idx, off)
+
+    def f_eb():
+        with torch.no_grad():
+            return eb(idx, off)
+
+    for threads in args.threads:
+        row = {"config": f"single_1Mx{D}_zipf", "batch": B, "threads": threads, "lookups": B * L, "ms": {}}
+        for name, fn in (("single_pme", f_pme), ("single_nn_embedding_bag", f_eb)):
+            row["ms"][f"forward/{name}"] = median_ms(fn, threads, args.min_run_time)
+            print(f"  {row['config']} {threads}t forward  {name:22s} {row['ms'][f'forward/{name}']:9.3f} ms", flush=True)
+        results.append(row)
+
+
+def ratios(row):
+    ms = row["ms"]
+    out = {}
+    if "forward/pme_collection" in ms:
+        p = ms["forward/pme_collection"]
+        for k in ("fbgemm_tbe", "torchrec_ebc", "pme_per_table"):
+            out[f"forward: {k} / pme_collection"] = ms[f"forward/{k}"] / p
+        out["step: fbgemm_tbe_fused / pme_collection_fused"] = ms["step/fbgemm_tbe_fused"] / ms["step/pme_collection_fused"]
+    if "forward/single_pme" in ms:
+        out["forward: nn_embedding_bag / pme"] = ms["forward/single_nn_embedding_bag"] / ms["forward/single_pme"]
+    return out
+
+
+def plot(path, results):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no PNG", file=sys.stderr)
+        return
+    rows = [r for r in results if "forward/pme_collection" in r["ms"]]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    labels = [f"{r['hots']}-hot\n{r['threads']} thr" for r in rows]
+    fwd = ["pme_collection", "pme_per_table", "fbgemm_tbe", "torchrec_ebc"]
+    w = 0.8 / len(fwd)
+    for i, name in enumerate(fwd):
+        axes[0].bar([x + i * w for x in range(len(rows))], [r["ms"][f"forward/{name}"] for r in rows], w, label=name)
+    axes[0].set_xticks([x + 0.4 - w / 2 for x in range(len(rows))], labels)
+    axes[0].set_ylabel("ms per batch (median)")
+    axes[0].set_yscale("log")
+    axes[0].set_title("forward, 26 Criteo tables, batch 2048")
+    axes[0].legend(fontsize=8)
+    st = ["pme_collection_fused", "fbgemm_tbe_fused"]
+    w = 0.8 / len(st)
+    for i, name in enumerate(st):
+        axes[1].bar([x + i * w for x in range(len(rows))], [r["ms"][f"step/{name}"] for r in rows], w, label=name)
+    axes[1].set_xticks([x + 0.4 - w / 2 for x in range(len(rows))], labels)
+    axes[1].set_yscale("log")
+    axes[1].set_title("forward + backward + fused row-wise Adagrad")
+    axes[1].legend(fontsize=8)
+    fig.suptitle("pme collection vs FBGEMM TBE / TorchRec EBC (CPU, pme at 25.6% of the dense entries)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch thread counts (default 1 2)")
+    p.add_argument("--hots", type=int, nargs="+", default=[1, 20], help="lookups per feature and sample (1 20)")
+    p.add_argument("--batch", type=int, default=2048, help="samples per batch (2048)")
+    p.add_argument("--dim", type=int, default=64, help="table width D (64)")
+    p.add_argument("--cap", type=int, default=2_000_000, help="rows per table at most (2M)")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply the cardinalities (quick runs: 0.01)")
+    p.add_argument("--alpha", type=float, default=1.05, help="Zipf exponent of the indices (1.05)")
+    p.add_argument("--min-run-time", type=float, default=1.0, help="seconds per blocked_autorange (1.0)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-single", action="store_true", help="skip the single-table comparison")
+    p.add_argument("--note", default="", help="free text stored in the JSON (e.g. 'machine shared with 4 jobs')")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+                   help="folder of the JSON and PNG (benchmarks/results)")
+    args = p.parse_args(argv)
+    import fbgemm_gpu
+    import torchrec  # noqa: F401
+
+    info = pme.info()
+    meta = {"device": cpu_model(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "fbgemm_gpu": getattr(fbgemm_gpu, "__version__", "?"), "pme": info["version"], "backend": info["backend"],
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "note": args.note,
+            "tables": "Criteo Kaggle cardinalities capped", "cap": args.cap, "scale": args.scale, "dim": args.dim,
+            "size_mix": {f"D/{d}": pr for d, pr in SIZE_MIX}, "indices": f"zipf({args.alpha}), int64",
+            "min_run_time": args.min_run_time, "timer": "torch.utils.benchmark.Timer.blocked_autorange, median"}
+    print(json.dumps(meta))
+    results = []
+    built = build(args)
+    meta["rows"] = sum(built[4])
+    meta["stored_fraction"] = built[0].weight.numel() / (meta["rows"] * args.dim)
+    run_collection(args, built, results)
+    del built
+    gc.collect()
+    if not args.no_single:
+        run_single(args, results)
+    print("\nratios (> 1: pme faster)")
+    for r in results:
+        r["ratios"] = ratios(r)
+        for k, v in r["ratios"].items():
+            print(f"  {r['config']:20s} {r['threads']}t  {k:48s} {v:6.2f}x")
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"collection_cpu_{dt.date.today().isoformat()}")
+    with open(stem + ".json", "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=1)
+    print(f"wrote {stem}.json")
+    plot(stem + ".png", results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+// CPU: the lookup's pooling kernel (sum / mean over bags of one table, padded layout) as a
+// function other operators call: the collection forward pools each output block with it, so a
+// collection runs the same register kernels (AVX-512 / AVX2, else portable) as bag_forward.
+// Defined in lookup_cpu.cpp for T in {float, double, Half, BFloat16} and I in {int32, int64}.
+#pragma once
+
+#include "cpu/row_groups.h"
+
+#include <atomic>
+
+namespace pme::cpu {
+
+// Pools bags [0, n) into out [n, t.width]: bag b is lookups [bo[b], bo[b + 1]) of idx (positions
+// into idx, rows of table t), mode kSum or kMean, psw weights (or nullptr). A bad lookup (index
+// out of range, row outside the buffer or wider than t.width) is skipped and its position noted
+// in `bad` (the smallest wins); its row is never read.
+template <class T, class I>
+void pool_bags(const T* w, const TableView& t, const I* idx, const I* bo, int64_t n, const T* psw, int64_t mode,
+               T* out, std::atomic<int64_t>& bad);
+
+}  // namespace pme::cpu

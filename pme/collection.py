@@ -1,0 +1,911 @@
+"""Collections of multi-size tables: TorchRec's EmbeddingBagCollection, one flat buffer, one call.
+
+``MultiSizeEmbeddingBagCollection`` holds many tables (each with its own rows, width, pooling and
+per-row sizes) in **one** flat buffer with one offset table, and looks up every feature of a
+batch in **one** operator call: a ``torchrec.KeyedJaggedTensor`` in, a ``torchrec.KeyedTensor``
+out, exactly as ``torchrec.EmbeddingBagCollection`` (feature order, ``feature@table`` names for a
+feature read by several tables, weighted features, sum and mean pooling, empty bags), and every
+output equal to that module's on the zero-padded dense views of the tables. TorchRec is optional:
+without it, pass ``{feature: (values, offsets[, weights])}`` and get a :class:`KeyedOutput`.
+
+Storage (one table after the other; table ``t`` owns global rows ``[table_rows[t], table_rows[t+1])``):
+
+==============  ===========  ==================================================================
+``weight``      ``[total]``  nn.Parameter, all rows of all tables back to back
+``offsets``     ``[V + 1]``  int64 buffer, one offset table over ``V = sum(V_t)`` rows
+``table_rows``  ``[T + 1]``  int64 buffer
+==============  ===========  ==================================================================
+
+``state_dict`` is written **per table**, so that a checkpoint reads like TorchRec's (and a
+sharder can place tables one by one); for each table name ``t``:
+
+- ``embedding_bags.t.weight``  ``[total_t]`` the table's flat rows,
+- ``embedding_bags.t.offsets`` ``[V_t + 1]`` int64, the table's own offsets (starting at 0),
+- with a fused optimizer: ``embedding_bags.t.optim_state1`` (row-wise Adagrad ``[V_t]``, Adam
+  ``[total_t]``), ``embedding_bags.t.optim_state2`` (Adam ``[total_t]``, else empty), and one
+  ``optim_step`` for the collection.
+
+Loading validates every table before anything is replaced (all or nothing) and accepts other
+sizes (the flat buffer is rebuilt). The normal form of the operators is documented in
+``csrc/collection.h``; their fake kernels and autograd are registered here.
+
+For a TorchRec sharder (issue 15) the module offers what one needs without touching the flat
+buffer's layout: the tables as configs (``embedding_bag_configs()``), per-table views and sizes
+(``table_weight``, ``table_offsets``, ``sizes``, ``memory_report()["tables"]`` for the planner's
+true multi-size bytes), ``subset(names)`` (a collection of some tables with their optimizer state:
+a table-wise shard), a per-table ``state_dict``, and an input normal form in which the blocks of
+one rank are just the rows of ``features`` that rank holds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import ops, reference
+from .modules import _summary, parse_sizes
+
+__all__ = ["EmbeddingBagConfig", "MultiSizeEmbeddingBagCollection", "MultiSizeEmbeddingCollection", "KeyedOutput", "collection_lookup",
+           "collection_update_", "embedding_names", "convert"]
+
+POOLINGS = {"sum": 0, "mean": 1}
+_F = 5  # fields of a feature row: table, key, column, width, pooling
+
+
+# --------------------------------------------------------------------------------------------
+# Table configs (TorchRec's EmbeddingBagConfig, or this stand-in of the same fields)
+# --------------------------------------------------------------------------------------------
+@dataclass
+class EmbeddingBagConfig:
+    """A table, with the fields of ``torchrec.EmbeddingBagConfig`` that matter here.
+
+    ``pooling`` is ``"sum"`` or ``"mean"`` (TorchRec's ``PoolingType.SUM`` / ``MEAN`` are accepted
+    too). ``weight_init_min`` / ``max`` default to ``-+sqrt(1 / num_embeddings)``, as TorchRec.
+    """
+
+    num_embeddings: int
+    embedding_dim: int
+    name: str = ""
+    feature_names: list = field(default_factory=list)
+    pooling: object = "sum"
+    weight_init_max: float | None = None
+    weight_init_min: float | None = None
+
+
+@dataclass(frozen=True)
+class _Table:
+    name: str
+    num_embeddings: int
+    embedding_dim: int
+    feature_names: tuple
+    pooling: str
+    init_min: float
+    init_max: float
+
+
+def _pooling_name(p) -> str:
+    name = getattr(p, "name", p)  # torchrec.PoolingType is an Enum
+    name = str(name).lower()
+    if name not in POOLINGS:
+        raise ValueError(f"pooling must be sum or mean (TorchRec's SUM / MEAN), got {p!r}")
+    return name
+
+
+def _table_of(cfg, i: int) -> _Table:
+    for attr in ("num_embeddings", "embedding_dim", "feature_names"):
+        if not hasattr(cfg, attr):
+            raise TypeError(f"tables[{i}] ({type(cfg).__name__}) has no {attr}: pass torchrec.EmbeddingBagConfig "
+                            f"or pme.collection.EmbeddingBagConfig")
+    V, D = cfg.num_embeddings, cfg.embedding_dim
+    if not isinstance(V, int) or V < 1 or not isinstance(D, int) or D < 1:
+        raise ValueError(f"tables[{i}]: num_embeddings and embedding_dim must be positive ints, got {V!r}, {D!r}")
+    name = getattr(cfg, "name", "") or f"t{i}"
+    feats = tuple(cfg.feature_names) or (name,)  # as TorchRec: a table without features reads its own name
+    if not all(isinstance(f, str) and f for f in feats):
+        raise ValueError(f"table {name!r}: feature_names must be a non-empty list of names, got {list(feats)}")
+    if len(set(feats)) != len(feats):
+        raise ValueError(f"table {name!r}: feature_names has duplicates: {list(feats)}")
+    hi = getattr(cfg, "weight_init_max", None)
+    lo = getattr(cfg, "weight_init_min", None)
+    hi = math.sqrt(1.0 / V) if hi is None else float(hi)
+    lo = -hi if lo is None else float(lo)
+    return _Table(name, V, D, feats, _pooling_name(getattr(cfg, "pooling", "sum")), lo, hi)
+
+
+def embedding_names(tables) -> list:
+    """Output keys, in output order, as TorchRec names them: a feature read by one table keeps its
+    name; a feature read by several tables becomes ``feature@table`` in each."""
+    seen: dict = {}
+    for t in tables:
+        for f in t.feature_names:
+            seen[f] = seen.get(f, 0) + 1
+    return [f if seen[f] == 1 else f"{f}@{t.name}" for t in tables for f in t.feature_names]
+
+
+# --------------------------------------------------------------------------------------------
+# Output without TorchRec
+# --------------------------------------------------------------------------------------------
+class KeyedOutput:
+    """Pooled embeddings of all features: ``values()`` ``[B, sum(widths)]`` and the keys, with the
+    accessors of ``torchrec.KeyedTensor`` (returned when the input is a plain mapping)."""
+
+    def __init__(self, keys, length_per_key, values):
+        self._keys, self._lengths, self._values = list(keys), list(length_per_key), values
+
+    def keys(self):
+        return self._keys
+
+    def values(self):
+        return self._values
+
+    def length_per_key(self):
+        return self._lengths
+
+    def offset_per_key(self):
+        out = [0]
+        for n in self._lengths:
+            out.append(out[-1] + n)
+        return out
+
+    def to_dict(self) -> dict:
+        """``{key: [B, width]}`` (views of ``values()``)."""
+        o = self.offset_per_key()
+        return {k: self._values[:, o[i]:o[i + 1]] for i, k in enumerate(self._keys)}
+
+    def __getitem__(self, key):
+        return self.to_dict()[key]
+
+    def __repr__(self):
+        return f"KeyedOutput(keys={self._keys}, values={tuple(self._values.shape)})"
+
+
+def _is_kjt(x) -> bool:
+    return all(hasattr(x, a) for a in ("keys", "values", "offsets", "weights_or_none", "stride"))
+
+
+# --------------------------------------------------------------------------------------------
+# Operators: fake kernels and autograd (schemas in csrc/registration.cpp)
+# --------------------------------------------------------------------------------------------
+if ops.BUILD_INFO is not None:
+
+    @torch.library.register_fake("pme::collection_forward")
+    def _(weight, offsets, table_rows, features, indices, bag_offsets, per_sample_weights, batch_size, out_width):
+        return weight.new_empty(batch_size, out_width)
+
+    @torch.library.register_fake("pme::collection_backward")
+    def _(grad_out, weight, offsets, table_rows, features, indices, bag_offsets, per_sample_weights, batch_size,
+          psw_grad):
+        return torch.empty_like(weight), weight.new_empty(indices.shape[0] if psw_grad else 0)
+
+    @torch.library.register_fake("pme::collection_update_")
+    def _(weight, state1, state2, grad_out, offsets, table_rows, features, indices, bag_offsets, per_sample_weights,
+          batch_size, optimizer, lr, weight_decay, eps, beta1, beta2, step):
+        return None
+
+    def _setup(ctx, inputs, output):
+        weight, offsets, table_rows, features, indices, bag_offsets, psw, batch_size, out_width = inputs
+        ctx.batch_size = batch_size
+        ctx.psw_grad = psw is not None and ctx.needs_input_grad[6]
+        ctx.save_for_backward(weight, offsets, table_rows, features, indices, bag_offsets, psw)
+
+    def _backward(ctx, grad_out):
+        weight, offsets, table_rows, features, indices, bag_offsets, psw = ctx.saved_tensors
+        gw, gp = torch.ops.pme.collection_backward(grad_out.contiguous(), weight, offsets, table_rows, features,
+                                                   indices, bag_offsets, psw, ctx.batch_size, ctx.psw_grad)
+        return gw, None, None, None, None, None, (gp if ctx.psw_grad else None), None, None
+
+    torch.library.register_autograd("pme::collection_forward", _backward, setup_context=_setup)
+
+
+def _virtual(weight, offsets, table_rows, features, indices, bag_offsets, psw, B):
+    """The batch as one lookup of the global table (reference path): every (block, lookup) pair
+    becomes a lookup of global row ``table_rows[t] + index``, block k sample b a bag ``k * B + b``.
+
+    Returns ``(vidx [M] int64, vbo [F * B + 1] int64, vpsw [M] or None, blocks)``.
+    """
+    feats = features.tolist()
+    bo = bag_offsets.long()
+    rows = table_rows.tolist()
+    vidx, vbo, vpsw = [], [torch.zeros(1, dtype=torch.int64, device=weight.device)], []
+    m = 0
+    for t, g, col, w, pool in feats:
+        s, e = int(bo[g * B]), int(bo[g * B + B])
+        vidx.append(indices[s:e].long() + rows[t])
+        vbo.append(bo[g * B + 1:g * B + B + 1] - s + m)
+        if psw is not None:
+            vpsw.append(psw[s:e])
+        m += e - s
+    vidx = torch.cat(vidx) if vidx else indices.new_zeros(0, dtype=torch.int64)
+    return vidx, torch.cat(vbo), (torch.cat(vpsw) if psw is not None and vpsw else psw), feats
+
+
+def _reference_forward(weight, offsets, table_rows, features, indices, bag_offsets, psw, B, out_width):
+    """Pure-PyTorch collection lookup (pme.reference, one block at a time)."""
+    out = weight.new_zeros(B, out_width)
+    feats = features.tolist()
+    rows = table_rows.tolist()
+    bo = bag_offsets.long()
+    for k, (t, g, col, w, pool) in enumerate(feats):
+        s, e = int(bo[g * B]), int(bo[g * B + B])
+        idx = indices[s:e].long()
+        vt = rows[t + 1] - rows[t]
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= vt):
+            j = int(((idx < 0) | (idx >= vt)).nonzero()[0])
+            raise IndexError(f"pme: index out of range: indices[{s + j}] = {int(idx[j])} (output block {k}) but table "
+                             f"{t} has {vt} rows")
+        lbo = bo[g * B:g * B + B + 1] - s
+        p = psw[s:e] if psw is not None else None
+        e0, e1 = int(offsets[rows[t]]), int(offsets[rows[t + 1]])
+        toff = offsets[rows[t]:rows[t + 1] + 1] - e0
+        ops.check_offsets(toff, e1 - e0, w)
+        o = reference.embedding_bag(weight[e0:e1], toff, idx, lbo, w, None, "mean" if pool else "sum", p, None)
+        out[:, col:col + w] = o
+    return out
+
+
+def collection_lookup(weight, offsets, table_rows, features, indices, bag_offsets, per_sample_weights=None, *,
+                      batch_size: int, out_width: int):
+    """One pooled lookup of every output block of a batch (normal form of ``csrc/collection.h``).
+
+    Args:
+        weight: ``[total]`` flat rows of all tables; offsets ``[V + 1]`` int64.
+        table_rows: ``[T + 1]`` int64, table t's global rows. features: ``[F, 5]`` int64 rows of
+            (table, key, first output column, width, pooling 0 sum / 1 mean).
+        indices: ``[N]`` int32/int64, local to each table; bag_offsets ``[G * B + 1]`` (same dtype),
+            key g sample b = bag ``g * B + b``.
+        per_sample_weights: ``[N]`` of weight's dtype (sum pooling only) or None.
+
+    Returns ``[batch_size, out_width]`` of weight's dtype; differentiable in weight and the weights.
+    """
+    if ops._compiled(weight):
+        return torch.ops.pme.collection_forward(weight, offsets, table_rows, features, indices, bag_offsets,
+                                                per_sample_weights, int(batch_size), int(out_width))
+    return _reference_forward(weight, offsets, table_rows, features, indices, bag_offsets, per_sample_weights,
+                              int(batch_size), int(out_width))
+
+
+def collection_update_(weight, state1, state2, grad_out, offsets, table_rows, features, indices, bag_offsets,
+                       per_sample_weights=None, *, batch_size: int, optimizer="rowwise_adagrad", lr=0.01,
+                       weight_decay=0.0, eps=1e-8, beta1=0.9, beta2=0.999, step=1):
+    """Fused backward + optimizer step of a collection lookup, in place, all tables in one call.
+
+    ``grad_out`` ``[B, out_width]`` is the gradient of :func:`collection_lookup`'s output. The
+    gradients of a row's duplicates (within a bag, across samples, and across output blocks that
+    share its table) are summed first, then one step is taken, as pme.optim documents.
+    """
+    if optimizer not in ops.OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {sorted(ops.OPTIMIZERS)}, got {optimizer!r}")
+    if ops._compiled(weight):
+        torch.ops.pme.collection_update_(weight, state1, state2, grad_out, offsets, table_rows, features, indices,
+                                         bag_offsets, per_sample_weights, int(batch_size),
+                                         ops.OPTIMIZERS[optimizer], float(lr), float(weight_decay), float(eps),
+                                         float(beta1), float(beta2), int(step))
+        return
+    B = int(batch_size)
+    vidx, vbo, vpsw, feats = _virtual(weight, offsets, table_rows, features, indices, bag_offsets,
+                                      per_sample_weights, B)
+    # Mean blocks: their bags' gradient divided by the bag's length; every block padded to Wmax.
+    Wmax = max([f[3] for f in feats] + [1])
+    vgrad = grad_out.new_zeros(len(feats) * B, Wmax)
+    lens = (vbo[1:] - vbo[:-1]).to(grad_out.dtype)
+    for k, (t, g, col, w, pool) in enumerate(feats):
+        gk = grad_out[:, col:col + w]
+        if pool == 1:
+            gk = gk / lens[k * B:(k + 1) * B].clamp(min=1).unsqueeze(1)
+        vgrad[k * B:(k + 1) * B, :w] = gk
+    reference.sparse_update_(weight, state1, state2, vgrad, offsets, vidx, vbo, Wmax, None, "sum", vpsw, None,
+                             optimizer, lr, weight_decay, eps, beta1, beta2, step)
+
+
+class _FusedCollectionLookup(torch.autograd.Function):
+    """Forward of a collection with a fused optimizer; its backward applies the step."""
+
+    @staticmethod
+    def forward(ctx, anchor, module, indices, bag_offsets, features, psw, B):
+        out = collection_lookup(module.weight, module.offsets, module.table_rows, features, indices, bag_offsets,
+                                psw, batch_size=B, out_width=module.out_width)
+        ctx.module, ctx.B = module, B
+        ctx.save_for_backward(indices, bag_offsets, features, psw)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        indices, bag_offsets, features, psw = ctx.saved_tensors
+        m = ctx.module
+        m._fused_step(grad_out.contiguous(), indices, bag_offsets, features, psw, ctx.B)
+        return (None,) * 7
+
+
+# --------------------------------------------------------------------------------------------
+# The module
+# --------------------------------------------------------------------------------------------
+def _sizes_list(sizes, tables):
+    """``sizes`` argument -> one entry per table (None, int, or per-row sequence / tensor)."""
+    if sizes is None:
+        return [None] * len(tables)
+    if isinstance(sizes, int) and not isinstance(sizes, bool):
+        return [sizes] * len(tables)
+    if isinstance(sizes, Mapping):
+        unknown = set(sizes) - {t.name for t in tables}
+        if unknown:
+            raise KeyError(f"sizes names tables {sorted(unknown)} that the collection does not have "
+                           f"({[t.name for t in tables]})")
+        return [sizes.get(t.name) for t in tables]
+    if isinstance(sizes, (list, tuple)) and len(sizes) == len(tables):
+        return list(sizes)
+    raise TypeError("sizes must be None, an int (every row of every table), a mapping {table name: sizes} or a "
+                    f"list with one sizes entry per table ({len(tables)} tables)")
+
+
+class MultiSizeEmbeddingBagCollection(nn.Module):
+    """TorchRec's ``EmbeddingBagCollection`` over multi-size tables, all in one flat buffer.
+
+    Args:
+        tables: ``torchrec.EmbeddingBagConfig`` (or :class:`EmbeddingBagConfig`) list; table
+            names must be unique, a feature may be read by several tables.
+        sizes: per-row stored lengths: ``None`` (every row full width), an int for every row of
+            every table, ``{table name: sizes}`` or one entry per table, each entry as
+            ``MultiSizeEmbeddingBag`` takes it (``None``, an int, or ``V_t`` ints in ``[0, D_t]``).
+        is_weighted: the input carries per-lookup weights (sum pooling only).
+        device, dtype: of the flat buffer (float32 default).
+        optimizer: a ``pme.optim`` optimizer (``RowwiseAdagrad``, ``SGD``, ``Adam``): then
+            ``loss.backward()`` updates every table of the collection in one fused call and
+            ``weight`` gets no ``.grad``.
+
+    ``forward(features)`` takes a ``torchrec.KeyedJaggedTensor`` (returns a ``KeyedTensor``) or a
+    mapping ``{feature: (values [n], offsets [B + 1])}`` / ``(values, offsets, weights [n])``
+    (returns a :class:`KeyedOutput`); both give ``[B, sum of the output widths]`` values with keys
+    :meth:`embedding_names` in table order, then feature order.
+    """
+
+    _state_prefix = "embedding_bags"  # state_dict keys: <prefix>.<table>.weight, as TorchRec's module
+
+    def __init__(self, tables, sizes=None, is_weighted: bool = False, device=None, dtype=None, optimizer=None,
+                 _weight=None):
+        super().__init__()
+        tabs = [_table_of(c, i) for i, c in enumerate(tables)]
+        if not tabs:
+            raise ValueError("a collection needs at least one table")
+        names = [t.name for t in tabs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"table names must be unique, got {names}")
+        dtype = dtype or torch.get_default_dtype()
+        if dtype not in ops.WEIGHT_DTYPES:
+            raise TypeError(f"dtype must be float32, float64, float16 or bfloat16, got {dtype}")
+        if is_weighted and any(t.pooling != "sum" for t in tabs):
+            bad = [t.name for t in tabs if t.pooling != "sum"]
+            raise ValueError(f"is_weighted=True needs sum pooling (as nn.EmbeddingBag); tables {bad} pool by mean")
+        self._tables = tabs
+        self.is_weighted = bool(is_weighted)
+        self._embedding_names = embedding_names(tabs)
+        # Output blocks: (table, feature name, first column), in output order.
+        self._blocks = []
+        col = 0
+        for ti, t in enumerate(tabs):
+            for f in t.feature_names:
+                self._blocks.append((ti, f, col))
+                col += t.embedding_dim
+        self.out_width = col
+        self._feature_cache: dict = {}
+        per_table = [parse_sizes(s, t.num_embeddings, t.embedding_dim) for s, t in zip(_sizes_list(sizes, tabs), tabs)]
+        self.register_buffer("offsets", self._global_offsets(per_table).to(device))
+        rows = torch.zeros(len(tabs) + 1, dtype=torch.int64)
+        torch.cumsum(torch.tensor([t.num_embeddings for t in tabs]), 0, out=rows[1:])
+        self.register_buffer("table_rows", rows.to(device))
+        total = int(self.offsets[-1])
+        if _weight is not None:
+            if _weight.shape != (total,):
+                raise ValueError(f"_weight must have shape ({total},), got {tuple(_weight.shape)}")
+            self.weight = nn.Parameter(_weight.detach().to(device=device, dtype=dtype).clone())
+        else:
+            self.weight = nn.Parameter(torch.empty(total, device=device, dtype=dtype))
+            self.reset_parameters()
+        self.optimizer = None
+        if optimizer is not None:
+            self._attach(optimizer)
+
+    @staticmethod
+    def _global_offsets(per_table) -> torch.Tensor:
+        sizes = torch.cat(per_table) if per_table else torch.zeros(0, dtype=torch.int64)
+        off = torch.zeros(sizes.numel() + 1, dtype=torch.int64)
+        torch.cumsum(sizes, 0, out=off[1:])
+        return off
+
+    # ---- tables ---------------------------------------------------------------------------
+    def embedding_bag_configs(self) -> list:
+        """The tables as :class:`EmbeddingBagConfig` (pme's; field for field TorchRec's)."""
+        return [EmbeddingBagConfig(t.num_embeddings, t.embedding_dim, t.name, list(t.feature_names), t.pooling,
+                                   t.init_max, t.init_min) for t in self._tables]
+
+    @property
+    def table_names(self) -> list:
+        return [t.name for t in self._tables]
+
+    def embedding_names(self) -> list:
+        """Output keys in output order (``feature`` or ``feature@table``, as TorchRec)."""
+        return list(self._embedding_names)
+
+    def _table_index(self, name) -> int:
+        for i, t in enumerate(self._tables):
+            if t.name == name:
+                return i
+        raise KeyError(f"no table {name!r} in the collection (tables: {self.table_names})")
+
+    def _row_span(self, i: int):
+        r0, r1 = int(self.table_rows[i]), int(self.table_rows[i + 1])
+        return r0, r1, int(self.offsets[r0]), int(self.offsets[r1])
+
+    def table_offsets(self, name) -> torch.Tensor:
+        """``[V_t + 1]`` int64: the table's own offsets (starting at 0)."""
+        r0, r1, e0, _ = self._row_span(self._table_index(name))
+        return self.offsets[r0:r1 + 1] - e0
+
+    def table_weight(self, name) -> torch.Tensor:
+        """``[total_t]``: a view of the table's rows in the flat buffer."""
+        _, _, e0, e1 = self._row_span(self._table_index(name))
+        return self.weight[e0:e1]
+
+    def sizes(self, name) -> torch.Tensor:
+        """``[V_t]`` int64: the stored length of every row of table ``name``."""
+        o = self.table_offsets(name)
+        return o[1:] - o[:-1]
+
+    def to_dense(self, name=None):
+        """Dense view ``[V_t, D_t]`` of table ``name`` (rows zero-padded), or ``{name: view}`` for all."""
+        if name is None:
+            return {t.name: self.to_dense(t.name) for t in self._tables}
+        t = self._tables[self._table_index(name)]
+        return ops.to_dense(self.table_weight(name), self.table_offsets(name), t.embedding_dim)
+
+    def reset_parameters(self):
+        """Each table uniform in ``[weight_init_min, weight_init_max]`` (TorchRec's default)."""
+        with torch.no_grad():
+            for i, t in enumerate(self._tables):
+                _, _, e0, e1 = self._row_span(i)
+                self.weight[e0:e1].uniform_(t.init_min, t.init_max)
+
+    # ---- memory accounting ----------------------------------------------------------------
+    def num_stored(self) -> int:
+        return self.weight.numel()
+
+    def memory_report(self) -> dict:
+        """Stored entries and bytes, per table and in all, next to the dense tables'."""
+        es = self.weight.element_size()
+        per = {}
+        for i, t in enumerate(self._tables):
+            r0, r1, e0, e1 = self._row_span(i)
+            dense = t.num_embeddings * t.embedding_dim
+            per[t.name] = {"rows": t.num_embeddings, "embedding_dim": t.embedding_dim, "stored_entries": e1 - e0,
+                           "dense_entries": dense, "entry_fraction": (e1 - e0) / dense,
+                           "bytes": (e1 - e0) * es + (r1 - r0 + 1) * 8, "dense_bytes": dense * es}
+        stored = self.weight.numel()
+        dense = sum(p["dense_entries"] for p in per.values())
+        return {"tables": per, "stored_entries": stored, "dense_entries": dense, "entry_fraction": stored / dense,
+                "bytes": stored * es + self.offsets.numel() * 8, "dense_bytes": dense * es}
+
+    def extra_repr(self) -> str:
+        lines = []
+        for t in self._tables:
+            s = self.sizes(t.name).cpu()
+            lines.append(f"({t.name}): {t.num_embeddings} x {t.embedding_dim}, pooling={t.pooling!r}, "
+                         f"features={list(t.feature_names)}, sizes={_summary(s)}, "
+                         f"stored={100 * int(s.sum()) / (t.num_embeddings * t.embedding_dim):.1f}% of dense")
+        head = f"tables={len(self._tables)}, out_width={self.out_width}, stored={self.weight.numel():,}"
+        if self.is_weighted:
+            head += ", is_weighted=True"
+        if self.weight.dtype != torch.float32:
+            head += f", dtype={self.weight.dtype}"
+        if self.optimizer is not None:
+            head += f", optimizer={self.optimizer!r}"
+        return head + "\n" + "\n".join(lines)
+
+    # ---- input normal form ----------------------------------------------------------------
+    def _features(self, keys) -> torch.Tensor:
+        """``[F, 5]`` int64 on the table's device for an input whose keys come in ``keys`` order."""
+        keys = tuple(keys)
+        dev = self.weight.device
+        hit = self._feature_cache.get((keys, dev))
+        if hit is not None:
+            return hit
+        pos = {k: i for i, k in enumerate(keys)}
+        rows = []
+        for ti, f, col in self._blocks:
+            if f not in pos:
+                raise KeyError(f"the input has no feature {f!r} (table {self._tables[ti].name!r} reads it); "
+                               f"its keys are {list(keys)}")
+            t = self._tables[ti]
+            rows.append([ti, pos[f], col, t.embedding_dim, POOLINGS[t.pooling]])
+        out = torch.tensor(rows, dtype=torch.int64).reshape(-1, _F).to(dev)
+        self._feature_cache[(keys, dev)] = out
+        return out
+
+    def _normal_form(self, features):
+        """Input -> (keys, indices, bag_offsets, weights or None, B)."""
+        if _is_kjt(features):
+            if getattr(features, "variable_stride_per_key", lambda: False)():
+                raise NotImplementedError("pme: a KeyedJaggedTensor with a variable batch per feature is not "
+                                          "supported yet")
+            keys = features.keys()
+            values, offs = features.values(), features.offsets()
+            w = features.weights_or_none()
+            B = features.stride()
+        elif isinstance(features, Mapping):
+            keys, vals, offl, wl = [], [], [], []
+            B = None
+            base = 0
+            for k, item in features.items():
+                if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
+                    raise TypeError(f"feature {k!r}: expected (values, offsets) or (values, offsets, weights), got "
+                                    f"{type(item).__name__}")
+                v, o = item[0], item[1]
+                if not isinstance(v, torch.Tensor) or not isinstance(o, torch.Tensor) or v.dim() != 1 or o.dim() != 1:
+                    raise ValueError(f"feature {k!r}: values and offsets must be 1-D tensors")
+                if o.numel() < 1:
+                    raise ValueError(f"feature {k!r}: offsets must have B + 1 >= 1 entries (they include the end)")
+                if B is None:
+                    B = o.numel() - 1
+                elif o.numel() - 1 != B:
+                    raise ValueError(f"feature {k!r} has {o.numel() - 1} bags but the first feature has {B}; every "
+                                     "feature needs the same batch size")
+                if o.numel() and (int(o[0]) != 0 or int(o[-1]) != v.numel()):
+                    raise ValueError(f"feature {k!r}: offsets must start at 0 and end at len(values) = {v.numel()}, "
+                                     f"got {int(o[0])} and {int(o[-1])}")
+                keys.append(k)
+                vals.append(v)
+                offl.append((o[1:] if offl else o).long() + base)
+                wl.append(item[2] if len(item) == 3 else None)
+                base += v.numel()
+            if not keys:
+                raise ValueError("the input has no features")
+            dtype = torch.int64 if any(v.dtype == torch.int64 for v in vals) else vals[0].dtype
+            values = torch.cat([v.to(dtype) for v in vals])
+            offs = torch.cat(offl)
+            if any(x is not None for x in wl):
+                if any(x is None for x in wl):
+                    raise ValueError("either every feature carries weights or none does")
+                w = torch.cat(wl)
+            else:
+                w = None
+        else:
+            raise TypeError("features must be a torchrec KeyedJaggedTensor or a mapping {feature: (values, offsets)}, "
+                            f"got {type(features).__name__}")
+        if values.dtype not in ops.INDEX_DTYPES:
+            raise TypeError(f"values (indices) must be int32 or int64, got {values.dtype}")
+        dev = self.weight.device
+        if values.device != dev:
+            raise ValueError(f"the input is on {values.device} but the collection is on {dev}")
+        if offs.dtype != values.dtype:
+            offs = offs.to(values.dtype)
+        if self.is_weighted:
+            if w is None:
+                raise ValueError("the collection is weighted (is_weighted=True) but the input carries no weights")
+            if w.dtype != self.weight.dtype:
+                w = w.to(self.weight.dtype)
+        elif w is not None:
+            w = None  # as EmbeddingBagCollection: an unweighted collection ignores the input's weights
+        return keys, values.contiguous(), offs.contiguous(), (w.contiguous() if w is not None else None), int(B)
+
+    # ---- forward ----------------------------------------------------------------------------
+    def forward(self, features):
+        """KeyedJaggedTensor -> KeyedTensor, or ``{feature: (values, offsets[, weights])}`` -> KeyedOutput.
+
+        Values ``[B, out_width]``: output block ``feature`` of table ``t`` in columns of width
+        ``D_t``, equal to ``nn.EmbeddingBag(mode=t.pooling)`` on the table's dense view.
+        """
+        keys, idx, bo, psw, B = self._normal_form(features)
+        feats = self._features(keys)
+        if self.optimizer is not None and self.training and torch.is_grad_enabled():
+            anchor = torch.zeros((), device=self.weight.device, requires_grad=True)
+            values = _FusedCollectionLookup.apply(anchor, self, idx, bo, feats, psw, B)
+        else:
+            values = collection_lookup(self.weight, self.offsets, self.table_rows, feats, idx, bo, psw,
+                                       batch_size=B, out_width=self.out_width)
+        lengths = [self._tables[ti].embedding_dim for ti, _, _ in self._blocks]
+        if _is_kjt(features):
+            from torchrec.sparse.jagged_tensor import KeyedTensor
+
+            if values.dtype in (torch.float16, torch.bfloat16):
+                values = values.float()  # EmbeddingBagCollection returns float32 for half tables
+            return KeyedTensor(keys=self.embedding_names(), length_per_key=lengths, values=values)
+        return KeyedOutput(self.embedding_names(), lengths, values)
+
+    # ---- fused optimizer --------------------------------------------------------------------
+    def _attach(self, opt):
+        from .optim import FusedOptimizer
+
+        if not isinstance(opt, FusedOptimizer):
+            raise TypeError(f"optimizer must be a pme.optim optimizer (SGD, RowwiseAdagrad, Adam), got "
+                            f"{type(opt).__name__}")
+        acc = ops.acc_dtype(self.weight.dtype)
+        dev = self.weight.device
+        V, total = self.offsets.numel() - 1, self.weight.numel()
+        s1 = {"sgd": 0, "rowwise_adagrad": V, "adam": total}[opt.name]
+        s2 = total if opt.name == "adam" else 0
+        self.register_buffer("optim_state1", torch.zeros(s1, dtype=acc, device=dev))
+        self.register_buffer("optim_state2", torch.zeros(s2, dtype=acc, device=dev))
+        self.register_buffer("optim_step", torch.zeros((), dtype=torch.int64))
+        self.weight.requires_grad_(False)
+        self.optimizer = opt
+
+    def _fused_step(self, grad_out, indices, bag_offsets, features, psw, B):
+        opt = self.optimizer
+        self.optim_step += 1
+        g = grad_out if opt.grad_scale == 1.0 else grad_out / opt.grad_scale
+        collection_update_(self.weight.data, self.optim_state1, self.optim_state2, g.to(self.weight.dtype),
+                           self.offsets, self.table_rows, features, indices, bag_offsets, psw, batch_size=B,
+                           optimizer=opt.name, lr=opt.lr, weight_decay=opt.weight_decay, eps=opt.eps,
+                           beta1=opt.beta1, beta2=opt.beta2, step=int(self.optim_step))
+
+    def _apply(self, fn, recurse=True):
+        # As pme.modules: the optimizer state keeps its accumulation dtype and the step stays on
+        # the host; the feature tables are rebuilt on the new device.
+        held = {k: self._buffers[k] for k in ("optim_state1", "optim_state2", "optim_step")
+                if self._buffers.get(k) is not None}
+        for k in held:
+            self._buffers[k] = None
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            acc = ops.acc_dtype(self.weight.dtype)
+            for k, t in held.items():
+                self._buffers[k] = t if k == "optim_step" else t.to(device=self.weight.device, dtype=acc)
+            self._feature_cache = {}
+        return self
+
+    # ---- state_dict per table ---------------------------------------------------------------
+    def _state_per_row(self):
+        """Which optimizer buffers are per row (sliced by rows) or per entry (sliced by entries)."""
+        if self.optimizer is None:
+            return {}
+        if self.optimizer.name == "rowwise_adagrad":
+            return {"optim_state1": "rows", "optim_state2": "none"}
+        if self.optimizer.name == "adam":
+            return {"optim_state1": "entries", "optim_state2": "entries"}
+        return {"optim_state1": "none", "optim_state2": "none"}
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # Copies (not views): a view of one table would make torch.save write the whole buffer.
+        states = self._state_per_row()
+        for i, t in enumerate(self._tables):
+            r0, r1, e0, e1 = self._row_span(i)
+            p = f"{prefix}{self._state_prefix}.{t.name}."
+            w = self.weight[e0:e1]
+            destination[p + "weight"] = (w if keep_vars else w.detach()).clone()
+            destination[p + "offsets"] = self.offsets[r0:r1 + 1] - e0
+            for k, how in states.items():
+                buf = getattr(self, k)
+                part = buf[r0:r1] if how == "rows" else buf[e0:e1] if how == "entries" else buf[:0]
+                destination[p + k] = part.detach().clone()
+        if self.optimizer is not None:
+            destination[prefix + "optim_step"] = self.optim_step.detach().clone()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        states = self._state_per_row()
+        expected = []
+        for t in self._tables:
+            p = f"{prefix}{self._state_prefix}.{t.name}."
+            expected += [p + "weight", p + "offsets"] + [p + k for k in states]
+        if self.optimizer is not None:
+            expected.append(prefix + "optim_step")
+        missing = [k for k in expected if k not in state_dict]
+        missing_keys.extend(missing)
+        if strict:
+            own = prefix + self._state_prefix + "."
+            unexpected_keys.extend(k for k in state_dict if k.startswith(own) and k not in expected)
+        if missing:
+            return
+        # Validate every table first; replace nothing unless all are good.
+        weights, offs, st = [], [], {k: [] for k in states}
+        errors = []
+        for i, t in enumerate(self._tables):
+            p = f"{prefix}{self._state_prefix}.{t.name}."
+            w, o = state_dict[p + "weight"], state_dict[p + "offsets"]
+            try:
+                if not isinstance(o, torch.Tensor) or o.dtype != torch.int64 or o.shape != (t.num_embeddings + 1,):
+                    raise ValueError(f"offsets must be int64 [{t.num_embeddings + 1}], got "
+                                     f"{getattr(o, 'dtype', type(o))} {tuple(getattr(o, 'shape', ()))}")
+                if not isinstance(w, torch.Tensor) or w.dim() != 1 or w.dtype not in ops.WEIGHT_DTYPES:
+                    raise ValueError("weight must be a 1-D float tensor")
+                o = o.detach().cpu()
+                ops.check_offsets(o, w.numel(), t.embedding_dim)
+                for k, how in states.items():
+                    s = state_dict[p + k]
+                    n = t.num_embeddings if how == "rows" else w.numel() if how == "entries" else 0
+                    if not isinstance(s, torch.Tensor) or s.shape != (n,) or not s.is_floating_point():
+                        raise ValueError(f"{k} must be a float tensor of {n} entries, got "
+                                         f"{tuple(getattr(s, 'shape', ()))}")
+                    if not bool(torch.isfinite(s).all()) or (how != "none" and k == "optim_state1"
+                                                             and self.optimizer.name == "rowwise_adagrad"
+                                                             and bool((s < 0).any())):
+                        raise ValueError(f"{k} holds non-finite or negative values")
+                    st[k].append(s)
+            except ValueError as e:
+                errors.append(f"{p[:-1]}: {e}")
+                continue
+            weights.append(w)
+            offs.append(o)
+        if errors:
+            error_msgs.extend(errors)
+            return
+        sizes = [o[1:] - o[:-1] for o in offs]
+        new_off = self._global_offsets(sizes).to(self.offsets.device)
+        dev, dtype = self.weight.device, self.weight.dtype
+        flat = torch.cat([w.detach().to(device=dev, dtype=dtype) for w in weights])
+        with torch.no_grad():
+            if flat.numel() == self.weight.numel():
+                self.weight.copy_(flat)
+            else:
+                self.weight = nn.Parameter(flat, requires_grad=self.weight.requires_grad)
+        self.offsets = new_off
+        for k in states:
+            buf = getattr(self, k)
+            setattr(self, k, torch.cat([s.detach().to(device=buf.device, dtype=buf.dtype) for s in st[k]]))
+        if self.optimizer is not None:
+            self.optim_step.copy_(state_dict[prefix + "optim_step"].reshape(()))
+
+    # ---- constructors -----------------------------------------------------------------------
+    def subset(self, table_names) -> "MultiSizeEmbeddingBagCollection":
+        """A new collection of the named tables (in that order), with copies of their rows, sizes
+        and fused-optimizer state: the unit a table-wise sharder places on one rank."""
+        idx = [self._table_index(n) for n in table_names]
+        if len(set(idx)) != len(idx):
+            raise ValueError(f"table names repeat: {list(table_names)}")
+        cfgs = [self.embedding_bag_configs()[i] for i in idx]
+        opt = None
+        if self.optimizer is not None:
+            opt = type(self.optimizer).__new__(type(self.optimizer))
+            opt.__dict__.update(self.optimizer.__dict__)
+        kwargs = {} if type(self) is not MultiSizeEmbeddingBagCollection else {"is_weighted": self.is_weighted}
+        new = type(self)(cfgs, {n: self.sizes(n).cpu() for n in table_names}, device=self.weight.device,
+                         dtype=self.weight.dtype, optimizer=opt, **kwargs)
+        sd = self.state_dict()
+        keep = {k: v for k, v in sd.items() if k == "optim_step" or k.split(".")[1] in set(table_names)}
+        new.load_state_dict(keep)
+        return new
+
+    @classmethod
+    def from_ebc(cls, ebc, sizes=None, scores=None, order: str = "position", **kwargs):
+        """Multi-size copy of a ``torchrec.EmbeddingBagCollection`` (tables, features, pooling, weights).
+
+        Row ``i`` of table ``t`` keeps its first ``sizes[t][i]`` values (or its best by
+        ``scores[t]`` ``[V_t, D_t]``, packed in ``order``); ``sizes`` as the constructor takes it.
+        Other keyword arguments go to the constructor (``optimizer=``, ...).
+        """
+        configs = ebc.embedding_bag_configs()
+        dense = {c.name: ebc.embedding_bags[c.name].weight.detach() for c in configs}
+        return cls.from_dense(configs, dense, sizes, scores=scores, order=order,
+                              is_weighted=kwargs.pop("is_weighted", ebc.is_weighted()), **kwargs)
+
+    @classmethod
+    def from_dense(cls, tables, dense, sizes=None, scores=None, order: str = "position", **kwargs):
+        """A collection whose table ``t`` keeps ``sizes[t]`` entries of ``dense[t]`` ``[V_t, D_t]`` per row.
+
+        ``dense`` is ``{table name: [V_t, D_t]}`` (or a list in table order); ``scores`` likewise
+        (optional) picks the kept entries by score, as ``MultiSizeEmbeddingBag.from_dense``.
+        """
+        tabs = [_table_of(c, i) for i, c in enumerate(tables)]
+        if not isinstance(dense, Mapping):
+            dense = {t.name: d for t, d in zip(tabs, dense)}
+        scores = scores or {}
+        if not isinstance(scores, Mapping):
+            scores = {t.name: s for t, s in zip(tabs, scores)}
+        flats = []
+        first = next(iter(dense.values()))
+        kwargs.setdefault("dtype", first.dtype)
+        kwargs.setdefault("device", first.device)
+        for t, s in zip(tabs, _sizes_list(sizes, tabs)):
+            w = dense[t.name].detach()
+            if w.shape != (t.num_embeddings, t.embedding_dim):
+                raise ValueError(f"table {t.name!r}: dense weight has shape {tuple(w.shape)}, expected "
+                                 f"({t.num_embeddings}, {t.embedding_dim})")
+            sz = parse_sizes(s, t.num_embeddings, t.embedding_dim).to(w.device)
+            sc = scores.get(t.name)
+            if sc is None:
+                sc = -torch.arange(t.embedding_dim, dtype=torch.float32, device=w.device).expand_as(w).contiguous()
+            flat, _ = ops.prune_pack(w, sc.detach().float(), sz, order)
+            flats.append(flat)
+        sizes_l = [parse_sizes(s, t.num_embeddings, t.embedding_dim) for s, t in zip(_sizes_list(sizes, tabs), tabs)]
+        return cls(tables, sizes=sizes_l, _weight=torch.cat(flats), **kwargs)
+
+
+def _is_ebc(mod) -> bool:
+    return hasattr(mod, "embedding_bag_configs") and hasattr(mod, "embedding_bags") and hasattr(mod, "is_weighted")
+
+
+def convert(model: nn.Module, sizes_by_module: Mapping, init: str = "kept", scores=None, **kwargs) -> nn.Module:
+    """``pme.convert`` that also swaps TorchRec collections, in place.
+
+    A name of ``sizes_by_module`` that is a ``torchrec.EmbeddingBagCollection`` becomes a
+    :class:`MultiSizeEmbeddingBagCollection` (``from_ebc``; its sizes are ``{table name: sizes}``,
+    ``scores`` likewise ``{table name: [V_t, D_t]}``); every other name goes to
+    ``pme.modules.convert`` (nn.EmbeddingBag / nn.Embedding). Returns ``model``.
+    """
+    from . import modules
+
+    if not isinstance(sizes_by_module, Mapping):
+        raise TypeError("sizes_by_module must be a mapping {module name: sizes}")
+    named = dict(model.named_modules())
+    rest = {}
+    for name, sizes in sizes_by_module.items():
+        mod = named.get(name)
+        if not _is_ebc(mod):
+            rest[name] = sizes
+            continue
+        if init != "kept":
+            raise NotImplementedError(f"pme: init={init!r} is not supported for collections (only 'kept')")
+        new = MultiSizeEmbeddingBagCollection.from_ebc(mod, sizes, scores=(scores or {}).get(name), **kwargs)
+        parent_name, _, attr = name.rpartition(".")
+        setattr(named[parent_name] if parent_name else model, attr, new)
+    if rest:
+        modules.convert(model, rest, init=init, scores=scores, **kwargs)
+    return model
+
+
+class MultiSizeEmbeddingCollection(MultiSizeEmbeddingBagCollection):
+    """TorchRec's non-pooled ``EmbeddingCollection`` over multi-size tables (one flat buffer).
+
+    Tables as :class:`MultiSizeEmbeddingBagCollection` takes them (``torchrec.EmbeddingConfig``
+    accepted; pooling is ignored); as TorchRec, every table has the same ``embedding_dim`` D.
+    ``forward(kjt)`` returns ``{embedding name: torchrec.JaggedTensor}`` whose values are
+    ``[n_f, D]`` (one zero-padded row per lookup, equal to ``nn.Embedding`` on the dense view) and
+    whose lengths are the feature's; a mapping ``{feature: (values, offsets [B + 1])}`` returns
+    ``{embedding name: (embeddings [n_f, D], offsets)}``. All features are looked up in one call
+    (``pme::embedding_forward`` on the whole buffer, rows shifted by their table's first row).
+    The fused optimizers are not offered here (use the dense gradient of ``weight``).
+    """
+
+    _state_prefix = "embeddings"  # as torchrec.EmbeddingCollection
+
+    def __init__(self, tables, sizes=None, device=None, dtype=None, _weight=None, optimizer=None):
+        if optimizer is not None:
+            raise NotImplementedError("pme: MultiSizeEmbeddingCollection has no fused optimizer yet; train its "
+                                      "weight with a torch optimizer")
+        super().__init__(tables, sizes, is_weighted=False, device=device, dtype=dtype, _weight=_weight)
+        dims = {t.embedding_dim for t in self._tables}
+        if len(dims) != 1:
+            raise ValueError(f"all tables of an EmbeddingCollection must have the same embedding_dim (as TorchRec), "
+                             f"got {sorted(dims)}")
+        self.embedding_dim = dims.pop()
+
+    def forward(self, features):
+        keys, idx, bo, _, B = self._normal_form(features)
+        pos = {k: i for i, k in enumerate(keys)}
+        bo = bo.long()
+        rows = self.table_rows.tolist()
+        parts, spans = [], []
+        for ti, f, _ in self._blocks:
+            if f not in pos:
+                raise KeyError(f"the input has no feature {f!r} (table {self._tables[ti].name!r} reads it); its keys "
+                               f"are {list(keys)}")
+            g = pos[f]
+            s, e = int(bo[g * B]), int(bo[g * B + B])
+            v = idx[s:e].long()
+            vt = self._tables[ti].num_embeddings
+            if v.numel() and (int(v.min()) < 0 or int(v.max()) >= vt):
+                j = int(((v < 0) | (v >= vt)).nonzero()[0])
+                raise IndexError(f"pme: index out of range: {f!r} value {j} = {int(v[j])} but table "
+                                 f"{self._tables[ti].name!r} has {vt} rows")
+            parts.append(v + rows[ti])
+            spans.append((s, e, g))
+        flat = torch.cat(parts) if parts else idx.new_zeros(0, dtype=torch.int64)
+        emb = ops.embedding(self.weight, self.offsets, flat, width=self.embedding_dim)
+        out, m = {}, 0
+        kjt = _is_kjt(features)
+        if kjt:
+            from torchrec.sparse.jagged_tensor import JaggedTensor
+        for name, (s, e, g) in zip(self.embedding_names(), spans):
+            vals = emb[m:m + e - s]
+            m += e - s
+            offs = bo[g * B:g * B + B + 1] - s
+            if kjt:
+                if vals.dtype in (torch.float16, torch.bfloat16):
+                    vals = vals.float()  # as EmbeddingCollection
+                out[name] = JaggedTensor(values=vals, offsets=offs)
+            else:
+                out[name] = (vals, offs)
+        return out

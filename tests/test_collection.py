@@ -1,0 +1,490 @@
+"""pme.MultiSizeEmbeddingBagCollection without TorchRec: plain per-feature input.
+
+Oracles: torch's F.embedding_bag on each table's zero-padded dense view (float64), per-table
+pme.MultiSizeEmbeddingBag modules, and a dense float64 optimizer step restricted to the stored
+entries. Tables of random sizes (zero and full rows), a feature shared by two tables, sum and
+mean pooling, weighted features, empty bags, the largest index, duplicates, int32 and int64.
+"""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pme
+from pme.collection import EmbeddingBagConfig, MultiSizeEmbeddingBagCollection, embedding_names
+
+from conftest import random_sizes
+
+
+def make_collection(seed, pooling="sum", weighted=False, dtype=torch.float64, optimizer=None, shared=True):
+    """4 tables (V, D random), random sizes; feature "f0" read by tables t0 and t2 when shared."""
+    gen = torch.Generator().manual_seed(seed)
+    tables, sizes = [], {}
+    feats = [["f0", "f1"], ["f2"], ["f0" if shared else "f5", "f3"], ["f4"]]
+    for t in range(4):
+        V = int(torch.randint(3, 40, (1,), generator=gen))
+        D = [4, 8, 16, 5][t]
+        pool = pooling if pooling != "mixed" else ("mean" if t % 2 else "sum")
+        tables.append(EmbeddingBagConfig(V, D, f"t{t}", feats[t], pool))
+        sizes[f"t{t}"] = random_sizes(V, D, gen)
+    m = MultiSizeEmbeddingBagCollection(tables, sizes, is_weighted=weighted, dtype=dtype, optimizer=optimizer)
+    with torch.no_grad():
+        m.weight.copy_(torch.randn(m.weight.numel(), generator=gen, dtype=torch.float64).to(dtype))
+    return m, tables, sizes
+
+
+def make_input(m, B, seed, index_dtype=torch.int64, weighted=False, max_len=5, key_order=None):
+    """{feature: (values, offsets [B + 1][, weights])}: empty bags, largest index, duplicates."""
+    gen = torch.Generator().manual_seed(seed + 1000)
+    rows = {}
+    for t in m._tables:
+        for f in t.feature_names:
+            rows[f] = min(rows.get(f, t.num_embeddings), t.num_embeddings)
+    keys = key_order or sorted(rows)
+    out = {}
+    for f in keys:
+        lens = torch.randint(0, max_len + 1, (B,), generator=gen)
+        if B >= 2:
+            lens[0] = 0
+        n = int(lens.sum())
+        v = torch.randint(0, rows[f], (n,), generator=gen)
+        if n >= 3:
+            v[0] = rows[f] - 1
+            v[1] = v[2]
+        o = torch.zeros(B + 1, dtype=torch.int64)
+        o[1:] = lens.cumsum(0)
+        item = (v.to(index_dtype), o.to(index_dtype))
+        if weighted:
+            item = item + (torch.randn(n, generator=gen, dtype=torch.float64).to(m.weight.dtype),)
+        out[f] = item
+    return out
+
+
+def dense_oracle(m, inp, dense=None):
+    """{output key: F.embedding_bag on the dense view}, the dense views (float64, requiring grad)."""
+    if dense is None:
+        dense = {t.name: m.to_dense(t.name).detach().double().requires_grad_() for t in m._tables}
+    res = {}
+    names = iter(embedding_names(m._tables))
+    for t in m._tables:
+        for f in t.feature_names:
+            item = inp[f]
+            psw = item[2].double() if len(item) == 3 and m.is_weighted else None
+            res[next(names)] = F.embedding_bag(item[0].long(), dense[t.name], item[1].long(), mode=t.pooling,
+                                               per_sample_weights=psw, include_last_offset=True)
+    return res, dense
+
+
+def stored_mask(m, name):
+    s = m.sizes(name)
+    t = m._tables[m._table_index(name)]
+    return torch.arange(t.embedding_dim).unsqueeze(0) < s.unsqueeze(1)
+
+
+@pytest.mark.parametrize("pooling,weighted,index_dtype",
+                         [("sum", False, torch.int64), ("mean", False, torch.int32), ("sum", True, torch.int32),
+                          ("mixed", False, torch.int64), ("sum", True, torch.int64)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_forward_and_gradients_equal_dense_view(pooling, weighted, index_dtype, seed):
+    m, tables, sizes = make_collection(seed, pooling, weighted)
+    B = 6
+    inp = make_input(m, B, seed, index_dtype, weighted, key_order=["f4", "f3", "f2", "f1", "f0"])
+    if weighted:
+        inp = {k: (v, o, w.clone().requires_grad_()) for k, (v, o, w) in inp.items()}
+    out = m(inp)
+    assert isinstance(out, pme.collection.KeyedOutput)
+    assert out.keys() == ["f0@t0", "f1", "f2", "f0@t2", "f3", "f4"]
+    assert out.values().shape == (B, m.out_width) and out.values().dtype == torch.float64
+    ref, dense = dense_oracle(m, {k: tuple(x.detach() for x in item) for k, item in inp.items()})
+    for k, v in out.to_dict().items():
+        torch.testing.assert_close(v, ref[k], rtol=1e-10, atol=1e-10, msg=k)
+    # Gradients: the dense gradient restricted to the stored entries, table by table.
+    go = torch.randn_like(out.values())
+    out.values().backward(go)
+    torch.autograd.backward([ref[k] for k in out.keys()], [go[:, a:b] for a, b in
+                                                             zip(out.offset_per_key()[:-1], out.offset_per_key()[1:])])
+    for i, t in enumerate(m._tables):
+        _, _, e0, e1 = m._row_span(i)
+        got = m.weight.grad[e0:e1]
+        want = dense[t.name].grad[stored_mask(m, t.name)]
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=t.name)
+    if weighted:
+        # f0 feeds two tables: its weights' gradient is the sum of both blocks'.
+        inp2 = {k: (v, o, w.detach().clone().requires_grad_()) for k, (v, o, w) in inp.items()}
+        ref2, _ = dense_oracle(m, inp2)
+        torch.autograd.backward([ref2[k] for k in out.keys()], [go[:, a:b] for a, b in
+                                                                  zip(out.offset_per_key()[:-1],
+                                                                      out.offset_per_key()[1:])])
+        for k in inp:
+            torch.testing.assert_close(inp[k][2].grad, inp2[k][2].grad, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_forward_dtypes_match_per_table_modules(dtype):
+    """Each output block equals a per-table pme.MultiSizeEmbeddingBag on the same rows."""
+    m, tables, sizes = make_collection(5, "mixed", dtype=dtype)
+    inp = make_input(m, 9, 5, torch.int64)
+    out = m(inp).to_dict()
+    names = iter(m.embedding_names())
+    for t in tables:
+        single = pme.MultiSizeEmbeddingBag(t.num_embeddings, t.embedding_dim, sizes=sizes[t.name], mode=t.pooling,
+                                           include_last_offset=True, dtype=dtype)
+        with torch.no_grad():
+            single.weight.copy_(m.table_weight(t.name))
+        for f in t.feature_names:
+            v, o = inp[f]
+            torch.testing.assert_close(out[next(names)], single(v, o), rtol=0, atol=0)
+
+
+def test_full_sizes_equal_nn_embedding_bag_float32():
+    m, tables, _ = make_collection(7, "mixed", dtype=torch.float32)
+    full = MultiSizeEmbeddingBagCollection(tables, None, dtype=torch.float32)
+    inp = make_input(full, 11, 7)
+    out = full(inp).to_dict()
+    names = iter(full.embedding_names())
+    for t in tables:
+        dense = full.to_dense(t.name)
+        assert torch.equal(dense.reshape(-1), full.table_weight(t.name))  # full rows: the flat buffer is dense
+        eb = torch.nn.EmbeddingBag.from_pretrained(dense, mode=t.pooling, include_last_offset=True)
+        for f in t.feature_names:
+            torch.testing.assert_close(out[next(names)], eb(*inp[f]), rtol=1e-6, atol=1e-6)
+
+
+def test_all_empty_and_zero_batch():
+    m, _, _ = make_collection(3, "mean")
+    inp = {f: (torch.zeros(0, dtype=torch.int64), torch.zeros(5, dtype=torch.int64)) for f in
+           ["f0", "f1", "f2", "f3", "f4"]}
+    out = m(inp).values()
+    assert out.shape == (4, m.out_width) and bool((out == 0).all())
+    out.sum().backward()
+    assert bool((m.weight.grad == 0).all())
+    inp = {f: (torch.zeros(0, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)) for f in
+           ["f0", "f1", "f2", "f3", "f4"]}
+    assert m(inp).values().shape == (0, m.out_width)
+
+
+def _dense_step(m, inp, go, opt, state, step):
+    """Reference fused step on the dense float64 views: summed gradient, rows the batch touches."""
+    ref, dense = dense_oracle(m, inp)
+    out_keys = m.embedding_names()
+    offs = [0]
+    for t in m._tables:
+        for _ in t.feature_names:
+            offs.append(offs[-1] + t.embedding_dim)
+    torch.autograd.backward([ref[k] for k in out_keys], [go[:, a:b] for a, b in zip(offs[:-1], offs[1:])])
+    new = {}
+    for t in m._tables:
+        w = dense[t.name].detach().clone()
+        g = dense[t.name].grad
+        mask = stored_mask(m, t.name)
+        touched = torch.zeros(t.num_embeddings, dtype=torch.bool)
+        for f in t.feature_names:
+            v, o = inp[f][0], inp[f][1]
+            touched[v[:int(o[-1])].long()] = True
+        s1, s2, mm = state[t.name]
+        for r in touched.nonzero().flatten().tolist():
+            n = int(mask[r].sum())
+            gr = g[r, :n] + opt.weight_decay * w[r, :n]
+            if opt.name == "sgd":
+                w[r, :n] -= opt.lr * gr
+            elif opt.name == "rowwise_adagrad":
+                if n:
+                    s1[r] += (gr * gr).mean()
+                    w[r, :n] -= opt.lr * gr / (s1[r].sqrt() + opt.eps)
+            else:
+                mm[r, :n] = opt.beta1 * mm[r, :n] + (1 - opt.beta1) * gr
+                s2[r, :n] = opt.beta2 * s2[r, :n] + (1 - opt.beta2) * gr * gr
+                bc1, bc2 = 1 - opt.beta1 ** step, 1 - opt.beta2 ** step
+                w[r, :n] -= opt.lr * bc2 ** 0.5 / bc1 * mm[r, :n] / (s2[r, :n].sqrt() + opt.eps)
+        new[t.name] = w
+    return new
+
+
+@pytest.mark.parametrize("opt_name", ["rowwise_adagrad", "sgd", "adam"])
+@pytest.mark.parametrize("pooling,weighted", [("sum", False), ("mixed", False), ("sum", True)])
+def test_fused_optimizer_trajectory_equals_dense_steps(opt_name, pooling, weighted):
+    opt = {"rowwise_adagrad": pme.optim.RowwiseAdagrad(lr=0.3, eps=1e-6),
+           "sgd": pme.optim.SGD(lr=0.2, weight_decay=0.01),
+           "adam": pme.optim.Adam(lr=0.05, weight_decay=0.01)}[opt_name]
+    m, tables, _ = make_collection(11, pooling, weighted, optimizer=opt)
+    assert not m.weight.requires_grad
+    state = {t.name: (torch.zeros(t.num_embeddings, dtype=torch.float64),
+                      torch.zeros(t.num_embeddings, t.embedding_dim, dtype=torch.float64),
+                      torch.zeros(t.num_embeddings, t.embedding_dim, dtype=torch.float64)) for t in m._tables}
+    for step in range(1, 5):
+        inp = make_input(m, 7, 100 + step, torch.int32 if step % 2 else torch.int64, weighted)
+        go = torch.randn(7, m.out_width, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
+        want = _dense_step(m, inp, go, opt, state, step)
+        out = m(inp).values()
+        out.backward(go)
+        assert m.weight.grad is None
+        for t in m._tables:
+            torch.testing.assert_close(m.to_dense(t.name), want[t.name], rtol=1e-10, atol=1e-12,
+                                       msg=f"{t.name} step {step}")
+    assert int(m.optim_step) == 4
+
+
+def test_state_dict_per_table_round_trip_and_other_sizes():
+    m, tables, sizes = make_collection(4, "mixed", optimizer=pme.optim.RowwiseAdagrad(lr=0.1))
+    m(make_input(m, 5, 4)).values().sum().backward()
+    sd = m.state_dict()
+    want = {f"embedding_bags.{t.name}.{k}" for t in tables for k in ("weight", "offsets", "optim_state1",
+                                                                      "optim_state2")} | {"optim_step"}
+    assert set(sd) == want
+    t1 = m._tables[1]
+    assert sd["embedding_bags.t1.offsets"][0] == 0 and sd["embedding_bags.t1.offsets"].shape == (t1.num_embeddings + 1,)
+    assert sd["embedding_bags.t1.optim_state1"].shape == (t1.num_embeddings,)
+    # Into a collection of other sizes: it takes the checkpoint's sizes and values.
+    other = MultiSizeEmbeddingBagCollection(tables, 1, dtype=torch.float64, optimizer=pme.optim.RowwiseAdagrad(lr=0.1))
+    other.load_state_dict(sd)
+    for t in tables:
+        assert torch.equal(other.to_dense(t.name), m.to_dense(t.name))
+        assert torch.equal(other.sizes(t.name), m.sizes(t.name))
+    assert torch.equal(other.optim_state1, m.optim_state1) and int(other.optim_step) == 1
+    inp = make_input(m, 5, 9)
+    torch.testing.assert_close(other(inp).values(), m(inp).values(), rtol=0, atol=0)
+    # A bad table leaves everything as it was (all or nothing).
+    bad = dict(sd)
+    off = bad["embedding_bags.t3.offsets"].clone()
+    off[2] = off[1] - 1
+    bad["embedding_bags.t3.offsets"] = off
+    before = other.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="t3.*non-decreasing"):
+        other.load_state_dict(bad)
+    assert torch.equal(other.weight.detach(), before)
+    bad = dict(sd)
+    del bad["embedding_bags.t0.weight"]
+    with pytest.raises(RuntimeError, match="Missing key"):
+        other.load_state_dict(bad)
+
+
+def test_from_dense_keeps_first_entries_and_repr():
+    tables = [EmbeddingBagConfig(10, 8, "a", ["x"]), EmbeddingBagConfig(6, 4, "b", ["y"], "mean")]
+    dense = {"a": torch.randn(10, 8), "b": torch.randn(6, 4)}
+    sizes = {"a": torch.randint(0, 9, (10,)), "b": 2}
+    m = MultiSizeEmbeddingBagCollection.from_dense(tables, dense, sizes)
+    assert torch.equal(m.to_dense("a"), dense["a"] * stored_mask(m, "a"))
+    assert torch.equal(m.to_dense("b"), dense["b"] * stored_mask(m, "b"))
+    assert m.memory_report()["stored_entries"] == int(sizes["a"].sum()) + 12
+    r = repr(m)
+    assert "(a): 10 x 8" in r and "pooling='mean'" in r
+
+
+def test_bad_input_raises_clear_errors():
+    m, _, _ = make_collection(2, "mixed")
+    inp = make_input(m, 4, 2)
+    t2 = m._tables[2]
+    # An index valid for a larger table but not for the one that reads it.
+    v, o = inp["f3"]
+    v = v.clone()
+    v[-1] = t2.num_embeddings
+    with pytest.raises(RuntimeError, match=f"index out of range.*table 2 has {t2.num_embeddings} rows"):
+        m({**inp, "f3": (v, o)})
+    v[-1] = -1
+    with pytest.raises(RuntimeError, match="index out of range"):
+        m({**inp, "f3": (v, o)})
+    with pytest.raises(KeyError, match="no feature 'f4'"):
+        m({k: x for k, x in inp.items() if k != "f4"})
+    with pytest.raises(ValueError, match="same batch size"):
+        m({**inp, "f4": (torch.zeros(0, dtype=torch.int64), torch.zeros(3, dtype=torch.int64))})
+    with pytest.raises(ValueError, match="offsets must start at 0"):
+        m({**inp, "f4": (inp["f4"][0], inp["f4"][1] + 1)})
+    with pytest.raises(TypeError, match="int32 or int64"):
+        m({k: (x[0].float(), x[1]) for k, x in inp.items()})
+    with pytest.raises(ValueError, match="is_weighted=True needs sum pooling"):
+        MultiSizeEmbeddingBagCollection([EmbeddingBagConfig(4, 4, "a", ["x"], "mean")], is_weighted=True)
+    with pytest.raises(ValueError, match="unique"):
+        MultiSizeEmbeddingBagCollection([EmbeddingBagConfig(4, 4, "a", ["x"]), EmbeddingBagConfig(4, 4, "a", ["y"])])
+    with pytest.raises(ValueError, match="outside"):
+        MultiSizeEmbeddingBagCollection([EmbeddingBagConfig(4, 4, "a", ["x"])], {"a": 5})
+
+
+def _normal(m, inp):
+    keys, idx, bo, psw, B = m._normal_form(inp)
+    return m._features(keys), idx, bo, psw, B
+
+
+def test_operator_validation_is_overflow_safe():
+    m, _, _ = make_collection(2, "sum")
+    feats, idx, bo, psw, B = _normal(m, make_input(m, 4, 2))
+    w, off, tr = m.weight.detach(), m.offsets, m.table_rows
+    op = torch.ops.pme.collection_forward
+    op(w, off, tr, feats, idx, bo, None, B, m.out_width)  # fine as it is
+    cases = [
+        (lambda f: f.__setitem__((0, 0), 4), "table 4 is out of range"),
+        (lambda f: f.__setitem__((0, 1), 9), "key 9 is out of range"),
+        (lambda f: f.__setitem__((0, 2), 2 ** 62), "do not fit in the output width"),
+        (lambda f: (f.__setitem__((0, 2), 2 ** 62), f.__setitem__((0, 3), 2 ** 62)), "do not fit"),
+        (lambda f: f.__setitem__((0, 3), -1), "do not fit"),
+        (lambda f: f.__setitem__((0, 4), 2), "pooling must be 0"),
+    ]
+    for change, msg in cases:
+        f = feats.clone()
+        change(f)
+        with pytest.raises(RuntimeError, match=msg):
+            op(w, off, tr, f, idx, bo, None, B, m.out_width)
+    with pytest.raises(RuntimeError, match="table_rows\\[-1\\]"):
+        op(w, off, tr - torch.arange(tr.numel()), feats, idx, bo, None, B, m.out_width)
+    with pytest.raises(RuntimeError, match="not G \\* B \\+ 1"):
+        op(w, off, tr, feats, idx, bo, None, B - 1, m.out_width)
+    bad = bo.clone()
+    bad[3] = 10 ** 6
+    with pytest.raises(RuntimeError, match="past the input"):
+        op(w, off, tr, feats, idx, bad, None, B, m.out_width)
+    with pytest.raises(RuntimeError, match="features must be an int64"):
+        op(w, off, tr, feats.int(), idx, bo, None, B, m.out_width)
+    # A row wider than its table (offsets of another collection): caught before it is read.
+    narrow = feats.clone()
+    narrow[:, 3] = 1
+    # (all tables narrowed: the whole-table check sees it first)
+    with pytest.raises(RuntimeError, match="exceeds the table's width|does not fit in the output width 1"):
+        op(w, off, tr, narrow, idx, bo, None, B, m.out_width)
+    narrow = feats.clone()
+    narrow[0, 3] = 1  # one block narrowed, the others as they were: caught per lookup
+    with pytest.raises(RuntimeError, match="exceeds the table's width"):
+        op(w, off, tr, narrow, idx, bo, None, B, m.out_width)
+    go = torch.randn(B, m.out_width, dtype=w.dtype)
+    with pytest.raises(RuntimeError, match="grad_out must be"):
+        torch.ops.pme.collection_backward(go[:1], w, off, tr, feats, idx, bo, None, B, False)
+    with pytest.raises(RuntimeError, match="state1"):
+        torch.ops.pme.collection_update_(w.clone(), torch.zeros(3, dtype=w.dtype), torch.zeros(0, dtype=w.dtype), go,
+                                         off, tr, feats, idx, bo, None, B, 1, 0.1, 0.0, 1e-8, 0.9, 0.999, 1)
+
+
+def test_one_call_for_all_tables():
+    """The forward is one operator call, whatever the number of tables."""
+    m, _, _ = make_collection(6, "mixed")
+    inp = make_input(m, 5, 6)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        m(inp)
+    names = [e.key for e in prof.key_averages()]
+    assert sum(1 for n in names if n == "pme::collection_forward") == 1
+    assert not any(n == "pme::bag_forward" for n in names)
+
+
+def test_opcheck_collection_operators():
+    for pooling, weighted in [("sum", False), ("mixed", False), ("sum", True)]:
+        m, _, _ = make_collection(8, pooling, weighted, dtype=torch.float32)
+        feats, idx, bo, psw, B = _normal(m, make_input(m, 4, 8, weighted=weighted))
+        w = m.weight.detach().clone().requires_grad_()
+        p = psw.clone().requires_grad_() if psw is not None else None
+        torch.library.opcheck(torch.ops.pme.collection_forward, (w, m.offsets, m.table_rows, feats, idx, bo, p, B,
+                                                                 m.out_width))
+        go = torch.randn(B, m.out_width)
+        torch.library.opcheck(torch.ops.pme.collection_backward,
+                              (go, w.detach(), m.offsets, m.table_rows, feats, idx, bo, psw, B, psw is not None))
+        torch.library.opcheck(torch.ops.pme.collection_update_,
+                              (w.detach().clone(), torch.zeros(m.offsets.numel() - 1), torch.zeros(0), go, m.offsets,
+                               m.table_rows, feats, idx, bo, psw, B, 1, 0.1, 0.0, 1e-8, 0.9, 0.999, 1))
+
+
+def test_gradcheck_float64():
+    m, _, _ = make_collection(9, "mixed", dtype=torch.float64)
+    feats, idx, bo, _, B = _normal(m, make_input(m, 3, 9, max_len=3))
+    w = m.weight.detach().clone().requires_grad_()
+    torch.autograd.gradcheck(lambda w: torch.ops.pme.collection_forward(w, m.offsets, m.table_rows, feats, idx, bo,
+                                                                        None, B, m.out_width), (w,))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_deterministic_across_threads(threads):
+    m, _, _ = make_collection(10, "mixed", dtype=torch.float32)
+    inp = make_input(m, 64, 10, max_len=20)
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        out = m(inp).values()
+        out.backward(torch.ones_like(out))
+        g1 = m.weight.grad.clone()
+        torch.set_num_threads(1)
+        m.weight.grad = None
+        out2 = m(inp).values()
+        out2.backward(torch.ones_like(out2))
+    finally:
+        torch.set_num_threads(prev)
+    assert torch.equal(out, out2) and torch.equal(g1, m.weight.grad)
+
+
+def test_reference_backend_agrees(monkeypatch):
+    """The pure-PyTorch path (no compiled extension) gives the kernels' results."""
+    m, _, _ = make_collection(12, "mixed", weighted=False, optimizer=pme.optim.RowwiseAdagrad(lr=0.2))
+    m2, _, _ = make_collection(12, "mixed", weighted=False, optimizer=pme.optim.RowwiseAdagrad(lr=0.2))
+    inp = make_input(m, 6, 12)
+    go = torch.randn(6, m.out_width, dtype=torch.float64)
+    m(inp).values().backward(go)
+    monkeypatch.setattr(pme.ops, "_compiled", lambda t: False)
+    out_ref = m2(inp).values()
+    out_ref.backward(go)
+    torch.testing.assert_close(m2.weight, m.weight, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(m2.optim_state1, m.optim_state1, rtol=1e-10, atol=1e-10)
+    m.eval(), m2.eval()
+    torch.testing.assert_close(m2(inp).values(), m(inp).values(), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_non_pooled_collection_equals_embedding_on_dense_views(index_dtype):
+    from pme.collection import MultiSizeEmbeddingCollection
+
+    gen = torch.Generator().manual_seed(21)
+    D = 8
+    tables = [EmbeddingBagConfig(int(V), D, f"t{i}", f) for i, (V, f) in
+              enumerate([(30, ["a", "b"]), (7, ["c"]), (12, ["a"])])]
+    sizes = {t.name: random_sizes(t.num_embeddings, D, gen) for t in tables}
+    m = MultiSizeEmbeddingCollection(tables, sizes, dtype=torch.float64)
+    rows = {"a": 12, "b": 30, "c": 7}
+    inp = {}
+    for f, V in rows.items():
+        lens = torch.randint(0, 4, (5,), generator=gen)
+        lens[0] = 0
+        v = torch.randint(0, V, (int(lens.sum()),), generator=gen)
+        v[-1] = V - 1
+        o = torch.zeros(6, dtype=torch.int64)
+        o[1:] = lens.cumsum(0)
+        inp[f] = (v.to(index_dtype), o.to(index_dtype))
+    out = m(inp)
+    assert list(out) == ["a@t0", "b", "c", "a@t2"]
+    dense = {t.name: m.to_dense(t.name).detach().requires_grad_() for t in tables}
+    go = {}
+    for name, (t, f) in zip(out, [("t0", "a"), ("t0", "b"), ("t1", "c"), ("t2", "a")]):
+        vals, offs = out[name]
+        want = F.embedding(inp[f][0].long(), dense[t])
+        torch.testing.assert_close(vals, want, rtol=0, atol=0)
+        assert torch.equal(offs, inp[f][1].long())
+        go[name] = torch.randn_like(vals)
+        want.backward(go[name])
+    torch.autograd.backward([out[k][0] for k in out], [go[k] for k in out])
+    for i, t in enumerate(tables):
+        _, _, e0, e1 = m._row_span(i)
+        torch.testing.assert_close(m.weight.grad[e0:e1], dense[t.name].grad[stored_mask(m, t.name)], rtol=1e-12,
+                                   atol=1e-12)
+    bad = dict(inp)
+    bad["c"] = (torch.tensor([7], dtype=index_dtype), torch.tensor([0, 1, 1, 1, 1, 1], dtype=index_dtype))
+    with pytest.raises(IndexError, match="'t1' has 7 rows"):
+        m(bad)
+    assert set(m.state_dict()) == {f"embeddings.{t.name}.{k}" for t in tables for k in ("weight", "offsets")}
+    with pytest.raises(ValueError, match="same embedding_dim"):
+        MultiSizeEmbeddingCollection([EmbeddingBagConfig(4, 4, "x", ["x"]), EmbeddingBagConfig(4, 8, "y", ["y"])])
+
+
+def test_subset_copies_tables_and_optimizer_state():
+    """The table-wise unit of a future sharder: a subset equals the whole on its tables."""
+    m, tables, _ = make_collection(13, "mixed", optimizer=pme.optim.RowwiseAdagrad(lr=0.1))
+    inp = make_input(m, 6, 13)
+    m(inp).values().sum().backward()
+    sub = m.subset(["t3", "t1"])
+    assert sub.table_names == ["t3", "t1"] and int(sub.optim_step) == 1
+    for n in ("t3", "t1"):
+        assert torch.equal(sub.to_dense(n), m.to_dense(n))
+        r0, r1 = (int(x) for x in m.table_rows[m._table_index(n):m._table_index(n) + 2])
+        s0, s1 = (int(x) for x in sub.table_rows[sub._table_index(n):sub._table_index(n) + 2])
+        assert torch.equal(sub.optim_state1[s0:s1], m.optim_state1[r0:r1])
+    sub_in = {k: inp[k] for k in ("f4", "f2")}
+    want = m(inp).to_dict()
+    got = sub(sub_in).to_dict()
+    for k in ("f4", "f2"):
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+    assert sub.weight.data_ptr() != m.weight.data_ptr()
