@@ -17,7 +17,7 @@ Writes benchmarks/results/quality/{results.json, report.md, *.png}; after every 
 results_partial_<data>.json, so a cut-off run still leaves its finished seeds
 (``--report-only`` rebuilds the report from them).
 
-Run:  python benchmarks/quality.py [--data movielens adult] [--seeds 0 1 ... 9] [--epochs 2]
+Run:  python benchmarks/quality.py [--data movielens adult] [--seeds 0 1 ... 9] [--epochs 1]
       [--dim 32] [--budgets 0.5 0.2 0.1 0.05] [--methods ...] [--out DIR] [--report-only]
 """
 
@@ -211,7 +211,7 @@ def main():
     p.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
     p.add_argument("--model", default="deepfm", choices=["fm", "deepfm"])
     p.add_argument("--dim", type=int, default=32)
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.2, 0.1, 0.05])
     p.add_argument("--methods", nargs="+",
                    default=["pme", "pme_cheap", "pme_grouped", "uniform", "popularity", "random"])

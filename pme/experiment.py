@@ -245,17 +245,79 @@ def markdown_table(summary: list) -> str:
     return "\n".join(lines)
 
 
+_EXPLAIN = {
+    "full": "every table at full width D (the reference)",
+    "pme": "PME, default: sizes from the magnitudes |w| of the trained full-size model, then a fresh model "
+           "trained with them (search cost: that full-size training run plus seconds)",
+    "pme_cheap": "PME, cheap mode: the same scores after a short warm-up inside the search instead of a full "
+                 "training run",
+    "pme_grouped": "PME's sizes snapped to power-of-two classes, grouped layout with one learned projection per "
+                   "class shared by all tables of the same width (counted in the budget)",
+    "pme_rewound": "PME's sizes, retrained from the full-size model's initial values of the surviving entries",
+    "uniform": "the same size for every token (two adjacent sizes mixed to meet the budget exactly)",
+    "popularity": "MDE's power rule: size proportional to count^0.3",
+    "random": "sizes drawn at random, scaled to the budget",
+}
+
+
+def explain(cfg: ExperimentConfig, rows: list, seconds: float | None = None) -> str:
+    """The report's prose: what was compared, the result in words, the seed noise, infeasible runs."""
+    summary = summarize(rows)
+    seeds = sorted({r["seed"] for r in rows})
+    md = ["## What was compared", "",
+          f"A {cfg.model} CTR model with embedding width {cfg.dim}, trained {cfg.epochs} epochs with Adam (lr "
+          f"{cfg.lr}, batch {cfg.batch_size}) on the training split, scored by test AUC (higher is better) and log "
+          f"loss. At each budget (a share of the full-width embedding parameters) every method below got the same "
+          f"number of embedding parameters and was retrained from the same initial values (seed "
+          f"{', '.join(map(str, seeds))}):", ""]
+    md += [f"- `{m}`: {_EXPLAIN.get(m, m)}" for m in ("full",) + tuple(cfg.methods)]
+    md += ["", "## Result in words", ""]
+    full = next((s for s in summary if s["method"] == "full"), None)
+    for b in sorted({s["budget"] for s in summary if s["budget"] < 1.0}, reverse=True):
+        at = {s["method"]: s for s in summary if s["budget"] == b}
+        best = max(at, key=lambda m: at[m]["auc"][0])
+        line = f"- {b:.0%}: best `{best}` ({at[best]['auc'][0]:.4f})"
+        if "pme" in at:
+            diffs = [f"{at['pme']['auc'][0] - at[m]['auc'][0]:+.4f} vs {m}" for m in ("uniform", "popularity", "random")
+                     if m in at]
+            line += f"; `pme` {at['pme']['auc'][0]:.4f}" + (f" ({', '.join(diffs)})" if diffs else "")
+            if full:
+                line += f", {at['pme']['auc'][0] - full['auc'][0]:+.4f} vs full size"
+        md.append(line + ".")
+    md += ["", "## How large is the noise", ""]
+    if full and len(seeds) > 1:
+        md.append(f"Over {len(seeds)} seeds the full-size model's test AUC varies by ± {full['auc'][1]:.4f} (std); "
+                  "differences between methods smaller than that are not evidence unless they hold seed by seed "
+                  "(the quality study, `benchmarks/quality.py`, reports paired per-seed differences).")
+    else:
+        md.append("One seed: the spread between seeds cannot be measured here. On MovieLens-100K it is about "
+                  "± 0.006 AUC for the full-size model (the quality study, `benchmarks/results/quality/report.md`, "
+                  "10 seeds), larger than most differences between methods in a single run, so read a one-seed "
+                  "ranking as anecdote; the study's paired per-seed differences are the evidence.")
+    bad = sorted({(r["budget"], r["method"], r["infeasible"]) for r in rows if "infeasible" in r})
+    md += ["", "## Infeasible runs", ""]
+    md += [f"- `{m}` at {b:.0%}: {why}" for b, m, why in bad] if bad else ["None: every method fit every budget."]
+    if seconds is not None:
+        import torch
+
+        md += ["", f"Wall time: {seconds:.0f} s ({torch.get_num_threads()} torch threads)."]
+    return "\n".join(md)
+
+
 def write_report(out_dir: str, cfg: ExperimentConfig, rows: list, train, title: str = "pme demo",
-                 extra_md: str = "") -> dict:
-    """Writes results.json, report.md and the PNG plots to ``out_dir``; returns the summary."""
+                 extra_md: str = "", seconds: float | None = None) -> dict:
+    """Writes results.json, report.md (with prose that explains it: ``explain``) and the PNG plots
+    to ``out_dir``; returns the summary."""
     os.makedirs(out_dir, exist_ok=True)
     summary = summarize(rows)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump({"config": asdict(cfg), "summary": summary,
+        json.dump({"config": asdict(cfg), "summary": summary, "seconds": seconds,
                    "runs": [{k: v for k, v in r.items() if k != "sizes"} for r in rows]}, f, indent=1)
     plots = _plots(out_dir, summary, rows, train, cfg)
-    md = [f"# {title}", "", f"Model {cfg.model}, embedding width {cfg.dim}, {cfg.epochs} epochs, seeds "
-          f"{list(cfg.seeds)}, PME variants {cfg.variants}.", "", markdown_table(summary), ""]
+    md = [f"# {title}", "", explain(cfg, rows, seconds), "", "## Table", "",
+          "Means over seeds (± std when there are several); `emb. params` counts the flat buffers plus shared "
+          "projections; `search s` is the search's own time (for `pme` add the full-size training it scores).", "",
+          markdown_table(summary), "", f"PME variants: `{cfg.variants}`.", ""]
     md += [f"![{p}]({p})" for p in plots]
     if extra_md:
         md += ["", extra_md]
@@ -282,9 +344,16 @@ def _plots(out_dir, summary, rows, train, cfg) -> list:
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", label=method,
                         capsize=3)
     if full:
-        ax.axhline(full[0]["auc"][0], color="k", ls="--", lw=1, label="full size")
+        f0 = full[0]
+        ax.axhline(f0["auc"][0], color="k", ls="--", lw=1, label=f"full width (D={cfg.dim}, {f0['params']:,} params)")
+        if f0["seeds"] > 1:
+            ax.axhspan(f0["auc"][0] - f0["auc"][1], f0["auc"][0] + f0["auc"][1], color="k", alpha=0.08,
+                       label="full ± 1 std over seeds (noise)")
+        for b in sorted({s["budget"] for s in summary if s["budget"] < 1}):
+            ax.axvline(b * f0["params"], color="grey", lw=0.5, ls=":")
+            ax.text(b * f0["params"], ax.get_ylim()[0], f" {b:.0%}", fontsize=7, va="bottom")
     ax.set_xscale("log")
-    ax.set_xlabel("embedding parameters")
+    ax.set_xlabel("embedding parameters (dotted: the budgets, as shares of full width)")
     ax.set_ylabel("test AUC")
     ax.set_title(f"{cfg.model}: AUC vs embedding parameters")
     ax.legend(fontsize=8)
