@@ -76,6 +76,7 @@ def report_data(name, rows, cfg):
     methods = [m for m in ("pme", "pme_cheap", "pme_grouped") if any(r["method"] == m for r in rows)]
     for m in methods:
         out["paired"][m] = paired_differences(rows, m, BASELINES + ("full",))
+    out["paired_logloss"] = {m: paired_differences(rows, m, BASELINES + ("full",), key="logloss") for m in methods}
     out["infeasible"] = sorted({(r["budget"], r["method"], r["infeasible"]) for r in rows if "infeasible" in r})
     full = [r for r in rows if r["method"] == "full"]
     full_auc = torch.tensor([r["auc"] for r in full], dtype=torch.float64)
@@ -90,6 +91,20 @@ def report_data(name, rows, cfg):
     for m in methods:
         by = {}
         for p in out["paired"][m]:
+            by.setdefault(p["budget"], {})[p["against"]] = p
+        for b in sorted(by, reverse=True):
+            cells = []
+            for against in BASELINES + ("full",):
+                p = by[b].get(against)
+                cells.append("-" if p is None else f"{_pm(p['mean'], p['std'])} ({p['wins']}/{p['seeds']})")
+            md.append(f"| {b:.0%} | {m} | " + " | ".join(cells) + " |")
+    md += ["", "**The same pairs in test log loss** (PME minus baseline; lower is better, so negative favours PME; "
+           "wins = seeds where PME's log loss is lower):", "",
+           "| budget | method | − uniform | − popularity | − random | − full size |",
+           "| --- | --- | --- | --- | --- | --- |"]
+    for m in methods:
+        by = {}
+        for p in out["paired_logloss"][m]:
             by.setdefault(p["budget"], {})[p["against"]] = p
         for b in sorted(by, reverse=True):
             cells = []

@@ -41,6 +41,7 @@ def _demo(args):
                               "normalize": args.normalize, "warmup_share": args.warmup_share}}
     cfg = ExperimentConfig(model=args.model, dim=args.dim, budgets=tuple(args.budgets), seeds=tuple(args.seeds),
                            epochs=args.epochs, device=device, search_batches=args.search_batches, variants=variants)
+    cfg.methods = ("pme", "pme_cheap", "uniform", "popularity", "random")  # grouped: see benchmarks/quality.py
     if args.fast:
         cfg.budgets, cfg.epochs, cfg.methods = (0.2,), 1, ("pme", "uniform")
     print(f"pme demo: MovieLens-100K, {cfg.model}, width {cfg.dim}, budgets {list(cfg.budgets)}, "

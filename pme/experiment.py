@@ -189,10 +189,12 @@ def run_experiment(cfg: ExperimentConfig, train, val, test, log=print) -> list:
     return rows
 
 
-def paired_differences(rows: list, method: str = "pme", against=BASELINES + ("full",)) -> list:
-    """Per budget and baseline, the per-seed differences ``AUC(method) - AUC(baseline)`` on the
-    same seed (same split, same initial values): mean, std, wins (diff > 0) and seeds."""
-    auc = {(r["seed"], r["budget"], r["method"]): r["auc"] for r in rows if "auc" in r}
+def paired_differences(rows: list, method: str = "pme", against=BASELINES + ("full",), key: str = "auc") -> list:
+    """Per budget and baseline, the per-seed differences ``key(method) - key(baseline)`` on the
+    same seed (same split, same initial values): mean, std, wins and seeds. ``key="auc"``: wins
+    are diff > 0; ``key="logloss"`` (lower is better): wins are diff < 0."""
+    sign = -1.0 if key == "logloss" else 1.0
+    auc = {(r["seed"], r["budget"], r["method"]): r[key] for r in rows if key in r}
     out = []
     for budget in sorted({r["budget"] for r in rows if r["budget"] < 1.0}, reverse=True):
         for b in against:
@@ -202,8 +204,8 @@ def paired_differences(rows: list, method: str = "pme", against=BASELINES + ("fu
             if not d:
                 continue
             t = torch.tensor(d, dtype=torch.float64)
-            out.append({"budget": budget, "method": method, "against": b, "mean": float(t.mean()),
-                        "std": float(t.std()) if t.numel() > 1 else 0.0, "wins": int((t > 0).sum()),
+            out.append({"budget": budget, "method": method, "against": b, "key": key, "mean": float(t.mean()),
+                        "std": float(t.std()) if t.numel() > 1 else 0.0, "wins": int((sign * t > 0).sum()),
                         "seeds": len(d)})
     return out
 
