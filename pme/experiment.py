@@ -18,76 +18,69 @@ import torch
 
 from . import models
 from .modules import MultiSizeEmbeddingBag, convert
-from .search import (alignment_quantum, default_granularity, popularity_sizes, random_sizes, search,
-                     uniform_sizes)
+from .search import alignment_quantum, convert_grouped, grouped_classes, search, sizes_at_budget
 
-__all__ = ["ExperimentConfig", "run_experiment", "write_report", "METHODS", "grouped_classes"]
+__all__ = ["ExperimentConfig", "run_experiment", "write_report", "METHODS", "grouped_classes", "DEFAULT_VARIANTS",
+           "paired_differences"]
 
-METHODS = ("pme", "pme_grouped", "uniform", "popularity", "random")
+BASELINES = ("uniform", "popularity", "random")
+METHODS = ("pme", "pme_cheap", "pme_grouped", "pme_rewound", "uniform", "popularity", "random")
+
+# The PME variants the experiment knows. ``mode="trained"``: score the full-size model trained for
+# the "full" baseline (search cost: that training run, which a full-size baseline needs anyway,
+# plus seconds); ``mode="warmup"``: score a fresh model after ``warmup_epochs`` epochs of Adam
+# inside the search (the cheap mode); ``mode="init"``: score at initialisation (the old way).
+# The default (magnitude, no per-field normalisation) won the pilot on both data sets
+# (benchmarks/pilot_modes.py; results/quality/pilot_*.log); the cheap mode warms up for 8% of one
+# training run so that its whole search stays within 10% of one.
+DEFAULT_VARIANTS = {
+    "pme": {"mode": "trained", "rule": "magnitude", "normalize": "none"},
+    "pme_cheap": {"mode": "warmup", "rule": "magnitude", "normalize": "none", "warmup_share": 0.08},
+}
 
 
 @dataclass
 class ExperimentConfig:
-    """Knobs of one experiment (defaults: the demo)."""
+    """Knobs of one experiment (defaults: the demo).
+
+    ``methods`` names PME variants (keys of ``variants``; ``pme_grouped`` and ``pme_rewound`` reuse
+    the ``pme`` variant's scores) and baselines (``uniform``, ``popularity``, ``random``).
+    """
 
     model: str = "deepfm"  # "fm" or "deepfm"
     dim: int = 64
     budgets: tuple = (0.1, 0.2, 0.5)
-    methods: tuple = METHODS
+    methods: tuple = ("pme", "pme_cheap", "pme_grouped", "uniform", "popularity", "random")
     seeds: tuple = (0,)
     epochs: int = 4
     batch_size: int = 2048
     lr: float = 1e-3
     search_batches: int = 4
-    warmup_steps: int = 0
-    rule: str = "snip"
+    variants: dict = None
     device: str = "cpu"
     progress: bool = True
 
-
-def grouped_classes(D: int, quantum: int) -> list:
-    """Size classes of the grouped layout: powers of two from the quantum up to D (and D)."""
-    c, out = quantum, []
-    while c < D:
-        out.append(c)
-        c *= 2
-    return out + [D]
-
-
-def _snap_down(sizes: torch.Tensor, classes: list) -> torch.Tensor:
-    cls = torch.tensor(classes, dtype=torch.int64)
-    idx = torch.searchsorted(cls, sizes, right=True) - 1
-    return torch.where(idx >= 0, cls[idx.clamp(min=0)], torch.zeros_like(sizes))
-
-
-def _grouped_sizes(found, budget, D, quantum):
-    """PME sizes snapped down to the grouped layout's classes, with the per-size projections
-    ([s, D] for each class s a table uses) counted in the budget. None if they alone exceed it."""
-    classes = grouped_classes(D, quantum)
-    dense = found.dense_entries
-    proj = 0
-    for _ in range(4):
-        b = budget - proj / dense
-        if b <= 0:
-            return None
-        try:  # every token keeps at least the smallest class (snapping down must not zero it)
-            cut = found.for_budget(b, quantum=1, min_size=classes[0])
-        except ValueError:
-            return None
-        sizes = {n: _snap_down(s, classes) for n, s in cut.sizes.items()}
-        used = sum(sum(set(s.tolist()) - {0}) * D for s in sizes.values())
-        if used <= proj:
-            return sizes
-        proj = used
-    return sizes if sum(int(s.sum()) for s in sizes.values()) + proj <= budget * dense else None
+    def __post_init__(self):
+        if self.variants is None:
+            self.variants = {k: dict(v) for k, v in DEFAULT_VARIANTS.items()}
+        for m in self.methods:
+            if m not in self.variants and m not in BASELINES and m not in ("pme_grouped", "pme_rewound"):
+                raise ValueError(f"unknown method {m!r}: not a baseline {BASELINES} nor a variant {list(self.variants)}")
 
 
 def _embedding_stats(model) -> dict:
     params = nbytes = dense = 0
+    seen = set()  # a projection shared by several tables counts once
     for m in model.embeddings.values():
         if isinstance(m, MultiSizeEmbeddingBag):
-            params += m.weight.numel() + (m.projection.numel() if m.projection is not None else 0)
+            params += m.weight.numel()
             nbytes += m.nbytes()
+            if m.projection is not None:
+                if id(m.projection) in seen:
+                    nbytes -= m.projection.numel() * m.projection.element_size()
+                else:
+                    params += m.projection.numel()
+                    seen.add(id(m.projection))
         else:
             params += m.weight.numel()
             nbytes += m.weight.numel() * m.weight.element_size()
@@ -110,8 +103,35 @@ def _train_eval(cfg, model, train, val, test, seed):
     return {"auc": ev["auc"], "logloss": ev["logloss"], "val_auc": hist["val_auc"][-1], "train_seconds": secs}
 
 
+def _run_search(cfg, variant, full_model, train, val, seed, full_seconds):
+    """One PME search per (seed, variant); returns (SearchResult, cost in seconds)."""
+    mode = variant.get("mode", "trained")
+    gen = torch.Generator().manual_seed(seed)
+    loader = train.batches(cfg.batch_size, shuffle=True, generator=gen)
+    kw = dict(rule=variant.get("rule", "magnitude"), normalize=variant.get("normalize", "none"),
+              num_batches=variant.get("num_batches", cfg.search_batches), device=cfg.device, progress=cfg.progress,
+              budget=max(cfg.budgets))
+    if kw["rule"] == "saliency":
+        kw["held_out"] = list(val.batches(8192))
+    if mode == "trained":
+        found = search(full_model, loader, warmup_steps=0, **kw)
+        return found, full_seconds + found.seconds
+    steps_per_epoch = -(-len(train) // cfg.batch_size)
+    epochs = variant["warmup_epochs"] if "warmup_epochs" in variant else variant.get("warmup_share", 0.08) * cfg.epochs
+    warm = 0 if mode == "init" else max(1, round(epochs * steps_per_epoch))
+    found = search(_make_model(cfg, train, seed), loader, warmup_steps=warm, warmup_lr=cfg.lr, **kw)
+    return found, found.seconds
+
+
 def run_experiment(cfg: ExperimentConfig, train, val, test, log=print) -> list:
-    """Runs every (seed, budget, method) and the full-size baseline; returns one dict per run."""
+    """Runs every (seed, budget, method) and the full-size baseline; returns one dict per run.
+
+    Each row: seed, budget, method, emb. params/bytes, test AUC and log loss, training seconds,
+    ``search_seconds`` (the search's cost; for ``mode="trained"`` it includes the full-size
+    training run it scores) and ``search_share`` (that cost / this seed's full-size training
+    time). Infeasible runs (grouped layout whose projections exceed the budget) are rows with
+    ``"infeasible"`` set and no AUC.
+    """
     rows = []
     total = len(cfg.seeds) * (1 + len(cfg.budgets) * len(cfg.methods))
     done = 0
@@ -121,57 +141,81 @@ def run_experiment(cfg: ExperimentConfig, train, val, test, log=print) -> list:
         done += 1
         log(f"[{done}/{total}] {msg}")
 
-    quantum = alignment_quantum(torch.float32)
     for seed in cfg.seeds:
         full = _make_model(cfg, train, seed)
         res = _train_eval(cfg, full, train, val, test, seed)
         rows.append({"seed": seed, "budget": 1.0, "method": "full", **_embedding_stats(full), **res,
-                     "search_seconds": 0.0})
+                     "search_seconds": 0.0, "search_share": 0.0})
         note(f"seed {seed} full size: AUC {res['auc']:.4f} ({res['train_seconds']:.1f} s)")
-        # One scoring pass serves every budget: only the threshold changes.
-        fresh = _make_model(cfg, train, seed)
-        gen = torch.Generator().manual_seed(seed)
-        found = search(fresh, train.batches(cfg.batch_size, shuffle=True, generator=gen), budget=cfg.budgets[0],
-                       rule=cfg.rule, num_batches=cfg.search_batches, warmup_steps=cfg.warmup_steps,
-                       device=cfg.device, progress=cfg.progress)
-        shapes = {n: (s.numel(), cfg.dim) for n, s in found.sizes.items()}
-        counts = {f"embeddings.{f}": train.token_counts(f) for f in train.field_names}
-        counts = {n: counts[n] for n in shapes}
+        full_secs = res["train_seconds"]
+        # One search per variant serves every budget: only the threshold changes.
+        found = {}
+        for v in [m for m in cfg.methods if m in cfg.variants] + (
+                ["pme"] if any(m in cfg.methods for m in ("pme_grouped", "pme_rewound")) else []):
+            if v not in found:
+                found[v] = _run_search(cfg, cfg.variants[v], full, train, val, seed, full_secs)
         for budget in cfg.budgets:
-            q, floor = default_granularity(budget, cfg.dim, quantum)
-            pme_res = found.for_budget(budget, quantum=q, min_size=floor)
-            sizes_of = {
-                "pme": lambda: pme_res.sizes,
-                "pme_grouped": lambda: _grouped_sizes(found, budget, cfg.dim, quantum),
-                "uniform": lambda: uniform_sizes(shapes, budget, 1, 1),
-                "popularity": lambda: popularity_sizes(counts, {n: cfg.dim for n in shapes}, budget,
-                                                       quantum=q, min_size=floor),
-                "random": lambda: random_sizes(shapes, budget, q, floor, seed=seed),
-            }
             for method in cfg.methods:
-                sizes = sizes_of[method]()
+                base = "pme" if method in ("pme_grouped", "pme_rewound") else method
+                why = "the shared per-size projections alone exceed the budget"
+                try:
+                    if base in found:
+                        r, cost = found[base]
+                        kind = {"pme_grouped": "grouped"}.get(method, "pme")
+                        sizes = sizes_at_budget(kind, budget, result=r)
+                    else:
+                        cost = 0.0
+                        sizes = sizes_at_budget(method, budget, model=full, data=train, seed=seed)
+                except ValueError as e:  # a floor of one entry a row exceeds the budget
+                    sizes, why = None, str(e)
                 if sizes is None:
-                    note(f"seed {seed} budget {budget:.0%} {method}: not feasible (projections alone exceed it)")
+                    rows.append({"seed": seed, "budget": budget, "method": method, "infeasible": why})
+                    note(f"seed {seed} budget {budget:.0%} {method}: not feasible ({why})")
                     continue
-                model = _make_model(cfg, train, seed)
-                kw = {}
+                model = _make_model(cfg, train, seed)  # same seed: the same initial values as `full` had
                 if method == "pme_grouped":
-                    kw = {"layout": "grouped", "project": True}  # classes: the sizes present
-                convert(model, sizes, init="fresh", **kw)
+                    convert_grouped(model, sizes)
+                elif method == "pme_rewound":
+                    convert(model, sizes, init="kept", scores=found["pme"][0].scores)
+                else:
+                    convert(model, sizes, init="fresh")
                 res = _train_eval(cfg, model, train, val, test, seed)
                 st = _embedding_stats(model)
                 rows.append({"seed": seed, "budget": budget, "method": method, **st, **res,
-                             "search_seconds": pme_res.seconds if method.startswith("pme") else 0.0,
+                             "search_seconds": cost, "search_share": cost / max(full_secs, 1e-9),
                              "sizes": {n: s.tolist() for n, s in sizes.items()} if seed == cfg.seeds[0] else None})
                 note(f"seed {seed} budget {budget:.0%} {method}: {st['params'] / st['dense_params']:.1%} of the "
                      f"dense parameters, AUC {res['auc']:.4f} ({res['train_seconds']:.1f} s)")
     return rows
 
 
+def paired_differences(rows: list, method: str = "pme", against=BASELINES + ("full",), key: str = "auc") -> list:
+    """Per budget and baseline, the per-seed differences ``key(method) - key(baseline)`` on the
+    same seed (same split, same initial values): mean, std, wins and seeds. ``key="auc"``: wins
+    are diff > 0; ``key="logloss"`` (lower is better): wins are diff < 0."""
+    sign = -1.0 if key == "logloss" else 1.0
+    auc = {(r["seed"], r["budget"], r["method"]): r[key] for r in rows if key in r}
+    out = []
+    for budget in sorted({r["budget"] for r in rows if r["budget"] < 1.0}, reverse=True):
+        for b in against:
+            d = [auc[(s, budget, method)] - auc[(s, 1.0 if b == "full" else budget, b)]
+                 for s in sorted({r["seed"] for r in rows})
+                 if (s, budget, method) in auc and (s, 1.0 if b == "full" else budget, b) in auc]
+            if not d:
+                continue
+            t = torch.tensor(d, dtype=torch.float64)
+            out.append({"budget": budget, "method": method, "against": b, "key": key, "mean": float(t.mean()),
+                        "std": float(t.std()) if t.numel() > 1 else 0.0, "wins": int((sign * t > 0).sum()),
+                        "seeds": len(d)})
+    return out
+
+
 def summarize(rows: list) -> list:
     """Mean and std over seeds per (budget, method)."""
     groups = {}
     for r in rows:
+        if "auc" not in r:  # infeasible
+            continue
         groups.setdefault((r["budget"], r["method"]), []).append(r)
     out = []
     for (budget, method), rs in sorted(groups.items(), key=lambda kv: (-kv[0][0], METHODS.index(kv[0][1])
@@ -203,18 +247,79 @@ def markdown_table(summary: list) -> str:
     return "\n".join(lines)
 
 
+_EXPLAIN = {
+    "full": "every table at full width D (the reference)",
+    "pme": "PME, default: sizes from the magnitudes |w| of the trained full-size model, then a fresh model "
+           "trained with them (search cost: that full-size training run plus seconds)",
+    "pme_cheap": "PME, cheap mode: the same scores after a short warm-up inside the search instead of a full "
+                 "training run",
+    "pme_grouped": "PME's sizes snapped to power-of-two classes, grouped layout with one learned projection per "
+                   "class shared by all tables of the same width (counted in the budget)",
+    "pme_rewound": "PME's sizes, retrained from the full-size model's initial values of the surviving entries",
+    "uniform": "the same size for every token (two adjacent sizes mixed to meet the budget exactly)",
+    "popularity": "MDE's power rule: size proportional to count^0.3",
+    "random": "sizes drawn at random, scaled to the budget",
+}
+
+
+def explain(cfg: ExperimentConfig, rows: list, seconds: float | None = None) -> str:
+    """The report's prose: what was compared, the result in words, the seed noise, infeasible runs."""
+    summary = summarize(rows)
+    seeds = sorted({r["seed"] for r in rows})
+    md = ["## What was compared", "",
+          f"A {cfg.model} CTR model with embedding width {cfg.dim}, trained {cfg.epochs} epochs with Adam (lr "
+          f"{cfg.lr}, batch {cfg.batch_size}) on the training split, scored by test AUC (higher is better) and log "
+          f"loss. At each budget (a share of the full-width embedding parameters) every method below got the same "
+          f"number of embedding parameters and was retrained from the same initial values (seed "
+          f"{', '.join(map(str, seeds))}):", ""]
+    md += [f"- `{m}`: {_EXPLAIN.get(m, m)}" for m in ("full",) + tuple(cfg.methods)]
+    md += ["", "## Result in words", ""]
+    full = next((s for s in summary if s["method"] == "full"), None)
+    for b in sorted({s["budget"] for s in summary if s["budget"] < 1.0}, reverse=True):
+        at = {s["method"]: s for s in summary if s["budget"] == b}
+        best = max(at, key=lambda m: at[m]["auc"][0])
+        line = f"- {b:.0%}: best `{best}` ({at[best]['auc'][0]:.4f})"
+        if "pme" in at:
+            diffs = [f"{at['pme']['auc'][0] - at[m]['auc'][0]:+.4f} vs {m}" for m in ("uniform", "popularity", "random")
+                     if m in at]
+            line += f"; `pme` {at['pme']['auc'][0]:.4f}" + (f" ({', '.join(diffs)})" if diffs else "")
+            if full:
+                line += f", {at['pme']['auc'][0] - full['auc'][0]:+.4f} vs full size"
+        md.append(line + ".")
+    md += ["", "## How large is the noise", ""]
+    if full and len(seeds) > 1:
+        md.append(f"Over {len(seeds)} seeds the full-size model's test AUC varies by ± {full['auc'][1]:.4f} (std); "
+                  "differences between methods smaller than that are not evidence unless they hold seed by seed "
+                  "(the quality study, `benchmarks/quality.py`, reports paired per-seed differences).")
+    else:
+        md.append("One seed: the spread between seeds cannot be measured here. On MovieLens-100K it is about "
+                  "± 0.006 AUC for the full-size model (the quality study, `benchmarks/results/quality/report.md`, "
+                  "10 seeds), larger than most differences between methods in a single run, so read a one-seed "
+                  "ranking as anecdote; the study's paired per-seed differences are the evidence.")
+    bad = sorted({(r["budget"], r["method"], r["infeasible"]) for r in rows if "infeasible" in r})
+    md += ["", "## Infeasible runs", ""]
+    md += [f"- `{m}` at {b:.0%}: {why}" for b, m, why in bad] if bad else ["None: every method fit every budget."]
+    if seconds is not None:
+        import torch
+
+        md += ["", f"Wall time: {seconds:.0f} s ({torch.get_num_threads()} torch threads)."]
+    return "\n".join(md)
+
+
 def write_report(out_dir: str, cfg: ExperimentConfig, rows: list, train, title: str = "pme demo",
-                 extra_md: str = "") -> dict:
-    """Writes results.json, report.md and the PNG plots to ``out_dir``; returns the summary."""
+                 extra_md: str = "", seconds: float | None = None) -> dict:
+    """Writes results.json, report.md (with prose that explains it: ``explain``) and the PNG plots
+    to ``out_dir``; returns the summary."""
     os.makedirs(out_dir, exist_ok=True)
     summary = summarize(rows)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump({"config": asdict(cfg), "summary": summary,
+        json.dump({"config": asdict(cfg), "summary": summary, "seconds": seconds,
                    "runs": [{k: v for k, v in r.items() if k != "sizes"} for r in rows]}, f, indent=1)
     plots = _plots(out_dir, summary, rows, train, cfg)
-    md = [f"# {title}", "", f"Model {cfg.model}, embedding width {cfg.dim}, {cfg.epochs} epochs, seeds "
-          f"{list(cfg.seeds)}, score rule {cfg.rule}, {cfg.search_batches} scoring batches, "
-          f"{cfg.warmup_steps} warm-up steps.", "", markdown_table(summary), ""]
+    md = [f"# {title}", "", explain(cfg, rows, seconds), "", "## Table", "",
+          "Means over seeds (± std when there are several); `emb. params` counts the flat buffers plus shared "
+          "projections; `search s` is the search's own time (for `pme` add the full-size training it scores).", "",
+          markdown_table(summary), "", f"PME variants: `{cfg.variants}`.", ""]
     md += [f"![{p}]({p})" for p in plots]
     if extra_md:
         md += ["", extra_md]
@@ -241,9 +346,16 @@ def _plots(out_dir, summary, rows, train, cfg) -> list:
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", label=method,
                         capsize=3)
     if full:
-        ax.axhline(full[0]["auc"][0], color="k", ls="--", lw=1, label="full size")
+        f0 = full[0]
+        ax.axhline(f0["auc"][0], color="k", ls="--", lw=1, label=f"full width (D={cfg.dim}, {f0['params']:,} params)")
+        if f0["seeds"] > 1:
+            ax.axhspan(f0["auc"][0] - f0["auc"][1], f0["auc"][0] + f0["auc"][1], color="k", alpha=0.08,
+                       label="full ± 1 std over seeds (noise)")
+        for b in sorted({s["budget"] for s in summary if s["budget"] < 1}):
+            ax.axvline(b * f0["params"], color="grey", lw=0.5, ls=":")
+            ax.text(b * f0["params"], ax.get_ylim()[0], f" {b:.0%}", fontsize=7, va="bottom")
     ax.set_xscale("log")
-    ax.set_xlabel("embedding parameters")
+    ax.set_xlabel("embedding parameters (dotted: the budgets, as shares of full width)")
     ax.set_ylabel("test AUC")
     ax.set_title(f"{cfg.model}: AUC vs embedding parameters")
     ax.legend(fontsize=8)

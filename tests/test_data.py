@@ -408,3 +408,126 @@ def test_planted_bad_args():
         make_planted(10, num_fields=2, vocab=[5])
     with pytest.raises(ValueError):
         make_planted(0)
+
+
+# --------------------------------------------------------------------------- bring your own data
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_from_columns_against_python_reference(seed):
+    """Random single- and multi-valued columns with missing values, duplicates and rare tokens:
+    ids, bags and vocabularies against a plain-Python rebuild."""
+    g = random.Random(seed)
+    n = g.randint(1, 60)
+    toks = ["x", "y", "z", "w", 7, 3.0, "10"]
+    single = [None if g.random() < 0.15 else g.choice(toks) for _ in range(n)]
+    multi = [[g.choice(toks) for _ in range(g.randint(0, 3))] for _ in range(n)]
+    joined = ["|".join(str(t) for t in b) if g.random() < 0.9 else None for b in multi]
+    labels = [g.randint(0, 1) for _ in range(n)]
+    min_count = g.choice([1, 2])
+    ds = pdata.from_columns({"s": single, "m": multi, "j": joined, "y": labels}, label="y",
+                            multi_valued={"m": None, "j": "|"}, min_count=min_count)
+    assert ds.field_names == ["s", "m", "j"] and ds.labels.tolist() == [float(v) for v in labels]
+
+    def norm(t):
+        return str(int(t)) if isinstance(t, float) else str(t)
+
+    def vocab_of(bags):
+        c = Counter(t for b in bags for t in b)
+        kept = [t for t, k in c.items() if k >= min_count]
+        if all(t.isdigit() for t in kept):
+            kept = sorted(kept, key=int)
+        else:
+            kept = sorted(kept)
+        return ["<unk>"] + kept
+
+    refs = {"s": [[] if t is None else [norm(t)] for t in single],
+            "m": [[norm(t) for t in b] for b in multi],
+            "j": [[] if s is None else [t for t in s.split("|") if t] for s in joined]}
+    for f, bags in refs.items():
+        voc = vocab_of(bags)
+        assert ds.vocab[f] == voc and ds.cardinality[f] == len(voc)
+        ids = {t: i for i, t in enumerate(voc)}
+        got = rows_of(ds, f)
+        for r, b in enumerate(bags):
+            exp = [ids.get(t, 0) for t in b] or [0]  # missing / empty -> the unknown id
+            assert got[r] == exp, (f, r, b)
+    assert not ds.is_multi_valued("s") and ds.mode_by_field["s"] == "sum"
+
+
+def test_from_columns_vocab_reuse_dense_and_errors():
+    train = pdata.from_columns({"u": ["a", "b", "a"], "d": [1.0, None, 3], "y": [1, 0, True]}, label="y",
+                               dense=["d"])
+    assert train.dense.tolist() == [[1.0], [0.0], [3.0]] and train.dense_names == ["d"]
+    test = pdata.from_columns({"u": ["b", "new", None], "y": [0, 1, 0]}, label="y", vocab=train.vocab)
+    assert test.vocab["u"] == train.vocab["u"] == ["<unk>", "a", "b"]
+    assert rows_of(test, "u") == [[2], [0], [0]]
+    with pytest.raises(ValueError, match="rows"):
+        pdata.from_columns({"u": ["a", "b"], "y": [1]}, label="y")
+    with pytest.raises(ValueError, match="label column"):
+        pdata.from_columns({"u": ["a"]}, label="y")
+    with pytest.raises(ValueError, match="0 or 1"):
+        pdata.from_columns({"u": ["a"], "y": [2]}, label="y")
+    with pytest.raises(ValueError, match="unknown column"):
+        pdata.from_columns({"u": ["a"], "y": [1]}, label="y", fields=["v"])
+    with pytest.raises(ValueError, match="separator"):
+        pdata.from_columns({"u": ["a|b"], "y": [1]}, label="y", multi_valued=["u"])
+    with pytest.raises(ValueError, match="must start with"):
+        pdata.from_columns({"u": ["a"], "y": [1]}, label="y", vocab={"u": ["a"]})
+    with pytest.raises(ValueError, match="module name"):
+        pdata.from_columns({"u.v": ["a"], "y": [1]}, label="y")
+    with pytest.raises(TypeError, match="not a sequence"):
+        pdata.from_columns({"u": 5, "y": [1]}, label="y")
+    with pytest.raises(TypeError, match="DataFrame"):
+        pdata.from_dataframe({"u": ["a"]}, label="y")
+
+
+def test_from_dataframe_matches_from_columns_and_trains():
+    pd = pytest.importorskip("pandas")
+    import numpy as np
+
+    df = pd.DataFrame({"user": ["u1", "u2", "u1", None], "age": [20, 30, np.nan, 20],
+                       "genres": [["a", "b"], [], ["b"], ["c", "a", "a"]], "clicked": [1, 0, 1, 0]})
+    ds = pdata.from_dataframe(df, label="clicked", multi_valued=["genres"])
+    ref = pdata.from_columns({"user": ["u1", "u2", "u1", None], "age": [20, 30, None, 20],
+                              "genres": [["a", "b"], [], ["b"], ["c", "a", "a"]], "clicked": [1, 0, 1, 0]},
+                             label="clicked", multi_valued=["genres"])
+    for f in ds.field_names:
+        assert torch.equal(ds.values[f], ref.values[f]) and torch.equal(ds.offsets[f], ref.offsets[f])
+        assert ds.vocab[f] == ref.vocab[f]
+    assert ds.vocab["age"] == ["<unk>", "20", "30"]  # 20.0 from the float column is the token "20"
+    from pme import models
+
+    m = models.FM.from_dataset(ds, embedding_dim=4)
+    out = m(next(iter(ds.batches(4))))
+    assert out.shape == (4,) and bool(torch.isfinite(out).all())
+
+
+def test_real_adult():
+    try:
+        d = pdata.load_adult()
+    except FileNotFoundError as e:
+        pytest.skip(f"adult not installed: {e}")
+    assert len(d) == 32_561 + 16_281
+    assert int(d.labels.sum()) == 7_841 + 3_846  # >50K in adult.data and adult.test (UCI's counts)
+    assert len(d.field_names) == 13 and "fnlwgt" not in d.field_names
+    assert d.cardinality["sex"] == 3 and d.cardinality["race"] == 6
+    assert d.vocab["workclass"][0] == "<unk>" and "Private" in d.vocab["workclass"]
+    assert int(d.token_counts("workclass")[0]) > 0  # '?' rows are the unknown token
+    for f in d.field_names:
+        assert not d.is_multi_valued(f) and int(d.values[f].max()) < d.cardinality[f]
+
+
+def test_adult_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no adult.data"):
+        pdata.load_adult(tmp_path)
+    (tmp_path / "adult.data").write_text("39, State-gov, 77516\n")
+    (tmp_path / "adult.test").write_text("|1x3 Cross validator\n")
+    with pytest.raises(ValueError, match="expected 15"):
+        pdata.load_adult(tmp_path)
+    row = "39, State-gov, 77516, Bachelors, 13, Never-married, Adm-clerical, Not-in-family, White, Male, 0, 0, 40, ?, maybe\n"
+    (tmp_path / "adult.data").write_text(row)
+    with pytest.raises(ValueError, match="income must be"):
+        pdata.load_adult(tmp_path)
+    (tmp_path / "adult.data").write_text(row.replace("maybe", "<=50K"))
+    (tmp_path / "adult.test").write_text("|1x3 Cross validator\n" + row.replace("maybe", ">50K."))
+    d = pdata.load_adult(tmp_path)
+    assert d.labels.tolist() == [0.0, 1.0] and rows_of(d, "native_country") == [[0], [0]]

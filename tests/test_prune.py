@@ -159,10 +159,10 @@ def test_search_bad_input():
     for bad in (0, -0.1, 1.5):
         with pytest.raises(ValueError, match="budget must be in"):
             search(model, _loader(ds), budget=bad, progress=False)
-    with pytest.raises(ValueError, match="no batch"):
-        search(model, [], budget=0.2, progress=False)
+    with pytest.raises(ValueError, match="no batch"):  # magnitude without warm-up needs no batch
+        search(model, [], budget=0.2, rule="taylor", progress=False)
     with pytest.raises(ValueError, match="rule must be one of"):
-        search(model, _loader(ds), budget=0.2, rule="taylor", progress=False)
+        search(model, _loader(ds), budget=0.2, rule="nope", progress=False)
     with pytest.raises(KeyError, match="not embedding tables"):
         search(model, _loader(ds), budget=0.2, tables=["embeddings.nope"], progress=False)
     for p in model.embeddings.parameters():
@@ -248,9 +248,11 @@ def test_search_float64_tables_and_custom_loss():
     with torch.no_grad():
         n64.table.weight.copy_(n32.table.weight.double())
     batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
-    r32 = search(n32, batches, budget=0.5, num_batches=4, loss_fn=loss_fn, quantum=1, min_size=0, progress=False)
-    r64 = search(n64, batches, budget=0.5, num_batches=4, loss_fn=loss_fn, quantum=1, min_size=0, progress=False)
+    r32 = search(n32, batches, budget=0.5, rule="taylor", num_batches=4, loss_fn=loss_fn, quantum=1, min_size=0,
+                 progress=False)
+    r64 = search(n64, batches, budget=0.5, rule="taylor", num_batches=4, loss_fn=loss_fn, quantum=1, min_size=0,
+                 progress=False)
     assert r64.kept_entries <= r64.budget_entries
     assert torch.equal(r32.sizes["table"], r64.sizes["table"])
     with pytest.raises(TypeError, match="loss_fn"):
-        search(n32, batches, budget=0.5, progress=False)
+        search(n32, batches, budget=0.5, rule="taylor", progress=False)

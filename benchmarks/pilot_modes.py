@@ -1,0 +1,45 @@
+"""Pilot that chose the default search mode (run once, before the study; small on purpose).
+
+Both data sets (MovieLens-100K, census adult), DeepFM width 64, 2 epochs, seeds 100 and 101
+(not the study's seeds 0-9), budgets 20% and 5%: PME variants (score rule x normalisation x
+trained / cheap warm-up) against uniform and popularity. Writes
+benchmarks/results/quality/pilot_<data>.json. Run: python benchmarks/pilot_modes.py [--data ml|adult]
+"""
+import argparse, json, os, time
+import torch
+from pme import data
+from pme.experiment import ExperimentConfig, run_experiment, paired_differences
+
+VARIANTS = {
+    "mag_field": {"mode": "trained", "rule": "magnitude", "normalize": "field"},
+    "mag_none": {"mode": "trained", "rule": "magnitude", "normalize": "none"},
+    "sal_field": {"mode": "trained", "rule": "saliency", "normalize": "field"},
+    "cheap_mag_field": {"mode": "warmup", "rule": "magnitude", "normalize": "field", "warmup_epochs": 0.2},
+    "cheap_move_field": {"mode": "warmup", "rule": "movement", "normalize": "field", "warmup_epochs": 0.2},
+}
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--data", choices=["ml", "adult"], default="ml")
+    p.add_argument("--seeds", type=int, nargs="+", default=[100, 101])
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    ds = data.load_movielens_100k() if a.data == "ml" else data.load_adult()
+    rows = []
+    t0 = time.time()
+    for seed in a.seeds:
+        tr, va, te = ds.split(seed=seed)
+        cfg = ExperimentConfig(dim=64, epochs=2, budgets=(0.2, 0.05), seeds=(seed,), progress=False,
+                               variants=VARIANTS, methods=tuple(VARIANTS) + ("uniform", "popularity"))
+        rows += run_experiment(cfg, tr, va, te, log=lambda m: print(f"{time.time()-t0:.0f}s {m}", flush=True))
+    out = {"rows": [{k: v for k, v in r.items() if k != "sizes"} for r in rows]}
+    out["paired"] = {v: paired_differences(rows, v, ("uniform", "popularity", "full")) for v in VARIANTS}
+    os.makedirs("benchmarks/results/quality", exist_ok=True)
+    with open(f"benchmarks/results/quality/pilot_{a.data}.json", "w") as f:
+        json.dump(out, f, indent=1)
+    for v, ps in out["paired"].items():
+        for q in ps:
+            print(f"{v:18s} {q['budget']:.0%} vs {q['against']:10s} {q['mean']:+.4f} ± {q['std']:.4f} wins {q['wins']}/{q['seeds']}")
+
+if __name__ == "__main__":
+    main()
