@@ -109,7 +109,7 @@ def run_config(V, D, B, L, dist, device, gen, min_run_time, alpha):
     for name, make in fused.items():
         m = make()
 
-        def fused_step():
+        def fused_step(m=m):
             m(idx, offsets).backward(g)
 
         results.update(_time(name, "step", fused_step, device, min_run_time))
@@ -118,11 +118,11 @@ def run_config(V, D, B, L, dist, device, gen, min_run_time, alpha):
         m = make()
         opt = torch.optim.SparseAdam(m.parameters(), lr=1e-3)
 
-        def fwd_bwd():
+        def fwd_bwd(m=m):
             m.weight.grad = None
             m(idx, offsets).backward(g)
 
-        def step():
+        def step(m=m, opt=opt):
             opt.zero_grad()
             m(idx, offsets).backward(g)
             opt.step()

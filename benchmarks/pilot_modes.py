@@ -5,7 +5,10 @@ Both data sets (MovieLens-100K, census adult), DeepFM width 64, 2 epochs, seeds 
 trained / cheap warm-up) against uniform and popularity. Writes
 benchmarks/results/quality/pilot_<data>.json. Run: python benchmarks/pilot_modes.py [--data ml|adult]
 """
-import argparse, json, os, time
+import argparse
+import json
+import os
+import time
 import torch
 from pme import data
 from pme.experiment import ExperimentConfig, run_experiment, paired_differences

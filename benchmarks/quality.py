@@ -185,7 +185,7 @@ def plots(name, rows, out_dir):
         if pts:
             ax.errorbar([100 * p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
                         capsize=3, label=m)
-    ax.axhline(full["auc"][0], color="k", ls="--", lw=1, label=f"full width (100%)")
+    ax.axhline(full["auc"][0], color="k", ls="--", lw=1, label="full width (100%)")
     ax.axhspan(full["auc"][0] - full["auc"][1], full["auc"][0] + full["auc"][1], color="k", alpha=0.08,
                label="full ± 1 std over seeds (seed noise)")
     ax.set_xscale("log")

@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (the worker functions take torch as an argument: it is imported in the subprocess)
 """Fuzz suite: hypothesis draws corruptions of every operator argument and of checkpoints; each
 batch of cases runs in a fresh subprocess, so that a crash (SIGSEGV, abort, heap corruption)
 fails the test instead of killing pytest.

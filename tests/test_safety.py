@@ -313,7 +313,6 @@ def test_nan_scores_rank_below_every_number(device, tokens, D, data):
     V = max(1, len(vals) // D)
     vals = (vals * (V * D // len(vals) + 1))[:V * D]
     scores = torch.tensor(vals, dtype=torch.float32).view(V, D).to(device)
-    assert [math.copysign(1, float(x)) for x in scores.view(-1) if x != x] is not None  # both NaN signs occur
     k = data.draw(st.integers(1, V * D))
     t = ops.topk_threshold(scores, k)
     t_ref = reference.topk_threshold(scores.cpu(), k)

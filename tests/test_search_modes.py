@@ -230,7 +230,6 @@ def test_grouped_layout_shares_projections_on_many_small_tables():
     exceed a 20% budget; shared per-size projections fit, are counted, and train."""
     vs = [75, 9, 17, 17, 8, 15, 7, 6, 3, 124, 100, 97, 42]
     card = {f"f{i}": v for i, v in enumerate(vs)}
-    model = models.DeepFM(card, embedding_dim=64)
     g = torch.Generator().manual_seed(0)
     scores = {f"embeddings.f{i}": torch.rand(v, 64, generator=g) for i, v in enumerate(vs)}
     dense = sum(vs) * 64
