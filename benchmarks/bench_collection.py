@@ -43,7 +43,6 @@ import datetime as dt
 import gc
 import json
 import os
-import platform
 import sys
 import time
 
@@ -51,22 +50,12 @@ import torch
 from torch.utils.benchmark import Timer
 
 import pme
+from pme.bench import cpu_model
 from pme.collection import EmbeddingBagConfig, MultiSizeEmbeddingBagCollection
 
 CRITEO_KAGGLE = [1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27, 14992,
                  5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572]
 SIZE_MIX = ((8, 0.55), (4, 0.25), (2, 0.15), (1, 0.05))  # (D / divisor, probability)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def draw_sizes(V, D, gen):

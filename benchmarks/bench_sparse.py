@@ -42,6 +42,7 @@ from torch.utils.benchmark import Timer
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import pme  # noqa: E402
+from pme.bench import cpu_model  # noqa: E402
 
 warnings.filterwarnings("ignore", message="Sparse invariant checks")
 
@@ -60,17 +61,6 @@ def zipf_rows(V, N, alpha, gen):
 def multisize(V, D, gen):
     choice = torch.multinomial(torch.tensor(SIZE_PROBS), V, replacement=True, generator=gen)
     return torch.tensor([D // f for f in SIZE_FRACTIONS])[choice]
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def _time(name, phase, fn, device, min_run_time):
@@ -156,7 +146,7 @@ def main():
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(args.seed)
     info = pme.info()
-    machine = {"device": args.device, "cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__,
+    machine = {"device": args.device, "cpu": cpu_model(), "threads": args.threads, "torch": torch.__version__,
                "pme": info["version"], "backend": info["backend"], "python": platform.python_version()}
     if args.device == "cuda":
         machine["gpu"] = torch.cuda.get_device_name()
