@@ -351,6 +351,25 @@ def test_operator_validation_is_overflow_safe():
     with pytest.raises(RuntimeError, match="state1"):
         torch.ops.pme.collection_update_(w.clone(), torch.zeros(3, dtype=w.dtype), torch.zeros(0, dtype=w.dtype), go,
                                          off, tr, feats, idx, bo, None, B, 1, 0.1, 0.0, 1e-8, 0.9, 0.999, 1)
+    # in-place arguments must not alias each other or a read-only argument
+    V = off.numel() - 1
+    w2 = w.clone()
+    buf = torch.zeros(w2.numel() + V, dtype=w.dtype)
+    for s1, wt, name in ((w2[:V], w2, "weight is updated in place and must not share memory with state1"),
+                         (buf[:V], buf[V:], None)):
+        if name is not None:
+            with pytest.raises(RuntimeError, match=name):
+                torch.ops.pme.collection_update_(wt, s1, torch.zeros(0, dtype=w.dtype), go, off, tr, feats, idx, bo,
+                                                 None, B, 1, 0.1, 0.0, 1e-8, 0.9, 0.999, 1)
+        else:  # neighbours in one buffer that do not overlap are fine
+            wt.copy_(w)
+            torch.ops.pme.collection_update_(wt, s1, torch.zeros(0, dtype=w.dtype), go, off, tr, feats, idx, bo,
+                                             None, B, 1, 0.1, 0.0, 1e-8, 0.9, 0.999, 1)
+    with pytest.raises(RuntimeError, match="must not share memory with grad_out"):
+        g2 = torch.zeros(w.numel() + go.numel(), dtype=w.dtype)
+        torch.ops.pme.collection_update_(g2[:w.numel()], torch.zeros(V, dtype=w.dtype), torch.zeros(0, dtype=w.dtype),
+                                         g2[:go.numel()].view_as(go), off, tr, feats, idx, bo, None, B, 1, 0.1, 0.0,
+                                         1e-8, 0.9, 0.999, 1)
 
 
 def test_one_call_for_all_tables():

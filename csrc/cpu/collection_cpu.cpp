@@ -324,6 +324,10 @@ void collection_update_(Tensor weight, Tensor state1, Tensor state2, Tensor grad
   const CollectionArgs a = check_collection_args(weight, offsets, table_rows, features, indices, bag_offsets,
                                                  per_sample_weights, batch_size);
   check_update_args(weight, state1, state2, offsets, optimizer, lr, weight_decay, eps, beta1, beta2, step);
+  check_in_place({{&weight, "weight"}, {&state1, "state1"}, {&state2, "state2"}},
+                 {{&grad_out, "grad_out"}, {&offsets, "offsets"}, {&table_rows, "table_rows"},
+                  {&features, "features"}, {&indices, "indices"}, {&bag_offsets, "bag_offsets"},
+                  {per_sample_weights ? &*per_sample_weights : nullptr, "per_sample_weights"}});
   const int64_t W = check_grad(grad_out, weight, a);
   const Tensor go_t = torch::stable::contiguous(grad_out);
   const Hyper h{optimizer, lr, weight_decay, eps, beta1, beta2, step};

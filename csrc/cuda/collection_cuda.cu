@@ -545,6 +545,10 @@ void collection_update_(Tensor weight, Tensor state1, Tensor state2, Tensor grad
                         std::optional<Tensor> per_sample_weights, int64_t batch_size, int64_t optimizer, double lr,
                         double weight_decay, double eps, double beta1, double beta2, int64_t step) {
   check_update_args(weight, state1, state2, offsets, optimizer, lr, weight_decay, eps, beta1, beta2, step);
+  check_in_place({{&weight, "weight"}, {&state1, "state1"}, {&state2, "state2"}},
+                 {{&grad_out, "grad_out"}, {&offsets, "offsets"}, {&table_rows, "table_rows"},
+                  {&features, "features"}, {&indices, "indices"}, {&bag_offsets, "bag_offsets"},
+                  {per_sample_weights ? &*per_sample_weights : nullptr, "per_sample_weights"}});
   void* s1 = optimizer != kSGD && state1.numel() ? state1.mutable_data_ptr() : nullptr;
   void* s2 = optimizer == kAdam && state2.numel() ? state2.mutable_data_ptr() : nullptr;
   void* w = weight.mutable_data_ptr();
@@ -552,27 +556,7 @@ void collection_update_(Tensor weight, Tensor state1, Tensor state2, Tensor grad
       grad_out, weight, offsets, table_rows, features, indices, bag_offsets, per_sample_weights, batch_size,
       [&](auto tag) {
         using T = decltype(tag);
-        using A = acc_t<T>;
-        // Host-side constants, computed as sparse_update_ computes them.
-        UpdateOp<T> op{};
-        op.w = static_cast<T*>(w);
-        op.s1 = static_cast<A*>(s1);
-        op.s2 = static_cast<A*>(s2);
-        op.optimizer = optimizer;
-        op.lr = static_cast<A>(lr);
-        op.wd = static_cast<A>(weight_decay);
-        op.eps = static_cast<A>(eps);
-        op.b1 = static_cast<A>(beta1);
-        op.b2 = static_cast<A>(beta2);
-        op.one_minus_b1 = A(1) - op.b1;
-        op.one_minus_b2 = A(1) - op.b2;
-        op.step_size = A(1);
-        if (optimizer == kAdam) {
-          const A bc1 = A(1) - static_cast<A>(std::pow(beta1, static_cast<double>(step)));
-          const A bc2 = A(1) - static_cast<A>(std::pow(beta2, static_cast<double>(step)));
-          op.step_size = op.lr * std::sqrt(bc2) / bc1;
-        }
-        return op;
+        return make_update_op<T>(w, s1, s2, optimizer, lr, weight_decay, eps, beta1, beta2, step);
       },
       [](auto, const Ctx&, const RowGroups&, const Tensor&, const Tensor&, const Table&, const int64_t*, int64_t) {});
 }

@@ -3,6 +3,8 @@
 // GradWriteOp writes it into a gradient buffer, UpdateOp takes one optimizer step with it.
 #pragma once
 
+#include <cmath>
+
 #include "cuda/row_groups_cuda.cuh"
 
 namespace pme::cuda {
@@ -79,6 +81,33 @@ struct UpdateOp {
     }
   }
 };
+
+// An UpdateOp with its host-side constants (bias correction included), computed exactly as the
+// CPU kernel computes them; w, s1, s2 point to the weight and the optimizer state (or null).
+template <class T>
+UpdateOp<T> make_update_op(void* w, void* s1, void* s2, int64_t optimizer, double lr, double weight_decay,
+                           double eps, double beta1, double beta2, int64_t step) {
+  using A = acc_t<T>;
+  UpdateOp<T> op{};
+  op.w = static_cast<T*>(w);
+  op.s1 = static_cast<A*>(s1);
+  op.s2 = static_cast<A*>(s2);
+  op.optimizer = optimizer;
+  op.lr = static_cast<A>(lr);
+  op.wd = static_cast<A>(weight_decay);
+  op.eps = static_cast<A>(eps);
+  op.b1 = static_cast<A>(beta1);
+  op.b2 = static_cast<A>(beta2);
+  op.one_minus_b1 = A(1) - op.b1;
+  op.one_minus_b2 = A(1) - op.b2;
+  op.step_size = A(1);
+  if (optimizer == kAdam) {
+    const A bc1 = A(1) - static_cast<A>(std::pow(beta1, static_cast<double>(step)));
+    const A bc2 = A(1) - static_cast<A>(std::pow(beta2, static_cast<double>(step)));
+    op.step_size = op.lr * std::sqrt(bc2) / bc1;
+  }
+  return op;
+}
 
 }  // namespace
 }  // namespace pme::cuda

@@ -82,27 +82,7 @@ void sparse_update_(Tensor weight, Tensor state1, Tensor state2, Tensor grad_out
   for_each_row(grad_out, weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, argmax, mode,
                padding_idx, [&](auto tag) {
                  using T = decltype(tag);
-                 using A = acc_t<T>;
-                 // Host-side constants, computed exactly as the CPU kernel computes them.
-                 UpdateOp<T> op{};
-                 op.w = static_cast<T*>(w);
-                 op.s1 = static_cast<A*>(s1);
-                 op.s2 = static_cast<A*>(s2);
-                 op.optimizer = optimizer;
-                 op.lr = static_cast<A>(lr);
-                 op.wd = static_cast<A>(weight_decay);
-                 op.eps = static_cast<A>(eps);
-                 op.b1 = static_cast<A>(beta1);
-                 op.b2 = static_cast<A>(beta2);
-                 op.one_minus_b1 = A(1) - op.b1;
-                 op.one_minus_b2 = A(1) - op.b2;
-                 op.step_size = A(1);
-                 if (optimizer == kAdam) {
-                   const A bc1 = A(1) - static_cast<A>(std::pow(beta1, static_cast<double>(step)));
-                   const A bc2 = A(1) - static_cast<A>(std::pow(beta2, static_cast<double>(step)));
-                   op.step_size = op.lr * std::sqrt(bc2) / bc1;
-                 }
-                 return op;
+                 return make_update_op<T>(w, s1, s2, optimizer, lr, weight_decay, eps, beta1, beta2, step);
                });
 }
 
