@@ -68,6 +68,22 @@ def _pm(m, s, digits=4):
     return f"{m:+.{digits}f} ± {s:.{digits}f}"
 
 
+def _paired_rows(paired, methods):
+    """Markdown rows ``| budget | method | - uniform | - popularity | - random | - full size |`` of paired diffs."""
+    rows = []
+    for m in methods:
+        by = {}
+        for p in paired[m]:
+            by.setdefault(p["budget"], {})[p["against"]] = p
+        for b in sorted(by, reverse=True):
+            cells = []
+            for against in BASELINES + ("full",):
+                p = by[b].get(against)
+                cells.append("-" if p is None else f"{_pm(p['mean'], p['std'])} ({p['wins']}/{p['seeds']})")
+            rows.append(f"| {b:.0%} | {m} | " + " | ".join(cells) + " |")
+    return rows
+
+
 def report_data(name, rows, cfg):
     """Markdown for one data set + the dict that goes to results.json."""
     summary = summarize(rows)
@@ -88,30 +104,12 @@ def report_data(name, rows, cfg):
            "seeds; wins = seeds where PME is ahead):", "",
            "| budget | method | − uniform | − popularity | − random | − full size |",
            "| --- | --- | --- | --- | --- | --- |"]
-    for m in methods:
-        by = {}
-        for p in out["paired"][m]:
-            by.setdefault(p["budget"], {})[p["against"]] = p
-        for b in sorted(by, reverse=True):
-            cells = []
-            for against in BASELINES + ("full",):
-                p = by[b].get(against)
-                cells.append("-" if p is None else f"{_pm(p['mean'], p['std'])} ({p['wins']}/{p['seeds']})")
-            md.append(f"| {b:.0%} | {m} | " + " | ".join(cells) + " |")
+    md += _paired_rows(out["paired"], methods)
     md += ["", "**The same pairs in test log loss** (PME minus baseline; lower is better, so negative favours PME; "
            "wins = seeds where PME's log loss is lower):", "",
            "| budget | method | − uniform | − popularity | − random | − full size |",
            "| --- | --- | --- | --- | --- | --- |"]
-    for m in methods:
-        by = {}
-        for p in out["paired_logloss"][m]:
-            by.setdefault(p["budget"], {})[p["against"]] = p
-        for b in sorted(by, reverse=True):
-            cells = []
-            for against in BASELINES + ("full",):
-                p = by[b].get(against)
-                cells.append("-" if p is None else f"{_pm(p['mean'], p['std'])} ({p['wins']}/{p['seeds']})")
-            md.append(f"| {b:.0%} | {m} | " + " | ".join(cells) + " |")
+    md += _paired_rows(out["paired_logloss"], methods)
     md += ["", "**Means over seeds** (emb. params include shared projections; search cost = the search's "
            "seconds as a share of one full-size training run of the same seed; for `pme` it includes "
            "that full-size training run, which it scores):", "",
