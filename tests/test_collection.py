@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import pme
 from pme.collection import EmbeddingBagConfig, MultiSizeEmbeddingBagCollection, embedding_names
 
-from conftest import random_sizes
+from conftest import DEVICES, random_sizes
 
 
 def make_collection(seed, pooling="sum", weighted=False, dtype=torch.float64, optimizer=None, shared=True):
@@ -507,3 +507,28 @@ def test_subset_copies_tables_and_optimizer_state():
     for k in ("f4", "f2"):
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
     assert sub.weight.data_ptr() != m.weight.data_ptr()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_device_forward_backward_and_fused_step_equal_cpu(device, index_dtype):
+    """The same collection on ``device``: forward, weight gradient and a fused row-wise Adagrad
+    step equal the CPU kernels' (the CUDA variant runs where a GPU is)."""
+    m, _, _ = make_collection(21, "mixed", dtype=torch.float32)
+    inp = make_input(m, 9, 21, index_dtype)
+    m.to(device)
+    cpu = make_collection(21, "mixed", dtype=torch.float32)[0]
+    on_dev = {k: tuple(x.to(device) for x in item) for k, item in inp.items()}
+    go = torch.randn(9, m.out_width, generator=torch.Generator().manual_seed(3))
+    out_c, out_d = cpu(inp).values(), m(on_dev).values()
+    torch.testing.assert_close(out_d.cpu(), out_c.detach(), rtol=1e-5, atol=1e-6)
+    out_c.backward(go)
+    out_d.backward(go.to(device))
+    torch.testing.assert_close(m.weight.grad.cpu(), cpu.weight.grad, rtol=1e-5, atol=1e-6)
+    fc = make_collection(21, "mixed", dtype=torch.float32, optimizer=pme.optim.RowwiseAdagrad(lr=0.1))[0]
+    fd = make_collection(21, "mixed", dtype=torch.float32, optimizer=pme.optim.RowwiseAdagrad(lr=0.1))[0].to(device)
+    for _ in range(2):
+        fc(inp).values().backward(go)
+        fd(on_dev).values().backward(go.to(device))
+    torch.testing.assert_close(fd.weight.detach().cpu(), fc.weight.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fd.optim_state1.cpu(), fc.optim_state1, rtol=1e-5, atol=1e-7)
