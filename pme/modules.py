@@ -415,8 +415,9 @@ class _MultiSizeTable(nn.Module):
                 continue
             if b.host:  # a step count: a non-negative integer scalar
                 if (not isinstance(t, torch.Tensor) or t.numel() != 1 or t.is_floating_point()
-                        or t.dtype == torch.bool or int(t) < 0):
-                    raise ValueError(f"{b.name} must be a non-negative integer scalar tensor, got {t!r}")
+                        or t.dtype == torch.bool or not 0 <= int(t) < 2 ** 62):
+                    raise ValueError(f"{b.name} must be a non-negative integer scalar tensor below 2**62 (a step "
+                                     f"count that can still be incremented), got {t!r}")
                 continue
             if not isinstance(t, torch.Tensor) or not t.is_floating_point() or tuple(t.shape) != tuple(b.shape):
                 raise ValueError(f"{b.name} must be a float tensor of shape {tuple(b.shape)}, got "

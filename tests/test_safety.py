@@ -125,6 +125,9 @@ def _checkpoint_corruptions():
     def step_negative(sd):
         sd["optim_step"] = torch.tensor(-3)
 
+    def step_cannot_increment(sd):  # the next step would wrap to -2**63
+        sd["optim_step"] = torch.tensor(2 ** 63 - 1)
+
     def projection_shape(sd):  # the default loader's own check, after ours passed: rolled back
         sd["offsets"] = torch.arange(0, 81, 8)
         sd["weight"] = torch.randn(80)
@@ -141,7 +144,7 @@ def _checkpoint_corruptions():
 
     return [offsets_decrease, offsets_too_wide, offsets_wrong_end, offsets_other_rows, offsets_float, weight_short,
             weight_int, weight_missing_with_new_sizes, other_sizes_bad_state, state_nan, state_negative, step_float,
-            step_negative, projection_shape, missing_key]
+            step_negative, step_cannot_increment, projection_shape, missing_key]
 
 
 @pytest.mark.parametrize("corrupt", _checkpoint_corruptions(), ids=lambda f: f.__name__)
