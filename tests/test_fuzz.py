@@ -184,6 +184,8 @@ def _lookup_valid(a, op, torch):
             return False
         if psw is not None and (mode != 0 or psw.dim() != 1 or psw.numel() != N or psw.dtype != w.dtype):
             return False
+    if op == "embedding_forward" and not -1 <= pad < V:  # padding_idx is an argument of the operator
+        return False
     B = bo.numel() - 1 if pooled else N
     if op in ("bag_backward", "sparse_update_", "accumulate_scores_", "embedding_backward"):
         go = a["grad_out"]
