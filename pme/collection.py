@@ -29,7 +29,7 @@ Loading validates every table before anything is replaced (all or nothing) and a
 sizes (the flat buffer is rebuilt). The normal form of the operators is documented in
 ``csrc/collection.h``; their fake kernels and autograd are registered here.
 
-For a TorchRec sharder (issue 15) the module offers what one needs without touching the flat
+For a TorchRec sharder the module offers what one needs without touching the flat
 buffer's layout: the tables as configs (``embedding_bag_configs()``), per-table views and sizes
 (``table_weight``, ``table_offsets``, ``sizes``, ``memory_report()["tables"]`` for the planner's
 true multi-size bytes), ``subset(names)`` (a collection of some tables with their optimizer state:
@@ -42,6 +42,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -301,23 +302,47 @@ def collection_update_(weight, state1, state2, grad_out, offsets, table_rows, fe
                              optimizer, lr, weight_decay, eps, beta1, beta2, step)
 
 
-class _FusedCollectionLookup(torch.autograd.Function):
-    """Forward of a collection with a fused optimizer; its backward applies the step."""
+class CollectionRows(NamedTuple):
+    """What the backward of a collection's fused lookup hands its consumer (``pme.ops.RowConsumer``).
+
+    ``grad_out`` ``[B, out_width]`` contiguous, the output's gradient in the buffer's dtype;
+    ``indices`` / ``bag_offsets`` / ``features`` / ``per_sample_weights`` the batch in the normal
+    form of :func:`collection_lookup`; ``batch_size`` B.
+    """
+
+    grad_out: torch.Tensor
+    indices: torch.Tensor
+    bag_offsets: torch.Tensor
+    features: torch.Tensor
+    per_sample_weights: torch.Tensor | None
+    batch_size: int
+
+    def update_(self, module, state1, state2, grad_out, **step) -> None:
+        """One fused optimizer step of every table of ``module`` on these rows (:func:`collection_update_`);
+        as ``pme.ops.BackwardRows.update_``."""
+        collection_update_(module.weight.data, state1, state2, grad_out, module.offsets, module.table_rows,
+                           self.features, self.indices, self.bag_offsets, self.per_sample_weights,
+                           batch_size=self.batch_size, **step)
+
+
+class _ConsumedCollectionLookup(torch.autograd.Function):
+    """Collection lookup whose backward hands the rows to the collection's ``RowConsumer``."""
 
     @staticmethod
-    def forward(ctx, anchor, module, indices, bag_offsets, features, psw, B):
+    def forward(ctx, anchor, consumer, module, indices, bag_offsets, features, psw, B):
         out = collection_lookup(module.weight, module.offsets, module.table_rows, features, indices, bag_offsets,
                                 psw, batch_size=B, out_width=module.out_width)
-        ctx.module, ctx.B = module, B
+        ctx.consumer, ctx.module, ctx.B = consumer, module, B
         ctx.save_for_backward(indices, bag_offsets, features, psw)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         indices, bag_offsets, features, psw = ctx.saved_tensors
-        m = ctx.module
-        m._fused_step(grad_out.contiguous(), indices, bag_offsets, features, psw, ctx.B)
-        return (None,) * 7
+        rows = CollectionRows(grad_out.contiguous().to(ctx.module.weight.dtype), indices, bag_offsets, features, psw,
+                              ctx.B)
+        ctx.consumer.consume(ctx.module, rows)
+        return (None,) * 8
 
 
 # --------------------------------------------------------------------------------------------
@@ -600,7 +625,7 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
         feats = self._features(keys)
         if self.optimizer is not None and self.training and torch.is_grad_enabled():
             anchor = torch.zeros((), device=self.weight.device, requires_grad=True)
-            values = _FusedCollectionLookup.apply(anchor, self, idx, bo, feats, psw, B)
+            values = _ConsumedCollectionLookup.apply(anchor, self.optimizer, self, idx, bo, feats, psw, B)
         else:
             values = collection_lookup(self.weight, self.offsets, self.table_rows, feats, idx, bo, psw,
                                        batch_size=B, out_width=self.out_width)
@@ -613,85 +638,62 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
             return KeyedTensor(keys=self.embedding_names(), length_per_key=lengths, values=values)
         return KeyedOutput(self.embedding_names(), lengths, values)
 
-    # ---- fused optimizer --------------------------------------------------------------------
+    # ---- fused optimizer (a pme.ops.RowConsumer) --------------------------------------------
     def _attach(self, opt):
         from .optim import FusedOptimizer
 
         if not isinstance(opt, FusedOptimizer):
             raise TypeError(f"optimizer must be a pme.optim optimizer (SGD, RowwiseAdagrad, Adam), got "
                             f"{type(opt).__name__}")
-        acc = ops.acc_dtype(self.weight.dtype)
-        dev = self.weight.device
-        V, total = self.offsets.numel() - 1, self.weight.numel()
-        s1 = {"sgd": 0, "rowwise_adagrad": V, "adam": total}[opt.name]
-        s2 = total if opt.name == "adam" else 0
-        self.register_buffer("optim_state1", torch.zeros(s1, dtype=acc, device=dev))
-        self.register_buffer("optim_state2", torch.zeros(s2, dtype=acc, device=dev))
-        self.register_buffer("optim_step", torch.zeros((), dtype=torch.int64))
-        self.weight.requires_grad_(False)
-        self.optimizer = opt
-
-    def _fused_step(self, grad_out, indices, bag_offsets, features, psw, B):
-        opt = self.optimizer
-        self.optim_step += 1
-        g = grad_out if opt.grad_scale == 1.0 else grad_out / opt.grad_scale
-        collection_update_(self.weight.data, self.optim_state1, self.optim_state2, g.to(self.weight.dtype),
-                           self.offsets, self.table_rows, features, indices, bag_offsets, psw, batch_size=B,
-                           optimizer=opt.name, lr=opt.lr, weight_decay=opt.weight_decay, eps=opt.eps,
-                           beta1=opt.beta1, beta2=opt.beta2, step=int(self.optim_step))
+        for b in opt.state(self):
+            if not b.host and b.per is None and tuple(b.shape) != (0,):
+                raise NotImplementedError(f"pme: {type(opt).__name__}'s state {b.name} {tuple(b.shape)} is neither "
+                                          "per row nor per entry: a collection cannot save it table by table")
+        opt.attach(self)
 
     def _apply(self, fn, recurse=True):
-        # As pme.modules: the optimizer state keeps its accumulation dtype and the step stays on
-        # the host; the feature tables are rebuilt on the new device.
-        held = {k: self._buffers[k] for k in ("optim_state1", "optim_state2", "optim_step")
-                if self._buffers.get(k) is not None}
-        for k in held:
-            self._buffers[k] = None
-        try:
+        # As pme.modules: the consumer's state keeps its own dtype and device rules (pme.ops.RowConsumer);
+        # the feature tables are rebuilt on the new device.
+        if self.optimizer is None:
             super()._apply(fn, recurse)
-        finally:
-            acc = ops.acc_dtype(self.weight.dtype)
-            for k, t in held.items():
-                self._buffers[k] = t if k == "optim_step" else t.to(device=self.weight.device, dtype=acc)
-            self._feature_cache = {}
+        else:
+            with self.optimizer.state_kept(self):
+                super()._apply(fn, recurse)
+        self._feature_cache = {}
         return self
 
     # ---- state_dict per table ---------------------------------------------------------------
-    def _state_per_row(self):
-        """Which optimizer buffers are per row (sliced by rows) or per entry (sliced by entries)."""
+    def _state(self):
+        """The attached optimizer's buffers (``pme.ops.StateBuffer``): per table, then the host ones."""
         if self.optimizer is None:
-            return {}
-        if self.optimizer.name == "rowwise_adagrad":
-            return {"optim_state1": "rows", "optim_state2": "none"}
-        if self.optimizer.name == "adam":
-            return {"optim_state1": "entries", "optim_state2": "entries"}
-        return {"optim_state1": "none", "optim_state2": "none"}
+            return [], []
+        specs = self.optimizer.state(self)
+        return [b for b in specs if not b.host], [b for b in specs if b.host]
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         # Copies (not views): a view of one table would make torch.save write the whole buffer.
-        states = self._state_per_row()
+        per_table, host = self._state()
         for i, t in enumerate(self._tables):
             r0, r1, e0, e1 = self._row_span(i)
             p = f"{prefix}{self._state_prefix}.{t.name}."
             w = self.weight[e0:e1]
             destination[p + "weight"] = (w if keep_vars else w.detach()).clone()
             destination[p + "offsets"] = self.offsets[r0:r1 + 1] - e0
-            for k, how in states.items():
-                buf = getattr(self, k)
-                part = buf[r0:r1] if how == "rows" else buf[e0:e1] if how == "entries" else buf[:0]
-                destination[p + k] = part.detach().clone()
-        if self.optimizer is not None:
-            destination[prefix + "optim_step"] = self.optim_step.detach().clone()
+            for b in per_table:
+                buf = getattr(self, b.name)
+                part = buf[r0:r1] if b.per == "row" else buf[e0:e1] if b.per == "entry" else buf[:0]
+                destination[p + b.name] = part.detach().clone()
+        for b in host:
+            destination[prefix + b.name] = getattr(self, b.name).detach().clone()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        states = self._state_per_row()
+        per_table, host = self._state()
         expected = []
         for t in self._tables:
             p = f"{prefix}{self._state_prefix}.{t.name}."
-            expected += [p + "weight", p + "offsets"] + [p + k for k in states]
-        if self.optimizer is not None:
-            expected.append(prefix + "optim_step")
+            expected += [p + "weight", p + "offsets"] + [p + b.name for b in per_table]
+        expected += [prefix + b.name for b in host]
         missing = [k for k in expected if k not in state_dict]
         missing_keys.extend(missing)
         if strict:
@@ -700,7 +702,7 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
         if missing:
             return
         # Validate every table first; replace nothing unless all are good.
-        weights, offs, st = [], [], {k: [] for k in states}
+        weights, offs, st = [], [], {b.name: [] for b in per_table}
         errors = []
         for i, t in enumerate(self._tables):
             p = f"{prefix}{self._state_prefix}.{t.name}."
@@ -713,22 +715,21 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
                     raise ValueError("weight must be a 1-D float tensor")
                 o = o.detach().cpu()
                 ops.check_offsets(o, w.numel(), t.embedding_dim)
-                for k, how in states.items():
-                    s = state_dict[p + k]
-                    n = t.num_embeddings if how == "rows" else w.numel() if how == "entries" else 0
-                    if not isinstance(s, torch.Tensor) or s.shape != (n,) or not s.is_floating_point():
-                        raise ValueError(f"{k} must be a float tensor of {n} entries, got "
-                                         f"{tuple(getattr(s, 'shape', ()))}")
-                    if not bool(torch.isfinite(s).all()) or (how != "none" and k == "optim_state1"
-                                                             and self.optimizer.name == "rowwise_adagrad"
-                                                             and bool((s < 0).any())):
-                        raise ValueError(f"{k} holds non-finite or negative values")
-                    st[k].append(s)
+                for b in per_table:
+                    s = state_dict[p + b.name]
+                    n = t.num_embeddings if b.per == "row" else w.numel() if b.per == "entry" else 0
+                    b._replace(shape=(n,)).check(s)
+                    st[b.name].append(s)
             except ValueError as e:
                 errors.append(f"{p[:-1]}: {e}")
                 continue
             weights.append(w)
             offs.append(o)
+        for b in host:
+            try:
+                b.check(state_dict[prefix + b.name])
+            except ValueError as e:
+                errors.append(f"{prefix}{b.name}: {e}")
         if errors:
             error_msgs.extend(errors)
             return
@@ -742,11 +743,11 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
             else:
                 self.weight = nn.Parameter(flat, requires_grad=self.weight.requires_grad)
         self.offsets = new_off
-        for k in states:
-            buf = getattr(self, k)
-            setattr(self, k, torch.cat([s.detach().to(device=buf.device, dtype=buf.dtype) for s in st[k]]))
-        if self.optimizer is not None:
-            self.optim_step.copy_(state_dict[prefix + "optim_step"].reshape(()))
+        for b in per_table:
+            buf = getattr(self, b.name)
+            setattr(self, b.name, torch.cat([s.detach().to(device=buf.device, dtype=buf.dtype) for s in st[b.name]]))
+        for b in host:
+            getattr(self, b.name).copy_(state_dict[prefix + b.name].reshape(()))
 
     # ---- constructors -----------------------------------------------------------------------
     def subset(self, table_names) -> "MultiSizeEmbeddingBagCollection":
@@ -764,7 +765,8 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
         new = type(self)(cfgs, {n: self.sizes(n).cpu() for n in table_names}, device=self.weight.device,
                          dtype=self.weight.dtype, optimizer=opt, **kwargs)
         sd = self.state_dict()
-        keep = {k: v for k, v in sd.items() if k == "optim_step" or k.split(".")[1] in set(table_names)}
+        host = {b.name for b in self._state()[1]}
+        keep = {k: v for k, v in sd.items() if k in host or k.split(".")[1] in set(table_names)}
         new.load_state_dict(keep)
         return new
 

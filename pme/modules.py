@@ -61,10 +61,11 @@ def _summary(sizes: torch.Tensor) -> str:
 
 
 class _Shape:
-    """The shape facts ``FusedOptimizer.state_shapes`` reads, for a table not built yet."""
+    """The shape facts a ``RowConsumer.state`` reads (rows, width, entries), for a table not built yet."""
 
     def __init__(self, num_embeddings, embedding_dim, weight):
         self.num_embeddings, self.embedding_dim, self.weight = num_embeddings, embedding_dim, weight
+        self.offsets = torch.empty(num_embeddings + 1, dtype=torch.int64, device="meta")
 
 
 def _classes_of_col(col_of_size, D: int) -> list[int]:
@@ -407,26 +408,11 @@ class _MultiSizeTable(nn.Module):
         return plan
 
     def _check_optim_state(self, state_dict, prefix, V, total):
-        """Checks the attached consumer's state in a checkpoint against the shapes it declares."""
-        consumer = self.optimizer
-        for b in consumer.state(_Shape(V, self.embedding_dim, torch.empty(total, device="meta"))):
+        """Checks the attached consumer's state in a checkpoint against the buffers it declares."""
+        for b in self.optimizer.state(_Shape(V, self.embedding_dim, torch.empty(total, device="meta"))):
             t = state_dict.get(prefix + b.name)
-            if t is None:
-                continue
-            if b.host:  # a step count: a non-negative integer scalar
-                if (not isinstance(t, torch.Tensor) or t.numel() != 1 or t.is_floating_point()
-                        or t.dtype == torch.bool or not 0 <= int(t) < 2 ** 62):
-                    raise ValueError(f"{b.name} must be a non-negative integer scalar tensor below 2**62 (a step "
-                                     f"count that can still be incremented), got {t!r}")
-                continue
-            if not isinstance(t, torch.Tensor) or not t.is_floating_point() or tuple(t.shape) != tuple(b.shape):
-                raise ValueError(f"{b.name} must be a float tensor of shape {tuple(b.shape)}, got "
-                                 f"{getattr(t, 'dtype', type(t))} of shape {tuple(getattr(t, 'shape', ()))}")
-            if t.numel() and not bool(torch.isfinite(t).all()):
-                raise ValueError(f"{b.name} holds non-finite values")
-            if b.name != "optim_state1" or getattr(consumer, "name", "") == "rowwise_adagrad":  # sums of squares
-                if t.numel() and bool((t < 0).any()) and b.name.startswith("optim_state"):
-                    raise ValueError(f"{b.name} holds negative values (a sum of squared gradients cannot be)")
+            if t is not None:
+                b.check(t)
 
     def _relayout(self, off, sizes, classes):
         """Takes the checkpoint's sizes: offsets, derived layout, fresh weight / state of the new shape."""

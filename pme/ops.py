@@ -757,14 +757,38 @@ class StateBuffer(NamedTuple):
     for a float64 table); such a buffer follows the table's device and that rule through
     ``.to(dtype)`` / ``.half()`` (no precision lost on the way). ``host=True`` keeps the buffer
     a CPU tensor through device moves (a scalar the host reads every step: reading it from a
-    GPU would synchronise and break graph capture). Other buffers follow the table's device
-    and keep their dtype.
+    GPU would synchronise and break graph capture); a checkpoint must give it as a step count
+    (a non-negative integer below 2**62). Other buffers follow the table's device and keep their
+    dtype.
+
+    ``per`` says how the buffer splits over rows: ``"row"`` (one value per row, ``[V]``),
+    ``"entry"`` (one per stored entry, ``[total]``) or None (neither: a scalar or an empty
+    buffer); a collection of tables saves the row and entry buffers table by table.
+    ``nonnegative=True`` (a sum of squares) refuses a checkpoint with negative values.
     """
 
     name: str
     shape: tuple
     dtype: torch.dtype | None = None
     host: bool = False
+    per: str | None = None
+    nonnegative: bool = False
+
+    def check(self, t) -> None:
+        """Raises ValueError unless ``t`` (from a checkpoint) is a valid value of this buffer."""
+        if self.host:  # a step count: a non-negative integer scalar
+            if (not isinstance(t, torch.Tensor) or t.numel() != 1 or t.is_floating_point() or t.dtype == torch.bool
+                    or not 0 <= int(t) < 2 ** 62):
+                raise ValueError(f"{self.name} must be a non-negative integer scalar tensor below 2**62 (a step "
+                                 f"count that can still be incremented), got {t!r}")
+            return
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or tuple(t.shape) != tuple(self.shape):
+            raise ValueError(f"{self.name} must be a float tensor of shape {tuple(self.shape)}, got "
+                             f"{getattr(t, 'dtype', type(t))} of shape {tuple(getattr(t, 'shape', ()))}")
+        if t.numel() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{self.name} holds non-finite values")
+        if self.nonnegative and t.numel() and bool((t < 0).any()):
+            raise ValueError(f"{self.name} holds negative values (a sum of squared gradients cannot be)")
 
 
 class BackwardRows(NamedTuple):
@@ -784,6 +808,16 @@ class BackwardRows(NamedTuple):
     mode: str
     padding_idx: int | None
 
+    def update_(self, module, state1, state2, grad_out, **step) -> None:
+        """One fused optimizer step of ``module``'s table on these rows (:func:`sparse_update_`).
+
+        ``grad_out`` replaces the rows' own (e.g. unscaled); ``step`` holds the optimizer's
+        keywords (``optimizer``, ``lr``, ``weight_decay``, ``eps``, ``beta1``, ``beta2``, ``step``).
+        """
+        sparse_update_(module.weight.data, state1, state2, grad_out, module.offsets, self.indices, self.bag_offsets,
+                       col_of_size=module.col_of_size, argmax=self.argmax, mode=self.mode,
+                       per_sample_weights=self.per_sample_weights, padding_idx=self.padding_idx, **step)
+
 
 class RowConsumer:
     """Receives the rows of a table's lookups in backward, in place of a weight gradient.
@@ -793,6 +827,9 @@ class RowConsumer:
     forward then goes through :meth:`lookup`, whose backward calls :meth:`consume` with the
     batch's :class:`BackwardRows`. The table's ``weight`` no longer requires a gradient. The
     fused optimizers (``pme.optim``) and the search's score accumulator are two kinds of it.
+    A collection of tables (``pme.collection``) has its own fused lookup, whose backward hands
+    its consumer ``pme.collection.CollectionRows``; like :class:`BackwardRows`, they apply an
+    optimizer step to themselves with ``update_``.
     """
 
     def state(self, module) -> list[StateBuffer]:

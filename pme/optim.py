@@ -65,26 +65,25 @@ class FusedOptimizer(ops.RowConsumer):
     def __repr__(self):
         return f"{type(self).__name__}(lr={self.lr}, weight_decay={self.weight_decay})"
 
-    def state_shapes(self, module):
-        """Shapes of (state1, state2) for a table."""
-        return (0,), (0,)
-
     def state(self, module):
         """``optim_state1``/``optim_state2`` in the table's accumulation dtype, ``optim_step`` on the host."""
-        s1, s2 = self.state_shapes(module)
-        return [ops.StateBuffer("optim_state1", s1), ops.StateBuffer("optim_state2", s2),
+        return [ops.StateBuffer("optim_state1", (0,)), ops.StateBuffer("optim_state2", (0,)),
                 ops.StateBuffer("optim_step", (), torch.int64, host=True)]
 
     def consume(self, module, rows):
-        """One optimizer step on the rows of one fused lookup (``rows``: ``pme.ops.BackwardRows``)."""
+        """One optimizer step on the rows of one fused lookup (``pme.ops.BackwardRows`` of a table, or
+        ``pme.collection.CollectionRows`` of a collection: both apply it with ``update_``)."""
         _check_grad_scale(self.grad_scale)
         module.optim_step += 1
         g = rows.grad_out if self.grad_scale == 1.0 else rows.grad_out / self.grad_scale
-        ops.sparse_update_(module.weight.data, module.optim_state1, module.optim_state2, g, module.offsets,
-                           rows.indices, rows.bag_offsets, col_of_size=module.col_of_size, argmax=rows.argmax,
-                           mode=rows.mode, per_sample_weights=rows.per_sample_weights, padding_idx=rows.padding_idx,
-                           optimizer=self.name, lr=self.lr, weight_decay=self.weight_decay, eps=self.eps,
-                           beta1=self.beta1, beta2=self.beta2, step=int(module.optim_step))
+        rows.update_(module, module.optim_state1, module.optim_state2, g, optimizer=self.name, lr=self.lr,
+                     weight_decay=self.weight_decay, eps=self.eps, beta1=self.beta1, beta2=self.beta2,
+                     step=int(module.optim_step))
+
+
+def _rows(module) -> int:
+    """Rows of a table or of all tables of a collection (``offsets`` is ``[V + 1]``)."""
+    return module.offsets.numel() - 1
 
 
 def _check_grad_scale(scale):
@@ -117,8 +116,10 @@ class RowwiseAdagrad(FusedOptimizer):
     def __init__(self, lr: float, weight_decay: float = 0.0, eps: float = 1e-8):
         super().__init__(lr, weight_decay, eps)
 
-    def state_shapes(self, module):
-        return (module.num_embeddings,), (0,)
+    def state(self, module):
+        """``optim_state1`` ``[V]`` (one sum of squares per row), ``optim_state2`` empty, ``optim_step``."""
+        s1, s2, step = super().state(module)
+        return [s1._replace(shape=(_rows(module),), per="row", nonnegative=True), s2, step]
 
 
 class Adam(FusedOptimizer):
@@ -134,6 +135,8 @@ class Adam(FusedOptimizer):
     def __repr__(self):
         return f"Adam(lr={self.lr}, betas=({self.beta1}, {self.beta2}), eps={self.eps}, weight_decay={self.weight_decay})"
 
-    def state_shapes(self, module):
+    def state(self, module):
+        """``optim_state1`` (first moments) and ``optim_state2`` (second moments) ``[total]``, ``optim_step``."""
+        s1, s2, step = super().state(module)
         n = module.weight.numel()
-        return (n,), (n,)
+        return [s1._replace(shape=(n,), per="entry"), s2._replace(shape=(n,), per="entry", nonnegative=True), step]

@@ -74,7 +74,7 @@ class _Scorer(ops.RowConsumer):
         return f"_Scorer(rule={self.rule!r})"
 
     def state(self, module):
-        return [ops.StateBuffer("scores", (module.weight.numel(),))]
+        return [ops.StateBuffer("scores", (module.weight.numel(),), per="entry")]
 
     def consume(self, module, rows):
         ops.accumulate_scores_(module.scores, rows.grad_out, module.weight, module.offsets, rows.indices,

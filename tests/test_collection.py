@@ -260,6 +260,55 @@ def test_state_dict_per_table_round_trip_and_other_sizes():
         other.load_state_dict(bad)
 
 
+def _corrupt_state(sd, what):
+    sd = dict(sd)
+    if what == "step_negative":
+        sd["optim_step"] = torch.tensor(-1)
+    elif what == "step_float":
+        sd["optim_step"] = torch.tensor(2.0)
+    elif what == "step_cannot_increment":
+        sd["optim_step"] = torch.tensor(2 ** 63 - 1)
+    elif what == "second_moment_negative":
+        s = sd["embedding_bags.t2.optim_state2"].clone()
+        s[-1] = -1.0
+        sd["embedding_bags.t2.optim_state2"] = s
+    elif what == "first_moment_nan":
+        s = sd["embedding_bags.t1.optim_state1"].clone()
+        s[0] = float("nan")
+        sd["embedding_bags.t1.optim_state1"] = s
+    elif what == "moment_short":
+        sd["embedding_bags.t3.optim_state1"] = sd["embedding_bags.t3.optim_state1"][:-1].clone()
+    return sd
+
+
+@pytest.mark.parametrize("what", ["step_negative", "step_float", "step_cannot_increment", "second_moment_negative",
+                                  "first_moment_nan", "moment_short"])
+def test_adam_state_per_entry_round_trip_and_bad_state_changes_nothing(what):
+    """Adam's state is per stored entry: each table saves its own slice, a checkpoint of other
+    sizes brings its state, and a bad step count or moment leaves the collection as it was."""
+    m, tables, _ = make_collection(6, "mixed", optimizer=pme.optim.Adam(lr=0.05))
+    for step in range(2):
+        m(make_input(m, 5, 30 + step)).values().sum().backward()
+    sd = m.state_dict()
+    for i, t in enumerate(m._tables):
+        _, _, e0, e1 = m._row_span(i)
+        for k in ("optim_state1", "optim_state2"):
+            assert torch.equal(sd[f"embedding_bags.{t.name}.{k}"], getattr(m, k)[e0:e1])
+    other = MultiSizeEmbeddingBagCollection(tables, 2, dtype=torch.float64, optimizer=pme.optim.Adam(lr=0.05))
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(RuntimeError, match="optim_s"):
+        other.load_state_dict(_corrupt_state(sd, what))
+    after = other.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+    other.load_state_dict(sd)
+    assert int(other.optim_step) == 2 and other.optim_state1.shape == (m.weight.numel(),)
+    assert torch.equal(other.optim_state1, m.optim_state1) and torch.equal(other.optim_state2, m.optim_state2)
+    inp = make_input(m, 5, 40)
+    for mod in (m, other):  # the same next step from the same state
+        mod(inp).values().sum().backward()
+    assert torch.equal(other.weight, m.weight) and torch.equal(other.optim_state2, m.optim_state2)
+
+
 def test_from_dense_keeps_first_entries_and_repr():
     tables = [EmbeddingBagConfig(10, 8, "a", ["x"]), EmbeddingBagConfig(6, 4, "b", ["y"], "mean")]
     dense = {"a": torch.randn(10, 8), "b": torch.randn(6, 4)}
