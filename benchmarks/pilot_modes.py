@@ -10,8 +10,8 @@ import json
 import os
 import time
 import torch
-from pme import data
-from pme.experiment import ExperimentConfig, run_experiment, paired_differences
+from pme.recsys import data
+from pme.recsys.experiment import ExperimentConfig, run_experiment, paired_differences
 
 VARIANTS = {
     "mag_field": {"mode": "trained", "rule": "magnitude", "normalize": "field"},

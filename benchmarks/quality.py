@@ -29,8 +29,8 @@ import time
 
 import torch
 
-from pme import data
-from pme.experiment import (ExperimentConfig, DEFAULT_VARIANTS, paired_differences, run_experiment, summarize)
+from pme.recsys import data
+from pme.recsys.experiment import (ExperimentConfig, DEFAULT_VARIANTS, paired_differences, run_experiment, summarize)
 
 LOADERS = {"movielens": data.load_movielens_100k, "adult": data.load_adult}
 TITLES = {"movielens": "MovieLens-100K", "adult": "census adult"}

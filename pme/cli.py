@@ -21,7 +21,7 @@ def _info(args):
 
 
 def _load_movielens(seed):
-    from . import data
+    from .recsys import data
 
     ds = data.load_movielens_100k()
     return ds.split(seed=seed)
@@ -30,7 +30,7 @@ def _load_movielens(seed):
 def _demo(args):
     import torch
 
-    from .experiment import ExperimentConfig, markdown_table, run_experiment, summarize, write_report
+    from .recsys.experiment import ExperimentConfig, markdown_table, run_experiment, summarize, write_report
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     variants = {"pme": {"mode": args.mode, "rule": args.rule, "normalize": args.normalize,
@@ -61,7 +61,7 @@ def _demo(args):
 def _search(args):
     import torch
 
-    from . import models
+    from .recsys import models
     from .search import search
 
     train, val, test = _load_movielens(args.seed)

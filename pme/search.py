@@ -296,7 +296,7 @@ def table_shapes(model: nn.Module, tables=None) -> dict:
 
 
 def token_counts(model: nn.Module, data, tables=None) -> dict:
-    """``{table name: [V] int64}`` token frequencies of ``data`` (a ``pme.data.CTRDataset``) for
+    """``{table name: [V] int64}`` token frequencies of ``data`` (a ``pme.recsys.data.CTRDataset``) for
     the model's tables: a table named ``...<field>`` (e.g. ``embeddings.user``) counts ``field``."""
     out = {}
     for n, (V, _) in table_shapes(model, tables).items():
@@ -465,7 +465,7 @@ def search(model: nn.Module, loader, budget: float = 0.2, *, tables=None, rule: 
 
 def batch_to(batch, device, non_blocking: bool = False):
     """``batch`` with every tensor moved to ``device`` (dicts, lists and tuples walked; other values
-    kept); ``device=None`` returns it as it is. The one batch mover of pme (``pme.data`` uses it)."""
+    kept); ``device=None`` returns it as it is. The one batch mover of pme (``pme.recsys.data`` uses it)."""
     if device is None or batch is None:
         return batch
     if isinstance(batch, torch.Tensor):
@@ -694,7 +694,7 @@ def sizes_at_budget(method: str, budget: float, *, model: nn.Module | None = Non
 class _CallableModule(types.ModuleType):
     """``pme.search`` is this module and its main function at once: ``pme.search(model, loader,
     budget)`` calls :func:`search` however the module was imported (``from pme.search import ...``
-    or ``import pme.experiment`` used to leave the module, not callable, in its place)."""
+    or ``import pme.recsys.experiment`` used to leave the module, not callable, in its place)."""
 
     def __call__(self, *args, **kwargs):
         return search(*args, **kwargs)

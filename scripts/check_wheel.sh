@@ -92,7 +92,7 @@ fi
 # only the tests and the pytest settings travel; the source tree stays out of sys.path
 RUN="$WORK/run"; rm -rf "$RUN"; mkdir -p "$RUN"
 cp -r "$TESTS" "$RUN/tests"
-rm -rf "$RUN/tests/__pycache__"
+find "$RUN/tests" -name __pycache__ -prune -exec rm -rf {} +
 cat > "$RUN/pytest.ini" <<'EOF'
 [pytest]
 testpaths = tests

@@ -14,7 +14,7 @@ cd "$ROOT"
 PY="${PYTHON:-.venv/bin/python}"
 [ -x "$PY" ] || PY=python3
 RUFF_PENDING="${RUFF_PENDING-UP006,UP007,UP035,UP037,UP045,I001,B007,B023,B905,E501,E731,E741,F401}"
-FORMAT_PY="${FORMAT_PY-pme/__main__.py pme/_version.py pme/models.py benchmarks/bench_lookup.py}"
+FORMAT_PY="${FORMAT_PY-pme/__main__.py pme/_version.py pme/recsys/models.py benchmarks/bench_lookup.py}"
 FORMAT_CPP="${FORMAT_CPP-csrc/registration.cpp}"
 
 BIN="$(dirname "$PY")"

@@ -107,6 +107,10 @@ def test_sdist_carries_the_sources_tests_and_scripts(tmp_path):
                if p.is_file() and "__pycache__" not in p.parts}
     assert sources and sources <= names, sources - names
     assert {"tests/conftest.py", "scripts/setup.sh", "setup.py", "pme/ops.py", "MANIFEST.in"} <= names
+    # the demo's toolkit (pme/recsys) and its tests travel too
+    toolkit = {str(p.relative_to(root)) for d in ("pme/recsys", "tests/recsys") for p in (root / d).glob("*.py")}
+    assert {"pme/recsys/__init__.py", "pme/recsys/data.py", "tests/recsys/test_data.py"} <= toolkit <= names, \
+        toolkit - names
     assert not [n for n in names if n.endswith((".so", ".o", ".pyc"))]
 
 

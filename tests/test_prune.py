@@ -1,4 +1,5 @@
-"""Pruning kernels and the search against torch.kthvalue, the reference and planted data."""
+"""Pruning kernels and the search against torch.kthvalue and the reference (the search on the
+toolkit's planted data and models: tests/recsys/test_search_on_recsys.py)."""
 
 import json
 
@@ -6,9 +7,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-import pme
-from pme import data, models, ops, reference
-from pme.search import popularity_sizes, random_sizes, search, sizes_for_budget, uniform_sizes
+from pme import ops, reference
+from pme.search import popularity_sizes, random_sizes, search, uniform_sizes
 
 from conftest import DEVICES
 
@@ -79,62 +79,6 @@ def test_accumulate_scores_matches_reference(device, rule, mode):
     torch.testing.assert_close(sc, sc_ref, rtol=1e-5, atol=1e-6)
 
 
-def _loader(ds, bs=512, seed=0):
-    return list(ds.batches(bs, shuffle=True, generator=torch.Generator().manual_seed(seed)))
-
-
-def test_search_recovers_planted_sizes():
-    """PME's sizes rank-correlate with the planted ones, and better than the popularity rule.
-
-    With size_jitter=0.3 the true size is only partly explained by frequency (about 0.3-0.4 rank
-    correlation), so a search that just counted tokens would fail the second check; 0.35 is
-    well under what the search reaches over seeds (0.48-0.55) and well over chance (0).
-    """
-    ds, true = data.make_planted(num_rows=60_000, num_fields=3, vocab=200, dim=16, size_jitter=0.3, seed=1)
-    train, _, _ = ds.split(seed=1)
-    torch.manual_seed(1)
-    model = models.FM.from_dataset(train, embedding_dim=16)
-    frac = sum(int(t.sum()) for t in true.values()) / sum(t.numel() * 16 for t in true.values())
-    r = search(model, _loader(train, 1024, 1), budget=frac, num_batches=20, warmup_steps=150, warmup_lr=1e-2,
-               quantum=1, min_size=0, progress=False)
-    counts = {f"embeddings.{f}": train.token_counts(f) for f in train.field_names}
-    pop = popularity_sizes(counts, {n: 16 for n in counts}, frac)
-
-    def spearman(a, b):
-        ra, rb = (torch.argsort(torch.argsort(x.double() + 1e-9 * torch.arange(x.numel()))).double() for x in (a, b))
-        ra, rb = ra - ra.mean(), rb - rb.mean()
-        return float((ra * rb).sum() / (ra.norm() * rb.norm()))
-
-    for f in train.field_names:
-        n = f"embeddings.{f}"
-        seen = counts[n] > 0
-        c_pme = spearman(r.sizes[n][seen], true[f][seen])
-        c_pop = spearman(pop[n][seen], true[f][seen])
-        assert c_pme > 0.35, (f, c_pme)
-        assert c_pme > c_pop, (f, c_pme, c_pop)
-
-
-def test_search_budget_rounding_and_conversion():
-    ds, _ = data.make_planted(num_rows=5000, num_fields=2, vocab=50, dim=16, seed=0)
-    model = models.DeepFM.from_dataset(ds, embedding_dim=16)
-    before = {n: p.clone() for n, p in model.state_dict().items()}
-    r = search(model, _loader(ds), budget=0.5, num_batches=2, progress=False)
-    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())  # model untouched
-    assert r.kept_entries <= r.budget_entries and r.kept_entries > 0.9 * r.budget_entries
-    for s in r.sizes.values():
-        assert bool((s % 4 == 0).all()) and int(s.min()) >= 4 and int(s.max()) <= 16
-    assert set(r.sizes) == {f"embeddings.{f}" for f in ds.field_names}  # linear (width 1) tables skipped
-    r.convert(model, init="kept")
-    assert all(isinstance(m, pme.MultiSizeEmbeddingBag) for m in model.embeddings.values())
-    out = model(next(iter(ds.batches(64))))
-    assert out.shape == (64,) and bool(torch.isfinite(out).all())
-    r2 = r.for_budget(0.75, quantum=4, min_size=4)
-    assert r2.kept_entries > r.kept_entries
-    for rule in ("magnitude", "grad"):
-        assert search(model := models.FM.from_dataset(ds, embedding_dim=16), _loader(ds), budget=0.3, rule=rule,
-                      num_batches=1, progress=False).kept_entries > 0
-
-
 def test_baselines_meet_the_budget():
     shapes = {"a": (100, 16), "b": (37, 16)}
     dense = sum(v * d for v, d in shapes.values())
@@ -153,47 +97,6 @@ def test_baselines_meet_the_budget():
     assert int(p[-1]) >= int(p[0]) and int(p[-1]) > int(p[0])
 
 
-def test_search_bad_input():
-    ds, _ = data.make_planted(num_rows=2000, num_fields=2, vocab=30, dim=8, seed=0)
-    model = models.FM.from_dataset(ds, embedding_dim=8)
-    for bad in (0, -0.1, 1.5):
-        with pytest.raises(ValueError, match="budget must be in"):
-            search(model, _loader(ds), budget=bad, progress=False)
-    with pytest.raises(ValueError, match="no batch"):  # magnitude without warm-up needs no batch
-        search(model, [], budget=0.2, rule="taylor", progress=False)
-    with pytest.raises(ValueError, match="rule must be one of"):
-        search(model, _loader(ds), budget=0.2, rule="nope", progress=False)
-    with pytest.raises(KeyError, match="not embedding tables"):
-        search(model, _loader(ds), budget=0.2, tables=["embeddings.nope"], progress=False)
-    for p in model.embeddings.parameters():
-        p.requires_grad_(False)
-    with pytest.raises(ValueError, match="does not require gradients"):
-        search(model, _loader(ds), budget=0.2, progress=False)
-    with pytest.raises(ValueError, match="budget must be in"):
-        sizes_for_budget({"a": torch.rand(3, 4)}, 0.0)
-    with pytest.raises(ValueError, match="below what min_size=4 allows"):
-        sizes_for_budget({"a": torch.rand(10, 8)}, 0.1, quantum=4, min_size=4)
-    # the default floor drops to 0 when the budget is under two quanta a token
-    r = search(models.FM.from_dataset(ds, embedding_dim=8), _loader(ds), budget=0.2, num_batches=1,
-               progress=False)
-    assert r.kept_entries <= r.budget_entries
-
-
-def test_demo_fast_run(tmp_path):
-    """The README's main job end to end, shrunk: one budget, one epoch, two methods."""
-    pytest.importorskip("matplotlib")
-    from pme.cli import main
-
-    try:
-        data.load_movielens_100k()
-    except FileNotFoundError as e:
-        pytest.skip(f"MovieLens-100K not installed: {e}")
-    assert main(["demo", "--fast", "--out", str(tmp_path)]) == 0
-    rep = (tmp_path / "report.md").read_text()
-    assert "| 20% | pme |" in rep and "| full | full |" in rep
-    assert (tmp_path / "auc_vs_params.png").stat().st_size > 1000
-
-
 def test_batch_to_moves_every_tensor_of_a_nested_batch():
     from pme.search import batch_to
 
@@ -203,7 +106,7 @@ def test_batch_to_moves_every_tensor_of_a_nested_batch():
     assert moved["fields"]["user"][0].is_meta and moved["fields"]["user"][1].is_meta
     assert isinstance(moved["fields"]["user"], tuple) and moved["dense"] is None and moved["labels"].is_meta
     assert moved["extra"][0].is_meta and moved["extra"][1:] == ["tag", 3]
-    assert batch_to(batch, None) is batch and data.batch_to is batch_to  # one mover, re-exported by pme.data
+    assert batch_to(batch, None) is batch
     assert not batch["labels"].is_meta  # the input is left as it was
 
 
@@ -225,7 +128,7 @@ def test_bench_cli_passes_options_through(tmp_path, capsys):
 
 
 def test_search_float64_tables_and_custom_loss():
-    """A generic model (not pme.models), a loss_fn, float64 tables: the same sizes as in float32."""
+    """A generic model (not pme.recsys.models), a loss_fn, float64 tables: the same sizes as in float32."""
     torch.manual_seed(0)
     V, D = 40, 8
     x = torch.randint(0, V, (64, 3))

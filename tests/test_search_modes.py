@@ -1,9 +1,8 @@
-"""The search's modes against float64 autograd, its sizes at equal budget, the grouped layout with
-shared projections, and ``pme.search`` staying callable whatever was imported."""
+"""The search's modes against float64 autograd and its sizes at equal budget (the grouped layout's
+shared projections and ``pme.search`` staying callable whatever was imported, on the toolkit's
+models: tests/recsys/test_search_on_recsys.py)."""
 
 import copy
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,35 +10,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import pme
-from pme import data, models
-from pme.search import (convert_grouped, grouped_sizes, normalize_scores, projection_entries, search,
-                        sizes_at_budget, sizes_for_budget, table_shapes, uniform_sizes)
-
-
-def test_search_callable_after_submodule_imports():
-    """``from pme.search import ...`` and ``import pme.experiment`` used to leave the module
-    (not callable) as ``pme.search``; a fresh interpreter imports them in the bad order and calls
-    ``pme.search`` twice."""
-    code = (
-        "import pme\n"
-        "from pme.search import uniform_sizes\n"
-        "import pme.experiment\n"
-        "import torch\n"
-        "from pme import data, models\n"
-        "ds, _ = data.make_planted(num_rows=500, num_fields=2, vocab=20, dim=8, seed=0)\n"
-        "m = models.FM.from_dataset(ds, embedding_dim=8)\n"
-        "b = list(ds.batches(100))\n"
-        "r1 = pme.search(m, b, budget=0.5, rule='taylor', num_batches=2, progress=False)\n"
-        "r2 = pme.search(m, b, budget=0.5, rule='taylor', num_batches=2, progress=False)\n"
-        "assert all(torch.equal(r1.sizes[n], r2.sizes[n]) for n in r1.sizes)\n"
-        "assert pme.search.uniform_sizes is uniform_sizes and callable(pme.search)\n"
-        "print('ok', r1.kept_entries)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("ok ")
-    # and in this process, after the test modules imported pme.search
-    assert callable(pme.search) and pme.search.search is search
+from pme.search import normalize_scores, search, sizes_at_budget, sizes_for_budget, table_shapes
 
 
 class _Net(torch.nn.Module):
@@ -198,65 +169,6 @@ def test_sizes_at_budget_exact_for_every_method(vs, D, budget, seed):
             assert total > target - q, (method, total, target)
         for x in s.values():
             assert int(x.min()) >= 0 and int(x.max()) <= D and bool((x % q == 0).all())
-
-
-def test_uniform_is_exact_at_20_percent():
-    """The old rule landed at 18.8% of a 20% budget (MovieLens width 64); two adjacent sizes now
-    meet it, spread evenly over the rows."""
-    ds = data.load_movielens_100k() if _have_movielens() else None
-    shapes = ({f"embeddings.{f}": (ds.cardinality[f], 64) for f in ds.field_names} if ds is not None
-              else {"embeddings.a": (944, 64), "embeddings.b": (1683, 64), "embeddings.c": (975, 64)})
-    dense = sum(v * d for v, d in shapes.values())
-    s = uniform_sizes(shapes, 0.2)
-    assert sum(int(x.sum()) for x in s.values()) == int(0.2 * dense)
-    allv = torch.cat(list(s.values()))
-    assert set(torch.unique(allv).tolist()) <= {int(allv.min()), int(allv.min()) + 1}
-    big = allv == int(allv.max())
-    halves = big.chunk(4)  # spread: every quarter of the rows has its share of the larger size
-    share = float(big.double().mean())
-    assert all(abs(float(h.double().mean()) - share) < 0.05 for h in halves)
-
-
-def _have_movielens():
-    try:
-        data.load_movielens_100k()
-        return True
-    except FileNotFoundError:
-        return False
-
-
-def test_grouped_layout_shares_projections_on_many_small_tables():
-    """13 tables of 3-124 rows (the census data's shape), width 64: per-table projections would
-    exceed a 20% budget; shared per-size projections fit, are counted, and train."""
-    vs = [75, 9, 17, 17, 8, 15, 7, 6, 3, 124, 100, 97, 42]
-    card = {f"f{i}": v for i, v in enumerate(vs)}
-    g = torch.Generator().manual_seed(0)
-    scores = {f"embeddings.f{i}": torch.rand(v, 64, generator=g) for i, v in enumerate(vs)}
-    dense = sum(vs) * 64
-    r = pme.search.SearchResult({}, scores, 0, 0, dense, None, 0.0, "magnitude")
-    for budget in (0.5, 0.2):
-        s = grouped_sizes(r, budget)
-        assert s is not None
-        dims = {n: 64 for n in s}
-        used = sum(int(x.sum()) for x in s.values()) + projection_entries(s, dims)
-        assert used <= budget * dense
-        per_table = sum(sum(set(x.tolist())) * 64 for x in s.values())  # what unshared projections cost
-        assert per_table > projection_entries(s, dims)
-        m = models.DeepFM(card, embedding_dim=64)
-        convert_grouped(m, s)
-        projs = {id(t.projection) for t in m.embeddings.values()}
-        assert len(projs) == 1
-        n_params = sum(t.weight.numel() for t in m.embeddings.values()) + next(iter(m.embeddings.values())).projection.numel()
-        assert n_params == used
-        batch = {"fields": {f"f{i}": (torch.randint(0, v, (32,)), torch.arange(32)) for i, v in enumerate(vs)},
-                 "labels": torch.randint(0, 2, (32,)).float()}
-        loss = F.binary_cross_entropy_with_logits(m(batch), batch["labels"])
-        loss.backward()
-        p = next(iter(m.embeddings.values())).projection
-        assert p.grad is not None and float(p.grad.abs().sum()) > 0
-        # the projection appears once among the parameters an optimizer sees
-        assert sum(1 for q in m.parameters() if q is p) == 1
-    assert grouped_sizes(r, 0.01) is None  # projections alone exceed 1%
 
 
 def test_rewound_conversion_keeps_initial_values():

@@ -1,4 +1,4 @@
-"""Tests for pme.models: metrics, FM / DeepFM forward, table swapping, training."""
+"""Tests for pme.recsys.models: metrics, FM / DeepFM forward, table swapping, training."""
 
 import math
 import sys
@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pme.data import CTRDataset, make_planted
-from pme.models import FM, DeepFM, auc, evaluate, log_loss, predict, train_model
+from pme.recsys.data import CTRDataset, make_planted
+from pme.recsys.models import FM, DeepFM, auc, evaluate, log_loss, predict, train_model
 
 
 # --------------------------------------------------------------------------- metrics

@@ -50,7 +50,7 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Uni
 import torch
 from torch import Tensor
 
-from .search import batch_to  # the one batch mover (re-exported: pme.data.batch_to)
+from ..search import batch_to  # the one batch mover (re-exported: pme.recsys.data.batch_to)
 
 __all__ = [
     "CTRDataset",
@@ -875,7 +875,7 @@ def from_columns(
 
     Example::
 
-        ds = pme.data.from_columns(
+        ds = pme.recsys.data.from_columns(
             {"user": ["u1", "u2", "u1"], "tags": ["a|b", "", "b"], "clicked": [1, 0, 1]},
             label="clicked", multi_valued={"tags": "|"})
     """
@@ -978,7 +978,7 @@ def from_dataframe(df, label: str, **kwargs) -> CTRDataset:
         import pandas as pd
         df = pd.DataFrame({"user": ["u1", "u2", "u1"], "genres": [["a", "b"], [], ["b"]],
                            "clicked": [1, 0, 1]})
-        ds = pme.data.from_dataframe(df, label="clicked", multi_valued=["genres"])
+        ds = pme.recsys.data.from_dataframe(df, label="clicked", multi_valued=["genres"])
         train, val, test = ds.split(seed=0)
     """
     if not hasattr(df, "columns"):

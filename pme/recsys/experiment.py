@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import models
-from .modules import MultiSizeEmbeddingBag, convert
-from .search import alignment_quantum, convert_grouped, grouped_classes, search, sizes_at_budget
+from ..modules import MultiSizeEmbeddingBag, convert
+from ..search import alignment_quantum, convert_grouped, grouped_classes, search, sizes_at_budget
 
 __all__ = ["ExperimentConfig", "run_experiment", "write_report", "METHODS", "grouped_classes", "DEFAULT_VARIANTS",
            "paired_differences"]

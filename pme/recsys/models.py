@@ -1,6 +1,6 @@
 """FM and DeepFM over per-field embedding bags, plus training and evaluation.
 
-The models read the batch dicts of :mod:`pme.data`::
+The models read the batch dicts of :mod:`pme.recsys.data`::
 
     {"fields": {name: (values int64 [nnz], offsets int64 [B])},
      "dense": float32 [B, num_dense] or None,
@@ -140,7 +140,7 @@ class FM(nn.Module):
         return 0.5 * (s * s - (emb * emb).sum(1)).sum(1)
 
     def forward(self, batch: Mapping) -> Tensor:
-        """Logits ``[B]`` for a batch dict of :mod:`pme.data`."""
+        """Logits ``[B]`` for a batch dict of :mod:`pme.recsys.data`."""
         emb = self.field_embeddings(batch)
         return self.first_order(batch) + self.interaction(emb)
 

@@ -1,4 +1,4 @@
-"""Tests for pme.data: loaders, the CTRDataset container, batching, splits and
+"""Tests for pme.recsys.data: loaders, the CTRDataset container, batching, splits and
 the planted-size generator."""
 
 import gzip
@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import pme.data as pdata
-from pme.data import CTRDataset, load_criteo, load_movielens_100k, make_planted
+import pme.recsys.data as pdata
+from pme.recsys.data import CTRDataset, load_criteo, load_movielens_100k, make_planted
 
 
 # --------------------------------------------------------------------------- helpers
@@ -379,7 +379,7 @@ def test_planted_seeded_and_fast():
 def test_planted_dimensions_matter_for_label():
     """Truncating every teacher vector to fewer coordinates than its true size
     must lose predictive power: the oracle AUC falls."""
-    from pme.models import auc
+    from pme.recsys.models import auc
 
     d, sizes = make_planted(30_000, num_fields=4, vocab=100, dim=16, seed=2)
 
@@ -494,7 +494,7 @@ def test_from_dataframe_matches_from_columns_and_trains():
         assert torch.equal(ds.values[f], ref.values[f]) and torch.equal(ds.offsets[f], ref.offsets[f])
         assert ds.vocab[f] == ref.vocab[f]
     assert ds.vocab["age"] == ["<unk>", "20", "30"]  # 20.0 from the float column is the token "20"
-    from pme import models
+    from pme.recsys import models
 
     m = models.FM.from_dataset(ds, embedding_dim=4)
     out = m(next(iter(ds.batches(4))))
