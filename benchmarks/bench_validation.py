@@ -14,23 +14,20 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
+import statistics
 
 import torch
+from torch.utils import benchmark
 
 import pme  # noqa: F401  (loads the operators)
 
 
 def median_ms(f, repeats):
+    """Median of ``repeats`` timed calls (each one ``torch.utils.benchmark.Timer.timeit(1)``), after 5 untimed."""
     for _ in range(5):
         f()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t0)
-    ts.sort()
-    return ts[len(ts) // 2] * 1e3
+    timer = benchmark.Timer("f()", globals={"f": f}, num_threads=torch.get_num_threads())
+    return statistics.median(timer.timeit(1).median for _ in range(repeats)) * 1e3
 
 
 def main():

@@ -36,6 +36,7 @@ where ``offsets`` follows the ``nn.EmbeddingBag`` default convention
 
 from __future__ import annotations
 
+import csv
 import gzip
 import importlib.util
 import math
@@ -142,6 +143,26 @@ def _lines(path: Path, fh):
             yield lineno, raw.decode("utf-8")
         except UnicodeDecodeError as e:
             raise ValueError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start} of the line)") from None
+
+
+def _rows(path: Path, fh, delimiter: str = "\t", skipinitialspace: bool = False):
+    """``(line number, fields)`` of a delimited text file (TSV by default), read by :mod:`csv`.
+
+    Quotes are data (``QUOTE_NONE``), as in the Criteo, RecBole and UCI formats; blank lines
+    are skipped; a line csv cannot read, or that is not UTF-8 (:func:`_lines`), raises a
+    ValueError naming the file and the line.
+    """
+    reader = csv.reader((text for _, text in _lines(path, fh)), delimiter=delimiter, quoting=csv.QUOTE_NONE,
+                        skipinitialspace=skipinitialspace)
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise ValueError(f"{path}:{reader.line_num}: cannot read the line ({e})") from None
+        if fields:  # csv gives [] for a blank line
+            yield reader.line_num, fields
 
 
 def _vocab(tokens) -> Tuple[List[str], Dict[str, int]]:
@@ -447,19 +468,15 @@ def _read_atomic(file: Path, required: Sequence[str]) -> Tuple[Dict[str, int], L
     rows, linenos = [], []
     header = None
     with open(file, "rb") as fh:
-        for lineno, line in _lines(file, fh):
-            line = line.rstrip("\r\n")
+        for lineno, parts in _rows(file, fh):
             if header is None:
-                header = line.split("\t")
+                header = parts
                 cols = {h.split(":", 1)[0]: i for i, h in enumerate(header)}
                 missing = [c for c in required if c not in cols]
                 if missing:
                     raise ValueError(f"{file}: header {header} lacks column(s) {missing}")
                 ncol = len(header)
                 continue
-            if not line:
-                continue
-            parts = line.split("\t")
             if len(parts) < ncol:
                 parts += [""] * (ncol - len(parts))
             rows.append(parts)
@@ -624,13 +641,9 @@ def load_criteo(
     dense: List[List[float]] = []
     cats: List[List[str]] = [[] for _ in range(CRITEO_NUM_CAT)]
     with _open_binary(p) as fh:
-        for lineno, line in _lines(p, fh):
+        for lineno, parts in _rows(p, fh):
             if max_rows is not None and len(labels) >= int(max_rows):
                 break
-            line = line.rstrip("\r\n")
-            if not line:
-                continue
-            parts = line.split("\t")
             if len(parts) != ncol:
                 raise ValueError(f"{p}:{lineno}: expected {ncol} tab-separated columns, got {len(parts)}")
             if parts[0] not in ("0", "1"):
@@ -1035,12 +1048,11 @@ def load_adult(path: Union[str, os.PathLike, None] = None) -> CTRDataset:
         f = d / fname
         if not f.is_file():
             raise FileNotFoundError(f"adult: {f} is missing")
-        with open(f, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, start=1):
-                line = line.strip()
-                if not line or line.startswith("|"):
+        with open(f, "rb") as fh:
+            for lineno, parts in _rows(f, fh, delimiter=",", skipinitialspace=True):
+                parts = [x.strip() for x in parts]
+                if parts == [""] or parts[0].startswith("|"):  # a blank line; adult.test's first line
                     continue
-                parts = [x.strip() for x in line.split(",")]
                 if len(parts) != len(ADULT_COLUMNS):
                     raise ValueError(f"{f}:{lineno}: expected {len(ADULT_COLUMNS)} comma-separated columns, "
                                      f"got {len(parts)}")

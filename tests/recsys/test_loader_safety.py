@@ -72,3 +72,11 @@ def test_movielens_non_utf8_names_the_line(tmp_path):
         fh.write(b"99\t20\tM\t\xe9tudiant\t00000\n")
     with pytest.raises(ValueError, match=r"ml-100k\.user:\d+: not valid UTF-8"):
         load_movielens_100k(d)
+
+
+def test_criteo_line_csv_cannot_read_names_the_line(tmp_path):
+    """A bare carriage return inside a line (a file mangled between line-ending conventions)."""
+    f = tmp_path / "cr.tsv"
+    f.write_bytes(_criteo_line().encode() + _criteo_line().replace("a1b2", "a1\rb2", 1).encode())
+    with pytest.raises(ValueError, match=r"cr\.tsv:2: cannot read the line"):
+        load_criteo(f, min_count=1)
