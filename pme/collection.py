@@ -670,6 +670,11 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
         specs = self.optimizer.state(self)
         return [b for b in specs if not b.host], [b for b in specs if b.host]
 
+    def _state_per_row(self) -> dict:
+        """``{buffer name: "rows" | "entries" | "none"}``: how each per-table optimizer buffer is cut
+        (by rows, by stored entries, or empty), for code that splits or merges checkpoints by table."""
+        return {b.name: {"row": "rows", "entry": "entries"}.get(b.per, "none") for b in self._state()[0]}
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         # Copies (not views): a view of one table would make torch.save write the whole buffer.
         per_table, host = self._state()

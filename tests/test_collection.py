@@ -233,6 +233,7 @@ def test_state_dict_per_table_round_trip_and_other_sizes():
     want = {f"embedding_bags.{t.name}.{k}" for t in tables for k in ("weight", "offsets", "optim_state1",
                                                                       "optim_state2")} | {"optim_step"}
     assert set(sd) == want
+    assert m._state_per_row() == {"optim_state1": "rows", "optim_state2": "none"}
     t1 = m._tables[1]
     assert sd["embedding_bags.t1.offsets"][0] == 0 and sd["embedding_bags.t1.offsets"].shape == (t1.num_embeddings + 1,)
     assert sd["embedding_bags.t1.optim_state1"].shape == (t1.num_embeddings,)
@@ -290,6 +291,7 @@ def test_adam_state_per_entry_round_trip_and_bad_state_changes_nothing(what):
     for step in range(2):
         m(make_input(m, 5, 30 + step)).values().sum().backward()
     sd = m.state_dict()
+    assert m._state_per_row() == {"optim_state1": "entries", "optim_state2": "entries"}
     for i, t in enumerate(m._tables):
         _, _, e0, e1 = m._row_span(i)
         for k in ("optim_state1", "optim_state2"):
