@@ -173,21 +173,22 @@ def _is_kjt(x) -> bool:
 if ops.BUILD_INFO is not None:
 
     @torch.library.register_fake("pme::collection_forward")
-    def _(weight, offsets, table_rows, features, indices, bag_offsets, per_sample_weights, batch_size, out_width):
+    def _(weight, offsets, table_rows, features, indices, bag_offsets, per_sample_weights, batch_size, out_width,
+          table_checked=False):
         return weight.new_empty(batch_size, out_width)
 
     @torch.library.register_fake("pme::collection_backward")
     def _(grad_out, weight, offsets, table_rows, features, indices, bag_offsets, per_sample_weights, batch_size,
-          psw_grad):
+          psw_grad, table_checked=False):
         return torch.empty_like(weight), weight.new_empty(indices.shape[0] if psw_grad else 0)
 
     @torch.library.register_fake("pme::collection_update_")
     def _(weight, state1, state2, grad_out, offsets, table_rows, features, indices, bag_offsets, per_sample_weights,
-          batch_size, optimizer, lr, weight_decay, eps, beta1, beta2, step):
+          batch_size, optimizer, lr, weight_decay, eps, beta1, beta2, step, table_checked=False):
         return None
 
     def _setup(ctx, inputs, output):
-        weight, offsets, table_rows, features, indices, bag_offsets, psw, batch_size, out_width = inputs
+        weight, offsets, table_rows, features, indices, bag_offsets, psw, batch_size, out_width = inputs[:9]
         ctx.batch_size = batch_size
         ctx.psw_grad = psw is not None and ctx.needs_input_grad[6]
         ctx.save_for_backward(weight, offsets, table_rows, features, indices, bag_offsets, psw)
@@ -195,8 +196,9 @@ if ops.BUILD_INFO is not None:
     def _backward(ctx, grad_out):
         weight, offsets, table_rows, features, indices, bag_offsets, psw = ctx.saved_tensors
         gw, gp = torch.ops.pme.collection_backward(grad_out.contiguous(), weight, offsets, table_rows, features,
-                                                   indices, bag_offsets, psw, ctx.batch_size, ctx.psw_grad)
-        return gw, None, None, None, None, None, (gp if ctx.psw_grad else None), None, None
+                                                   indices, bag_offsets, psw, ctx.batch_size, ctx.psw_grad,
+                                                   table_checked=True)  # the forward's table, saved unchanged
+        return gw, None, None, None, None, None, (gp if ctx.psw_grad else None), None, None, None
 
     torch.library.register_autograd("pme::collection_forward", _backward, setup_context=_setup)
 
@@ -247,8 +249,25 @@ def _reference_forward(weight, offsets, table_rows, features, indices, bag_offse
     return out
 
 
+def _max_block_width(features):
+    """The widest output block of ``features`` (the width the operators check the table's sizes
+    against), or None while a CUDA graph is being captured (no host read then; the operators
+    skip their validation there anyway)."""
+    if features.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None
+    return max(1, int(features[:, 3].max())) if features.shape[0] else 1
+
+
+def _collection_call(fn, weight, offsets, features, width):
+    """``fn(table_checked)`` through pme.ops' whole-table-check memo (``width``: the widest block)."""
+    width = _max_block_width(features) if width is None else width
+    if width is None:
+        return fn(False)
+    return ops._table_call(fn, weight, offsets, None, width)
+
+
 def collection_lookup(weight, offsets, table_rows, features, indices, bag_offsets, per_sample_weights=None, *,
-                      batch_size: int, out_width: int):
+                      batch_size: int, out_width: int, _width=None):
     """One pooled lookup of every output block of a batch (normal form of ``csrc/collection.h``).
 
     Args:
@@ -260,17 +279,19 @@ def collection_lookup(weight, offsets, table_rows, features, indices, bag_offset
         per_sample_weights: ``[N]`` of weight's dtype (sum pooling only) or None.
 
     Returns ``[batch_size, out_width]`` of weight's dtype; differentiable in weight and the weights.
+    The whole offset table is checked once per version (see pme.ops), every lookup on every call.
     """
     if ops._compiled(weight):
-        return torch.ops.pme.collection_forward(weight, offsets, table_rows, features, indices, bag_offsets,
-                                                per_sample_weights, int(batch_size), int(out_width))
+        return _collection_call(lambda checked: torch.ops.pme.collection_forward(
+            weight, offsets, table_rows, features, indices, bag_offsets, per_sample_weights, int(batch_size),
+            int(out_width), table_checked=checked), weight, offsets, features, _width)
     return _reference_forward(weight, offsets, table_rows, features, indices, bag_offsets, per_sample_weights,
                               int(batch_size), int(out_width))
 
 
 def collection_update_(weight, state1, state2, grad_out, offsets, table_rows, features, indices, bag_offsets,
                        per_sample_weights=None, *, batch_size: int, optimizer="rowwise_adagrad", lr=0.01,
-                       weight_decay=0.0, eps=1e-8, beta1=0.9, beta2=0.999, step=1):
+                       weight_decay=0.0, eps=1e-8, beta1=0.9, beta2=0.999, step=1, _width=None):
     """Fused backward + optimizer step of a collection lookup, in place, all tables in one call.
 
     ``grad_out`` ``[B, out_width]`` is the gradient of :func:`collection_lookup`'s output. The
@@ -280,10 +301,10 @@ def collection_update_(weight, state1, state2, grad_out, offsets, table_rows, fe
     if optimizer not in ops.OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {sorted(ops.OPTIMIZERS)}, got {optimizer!r}")
     if ops._compiled(weight):
-        torch.ops.pme.collection_update_(weight, state1, state2, grad_out, offsets, table_rows, features, indices,
-                                         bag_offsets, per_sample_weights, int(batch_size),
-                                         ops.OPTIMIZERS[optimizer], float(lr), float(weight_decay), float(eps),
-                                         float(beta1), float(beta2), int(step))
+        _collection_call(lambda checked: torch.ops.pme.collection_update_(
+            weight, state1, state2, grad_out, offsets, table_rows, features, indices, bag_offsets, per_sample_weights,
+            int(batch_size), ops.OPTIMIZERS[optimizer], float(lr), float(weight_decay), float(eps), float(beta1),
+            float(beta2), int(step), table_checked=checked), weight, offsets, features, _width)
         return
     B = int(batch_size)
     vidx, vbo, vpsw, feats = _virtual(weight, offsets, table_rows, features, indices, bag_offsets,
@@ -307,7 +328,7 @@ class _FusedCollectionLookup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, anchor, module, indices, bag_offsets, features, psw, B):
         out = collection_lookup(module.weight, module.offsets, module.table_rows, features, indices, bag_offsets,
-                                psw, batch_size=B, out_width=module.out_width)
+                                psw, batch_size=B, out_width=module.out_width, _width=module._block_width())
         ctx.module, ctx.B = module, B
         ctx.save_for_backward(indices, bag_offsets, features, psw)
         return out
@@ -504,6 +525,10 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
         return head + "\n" + "\n".join(lines)
 
     # ---- input normal form ----------------------------------------------------------------
+    def _block_width(self) -> int:
+        """The widest output block (every input has all blocks): what the table's sizes are checked against."""
+        return max([self._tables[ti].embedding_dim for ti, _, _ in self._blocks] + [1])
+
     def _features(self, keys) -> torch.Tensor:
         """``[F, 5]`` int64 on the table's device for an input whose keys come in ``keys`` order."""
         keys = tuple(keys)
@@ -603,7 +628,7 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
             values = _FusedCollectionLookup.apply(anchor, self, idx, bo, feats, psw, B)
         else:
             values = collection_lookup(self.weight, self.offsets, self.table_rows, feats, idx, bo, psw,
-                                       batch_size=B, out_width=self.out_width)
+                                       batch_size=B, out_width=self.out_width, _width=self._block_width())
         lengths = [self._tables[ti].embedding_dim for ti, _, _ in self._blocks]
         if _is_kjt(features):
             from torchrec.sparse.jagged_tensor import KeyedTensor
@@ -638,7 +663,7 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
         collection_update_(self.weight.data, self.optim_state1, self.optim_state2, g.to(self.weight.dtype),
                            self.offsets, self.table_rows, features, indices, bag_offsets, psw, batch_size=B,
                            optimizer=opt.name, lr=opt.lr, weight_decay=opt.weight_decay, eps=opt.eps,
-                           beta1=opt.beta1, beta2=opt.beta2, step=int(self.optim_step))
+                           beta1=opt.beta1, beta2=opt.beta2, step=int(self.optim_step), _width=self._block_width())
 
     def _apply(self, fn, recurse=True):
         # As pme.modules: the optimizer state keeps its accumulation dtype and the step stays on

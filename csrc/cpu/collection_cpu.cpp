@@ -93,7 +93,7 @@ int64_t max_width(const int64_t* feat, int64_t F) {
 template <class I>
 View<I> make_view(const CollectionArgs& a, const Tensor& weight, const Tensor& offsets, const Tensor& table_rows,
                   const Tensor& features, const Tensor& indices, const Tensor& bag_offsets, int64_t out_width,
-                  bool weighted) {
+                  bool weighted, bool table_checked) {
   const View<I> v{offsets.const_data_ptr<int64_t>(),
                   a.num_rows,
                   weight.numel(),
@@ -109,7 +109,7 @@ View<I> make_view(const CollectionArgs& a, const Tensor& weight, const Tensor& o
   // The whole offset table (start 0, non-decreasing: no two rows share entries, end = total;
   // sizes within the widest table: each lookup is checked against its own table's width), then
   // the bag offsets (start 0, non-decreasing, inside the input).
-  validate_table(TableView{v.off, v.V, v.total, nullptr, 0, max_width(v.feat, v.F)});
+  validate_table(TableView{v.off, v.V, v.total, nullptr, 0, max_width(v.feat, v.F), table_checked});
   validate_bag_offsets(v.bo, a.num_keys * a.batch, a.num_lookups);
   return v;
 }
@@ -161,7 +161,7 @@ void forward_range(const View<I>& v, const T* w, const T* psw, int64_t p0, int64
 
 Tensor collection_forward(Tensor weight, Tensor offsets, Tensor table_rows, Tensor features, Tensor indices,
                           Tensor bag_offsets, std::optional<Tensor> per_sample_weights, int64_t batch_size,
-                          int64_t out_width) {
+                          int64_t out_width, bool table_checked) {
   const CollectionArgs a = check_collection_args(weight, offsets, table_rows, features, indices, bag_offsets,
                                                  per_sample_weights, batch_size);
   PME_CHECK(out_width >= 0, "out_width must be >= 0, got ", out_width);
@@ -169,7 +169,7 @@ Tensor collection_forward(Tensor weight, Tensor offsets, Tensor table_rows, Tens
   dispatch_index(indices.scalar_type(), "indices", [&](auto itag) {
     using I = decltype(itag);
     const View<I> v = make_view<I>(a, weight, offsets, table_rows, features, indices, bag_offsets, out_width,
-                                   per_sample_weights.has_value());
+                                   per_sample_weights.has_value(), table_checked);
     std::atomic<int64_t> bad{kNone};
     dispatch_weight(weight.scalar_type(), "weight", [&](auto wtag) {
       using T = decltype(wtag);
@@ -258,7 +258,7 @@ int64_t check_grad(const Tensor& grad_out, const Tensor& weight, const Collectio
 std::tuple<Tensor, Tensor> collection_backward(Tensor grad_out, Tensor weight, Tensor offsets, Tensor table_rows,
                                                Tensor features, Tensor indices, Tensor bag_offsets,
                                                std::optional<Tensor> per_sample_weights, int64_t batch_size,
-                                               bool psw_grad) {
+                                               bool psw_grad, bool table_checked) {
   const CollectionArgs a = check_collection_args(weight, offsets, table_rows, features, indices, bag_offsets,
                                                  per_sample_weights, batch_size);
   const int64_t W = check_grad(grad_out, weight, a);
@@ -269,7 +269,7 @@ std::tuple<Tensor, Tensor> collection_backward(Tensor grad_out, Tensor weight, T
   dispatch_index(indices.scalar_type(), "indices", [&](auto itag) {
     using I = decltype(itag);
     const View<I> v = make_view<I>(a, weight, offsets, table_rows, features, indices, bag_offsets, W,
-                                   per_sample_weights.has_value());
+                                   per_sample_weights.has_value(), table_checked);
     validate_all(v);
     const Virtual vl = virtual_lookups(v);
     dispatch_weight(weight.scalar_type(), "weight", [&](auto wtag) {
@@ -320,7 +320,8 @@ std::tuple<Tensor, Tensor> collection_backward(Tensor grad_out, Tensor weight, T
 void collection_update_(Tensor weight, Tensor state1, Tensor state2, Tensor grad_out, Tensor offsets,
                         Tensor table_rows, Tensor features, Tensor indices, Tensor bag_offsets,
                         std::optional<Tensor> per_sample_weights, int64_t batch_size, int64_t optimizer, double lr,
-                        double weight_decay, double eps, double beta1, double beta2, int64_t step) {
+                        double weight_decay, double eps, double beta1, double beta2, int64_t step,
+                        bool table_checked) {
   const CollectionArgs a = check_collection_args(weight, offsets, table_rows, features, indices, bag_offsets,
                                                  per_sample_weights, batch_size);
   check_update_args(weight, state1, state2, offsets, optimizer, lr, weight_decay, eps, beta1, beta2, step);
@@ -334,7 +335,7 @@ void collection_update_(Tensor weight, Tensor state1, Tensor state2, Tensor grad
   dispatch_index(indices.scalar_type(), "indices", [&](auto itag) {
     using I = decltype(itag);
     const View<I> v = make_view<I>(a, weight, offsets, table_rows, features, indices, bag_offsets, W,
-                                   per_sample_weights.has_value());
+                                   per_sample_weights.has_value(), table_checked);
     validate_all(v);
     const Virtual vl = virtual_lookups(v);
     dispatch_weight(weight.scalar_type(), "weight", [&](auto wtag) {
