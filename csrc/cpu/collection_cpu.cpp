@@ -12,6 +12,7 @@
 #include "cpu/row_step.h"
 
 #include <atomic>
+#include <cstring>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -141,6 +142,52 @@ void validate_all(const View<I>& v) {
 // before its row is read; the caller throws.
 constexpr int64_t kRun = 64;
 
+// Bags [b0, b1) of block f when each holds at most one lookup (a one-hot feature): the pooled
+// row is the row itself (sum or mean of one; times its weight), so it is copied straight into
+// the output columns, zero-padded to the block's width: no pooling buffer, no second copy.
+// Rows are prefetched a few bags ahead (their offsets further ahead), as the pooling kernels do.
+// Per entry the result equals the pooling kernel's: one product, rounded once, in acc_t<T>.
+template <class T, class I>
+void copy_one_hot(const View<I>& v, const int64_t* f, const T* w, const T* psw, int64_t b0, int64_t b1, T* out,
+                  std::atomic<int64_t>& bad) {
+  using A = acc_t<T>;
+  constexpr int64_t kAheadOff = 16, kAheadRow = 8;
+  const int64_t W = f[kFWidth], col = f[kFCol], base = v.rows[f[kFTable]];
+  const uint64_t vt = static_cast<uint64_t>(v.rows[f[kFTable] + 1] - base);
+  const I* bo = v.bo + f[kFKey] * v.B;
+  auto row_of = [&](int64_t b) -> int64_t {  // table row of bag b's lookup, or -1 (empty bag, bad index)
+    if (b >= b1 || bo[b + 1] == bo[b]) return -1;
+    const uint64_t i = static_cast<uint64_t>(static_cast<int64_t>(v.idx[bo[b]]));
+    return i < vt ? base + static_cast<int64_t>(i) : -1;
+  };
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t ro = row_of(b + kAheadOff);
+    if (ro >= 0) __builtin_prefetch(v.off + ro);
+    const int64_t rr = row_of(b + kAheadRow);
+    if (rr >= 0) {  // integer arithmetic: these offsets are not checked yet (a prefetch never faults)
+      __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(w) +
+                                                       static_cast<uintptr_t>(v.off[rr]) * sizeof(T)));
+    }
+    T* o = out + b * v.out_width + col;
+    int64_t n = 0;
+    const int64_t s = static_cast<int64_t>(bo[b]);
+    if (static_cast<int64_t>(bo[b + 1]) > s) {
+      int64_t lo, size;
+      if (v.row(f, s, lo, size) < 0) {
+        note_bad(bad, s);  // never read; the caller throws
+      } else if (psw != nullptr) {
+        const A sc = static_cast<A>(psw[s]);
+        for (int64_t c = 0; c < size; ++c) o[c] = static_cast<T>(static_cast<A>(w[lo + c]) * sc);
+        n = size;
+      } else {
+        std::memcpy(o, w + lo, static_cast<size_t>(size) * sizeof(T));
+        n = size;
+      }
+    }
+    std::fill(o + n, o + W, T(0));
+  }
+}
+
 template <class T, class I>
 void forward_range(const View<I>& v, const T* w, const T* psw, int64_t p0, int64_t p1, T* out, T* tmp,
                    std::atomic<int64_t>& bad) {
@@ -149,6 +196,14 @@ void forward_range(const View<I>& v, const T* w, const T* psw, int64_t p0, int64
     const int64_t b1 = std::min<int64_t>({v.B, b0 + (p1 - p), b0 + kRun});
     const int64_t* f = v.block(k);
     const int64_t t = f[kFTable], W = f[kFWidth], base = v.rows[t];
+    const I* fbo = v.bo + f[kFKey] * v.B;
+    bool one_hot = true;
+    for (int64_t b = b0; b < b1 && one_hot; ++b) one_hot = fbo[b + 1] - fbo[b] <= 1;
+    if (one_hot) {
+      copy_one_hot<T, I>(v, f, w, psw, b0, b1, out, bad);
+      p += b1 - b0;
+      continue;
+    }
     // The table as the lookup kernel sees it: its own rows, offsets into the global buffer.
     const TableView tv{v.off + base, v.rows[t + 1] - base, v.total, nullptr, 0, W};
     pool_bags<T, I>(w, tv, v.idx, v.bo + f[kFKey] * v.B + b0, b1 - b0, psw, f[kFPooling], tmp, bad);
