@@ -165,8 +165,9 @@ void copy_one_hot(const View<I>& v, const int64_t* f, const T* w, const T* psw, 
     if (ro >= 0) __builtin_prefetch(v.off + ro);
     const int64_t rr = row_of(b + kAheadRow);
     if (rr >= 0) {  // integer arithmetic: these offsets are not checked yet (a prefetch never faults)
-      __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(w) +
-                                                       static_cast<uintptr_t>(v.off[rr]) * sizeof(T)));
+      const uintptr_t w0 = reinterpret_cast<uintptr_t>(w);
+      __builtin_prefetch(reinterpret_cast<const void*>(w0 + static_cast<uintptr_t>(v.off[rr]) * sizeof(T)));
+      __builtin_prefetch(reinterpret_cast<const void*>(w0 + static_cast<uintptr_t>(v.off[rr + 1]) * sizeof(T) - 1));
     }
     T* o = out + b * v.out_width + col;
     int64_t n = 0;
