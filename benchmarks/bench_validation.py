@@ -1,9 +1,14 @@
 """Cost of the whole-table check (README, Safety) next to a lookup, on the CPU.
 
-Times ``torch.ops.pme.bag_forward`` (sum, padded, fp32) three ways, median of --repeats calls:
-- ``check``: 1 lookup on a V-row table: the O(V) whole-table check dominates;
+Times ``torch.ops.pme.bag_forward`` (sum, padded, fp32), median of --repeats calls:
+- ``check``: 1 lookup on a V-row table, whole-table check on every call (a raw operator call):
+  the O(V) check dominates;
+- ``checked``: the same with ``table_checked=True``, as ``pme.ops`` calls it once the table has
+  passed (the per-lookup checks only);
 - ``tiny``: 1 lookup on a 1-row table: the fixed cost of a call;
-- ``forward``: --bags x --lookups uniform lookups on the V-row table.
+- ``forward`` / ``forward_checked``: --bags x --lookups uniform lookups on the V-row table,
+  without / with ``table_checked=True``;
+- ``ops_forward``: the same through ``pme.ops.embedding_bag`` (its memo of passed tables).
 Prints and saves JSON (sizes, threads, CPU, torch) to --out.
 
     python benchmarks/bench_validation.py --rows 1000000 --threads 1
@@ -19,7 +24,7 @@ import statistics
 import torch
 from torch.utils import benchmark
 
-import pme  # noqa: F401  (loads the operators)
+import pme
 
 
 def median_ms(f, repeats):
@@ -51,10 +56,16 @@ def main():
     bo = torch.arange(0, a.bags * a.lookups + 1, a.lookups)
     one, one_bo = idx[:1].clone(), torch.tensor([0, 1])
     w1, off1 = w[:int(off[1])].clone(), off[:2].clone()
+    op = torch.ops.pme.bag_forward
     res = {
-        "forward_ms": median_ms(lambda: torch.ops.pme.bag_forward(w, off, idx, bo, None, None, D, 0, -1), a.repeats),
-        "check_ms": median_ms(lambda: torch.ops.pme.bag_forward(w, off, one, one_bo, None, None, D, 0, -1),
-                              a.repeats),
+        "forward_ms": median_ms(lambda: op(w, off, idx, bo, None, None, D, 0, -1), a.repeats),
+        "forward_checked_ms": median_ms(lambda: op(w, off, idx, bo, None, None, D, 0, -1, table_checked=True),
+                                        a.repeats),
+        "ops_forward_ms": median_ms(lambda: pme.ops.embedding_bag(w, off, idx, bo[:-1], width=D, mode="sum"),
+                                    a.repeats),
+        "check_ms": median_ms(lambda: op(w, off, one, one_bo, None, None, D, 0, -1), a.repeats),
+        "checked_ms": median_ms(lambda: op(w, off, one, one_bo, None, None, D, 0, -1, table_checked=True),
+                                a.repeats),
         "tiny_ms": median_ms(lambda: torch.ops.pme.bag_forward(w1, off1, torch.tensor([0]), one_bo, None, None, D, 0,
                                                                -1), a.repeats),
     }

@@ -15,44 +15,46 @@ namespace pme {
 
 using OptTensor = std::optional<Tensor>;
 using ForwardFn = std::tuple<Tensor, Tensor> (*)(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
-                                                 const OptTensor&, const OptTensor&, int64_t, int64_t, int64_t);
+                                                 const OptTensor&, const OptTensor&, int64_t, int64_t, int64_t, bool);
 using BackwardFn = std::tuple<Tensor, Tensor> (*)(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                                   const OptTensor&, const OptTensor&, const OptTensor&, const Tensor&,
-                                                  int64_t, int64_t, bool);
+                                                  int64_t, int64_t, bool, bool);
 
 template <ForwardFn Fwd, BackwardFn Bwd>
 struct LookupOps {
   // Pooled lookup: output [B, out_width] (+ argmax [B, out_width] for max).
   static std::tuple<Tensor, Tensor> bag_forward(Tensor weight, Tensor offsets, Tensor indices, Tensor bag_offsets,
                                                 OptTensor per_sample_weights, OptTensor col_of_size,
-                                                int64_t out_width, int64_t mode, int64_t padding_idx) {
-    return Fwd(weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, out_width, mode, padding_idx);
+                                                int64_t out_width, int64_t mode, int64_t padding_idx, bool table_checked) {
+    return Fwd(weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, out_width, mode, padding_idx,
+               table_checked);
   }
 
   static std::tuple<Tensor, Tensor> bag_backward(Tensor grad_out, Tensor weight, Tensor offsets, Tensor indices,
                                                  Tensor bag_offsets, OptTensor per_sample_weights,
                                                  OptTensor col_of_size, Tensor argmax, int64_t mode,
-                                                 int64_t padding_idx, bool psw_grad) {
+                                                 int64_t padding_idx, bool psw_grad, bool table_checked) {
     return Bwd(grad_out, weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, argmax, mode,
-               padding_idx, psw_grad);
+               padding_idx, psw_grad, table_checked);
   }
 
   // Non-pooled lookup: output [N, out_width]; the padding row is returned as stored and gets
   // no gradient, as F.embedding does: padding_idx is checked here and used by the backward only
   // (it is in the schema so that autograd passes it on without a side channel).
   static Tensor embedding_forward(Tensor weight, Tensor offsets, Tensor indices, OptTensor col_of_size,
-                                  int64_t out_width, int64_t padding_idx) {
+                                  int64_t out_width, int64_t padding_idx, bool table_checked) {
     const int64_t rows = offsets.numel() - 1;
     PME_CHECK(padding_idx >= -1 && padding_idx < rows, "padding_idx ", padding_idx, " is out of range for ", rows,
               " rows (-1 for none)");
-    return std::get<0>(Fwd(weight, offsets, indices, std::nullopt, std::nullopt, col_of_size, out_width, kSum, -1));
+    return std::get<0>(Fwd(weight, offsets, indices, std::nullopt, std::nullopt, col_of_size, out_width, kSum, -1,
+                                   table_checked));
   }
 
   static Tensor embedding_backward(Tensor grad_out, Tensor weight, Tensor offsets, Tensor indices,
-                                   OptTensor col_of_size, int64_t padding_idx) {
+                                   OptTensor col_of_size, int64_t padding_idx, bool table_checked) {
     const Tensor none = torch::stable::new_empty(offsets, {0});
     return std::get<0>(Bwd(grad_out, weight, offsets, indices, std::nullopt, std::nullopt, col_of_size, none, kSum,
-                           padding_idx, false));
+                           padding_idx, false, table_checked));
   }
 };
 

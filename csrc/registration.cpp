@@ -43,39 +43,43 @@ STABLE_TORCH_LIBRARY(pme, m) {
   // Lookups. weight [total] f32/f64/f16/bf16, offsets [V+1] int64, indices [N] and bag_offsets
   // [B+1] int32 or int64 (same dtype), col_of_size [D+1] int64 (grouped layout) or None
   // (padded), pooling 0 sum / 1 mean / 2 max, padding_idx -1 for none.
+  // table_checked (every operator that reads a table): the caller vouches that this very offset
+  // table passed the whole-table check before (pme.ops keeps a per-tensor-version memo of it),
+  // so the O(V) scan is skipped; every lookup is still bound-checked, so a wrong promise can
+  // give wrong values, never an access out of bounds. False (the default) checks the table.
   m.def(
       "bag_forward(Tensor weight, Tensor offsets, Tensor indices, Tensor bag_offsets, "
-      "Tensor? per_sample_weights, Tensor? col_of_size, int out_width, int pooling, int padding_idx) "
-      "-> (Tensor, Tensor)");
+      "Tensor? per_sample_weights, Tensor? col_of_size, int out_width, int pooling, int padding_idx, "
+      "bool table_checked=False) -> (Tensor, Tensor)");
   m.def(
       "bag_backward(Tensor grad_out, Tensor weight, Tensor offsets, Tensor indices, Tensor bag_offsets, "
       "Tensor? per_sample_weights, Tensor? col_of_size, Tensor argmax, int pooling, int padding_idx, "
-      "bool psw_grad) -> (Tensor, Tensor)");
+      "bool psw_grad, bool table_checked=False) -> (Tensor, Tensor)");
   // The lookup's backward as a sparse gradient of the flat buffer (sparse=True): the entries of
   // the touched rows, increasing (int64 [nnz]), and their summed gradients ([nnz], weight's
   // dtype); scale_grad_by_freq divides each row's sum by its number of lookups in the batch.
   m.def(
       "bag_backward_sparse(Tensor grad_out, Tensor weight, Tensor offsets, Tensor indices, Tensor bag_offsets, "
       "Tensor? per_sample_weights, Tensor? col_of_size, Tensor argmax, int pooling, int padding_idx, "
-      "bool scale_grad_by_freq) -> (Tensor, Tensor)");
+      "bool scale_grad_by_freq, bool table_checked=False) -> (Tensor, Tensor)");
   m.def(
       "embedding_forward(Tensor weight, Tensor offsets, Tensor indices, Tensor? col_of_size, int out_width, "
-      "int padding_idx) -> Tensor");
+      "int padding_idx, bool table_checked=False) -> Tensor");
   m.def(
       "embedding_backward(Tensor grad_out, Tensor weight, Tensor offsets, Tensor indices, Tensor? col_of_size, "
-      "int padding_idx) -> Tensor");
+      "int padding_idx, bool table_checked=False) -> Tensor");
   // Fused backward + optimizer step into the flat buffer. optimizer 0 SGD (no state), 1 row-wise
   // Adagrad (state1 [V] f32), 2 Adam (state1, state2 [total] f32 moments).
   m.def(
       "sparse_update_(Tensor(a!) weight, Tensor(b!) state1, Tensor(c!) state2, Tensor grad_out, "
       "Tensor offsets, Tensor indices, Tensor bag_offsets, Tensor? per_sample_weights, Tensor? col_of_size, "
       "Tensor argmax, int pooling, int padding_idx, int optimizer, float lr, float weight_decay, float eps, "
-      "float beta1, float beta2, int step) -> ()");
+      "float beta1, float beta2, int step, bool table_checked=False) -> ()");
   // Search: scores [total] f32 += |w * g| (rule 0, SNIP) or g^2 (rule 1) for the rows of a batch.
   m.def(
       "accumulate_scores_(Tensor(a!) scores, Tensor grad_out, Tensor weight, Tensor offsets, Tensor indices, "
       "Tensor bag_offsets, Tensor? per_sample_weights, Tensor? col_of_size, Tensor argmax, int pooling, "
-      "int padding_idx, int rule) -> ()");
+      "int padding_idx, int rule, bool table_checked=False) -> ()");
   // Pruning. topk_threshold: the k-th largest of scores (0-d, radix select on the device).
   // prune_counts: per-row number of scores >= threshold. prune_pack: row i keeps its
   // offsets[i+1]-offsets[i] best entries, in score order (by_score) or column order.
@@ -87,16 +91,17 @@ STABLE_TORCH_LIBRARY(pme, m) {
   // width, pooling), bag_offsets [G*B+1] key-major; output [B, out_width].
   m.def(
       "collection_forward(Tensor weight, Tensor offsets, Tensor table_rows, Tensor features, Tensor indices, "
-      "Tensor bag_offsets, Tensor? per_sample_weights, int batch_size, int out_width) -> Tensor");
+      "Tensor bag_offsets, Tensor? per_sample_weights, int batch_size, int out_width, "
+      "bool table_checked=False) -> Tensor");
   m.def(
       "collection_backward(Tensor grad_out, Tensor weight, Tensor offsets, Tensor table_rows, Tensor features, "
-      "Tensor indices, Tensor bag_offsets, Tensor? per_sample_weights, int batch_size, bool psw_grad) "
-      "-> (Tensor, Tensor)");
+      "Tensor indices, Tensor bag_offsets, Tensor? per_sample_weights, int batch_size, bool psw_grad, "
+      "bool table_checked=False) -> (Tensor, Tensor)");
   m.def(
       "collection_update_(Tensor(a!) weight, Tensor(b!) state1, Tensor(c!) state2, Tensor grad_out, "
       "Tensor offsets, Tensor table_rows, Tensor features, Tensor indices, Tensor bag_offsets, "
       "Tensor? per_sample_weights, int batch_size, int optimizer, float lr, float weight_decay, float eps, "
-      "float beta1, float beta2, int step) -> ()");
+      "float beta1, float beta2, int step, bool table_checked=False) -> ()");
 }
 
 }  // namespace pme

@@ -174,21 +174,22 @@ def _is_kjt(x) -> bool:
 if ops.BUILD_INFO is not None:
 
     @torch.library.register_fake("pme::collection_forward")
-    def _(weight, offsets, table_rows, features, indices, bag_offsets, per_sample_weights, batch_size, out_width):
+    def _(weight, offsets, table_rows, features, indices, bag_offsets, per_sample_weights, batch_size, out_width,
+          table_checked=False):
         return weight.new_empty(batch_size, out_width)
 
     @torch.library.register_fake("pme::collection_backward")
     def _(grad_out, weight, offsets, table_rows, features, indices, bag_offsets, per_sample_weights, batch_size,
-          psw_grad):
+          psw_grad, table_checked=False):
         return torch.empty_like(weight), weight.new_empty(indices.shape[0] if psw_grad else 0)
 
     @torch.library.register_fake("pme::collection_update_")
     def _(weight, state1, state2, grad_out, offsets, table_rows, features, indices, bag_offsets, per_sample_weights,
-          batch_size, optimizer, lr, weight_decay, eps, beta1, beta2, step):
+          batch_size, optimizer, lr, weight_decay, eps, beta1, beta2, step, table_checked=False):
         return None
 
     def _setup(ctx, inputs, output):
-        weight, offsets, table_rows, features, indices, bag_offsets, psw, batch_size, out_width = inputs
+        weight, offsets, table_rows, features, indices, bag_offsets, psw, batch_size, out_width = inputs[:9]
         ctx.batch_size = batch_size
         ctx.psw_grad = psw is not None and ctx.needs_input_grad[6]
         ctx.save_for_backward(weight, offsets, table_rows, features, indices, bag_offsets, psw)
@@ -196,8 +197,9 @@ if ops.BUILD_INFO is not None:
     def _backward(ctx, grad_out):
         weight, offsets, table_rows, features, indices, bag_offsets, psw = ctx.saved_tensors
         gw, gp = torch.ops.pme.collection_backward(grad_out.contiguous(), weight, offsets, table_rows, features,
-                                                   indices, bag_offsets, psw, ctx.batch_size, ctx.psw_grad)
-        return gw, None, None, None, None, None, (gp if ctx.psw_grad else None), None, None
+                                                   indices, bag_offsets, psw, ctx.batch_size, ctx.psw_grad,
+                                                   table_checked=True)  # the forward's table, saved unchanged
+        return gw, None, None, None, None, None, (gp if ctx.psw_grad else None), None, None, None
 
     torch.library.register_autograd("pme::collection_forward", _backward, setup_context=_setup)
 
@@ -248,8 +250,25 @@ def _reference_forward(weight, offsets, table_rows, features, indices, bag_offse
     return out
 
 
+def _max_block_width(features):
+    """The widest output block of ``features`` (the width the operators check the table's sizes
+    against), or None while a CUDA graph is being captured (no host read then; the operators
+    skip their validation there anyway)."""
+    if features.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None
+    return max(1, int(features[:, 3].max())) if features.shape[0] else 1
+
+
+def _collection_call(fn, weight, offsets, features, width):
+    """``fn(table_checked)`` through pme.ops' whole-table-check memo (``width``: the widest block)."""
+    width = _max_block_width(features) if width is None else width
+    if width is None:
+        return fn(False)
+    return ops._table_call(fn, weight, offsets, None, width)
+
+
 def collection_lookup(weight, offsets, table_rows, features, indices, bag_offsets, per_sample_weights=None, *,
-                      batch_size: int, out_width: int):
+                      batch_size: int, out_width: int, _width=None):
     """One pooled lookup of every output block of a batch (normal form of ``csrc/collection.h``).
 
     Args:
@@ -261,17 +280,19 @@ def collection_lookup(weight, offsets, table_rows, features, indices, bag_offset
         per_sample_weights: ``[N]`` of weight's dtype (sum pooling only) or None.
 
     Returns ``[batch_size, out_width]`` of weight's dtype; differentiable in weight and the weights.
+    The whole offset table is checked once per version (see pme.ops), every lookup on every call.
     """
     if ops._compiled(weight):
-        return torch.ops.pme.collection_forward(weight, offsets, table_rows, features, indices, bag_offsets,
-                                                per_sample_weights, int(batch_size), int(out_width))
+        return _collection_call(lambda checked: torch.ops.pme.collection_forward(
+            weight, offsets, table_rows, features, indices, bag_offsets, per_sample_weights, int(batch_size),
+            int(out_width), table_checked=checked), weight, offsets, features, _width)
     return _reference_forward(weight, offsets, table_rows, features, indices, bag_offsets, per_sample_weights,
                               int(batch_size), int(out_width))
 
 
 def collection_update_(weight, state1, state2, grad_out, offsets, table_rows, features, indices, bag_offsets,
                        per_sample_weights=None, *, batch_size: int, optimizer="rowwise_adagrad", lr=0.01,
-                       weight_decay=0.0, eps=1e-8, beta1=0.9, beta2=0.999, step=1):
+                       weight_decay=0.0, eps=1e-8, beta1=0.9, beta2=0.999, step=1, _width=None):
     """Fused backward + optimizer step of a collection lookup, in place, all tables in one call.
 
     ``grad_out`` ``[B, out_width]`` is the gradient of :func:`collection_lookup`'s output. The
@@ -281,10 +302,10 @@ def collection_update_(weight, state1, state2, grad_out, offsets, table_rows, fe
     if optimizer not in ops.OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {sorted(ops.OPTIMIZERS)}, got {optimizer!r}")
     if ops._compiled(weight):
-        torch.ops.pme.collection_update_(weight, state1, state2, grad_out, offsets, table_rows, features, indices,
-                                         bag_offsets, per_sample_weights, int(batch_size),
-                                         ops.OPTIMIZERS[optimizer], float(lr), float(weight_decay), float(eps),
-                                         float(beta1), float(beta2), int(step))
+        _collection_call(lambda checked: torch.ops.pme.collection_update_(
+            weight, state1, state2, grad_out, offsets, table_rows, features, indices, bag_offsets, per_sample_weights,
+            int(batch_size), ops.OPTIMIZERS[optimizer], float(lr), float(weight_decay), float(eps), float(beta1),
+            float(beta2), int(step), table_checked=checked), weight, offsets, features, _width)
         return
     B = int(batch_size)
     vidx, vbo, vpsw, feats = _virtual(weight, offsets, table_rows, features, indices, bag_offsets,
@@ -322,7 +343,7 @@ class CollectionRows(NamedTuple):
         as ``pme.ops.BackwardRows.update_``."""
         collection_update_(module.weight.data, state1, state2, grad_out, module.offsets, module.table_rows,
                            self.features, self.indices, self.bag_offsets, self.per_sample_weights,
-                           batch_size=self.batch_size, **step)
+                           batch_size=self.batch_size, _width=module._block_width(), **step)
 
 
 class _ConsumedCollectionLookup(torch.autograd.Function):
@@ -331,7 +352,7 @@ class _ConsumedCollectionLookup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, anchor, consumer, module, indices, bag_offsets, features, psw, B):
         out = collection_lookup(module.weight, module.offsets, module.table_rows, features, indices, bag_offsets,
-                                psw, batch_size=B, out_width=module.out_width)
+                                psw, batch_size=B, out_width=module.out_width, _width=module._block_width())
         ctx.consumer, ctx.module, ctx.B = consumer, module, B
         ctx.save_for_backward(indices, bag_offsets, features, psw)
         return out
@@ -529,6 +550,10 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
         return head + "\n" + "\n".join(lines)
 
     # ---- input normal form ----------------------------------------------------------------
+    def _block_width(self) -> int:
+        """The widest output block (every input has all blocks): what the table's sizes are checked against."""
+        return max([self._tables[ti].embedding_dim for ti, _, _ in self._blocks] + [1])
+
     def _features(self, keys) -> torch.Tensor:
         """``[F, 5]`` int64 on the table's device for an input whose keys come in ``keys`` order."""
         keys = tuple(keys)
@@ -628,7 +653,7 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
             values = _ConsumedCollectionLookup.apply(anchor, self.optimizer, self, idx, bo, feats, psw, B)
         else:
             values = collection_lookup(self.weight, self.offsets, self.table_rows, feats, idx, bo, psw,
-                                       batch_size=B, out_width=self.out_width)
+                                       batch_size=B, out_width=self.out_width, _width=self._block_width())
         lengths = [self._tables[ti].embedding_dim for ti, _, _ in self._blocks]
         if _is_kjt(features):
             from torchrec.sparse.jagged_tensor import KeyedTensor

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -65,10 +66,10 @@ class ArgumentError(ValueError, AssertionError, RuntimeError):
     (AssertionError), F.embedding_bag and a negative size raise RuntimeError."""
 
 
-def _torch_error_types(fn, *args):
+def _torch_error_types(fn, *args, **kwargs):
     """Runs a compiled lookup; an out-of-range index comes back as IndexOutOfRangeError."""
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     except RuntimeError as e:
         if "index out of range" in str(e) and not isinstance(e, IndexError):
             raise IndexOutOfRangeError(str(e)) from None
@@ -171,7 +172,8 @@ def _same_device(op: str, **tensors):
 if BUILD_INFO is not None:
 
     @torch.library.register_fake("pme::bag_forward")
-    def _(weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, out_width, mode, padding_idx):
+    def _(weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, out_width, mode, padding_idx,
+          table_checked=False):
         _same_device("bag_forward", weight=weight, offsets=offsets, indices=indices, bag_offsets=bag_offsets,
                      per_sample_weights=per_sample_weights, col_of_size=col_of_size)
         B = bag_offsets.shape[0] - 1
@@ -181,7 +183,7 @@ if BUILD_INFO is not None:
 
     @torch.library.register_fake("pme::bag_backward")
     def _(grad_out, weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, argmax, mode,
-          padding_idx, psw_grad):
+          padding_idx, psw_grad, table_checked=False):
         _same_device("bag_backward", grad_out=grad_out, weight=weight, offsets=offsets, indices=indices,
                      bag_offsets=bag_offsets, per_sample_weights=per_sample_weights, col_of_size=col_of_size,
                      argmax=argmax)
@@ -189,24 +191,24 @@ if BUILD_INFO is not None:
 
     @torch.library.register_fake("pme::bag_backward_sparse")
     def _(grad_out, weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, argmax, mode,
-          padding_idx, scale_grad_by_freq):
+          padding_idx, scale_grad_by_freq, table_checked=False):
         nnz = torch.library.get_ctx().new_dynamic_size()
         return offsets.new_empty(nnz), weight.new_empty(nnz)
 
     @torch.library.register_fake("pme::embedding_forward")
-    def _(weight, offsets, indices, col_of_size, out_width, padding_idx):
+    def _(weight, offsets, indices, col_of_size, out_width, padding_idx, table_checked=False):
         _same_device("embedding_forward", weight=weight, offsets=offsets, indices=indices, col_of_size=col_of_size)
         return weight.new_empty(indices.shape[0], out_width)
 
     @torch.library.register_fake("pme::embedding_backward")
-    def _(grad_out, weight, offsets, indices, col_of_size, padding_idx):
+    def _(grad_out, weight, offsets, indices, col_of_size, padding_idx, table_checked=False):
         _same_device("embedding_backward", grad_out=grad_out, weight=weight, offsets=offsets, indices=indices,
                      col_of_size=col_of_size)
         return torch.empty_like(weight)
 
     @torch.library.register_fake("pme::sparse_update_")
     def _(weight, state1, state2, grad_out, offsets, indices, bag_offsets, per_sample_weights, col_of_size,
-          argmax, mode, padding_idx, optimizer, lr, weight_decay, eps, beta1, beta2, step):
+          argmax, mode, padding_idx, optimizer, lr, weight_decay, eps, beta1, beta2, step, table_checked=False):
         _same_device("sparse_update_", weight=weight, state1=state1, state2=state2, grad_out=grad_out,
                      offsets=offsets, indices=indices, bag_offsets=bag_offsets,
                      per_sample_weights=per_sample_weights, col_of_size=col_of_size, argmax=argmax)
@@ -214,7 +216,7 @@ if BUILD_INFO is not None:
 
     @torch.library.register_fake("pme::accumulate_scores_")
     def _(scores, grad_out, weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, argmax,
-          mode, padding_idx, rule):
+          mode, padding_idx, rule, table_checked=False):
         _same_device("accumulate_scores_", scores=scores, grad_out=grad_out, weight=weight, offsets=offsets,
                      indices=indices, bag_offsets=bag_offsets, per_sample_weights=per_sample_weights,
                      col_of_size=col_of_size, argmax=argmax)
@@ -236,7 +238,7 @@ if BUILD_INFO is not None:
         return dense.new_empty(total)
 
     def _bag_setup(ctx, inputs, output):
-        weight, offsets, indices, bag_offsets, psw, col_of_size, out_width, mode, padding_idx = inputs
+        weight, offsets, indices, bag_offsets, psw, col_of_size, out_width, mode, padding_idx = inputs[:9]
         ctx.mode, ctx.padding_idx = mode, padding_idx
         ctx.psw_grad = psw is not None and ctx.needs_input_grad[4]
         ctx.save_for_backward(weight, offsets, indices, bag_offsets, psw, col_of_size, output[1])
@@ -244,21 +246,22 @@ if BUILD_INFO is not None:
     def _bag_backward(ctx, grad_out, _grad_argmax):
         weight, offsets, indices, bag_offsets, psw, col_of_size, argmax = ctx.saved_tensors
         gw, gp = torch.ops.pme.bag_backward(grad_out.contiguous(), weight, offsets, indices, bag_offsets, psw,
-                                            col_of_size, argmax, ctx.mode, ctx.padding_idx, ctx.psw_grad)
-        return gw, None, None, None, (gp if ctx.psw_grad else None), None, None, None, None
+                                            col_of_size, argmax, ctx.mode, ctx.padding_idx, ctx.psw_grad,
+                                            table_checked=True)
+        return gw, None, None, None, (gp if ctx.psw_grad else None), None, None, None, None, None
 
     torch.library.register_autograd("pme::bag_forward", _bag_backward, setup_context=_bag_setup)
 
     def _emb_setup(ctx, inputs, output):
-        weight, offsets, indices, col_of_size, out_width, padding_idx = inputs
+        weight, offsets, indices, col_of_size, out_width, padding_idx = inputs[:6]
         ctx.padding_idx = padding_idx
         ctx.save_for_backward(weight, offsets, indices, col_of_size)
 
     def _emb_backward(ctx, grad_out):
         weight, offsets, indices, col_of_size = ctx.saved_tensors
         gw = torch.ops.pme.embedding_backward(grad_out.contiguous(), weight, offsets, indices, col_of_size,
-                                              ctx.padding_idx)
-        return gw, None, None, None, None, None
+                                              ctx.padding_idx, table_checked=True)
+        return gw, None, None, None, None, None, None
 
     torch.library.register_autograd("pme::embedding_forward", _emb_backward, setup_context=_emb_setup)
 
@@ -268,7 +271,7 @@ if BUILD_INFO is not None:
     # the backward is also linear in them (and their gradient linear in weight and grad_out),
     # which gives the other terms.
     def _bagbwd_setup(ctx, inputs, output):
-        grad_out, weight, offsets, indices, bag_offsets, psw, col_of_size, argmax, mode, pad, psw_grad = inputs
+        grad_out, weight, offsets, indices, bag_offsets, psw, col_of_size, argmax, mode, pad, psw_grad = inputs[:11]
         ctx.mode, ctx.pad, ctx.psw_grad = mode, pad, psw_grad
         ctx.save_for_backward(grad_out, weight, offsets, indices, bag_offsets, psw, col_of_size, argmax)
 
@@ -281,30 +284,31 @@ if BUILD_INFO is not None:
                                    argmax) if gg_w is not None else grad_out.new_zeros(grad_out.shape))
             if ctx.psw_grad and gg_p is not None:
                 g_go = g_go + torch.ops.pme.bag_forward(weight, offsets, indices, bag_offsets, gg_p.contiguous(), col,
-                                                        W, 0, ctx.pad)[0]
+                                                        W, 0, ctx.pad, table_checked=True)[0]
         if ctx.needs_input_grad[1] and ctx.psw_grad and gg_p is not None:
             g_w = torch.ops.pme.bag_backward(grad_out, weight, offsets, indices, bag_offsets, gg_p.contiguous(), col,
-                                             argmax, 0, ctx.pad, False)[0]
+                                             argmax, 0, ctx.pad, False, table_checked=True)[0]
         if ctx.needs_input_grad[5] and psw is not None and gg_w is not None:
             g_psw = torch.ops.pme.bag_backward(grad_out, gg_w.contiguous(), offsets, indices, bag_offsets, psw, col,
-                                               argmax, ctx.mode, ctx.pad, True)[1]
-        return g_go, g_w, None, None, None, g_psw, None, None, None, None, None
+                                               argmax, ctx.mode, ctx.pad, True, table_checked=True)[1]
+        return g_go, g_w, None, None, None, g_psw, None, None, None, None, None, None
 
     torch.library.register_autograd("pme::bag_backward", _bagbwd_backward, setup_context=_bagbwd_setup)
 
     def _embbwd_setup(ctx, inputs, output):
-        grad_out, weight, offsets, indices, col_of_size, padding_idx = inputs
+        grad_out, weight, offsets, indices, col_of_size, padding_idx = inputs[:6]
         ctx.pad = padding_idx
         ctx.save_for_backward(grad_out, offsets, indices, col_of_size)
 
     def _embbwd_backward(ctx, gg_w):
         grad_out, offsets, indices, col = ctx.saved_tensors
         if gg_w is None or not ctx.needs_input_grad[0]:
-            return None, None, None, None, None, None
-        out = torch.ops.pme.embedding_forward(gg_w.contiguous(), offsets, indices, col, grad_out.shape[1], ctx.pad)
+            return None, None, None, None, None, None, None
+        out = torch.ops.pme.embedding_forward(gg_w.contiguous(), offsets, indices, col, grad_out.shape[1], ctx.pad,
+                                              table_checked=True)
         if ctx.pad >= 0:  # the padding row got no gradient: its lookups pass none back
             out = out.masked_fill((indices == ctx.pad).unsqueeze(1), 0)
-        return out, None, None, None, None, None
+        return out, None, None, None, None, None, None
 
     torch.library.register_autograd("pme::embedding_backward", _embbwd_backward, setup_context=_embbwd_setup)
 
@@ -316,7 +320,8 @@ def _linear_lookup(t, offsets, indices, bag_offsets, psw, col_of_size, width, mo
     implicit zero of the dense view won), i.e. the derivative of the max at that point.
     """
     if mode != 2:
-        return torch.ops.pme.bag_forward(t, offsets, indices, bag_offsets, psw, col_of_size, width, mode, pad)[0]
+        return torch.ops.pme.bag_forward(t, offsets, indices, bag_offsets, psw, col_of_size, width, mode, pad,
+                                         table_checked=True)[0]
     B = bag_offsets.numel() - 1
     if indices.numel() == 0 or B == 0:
         return t.new_zeros(B, width)
@@ -345,7 +350,10 @@ class _BagLookup(torch.autograd.Function):
 
     @staticmethod
     def forward(weight, offsets, indices, bag_offsets, psw, col_of_size, width, mode, pad):
-        return torch.ops.pme.bag_forward(weight, offsets, indices, bag_offsets, psw, col_of_size, width, mode, pad)
+        return _table_call(lambda checked: torch.ops.pme.bag_forward(weight, offsets, indices, bag_offsets, psw,
+                                                                     col_of_size, width, mode, pad,
+                                                                     table_checked=checked),
+                           weight, offsets, col_of_size, width)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -360,7 +368,8 @@ class _BagLookup(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_argmax):
         weight, offsets, indices, bag_offsets, psw, col_of_size, argmax = ctx.saved_tensors
         gw, gp = torch.ops.pme.bag_backward(grad_out.contiguous(), weight, offsets, indices, bag_offsets, psw,
-                                            col_of_size, argmax, ctx.mode, ctx.pad, ctx.psw_grad)
+                                            col_of_size, argmax, ctx.mode, ctx.pad, ctx.psw_grad,
+                                            table_checked=True)
         return gw, None, None, None, (gp if ctx.psw_grad else None), None, None, None, None
 
     @staticmethod
@@ -372,7 +381,7 @@ class _BagLookup(torch.autograd.Function):
                                    ctx.mode, ctx.pad, argmax)
         if psw_t is not None:
             extra = torch.ops.pme.bag_forward(weight, offsets, indices, bag_offsets, psw_t.contiguous(), col_of_size,
-                                              ctx.width, 0, ctx.pad)[0]
+                                              ctx.width, 0, ctx.pad, table_checked=True)[0]
             out_t = extra if out_t is None else out_t + extra
         return out_t, None
 
@@ -393,6 +402,51 @@ def check_table(weight: torch.Tensor, offsets: torch.Tensor, col_of_size: torch.
         raise ValueError(f"offsets is on {offsets.device} but weight is on {weight.device}")
     if col_of_size is not None and (col_of_size.device != weight.device or col_of_size.dtype != torch.int64):
         raise ValueError("col_of_size must be int64 on the device of weight")
+
+
+# --------------------------------------------------------------------------------------------
+# The whole-table check, once per version of a table
+# --------------------------------------------------------------------------------------------
+# Every operator that reads a table checks all of its offsets (O(V): start 0, non-decreasing,
+# end at the buffer's length, every size fits) unless it is called with table_checked=True.
+# The wrappers here remember, per offsets tensor, the state in which a call passed that check
+# (the tensor itself by weak reference, its version counter, its storage, the buffer's length,
+# col_of_size's identity and version, the width) and pass table_checked=True while none of it
+# has changed, so a lookup of an unchanged table costs O(batch), not O(V). Any in-place write
+# bumps the version and brings the check back. Writes that bypass the version counter (through
+# ``.data`` or a numpy view) are not seen; the per-lookup bound checks that every call runs
+# still stand then: wrong values are possible, an access out of bounds is not.
+_TABLES_PASSED: dict = {}
+
+
+def _table_state(weight, offsets, col_of_size):
+    """What a passed check depends on, or None where no memo applies (tracing, inference tensors)."""
+    if torch.compiler.is_compiling():
+        return None
+    try:
+        cos = None if col_of_size is None else (id(col_of_size), col_of_size._version, col_of_size.data_ptr())
+        return offsets._version, offsets.data_ptr(), offsets.numel(), weight.numel(), cos
+    except (RuntimeError, NotImplementedError):  # inference, fake or meta tensors: no version or storage
+        return None
+
+
+def _table_call(fn, weight, offsets, col_of_size, width):
+    """``fn(table_checked)``, with ``table_checked`` True when this table passed the whole-table
+    check before (at this width or a smaller one) and has not changed since; a call that then
+    returns normally records that the table passed."""
+    state = _table_state(weight, offsets, col_of_size)
+    if state is None:
+        return fn(False)
+    key = id(offsets)
+    seen = _TABLES_PASSED.get(key)
+    checked = (seen is not None and seen[0]() is offsets and seen[1] == state and int(width) >= seen[2]
+               and (col_of_size is None or seen[3]() is col_of_size))
+    out = fn(checked)
+    if not checked:
+        cos_ref = (lambda: None) if col_of_size is None else weakref.ref(col_of_size)
+        _TABLES_PASSED[key] = (weakref.ref(offsets, lambda _r, k=key: _TABLES_PASSED.pop(k, None)), state,
+                               int(width), cos_ref)
+    return out
 
 
 def normalize_padding_idx(padding_idx, num_embeddings: int) -> int:
@@ -564,8 +618,10 @@ def embedding_bag(weight, offsets, input, input_offsets=None, *, width, col_of_s
     if _compiled(weight):
         if _forward_ad_active():
             return _BagLookup.apply(weight, offsets, indices, bag_offsets, psw, col_of_size, int(width), m, pad)[0]
-        out, _ = _torch_error_types(torch.ops.pme.bag_forward, weight, offsets, indices, bag_offsets, psw,
-                                    col_of_size, int(width), m, pad)
+        out, _ = _table_call(lambda checked: _torch_error_types(torch.ops.pme.bag_forward, weight, offsets, indices,
+                                                                bag_offsets, psw, col_of_size, int(width), m, pad,
+                                                                table_checked=checked),
+                             weight, offsets, col_of_size, width)
         return out
     _check_reference_lookup(indices, bag_offsets, offsets, weight, col_of_size, width)
     return reference.embedding_bag(weight, offsets, indices, bag_offsets, width, col_of_size, mode, psw,
@@ -608,8 +664,10 @@ def embedding(weight, offsets, input, *, width, col_of_size=None, padding_idx=No
         if _forward_ad_active():
             out = _torch_error_types(_EmbeddingLookup.apply, weight, offsets, flat, col_of_size, int(width), pad)
         else:
-            out = _torch_error_types(torch.ops.pme.embedding_forward, weight, offsets, flat, col_of_size, int(width),
-                                     pad)
+            out = _table_call(lambda checked: _torch_error_types(torch.ops.pme.embedding_forward, weight, offsets,
+                                                                 flat, col_of_size, int(width), pad,
+                                                                 table_checked=checked),
+                              weight, offsets, col_of_size, width)
         return out.reshape(*input.shape, width)
     bo = torch.arange(flat.numel() + 1, dtype=flat.dtype, device=flat.device)
     _check_reference_lookup(flat, bo, offsets, weight, col_of_size, width)
@@ -695,14 +753,18 @@ class _SparseGradLookup(torch.autograd.Function):
         if bag_offsets is None:
             bag_offsets = torch.arange(indices.numel() + 1, dtype=indices.dtype, device=indices.device)
             if _compiled(weight):
-                out = _torch_error_types(torch.ops.pme.embedding_forward, weight, offsets, indices, col_of_size,
-                                         width, bwd_pad)
+                out = _table_call(lambda checked: _torch_error_types(torch.ops.pme.embedding_forward, weight,
+                                                                     offsets, indices, col_of_size, width, bwd_pad,
+                                                                     table_checked=checked),
+                                  weight, offsets, col_of_size, width)
             else:
                 _check_reference_lookup(indices, bag_offsets, offsets, weight, col_of_size, width)
                 out = reference.embedding(weight, offsets, indices, width, col_of_size)
         elif _compiled(weight):
-            out, argmax = _torch_error_types(torch.ops.pme.bag_forward, weight, offsets, indices, bag_offsets, psw,
-                                             col_of_size, width, mode, fwd_pad)
+            out, argmax = _table_call(lambda checked: _torch_error_types(torch.ops.pme.bag_forward, weight, offsets,
+                                                                         indices, bag_offsets, psw, col_of_size,
+                                                                         width, mode, fwd_pad, table_checked=checked),
+                                      weight, offsets, col_of_size, width)
         else:
             _check_reference_lookup(indices, bag_offsets, offsets, weight, col_of_size, width)
             out = reference.embedding_bag(weight, offsets, indices, bag_offsets, width, col_of_size,
@@ -720,7 +782,8 @@ class _SparseGradLookup(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             if _compiled(weight):
                 ent, val = torch.ops.pme.bag_backward_sparse(go, weight, offsets, indices, bag_offsets, psw,
-                                                             col_of_size, am, ctx.mode, ctx.bwd_pad, ctx.scale)
+                                                             col_of_size, am, ctx.mode, ctx.bwd_pad, ctx.scale,
+                                                             table_checked=True)
             else:
                 ent, val = reference.bag_backward_sparse(go, weight, offsets, indices, bag_offsets, ctx.width,
                                                          col_of_size, _MODE_NAMES[ctx.mode], psw,
@@ -734,7 +797,7 @@ class _SparseGradLookup(torch.autograd.Function):
         if psw is not None and ctx.needs_input_grad[1]:
             if _compiled(weight):
                 _, gp = torch.ops.pme.bag_backward(go, weight, offsets, indices, bag_offsets, psw, col_of_size, am,
-                                                   ctx.mode, ctx.bwd_pad, True)
+                                                   ctx.mode, ctx.bwd_pad, True, table_checked=True)
             else:
                 with torch.enable_grad():
                     p = psw.detach().requires_grad_(True)
@@ -890,8 +953,9 @@ class _ConsumedLookup(torch.autograd.Function):
         weight, offsets, col = module.weight, module.offsets, module.col_of_size
         argmax = None
         if _compiled(weight):
-            out, argmax = torch.ops.pme.bag_forward(weight, offsets, indices, bag_offsets, psw, col, module.width,
-                                                    MODES[mode], fwd_pad)
+            out, argmax = _table_call(lambda checked: torch.ops.pme.bag_forward(
+                weight, offsets, indices, bag_offsets, psw, col, module.width, MODES[mode], fwd_pad,
+                table_checked=checked), weight, offsets, col, module.width)
         else:
             out = embedding_bag(weight, offsets, indices, bag_offsets, width=module.width, col_of_size=col, mode=mode,
                                 per_sample_weights=psw, padding_idx=None if fwd_pad < 0 else fwd_pad,
@@ -937,7 +1001,9 @@ class _EmbeddingLookup(torch.autograd.Function):
 
     @staticmethod
     def forward(weight, offsets, indices, col_of_size, width, pad):
-        return torch.ops.pme.embedding_forward(weight, offsets, indices, col_of_size, width, pad)
+        return _table_call(lambda checked: torch.ops.pme.embedding_forward(weight, offsets, indices, col_of_size,
+                                                                           width, pad, table_checked=checked),
+                           weight, offsets, col_of_size, width)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -949,7 +1015,8 @@ class _EmbeddingLookup(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         weight, offsets, indices, col_of_size = ctx.saved_tensors
-        gw = torch.ops.pme.embedding_backward(grad_out.contiguous(), weight, offsets, indices, col_of_size, ctx.pad)
+        gw = torch.ops.pme.embedding_backward(grad_out.contiguous(), weight, offsets, indices, col_of_size, ctx.pad,
+                                              table_checked=True)
         return gw, None, None, None, None, None
 
     @staticmethod
@@ -957,7 +1024,8 @@ class _EmbeddingLookup(torch.autograd.Function):
         offsets, indices, col_of_size = ctx.saved_tensors
         if w_t is None:
             return None
-        return torch.ops.pme.embedding_forward(w_t.contiguous(), offsets, indices, col_of_size, ctx.width, ctx.pad)
+        return torch.ops.pme.embedding_forward(w_t.contiguous(), offsets, indices, col_of_size, ctx.width, ctx.pad,
+                                               table_checked=True)
 
 
 def _check_reference_lookup(indices, bag_offsets, offsets, weight, col_of_size, width):
@@ -1049,10 +1117,10 @@ def sparse_update_(weight, state1, state2, grad_out, offsets, indices, bag_offse
     pad = normalize_padding_idx(padding_idx, offsets.numel() - 1)
     if _compiled(weight):
         am = argmax if argmax is not None else offsets.new_empty(0, 0)
-        torch.ops.pme.sparse_update_(weight, state1, state2, grad_out, offsets, indices, bag_offsets,
-                                     per_sample_weights, col_of_size, am, MODES[mode], pad, OPTIMIZERS[optimizer],
-                                     float(lr), float(weight_decay), float(eps), float(beta1), float(beta2),
-                                     int(step))
+        _table_call(lambda checked: torch.ops.pme.sparse_update_(
+            weight, state1, state2, grad_out, offsets, indices, bag_offsets, per_sample_weights, col_of_size, am,
+            MODES[mode], pad, OPTIMIZERS[optimizer], float(lr), float(weight_decay), float(eps), float(beta1),
+            float(beta2), int(step), table_checked=checked), weight, offsets, col_of_size, grad_out.shape[-1])
         return
     check_table(weight, offsets, col_of_size)
     _check_reference_lookup(indices, bag_offsets, offsets, weight, col_of_size, grad_out.shape[1])
@@ -1069,8 +1137,9 @@ def accumulate_scores_(scores, grad_out, weight, offsets, indices, bag_offsets, 
     pad = normalize_padding_idx(padding_idx, offsets.numel() - 1)
     if _compiled(weight):
         am = argmax if argmax is not None else offsets.new_empty(0, 0)
-        torch.ops.pme.accumulate_scores_(scores, grad_out, weight, offsets, indices, bag_offsets, per_sample_weights,
-                                         col_of_size, am, MODES[mode], pad, SCORE_RULES[rule])
+        _table_call(lambda checked: torch.ops.pme.accumulate_scores_(
+            scores, grad_out, weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, am, MODES[mode],
+            pad, SCORE_RULES[rule], table_checked=checked), weight, offsets, col_of_size, grad_out.shape[-1])
         return
     check_table(weight, offsets, col_of_size)
     _check_reference_lookup(indices, bag_offsets, offsets, weight, col_of_size, grad_out.shape[1])

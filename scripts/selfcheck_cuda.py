@@ -149,6 +149,89 @@ def check_lookups(quick):
     print(f"lookups, backward, updates, scores: {n} random configurations match the CPU kernels")
 
 
+def check_collection(quick):
+    """The collection operators (one call for all tables) against their CPU kernels: forward,
+    weight and per_sample_weights gradients, fused SGD / row-wise Adagrad / Adam steps; the
+    backward and the steps repeatable bitwise; the whole-table check with and without the memo."""
+    from pme.collection import EmbeddingBagConfig, MultiSizeEmbeddingBagCollection
+
+    rng = random.Random(1)
+    n = 0
+    for trial in range(4 if quick else 12):
+        dtype = rng.choice([torch.float32, torch.float64, torch.float16, torch.bfloat16])
+        weighted = rng.random() < 0.4
+        T = rng.choice([1, 3, 6])
+        tables, sizes = [], {}
+        for t in range(T):
+            V, D = rng.choice([1, 9, 300, 4000]), rng.choice([4, 16, 64, 130])
+            pool = "sum" if weighted else rng.choice(["sum", "mean"])
+            feats = [f"f{t}"] + ([f"g{t}"] if rng.random() < 0.3 else [])
+            tables.append(EmbeddingBagConfig(V, D, f"t{t}", feats, pool))
+            sizes[f"t{t}"] = torch.randint(0, D + 1, (V,))
+        m = MultiSizeEmbeddingBagCollection(tables, sizes, is_weighted=weighted, dtype=dtype)
+        B, hot = rng.choice([1, 7, 513]), rng.choice([1, 1, 4, 30])
+        itype = rng.choice([torch.int32, torch.int64])
+        inp = {}
+        for t in tables:
+            for f in t.feature_names:
+                lens = torch.randint(0, hot + 1, (B,))
+                o = torch.zeros(B + 1, dtype=itype)
+                o[1:] = lens.cumsum(0)
+                v = torch.randint(0, t.num_embeddings, (int(lens.sum()),), dtype=itype)
+                inp[f] = (v, o) + ((torch.randn(v.numel(), dtype=torch.float64).to(dtype),) if weighted else ())
+        on = lambda d: {k: tuple(x.to(d) for x in item) for k, item in inp.items()}  # noqa: E731
+        g = m.to(DEV)
+        keys, idx, bo, psw, Bn = g._normal_form(on(DEV))
+        fe = g._features(keys)
+        args = (g.offsets, g.table_rows, fe, idx, bo, psw, Bn)
+        cargs = tuple(x.cpu() if torch.is_tensor(x) else x for x in args)
+        out = ops.collection_forward(g.weight, *args, g.out_width)
+        ref = ops.collection_forward(g.weight.cpu(), *cargs, g.out_width)
+        close(out, ref, dtype, f"collection_forward trial {trial} {dtype}")
+        out2 = ops.collection_forward(g.weight, *args, g.out_width, table_checked=True)
+        assert torch.equal(out, out2), f"collection_forward with table_checked differs (trial {trial})"
+        go = torch.randn(out.shape, dtype=torch.float64).to(dtype).to(DEV)
+        gw, gp = ops.collection_backward(go, g.weight, *args, weighted)
+        gw2, gp2 = ops.collection_backward(go, g.weight, *args, weighted)
+        assert torch.equal(gw, gw2) and torch.equal(gp, gp2), f"collection_backward not deterministic ({trial})"
+        rgw, rgp = ops.collection_backward(go.cpu(), g.weight.cpu(), *cargs, weighted)
+        close(gw, rgw, dtype, f"collection_backward trial {trial}")
+        close(gp, rgp, dtype, f"collection grad_psw trial {trial}")
+        sd = torch.float64 if dtype == torch.float64 else torch.float32
+        V, total = g.offsets.numel() - 1, g.weight.numel()
+        for opt in (0, 1, 2):
+            s1 = torch.rand(V if opt == 1 else total, dtype=sd) if opt else torch.zeros(0, dtype=sd)
+            s2 = torch.rand(total, dtype=sd) if opt == 2 else torch.zeros(0, dtype=sd)
+            hyper = (opt, 0.05, 0.01, 1e-8, 0.9, 0.999, 3)
+            runs = []
+            for _ in range(2):
+                t_ = [g.weight.detach().clone(), s1.clone().to(DEV), s2.clone().to(DEV)]
+                ops.collection_update_(*t_, go, *args, *hyper)
+                runs.append(t_)
+            for a, b in zip(*runs):
+                assert torch.equal(a, b), f"collection_update_ opt {opt} not deterministic (trial {trial})"
+            r_ = [g.weight.detach().cpu().clone(), s1.clone(), s2.clone()]
+            ops.collection_update_(*r_, go.cpu(), *cargs, *hyper)
+            for a, b in zip(runs[0], r_):
+                close(a, b, dtype, f"collection_update_ opt {opt} trial {trial} {dtype}")
+        n += 1
+    # The whole table is scanned (rows no lookup touches included) unless table_checked.
+    tables = [EmbeddingBagConfig(6, 8, "a", ["fa"])]
+    m = MultiSizeEmbeddingBagCollection(tables, {"a": torch.tensor([8, 2, 4, 0, 8, 1])}).to(DEV)
+    off = m.offsets.clone()
+    off[4] = off[3] - 1
+    fe = m._features(["fa"])
+    idx, bo = torch.tensor([0, 1], device=DEV), torch.tensor([0, 1, 2], device=DEV)
+    try:
+        ops.collection_forward(m.weight, off, m.table_rows, fe, idx, bo, None, 2, m.out_width)
+        raise AssertionError("a decreasing offset table was not refused by the CUDA collection")
+    except RuntimeError as e:
+        assert "non-decreasing" in str(e), str(e)
+    ops.collection_forward(m.weight, off, m.table_rows, fe, idx, bo, None, 2, m.out_width, table_checked=True)
+    torch.cuda.synchronize()
+    print(f"collection: {n} random collections match the CPU kernels (forward, gradients, 3 fused steps)")
+
+
 def check_prune():
     g = torch.Generator().manual_seed(1)
     for V, D in [(1, 1), (7, 33), (1000, 128), (300, 1024), (20000, 16)]:
@@ -432,6 +515,7 @@ if __name__ == "__main__":
     check_errors()
     check_edges()
     check_lookups(a.quick)
+    check_collection(a.quick)
     check_hot_rows(a.quick)
     check_prune()
     check_graph()

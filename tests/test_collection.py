@@ -87,10 +87,11 @@ def stored_mask(m, name):
                          [("sum", False, torch.int64), ("mean", False, torch.int32), ("sum", True, torch.int32),
                           ("mixed", False, torch.int64), ("sum", True, torch.int64)])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_forward_and_gradients_equal_dense_view(pooling, weighted, index_dtype, seed):
+@pytest.mark.parametrize("max_len", [5, 1], ids=["multi-hot", "one-hot"])  # one-hot: the kernel's copy path
+def test_forward_and_gradients_equal_dense_view(pooling, weighted, index_dtype, seed, max_len):
     m, tables, sizes = make_collection(seed, pooling, weighted)
-    B = 6
-    inp = make_input(m, B, seed, index_dtype, weighted, key_order=["f4", "f3", "f2", "f1", "f0"])
+    B = 6 if max_len > 1 else 70  # one-hot: more than one 64-bag run per block
+    inp = make_input(m, B, seed, index_dtype, weighted, max_len=max_len, key_order=["f4", "f3", "f2", "f1", "f0"])
     if weighted:
         inp = {k: (v, o, w.clone().requires_grad_()) for k, (v, o, w) in inp.items()}
     out = m(inp)
@@ -122,10 +123,12 @@ def test_forward_and_gradients_equal_dense_view(pooling, weighted, index_dtype, 
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_forward_dtypes_match_per_table_modules(dtype):
-    """Each output block equals a per-table pme.MultiSizeEmbeddingBag on the same rows."""
+@pytest.mark.parametrize("max_len", [5, 1], ids=["multi-hot", "one-hot"])
+def test_forward_dtypes_match_per_table_modules(dtype, max_len):
+    """Each output block equals a per-table pme.MultiSizeEmbeddingBag on the same rows, bitwise
+    (the one-hot copy path rounds as the pooling kernels do)."""
     m, tables, sizes = make_collection(5, "mixed", dtype=dtype)
-    inp = make_input(m, 9, 5, torch.int64)
+    inp = make_input(m, 9 if max_len > 1 else 130, 5, torch.int64, max_len=max_len)
     out = m(inp).to_dict()
     names = iter(m.embedding_names())
     for t in tables:
@@ -583,3 +586,17 @@ def test_device_forward_backward_and_fused_step_equal_cpu(device, index_dtype):
         fd(on_dev).values().backward(go.to(device))
     torch.testing.assert_close(fd.weight.detach().cpu(), fc.weight.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fd.optim_state1.cpu(), fc.optim_state1, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_one_hot_bad_index_is_refused_with_its_position(weighted):
+    """A one-hot batch takes the kernel's copy path: a bad index there is reported, never read."""
+    m, _, _ = make_collection(8, "sum", weighted, dtype=torch.float32)
+    inp = make_input(m, 80, 8, weighted=weighted, max_len=1)
+    v, o = inp["f2"][0].clone(), inp["f2"][1]
+    j = int((o[1:] > o[:-1]).nonzero()[-1])  # the last non-empty bag
+    v[int(o[j])] = m._tables[1].num_embeddings  # one past table t1's rows
+    inp["f2"] = (v, o) + tuple(inp["f2"][2:])
+    pos = sum(inp[k][0].numel() for k in inp if k < "f2") + int(o[j])  # in the concatenated values
+    with pytest.raises(RuntimeError, match=rf"index out of range: indices\[{pos}\]"):
+        m(inp)

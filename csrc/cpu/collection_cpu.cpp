@@ -12,6 +12,7 @@
 #include "cpu/row_step.h"
 
 #include <atomic>
+#include <cstring>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -93,7 +94,7 @@ int64_t max_width(const int64_t* feat, int64_t F) {
 template <class I>
 View<I> make_view(const CollectionArgs& a, const Tensor& weight, const Tensor& offsets, const Tensor& table_rows,
                   const Tensor& features, const Tensor& indices, const Tensor& bag_offsets, int64_t out_width,
-                  bool weighted) {
+                  bool weighted, bool table_checked) {
   const View<I> v{offsets.const_data_ptr<int64_t>(),
                   a.num_rows,
                   weight.numel(),
@@ -109,7 +110,7 @@ View<I> make_view(const CollectionArgs& a, const Tensor& weight, const Tensor& o
   // The whole offset table (start 0, non-decreasing: no two rows share entries, end = total;
   // sizes within the widest table: each lookup is checked against its own table's width), then
   // the bag offsets (start 0, non-decreasing, inside the input).
-  validate_table(TableView{v.off, v.V, v.total, nullptr, 0, max_width(v.feat, v.F)});
+  validate_table(TableView{v.off, v.V, v.total, nullptr, 0, max_width(v.feat, v.F), table_checked});
   validate_bag_offsets(v.bo, a.num_keys * a.batch, a.num_lookups);
   return v;
 }
@@ -141,6 +142,53 @@ void validate_all(const View<I>& v) {
 // before its row is read; the caller throws.
 constexpr int64_t kRun = 64;
 
+// Bags [b0, b1) of block f when each holds at most one lookup (a one-hot feature): the pooled
+// row is the row itself (sum or mean of one; times its weight), so it is copied straight into
+// the output columns, zero-padded to the block's width: no pooling buffer, no second copy.
+// Rows are prefetched a few bags ahead (their offsets further ahead), as the pooling kernels do.
+// Per entry the result equals the pooling kernel's: one product, rounded once, in acc_t<T>.
+template <class T, class I>
+void copy_one_hot(const View<I>& v, const int64_t* f, const T* w, const T* psw, int64_t b0, int64_t b1, T* out,
+                  std::atomic<int64_t>& bad) {
+  using A = acc_t<T>;
+  constexpr int64_t kAheadOff = 16, kAheadRow = 8;
+  const int64_t W = f[kFWidth], col = f[kFCol], base = v.rows[f[kFTable]];
+  const uint64_t vt = static_cast<uint64_t>(v.rows[f[kFTable] + 1] - base);
+  const I* bo = v.bo + f[kFKey] * v.B;
+  auto row_of = [&](int64_t b) -> int64_t {  // table row of bag b's lookup, or -1 (empty bag, bad index)
+    if (b >= b1 || bo[b + 1] == bo[b]) return -1;
+    const uint64_t i = static_cast<uint64_t>(static_cast<int64_t>(v.idx[bo[b]]));
+    return i < vt ? base + static_cast<int64_t>(i) : -1;
+  };
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t ro = row_of(b + kAheadOff);
+    if (ro >= 0) __builtin_prefetch(v.off + ro);
+    const int64_t rr = row_of(b + kAheadRow);
+    if (rr >= 0) {  // integer arithmetic: these offsets are not checked yet (a prefetch never faults)
+      const uintptr_t w0 = reinterpret_cast<uintptr_t>(w);
+      __builtin_prefetch(reinterpret_cast<const void*>(w0 + static_cast<uintptr_t>(v.off[rr]) * sizeof(T)));
+      __builtin_prefetch(reinterpret_cast<const void*>(w0 + static_cast<uintptr_t>(v.off[rr + 1]) * sizeof(T) - 1));
+    }
+    T* o = out + b * v.out_width + col;
+    int64_t n = 0;
+    const int64_t s = static_cast<int64_t>(bo[b]);
+    if (static_cast<int64_t>(bo[b + 1]) > s) {
+      int64_t lo, size;
+      if (v.row(f, s, lo, size) < 0) {
+        note_bad(bad, s);  // never read; the caller throws
+      } else if (psw != nullptr) {
+        const A sc = static_cast<A>(psw[s]);
+        for (int64_t c = 0; c < size; ++c) o[c] = static_cast<T>(static_cast<A>(w[lo + c]) * sc);
+        n = size;
+      } else {
+        std::memcpy(o, w + lo, static_cast<size_t>(size) * sizeof(T));
+        n = size;
+      }
+    }
+    std::fill(o + n, o + W, T(0));
+  }
+}
+
 template <class T, class I>
 void forward_range(const View<I>& v, const T* w, const T* psw, int64_t p0, int64_t p1, T* out, T* tmp,
                    std::atomic<int64_t>& bad) {
@@ -149,6 +197,14 @@ void forward_range(const View<I>& v, const T* w, const T* psw, int64_t p0, int64
     const int64_t b1 = std::min<int64_t>({v.B, b0 + (p1 - p), b0 + kRun});
     const int64_t* f = v.block(k);
     const int64_t t = f[kFTable], W = f[kFWidth], base = v.rows[t];
+    const I* fbo = v.bo + f[kFKey] * v.B;
+    bool one_hot = true;
+    for (int64_t b = b0; b < b1 && one_hot; ++b) one_hot = fbo[b + 1] - fbo[b] <= 1;
+    if (one_hot) {
+      copy_one_hot<T, I>(v, f, w, psw, b0, b1, out, bad);
+      p += b1 - b0;
+      continue;
+    }
     // The table as the lookup kernel sees it: its own rows, offsets into the global buffer.
     const TableView tv{v.off + base, v.rows[t + 1] - base, v.total, nullptr, 0, W};
     pool_bags<T, I>(w, tv, v.idx, v.bo + f[kFKey] * v.B + b0, b1 - b0, psw, f[kFPooling], tmp, bad);
@@ -161,7 +217,7 @@ void forward_range(const View<I>& v, const T* w, const T* psw, int64_t p0, int64
 
 Tensor collection_forward(Tensor weight, Tensor offsets, Tensor table_rows, Tensor features, Tensor indices,
                           Tensor bag_offsets, std::optional<Tensor> per_sample_weights, int64_t batch_size,
-                          int64_t out_width) {
+                          int64_t out_width, bool table_checked) {
   const CollectionArgs a = check_collection_args(weight, offsets, table_rows, features, indices, bag_offsets,
                                                  per_sample_weights, batch_size);
   PME_CHECK(out_width >= 0, "out_width must be >= 0, got ", out_width);
@@ -169,7 +225,7 @@ Tensor collection_forward(Tensor weight, Tensor offsets, Tensor table_rows, Tens
   dispatch_index(indices.scalar_type(), "indices", [&](auto itag) {
     using I = decltype(itag);
     const View<I> v = make_view<I>(a, weight, offsets, table_rows, features, indices, bag_offsets, out_width,
-                                   per_sample_weights.has_value());
+                                   per_sample_weights.has_value(), table_checked);
     std::atomic<int64_t> bad{kNone};
     dispatch_weight(weight.scalar_type(), "weight", [&](auto wtag) {
       using T = decltype(wtag);
@@ -258,7 +314,7 @@ int64_t check_grad(const Tensor& grad_out, const Tensor& weight, const Collectio
 std::tuple<Tensor, Tensor> collection_backward(Tensor grad_out, Tensor weight, Tensor offsets, Tensor table_rows,
                                                Tensor features, Tensor indices, Tensor bag_offsets,
                                                std::optional<Tensor> per_sample_weights, int64_t batch_size,
-                                               bool psw_grad) {
+                                               bool psw_grad, bool table_checked) {
   const CollectionArgs a = check_collection_args(weight, offsets, table_rows, features, indices, bag_offsets,
                                                  per_sample_weights, batch_size);
   const int64_t W = check_grad(grad_out, weight, a);
@@ -269,7 +325,7 @@ std::tuple<Tensor, Tensor> collection_backward(Tensor grad_out, Tensor weight, T
   dispatch_index(indices.scalar_type(), "indices", [&](auto itag) {
     using I = decltype(itag);
     const View<I> v = make_view<I>(a, weight, offsets, table_rows, features, indices, bag_offsets, W,
-                                   per_sample_weights.has_value());
+                                   per_sample_weights.has_value(), table_checked);
     validate_all(v);
     const Virtual vl = virtual_lookups(v);
     dispatch_weight(weight.scalar_type(), "weight", [&](auto wtag) {
@@ -320,7 +376,8 @@ std::tuple<Tensor, Tensor> collection_backward(Tensor grad_out, Tensor weight, T
 void collection_update_(Tensor weight, Tensor state1, Tensor state2, Tensor grad_out, Tensor offsets,
                         Tensor table_rows, Tensor features, Tensor indices, Tensor bag_offsets,
                         std::optional<Tensor> per_sample_weights, int64_t batch_size, int64_t optimizer, double lr,
-                        double weight_decay, double eps, double beta1, double beta2, int64_t step) {
+                        double weight_decay, double eps, double beta1, double beta2, int64_t step,
+                        bool table_checked) {
   const CollectionArgs a = check_collection_args(weight, offsets, table_rows, features, indices, bag_offsets,
                                                  per_sample_weights, batch_size);
   check_update_args(weight, state1, state2, offsets, optimizer, lr, weight_decay, eps, beta1, beta2, step);
@@ -334,7 +391,7 @@ void collection_update_(Tensor weight, Tensor state1, Tensor state2, Tensor grad
   dispatch_index(indices.scalar_type(), "indices", [&](auto itag) {
     using I = decltype(itag);
     const View<I> v = make_view<I>(a, weight, offsets, table_rows, features, indices, bag_offsets, W,
-                                   per_sample_weights.has_value());
+                                   per_sample_weights.has_value(), table_checked);
     validate_all(v);
     const Virtual vl = virtual_lookups(v);
     dispatch_weight(weight.scalar_type(), "weight", [&](auto wtag) {

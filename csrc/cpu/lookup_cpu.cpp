@@ -690,21 +690,21 @@ void bag_forward_range(CpuKernel kernel, const T* w, const TableView& t, const I
 }
 
 TableView table_view(const Tensor& weight, const Tensor& offsets, const std::optional<Tensor>& col_of_size,
-                     int64_t width) {
+                     int64_t width, bool checked) {
   return {offsets.const_data_ptr<int64_t>(), offsets.numel() - 1, weight.numel(),
           col_of_size ? col_of_size->const_data_ptr<int64_t>() : nullptr, col_of_size ? col_of_size->numel() : 0,
-          width};
+          width, checked};
 }
 
 std::tuple<Tensor, Tensor> lookup_forward(const Tensor& weight, const Tensor& offsets, const Tensor& indices,
                                           const std::optional<Tensor>& bag_offsets,
                                           const std::optional<Tensor>& per_sample_weights,
                                           const std::optional<Tensor>& col_of_size, int64_t out_width,
-                                          int64_t mode, int64_t padding_idx) {
+                                          int64_t mode, int64_t padding_idx, bool table_checked) {
   const LookupArgs a = check_lookup_args(weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size,
                                          mode, padding_idx);
   PME_CHECK(out_width >= 0, "out_width must be >= 0, got ", out_width);
-  const TableView tv = table_view(weight, offsets, col_of_size, out_width);
+  const TableView tv = table_view(weight, offsets, col_of_size, out_width, table_checked);
 
   Tensor out = torch::stable::new_empty(weight, {a.num_bags, out_width});
   Tensor argmax = torch::stable::new_empty(offsets, {mode == kMax ? a.num_bags : 0, mode == kMax ? out_width : 0});
@@ -742,13 +742,14 @@ std::tuple<Tensor, Tensor> lookup_backward(const Tensor& grad_out, const Tensor&
                                            const Tensor& indices, const std::optional<Tensor>& bag_offsets,
                                            const std::optional<Tensor>& per_sample_weights,
                                            const std::optional<Tensor>& col_of_size, const Tensor& argmax,
-                                           int64_t mode, int64_t padding_idx, bool psw_grad) {
+                                           int64_t mode, int64_t padding_idx, bool psw_grad,
+                                           bool table_checked) {
   const LookupArgs a = check_lookup_args(weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size,
                                          mode, padding_idx);
   const int64_t W = check_grad_args(grad_out, weight, argmax, a, mode);
   const Tensor go = torch::stable::contiguous(grad_out);
   PME_CHECK(!psw_grad || per_sample_weights.has_value(), "psw_grad needs per_sample_weights");
-  const TableView tv = table_view(weight, offsets, col_of_size, W);
+  const TableView tv = table_view(weight, offsets, col_of_size, W, table_checked);
   const int64_t* off = tv.offsets;
   const int64_t* cos = tv.col_of_size;
 

@@ -21,6 +21,7 @@ struct TableView {
   const int64_t* col_of_size;  // [num_cols] or nullptr (padded layout)
   int64_t num_cols;
   int64_t width;  // output width W
+  bool checked = false;  // the caller vouches the whole-table check passed (table_checked)
 };
 
 // Whole-table check, O(V + D), run by every lookup-shaped operator before any row is read:
@@ -43,6 +44,7 @@ inline void validate_table(const TableView& t) {
               " is not a slot of the output width ", W, " for rows of size ", s,
               " (a column in [0, width - size], or -1 for a size that has no slot)");
   }
+  if (t.checked) return;  // this table passed the scan below before (table_checked)
   // Row r is fine if offsets[r] <= offsets[r + 1] and its size fits. Sizes are taken as
   // unsigned differences: no signed overflow whatever the values; the first bad row of an
   // increasing scan has offsets[r] >= 0, so its difference is exact.

@@ -14,14 +14,15 @@ namespace {
 std::tuple<Tensor, Tensor> bag_backward_sparse(Tensor grad_out, Tensor weight, Tensor offsets, Tensor indices,
                                                Tensor bag_offsets, std::optional<Tensor> per_sample_weights,
                                                std::optional<Tensor> col_of_size, Tensor argmax, int64_t mode,
-                                               int64_t padding_idx, bool scale_grad_by_freq) {
+                                               int64_t padding_idx, bool scale_grad_by_freq,
+                                               bool table_checked) {
   const LookupArgs a = check_lookup_args(weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size,
                                          mode, padding_idx);
   const int64_t W = check_grad_args(grad_out, weight, argmax, a, mode);
   const Tensor go = torch::stable::contiguous(grad_out);
   const TableView tv{offsets.const_data_ptr<int64_t>(), a.num_rows, weight.numel(),
                      col_of_size ? col_of_size->const_data_ptr<int64_t>() : nullptr,
-                     col_of_size ? col_of_size->numel() : 0, W};
+                     col_of_size ? col_of_size->numel() : 0, W, table_checked};
   const int64_t* off = tv.offsets;
   Tensor entries, values;
   dispatch_index(indices.scalar_type(), "indices", [&](auto itag) {

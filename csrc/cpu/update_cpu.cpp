@@ -15,14 +15,14 @@ template <class F>
 void for_each_row_gradient(const Tensor& grad_out, const Tensor& weight, const Tensor& offsets,
                            const Tensor& indices, const Tensor& bag_offsets,
                            const std::optional<Tensor>& per_sample_weights, const std::optional<Tensor>& col_of_size,
-                           const Tensor& argmax, int64_t mode, int64_t padding_idx, F&& f) {
+                           const Tensor& argmax, int64_t mode, int64_t padding_idx, bool table_checked, F&& f) {
   const LookupArgs a = check_lookup_args(weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size,
                                          mode, padding_idx);
   const int64_t W = check_grad_args(grad_out, weight, argmax, a, mode);
   const Tensor go = torch::stable::contiguous(grad_out);
   const TableView tv{offsets.const_data_ptr<int64_t>(), a.num_rows, weight.numel(),
                      col_of_size ? col_of_size->const_data_ptr<int64_t>() : nullptr,
-                     col_of_size ? col_of_size->numel() : 0, W};
+                     col_of_size ? col_of_size->numel() : 0, W, table_checked};
   dispatch_index(indices.scalar_type(), "indices", [&](auto itag) {
     using I = decltype(itag);
     const I* idx = indices.const_data_ptr<I>();
@@ -56,7 +56,8 @@ void for_each_row_gradient(const Tensor& grad_out, const Tensor& weight, const T
 void sparse_update_(Tensor weight, Tensor state1, Tensor state2, Tensor grad_out, Tensor offsets, Tensor indices,
                     Tensor bag_offsets, std::optional<Tensor> per_sample_weights, std::optional<Tensor> col_of_size,
                     Tensor argmax, int64_t mode, int64_t padding_idx, int64_t optimizer, double lr,
-                    double weight_decay, double eps, double beta1, double beta2, int64_t step) {
+                    double weight_decay, double eps, double beta1, double beta2, int64_t step,
+                    bool table_checked) {
   check_update_args(weight, state1, state2, offsets, optimizer, lr, weight_decay, eps, beta1, beta2, step);
   check_in_place({{&weight, "weight"}, {&state1, "state1"}, {&state2, "state2"}},
                  {{&grad_out, "grad_out"}, {&offsets, "offsets"}, {&indices, "indices"}, {&bag_offsets, "bag_offsets"},
@@ -68,7 +69,7 @@ void sparse_update_(Tensor weight, Tensor state1, Tensor state2, Tensor grad_out
   void* s2 = state2.numel() ? state2.mutable_data_ptr() : nullptr;
   void* w = weight.mutable_data_ptr();
   for_each_row_gradient(grad_out, weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, argmax,
-                        mode, padding_idx, [&](auto tag, int64_t r, auto* g) {
+                        mode, padding_idx, table_checked, [&](auto tag, int64_t r, auto* g) {
                           using T = decltype(tag);
                           using A = acc_t<T>;
                           A* rs = optimizer == kRowwiseAdagrad ? static_cast<A*>(s1) + r : nullptr;
@@ -81,7 +82,7 @@ void sparse_update_(Tensor weight, Tensor state1, Tensor state2, Tensor grad_out
 void accumulate_scores_(Tensor scores, Tensor grad_out, Tensor weight, Tensor offsets, Tensor indices,
                         Tensor bag_offsets, std::optional<Tensor> per_sample_weights,
                         std::optional<Tensor> col_of_size, Tensor argmax, int64_t mode, int64_t padding_idx,
-                        int64_t rule) {
+                        int64_t rule, bool table_checked) {
   check_score_args(scores, weight, rule);
   check_in_place({{&scores, "scores"}},
                  {{&grad_out, "grad_out"}, {&weight, "weight"}, {&offsets, "offsets"}, {&indices, "indices"},
@@ -92,7 +93,7 @@ void accumulate_scores_(Tensor scores, Tensor grad_out, Tensor weight, Tensor of
   void* sc = scores.mutable_data_ptr();
   const void* w = weight.const_data_ptr();
   for_each_row_gradient(grad_out, weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, argmax,
-                        mode, padding_idx, [&](auto tag, int64_t r, auto* g) {
+                        mode, padding_idx, table_checked, [&](auto tag, int64_t r, auto* g) {
                           using T = decltype(tag);
                           using A = acc_t<T>;
                           A* s = static_cast<A*>(sc) + off[r];

@@ -76,6 +76,7 @@ enum CollErr {
   kCTableRowsEnd,  // table_rows[T] != V
   kCFeature,  // first bad block row
   kCOffsets,  // 0: offsets[0] != 0, 1: offsets[V] != total
+  kCRow,  // first row r whose offsets decrease or whose size exceeds the widest block (whole table)
   kCBag0,  // bag_offsets[0] != 0
   kCBagPast,  // first bag offset > N
   kCBagOrder,  // first decreasing bag offset
@@ -84,7 +85,7 @@ enum CollErr {
 };
 
 template <class I>
-__global__ void coll_validate_meta_kernel(Coll<I> c, unsigned long long* err) {
+__global__ void coll_validate_meta_kernel(Coll<I> c, int64_t wmax, unsigned long long* err) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (tid == 0) {
@@ -93,6 +94,13 @@ __global__ void coll_validate_meta_kernel(Coll<I> c, unsigned long long* err) {
     if (c.off[0] != 0) atomicMin(&err[kCOffsets], 0ull);
     else if (c.off[c.V] != c.total) atomicMin(&err[kCOffsets], 1ull);
     if (c.bo[0] != 0) atomicMin(&err[kCBag0], 0ull);
+  }
+  // wmax < 0: the table passed this scan before (table_checked).
+  for (int64_t r = tid; wmax >= 0 && r < c.V; r += stride) {
+    const int64_t lo = c.off[r], hi = c.off[r + 1];
+    if (hi < lo || static_cast<uint64_t>(hi) - static_cast<uint64_t>(lo) > static_cast<uint64_t>(wmax)) {
+      atomicMin(&err[kCRow], static_cast<unsigned long long>(r));
+    }
   }
   for (int64_t t = tid; t < c.T; t += stride) {
     if (c.rows[t + 1] < c.rows[t]) atomicMin(&err[kCTableRowsOrder], static_cast<unsigned long long>(t));
@@ -128,13 +136,22 @@ __global__ void coll_validate_lookups_kernel(Coll<I> c, unsigned long long* err)
 // Checks everything the CPU backend checks and throws its messages (host synchronisation);
 // skipped when PME_CUDA_VALIDATE=0 or while capturing a CUDA graph.
 template <class I>
-void coll_validate(const Ctx& ctx, const Tensor& like, const Coll<I>& c, bool weighted) {
+void coll_validate(const Ctx& ctx, const Tensor& like, const Coll<I>& c, bool weighted, bool table_checked) {
   if (!validation_enabled() || ctx.capturing()) return;
+  // The widest block bounds every row's size (as the CPU's validate_table): read the (small)
+  // block table once, unless the whole-table scan is skipped.
+  int64_t wmax = -1;
+  if (!table_checked) {
+    std::vector<int64_t> f(static_cast<size_t>(c.F * kFFields));
+    if (c.F) read_device(ctx, f.data(), c.feat, c.F * kFFields);
+    wmax = 1;
+    for (int64_t k = 0; k < c.F; ++k) wmax = std::max(wmax, f[k * kFFields + kFWidth]);
+  }
   Tensor err_t = torch::stable::new_empty(like, {kCNumErr}, ScalarType::Long);
   auto* err = static_cast<unsigned long long*>(err_t.mutable_data_ptr());
   PME_CUDA_CHECK(cudaMemsetAsync(err, 0xff, kCNumErr * sizeof(unsigned long long), ctx.stream));
-  const int64_t work = std::max<int64_t>({c.T, c.F, c.G * c.B + 1, int64_t{1}});
-  coll_validate_meta_kernel<I><<<ctx.grid(work, 256), 256, 0, ctx.stream>>>(c, err);
+  const int64_t work = std::max<int64_t>({c.T, c.F, c.G * c.B + 1, wmax >= 0 ? c.V : 0, int64_t{1}});
+  coll_validate_meta_kernel<I><<<ctx.grid(work, 256), 256, 0, ctx.stream>>>(c, wmax, err);
   PME_CUDA_LAUNCH_CHECK();
   unsigned long long h[kCNumErr];
   read_device(ctx, h, err, kCNumErr);
@@ -177,6 +194,13 @@ void coll_validate(const Ctx& ctx, const Tensor& like, const Coll<I>& c, bool we
   if (h[kCOffsets] != kFine) {
     PME_CHECK(h[kCOffsets] != 0, "offsets[0] must be 0, got ", read1(c.off));
     PME_CHECK(false, "offsets[-1] = ", read1(c.off + c.V), " must equal the number of stored entries ", c.total);
+  }
+  if (h[kCRow] != kFine) {
+    const int64_t r = static_cast<int64_t>(h[kCRow]);
+    const int64_t lo = read1(c.off + r), hi = read1(c.off + r + 1);
+    PME_CHECK(hi >= lo, "offsets must be non-decreasing: offsets[", r + 1, "] = ", hi, " < offsets[", r, "] = ", lo);
+    PME_CHECK(false, "row ", r, " has size ", hi - lo, " (offsets[", r, "] = ", lo, " to offsets[", r + 1, "] = ", hi,
+              "): it does not fit in the output width ", wmax);
   }
   auto read_bo = [&](int64_t b) {
     I v = 0;
@@ -290,7 +314,7 @@ Coll<I> make_coll(const CollectionArgs& a, const Tensor& weight, const Tensor& o
 
 Tensor collection_forward(Tensor weight, Tensor offsets, Tensor table_rows, Tensor features, Tensor indices,
                           Tensor bag_offsets, std::optional<Tensor> per_sample_weights, int64_t batch_size,
-                          int64_t out_width) {
+                          int64_t out_width, bool table_checked) {
   const CollectionArgs a = check_collection_args(weight, offsets, table_rows, features, indices, bag_offsets,
                                                  per_sample_weights, batch_size);
   PME_CHECK(out_width >= 0, "out_width must be >= 0, got ", out_width);
@@ -299,7 +323,7 @@ Tensor collection_forward(Tensor weight, Tensor offsets, Tensor table_rows, Tens
   dispatch_index(indices.scalar_type(), "indices", [&](auto itag) {
     using I = decltype(itag);
     const Coll<I> c = make_coll<I>(a, weight, offsets, table_rows, features, indices, bag_offsets, out_width);
-    coll_validate(ctx, offsets, c, per_sample_weights.has_value());
+    coll_validate(ctx, offsets, c, per_sample_weights.has_value(), table_checked);
     if (a.num_blocks * a.batch == 0) return;
     dispatch_weight(weight.scalar_type(), "weight", [&](auto wtag) {
       using T = decltype(wtag);
@@ -442,7 +466,7 @@ template <class MakeOp, class After>
 void for_each_collection_row(const Tensor& grad_out, const Tensor& weight, const Tensor& offsets,
                              const Tensor& table_rows, const Tensor& features, const Tensor& indices,
                              const Tensor& bag_offsets, const std::optional<Tensor>& psw, int64_t batch_size,
-                             MakeOp&& make_op, After&& after) {
+                             bool table_checked, MakeOp&& make_op, After&& after) {
   const CollectionArgs a = check_collection_args(weight, offsets, table_rows, features, indices, bag_offsets, psw,
                                                  batch_size);
   PME_CHECK(grad_out.dim() == 2 && grad_out.sizes()[0] == a.batch, "grad_out must be [", a.batch, ", out_width]");
@@ -454,7 +478,7 @@ void for_each_collection_row(const Tensor& grad_out, const Tensor& weight, const
   dispatch_index(indices.scalar_type(), "indices", [&](auto itag) {
     using I = decltype(itag);
     const Coll<I> c = make_coll<I>(a, weight, offsets, table_rows, features, indices, bag_offsets, Wg);
-    coll_validate(ctx, offsets, c, psw.has_value());
+    coll_validate(ctx, offsets, c, psw.has_value(), table_checked);
     const int64_t F = a.num_blocks, B = a.batch;
     if (F * B == 0) return;
     const int64_t Wmax = max_width_host(ctx, features, F);
@@ -505,13 +529,13 @@ void for_each_collection_row(const Tensor& grad_out, const Tensor& weight, const
 std::tuple<Tensor, Tensor> collection_backward(Tensor grad_out, Tensor weight, Tensor offsets, Tensor table_rows,
                                                Tensor features, Tensor indices, Tensor bag_offsets,
                                                std::optional<Tensor> per_sample_weights, int64_t batch_size,
-                                               bool psw_grad) {
+                                               bool psw_grad, bool table_checked) {
   PME_CHECK(!psw_grad || per_sample_weights.has_value(), "psw_grad needs per_sample_weights");
   Tensor grad_w = torch::stable::new_zeros(weight, {weight.numel()});
   Tensor grad_psw = torch::stable::new_zeros(weight, {psw_grad ? indices.numel() : 0});
   void* gw = grad_w.mutable_data_ptr();
   for_each_collection_row(
-      grad_out, weight, offsets, table_rows, features, indices, bag_offsets, per_sample_weights, batch_size,
+      grad_out, weight, offsets, table_rows, features, indices, bag_offsets, per_sample_weights, batch_size, table_checked,
       [&](auto tag) {
         using T = decltype(tag);
         GradWriteOp<T> op{};
@@ -543,7 +567,8 @@ std::tuple<Tensor, Tensor> collection_backward(Tensor grad_out, Tensor weight, T
 void collection_update_(Tensor weight, Tensor state1, Tensor state2, Tensor grad_out, Tensor offsets,
                         Tensor table_rows, Tensor features, Tensor indices, Tensor bag_offsets,
                         std::optional<Tensor> per_sample_weights, int64_t batch_size, int64_t optimizer, double lr,
-                        double weight_decay, double eps, double beta1, double beta2, int64_t step) {
+                        double weight_decay, double eps, double beta1, double beta2, int64_t step,
+                        bool table_checked) {
   check_update_args(weight, state1, state2, offsets, optimizer, lr, weight_decay, eps, beta1, beta2, step);
   check_in_place({{&weight, "weight"}, {&state1, "state1"}, {&state2, "state2"}},
                  {{&grad_out, "grad_out"}, {&offsets, "offsets"}, {&table_rows, "table_rows"},
@@ -553,7 +578,7 @@ void collection_update_(Tensor weight, Tensor state1, Tensor state2, Tensor grad
   void* s2 = optimizer == kAdam && state2.numel() ? state2.mutable_data_ptr() : nullptr;
   void* w = weight.mutable_data_ptr();
   for_each_collection_row(
-      grad_out, weight, offsets, table_rows, features, indices, bag_offsets, per_sample_weights, batch_size,
+      grad_out, weight, offsets, table_rows, features, indices, bag_offsets, per_sample_weights, batch_size, table_checked,
       [&](auto tag) {
         using T = decltype(tag);
         return make_update_op<T>(w, s1, s2, optimizer, lr, weight_decay, eps, beta1, beta2, step);

@@ -326,7 +326,7 @@ std::tuple<Tensor, Tensor> lookup_forward(const Tensor& weight, const Tensor& of
                                           const std::optional<Tensor>& bag_offsets,
                                           const std::optional<Tensor>& per_sample_weights,
                                           const std::optional<Tensor>& col_of_size, int64_t out_width,
-                                          int64_t mode, int64_t padding_idx) {
+                                          int64_t mode, int64_t padding_idx, bool table_checked) {
   const LookupArgs la = check_lookup_args(weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size,
                                           mode, padding_idx);
   PME_CHECK(out_width >= 0, "out_width must be >= 0, got ", out_width);
@@ -338,7 +338,7 @@ std::tuple<Tensor, Tensor> lookup_forward(const Tensor& weight, const Tensor& of
     using I = decltype(itag);
     const I* idx = indices.const_data_ptr<I>();
     const I* bo = bag_offsets ? bag_offsets->const_data_ptr<I>() : nullptr;
-    validate_lookups(ctx, offsets, idx, la.num_lookups, bo, la.num_bags, tab);
+    validate_lookups(ctx, offsets, idx, la.num_lookups, bo, la.num_bags, tab, table_checked);
     if (la.num_bags == 0 || out_width == 0) return;
     dispatch_weight(weight.scalar_type(), "weight", [&](auto wtag) {
       using T = decltype(wtag);
@@ -406,7 +406,8 @@ std::tuple<Tensor, Tensor> lookup_backward(const Tensor& grad_out, const Tensor&
                                            const Tensor& indices, const std::optional<Tensor>& bag_offsets,
                                            const std::optional<Tensor>& per_sample_weights,
                                            const std::optional<Tensor>& col_of_size, const Tensor& argmax,
-                                           int64_t mode, int64_t padding_idx, bool psw_grad) {
+                                           int64_t mode, int64_t padding_idx, bool psw_grad,
+                                           bool table_checked) {
   const LookupArgs la = check_lookup_args(weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size,
                                           mode, padding_idx);
   const Tensor go = check_grad_out(grad_out, weight, la, argmax, mode);
@@ -422,7 +423,7 @@ std::tuple<Tensor, Tensor> lookup_backward(const Tensor& grad_out, const Tensor&
     using I = decltype(itag);
     const I* idx = indices.const_data_ptr<I>();
     const I* bo = bag_offsets ? bag_offsets->const_data_ptr<I>() : nullptr;
-    validate_lookups(ctx, offsets, idx, la.num_lookups, bo, la.num_bags, tab);
+    validate_lookups(ctx, offsets, idx, la.num_lookups, bo, la.num_bags, tab, table_checked);
     // Untouched rows get zeros: one plain memset (bit pattern 0 is +0 in every float type).
     if (weight.numel() > 0) {
       PME_CUDA_CHECK(cudaMemsetAsync(grad_w.mutable_data_ptr(), 0, weight.numel() * weight.element_size(),

@@ -60,7 +60,8 @@ struct SparseWriteOp : PlainRowOp<acc_t<T>> {
 std::tuple<Tensor, Tensor> bag_backward_sparse(Tensor grad_out, Tensor weight, Tensor offsets, Tensor indices,
                                                Tensor bag_offsets, std::optional<Tensor> per_sample_weights,
                                                std::optional<Tensor> col_of_size, Tensor argmax, int64_t mode,
-                                               int64_t padding_idx, bool scale_grad_by_freq) {
+                                               int64_t padding_idx, bool scale_grad_by_freq,
+                                               bool table_checked) {
   const LookupArgs la = check_lookup_args(weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size,
                                           mode, padding_idx);
   const int64_t W = check_grad_args(grad_out, weight, argmax, la, mode);
@@ -73,7 +74,7 @@ std::tuple<Tensor, Tensor> bag_backward_sparse(Tensor grad_out, Tensor weight, T
     using I = decltype(itag);
     const I* idx = indices.const_data_ptr<I>();
     const I* bo = bag_offsets.const_data_ptr<I>();
-    validate_lookups(ctx, offsets, idx, la.num_lookups, bo, la.num_bags, tab);
+    validate_lookups(ctx, offsets, idx, la.num_lookups, bo, la.num_bags, tab, table_checked);
     const RowGroups groups =
         group_by_row(ctx, offsets, idx, la.num_lookups, bo, la.num_bags, padding_idx, tab, mode == kMean);
     const int64_t S = groups.max_segments;  // >= U

@@ -36,7 +36,7 @@ template <class MakeOp>
 void for_each_row(const Tensor& grad_out, const Tensor& weight, const Tensor& offsets, const Tensor& indices,
                   const Tensor& bag_offsets, const std::optional<Tensor>& per_sample_weights,
                   const std::optional<Tensor>& col_of_size, const Tensor& argmax, int64_t mode, int64_t padding_idx,
-                  MakeOp&& make_op) {
+                  bool table_checked, MakeOp&& make_op) {
   const LookupArgs la = check_lookup_args(weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size,
                                           mode, padding_idx);
   const int64_t W = check_grad_args(grad_out, weight, argmax, la, mode);
@@ -51,7 +51,7 @@ void for_each_row(const Tensor& grad_out, const Tensor& weight, const Tensor& of
     using I = decltype(itag);
     const I* idx = indices.const_data_ptr<I>();
     const I* bo = bag_offsets.const_data_ptr<I>();
-    validate_lookups(ctx, offsets, idx, la.num_lookups, bo, la.num_bags, tab);
+    validate_lookups(ctx, offsets, idx, la.num_lookups, bo, la.num_bags, tab, table_checked);
     const RowGroups groups =
         group_by_row(ctx, offsets, idx, la.num_lookups, bo, la.num_bags, padding_idx, tab, mode == kMean);
     dispatch_weight(weight.scalar_type(), "weight", [&](auto wtag) {
@@ -70,7 +70,8 @@ void for_each_row(const Tensor& grad_out, const Tensor& weight, const Tensor& of
 void sparse_update_(Tensor weight, Tensor state1, Tensor state2, Tensor grad_out, Tensor offsets, Tensor indices,
                     Tensor bag_offsets, std::optional<Tensor> per_sample_weights, std::optional<Tensor> col_of_size,
                     Tensor argmax, int64_t mode, int64_t padding_idx, int64_t optimizer, double lr,
-                    double weight_decay, double eps, double beta1, double beta2, int64_t step) {
+                    double weight_decay, double eps, double beta1, double beta2, int64_t step,
+                    bool table_checked) {
   check_update_args(weight, state1, state2, offsets, optimizer, lr, weight_decay, eps, beta1, beta2, step);
   check_in_place({{&weight, "weight"}, {&state1, "state1"}, {&state2, "state2"}},
                  {{&grad_out, "grad_out"}, {&offsets, "offsets"}, {&indices, "indices"}, {&bag_offsets, "bag_offsets"},
@@ -80,7 +81,7 @@ void sparse_update_(Tensor weight, Tensor state1, Tensor state2, Tensor grad_out
   void* s2 = optimizer == kAdam && state2.numel() ? state2.mutable_data_ptr() : nullptr;
   void* w = weight.mutable_data_ptr();
   for_each_row(grad_out, weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, argmax, mode,
-               padding_idx, [&](auto tag) {
+               padding_idx, table_checked, [&](auto tag) {
                  using T = decltype(tag);
                  return make_update_op<T>(w, s1, s2, optimizer, lr, weight_decay, eps, beta1, beta2, step);
                });
@@ -89,7 +90,7 @@ void sparse_update_(Tensor weight, Tensor state1, Tensor state2, Tensor grad_out
 void accumulate_scores_(Tensor scores, Tensor grad_out, Tensor weight, Tensor offsets, Tensor indices,
                         Tensor bag_offsets, std::optional<Tensor> per_sample_weights,
                         std::optional<Tensor> col_of_size, Tensor argmax, int64_t mode, int64_t padding_idx,
-                        int64_t rule) {
+                        int64_t rule, bool table_checked) {
   check_score_args(scores, weight, rule);
   check_in_place({{&scores, "scores"}},
                  {{&grad_out, "grad_out"}, {&weight, "weight"}, {&offsets, "offsets"}, {&indices, "indices"},
@@ -99,7 +100,7 @@ void accumulate_scores_(Tensor scores, Tensor grad_out, Tensor weight, Tensor of
   void* sc = scores.mutable_data_ptr();
   const void* w = weight.const_data_ptr();
   for_each_row(grad_out, weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, argmax, mode,
-               padding_idx, [&](auto tag) {
+               padding_idx, table_checked, [&](auto tag) {
                  using T = decltype(tag);
                  return ScoreOp<T>{{}, static_cast<acc_t<T>*>(sc), static_cast<const T*>(w), rule};
                });

@@ -95,7 +95,7 @@ __device__ __forceinline__ void bag_range(const I* bo, int64_t b, int64_t N, int
 enum ErrSlot { kErrTable = 0, kErrCos, kErrRow, kErrBag0, kErrBagPast, kErrBagOrder, kErrLookup, kNumErrSlots };
 
 template <class I>
-__global__ void validate_kernel(const I* idx, int64_t N, const I* bo, int64_t B, Table t,
+__global__ void validate_kernel(const I* idx, int64_t N, const I* bo, int64_t B, Table t, bool scan_rows,
                                 unsigned long long* err) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -113,7 +113,7 @@ __global__ void validate_kernel(const I* idx, int64_t N, const I* bo, int64_t B,
       atomicMin(&err[kErrCos], static_cast<unsigned long long>(s));
     }
   }
-  for (int64_t r = tid; r < t.V; r += stride) {
+  for (int64_t r = tid; scan_rows && r < t.V; r += stride) {
     if (!row_fits(t, r)) atomicMin(&err[kErrRow], static_cast<unsigned long long>(r));
   }
   if (bo != nullptr) {
@@ -138,16 +138,17 @@ inline bool validation_enabled() {
 
 // Checks indices, bag offsets (bo may be nullptr: implicit bags) and the rows the batch
 // touches, and throws naming the first bad one, with the CPU kernels' messages. Synchronises
-// the stream; does nothing when disabled or while capturing a CUDA graph.
+// the stream; does nothing when disabled or while capturing a CUDA graph. table_checked (the
+// operators' argument of that name): the whole-table row scan passed before, skip it.
 template <class I>
 void validate_lookups(const Ctx& ctx, const Tensor& like, const I* idx, int64_t N, const I* bo, int64_t B,
-                      const Table& t) {
+                      const Table& t, bool table_checked) {
   if (!validation_enabled() || ctx.capturing()) return;
   Tensor err_t = torch::stable::new_empty(like, {kNumErrSlots}, ScalarType::Long);
   auto* err = static_cast<unsigned long long*>(err_t.mutable_data_ptr());
   PME_CUDA_CHECK(cudaMemsetAsync(err, 0xff, kNumErrSlots * sizeof(unsigned long long), ctx.stream));
-  const int64_t work = std::max<int64_t>(std::max<int64_t>(N, bo ? B + 1 : 1), std::max(t.V, t.ncos));
-  validate_kernel<I><<<ctx.grid(work, 256), 256, 0, ctx.stream>>>(idx, N, bo, B, t, err);
+  const int64_t work = std::max<int64_t>(std::max<int64_t>(N, bo ? B + 1 : 1), std::max(table_checked ? 0 : t.V, t.ncos));
+  validate_kernel<I><<<ctx.grid(work, 256), 256, 0, ctx.stream>>>(idx, N, bo, B, t, !table_checked, err);
   PME_CUDA_LAUNCH_CHECK();
   unsigned long long h[kNumErrSlots];
   read_device(ctx, h, err, kNumErrSlots);

@@ -1,0 +1,150 @@
+"""The whole-table check runs once per version of a table (README "Safety").
+
+Every operator that reads a table can check all of its offsets (O(V)); pme.ops remembers that a
+table passed and tells the operator (``table_checked=True``) while the offsets tensor, its
+version counter, the buffer's length, col_of_size and the width are unchanged. These tests pin
+both sides: a change the version counter sees brings the check back, and an unchanged table
+really skips it (the per-lookup bound checks still run on every call).
+"""
+
+import gc
+
+import pytest
+import torch
+
+import pme
+from pme import collection, ops
+
+from conftest import DEVICES, make_table
+
+pytestmark = pytest.mark.skipif(ops.backend() != "compiled", reason="the memo feeds the compiled operators")
+
+
+def _bag(device):
+    return torch.tensor([0, 2], device=device), torch.tensor([0], device=device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_an_in_place_change_after_a_passed_call_is_checked_again(device):
+    w, off, col, width, _ = make_table(12, 8, seed=1, device=device)
+    idx, bo = _bag(device)
+    ops.embedding_bag(w, off, idx, bo, width=width, mode="sum")  # passes, remembered
+    assert ops._TABLES_PASSED[id(off)][0]() is off
+    with torch.no_grad():
+        off[6] = off[5] - 1  # rows 5 and 6 overlap; neither is looked up; the version moves
+    with pytest.raises(RuntimeError, match="non-decreasing"):
+        ops.embedding_bag(w, off, idx, bo, width=width, mode="sum")
+    with pytest.raises(RuntimeError, match="non-decreasing"):
+        ops.embedding(w, off, idx, width=width)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_smaller_width_or_another_buffer_length_is_checked_again(device):
+    w, off, col, width, sizes = make_table(12, 8, seed=2, device=device)
+    idx, bo = _bag(device)
+    ops.embedding_bag(w, off, idx, bo, width=width, mode="sum")
+    narrow = int(sizes.max()) - 1  # some row (maybe not looked up) no longer fits
+    with pytest.raises(RuntimeError, match="does not fit"):
+        ops.embedding_bag(w, off, idx, bo, width=narrow, mode="sum")
+    with pytest.raises(RuntimeError, match="stored entries"):
+        ops.embedding_bag(torch.cat([w, w[:1]]), off, idx, bo, width=width, mode="sum")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_an_unchanged_table_skips_the_scan_but_not_the_lookup_checks(device):
+    """A write through ``.data`` bypasses the version counter (documented): the scan is skipped,
+    so a decreasing pair of rows that no lookup touches goes unseen, while a looked-up row that
+    overruns the buffer is still refused (no access out of bounds)."""
+    w, off, col, width, _ = make_table(12, 8, seed=3, device=device)
+    idx, bo = _bag(device)
+    ref = ops.embedding_bag(w, off, idx, bo, width=width, mode="sum")
+    off.data[6] = off[5] - 1  # unseen by the version counter
+    torch.testing.assert_close(ops.embedding_bag(w, off, idx, bo, width=width, mode="sum"), ref)
+    off.data[3] = w.numel() + 5  # row 2 (looked up) now overruns the buffer
+    with pytest.raises(RuntimeError, match="overruns"):
+        ops.embedding_bag(w, off, idx, bo, width=width, mode="sum")
+    with pytest.raises(RuntimeError, match="does not fit"):  # a fresh tensor of the same values: checked
+        ops.embedding_bag(w, off.clone(), idx, bo, width=width, mode="sum")
+
+
+def test_the_memo_forgets_a_table_that_is_gone():
+    w, off, col, width, _ = make_table(12, 8, seed=4)
+    idx, bo = _bag("cpu")
+    ops.embedding_bag(w, off, idx, bo, width=width, mode="sum")
+    key = id(off)
+    assert key in ops._TABLES_PASSED
+    del off
+    gc.collect()
+    assert key not in ops._TABLES_PASSED
+
+
+def test_inference_tensors_are_checked_every_call():
+    with torch.inference_mode():
+        w, off, col, width, _ = make_table(12, 8, seed=5)
+        idx, bo = _bag("cpu")
+        ops.embedding_bag(w, off, idx, bo, width=width, mode="sum")
+        assert id(off) not in ops._TABLES_PASSED
+        off2 = off.clone()
+        off2[6] = off2[5] - 1
+        with pytest.raises(RuntimeError, match="non-decreasing"):
+            ops.embedding_bag(w, off2, idx, bo, width=width, mode="sum")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_module_training_reuses_the_check_and_sees_a_loaded_table(device):
+    """A module's steps pass table_checked after the first call; load_state_dict replaces the
+    offsets (a new version), and a bad in-place edit of the module's offsets is refused."""
+    gen = torch.Generator().manual_seed(6)
+    sizes = torch.randint(0, 9, (30,), generator=gen)
+    emb = pme.MultiSizeEmbeddingBag(30, 8, sizes=sizes, mode="sum", optimizer=pme.optim.RowwiseAdagrad(lr=0.1))
+    emb = emb.to(device)
+    x = torch.randint(0, 30, (4, 3), generator=gen).to(device)
+    for _ in range(3):
+        emb(x).sum().backward()
+    assert ops._TABLES_PASSED[id(emb.offsets)][0]() is emb.offsets
+    other = pme.MultiSizeEmbeddingBag(30, 8, sizes=sizes.flip(0), mode="sum",
+                                      optimizer=pme.optim.RowwiseAdagrad(lr=0.1)).to(device)
+    emb.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(emb(x), other(x))
+    with torch.no_grad():
+        emb.offsets[11] = emb.offsets[10] - 1
+    with pytest.raises(RuntimeError, match="non-decreasing"):
+        emb(x)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_collection_checks_its_table_once_per_version(device):
+    """The collection's one call per batch goes through the same memo; the CUDA backend scans
+    the whole table as the CPU does (rows that no lookup touches included)."""
+    tables = [collection.EmbeddingBagConfig(6, 8, "a", ["fa"]), collection.EmbeddingBagConfig(5, 4, "b", ["fb"])]
+    sizes = {"a": torch.tensor([8, 2, 4, 0, 8, 1]), "b": torch.tensor([4, 4, 1, 0, 2])}
+    coll = collection.MultiSizeEmbeddingBagCollection(tables, sizes).to(device)
+    feats = {"fa": (torch.tensor([0, 1], device=device), torch.tensor([0, 1, 2], device=device)),
+             "fb": (torch.tensor([4, 0], device=device), torch.tensor([0, 2, 2], device=device))}
+    ref = coll(feats).values()
+    assert ops._TABLES_PASSED[id(coll.offsets)][0]() is coll.offsets
+    torch.testing.assert_close(coll(feats).values(), ref)
+    with torch.no_grad():
+        coll.offsets[4] = coll.offsets[3] - 1  # rows 3 and 4 of table a: not looked up
+    with pytest.raises(RuntimeError, match="non-decreasing"):
+        coll(feats)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_raw_operator_with_a_false_promise_stays_in_bounds(device):
+    """table_checked=True on a table that never passed: the scan is skipped, every looked-up
+    row is still bound-checked (a row of negative size is an error, not a read)."""
+    w = torch.randn(10, device=device)
+    off = torch.tensor([0, 6, 2, 10], device=device)  # row 1 runs backwards; rows 0 and 2 overlap
+    bo = torch.tensor([0, 2], device=device)
+    out, _ = torch.ops.pme.bag_forward(w, off, torch.tensor([0, 2], device=device), bo, None, None, 8, 0, -1,
+                                       table_checked=True)
+    dense = torch.zeros(2, 8, device=device)
+    dense[0, :6], dense[1, :8] = w[0:6], w[2:10]
+    torch.testing.assert_close(out, dense.sum(0, keepdim=True))
+    with pytest.raises(RuntimeError, match="row 1"):
+        torch.ops.pme.bag_forward(w, off, torch.tensor([1, 0], device=device), bo, None, None, 8, 0, -1,
+                                  table_checked=True)
+    with pytest.raises(RuntimeError, match="non-decreasing"):
+        torch.ops.pme.bag_forward(w, off, torch.tensor([0, 2], device=device), bo, None, None, 8, 0, -1)
