@@ -10,6 +10,7 @@
 #include "cpu/pool_bags.h"
 #include "cpu/row_groups.h"
 #include "cpu/row_step.h"
+#include "cpu/validate_cpu.h"
 
 #include <atomic>
 #include <limits>

@@ -7,6 +7,7 @@
 // Backward: lookups grouped by row (row_groups.h), one task per row: deterministic.
 #include "cpu/pool_bags.h"
 #include "cpu/row_groups.h"
+#include "cpu/validate_cpu.h"
 #include "lookup_ops.h"
 
 #include <atomic>
@@ -689,13 +690,6 @@ void bag_forward_range(CpuKernel kernel, const T* w, const TableView& t, const I
   bag_forward_generic(w, t, idx, bo, b0, b1, psw, mode, pad, out, argmax, bad);
 }
 
-TableView table_view(const Tensor& weight, const Tensor& offsets, const std::optional<Tensor>& col_of_size,
-                     int64_t width) {
-  return {offsets.const_data_ptr<int64_t>(), offsets.numel() - 1, weight.numel(),
-          col_of_size ? col_of_size->const_data_ptr<int64_t>() : nullptr, col_of_size ? col_of_size->numel() : 0,
-          width};
-}
-
 std::tuple<Tensor, Tensor> lookup_forward(const Tensor& weight, const Tensor& offsets, const Tensor& indices,
                                           const std::optional<Tensor>& bag_offsets,
                                           const std::optional<Tensor>& per_sample_weights,
@@ -704,7 +698,7 @@ std::tuple<Tensor, Tensor> lookup_forward(const Tensor& weight, const Tensor& of
   const LookupArgs a = check_lookup_args(weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size,
                                          mode, padding_idx);
   PME_CHECK(out_width >= 0, "out_width must be >= 0, got ", out_width);
-  const TableView tv = table_view(weight, offsets, col_of_size, out_width);
+  const TableView tv = make_table(weight, offsets, col_of_size, out_width);
 
   Tensor out = torch::stable::new_empty(weight, {a.num_bags, out_width});
   Tensor argmax = torch::stable::new_empty(offsets, {mode == kMax ? a.num_bags : 0, mode == kMax ? out_width : 0});
@@ -748,7 +742,7 @@ std::tuple<Tensor, Tensor> lookup_backward(const Tensor& grad_out, const Tensor&
   const int64_t W = check_grad_args(grad_out, weight, argmax, a, mode);
   const Tensor go = torch::stable::contiguous(grad_out);
   PME_CHECK(!psw_grad || per_sample_weights.has_value(), "psw_grad needs per_sample_weights");
-  const TableView tv = table_view(weight, offsets, col_of_size, W);
+  const TableView tv = make_table(weight, offsets, col_of_size, W);
   const int64_t* off = tv.offsets;
   const int64_t* cos = tv.col_of_size;
 

@@ -4,7 +4,7 @@
 // Defined in lookup_cpu.cpp for T in {float, double, Half, BFloat16} and I in {int32, int64}.
 #pragma once
 
-#include "cpu/row_groups.h"
+#include "cpu/validate_cpu.h"
 
 #include <atomic>
 

@@ -20,9 +20,7 @@ void for_each_row_gradient(const Tensor& grad_out, const Tensor& weight, const T
                                          mode, padding_idx);
   const int64_t W = check_grad_args(grad_out, weight, argmax, a, mode);
   const Tensor go = torch::stable::contiguous(grad_out);
-  const TableView tv{offsets.const_data_ptr<int64_t>(), a.num_rows, weight.numel(),
-                     col_of_size ? col_of_size->const_data_ptr<int64_t>() : nullptr,
-                     col_of_size ? col_of_size->numel() : 0, W};
+  const TableView tv = make_table(weight, offsets, col_of_size, W);
   dispatch_index(indices.scalar_type(), "indices", [&](auto itag) {
     using I = decltype(itag);
     const I* idx = indices.const_data_ptr<I>();
