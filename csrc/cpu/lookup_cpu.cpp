@@ -737,66 +737,39 @@ std::tuple<Tensor, Tensor> lookup_backward(const Tensor& grad_out, const Tensor&
                                            const std::optional<Tensor>& per_sample_weights,
                                            const std::optional<Tensor>& col_of_size, const Tensor& argmax,
                                            int64_t mode, int64_t padding_idx, bool psw_grad) {
-  const LookupArgs a = check_lookup_args(weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size,
-                                         mode, padding_idx);
-  const int64_t W = check_grad_args(grad_out, weight, argmax, a, mode);
-  const Tensor go = torch::stable::contiguous(grad_out);
   PME_CHECK(!psw_grad || per_sample_weights.has_value(), "psw_grad needs per_sample_weights");
-  const TableView tv = make_table(weight, offsets, col_of_size, W);
-  const int64_t* off = tv.offsets;
-  const int64_t* cos = tv.col_of_size;
-
+  const int64_t N = indices.numel();
   Tensor grad_w = torch::stable::new_zeros(weight, {weight.numel()});
-  Tensor grad_psw = torch::stable::new_empty(weight, {psw_grad ? a.num_lookups : 0});
-  dispatch_index(indices.scalar_type(), "indices", [&](auto itag) {
-    using I = decltype(itag);
-    const I* idx = indices.const_data_ptr<I>();
-    const I* bo = bag_offsets ? bag_offsets->const_data_ptr<I>() : nullptr;
-    validate_lookups(idx, a.num_lookups, bo, a.num_bags, tv);
-    const RowGroups groups = group_by_row(idx, a.num_lookups, bo, a.num_bags, padding_idx);
-    dispatch_weight(weight.scalar_type(), "weight", [&](auto wtag) {
-      using T = decltype(wtag);
-      using A = acc_t<T>;
-      const GradInputs<T, I> in{go.const_data_ptr<T>(),
-                                W,
-                                weight.const_data_ptr<T>(),
-                                off,
-                                idx,
-                                per_sample_weights ? per_sample_weights->const_data_ptr<T>() : nullptr,
-                                cos,
-                                mode == kMax ? argmax.const_data_ptr<int64_t>() : nullptr,
-                                mode};
-      T* gw = grad_w.mutable_data_ptr<T>();
-      const int64_t U = static_cast<int64_t>(groups.rows.size());
-      torch::stable::parallel_for(0, U, 64, [&](int64_t s0, int64_t s1) {
-        std::vector<A> g(W);
-        for (int64_t s = s0; s < s1; ++s) {
-          row_gradient(in, groups, s, g.data());
-          const int64_t r = groups.rows[s];
-          T* dst = gw + off[r];
-          for (int64_t c = 0, n = off[r + 1] - off[r]; c < n; ++c) dst[c] = static_cast<T>(g[c]);
+  Tensor grad_psw = torch::stable::new_empty(weight, {psw_grad ? N : 0});
+  with_grouped_batch(grad_out, weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, argmax, mode,
+                     padding_idx, [&](const auto& in, const RowGroups& groups) {
+    using T = typename std::decay_t<decltype(in)>::value_type;
+    using A = acc_t<T>;
+    const int64_t* off = in.offsets;
+    T* gw = grad_w.mutable_data_ptr<T>();
+    for_each_row_gradient(in, groups, [&](int64_t, int64_t r, const A* g) {
+      T* dst = gw + off[r];
+      for (int64_t c = 0, n = off[r + 1] - off[r]; c < n; ++c) dst[c] = static_cast<T>(g[c]);
+    });
+    if (psw_grad) {
+      T* gp = grad_psw.mutable_data_ptr<T>();
+      torch::stable::parallel_for(0, N, 1024, [&](int64_t j0, int64_t j1) {
+        for (int64_t j = j0; j < j1; ++j) {
+          const int64_t r = in.idx[j], b = groups.bag_of[j];
+          if (b < 0 || r == padding_idx) {
+            gp[j] = T(0);
+            continue;
+          }
+          const int64_t size = off[r + 1] - off[r];
+          const int64_t col = in.col_of_size ? in.col_of_size[size] : 0;
+          const T* row = in.weight + off[r];
+          const T* g = in.grad_out + b * in.W + col;
+          A dot = 0;
+          for (int64_t c = 0; c < size; ++c) dot += static_cast<A>(row[c]) * static_cast<A>(g[c]);
+          gp[j] = static_cast<T>(dot);
         }
       });
-      if (psw_grad) {
-        T* gp = grad_psw.mutable_data_ptr<T>();
-        torch::stable::parallel_for(0, a.num_lookups, 1024, [&](int64_t j0, int64_t j1) {
-          for (int64_t j = j0; j < j1; ++j) {
-            const int64_t r = idx[j], b = groups.bag_of[j];
-            if (b < 0 || r == padding_idx) {
-              gp[j] = T(0);
-              continue;
-            }
-            const int64_t size = off[r + 1] - off[r];
-            const int64_t col = cos ? cos[size] : 0;
-            const T* row = in.weight + off[r];
-            const T* g = in.grad_out + b * W + col;
-            A dot = 0;
-            for (int64_t c = 0; c < size; ++c) dot += static_cast<A>(row[c]) * static_cast<A>(g[c]);
-            gp[j] = static_cast<T>(dot);
-          }
-        });
-      }
-    });
+    }
   });
   return {grad_w, grad_psw};
 }

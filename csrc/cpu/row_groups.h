@@ -81,6 +81,7 @@ RowGroups group_by_row(const I* idx, int64_t N, const I* bo, int64_t B, int64_t 
 // Everything a backward-shaped kernel reads, with raw pointers.
 template <class T, class I>
 struct GradInputs {
+  using value_type = T;
   const T* grad_out;  // [B, W]
   int64_t W;
   const T* weight;  // [total]
@@ -115,6 +116,64 @@ void row_gradient(const GradInputs<T, I>& in, const RowGroups& groups, int64_t s
       for (int64_t c = 0; c < size; ++c) g[c] += scale * static_cast<A>(go[c]);
     }
   }
+}
+
+// The set-up every backward-shaped operator of one table shares: checks the arguments
+// (lookup arguments, grad_out, argmax), validates the batch, groups it by row, then calls
+// f(in, groups) with in a GradInputs<T, I> in the weight's and the indices' types.
+// bag_offsets absent: the non-pooled lookup (bag b is lookup b).
+template <class F>
+void with_grouped_batch(const Tensor& grad_out, const Tensor& weight, const Tensor& offsets, const Tensor& indices,
+                        const std::optional<Tensor>& bag_offsets, const std::optional<Tensor>& per_sample_weights,
+                        const std::optional<Tensor>& col_of_size, const Tensor& argmax, int64_t mode,
+                        int64_t padding_idx, F&& f) {
+  const LookupArgs a = check_lookup_args(weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size,
+                                         mode, padding_idx);
+  const int64_t W = check_grad_args(grad_out, weight, argmax, a, mode);
+  const Tensor go = torch::stable::contiguous(grad_out);
+  const TableView tv = make_table(weight, offsets, col_of_size, W);
+  dispatch_index(indices.scalar_type(), "indices", [&](auto itag) {
+    using I = decltype(itag);
+    const I* idx = indices.const_data_ptr<I>();
+    const I* bo = bag_offsets ? bag_offsets->const_data_ptr<I>() : nullptr;
+    validate_lookups(idx, a.num_lookups, bo, a.num_bags, tv);
+    const RowGroups groups = group_by_row(idx, a.num_lookups, bo, a.num_bags, padding_idx);
+    dispatch_weight(weight.scalar_type(), "weight", [&](auto wtag) {
+      using T = decltype(wtag);
+      const GradInputs<T, I> in{go.const_data_ptr<T>(),
+                                W,
+                                weight.const_data_ptr<T>(),
+                                tv.offsets,
+                                idx,
+                                per_sample_weights ? per_sample_weights->const_data_ptr<T>() : nullptr,
+                                tv.col_of_size,
+                                mode == kMax ? argmax.const_data_ptr<int64_t>() : nullptr,
+                                mode};
+      f(in, groups);
+    });
+  });
+}
+
+// Runs f(s, r, g) for every row r = groups.rows[s] of a batch, g its summed gradient (width
+// entries of A, filled by row_grad(s, g) first). Rows split across threads (one scratch row per
+// task); each row is visited once, by one task: deterministic.
+template <class A, class Grad, class F>
+void for_each_row_gradient(const RowGroups& groups, int64_t width, const Grad& row_grad, const F& f) {
+  const int64_t U = static_cast<int64_t>(groups.rows.size());
+  torch::stable::parallel_for(0, U, 64, [&](int64_t s0, int64_t s1) {
+    std::vector<A> g(width);
+    for (int64_t s = s0; s < s1; ++s) {
+      row_grad(s, g.data());
+      f(s, groups.rows[s], g.data());
+    }
+  });
+}
+
+// The same for a table's lookups: g is row_gradient's sum.
+template <class T, class I, class F>
+void for_each_row_gradient(const GradInputs<T, I>& in, const RowGroups& groups, const F& f) {
+  for_each_row_gradient<acc_t<T>>(
+      groups, in.W, [&](int64_t s, acc_t<T>* g) { row_gradient(in, groups, s, g); }, f);
 }
 
 }  // namespace pme::cpu

@@ -17,6 +17,7 @@
 #include "lookup_ops.h"
 
 #include <tuple>
+#include <type_traits>
 
 namespace pme::cuda {
 namespace {
@@ -394,55 +395,31 @@ __global__ void __launch_bounds__(256)
   }
 }
 
-// Checks grad_out / argmax like the CPU backward; returns grad_out made contiguous.
-Tensor check_grad_out(const Tensor& grad_out, const Tensor& weight, const LookupArgs& la, const Tensor& argmax,
-                      int64_t mode) {
-  check_grad_args(grad_out, weight, argmax, la, mode);
-  const Tensor go = torch::stable::contiguous(grad_out);
-  return go;
-}
-
 std::tuple<Tensor, Tensor> lookup_backward(const Tensor& grad_out, const Tensor& weight, const Tensor& offsets,
                                            const Tensor& indices, const std::optional<Tensor>& bag_offsets,
                                            const std::optional<Tensor>& per_sample_weights,
                                            const std::optional<Tensor>& col_of_size, const Tensor& argmax,
                                            int64_t mode, int64_t padding_idx, bool psw_grad) {
-  const LookupArgs la = check_lookup_args(weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size,
-                                          mode, padding_idx);
-  const Tensor go = check_grad_out(grad_out, weight, la, argmax, mode);
   PME_CHECK(!psw_grad || per_sample_weights.has_value(), "psw_grad needs per_sample_weights");
-  const int64_t W = go.sizes()[1];
-  const Ctx ctx(weight);
-  const Table tab = make_table(weight, offsets, col_of_size, W);
-  const Tensor ma = mode == kMax ? torch::stable::contiguous(argmax) : argmax;
-
+  const int64_t N = indices.numel();
   Tensor grad_w = torch::stable::new_empty(weight, {weight.numel()});
-  Tensor grad_psw = torch::stable::new_empty(weight, {psw_grad ? la.num_lookups : 0});
-  dispatch_index(indices.scalar_type(), "indices", [&](auto itag) {
-    using I = decltype(itag);
-    const I* idx = indices.const_data_ptr<I>();
-    const I* bo = bag_offsets ? bag_offsets->const_data_ptr<I>() : nullptr;
-    validate_lookups(ctx, offsets, idx, la.num_lookups, bo, la.num_bags, tab);
+  Tensor grad_psw = torch::stable::new_empty(weight, {psw_grad ? N : 0});
+  with_grouped_batch(grad_out, weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, argmax, mode,
+                     padding_idx, [&](const Ctx& ctx, const RowGroups& groups, const auto& src, const auto* idx) {
+    using T = typename std::decay_t<decltype(src)>::value_type;
+    using I = std::decay_t<decltype(*idx)>;
     // Untouched rows get zeros: one plain memset (bit pattern 0 is +0 in every float type).
     if (weight.numel() > 0) {
       PME_CUDA_CHECK(cudaMemsetAsync(grad_w.mutable_data_ptr(), 0, weight.numel() * weight.element_size(),
                                      ctx.stream));
     }
-    const RowGroups groups =
-        group_by_row(ctx, offsets, idx, la.num_lookups, bo, la.num_bags, padding_idx, tab, mode == kMean);
-    dispatch_weight(weight.scalar_type(), "weight", [&](auto wtag) {
-      using T = decltype(wtag);
-      const T* psw = per_sample_weights ? per_sample_weights->const_data_ptr<T>() : nullptr;
-      const GradSrc<T> src{go.const_data_ptr<T>(), W, psw,
-                           mode == kMax ? ma.const_data_ptr<int64_t>() : nullptr, tab, mode};
-      run_row_op<T>(ctx, offsets, groups, src, GradWriteOp<T>{{}, grad_w.mutable_data_ptr<T>()});
-      if (psw_grad && la.num_lookups > 0) {
-        psw_grad_kernel<T, I><<<ctx.grid(la.num_lookups * kWarp, 256), 256, 0, ctx.stream>>>(
-            weight.const_data_ptr<T>(), tab, idx, la.num_lookups, groups.d.bag_of, padding_idx,
-            go.const_data_ptr<T>(), grad_psw.mutable_data_ptr<T>());
-        PME_CUDA_LAUNCH_CHECK();
-      }
-    });
+    run_row_op<T>(ctx, offsets, groups, src, GradWriteOp<T>{{}, grad_w.mutable_data_ptr<T>()});
+    if (psw_grad && N > 0) {
+      psw_grad_kernel<T, I><<<ctx.grid(N * kWarp, 256), 256, 0, ctx.stream>>>(
+          weight.const_data_ptr<T>(), src.table, idx, N, groups.d.bag_of, padding_idx, src.grad_out,
+          grad_psw.mutable_data_ptr<T>());
+      PME_CUDA_LAUNCH_CHECK();
+    }
   });
   return {grad_w, grad_psw};
 }

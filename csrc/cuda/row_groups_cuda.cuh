@@ -298,6 +298,7 @@ struct PlainRowOp {
 // Where a row's gradient comes from: the lookup's output gradient.
 template <class T>
 struct GradSrc {
+  using value_type = T;
   const T* grad_out;  // [B, W]
   int64_t W;
   const T* psw;  // [N] or nullptr
@@ -305,6 +306,17 @@ struct GradSrc {
   Table table;
   int64_t mode;
 };
+
+// Calls f(i, c) for each of the lane's columns c = c0 + lane + 32 * i (i < kVPL) of a column
+// chunk that lies inside the row (c < size).
+template <class F>
+__device__ __forceinline__ void for_chunk(int64_t c0, int64_t size, int lane, const F& f) {
+#pragma unroll
+  for (int i = 0; i < kVPL; ++i) {
+    const int64_t c = c0 + lane + kWarp * i;
+    if (c < size) f(i, c);
+  }
+}
 
 // Gradient of one part's row, column chunk c0, from the part's lookups: lane u holds lookup
 // u's position j, bag b and scale sc (loaded in parallel); the warp walks them in position
@@ -331,20 +343,12 @@ struct PartGrad {
       const T* go = grad_out + bu * W + col;
       if (max_mode) {
         const int64_t* am = argmax + bu * W + col;
-#pragma unroll
-        for (int i = 0; i < kVPL; ++i) {
-          const int64_t c = c0 + lane + kWarp * i;
-          if (c < size) {
-            const A x = to_acc(go[c]);
-            if (am[c] == ju) gv[i] += x;
-          }
-        }
+        for_chunk(c0, size, lane, [&](int i, int64_t c) {
+          const A x = to_acc(go[c]);
+          if (am[c] == ju) gv[i] += x;
+        });
       } else {
-#pragma unroll
-        for (int i = 0; i < kVPL; ++i) {
-          const int64_t c = c0 + lane + kWarp * i;
-          if (c < size) gv[i] += su * to_acc(go[c]);
-        }
+        for_chunk(c0, size, lane, [&](int i, int64_t c) { gv[i] += su * to_acc(go[c]); });
       }
     }
   }
@@ -362,11 +366,7 @@ struct PartialSum {
     for (int i = 0; i < kVPL; ++i) gv[i] = 0;
 #pragma unroll 4
     for (int64_t q = 0; q < np; ++q) {
-#pragma unroll
-      for (int i = 0; i < kVPL; ++i) {
-        const int64_t c = c0 + lane + kWarp * i;
-        if (c < size) gv[i] += base[q * W + c];
-      }
+      for_chunk(c0, size, lane, [&](int i, int64_t c) { gv[i] += base[q * W + c]; });
     }
   }
 };
@@ -451,11 +451,7 @@ __global__ void __launch_bounds__(256)
       A gv[kVPL];
       for (int64_t c0 = 0; c0 < size; c0 += kChunk) {
         grad_chunk(c0, gv);
-#pragma unroll
-        for (int i = 0; i < kVPL; ++i) {
-          const int64_t c = c0 + lane + kWarp * i;
-          if (c < size) dst[c] = gv[i];
-        }
+        for_chunk(c0, size, lane, [&](int i, int64_t c) { dst[c] = gv[i]; });
       }
     }
   }
@@ -496,6 +492,42 @@ void run_row_op(const Ctx& ctx, const Tensor& like, const RowGroups& g, const Gr
   PME_CUDA_LAUNCH_CHECK();
   row_final_kernel<T, Op><<<ctx.grid(g.max_segments * kWarp, 256), 256, 0, ctx.stream>>>(src, g.d, part, op);
   PME_CUDA_LAUNCH_CHECK();
+}
+
+// The set-up every backward-shaped operator of one table shares: checks the arguments
+// (lookup arguments, grad_out, argmax), validates the batch (validate_cuda.cuh), groups it by
+// row, then calls f(ctx, groups, src, idx) with src a GradSrc<T> in the weight's type and idx
+// the indices (I*). bag_offsets absent: the non-pooled lookup (bag b is lookup b).
+template <class F>
+void with_grouped_batch(const Tensor& grad_out, const Tensor& weight, const Tensor& offsets, const Tensor& indices,
+                        const std::optional<Tensor>& bag_offsets, const std::optional<Tensor>& per_sample_weights,
+                        const std::optional<Tensor>& col_of_size, const Tensor& argmax, int64_t mode,
+                        int64_t padding_idx, F&& f) {
+  const LookupArgs la = check_lookup_args(weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size,
+                                          mode, padding_idx);
+  const int64_t W = check_grad_args(grad_out, weight, argmax, la, mode);
+  const Tensor go = torch::stable::contiguous(grad_out);
+  const Tensor am = mode == kMax ? torch::stable::contiguous(argmax) : argmax;
+  const Ctx ctx(weight);
+  const Table tab = make_table(weight, offsets, col_of_size, W);
+  dispatch_index(indices.scalar_type(), "indices", [&](auto itag) {
+    using I = decltype(itag);
+    const I* idx = indices.const_data_ptr<I>();
+    const I* bo = bag_offsets ? bag_offsets->const_data_ptr<I>() : nullptr;
+    validate_lookups(ctx, offsets, idx, la.num_lookups, bo, la.num_bags, tab);
+    const RowGroups groups =
+        group_by_row(ctx, offsets, idx, la.num_lookups, bo, la.num_bags, padding_idx, tab, mode == kMean);
+    dispatch_weight(weight.scalar_type(), "weight", [&](auto wtag) {
+      using T = decltype(wtag);
+      const GradSrc<T> src{go.const_data_ptr<T>(),
+                           W,
+                           per_sample_weights ? per_sample_weights->const_data_ptr<T>() : nullptr,
+                           mode == kMax ? am.const_data_ptr<int64_t>() : nullptr,
+                           tab,
+                           mode};
+      f(ctx, groups, src, idx);
+    });
+  });
 }
 
 }  // namespace

@@ -7,6 +7,7 @@
 #include "cuda/row_groups_cuda.cuh"
 
 #include <tuple>
+#include <type_traits>
 
 namespace pme::cuda {
 namespace {
@@ -61,26 +62,16 @@ std::tuple<Tensor, Tensor> bag_backward_sparse(Tensor grad_out, Tensor weight, T
                                                Tensor bag_offsets, std::optional<Tensor> per_sample_weights,
                                                std::optional<Tensor> col_of_size, Tensor argmax, int64_t mode,
                                                int64_t padding_idx, bool scale_grad_by_freq) {
-  const LookupArgs la = check_lookup_args(weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size,
-                                          mode, padding_idx);
-  const int64_t W = check_grad_args(grad_out, weight, argmax, la, mode);
-  const Tensor go = torch::stable::contiguous(grad_out);
-  const Tensor am = mode == kMax ? torch::stable::contiguous(argmax) : argmax;
-  const Ctx ctx(weight);
-  const Table tab = make_table(weight, offsets, col_of_size, W);
+  const int64_t N = indices.numel();
   Tensor entries, values;
-  dispatch_index(indices.scalar_type(), "indices", [&](auto itag) {
-    using I = decltype(itag);
-    const I* idx = indices.const_data_ptr<I>();
-    const I* bo = bag_offsets.const_data_ptr<I>();
-    validate_lookups(ctx, offsets, idx, la.num_lookups, bo, la.num_bags, tab);
-    const RowGroups groups =
-        group_by_row(ctx, offsets, idx, la.num_lookups, bo, la.num_bags, padding_idx, tab, mode == kMean);
+  with_grouped_batch(grad_out, weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, argmax, mode,
+                     padding_idx, [&](const Ctx& ctx, const RowGroups& groups, const auto& src, const auto*) {
+    using T = typename std::decay_t<decltype(src)>::value_type;
     const int64_t S = groups.max_segments;  // >= U
     int64_t nnz = 0;
     Workspace ws;
     int64_t* first = nullptr;
-    if (la.num_lookups > 0 && S > 0) {
+    if (N > 0 && S > 0) {
       size_t scan_bytes = 0;
       PME_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(nullptr, scan_bytes, static_cast<const int64_t*>(nullptr),
                                                    static_cast<int64_t*>(nullptr), static_cast<int>(S + 1),
@@ -91,7 +82,7 @@ std::tuple<Tensor, Tensor> bag_backward_sparse(Tensor grad_out, Tensor weight, T
       int64_t* sizes = ws.get<int64_t>(s_sizes);
       first = ws.get<int64_t>(s_first);
       segment_sizes_kernel<<<ctx.grid(S + 1, 256), 256, 0, ctx.stream>>>(groups.d.rows, groups.d.num_segments,
-                                                                         tab.off, S + 1, sizes);
+                                                                         src.table.off, S + 1, sizes);
       PME_CUDA_LAUNCH_CHECK();
       PME_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(ws.get<void>(s_temp), scan_bytes, static_cast<const int64_t*>(sizes),
                                                    first, static_cast<int>(S + 1), ctx.stream));
@@ -100,21 +91,15 @@ std::tuple<Tensor, Tensor> bag_backward_sparse(Tensor grad_out, Tensor weight, T
     entries = torch::stable::new_empty(offsets, {nnz});
     values = torch::stable::new_empty(weight, {nnz});
     if (nnz == 0) return;
-    dispatch_weight(weight.scalar_type(), "weight", [&](auto wtag) {
-      using T = decltype(wtag);
-      const T* psw = per_sample_weights ? per_sample_weights->const_data_ptr<T>() : nullptr;
-      const GradSrc<T> src{go.const_data_ptr<T>(), W, psw, mode == kMax ? am.const_data_ptr<int64_t>() : nullptr, tab,
-                           mode};
-      const SparseWriteOp<T> op{{},
-                                groups.d.rows,
-                                groups.d.num_segments,
-                                groups.d.seg,
-                                first,
-                                entries.mutable_data_ptr<int64_t>(),
-                                values.mutable_data_ptr<T>(),
-                                scale_grad_by_freq};
-      run_row_op<T>(ctx, offsets, groups, src, op);
-    });
+    const SparseWriteOp<T> op{{},
+                              groups.d.rows,
+                              groups.d.num_segments,
+                              groups.d.seg,
+                              first,
+                              entries.mutable_data_ptr<int64_t>(),
+                              values.mutable_data_ptr<T>(),
+                              scale_grad_by_freq};
+    run_row_op<T>(ctx, offsets, groups, src, op);
   });
   return {entries, values};
 }

@@ -7,6 +7,7 @@
 #include "cuda/row_ops_cuda.cuh"
 
 #include <cmath>
+#include <type_traits>
 
 namespace pme::cuda {
 namespace {
@@ -30,41 +31,18 @@ struct ScoreOp : PlainRowOp<acc_t<T>> {
   }
 };
 
-// Checks the lookup arguments, validates, groups the batch by row and runs make_op(T{})'s
-// operation on every touched row.
+// Runs make_op(T{})'s operation on every row the batch touches (with_grouped_batch does the
+// checks, the validation and the grouping).
 template <class MakeOp>
 void for_each_row(const Tensor& grad_out, const Tensor& weight, const Tensor& offsets, const Tensor& indices,
                   const Tensor& bag_offsets, const std::optional<Tensor>& per_sample_weights,
                   const std::optional<Tensor>& col_of_size, const Tensor& argmax, int64_t mode, int64_t padding_idx,
                   MakeOp&& make_op) {
-  const LookupArgs la = check_lookup_args(weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size,
-                                          mode, padding_idx);
-  const int64_t W = check_grad_args(grad_out, weight, argmax, la, mode);
-  const Tensor go = torch::stable::contiguous(grad_out);
-  Tensor am = argmax;
-  if (mode == kMax) {
-    am = torch::stable::contiguous(argmax);
-  }
-  const Ctx ctx(weight);
-  const Table tab = make_table(weight, offsets, col_of_size, W);
-  dispatch_index(indices.scalar_type(), "indices", [&](auto itag) {
-    using I = decltype(itag);
-    const I* idx = indices.const_data_ptr<I>();
-    const I* bo = bag_offsets.const_data_ptr<I>();
-    validate_lookups(ctx, offsets, idx, la.num_lookups, bo, la.num_bags, tab);
-    const RowGroups groups =
-        group_by_row(ctx, offsets, idx, la.num_lookups, bo, la.num_bags, padding_idx, tab, mode == kMean);
-    dispatch_weight(weight.scalar_type(), "weight", [&](auto wtag) {
-      using T = decltype(wtag);
-      const GradSrc<T> src{go.const_data_ptr<T>(),
-                           W,
-                           per_sample_weights ? per_sample_weights->const_data_ptr<T>() : nullptr,
-                           mode == kMax ? am.const_data_ptr<int64_t>() : nullptr,
-                           tab,
-                           mode};
-      run_row_op<T>(ctx, offsets, groups, src, make_op(T{}));
-    });
-  });
+  with_grouped_batch(grad_out, weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, argmax, mode,
+                     padding_idx, [&](const Ctx& ctx, const RowGroups& groups, const auto& src, const auto*) {
+                       using T = typename std::decay_t<decltype(src)>::value_type;
+                       run_row_op<T>(ctx, offsets, groups, src, make_op(T{}));
+                     });
 }
 
 void sparse_update_(Tensor weight, Tensor state1, Tensor state2, Tensor grad_out, Tensor offsets, Tensor indices,
