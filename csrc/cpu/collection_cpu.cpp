@@ -15,6 +15,7 @@
 #include <atomic>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace pme::cpu {
@@ -256,17 +257,17 @@ int64_t check_grad(const Tensor& grad_out, const Tensor& weight, const Collectio
   return grad_out.sizes()[1];
 }
 
-std::tuple<Tensor, Tensor> collection_backward(Tensor grad_out, Tensor weight, Tensor offsets, Tensor table_rows,
-                                               Tensor features, Tensor indices, Tensor bag_offsets,
-                                               std::optional<Tensor> per_sample_weights, int64_t batch_size,
-                                               bool psw_grad) {
-  const CollectionArgs a = check_collection_args(weight, offsets, table_rows, features, indices, bag_offsets,
-                                                 per_sample_weights, batch_size);
+// The set-up collection_backward and collection_update_ share (after check_collection_args):
+// checks grad_out, validates the whole call (table, bag offsets, every lookup), rewrites the
+// batch as virtual lookups grouped by row, then calls f(v, vl, go, psw) in the indices' and
+// the weight's types (go: grad_out [B, out_width], contiguous; psw or nullptr).
+template <class F>
+void with_grouped_collection(const CollectionArgs& a, const Tensor& grad_out, const Tensor& weight,
+                             const Tensor& offsets, const Tensor& table_rows, const Tensor& features,
+                             const Tensor& indices, const Tensor& bag_offsets,
+                             const std::optional<Tensor>& per_sample_weights, F&& f) {
   const int64_t W = check_grad(grad_out, weight, a);
-  PME_CHECK(!psw_grad || per_sample_weights.has_value(), "psw_grad needs per_sample_weights");
   const Tensor go_t = torch::stable::contiguous(grad_out);
-  Tensor grad_w = torch::stable::new_zeros(weight, {weight.numel()});
-  Tensor grad_psw = torch::stable::new_zeros(weight, {psw_grad ? a.num_lookups : 0});
   dispatch_index(indices.scalar_type(), "indices", [&](auto itag) {
     using I = decltype(itag);
     const View<I> v = make_view<I>(a, weight, offsets, table_rows, features, indices, bag_offsets, W,
@@ -275,45 +276,65 @@ std::tuple<Tensor, Tensor> collection_backward(Tensor grad_out, Tensor weight, T
     const Virtual vl = virtual_lookups(v);
     dispatch_weight(weight.scalar_type(), "weight", [&](auto wtag) {
       using T = decltype(wtag);
-      using A = acc_t<T>;
-      const T* go = go_t.const_data_ptr<T>();
       const T* psw = per_sample_weights ? per_sample_weights->const_data_ptr<T>() : nullptr;
-      T* gw = grad_w.mutable_data_ptr<T>();
+      f(v, vl, go_t.const_data_ptr<T>(), psw);
+    });
+  });
+}
+
+// Runs f(s, r, g) for every row r the batch touches, g its summed gradient (row_gradient).
+template <class T, class I, class F>
+void for_each_row_gradient(const View<I>& v, const Virtual& vl, const T* go, const T* psw, const F& f) {
+  for_each_row_gradient<acc_t<T>>(
+      vl.groups, max_width(v.feat, v.F),
+      [&](int64_t s, acc_t<T>* g) {
+        const int64_t r = vl.groups.rows[s];
+        row_gradient(v, vl, go, psw, s, v.off[r + 1] - v.off[r], g);
+      },
+      f);
+}
+
+std::tuple<Tensor, Tensor> collection_backward(Tensor grad_out, Tensor weight, Tensor offsets, Tensor table_rows,
+                                               Tensor features, Tensor indices, Tensor bag_offsets,
+                                               std::optional<Tensor> per_sample_weights, int64_t batch_size,
+                                               bool psw_grad) {
+  const CollectionArgs a = check_collection_args(weight, offsets, table_rows, features, indices, bag_offsets,
+                                                 per_sample_weights, batch_size);
+  PME_CHECK(!psw_grad || per_sample_weights.has_value(), "psw_grad needs per_sample_weights");
+  Tensor grad_w = torch::stable::new_zeros(weight, {weight.numel()});
+  Tensor grad_psw = torch::stable::new_zeros(weight, {psw_grad ? a.num_lookups : 0});
+  with_grouped_collection(a, grad_out, weight, offsets, table_rows, features, indices, bag_offsets,
+                          per_sample_weights, [&](const auto& v, const Virtual& vl, const auto* go, const auto* psw) {
+    using T = std::decay_t<decltype(*go)>;
+    using A = acc_t<T>;
+    T* gw = grad_w.mutable_data_ptr<T>();
+    for_each_row_gradient(v, vl, go, psw, [&](int64_t, int64_t r, const A* g) {
+      T* dst = gw + v.off[r];
+      for (int64_t c = 0, size = v.off[r + 1] - v.off[r]; c < size; ++c) dst[c] = static_cast<T>(g[c]);
+    });
+    if (psw_grad) {
+      // d out / d psw[j] = <row, grad of its bag's columns>, summed over the blocks reading j.
       const RowGroups& gr = vl.groups;
-      const int64_t U = static_cast<int64_t>(gr.rows.size());
-      const int64_t Wmax = max_width(v.feat, v.F);
-      torch::stable::parallel_for(0, U, 64, [&](int64_t s0, int64_t s1) {
-        std::vector<A> g(Wmax);
-        for (int64_t s = s0; s < s1; ++s) {
-          const int64_t r = gr.rows[s], size = v.off[r + 1] - v.off[r];
-          row_gradient(v, vl, go, psw, s, size, g.data());
-          T* dst = gw + v.off[r];
-          for (int64_t c = 0; c < size; ++c) dst[c] = static_cast<T>(g[c]);
+      const int64_t M = static_cast<int64_t>(vl.vrow.size());
+      std::vector<A> dot(M, A(0));
+      const T* w = weight.const_data_ptr<T>();
+      torch::stable::parallel_for(0, M, 1024, [&](int64_t m0, int64_t m1) {
+        for (int64_t m = m0; m < m1; ++m) {
+          const int64_t vb = gr.bag_of[m];
+          if (vb < 0) continue;
+          const int64_t k = vb / v.B, b = vb % v.B, r = vl.vrow[m];
+          const T* row = w + v.off[r];
+          const T* gp = go + b * v.out_width + v.block(k)[kFCol];
+          A d = 0;
+          for (int64_t c = 0, n = v.off[r + 1] - v.off[r]; c < n; ++c) d += static_cast<A>(row[c]) * static_cast<A>(gp[c]);
+          dot[m] = d;
         }
       });
-      if (psw_grad) {
-        // d out / d psw[j] = <row, grad of its bag's columns>, summed over the blocks reading j.
-        const int64_t M = static_cast<int64_t>(vl.vrow.size());
-        std::vector<A> dot(M, A(0));
-        const T* w = weight.const_data_ptr<T>();
-        torch::stable::parallel_for(0, M, 1024, [&](int64_t m0, int64_t m1) {
-          for (int64_t m = m0; m < m1; ++m) {
-            const int64_t vb = gr.bag_of[m];
-            if (vb < 0) continue;
-            const int64_t k = vb / v.B, b = vb % v.B, r = vl.vrow[m];
-            const T* row = w + v.off[r];
-            const T* gp = go + b * v.out_width + v.block(k)[kFCol];
-            A d = 0;
-            for (int64_t c = 0, n = v.off[r + 1] - v.off[r]; c < n; ++c) d += static_cast<A>(row[c]) * static_cast<A>(gp[c]);
-            dot[m] = d;
-          }
-        });
-        std::vector<A> sum(a.num_lookups, A(0));
-        for (int64_t m = 0; m < M; ++m) sum[vl.vpos[m]] += dot[m];  // block order: deterministic
-        T* gp = grad_psw.mutable_data_ptr<T>();
-        for (int64_t j = 0; j < a.num_lookups; ++j) gp[j] = static_cast<T>(sum[j]);
-      }
-    });
+      std::vector<A> sum(a.num_lookups, A(0));
+      for (int64_t m = 0; m < M; ++m) sum[vl.vpos[m]] += dot[m];  // block order: deterministic
+      T* gp = grad_psw.mutable_data_ptr<T>();
+      for (int64_t j = 0; j < a.num_lookups; ++j) gp[j] = static_cast<T>(sum[j]);
+    }
   });
   return {grad_w, grad_psw};
 }
@@ -329,35 +350,18 @@ void collection_update_(Tensor weight, Tensor state1, Tensor state2, Tensor grad
                  {{&grad_out, "grad_out"}, {&offsets, "offsets"}, {&table_rows, "table_rows"},
                   {&features, "features"}, {&indices, "indices"}, {&bag_offsets, "bag_offsets"},
                   {per_sample_weights ? &*per_sample_weights : nullptr, "per_sample_weights"}});
-  const int64_t W = check_grad(grad_out, weight, a);
-  const Tensor go_t = torch::stable::contiguous(grad_out);
   const Hyper h{optimizer, lr, weight_decay, eps, beta1, beta2, step};
-  dispatch_index(indices.scalar_type(), "indices", [&](auto itag) {
-    using I = decltype(itag);
-    const View<I> v = make_view<I>(a, weight, offsets, table_rows, features, indices, bag_offsets, W,
-                                   per_sample_weights.has_value());
-    validate_all(v);
-    const Virtual vl = virtual_lookups(v);
-    dispatch_weight(weight.scalar_type(), "weight", [&](auto wtag) {
-      using T = decltype(wtag);
-      using A = acc_t<T>;
-      const T* go = go_t.const_data_ptr<T>();
-      const T* psw = per_sample_weights ? per_sample_weights->const_data_ptr<T>() : nullptr;
-      T* w = weight.mutable_data_ptr<T>();
-      A* s1 = state1.numel() ? state1.mutable_data_ptr<A>() : nullptr;
-      A* s2 = state2.numel() ? state2.mutable_data_ptr<A>() : nullptr;
-      const RowGroups& gr = vl.groups;
-      const int64_t U = static_cast<int64_t>(gr.rows.size());
-      const int64_t Wmax = max_width(v.feat, v.F);
-      torch::stable::parallel_for(0, U, 64, [&](int64_t s0, int64_t s1_) {
-        std::vector<A> g(Wmax);
-        for (int64_t s = s0; s < s1_; ++s) {
-          const int64_t r = gr.rows[s], lo = v.off[r], size = v.off[r + 1] - lo;
-          row_gradient(v, vl, go, psw, s, size, g.data());
-          apply_step<T, A>(h, w + lo, g.data(), size, optimizer == kRowwiseAdagrad ? s1 + r : nullptr,
-                           optimizer == kAdam ? s1 + lo : nullptr, optimizer == kAdam ? s2 + lo : nullptr);
-        }
-      });
+  with_grouped_collection(a, grad_out, weight, offsets, table_rows, features, indices, bag_offsets,
+                          per_sample_weights, [&](const auto& v, const Virtual& vl, const auto* go, const auto* psw) {
+    using T = std::decay_t<decltype(*go)>;
+    using A = acc_t<T>;
+    T* w = weight.mutable_data_ptr<T>();
+    A* s1 = state1.numel() ? state1.mutable_data_ptr<A>() : nullptr;
+    A* s2 = state2.numel() ? state2.mutable_data_ptr<A>() : nullptr;
+    for_each_row_gradient(v, vl, go, psw, [&](int64_t, int64_t r, A* g) {
+      const int64_t lo = v.off[r], size = v.off[r + 1] - lo;
+      apply_step<T, A>(h, w + lo, g, size, optimizer == kRowwiseAdagrad ? s1 + r : nullptr,
+                       optimizer == kAdam ? s1 + lo : nullptr, optimizer == kAdam ? s2 + lo : nullptr);
     });
   });
 }
