@@ -68,6 +68,40 @@ __device__ __forceinline__ unsigned load_unit(const T* row, int size, int col, b
   return mk;
 }
 
+// The metadata of row r as lane t keeps it for its group: first entry lo, size, output column
+// col; size stays -1 (a lookup to skip) when the lookup is bad (lookup_row).
+__device__ __forceinline__ void lookup_meta(const Table& t, int64_t r, int64_t& lo, int32_t& size, int32_t& col) {
+  int64_t lo_, size_, col_;
+  if (lookup_row(t, r, lo_, size_, col_)) {
+    lo = lo_;
+    size = static_cast<int32_t>(size_);
+    col = static_cast<int32_t>(col_);
+  }
+}
+
+// Load phase of both forward kernels: the rows of the group's lookups i, ..., i + UNR - 1 (of
+// m; lookup i + u's metadata is held by lane (i + u) mod G), every row load issued before any
+// is used. raw[u][v] is the lane's output unit v (columns cbase + v * G * VEC, ...) of lookup
+// i + u's row, 0 where the row has none; msk[u][v] says which of its columns the row has (none
+// for a lookup to skip or past m).
+template <class T, int G, int NV, int UNR>
+__device__ __forceinline__ void load_rows(const T* w, bool vec_ok, unsigned gmask, int64_t lo, int32_t size,
+                                          int32_t col, int i, int m, int cbase, Pack<T> (&raw)[UNR][NV],
+                                          unsigned (&msk)[UNR][NV]) {
+  constexpr int VEC = Pack<T>::N;
+#pragma unroll
+  for (int u = 0; u < UNR; ++u) {
+    const int src = (i + u) & (G - 1);
+    const int64_t ulo = __shfl_sync(gmask, lo, src, G);
+    int32_t usz = __shfl_sync(gmask, size, src, G);
+    const int32_t ucol = __shfl_sync(gmask, col, src, G);
+    if (i + u >= m) usz = -1;  // past the group's lookups: load nothing
+    const bool aligned = vec_ok && usz >= 0 && ((ulo | usz | ucol) & (VEC - 1)) == 0;
+#pragma unroll
+    for (int v = 0; v < NV; ++v) msk[u][v] = load_unit(w + ulo, usz, ucol, aligned, cbase + v * G * VEC, raw[u][v]);
+  }
+}
+
 // G threads per bag, NV 16-byte units per thread, MAX: max pooling (else sum / mean).
 // Column arithmetic is 32-bit (the host checks the width); buffer addressing is 64-bit.
 // Occupancy floor for the common configurations (3 blocks of 256 threads per SM, <= 80
@@ -125,12 +159,7 @@ __global__ void __launch_bounds__(256, (fwd_min_blocks<T, NV, MAX>())) bag_forwa
     if (t < m) {
       const int64_t j = base + t;
       const int64_t r = static_cast<int64_t>(a.idx[j]);
-      int64_t lo_, size_, col_;
-      if (r != a.pad && lookup_row(a.t, r, lo_, size_, col_)) {
-        lo = lo_;
-        size = static_cast<int32_t>(size_);
-        col = static_cast<int32_t>(col_);
-      }
+      if (r != a.pad) lookup_meta(a.t, r, lo, size, col);
       if (a.psw != nullptr) scale = to_acc(a.psw[j]);
     }
     n += __popc(__ballot_sync(gmask, size >= 0) & gmask);
@@ -140,21 +169,10 @@ __global__ void __launch_bounds__(256, (fwd_min_blocks<T, NV, MAX>())) bag_forwa
       // the lane's columns of the row (0 where the row has none), msk which of them it has.
       Pack<T> raw[UNR][NV];
       unsigned msk[UNR][NV];
+      load_rows<T, G, NV, UNR>(a.w, a.vec_ok, gmask, lo, size, col, i, m, cbase, raw, msk);
       A usc[UNR];
 #pragma unroll
-      for (int u = 0; u < UNR; ++u) {
-        const int src = (i + u) & (G - 1);
-        const int64_t ulo = __shfl_sync(gmask, lo, src, G);
-        int32_t usz = __shfl_sync(gmask, size, src, G);
-        const int32_t ucol = __shfl_sync(gmask, col, src, G);
-        usc[u] = __shfl_sync(gmask, scale, src, G);
-        if (i + u >= m) usz = -1;
-        const bool aligned = a.vec_ok && usz >= 0 && ((ulo | usz | ucol) & (VEC - 1)) == 0;
-#pragma unroll
-        for (int v = 0; v < NV; ++v) {
-          msk[u][v] = load_unit(a.w + ulo, usz, ucol, aligned, cbase + v * G * VEC, raw[u][v]);
-        }
-      }
+      for (int u = 0; u < UNR; ++u) usc[u] = __shfl_sync(gmask, scale, (i + u) & (G - 1), G);
       // Accumulate phase, in position order.
 #pragma unroll
       for (int u = 0; u < UNR; ++u) {
@@ -240,27 +258,11 @@ __global__ void __launch_bounds__(256) embedding_forward_kernel(const FwdArgs<T,
 
   int64_t lo = 0;
   int32_t size = -1, col = 0;
-  if (t < m) {
-    int64_t lo_, size_, col_;
-    if (lookup_row(a.t, static_cast<int64_t>(a.idx[base + t]), lo_, size_, col_)) {
-      lo = lo_;
-      size = static_cast<int32_t>(size_);
-      col = static_cast<int32_t>(col_);
-    }
-  }
+  if (t < m) lookup_meta(a.t, static_cast<int64_t>(a.idx[base + t]), lo, size, col);
   for (int i = 0; i < m; i += UNR) {
     Pack<T> raw[UNR][NV];
-#pragma unroll
-    for (int u = 0; u < UNR; ++u) {
-      const int src = (i + u) & (G - 1);
-      const int64_t ulo = __shfl_sync(gmask, lo, src, G);
-      int32_t usz = __shfl_sync(gmask, size, src, G);
-      const int32_t ucol = __shfl_sync(gmask, col, src, G);
-      if (i + u >= m) usz = -1;  // past the group's lookups: load nothing
-      const bool aligned = a.vec_ok && usz >= 0 && ((ulo | usz | ucol) & (VEC - 1)) == 0;
-#pragma unroll
-      for (int v = 0; v < NV; ++v) load_unit(a.w + ulo, usz, ucol, aligned, cbase + v * G * VEC, raw[u][v]);
-    }
+    unsigned msk[UNR][NV];  // unused: a missing column loads as 0, which is what is stored
+    load_rows<T, G, NV, UNR>(a.w, a.vec_ok, gmask, lo, size, col, i, m, cbase, raw, msk);
 #pragma unroll
     for (int u = 0; u < UNR; ++u) {
       if (i + u >= m) continue;
