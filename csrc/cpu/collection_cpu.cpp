@@ -144,8 +144,8 @@ void validate_all(const View<I>& v) {
 constexpr int64_t kRun = 64;
 
 template <class T, class I>
-void forward_range(const View<I>& v, const T* w, const T* psw, int64_t p0, int64_t p1, T* out, T* tmp,
-                   std::atomic<int64_t>& bad) {
+void forward_range(CpuKernel kernel, const View<I>& v, const T* w, const T* psw, int64_t p0, int64_t p1, T* out,
+                   T* tmp, std::atomic<int64_t>& bad) {
   for (int64_t p = p0; p < p1;) {
     const int64_t k = p / v.B, b0 = p % v.B;
     const int64_t b1 = std::min<int64_t>({v.B, b0 + (p1 - p), b0 + kRun});
@@ -153,7 +153,7 @@ void forward_range(const View<I>& v, const T* w, const T* psw, int64_t p0, int64
     const int64_t t = f[kFTable], W = f[kFWidth], base = v.rows[t];
     // The table as the lookup kernel sees it: its own rows, offsets into the global buffer.
     const TableView tv{v.off + base, v.rows[t + 1] - base, v.total, nullptr, 0, W};
-    pool_bags<T, I>(w, tv, v.idx, v.bo + f[kFKey] * v.B + b0, b1 - b0, psw, f[kFPooling], tmp, bad);
+    pool_bags<T, I>(kernel, w, tv, v.idx, v.bo + f[kFKey] * v.B + b0, b1 - b0, psw, f[kFPooling], tmp, bad);
     for (int64_t b = b0; b < b1; ++b) {
       std::copy(tmp + (b - b0) * W, tmp + (b - b0 + 1) * W, out + b * v.out_width + f[kFCol]);
     }
@@ -183,9 +183,10 @@ Tensor collection_forward(Tensor weight, Tensor offsets, Tensor table_rows, Tens
       const T* w = weight.const_data_ptr<T>();
       const T* psw = per_sample_weights ? per_sample_weights->const_data_ptr<T>() : nullptr;
       const int64_t W = max_width(v.feat, v.F);
+      const CpuKernel kernel = cpu_kernel();  // getenv once per call, not per chunk
       torch::stable::parallel_for(0, v.F * v.B, kRun, [&](int64_t p0, int64_t p1) {
         std::vector<T> tmp(kRun * W);
-        forward_range<T, I>(v, w, psw, p0, p1, o, tmp.data(), bad);
+        forward_range<T, I>(kernel, v, w, psw, p0, p1, o, tmp.data(), bad);
       });
     });
     if (bad.load() != kNone) report_bad(v, bad.load());
