@@ -318,6 +318,12 @@ __device__ __forceinline__ void for_chunk(int64_t c0, int64_t size, int lane, co
   }
 }
 
+template <class A>
+__device__ __forceinline__ void zero_chunk(A (&gv)[kVPL]) {
+#pragma unroll
+  for (int i = 0; i < kVPL; ++i) gv[i] = 0;
+}
+
 // Gradient of one part's row, column chunk c0, from the part's lookups: lane u holds lookup
 // u's position j, bag b and scale sc (loaded in parallel); the warp walks them in position
 // order, lanes over columns c0 + lane + 32 * i.
@@ -333,8 +339,7 @@ struct PartGrad {
   bool max_mode;
 
   __device__ __forceinline__ void operator()(int64_t c0, A (&gv)[kVPL]) const {
-#pragma unroll
-    for (int i = 0; i < kVPL; ++i) gv[i] = 0;
+    zero_chunk(gv);
 #pragma unroll 4
     for (int u = 0; u < len; ++u) {
       const int32_t ju = __shfl_sync(kFullMask, j, u);
@@ -362,8 +367,7 @@ struct PartialSum {
   int lane;
 
   __device__ __forceinline__ void operator()(int64_t c0, A (&gv)[kVPL]) const {
-#pragma unroll
-    for (int i = 0; i < kVPL; ++i) gv[i] = 0;
+    zero_chunk(gv);
 #pragma unroll 4
     for (int64_t q = 0; q < np; ++q) {
       for_chunk(c0, size, lane, [&](int i, int64_t c) { gv[i] += base[q * W + c]; });
