@@ -21,6 +21,12 @@
 
 namespace pme {
 
+// Registers the collection operators (the backend's functions of those names) in library block m.
+#define PME_REGISTER_COLLECTION(m)                                     \
+  m.impl("collection_forward", TORCH_BOX(&collection_forward));       \
+  m.impl("collection_backward", TORCH_BOX(&collection_backward));     \
+  m.impl("collection_update_", TORCH_BOX(&collection_update_))
+
 enum FeatureField : int64_t { kFTable = 0, kFKey = 1, kFCol = 2, kFWidth = 3, kFPooling = 4, kFFields = 5 };
 
 struct CollectionArgs {

@@ -347,10 +347,10 @@ void collection_update_(Tensor weight, Tensor state1, Tensor state2, Tensor grad
   const CollectionArgs a = check_collection_args(weight, offsets, table_rows, features, indices, bag_offsets,
                                                  per_sample_weights, batch_size);
   check_update_args(weight, state1, state2, offsets, optimizer, lr, weight_decay, eps, beta1, beta2, step);
-  check_in_place({{&weight, "weight"}, {&state1, "state1"}, {&state2, "state2"}},
-                 {{&grad_out, "grad_out"}, {&offsets, "offsets"}, {&table_rows, "table_rows"},
-                  {&features, "features"}, {&indices, "indices"}, {&bag_offsets, "bag_offsets"},
-                  {per_sample_weights ? &*per_sample_weights : nullptr, "per_sample_weights"}});
+  check_update_in_place(weight, state1, state2,
+                        {{&grad_out, "grad_out"}, {&offsets, "offsets"}, {&table_rows, "table_rows"},
+                         {&features, "features"}, {&indices, "indices"}, {&bag_offsets, "bag_offsets"},
+                         {per_sample_weights ? &*per_sample_weights : nullptr, "per_sample_weights"}});
   const Hyper h{optimizer, lr, weight_decay, eps, beta1, beta2, step};
   with_grouped_collection(a, grad_out, weight, offsets, table_rows, features, indices, bag_offsets,
                           per_sample_weights, [&](const auto& v, const Virtual& vl, const auto* go, const auto* psw) {
@@ -369,10 +369,6 @@ void collection_update_(Tensor weight, Tensor state1, Tensor state2, Tensor grad
 
 }  // namespace
 
-STABLE_TORCH_LIBRARY_IMPL(pme, CPU, m) {
-  m.impl("collection_forward", TORCH_BOX(&collection_forward));
-  m.impl("collection_backward", TORCH_BOX(&collection_backward));
-  m.impl("collection_update_", TORCH_BOX(&collection_update_));
-}
+STABLE_TORCH_LIBRARY_IMPL(pme, CPU, m) { PME_REGISTER_COLLECTION(m); }
 
 }  // namespace pme::cpu

@@ -28,10 +28,9 @@ void sparse_update_(Tensor weight, Tensor state1, Tensor state2, Tensor grad_out
                     Tensor argmax, int64_t mode, int64_t padding_idx, int64_t optimizer, double lr,
                     double weight_decay, double eps, double beta1, double beta2, int64_t step) {
   check_update_args(weight, state1, state2, offsets, optimizer, lr, weight_decay, eps, beta1, beta2, step);
-  check_in_place({{&weight, "weight"}, {&state1, "state1"}, {&state2, "state2"}},
-                 {{&grad_out, "grad_out"}, {&offsets, "offsets"}, {&indices, "indices"}, {&bag_offsets, "bag_offsets"},
-                  {per_sample_weights ? &*per_sample_weights : nullptr, "per_sample_weights"},
-                  {col_of_size ? &*col_of_size : nullptr, "col_of_size"}, {&argmax, "argmax"}});
+  check_update_in_place(weight, state1, state2,
+                        lookup_inputs(grad_out, nullptr, offsets, indices, bag_offsets, per_sample_weights,
+                                      col_of_size, argmax));
   const Hyper h{optimizer, lr, weight_decay, eps, beta1, beta2, step};
   const int64_t* off = offsets.const_data_ptr<int64_t>();
   void* s1 = state1.numel() ? state1.mutable_data_ptr() : nullptr;
@@ -53,11 +52,8 @@ void accumulate_scores_(Tensor scores, Tensor grad_out, Tensor weight, Tensor of
                         std::optional<Tensor> col_of_size, Tensor argmax, int64_t mode, int64_t padding_idx,
                         int64_t rule) {
   check_score_args(scores, weight, rule);
-  check_in_place({{&scores, "scores"}},
-                 {{&grad_out, "grad_out"}, {&weight, "weight"}, {&offsets, "offsets"}, {&indices, "indices"},
-                  {&bag_offsets, "bag_offsets"},
-                  {per_sample_weights ? &*per_sample_weights : nullptr, "per_sample_weights"},
-                  {col_of_size ? &*col_of_size : nullptr, "col_of_size"}, {&argmax, "argmax"}});
+  check_in_place({{&scores, "scores"}}, lookup_inputs(grad_out, &weight, offsets, indices, bag_offsets,
+                                                     per_sample_weights, col_of_size, argmax));
   const int64_t* off = offsets.const_data_ptr<int64_t>();
   void* sc = scores.mutable_data_ptr();
   for_each_row(grad_out, weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, argmax, mode,

@@ -545,10 +545,10 @@ void collection_update_(Tensor weight, Tensor state1, Tensor state2, Tensor grad
                         std::optional<Tensor> per_sample_weights, int64_t batch_size, int64_t optimizer, double lr,
                         double weight_decay, double eps, double beta1, double beta2, int64_t step) {
   check_update_args(weight, state1, state2, offsets, optimizer, lr, weight_decay, eps, beta1, beta2, step);
-  check_in_place({{&weight, "weight"}, {&state1, "state1"}, {&state2, "state2"}},
-                 {{&grad_out, "grad_out"}, {&offsets, "offsets"}, {&table_rows, "table_rows"},
-                  {&features, "features"}, {&indices, "indices"}, {&bag_offsets, "bag_offsets"},
-                  {per_sample_weights ? &*per_sample_weights : nullptr, "per_sample_weights"}});
+  check_update_in_place(weight, state1, state2,
+                        {{&grad_out, "grad_out"}, {&offsets, "offsets"}, {&table_rows, "table_rows"},
+                         {&features, "features"}, {&indices, "indices"}, {&bag_offsets, "bag_offsets"},
+                         {per_sample_weights ? &*per_sample_weights : nullptr, "per_sample_weights"}});
   void* s1 = optimizer != kSGD && state1.numel() ? state1.mutable_data_ptr() : nullptr;
   void* s2 = optimizer == kAdam && state2.numel() ? state2.mutable_data_ptr() : nullptr;
   void* w = weight.mutable_data_ptr();
@@ -563,10 +563,6 @@ void collection_update_(Tensor weight, Tensor state1, Tensor state2, Tensor grad
 
 }  // namespace
 
-STABLE_TORCH_LIBRARY_IMPL(pme, CUDA, m) {
-  m.impl("collection_forward", TORCH_BOX(&collection_forward));
-  m.impl("collection_backward", TORCH_BOX(&collection_backward));
-  m.impl("collection_update_", TORCH_BOX(&collection_update_));
-}
+STABLE_TORCH_LIBRARY_IMPL(pme, CUDA, m) { PME_REGISTER_COLLECTION(m); }
 
 }  // namespace pme::cuda

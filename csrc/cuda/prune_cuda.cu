@@ -337,10 +337,6 @@ Tensor prune_pack(Tensor dense, Tensor scores, Tensor offsets, bool by_score) {
 
 }  // namespace
 
-STABLE_TORCH_LIBRARY_IMPL(pme, CUDA, m) {
-  m.impl("topk_threshold", TORCH_BOX(&topk_threshold));
-  m.impl("prune_counts", TORCH_BOX(&prune_counts));
-  m.impl("prune_pack", TORCH_BOX(&prune_pack));
-}
+STABLE_TORCH_LIBRARY_IMPL(pme, CUDA, m) { PME_REGISTER_PRUNE(m); }
 
 }  // namespace pme::cuda
