@@ -411,16 +411,21 @@ __device__ __forceinline__ void apply_row(const Op& op, const F& grad_chunk, int
   }
 }
 
+// Grid-stride loop over warps: f(i, lane) for every i in [0, n), one warp each.
+template <class F>
+__device__ __forceinline__ void for_each_warp(int64_t n, const F& f) {
+  const int lane = threadIdx.x & 31;
+  const int64_t nwarps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
+  for (int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; i < n; i += nwarps) f(i, lane);
+}
+
 // One warp per part (see the file comment).
 template <class T, class Op>
 __global__ void __launch_bounds__(256)
     row_parts_kernel(GradSrc<T> src, RowGroupsDev g, acc_t<T>* partial, Op op) {
   using A = acc_t<T>;
-  const int lane = threadIdx.x & 31;
-  const int64_t nwarps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
-  const int64_t P = *g.num_parts;
   const int64_t W = src.W;
-  for (int64_t p = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; p < P; p += nwarps) {
+  for_each_warp(*g.num_parts, [&](int64_t p, int lane) {
     const int s = g.seg_of_part[p];
     const uint64_t sc0 = g.part_scan[s], sc1 = g.part_scan[s + 1];
     const int64_t first = static_cast<uint32_t>(sc0);
@@ -429,7 +434,7 @@ __global__ void __launch_bounds__(256)
     const int64_t r = g.rows[s];
     const int64_t lo = src.table.off[r];
     const int64_t size = src.table.off[r + 1] - lo;
-    if (size <= 0) continue;
+    if (size <= 0) return;
     const int64_t col = src.table.cos ? src.table.cos[size] : 0;
     const int64_t k0 = g.seg[s] + q * kPartLen;
     const int len = static_cast<int>(min(static_cast<int64_t>(g.seg[s + 1]), k0 + kPartLen) - k0);
@@ -458,7 +463,7 @@ __global__ void __launch_bounds__(256)
         for_chunk(c0, size, lane, [&](int i, int64_t c) { dst[c] = gv[i]; });
       }
     }
-  }
+  });
 }
 
 // One warp per segment of more than one part: adds the parts' partial sums in part order.
@@ -466,22 +471,18 @@ template <class T, class Op>
 __global__ void __launch_bounds__(256)
     row_final_kernel(GradSrc<T> src, RowGroupsDev g, const acc_t<T>* partial, Op op) {
   using A = acc_t<T>;
-  const int lane = threadIdx.x & 31;
-  const int64_t nwarps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
-  const int64_t U = *g.num_segments;
-  const int64_t W = src.W;
-  for (int64_t s = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; s < U; s += nwarps) {
+  for_each_warp(*g.num_segments, [&](int64_t s, int lane) {
     const uint64_t sc0 = g.part_scan[s], sc1 = g.part_scan[s + 1];
     const int64_t np = static_cast<int64_t>(static_cast<uint32_t>(sc1)) - static_cast<uint32_t>(sc0);
-    if (np <= 1) continue;
+    if (np <= 1) return;
     const int64_t r = g.rows[s];
     const int64_t lo = src.table.off[r];
     const int64_t size = src.table.off[r + 1] - lo;
-    if (size <= 0) continue;
-    const A* base = partial + static_cast<int64_t>(sc0 >> 32) * W;
-    const PartialSum<A> grad_chunk{base, W, np, size, lane};
+    if (size <= 0) return;
+    const A* base = partial + static_cast<int64_t>(sc0 >> 32) * src.W;
+    const PartialSum<A> grad_chunk{base, src.W, np, size, lane};
     apply_row<A>(op, grad_chunk, r, lo, size, lane);
-  }
+  });
 }
 
 // Runs op once on every row the batch touches, with the row's summed gradient.
