@@ -24,8 +24,8 @@ template <ForwardFn Fwd, BackwardFn Bwd>
 struct LookupOps {
   // Pooled lookup: output [B, out_width] (+ argmax [B, out_width] for max).
   static std::tuple<Tensor, Tensor> bag_forward(Tensor weight, Tensor offsets, Tensor indices, Tensor bag_offsets,
-                                                OptTensor per_sample_weights, OptTensor col_of_size,
-                                                int64_t out_width, int64_t mode, int64_t padding_idx) {
+                                                OptTensor per_sample_weights, OptTensor col_of_size, int64_t out_width,
+                                                int64_t mode, int64_t padding_idx) {
     return Fwd(weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, out_width, mode, padding_idx);
   }
 

@@ -32,7 +32,7 @@ struct View {
   const int64_t* feat;  // [F, 5]
   int64_t F, B, N;
   const I* idx;  // [N]
-  const I* bo;  // [G * B + 1]
+  const I* bo;   // [G * B + 1]
   int64_t out_width;
 
   const int64_t* block(int64_t k) const { return feat + k * kFFields; }
@@ -144,8 +144,8 @@ void validate_all(const View<I>& v) {
 constexpr int64_t kRun = 64;
 
 template <class T, class I>
-void forward_range(CpuKernel kernel, const View<I>& v, const T* w, const T* psw, int64_t p0, int64_t p1, T* out,
-                   T* tmp, std::atomic<int64_t>& bad) {
+void forward_range(CpuKernel kernel, const View<I>& v, const T* w, const T* psw, int64_t p0, int64_t p1, T* out, T* tmp,
+                   std::atomic<int64_t>& bad) {
   for (int64_t p = p0; p < p1;) {
     const int64_t k = p / v.B, b0 = p % v.B;
     const int64_t b1 = std::min<int64_t>({v.B, b0 + (p1 - p), b0 + kRun});
@@ -271,8 +271,8 @@ void with_grouped_collection(const CollectionArgs& a, const Tensor& grad_out, co
   const Tensor go_t = torch::stable::contiguous(grad_out);
   dispatch_index(indices.scalar_type(), "indices", [&](auto itag) {
     using I = decltype(itag);
-    const View<I> v = make_view<I>(a, weight, offsets, table_rows, features, indices, bag_offsets, W,
-                                   per_sample_weights.has_value());
+    const View<I> v =
+        make_view<I>(a, weight, offsets, table_rows, features, indices, bag_offsets, W, per_sample_weights.has_value());
     validate_all(v);
     const Virtual vl = virtual_lookups(v);
     dispatch_weight(weight.scalar_type(), "weight", [&](auto wtag) {
@@ -304,71 +304,80 @@ std::tuple<Tensor, Tensor> collection_backward(Tensor grad_out, Tensor weight, T
   PME_CHECK(!psw_grad || per_sample_weights.has_value(), "psw_grad needs per_sample_weights");
   Tensor grad_w = torch::stable::new_zeros(weight, {weight.numel()});
   Tensor grad_psw = torch::stable::new_zeros(weight, {psw_grad ? a.num_lookups : 0});
-  with_grouped_collection(a, grad_out, weight, offsets, table_rows, features, indices, bag_offsets,
-                          per_sample_weights, [&](const auto& v, const Virtual& vl, const auto* go, const auto* psw) {
-    using T = std::decay_t<decltype(*go)>;
-    using A = acc_t<T>;
-    T* gw = grad_w.mutable_data_ptr<T>();
-    for_each_row_gradient(v, vl, go, psw, [&](int64_t, int64_t r, const A* g) {
-      T* dst = gw + v.off[r];
-      for (int64_t c = 0, size = v.off[r + 1] - v.off[r]; c < size; ++c) dst[c] = static_cast<T>(g[c]);
-    });
-    if (psw_grad) {
-      // d out / d psw[j] = <row, grad of its bag's columns>, summed over the blocks reading j.
-      const RowGroups& gr = vl.groups;
-      const int64_t M = static_cast<int64_t>(vl.vrow.size());
-      std::vector<A> dot(M, A(0));
-      const T* w = weight.const_data_ptr<T>();
-      torch::stable::parallel_for(0, M, 1024, [&](int64_t m0, int64_t m1) {
-        for (int64_t m = m0; m < m1; ++m) {
-          const int64_t vb = gr.bag_of[m];
-          if (vb < 0) continue;
-          const int64_t k = vb / v.B, b = vb % v.B, r = vl.vrow[m];
-          const T* row = w + v.off[r];
-          const T* gp = go + b * v.out_width + v.block(k)[kFCol];
-          A d = 0;
-          for (int64_t c = 0, n = v.off[r + 1] - v.off[r]; c < n; ++c) d += static_cast<A>(row[c]) * static_cast<A>(gp[c]);
-          dot[m] = d;
-        }
-      });
-      std::vector<A> sum(a.num_lookups, A(0));
-      for (int64_t m = 0; m < M; ++m) sum[vl.vpos[m]] += dot[m];  // block order: deterministic
-      T* gp = grad_psw.mutable_data_ptr<T>();
-      for (int64_t j = 0; j < a.num_lookups; ++j) gp[j] = static_cast<T>(sum[j]);
-    }
-  });
+  with_grouped_collection(a, grad_out, weight, offsets, table_rows, features, indices, bag_offsets, per_sample_weights,
+                          [&](const auto& v, const Virtual& vl, const auto* go, const auto* psw) {
+                            using T = std::decay_t<decltype(*go)>;
+                            using A = acc_t<T>;
+                            T* gw = grad_w.mutable_data_ptr<T>();
+                            for_each_row_gradient(v, vl, go, psw, [&](int64_t, int64_t r, const A* g) {
+                              T* dst = gw + v.off[r];
+                              for (int64_t c = 0, size = v.off[r + 1] - v.off[r]; c < size; ++c)
+                                dst[c] = static_cast<T>(g[c]);
+                            });
+                            if (psw_grad) {
+                              // d out / d psw[j] = <row, grad of its bag's columns>, summed over the blocks reading j.
+                              const RowGroups& gr = vl.groups;
+                              const int64_t M = static_cast<int64_t>(vl.vrow.size());
+                              std::vector<A> dot(M, A(0));
+                              const T* w = weight.const_data_ptr<T>();
+                              torch::stable::parallel_for(0, M, 1024, [&](int64_t m0, int64_t m1) {
+                                for (int64_t m = m0; m < m1; ++m) {
+                                  const int64_t vb = gr.bag_of[m];
+                                  if (vb < 0) continue;
+                                  const int64_t k = vb / v.B, b = vb % v.B, r = vl.vrow[m];
+                                  const T* row = w + v.off[r];
+                                  const T* gp = go + b * v.out_width + v.block(k)[kFCol];
+                                  A d = 0;
+                                  for (int64_t c = 0, n = v.off[r + 1] - v.off[r]; c < n; ++c)
+                                    d += static_cast<A>(row[c]) * static_cast<A>(gp[c]);
+                                  dot[m] = d;
+                                }
+                              });
+                              std::vector<A> sum(a.num_lookups, A(0));
+                              for (int64_t m = 0; m < M; ++m) sum[vl.vpos[m]] += dot[m];  // block order: deterministic
+                              T* gp = grad_psw.mutable_data_ptr<T>();
+                              for (int64_t j = 0; j < a.num_lookups; ++j) gp[j] = static_cast<T>(sum[j]);
+                            }
+                          });
   return {grad_w, grad_psw};
 }
 
-void collection_update_(Tensor weight, Tensor state1, Tensor state2, Tensor grad_out, Tensor offsets,
-                        Tensor table_rows, Tensor features, Tensor indices, Tensor bag_offsets,
-                        std::optional<Tensor> per_sample_weights, int64_t batch_size, int64_t optimizer, double lr,
-                        double weight_decay, double eps, double beta1, double beta2, int64_t step) {
+void collection_update_(Tensor weight, Tensor state1, Tensor state2, Tensor grad_out, Tensor offsets, Tensor table_rows,
+                        Tensor features, Tensor indices, Tensor bag_offsets, std::optional<Tensor> per_sample_weights,
+                        int64_t batch_size, int64_t optimizer, double lr, double weight_decay, double eps, double beta1,
+                        double beta2, int64_t step) {
   const CollectionArgs a = check_collection_args(weight, offsets, table_rows, features, indices, bag_offsets,
                                                  per_sample_weights, batch_size);
   check_update_args(weight, state1, state2, offsets, optimizer, lr, weight_decay, eps, beta1, beta2, step);
   check_update_in_place(weight, state1, state2,
-                        {{&grad_out, "grad_out"}, {&offsets, "offsets"}, {&table_rows, "table_rows"},
-                         {&features, "features"}, {&indices, "indices"}, {&bag_offsets, "bag_offsets"},
+                        {{&grad_out, "grad_out"},
+                         {&offsets, "offsets"},
+                         {&table_rows, "table_rows"},
+                         {&features, "features"},
+                         {&indices, "indices"},
+                         {&bag_offsets, "bag_offsets"},
                          {per_sample_weights ? &*per_sample_weights : nullptr, "per_sample_weights"}});
   const Hyper h{optimizer, lr, weight_decay, eps, beta1, beta2, step};
-  with_grouped_collection(a, grad_out, weight, offsets, table_rows, features, indices, bag_offsets,
-                          per_sample_weights, [&](const auto& v, const Virtual& vl, const auto* go, const auto* psw) {
-    using T = std::decay_t<decltype(*go)>;
-    using A = acc_t<T>;
-    T* w = weight.mutable_data_ptr<T>();
-    A* s1 = state1.numel() ? state1.mutable_data_ptr<A>() : nullptr;
-    A* s2 = state2.numel() ? state2.mutable_data_ptr<A>() : nullptr;
-    for_each_row_gradient(v, vl, go, psw, [&](int64_t, int64_t r, A* g) {
-      const int64_t lo = v.off[r], size = v.off[r + 1] - lo;
-      apply_step<T, A>(h, w + lo, g, size, optimizer == kRowwiseAdagrad ? s1 + r : nullptr,
-                       optimizer == kAdam ? s1 + lo : nullptr, optimizer == kAdam ? s2 + lo : nullptr);
-    });
-  });
+  with_grouped_collection(a, grad_out, weight, offsets, table_rows, features, indices, bag_offsets, per_sample_weights,
+                          [&](const auto& v, const Virtual& vl, const auto* go, const auto* psw) {
+                            using T = std::decay_t<decltype(*go)>;
+                            using A = acc_t<T>;
+                            T* w = weight.mutable_data_ptr<T>();
+                            A* s1 = state1.numel() ? state1.mutable_data_ptr<A>() : nullptr;
+                            A* s2 = state2.numel() ? state2.mutable_data_ptr<A>() : nullptr;
+                            for_each_row_gradient(v, vl, go, psw, [&](int64_t, int64_t r, A* g) {
+                              const int64_t lo = v.off[r], size = v.off[r + 1] - lo;
+                              apply_step<T, A>(h, w + lo, g, size, optimizer == kRowwiseAdagrad ? s1 + r : nullptr,
+                                               optimizer == kAdam ? s1 + lo : nullptr,
+                                               optimizer == kAdam ? s2 + lo : nullptr);
+                            });
+                          });
 }
 
 }  // namespace
 
-STABLE_TORCH_LIBRARY_IMPL(pme, CPU, m) { PME_REGISTER_COLLECTION(m); }
+STABLE_TORCH_LIBRARY_IMPL(pme, CPU, m) {
+  PME_REGISTER_COLLECTION(m);
+}
 
 }  // namespace pme::cpu

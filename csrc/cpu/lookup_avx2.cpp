@@ -40,7 +40,7 @@ struct Avx2Row16 {
   PME_AVX2 static inline void load16(const uint16_t* row, int k, int live, __m256i* v) {
     const uint16_t* p = row + 32 * k;
     const int r = live - 32 * k < 32 ? live - 32 * k : 32;  // live entries in this step, 1..32
-    const __m256i pairs = _mm256_set1_epi32(r >> 1);          // whole pairs of live entries
+    const __m256i pairs = _mm256_set1_epi32(r >> 1);        // whole pairs of live entries
     v[0] = _mm256_maskload_epi32(reinterpret_cast<const int*>(p),
                                  _mm256_cmpgt_epi32(pairs, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
     v[1] = _mm256_maskload_epi32(reinterpret_cast<const int*>(p + 16),
@@ -125,8 +125,9 @@ struct Avx2Store<c10::BFloat16> {
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
     const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
     const __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
-    avx2_store16(p, k, _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(r),
-                                                             _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC0)), nan)));
+    avx2_store16(p, k,
+                 _mm256_castps_si256(
+                     _mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC0)), nan)));
   }
 };
 
@@ -138,8 +139,9 @@ struct Avx2Store<c10::Half> {
     const __m256i r = _mm256_cvtepu16_epi32(h);
     const __m256i sign = _mm256_and_si256(_mm256_srli_epi32(_mm256_castps_si256(x), 16), _mm256_set1_epi32(0x8000));
     const __m256i nan = _mm256_or_si256(sign, _mm256_set1_epi32(0x7E00));
-    avx2_store16(p, k, _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(nan),
-                                                             _mm256_cmp_ps(x, x, _CMP_UNORD_Q))));
+    avx2_store16(p, k,
+                 _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(nan),
+                                                      _mm256_cmp_ps(x, x, _CMP_UNORD_Q))));
   }
 };
 
@@ -191,24 +193,24 @@ struct Avx2Acc {
 
 template <class T, class I, int NV, bool kWeighted>
 PME_AVX2 __attribute__((flatten)) void bag_sum_avx2_nv(const T* w, const TableView& t, const I* idx, const I* bo,
-                                                    int64_t b0, int64_t b1, const T* psw, bool mean, int64_t pad,
-                                                    T* out, std::atomic<int64_t>& bad) {
+                                                       int64_t b0, int64_t b1, const T* psw, bool mean, int64_t pad,
+                                                       T* out, std::atomic<int64_t>& bad) {
   bag_sum_simd<Avx2Acc<T, NV>, T, I, kWeighted>(w, t, idx, bo, b0, b1, psw, mean, pad, out, bad);
 }
 }  // namespace
 
 template <class T, class I>
 void bag_sum_avx2(const T* w, const TableView& t, const I* idx, const I* bo, int64_t b0, int64_t b1, const T* psw,
-              bool mean, int64_t pad, T* out, std::atomic<int64_t>& bad) {
+                  bool mean, int64_t pad, T* out, std::atomic<int64_t>& bad) {
   with_accumulators<8, T>(t.width, psw != nullptr, [&](auto nv, auto weighted) {
     bag_sum_avx2_nv<T, I, decltype(nv)::value, decltype(weighted)::value>(w, t, idx, bo, b0, b1, psw, mean, pad, out,
-                                                                       bad);
+                                                                          bad);
   });
 }
 
-#define PME_ENTRY(T, I)                                                                                    \
+#define PME_ENTRY(T, I)                                                                                              \
   template void bag_sum_avx2<T, I>(const T*, const TableView&, const I*, const I*, int64_t, int64_t, const T*, bool, \
-                             int64_t, T*, std::atomic<int64_t>&)
+                                   int64_t, T*, std::atomic<int64_t>&)
 PME_SIMD_TYPES(PME_ENTRY);
 #undef PME_ENTRY
 

@@ -35,8 +35,8 @@ struct Avx512Row<float> {
 struct Avx512Row16 {
   static constexpr int kStep = 32;
   PME_AVX512 static inline uint32_t mask(int n, int k) {
-    const __m512i lane = _mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14,
-                                          13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i lane = _mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14, 13,
+                                          12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     return _mm512_cmpgt_epi16_mask(_mm512_set1_epi16(static_cast<int16_t>(n)),
                                    _mm512_add_epi16(lane, _mm512_set1_epi16(static_cast<int16_t>(32 * k))));
   }
@@ -125,9 +125,8 @@ struct Avx512Acc {
       const __m512 d = _mm512_set1_ps(static_cast<float>(n));
       ((a[V] = _mm512_div_ps(a[V], d)), ...);
     }
-    ((16 * V < W ? Avx512Store<T>::store(o + 16 * V,
-                                         W - 16 * V >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (W - 16 * V)) - 1),
-                                         a[V])
+    ((16 * V < W ? Avx512Store<T>::store(
+                       o + 16 * V, W - 16 * V >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (W - 16 * V)) - 1), a[V])
                  : void()),
      ...);
   }
@@ -135,24 +134,24 @@ struct Avx512Acc {
 
 template <class T, class I, int NV, bool kWeighted>
 PME_AVX512 __attribute__((flatten)) void bag_sum_avx512_nv(const T* w, const TableView& t, const I* idx, const I* bo,
-                                                        int64_t b0, int64_t b1, const T* psw, bool mean, int64_t pad,
-                                                        T* out, std::atomic<int64_t>& bad) {
+                                                           int64_t b0, int64_t b1, const T* psw, bool mean, int64_t pad,
+                                                           T* out, std::atomic<int64_t>& bad) {
   bag_sum_simd<Avx512Acc<T, NV>, T, I, kWeighted>(w, t, idx, bo, b0, b1, psw, mean, pad, out, bad);
 }
 }  // namespace
 
 template <class T, class I>
 void bag_sum_avx512(const T* w, const TableView& t, const I* idx, const I* bo, int64_t b0, int64_t b1, const T* psw,
-              bool mean, int64_t pad, T* out, std::atomic<int64_t>& bad) {
+                    bool mean, int64_t pad, T* out, std::atomic<int64_t>& bad) {
   with_accumulators<16, T>(t.width, psw != nullptr, [&](auto nv, auto weighted) {
     bag_sum_avx512_nv<T, I, decltype(nv)::value, decltype(weighted)::value>(w, t, idx, bo, b0, b1, psw, mean, pad, out,
-                                                                       bad);
+                                                                            bad);
   });
 }
 
-#define PME_ENTRY(T, I)                                                                                    \
+#define PME_ENTRY(T, I)                                                                                                \
   template void bag_sum_avx512<T, I>(const T*, const TableView&, const I*, const I*, int64_t, int64_t, const T*, bool, \
-                             int64_t, T*, std::atomic<int64_t>&)
+                                     int64_t, T*, std::atomic<int64_t>&)
 PME_SIMD_TYPES(PME_ENTRY);
 #undef PME_ENTRY
 

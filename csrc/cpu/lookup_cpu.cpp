@@ -55,9 +55,12 @@ CpuKernel cpu_kernel() {
   const char* force = std::getenv("PME_CPU_KERNEL");
   if (force == nullptr) return best;
   CpuKernel want = best;
-  if (std::strcmp(force, "generic") == 0) want = CpuKernel::kGeneric;
-  else if (std::strcmp(force, "avx2") == 0) want = CpuKernel::kAvx2;
-  else if (std::strcmp(force, "avx512") == 0) want = CpuKernel::kAvx512;
+  if (std::strcmp(force, "generic") == 0)
+    want = CpuKernel::kGeneric;
+  else if (std::strcmp(force, "avx2") == 0)
+    want = CpuKernel::kAvx2;
+  else if (std::strcmp(force, "avx512") == 0)
+    want = CpuKernel::kAvx512;
   return static_cast<int>(want) < static_cast<int>(best) ? want : best;
 #else
   return CpuKernel::kGeneric;
@@ -78,10 +81,11 @@ void bag_forward_range(CpuKernel kernel, const T* w, const TableView& t, const I
                        std::atomic<int64_t>& bad) {
 #if PME_HAVE_SIMD_KERNELS
   if constexpr (!std::is_same_v<T, double>) {
-    if (kernel != CpuKernel::kGeneric && mode != kMax && t.col_of_size == nullptr && t.width >= 1 &&
-        t.width <= 256) {
-      if (kernel == CpuKernel::kAvx512) bag_sum_avx512(w, t, idx, bo, b0, b1, psw, mode == kMean, pad, out, bad);
-      else bag_sum_avx2(w, t, idx, bo, b0, b1, psw, mode == kMean, pad, out, bad);
+    if (kernel != CpuKernel::kGeneric && mode != kMax && t.col_of_size == nullptr && t.width >= 1 && t.width <= 256) {
+      if (kernel == CpuKernel::kAvx512)
+        bag_sum_avx512(w, t, idx, bo, b0, b1, psw, mode == kMean, pad, out, bad);
+      else
+        bag_sum_avx2(w, t, idx, bo, b0, b1, psw, mode == kMean, pad, out, bad);
       return;
     }
   }
@@ -92,10 +96,10 @@ void bag_forward_range(CpuKernel kernel, const T* w, const TableView& t, const I
 std::tuple<Tensor, Tensor> lookup_forward(const Tensor& weight, const Tensor& offsets, const Tensor& indices,
                                           const std::optional<Tensor>& bag_offsets,
                                           const std::optional<Tensor>& per_sample_weights,
-                                          const std::optional<Tensor>& col_of_size, int64_t out_width,
-                                          int64_t mode, int64_t padding_idx) {
-  const LookupArgs a = check_lookup_args(weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size,
-                                         mode, padding_idx);
+                                          const std::optional<Tensor>& col_of_size, int64_t out_width, int64_t mode,
+                                          int64_t padding_idx) {
+  const LookupArgs a =
+      check_lookup_args(weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, mode, padding_idx);
   PME_CHECK(out_width >= 0, "out_width must be >= 0, got ", out_width);
   const TableView tv = make_table(weight, offsets, col_of_size, out_width);
 
@@ -134,42 +138,42 @@ std::tuple<Tensor, Tensor> lookup_forward(const Tensor& weight, const Tensor& of
 std::tuple<Tensor, Tensor> lookup_backward(const Tensor& grad_out, const Tensor& weight, const Tensor& offsets,
                                            const Tensor& indices, const std::optional<Tensor>& bag_offsets,
                                            const std::optional<Tensor>& per_sample_weights,
-                                           const std::optional<Tensor>& col_of_size, const Tensor& argmax,
-                                           int64_t mode, int64_t padding_idx, bool psw_grad) {
+                                           const std::optional<Tensor>& col_of_size, const Tensor& argmax, int64_t mode,
+                                           int64_t padding_idx, bool psw_grad) {
   PME_CHECK(!psw_grad || per_sample_weights.has_value(), "psw_grad needs per_sample_weights");
   const int64_t N = indices.numel();
   Tensor grad_w = torch::stable::new_zeros(weight, {weight.numel()});
   Tensor grad_psw = torch::stable::new_empty(weight, {psw_grad ? N : 0});
   with_grouped_batch(grad_out, weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, argmax, mode,
                      padding_idx, [&](const auto& in, const RowGroups& groups) {
-    using T = typename std::decay_t<decltype(in)>::value_type;
-    using A = acc_t<T>;
-    const int64_t* off = in.offsets;
-    T* gw = grad_w.mutable_data_ptr<T>();
-    for_each_row_gradient(in, groups, [&](int64_t, int64_t r, const A* g) {
-      T* dst = gw + off[r];
-      for (int64_t c = 0, n = off[r + 1] - off[r]; c < n; ++c) dst[c] = static_cast<T>(g[c]);
-    });
-    if (psw_grad) {
-      T* gp = grad_psw.mutable_data_ptr<T>();
-      torch::stable::parallel_for(0, N, 1024, [&](int64_t j0, int64_t j1) {
-        for (int64_t j = j0; j < j1; ++j) {
-          const int64_t r = in.idx[j], b = groups.bag_of[j];
-          if (b < 0 || r == padding_idx) {
-            gp[j] = T(0);
-            continue;
-          }
-          const int64_t size = off[r + 1] - off[r];
-          const int64_t col = in.col_of_size ? in.col_of_size[size] : 0;
-          const T* row = in.weight + off[r];
-          const T* g = in.grad_out + b * in.W + col;
-          A dot = 0;
-          for (int64_t c = 0; c < size; ++c) dot += static_cast<A>(row[c]) * static_cast<A>(g[c]);
-          gp[j] = static_cast<T>(dot);
-        }
-      });
-    }
-  });
+                       using T = typename std::decay_t<decltype(in)>::value_type;
+                       using A = acc_t<T>;
+                       const int64_t* off = in.offsets;
+                       T* gw = grad_w.mutable_data_ptr<T>();
+                       for_each_row_gradient(in, groups, [&](int64_t, int64_t r, const A* g) {
+                         T* dst = gw + off[r];
+                         for (int64_t c = 0, n = off[r + 1] - off[r]; c < n; ++c) dst[c] = static_cast<T>(g[c]);
+                       });
+                       if (psw_grad) {
+                         T* gp = grad_psw.mutable_data_ptr<T>();
+                         torch::stable::parallel_for(0, N, 1024, [&](int64_t j0, int64_t j1) {
+                           for (int64_t j = j0; j < j1; ++j) {
+                             const int64_t r = in.idx[j], b = groups.bag_of[j];
+                             if (b < 0 || r == padding_idx) {
+                               gp[j] = T(0);
+                               continue;
+                             }
+                             const int64_t size = off[r + 1] - off[r];
+                             const int64_t col = in.col_of_size ? in.col_of_size[size] : 0;
+                             const T* row = in.weight + off[r];
+                             const T* g = in.grad_out + b * in.W + col;
+                             A dot = 0;
+                             for (int64_t c = 0; c < size; ++c) dot += static_cast<A>(row[c]) * static_cast<A>(g[c]);
+                             gp[j] = static_cast<T>(dot);
+                           }
+                         });
+                       }
+                     });
   return {grad_w, grad_psw};
 }
 
@@ -184,12 +188,14 @@ void pool_bags(CpuKernel kernel, const T* w, const TableView& t, const I* idx, c
   bag_forward_range<T, I>(kernel, w, t, idx, bo, 0, n, psw, mode, -1, out, nullptr, bad);
 }
 
-#define PME_POOL_BAGS(T, I)                                                                                     \
+#define PME_POOL_BAGS(T, I)                                                                                            \
   template void pool_bags<T, I>(CpuKernel, const T*, const TableView&, const I*, const I*, int64_t, const T*, int64_t, \
                                 T*, std::atomic<int64_t>&)
 PME_ALL_TYPES(PME_POOL_BAGS);
 #undef PME_POOL_BAGS
 
-STABLE_TORCH_LIBRARY_IMPL(pme, CPU, m) { PME_REGISTER_LOOKUPS(m, Ops); }
+STABLE_TORCH_LIBRARY_IMPL(pme, CPU, m) {
+  PME_REGISTER_LOOKUPS(m, Ops);
+}
 
 }  // namespace pme::cpu

@@ -25,11 +25,11 @@
 
 // X(T, I) for every weight type T and index type I the register kernels are compiled for
 // (PME_SIMD_TYPES: fp32, fp16, bf16) and that every other kernel is (PME_ALL_TYPES: fp64 too).
-#define PME_SIMD_TYPES(X) \
-  X(float, int32_t);      \
-  X(float, int64_t);      \
-  X(c10::Half, int32_t);  \
-  X(c10::Half, int64_t);  \
+#define PME_SIMD_TYPES(X)    \
+  X(float, int32_t);         \
+  X(float, int64_t);         \
+  X(c10::Half, int32_t);     \
+  X(c10::Half, int64_t);     \
   X(c10::BFloat16, int32_t); \
   X(c10::BFloat16, int64_t)
 #define PME_ALL_TYPES(X) \
@@ -117,8 +117,8 @@ __attribute__((always_inline)) inline void prefetch_ahead(const T* w, const Tabl
 // after these checks: index in range, row inside the buffer, row inside the output width.
 // kPadded: the caller knows the layout is padded (t.col_of_size == nullptr, column 0).
 template <bool kPadded = false, class I>
-inline bool locate(const TableView& t, const I* idx, int64_t j, int64_t pad, std::atomic<int64_t>& bad,
-                   int64_t& lo, int64_t& size, int64_t& col) {
+inline bool locate(const TableView& t, const I* idx, int64_t j, int64_t pad, std::atomic<int64_t>& bad, int64_t& lo,
+                   int64_t& size, int64_t& col) {
   const int64_t r = static_cast<int64_t>(idx[j]);
   if (__builtin_expect(static_cast<uint64_t>(r) >= static_cast<uint64_t>(t.num_rows), 0)) {
     note_bad(bad, j);
@@ -215,15 +215,23 @@ inline void with_accumulators(int64_t W, bool weighted, Run&& run) {
       constexpr int kNv = decltype(nv_tag)::value;
       run(std::integral_constant<int, (kNv < kMin ? kMin : kNv)>{}, weighted_tag);
     };
-    if (nv <= 1) go(std::integral_constant<int, 1>{});
-    else if (nv <= 2) go(std::integral_constant<int, 2>{});
-    else if (nv <= 4) go(std::integral_constant<int, 4>{});
-    else if (nv <= 8) go(std::integral_constant<int, 8>{});
-    else if (nv <= 16) go(std::integral_constant<int, 16>{});
-    else if constexpr (kLanes == 8) go(std::integral_constant<int, 32>{});
+    if (nv <= 1)
+      go(std::integral_constant<int, 1>{});
+    else if (nv <= 2)
+      go(std::integral_constant<int, 2>{});
+    else if (nv <= 4)
+      go(std::integral_constant<int, 4>{});
+    else if (nv <= 8)
+      go(std::integral_constant<int, 8>{});
+    else if (nv <= 16)
+      go(std::integral_constant<int, 16>{});
+    else if constexpr (kLanes == 8)
+      go(std::integral_constant<int, 32>{});
   };
-  if (weighted) with_width(std::true_type{});
-  else with_width(std::false_type{});
+  if (weighted)
+    with_width(std::true_type{});
+  else
+    with_width(std::false_type{});
 }
 
 // The register kernels' entry points: sum (mean: mean = true) over bags [b0, b1), padded

@@ -80,8 +80,10 @@ PME_CLONES void forward_bags(const T* w, const TableView& table, const I* idx, c
       int64_t lo, size, col;
       if (!locate(t, idx, j, pad, bad, lo, size, col)) continue;
       ++n;
-      if (psw) axpy(acc.data() + col, w + lo, size, widen<A>(psw[j]));
-      else add(acc.data() + col, w + lo, size);
+      if (psw)
+        axpy(acc.data() + col, w + lo, size, widen<A>(psw[j]));
+      else
+        add(acc.data() + col, w + lo, size);
     }
     if (mode == kMean && n > 0) {
       const A inv = static_cast<A>(n);
@@ -96,8 +98,7 @@ PME_CLONES void forward_bags(const T* w, const TableView& table, const I* idx, c
 
 template <class T, class I>
 void bag_forward_generic(const T* w, const TableView& table, const I* idx, const I* bo, int64_t b0, int64_t b1,
-                         const T* psw, int64_t mode, int64_t pad, T* out, int64_t* argmax,
-                         std::atomic<int64_t>& bad) {
+                         const T* psw, int64_t mode, int64_t pad, T* out, int64_t* argmax, std::atomic<int64_t>& bad) {
   forward_bags(w, table, idx, bo, b0, b1, psw, mode, pad, out, argmax, bad);
 }
 

@@ -16,11 +16,11 @@ namespace pme::cpu {
 // Lookups of one batch grouped by row. Segment s covers pos[seg[s] : seg[s+1]], all of row rows[s],
 // in increasing lookup position.
 struct RowGroups {
-  std::vector<int64_t> rows;  // unique rows touched, increasing
-  std::vector<int64_t> seg;  // rows.size() + 1 segment starts into pos
-  std::vector<int64_t> pos;  // lookup positions j, grouped by row
+  std::vector<int64_t> rows;    // unique rows touched, increasing
+  std::vector<int64_t> seg;     // rows.size() + 1 segment starts into pos
+  std::vector<int64_t> pos;     // lookup positions j, grouped by row
   std::vector<int64_t> bag_of;  // bag of every lookup position (-1 after the last bag)
-  std::vector<int64_t> count;  // non-padding lookups per bag (for the mean)
+  std::vector<int64_t> count;   // non-padding lookups per bag (for the mean)
 };
 
 template <class I>
@@ -49,8 +49,10 @@ RowGroups group_by_row(const I* idx, int64_t N, const I* bo, int64_t B, int64_t 
   for (int64_t j = 0; j < N; ++j) {
     const int64_t r = idx[j];
     if (g.bag_of[j] < 0 || r == padding_idx) continue;
-    if (packed) keys.push_back((static_cast<uint64_t>(r) << 32) | static_cast<uint64_t>(j));
-    else pairs.emplace_back(r, j);
+    if (packed)
+      keys.push_back((static_cast<uint64_t>(r) << 32) | static_cast<uint64_t>(j));
+    else
+      pairs.emplace_back(r, j);
   }
   if (packed) {
     std::sort(keys.begin(), keys.end());
@@ -84,12 +86,12 @@ struct GradInputs {
   using value_type = T;
   const T* grad_out;  // [B, W]
   int64_t W;
-  const T* weight;  // [total]
-  const int64_t* offsets;  // [V + 1]
-  const I* idx;  // [N]
-  const T* psw;  // [N] or nullptr
+  const T* weight;             // [total]
+  const int64_t* offsets;      // [V + 1]
+  const I* idx;                // [N]
+  const T* psw;                // [N] or nullptr
   const int64_t* col_of_size;  // [D + 1] or nullptr
-  const int64_t* argmax;  // [B, W] for max, else nullptr
+  const int64_t* argmax;       // [B, W] for max, else nullptr
   int64_t mode;
 };
 
@@ -127,8 +129,8 @@ void with_grouped_batch(const Tensor& grad_out, const Tensor& weight, const Tens
                         const std::optional<Tensor>& bag_offsets, const std::optional<Tensor>& per_sample_weights,
                         const std::optional<Tensor>& col_of_size, const Tensor& argmax, int64_t mode,
                         int64_t padding_idx, F&& f) {
-  const LookupArgs a = check_lookup_args(weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size,
-                                         mode, padding_idx);
+  const LookupArgs a =
+      check_lookup_args(weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, mode, padding_idx);
   const int64_t W = check_grad_args(grad_out, weight, argmax, a, mode);
   const Tensor go = torch::stable::contiguous(grad_out);
   const TableView tv = make_table(weight, offsets, col_of_size, W);
@@ -172,8 +174,7 @@ void for_each_row_gradient(const RowGroups& groups, int64_t width, const Grad& r
 // The same for a table's lookups: g is row_gradient's sum.
 template <class T, class I, class F>
 void for_each_row_gradient(const GradInputs<T, I>& in, const RowGroups& groups, const F& f) {
-  for_each_row_gradient<acc_t<T>>(
-      groups, in.W, [&](int64_t s, acc_t<T>* g) { row_gradient(in, groups, s, g); }, f);
+  for_each_row_gradient<acc_t<T>>(groups, in.W, [&](int64_t s, acc_t<T>* g) { row_gradient(in, groups, s, g); }, f);
 }
 
 }  // namespace pme::cpu

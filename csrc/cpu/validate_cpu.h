@@ -16,9 +16,9 @@ namespace pme::cpu {
 
 // Shape of the table as the kernels see it.
 struct TableView {
-  const int64_t* offsets;  // [V + 1]
-  int64_t num_rows;  // V
-  int64_t total;  // stored entries
+  const int64_t* offsets;      // [V + 1]
+  int64_t num_rows;            // V
+  int64_t total;               // stored entries
   const int64_t* col_of_size;  // [num_cols] or nullptr (padded layout)
   int64_t num_cols;
   int64_t width;  // output width W
@@ -26,8 +26,11 @@ struct TableView {
 
 inline TableView make_table(const Tensor& weight, const Tensor& offsets, const std::optional<Tensor>& col_of_size,
                             int64_t width) {
-  return {offsets.const_data_ptr<int64_t>(), offsets.numel() - 1, weight.numel(),
-          col_of_size ? col_of_size->const_data_ptr<int64_t>() : nullptr, col_of_size ? col_of_size->numel() : 0,
+  return {offsets.const_data_ptr<int64_t>(),
+          offsets.numel() - 1,
+          weight.numel(),
+          col_of_size ? col_of_size->const_data_ptr<int64_t>() : nullptr,
+          col_of_size ? col_of_size->numel() : 0,
           width};
 }
 
@@ -84,15 +87,15 @@ inline void validate_table(const TableView& t) {
   });
   const int64_t r = first_bad.load();
   if (r == std::numeric_limits<int64_t>::max()) return;
-  PME_CHECK(off[r + 1] >= off[r], "offsets must be non-decreasing: offsets[", r + 1, "] = ", off[r + 1],
-            " < offsets[", r, "] = ", off[r]);
+  PME_CHECK(off[r + 1] >= off[r], "offsets must be non-decreasing: offsets[", r + 1, "] = ", off[r + 1], " < offsets[",
+            r, "] = ", off[r]);
   const int64_t size = off[r + 1] - off[r];
   if (cos == nullptr) {
-    PME_CHECK(false, "row ", r, " has size ", size, " (offsets[", r, "] = ", off[r], " to offsets[", r + 1, "] = ",
-              off[r + 1], "): it does not fit in the output width ", W);
+    PME_CHECK(false, "row ", r, " has size ", size, " (offsets[", r, "] = ", off[r], " to offsets[", r + 1,
+              "] = ", off[r + 1], "): it does not fit in the output width ", W);
   }
-  PME_CHECK(false, "row ", r, " has size ", size, " (offsets[", r, "] = ", off[r], " to offsets[", r + 1, "] = ",
-            off[r + 1], "), which has no slot in col_of_size (", t.num_cols,
+  PME_CHECK(false, "row ", r, " has size ", size, " (offsets[", r, "] = ", off[r], " to offsets[", r + 1,
+            "] = ", off[r + 1], "), which has no slot in col_of_size (", t.num_cols,
             " entries): it does not fit in the output width ", W);
 }
 
@@ -106,8 +109,8 @@ void validate_bag_offsets(const I* bo, int64_t B, int64_t N) {
               " but there are only ", N, " indices");
   }
   for (int64_t b = 0; b < B; ++b) {
-    PME_CHECK(bo[b + 1] >= bo[b], "bag offsets must be non-decreasing, but offsets[", b + 1, "] = ",
-              static_cast<int64_t>(bo[b + 1]), " < offsets[", b, "] = ", static_cast<int64_t>(bo[b]));
+    PME_CHECK(bo[b + 1] >= bo[b], "bag offsets must be non-decreasing, but offsets[", b + 1,
+              "] = ", static_cast<int64_t>(bo[b + 1]), " < offsets[", b, "] = ", static_cast<int64_t>(bo[b]));
   }
 }
 
@@ -137,7 +140,8 @@ template <class I>
   const int64_t r = static_cast<int64_t>(idx[j]), V = t.num_rows;
   PME_CHECK(r >= 0 && r < V, "index out of range: indices[", j, "] = ", r, " but the table has ", V,
             " rows (valid: 0 to ", V - 1, ")");
-  const int64_t size = static_cast<int64_t>(static_cast<uint64_t>(t.offsets[r + 1]) - static_cast<uint64_t>(t.offsets[r]));
+  const int64_t size =
+      static_cast<int64_t>(static_cast<uint64_t>(t.offsets[r + 1]) - static_cast<uint64_t>(t.offsets[r]));
   PME_CHECK(false, "row ", r, " (indices[", j, "]) spans offsets[", r, "] = ", t.offsets[r], " to offsets[", r + 1,
             "] = ", t.offsets[r + 1], ": its size ", size, " is negative, overruns the ", t.total,
             " stored entries, or does not fit in the output width ", t.width,

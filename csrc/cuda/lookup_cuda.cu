@@ -27,17 +27,17 @@ namespace {
 // ------------------------------------------------------------------------------------------
 template <class T, class I>
 struct FwdArgs {
-  const T* w;  // [total]
-  Table t;  // t.W is the output width
+  const T* w;    // [total]
+  Table t;       // t.W is the output width
   const I* idx;  // [N]
   int64_t N;
   const I* bo;  // [B + 1] or nullptr (implicit bags)
   int64_t B;
   const T* psw;  // [N] or nullptr
-  int64_t pad;  // -1: none
+  int64_t pad;   // -1: none
   bool mean;
-  bool vec_ok;  // weight's data pointer is 16-byte aligned
-  T* out;  // [B, W]
+  bool vec_ok;      // weight's data pointer is 16-byte aligned
+  T* out;           // [B, W]
   int64_t* argmax;  // [B, W] (max) or nullptr
 };
 
@@ -291,8 +291,7 @@ void launch_forward(const Ctx& ctx, const FwdArgs<T, I>& a, int64_t units) {
   constexpr int kThreads = 256;
   const int64_t per_tile = static_cast<int64_t>(G) * NV;
   const int64_t tiles = std::max<int64_t>(1, ceil_div(units, per_tile));
-  PME_CHECK(tiles <= 65535 && a.t.W < (int64_t{1} << 30), "output width ", a.t.W,
-            " is too large for the CUDA forward");
+  PME_CHECK(tiles <= 65535 && a.t.W < (int64_t{1} << 30), "output width ", a.t.W, " is too large for the CUDA forward");
   // Bags: one group of G threads each; embedding: one group per G lookups.
   const int64_t groups = KIND == kFwdEmbedding ? ceil_div(a.N, G) : a.B;
   const int64_t blocks = ceil_div(groups * G, kThreads);
@@ -328,10 +327,10 @@ void forward_dispatch(const Ctx& ctx, const FwdArgs<T, I>& a) {
 std::tuple<Tensor, Tensor> lookup_forward(const Tensor& weight, const Tensor& offsets, const Tensor& indices,
                                           const std::optional<Tensor>& bag_offsets,
                                           const std::optional<Tensor>& per_sample_weights,
-                                          const std::optional<Tensor>& col_of_size, int64_t out_width,
-                                          int64_t mode, int64_t padding_idx) {
-  const LookupArgs la = check_lookup_args(weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size,
-                                          mode, padding_idx);
+                                          const std::optional<Tensor>& col_of_size, int64_t out_width, int64_t mode,
+                                          int64_t padding_idx) {
+  const LookupArgs la =
+      check_lookup_args(weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, mode, padding_idx);
   PME_CHECK(out_width >= 0, "out_width must be >= 0, got ", out_width);
   const Ctx ctx(weight);
   const Table tab = make_table(weight, offsets, col_of_size, out_width);
@@ -377,8 +376,8 @@ std::tuple<Tensor, Tensor> lookup_forward(const Tensor& weight, const Tensor& of
 // columns, fixed-order reduction. 0 for padding, lookups after the last bag and skipped ones.
 template <class T, class I>
 __global__ void __launch_bounds__(256)
-    psw_grad_kernel(const T* w, Table t, const I* idx, int64_t N, const int32_t* bag_of, int64_t pad,
-                    const T* grad_out, T* grad_psw) {
+    psw_grad_kernel(const T* w, Table t, const I* idx, int64_t N, const int32_t* bag_of, int64_t pad, const T* grad_out,
+                    T* grad_psw) {
   using A = acc_t<T>;
   const int lane = threadIdx.x & 31;
   const int64_t nwarps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
@@ -400,29 +399,29 @@ __global__ void __launch_bounds__(256)
 std::tuple<Tensor, Tensor> lookup_backward(const Tensor& grad_out, const Tensor& weight, const Tensor& offsets,
                                            const Tensor& indices, const std::optional<Tensor>& bag_offsets,
                                            const std::optional<Tensor>& per_sample_weights,
-                                           const std::optional<Tensor>& col_of_size, const Tensor& argmax,
-                                           int64_t mode, int64_t padding_idx, bool psw_grad) {
+                                           const std::optional<Tensor>& col_of_size, const Tensor& argmax, int64_t mode,
+                                           int64_t padding_idx, bool psw_grad) {
   PME_CHECK(!psw_grad || per_sample_weights.has_value(), "psw_grad needs per_sample_weights");
   const int64_t N = indices.numel();
   Tensor grad_w = torch::stable::new_empty(weight, {weight.numel()});
   Tensor grad_psw = torch::stable::new_empty(weight, {psw_grad ? N : 0});
   with_grouped_batch(grad_out, weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, argmax, mode,
                      padding_idx, [&](const Ctx& ctx, const RowGroups& groups, const auto& src, const auto* idx) {
-    using T = typename std::decay_t<decltype(src)>::value_type;
-    using I = std::decay_t<decltype(*idx)>;
-    // Untouched rows get zeros: one plain memset (bit pattern 0 is +0 in every float type).
-    if (weight.numel() > 0) {
-      PME_CUDA_CHECK(cudaMemsetAsync(grad_w.mutable_data_ptr(), 0, weight.numel() * weight.element_size(),
-                                     ctx.stream));
-    }
-    run_row_op<T>(ctx, offsets, groups, src, GradWriteOp<T>{{}, grad_w.mutable_data_ptr<T>()});
-    if (psw_grad && N > 0) {
-      psw_grad_kernel<T, I><<<ctx.grid(N * kWarp, 256), 256, 0, ctx.stream>>>(
-          weight.const_data_ptr<T>(), src.table, idx, N, groups.d.bag_of, padding_idx, src.grad_out,
-          grad_psw.mutable_data_ptr<T>());
-      PME_CUDA_LAUNCH_CHECK();
-    }
-  });
+                       using T = typename std::decay_t<decltype(src)>::value_type;
+                       using I = std::decay_t<decltype(*idx)>;
+                       // Untouched rows get zeros: one plain memset (bit pattern 0 is +0 in every float type).
+                       if (weight.numel() > 0) {
+                         PME_CUDA_CHECK(cudaMemsetAsync(grad_w.mutable_data_ptr(), 0,
+                                                        weight.numel() * weight.element_size(), ctx.stream));
+                       }
+                       run_row_op<T>(ctx, offsets, groups, src, GradWriteOp<T>{{}, grad_w.mutable_data_ptr<T>()});
+                       if (psw_grad && N > 0) {
+                         psw_grad_kernel<T, I><<<ctx.grid(N * kWarp, 256), 256, 0, ctx.stream>>>(
+                             weight.const_data_ptr<T>(), src.table, idx, N, groups.d.bag_of, padding_idx, src.grad_out,
+                             grad_psw.mutable_data_ptr<T>());
+                         PME_CUDA_LAUNCH_CHECK();
+                       }
+                     });
   return {grad_w, grad_psw};
 }
 
@@ -430,6 +429,8 @@ using Ops = LookupOps<&lookup_forward, &lookup_backward>;
 
 }  // namespace
 
-STABLE_TORCH_LIBRARY_IMPL(pme, CUDA, m) { PME_REGISTER_LOOKUPS(m, Ops); }
+STABLE_TORCH_LIBRARY_IMPL(pme, CUDA, m) {
+  PME_REGISTER_LOOKUPS(m, Ops);
+}
 
 }  // namespace pme::cuda

@@ -36,30 +36,30 @@
 namespace pme::cuda {
 namespace {
 
-constexpr int kPartLen = 32;  // lookups per part (one per lane for the metadata loads)
-constexpr int kVPL = 4;  // gradient columns per lane per chunk
+constexpr int kPartLen = 32;          // lookups per part (one per lane for the metadata loads)
+constexpr int kVPL = 4;               // gradient columns per lane per chunk
 constexpr int kChunk = kWarp * kVPL;  // columns per chunk: rows up to 128 wide take one pass
 
 // Device view of the grouping (plain pointers; passed to kernels by value).
 struct RowGroupsDev {
-  int64_t N;  // lookups
-  const int32_t* bag_of;  // [N] bag of every position (-1 after the last bag); nullptr: implicit bags
-  const int32_t* count;  // [B] lookups each bag counts in its mean (mode mean), or nullptr
-  const int32_t* pos;  // [N] positions sorted by row; the first seg[U] are the contributing ones
-  const int32_t* seg;  // [U + 1] segment starts into pos
-  const int64_t* rows;  // [U] row of each segment
+  int64_t N;                    // lookups
+  const int32_t* bag_of;        // [N] bag of every position (-1 after the last bag); nullptr: implicit bags
+  const int32_t* count;         // [B] lookups each bag counts in its mean (mode mean), or nullptr
+  const int32_t* pos;           // [N] positions sorted by row; the first seg[U] are the contributing ones
+  const int32_t* seg;           // [U + 1] segment starts into pos
+  const int64_t* rows;          // [U] row of each segment
   const int32_t* num_segments;  // device scalar U
-  const uint64_t* part_scan;  // [U + 1] exclusive scan: low 32 bits first part, high 32 bits first slot
-  const int32_t* seg_of_part;  // [P] segment of each part
-  const int32_t* num_parts;  // device scalar P
+  const uint64_t* part_scan;    // [U + 1] exclusive scan: low 32 bits first part, high 32 bits first slot
+  const int32_t* seg_of_part;   // [P] segment of each part
+  const int32_t* num_parts;     // device scalar P
 };
 
 // Host side: the device view plus its scratch memory and the host's upper bounds.
 struct RowGroups {
   RowGroupsDev d{};
   int64_t max_segments = 0;  // >= U
-  int64_t max_parts = 0;  // >= P
-  int64_t max_slots = 0;  // >= partial-sum slots (parts of multi-part segments)
+  int64_t max_parts = 0;     // >= P
+  int64_t max_slots = 0;     // >= partial-sum slots (parts of multi-part segments)
   Workspace ws;
 };
 
@@ -70,8 +70,8 @@ struct RowGroups {
 // skips (padding, or a bad lookup that validation did not stop: PME_CUDA_VALIDATE=0 or a CUDA
 // graph capture) is not counted, else the gradient would not be the forward's derivative.
 template <class I>
-__global__ void __launch_bounds__(256) bag_kernel(const I* idx, int64_t N, const I* bo, int64_t B, int64_t pad,
-                                                  Table t, int32_t* bag_of, int32_t* count) {
+__global__ void __launch_bounds__(256)
+    bag_kernel(const I* idx, int64_t N, const I* bo, int64_t B, int64_t pad, Table t, int32_t* bag_of, int32_t* count) {
   const int lane = threadIdx.x & 31;
   const int64_t nwarps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
   for (int64_t b = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; b < B; b += nwarps) {
@@ -238,8 +238,8 @@ RowGroups group_by_row_k(const Ctx& ctx, const Tensor& like, const I* idx, int64
   PME_CUDA_LAUNCH_CHECK();
   bytes = temp_bytes;
   PME_CUDA_CHECK(cub::DeviceScan::InclusiveSum(temp, bytes, static_cast<const int32_t*>(flags), scan, n, st));
-  scatter_kernel<K><<<ctx.grid(N, 256), 256, 0, st>>>(keys, N, sentinel, flags, scan, seg, ws.get<int64_t>(s_rows),
-                                                       nseg);
+  scatter_kernel<K>
+      <<<ctx.grid(N, 256), 256, 0, st>>>(keys, N, sentinel, flags, scan, seg, ws.get<int64_t>(s_rows), nseg);
   PME_CUDA_LAUNCH_CHECK();
   // 5. Parts.
   uint64_t* packed = ws.get<uint64_t>(s_packed);
@@ -267,8 +267,8 @@ RowGroups group_by_row_k(const Ctx& ctx, const Tensor& like, const I* idx, int64
 // Groups the lookups of a batch by row (bo == nullptr: implicit bags, bag j = lookup j).
 // need_count: also count the lookups of each bag that its mean divides by (mode mean).
 template <class I>
-RowGroups group_by_row(const Ctx& ctx, const Tensor& like, const I* idx, int64_t N, const I* bo, int64_t B,
-                       int64_t pad, const Table& t, bool need_count) {
+RowGroups group_by_row(const Ctx& ctx, const Tensor& like, const I* idx, int64_t N, const I* bo, int64_t B, int64_t pad,
+                       const Table& t, bool need_count) {
   PME_CHECK(N < INT32_MAX, "the CUDA backward handles at most 2^31 - 2 lookups per call, got ", N,
             " (split the batch)");
   PME_CHECK(B < INT32_MAX, "the CUDA backward handles at most 2^31 - 2 bags per call, got ", B);
@@ -301,7 +301,7 @@ struct GradSrc {
   using value_type = T;
   const T* grad_out;  // [B, W]
   int64_t W;
-  const T* psw;  // [N] or nullptr
+  const T* psw;           // [N] or nullptr
   const int64_t* argmax;  // [B, W] (mode max) or nullptr
   Table table;
   int64_t mode;
@@ -421,8 +421,7 @@ __device__ __forceinline__ void for_each_warp(int64_t n, const F& f) {
 
 // One warp per part (see the file comment).
 template <class T, class Op>
-__global__ void __launch_bounds__(256)
-    row_parts_kernel(GradSrc<T> src, RowGroupsDev g, acc_t<T>* partial, Op op) {
+__global__ void __launch_bounds__(256) row_parts_kernel(GradSrc<T> src, RowGroupsDev g, acc_t<T>* partial, Op op) {
   using A = acc_t<T>;
   const int64_t W = src.W;
   for_each_warp(*g.num_parts, [&](int64_t p, int lane) {
@@ -490,8 +489,8 @@ template <class T, class Op>
 void run_row_op(const Ctx& ctx, const Tensor& like, const RowGroups& g, const GradSrc<T>& src, const Op& op) {
   using A = acc_t<T>;
   if (g.d.N == 0 || g.max_segments == 0) return;
-  Tensor partial = torch::stable::new_empty(like, {static_cast<int64_t>(g.max_slots * src.W * sizeof(A))},
-                                            ScalarType::Byte);
+  Tensor partial =
+      torch::stable::new_empty(like, {static_cast<int64_t>(g.max_slots * src.W * sizeof(A))}, ScalarType::Byte);
   A* part = static_cast<A*>(partial.mutable_data_ptr());
   row_parts_kernel<T, Op><<<ctx.grid(g.max_parts * kWarp, 256), 256, 0, ctx.stream>>>(src, g.d, part, op);
   PME_CUDA_LAUNCH_CHECK();
@@ -508,8 +507,8 @@ void with_grouped_batch(const Tensor& grad_out, const Tensor& weight, const Tens
                         const std::optional<Tensor>& bag_offsets, const std::optional<Tensor>& per_sample_weights,
                         const std::optional<Tensor>& col_of_size, const Tensor& argmax, int64_t mode,
                         int64_t padding_idx, F&& f) {
-  const LookupArgs la = check_lookup_args(weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size,
-                                          mode, padding_idx);
+  const LookupArgs la =
+      check_lookup_args(weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, mode, padding_idx);
   const int64_t W = check_grad_args(grad_out, weight, argmax, la, mode);
   const Tensor go = torch::stable::contiguous(grad_out);
   const Tensor am = mode == kMax ? torch::stable::contiguous(argmax) : argmax;

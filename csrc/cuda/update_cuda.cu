@@ -16,11 +16,12 @@ namespace {
 template <class T>
 struct ScoreOp : PlainRowOp<acc_t<T>> {
   using A = acc_t<T>;
-  A* scores;  // [total]
+  A* scores;   // [total]
   const T* w;  // [total]
   int64_t rule;
 
-  __device__ __forceinline__ void apply(int64_t, int64_t lo, int64_t c0, int64_t size, const A (&g)[kVPL], A, int lane) const {
+  __device__ __forceinline__ void apply(int64_t, int64_t lo, int64_t c0, int64_t size, const A (&g)[kVPL], A,
+                                        int lane) const {
 #pragma unroll
     for (int i = 0; i < kVPL; ++i) {
       const int64_t c = c0 + lane + kWarp * i;
@@ -47,12 +48,12 @@ void for_each_row(const Tensor& grad_out, const Tensor& weight, const Tensor& of
 
 void sparse_update_(Tensor weight, Tensor state1, Tensor state2, Tensor grad_out, Tensor offsets, Tensor indices,
                     Tensor bag_offsets, std::optional<Tensor> per_sample_weights, std::optional<Tensor> col_of_size,
-                    Tensor argmax, int64_t mode, int64_t padding_idx, int64_t optimizer, double lr,
-                    double weight_decay, double eps, double beta1, double beta2, int64_t step) {
+                    Tensor argmax, int64_t mode, int64_t padding_idx, int64_t optimizer, double lr, double weight_decay,
+                    double eps, double beta1, double beta2, int64_t step) {
   check_update_args(weight, state1, state2, offsets, optimizer, lr, weight_decay, eps, beta1, beta2, step);
-  check_update_in_place(weight, state1, state2,
-                        lookup_inputs(grad_out, nullptr, offsets, indices, bag_offsets, per_sample_weights,
-                                      col_of_size, argmax));
+  check_update_in_place(
+      weight, state1, state2,
+      lookup_inputs(grad_out, nullptr, offsets, indices, bag_offsets, per_sample_weights, col_of_size, argmax));
   void* s1 = optimizer != kSGD && state1.numel() ? state1.mutable_data_ptr() : nullptr;
   void* s2 = optimizer == kAdam && state2.numel() ? state2.mutable_data_ptr() : nullptr;
   void* w = weight.mutable_data_ptr();
@@ -64,12 +65,11 @@ void sparse_update_(Tensor weight, Tensor state1, Tensor state2, Tensor grad_out
 }
 
 void accumulate_scores_(Tensor scores, Tensor grad_out, Tensor weight, Tensor offsets, Tensor indices,
-                        Tensor bag_offsets, std::optional<Tensor> per_sample_weights,
-                        std::optional<Tensor> col_of_size, Tensor argmax, int64_t mode, int64_t padding_idx,
-                        int64_t rule) {
+                        Tensor bag_offsets, std::optional<Tensor> per_sample_weights, std::optional<Tensor> col_of_size,
+                        Tensor argmax, int64_t mode, int64_t padding_idx, int64_t rule) {
   check_score_args(scores, weight, rule);
   check_in_place({{&scores, "scores"}}, lookup_inputs(grad_out, &weight, offsets, indices, bag_offsets,
-                                                     per_sample_weights, col_of_size, argmax));
+                                                      per_sample_weights, col_of_size, argmax));
   void* sc = scores.mutable_data_ptr();
   const void* w = weight.const_data_ptr();
   for_each_row(grad_out, weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, argmax, mode,

@@ -12,8 +12,8 @@
 //    offsets and the lookups, reads its verdict back (a host synchronisation) and throws the
 //    same messages as the CPU kernels. PME_CUDA_VALIDATE=0 skips it: no synchronisation, bad
 //    lookups are silently skipped, and a table whose offsets decrease somewhere (rows that
-//    overlap, each one inside the buffer) is not detected: wrong values, never a bad access. It is also skipped while the stream is being captured into a
-//    CUDA graph (a capture cannot synchronise); layer 1 still holds there.
+//    overlap, each one inside the buffer) is not detected: wrong values, never a bad access. It is also skipped while
+//    the stream is being captured into a CUDA graph (a capture cannot synchronise); layer 1 still holds there.
 #pragma once
 
 #include "cuda/cuda_common.cuh"
@@ -29,7 +29,7 @@ namespace {
 struct Table {
   const int64_t* off;  // [V + 1]
   int64_t V;
-  int64_t total;  // stored entries (weight.numel())
+  int64_t total;       // stored entries (weight.numel())
   const int64_t* cos;  // col_of_size [ncos] or nullptr (padded layout)
   int64_t ncos;
   int64_t W;  // output width
@@ -37,8 +37,11 @@ struct Table {
 
 inline Table make_table(const Tensor& weight, const Tensor& offsets, const std::optional<Tensor>& col_of_size,
                         int64_t width) {
-  return {offsets.const_data_ptr<int64_t>(), offsets.numel() - 1, weight.numel(),
-          col_of_size ? col_of_size->const_data_ptr<int64_t>() : nullptr, col_of_size ? col_of_size->numel() : 0,
+  return {offsets.const_data_ptr<int64_t>(),
+          offsets.numel() - 1,
+          weight.numel(),
+          col_of_size ? col_of_size->const_data_ptr<int64_t>() : nullptr,
+          col_of_size ? col_of_size->numel() : 0,
           width};
 }
 
@@ -95,8 +98,7 @@ __device__ __forceinline__ void bag_range(const I* bo, int64_t b, int64_t N, int
 enum ErrSlot { kErrTable = 0, kErrCos, kErrRow, kErrBag0, kErrBagPast, kErrBagOrder, kErrLookup, kNumErrSlots };
 
 template <class I>
-__global__ void validate_kernel(const I* idx, int64_t N, const I* bo, int64_t B, Table t,
-                                unsigned long long* err) {
+__global__ void validate_kernel(const I* idx, int64_t N, const I* bo, int64_t B, Table t, unsigned long long* err) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (tid == 0) {
