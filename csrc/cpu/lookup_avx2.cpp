@@ -34,9 +34,18 @@ struct Avx2Row<float> {
   }
 };
 
-// The 32 16-bit entries of step k, the lanes past the row zero.
+// The 32 16-bit entries of step k, the lanes past the row zero, as four vectors of 8 floats:
+// Row::widen converts each half of 16 entries into two (CRTP: Row is the 16-bit type's Avx2Row).
+template <class Row>
 struct Avx2Row16 {
   static constexpr int kStep = 32;
+  template <class T>
+  PME_AVX2 static inline void load(const T* row, int k, int live, __m256* x) {
+    __m256i v[2];
+    load16(reinterpret_cast<const uint16_t*>(row), k, live, v);
+    Row::widen(v[0], x[0], x[1]);
+    Row::widen(v[1], x[2], x[3]);
+  }
   PME_AVX2 static inline void load16(const uint16_t* row, int k, int live, __m256i* v) {
     const uint16_t* p = row + 32 * k;
     const int r = live - 32 * k < 32 ? live - 32 * k : 32;  // live entries in this step, 1..32
@@ -59,16 +68,12 @@ struct Avx2Row16 {
 // 0-3 and 8-11 of its 16, accumulator 2i + 1 entries 4-7 and 12-15 (put back in order once,
 // in finish: kInterleaved).
 template <>
-struct Avx2Row<c10::BFloat16> : Avx2Row16 {
+struct Avx2Row<c10::BFloat16> : Avx2Row16<Avx2Row<c10::BFloat16>> {
   static constexpr bool kInterleaved = true;
-  PME_AVX2 static inline void load(const c10::BFloat16* row, int k, int live, __m256* x) {
-    __m256i v[2];
-    load16(reinterpret_cast<const uint16_t*>(row), k, live, v);
+  PME_AVX2 static inline void widen(__m256i v, __m256& lo, __m256& hi) {
     const __m256i z = _mm256_setzero_si256();
-    x[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(z, v[0]));
-    x[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, v[0]));
-    x[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(z, v[1]));
-    x[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, v[1]));
+    lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(z, v));
+    hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, v));
   }
   PME_AVX2 static inline void in_order(__m256& lo, __m256& hi) {
     const __m256 a = lo;
@@ -78,15 +83,11 @@ struct Avx2Row<c10::BFloat16> : Avx2Row16 {
 };
 
 template <>
-struct Avx2Row<c10::Half> : Avx2Row16 {
+struct Avx2Row<c10::Half> : Avx2Row16<Avx2Row<c10::Half>> {
   static constexpr bool kInterleaved = false;
-  PME_AVX2 static inline void load(const c10::Half* row, int k, int live, __m256* x) {
-    __m256i v[2];
-    load16(reinterpret_cast<const uint16_t*>(row), k, live, v);
-    x[0] = _mm256_cvtph_ps(_mm256_castsi256_si128(v[0]));
-    x[1] = _mm256_cvtph_ps(_mm256_extracti128_si256(v[0], 1));
-    x[2] = _mm256_cvtph_ps(_mm256_castsi256_si128(v[1]));
-    x[3] = _mm256_cvtph_ps(_mm256_extracti128_si256(v[1], 1));
+  PME_AVX2 static inline void widen(__m256i v, __m256& lo, __m256& hi) {
+    lo = _mm256_cvtph_ps(_mm256_castsi256_si128(v));
+    hi = _mm256_cvtph_ps(_mm256_extracti128_si256(v, 1));
   }
 };
 
