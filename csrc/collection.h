@@ -21,14 +21,20 @@
 
 namespace pme {
 
+// Registers the collection operators (the backend's functions of those names) in library block m.
+#define PME_REGISTER_COLLECTION(m)                                \
+  m.impl("collection_forward", TORCH_BOX(&collection_forward));   \
+  m.impl("collection_backward", TORCH_BOX(&collection_backward)); \
+  m.impl("collection_update_", TORCH_BOX(&collection_update_))
+
 enum FeatureField : int64_t { kFTable = 0, kFKey = 1, kFCol = 2, kFWidth = 3, kFPooling = 4, kFFields = 5 };
 
 struct CollectionArgs {
-  int64_t num_rows;  // V
-  int64_t num_tables;  // T
-  int64_t num_blocks;  // F (output blocks)
-  int64_t num_keys;  // G
-  int64_t batch;  // B
+  int64_t num_rows;     // V
+  int64_t num_tables;   // T
+  int64_t num_blocks;   // F (output blocks)
+  int64_t num_keys;     // G
+  int64_t batch;        // B
   int64_t num_lookups;  // N
 };
 
@@ -57,8 +63,8 @@ inline CollectionArgs check_collection_args(const Tensor& weight, const Tensor& 
   PME_CHECK(nbo >= 1, "bag_offsets must have G * B + 1 >= 1 entries");
   int64_t G = 0;
   if (batch_size > 0) {
-    PME_CHECK((nbo - 1) % batch_size == 0, "bag_offsets has ", nbo, " entries: not G * B + 1 for batch_size B = ",
-              batch_size);
+    PME_CHECK((nbo - 1) % batch_size == 0, "bag_offsets has ", nbo,
+              " entries: not G * B + 1 for batch_size B = ", batch_size);
     G = (nbo - 1) / batch_size;
   }
   check_same_device(offsets, weight, "offsets");
@@ -94,13 +100,12 @@ inline void check_collection_meta(const int64_t* table_rows, const int64_t* feat
     const int64_t* f = features + k * kFFields;
     PME_CHECK(f[kFTable] >= 0 && f[kFTable] < a.num_tables, "features[", k, "]: table ", f[kFTable],
               " is out of range for ", a.num_tables, " tables");
-    PME_CHECK(a.batch == 0 || (f[kFKey] >= 0 && f[kFKey] < a.num_keys), "features[", k, "]: key ", f[kFKey], " is out of range for ",
-              a.num_keys, " keys (bag_offsets has G * B + 1 entries)");
-    PME_CHECK(f[kFWidth] >= 0 && f[kFCol] >= 0 && f[kFCol] <= out_width - f[kFWidth], "features[", k,
-              "]: columns [", f[kFCol], ", ", f[kFCol], " + ", f[kFWidth], ") do not fit in the output width ",
-              out_width);
-    PME_CHECK(f[kFPooling] == kSum || f[kFPooling] == kMean, "features[", k, "]: pooling must be 0 (sum) or 1 (mean), got ",
-              f[kFPooling]);
+    PME_CHECK(a.batch == 0 || (f[kFKey] >= 0 && f[kFKey] < a.num_keys), "features[", k, "]: key ", f[kFKey],
+              " is out of range for ", a.num_keys, " keys (bag_offsets has G * B + 1 entries)");
+    PME_CHECK(f[kFWidth] >= 0 && f[kFCol] >= 0 && f[kFCol] <= out_width - f[kFWidth], "features[", k, "]: columns [",
+              f[kFCol], ", ", f[kFCol], " + ", f[kFWidth], ") do not fit in the output width ", out_width);
+    PME_CHECK(f[kFPooling] == kSum || f[kFPooling] == kMean, "features[", k,
+              "]: pooling must be 0 (sum) or 1 (mean), got ", f[kFPooling]);
     PME_CHECK(!weighted || f[kFPooling] == kSum, "features[", k,
               "]: per_sample_weights are only supported with sum pooling (as nn.EmbeddingBag)");
   }

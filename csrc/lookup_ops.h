@@ -24,8 +24,8 @@ template <ForwardFn Fwd, BackwardFn Bwd>
 struct LookupOps {
   // Pooled lookup: output [B, out_width] (+ argmax [B, out_width] for max).
   static std::tuple<Tensor, Tensor> bag_forward(Tensor weight, Tensor offsets, Tensor indices, Tensor bag_offsets,
-                                                OptTensor per_sample_weights, OptTensor col_of_size,
-                                                int64_t out_width, int64_t mode, int64_t padding_idx, bool table_checked) {
+                                                OptTensor per_sample_weights, OptTensor col_of_size, int64_t out_width,
+                                                int64_t mode, int64_t padding_idx, bool table_checked) {
     return Fwd(weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, out_width, mode, padding_idx,
                table_checked);
   }
@@ -46,8 +46,8 @@ struct LookupOps {
     const int64_t rows = offsets.numel() - 1;
     PME_CHECK(padding_idx >= -1 && padding_idx < rows, "padding_idx ", padding_idx, " is out of range for ", rows,
               " rows (-1 for none)");
-    return std::get<0>(Fwd(weight, offsets, indices, std::nullopt, std::nullopt, col_of_size, out_width, kSum, -1,
-                                   table_checked));
+    return std::get<0>(
+        Fwd(weight, offsets, indices, std::nullopt, std::nullopt, col_of_size, out_width, kSum, -1, table_checked));
   }
 
   static Tensor embedding_backward(Tensor grad_out, Tensor weight, Tensor offsets, Tensor indices,

@@ -11,15 +11,16 @@
 
 #include <cmath>
 #include <cstdint>
-#include <optional>
 #include <initializer_list>
+#include <optional>
 #include <string>
 #include <utility>
+#include <vector>
 
 namespace pme {
 
-using torch::stable::Tensor;
 using torch::headeronly::ScalarType;
+using torch::stable::Tensor;
 
 // Pooling modes; the numbers match the `mode` argument of every pme operator.
 enum Mode : int64_t { kSum = 0, kMean = 1, kMax = 2 };
@@ -33,43 +34,48 @@ enum ScoreRule : int64_t { kSnip = 0, kGradSquared = 1 };
 #define PME_CHECK(cond, ...) STD_TORCH_CHECK(cond, "pme: ", __VA_ARGS__)
 
 // Accumulation type: fp32 for fp16/bf16/fp32 weights, fp64 for fp64 weights (gradcheck).
-template <class T> struct AccOf { using type = float; };
-template <> struct AccOf<double> { using type = double; };
-template <class T> using acc_t = typename AccOf<T>::type;
+template <class T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+template <class T>
+using acc_t = typename AccOf<T>::type;
 
 inline const char* dtype_name(ScalarType t) {
-  switch (t) {
-    case ScalarType::Float: return "float32";
-    case ScalarType::Double: return "float64";
-    case ScalarType::Half: return "float16";
-    case ScalarType::BFloat16: return "bfloat16";
-    case ScalarType::Int: return "int32";
-    case ScalarType::Long: return "int64";
-    default: return "an unsupported dtype";
+  constexpr std::pair<ScalarType, const char*> kNames[] = {
+      {ScalarType::Float, "float32"},     {ScalarType::Double, "float64"}, {ScalarType::Half, "float16"},
+      {ScalarType::BFloat16, "bfloat16"}, {ScalarType::Int, "int32"},      {ScalarType::Long, "int64"}};
+  for (const auto& [type, name] : kNames) {
+    if (type == t) return name;
   }
+  return "an unsupported dtype";
+}
+
+// Calls f(C{}) if t is `is`, the dtype of the C++ type C; whether it did.
+template <class C, class F>
+bool call_if(ScalarType t, ScalarType is, F& f) {
+  if (t != is) return false;
+  f(C{});
+  return true;
 }
 
 // Calls f(T{}) with T the C++ type of a weight dtype.
 template <class F>
 void dispatch_weight(ScalarType t, const char* what, F&& f) {
-  switch (t) {
-    case ScalarType::Float: f(float{}); break;
-    case ScalarType::Double: f(double{}); break;
-    case ScalarType::Half: f(c10::Half{}); break;
-    case ScalarType::BFloat16: f(c10::BFloat16{}); break;
-    default:
-      PME_CHECK(false, what, " must be float32, float64, float16 or bfloat16, got ", dtype_name(t));
-  }
+  const bool done = call_if<float>(t, ScalarType::Float, f) || call_if<double>(t, ScalarType::Double, f) ||
+                    call_if<c10::Half>(t, ScalarType::Half, f) || call_if<c10::BFloat16>(t, ScalarType::BFloat16, f);
+  PME_CHECK(done, what, " must be float32, float64, float16 or bfloat16, got ", dtype_name(t));
 }
 
 // Calls f(I{}) with I the C++ type of an index dtype.
 template <class F>
 void dispatch_index(ScalarType t, const char* what, F&& f) {
-  switch (t) {
-    case ScalarType::Int: f(int32_t{}); break;
-    case ScalarType::Long: f(int64_t{}); break;
-    default: PME_CHECK(false, what, " must be int32 or int64, got ", dtype_name(t));
-  }
+  const bool done = call_if<int32_t>(t, ScalarType::Int, f) || call_if<int64_t>(t, ScalarType::Long, f);
+  PME_CHECK(done, what, " must be int32 or int64, got ", dtype_name(t));
 }
 
 inline void check_1d(const Tensor& t, const char* what) {
@@ -105,10 +111,10 @@ inline void check_no_overlap(const Tensor& out, const char* out_name, const Tens
 
 // The arguments every lookup-shaped operator shares, checked once in one place.
 struct LookupArgs {
-  int64_t num_rows;  // V
+  int64_t num_rows;     // V
   int64_t num_lookups;  // N
-  int64_t num_bags;  // B
-  bool implicit_bags;  // non-pooled lookup: bag b is lookup b
+  int64_t num_bags;     // B
+  bool implicit_bags;   // non-pooled lookup: bag b is lookup b
 };
 
 inline LookupArgs check_lookup_args(const Tensor& weight, const Tensor& offsets, const Tensor& indices,
@@ -156,10 +162,9 @@ inline LookupArgs check_lookup_args(const Tensor& weight, const Tensor& offsets,
 }
 
 // Checks grad_out [B, W] (dtype of weight) and, for max, the forward's argmax; returns W.
-inline int64_t check_grad_args(const Tensor& grad_out, const Tensor& weight, const Tensor& argmax,
-                               const LookupArgs& a, int64_t mode) {
-  PME_CHECK(grad_out.dim() == 2 && grad_out.sizes()[0] == a.num_bags, "grad_out must be [", a.num_bags,
-            ", width]");
+inline int64_t check_grad_args(const Tensor& grad_out, const Tensor& weight, const Tensor& argmax, const LookupArgs& a,
+                               int64_t mode) {
+  PME_CHECK(grad_out.dim() == 2 && grad_out.sizes()[0] == a.num_bags, "grad_out must be [", a.num_bags, ", width]");
   PME_CHECK(grad_out.scalar_type() == weight.scalar_type(), "grad_out must have the dtype of weight");
   check_same_device(grad_out, weight, "grad_out");
   const int64_t W = grad_out.sizes()[1];
@@ -189,12 +194,12 @@ inline void check_state(const Tensor& state, int64_t numel, const Tensor& weight
 
 // The hyperparameters and state tensors of sparse_update_.
 inline void check_update_args(const Tensor& weight, const Tensor& state1, const Tensor& state2, const Tensor& offsets,
-                              int64_t optimizer, double lr, double weight_decay, double eps, double beta1,
-                              double beta2, int64_t step) {
+                              int64_t optimizer, double lr, double weight_decay, double eps, double beta1, double beta2,
+                              int64_t step) {
   PME_CHECK(optimizer == kSGD || optimizer == kRowwiseAdagrad || optimizer == kAdam,
             "optimizer must be 0 (SGD), 1 (row-wise Adagrad) or 2 (Adam), got ", optimizer);
-  PME_CHECK(std::isfinite(lr) && lr >= 0 && std::isfinite(weight_decay) && weight_decay >= 0 &&
-                std::isfinite(eps) && eps >= 0,
+  PME_CHECK(std::isfinite(lr) && lr >= 0 && std::isfinite(weight_decay) && weight_decay >= 0 && std::isfinite(eps) &&
+                eps >= 0,
             "lr, weight_decay and eps must be finite and >= 0, got lr=", lr, ", weight_decay=", weight_decay,
             ", eps=", eps);
   if (optimizer == kRowwiseAdagrad) check_state(state1, offsets.numel() - 1, weight, "state1 (row-wise sum)");
@@ -207,10 +212,13 @@ inline void check_update_args(const Tensor& weight, const Tensor& state1, const 
   }
 }
 
-// The in-place tensors of sparse_update_ / accumulate_scores_ (`outs`, 1 to 3) must not share
-// memory with each other or with any read-only argument (`ins`).
-inline void check_in_place(std::initializer_list<std::pair<const Tensor*, const char*>> outs,
-                           std::initializer_list<std::pair<const Tensor*, const char*>> ins) {
+// Tensors with the names their messages use.
+using NamedTensors = std::vector<std::pair<const Tensor*, const char*>>;
+
+// The in-place tensors of sparse_update_ / accumulate_scores_ / collection_update_ (`outs`, 1 to
+// 3) must not share memory with each other or with any read-only argument (`ins`; a nullptr
+// entry is an absent optional argument).
+inline void check_in_place(const NamedTensors& outs, const NamedTensors& ins) {
   for (auto o = outs.begin(); o != outs.end(); ++o) {
     for (auto p = o + 1; p != outs.end(); ++p) check_no_overlap(*o->first, o->second, *p->first, p->second);
     for (const auto& i : ins) {
@@ -219,9 +227,39 @@ inline void check_in_place(std::initializer_list<std::pair<const Tensor*, const 
   }
 }
 
+// A fused update writes weight, state1 and state2 in place (check_in_place).
+inline void check_update_in_place(const Tensor& weight, const Tensor& state1, const Tensor& state2,
+                                  const NamedTensors& ins) {
+  check_in_place({{&weight, "weight"}, {&state1, "state1"}, {&state2, "state2"}}, ins);
+}
+
+// What a backward-shaped operator of one table reads (check_in_place's `ins`); weight only when
+// the operator reads it without writing it (else nullptr).
+inline NamedTensors lookup_inputs(const Tensor& grad_out, const Tensor* weight, const Tensor& offsets,
+                                  const Tensor& indices, const Tensor& bag_offsets,
+                                  const std::optional<Tensor>& per_sample_weights,
+                                  const std::optional<Tensor>& col_of_size, const Tensor& argmax) {
+  return {{&grad_out, "grad_out"},
+          {weight, "weight"},
+          {&offsets, "offsets"},
+          {&indices, "indices"},
+          {&bag_offsets, "bag_offsets"},
+          {per_sample_weights ? &*per_sample_weights : nullptr, "per_sample_weights"},
+          {col_of_size ? &*col_of_size : nullptr, "col_of_size"},
+          {&argmax, "argmax"}};
+}
+
+// Registers the pruning operators (topk_threshold, prune_counts, prune_pack: the backend's
+// functions of those names) in library block m.
+#define PME_REGISTER_PRUNE(m)                           \
+  m.impl("topk_threshold", TORCH_BOX(&topk_threshold)); \
+  m.impl("prune_counts", TORCH_BOX(&prune_counts));     \
+  m.impl("prune_pack", TORCH_BOX(&prune_pack))
+
 // Arguments of the pruning operators (shapes, dtypes, devices; no data is read).
 inline void check_topk_args(const Tensor& scores, int64_t k) {
-  PME_CHECK(scores.scalar_type() == ScalarType::Float, "scores must be float32, got ", dtype_name(scores.scalar_type()));
+  PME_CHECK(scores.scalar_type() == ScalarType::Float, "scores must be float32, got ",
+            dtype_name(scores.scalar_type()));
   PME_CHECK(k >= 1 && k <= scores.numel(), "k must be in [1, ", scores.numel(), "] (the number of scores), got ", k);
 }
 

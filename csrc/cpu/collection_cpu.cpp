@@ -2,7 +2,7 @@
 // one call over one flat buffer.
 // Forward: one task per range of (block, sample) pairs; each block's bags are pooled by the
 // lookup's own kernels (pool_bags.h: AVX-512 / AVX2 registers, fp32 accumulation, fp64 for fp64)
-// into the block's output columns.
+// into the block's output columns; a run of one-hot bags is copied straight there (copy_one_hot).
 // Backward and fused update: every (block, lookup) pair becomes a lookup of a global row
 // (table_rows[t] + index), grouped by row with row_groups.h, one task per row: deterministic,
 // each row's duplicates (across samples, and across blocks sharing a table) summed first.
@@ -10,11 +10,13 @@
 #include "cpu/pool_bags.h"
 #include "cpu/row_groups.h"
 #include "cpu/row_step.h"
+#include "cpu/validate_cpu.h"
 
 #include <atomic>
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace pme::cpu {
@@ -31,7 +33,7 @@ struct View {
   const int64_t* feat;  // [F, 5]
   int64_t F, B, N;
   const I* idx;  // [N]
-  const I* bo;  // [G * B + 1]
+  const I* bo;   // [G * B + 1]
   int64_t out_width;
 
   const int64_t* block(int64_t k) const { return feat + k * kFFields; }
@@ -190,7 +192,7 @@ void copy_one_hot(const View<I>& v, const int64_t* f, const T* w, const T* psw, 
 }
 
 template <class T, class I>
-void forward_range(const View<I>& v, const T* w, const T* psw, int64_t p0, int64_t p1, T* out, T* tmp,
+void forward_range(CpuKernel kernel, const View<I>& v, const T* w, const T* psw, int64_t p0, int64_t p1, T* out, T* tmp,
                    std::atomic<int64_t>& bad) {
   for (int64_t p = p0; p < p1;) {
     const int64_t k = p / v.B, b0 = p % v.B;
@@ -207,7 +209,7 @@ void forward_range(const View<I>& v, const T* w, const T* psw, int64_t p0, int64
     }
     // The table as the lookup kernel sees it: its own rows, offsets into the global buffer.
     const TableView tv{v.off + base, v.rows[t + 1] - base, v.total, nullptr, 0, W};
-    pool_bags<T, I>(w, tv, v.idx, v.bo + f[kFKey] * v.B + b0, b1 - b0, psw, f[kFPooling], tmp, bad);
+    pool_bags<T, I>(kernel, w, tv, v.idx, v.bo + f[kFKey] * v.B + b0, b1 - b0, psw, f[kFPooling], tmp, bad);
     for (int64_t b = b0; b < b1; ++b) {
       std::copy(tmp + (b - b0) * W, tmp + (b - b0 + 1) * W, out + b * v.out_width + f[kFCol]);
     }
@@ -237,9 +239,10 @@ Tensor collection_forward(Tensor weight, Tensor offsets, Tensor table_rows, Tens
       const T* w = weight.const_data_ptr<T>();
       const T* psw = per_sample_weights ? per_sample_weights->const_data_ptr<T>() : nullptr;
       const int64_t W = max_width(v.feat, v.F);
+      const CpuKernel kernel = cpu_kernel();  // getenv once per call, not per chunk
       torch::stable::parallel_for(0, v.F * v.B, kRun, [&](int64_t p0, int64_t p1) {
         std::vector<T> tmp(kRun * W);
-        forward_range<T, I>(v, w, psw, p0, p1, o, tmp.data(), bad);
+        forward_range<T, I>(kernel, v, w, psw, p0, p1, o, tmp.data(), bad);
       });
     });
     if (bad.load() != kNone) report_bad(v, bad.load());
@@ -311,119 +314,126 @@ int64_t check_grad(const Tensor& grad_out, const Tensor& weight, const Collectio
   return grad_out.sizes()[1];
 }
 
+// The set-up collection_backward and collection_update_ share (after check_collection_args):
+// checks grad_out, validates the whole call (table, bag offsets, every lookup), rewrites the
+// batch as virtual lookups grouped by row, then calls f(v, vl, go, psw) in the indices' and
+// the weight's types (go: grad_out [B, out_width], contiguous; psw or nullptr).
+template <class F>
+void with_grouped_collection(const CollectionArgs& a, const Tensor& grad_out, const Tensor& weight,
+                             const Tensor& offsets, const Tensor& table_rows, const Tensor& features,
+                             const Tensor& indices, const Tensor& bag_offsets,
+                             const std::optional<Tensor>& per_sample_weights, bool table_checked, F&& f) {
+  const int64_t W = check_grad(grad_out, weight, a);
+  const Tensor go_t = torch::stable::contiguous(grad_out);
+  dispatch_index(indices.scalar_type(), "indices", [&](auto itag) {
+    using I = decltype(itag);
+    const View<I> v = make_view<I>(a, weight, offsets, table_rows, features, indices, bag_offsets, W,
+                                   per_sample_weights.has_value(), table_checked);
+    validate_all(v);
+    const Virtual vl = virtual_lookups(v);
+    dispatch_weight(weight.scalar_type(), "weight", [&](auto wtag) {
+      using T = decltype(wtag);
+      const T* psw = per_sample_weights ? per_sample_weights->const_data_ptr<T>() : nullptr;
+      f(v, vl, go_t.const_data_ptr<T>(), psw);
+    });
+  });
+}
+
+// Runs f(s, r, g) for every row r the batch touches, g its summed gradient (row_gradient).
+template <class T, class I, class F>
+void for_each_row_gradient(const View<I>& v, const Virtual& vl, const T* go, const T* psw, const F& f) {
+  for_each_row_gradient<acc_t<T>>(
+      vl.groups, max_width(v.feat, v.F),
+      [&](int64_t s, acc_t<T>* g) {
+        const int64_t r = vl.groups.rows[s];
+        row_gradient(v, vl, go, psw, s, v.off[r + 1] - v.off[r], g);
+      },
+      f);
+}
+
 std::tuple<Tensor, Tensor> collection_backward(Tensor grad_out, Tensor weight, Tensor offsets, Tensor table_rows,
                                                Tensor features, Tensor indices, Tensor bag_offsets,
                                                std::optional<Tensor> per_sample_weights, int64_t batch_size,
                                                bool psw_grad, bool table_checked) {
   const CollectionArgs a = check_collection_args(weight, offsets, table_rows, features, indices, bag_offsets,
                                                  per_sample_weights, batch_size);
-  const int64_t W = check_grad(grad_out, weight, a);
   PME_CHECK(!psw_grad || per_sample_weights.has_value(), "psw_grad needs per_sample_weights");
-  const Tensor go_t = torch::stable::contiguous(grad_out);
   Tensor grad_w = torch::stable::new_zeros(weight, {weight.numel()});
   Tensor grad_psw = torch::stable::new_zeros(weight, {psw_grad ? a.num_lookups : 0});
-  dispatch_index(indices.scalar_type(), "indices", [&](auto itag) {
-    using I = decltype(itag);
-    const View<I> v = make_view<I>(a, weight, offsets, table_rows, features, indices, bag_offsets, W,
-                                   per_sample_weights.has_value(), table_checked);
-    validate_all(v);
-    const Virtual vl = virtual_lookups(v);
-    dispatch_weight(weight.scalar_type(), "weight", [&](auto wtag) {
-      using T = decltype(wtag);
-      using A = acc_t<T>;
-      const T* go = go_t.const_data_ptr<T>();
-      const T* psw = per_sample_weights ? per_sample_weights->const_data_ptr<T>() : nullptr;
-      T* gw = grad_w.mutable_data_ptr<T>();
-      const RowGroups& gr = vl.groups;
-      const int64_t U = static_cast<int64_t>(gr.rows.size());
-      const int64_t Wmax = max_width(v.feat, v.F);
-      torch::stable::parallel_for(0, U, 64, [&](int64_t s0, int64_t s1) {
-        std::vector<A> g(Wmax);
-        for (int64_t s = s0; s < s1; ++s) {
-          const int64_t r = gr.rows[s], size = v.off[r + 1] - v.off[r];
-          row_gradient(v, vl, go, psw, s, size, g.data());
-          T* dst = gw + v.off[r];
-          for (int64_t c = 0; c < size; ++c) dst[c] = static_cast<T>(g[c]);
-        }
-      });
-      if (psw_grad) {
-        // d out / d psw[j] = <row, grad of its bag's columns>, summed over the blocks reading j.
-        const int64_t M = static_cast<int64_t>(vl.vrow.size());
-        std::vector<A> dot(M, A(0));
-        const T* w = weight.const_data_ptr<T>();
-        torch::stable::parallel_for(0, M, 1024, [&](int64_t m0, int64_t m1) {
-          for (int64_t m = m0; m < m1; ++m) {
-            const int64_t vb = gr.bag_of[m];
-            if (vb < 0) continue;
-            const int64_t k = vb / v.B, b = vb % v.B, r = vl.vrow[m];
-            const T* row = w + v.off[r];
-            const T* gp = go + b * v.out_width + v.block(k)[kFCol];
-            A d = 0;
-            for (int64_t c = 0, n = v.off[r + 1] - v.off[r]; c < n; ++c) d += static_cast<A>(row[c]) * static_cast<A>(gp[c]);
-            dot[m] = d;
-          }
-        });
-        std::vector<A> sum(a.num_lookups, A(0));
-        for (int64_t m = 0; m < M; ++m) sum[vl.vpos[m]] += dot[m];  // block order: deterministic
-        T* gp = grad_psw.mutable_data_ptr<T>();
-        for (int64_t j = 0; j < a.num_lookups; ++j) gp[j] = static_cast<T>(sum[j]);
-      }
-    });
-  });
+  with_grouped_collection(a, grad_out, weight, offsets, table_rows, features, indices, bag_offsets, per_sample_weights,
+                          table_checked, [&](const auto& v, const Virtual& vl, const auto* go, const auto* psw) {
+                            using T = std::decay_t<decltype(*go)>;
+                            using A = acc_t<T>;
+                            T* gw = grad_w.mutable_data_ptr<T>();
+                            for_each_row_gradient(v, vl, go, psw, [&](int64_t, int64_t r, const A* g) {
+                              T* dst = gw + v.off[r];
+                              for (int64_t c = 0, size = v.off[r + 1] - v.off[r]; c < size; ++c)
+                                dst[c] = static_cast<T>(g[c]);
+                            });
+                            if (psw_grad) {
+                              // d out / d psw[j] = <row, grad of its bag's columns>, summed over the blocks reading j.
+                              const RowGroups& gr = vl.groups;
+                              const int64_t M = static_cast<int64_t>(vl.vrow.size());
+                              std::vector<A> dot(M, A(0));
+                              const T* w = weight.const_data_ptr<T>();
+                              torch::stable::parallel_for(0, M, 1024, [&](int64_t m0, int64_t m1) {
+                                for (int64_t m = m0; m < m1; ++m) {
+                                  const int64_t vb = gr.bag_of[m];
+                                  if (vb < 0) continue;
+                                  const int64_t k = vb / v.B, b = vb % v.B, r = vl.vrow[m];
+                                  const T* row = w + v.off[r];
+                                  const T* gp = go + b * v.out_width + v.block(k)[kFCol];
+                                  A d = 0;
+                                  for (int64_t c = 0, n = v.off[r + 1] - v.off[r]; c < n; ++c)
+                                    d += static_cast<A>(row[c]) * static_cast<A>(gp[c]);
+                                  dot[m] = d;
+                                }
+                              });
+                              std::vector<A> sum(a.num_lookups, A(0));
+                              for (int64_t m = 0; m < M; ++m) sum[vl.vpos[m]] += dot[m];  // block order: deterministic
+                              T* gp = grad_psw.mutable_data_ptr<T>();
+                              for (int64_t j = 0; j < a.num_lookups; ++j) gp[j] = static_cast<T>(sum[j]);
+                            }
+                          });
   return {grad_w, grad_psw};
 }
 
-void collection_update_(Tensor weight, Tensor state1, Tensor state2, Tensor grad_out, Tensor offsets,
-                        Tensor table_rows, Tensor features, Tensor indices, Tensor bag_offsets,
-                        std::optional<Tensor> per_sample_weights, int64_t batch_size, int64_t optimizer, double lr,
-                        double weight_decay, double eps, double beta1, double beta2, int64_t step,
-                        bool table_checked) {
+void collection_update_(Tensor weight, Tensor state1, Tensor state2, Tensor grad_out, Tensor offsets, Tensor table_rows,
+                        Tensor features, Tensor indices, Tensor bag_offsets, std::optional<Tensor> per_sample_weights,
+                        int64_t batch_size, int64_t optimizer, double lr, double weight_decay, double eps, double beta1,
+                        double beta2, int64_t step, bool table_checked) {
   const CollectionArgs a = check_collection_args(weight, offsets, table_rows, features, indices, bag_offsets,
                                                  per_sample_weights, batch_size);
   check_update_args(weight, state1, state2, offsets, optimizer, lr, weight_decay, eps, beta1, beta2, step);
-  check_in_place({{&weight, "weight"}, {&state1, "state1"}, {&state2, "state2"}},
-                 {{&grad_out, "grad_out"}, {&offsets, "offsets"}, {&table_rows, "table_rows"},
-                  {&features, "features"}, {&indices, "indices"}, {&bag_offsets, "bag_offsets"},
-                  {per_sample_weights ? &*per_sample_weights : nullptr, "per_sample_weights"}});
-  const int64_t W = check_grad(grad_out, weight, a);
-  const Tensor go_t = torch::stable::contiguous(grad_out);
+  check_update_in_place(weight, state1, state2,
+                        {{&grad_out, "grad_out"},
+                         {&offsets, "offsets"},
+                         {&table_rows, "table_rows"},
+                         {&features, "features"},
+                         {&indices, "indices"},
+                         {&bag_offsets, "bag_offsets"},
+                         {per_sample_weights ? &*per_sample_weights : nullptr, "per_sample_weights"}});
   const Hyper h{optimizer, lr, weight_decay, eps, beta1, beta2, step};
-  dispatch_index(indices.scalar_type(), "indices", [&](auto itag) {
-    using I = decltype(itag);
-    const View<I> v = make_view<I>(a, weight, offsets, table_rows, features, indices, bag_offsets, W,
-                                   per_sample_weights.has_value(), table_checked);
-    validate_all(v);
-    const Virtual vl = virtual_lookups(v);
-    dispatch_weight(weight.scalar_type(), "weight", [&](auto wtag) {
-      using T = decltype(wtag);
-      using A = acc_t<T>;
-      const T* go = go_t.const_data_ptr<T>();
-      const T* psw = per_sample_weights ? per_sample_weights->const_data_ptr<T>() : nullptr;
-      T* w = weight.mutable_data_ptr<T>();
-      A* s1 = state1.numel() ? state1.mutable_data_ptr<A>() : nullptr;
-      A* s2 = state2.numel() ? state2.mutable_data_ptr<A>() : nullptr;
-      const RowGroups& gr = vl.groups;
-      const int64_t U = static_cast<int64_t>(gr.rows.size());
-      const int64_t Wmax = max_width(v.feat, v.F);
-      torch::stable::parallel_for(0, U, 64, [&](int64_t s0, int64_t s1_) {
-        std::vector<A> g(Wmax);
-        for (int64_t s = s0; s < s1_; ++s) {
-          const int64_t r = gr.rows[s], lo = v.off[r], size = v.off[r + 1] - lo;
-          row_gradient(v, vl, go, psw, s, size, g.data());
-          apply_step<T, A>(h, w + lo, g.data(), size, optimizer == kRowwiseAdagrad ? s1 + r : nullptr,
-                           optimizer == kAdam ? s1 + lo : nullptr, optimizer == kAdam ? s2 + lo : nullptr);
-        }
-      });
-    });
-  });
+  with_grouped_collection(a, grad_out, weight, offsets, table_rows, features, indices, bag_offsets, per_sample_weights,
+                          table_checked, [&](const auto& v, const Virtual& vl, const auto* go, const auto* psw) {
+                            using T = std::decay_t<decltype(*go)>;
+                            using A = acc_t<T>;
+                            T* w = weight.mutable_data_ptr<T>();
+                            A* s1 = state1.numel() ? state1.mutable_data_ptr<A>() : nullptr;
+                            A* s2 = state2.numel() ? state2.mutable_data_ptr<A>() : nullptr;
+                            for_each_row_gradient(v, vl, go, psw, [&](int64_t, int64_t r, A* g) {
+                              const int64_t lo = v.off[r], size = v.off[r + 1] - lo;
+                              apply_step<T, A>(h, w + lo, g, size, optimizer == kRowwiseAdagrad ? s1 + r : nullptr,
+                                               optimizer == kAdam ? s1 + lo : nullptr,
+                                               optimizer == kAdam ? s2 + lo : nullptr);
+                            });
+                          });
 }
 
 }  // namespace
 
 STABLE_TORCH_LIBRARY_IMPL(pme, CPU, m) {
-  m.impl("collection_forward", TORCH_BOX(&collection_forward));
-  m.impl("collection_backward", TORCH_BOX(&collection_backward));
-  m.impl("collection_update_", TORCH_BOX(&collection_update_));
+  PME_REGISTER_COLLECTION(m);
 }
 
 }  // namespace pme::cpu

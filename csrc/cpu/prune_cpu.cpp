@@ -21,7 +21,9 @@ inline uint32_t float_key(float f) {
 }
 
 // Whether score a ranks above score b in that order (NaN lowest, NaNs equal).
-inline bool score_above(float a, float b) { return b != b ? a == a : a > b; }
+inline bool score_above(float a, float b) {
+  return b != b ? a == a : a > b;
+}
 
 inline float key_float(uint32_t k) {
   const uint32_t u = (k & 0x80000000u) ? (k & 0x7fffffffu) : ~k;
@@ -32,7 +34,8 @@ inline float key_float(uint32_t k) {
 
 // Histogram of 16 key bits (shift) over entries whose high bits equal prefix under mask.
 std::vector<int64_t> histogram16(const float* x, int64_t n, int shift, uint32_t mask, uint32_t prefix) {
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(n / (1 << 16) + 1, 4 * torch::stable::get_num_threads()));
+  const int64_t chunks =
+      std::max<int64_t>(1, std::min<int64_t>(n / (1 << 16) + 1, 4 * torch::stable::get_num_threads()));
   std::vector<std::vector<int64_t>> part(chunks);
   torch::stable::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
@@ -88,8 +91,10 @@ Tensor prune_counts(Tensor scores, Tensor threshold) {
       int64_t n = 0;
       // x >= t in that order: a NaN threshold (k above the number of non-NaN scores) keeps
       // everything; otherwise NaN never survives (NaN >= t is false).
-      if (t != t) n = D;
-      else for (int64_t j = 0; j < D; ++j) n += x[r * D + j] >= t;
+      if (t != t)
+        n = D;
+      else
+        for (int64_t j = 0; j < D; ++j) n += x[r * D + j] >= t;
       c[r] = n;
     }
   });
@@ -136,9 +141,7 @@ Tensor prune_pack(Tensor dense, Tensor scores, Tensor offsets, bool by_score) {
 }  // namespace
 
 STABLE_TORCH_LIBRARY_IMPL(pme, CPU, m) {
-  m.impl("topk_threshold", TORCH_BOX(&topk_threshold));
-  m.impl("prune_counts", TORCH_BOX(&prune_counts));
-  m.impl("prune_pack", TORCH_BOX(&prune_pack));
+  PME_REGISTER_PRUNE(m);
 }
 
 }  // namespace pme::cpu

@@ -3,7 +3,7 @@
 // contributions in a fixed order: deterministic whatever the thread count.
 #pragma once
 
-#include "pme.h"
+#include "cpu/validate_cpu.h"
 
 #include <algorithm>
 #include <atomic>
@@ -13,153 +13,14 @@
 
 namespace pme::cpu {
 
-// Shape of the table as the kernels see it.
-struct TableView {
-  const int64_t* offsets;  // [V + 1]
-  int64_t num_rows;  // V
-  int64_t total;  // stored entries
-  const int64_t* col_of_size;  // [num_cols] or nullptr (padded layout)
-  int64_t num_cols;
-  int64_t width;  // output width W
-  bool checked = false;  // the caller vouches the whole-table check passed (table_checked)
-};
-
-// Whole-table check, O(V + D), run by every lookup-shaped operator before any row is read:
-// offsets[0] == 0, non-decreasing, offsets[V] == total; col_of_size (grouped layout) maps
-// every size s to -1 (no slot) or a slot [col, col + s) inside the output width; every row's
-// size fits: <= W (padded) or has a slot (grouped). Checking the whole table (not only the
-// rows a batch touches) is what rules out rows that overlap: with offsets that decrease
-// somewhere, two rows could share entries and both look fine. Every comparison is written so
-// that no sum can wrap (size <= W && col <= W - size, never col + size <= W).
-inline void validate_table(const TableView& t) {
-  const int64_t* off = t.offsets;
-  const int64_t V = t.num_rows, W = t.width;
-  PME_CHECK(W >= 0, "the output width must be >= 0, got ", W);
-  PME_CHECK(off[0] == 0, "offsets[0] must be 0, got ", off[0]);
-  PME_CHECK(off[V] == t.total, "offsets[-1] = ", off[V], " must equal the number of stored entries ", t.total);
-  const int64_t* cos = t.col_of_size;
-  for (int64_t s = 0; cos != nullptr && s < t.num_cols; ++s) {
-    const int64_t c = cos[s];
-    PME_CHECK(c == -1 || (c >= 0 && s <= W && c <= W - s), "col_of_size[", s, "] = ", c,
-              " is not a slot of the output width ", W, " for rows of size ", s,
-              " (a column in [0, width - size], or -1 for a size that has no slot)");
-  }
-  if (t.checked) return;  // this table passed the scan below before (table_checked)
-  // Row r is fine if offsets[r] <= offsets[r + 1] and its size fits. Sizes are taken as
-  // unsigned differences: no signed overflow whatever the values; the first bad row of an
-  // increasing scan has offsets[r] >= 0, so its difference is exact.
-  auto row_ok = [&](int64_t r) {
-    const int64_t lo = off[r], hi = off[r + 1];
-    const uint64_t size = static_cast<uint64_t>(hi) - static_cast<uint64_t>(lo);
-    if (hi < lo) return false;
-    if (cos == nullptr) return size <= static_cast<uint64_t>(W);
-    return size < static_cast<uint64_t>(t.num_cols) && cos[size] >= 0;
-  };
-  std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
-  torch::stable::parallel_for(0, V, 1 << 16, [&](int64_t r0, int64_t r1) {
-    bool ok = true;
-    if (cos == nullptr) {  // branch-free, vectorisable: the common case
-      const uint64_t w = static_cast<uint64_t>(W);
-      for (int64_t r = r0; r < r1; ++r) {
-        ok &= (off[r + 1] >= off[r]) & (static_cast<uint64_t>(off[r + 1]) - static_cast<uint64_t>(off[r]) <= w);
-      }
-      if (ok) return;
-    }
-    for (int64_t r = r0; r < r1; ++r) {
-      if (!row_ok(r)) {
-        int64_t cur = first_bad.load();
-        while (r < cur && !first_bad.compare_exchange_weak(cur, r)) {
-        }
-        return;
-      }
-    }
-  });
-  const int64_t r = first_bad.load();
-  if (r == std::numeric_limits<int64_t>::max()) return;
-  PME_CHECK(off[r + 1] >= off[r], "offsets must be non-decreasing: offsets[", r + 1, "] = ", off[r + 1],
-            " < offsets[", r, "] = ", off[r]);
-  const int64_t size = off[r + 1] - off[r];
-  if (cos == nullptr) {
-    PME_CHECK(false, "row ", r, " has size ", size, " (offsets[", r, "] = ", off[r], " to offsets[", r + 1, "] = ",
-              off[r + 1], "): it does not fit in the output width ", W);
-  }
-  PME_CHECK(false, "row ", r, " has size ", size, " (offsets[", r, "] = ", off[r], " to offsets[", r + 1, "] = ",
-            off[r + 1], "), which has no slot in col_of_size (", t.num_cols,
-            " entries): it does not fit in the output width ", W);
-}
-
-// Checks the bag offsets (O(B), in order): start at 0, inside the input, non-decreasing.
-template <class I>
-void validate_bag_offsets(const I* bo, int64_t B, int64_t N) {
-  if (bo == nullptr) return;
-  PME_CHECK(bo[0] == 0, "bag offsets must start at 0, got offsets[0] = ", static_cast<int64_t>(bo[0]));
-  for (int64_t b = 0; b <= B; ++b) {
-    PME_CHECK(bo[b] <= N, "bag offsets point past the input: offsets[", b, "] = ", static_cast<int64_t>(bo[b]),
-              " but there are only ", N, " indices");
-  }
-  for (int64_t b = 0; b < B; ++b) {
-    PME_CHECK(bo[b + 1] >= bo[b], "bag offsets must be non-decreasing, but offsets[", b + 1, "] = ",
-              static_cast<int64_t>(bo[b + 1]), " < offsets[", b, "] = ", static_cast<int64_t>(bo[b]));
-  }
-}
-
-// Whether lookup of row r is valid: index in range, row inside the buffer, fits the width.
-// Overflow-safe (no sum that can wrap); after validate_table only the index test can fail, the
-// rest is a second line of defence that costs two compares.
-inline bool lookup_ok(int64_t r, const TableView& t) {
-  if (r < 0 || r >= t.num_rows) return false;
-  const int64_t lo = t.offsets[r], hi = t.offsets[r + 1];
-  if (!(lo >= 0 && hi >= lo && hi <= t.total)) return false;
-  const int64_t size = hi - lo;
-  if (size > t.width) return false;
-  if (!t.col_of_size) return true;
-  if (size >= t.num_cols) return false;
-  const int64_t col = t.col_of_size[size];
-  return col >= 0 && col <= t.width - size;
-}
-
-// Throws the message for bad lookup position j.
-template <class I>
-[[noreturn]] void report_bad_lookup(const I* idx, int64_t j, const TableView& t) {
-  const int64_t r = static_cast<int64_t>(idx[j]), V = t.num_rows;
-  PME_CHECK(r >= 0 && r < V, "index out of range: indices[", j, "] = ", r, " but the table has ", V,
-            " rows (valid: 0 to ", V - 1, ")");
-  const int64_t size = static_cast<int64_t>(static_cast<uint64_t>(t.offsets[r + 1]) - static_cast<uint64_t>(t.offsets[r]));
-  PME_CHECK(false, "row ", r, " (indices[", j, "]) spans offsets[", r, "] = ", t.offsets[r], " to offsets[", r + 1,
-            "] = ", t.offsets[r + 1], ": its size ", size, " is negative, overruns the ", t.total,
-            " stored entries, or does not fit in the output width ", t.width,
-            " (offsets must be non-decreasing, sizes in [0, D])");
-  throw std::runtime_error("unreachable");
-}
-
-// Validates bag offsets, indices and the rows they touch in one parallel pass; throws naming
-// the first bad position. Untouched rows are not read.
-template <class I>
-void validate_lookups(const I* idx, int64_t N, const I* bo, int64_t B, const TableView& t) {
-  validate_table(t);
-  validate_bag_offsets(bo, B, N);
-  std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
-  torch::stable::parallel_for(0, N, 1 << 14, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
-      if (!lookup_ok(static_cast<int64_t>(idx[j]), t)) {
-        int64_t cur = first_bad.load();
-        while (j < cur && !first_bad.compare_exchange_weak(cur, j)) {
-        }
-        return;
-      }
-    }
-  });
-  if (first_bad.load() != std::numeric_limits<int64_t>::max()) report_bad_lookup(idx, first_bad.load(), t);
-}
-
 // Lookups of one batch grouped by row. Segment s covers pos[seg[s] : seg[s+1]], all of row rows[s],
 // in increasing lookup position.
 struct RowGroups {
-  std::vector<int64_t> rows;  // unique rows touched, increasing
-  std::vector<int64_t> seg;  // rows.size() + 1 segment starts into pos
-  std::vector<int64_t> pos;  // lookup positions j, grouped by row
+  std::vector<int64_t> rows;    // unique rows touched, increasing
+  std::vector<int64_t> seg;     // rows.size() + 1 segment starts into pos
+  std::vector<int64_t> pos;     // lookup positions j, grouped by row
   std::vector<int64_t> bag_of;  // bag of every lookup position (-1 after the last bag)
-  std::vector<int64_t> count;  // non-padding lookups per bag (for the mean)
+  std::vector<int64_t> count;   // non-padding lookups per bag (for the mean)
 };
 
 template <class I>
@@ -188,8 +49,10 @@ RowGroups group_by_row(const I* idx, int64_t N, const I* bo, int64_t B, int64_t 
   for (int64_t j = 0; j < N; ++j) {
     const int64_t r = idx[j];
     if (g.bag_of[j] < 0 || r == padding_idx) continue;
-    if (packed) keys.push_back((static_cast<uint64_t>(r) << 32) | static_cast<uint64_t>(j));
-    else pairs.emplace_back(r, j);
+    if (packed)
+      keys.push_back((static_cast<uint64_t>(r) << 32) | static_cast<uint64_t>(j));
+    else
+      pairs.emplace_back(r, j);
   }
   if (packed) {
     std::sort(keys.begin(), keys.end());
@@ -220,14 +83,15 @@ RowGroups group_by_row(const I* idx, int64_t N, const I* bo, int64_t B, int64_t 
 // Everything a backward-shaped kernel reads, with raw pointers.
 template <class T, class I>
 struct GradInputs {
+  using value_type = T;
   const T* grad_out;  // [B, W]
   int64_t W;
-  const T* weight;  // [total]
-  const int64_t* offsets;  // [V + 1]
-  const I* idx;  // [N]
-  const T* psw;  // [N] or nullptr
+  const T* weight;             // [total]
+  const int64_t* offsets;      // [V + 1]
+  const I* idx;                // [N]
+  const T* psw;                // [N] or nullptr
   const int64_t* col_of_size;  // [D + 1] or nullptr
-  const int64_t* argmax;  // [B, W] for max, else nullptr
+  const int64_t* argmax;       // [B, W] for max, else nullptr
   int64_t mode;
 };
 
@@ -254,6 +118,63 @@ void row_gradient(const GradInputs<T, I>& in, const RowGroups& groups, int64_t s
       for (int64_t c = 0; c < size; ++c) g[c] += scale * static_cast<A>(go[c]);
     }
   }
+}
+
+// The set-up every backward-shaped operator of one table shares: checks the arguments
+// (lookup arguments, grad_out, argmax), validates the batch, groups it by row, then calls
+// f(in, groups) with in a GradInputs<T, I> in the weight's and the indices' types.
+// bag_offsets absent: the non-pooled lookup (bag b is lookup b).
+template <class F>
+void with_grouped_batch(const Tensor& grad_out, const Tensor& weight, const Tensor& offsets, const Tensor& indices,
+                        const std::optional<Tensor>& bag_offsets, const std::optional<Tensor>& per_sample_weights,
+                        const std::optional<Tensor>& col_of_size, const Tensor& argmax, int64_t mode,
+                        int64_t padding_idx, bool table_checked, F&& f) {
+  const LookupArgs a =
+      check_lookup_args(weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, mode, padding_idx);
+  const int64_t W = check_grad_args(grad_out, weight, argmax, a, mode);
+  const Tensor go = torch::stable::contiguous(grad_out);
+  const TableView tv = make_table(weight, offsets, col_of_size, W, table_checked);
+  dispatch_index(indices.scalar_type(), "indices", [&](auto itag) {
+    using I = decltype(itag);
+    const I* idx = indices.const_data_ptr<I>();
+    const I* bo = bag_offsets ? bag_offsets->const_data_ptr<I>() : nullptr;
+    validate_lookups(idx, a.num_lookups, bo, a.num_bags, tv);
+    const RowGroups groups = group_by_row(idx, a.num_lookups, bo, a.num_bags, padding_idx);
+    dispatch_weight(weight.scalar_type(), "weight", [&](auto wtag) {
+      using T = decltype(wtag);
+      const GradInputs<T, I> in{go.const_data_ptr<T>(),
+                                W,
+                                weight.const_data_ptr<T>(),
+                                tv.offsets,
+                                idx,
+                                per_sample_weights ? per_sample_weights->const_data_ptr<T>() : nullptr,
+                                tv.col_of_size,
+                                mode == kMax ? argmax.const_data_ptr<int64_t>() : nullptr,
+                                mode};
+      f(in, groups);
+    });
+  });
+}
+
+// Runs f(s, r, g) for every row r = groups.rows[s] of a batch, g its summed gradient (width
+// entries of A, filled by row_grad(s, g) first). Rows split across threads (one scratch row per
+// task); each row is visited once, by one task: deterministic.
+template <class A, class Grad, class F>
+void for_each_row_gradient(const RowGroups& groups, int64_t width, const Grad& row_grad, const F& f) {
+  const int64_t U = static_cast<int64_t>(groups.rows.size());
+  torch::stable::parallel_for(0, U, 64, [&](int64_t s0, int64_t s1) {
+    std::vector<A> g(width);
+    for (int64_t s = s0; s < s1; ++s) {
+      row_grad(s, g.data());
+      f(s, groups.rows[s], g.data());
+    }
+  });
+}
+
+// The same for a table's lookups: g is row_gradient's sum.
+template <class T, class I, class F>
+void for_each_row_gradient(const GradInputs<T, I>& in, const RowGroups& groups, const F& f) {
+  for_each_row_gradient<acc_t<T>>(groups, in.W, [&](int64_t s, acc_t<T>* g) { row_gradient(in, groups, s, g); }, f);
 }
 
 }  // namespace pme::cpu

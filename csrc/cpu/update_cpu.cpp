@@ -5,106 +5,69 @@
 #include "cpu/row_step.h"
 
 #include <cmath>
-#include <vector>
+#include <type_traits>
 
 namespace pme::cpu {
 namespace {
 
-// Runs f(segment, summed gradient) for every row of the batch, rows split across threads.
+// Runs f(in, r, g) for every row r the batch touches, g its summed gradient (in: the batch's
+// GradInputs, for the weight's type).
 template <class F>
-void for_each_row_gradient(const Tensor& grad_out, const Tensor& weight, const Tensor& offsets,
-                           const Tensor& indices, const Tensor& bag_offsets,
-                           const std::optional<Tensor>& per_sample_weights, const std::optional<Tensor>& col_of_size,
-                           const Tensor& argmax, int64_t mode, int64_t padding_idx, bool table_checked, F&& f) {
-  const LookupArgs a = check_lookup_args(weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size,
-                                         mode, padding_idx);
-  const int64_t W = check_grad_args(grad_out, weight, argmax, a, mode);
-  const Tensor go = torch::stable::contiguous(grad_out);
-  const TableView tv{offsets.const_data_ptr<int64_t>(), a.num_rows, weight.numel(),
-                     col_of_size ? col_of_size->const_data_ptr<int64_t>() : nullptr,
-                     col_of_size ? col_of_size->numel() : 0, W, table_checked};
-  dispatch_index(indices.scalar_type(), "indices", [&](auto itag) {
-    using I = decltype(itag);
-    const I* idx = indices.const_data_ptr<I>();
-    const I* bo = bag_offsets.const_data_ptr<I>();
-    validate_lookups(idx, a.num_lookups, bo, a.num_bags, tv);
-    const RowGroups groups = group_by_row(idx, a.num_lookups, bo, a.num_bags, padding_idx);
-    dispatch_weight(weight.scalar_type(), "weight", [&](auto wtag) {
-      using T = decltype(wtag);
-      using A = acc_t<T>;
-      const GradInputs<T, I> in{go.const_data_ptr<T>(),
-                                W,
-                                weight.const_data_ptr<T>(),
-                                tv.offsets,
-                                idx,
-                                per_sample_weights ? per_sample_weights->const_data_ptr<T>() : nullptr,
-                                tv.col_of_size,
-                                mode == kMax ? argmax.const_data_ptr<int64_t>() : nullptr,
-                                mode};
-      const int64_t U = static_cast<int64_t>(groups.rows.size());
-      torch::stable::parallel_for(0, U, 64, [&](int64_t s0, int64_t s1) {
-        std::vector<A> g(W);
-        for (int64_t s = s0; s < s1; ++s) {
-          row_gradient(in, groups, s, g.data());
-          f(T{}, groups.rows[s], g.data());
-        }
-      });
-    });
-  });
+void for_each_row(const Tensor& grad_out, const Tensor& weight, const Tensor& offsets, const Tensor& indices,
+                  const Tensor& bag_offsets, const std::optional<Tensor>& per_sample_weights,
+                  const std::optional<Tensor>& col_of_size, const Tensor& argmax, int64_t mode, int64_t padding_idx,
+                  bool table_checked, F&& f) {
+  with_grouped_batch(grad_out, weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, argmax, mode,
+                     padding_idx, table_checked, [&](const auto& in, const RowGroups& groups) {
+                       for_each_row_gradient(in, groups, [&](int64_t, int64_t r, auto* g) { f(in, r, g); });
+                     });
 }
 
 void sparse_update_(Tensor weight, Tensor state1, Tensor state2, Tensor grad_out, Tensor offsets, Tensor indices,
                     Tensor bag_offsets, std::optional<Tensor> per_sample_weights, std::optional<Tensor> col_of_size,
-                    Tensor argmax, int64_t mode, int64_t padding_idx, int64_t optimizer, double lr,
-                    double weight_decay, double eps, double beta1, double beta2, int64_t step,
-                    bool table_checked) {
+                    Tensor argmax, int64_t mode, int64_t padding_idx, int64_t optimizer, double lr, double weight_decay,
+                    double eps, double beta1, double beta2, int64_t step, bool table_checked) {
   check_update_args(weight, state1, state2, offsets, optimizer, lr, weight_decay, eps, beta1, beta2, step);
-  check_in_place({{&weight, "weight"}, {&state1, "state1"}, {&state2, "state2"}},
-                 {{&grad_out, "grad_out"}, {&offsets, "offsets"}, {&indices, "indices"}, {&bag_offsets, "bag_offsets"},
-                  {per_sample_weights ? &*per_sample_weights : nullptr, "per_sample_weights"},
-                  {col_of_size ? &*col_of_size : nullptr, "col_of_size"}, {&argmax, "argmax"}});
+  check_update_in_place(
+      weight, state1, state2,
+      lookup_inputs(grad_out, nullptr, offsets, indices, bag_offsets, per_sample_weights, col_of_size, argmax));
   const Hyper h{optimizer, lr, weight_decay, eps, beta1, beta2, step};
   const int64_t* off = offsets.const_data_ptr<int64_t>();
   void* s1 = state1.numel() ? state1.mutable_data_ptr() : nullptr;
   void* s2 = state2.numel() ? state2.mutable_data_ptr() : nullptr;
   void* w = weight.mutable_data_ptr();
-  for_each_row_gradient(grad_out, weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, argmax,
-                        mode, padding_idx, table_checked, [&](auto tag, int64_t r, auto* g) {
-                          using T = decltype(tag);
-                          using A = acc_t<T>;
-                          A* rs = optimizer == kRowwiseAdagrad ? static_cast<A*>(s1) + r : nullptr;
-                          A* m = optimizer == kAdam ? static_cast<A*>(s1) + off[r] : nullptr;
-                          A* v = optimizer == kAdam ? static_cast<A*>(s2) + off[r] : nullptr;
-                          apply_step<T, A>(h, static_cast<T*>(w) + off[r], g, off[r + 1] - off[r], rs, m, v);
-                        });
+  for_each_row(grad_out, weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, argmax, mode,
+               padding_idx, table_checked, [&](const auto& in, int64_t r, auto* g) {
+                 using T = typename std::decay_t<decltype(in)>::value_type;
+                 using A = acc_t<T>;
+                 A* rs = optimizer == kRowwiseAdagrad ? static_cast<A*>(s1) + r : nullptr;
+                 A* m = optimizer == kAdam ? static_cast<A*>(s1) + off[r] : nullptr;
+                 A* v = optimizer == kAdam ? static_cast<A*>(s2) + off[r] : nullptr;
+                 apply_step<T, A>(h, static_cast<T*>(w) + off[r], g, off[r + 1] - off[r], rs, m, v);
+               });
 }
 
 void accumulate_scores_(Tensor scores, Tensor grad_out, Tensor weight, Tensor offsets, Tensor indices,
-                        Tensor bag_offsets, std::optional<Tensor> per_sample_weights,
-                        std::optional<Tensor> col_of_size, Tensor argmax, int64_t mode, int64_t padding_idx,
-                        int64_t rule, bool table_checked) {
+                        Tensor bag_offsets, std::optional<Tensor> per_sample_weights, std::optional<Tensor> col_of_size,
+                        Tensor argmax, int64_t mode, int64_t padding_idx, int64_t rule, bool table_checked) {
   check_score_args(scores, weight, rule);
-  check_in_place({{&scores, "scores"}},
-                 {{&grad_out, "grad_out"}, {&weight, "weight"}, {&offsets, "offsets"}, {&indices, "indices"},
-                  {&bag_offsets, "bag_offsets"},
-                  {per_sample_weights ? &*per_sample_weights : nullptr, "per_sample_weights"},
-                  {col_of_size ? &*col_of_size : nullptr, "col_of_size"}, {&argmax, "argmax"}});
+  check_in_place({{&scores, "scores"}}, lookup_inputs(grad_out, &weight, offsets, indices, bag_offsets,
+                                                      per_sample_weights, col_of_size, argmax));
   const int64_t* off = offsets.const_data_ptr<int64_t>();
   void* sc = scores.mutable_data_ptr();
-  const void* w = weight.const_data_ptr();
-  for_each_row_gradient(grad_out, weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, argmax,
-                        mode, padding_idx, table_checked, [&](auto tag, int64_t r, auto* g) {
-                          using T = decltype(tag);
-                          using A = acc_t<T>;
-                          A* s = static_cast<A*>(sc) + off[r];
-                          const T* wr = static_cast<const T*>(w) + off[r];
-                          const int64_t size = off[r + 1] - off[r];
-                          if (rule == kSnip) {
-                            for (int64_t c = 0; c < size; ++c) s[c] += std::abs(static_cast<A>(wr[c]) * g[c]);
-                          } else {
-                            for (int64_t c = 0; c < size; ++c) s[c] += g[c] * g[c];
-                          }
-                        });
+  for_each_row(grad_out, weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, argmax, mode,
+               padding_idx, table_checked, [&](const auto& in, int64_t r, auto* g) {
+                 using T = typename std::decay_t<decltype(in)>::value_type;
+                 using A = acc_t<T>;
+                 A* s = static_cast<A*>(sc) + off[r];
+                 const T* wr = in.weight + off[r];
+                 const int64_t size = off[r + 1] - off[r];
+                 if (rule == kSnip) {
+                   for (int64_t c = 0; c < size; ++c) s[c] += std::abs(static_cast<A>(wr[c]) * g[c]);
+                 } else {
+                   for (int64_t c = 0; c < size; ++c) s[c] += g[c] * g[c];
+                 }
+               });
 }
 
 }  // namespace

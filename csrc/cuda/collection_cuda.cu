@@ -45,14 +45,13 @@ __device__ __forceinline__ void coll_bag(const Coll<I>& c, const int64_t* f, int
 // Whether block row f is usable (the tests of check_collection_meta; a kernel never trusts it).
 template <class I>
 __device__ __forceinline__ bool block_ok(const Coll<I>& c, const int64_t* f) {
-  return f[kFTable] >= 0 && f[kFTable] < c.T && f[kFKey] >= 0 && f[kFKey] < c.G && f[kFWidth] >= 0 &&
-         f[kFCol] >= 0 && f[kFCol] <= c.out_width - f[kFWidth] && (f[kFPooling] == kSum || f[kFPooling] == kMean);
+  return f[kFTable] >= 0 && f[kFTable] < c.T && f[kFKey] >= 0 && f[kFKey] < c.G && f[kFWidth] >= 0 && f[kFCol] >= 0 &&
+         f[kFCol] <= c.out_width - f[kFWidth] && (f[kFPooling] == kSum || f[kFPooling] == kMean);
 }
 
 // Global row of lookup j in block f, or -1 if bad (as the CPU's View::row).
 template <class I>
-__device__ __forceinline__ int64_t coll_row(const Coll<I>& c, const int64_t* f, int64_t j, int64_t& lo,
-                                            int64_t& size) {
+__device__ __forceinline__ int64_t coll_row(const Coll<I>& c, const int64_t* f, int64_t j, int64_t& lo, int64_t& size) {
   const int64_t t = f[kFTable];
   const int64_t base = c.rows[t], vt = c.rows[t + 1] - base;
   const int64_t i = static_cast<int64_t>(c.idx[j]);
@@ -73,14 +72,14 @@ __device__ __forceinline__ int64_t coll_row(const Coll<I>& c, const int64_t* f, 
 enum CollErr {
   kCTableRows0 = 0,  // table_rows[0] != 0
   kCTableRowsOrder,  // first t with table_rows[t + 1] < table_rows[t]
-  kCTableRowsEnd,  // table_rows[T] != V
-  kCFeature,  // first bad block row
-  kCOffsets,  // 0: offsets[0] != 0, 1: offsets[V] != total
-  kCRow,  // first row r whose offsets decrease or whose size exceeds the widest block (whole table)
-  kCBag0,  // bag_offsets[0] != 0
-  kCBagPast,  // first bag offset > N
-  kCBagOrder,  // first decreasing bag offset
-  kCLookup,  // first bad lookup position
+  kCTableRowsEnd,    // table_rows[T] != V
+  kCFeature,         // first bad block row
+  kCOffsets,         // 0: offsets[0] != 0, 1: offsets[V] != total
+  kCRow,             // first row whose offsets decrease or whose size exceeds the widest block
+  kCBag0,            // bag_offsets[0] != 0
+  kCBagPast,         // first bag offset > N
+  kCBagOrder,        // first decreasing bag offset
+  kCLookup,          // first bad lookup position
   kCNumErr
 };
 
@@ -91,11 +90,13 @@ __global__ void coll_validate_meta_kernel(Coll<I> c, int64_t wmax, unsigned long
   if (tid == 0) {
     if (c.rows[0] != 0) atomicMin(&err[kCTableRows0], 0ull);
     if (c.rows[c.T] != c.V) atomicMin(&err[kCTableRowsEnd], 0ull);
-    if (c.off[0] != 0) atomicMin(&err[kCOffsets], 0ull);
-    else if (c.off[c.V] != c.total) atomicMin(&err[kCOffsets], 1ull);
+    if (c.off[0] != 0)
+      atomicMin(&err[kCOffsets], 0ull);
+    else if (c.off[c.V] != c.total)
+      atomicMin(&err[kCOffsets], 1ull);
     if (c.bo[0] != 0) atomicMin(&err[kCBag0], 0ull);
   }
-  // wmax < 0: the table passed this scan before (table_checked).
+  // The whole table, as the CPU's validate_table (wmax < 0: it passed before, table_checked).
   for (int64_t r = tid; wmax >= 0 && r < c.V; r += stride) {
     const int64_t lo = c.off[r], hi = c.off[r + 1];
     if (hi < lo || static_cast<uint64_t>(hi) - static_cast<uint64_t>(lo) > static_cast<uint64_t>(wmax)) {
@@ -138,8 +139,8 @@ __global__ void coll_validate_lookups_kernel(Coll<I> c, unsigned long long* err)
 template <class I>
 void coll_validate(const Ctx& ctx, const Tensor& like, const Coll<I>& c, bool weighted, bool table_checked) {
   if (!validation_enabled() || ctx.capturing()) return;
-  // The widest block bounds every row's size (as the CPU's validate_table): read the (small)
-  // block table once, unless the whole-table scan is skipped.
+  // The widest block bounds every row's size (as on the CPU): the (small) block table is read
+  // once, unless the whole-table scan is skipped.
   int64_t wmax = -1;
   if (!table_checked) {
     std::vector<int64_t> f(static_cast<size_t>(c.F * kFFields));
@@ -177,9 +178,8 @@ void coll_validate(const Ctx& ctx, const Tensor& like, const Coll<I>& c, bool we
               c.T, " tables");
     PME_CHECK(f[kFKey] >= 0 && f[kFKey] < c.G, "features[", k, "]: key ", f[kFKey], " is out of range for ", c.G,
               " keys (bag_offsets has G * B + 1 entries)");
-    PME_CHECK(f[kFWidth] >= 0 && f[kFCol] >= 0 && f[kFCol] <= c.out_width - f[kFWidth], "features[", k,
-              "]: columns [", f[kFCol], ", ", f[kFCol], " + ", f[kFWidth], ") do not fit in the output width ",
-              c.out_width);
+    PME_CHECK(f[kFWidth] >= 0 && f[kFCol] >= 0 && f[kFCol] <= c.out_width - f[kFWidth], "features[", k, "]: columns [",
+              f[kFCol], ", ", f[kFCol], " + ", f[kFWidth], ") do not fit in the output width ", c.out_width);
     PME_CHECK(false, "features[", k, "]: pooling must be 0 (sum) or 1 (mean), got ", f[kFPooling]);
   }
   if (weighted && c.F > 0) {
@@ -215,8 +215,8 @@ void coll_validate(const Ctx& ctx, const Tensor& like, const Coll<I>& c, bool we
   }
   if (h[kCBagOrder] != kFine) {
     const int64_t b = static_cast<int64_t>(h[kCBagOrder]);
-    PME_CHECK(false, "bag offsets must be non-decreasing, but offsets[", b + 1, "] = ", read_bo(b + 1),
-              " < offsets[", b, "] = ", read_bo(b));
+    PME_CHECK(false, "bag offsets must be non-decreasing, but offsets[", b + 1, "] = ", read_bo(b + 1), " < offsets[",
+              b, "] = ", read_bo(b));
   }
   if (c.F * c.B == 0) return;
   coll_validate_lookups_kernel<I><<<ctx.grid(c.F * c.B, 256), 256, 0, ctx.stream>>>(c, err);
@@ -243,8 +243,8 @@ void coll_validate(const Ctx& ctx, const Tensor& like, const Coll<I>& c, bool we
     int64_t o[2];
     read_device(ctx, o, c.off + r, 2);
     if (o[1] - o[0] >= 0 && o[0] >= 0 && o[1] <= c.total && o[1] - o[0] <= fk[kFWidth]) continue;
-    PME_CHECK(false, "row ", i, " of table ", t, " (global row ", r, ", indices[", j, "]) spans offsets[", r, "] = ",
-              o[0], " to offsets[", r + 1, "] = ", o[1], ": its size is negative, overruns the ", c.total,
+    PME_CHECK(false, "row ", i, " of table ", t, " (global row ", r, ", indices[", j, "]) spans offsets[", r,
+              "] = ", o[0], " to offsets[", r + 1, "] = ", o[1], ": its size is negative, overruns the ", c.total,
               " stored entries, or exceeds the table's width ", fk[kFWidth]);
   }
   PME_CHECK(false, "bad lookup at indices[", j, "]");
@@ -254,13 +254,11 @@ void coll_validate(const Ctx& ctx, const Tensor& like, const Coll<I>& c, bool we
 // Forward
 // ------------------------------------------------------------------------------------------
 template <class T, class I>
-__global__ void __launch_bounds__(256)
-    coll_forward_kernel(Coll<I> c, const T* w, const T* psw, T* out) {
+__global__ void __launch_bounds__(256) coll_forward_kernel(Coll<I> c, const T* w, const T* psw, T* out) {
   using A = acc_t<T>;
   const int lane = threadIdx.x & 31;
   const int64_t nwarps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
-  for (int64_t p = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; p < c.F * c.B;
-       p += nwarps) {
+  for (int64_t p = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; p < c.F * c.B; p += nwarps) {
     const int64_t* f = c.feat + (p / c.B) * kFFields;
     const int64_t b = p % c.B;
     if (!block_ok(c, f)) continue;
@@ -365,8 +363,8 @@ __global__ void block_ranges_kernel(Coll<I> c, int64_t* ranges /* [F, 3] */, int
 // for a lookup the forward skips) and positions, and the scale of its gradient (1, or
 // 1 / count for a mean bag: count = the lookups the forward pooled).
 template <class I, class A>
-__global__ void virtual_kernel(Coll<I> c, const int64_t* ranges, int64_t M, int64_t* vbo, int64_t* vrow,
-                               int64_t* vpos, A* scale) {
+__global__ void virtual_kernel(Coll<I> c, const int64_t* ranges, int64_t M, int64_t* vbo, int64_t* vrow, int64_t* vpos,
+                               A* scale) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t P = c.F * c.B;
   for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p <= P; p += stride) {
@@ -394,8 +392,7 @@ __global__ void virtual_kernel(Coll<I> c, const int64_t* ranges, int64_t M, int6
 
 // vgrad[(k * B + b), c] = grad_out[b, col_k + c] * scale (c < width_k), 0 past the block's width.
 template <class T, class I>
-__global__ void vgrad_kernel(Coll<I> c, const T* grad_out, int64_t Wg, const acc_t<T>* scale, int64_t Wmax,
-                             T* vgrad) {
+__global__ void vgrad_kernel(Coll<I> c, const T* grad_out, int64_t Wg, const acc_t<T>* scale, int64_t Wmax, T* vgrad) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t n = c.F * c.B * Wmax;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
@@ -420,9 +417,8 @@ __global__ void gather_kernel(const T* src, const int64_t* pos, int64_t M, T* ds
 
 // dot[m] = <row of virtual lookup m, its bag's gradient>, one warp per m, fixed-order reduction.
 template <class T>
-__global__ void __launch_bounds__(256)
-    vdot_kernel(const T* w, Table t, const int64_t* vrow, int64_t M, const int32_t* bag_of, const T* vgrad,
-                acc_t<T>* dot) {
+__global__ void __launch_bounds__(256) vdot_kernel(const T* w, Table t, const int64_t* vrow, int64_t M,
+                                                   const int32_t* bag_of, const T* vgrad, acc_t<T>* dot) {
   using A = acc_t<T>;
   const int lane = threadIdx.x & 31;
   const int64_t nwarps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
@@ -467,8 +463,8 @@ void for_each_collection_row(const Tensor& grad_out, const Tensor& weight, const
                              const Tensor& table_rows, const Tensor& features, const Tensor& indices,
                              const Tensor& bag_offsets, const std::optional<Tensor>& psw, int64_t batch_size,
                              bool table_checked, MakeOp&& make_op, After&& after) {
-  const CollectionArgs a = check_collection_args(weight, offsets, table_rows, features, indices, bag_offsets, psw,
-                                                 batch_size);
+  const CollectionArgs a =
+      check_collection_args(weight, offsets, table_rows, features, indices, bag_offsets, psw, batch_size);
   PME_CHECK(grad_out.dim() == 2 && grad_out.sizes()[0] == a.batch, "grad_out must be [", a.batch, ", out_width]");
   PME_CHECK(grad_out.scalar_type() == weight.scalar_type(), "grad_out must have the dtype of weight");
   check_same_device(grad_out, weight, "grad_out");
@@ -494,12 +490,11 @@ void for_each_collection_row(const Tensor& grad_out, const Tensor& weight, const
     dispatch_weight(weight.scalar_type(), "weight", [&](auto wtag) {
       using T = decltype(wtag);
       using A = acc_t<T>;
-      Tensor scale = torch::stable::new_empty(offsets, {F * B}, weight.scalar_type() == ScalarType::Double
-                                                                      ? ScalarType::Double
-                                                                      : ScalarType::Float);
+      Tensor scale = torch::stable::new_empty(
+          offsets, {F * B}, weight.scalar_type() == ScalarType::Double ? ScalarType::Double : ScalarType::Float);
       virtual_kernel<I, A><<<ctx.grid(F * B + 1, 256), 256, 0, ctx.stream>>>(
-          c, rg, M, vbo.mutable_data_ptr<int64_t>(), vrow.mutable_data_ptr<int64_t>(),
-          vpos.mutable_data_ptr<int64_t>(), static_cast<A*>(scale.mutable_data_ptr()));
+          c, rg, M, vbo.mutable_data_ptr<int64_t>(), vrow.mutable_data_ptr<int64_t>(), vpos.mutable_data_ptr<int64_t>(),
+          static_cast<A*>(scale.mutable_data_ptr()));
       PME_CUDA_LAUNCH_CHECK();
       Tensor vgrad = torch::stable::new_empty(weight, {F * B, Wmax});
       vgrad_kernel<T, I><<<ctx.grid(F * B * Wmax, 256), 256, 0, ctx.stream>>>(
@@ -510,9 +505,8 @@ void for_each_collection_row(const Tensor& grad_out, const Tensor& weight, const
       const T* vp = nullptr;
       if (psw.has_value() && M > 0) {
         vpsw = torch::stable::new_empty(weight, {M});
-        gather_kernel<T><<<ctx.grid(M, 256), 256, 0, ctx.stream>>>(psw->const_data_ptr<T>(),
-                                                                    vpos.const_data_ptr<int64_t>(), M,
-                                                                    vpsw.mutable_data_ptr<T>());
+        gather_kernel<T><<<ctx.grid(M, 256), 256, 0, ctx.stream>>>(
+            psw->const_data_ptr<T>(), vpos.const_data_ptr<int64_t>(), M, vpsw.mutable_data_ptr<T>());
         PME_CUDA_LAUNCH_CHECK();
         vp = vpsw.const_data_ptr<T>();
       }
@@ -535,21 +529,22 @@ std::tuple<Tensor, Tensor> collection_backward(Tensor grad_out, Tensor weight, T
   Tensor grad_psw = torch::stable::new_zeros(weight, {psw_grad ? indices.numel() : 0});
   void* gw = grad_w.mutable_data_ptr();
   for_each_collection_row(
-      grad_out, weight, offsets, table_rows, features, indices, bag_offsets, per_sample_weights, batch_size, table_checked,
+      grad_out, weight, offsets, table_rows, features, indices, bag_offsets, per_sample_weights, batch_size,
+      table_checked,
       [&](auto tag) {
         using T = decltype(tag);
         GradWriteOp<T> op{};
         op.gw = static_cast<T*>(gw);
         return op;
       },
-      [&](auto tag, const Ctx& ctx, const RowGroups& groups, const Tensor& vgrad, const Tensor& vrow,
-          const Table& tab, const int64_t* ranges, int64_t M) {
+      [&](auto tag, const Ctx& ctx, const RowGroups& groups, const Tensor& vgrad, const Tensor& vrow, const Table& tab,
+          const int64_t* ranges, int64_t M) {
         using T = decltype(tag);
         using A = acc_t<T>;
         if (!psw_grad || indices.numel() == 0) return;
-        Tensor dot = torch::stable::new_zeros(offsets, {std::max<int64_t>(M, 1)},
-                                              weight.scalar_type() == ScalarType::Double ? ScalarType::Double
-                                                                                          : ScalarType::Float);
+        Tensor dot = torch::stable::new_zeros(
+            offsets, {std::max<int64_t>(M, 1)},
+            weight.scalar_type() == ScalarType::Double ? ScalarType::Double : ScalarType::Float);
         if (M > 0) {
           vdot_kernel<T><<<ctx.grid(M * kWarp, 256), 256, 0, ctx.stream>>>(
               weight.const_data_ptr<T>(), tab, vrow.const_data_ptr<int64_t>(), M, groups.d.bag_of,
@@ -564,21 +559,25 @@ std::tuple<Tensor, Tensor> collection_backward(Tensor grad_out, Tensor weight, T
   return {grad_w, grad_psw};
 }
 
-void collection_update_(Tensor weight, Tensor state1, Tensor state2, Tensor grad_out, Tensor offsets,
-                        Tensor table_rows, Tensor features, Tensor indices, Tensor bag_offsets,
-                        std::optional<Tensor> per_sample_weights, int64_t batch_size, int64_t optimizer, double lr,
-                        double weight_decay, double eps, double beta1, double beta2, int64_t step,
-                        bool table_checked) {
+void collection_update_(Tensor weight, Tensor state1, Tensor state2, Tensor grad_out, Tensor offsets, Tensor table_rows,
+                        Tensor features, Tensor indices, Tensor bag_offsets, std::optional<Tensor> per_sample_weights,
+                        int64_t batch_size, int64_t optimizer, double lr, double weight_decay, double eps, double beta1,
+                        double beta2, int64_t step, bool table_checked) {
   check_update_args(weight, state1, state2, offsets, optimizer, lr, weight_decay, eps, beta1, beta2, step);
-  check_in_place({{&weight, "weight"}, {&state1, "state1"}, {&state2, "state2"}},
-                 {{&grad_out, "grad_out"}, {&offsets, "offsets"}, {&table_rows, "table_rows"},
-                  {&features, "features"}, {&indices, "indices"}, {&bag_offsets, "bag_offsets"},
-                  {per_sample_weights ? &*per_sample_weights : nullptr, "per_sample_weights"}});
+  check_update_in_place(weight, state1, state2,
+                        {{&grad_out, "grad_out"},
+                         {&offsets, "offsets"},
+                         {&table_rows, "table_rows"},
+                         {&features, "features"},
+                         {&indices, "indices"},
+                         {&bag_offsets, "bag_offsets"},
+                         {per_sample_weights ? &*per_sample_weights : nullptr, "per_sample_weights"}});
   void* s1 = optimizer != kSGD && state1.numel() ? state1.mutable_data_ptr() : nullptr;
   void* s2 = optimizer == kAdam && state2.numel() ? state2.mutable_data_ptr() : nullptr;
   void* w = weight.mutable_data_ptr();
   for_each_collection_row(
-      grad_out, weight, offsets, table_rows, features, indices, bag_offsets, per_sample_weights, batch_size, table_checked,
+      grad_out, weight, offsets, table_rows, features, indices, bag_offsets, per_sample_weights, batch_size,
+      table_checked,
       [&](auto tag) {
         using T = decltype(tag);
         return make_update_op<T>(w, s1, s2, optimizer, lr, weight_decay, eps, beta1, beta2, step);
@@ -589,9 +588,7 @@ void collection_update_(Tensor weight, Tensor state1, Tensor state2, Tensor grad
 }  // namespace
 
 STABLE_TORCH_LIBRARY_IMPL(pme, CUDA, m) {
-  m.impl("collection_forward", TORCH_BOX(&collection_forward));
-  m.impl("collection_backward", TORCH_BOX(&collection_backward));
-  m.impl("collection_update_", TORCH_BOX(&collection_update_));
+  PME_REGISTER_COLLECTION(m);
 }
 
 }  // namespace pme::cuda

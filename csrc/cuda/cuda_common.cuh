@@ -25,11 +25,11 @@ namespace pme::cuda {
 // questions between translation units).
 namespace {
 
-#define PME_CUDA_CHECK(expr)                                                                        \
-  do {                                                                                              \
-    const cudaError_t pme_err_ = (expr);                                                            \
-    PME_CHECK(pme_err_ == cudaSuccess, "CUDA error ", cudaGetErrorName(pme_err_), ": ",             \
-              cudaGetErrorString(pme_err_), " (", #expr, ")");                                      \
+#define PME_CUDA_CHECK(expr)                                                                                          \
+  do {                                                                                                                \
+    const cudaError_t pme_err_ = (expr);                                                                              \
+    PME_CHECK(pme_err_ == cudaSuccess, "CUDA error ", cudaGetErrorName(pme_err_), ": ", cudaGetErrorString(pme_err_), \
+              " (", #expr, ")");                                                                                      \
   } while (0)
 
 // After every launch: reports bad launch configurations at once (does not synchronise).
@@ -114,8 +114,7 @@ class Workspace {
 
   // Allocates everything reserved so far on the device of `like`.
   void allocate(const Tensor& like) {
-    buf_ = torch::stable::new_empty(like, {static_cast<int64_t>(std::max<size_t>(total_, 256))},
-                                    ScalarType::Byte);
+    buf_ = torch::stable::new_empty(like, {static_cast<int64_t>(std::max<size_t>(total_, 256))}, ScalarType::Byte);
     base_ = static_cast<char*>(buf_.mutable_data_ptr());
   }
 
@@ -161,8 +160,12 @@ __device__ __forceinline__ c10::BFloat16 from_acc<c10::BFloat16>(float x) {
 }
 
 // 1 / x, correctly rounded (equal to the IEEE division 1 / x).
-__device__ __forceinline__ float recip_rn(float x) { return __frcp_rn(x); }
-__device__ __forceinline__ double recip_rn(double x) { return __drcp_rn(x); }
+__device__ __forceinline__ float recip_rn(float x) {
+  return __frcp_rn(x);
+}
+__device__ __forceinline__ double recip_rn(double x) {
+  return __drcp_rn(x);
+}
 
 template <class A>
 __device__ __forceinline__ A neg_inf() {
@@ -234,7 +237,9 @@ __device__ __forceinline__ float key_float(uint32_t k) {
   return __uint_as_float(u);
 }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
 
 }  // namespace
 }  // namespace pme::cuda

@@ -17,6 +17,7 @@
 #include "lookup_ops.h"
 
 #include <tuple>
+#include <type_traits>
 
 namespace pme::cuda {
 namespace {
@@ -26,17 +27,17 @@ namespace {
 // ------------------------------------------------------------------------------------------
 template <class T, class I>
 struct FwdArgs {
-  const T* w;  // [total]
-  Table t;  // t.W is the output width
+  const T* w;    // [total]
+  Table t;       // t.W is the output width
   const I* idx;  // [N]
   int64_t N;
   const I* bo;  // [B + 1] or nullptr (implicit bags)
   int64_t B;
   const T* psw;  // [N] or nullptr
-  int64_t pad;  // -1: none
+  int64_t pad;   // -1: none
   bool mean;
-  bool vec_ok;  // weight's data pointer is 16-byte aligned
-  T* out;  // [B, W]
+  bool vec_ok;      // weight's data pointer is 16-byte aligned
+  T* out;           // [B, W]
   int64_t* argmax;  // [B, W] (max) or nullptr
 };
 
@@ -65,6 +66,40 @@ __device__ __forceinline__ unsigned load_unit(const T* row, int size, int col, b
     mk |= static_cast<unsigned>(in) << e;
   }
   return mk;
+}
+
+// The metadata of row r as lane t keeps it for its group: first entry lo, size, output column
+// col; size stays -1 (a lookup to skip) when the lookup is bad (lookup_row).
+__device__ __forceinline__ void lookup_meta(const Table& t, int64_t r, int64_t& lo, int32_t& size, int32_t& col) {
+  int64_t lo_, size_, col_;
+  if (lookup_row(t, r, lo_, size_, col_)) {
+    lo = lo_;
+    size = static_cast<int32_t>(size_);
+    col = static_cast<int32_t>(col_);
+  }
+}
+
+// Load phase of both forward kernels: the rows of the group's lookups i, ..., i + UNR - 1 (of
+// m; lookup i + u's metadata is held by lane (i + u) mod G), every row load issued before any
+// is used. raw[u][v] is the lane's output unit v (columns cbase + v * G * VEC, ...) of lookup
+// i + u's row, 0 where the row has none; msk[u][v] says which of its columns the row has (none
+// for a lookup to skip or past m).
+template <class T, int G, int NV, int UNR>
+__device__ __forceinline__ void load_rows(const T* w, bool vec_ok, unsigned gmask, int64_t lo, int32_t size,
+                                          int32_t col, int i, int m, int cbase, Pack<T> (&raw)[UNR][NV],
+                                          unsigned (&msk)[UNR][NV]) {
+  constexpr int VEC = Pack<T>::N;
+#pragma unroll
+  for (int u = 0; u < UNR; ++u) {
+    const int src = (i + u) & (G - 1);
+    const int64_t ulo = __shfl_sync(gmask, lo, src, G);
+    int32_t usz = __shfl_sync(gmask, size, src, G);
+    const int32_t ucol = __shfl_sync(gmask, col, src, G);
+    if (i + u >= m) usz = -1;  // past the group's lookups: load nothing
+    const bool aligned = vec_ok && usz >= 0 && ((ulo | usz | ucol) & (VEC - 1)) == 0;
+#pragma unroll
+    for (int v = 0; v < NV; ++v) msk[u][v] = load_unit(w + ulo, usz, ucol, aligned, cbase + v * G * VEC, raw[u][v]);
+  }
 }
 
 // G threads per bag, NV 16-byte units per thread, MAX: max pooling (else sum / mean).
@@ -124,12 +159,7 @@ __global__ void __launch_bounds__(256, (fwd_min_blocks<T, NV, MAX>())) bag_forwa
     if (t < m) {
       const int64_t j = base + t;
       const int64_t r = static_cast<int64_t>(a.idx[j]);
-      int64_t lo_, size_, col_;
-      if (r != a.pad && lookup_row(a.t, r, lo_, size_, col_)) {
-        lo = lo_;
-        size = static_cast<int32_t>(size_);
-        col = static_cast<int32_t>(col_);
-      }
+      if (r != a.pad) lookup_meta(a.t, r, lo, size, col);
       if (a.psw != nullptr) scale = to_acc(a.psw[j]);
     }
     n += __popc(__ballot_sync(gmask, size >= 0) & gmask);
@@ -139,21 +169,10 @@ __global__ void __launch_bounds__(256, (fwd_min_blocks<T, NV, MAX>())) bag_forwa
       // the lane's columns of the row (0 where the row has none), msk which of them it has.
       Pack<T> raw[UNR][NV];
       unsigned msk[UNR][NV];
+      load_rows<T, G, NV, UNR>(a.w, a.vec_ok, gmask, lo, size, col, i, m, cbase, raw, msk);
       A usc[UNR];
 #pragma unroll
-      for (int u = 0; u < UNR; ++u) {
-        const int src = (i + u) & (G - 1);
-        const int64_t ulo = __shfl_sync(gmask, lo, src, G);
-        int32_t usz = __shfl_sync(gmask, size, src, G);
-        const int32_t ucol = __shfl_sync(gmask, col, src, G);
-        usc[u] = __shfl_sync(gmask, scale, src, G);
-        if (i + u >= m) usz = -1;
-        const bool aligned = a.vec_ok && usz >= 0 && ((ulo | usz | ucol) & (VEC - 1)) == 0;
-#pragma unroll
-        for (int v = 0; v < NV; ++v) {
-          msk[u][v] = load_unit(a.w + ulo, usz, ucol, aligned, cbase + v * G * VEC, raw[u][v]);
-        }
-      }
+      for (int u = 0; u < UNR; ++u) usc[u] = __shfl_sync(gmask, scale, (i + u) & (G - 1), G);
       // Accumulate phase, in position order.
 #pragma unroll
       for (int u = 0; u < UNR; ++u) {
@@ -239,27 +258,11 @@ __global__ void __launch_bounds__(256) embedding_forward_kernel(const FwdArgs<T,
 
   int64_t lo = 0;
   int32_t size = -1, col = 0;
-  if (t < m) {
-    int64_t lo_, size_, col_;
-    if (lookup_row(a.t, static_cast<int64_t>(a.idx[base + t]), lo_, size_, col_)) {
-      lo = lo_;
-      size = static_cast<int32_t>(size_);
-      col = static_cast<int32_t>(col_);
-    }
-  }
+  if (t < m) lookup_meta(a.t, static_cast<int64_t>(a.idx[base + t]), lo, size, col);
   for (int i = 0; i < m; i += UNR) {
     Pack<T> raw[UNR][NV];
-#pragma unroll
-    for (int u = 0; u < UNR; ++u) {
-      const int src = (i + u) & (G - 1);
-      const int64_t ulo = __shfl_sync(gmask, lo, src, G);
-      int32_t usz = __shfl_sync(gmask, size, src, G);
-      const int32_t ucol = __shfl_sync(gmask, col, src, G);
-      if (i + u >= m) usz = -1;  // past the group's lookups: load nothing
-      const bool aligned = a.vec_ok && usz >= 0 && ((ulo | usz | ucol) & (VEC - 1)) == 0;
-#pragma unroll
-      for (int v = 0; v < NV; ++v) load_unit(a.w + ulo, usz, ucol, aligned, cbase + v * G * VEC, raw[u][v]);
-    }
+    unsigned msk[UNR][NV];  // unused: a missing column loads as 0, which is what is stored
+    load_rows<T, G, NV, UNR>(a.w, a.vec_ok, gmask, lo, size, col, i, m, cbase, raw, msk);
 #pragma unroll
     for (int u = 0; u < UNR; ++u) {
       if (i + u >= m) continue;
@@ -288,8 +291,7 @@ void launch_forward(const Ctx& ctx, const FwdArgs<T, I>& a, int64_t units) {
   constexpr int kThreads = 256;
   const int64_t per_tile = static_cast<int64_t>(G) * NV;
   const int64_t tiles = std::max<int64_t>(1, ceil_div(units, per_tile));
-  PME_CHECK(tiles <= 65535 && a.t.W < (int64_t{1} << 30), "output width ", a.t.W,
-            " is too large for the CUDA forward");
+  PME_CHECK(tiles <= 65535 && a.t.W < (int64_t{1} << 30), "output width ", a.t.W, " is too large for the CUDA forward");
   // Bags: one group of G threads each; embedding: one group per G lookups.
   const int64_t groups = KIND == kFwdEmbedding ? ceil_div(a.N, G) : a.B;
   const int64_t blocks = ceil_div(groups * G, kThreads);
@@ -325,10 +327,10 @@ void forward_dispatch(const Ctx& ctx, const FwdArgs<T, I>& a) {
 std::tuple<Tensor, Tensor> lookup_forward(const Tensor& weight, const Tensor& offsets, const Tensor& indices,
                                           const std::optional<Tensor>& bag_offsets,
                                           const std::optional<Tensor>& per_sample_weights,
-                                          const std::optional<Tensor>& col_of_size, int64_t out_width,
-                                          int64_t mode, int64_t padding_idx, bool table_checked) {
-  const LookupArgs la = check_lookup_args(weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size,
-                                          mode, padding_idx);
+                                          const std::optional<Tensor>& col_of_size, int64_t out_width, int64_t mode,
+                                          int64_t padding_idx, bool table_checked) {
+  const LookupArgs la =
+      check_lookup_args(weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, mode, padding_idx);
   PME_CHECK(out_width >= 0, "out_width must be >= 0, got ", out_width);
   const Ctx ctx(weight);
   const Table tab = make_table(weight, offsets, col_of_size, out_width);
@@ -374,8 +376,8 @@ std::tuple<Tensor, Tensor> lookup_forward(const Tensor& weight, const Tensor& of
 // columns, fixed-order reduction. 0 for padding, lookups after the last bag and skipped ones.
 template <class T, class I>
 __global__ void __launch_bounds__(256)
-    psw_grad_kernel(const T* w, Table t, const I* idx, int64_t N, const int32_t* bag_of, int64_t pad,
-                    const T* grad_out, T* grad_psw) {
+    psw_grad_kernel(const T* w, Table t, const I* idx, int64_t N, const int32_t* bag_of, int64_t pad, const T* grad_out,
+                    T* grad_psw) {
   using A = acc_t<T>;
   const int lane = threadIdx.x & 31;
   const int64_t nwarps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
@@ -394,57 +396,33 @@ __global__ void __launch_bounds__(256)
   }
 }
 
-// Checks grad_out / argmax like the CPU backward; returns grad_out made contiguous.
-Tensor check_grad_out(const Tensor& grad_out, const Tensor& weight, const LookupArgs& la, const Tensor& argmax,
-                      int64_t mode) {
-  check_grad_args(grad_out, weight, argmax, la, mode);
-  const Tensor go = torch::stable::contiguous(grad_out);
-  return go;
-}
-
 std::tuple<Tensor, Tensor> lookup_backward(const Tensor& grad_out, const Tensor& weight, const Tensor& offsets,
                                            const Tensor& indices, const std::optional<Tensor>& bag_offsets,
                                            const std::optional<Tensor>& per_sample_weights,
-                                           const std::optional<Tensor>& col_of_size, const Tensor& argmax,
-                                           int64_t mode, int64_t padding_idx, bool psw_grad,
-                                           bool table_checked) {
-  const LookupArgs la = check_lookup_args(weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size,
-                                          mode, padding_idx);
-  const Tensor go = check_grad_out(grad_out, weight, la, argmax, mode);
+                                           const std::optional<Tensor>& col_of_size, const Tensor& argmax, int64_t mode,
+                                           int64_t padding_idx, bool psw_grad, bool table_checked) {
   PME_CHECK(!psw_grad || per_sample_weights.has_value(), "psw_grad needs per_sample_weights");
-  const int64_t W = go.sizes()[1];
-  const Ctx ctx(weight);
-  const Table tab = make_table(weight, offsets, col_of_size, W);
-  const Tensor ma = mode == kMax ? torch::stable::contiguous(argmax) : argmax;
-
+  const int64_t N = indices.numel();
   Tensor grad_w = torch::stable::new_empty(weight, {weight.numel()});
-  Tensor grad_psw = torch::stable::new_empty(weight, {psw_grad ? la.num_lookups : 0});
-  dispatch_index(indices.scalar_type(), "indices", [&](auto itag) {
-    using I = decltype(itag);
-    const I* idx = indices.const_data_ptr<I>();
-    const I* bo = bag_offsets ? bag_offsets->const_data_ptr<I>() : nullptr;
-    validate_lookups(ctx, offsets, idx, la.num_lookups, bo, la.num_bags, tab, table_checked);
-    // Untouched rows get zeros: one plain memset (bit pattern 0 is +0 in every float type).
-    if (weight.numel() > 0) {
-      PME_CUDA_CHECK(cudaMemsetAsync(grad_w.mutable_data_ptr(), 0, weight.numel() * weight.element_size(),
-                                     ctx.stream));
-    }
-    const RowGroups groups =
-        group_by_row(ctx, offsets, idx, la.num_lookups, bo, la.num_bags, padding_idx, tab, mode == kMean);
-    dispatch_weight(weight.scalar_type(), "weight", [&](auto wtag) {
-      using T = decltype(wtag);
-      const T* psw = per_sample_weights ? per_sample_weights->const_data_ptr<T>() : nullptr;
-      const GradSrc<T> src{go.const_data_ptr<T>(), W, psw,
-                           mode == kMax ? ma.const_data_ptr<int64_t>() : nullptr, tab, mode};
-      run_row_op<T>(ctx, offsets, groups, src, GradWriteOp<T>{{}, grad_w.mutable_data_ptr<T>()});
-      if (psw_grad && la.num_lookups > 0) {
-        psw_grad_kernel<T, I><<<ctx.grid(la.num_lookups * kWarp, 256), 256, 0, ctx.stream>>>(
-            weight.const_data_ptr<T>(), tab, idx, la.num_lookups, groups.d.bag_of, padding_idx,
-            go.const_data_ptr<T>(), grad_psw.mutable_data_ptr<T>());
-        PME_CUDA_LAUNCH_CHECK();
-      }
-    });
-  });
+  Tensor grad_psw = torch::stable::new_empty(weight, {psw_grad ? N : 0});
+  with_grouped_batch(grad_out, weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, argmax, mode,
+                     padding_idx, table_checked,
+                     [&](const Ctx& ctx, const RowGroups& groups, const auto& src, const auto* idx) {
+                       using T = typename std::decay_t<decltype(src)>::value_type;
+                       using I = std::decay_t<decltype(*idx)>;
+                       // Untouched rows get zeros: one plain memset (bit pattern 0 is +0 in every float type).
+                       if (weight.numel() > 0) {
+                         PME_CUDA_CHECK(cudaMemsetAsync(grad_w.mutable_data_ptr(), 0,
+                                                        weight.numel() * weight.element_size(), ctx.stream));
+                       }
+                       run_row_op<T>(ctx, offsets, groups, src, GradWriteOp<T>{{}, grad_w.mutable_data_ptr<T>()});
+                       if (psw_grad && N > 0) {
+                         psw_grad_kernel<T, I><<<ctx.grid(N * kWarp, 256), 256, 0, ctx.stream>>>(
+                             weight.const_data_ptr<T>(), src.table, idx, N, groups.d.bag_of, padding_idx, src.grad_out,
+                             grad_psw.mutable_data_ptr<T>());
+                         PME_CUDA_LAUNCH_CHECK();
+                       }
+                     });
   return {grad_w, grad_psw};
 }
 
@@ -452,6 +430,8 @@ using Ops = LookupOps<&lookup_forward, &lookup_backward>;
 
 }  // namespace
 
-STABLE_TORCH_LIBRARY_IMPL(pme, CUDA, m) { PME_REGISTER_LOOKUPS(m, Ops); }
+STABLE_TORCH_LIBRARY_IMPL(pme, CUDA, m) {
+  PME_REGISTER_LOOKUPS(m, Ops);
+}
 
 }  // namespace pme::cuda

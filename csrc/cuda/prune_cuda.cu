@@ -22,8 +22,8 @@ namespace {
 // topk_threshold
 // ------------------------------------------------------------------------------------------
 struct TopkState {
-  uint32_t prefix;  // key bits fixed so far
-  uint32_t mask;  // which bits are fixed
+  uint32_t prefix;               // key bits fixed so far
+  uint32_t mask;                 // which bits are fixed
   unsigned long long remaining;  // rank still wanted (from the top) inside the prefix
 };
 
@@ -34,8 +34,7 @@ constexpr int kTopkThreads = 512;
 // one global atomic per non-empty bin and block (integer adds: order does not matter).
 template <int BITS>
 __global__ void __launch_bounds__(kTopkThreads)
-    topk_hist_kernel(const float* x, int64_t n, int shift, bool filter, const TopkState* st,
-                     unsigned long long* hist) {
+    topk_hist_kernel(const float* x, int64_t n, int shift, bool filter, const TopkState* st, unsigned long long* hist) {
   constexpr int NB = 1 << BITS;
   __shared__ unsigned int h[NB];
   for (int i = threadIdx.x; i < NB; i += blockDim.x) h[i] = 0;
@@ -74,8 +73,8 @@ constexpr int kSelectThreads = 512;
 
 template <int BITS>
 __global__ void __launch_bounds__(kSelectThreads)
-    topk_select_kernel(const unsigned long long* hist, int shift, bool first, int64_t k, TopkState* st,
-                       float* out, bool last) {
+    topk_select_kernel(const unsigned long long* hist, int shift, bool first, int64_t k, TopkState* st, float* out,
+                       bool last) {
   constexpr int NB = 1 << BITS;
   constexpr int IPT = NB >= kSelectThreads ? NB / kSelectThreads : 1;
   using Scan = cub::BlockScan<unsigned long long, kSelectThreads>;
@@ -128,11 +127,13 @@ Tensor topk_threshold(Tensor scores, int64_t k) {
   PME_CUDA_LAUNCH_CHECK();
   topk_hist_kernel<11><<<grid, kTopkThreads, 0, ctx.stream>>>(x, n, 10, true, st, ws.get<unsigned long long>(s_h1));
   PME_CUDA_LAUNCH_CHECK();
-  topk_select_kernel<11><<<1, kSelectThreads, 0, ctx.stream>>>(ws.get<unsigned long long>(s_h1), 10, false, k, st, o, false);
+  topk_select_kernel<11>
+      <<<1, kSelectThreads, 0, ctx.stream>>>(ws.get<unsigned long long>(s_h1), 10, false, k, st, o, false);
   PME_CUDA_LAUNCH_CHECK();
   topk_hist_kernel<10><<<grid, kTopkThreads, 0, ctx.stream>>>(x, n, 0, true, st, ws.get<unsigned long long>(s_h2));
   PME_CUDA_LAUNCH_CHECK();
-  topk_select_kernel<10><<<1, kSelectThreads, 0, ctx.stream>>>(ws.get<unsigned long long>(s_h2), 0, false, k, st, o, true);
+  topk_select_kernel<10>
+      <<<1, kSelectThreads, 0, ctx.stream>>>(ws.get<unsigned long long>(s_h2), 0, false, k, st, o, true);
   PME_CUDA_LAUNCH_CHECK();
   return out;
 }
@@ -197,15 +198,17 @@ __global__ void pack_check_kernel(const int64_t* off, int64_t V, int64_t D, unsi
     if (off[0] != 0) atomicMin(&err[0], 0ull);
   }
   for (int64_t r = tid; r < V; r += stride) {
-    if (off[r + 1] < off[r] || static_cast<uint64_t>(off[r + 1]) - static_cast<uint64_t>(off[r]) >
-                                   static_cast<uint64_t>(D)) {
+    if (off[r + 1] < off[r] ||
+        static_cast<uint64_t>(off[r + 1]) - static_cast<uint64_t>(off[r]) > static_cast<uint64_t>(D)) {
       atomicMin(&err[0], static_cast<unsigned long long>(r + 1));
     }
   }
 }
 
 // Key of a score for the per-row selection: -0.0 counts as +0.0 (the CPU compares floats).
-__device__ __forceinline__ uint32_t pack_key(float f) { return float_key(f == 0.0f ? 0.0f : f); }
+__device__ __forceinline__ uint32_t pack_key(float f) {
+  return float_key(f == 0.0f ? 0.0f : f);
+}
 
 // One warp per row. Shared memory per warp: keys[D] (uint32), kept keys[D] (uint32), kept
 // columns[D] (uint16).
@@ -328,8 +331,8 @@ Tensor prune_pack(Tensor dense, Tensor scores, Tensor offsets, bool by_score) {
   const unsigned grid = ctx.grid(V * kWarp, wpb * kWarp, 2048 / (wpb * kWarp));
   dispatch_weight(d.scalar_type(), "dense", [&](auto tag) {
     using T = decltype(tag);
-    prune_pack_kernel<T><<<grid, wpb * kWarp, smem, ctx.stream>>>(d.const_data_ptr<T>(), s.const_data_ptr<float>(),
-                                                                  off, V, D, by_score, out.mutable_data_ptr<T>());
+    prune_pack_kernel<T><<<grid, wpb * kWarp, smem, ctx.stream>>>(d.const_data_ptr<T>(), s.const_data_ptr<float>(), off,
+                                                                  V, D, by_score, out.mutable_data_ptr<T>());
     PME_CUDA_LAUNCH_CHECK();
   });
   return out;
@@ -338,9 +341,7 @@ Tensor prune_pack(Tensor dense, Tensor scores, Tensor offsets, bool by_score) {
 }  // namespace
 
 STABLE_TORCH_LIBRARY_IMPL(pme, CUDA, m) {
-  m.impl("topk_threshold", TORCH_BOX(&topk_threshold));
-  m.impl("prune_counts", TORCH_BOX(&prune_counts));
-  m.impl("prune_pack", TORCH_BOX(&prune_pack));
+  PME_REGISTER_PRUNE(m);
 }
 
 }  // namespace pme::cuda

@@ -36,30 +36,30 @@
 namespace pme::cuda {
 namespace {
 
-constexpr int kPartLen = 32;  // lookups per part (one per lane for the metadata loads)
-constexpr int kVPL = 4;  // gradient columns per lane per chunk
+constexpr int kPartLen = 32;          // lookups per part (one per lane for the metadata loads)
+constexpr int kVPL = 4;               // gradient columns per lane per chunk
 constexpr int kChunk = kWarp * kVPL;  // columns per chunk: rows up to 128 wide take one pass
 
 // Device view of the grouping (plain pointers; passed to kernels by value).
 struct RowGroupsDev {
-  int64_t N;  // lookups
-  const int32_t* bag_of;  // [N] bag of every position (-1 after the last bag); nullptr: implicit bags
-  const int32_t* count;  // [B] lookups each bag counts in its mean (mode mean), or nullptr
-  const int32_t* pos;  // [N] positions sorted by row; the first seg[U] are the contributing ones
-  const int32_t* seg;  // [U + 1] segment starts into pos
-  const int64_t* rows;  // [U] row of each segment
+  int64_t N;                    // lookups
+  const int32_t* bag_of;        // [N] bag of every position (-1 after the last bag); nullptr: implicit bags
+  const int32_t* count;         // [B] lookups each bag counts in its mean (mode mean), or nullptr
+  const int32_t* pos;           // [N] positions sorted by row; the first seg[U] are the contributing ones
+  const int32_t* seg;           // [U + 1] segment starts into pos
+  const int64_t* rows;          // [U] row of each segment
   const int32_t* num_segments;  // device scalar U
-  const uint64_t* part_scan;  // [U + 1] exclusive scan: low 32 bits first part, high 32 bits first slot
-  const int32_t* seg_of_part;  // [P] segment of each part
-  const int32_t* num_parts;  // device scalar P
+  const uint64_t* part_scan;    // [U + 1] exclusive scan: low 32 bits first part, high 32 bits first slot
+  const int32_t* seg_of_part;   // [P] segment of each part
+  const int32_t* num_parts;     // device scalar P
 };
 
 // Host side: the device view plus its scratch memory and the host's upper bounds.
 struct RowGroups {
   RowGroupsDev d{};
   int64_t max_segments = 0;  // >= U
-  int64_t max_parts = 0;  // >= P
-  int64_t max_slots = 0;  // >= partial-sum slots (parts of multi-part segments)
+  int64_t max_parts = 0;     // >= P
+  int64_t max_slots = 0;     // >= partial-sum slots (parts of multi-part segments)
   Workspace ws;
 };
 
@@ -70,8 +70,8 @@ struct RowGroups {
 // skips (padding, or a bad lookup that validation did not stop: PME_CUDA_VALIDATE=0 or a CUDA
 // graph capture) is not counted, else the gradient would not be the forward's derivative.
 template <class I>
-__global__ void __launch_bounds__(256) bag_kernel(const I* idx, int64_t N, const I* bo, int64_t B, int64_t pad,
-                                                  Table t, int32_t* bag_of, int32_t* count) {
+__global__ void __launch_bounds__(256)
+    bag_kernel(const I* idx, int64_t N, const I* bo, int64_t B, int64_t pad, Table t, int32_t* bag_of, int32_t* count) {
   const int lane = threadIdx.x & 31;
   const int64_t nwarps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
   for (int64_t b = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; b < B; b += nwarps) {
@@ -238,8 +238,8 @@ RowGroups group_by_row_k(const Ctx& ctx, const Tensor& like, const I* idx, int64
   PME_CUDA_LAUNCH_CHECK();
   bytes = temp_bytes;
   PME_CUDA_CHECK(cub::DeviceScan::InclusiveSum(temp, bytes, static_cast<const int32_t*>(flags), scan, n, st));
-  scatter_kernel<K><<<ctx.grid(N, 256), 256, 0, st>>>(keys, N, sentinel, flags, scan, seg, ws.get<int64_t>(s_rows),
-                                                       nseg);
+  scatter_kernel<K>
+      <<<ctx.grid(N, 256), 256, 0, st>>>(keys, N, sentinel, flags, scan, seg, ws.get<int64_t>(s_rows), nseg);
   PME_CUDA_LAUNCH_CHECK();
   // 5. Parts.
   uint64_t* packed = ws.get<uint64_t>(s_packed);
@@ -267,8 +267,8 @@ RowGroups group_by_row_k(const Ctx& ctx, const Tensor& like, const I* idx, int64
 // Groups the lookups of a batch by row (bo == nullptr: implicit bags, bag j = lookup j).
 // need_count: also count the lookups of each bag that its mean divides by (mode mean).
 template <class I>
-RowGroups group_by_row(const Ctx& ctx, const Tensor& like, const I* idx, int64_t N, const I* bo, int64_t B,
-                       int64_t pad, const Table& t, bool need_count) {
+RowGroups group_by_row(const Ctx& ctx, const Tensor& like, const I* idx, int64_t N, const I* bo, int64_t B, int64_t pad,
+                       const Table& t, bool need_count) {
   PME_CHECK(N < INT32_MAX, "the CUDA backward handles at most 2^31 - 2 lookups per call, got ", N,
             " (split the batch)");
   PME_CHECK(B < INT32_MAX, "the CUDA backward handles at most 2^31 - 2 bags per call, got ", B);
@@ -298,13 +298,31 @@ struct PlainRowOp {
 // Where a row's gradient comes from: the lookup's output gradient.
 template <class T>
 struct GradSrc {
+  using value_type = T;
   const T* grad_out;  // [B, W]
   int64_t W;
-  const T* psw;  // [N] or nullptr
+  const T* psw;           // [N] or nullptr
   const int64_t* argmax;  // [B, W] (mode max) or nullptr
   Table table;
   int64_t mode;
 };
+
+// Calls f(i, c) for each of the lane's columns c = c0 + lane + 32 * i (i < kVPL) of a column
+// chunk that lies inside the row (c < size).
+template <class F>
+__device__ __forceinline__ void for_chunk(int64_t c0, int64_t size, int lane, const F& f) {
+#pragma unroll
+  for (int i = 0; i < kVPL; ++i) {
+    const int64_t c = c0 + lane + kWarp * i;
+    if (c < size) f(i, c);
+  }
+}
+
+template <class A>
+__device__ __forceinline__ void zero_chunk(A (&gv)[kVPL]) {
+#pragma unroll
+  for (int i = 0; i < kVPL; ++i) gv[i] = 0;
+}
 
 // Gradient of one part's row, column chunk c0, from the part's lookups: lane u holds lookup
 // u's position j, bag b and scale sc (loaded in parallel); the warp walks them in position
@@ -321,8 +339,7 @@ struct PartGrad {
   bool max_mode;
 
   __device__ __forceinline__ void operator()(int64_t c0, A (&gv)[kVPL]) const {
-#pragma unroll
-    for (int i = 0; i < kVPL; ++i) gv[i] = 0;
+    zero_chunk(gv);
 #pragma unroll 4
     for (int u = 0; u < len; ++u) {
       const int32_t ju = __shfl_sync(kFullMask, j, u);
@@ -331,20 +348,12 @@ struct PartGrad {
       const T* go = grad_out + bu * W + col;
       if (max_mode) {
         const int64_t* am = argmax + bu * W + col;
-#pragma unroll
-        for (int i = 0; i < kVPL; ++i) {
-          const int64_t c = c0 + lane + kWarp * i;
-          if (c < size) {
-            const A x = to_acc(go[c]);
-            if (am[c] == ju) gv[i] += x;
-          }
-        }
+        for_chunk(c0, size, lane, [&](int i, int64_t c) {
+          const A x = to_acc(go[c]);
+          if (am[c] == ju) gv[i] += x;
+        });
       } else {
-#pragma unroll
-        for (int i = 0; i < kVPL; ++i) {
-          const int64_t c = c0 + lane + kWarp * i;
-          if (c < size) gv[i] += su * to_acc(go[c]);
-        }
+        for_chunk(c0, size, lane, [&](int i, int64_t c) { gv[i] += su * to_acc(go[c]); });
       }
     }
   }
@@ -358,15 +367,10 @@ struct PartialSum {
   int lane;
 
   __device__ __forceinline__ void operator()(int64_t c0, A (&gv)[kVPL]) const {
-#pragma unroll
-    for (int i = 0; i < kVPL; ++i) gv[i] = 0;
+    zero_chunk(gv);
 #pragma unroll 4
     for (int64_t q = 0; q < np; ++q) {
-#pragma unroll
-      for (int i = 0; i < kVPL; ++i) {
-        const int64_t c = c0 + lane + kWarp * i;
-        if (c < size) gv[i] += base[q * W + c];
-      }
+      for_chunk(c0, size, lane, [&](int i, int64_t c) { gv[i] += base[q * W + c]; });
     }
   }
 };
@@ -407,16 +411,20 @@ __device__ __forceinline__ void apply_row(const Op& op, const F& grad_chunk, int
   }
 }
 
-// One warp per part (see the file comment).
-template <class T, class Op>
-__global__ void __launch_bounds__(256)
-    row_parts_kernel(GradSrc<T> src, RowGroupsDev g, acc_t<T>* partial, Op op) {
-  using A = acc_t<T>;
+// Grid-stride loop over warps: f(i, lane) for every i in [0, n), one warp each.
+template <class F>
+__device__ __forceinline__ void for_each_warp(int64_t n, const F& f) {
   const int lane = threadIdx.x & 31;
   const int64_t nwarps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
-  const int64_t P = *g.num_parts;
+  for (int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; i < n; i += nwarps) f(i, lane);
+}
+
+// One warp per part (see the file comment).
+template <class T, class Op>
+__global__ void __launch_bounds__(256) row_parts_kernel(GradSrc<T> src, RowGroupsDev g, acc_t<T>* partial, Op op) {
+  using A = acc_t<T>;
   const int64_t W = src.W;
-  for (int64_t p = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; p < P; p += nwarps) {
+  for_each_warp(*g.num_parts, [&](int64_t p, int lane) {
     const int s = g.seg_of_part[p];
     const uint64_t sc0 = g.part_scan[s], sc1 = g.part_scan[s + 1];
     const int64_t first = static_cast<uint32_t>(sc0);
@@ -425,7 +433,7 @@ __global__ void __launch_bounds__(256)
     const int64_t r = g.rows[s];
     const int64_t lo = src.table.off[r];
     const int64_t size = src.table.off[r + 1] - lo;
-    if (size <= 0) continue;
+    if (size <= 0) return;
     const int64_t col = src.table.cos ? src.table.cos[size] : 0;
     const int64_t k0 = g.seg[s] + q * kPartLen;
     const int len = static_cast<int>(min(static_cast<int64_t>(g.seg[s + 1]), k0 + kPartLen) - k0);
@@ -451,14 +459,10 @@ __global__ void __launch_bounds__(256)
       A gv[kVPL];
       for (int64_t c0 = 0; c0 < size; c0 += kChunk) {
         grad_chunk(c0, gv);
-#pragma unroll
-        for (int i = 0; i < kVPL; ++i) {
-          const int64_t c = c0 + lane + kWarp * i;
-          if (c < size) dst[c] = gv[i];
-        }
+        for_chunk(c0, size, lane, [&](int i, int64_t c) { dst[c] = gv[i]; });
       }
     }
-  }
+  });
 }
 
 // One warp per segment of more than one part: adds the parts' partial sums in part order.
@@ -466,22 +470,18 @@ template <class T, class Op>
 __global__ void __launch_bounds__(256)
     row_final_kernel(GradSrc<T> src, RowGroupsDev g, const acc_t<T>* partial, Op op) {
   using A = acc_t<T>;
-  const int lane = threadIdx.x & 31;
-  const int64_t nwarps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
-  const int64_t U = *g.num_segments;
-  const int64_t W = src.W;
-  for (int64_t s = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; s < U; s += nwarps) {
+  for_each_warp(*g.num_segments, [&](int64_t s, int lane) {
     const uint64_t sc0 = g.part_scan[s], sc1 = g.part_scan[s + 1];
     const int64_t np = static_cast<int64_t>(static_cast<uint32_t>(sc1)) - static_cast<uint32_t>(sc0);
-    if (np <= 1) continue;
+    if (np <= 1) return;
     const int64_t r = g.rows[s];
     const int64_t lo = src.table.off[r];
     const int64_t size = src.table.off[r + 1] - lo;
-    if (size <= 0) continue;
-    const A* base = partial + static_cast<int64_t>(sc0 >> 32) * W;
-    const PartialSum<A> grad_chunk{base, W, np, size, lane};
+    if (size <= 0) return;
+    const A* base = partial + static_cast<int64_t>(sc0 >> 32) * src.W;
+    const PartialSum<A> grad_chunk{base, src.W, np, size, lane};
     apply_row<A>(op, grad_chunk, r, lo, size, lane);
-  }
+  });
 }
 
 // Runs op once on every row the batch touches, with the row's summed gradient.
@@ -489,13 +489,49 @@ template <class T, class Op>
 void run_row_op(const Ctx& ctx, const Tensor& like, const RowGroups& g, const GradSrc<T>& src, const Op& op) {
   using A = acc_t<T>;
   if (g.d.N == 0 || g.max_segments == 0) return;
-  Tensor partial = torch::stable::new_empty(like, {static_cast<int64_t>(g.max_slots * src.W * sizeof(A))},
-                                            ScalarType::Byte);
+  Tensor partial =
+      torch::stable::new_empty(like, {static_cast<int64_t>(g.max_slots * src.W * sizeof(A))}, ScalarType::Byte);
   A* part = static_cast<A*>(partial.mutable_data_ptr());
   row_parts_kernel<T, Op><<<ctx.grid(g.max_parts * kWarp, 256), 256, 0, ctx.stream>>>(src, g.d, part, op);
   PME_CUDA_LAUNCH_CHECK();
   row_final_kernel<T, Op><<<ctx.grid(g.max_segments * kWarp, 256), 256, 0, ctx.stream>>>(src, g.d, part, op);
   PME_CUDA_LAUNCH_CHECK();
+}
+
+// The set-up every backward-shaped operator of one table shares: checks the arguments
+// (lookup arguments, grad_out, argmax), validates the batch (validate_cuda.cuh), groups it by
+// row, then calls f(ctx, groups, src, idx) with src a GradSrc<T> in the weight's type and idx
+// the indices (I*). bag_offsets absent: the non-pooled lookup (bag b is lookup b).
+template <class F>
+void with_grouped_batch(const Tensor& grad_out, const Tensor& weight, const Tensor& offsets, const Tensor& indices,
+                        const std::optional<Tensor>& bag_offsets, const std::optional<Tensor>& per_sample_weights,
+                        const std::optional<Tensor>& col_of_size, const Tensor& argmax, int64_t mode,
+                        int64_t padding_idx, bool table_checked, F&& f) {
+  const LookupArgs la =
+      check_lookup_args(weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, mode, padding_idx);
+  const int64_t W = check_grad_args(grad_out, weight, argmax, la, mode);
+  const Tensor go = torch::stable::contiguous(grad_out);
+  const Tensor am = mode == kMax ? torch::stable::contiguous(argmax) : argmax;
+  const Ctx ctx(weight);
+  const Table tab = make_table(weight, offsets, col_of_size, W);
+  dispatch_index(indices.scalar_type(), "indices", [&](auto itag) {
+    using I = decltype(itag);
+    const I* idx = indices.const_data_ptr<I>();
+    const I* bo = bag_offsets ? bag_offsets->const_data_ptr<I>() : nullptr;
+    validate_lookups(ctx, offsets, idx, la.num_lookups, bo, la.num_bags, tab, table_checked);
+    const RowGroups groups =
+        group_by_row(ctx, offsets, idx, la.num_lookups, bo, la.num_bags, padding_idx, tab, mode == kMean);
+    dispatch_weight(weight.scalar_type(), "weight", [&](auto wtag) {
+      using T = decltype(wtag);
+      const GradSrc<T> src{go.const_data_ptr<T>(),
+                           W,
+                           per_sample_weights ? per_sample_weights->const_data_ptr<T>() : nullptr,
+                           mode == kMax ? am.const_data_ptr<int64_t>() : nullptr,
+                           tab,
+                           mode};
+      f(ctx, groups, src, idx);
+    });
+  });
 }
 
 }  // namespace

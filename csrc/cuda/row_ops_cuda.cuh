@@ -16,7 +16,8 @@ template <class T>
 struct GradWriteOp : PlainRowOp<acc_t<T>> {
   using A = acc_t<T>;
   T* gw;
-  __device__ __forceinline__ void apply(int64_t, int64_t lo, int64_t c0, int64_t size, const A (&g)[kVPL], A, int lane) const {
+  __device__ __forceinline__ void apply(int64_t, int64_t lo, int64_t c0, int64_t size, const A (&g)[kVPL], A,
+                                        int lane) const {
 #pragma unroll
     for (int i = 0; i < kVPL; ++i) {
       const int64_t c = c0 + lane + kWarp * i;
@@ -29,7 +30,7 @@ struct GradWriteOp : PlainRowOp<acc_t<T>> {
 template <class T>
 struct UpdateOp {
   using A = acc_t<T>;
-  T* w;  // [total]
+  T* w;   // [total]
   A* s1;  // Adagrad: [V] row sums; Adam: [total] first moments
   A* s2;  // Adam: [total] second moments
   int64_t optimizer;
@@ -57,7 +58,7 @@ struct UpdateOp {
   }
 
   __device__ __forceinline__ void apply(int64_t, int64_t lo, int64_t c0, int64_t size, const A (&g)[kVPL], A denom,
-                        int lane) const {
+                                        int lane) const {
 #pragma unroll
     for (int i = 0; i < kVPL; ++i) {
       const int64_t c = c0 + lane + kWarp * i;
@@ -85,8 +86,8 @@ struct UpdateOp {
 // An UpdateOp with its host-side constants (bias correction included), computed exactly as the
 // CPU kernel computes them; w, s1, s2 point to the weight and the optimizer state (or null).
 template <class T>
-UpdateOp<T> make_update_op(void* w, void* s1, void* s2, int64_t optimizer, double lr, double weight_decay,
-                           double eps, double beta1, double beta2, int64_t step) {
+UpdateOp<T> make_update_op(void* w, void* s1, void* s2, int64_t optimizer, double lr, double weight_decay, double eps,
+                           double beta1, double beta2, int64_t step) {
   using A = acc_t<T>;
   UpdateOp<T> op{};
   op.w = static_cast<T*>(w);

@@ -7,13 +7,14 @@
 #include "cuda/row_groups_cuda.cuh"
 
 #include <tuple>
+#include <type_traits>
 
 namespace pme::cuda {
 namespace {
 
 // sizes[s] = stored entries of the row of segment s (0 for s >= U), s in [0, n).
-__global__ void segment_sizes_kernel(const int64_t* rows, const int32_t* num_segments, const int64_t* off,
-                                     int64_t n, int64_t* sizes) {
+__global__ void segment_sizes_kernel(const int64_t* rows, const int32_t* num_segments, const int64_t* off, int64_t n,
+                                     int64_t* sizes) {
   const int64_t U = *num_segments;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t s = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; s < n; s += stride) {
@@ -28,7 +29,7 @@ struct SparseWriteOp : PlainRowOp<acc_t<T>> {
   using A = acc_t<T>;
   const int64_t* rows;  // [U] increasing
   const int32_t* num_segments;
-  const int32_t* seg;  // [U + 1] segment starts (lookup counts are the differences)
+  const int32_t* seg;    // [U + 1] segment starts (lookup counts are the differences)
   const int64_t* first;  // [U + 1] first output slot of each segment
   int64_t* entries;
   T* values;
@@ -40,8 +41,10 @@ struct SparseWriteOp : PlainRowOp<acc_t<T>> {
     int64_t a = 0, b = *num_segments;
     while (a < b) {
       const int64_t m = (a + b) >> 1;
-      if (rows[m] < r) a = m + 1;
-      else b = m;
+      if (rows[m] < r)
+        a = m + 1;
+      else
+        b = m;
     }
     const int64_t s = a;
     const A scale = scale_by_freq ? recip_rn(static_cast<A>(seg[s + 1] - seg[s])) : A(1);
@@ -60,68 +63,55 @@ struct SparseWriteOp : PlainRowOp<acc_t<T>> {
 std::tuple<Tensor, Tensor> bag_backward_sparse(Tensor grad_out, Tensor weight, Tensor offsets, Tensor indices,
                                                Tensor bag_offsets, std::optional<Tensor> per_sample_weights,
                                                std::optional<Tensor> col_of_size, Tensor argmax, int64_t mode,
-                                               int64_t padding_idx, bool scale_grad_by_freq,
-                                               bool table_checked) {
-  const LookupArgs la = check_lookup_args(weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size,
-                                          mode, padding_idx);
-  const int64_t W = check_grad_args(grad_out, weight, argmax, la, mode);
-  const Tensor go = torch::stable::contiguous(grad_out);
-  const Tensor am = mode == kMax ? torch::stable::contiguous(argmax) : argmax;
-  const Ctx ctx(weight);
-  const Table tab = make_table(weight, offsets, col_of_size, W);
+                                               int64_t padding_idx, bool scale_grad_by_freq, bool table_checked) {
+  const int64_t N = indices.numel();
   Tensor entries, values;
-  dispatch_index(indices.scalar_type(), "indices", [&](auto itag) {
-    using I = decltype(itag);
-    const I* idx = indices.const_data_ptr<I>();
-    const I* bo = bag_offsets.const_data_ptr<I>();
-    validate_lookups(ctx, offsets, idx, la.num_lookups, bo, la.num_bags, tab, table_checked);
-    const RowGroups groups =
-        group_by_row(ctx, offsets, idx, la.num_lookups, bo, la.num_bags, padding_idx, tab, mode == kMean);
-    const int64_t S = groups.max_segments;  // >= U
-    int64_t nnz = 0;
-    Workspace ws;
-    int64_t* first = nullptr;
-    if (la.num_lookups > 0 && S > 0) {
-      size_t scan_bytes = 0;
-      PME_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(nullptr, scan_bytes, static_cast<const int64_t*>(nullptr),
-                                                   static_cast<int64_t*>(nullptr), static_cast<int>(S + 1),
-                                                   ctx.stream));
-      const int s_sizes = ws.reserve<int64_t>(S + 1), s_first = ws.reserve<int64_t>(S + 1);
-      const int s_temp = ws.reserve_bytes(std::max<size_t>(scan_bytes, 1));
-      ws.allocate(offsets);
-      int64_t* sizes = ws.get<int64_t>(s_sizes);
-      first = ws.get<int64_t>(s_first);
-      segment_sizes_kernel<<<ctx.grid(S + 1, 256), 256, 0, ctx.stream>>>(groups.d.rows, groups.d.num_segments,
-                                                                         tab.off, S + 1, sizes);
-      PME_CUDA_LAUNCH_CHECK();
-      PME_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(ws.get<void>(s_temp), scan_bytes, static_cast<const int64_t*>(sizes),
-                                                   first, static_cast<int>(S + 1), ctx.stream));
-      read_device(ctx, &nnz, first + S);  // sizes[s] = 0 past U, so first[S] is the total
-    }
-    entries = torch::stable::new_empty(offsets, {nnz});
-    values = torch::stable::new_empty(weight, {nnz});
-    if (nnz == 0) return;
-    dispatch_weight(weight.scalar_type(), "weight", [&](auto wtag) {
-      using T = decltype(wtag);
-      const T* psw = per_sample_weights ? per_sample_weights->const_data_ptr<T>() : nullptr;
-      const GradSrc<T> src{go.const_data_ptr<T>(), W, psw, mode == kMax ? am.const_data_ptr<int64_t>() : nullptr, tab,
-                           mode};
-      const SparseWriteOp<T> op{{},
-                                groups.d.rows,
-                                groups.d.num_segments,
-                                groups.d.seg,
-                                first,
-                                entries.mutable_data_ptr<int64_t>(),
-                                values.mutable_data_ptr<T>(),
-                                scale_grad_by_freq};
-      run_row_op<T>(ctx, offsets, groups, src, op);
-    });
-  });
+  with_grouped_batch(grad_out, weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, argmax, mode,
+                     padding_idx, table_checked,
+                     [&](const Ctx& ctx, const RowGroups& groups, const auto& src, const auto*) {
+                       using T = typename std::decay_t<decltype(src)>::value_type;
+                       const int64_t S = groups.max_segments;  // >= U
+                       int64_t nnz = 0;
+                       Workspace ws;
+                       int64_t* first = nullptr;
+                       if (N > 0 && S > 0) {
+                         size_t scan_bytes = 0;
+                         PME_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(
+                             nullptr, scan_bytes, static_cast<const int64_t*>(nullptr), static_cast<int64_t*>(nullptr),
+                             static_cast<int>(S + 1), ctx.stream));
+                         const int s_sizes = ws.reserve<int64_t>(S + 1), s_first = ws.reserve<int64_t>(S + 1);
+                         const int s_temp = ws.reserve_bytes(std::max<size_t>(scan_bytes, 1));
+                         ws.allocate(offsets);
+                         int64_t* sizes = ws.get<int64_t>(s_sizes);
+                         first = ws.get<int64_t>(s_first);
+                         segment_sizes_kernel<<<ctx.grid(S + 1, 256), 256, 0, ctx.stream>>>(
+                             groups.d.rows, groups.d.num_segments, src.table.off, S + 1, sizes);
+                         PME_CUDA_LAUNCH_CHECK();
+                         PME_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(ws.get<void>(s_temp), scan_bytes,
+                                                                      static_cast<const int64_t*>(sizes), first,
+                                                                      static_cast<int>(S + 1), ctx.stream));
+                         read_device(ctx, &nnz, first + S);  // sizes[s] = 0 past U, so first[S] is the total
+                       }
+                       entries = torch::stable::new_empty(offsets, {nnz});
+                       values = torch::stable::new_empty(weight, {nnz});
+                       if (nnz == 0) return;
+                       const SparseWriteOp<T> op{{},
+                                                 groups.d.rows,
+                                                 groups.d.num_segments,
+                                                 groups.d.seg,
+                                                 first,
+                                                 entries.mutable_data_ptr<int64_t>(),
+                                                 values.mutable_data_ptr<T>(),
+                                                 scale_grad_by_freq};
+                       run_row_op<T>(ctx, offsets, groups, src, op);
+                     });
   return {entries, values};
 }
 
 }  // namespace
 
-STABLE_TORCH_LIBRARY_IMPL(pme, CUDA, m) { m.impl("bag_backward_sparse", TORCH_BOX(&bag_backward_sparse)); }
+STABLE_TORCH_LIBRARY_IMPL(pme, CUDA, m) {
+  m.impl("bag_backward_sparse", TORCH_BOX(&bag_backward_sparse));
+}
 
 }  // namespace pme::cuda

@@ -7,6 +7,7 @@
 #include "cuda/row_ops_cuda.cuh"
 
 #include <cmath>
+#include <type_traits>
 
 namespace pme::cuda {
 namespace {
@@ -15,11 +16,12 @@ namespace {
 template <class T>
 struct ScoreOp : PlainRowOp<acc_t<T>> {
   using A = acc_t<T>;
-  A* scores;  // [total]
+  A* scores;   // [total]
   const T* w;  // [total]
   int64_t rule;
 
-  __device__ __forceinline__ void apply(int64_t, int64_t lo, int64_t c0, int64_t size, const A (&g)[kVPL], A, int lane) const {
+  __device__ __forceinline__ void apply(int64_t, int64_t lo, int64_t c0, int64_t size, const A (&g)[kVPL], A,
+                                        int lane) const {
 #pragma unroll
     for (int i = 0; i < kVPL; ++i) {
       const int64_t c = c0 + lane + kWarp * i;
@@ -30,53 +32,29 @@ struct ScoreOp : PlainRowOp<acc_t<T>> {
   }
 };
 
-// Checks the lookup arguments, validates, groups the batch by row and runs make_op(T{})'s
-// operation on every touched row.
+// Runs make_op(T{})'s operation on every row the batch touches (with_grouped_batch does the
+// checks, the validation and the grouping).
 template <class MakeOp>
 void for_each_row(const Tensor& grad_out, const Tensor& weight, const Tensor& offsets, const Tensor& indices,
                   const Tensor& bag_offsets, const std::optional<Tensor>& per_sample_weights,
                   const std::optional<Tensor>& col_of_size, const Tensor& argmax, int64_t mode, int64_t padding_idx,
                   bool table_checked, MakeOp&& make_op) {
-  const LookupArgs la = check_lookup_args(weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size,
-                                          mode, padding_idx);
-  const int64_t W = check_grad_args(grad_out, weight, argmax, la, mode);
-  const Tensor go = torch::stable::contiguous(grad_out);
-  Tensor am = argmax;
-  if (mode == kMax) {
-    am = torch::stable::contiguous(argmax);
-  }
-  const Ctx ctx(weight);
-  const Table tab = make_table(weight, offsets, col_of_size, W);
-  dispatch_index(indices.scalar_type(), "indices", [&](auto itag) {
-    using I = decltype(itag);
-    const I* idx = indices.const_data_ptr<I>();
-    const I* bo = bag_offsets.const_data_ptr<I>();
-    validate_lookups(ctx, offsets, idx, la.num_lookups, bo, la.num_bags, tab, table_checked);
-    const RowGroups groups =
-        group_by_row(ctx, offsets, idx, la.num_lookups, bo, la.num_bags, padding_idx, tab, mode == kMean);
-    dispatch_weight(weight.scalar_type(), "weight", [&](auto wtag) {
-      using T = decltype(wtag);
-      const GradSrc<T> src{go.const_data_ptr<T>(),
-                           W,
-                           per_sample_weights ? per_sample_weights->const_data_ptr<T>() : nullptr,
-                           mode == kMax ? am.const_data_ptr<int64_t>() : nullptr,
-                           tab,
-                           mode};
-      run_row_op<T>(ctx, offsets, groups, src, make_op(T{}));
-    });
-  });
+  with_grouped_batch(grad_out, weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, argmax, mode,
+                     padding_idx, table_checked,
+                     [&](const Ctx& ctx, const RowGroups& groups, const auto& src, const auto*) {
+                       using T = typename std::decay_t<decltype(src)>::value_type;
+                       run_row_op<T>(ctx, offsets, groups, src, make_op(T{}));
+                     });
 }
 
 void sparse_update_(Tensor weight, Tensor state1, Tensor state2, Tensor grad_out, Tensor offsets, Tensor indices,
                     Tensor bag_offsets, std::optional<Tensor> per_sample_weights, std::optional<Tensor> col_of_size,
-                    Tensor argmax, int64_t mode, int64_t padding_idx, int64_t optimizer, double lr,
-                    double weight_decay, double eps, double beta1, double beta2, int64_t step,
-                    bool table_checked) {
+                    Tensor argmax, int64_t mode, int64_t padding_idx, int64_t optimizer, double lr, double weight_decay,
+                    double eps, double beta1, double beta2, int64_t step, bool table_checked) {
   check_update_args(weight, state1, state2, offsets, optimizer, lr, weight_decay, eps, beta1, beta2, step);
-  check_in_place({{&weight, "weight"}, {&state1, "state1"}, {&state2, "state2"}},
-                 {{&grad_out, "grad_out"}, {&offsets, "offsets"}, {&indices, "indices"}, {&bag_offsets, "bag_offsets"},
-                  {per_sample_weights ? &*per_sample_weights : nullptr, "per_sample_weights"},
-                  {col_of_size ? &*col_of_size : nullptr, "col_of_size"}, {&argmax, "argmax"}});
+  check_update_in_place(
+      weight, state1, state2,
+      lookup_inputs(grad_out, nullptr, offsets, indices, bag_offsets, per_sample_weights, col_of_size, argmax));
   void* s1 = optimizer != kSGD && state1.numel() ? state1.mutable_data_ptr() : nullptr;
   void* s2 = optimizer == kAdam && state2.numel() ? state2.mutable_data_ptr() : nullptr;
   void* w = weight.mutable_data_ptr();
@@ -88,15 +66,11 @@ void sparse_update_(Tensor weight, Tensor state1, Tensor state2, Tensor grad_out
 }
 
 void accumulate_scores_(Tensor scores, Tensor grad_out, Tensor weight, Tensor offsets, Tensor indices,
-                        Tensor bag_offsets, std::optional<Tensor> per_sample_weights,
-                        std::optional<Tensor> col_of_size, Tensor argmax, int64_t mode, int64_t padding_idx,
-                        int64_t rule, bool table_checked) {
+                        Tensor bag_offsets, std::optional<Tensor> per_sample_weights, std::optional<Tensor> col_of_size,
+                        Tensor argmax, int64_t mode, int64_t padding_idx, int64_t rule, bool table_checked) {
   check_score_args(scores, weight, rule);
-  check_in_place({{&scores, "scores"}},
-                 {{&grad_out, "grad_out"}, {&weight, "weight"}, {&offsets, "offsets"}, {&indices, "indices"},
-                  {&bag_offsets, "bag_offsets"},
-                  {per_sample_weights ? &*per_sample_weights : nullptr, "per_sample_weights"},
-                  {col_of_size ? &*col_of_size : nullptr, "col_of_size"}, {&argmax, "argmax"}});
+  check_in_place({{&scores, "scores"}}, lookup_inputs(grad_out, &weight, offsets, indices, bag_offsets,
+                                                      per_sample_weights, col_of_size, argmax));
   void* sc = scores.mutable_data_ptr();
   const void* w = weight.const_data_ptr();
   for_each_row(grad_out, weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, argmax, mode,

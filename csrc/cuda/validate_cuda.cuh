@@ -12,8 +12,8 @@
 //    offsets and the lookups, reads its verdict back (a host synchronisation) and throws the
 //    same messages as the CPU kernels. PME_CUDA_VALIDATE=0 skips it: no synchronisation, bad
 //    lookups are silently skipped, and a table whose offsets decrease somewhere (rows that
-//    overlap, each one inside the buffer) is not detected: wrong values, never a bad access. It is also skipped while the stream is being captured into a
-//    CUDA graph (a capture cannot synchronise); layer 1 still holds there.
+//    overlap, each one inside the buffer) is not detected: wrong values, never a bad access. It is also skipped while
+//    the stream is being captured into a CUDA graph (a capture cannot synchronise); layer 1 still holds there.
 #pragma once
 
 #include "cuda/cuda_common.cuh"
@@ -29,7 +29,7 @@ namespace {
 struct Table {
   const int64_t* off;  // [V + 1]
   int64_t V;
-  int64_t total;  // stored entries (weight.numel())
+  int64_t total;       // stored entries (weight.numel())
   const int64_t* cos;  // col_of_size [ncos] or nullptr (padded layout)
   int64_t ncos;
   int64_t W;  // output width
@@ -37,8 +37,11 @@ struct Table {
 
 inline Table make_table(const Tensor& weight, const Tensor& offsets, const std::optional<Tensor>& col_of_size,
                         int64_t width) {
-  return {offsets.const_data_ptr<int64_t>(), offsets.numel() - 1, weight.numel(),
-          col_of_size ? col_of_size->const_data_ptr<int64_t>() : nullptr, col_of_size ? col_of_size->numel() : 0,
+  return {offsets.const_data_ptr<int64_t>(),
+          offsets.numel() - 1,
+          weight.numel(),
+          col_of_size ? col_of_size->const_data_ptr<int64_t>() : nullptr,
+          col_of_size ? col_of_size->numel() : 0,
           width};
 }
 
@@ -147,7 +150,8 @@ void validate_lookups(const Ctx& ctx, const Tensor& like, const I* idx, int64_t 
   Tensor err_t = torch::stable::new_empty(like, {kNumErrSlots}, ScalarType::Long);
   auto* err = static_cast<unsigned long long*>(err_t.mutable_data_ptr());
   PME_CUDA_CHECK(cudaMemsetAsync(err, 0xff, kNumErrSlots * sizeof(unsigned long long), ctx.stream));
-  const int64_t work = std::max<int64_t>(std::max<int64_t>(N, bo ? B + 1 : 1), std::max(table_checked ? 0 : t.V, t.ncos));
+  const int64_t work =
+      std::max<int64_t>(std::max<int64_t>(N, bo ? B + 1 : 1), std::max(table_checked ? int64_t{0} : t.V, t.ncos));
   validate_kernel<I><<<ctx.grid(work, 256), 256, 0, ctx.stream>>>(idx, N, bo, B, t, !table_checked, err);
   PME_CUDA_LAUNCH_CHECK();
   unsigned long long h[kNumErrSlots];

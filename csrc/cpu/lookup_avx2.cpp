@@ -1,0 +1,219 @@
+// CPU: the lookup's AVX2 (+FMA, F16C) register kernel (see lookup_kernels.h): sum / mean over bags,
+// padded layout, fp32 / fp16 / bf16 rows, width <= 256, the bag's sums in vector registers.
+// Compiled with a target attribute (no flags of its own): lookup_cpu.cpp calls it only on a CPU
+// that has the instruction set.
+#include "cpu/lookup_kernels.h"
+
+#if PME_HAVE_SIMD_KERNELS
+#include <immintrin.h>
+
+namespace pme::cpu {
+namespace {
+
+#define PME_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+// ---- AVX2: 8 floats a register; a step of 64 bytes (16 fp32 or 32 fp16/bf16 entries, the same
+// steps as AVX-512, hence the same branches) is two 32-byte loads, without a branch of its own.
+// AVX2 masks loads only per 32-bit element: an fp32 step is two _mm256_maskload_ps of its live
+// entries; a 16-bit step loads its whole live pairs of entries with _mm256_maskload_epi32 and puts
+// the last live entry in from a scalar load (a row of odd length ends in half a pair), so it too
+// reads the row's own bytes only. Masked-out lanes read as 0, as with AVX-512's zero-masked loads.
+template <class T>
+struct Avx2Row;
+
+template <>
+struct Avx2Row<float> {
+  static constexpr int kStep = 16;
+  static constexpr bool kInterleaved = false;
+  PME_AVX2 static inline void load(const float* row, int k, int live, __m256* x) {
+    const float* p = row + 16 * k;
+    const __m256i n = _mm256_set1_epi32(live - 16 * k);  // live entries from p on, >= 1
+    // (A lane under a zero mask is not read and cannot fault, even past the end of the buffer.)
+    x[0] = _mm256_maskload_ps(p, _mm256_cmpgt_epi32(n, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+    x[1] = _mm256_maskload_ps(p + 8, _mm256_cmpgt_epi32(n, _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15)));
+  }
+};
+
+// The 32 16-bit entries of step k, the lanes past the row zero, as four vectors of 8 floats:
+// Row::widen converts each half of 16 entries into two (CRTP: Row is the 16-bit type's Avx2Row).
+template <class Row>
+struct Avx2Row16 {
+  static constexpr int kStep = 32;
+  template <class T>
+  PME_AVX2 static inline void load(const T* row, int k, int live, __m256* x) {
+    __m256i v[2];
+    load16(reinterpret_cast<const uint16_t*>(row), k, live, v);
+    Row::widen(v[0], x[0], x[1]);
+    Row::widen(v[1], x[2], x[3]);
+  }
+  PME_AVX2 static inline void load16(const uint16_t* row, int k, int live, __m256i* v) {
+    const uint16_t* p = row + 32 * k;
+    const int r = live - 32 * k < 32 ? live - 32 * k : 32;  // live entries in this step, 1..32
+    const __m256i pairs = _mm256_set1_epi32(r >> 1);        // whole pairs of live entries
+    v[0] = _mm256_maskload_epi32(reinterpret_cast<const int*>(p),
+                                 _mm256_cmpgt_epi32(pairs, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+    v[1] = _mm256_maskload_epi32(reinterpret_cast<const int*>(p + 16),
+                                 _mm256_cmpgt_epi32(pairs, _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15)));
+    // The last live entry, read alone (when r is even it was read already: the same value).
+    const __m256i last = _mm256_set1_epi16(static_cast<int16_t>(r - 1));
+    const __m256i value = _mm256_set1_epi16(static_cast<int16_t>(p[r - 1]));
+    const __m256i lane = _mm256_setr_epi16(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    v[0] = _mm256_blendv_epi8(v[0], value, _mm256_cmpeq_epi16(lane, last));
+    v[1] = _mm256_blendv_epi8(v[1], value, _mm256_cmpeq_epi16(_mm256_add_epi16(lane, _mm256_set1_epi16(16)), last));
+  }
+};
+
+// bf16 -> fp32 puts the 16 bits above 16 zero bits: one unpack with zero per 8 entries, which
+// works within 128-bit halves, so the sums are kept interleaved: accumulator 2i holds entries
+// 0-3 and 8-11 of its 16, accumulator 2i + 1 entries 4-7 and 12-15 (put back in order once,
+// in finish: kInterleaved).
+template <>
+struct Avx2Row<c10::BFloat16> : Avx2Row16<Avx2Row<c10::BFloat16>> {
+  static constexpr bool kInterleaved = true;
+  PME_AVX2 static inline void widen(__m256i v, __m256& lo, __m256& hi) {
+    const __m256i z = _mm256_setzero_si256();
+    lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(z, v));
+    hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, v));
+  }
+  PME_AVX2 static inline void in_order(__m256& lo, __m256& hi) {
+    const __m256 a = lo;
+    lo = _mm256_permute2f128_ps(a, hi, 0x20);
+    hi = _mm256_permute2f128_ps(a, hi, 0x31);
+  }
+};
+
+template <>
+struct Avx2Row<c10::Half> : Avx2Row16<Avx2Row<c10::Half>> {
+  static constexpr bool kInterleaved = false;
+  PME_AVX2 static inline void widen(__m256i v, __m256& lo, __m256& hi) {
+    lo = _mm256_cvtph_ps(_mm256_castsi256_si128(v));
+    hi = _mm256_cvtph_ps(_mm256_extracti128_si256(v, 1));
+  }
+};
+
+template <class T>
+struct Avx2Store;  // 8 floats rounded to T (as static_cast<T> does), the first k (1..8) stored
+
+template <>
+struct Avx2Store<float> {
+  PME_AVX2 static inline void store(float* p, int k, __m256 x) {
+    if (k >= 8) {
+      _mm256_storeu_ps(p, x);
+    } else {
+      const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      _mm256_maskstore_ps(p, m, x);
+    }
+  }
+};
+
+// 8 values of 16 bits held in 32-bit lanes (each <= 0xFFFF) to 8 contiguous ones, first k stored.
+PME_AVX2 inline void avx2_store16(void* p, int k, __m256i r) {
+  const __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+  if (k >= 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
+  } else {
+    alignas(16) uint16_t tmp[8];
+    _mm_store_si128(reinterpret_cast<__m128i*>(tmp), h);
+    std::memcpy(p, tmp, sizeof(uint16_t) * static_cast<size_t>(k));
+  }
+}
+
+template <>
+struct Avx2Store<c10::BFloat16> {
+  // c10's round_to_nearest_even: (u + 0x7FFF + ((u >> 16) & 1)) >> 16, NaN -> 0x7FC0.
+  PME_AVX2 static inline void store(c10::BFloat16* p, int k, __m256 x) {
+    const __m256i u = _mm256_castps_si256(x);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+    const __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+    avx2_store16(p, k,
+                 _mm256_castps_si256(
+                     _mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC0)), nan)));
+  }
+};
+
+template <>
+struct Avx2Store<c10::Half> {
+  // Round to nearest even like c10::Half(float); a NaN becomes c10's 0x7E00 with its sign.
+  PME_AVX2 static inline void store(c10::Half* p, int k, __m256 x) {
+    const __m128i h = _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256i r = _mm256_cvtepu16_epi32(h);
+    const __m256i sign = _mm256_and_si256(_mm256_srli_epi32(_mm256_castps_si256(x), 16), _mm256_set1_epi32(0x8000));
+    const __m256i nan = _mm256_or_si256(sign, _mm256_set1_epi32(0x7E00));
+    avx2_store16(p, k,
+                 _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(nan),
+                                                      _mm256_cmp_ps(x, x, _CMP_UNORD_Q))));
+  }
+};
+
+template <class T, int NV>
+struct Avx2Acc {
+  using Row = Avx2Row<T>;
+  static constexpr int kStep = Row::kStep;
+  static constexpr int kPer = kStep / 8;  // accumulators per step
+  static_assert(NV % kPer == 0, "whole steps");
+  static constexpr int kSteps = NV / kPer;
+  using Seq = std::make_integer_sequence<int, NV>;
+  __m256 a[NV];  // indexed by constants only, as in Avx512Acc
+
+  template <bool kWeighted>
+  PME_AVX2 static inline void add(__m256& acc, __m256 x, float s) {
+    acc = kWeighted ? _mm256_fmadd_ps(x, _mm256_set1_ps(s), acc) : _mm256_add_ps(acc, x);
+  }
+  PME_AVX2 inline void zero() { zero(Seq{}); }
+  template <int... V>
+  PME_AVX2 inline void zero(std::integer_sequence<int, V...>) {
+    ((a[V] = _mm256_setzero_ps()), ...);
+  }
+  template <bool kWeighted, int K>
+  PME_AVX2 inline void step(const T* row, int live, float s) {
+    __m256 x[kPer];
+    Row::load(row, K, live, x);
+    add<kWeighted>(a[kPer * K], x[0], s);
+    add<kWeighted>(a[kPer * K + 1], x[1], s);
+    if constexpr (kPer == 4) {
+      add<kWeighted>(a[kPer * K + 2], x[2], s);
+      add<kWeighted>(a[kPer * K + 3], x[3], s);
+    }
+  }
+  PME_AVX2 inline void finish(T* o, int64_t W, int64_t n) { finish(o, W, n, Seq{}); }
+  template <int... P>
+  PME_AVX2 inline void in_order(std::integer_sequence<int, P...>) {
+    (Row::in_order(a[2 * P], a[2 * P + 1]), ...);
+  }
+  template <int... V>
+  PME_AVX2 inline void finish(T* o, int64_t W, int64_t n, std::integer_sequence<int, V...>) {
+    if constexpr (Row::kInterleaved) in_order(std::make_integer_sequence<int, NV / 2>{});
+    if (n > 0) {
+      const __m256 d = _mm256_set1_ps(static_cast<float>(n));
+      ((a[V] = _mm256_div_ps(a[V], d)), ...);
+    }
+    ((8 * V < W ? Avx2Store<T>::store(o + 8 * V, static_cast<int>(W - 8 * V), a[V]) : void()), ...);
+  }
+};
+
+template <class T, class I, int NV, bool kWeighted>
+PME_AVX2 __attribute__((flatten)) void bag_sum_avx2_nv(const T* w, const TableView& t, const I* idx, const I* bo,
+                                                       int64_t b0, int64_t b1, const T* psw, bool mean, int64_t pad,
+                                                       T* out, std::atomic<int64_t>& bad) {
+  bag_sum_simd<Avx2Acc<T, NV>, T, I, kWeighted>(w, t, idx, bo, b0, b1, psw, mean, pad, out, bad);
+}
+}  // namespace
+
+template <class T, class I>
+void bag_sum_avx2(const T* w, const TableView& t, const I* idx, const I* bo, int64_t b0, int64_t b1, const T* psw,
+                  bool mean, int64_t pad, T* out, std::atomic<int64_t>& bad) {
+  with_accumulators<8, T>(t.width, psw != nullptr, [&](auto nv, auto weighted) {
+    bag_sum_avx2_nv<T, I, decltype(nv)::value, decltype(weighted)::value>(w, t, idx, bo, b0, b1, psw, mean, pad, out,
+                                                                          bad);
+  });
+}
+
+#define PME_ENTRY(T, I)                                                                                              \
+  template void bag_sum_avx2<T, I>(const T*, const TableView&, const I*, const I*, int64_t, int64_t, const T*, bool, \
+                                   int64_t, T*, std::atomic<int64_t>&)
+PME_SIMD_TYPES(PME_ENTRY);
+#undef PME_ENTRY
+
+}  // namespace pme::cpu
+#endif
