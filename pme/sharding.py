@@ -1,0 +1,612 @@
+"""Sharding multi-size collections with TorchRec's DistributedModelParallel.
+
+``MultiSizeEmbeddingBagCollectionSharder`` is a TorchRec ``ModuleSharder`` for
+:class:`pme.collection.MultiSizeEmbeddingBagCollection`: give it to ``DistributedModelParallel``
+(and to ``EmbeddingShardingPlanner``) and the collection's tables are placed on ranks, looked up
+there by pme's one-call kernel, and trained by the collection's fused optimizer in the backward.
+TorchRec moves the data: its ``KJTAllToAll`` sends every feature to the ranks that hold a table
+reading it, its ``PooledEmbeddingsAllToAll`` sends the pooled embeddings back (autograd flows
+through both).
+
+Sharding types (per table, as the plan says):
+
+``table_wise``
+    the whole table on one rank.
+``column_wise``
+    the table's columns ``[c0, c1)`` on one rank per shard. A multi-size row of size ``s`` keeps
+    its first ``s`` values (the zero-padded dense view), so a column shard of that row holds
+    ``clamp(s - c0, 0, c1 - c0)`` entries: each shard is itself a multi-size table of width
+    ``c1 - c0`` (rows past their size store nothing there), and sum / mean pooling of the dense
+    view's columns is the pooling of the shards, so outputs and gradients equal the unsharded
+    collection's. SGD and Adam work per entry and are exact too; row-wise Adagrad keeps one
+    accumulator per row **per shard** (as FBGEMM does under TorchRec's column-wise sharding), so
+    its trajectory is that of the collection split into column tables, not of the unsharded one.
+``row_wise`` and the others
+    refused (``NotImplementedError``): TorchRec's row-wise output distribution is a
+    reduce-scatter, which the gloo backend (CPU) does not provide, and the bucketized input
+    distribution is not wired here.
+
+The sharded module's ``state_dict`` holds the rank's shards: a table-wise table under the keys of
+the unsharded collection (``embedding_bags.<t>.weight`` / ``offsets`` / optimizer state), a column
+shard under ``embedding_bags.<t>:<c0>-<c1>.<...>``, plus ``optim_step``. :func:`merge_state_dicts`
+joins the rank files into the unsharded form (loadable by the unsharded collection), and a
+sharded module loads either its own keys or the unsharded form (it takes its shards out of it):
+save on 2 ranks, merge, load on 4 is resharding. Loading validates everything before anything
+is replaced (the collection's all-or-nothing rule).
+
+Planner: ``shardable_parameters`` shows each table as a meta tensor ``[V, D]`` (so plans are made
+in TorchRec's terms), and :class:`MultiSizeStorageEstimator` replaces the dense bytes TorchRec
+would charge for each pme shard by its true multi-size bytes (stored entries, offsets, optimizer
+state); :func:`planner` builds an ``EmbeddingShardingPlanner`` with it.
+
+Run ``torchrun --nproc-per-node 2 -m pme.sharding`` for a small example (CPU, gloo).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+import torch.distributed as dist
+
+from torchrec.distributed.dist_data import KJTAllToAll, PooledEmbeddingsAllToAll
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner.shard_estimators import EmbeddingPerfEstimator, EmbeddingStorageEstimator
+from torchrec.distributed.types import LazyAwaitable, ModuleSharder, ShardedModule, ShardingType
+from torchrec.streamable import Multistreamable
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from . import ops
+from .collection import MultiSizeEmbeddingBagCollection
+
+__all__ = ["MultiSizeEmbeddingBagCollectionSharder", "ShardedMultiSizeEmbeddingBagCollection",
+           "MultiSizeStorageEstimator", "planner", "merge_state_dicts", "shard_bytes"]
+
+SUPPORTED = (ShardingType.TABLE_WISE.value, ShardingType.COLUMN_WISE.value)
+_PIECE = re.compile(r"^(?P<t>.+):(?P<c0>\d+)-(?P<c1>\d+)$")
+
+
+def _piece_name(table: str, c0: int, c1: int, width: int) -> str:
+    """Name of a shard in the local collection and in the sharded state_dict."""
+    return table if (c0, c1) == (0, width) else f"{table}:{c0}-{c1}"
+
+
+# --------------------------------------------------------------------------------------------
+# Column pieces of a flat multi-size table
+# --------------------------------------------------------------------------------------------
+def column_piece(flat: torch.Tensor, offsets: torch.Tensor, c0: int, c1: int):
+    """Columns ``[c0, c1)`` of a multi-size table ``(flat [total], offsets [V + 1])``.
+
+    Row ``i`` (size ``s_i``, its values in columns ``[0, s_i)``) gives its entries in
+    ``[c0, min(s_i, c1))``. Returns ``(flat [sum of the piece sizes], sizes [V] int64)``.
+    """
+    s = offsets[1:] - offsets[:-1]
+    ps = (s - c0).clamp(0, c1 - c0)
+    if c0 == 0 and bool((ps == s).all()):
+        return flat, s
+    rows = torch.repeat_interleave(torch.arange(s.numel(), device=flat.device), ps)
+    po = torch.zeros(s.numel() + 1, dtype=torch.int64, device=flat.device)
+    torch.cumsum(ps, 0, out=po[1:])
+    within = torch.arange(int(po[-1]), device=flat.device) - po[:-1][rows]
+    return flat[offsets[:-1][rows] + c0 + within], ps
+
+
+def join_columns(pieces, num_rows: int):
+    """Inverse of :func:`column_piece`: ``pieces`` = ``[(c0, c1, flat, sizes [V])]`` covering the
+    columns in order. Returns ``(flat, offsets [V + 1])``; raises ValueError when a row stores a
+    value past a gap (not a multi-size row)."""
+    pieces = sorted(pieces, key=lambda p: p[0])
+    total = torch.zeros(num_rows, dtype=torch.int64)
+    for k, (c0, c1, flat, ps) in enumerate(pieces):
+        ps = ps.cpu()
+        if k and bool(((ps > 0) & (total < c0)).any()):
+            bad = int(((ps > 0) & (total < c0)).nonzero()[0])
+            raise ValueError(f"row {bad} stores values in columns {c0}.. but not all of the columns before")
+        total += ps
+    off = torch.zeros(num_rows + 1, dtype=torch.int64)
+    torch.cumsum(total, 0, out=off[1:])
+    out = pieces[0][2].new_zeros(int(off[-1]))
+    for c0, c1, flat, ps in pieces:
+        ps = ps.cpu()
+        rows = torch.repeat_interleave(torch.arange(num_rows), ps)
+        po = torch.zeros(num_rows + 1, dtype=torch.int64)
+        torch.cumsum(ps, 0, out=po[1:])
+        within = torch.arange(int(po[-1])) - po[:-1][rows]
+        out[off[:-1][rows] + c0 + within] = flat.detach().cpu().to(out.dtype)
+    return out, off
+
+
+# --------------------------------------------------------------------------------------------
+# The sharded module
+# --------------------------------------------------------------------------------------------
+class _Context(Multistreamable):
+    """Per-call state between input_dist and compute: the rank's batch size."""
+
+    def __init__(self):
+        self.batch_size = 0
+
+    def record_stream(self, stream):
+        pass
+
+
+class _KeyedAwaitable(LazyAwaitable[KeyedTensor]):
+    def __init__(self, tensor_awaitable, perm, keys, lengths):
+        super().__init__()
+        self._a, self._perm, self._keys, self._lengths = tensor_awaitable, perm, keys, lengths
+
+    def _wait_impl(self) -> KeyedTensor:
+        values = self._a.wait()
+        if self._perm is not None:
+            values = values.index_select(1, self._perm)
+        return KeyedTensor(keys=self._keys, length_per_key=self._lengths, values=values)
+
+
+class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
+    """The rank's part of a :class:`MultiSizeEmbeddingBagCollection` under a TorchRec plan.
+
+    ``forward(kjt)`` takes the rank's batch (``KeyedJaggedTensor``, ``B`` samples; every rank the
+    same ``B``) and returns (lazily) a ``KeyedTensor`` ``[B, out_width]`` with the unsharded
+    collection's keys, column order and values. ``local`` is the collection of this rank's shards
+    (one table per shard; it may be None when the rank holds none). Built by
+    :class:`MultiSizeEmbeddingBagCollectionSharder`.
+    """
+
+    def __init__(self, module: MultiSizeEmbeddingBagCollection, table_shardings: Mapping, env, device=None):
+        super().__init__()
+        if env.process_group is None:
+            raise ValueError("pme sharding needs a ShardingEnv with a process group (DistributedModelParallel's)")
+        self._pg = env.process_group
+        self._world, self._rank = env.world_size, env.rank
+        self._tables = list(module._tables)
+        self._names = module.embedding_names()
+        self._lengths = [self._tables[ti].embedding_dim for ti, _, _ in module._blocks]
+        self.is_weighted = module.is_weighted
+        self._opt_name = module.optimizer.name if module.optimizer is not None else None
+        unknown = set(table_shardings) - {t.name for t in self._tables}
+        if unknown:
+            raise ValueError(f"the plan names tables {sorted(unknown)} that the collection does not have")
+        # pieces[r] = [(table index, c0, c1)] on rank r, in table then column order.
+        pieces = [[] for _ in range(self._world)]
+        self.sharding_types = {}
+        for ti, t in enumerate(self._tables):
+            ps = table_shardings.get(t.name)
+            if ps is None:
+                raise ValueError(f"the plan has no sharding for table {t.name!r}: pme shards every table of a "
+                                 "collection (give each a table_wise or column_wise sharding)")
+            st = ps.sharding_type
+            if st not in SUPPORTED:
+                raise NotImplementedError(
+                    f"table {t.name!r}: sharding type {st!r} is not supported by pme's sharder (supported: "
+                    f"{list(SUPPORTED)}). Row-wise sharding needs TorchRec's reduce-scatter output distribution, "
+                    "which gloo (CPU) does not provide, and is not implemented here")
+            self.sharding_types[t.name] = st
+            shards = sorted(ps.sharding_spec.shards, key=lambda s: s.shard_offsets[1])
+            col = 0
+            for sh in shards:
+                r0, c0 = sh.shard_offsets
+                nr, nc = sh.shard_sizes
+                if r0 != 0 or nr != t.num_embeddings:
+                    raise NotImplementedError(f"table {t.name!r}: a shard of rows [{r0}, {r0 + nr}) is a row split; "
+                                              "pme shards whole rows only (table_wise, column_wise)")
+                if c0 != col or nc < 1:
+                    raise ValueError(f"table {t.name!r}: shards must cover columns 0..{t.embedding_dim} in order, "
+                                     f"got a shard at column {c0} of width {nc} after column {col}")
+                rank = sh.placement.rank()
+                if not 0 <= rank < self._world:
+                    raise ValueError(f"table {t.name!r}: shard placed on rank {rank} of a world of {self._world}")
+                pieces[rank].append((ti, c0, c0 + nc))
+                col = c0 + nc
+            if col != t.embedding_dim:
+                raise ValueError(f"table {t.name!r}: shards cover columns 0..{col}, not its width {t.embedding_dim}")
+        for p in pieces:
+            p.sort()
+        self._pieces = pieces
+        # Entries: (piece, feature) per rank; the input is permuted into this order.
+        self._entries = [[(ti, c0, c1, f) for ti, c0, c1 in p for f in self._tables[ti].feature_names]
+                         for p in pieces]
+        self._features_per_rank = [len(e) for e in self._entries]
+        self._dims_per_rank = [sum(c1 - c0 for _, c0, c1, _ in e) for e in self._entries]
+        # Output columns: received blocks (rank order) -> unsharded order.
+        where, pos = {}, 0
+        for e in self._entries:
+            for ti, c0, c1, f in e:
+                where[(ti, f, c0)] = pos
+                pos += c1 - c0
+        perm = []
+        for ti, f, _ in module._blocks:
+            t = self._tables[ti]
+            for ti2, c0, c1 in sorted({(a, b, c) for p in pieces for a, b, c in p if a == ti}):
+                perm.extend(range(where[(ti, f, c0)], where[(ti, f, c0)] + c1 - c0))
+        self._perm = None if perm == list(range(len(perm))) else torch.tensor(perm, dtype=torch.int64)
+        self._permute_cache = {}
+        self._input_dist = KJTAllToAll(self._pg, self._features_per_rank)
+        self._output_dist = PooledEmbeddingsAllToAll(self._pg, self._dims_per_rank)
+        self._local_keys = [str(k) for k in range(self._features_per_rank[self._rank])]
+        # The local collection (one table per piece of this rank), kept out of _modules so that
+        # state_dict / load_state_dict of parents see the sharded keys only.
+        mine = pieces[self._rank]
+        local = None
+        if mine:
+            cfgs, k = [], 0
+            for ti, c0, c1 in mine:
+                t = self._tables[ti]
+                n = len(t.feature_names)
+                cfgs.append(_Cfg(t.num_embeddings, c1 - c0, _piece_name(t.name, c0, c1, t.embedding_dim),
+                                 [str(j) for j in range(k, k + n)], t.pooling, t.init_max, t.init_min))
+                k += n
+            opt = None
+            if module.optimizer is not None:
+                opt = type(module.optimizer).__new__(type(module.optimizer))
+                opt.__dict__.update(module.optimizer.__dict__)
+            local = MultiSizeEmbeddingBagCollection(cfgs, sizes=0, is_weighted=module.is_weighted,
+                                                    device=module.weight.device, dtype=module.weight.dtype,
+                                                    optimizer=opt)
+        self.__dict__["local"] = local
+        if local is not None:
+            self._load_local(self._local_state_from(module.state_dict()))
+        self.train(module.training)
+
+    # ---- TorchRec's ShardedModule -------------------------------------------------------
+    @property
+    def unsharded_module_type(self):
+        return MultiSizeEmbeddingBagCollection
+
+    def create_context(self):
+        return _Context()
+
+    def _permute_indices(self, keys):
+        keys = tuple(keys)
+        hit = self._permute_cache.get(keys)
+        if hit is None:
+            pos = {k: i for i, k in enumerate(keys)}
+            hit = []
+            for e in self._entries:
+                for ti, _, _, f in e:
+                    if f not in pos:
+                        raise KeyError(f"the input has no feature {f!r} (table {self._tables[ti].name!r} reads it); "
+                                       f"its keys are {list(keys)}")
+                    hit.append(pos[f])
+            self._permute_cache[keys] = hit
+        return hit
+
+    def input_dist(self, ctx, features):
+        if not isinstance(features, KeyedJaggedTensor):
+            raise TypeError(f"a sharded pme collection takes a torchrec KeyedJaggedTensor, got {type(features).__name__}")
+        if features.variable_stride_per_key():
+            raise NotImplementedError("pme: a KeyedJaggedTensor with a variable batch per feature is not supported")
+        if self.is_weighted and features.weights_or_none() is None:
+            raise ValueError("the collection is weighted (is_weighted=True) but the input carries no weights")
+        ctx.batch_size = features.stride()
+        kjt = features.permute(self._permute_indices(features.keys()))
+        if not self.is_weighted and kjt.weights_or_none() is not None:
+            kjt = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values(), lengths=kjt.lengths(), stride=kjt.stride())
+        return self._input_dist(kjt)
+
+    def compute(self, ctx, dist_input):
+        kjt = dist_input
+        B = ctx.batch_size
+        if kjt.stride() != B * self._world:
+            raise ValueError(f"every rank must feed the same batch size: this rank has {B} samples but the ranks "
+                             f"sent {kjt.stride()} in all ({self._world} ranks)")
+        if self.local is None:
+            dtype = torch.float32
+            return torch.zeros(kjt.stride(), 0, dtype=dtype, requires_grad=torch.is_grad_enabled() and self.training)
+        local_kjt = KeyedJaggedTensor(keys=self._local_keys, values=kjt.values(), weights=kjt.weights_or_none(),
+                                      lengths=kjt.lengths(), offsets=kjt.offsets(), stride=kjt.stride())
+        self.local.train(self.training)
+        return self.local(local_kjt).values()
+
+    def output_dist(self, ctx, output):
+        perm = self._perm
+        if perm is not None and perm.device != output.device:
+            perm = self._perm = perm.to(output.device)
+        return _KeyedAwaitable(self._output_dist(output), perm, self._names, self._lengths)
+
+    # ---- parameters, state_dict ---------------------------------------------------------
+    def named_parameters(self, prefix="", recurse=True, remove_duplicate=True):
+        if self.local is not None:
+            yield (prefix + "." if prefix else "") + "local.weight", self.local.weight
+
+    def sharded_parameter_names(self, prefix=""):
+        for k, _ in self.named_parameters(prefix):
+            yield k
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.local is not None:
+            self.local._apply(fn, recurse)
+        return self
+
+    def state_dict(self, destination=None, prefix="", keep_vars=False):
+        """This rank's shards: whole tables under the unsharded keys, column shards under
+        ``embedding_bags.<table>:<c0>-<c1>.*``, and ``optim_step`` with a fused optimizer."""
+        if destination is None:
+            from collections import OrderedDict
+            destination = OrderedDict()
+        if self.local is not None:
+            self.local.state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
+        return destination
+
+    def _local_state_from(self, state_dict, prefix=""):
+        """The local collection's state_dict out of ``state_dict``: this rank's own keys, or the
+        unsharded keys (whole tables, from which the column shards are cut)."""
+        out = {}
+        states = self.local._state_per_row()
+        for ti, c0, c1 in self._pieces[self._rank]:
+            t = self._tables[ti]
+            name = _piece_name(t.name, c0, c1, t.embedding_dim)
+            own = f"{prefix}embedding_bags.{name}."
+            full = f"{prefix}embedding_bags.{t.name}."
+            if own + "weight" in state_dict:
+                for k in ["weight", "offsets", *states]:
+                    if own + k in state_dict:
+                        out[f"embedding_bags.{name}.{k}"] = state_dict[own + k]
+                continue
+            if full + "weight" not in state_dict or full + "offsets" not in state_dict:
+                continue  # reported as missing by the local collection
+            w, o = state_dict[full + "weight"], state_dict[full + "offsets"]
+            if not isinstance(o, torch.Tensor) or o.dtype != torch.int64 or o.shape != (t.num_embeddings + 1,):
+                raise ValueError(f"{full}offsets must be int64 [{t.num_embeddings + 1}]")
+            o = o.detach().cpu()
+            ops.check_offsets(o, w.numel(), t.embedding_dim)
+            pw, psz = column_piece(w.detach().cpu(), o, c0, c1)
+            po = torch.zeros(t.num_embeddings + 1, dtype=torch.int64)
+            torch.cumsum(psz, 0, out=po[1:])
+            out[f"embedding_bags.{name}.weight"] = pw
+            out[f"embedding_bags.{name}.offsets"] = po
+            for k, how in states.items():
+                if full + k not in state_dict:
+                    continue
+                s = state_dict[full + k]
+                if how == "entries":
+                    if not isinstance(s, torch.Tensor) or s.shape != w.shape:
+                        raise ValueError(f"{full}{k} must have {w.numel()} entries")
+                    s = column_piece(s.detach().cpu(), o, c0, c1)[0]
+                out[f"embedding_bags.{name}.{k}"] = s  # per-row state: each column shard starts from the row's
+        if self._opt_name is not None and prefix + "optim_step" in state_dict:
+            out["optim_step"] = state_dict[prefix + "optim_step"]
+        return out
+
+    def _load_local(self, local_sd, strict=True):
+        res = self.local.load_state_dict(local_sd, strict=strict)
+        return res
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        """Loads this rank's shards from its own sharded keys or from the unsharded form
+        (:func:`merge_state_dicts`' output or an unsharded collection's ``state_dict``): the
+        other ranks' tables in it are skipped. All or nothing, as the collection."""
+        from torch.nn.modules.module import _IncompatibleKeys
+
+        if self.local is None:
+            return _IncompatibleKeys([], [])
+        try:
+            local_sd = self._local_state_from(state_dict)
+        except ValueError as e:
+            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}:\n\t{e}") from None
+        res = self.local.load_state_dict(local_sd, strict=False)
+        if strict and res.missing_keys:
+            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}: missing keys "
+                               f"{res.missing_keys} (this rank holds {self.local.table_names})")
+        return _IncompatibleKeys(res.missing_keys, [])
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        if self.local is None:
+            return
+        sub = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        try:
+            local_sd = self._local_state_from(sub)
+        except ValueError as e:
+            error_msgs.append(str(e))
+            return
+        res = self.local.load_state_dict(local_sd, strict=False)
+        missing_keys.extend(prefix + k for k in res.missing_keys)
+
+    def extra_repr(self):
+        mine = [_piece_name(self._tables[ti].name, c0, c1, self._tables[ti].embedding_dim)
+                for ti, c0, c1 in self._pieces[self._rank]]
+        return f"rank={self._rank}/{self._world}, shards={mine}, sharding_types={self.sharding_types}"
+
+
+class _Cfg:
+    """Table config of a shard (the fields pme.collection reads)."""
+
+    def __init__(self, num_embeddings, embedding_dim, name, feature_names, pooling, weight_init_max,
+                 weight_init_min):
+        self.num_embeddings, self.embedding_dim, self.name = num_embeddings, embedding_dim, name
+        self.feature_names, self.pooling = feature_names, pooling
+        self.weight_init_max, self.weight_init_min = weight_init_max, weight_init_min
+
+
+# --------------------------------------------------------------------------------------------
+# The sharder
+# --------------------------------------------------------------------------------------------
+class MultiSizeEmbeddingBagCollectionSharder(ModuleSharder[MultiSizeEmbeddingBagCollection]):
+    """TorchRec ``ModuleSharder`` of :class:`pme.collection.MultiSizeEmbeddingBagCollection`.
+
+    Sharding types ``table_wise`` and ``column_wise``; one compute kernel, ``fused`` (pme's
+    collection kernel, with the collection's own fused optimizer if it has one).
+    """
+
+    @property
+    def module_type(self):
+        return MultiSizeEmbeddingBagCollection
+
+    def shardable_parameters(self, module):
+        """One meta tensor ``[V_t, D_t]`` per table (the dense shape the plan splits)."""
+        return {t.name: nn.Parameter(torch.empty(t.num_embeddings, t.embedding_dim, device="meta",
+                                                 dtype=module.weight.dtype), requires_grad=False)
+                for t in module._tables}
+
+    def sharding_types(self, compute_device_type):
+        return list(SUPPORTED)
+
+    def compute_kernels(self, sharding_type, compute_device_type):
+        return [EmbeddingComputeKernel.FUSED.value]
+
+    def shard(self, module, params, env, device=None, module_fqn=None):
+        if device is not None and module.weight.device != device:
+            module = module.to(device)
+        return ShardedMultiSizeEmbeddingBagCollection(module, params, env, device)
+
+
+# --------------------------------------------------------------------------------------------
+# Planner: true multi-size bytes
+# --------------------------------------------------------------------------------------------
+def shard_bytes(module: MultiSizeEmbeddingBagCollection, table: str, c0: int = 0, c1: int | None = None) -> int:
+    """Bytes a shard (columns ``[c0, c1)``, whole rows) of ``table`` holds: its stored entries,
+    its offsets (int64, ``V + 1``) and the fused optimizer's state (row-wise Adagrad one float
+    per row, Adam two per entry)."""
+    t = module._tables[module._table_index(table)]
+    c1 = t.embedding_dim if c1 is None else c1
+    s = module.sizes(table)
+    entries = int((s - c0).clamp(0, c1 - c0).sum())
+    es = module.weight.element_size()
+    acc = torch.tensor([], dtype=ops.acc_dtype(module.weight.dtype)).element_size()
+    opt = module.optimizer.name if module.optimizer is not None else None
+    state = {"rowwise_adagrad": t.num_embeddings * acc, "adam": 2 * entries * acc}.get(opt, 0)
+    return entries * es + (t.num_embeddings + 1) * 8 + state
+
+
+class MultiSizeStorageEstimator(EmbeddingStorageEstimator):
+    """TorchRec's storage estimator, with each pme shard's tensor bytes replaced by its true
+    multi-size bytes (:func:`shard_bytes`); TorchRec's input/output buffer estimate is kept. Other
+    modules (EmbeddingBagCollection, ...) are estimated as TorchRec does."""
+
+    def estimate(self, sharding_options, sharder_data_map=None):
+        super().estimate(sharding_options, sharder_data_map)
+        for so in sharding_options:
+            mod = so.module[1]
+            if not isinstance(mod, MultiSizeEmbeddingBagCollection):
+                continue
+            V, D = so.tensor.shape
+            dense = V * D * so.tensor.element_size()
+            for shard in so.shards:
+                nr, nc = shard.size
+                r0, c0 = shard.offset
+                if nr != V:
+                    continue  # row splits are refused at shard time
+                was = -(-dense * nr * nc // (V * D))  # TorchRec's share of the dense tensor (no optimizer)
+                true = shard_bytes(mod, so.name, c0, c0 + nc)
+                st = shard.storage
+                if st.hbm >= was and self._topology.compute_device != "cpu":
+                    st.hbm += true - was
+                elif st.ddr >= was:
+                    st.ddr += true - was
+
+
+def planner(world_size: int, compute_device: str = "cpu", hbm_cap: int | None = None, ddr_cap: int | None = None,
+            batch_size: int = 512, constraints=None, **topology_kwargs) -> EmbeddingShardingPlanner:
+    """An ``EmbeddingShardingPlanner`` whose storage estimate knows pme's multi-size bytes.
+
+    ``hbm_cap`` / ``ddr_cap`` are bytes per rank (TorchRec's ``Topology``). Use it as TorchRec's:
+    ``plan = planner(2).collective_plan(model, [MultiSizeEmbeddingBagCollectionSharder()], pg)``.
+    """
+    topo = Topology(world_size=world_size, compute_device=compute_device, hbm_cap=hbm_cap, ddr_cap=ddr_cap,
+                    local_world_size=topology_kwargs.pop("local_world_size", world_size), **topology_kwargs)
+    est = [EmbeddingPerfEstimator(topology=topo, constraints=constraints),
+           MultiSizeStorageEstimator(topology=topo, constraints=constraints)]
+    return EmbeddingShardingPlanner(topology=topo, batch_size=batch_size, constraints=constraints, estimator=est)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+def merge_state_dicts(state_dicts, prefix: str = "", optimizer: str | None = None) -> dict:
+    """Joins the ranks' ``state_dict`` s (any world size) into the unsharded form.
+
+    Keys of whole tables and replicated keys pass through (the first rank's wins); the column
+    shards ``<prefix>embedding_bags.<t>:<c0>-<c1>.*`` of each table are joined into
+    ``<prefix>embedding_bags.<t>.*``. Raises ValueError when a table's column shards do not
+    cover its columns, and for row-wise Adagrad state of column shards (one accumulator per row
+    per shard has no unsharded equivalent: load it into the same plan instead).
+    """
+    out, pieces = {}, {}
+    head = re.escape(prefix + "embedding_bags.")
+    pat = re.compile("^" + head + r"(?P<name>.+)\.(?P<field>weight|offsets|optim_state1|optim_state2)$")
+    for sd in state_dicts:
+        for k, v in sd.items():
+            m = pat.match(k)
+            p = _PIECE.match(m.group("name")) if m else None
+            if p is None:
+                out.setdefault(k, v)
+                continue
+            key = (p.group("t"), int(p.group("c0")), int(p.group("c1")))
+            pieces.setdefault(p.group("t"), {}).setdefault(key, {})[m.group("field")] = v
+    for t, parts in pieces.items():
+        cols = sorted(parts)
+        c = 0
+        for _, c0, c1 in cols:
+            if c0 != c:
+                raise ValueError(f"table {t!r}: column shards {[(a, b) for _, a, b in cols]} do not cover the "
+                                 f"columns from 0 without gaps (missing a rank's state_dict?)")
+            c = c1
+        base = f"{prefix}embedding_bags.{t}."
+        V = parts[cols[0]]["offsets"].numel() - 1
+        sizes = {key: f["offsets"][1:] - f["offsets"][:-1] for key, f in parts.items()}
+        flat, off = join_columns([(c0, c1, parts[(t, c0, c1)]["weight"], sizes[(t, c0, c1)]) for _, c0, c1 in cols], V)
+        out[base + "weight"], out[base + "offsets"] = flat, off
+        for field in ("optim_state1", "optim_state2"):
+            got = [parts[key].get(field) for key in cols]
+            if all(g is None for g in got):
+                continue
+            if all(g.numel() == 0 for g in got):
+                out[base + field] = got[0]
+            elif all(g.numel() == int(sizes[key].sum()) for g, key in zip(got, cols)):
+                out[base + field] = join_columns([(c0, c1, g, sizes[(t, c0, c1)])
+                                                  for g, (_, c0, c1) in zip(got, cols)], V)[0]
+            else:
+                raise ValueError(f"table {t!r}: {field} is per row and per column shard (row-wise Adagrad); it has "
+                                 "no unsharded equivalent. Load this checkpoint into the same plan, or drop the "
+                                 "optimizer state")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Example: torchrun --nproc-per-node 2 -m pme.sharding
+# --------------------------------------------------------------------------------------------
+def _example():  # pragma: no cover - run by hand / by the README's command
+    import os
+
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.types import ShardingEnv
+
+    from .collection import EmbeddingBagConfig
+    from .optim import RowwiseAdagrad
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    tables = [EmbeddingBagConfig(1000 * (t + 1), 64, f"t{t}", [f"f{t}"]) for t in range(4)]
+    gen = torch.Generator().manual_seed(1)
+    sizes = {c.name: torch.randint(1, 65, (c.num_embeddings,), generator=gen) for c in tables}
+    ebc = MultiSizeEmbeddingBagCollection(tables, sizes, optimizer=RowwiseAdagrad(lr=0.05))
+    sharder = MultiSizeEmbeddingBagCollectionSharder()
+    plan = planner(world).collective_plan(ebc, [sharder], dist.group.WORLD)
+    model = DistributedModelParallel(ebc, env=ShardingEnv.from_process_group(dist.group.WORLD),
+                                     device=torch.device("cpu"), plan=plan, sharders=[sharder],
+                                     init_data_parallel=False)
+    B = 32
+    for step in range(3):
+        g = torch.Generator().manual_seed(100 * step + rank)
+        lengths = torch.randint(0, 4, (4 * B,), generator=g)
+        values = torch.cat([torch.randint(0, 1000 * (t + 1), (int(lengths[t * B:(t + 1) * B].sum()),), generator=g)
+                            for t in range(4)])
+        kjt = KeyedJaggedTensor.from_lengths_sync([f"f{t}" for t in range(4)], values, lengths)
+        out = model(kjt).wait()
+        loss = out.values().pow(2).mean()
+        loss.backward()  # the fused row-wise Adagrad step runs here, on each rank's shards
+        print(f"rank {rank} step {step}: loss {loss.item():.5f}, out {tuple(out.values().shape)}")
+    if rank == 0:
+        print(model.plan)
+    sd = model.state_dict()
+    print(f"rank {rank} holds {sorted({k.split('.')[1] for k in sd if k.startswith('embedding_bags.')})}")
+    dist.destroy_process_group()
+    return os.EX_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(_example())
