@@ -28,7 +28,7 @@ Sharding types (per table, as the plan says):
 
 The sharded module's ``state_dict`` holds the rank's shards: a table-wise table under the keys of
 the unsharded collection (``embedding_bags.<t>.weight`` / ``offsets`` / optimizer state), a column
-shard under ``embedding_bags.<t>:<c0>-<c1>.<...>``, plus ``optim_step``. :func:`merge_state_dicts`
+shard under ``embedding_bags.<t>:<c0>-<c1>of<D>.<...>``, plus ``optim_step``. :func:`merge_state_dicts`
 joins the rank files into the unsharded form (loadable by the unsharded collection), and a
 sharded module loads either its own keys or the unsharded form (it takes its shards out of it):
 save on 2 ranks, merge, load on 4 is resharding. Loading validates everything before anything
@@ -54,6 +54,7 @@ import torch.distributed as dist
 from torchrec.distributed.dist_data import KJTAllToAll, PooledEmbeddingsAllToAll
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
 from torchrec.distributed.planner.shard_estimators import EmbeddingPerfEstimator, EmbeddingStorageEstimator
 from torchrec.distributed.types import LazyAwaitable, ModuleSharder, ShardedModule, ShardingType
 from torchrec.streamable import Multistreamable
@@ -66,12 +67,12 @@ __all__ = ["MultiSizeEmbeddingBagCollectionSharder", "ShardedMultiSizeEmbeddingB
            "MultiSizeStorageEstimator", "planner", "merge_state_dicts", "shard_bytes"]
 
 SUPPORTED = (ShardingType.TABLE_WISE.value, ShardingType.COLUMN_WISE.value)
-_PIECE = re.compile(r"^(?P<t>.+):(?P<c0>\d+)-(?P<c1>\d+)$")
+_PIECE = re.compile(r"^(?P<t>.+):(?P<c0>\d+)-(?P<c1>\d+)of(?P<d>\d+)$")
 
 
 def _piece_name(table: str, c0: int, c1: int, width: int) -> str:
     """Name of a shard in the local collection and in the sharded state_dict."""
-    return table if (c0, c1) == (0, width) else f"{table}:{c0}-{c1}"
+    return table if (c0, c1) == (0, width) else f"{table}:{c0}-{c1}of{width}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,7 +323,7 @@ class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
 
     def state_dict(self, destination=None, prefix="", keep_vars=False):
         """This rank's shards: whole tables under the unsharded keys, column shards under
-        ``embedding_bags.<table>:<c0>-<c1>.*``, and ``optim_step`` with a fused optimizer."""
+        ``embedding_bags.<table>:<c0>-<c1>of<D>.*``, and ``optim_step`` with a fused optimizer."""
         if destination is None:
             from collections import OrderedDict
             destination = OrderedDict()
@@ -351,7 +352,10 @@ class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
             if not isinstance(o, torch.Tensor) or o.dtype != torch.int64 or o.shape != (t.num_embeddings + 1,):
                 raise ValueError(f"{full}offsets must be int64 [{t.num_embeddings + 1}]")
             o = o.detach().cpu()
-            ops.check_offsets(o, w.numel(), t.embedding_dim)
+            try:
+                ops.check_offsets(o, w.numel(), t.embedding_dim)
+            except (ValueError, RuntimeError) as e:
+                raise ValueError(f"{full}weight / offsets: {e}") from None
             pw, psz = column_piece(w.detach().cpu(), o, c0, c1)
             po = torch.zeros(t.num_embeddings + 1, dtype=torch.int64)
             torch.cumsum(psz, 0, out=po[1:])
@@ -509,7 +513,8 @@ def planner(world_size: int, compute_device: str = "cpu", hbm_cap: int | None = 
                     local_world_size=topology_kwargs.pop("local_world_size", world_size), **topology_kwargs)
     est = [EmbeddingPerfEstimator(topology=topo, constraints=constraints),
            MultiSizeStorageEstimator(topology=topo, constraints=constraints)]
-    return EmbeddingShardingPlanner(topology=topo, batch_size=batch_size, constraints=constraints, estimator=est)
+    enum = EmbeddingEnumerator(topology=topo, batch_size=batch_size, constraints=constraints, estimator=est)
+    return EmbeddingShardingPlanner(topology=topo, batch_size=batch_size, constraints=constraints, enumerator=enum)
 
 
 # --------------------------------------------------------------------------------------------
@@ -519,12 +524,12 @@ def merge_state_dicts(state_dicts, prefix: str = "", optimizer: str | None = Non
     """Joins the ranks' ``state_dict`` s (any world size) into the unsharded form.
 
     Keys of whole tables and replicated keys pass through (the first rank's wins); the column
-    shards ``<prefix>embedding_bags.<t>:<c0>-<c1>.*`` of each table are joined into
+    shards ``<prefix>embedding_bags.<t>:<c0>-<c1>of<D>.*`` of each table are joined into
     ``<prefix>embedding_bags.<t>.*``. Raises ValueError when a table's column shards do not
     cover its columns, and for row-wise Adagrad state of column shards (one accumulator per row
     per shard has no unsharded equivalent: load it into the same plan instead).
     """
-    out, pieces = {}, {}
+    out, pieces, width = {}, {}, {}
     head = re.escape(prefix + "embedding_bags.")
     pat = re.compile("^" + head + r"(?P<name>.+)\.(?P<field>weight|offsets|optim_state1|optim_state2)$")
     for sd in state_dicts:
@@ -534,16 +539,20 @@ def merge_state_dicts(state_dicts, prefix: str = "", optimizer: str | None = Non
             if p is None:
                 out.setdefault(k, v)
                 continue
-            key = (p.group("t"), int(p.group("c0")), int(p.group("c1")))
+            key = (p.group("t"), int(p.group("c0")), int(p.group("c1")), int(p.group("d")))
             pieces.setdefault(p.group("t"), {}).setdefault(key, {})[m.group("field")] = v
+            width[p.group("t")] = int(p.group("d"))
     for t, parts in pieces.items():
+        parts = {k[:3]: v for k, v in parts.items()}
         cols = sorted(parts)
         c = 0
         for _, c0, c1 in cols:
             if c0 != c:
-                raise ValueError(f"table {t!r}: column shards {[(a, b) for _, a, b in cols]} do not cover the "
-                                 f"columns from 0 without gaps (missing a rank's state_dict?)")
+                break
             c = c1
+        if c != width[t]:
+            raise ValueError(f"table {t!r}: column shards {[(a, b) for _, a, b in cols]} do not cover its "
+                             f"{width[t]} columns (is a rank's state_dict missing?)")
         base = f"{prefix}embedding_bags.{t}."
         V = parts[cols[0]]["offsets"].numel() - 1
         sizes = {key: f["offsets"][1:] - f["offsets"][:-1] for key, f in parts.items()}
