@@ -22,9 +22,10 @@ Sharding types (per table, as the plan says):
     accumulator per row **per shard** (as FBGEMM does under TorchRec's column-wise sharding), so
     its trajectory is that of the collection split into column tables, not of the unsharded one.
 ``row_wise`` and the others
-    refused (``NotImplementedError``): TorchRec's row-wise output distribution is a
-    reduce-scatter, which the gloo backend (CPU) does not provide, and the bucketized input
-    distribution is not wired here.
+    refused (``NotImplementedError``). TorchRec's building blocks for row-wise sharding (the
+    bucketized KJT all-to-all, the pooled-embedding reduce-scatter) do run on CPU: gloo under
+    torch 2.14 has reduce-scatter, and TorchRec's own EmbeddingBagCollection sharded row-wise ran
+    here on 2 gloo processes. pme's sharder does not wire them up yet.
 
 The sharded module's ``state_dict`` holds the rank's shards: a table-wise table under the keys of
 the unsharded collection (``embedding_bags.<t>.weight`` / ``offsets`` / optimizer state), a column
@@ -181,8 +182,9 @@ class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
             if st not in SUPPORTED:
                 raise NotImplementedError(
                     f"table {t.name!r}: sharding type {st!r} is not supported by pme's sharder (supported: "
-                    f"{list(SUPPORTED)}). Row-wise sharding needs TorchRec's reduce-scatter output distribution, "
-                    "which gloo (CPU) does not provide, and is not implemented here")
+                    f"{list(SUPPORTED)}). TorchRec's building blocks for row_wise (bucketized KJT all-to-all, "
+                    "pooled-embedding reduce-scatter) run on gloo too, but pme's sharder does not use them yet: "
+                    "shard this table table_wise or column_wise")
             self.sharding_types[t.name] = st
             shards = sorted(ps.sharding_spec.shards, key=lambda s: s.shard_offsets[1])
             col = 0

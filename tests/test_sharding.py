@@ -328,7 +328,7 @@ def expect(exc, words, fn):
 
 def scenario_refusals(world, rank, outdir):
     m = make_collection("A", "sgd")
-    expect(NotImplementedError, ["row_wise", "reduce-scatter"], lambda: shard_model(m, "row", world))
+    expect(NotImplementedError, ["row_wise", "table_wise or column_wise"], lambda: shard_model(m, "row", world))
     plan, sharder = make_plan(m, "tw", world)
     del plan.plan[""]["t1"]
     expect(ValueError, ["t1"], lambda: DistributedModelParallel(
