@@ -45,6 +45,7 @@ Run ``torchrun --nproc-per-node 2 -m pme.sharding`` for a small example (CPU, gl
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Mapping
 
@@ -52,12 +53,13 @@ import torch
 from torch import nn
 import torch.distributed as dist
 
-from torchrec.distributed.dist_data import KJTAllToAll, PooledEmbeddingsAllToAll
+from torchrec.distributed.dist_data import KJTAllToAll, PooledEmbeddingsAllToAll, PooledEmbeddingsReduceScatter
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
 from torchrec.distributed.planner.shard_estimators import EmbeddingPerfEstimator, EmbeddingStorageEstimator
-from torchrec.distributed.types import LazyAwaitable, ModuleSharder, ShardedModule, ShardingType
+from torchrec.distributed.sharding.rw_sharding import RwSparseFeaturesDist
+from torchrec.distributed.types import Awaitable, LazyAwaitable, ModuleSharder, ShardedModule, ShardingType
 from torchrec.streamable import Multistreamable
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
@@ -67,13 +69,19 @@ from .collection import MultiSizeEmbeddingBagCollection
 __all__ = ["MultiSizeEmbeddingBagCollectionSharder", "ShardedMultiSizeEmbeddingBagCollection",
            "MultiSizeStorageEstimator", "planner", "merge_state_dicts", "shard_bytes"]
 
-SUPPORTED = (ShardingType.TABLE_WISE.value, ShardingType.COLUMN_WISE.value)
+SUPPORTED = (ShardingType.TABLE_WISE.value, ShardingType.COLUMN_WISE.value, ShardingType.ROW_WISE.value)
 _PIECE = re.compile(r"^(?P<t>.+):(?P<c0>\d+)-(?P<c1>\d+)of(?P<d>\d+)$")
+_ROWS = re.compile(r"^(?P<t>.+):r(?P<r0>\d+)-(?P<r1>\d+)of(?P<v>\d+)$")
 
 
 def _piece_name(table: str, c0: int, c1: int, width: int) -> str:
-    """Name of a shard in the local collection and in the sharded state_dict."""
+    """Name of a column shard in the local collection and in the sharded state_dict."""
     return table if (c0, c1) == (0, width) else f"{table}:{c0}-{c1}of{width}"
+
+
+def _row_name(table: str, r0: int, r1: int, rows: int) -> str:
+    """Name of a row shard."""
+    return f"{table}:r{r0}-{r1}of{rows}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,12 +143,16 @@ class _Context(Multistreamable):
 
 
 class _KeyedAwaitable(LazyAwaitable[KeyedTensor]):
-    def __init__(self, tensor_awaitable, perm, keys, lengths):
+    def __init__(self, waits, perm, keys, lengths):
         super().__init__()
-        self._a, self._perm, self._keys, self._lengths = tensor_awaitable, perm, keys, lengths
+        self._waits, self._perm, self._keys, self._lengths = waits, perm, keys, lengths
 
     def _wait_impl(self) -> KeyedTensor:
-        values = self._a.wait()
+        parts = []
+        for a, post in self._waits:
+            v = a.wait()
+            parts.append(post(v) if post is not None else v)
+        values = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
         if self._perm is not None:
             values = values.index_select(1, self._perm)
         return KeyedTensor(keys=self._keys, length_per_key=self._lengths, values=values)
@@ -151,9 +163,9 @@ class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
 
     ``forward(kjt)`` takes the rank's batch (``KeyedJaggedTensor``, ``B`` samples; every rank the
     same ``B``) and returns (lazily) a ``KeyedTensor`` ``[B, out_width]`` with the unsharded
-    collection's keys, column order and values. ``local`` is the collection of this rank's shards
-    (one table per shard; it may be None when the rank holds none). Built by
-    :class:`MultiSizeEmbeddingBagCollectionSharder`.
+    collection's keys, column order and values. ``local`` is the collection of this rank's
+    table-wise and column-wise shards, ``local_rw`` that of its row-wise shards (one table per
+    shard; either may be None). Built by :class:`MultiSizeEmbeddingBagCollectionSharder`.
     """
 
     def __init__(self, module: MultiSizeEmbeddingBagCollection, table_shardings: Mapping, env, device=None):
@@ -161,7 +173,8 @@ class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
         if env.process_group is None:
             raise ValueError("pme sharding needs a ShardingEnv with a process group (DistributedModelParallel's)")
         self._pg = env.process_group
-        self._world, self._rank = env.world_size, env.rank
+        W = self._world = env.world_size
+        self._rank = env.rank
         self._tables = list(module._tables)
         self._names = module.embedding_names()
         self._lengths = [self._tables[ti].embedding_dim for ti, _, _ in module._blocks]
@@ -170,36 +183,39 @@ class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
         unknown = set(table_shardings) - {t.name for t in self._tables}
         if unknown:
             raise ValueError(f"the plan names tables {sorted(unknown)} that the collection does not have")
-        # pieces[r] = [(table index, c0, c1)] on rank r, in table then column order.
-        pieces = [[] for _ in range(self._world)]
+        # pieces[r] = [(table index, c0, c1)] on rank r (table-wise and column-wise shards);
+        # rw[ti] = [(r0, r1) of rank k for k in ranks] (row-wise tables).
+        pieces = [[] for _ in range(W)]
+        rw = {}
         self.sharding_types = {}
         for ti, t in enumerate(self._tables):
             ps = table_shardings.get(t.name)
             if ps is None:
                 raise ValueError(f"the plan has no sharding for table {t.name!r}: pme shards every table of a "
-                                 "collection (give each a table_wise or column_wise sharding)")
+                                 "collection (give each a table_wise, column_wise or row_wise sharding)")
             st = ps.sharding_type
             if st not in SUPPORTED:
                 raise NotImplementedError(
                     f"table {t.name!r}: sharding type {st!r} is not supported by pme's sharder (supported: "
-                    f"{list(SUPPORTED)}). TorchRec's building blocks for row_wise (bucketized KJT all-to-all, "
-                    "pooled-embedding reduce-scatter) run on gloo too, but pme's sharder does not use them yet: "
-                    "shard this table table_wise or column_wise")
+                    f"{list(SUPPORTED)}); shard this table table_wise, column_wise or row_wise")
             self.sharding_types[t.name] = st
+            if st == ShardingType.ROW_WISE.value:
+                rw[ti] = self._row_blocks(t, ps.sharding_spec.shards)
+                continue
             shards = sorted(ps.sharding_spec.shards, key=lambda s: s.shard_offsets[1])
             col = 0
             for sh in shards:
                 r0, c0 = sh.shard_offsets
                 nr, nc = sh.shard_sizes
                 if r0 != 0 or nr != t.num_embeddings:
-                    raise NotImplementedError(f"table {t.name!r}: a shard of rows [{r0}, {r0 + nr}) is a row split; "
-                                              "pme shards whole rows only (table_wise, column_wise)")
+                    raise ValueError(f"table {t.name!r}: a {st} shard must hold every row, got rows "
+                                     f"[{r0}, {r0 + nr}) of {t.num_embeddings}")
                 if c0 != col or nc < 1:
                     raise ValueError(f"table {t.name!r}: shards must cover columns 0..{t.embedding_dim} in order, "
                                      f"got a shard at column {c0} of width {nc} after column {col}")
                 rank = sh.placement.rank()
-                if not 0 <= rank < self._world:
-                    raise ValueError(f"table {t.name!r}: shard placed on rank {rank} of a world of {self._world}")
+                if not 0 <= rank < W:
+                    raise ValueError(f"table {t.name!r}: shard placed on rank {rank} of a world of {W}")
                 pieces[rank].append((ti, c0, c0 + nc))
                 col = c0 + nc
             if col != t.embedding_dim:
@@ -207,50 +223,96 @@ class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
         for p in pieces:
             p.sort()
         self._pieces = pieces
-        # Entries: (piece, feature) per rank; the input is permuted into this order.
+        self._rw = rw
+        # Table-wise / column-wise entries: (piece, feature) per rank, sent by one KJT all-to-all
+        # and returned by one pooled all-to-all. Row-wise entries: (table, feature), bucketized by
+        # row block to every rank and returned summed by a reduce-scatter.
         self._entries = [[(ti, c0, c1, f) for ti, c0, c1 in p for f in self._tables[ti].feature_names]
                          for p in pieces]
+        self._rw_entries = [(ti, f) for ti in sorted(rw) for f in self._tables[ti].feature_names]
         self._features_per_rank = [len(e) for e in self._entries]
         self._dims_per_rank = [sum(c1 - c0 for _, c0, c1, _ in e) for e in self._entries]
-        # Output columns: received blocks (rank order) -> unsharded order.
+        # Output columns: [all-to-all blocks (rank order) | reduce-scatter blocks] -> unsharded order.
         where, pos = {}, 0
         for e in self._entries:
             for ti, c0, c1, f in e:
                 where[(ti, f, c0)] = pos
                 pos += c1 - c0
+        for ti, f in self._rw_entries:
+            where[(ti, f, "rw")] = pos
+            pos += self._tables[ti].embedding_dim
         perm = []
         for ti, f, _ in module._blocks:
-            t = self._tables[ti]
-            for ti2, c0, c1 in sorted({(a, b, c) for p in pieces for a, b, c in p if a == ti}):
+            if ti in rw:
+                perm.extend(range(where[(ti, f, "rw")], where[(ti, f, "rw")] + self._tables[ti].embedding_dim))
+                continue
+            for _, c0, c1 in sorted({(a, b, c) for p in pieces for a, b, c in p if a == ti}):
                 perm.extend(range(where[(ti, f, c0)], where[(ti, f, c0)] + c1 - c0))
         self._perm = None if perm == list(range(len(perm))) else torch.tensor(perm, dtype=torch.int64)
         self._permute_cache = {}
-        self._input_dist = KJTAllToAll(self._pg, self._features_per_rank)
-        self._output_dist = PooledEmbeddingsAllToAll(self._pg, self._dims_per_rank)
-        self._local_keys = [str(k) for k in range(self._features_per_rank[self._rank])]
-        # The local collection (one table per piece of this rank), kept out of _modules so that
-        # state_dict / load_state_dict of parents see the sharded keys only.
-        mine = pieces[self._rank]
-        local = None
-        if mine:
-            cfgs, k = [], 0
-            for ti, c0, c1 in mine:
-                t = self._tables[ti]
-                n = len(t.feature_names)
-                cfgs.append(_Cfg(t.num_embeddings, c1 - c0, _piece_name(t.name, c0, c1, t.embedding_dim),
-                                 [str(j) for j in range(k, k + n)], t.pooling, t.init_max, t.init_min))
-                k += n
-            opt = None
-            if module.optimizer is not None:
-                opt = type(module.optimizer).__new__(type(module.optimizer))
-                opt.__dict__.update(module.optimizer.__dict__)
-            local = MultiSizeEmbeddingBagCollection(cfgs, sizes=0, is_weighted=module.is_weighted,
-                                                    device=module.weight.device, dtype=module.weight.dtype,
-                                                    optimizer=opt)
-        self.__dict__["local"] = local
-        if local is not None:
-            self._load_local(self._local_state_from(module.state_dict()))
+        self._input_dist = self._output_dist = self._rw_input_dist = self._rw_output_dist = None
+        if sum(self._features_per_rank):
+            self._input_dist = KJTAllToAll(self._pg, self._features_per_rank)
+            self._output_dist = PooledEmbeddingsAllToAll(self._pg, self._dims_per_rank)
+        if self._rw_entries:
+            self._rw_input_dist = RwSparseFeaturesDist(self._pg, len(self._rw_entries),
+                                                       [self._tables[ti].num_embeddings for ti, _ in self._rw_entries],
+                                                       device=module.weight.device)
+            self._rw_output_dist = PooledEmbeddingsReduceScatter(self._pg)
+            # mean pooling: the shards pool by sum; the sum is divided by the bag's length after
+            # the reduce-scatter (a shard sees only its rows' part of a bag)
+            self._rw_mean = [(k, self._tables[ti].embedding_dim) for k, (ti, _) in enumerate(self._rw_entries)
+                             if self._tables[ti].pooling == "mean"]
+        # The local collections (one table per shard), kept out of _modules so that state_dict /
+        # load_state_dict of parents see the sharded keys only.
+        opt = module.optimizer
+        mine = [(_piece_name(self._tables[ti].name, c0, c1, self._tables[ti].embedding_dim), ti, "col", c0, c1)
+                for ti, c0, c1 in pieces[self._rank]]
+        self.__dict__["local"] = self._make_local(mine, module, opt, lambda ti: self._tables[ti].pooling)
+        mine_rw = [(_row_name(self._tables[ti].name, *rw[ti][self._rank], self._tables[ti].num_embeddings), ti, "row",
+                    *rw[ti][self._rank]) for ti in sorted(rw)]
+        self.__dict__["local_rw"] = self._make_local(mine_rw, module, opt, lambda ti: "sum")
+        self._shards = {"local": mine, "local_rw": mine_rw}
+        full = module.state_dict()
+        for which in ("local", "local_rw"):
+            if getattr(self, which) is not None:
+                getattr(self, which).load_state_dict(self._local_state_from(full, which))
         self.train(module.training)
+
+    def _row_blocks(self, t, shards):
+        """Row-wise shards -> [(r0, r1) of rank k]; TorchRec's even blocks of ceil(V / W) rows on
+        ranks 0..W-1, as its bucketized input distribution assumes."""
+        W, V = self._world, t.num_embeddings
+        bs = -(-V // W)
+        got = sorted((sh.shard_offsets[0], sh.shard_sizes[0], sh.shard_offsets[1], sh.shard_sizes[1],
+                      sh.placement.rank()) for sh in shards)
+        want = [(k * bs, min(bs, V - k * bs), 0, t.embedding_dim, k) for k in range(W)]
+        if any(n < 1 for _, n, _, _, _ in want):
+            raise ValueError(f"table {t.name!r}: {V} rows are too few for row_wise over {W} ranks (a rank would "
+                             "hold none); shard it table_wise")
+        if got != want:
+            raise ValueError(f"table {t.name!r}: pme's row_wise sharding takes TorchRec's even row blocks (rank k "
+                             f"holds rows [k * {bs}, (k + 1) * {bs}) of {V}, all columns, every rank a block); got "
+                             f"(row offset, rows, column offset, columns, rank) = {got}")
+        return [(r0, r0 + n) for r0, n, _, _, _ in want]
+
+    def _make_local(self, shards, module, opt, pooling):
+        if not shards:
+            return None
+        cfgs, k = [], 0
+        for name, ti, kind, a, b in shards:
+            t = self._tables[ti]
+            n = len(t.feature_names)
+            rows, width = (b - a, t.embedding_dim) if kind == "row" else (t.num_embeddings, b - a)
+            cfgs.append(_Cfg(rows, width, name, [str(j) for j in range(k, k + n)], pooling(ti), t.init_max,
+                             t.init_min))
+            k += n
+        if opt is not None:
+            o = type(opt).__new__(type(opt))
+            o.__dict__.update(opt.__dict__)
+            opt = o
+        return MultiSizeEmbeddingBagCollection(cfgs, sizes=0, is_weighted=module.is_weighted,
+                                               device=module.weight.device, dtype=module.weight.dtype, optimizer=opt)
 
     # ---- TorchRec's ShardedModule -------------------------------------------------------
     @property
@@ -265,13 +327,14 @@ class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
         hit = self._permute_cache.get(keys)
         if hit is None:
             pos = {k: i for i, k in enumerate(keys)}
-            hit = []
-            for e in self._entries:
-                for ti, _, _, f in e:
+            wanted = [(ti, f) for e in self._entries for ti, _, _, f in e]
+            hit = ([], [])
+            for part, lst in ((wanted, hit[0]), (self._rw_entries, hit[1])):
+                for ti, f in part:
                     if f not in pos:
                         raise KeyError(f"the input has no feature {f!r} (table {self._tables[ti].name!r} reads it); "
                                        f"its keys are {list(keys)}")
-                    hit.append(pos[f])
+                    lst.append(pos[f])
             self._permute_cache[keys] = hit
         return hit
 
@@ -283,35 +346,83 @@ class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
         if self.is_weighted and features.weights_or_none() is None:
             raise ValueError("the collection is weighted (is_weighted=True) but the input carries no weights")
         ctx.batch_size = features.stride()
-        kjt = features.permute(self._permute_indices(features.keys()))
-        if not self.is_weighted and kjt.weights_or_none() is not None:
-            kjt = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values(), lengths=kjt.lengths(), stride=kjt.stride())
-        return self._input_dist(kjt)
+        if not self.is_weighted and features.weights_or_none() is not None:
+            features = KeyedJaggedTensor(keys=features.keys(), values=features.values(), lengths=features.lengths(),
+                                         stride=features.stride())
+        idx, idx_rw = self._permute_indices(features.keys())
+        waits = []
+        if self._input_dist is not None:
+            waits.append(self._input_dist(features.permute(idx)))
+        if self._rw_input_dist is not None:
+            kjt = features.permute(idx_rw)
+            if self._rw_mean:
+                ln = kjt.lengths().view(len(self._rw_entries), -1)
+                ctx.rw_lengths = [ln[k].clamp(min=1) for k, _ in self._rw_mean]
+            waits.append(self._rw_input_dist(kjt))
+        return _Both(waits)
+
+    def _lookup(self, which, kjt):
+        local = getattr(self, which)
+        keys = [str(k) for k in range(len(kjt.keys()))]
+        local_kjt = KeyedJaggedTensor(keys=keys, values=kjt.values(), weights=kjt.weights_or_none(),
+                                      lengths=kjt.lengths(), offsets=kjt.offsets(), stride=kjt.stride())
+        local.train(self.training)
+        return local(local_kjt).values()
 
     def compute(self, ctx, dist_input):
-        kjt = dist_input
         B = ctx.batch_size
-        if kjt.stride() != B * self._world:
-            raise ValueError(f"every rank must feed the same batch size: this rank has {B} samples but the ranks "
-                             f"sent {kjt.stride()} in all ({self._world} ranks)")
-        if self.local is None:
-            dtype = torch.float32
-            return torch.zeros(kjt.stride(), 0, dtype=dtype, requires_grad=torch.is_grad_enabled() and self.training)
-        local_kjt = KeyedJaggedTensor(keys=self._local_keys, values=kjt.values(), weights=kjt.weights_or_none(),
-                                      lengths=kjt.lengths(), offsets=kjt.offsets(), stride=kjt.stride())
-        self.local.train(self.training)
-        return self.local(local_kjt).values()
+        for kjt in dist_input:
+            if kjt.stride() != B * self._world:
+                raise ValueError(f"every rank must feed the same batch size: this rank has {B} samples but the ranks "
+                                 f"sent {kjt.stride()} in all ({self._world} ranks)")
+        out = []
+        k = 0
+        if self._input_dist is not None:
+            kjt = dist_input[k]
+            k += 1
+            if self.local is None:
+                out.append(torch.zeros(kjt.stride(), 0, requires_grad=torch.is_grad_enabled() and self.training))
+            else:
+                out.append(self._lookup("local", kjt))
+        if self._rw_input_dist is not None:
+            out.append(self._lookup("local_rw", dist_input[k]))
+        return out
 
     def output_dist(self, ctx, output):
         perm = self._perm
-        if perm is not None and perm.device != output.device:
-            perm = self._perm = perm.to(output.device)
-        return _KeyedAwaitable(self._output_dist(output), perm, self._names, self._lengths)
+        if perm is not None and perm.device != output[0].device:
+            perm = self._perm = perm.to(output[0].device)
+        waits, k = [], 0
+        if self._output_dist is not None:
+            waits.append((self._output_dist(output[k]), None))
+            k += 1
+        if self._rw_output_dist is not None:
+            post = None
+            if self._rw_mean:
+                post = self._mean_division(ctx.rw_lengths)
+            waits.append((self._rw_output_dist(output[k]), post))
+        return _KeyedAwaitable(waits, perm, self._names, self._lengths)
+
+    def _mean_division(self, lengths):
+        offs = [0]
+        for ti, _ in self._rw_entries:
+            offs.append(offs[-1] + self._tables[ti].embedding_dim)
+
+        def post(values):
+            div = torch.ones_like(values)
+            for (k, D), ln in zip(self._rw_mean, lengths):
+                div[:, offs[k]:offs[k] + D] = ln.to(values.dtype).unsqueeze(1)
+            return values / div
+
+        return post
 
     # ---- parameters, state_dict ---------------------------------------------------------
+    def _locals(self):
+        return [(w, getattr(self, w)) for w in ("local", "local_rw") if getattr(self, w) is not None]
+
     def named_parameters(self, prefix="", recurse=True, remove_duplicate=True):
-        if self.local is not None:
-            yield (prefix + "." if prefix else "") + "local.weight", self.local.weight
+        for w, m in self._locals():
+            yield (prefix + "." if prefix else "") + w + ".weight", m.weight
 
     def sharded_parameter_names(self, prefix=""):
         for k, _ in self.named_parameters(prefix):
@@ -319,28 +430,32 @@ class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        if self.local is not None:
-            self.local._apply(fn, recurse)
+        for _, m in self._locals():
+            m._apply(fn, recurse)
         return self
 
     def state_dict(self, destination=None, prefix="", keep_vars=False):
         """This rank's shards: whole tables under the unsharded keys, column shards under
-        ``embedding_bags.<table>:<c0>-<c1>of<D>.*``, and ``optim_step`` with a fused optimizer."""
+        ``embedding_bags.<table>:<c0>-<c1>of<D>.*``, row shards under
+        ``embedding_bags.<table>:r<r0>-<r1>of<V>.*``, and ``optim_step`` with a fused optimizer."""
         if destination is None:
             from collections import OrderedDict
             destination = OrderedDict()
-        if self.local is not None:
-            self.local.state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
+        for _, m in self._locals():
+            step = destination.get(prefix + "optim_step")
+            m.state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
+            if step is not None:
+                destination[prefix + "optim_step"] = step
         return destination
 
-    def _local_state_from(self, state_dict, prefix=""):
-        """The local collection's state_dict out of ``state_dict``: this rank's own keys, or the
-        unsharded keys (whole tables, from which the column shards are cut)."""
+    def _local_state_from(self, state_dict, which, prefix=""):
+        """The state_dict of local collection ``which`` out of ``state_dict``: this rank's own
+        keys, or the unsharded keys (whole tables, from which the shards are cut)."""
         out = {}
-        states = self.local._state_per_row()
-        for ti, c0, c1 in self._pieces[self._rank]:
+        local = getattr(self, which)
+        states = local._state_per_row()
+        for name, ti, kind, a, b in self._shards[which]:
             t = self._tables[ti]
-            name = _piece_name(t.name, c0, c1, t.embedding_dim)
             own = f"{prefix}embedding_bags.{name}."
             full = f"{prefix}embedding_bags.{t.name}."
             if own + "weight" in state_dict:
@@ -353,14 +468,20 @@ class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
             w, o = state_dict[full + "weight"], state_dict[full + "offsets"]
             if not isinstance(o, torch.Tensor) or o.dtype != torch.int64 or o.shape != (t.num_embeddings + 1,):
                 raise ValueError(f"{full}offsets must be int64 [{t.num_embeddings + 1}]")
+            if not isinstance(w, torch.Tensor) or w.dim() != 1:
+                raise ValueError(f"{full}weight must be a 1-D tensor")
             o = o.detach().cpu()
             try:
                 ops.check_offsets(o, w.numel(), t.embedding_dim)
             except (ValueError, RuntimeError) as e:
                 raise ValueError(f"{full}weight / offsets: {e}") from None
-            pw, psz = column_piece(w.detach().cpu(), o, c0, c1)
-            po = torch.zeros(t.num_embeddings + 1, dtype=torch.int64)
-            torch.cumsum(psz, 0, out=po[1:])
+            if kind == "row":
+                e0, e1 = int(o[a]), int(o[b])
+                pw, po = w.detach().cpu()[e0:e1], o[a:b + 1] - e0
+            else:
+                pw, psz = column_piece(w.detach().cpu(), o, a, b)
+                po = torch.zeros(t.num_embeddings + 1, dtype=torch.int64)
+                torch.cumsum(psz, 0, out=po[1:])
             out[f"embedding_bags.{name}.weight"] = pw
             out[f"embedding_bags.{name}.offsets"] = po
             for k, how in states.items():
@@ -370,51 +491,79 @@ class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
                 if how == "entries":
                     if not isinstance(s, torch.Tensor) or s.shape != w.shape:
                         raise ValueError(f"{full}{k} must have {w.numel()} entries")
-                    s = column_piece(s.detach().cpu(), o, c0, c1)[0]
+                    s = s.detach().cpu()
+                    s = s[int(o[a]):int(o[b])] if kind == "row" else column_piece(s, o, a, b)[0]
+                elif how == "rows" and kind == "row":
+                    if not isinstance(s, torch.Tensor) or s.shape != (t.num_embeddings,):
+                        raise ValueError(f"{full}{k} must have {t.num_embeddings} entries")
+                    s = s[a:b]
                 out[f"embedding_bags.{name}.{k}"] = s  # per-row state: each column shard starts from the row's
         if self._opt_name is not None and prefix + "optim_step" in state_dict:
             out["optim_step"] = state_dict[prefix + "optim_step"]
         return out
 
-    def _load_local(self, local_sd, strict=True):
-        res = self.local.load_state_dict(local_sd, strict=strict)
-        return res
-
     def load_state_dict(self, state_dict, strict=True, assign=False):
         """Loads this rank's shards from its own sharded keys or from the unsharded form
         (:func:`merge_state_dicts`' output or an unsharded collection's ``state_dict``): the
-        other ranks' tables in it are skipped. All or nothing, as the collection."""
+        other ranks' tables in it are skipped. Everything is checked before anything is replaced."""
         from torch.nn.modules.module import _IncompatibleKeys
 
-        if self.local is None:
-            return _IncompatibleKeys([], [])
+        missing = self._load(state_dict, lambda e: RuntimeError(
+            f"Error(s) in loading state_dict for {type(self).__name__}:\n\t{e}"))
+        if strict and missing:
+            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}: missing keys {missing} "
+                               f"(this rank holds {[n for w in self._shards.values() for n, *_ in w]})")
+        return _IncompatibleKeys(missing, [])
+
+    def _load(self, state_dict, error):
+        parts, missing = [], []
         try:
-            local_sd = self._local_state_from(state_dict)
+            for which, m in self._locals():
+                parts.append((m, self._local_state_from(state_dict, which)))
         except ValueError as e:
-            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}:\n\t{e}") from None
-        res = self.local.load_state_dict(local_sd, strict=False)
-        if strict and res.missing_keys:
-            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}: missing keys "
-                               f"{res.missing_keys} (this rank holds {self.local.table_names})")
-        return _IncompatibleKeys(res.missing_keys, [])
+            raise error(e) from None
+        # all or nothing over both local collections: check both on copies first
+        for m, sd in parts:
+            probe = copy.deepcopy(m)
+            res = probe.load_state_dict(sd, strict=False)
+            missing += res.missing_keys
+        if missing:
+            return missing
+        for m, sd in parts:
+            m.load_state_dict(sd, strict=False)
+        return []
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        if self.local is None:
-            return
         sub = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
         try:
-            local_sd = self._local_state_from(sub)
-        except ValueError as e:
+            missing_keys.extend(prefix + k for k in self._load(sub, ValueError))
+        except (ValueError, RuntimeError) as e:
             error_msgs.append(str(e))
-            return
-        res = self.local.load_state_dict(local_sd, strict=False)
-        missing_keys.extend(prefix + k for k in res.missing_keys)
 
     def extra_repr(self):
-        mine = [_piece_name(self._tables[ti].name, c0, c1, self._tables[ti].embedding_dim)
-                for ti, c0, c1 in self._pieces[self._rank]]
+        mine = [n for w in self._shards.values() for n, *_ in w]
         return f"rank={self._rank}/{self._world}, shards={mine}, sharding_types={self.sharding_types}"
+
+
+class _Both(Awaitable):
+    """Awaitable of a list of (awaitable of awaitable of KJT): waits give the list of KJTs."""
+
+    def __init__(self, items):
+        super().__init__()
+        self._items = items
+
+    def _wait_impl(self):
+        return _Both2([a.wait() for a in self._items])
+
+
+class _Both2(Awaitable):
+    def __init__(self, items):
+        super().__init__()
+        self._items = items
+
+    def _wait_impl(self):
+        return [a.wait() for a in self._items]
 
 
 class _Cfg:
@@ -462,19 +611,21 @@ class MultiSizeEmbeddingBagCollectionSharder(ModuleSharder[MultiSizeEmbeddingBag
 # --------------------------------------------------------------------------------------------
 # Planner: true multi-size bytes
 # --------------------------------------------------------------------------------------------
-def shard_bytes(module: MultiSizeEmbeddingBagCollection, table: str, c0: int = 0, c1: int | None = None) -> int:
-    """Bytes a shard (columns ``[c0, c1)``, whole rows) of ``table`` holds: its stored entries,
-    its offsets (int64, ``V + 1``) and the fused optimizer's state (row-wise Adagrad one float
-    per row, Adam two per entry)."""
+def shard_bytes(module: MultiSizeEmbeddingBagCollection, table: str, c0: int = 0, c1: int | None = None,
+                r0: int = 0, r1: int | None = None) -> int:
+    """Bytes a shard (columns ``[c0, c1)`` of rows ``[r0, r1)``) of ``table`` holds: its stored
+    entries, its offsets (int64, one per row + 1) and the fused optimizer's state (row-wise
+    Adagrad one float per row, Adam two per entry)."""
     t = module._tables[module._table_index(table)]
     c1 = t.embedding_dim if c1 is None else c1
-    s = module.sizes(table)
+    r1 = t.num_embeddings if r1 is None else r1
+    s = module.sizes(table)[r0:r1]
     entries = int((s - c0).clamp(0, c1 - c0).sum())
     es = module.weight.element_size()
     acc = torch.tensor([], dtype=ops.acc_dtype(module.weight.dtype)).element_size()
     opt = module.optimizer.name if module.optimizer is not None else None
-    state = {"rowwise_adagrad": t.num_embeddings * acc, "adam": 2 * entries * acc}.get(opt, 0)
-    return entries * es + (t.num_embeddings + 1) * 8 + state
+    state = {"rowwise_adagrad": (r1 - r0) * acc, "adam": 2 * entries * acc}.get(opt, 0)
+    return entries * es + (r1 - r0 + 1) * 8 + state
 
 
 class MultiSizeStorageEstimator(EmbeddingStorageEstimator):
@@ -493,10 +644,8 @@ class MultiSizeStorageEstimator(EmbeddingStorageEstimator):
             for shard in so.shards:
                 nr, nc = shard.size
                 r0, c0 = shard.offset
-                if nr != V:
-                    continue  # row splits are refused at shard time
                 was = -(-dense * nr * nc // (V * D))  # TorchRec's share of the dense tensor (no optimizer)
-                true = shard_bytes(mod, so.name, c0, c0 + nc)
+                true = shard_bytes(mod, so.name, c0, c0 + nc, r0, r0 + nr)
                 st = shard.storage
                 if st.hbm >= was and self._topology.compute_device != "cpu":
                     st.hbm += true - was
@@ -527,16 +676,22 @@ def merge_state_dicts(state_dicts, prefix: str = "", optimizer: str | None = Non
 
     Keys of whole tables and replicated keys pass through (the first rank's wins); the column
     shards ``<prefix>embedding_bags.<t>:<c0>-<c1>of<D>.*`` of each table are joined into
-    ``<prefix>embedding_bags.<t>.*``. Raises ValueError when a table's column shards do not
-    cover its columns, and for row-wise Adagrad state of column shards (one accumulator per row
+    ``<prefix>embedding_bags.<t>.*``, and so are the row shards ``<t>:r<r0>-<r1>of<V>``. Raises
+    ValueError when a table's shards do not cover it, and for row-wise Adagrad state of column shards (one accumulator per row
     per shard has no unsharded equivalent: load it into the same plan instead).
     """
-    out, pieces, width = {}, {}, {}
+    out, pieces, width, row_pieces, num_rows = {}, {}, {}, {}, {}
     head = re.escape(prefix + "embedding_bags.")
     pat = re.compile("^" + head + r"(?P<name>.+)\.(?P<field>weight|offsets|optim_state1|optim_state2)$")
     for sd in state_dicts:
         for k, v in sd.items():
             m = pat.match(k)
+            r = _ROWS.match(m.group("name")) if m else None
+            if r is not None:
+                key = (int(r.group("r0")), int(r.group("r1")))
+                row_pieces.setdefault(r.group("t"), {}).setdefault(key, {})[m.group("field")] = v
+                num_rows[r.group("t")] = int(r.group("v"))
+                continue
             p = _PIECE.match(m.group("name")) if m else None
             if p is None:
                 out.setdefault(k, v)
@@ -573,6 +728,29 @@ def merge_state_dicts(state_dicts, prefix: str = "", optimizer: str | None = Non
                 raise ValueError(f"table {t!r}: {field} is per row and per column shard (row-wise Adagrad); it has "
                                  "no unsharded equivalent. Load this checkpoint into the same plan, or drop the "
                                  "optimizer state")
+    for t, parts in row_pieces.items():
+        rows = sorted(parts)
+        r = 0
+        for r0, r1 in rows:
+            if r0 != r:
+                break
+            r = r1
+        if r != num_rows[t]:
+            raise ValueError(f"table {t!r}: row shards {rows} do not cover its {num_rows[t]} rows (is a rank's "
+                             "state_dict missing?)")
+        base = f"{prefix}embedding_bags.{t}."
+        out[base + "weight"] = torch.cat([parts[k]["weight"] for k in rows])
+        off, e = [torch.zeros(1, dtype=torch.int64)], 0
+        for k in rows:
+            o = parts[k]["offsets"]
+            off.append(o[1:] - o[0] + e)
+            e += int(o[-1] - o[0])
+        out[base + "offsets"] = torch.cat(off)
+        for field in ("optim_state1", "optim_state2"):
+            got = [parts[k].get(field) for k in rows]
+            if all(g is None for g in got):
+                continue
+            out[base + field] = got[0] if all(g.numel() == 0 for g in got) else torch.cat(got)
     return out
 
 

@@ -32,8 +32,8 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder  # noqa: E402
 from torchrec.distributed.model_parallel import DistributedModelParallel  # noqa: E402
 from torchrec.distributed.planner.types import PlannerError  # noqa: E402
-from torchrec.distributed.sharding_plan import (column_wise, construct_module_sharding_plan, row_wise,  # noqa: E402
-                                                table_wise)
+from torchrec.distributed.sharding_plan import (column_wise, construct_module_sharding_plan,  # noqa: E402
+                                                data_parallel, row_wise, table_wise)
 from torchrec.distributed.types import ShardingEnv, ShardingPlan  # noqa: E402
 
 import pme.optim  # noqa: E402
@@ -118,7 +118,14 @@ def make_plan(m, how, world):
     elif how == "mixed":
         per = {n: (table_wise(rank=(i + 1) % world) if i % 2 else column_wise(ranks=[(i + j) % world for j in range(2)]))
                for i, n in enumerate(names)}
-    elif how == "row":
+    elif how == "rw":
+        per = {n: row_wise() for n in names}
+    elif how == "rwmix":  # row-wise next to the others (t3, 9 rows, row-wise only up to 3 ranks)
+        per = {"t0": row_wise(), "t1": column_wise(ranks=[1, 0]), "t2": table_wise(rank=world - 1),
+               "t3": row_wise() if world <= 3 else table_wise(rank=0)}
+    elif how == "dp":
+        per = {n: data_parallel() for n in names}
+    elif how == "rw_small":
         per = {n: row_wise() for n in names}
     else:
         raise ValueError(how)
@@ -140,7 +147,20 @@ def pieces_of(dmp):
     for p in sm._pieces:
         for ti, c0, c1 in p:
             out.setdefault(sm._tables[ti].name, []).append((c0, c1))
+    for ti in sm._rw:  # row shards hold whole rows: one column piece
+        out[sm._tables[ti].name] = [(0, sm._tables[ti].embedding_dim)]
     return {k: sorted(v) for k, v in out.items()}
+
+
+def row_slice(sd, table, key, r0, r1, V):
+    """Field ``key`` of rows [r0, r1) of ``table`` in an unsharded state_dict."""
+    o = sd[f"embedding_bags.{table}.offsets"]
+    v = sd[f"embedding_bags.{table}.{key}"]
+    if key == "offsets":
+        return o[r0:r1 + 1] - o[r0]
+    if v.numel() == o[-1] and key != "optim_state1" or (key == "optim_state1" and v.numel() != V):
+        return v[int(o[r0]):int(o[r1])] if v.numel() else v
+    return v[r0:r1]
 
 
 def column_split(m, pieces):
@@ -226,20 +246,30 @@ def run_training(kind, opt, how, world, rank):
         (wv * G / world).sum().backward()
         if opt is None:  # gradients of the local shards equal the unsharded gradient's pieces
             got = table_grads(sm.local) if sm.local is not None else {}
+            if sm.local_rw is not None:
+                got.update(table_grads(sm.local_rw))
             want_g = table_grads(ref)
-            for ti, c0, c1 in sm._pieces[rank]:
+            for name, ti, kind, a, b in sm._shards["local"] + sm._shards["local_rw"]:
                 t = sm._tables[ti].name
-                name = sharding._piece_name(t, c0, c1, sm._tables[ti].embedding_dim)
-                exp = sharding.column_piece(want_g[t], ref.table_offsets(t), c0, c1)[0]
+                o = ref.table_offsets(t)
+                if kind == "row":
+                    exp = want_g[t][int(o[a]):int(o[b])]
+                else:
+                    exp = sharding.column_piece(want_g[t], o, a, b)[0]
                 close(got[name], exp, f"step {step} gradient of {name}")
-            if sm.local is not None:
-                sm.local.weight.grad = None
+            for _, mod in sm._locals():
+                mod.weight.grad = None
             ref.weight.grad = None
     sd = dmp.state_dict()
     rsd = ref.state_dict()
-    if split:  # every shard equals its table of the column-split model
+    if split:  # every shard equals its table of the column-split model (row shards: its rows)
         for k, v in sd.items():
-            close(v, rsd[k], k)
+            r = sharding._ROWS.match(k.split(".")[1]) if k.startswith("embedding_bags.") else None
+            if r is None:
+                close(v, rsd[k], k)
+            else:
+                close(v, row_slice(rsd, r.group("t"), k.split(".")[-1], int(r.group("r0")), int(r.group("r1")),
+                                   int(r.group("v"))), k)
     else:
         merged = sharding.merge_state_dicts(all_gather(sd))
         assert sorted(merged) == sorted(rsd), (sorted(merged), sorted(rsd))
@@ -260,7 +290,7 @@ def scenario_checkpoint(world, rank, outdir):
     for k, v in ref.state_dict().items():
         close(fresh.state_dict()[k], v, f"unsharded load {k}")
     # back into a sharded model with another plan, and with the same plan from the rank files
-    other = shard_model(make_collection(kind, opt, seed=4), "cw", world)
+    other = shard_model(make_collection(kind, opt, seed=4), "rw", world)
     other.load_state_dict(merged)
     same = shard_model(make_collection(kind, opt, seed=5), "mixed", world)
     same.load_state_dict(parts[rank])
@@ -303,7 +333,7 @@ def scenario_reshard(world, rank, outdir):
     ck = torch.load(os.path.join(outdir, "ckpt.pt"))
     ref = make_collection(kind, opt, seed=9)
     ref.load_state_dict(ck["ref"])
-    dmp = shard_model(make_collection(kind, opt, seed=8), "cw", world)
+    dmp = shard_model(make_collection(kind, opt, seed=8), "rwmix", world)
     dmp.load_state_dict(ck["merged"])
     kjt = global_kjt(kind, B * world, 77)
     want = ref(kjt).values()
@@ -328,7 +358,8 @@ def expect(exc, words, fn):
 
 def scenario_refusals(world, rank, outdir):
     m = make_collection("A", "sgd")
-    expect(NotImplementedError, ["row_wise", "table_wise or column_wise"], lambda: shard_model(m, "row", world))
+    expect(NotImplementedError, ["data_parallel", "table_wise, column_wise or row_wise"],
+           lambda: shard_model(m, "dp", world))
     plan, sharder = make_plan(m, "tw", world)
     del plan.plan[""]["t1"]
     expect(ValueError, ["t1"], lambda: DistributedModelParallel(
@@ -347,14 +378,22 @@ def scenario_refusals(world, rank, outdir):
     expect(ValueError, ["cover"], lambda: sharding.merge_state_dicts(parts[:1]))
 
 
+def scenario_refusals_4(world, rank, outdir):
+    # 9 rows over 4 ranks: TorchRec's blocks of 3 leave rank 3 none
+    expect(ValueError, ["t3", "too few"], lambda: shard_model(make_collection("A", "sgd"), "rw_small", world))
+
+
 SCENARIOS = {
     2: {"tw_grad": ("A", None, "tw"), "tw_sgd": ("A", "sgd", "tw"), "tw_rowwise_adagrad": ("A", "rowwise_adagrad", "tw"),
         "tw_adam_weighted": ("W", "adam", "tw"), "cw_grad_mean": ("M", None, "cw"), "cw_sgd": ("A", "sgd", "cw"),
         "cw_adam_weighted": ("W", "adam", "cw"), "cw_rowwise_adagrad": ("A", "rowwise_adagrad", "cw"),
         "mixed_rowwise_adagrad_mean": ("M", "rowwise_adagrad", "mixed"),
+        "rw_grad_mean": ("M", None, "rw"), "rw_rowwise_adagrad": ("A", "rowwise_adagrad", "rw"),
+        "rw_adam_weighted": ("W", "adam", "rw"), "rwmix_rowwise_adagrad": ("A", "rowwise_adagrad", "rwmix"),
         "checkpoint": scenario_checkpoint, "refusals": scenario_refusals},
     4: {"tw_rowwise_adagrad": ("A", "rowwise_adagrad", "tw"), "cw_adam": ("A", "adam", "cw"),
-        "mixed_sgd_weighted": ("W", "sgd", "mixed"), "reshard_from_2": scenario_reshard},
+        "mixed_sgd_weighted": ("W", "sgd", "mixed"), "rwmix_adam_mean": ("M", "adam", "rwmix"),
+        "reshard_from_2": scenario_reshard, "refusals_4": scenario_refusals_4},
 }
 
 
