@@ -282,7 +282,8 @@ def main(argv=None):
 
         report["torchrec"], report["fbgemm_gpu"] = torchrec.__version__, fbgemm_gpu.__version__
     except Exception as e:  # pragma: no cover
-        raise SystemExit(f"bench_sharding needs torchrec and fbgemm_gpu (scripts/test_torchrec.sh's venv): {e}")
+        raise SystemExit(f"bench_sharding needs torchrec and fbgemm_gpu (scripts/test_torchrec.sh's venv): "
+                         f"{e}") from None
 
     if args.plan_mb > 0:
         cap_bytes = int(args.plan_mb * 2 ** 20)

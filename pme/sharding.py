@@ -5,8 +5,8 @@
 (and to ``EmbeddingShardingPlanner``) and the collection's tables are placed on ranks, looked up
 there by pme's one-call kernel, and trained by the collection's fused optimizer in the backward.
 TorchRec moves the data: its ``KJTAllToAll`` sends every feature to the ranks that hold a table
-reading it, its ``PooledEmbeddingsAllToAll`` sends the pooled embeddings back (autograd flows
-through both).
+reading it, its ``PooledEmbeddingsAllToAll`` sends the pooled embeddings back (row-wise tables:
+its bucketized all-to-all and reduce-scatter); autograd flows through them.
 
 Sharding types (per table, as the plan says):
 
@@ -21,15 +21,27 @@ Sharding types (per table, as the plan says):
     collection's. SGD and Adam work per entry and are exact too; row-wise Adagrad keeps one
     accumulator per row **per shard** (as FBGEMM does under TorchRec's column-wise sharding), so
     its trajectory is that of the collection split into column tables, not of the unsharded one.
-``row_wise`` and the others
-    refused (``NotImplementedError``). TorchRec's building blocks for row-wise sharding (the
-    bucketized KJT all-to-all, the pooled-embedding reduce-scatter) do run on CPU: gloo under
-    torch 2.14 has reduce-scatter, and TorchRec's own EmbeddingBagCollection sharded row-wise ran
-    here on 2 gloo processes. pme's sharder does not wire them up yet.
+``row_wise``
+    rows ``[k * ceil(V / W), (k + 1) * ceil(V / W))`` on rank ``k`` (TorchRec's even blocks; a
+    table with fewer than ``W`` blocks' worth of rows is refused). A row shard is the table's rows
+    as they are (a slice of the flat buffer and its offsets). TorchRec's ``RwSparseFeaturesDist``
+    bucketizes each feature's indices by block and sends them to their rank, each rank pools its
+    rows' part of every bag of the global batch by sum, and ``PooledEmbeddingsReduceScatter`` adds
+    the parts and returns each rank its samples; a mean-pooled table's sum is then divided by the
+    bag's length. Every optimizer is exact (a row's state lives on one rank). gloo has
+    reduce-scatter under torch 2.14, so this runs on CPU.
+others (``data_parallel``, ``table_row_wise``, ...)
+    refused (``NotImplementedError``).
+
+TorchRec divides the embedding gradient by the world size in the backward of its all-to-all and
+reduce-scatter (``torchrec.distributed.comm_ops.set_gradient_division``): the sharded update is
+that of the unsharded collection trained on the mean of the ranks' losses, as DDP does for the
+dense parameters.
 
 The sharded module's ``state_dict`` holds the rank's shards: a table-wise table under the keys of
 the unsharded collection (``embedding_bags.<t>.weight`` / ``offsets`` / optimizer state), a column
-shard under ``embedding_bags.<t>:<c0>-<c1>of<D>.<...>``, plus ``optim_step``. :func:`merge_state_dicts`
+shard under ``embedding_bags.<t>:<c0>-<c1>of<D>.<...>``, a row shard under
+``embedding_bags.<t>:r<r0>-<r1>of<V>.<...>``, plus ``optim_step``. :func:`merge_state_dicts`
 joins the rank files into the unsharded form (loadable by the unsharded collection), and a
 sharded module loads either its own keys or the unsharded form (it takes its shards out of it):
 save on 2 ranks, merge, load on 4 is resharding. Loading validates everything before anything
@@ -340,7 +352,8 @@ class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
 
     def input_dist(self, ctx, features):
         if not isinstance(features, KeyedJaggedTensor):
-            raise TypeError(f"a sharded pme collection takes a torchrec KeyedJaggedTensor, got {type(features).__name__}")
+            raise TypeError(f"a sharded pme collection takes a torchrec KeyedJaggedTensor, got "
+                            f"{type(features).__name__}")
         if features.variable_stride_per_key():
             raise NotImplementedError("pme: a KeyedJaggedTensor with a variable batch per feature is not supported")
         if self.is_weighted and features.weights_or_none() is None:
@@ -582,8 +595,8 @@ class _Cfg:
 class MultiSizeEmbeddingBagCollectionSharder(ModuleSharder[MultiSizeEmbeddingBagCollection]):
     """TorchRec ``ModuleSharder`` of :class:`pme.collection.MultiSizeEmbeddingBagCollection`.
 
-    Sharding types ``table_wise`` and ``column_wise``; one compute kernel, ``fused`` (pme's
-    collection kernel, with the collection's own fused optimizer if it has one).
+    Sharding types ``table_wise``, ``column_wise`` and ``row_wise``; one compute kernel,
+    ``fused`` (pme's collection kernel, with the collection's own fused optimizer if it has one).
     """
 
     @property
@@ -677,8 +690,9 @@ def merge_state_dicts(state_dicts, prefix: str = "", optimizer: str | None = Non
     Keys of whole tables and replicated keys pass through (the first rank's wins); the column
     shards ``<prefix>embedding_bags.<t>:<c0>-<c1>of<D>.*`` of each table are joined into
     ``<prefix>embedding_bags.<t>.*``, and so are the row shards ``<t>:r<r0>-<r1>of<V>``. Raises
-    ValueError when a table's shards do not cover it, and for row-wise Adagrad state of column shards (one accumulator per row
-    per shard has no unsharded equivalent: load it into the same plan instead).
+    ValueError when a table's shards do not cover it, and for row-wise Adagrad state of column
+    shards (one accumulator per row per shard has no unsharded equivalent: load it into the same
+    plan instead).
     """
     out, pieces, width, row_pieces, num_rows = {}, {}, {}, {}, {}
     head = re.escape(prefix + "embedding_bags.")

@@ -116,8 +116,8 @@ def make_plan(m, how, world):
         per = {n: column_wise(ranks=[(i + j) % world for j in range(max(2, world))][:max(2, min(world, 4))])
                for i, n in enumerate(names)}
     elif how == "mixed":
-        per = {n: (table_wise(rank=(i + 1) % world) if i % 2 else column_wise(ranks=[(i + j) % world for j in range(2)]))
-               for i, n in enumerate(names)}
+        per = {n: (table_wise(rank=(i + 1) % world) if i % 2
+                   else column_wise(ranks=[(i + j) % world for j in range(2)])) for i, n in enumerate(names)}
     elif how == "rw":
         per = {n: row_wise() for n in names}
     elif how == "rwmix":  # row-wise next to the others (t3, 9 rows, row-wise only up to 3 ranks)
@@ -384,7 +384,8 @@ def scenario_refusals_4(world, rank, outdir):
 
 
 SCENARIOS = {
-    2: {"tw_grad": ("A", None, "tw"), "tw_sgd": ("A", "sgd", "tw"), "tw_rowwise_adagrad": ("A", "rowwise_adagrad", "tw"),
+    2: {"tw_grad": ("A", None, "tw"), "tw_sgd": ("A", "sgd", "tw"),
+        "tw_rowwise_adagrad": ("A", "rowwise_adagrad", "tw"),
         "tw_adam_weighted": ("W", "adam", "tw"), "cw_grad_mean": ("M", None, "cw"), "cw_sgd": ("A", "sgd", "cw"),
         "cw_adam_weighted": ("W", "adam", "cw"), "cw_rowwise_adagrad": ("A", "rowwise_adagrad", "cw"),
         "mixed_rowwise_adagrad_mean": ("M", "rowwise_adagrad", "mixed"),
