@@ -1,4 +1,4 @@
-"""pme.sharding under TorchRec's DistributedModelParallel, 2 and 4 CPU processes over gloo.
+"""pme.sharding under TorchRec's DistributedModelParallel, 1, 2 and 4 CPU processes over gloo.
 
 Each scenario trains a sharded collection for a few steps in spawned processes (every rank
 feeds its slice of one global batch) next to an unsharded copy fed the whole batch, and checks:
@@ -384,6 +384,8 @@ def scenario_refusals_4(world, rank, outdir):
 
 
 SCENARIOS = {
+    1: {"tw_sgd": ("A", "sgd", "tw"), "cw_adam_weighted": ("W", "adam", "cw"),
+        "rw_rowwise_adagrad_mean": ("M", "rowwise_adagrad", "rw")},
     2: {"tw_grad": ("A", None, "tw"), "tw_sgd": ("A", "sgd", "tw"),
         "tw_rowwise_adagrad": ("A", "rowwise_adagrad", "tw"),
         "tw_adam_weighted": ("W", "adam", "tw"), "cw_grad_mean": ("M", None, "cw"), "cw_sgd": ("A", "sgd", "cw"),
@@ -439,6 +441,11 @@ def outdir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def world1(outdir):
+    return _run(1, outdir)
+
+
+@pytest.fixture(scope="module")
 def world2(outdir):
     return _run(2, outdir)
 
@@ -451,6 +458,11 @@ def world4(outdir, world2):  # loads the checkpoint world 2 wrote
 def _check(res, name):
     bad = {r: v for r, v in res.items() if v.get(name) != "ok"}
     assert not bad, "\n".join(f"rank {r}:\n{v.get(name)}" for r, v in bad.items())
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS[1]))
+def test_one_process(world1, name):
+    _check(world1, name)
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS[2]))
