@@ -535,14 +535,16 @@ class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
                 parts.append((m, self._local_state_from(state_dict, which)))
         except ValueError as e:
             raise error(e) from None
-        # all or nothing over both local collections: check both on copies first
-        for m, sd in parts:
-            probe = copy.deepcopy(m)
-            res = probe.load_state_dict(sd, strict=False)
+        # All or nothing: each collection checks all its tables before replacing any; with two
+        # (row-wise shards next to others) the first is tried on a copy, so that an error in the
+        # second leaves both as they were.
+        for i, (m, sd) in enumerate(parts):
+            target = m if i == len(parts) - 1 and not missing else copy.deepcopy(m)
+            res = target.load_state_dict(sd, strict=False)
             missing += res.missing_keys
         if missing:
             return missing
-        for m, sd in parts:
+        for m, sd in parts[:-1]:
             m.load_state_dict(sd, strict=False)
         return []
 

@@ -376,6 +376,19 @@ def scenario_refusals(world, rank, outdir):
     # a rank file missing: the column shards do not cover the table
     parts = all_gather(dmp.state_dict())
     expect(ValueError, ["cover"], lambda: sharding.merge_state_dicts(parts[:1]))
+    # all or nothing across a rank's two local collections (row shards next to the others): a bad
+    # Adam state in either leaves both untouched
+    dmp = shard_model(make_collection("A", "adam"), "rwmix", world)
+    own = dmp.state_dict()
+    before = {k: v.clone() for k, v in own.items()}
+    row_key = next(k for k in own if ":r" in k and k.endswith("optim_state2") and own[k].numel())
+    other_key = next(k for k in own if ":r" not in k and k.endswith("optim_state2") and own[k].numel())
+    for key in (row_key, other_key):
+        bad = {k: (v + 1 if k.endswith(".weight") else v) for k, v in own.items()}
+        bad[key] = torch.full_like(own[key], float("nan"))
+        expect(RuntimeError, [key.split(".")[1]], lambda: dmp.load_state_dict(bad))
+        for k, v in dmp.state_dict().items():
+            assert torch.equal(v, before[k]), f"{k} changed by a load refused for {key}"
 
 
 def scenario_refusals_4(world, rank, outdir):
