@@ -394,7 +394,8 @@ class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
             kjt = dist_input[k]
             k += 1
             if self.local is None:
-                out.append(torch.zeros(kjt.stride(), 0, requires_grad=torch.is_grad_enabled() and self.training))
+                out.append(torch.zeros(kjt.stride(), 0, device=kjt.values().device,
+                                       requires_grad=torch.is_grad_enabled() and self.training))
             else:
                 out.append(self._lookup("local", kjt))
         if self._rw_input_dist is not None:
