@@ -16,7 +16,7 @@ steps on ``--world`` spawned CPU processes (gloo, 1 thread each), twice:
              and ``EXACT_ROWWISE_ADAGRAD``.
 
 Both get the same plan (``--sharding tw``: table-wise, tables placed greedily by rows; ``cw``:
-each table in two column halves on neighbouring ranks), the same batches (each
+each table in two column halves on neighbouring ranks; ``rw``: every table row-wise), the same batches (each
 rank ``--batch`` samples, ``--hots`` Zipf(``--alpha``) lookups per feature) and the same dense
 arch (DDP via DMP, torch SGD). Per rank: the median wall time of a step (forward, backward with the
 fused embedding update, dense SGD step), and the bytes this rank sends per step through
@@ -155,9 +155,10 @@ def _worker(rank, world, port, args, out_path):
     import torch.distributed as dist
     from fbgemm_gpu.split_embedding_configs import EmbOptimType
     from torchrec import EmbeddingBagCollection, KeyedJaggedTensor
+    from torchrec.distributed.embedding_types import EmbeddingComputeKernel
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
     from torchrec.distributed.model_parallel import DistributedModelParallel
-    from torchrec.distributed.sharding_plan import column_wise, construct_module_sharding_plan, table_wise
+    from torchrec.distributed.sharding_plan import column_wise, construct_module_sharding_plan, row_wise, table_wise
     from torchrec.distributed.types import ShardingEnv, ShardingPlan
     from torchrec.models.dlrm import DLRM
 
@@ -193,10 +194,15 @@ def _worker(rank, world, port, args, out_path):
                 "optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": args.lr, "eps": 1e-8})
         model = DLRM(embedding_bag_collection=sparse, dense_in_features=13, dense_arch_layer_sizes=[128, D],
                      over_arch_layer_sizes=[256, 1])
+        # the fused kernel for both (construct_module_sharding_plan's default would be TorchRec's
+        # dense kernel: dense gradients and no fused update)
+        fused = EmbeddingComputeKernel.FUSED.value
         if args.sharding == "tw":
-            per = {n: table_wise(rank=r) for n, r in place.items()}
-        else:  # two column halves on neighbouring ranks
-            per = {n: column_wise(ranks=[r, (r + 1) % world]) for n, r in place.items()}
+            per = {n: table_wise(rank=r, compute_kernel=fused) for n, r in place.items()}
+        elif args.sharding == "cw":  # two column halves on neighbouring ranks
+            per = {n: column_wise(ranks=[r, (r + 1) % world], compute_kernel=fused) for n, r in place.items()}
+        else:  # TorchRec's even row blocks over all ranks
+            per = {n: row_wise(compute_kernel=fused) for n in place}
         mplan = construct_module_sharding_plan(sparse, per,
                                                sharder=sharder, local_size=world, world_size=world, device_type="cpu")
         plan = ShardingPlan({"sparse_arch.embedding_bag_collection": mplan})
@@ -220,7 +226,9 @@ def _worker(rank, world, port, args, out_path):
                 times.append(time.perf_counter() - t)
             losses.append(float(loss.detach()))
         counter.on = False
-        result[kind] = {"step_ms_median": 1e3 * statistics.median(times), "step_ms_all": [1e3 * t for t in times],
+        kernels = sorted({ps.compute_kernel for ps in mplan.values()})
+        result[kind] = {"compute_kernels": kernels, "step_ms_median": 1e3 * statistics.median(times),
+                        "step_ms_all": [1e3 * t for t in times],
                         "a2a_bytes_sent_per_step": counter.bytes / args.steps, "shard_seconds": shard_s,
                         "losses": losses}
         del dmp, model, sparse, opt
@@ -260,9 +268,9 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sharding", choices=["tw", "cw"], default="tw",
+    p.add_argument("--sharding", choices=["tw", "cw", "rw"], default="tw",
                    help="tw: table-wise, tables placed greedily by rows (default); cw: each table in two column "
-                        "halves on neighbouring ranks")
+                        "halves on neighbouring ranks; rw: every table row-wise over all ranks")
     p.add_argument("--methods", nargs="+", default=["pme", "torchrec"], choices=["pme", "torchrec"])
     p.add_argument("--plan-mb", type=float, default=64.0,
                    help="memory per rank (MB) for the planner comparison; 0 skips it (default 64)")
@@ -318,8 +326,9 @@ def main(argv=None):
             print(f"world {world}: step time torchrec / pme = {row['ratio_step_torchrec_over_pme']:.2f}, "
                   f"bytes torchrec / pme = {row['ratio_bytes_torchrec_over_pme']:.2f}", flush=True)
         report["worlds"][str(world)] = row
+    tag = "" if args.sharding == "tw" else f"_{args.sharding}"
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"sharding_cpu_{report['date']}.json")
+                                   f"sharding{tag}_cpu_{report['date']}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(report, f, indent=1)

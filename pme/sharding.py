@@ -130,7 +130,7 @@ def join_columns(pieces, num_rows: int):
         total += ps
     off = torch.zeros(num_rows + 1, dtype=torch.int64)
     torch.cumsum(total, 0, out=off[1:])
-    out = pieces[0][2].new_zeros(int(off[-1]))
+    out = torch.zeros(int(off[-1]), dtype=pieces[0][2].dtype)
     for c0, c1, flat, ps in pieces:
         ps = ps.cpu()
         rows = torch.repeat_interleave(torch.arange(num_rows), ps)
@@ -145,10 +145,12 @@ def join_columns(pieces, num_rows: int):
 # The sharded module
 # --------------------------------------------------------------------------------------------
 class _Context(Multistreamable):
-    """Per-call state between input_dist and compute: the rank's batch size."""
+    """Per-call state from input_dist to output_dist: the rank's batch size and, for mean-pooled
+    row-wise tables, the bag lengths that divide their sums."""
 
     def __init__(self):
         self.batch_size = 0
+        self.rw_lengths = []
 
     def record_stream(self, stream):
         pass
