@@ -21,7 +21,9 @@ rank ``--batch`` samples, ``--hots`` Zipf(``--alpha``) lookups per feature) and 
 arch (DDP via DMP, torch SGD). Per rank: the median wall time of a step (forward, backward with the
 fused embedding update, dense SGD step), and the bytes this rank sends per step through
 ``torch.distributed.all_to_all_single`` (TorchRec's KJT and pooled-embedding all-to-alls, both
-directions; DDP's all-reduce of the dense gradients is not counted: it is the same for both).
+directions) and, for row-wise, ``reduce_scatter_tensor`` / ``all_gather_into_tensor`` (the pooled
+outputs and their gradients); DDP's all-reduce of the dense gradients is not counted (the same for
+both).
 FBGEMM's CPU TBE backward ran its scalar reference kernels here (see /work/shared/MACHINES.md).
 
 Planner: with ``--plan-mb`` MB of memory per rank (TorchRec ``Topology`` ddr cap), the largest row
@@ -149,6 +151,21 @@ def _count_all_to_all(counter, rank, world):
         return orig(output, input, output_split_sizes, input_split_sizes, group=group, async_op=async_op)
 
     dist.all_to_all_single = counted
+    # row-wise: the pooled outputs go by reduce-scatter, their gradients by all-gather (a rank
+    # sends (W - 1) / W of the reduce-scatter input and its all-gather input to W - 1 ranks)
+    rs, ag = dist.reduce_scatter_tensor, dist.all_gather_into_tensor
+
+    def counted_rs(output, input, *a, **k):
+        if counter.on:
+            counter.bytes += input.numel() * input.element_size() * (world - 1) // world
+        return rs(output, input, *a, **k)
+
+    def counted_ag(output, input, *a, **k):
+        if counter.on:
+            counter.bytes += input.numel() * input.element_size() * (world - 1)
+        return ag(output, input, *a, **k)
+
+    dist.reduce_scatter_tensor, dist.all_gather_into_tensor = counted_rs, counted_ag
 
 
 def _worker(rank, world, port, args, out_path):
@@ -306,7 +323,7 @@ def main(argv=None):
               f"{pl['torchrec']['max_row_cap']:,} ({pl['torchrec']['rows_per_rank']:,.0f} rows per rank): "
               f"{pl['rows_ratio_pme_over_torchrec']:.2f}x the rows", flush=True)
 
-    print(f"{'world':>5} {'method':>9} {'rank':>4} {'step ms':>9} {'a2a MB/step':>12}")
+    print(f"{'world':>5} {'method':>9} {'rank':>4} {'step ms':>9} {'sent MB/step':>12}")
     for world in args.worlds:
         t0 = time.perf_counter()
         per_rank = run_world(world, args)
