@@ -29,10 +29,10 @@ FBGEMM's CPU TBE backward ran its scalar reference kernels here (see /work/share
 Planner: with ``--plan-mb`` MB of memory per rank (TorchRec ``Topology`` ddr cap), the largest row
 cap of the Criteo-shaped tables for which ``EmbeddingShardingPlanner`` finds a plan, for the pme
 collection (with ``pme.sharding.MultiSizeStorageEstimator``: stored entries + offsets + row-wise
-Adagrad state) and for the dense EmbeddingBagCollection (TorchRec's estimate, with its row-wise
-Adagrad state), and the rows per rank that gives.
+Adagrad state) and for the dense EmbeddingBagCollection (TorchRec's own estimate, which counts no
+optimizer state for a fused-params EBC), and the rows per rank that gives.
 
-Output: a table on stdout and ``benchmarks/results/sharding_cpu_<date>.json``. The build machine
+Output: a table on stdout and ``benchmarks/results/sharding[_cw|_rw]_cpu_<date>.json``. The build machine
 has 2 cores shared with other work: 4 processes oversubscribe it (said in the JSON).
 """
 
