@@ -646,19 +646,28 @@ def shard_bytes(module: MultiSizeEmbeddingBagCollection, table: str, c0: int = 0
     return entries * es + (r1 - r0 + 1) * 8 + state
 
 
+_NEVER = 2 ** 62  # bytes that fit no device
+
+
 class MultiSizeStorageEstimator(EmbeddingStorageEstimator):
     """TorchRec's storage estimator, with each pme shard's tensor bytes replaced by its true
-    multi-size bytes (:func:`shard_bytes`); TorchRec's input/output buffer estimate is kept. Other
-    modules (EmbeddingBagCollection, ...) are estimated as TorchRec does."""
+    multi-size bytes (:func:`shard_bytes`); TorchRec's input/output buffer estimate is kept. A
+    row-wise option that would leave a rank without rows (which the sharder refuses) is made too
+    big to place. Other modules (EmbeddingBagCollection, ...) are estimated as TorchRec does."""
 
     def estimate(self, sharding_options, sharder_data_map=None):
         super().estimate(sharding_options, sharder_data_map)
+        W = self._topology.world_size
         for so in sharding_options:
             mod = so.module[1]
             if not isinstance(mod, MultiSizeEmbeddingBagCollection):
                 continue
             V, D = so.tensor.shape
             dense = V * D * so.tensor.element_size()
+            if so.sharding_type == ShardingType.ROW_WISE.value and (W - 1) * -(-V // W) >= V:
+                for shard in so.shards:  # a rank would get no rows: the sharder refuses that plan
+                    shard.storage.hbm = shard.storage.ddr = _NEVER
+                continue
             for shard in so.shards:
                 nr, nc = shard.size
                 r0, c0 = shard.offset

@@ -31,7 +31,7 @@ import torch.multiprocessing as mp  # noqa: E402
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType  # noqa: E402
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder  # noqa: E402
 from torchrec.distributed.model_parallel import DistributedModelParallel  # noqa: E402
-from torchrec.distributed.planner.types import PlannerError  # noqa: E402
+from torchrec.distributed.planner.types import ParameterConstraints, PlannerError  # noqa: E402
 from torchrec.distributed.sharding_plan import (column_wise, construct_module_sharding_plan,  # noqa: E402
                                                 data_parallel, row_wise, table_wise)
 from torchrec.distributed.types import ShardingEnv, ShardingPlan  # noqa: E402
@@ -521,6 +521,21 @@ def test_planner_charges_true_multisize_bytes():
     # a column shard holds the entries of its columns only
     s = sizes["t0"]
     assert sharding.shard_bytes(m, "t0", 8, 32) == int((s - 8).clamp(0, 24).sum()) * 4 + (len(s) + 1) * 8
+
+
+def test_planner_keeps_row_wise_off_tables_too_small_for_it():
+    # 3 rows over 4 ranks: TorchRec's row blocks would leave a rank empty, which the sharder refuses
+    cfgs = [EmbeddingBagConfig(num_embeddings=V, embedding_dim=8, name=f"t{i}", feature_names=[f"f{i}"])
+            for i, V in enumerate([3, 5, 4000])]
+    m = MultiSizeEmbeddingBagCollection(cfgs, 4)
+    sh = sharding.MultiSizeEmbeddingBagCollectionSharder()
+    constraints = {c.name: ParameterConstraints(sharding_types=["row_wise"]) for c in cfgs}
+    with pytest.raises(PlannerError):  # row-wise only: t0 and t1 cannot be placed
+        sharding.planner(4, ddr_cap=10 ** 9, constraints=constraints).plan(m, [sh])
+    constraints = {"t2": ParameterConstraints(sharding_types=["row_wise"])}
+    plan = sharding.planner(4, ddr_cap=10 ** 9, constraints=constraints).plan(m, [sh]).plan[""]
+    assert plan["t2"].sharding_type == "row_wise"
+    assert plan["t0"].sharding_type != "row_wise" and plan["t1"].sharding_type != "row_wise"
 
 
 def test_planner_fits_more_rows_per_rank_than_dense():
