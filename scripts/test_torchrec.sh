@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Tests of pme's collections against TorchRec and FBGEMM (tests/test_collection_torchrec.py).
+# Tests of pme's collections against TorchRec and FBGEMM (tests/test_collection_torchrec.py) and of
+# their sharding under TorchRec's DistributedModelParallel (tests/test_sharding.py: 2 and 4 spawned
+# CPU processes over gloo, about 2 minutes on 2 cores).
 # Creates .venv-torchrec/ (torch 2.14.1 + torchrec 1.9.2 + the CPU fbgemm-gpu 1.9.0, as
 # /work/shared/MACHINES.md records), skipping installs already satisfied, builds pme's CPU kernels
-# into it (PME_CPU_ONLY=1) and runs pytest on that file (extra arguments go to pytest).
+# into it (PME_CPU_ONLY=1) and runs pytest on those files (extra arguments go to pytest).
 # Env: PME_REBUILD=1 forces a clean build of the extension. PME_TORCHREC_INPLACE=1 skips that build
 # and tests the source tree with the in-place binary scripts/test.sh built under .venv's torch
 # (the stable ABI lets it run under torch 2.14.1): what CI does right after scripts/test.sh.
@@ -54,4 +56,4 @@ fi
 cd "$ROOT/tests"  # so that `import pme` is the build above, not the source tree
 "$VPY" -c "import pme, torchrec, fbgemm_gpu; i = pme.info(); print('pme', i['version'], i['backend'], '| torch', i['torch'], '| fbgemm_gpu', fbgemm_gpu.__version__)"
 PME_REQUIRE_COMPILED=1 exec "$VPY" -m pytest -q -p no:cacheprovider -p no:logging --rootdir "$ROOT" \
-  -c "$ROOT/pyproject.toml" "$ROOT/tests/test_collection_torchrec.py" "$@"
+  -c "$ROOT/pyproject.toml" "$ROOT/tests/test_collection_torchrec.py" "$ROOT/tests/test_sharding.py" "$@"
