@@ -144,48 +144,42 @@ void validate_all(const View<I>& v) {
 // before its row is read; the caller throws.
 constexpr int64_t kRun = 64;
 
-// Bags [b0, b1) of block f when each holds at most one lookup (a one-hot feature): the pooled
-// row is the row itself (sum or mean of one; times its weight), so it is copied straight into
-// the output columns, zero-padded to the block's width: no pooling buffer, no second copy.
-// Rows are prefetched a few bags ahead (their offsets further ahead), as the pooling kernels do.
-// Per entry the result equals the pooling kernel's: one product, rounded once, in acc_t<T>.
+// Bags [b0, b1) of block f (at most kRun of them) when each holds at most one lookup (a one-hot
+// feature): the pooled row is the row itself (sum or mean of one; times its weight), so it is
+// copied straight into the output columns, zero-padded to the block's width: no pooling buffer,
+// no second copy. Two passes, so that the memory system has many misses in flight: the first
+// checks every lookup of the run and reads its row's span (independent loads) and prefetches the
+// row; the second copies. Per entry the result equals the pooling kernel's: one product, rounded
+// once, in acc_t<T>.
 template <class T, class I>
 void copy_one_hot(const View<I>& v, const int64_t* f, const T* w, const T* psw, int64_t b0, int64_t b1, T* out,
                   std::atomic<int64_t>& bad) {
   using A = acc_t<T>;
-  constexpr int64_t kAheadOff = 16, kAheadRow = 8;
-  const int64_t W = f[kFWidth], col = f[kFCol], base = v.rows[f[kFTable]];
-  const uint64_t vt = static_cast<uint64_t>(v.rows[f[kFTable] + 1] - base);
+  const int64_t W = f[kFWidth], col = f[kFCol];
   const I* bo = v.bo + f[kFKey] * v.B;
-  auto row_of = [&](int64_t b) -> int64_t {  // table row of bag b's lookup, or -1 (empty bag, bad index)
-    if (b >= b1 || bo[b + 1] == bo[b]) return -1;
-    const uint64_t i = static_cast<uint64_t>(static_cast<int64_t>(v.idx[bo[b]]));
-    return i < vt ? base + static_cast<int64_t>(i) : -1;
-  };
+  int64_t lo[kRun], size[kRun];  // size -1: nothing to copy (empty bag, or a bad lookup)
   for (int64_t b = b0; b < b1; ++b) {
-    const int64_t ro = row_of(b + kAheadOff);
-    if (ro >= 0) __builtin_prefetch(v.off + ro);
-    const int64_t rr = row_of(b + kAheadRow);
-    if (rr >= 0) {  // integer arithmetic: these offsets are not checked yet (a prefetch never faults)
-      const uintptr_t w0 = reinterpret_cast<uintptr_t>(w);
-      __builtin_prefetch(reinterpret_cast<const void*>(w0 + static_cast<uintptr_t>(v.off[rr]) * sizeof(T)));
-      __builtin_prefetch(reinterpret_cast<const void*>(w0 + static_cast<uintptr_t>(v.off[rr + 1]) * sizeof(T) - 1));
-    }
-    T* o = out + b * v.out_width + col;
-    int64_t n = 0;
+    int64_t& l = lo[b - b0];
+    int64_t& n = size[b - b0];
+    n = -1;
     const int64_t s = static_cast<int64_t>(bo[b]);
-    if (static_cast<int64_t>(bo[b + 1]) > s) {
-      int64_t lo, size;
-      if (v.row(f, s, lo, size) < 0) {
-        note_bad(bad, s);  // never read; the caller throws
-      } else if (psw != nullptr) {
-        const A sc = static_cast<A>(psw[s]);
-        for (int64_t c = 0; c < size; ++c) o[c] = static_cast<T>(static_cast<A>(w[lo + c]) * sc);
-        n = size;
-      } else {
-        std::memcpy(o, w + lo, static_cast<size_t>(size) * sizeof(T));
-        n = size;
-      }
+    if (static_cast<int64_t>(bo[b + 1]) == s) continue;
+    if (v.row(f, s, l, n) < 0) {
+      note_bad(bad, s);  // never read; the caller throws
+      n = -1;
+      continue;
+    }
+    __builtin_prefetch(w + l);
+    if (n > 0) __builtin_prefetch(w + l + n - 1);
+  }
+  for (int64_t b = b0; b < b1; ++b) {
+    T* o = out + b * v.out_width + col;
+    const int64_t l = lo[b - b0], n = std::max<int64_t>(size[b - b0], 0);
+    if (n > 0 && psw != nullptr) {
+      const A sc = static_cast<A>(psw[bo[b]]);
+      for (int64_t c = 0; c < n; ++c) o[c] = static_cast<T>(static_cast<A>(w[l + c]) * sc);
+    } else if (n > 0) {
+      std::memcpy(o, w + l, static_cast<size_t>(n) * sizeof(T));
     }
     std::fill(o + n, o + W, T(0));
   }
