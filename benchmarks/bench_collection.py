@@ -53,8 +53,34 @@ import pme
 from pme.bench import cpu_model
 from pme.collection import EmbeddingBagConfig, MultiSizeEmbeddingBagCollection
 
-CRITEO_KAGGLE = [1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27, 14992,
-                 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572]
+CRITEO_KAGGLE = [
+    1460,
+    583,
+    10131227,
+    2202608,
+    305,
+    24,
+    12517,
+    633,
+    3,
+    93145,
+    5683,
+    8351593,
+    3194,
+    27,
+    14992,
+    5461306,
+    10,
+    5652,
+    2173,
+    4,
+    7046547,
+    18,
+    15,
+    286181,
+    105,
+    142572,
+]
 SIZE_MIX = ((8, 0.55), (4, 0.25), (2, 0.15), (1, 0.05))  # (D / divisor, probability)
 
 
@@ -86,10 +112,11 @@ def median_ms(fn, threads, min_run_time):
 def build(args):
     from fbgemm_gpu.split_embedding_configs import EmbOptimType, SparseType
     from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
-    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (ComputeDevice,
-                                                                        SplitTableBatchedEmbeddingBagsCodegen)
-    from torchrec import EmbeddingBagCollection
-    from torchrec import EmbeddingBagConfig as TRConfig
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+        ComputeDevice,
+        SplitTableBatchedEmbeddingBagsCodegen,
+    )
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig as TRConfig
 
     gen = torch.Generator().manual_seed(args.seed)
     D = args.dim
@@ -99,31 +126,47 @@ def build(args):
     sizes = {n: draw_sizes(V, D, gen) for n, V in zip(names, cards)}
     t0 = time.perf_counter()
     coll = MultiSizeEmbeddingBagCollection(cfgs, sizes, optimizer=pme.optim.RowwiseAdagrad(lr=0.01, eps=1e-8))
-    print(f"pme collection: {sum(cards):,} rows, {coll.weight.numel():,} stored entries "
-          f"({100 * coll.weight.numel() / (sum(cards) * D):.1f}% of dense) in {time.perf_counter() - t0:.1f} s",
-          flush=True)
+    print(
+        f"pme collection: {sum(cards):,} rows, {coll.weight.numel():,} stored entries "
+        f"({100 * coll.weight.numel() / (sum(cards) * D):.1f}% of dense) in {time.perf_counter() - t0:.1f} s",
+        flush=True,
+    )
     # The per-table loop: modules over views of the collection's buffer (no copy).
     per_table = []
     for i, n in enumerate(names):
-        m = pme.MultiSizeEmbeddingBag(cards[i], D, sizes=sizes[n], mode="sum", include_last_offset=True,
-                                      _weight=coll.table_weight(n).detach())
+        m = pme.MultiSizeEmbeddingBag(
+            cards[i], D, sizes=sizes[n], mode="sum", include_last_offset=True, _weight=coll.table_weight(n).detach()
+        )
         m.weight.requires_grad_(False)
         per_table.append(m)
     assert per_table[2].weight.data_ptr() == coll.table_weight(names[2]).data_ptr()
     t0 = time.perf_counter()
     tbe = SplitTableBatchedEmbeddingBagsCodegen(
         [(V, D, EmbeddingLocation.HOST, ComputeDevice.CPU) for V in cards],
-        optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=0.01, eps=1e-8, pooling_mode=PoolingMode.SUM,
-        weights_precision=SparseType.FP32, output_dtype=SparseType.FP32)
+        optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+        learning_rate=0.01,
+        eps=1e-8,
+        pooling_mode=PoolingMode.SUM,
+        weights_precision=SparseType.FP32,
+        output_dtype=SparseType.FP32,
+    )
     with torch.no_grad():
         for n, w in zip(names, tbe.split_embedding_weights()):
             w.copy_(coll.to_dense(n))
-    ebc = EmbeddingBagCollection([TRConfig(num_embeddings=V, embedding_dim=D, name=n, feature_names=[f"f{i}"])
-                                  for i, (V, n) in enumerate(zip(cards, names))], device=torch.device("meta"))
+    ebc = EmbeddingBagCollection(
+        [
+            TRConfig(num_embeddings=V, embedding_dim=D, name=n, feature_names=[f"f{i}"])
+            for i, (V, n) in enumerate(zip(cards, names))
+        ],
+        device=torch.device("meta"),
+    )
     for n, w in zip(names, tbe.split_embedding_weights()):
         ebc.embedding_bags[n].weight = torch.nn.Parameter(w, requires_grad=False)  # TBE's storage, shared
-    print(f"dense tables (TBE, shared with the EBC): {sum(cards) * D * 4 / 2**30:.2f} GiB in "
-          f"{time.perf_counter() - t0:.1f} s", flush=True)
+    print(
+        f"dense tables (TBE, shared with the EBC): {sum(cards) * D * 4 / 2**30:.2f} GiB in "
+        f"{time.perf_counter() - t0:.1f} s",
+        flush=True,
+    )
     return coll, per_table, tbe, ebc, cards, sizes
 
 
@@ -134,8 +177,9 @@ def batch(cards, B, hots, alpha, gen):
     per = [(v, torch.arange(0, B * hots + 1, hots, dtype=torch.int64)) for v in vals]
     values = torch.cat(vals)
     offsets = torch.arange(0, len(cards) * B * hots + 1, hots, dtype=torch.int64)
-    kjt = KeyedJaggedTensor.from_offsets_sync(keys=[f"f{i}" for i in range(len(cards))], values=values,
-                                              offsets=offsets, stride=B)
+    kjt = KeyedJaggedTensor.from_offsets_sync(
+        keys=[f"f{i}" for i in range(len(cards))], values=values, offsets=offsets, stride=B
+    )
     return kjt, values, offsets, per
 
 
@@ -151,8 +195,9 @@ def run_collection(args, built, results):
             ref = coll(kjt).values()
             torch.testing.assert_close(tbe(values, offsets), ref, rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(ebc(kjt).values(), ref, rtol=1e-4, atol=1e-4)
-            torch.testing.assert_close(torch.cat([m(v, o) for m, (v, o) in zip(per_table, per)], 1), ref,
-                                       rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(
+                torch.cat([m(v, o) for m, (v, o) in zip(per_table, per)], 1), ref, rtol=1e-5, atol=1e-5
+            )
     for hots in args.hots:
         kjt, values, offsets, per = batches[hots]
         go = torch.randn(B, len(cards) * D, generator=gen)
@@ -179,18 +224,32 @@ def run_collection(args, built, results):
         def step_tbe():
             tbe(values, offsets).backward(go)
 
-        methods = {"forward": {"pme_collection": fwd_pme, "pme_per_table": fwd_loop, "fbgemm_tbe": fwd_tbe,
-                               "torchrec_ebc": fwd_ebc},
-                   "step": {"pme_collection_fused": step_pme, "fbgemm_tbe_fused": step_tbe}}
+        methods = {
+            "forward": {
+                "pme_collection": fwd_pme,
+                "pme_per_table": fwd_loop,
+                "fbgemm_tbe": fwd_tbe,
+                "torchrec_ebc": fwd_ebc,
+            },
+            "step": {"pme_collection_fused": step_pme, "fbgemm_tbe_fused": step_tbe},
+        }
         coll.train()
         for threads in args.threads:
-            row = {"config": f"criteo26_{hots}hot", "hots": hots, "batch": B, "threads": threads, "lookups":
-                   int(values.numel()), "ms": {}}
+            row = {
+                "config": f"criteo26_{hots}hot",
+                "hots": hots,
+                "batch": B,
+                "threads": threads,
+                "lookups": int(values.numel()),
+                "ms": {},
+            }
             for phase, ms in methods.items():
                 for name, fn in ms.items():
                     row["ms"][f"{phase}/{name}"] = median_ms(fn, threads, args.min_run_time)
-                    print(f"  {row['config']} {threads}t {phase:8s} {name:22s} {row['ms'][f'{phase}/{name}']:9.3f} ms",
-                          flush=True)
+                    print(
+                        f"  {row['config']} {threads}t {phase:8s} {name:22s} {row['ms'][f'{phase}/{name}']:9.3f} ms",
+                        flush=True,
+                    )
             results.append(row)
 
 
@@ -218,7 +277,9 @@ def run_single(args, results):
         row = {"config": f"single_1Mx{D}_zipf", "batch": B, "threads": threads, "lookups": B * L, "ms": {}}
         for name, fn in (("single_pme", f_pme), ("single_nn_embedding_bag", f_eb)):
             row["ms"][f"forward/{name}"] = median_ms(fn, threads, args.min_run_time)
-            print(f"  {row['config']} {threads}t forward  {name:22s} {row['ms'][f'forward/{name}']:9.3f} ms", flush=True)
+            print(
+                f"  {row['config']} {threads}t forward  {name:22s} {row['ms'][f'forward/{name}']:9.3f} ms", flush=True
+            )
         results.append(row)
 
 
@@ -229,7 +290,9 @@ def ratios(row):
         p = ms["forward/pme_collection"]
         for k in ("fbgemm_tbe", "torchrec_ebc", "pme_per_table"):
             out[f"forward: {k} / pme_collection"] = ms[f"forward/{k}"] / p
-        out["step: fbgemm_tbe_fused / pme_collection_fused"] = ms["step/fbgemm_tbe_fused"] / ms["step/pme_collection_fused"]
+        out["step: fbgemm_tbe_fused / pme_collection_fused"] = (
+            ms["step/fbgemm_tbe_fused"] / ms["step/pme_collection_fused"]
+        )
     if "forward/single_pme" in ms:
         out["forward: nn_embedding_bag / pme"] = ms["forward/single_nn_embedding_bag"] / ms["forward/single_pme"]
     return out
@@ -247,23 +310,24 @@ def plot(path, results):
     rows = [r for r in results if "forward/pme_collection" in r["ms"]]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     labels = [f"{r['hots']}-hot\n{r['threads']} thr" for r in rows]
-    fwd = ["pme_collection", "pme_per_table", "fbgemm_tbe", "torchrec_ebc"]
-    w = 0.8 / len(fwd)
-    for i, name in enumerate(fwd):
-        axes[0].bar([x + i * w for x in range(len(rows))], [r["ms"][f"forward/{name}"] for r in rows], w, label=name)
-    axes[0].set_xticks([x + 0.4 - w / 2 for x in range(len(rows))], labels)
+
+    def bars(ax, phase, names, title):
+        w = 0.8 / len(names)
+        for i, name in enumerate(names):
+            ax.bar([x + i * w for x in range(len(rows))], [r["ms"][f"{phase}/{name}"] for r in rows], w, label=name)
+        ax.set_xticks([x + 0.4 - w / 2 for x in range(len(rows))], labels)
+        ax.set_yscale("log")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+
+    bars(
+        axes[0],
+        "forward",
+        ["pme_collection", "pme_per_table", "fbgemm_tbe", "torchrec_ebc"],
+        "forward, 26 Criteo tables, batch 2048",
+    )
     axes[0].set_ylabel("ms per batch (median)")
-    axes[0].set_yscale("log")
-    axes[0].set_title("forward, 26 Criteo tables, batch 2048")
-    axes[0].legend(fontsize=8)
-    st = ["pme_collection_fused", "fbgemm_tbe_fused"]
-    w = 0.8 / len(st)
-    for i, name in enumerate(st):
-        axes[1].bar([x + i * w for x in range(len(rows))], [r["ms"][f"step/{name}"] for r in rows], w, label=name)
-    axes[1].set_xticks([x + 0.4 - w / 2 for x in range(len(rows))], labels)
-    axes[1].set_yscale("log")
-    axes[1].set_title("forward + backward + fused row-wise Adagrad")
-    axes[1].legend(fontsize=8)
+    bars(axes[1], "step", ["pme_collection_fused", "fbgemm_tbe_fused"], "forward + backward + fused row-wise Adagrad")
     fig.suptitle("pme collection vs FBGEMM TBE / TorchRec EBC (CPU, pme at 25.6% of the dense entries)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -283,19 +347,34 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-single", action="store_true", help="skip the single-table comparison")
     p.add_argument("--note", default="", help="free text stored in the JSON (e.g. 'machine shared with 4 jobs')")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
-                   help="folder of the JSON and PNG (benchmarks/results)")
+    p.add_argument(
+        "--out",
+        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+        help="folder of the JSON and PNG (benchmarks/results)",
+    )
     args = p.parse_args(argv)
     import fbgemm_gpu
     import torchrec  # noqa: F401
 
     info = pme.info()
-    meta = {"device": cpu_model(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "fbgemm_gpu": getattr(fbgemm_gpu, "__version__", "?"), "pme": info["version"], "backend": info["backend"],
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "note": args.note,
-            "tables": "Criteo Kaggle cardinalities capped", "cap": args.cap, "scale": args.scale, "dim": args.dim,
-            "size_mix": {f"D/{d}": pr for d, pr in SIZE_MIX}, "indices": f"zipf({args.alpha}), int64",
-            "min_run_time": args.min_run_time, "timer": "torch.utils.benchmark.Timer.blocked_autorange, median"}
+    meta = {
+        "device": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "fbgemm_gpu": getattr(fbgemm_gpu, "__version__", "?"),
+        "pme": info["version"],
+        "backend": info["backend"],
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "note": args.note,
+        "tables": "Criteo Kaggle cardinalities capped",
+        "cap": args.cap,
+        "scale": args.scale,
+        "dim": args.dim,
+        "size_mix": {f"D/{d}": pr for d, pr in SIZE_MIX},
+        "indices": f"zipf({args.alpha}), int64",
+        "min_run_time": args.min_run_time,
+        "timer": "torch.utils.benchmark.Timer.blocked_autorange, median",
+    }
     print(json.dumps(meta))
     results = []
     built = build(args)

@@ -61,8 +61,10 @@ def cards_for(cap, scale=1.0):
 def tables(cards, D):
     from torchrec import EmbeddingBagConfig
 
-    return [EmbeddingBagConfig(num_embeddings=V, embedding_dim=D, name=f"t{i}", feature_names=[f"f{i}"])
-            for i, V in enumerate(cards)]
+    return [
+        EmbeddingBagConfig(num_embeddings=V, embedding_dim=D, name=f"t{i}", feature_names=[f"f{i}"])
+        for i, V in enumerate(cards)
+    ]
 
 
 def pme_collection(cards, D, seed, lr):
@@ -103,8 +105,9 @@ def plans(kind, cap, D, world, ddr_bytes, seed):
         sharder = sharding.MultiSizeEmbeddingBagCollectionSharder()
     else:
         mod = EmbeddingBagCollection(tables(cards, D), device=torch.device("meta"))
-        sharder = EmbeddingBagCollectionSharder(fused_params={"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
-                                                              "learning_rate": 0.01})
+        sharder = EmbeddingBagCollectionSharder(
+            fused_params={"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": 0.01}
+        )
     try:
         sharding.planner(world, ddr_cap=ddr_bytes).plan(mod, [sharder])
         return True, sum(cards)
@@ -195,10 +198,14 @@ def _worker(rank, world, port, args, out_path):
     batches = []
     for _ in range(args.warmup + args.steps):
         vals = [zipf_rows(V, args.batch * args.hots, args.alpha, gen) for V in cards]
-        kjt = KeyedJaggedTensor.from_lengths_sync(keys=[f"f{i}" for i in range(len(cards))], values=torch.cat(vals),
-                                                  lengths=torch.full((len(cards) * args.batch,), args.hots))
-        batches.append((torch.randn(args.batch, 13, generator=gen), kjt,
-                        torch.randint(0, 2, (args.batch,), generator=gen).float()))
+        kjt = KeyedJaggedTensor.from_lengths_sync(
+            keys=[f"f{i}" for i in range(len(cards))],
+            values=torch.cat(vals),
+            lengths=torch.full((len(cards) * args.batch,), args.hots),
+        )
+        batches.append(
+            (torch.randn(args.batch, 13, generator=gen), kjt, torch.randint(0, 2, (args.batch,), generator=gen).float())
+        )
     result = {}
     for kind in args.methods:
         torch.manual_seed(args.seed)
@@ -207,10 +214,15 @@ def _worker(rank, world, port, args, out_path):
             sharder = sharding.MultiSizeEmbeddingBagCollectionSharder()
         else:
             sparse = EmbeddingBagCollection(tables(cards, D), device=torch.device("meta"))
-            sharder = EmbeddingBagCollectionSharder(fused_params={
-                "optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": args.lr, "eps": 1e-8})
-        model = DLRM(embedding_bag_collection=sparse, dense_in_features=13, dense_arch_layer_sizes=[128, D],
-                     over_arch_layer_sizes=[256, 1])
+            sharder = EmbeddingBagCollectionSharder(
+                fused_params={"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": args.lr, "eps": 1e-8}
+            )
+        model = DLRM(
+            embedding_bag_collection=sparse,
+            dense_in_features=13,
+            dense_arch_layer_sizes=[128, D],
+            over_arch_layer_sizes=[256, 1],
+        )
         # the fused kernel for both (construct_module_sharding_plan's default would be TorchRec's
         # dense kernel: dense gradients and no fused update)
         fused = EmbeddingComputeKernel.FUSED.value
@@ -220,8 +232,9 @@ def _worker(rank, world, port, args, out_path):
             per = {n: column_wise(ranks=[r, (r + 1) % world], compute_kernel=fused) for n, r in place.items()}
         else:  # TorchRec's even row blocks over all ranks
             per = {n: row_wise(compute_kernel=fused) for n in place}
-        mplan = construct_module_sharding_plan(sparse, per,
-                                               sharder=sharder, local_size=world, world_size=world, device_type="cpu")
+        mplan = construct_module_sharding_plan(
+            sparse, per, sharder=sharder, local_size=world, world_size=world, device_type="cpu"
+        )
         plan = ShardingPlan({"sparse_arch.embedding_bag_collection": mplan})
         t0 = time.perf_counter()
         dmp = DistributedModelParallel(model, env=env, device=torch.device("cpu"), plan=plan, sharders=[sharder])
@@ -244,10 +257,14 @@ def _worker(rank, world, port, args, out_path):
             losses.append(float(loss.detach()))
         counter.on = False
         kernels = sorted({ps.compute_kernel for ps in mplan.values()})
-        result[kind] = {"compute_kernels": kernels, "step_ms_median": 1e3 * statistics.median(times),
-                        "step_ms_all": [1e3 * t for t in times],
-                        "a2a_bytes_sent_per_step": counter.bytes / args.steps, "shard_seconds": shard_s,
-                        "losses": losses}
+        result[kind] = {
+            "compute_kernels": kernels,
+            "step_ms_median": 1e3 * statistics.median(times),
+            "step_ms_all": [1e3 * t for t in times],
+            "a2a_bytes_sent_per_step": counter.bytes / args.steps,
+            "shard_seconds": shard_s,
+            "losses": losses,
+        }
         del dmp, model, sparse, opt
     everyone = [None] * world
     dist.all_gather_object(everyone, result)
@@ -285,43 +302,62 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sharding", choices=["tw", "cw", "rw"], default="tw",
-                   help="tw: table-wise, tables placed greedily by rows (default); cw: each table in two column "
-                        "halves on neighbouring ranks; rw: every table row-wise over all ranks")
+    p.add_argument(
+        "--sharding",
+        choices=["tw", "cw", "rw"],
+        default="tw",
+        help="tw: table-wise, tables placed greedily by rows (default); cw: each table in two column "
+        "halves on neighbouring ranks; rw: every table row-wise over all ranks",
+    )
     p.add_argument("--methods", nargs="+", default=["pme", "torchrec"], choices=["pme", "torchrec"])
-    p.add_argument("--plan-mb", type=float, default=64.0,
-                   help="memory per rank (MB) for the planner comparison; 0 skips it (default 64)")
+    p.add_argument(
+        "--plan-mb",
+        type=float,
+        default=64.0,
+        help="memory per rank (MB) for the planner comparison; 0 skips it (default 64)",
+    )
     p.add_argument("--plan-world", type=int, default=2)
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/sharding_cpu_<date>.json)")
     args = p.parse_args(argv)
 
-    report = {"benchmark": "bench_sharding", "date": dt.date.today().isoformat(), "device": "cpu",
-              "host_cores": os.cpu_count(), "threads_per_process": 1, "backend": "gloo",
-              "torch": torch.__version__, "config": vars(args),
-              "tables": {"cards": cards_for(args.cap), "dim": args.dim, "pme_size_mix": SIZE_MIX},
-              "note": "build machine: 2 cores shared with other work; 4 processes oversubscribe it",
-              "worlds": {}}
+    report = {
+        "benchmark": "bench_sharding",
+        "date": dt.date.today().isoformat(),
+        "device": "cpu",
+        "host_cores": os.cpu_count(),
+        "threads_per_process": 1,
+        "backend": "gloo",
+        "torch": torch.__version__,
+        "config": vars(args),
+        "tables": {"cards": cards_for(args.cap), "dim": args.dim, "pme_size_mix": SIZE_MIX},
+        "note": "build machine: 2 cores shared with other work; 4 processes oversubscribe it",
+        "worlds": {},
+    }
     try:
         import fbgemm_gpu
         import torchrec
 
         report["torchrec"], report["fbgemm_gpu"] = torchrec.__version__, fbgemm_gpu.__version__
     except Exception as e:  # pragma: no cover
-        raise SystemExit(f"bench_sharding needs torchrec and fbgemm_gpu (scripts/test_torchrec.sh's venv): "
-                         f"{e}") from None
+        raise SystemExit(
+            f"bench_sharding needs torchrec and fbgemm_gpu (scripts/test_torchrec.sh's venv): {e}"
+        ) from None
 
     if args.plan_mb > 0:
-        cap_bytes = int(args.plan_mb * 2 ** 20)
+        cap_bytes = int(args.plan_mb * 2**20)
         pl = {}
         for kind in ("pme", "torchrec"):
             c, rows = max_cap(kind, args.dim, args.plan_world, cap_bytes, args.seed)
             pl[kind] = {"max_row_cap": c, "rows": rows, "rows_per_rank": rows / args.plan_world}
         pl["rows_ratio_pme_over_torchrec"] = pl["pme"]["rows"] / pl["torchrec"]["rows"]
         report["planner"] = {"world": args.plan_world, "ddr_cap_bytes_per_rank": cap_bytes, **pl}
-        print(f"planner, {args.plan_mb:g} MB per rank x {args.plan_world} ranks: pme plans up to cap "
-              f"{pl['pme']['max_row_cap']:,} ({pl['pme']['rows_per_rank']:,.0f} rows per rank), dense EBC up to cap "
-              f"{pl['torchrec']['max_row_cap']:,} ({pl['torchrec']['rows_per_rank']:,.0f} rows per rank): "
-              f"{pl['rows_ratio_pme_over_torchrec']:.2f}x the rows", flush=True)
+        print(
+            f"planner, {args.plan_mb:g} MB per rank x {args.plan_world} ranks: pme plans up to cap "
+            f"{pl['pme']['max_row_cap']:,} ({pl['pme']['rows_per_rank']:,.0f} rows per rank), dense EBC up to cap "
+            f"{pl['torchrec']['max_row_cap']:,} ({pl['torchrec']['rows_per_rank']:,.0f} rows per rank): "
+            f"{pl['rows_ratio_pme_over_torchrec']:.2f}x the rows",
+            flush=True,
+        )
 
     print(f"{'world':>5} {'method':>9} {'rank':>4} {'step ms':>9} {'sent MB/step':>12}")
     for world in args.worlds:
@@ -330,22 +366,31 @@ def main(argv=None):
         row = {"per_rank": per_rank, "wall_seconds": time.perf_counter() - t0}
         for kind in args.methods:
             for r, res in enumerate(per_rank):
-                print(f"{world:>5} {kind:>9} {r:>4} {res[kind]['step_ms_median']:>9.1f} "
-                      f"{res[kind]['a2a_bytes_sent_per_step'] / 1e6:>12.3f}")
-            row[kind] = {"step_ms_max_over_ranks": max(res[kind]["step_ms_median"] for res in per_rank),
-                         "a2a_bytes_sent_per_step_all_ranks": sum(res[kind]["a2a_bytes_sent_per_step"]
-                                                                  for res in per_rank)}
+                print(
+                    f"{world:>5} {kind:>9} {r:>4} {res[kind]['step_ms_median']:>9.1f} "
+                    f"{res[kind]['a2a_bytes_sent_per_step'] / 1e6:>12.3f}"
+                )
+            row[kind] = {
+                "step_ms_max_over_ranks": max(res[kind]["step_ms_median"] for res in per_rank),
+                "a2a_bytes_sent_per_step_all_ranks": sum(res[kind]["a2a_bytes_sent_per_step"] for res in per_rank),
+            }
         if set(args.methods) == {"pme", "torchrec"}:
-            row["ratio_step_torchrec_over_pme"] = (row["torchrec"]["step_ms_max_over_ranks"]
-                                                   / row["pme"]["step_ms_max_over_ranks"])
-            row["ratio_bytes_torchrec_over_pme"] = (row["torchrec"]["a2a_bytes_sent_per_step_all_ranks"]
-                                                    / row["pme"]["a2a_bytes_sent_per_step_all_ranks"])
-            print(f"world {world}: step time torchrec / pme = {row['ratio_step_torchrec_over_pme']:.2f}, "
-                  f"bytes torchrec / pme = {row['ratio_bytes_torchrec_over_pme']:.2f}", flush=True)
+            row["ratio_step_torchrec_over_pme"] = (
+                row["torchrec"]["step_ms_max_over_ranks"] / row["pme"]["step_ms_max_over_ranks"]
+            )
+            row["ratio_bytes_torchrec_over_pme"] = (
+                row["torchrec"]["a2a_bytes_sent_per_step_all_ranks"] / row["pme"]["a2a_bytes_sent_per_step_all_ranks"]
+            )
+            print(
+                f"world {world}: step time torchrec / pme = {row['ratio_step_torchrec_over_pme']:.2f}, "
+                f"bytes torchrec / pme = {row['ratio_bytes_torchrec_over_pme']:.2f}",
+                flush=True,
+            )
         report["worlds"][str(world)] = row
     tag = "" if args.sharding == "tw" else f"_{args.sharding}"
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"sharding{tag}_cpu_{report['date']}.json")
+    out = args.out or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "results", f"sharding{tag}_cpu_{report['date']}.json"
+    )
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(report, f, indent=1)

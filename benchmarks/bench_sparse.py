@@ -69,10 +69,17 @@ def _time(name, phase, fn, device, min_run_time):
     if device == "cuda":
         torch.cuda.synchronize()
     t = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
-        min_run_time=min_run_time)
+        min_run_time=min_run_time
+    )
     print(f"  {name:24s} {phase:8s} {t.median * 1e3:9.2f} ms  (IQR {t.iqr * 1e3:.2f}, {len(t.times)} runs)", flush=True)
-    return {f"{name}/{phase}": {"median_ms": t.median * 1e3, "iqr_ms": t.iqr * 1e3, "runs": len(t.times),
-                                "calls_per_run": t.number_per_run}}
+    return {
+        f"{name}/{phase}": {
+            "median_ms": t.median * 1e3,
+            "iqr_ms": t.iqr * 1e3,
+            "runs": len(t.times),
+            "calls_per_run": t.number_per_run,
+        }
+    }
 
 
 def run_config(V, D, B, L, dist, device, gen, min_run_time, alpha):
@@ -83,17 +90,19 @@ def run_config(V, D, B, L, dist, device, gen, min_run_time, alpha):
     init = torch.randn(V, D, generator=gen)
     tables = {
         "nn": lambda: torch.nn.EmbeddingBag.from_pretrained(init.to(device), freeze=False, mode="sum", sparse=True),
-        "pme_full": lambda: pme.MultiSizeEmbeddingBag.from_pretrained(init.to(device), False, mode="sum",
-                                                                      sparse=True),
+        "pme_full": lambda: pme.MultiSizeEmbeddingBag.from_pretrained(init.to(device), False, mode="sum", sparse=True),
     }
     sizes = multisize(V, D, gen)
     tables["pme_multisize"] = lambda: pme.MultiSizeEmbeddingBag.from_pretrained(
-        init.to(device), False, mode="sum", sparse=True, sizes=sizes)
+        init.to(device), False, mode="sum", sparse=True, sizes=sizes
+    )
     fused = {
         "pme_full_fused_adam": lambda: pme.MultiSizeEmbeddingBag.from_pretrained(
-            init.to(device), False, mode="sum", optimizer=pme.optim.Adam(lr=1e-3)),
+            init.to(device), False, mode="sum", optimizer=pme.optim.Adam(lr=1e-3)
+        ),
         "pme_multisize_fused_adam": lambda: pme.MultiSizeEmbeddingBag.from_pretrained(
-            init.to(device), False, mode="sum", sizes=sizes, optimizer=pme.optim.Adam(lr=1e-3)),
+            init.to(device), False, mode="sum", sizes=sizes, optimizer=pme.optim.Adam(lr=1e-3)
+        ),
     }
     results = {}
     for name, make in fused.items():
@@ -146,23 +155,43 @@ def main():
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(args.seed)
     info = pme.info()
-    machine = {"device": args.device, "cpu": cpu_model(), "threads": args.threads, "torch": torch.__version__,
-               "pme": info["version"], "backend": info["backend"], "python": platform.python_version()}
+    machine = {
+        "device": args.device,
+        "cpu": cpu_model(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "pme": info["version"],
+        "backend": info["backend"],
+        "python": platform.python_version(),
+    }
     if args.device == "cuda":
         machine["gpu"] = torch.cuda.get_device_name()
-    doc = {"benchmark": "bench_sparse", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-           "machine": machine, "note": args.note, "bags": args.bags, "pooling": args.pooling, "mode": "sum",
-           "optimizer": "SparseAdam(lr=1e-3)", "index_dtype": "int64", "weight_dtype": "float32",
-           "zipf_alpha": args.zipf_alpha, "multisize_rule": {"fractions_of_D": SIZE_FRACTIONS, "probs": SIZE_PROBS},
-           "configs": []}
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"sparse_{args.device}_{datetime.date.today().isoformat()}.json")
+    doc = {
+        "benchmark": "bench_sparse",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "machine": machine,
+        "note": args.note,
+        "bags": args.bags,
+        "pooling": args.pooling,
+        "mode": "sum",
+        "optimizer": "SparseAdam(lr=1e-3)",
+        "index_dtype": "int64",
+        "weight_dtype": "float32",
+        "zipf_alpha": args.zipf_alpha,
+        "multisize_rule": {"fractions_of_D": SIZE_FRACTIONS, "probs": SIZE_PROBS},
+        "configs": [],
+    }
+    out = args.out or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)),
+        "results",
+        f"sparse_{args.device}_{datetime.date.today().isoformat()}.json",
+    )
     for D in args.dims:
         for dist in args.dists:
-            print(f"{args.rows} x {D}, {dist}, {args.bags} bags x {args.pooling}, {args.threads} thread(s)",
-                  flush=True)
-            res = run_config(args.rows, D, args.bags, args.pooling, dist, args.device, gen, args.min_run_time,
-                             args.zipf_alpha)
+            print(f"{args.rows} x {D}, {dist}, {args.bags} bags x {args.pooling}, {args.threads} thread(s)", flush=True)
+            res = run_config(
+                args.rows, D, args.bags, args.pooling, dist, args.device, gen, args.min_run_time, args.zipf_alpha
+            )
             doc["configs"].append({"rows": args.rows, "dim": D, "dist": dist, "results": res})
             os.makedirs(os.path.dirname(out), exist_ok=True)
             with open(out, "w") as f:

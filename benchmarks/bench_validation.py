@@ -55,22 +55,33 @@ def main():
     idx = torch.randint(0, V, (a.bags * a.lookups,), generator=g)
     bo = torch.arange(0, a.bags * a.lookups + 1, a.lookups)
     one, one_bo = idx[:1].clone(), torch.tensor([0, 1])
-    w1, off1 = w[:int(off[1])].clone(), off[:2].clone()
+    w1, off1 = w[: int(off[1])].clone(), off[:2].clone()
     op = torch.ops.pme.bag_forward
     res = {
         "forward_ms": median_ms(lambda: op(w, off, idx, bo, None, None, D, 0, -1), a.repeats),
-        "forward_checked_ms": median_ms(lambda: op(w, off, idx, bo, None, None, D, 0, -1, table_checked=True),
-                                        a.repeats),
-        "ops_forward_ms": median_ms(lambda: pme.ops.embedding_bag(w, off, idx, bo[:-1], width=D, mode="sum"),
-                                    a.repeats),
+        "forward_checked_ms": median_ms(
+            lambda: op(w, off, idx, bo, None, None, D, 0, -1, table_checked=True), a.repeats
+        ),
+        "ops_forward_ms": median_ms(
+            lambda: pme.ops.embedding_bag(w, off, idx, bo[:-1], width=D, mode="sum"), a.repeats
+        ),
         "check_ms": median_ms(lambda: op(w, off, one, one_bo, None, None, D, 0, -1), a.repeats),
-        "checked_ms": median_ms(lambda: op(w, off, one, one_bo, None, None, D, 0, -1, table_checked=True),
-                                a.repeats),
-        "tiny_ms": median_ms(lambda: torch.ops.pme.bag_forward(w1, off1, torch.tensor([0]), one_bo, None, None, D, 0,
-                                                               -1), a.repeats),
+        "checked_ms": median_ms(lambda: op(w, off, one, one_bo, None, None, D, 0, -1, table_checked=True), a.repeats),
+        "tiny_ms": median_ms(
+            lambda: torch.ops.pme.bag_forward(w1, off1, torch.tensor([0]), one_bo, None, None, D, 0, -1), a.repeats
+        ),
     }
-    res.update(rows=V, dim=D, bags=a.bags, lookups=a.lookups, threads=a.threads, repeats=a.repeats,
-               cpu=platform.processor() or platform.machine(), torch=torch.__version__, device="cpu")
+    res.update(
+        rows=V,
+        dim=D,
+        bags=a.bags,
+        lookups=a.lookups,
+        threads=a.threads,
+        repeats=a.repeats,
+        cpu=platform.processor() or platform.machine(),
+        torch=torch.__version__,
+        device="cpu",
+    )
     print(json.dumps(res, indent=1))
     with open(a.out, "w") as fh:
         json.dump(res, fh, indent=1)

@@ -5,13 +5,16 @@ Both data sets (MovieLens-100K, census adult), DeepFM width 64, 2 epochs, seeds 
 trained / cheap warm-up) against uniform and popularity. Writes
 benchmarks/results/quality/pilot_<data>.json. Run: python benchmarks/pilot_modes.py [--data ml|adult]
 """
+
 import argparse
 import json
 import os
 import time
+
 import torch
+
 from pme.recsys import data
-from pme.recsys.experiment import ExperimentConfig, run_experiment, paired_differences
+from pme.recsys.experiment import ExperimentConfig, paired_differences, run_experiment
 
 VARIANTS = {
     "mag_field": {"mode": "trained", "rule": "magnitude", "normalize": "field"},
@@ -20,6 +23,7 @@ VARIANTS = {
     "cheap_mag_field": {"mode": "warmup", "rule": "magnitude", "normalize": "field", "warmup_epochs": 0.2},
     "cheap_move_field": {"mode": "warmup", "rule": "movement", "normalize": "field", "warmup_epochs": 0.2},
 }
+
 
 def main():
     p = argparse.ArgumentParser(description=__doc__)
@@ -32,9 +36,16 @@ def main():
     t0 = time.time()
     for seed in a.seeds:
         tr, va, te = ds.split(seed=seed)
-        cfg = ExperimentConfig(dim=64, epochs=2, budgets=(0.2, 0.05), seeds=(seed,), progress=False,
-                               variants=VARIANTS, methods=tuple(VARIANTS) + ("uniform", "popularity"))
-        rows += run_experiment(cfg, tr, va, te, log=lambda m: print(f"{time.time()-t0:.0f}s {m}", flush=True))
+        cfg = ExperimentConfig(
+            dim=64,
+            epochs=2,
+            budgets=(0.2, 0.05),
+            seeds=(seed,),
+            progress=False,
+            variants=VARIANTS,
+            methods=tuple(VARIANTS) + ("uniform", "popularity"),
+        )
+        rows += run_experiment(cfg, tr, va, te, log=lambda m: print(f"{time.time() - t0:.0f}s {m}", flush=True))
     out = {"rows": [{k: v for k, v in r.items() if k != "sizes"} for r in rows]}
     out["paired"] = {v: paired_differences(rows, v, ("uniform", "popularity", "full")) for v in VARIANTS}
     os.makedirs("benchmarks/results/quality", exist_ok=True)
@@ -42,7 +53,11 @@ def main():
         json.dump(out, f, indent=1)
     for v, ps in out["paired"].items():
         for q in ps:
-            print(f"{v:18s} {q['budget']:.0%} vs {q['against']:10s} {q['mean']:+.4f} ± {q['std']:.4f} wins {q['wins']}/{q['seeds']}")
+            print(
+                f"{v:18s} {q['budget']:.0%} vs {q['against']:10s} {q['mean']:+.4f} ± {q['std']:.4f} "
+                f"wins {q['wins']}/{q['seeds']}"
+            )
+
 
 if __name__ == "__main__":
     main()

@@ -24,13 +24,12 @@ Run:  python benchmarks/quality.py [--data movielens adult] [--seeds 0 1 ... 9] 
 import argparse
 import json
 import os
-import sys
 import time
 
 import torch
 
 from pme.recsys import data
-from pme.recsys.experiment import (ExperimentConfig, DEFAULT_VARIANTS, paired_differences, run_experiment, summarize)
+from pme.recsys.experiment import DEFAULT_VARIANTS, ExperimentConfig, paired_differences, run_experiment, summarize
 
 LOADERS = {"movielens": data.load_movielens_100k, "adult": data.load_adult}
 TITLES = {"movielens": "MovieLens-100K", "adult": "census adult"}
@@ -44,9 +43,16 @@ def run_data(name, args, log):
     methods = tuple(m for m in args.methods if not (m == "pme_grouped" and name in args.no_grouped))
     for seed in args.seeds:
         train, val, test = ds.split(seed=seed)
-        cfg = ExperimentConfig(model=args.model, dim=args.dim, budgets=tuple(args.budgets), seeds=(seed,),
-                               epochs=args.epochs, methods=methods, progress=False,
-                               variants={k: dict(v) for k, v in DEFAULT_VARIANTS.items()})
+        cfg = ExperimentConfig(
+            model=args.model,
+            dim=args.dim,
+            budgets=tuple(args.budgets),
+            seeds=(seed,),
+            epochs=args.epochs,
+            methods=methods,
+            progress=False,
+            variants={k: dict(v) for k, v in DEFAULT_VARIANTS.items()},
+        )
         rows += run_experiment(cfg, train, val, test, log=lambda m: log(f"{name} {m}"))
         with open(part, "w") as f:
             json.dump({"data": name, "config": _config(args, name, methods), "rows": _strip(rows)}, f)
@@ -55,9 +61,18 @@ def run_data(name, args, log):
 
 def _config(args, name, methods):
     v = DEFAULT_VARIANTS
-    return {"data": name, "model": args.model, "dim": args.dim, "epochs": args.epochs, "budgets": args.budgets,
-            "methods": list(methods), "batch_size": 2048, "lr": 1e-3, "variants": v,
-            "threads": torch.get_num_threads()}
+    return {
+        "data": name,
+        "model": args.model,
+        "dim": args.dim,
+        "epochs": args.epochs,
+        "budgets": args.budgets,
+        "methods": list(methods),
+        "batch_size": 2048,
+        "lr": 1e-3,
+        "variants": v,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def _strip(rows):
@@ -96,25 +111,40 @@ def report_data(name, rows, cfg):
     out["infeasible"] = sorted({(r["budget"], r["method"], r["infeasible"]) for r in rows if "infeasible" in r})
     full = [r for r in rows if r["method"] == "full"]
     full_auc = torch.tensor([r["auc"] for r in full], dtype=torch.float64)
-    md = [f"## {TITLES[name]}", "",
-          f"DeepFM, width {cfg['dim']}, {cfg['epochs']} epochs, {len(seeds)} seeds ({seeds[0]}-{seeds[-1]}); "
-          f"full size: test AUC {float(full_auc.mean()):.4f} ± {float(full_auc.std()):.4f} over seeds "
-          f"(the seed noise: each seed has its own split and initial values).", ""]
-    md += ["**Paired per-seed differences of test AUC, PME minus baseline at the same budget** (mean ± std over "
-           "seeds; wins = seeds where PME is ahead):", "",
-           "| budget | method | − uniform | − popularity | − random | − full size |",
-           "| --- | --- | --- | --- | --- | --- |"]
+    md = [
+        f"## {TITLES[name]}",
+        "",
+        f"DeepFM, width {cfg['dim']}, {cfg['epochs']} epochs, {len(seeds)} seeds ({seeds[0]}-{seeds[-1]}); "
+        f"full size: test AUC {float(full_auc.mean()):.4f} ± {float(full_auc.std()):.4f} over seeds "
+        f"(the seed noise: each seed has its own split and initial values).",
+        "",
+    ]
+    md += [
+        "**Paired per-seed differences of test AUC, PME minus baseline at the same budget** (mean ± std over "
+        "seeds; wins = seeds where PME is ahead):",
+        "",
+        "| budget | method | − uniform | − popularity | − random | − full size |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     md += _paired_rows(out["paired"], methods)
-    md += ["", "**The same pairs in test log loss** (PME minus baseline; lower is better, so negative favours PME; "
-           "wins = seeds where PME's log loss is lower):", "",
-           "| budget | method | − uniform | − popularity | − random | − full size |",
-           "| --- | --- | --- | --- | --- | --- |"]
+    md += [
+        "",
+        "**The same pairs in test log loss** (PME minus baseline; lower is better, so negative favours PME; "
+        "wins = seeds where PME's log loss is lower):",
+        "",
+        "| budget | method | − uniform | − popularity | − random | − full size |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     md += _paired_rows(out["paired_logloss"], methods)
-    md += ["", "**Means over seeds** (emb. params include shared projections; search cost = the search's "
-           "seconds as a share of one full-size training run of the same seed; for `pme` it includes "
-           "that full-size training run, which it scores):", "",
-           "| budget | method | % of dense | test AUC | log loss | search cost | train s |",
-           "| --- | --- | --- | --- | --- | --- | --- |"]
+    md += [
+        "",
+        "**Means over seeds** (emb. params include shared projections; search cost = the search's "
+        "seconds as a share of one full-size training run of the same seed; for `pme` it includes "
+        "that full-size training run, which it scores):",
+        "",
+        "| budget | method | % of dense | test AUC | log loss | search cost | train s |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     share = {}
     for r in rows:
         if "auc" in r and r["method"] != "full":
@@ -123,8 +153,10 @@ def report_data(name, rows, cfg):
         b = "full" if s["budget"] == 1.0 else f"{s['budget']:.0%}"
         sh = share.get((s["budget"], s["method"]))
         cost = "-" if not sh or s["method"] in BASELINES else f"{sum(sh) / len(sh):.2f} runs"
-        md.append(f"| {b} | {s['method']} | {100 * s['param_fraction']:.1f}% | {s['auc'][0]:.4f} ± {s['auc'][1]:.4f} "
-                  f"| {s['logloss'][0]:.4f} | {cost} | {s['train_seconds']:.1f} |")
+        md.append(
+            f"| {b} | {s['method']} | {100 * s['param_fraction']:.1f}% | {s['auc'][0]:.4f} ± {s['auc'][1]:.4f} "
+            f"| {s['logloss'][0]:.4f} | {cost} | {s['train_seconds']:.1f} |"
+        )
     if out["infeasible"]:
         md += ["", "Infeasible: " + "; ".join(f"{m} at {b:.0%} ({why})" for b, m, why in out["infeasible"])]
     # targets
@@ -141,18 +173,22 @@ def report_data(name, rows, cfg):
             wins_ok = base[best]["wins"] >= 0.7 * base[best]["seeds"]
             ok_mean &= mean_ok
             ok_wins &= wins_ok
-            lines.append(f"{b:.0%}: mean paired diff >= 0 against every baseline: {'met' if mean_ok else 'MISSED'} "
-                         f"({', '.join(k + ' ' + format(v['mean'], '+.4f') for k, v in base.items())}); ahead of the best "
-                         f"baseline ({best}) in {base[best]['wins']}/{base[best]['seeds']} seeds: "
-                         f"{'met' if wins_ok else 'MISSED'}")
+            lines.append(
+                f"{b:.0%}: mean paired diff >= 0 against every baseline: {'met' if mean_ok else 'MISSED'} "
+                f"({', '.join(k + ' ' + format(v['mean'], '+.4f') for k, v in base.items())}); ahead of the best "
+                f"baseline ({best}) in {base[best]['wins']}/{base[best]['seeds']} seeds: "
+                f"{'met' if wins_ok else 'MISSED'}"
+            )
         t["pme_mean_ge_0_every_budget"] = ok_mean
         t["pme_wins_ge_70pct_vs_best"] = ok_wins
         md += ["", "**Targets (default mode `pme`)**", ""] + [f"- {x}" for x in lines]
         f20 = by_b.get(0.2, {}).get("full")
         if f20 is not None:
             t["pme_20pct_minus_full"] = f20["mean"]
-            md.append(f"- 20% vs full size: {f20['mean']:+.4f} ± {f20['std']:.4f} AUC (target within 0.003: "
-                      f"{'met' if f20['mean'] >= -0.003 else 'MISSED'})")
+            md.append(
+                f"- 20% vs full size: {f20['mean']:+.4f} ± {f20['std']:.4f} AUC (target within 0.003: "
+                f"{'met' if f20['mean'] >= -0.003 else 'MISSED'})"
+            )
     if "pme_cheap" in out["paired"]:
         sh = [r["search_share"] for r in rows if r["method"] == "pme_cheap" and "search_share" in r]
         cost = sum(sh) / max(1, len(sh))
@@ -160,10 +196,27 @@ def report_data(name, rows, cfg):
         behind = [p for p in ps if p["mean"] < 0]
         t["cheap_cost_share"] = cost
         t["cheap_not_behind"] = not behind
-        md.append(f"- cheap mode: search cost {cost:.3f} of one training run (target <= 0.10: "
-                  f"{'met' if cost <= 0.10 else 'MISSED'}); mean paired diff >= 0 against every baseline at "
-                  f"every budget: {'met' if not behind else 'MISSED (' + ', '.join(format(p['budget'], '.0%') + ' vs ' + p['against'] + ' ' + format(p['mean'], '+.4f') for p in behind) + ')'}")
+        misses = ", ".join(f"{p['budget']:.0%} vs {p['against']} {p['mean']:+.4f}" for p in behind)
+        md.append(
+            f"- cheap mode: search cost {cost:.3f} of one training run (target <= 0.10: "
+            f"{'met' if cost <= 0.10 else 'MISSED'}); mean paired diff >= 0 against every baseline at "
+            f"every budget: {'met' if not behind else 'MISSED (' + misses + ')'}"
+        )
     return md, out
+
+
+def _save_budget_plot(plt, fig, ax, budgets, ylabel, title, out_dir, fname):
+    """Log budget axis (percent ticks), labels, legend; saves ``out_dir/fname``, returns ``fname``."""
+    ax.set_xscale("log")
+    ax.set_xticks(budgets, [f"{b}%" for b in budgets])
+    ax.set_xlabel("budget: embedding parameters as a share of the full-width tables")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, fname), dpi=120)
+    plt.close(fig)
+    return fname
 
 
 def plots(name, rows, out_dir):
@@ -181,22 +234,29 @@ def plots(name, rows, out_dir):
     for m in ("pme", "pme_cheap", "pme_grouped") + BASELINES:
         pts = sorted((s["budget"], s["auc"][0], s["auc"][1]) for s in summary if s["method"] == m)
         if pts:
-            ax.errorbar([100 * p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
-                        capsize=3, label=m)
+            ax.errorbar(
+                [100 * p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3, label=m
+            )
     ax.axhline(full["auc"][0], color="k", ls="--", lw=1, label="full width (100%)")
-    ax.axhspan(full["auc"][0] - full["auc"][1], full["auc"][0] + full["auc"][1], color="k", alpha=0.08,
-               label="full ± 1 std over seeds (seed noise)")
-    ax.set_xscale("log")
-    ax.set_xticks([5, 10, 20, 50, 100], ["5%", "10%", "20%", "50%", "100%"])
-    ax.set_xlabel("budget: embedding parameters as a share of the full-width tables")
-    ax.set_ylabel("test AUC (mean ± std over seeds)")
-    ax.set_title(f"{TITLES[name]}, DeepFM: AUC at equal budget")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    f = f"auc_vs_budget_{name}.png"
-    fig.savefig(os.path.join(out_dir, f), dpi=120)
-    plt.close(fig)
-    files.append(f)
+    ax.axhspan(
+        full["auc"][0] - full["auc"][1],
+        full["auc"][0] + full["auc"][1],
+        color="k",
+        alpha=0.08,
+        label="full ± 1 std over seeds (seed noise)",
+    )
+    files.append(
+        _save_budget_plot(
+            plt,
+            fig,
+            ax,
+            [5, 10, 20, 50, 100],
+            "test AUC (mean ± std over seeds)",
+            f"{TITLES[name]}, DeepFM: AUC at equal budget",
+            out_dir,
+            f"auc_vs_budget_{name}.png",
+        )
+    )
     fig, ax = plt.subplots(figsize=(7, 4.3))
     pd = paired_differences(rows, "pme", BASELINES)
     for k, against in enumerate(BASELINES):
@@ -204,17 +264,18 @@ def plots(name, rows, out_dir):
         x = [100 * p[0] * (1 + 0.04 * (k - 1)) for p in pts]
         ax.errorbar(x, [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3, label=f"pme − {against}")
     ax.axhline(0, color="k", lw=1)
-    ax.set_xscale("log")
-    ax.set_xticks([5, 10, 20, 50], ["5%", "10%", "20%", "50%"])
-    ax.set_xlabel("budget: embedding parameters as a share of the full-width tables")
-    ax.set_ylabel("paired AUC difference (mean ± std over seeds)")
-    ax.set_title(f"{TITLES[name]}: PME minus each baseline, same seed")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    f = f"paired_diff_{name}.png"
-    fig.savefig(os.path.join(out_dir, f), dpi=120)
-    plt.close(fig)
-    files.append(f)
+    files.append(
+        _save_budget_plot(
+            plt,
+            fig,
+            ax,
+            [5, 10, 20, 50],
+            "paired AUC difference (mean ± std over seeds)",
+            f"{TITLES[name]}: PME minus each baseline, same seed",
+            out_dir,
+            f"paired_diff_{name}.png",
+        )
+    )
     return files
 
 
@@ -226,14 +287,20 @@ def main():
     p.add_argument("--dim", type=int, default=32)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.2, 0.1, 0.05])
-    p.add_argument("--methods", nargs="+",
-                   default=["pme", "pme_cheap", "pme_grouped", "uniform", "popularity", "random"])
-    p.add_argument("--no-grouped", nargs="*", default=["movielens"],
-                   help="data sets where pme_grouped is left out (to save time; default: movielens)")
+    p.add_argument(
+        "--methods", nargs="+", default=["pme", "pme_cheap", "pme_grouped", "uniform", "popularity", "random"]
+    )
+    p.add_argument(
+        "--no-grouped",
+        nargs="*",
+        default=["movielens"],
+        help="data sets where pme_grouped is left out (to save time; default: movielens)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "quality"))
-    p.add_argument("--report-only", action="store_true",
-                   help="rebuild report.md/results.json from results_partial_<data>.json")
+    p.add_argument(
+        "--report-only", action="store_true", help="rebuild report.md/results.json from results_partial_<data>.json"
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
@@ -259,8 +326,10 @@ def main():
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     with open(os.path.join(args.out, "report.md"), "w") as f:
-        f.write("\n".join(md) + f"\n\nWall time of this run: {time.perf_counter() - t0:.0f} s "
-                f"({torch.get_num_threads()} torch thread(s)).\n")
+        f.write(
+            "\n".join(md) + f"\n\nWall time of this run: {time.perf_counter() - t0:.0f} s "
+            f"({torch.get_num_threads()} torch thread(s)).\n"
+        )
     print("\n".join(md))
 
 

@@ -8,13 +8,24 @@ Main entry points: ``MultiSizeEmbeddingBag``, ``MultiSizeEmbedding``, ``convert`
 ``pme.optim``, the functions of ``pme.ops`` and ``info()``.
 """
 
+from . import ops, optim, reference
 from ._version import __version__
-from . import ops, reference, optim
-from .modules import MultiSizeEmbedding, MultiSizeEmbeddingBag, convert
 from .collection import MultiSizeEmbeddingBagCollection, MultiSizeEmbeddingCollection
+from .modules import MultiSizeEmbedding, MultiSizeEmbeddingBag, convert
 
-__all__ = ["__version__", "ops", "reference", "optim", "MultiSizeEmbeddingBag", "MultiSizeEmbedding", "convert",
-           "search", "info", "MultiSizeEmbeddingBagCollection", "MultiSizeEmbeddingCollection"]
+__all__ = [
+    "__version__",
+    "ops",
+    "reference",
+    "optim",
+    "MultiSizeEmbeddingBag",
+    "MultiSizeEmbedding",
+    "convert",
+    "search",
+    "info",
+    "MultiSizeEmbeddingBagCollection",
+    "MultiSizeEmbeddingCollection",
+]
 
 
 def __getattr__(name):
@@ -45,8 +56,11 @@ def info() -> dict:
         installed = version("pme")
     except Exception:  # not installed as a distribution (source tree on sys.path)
         installed = __version__
-    flavour = (installed.split("+", 1)[1] if "+" in installed else
-               (None if not b else ("cpu" if cuda == "none" else "cu" + cuda.replace(".", ""))))
+    flavour = (
+        installed.split("+", 1)[1]
+        if "+" in installed
+        else (None if not b else ("cpu" if cuda == "none" else "cu" + cuda.replace(".", "")))
+    )
     return {
         "version": installed,
         "flavour": flavour or local,

@@ -147,25 +147,33 @@ GROUPS = {
     "all": list(CONFIGS),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-SIZE_FRACTIONS = (8, 4, 2, 1)          # row sizes D/8, D/4, D/2, D ...
+SIZE_FRACTIONS = (8, 4, 2, 1)  # row sizes D/8, D/4, D/2, D ...
 SIZE_PROBS = (0.55, 0.25, 0.15, 0.05)  # ... drawn with these probabilities
 
 LOOKUP_METHODS = ["pme", "eb_dense", "eb_sparse", "per_size", "gather_index_add"]
-STEP_METHODS = ["pme_fused_rowwise_adagrad", "pme_fused_sgd", "pme_fused_adam", "eb_sparse_sparseadam",
-                "eb_sparse_adagrad", "eb_sparse_sgd", "eb_dense_adagrad", "pme_dense_adagrad"]
+STEP_METHODS = [
+    "pme_fused_rowwise_adagrad",
+    "pme_fused_sgd",
+    "pme_fused_adam",
+    "eb_sparse_sparseadam",
+    "eb_sparse_adagrad",
+    "eb_sparse_sgd",
+    "eb_dense_adagrad",
+    "pme_dense_adagrad",
+]
 ALL_METHODS = LOOKUP_METHODS + STEP_METHODS
 PHASES = ["forward", "forward_backward", "step"]
 
 BYTES_FORMULA = {
     "notation": "E = weight element size; N = B*L lookups; I = (N + B)*8 (int64 indices + offsets); "
-                "O = B*D*E (output, and output gradient); R = sum over lookups of the looked-up row's stored "
-                "bytes (multi-size: size[idx]*E, full-width: D*E); U = stored bytes of the distinct rows of the "
-                "batch, u = their number; s = optimizer-state element size (pme: 4, torch: E)",
+    "O = B*D*E (output, and output gradient); R = sum over lookups of the looked-up row's stored "
+    "bytes (multi-size: size[idx]*E, full-width: D*E); U = stored bytes of the distinct rows of the "
+    "batch, u = their number; s = optimizer-state element size (pme: 4, torch: E)",
     "forward": "R + I + O",
     "forward_backward_dense": "R + I + O + O + I + table_entries*E (the whole gradient is written)",
     "forward_backward_sparse": "R + I + O + O + I + N*D*E + N*8 (COO gradient values + indices)",
     "step": "R + I + O + O + I + 2*U + state, state = rowwise Adagrad 2*4*u | per-entry Adagrad 2*s*U/E | "
-            "Adam 4*s*U/E | SGD 0",
+    "Adam 4*s*U/E | SGD 0",
     "effective_bandwidth": "bytes / median time; copy_ratio = effective bandwidth / copy bandwidth",
 }
 
@@ -185,21 +193,36 @@ def cpu_model() -> str:
 
 
 def device_info(device: torch.device) -> dict:
-    info = {"device_type": device.type, "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "python": platform.python_version(), "pme": pme.info(),
-            "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "CUDA_VISIBLE_DEVICES")}}
+    info = {
+        "device_type": device.type,
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "pme": pme.info(),
+        "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "CUDA_VISIBLE_DEVICES")},
+    }
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
-        info.update(name=torch.cuda.get_device_name(device), gpu_memory_bytes=p.total_memory,
-                    sm_count=p.multi_processor_count, l2_cache_bytes=getattr(p, "L2_cache_size", None),
-                    capability=f"{p.major}.{p.minor}")
+        info.update(
+            name=torch.cuda.get_device_name(device),
+            gpu_memory_bytes=p.total_memory,
+            sm_count=p.multi_processor_count,
+            l2_cache_bytes=getattr(p, "L2_cache_size", None),
+            capability=f"{p.major}.{p.minor}",
+        )
     else:
         info["name"] = f"{cpu_model()} ({torch.get_num_threads()} threads)"
     try:
         here = os.path.dirname(os.path.abspath(__file__))
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                                            timeout=10).stdout.strip() or None
+        info["git_commit"] = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         info["git_commit"] = None
     return info
@@ -240,6 +263,7 @@ def sync(device):
 
 class Times(list):
     """Per-call milliseconds; ``graph`` tells whether they are CUDA-graph replays."""
+
     graph = False
 
 
@@ -316,8 +340,12 @@ def copy_bandwidth(device, nbytes, repeats) -> dict:
     dst = torch.empty_like(src)
     timer = Timer(device, warmup=2, repeats=repeats, max_seconds=30)
     t_copy = statistics.median(timer(lambda: dst.copy_(src)))
-    out = {"buffer_bytes": n * 4, "method": "dst.copy_(src), torch.utils.benchmark.Timer",
-           "copy_ms": t_copy, "bytes_per_s": 2 * n * 4 / (t_copy * 1e-3)}
+    out = {
+        "buffer_bytes": n * 4,
+        "method": "dst.copy_(src), torch.utils.benchmark.Timer",
+        "copy_ms": t_copy,
+        "bytes_per_s": 2 * n * 4 / (t_copy * 1e-3),
+    }
     if device.type == "cpu":
         t_clone = statistics.median(timer(lambda: src.clone()))
         out["clone_ms"] = t_clone
@@ -378,17 +406,17 @@ class Case:
     def nbytes(self, method: str, phase: str) -> int:
         multi = method.startswith("pme") or method in ("per_size", "gather_index_add")
         E, N, B, D = self.E, self.N, self.B, self.D
-        I, O = (N + B) * 8, B * D * E
+        idx_bytes, out_bytes = (N + B) * 8, B * D * E
         R = self.lookup_entries * E if multi else N * D * E
         U_entries = self.unique_entries if multi else self.n_unique * D
         table_entries = self.total if multi else self.V * D
-        fwd = R + I + O
+        fwd = R + idx_bytes + out_bytes
         if phase == "forward":
             return fwd
         if phase == "forward_backward":
             if method == "eb_sparse":
-                return fwd + O + I + N * D * E + N * 8
-            return fwd + O + I + table_entries * E
+                return fwd + out_bytes + idx_bytes + N * D * E + N * 8
+            return fwd + out_bytes + idx_bytes + table_entries * E
         s = 4 if method.startswith("pme_fused") else E
         if method.endswith("rowwise_adagrad"):
             state = 2 * 4 * self.n_unique
@@ -398,7 +426,7 @@ class Case:
             state = 4 * s * U_entries
         else:
             state = 0
-        return fwd + O + I + 2 * U_entries * E + state
+        return fwd + out_bytes + idx_bytes + 2 * U_entries * E + state
 
     def estimate(self, method: str) -> int:
         """Peak bytes a method allocates beyond the shared inputs (a generous estimate)."""
@@ -424,15 +452,26 @@ class Case:
         return est + io
 
     def describe(self) -> str:
-        return (f"{self.V:,} x {self.D} {self.cfg['dtype']}, {self.B} bags x {self.L} lookups ({self.N:,}), "
-                f"{self.cfg['dist']}, {self.n_unique:,} distinct rows; multi-size table "
-                f"{100 * self.total / (self.V * self.D):.1f}% of the dense entries")
+        return (
+            f"{self.V:,} x {self.D} {self.cfg['dtype']}, {self.B} bags x {self.L} lookups ({self.N:,}), "
+            f"{self.cfg['dist']}, {self.n_unique:,} distinct rows; multi-size table "
+            f"{100 * self.total / (self.V * self.D):.1f}% of the dense entries"
+        )
 
     def summary(self) -> dict:
-        return dict(self.cfg, name=self.name, lookups=self.N, distinct_rows=self.n_unique,
-                    size_classes=self.classes, size_probs=list(SIZE_PROBS), stored_entries=self.total,
-                    dense_entries=self.V * self.D, stored_fraction=self.total / (self.V * self.D),
-                    lookup_entries=self.lookup_entries, distinct_row_entries=self.unique_entries)
+        return dict(
+            self.cfg,
+            name=self.name,
+            lookups=self.N,
+            distinct_rows=self.n_unique,
+            size_classes=self.classes,
+            size_probs=list(SIZE_PROBS),
+            stored_entries=self.total,
+            dense_entries=self.V * self.D,
+            stored_fraction=self.total / (self.V * self.D),
+            lookup_entries=self.lookup_entries,
+            distinct_row_entries=self.unique_entries,
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -444,8 +483,9 @@ def dense_table(c: Case, sparse=False) -> nn.EmbeddingBag:
 
 
 def pme_table(c: Case, optimizer=None) -> pme.MultiSizeEmbeddingBag:
-    return pme.MultiSizeEmbeddingBag(c.V, c.D, sizes=c.sizes, mode="sum", device=c.device, dtype=c.dtype,
-                                     optimizer=optimizer)
+    return pme.MultiSizeEmbeddingBag(
+        c.V, c.D, sizes=c.sizes, mode="sum", device=c.device, dtype=c.dtype, optimizer=optimizer
+    )
 
 
 def fwd_and_fwd_bwd(module, forward, c: Case, timer, graph_ok=True) -> dict:
@@ -531,11 +571,11 @@ def gather_index_add(weight, row_off, sizes, idx, offsets, B, D):
     s = sizes[idx]
     start = row_off[idx]
     ends = torch.cumsum(s, 0)
-    T = int(ends[-1]) if N else 0                                 # entries to gather (a host sync)
-    lk = torch.repeat_interleave(s, output_size=T)                # lookup of every gathered entry
-    pos = torch.arange(T, device=idx.device) - (ends - s)[lk]     # column inside its row
+    T = int(ends[-1]) if N else 0  # entries to gather (a host sync)
+    lk = torch.repeat_interleave(s, output_size=T)  # lookup of every gathered entry
+    pos = torch.arange(T, device=idx.device) - (ends - s)[lk]  # column inside its row
     counts = torch.diff(offsets, append=offsets.new_full((1,), N))
-    bag = torch.repeat_interleave(counts, output_size=N)          # bag of every lookup
+    bag = torch.repeat_interleave(counts, output_size=N)  # bag of every lookup
     vals = weight[start[lk] + pos]
     out = torch.zeros(B * D, dtype=weight.dtype, device=weight.device).index_add(0, bag[lk] * D + pos, vals)
     return out.view(B, D)
@@ -544,18 +584,26 @@ def gather_index_add(weight, row_off, sizes, idx, offsets, B, D):
 def run_gather_index_add(c, timer):
     holder = nn.Module()
     holder.weight = nn.Parameter(torch.empty(c.total, device=c.device, dtype=c.dtype).normal_())
-    return fwd_and_fwd_bwd(holder, lambda: gather_index_add(holder.weight, c.row_off, c.sizes, c.idx, c.offsets,
-                                                            c.B, c.D), c, timer, graph_ok=False)  # host sync
+    return fwd_and_fwd_bwd(
+        holder,
+        lambda: gather_index_add(holder.weight, c.row_off, c.sizes, c.idx, c.offsets, c.B, c.D),
+        c,
+        timer,
+        graph_ok=False,
+    )  # host sync
 
 
 def run_pme_fused(name):
     def run(c, timer):
-        opt = {"rowwise_adagrad": lambda: pme.optim.RowwiseAdagrad(lr=0.01),
-               "sgd": lambda: pme.optim.SGD(lr=0.01),
-               "adam": lambda: pme.optim.Adam(lr=1e-3)}[name]()
+        opt = {
+            "rowwise_adagrad": lambda: pme.optim.RowwiseAdagrad(lr=0.01),
+            "sgd": lambda: pme.optim.SGD(lr=0.01),
+            "adam": lambda: pme.optim.Adam(lr=1e-3),
+        }[name]()
         m = pme_table(c, optimizer=opt)
         m.train()
         return {"step": timer(lambda: m(c.idx, c.offsets).backward(c.grad))}
+
     return run
 
 
@@ -564,16 +612,20 @@ def torch_step(module, optimizer, c, timer):
         module(c.idx, c.offsets).backward(c.grad)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
     return {"step": timer(step)}
 
 
 def run_eb_sparse_opt(name):
     def run(c, timer):
         eb = dense_table(c, sparse=True)
-        opt = {"sparseadam": lambda: torch.optim.SparseAdam([eb.weight], lr=1e-3),
-               "adagrad": lambda: torch.optim.Adagrad([eb.weight], lr=0.01, foreach=False),
-               "sgd": lambda: torch.optim.SGD([eb.weight], lr=0.01, foreach=False)}[name]()
+        opt = {
+            "sparseadam": lambda: torch.optim.SparseAdam([eb.weight], lr=1e-3),
+            "adagrad": lambda: torch.optim.Adagrad([eb.weight], lr=0.01, foreach=False),
+            "sgd": lambda: torch.optim.SGD([eb.weight], lr=0.01, foreach=False),
+        }[name]()
         return torch_step(eb, opt, c, timer)
+
     return run
 
 
@@ -588,12 +640,19 @@ def run_pme_dense_adagrad(c, timer):
 
 
 RUNNERS = {
-    "pme": run_pme, "eb_dense": run_eb_dense, "eb_sparse": run_eb_sparse, "per_size": run_per_size,
+    "pme": run_pme,
+    "eb_dense": run_eb_dense,
+    "eb_sparse": run_eb_sparse,
+    "per_size": run_per_size,
     "gather_index_add": run_gather_index_add,
-    "pme_fused_rowwise_adagrad": run_pme_fused("rowwise_adagrad"), "pme_fused_sgd": run_pme_fused("sgd"),
-    "pme_fused_adam": run_pme_fused("adam"), "eb_sparse_sparseadam": run_eb_sparse_opt("sparseadam"),
-    "eb_sparse_adagrad": run_eb_sparse_opt("adagrad"), "eb_sparse_sgd": run_eb_sparse_opt("sgd"),
-    "eb_dense_adagrad": run_eb_dense_adagrad, "pme_dense_adagrad": run_pme_dense_adagrad,
+    "pme_fused_rowwise_adagrad": run_pme_fused("rowwise_adagrad"),
+    "pme_fused_sgd": run_pme_fused("sgd"),
+    "pme_fused_adam": run_pme_fused("adam"),
+    "eb_sparse_sparseadam": run_eb_sparse_opt("sparseadam"),
+    "eb_sparse_adagrad": run_eb_sparse_opt("adagrad"),
+    "eb_sparse_sgd": run_eb_sparse_opt("sgd"),
+    "eb_dense_adagrad": run_eb_dense_adagrad,
+    "pme_dense_adagrad": run_pme_dense_adagrad,
 }
 REFERENCE = {"forward": "pme", "forward_backward": "pme", "step": "pme_fused_rowwise_adagrad"}
 
@@ -621,8 +680,9 @@ def run_case(c: Case, methods, timer, copy_bps, mem_limit, dry_run, progress) ->
             rows.append(dict(base, skipped=reason))
             continue
         if dry_run:
-            print(f"{progress} [{i + 1}/{len(methods)}] {name}: would run (about {gb(need)}, {gb(free)} free)",
-                  flush=True)
+            print(
+                f"{progress} [{i + 1}/{len(methods)}] {name}: would run (about {gb(need)}, {gb(free)} free)", flush=True
+            )
             rows.append(dict(base, skipped="dry run"))
             continue
         print(f"{progress} [{i + 1}/{len(methods)}] {name} ...", end=" ", flush=True)
@@ -644,22 +704,33 @@ def run_case(c: Case, methods, timer, copy_bps, mem_limit, dry_run, progress) ->
             ms = statistics.median(times)
             nbytes = c.nbytes(name, phase)
             bps = nbytes / (ms * 1e-3)
-            rows.append(dict(base, phase=phase, ms=ms, times_ms=list(times), repeats=len(times), bytes=nbytes,
-                             bytes_per_s=bps, copy_ratio=bps / copy_bps, cuda_graph=times.graph))
+            rows.append(
+                dict(
+                    base,
+                    phase=phase,
+                    ms=ms,
+                    times_ms=list(times),
+                    repeats=len(times),
+                    bytes=nbytes,
+                    bytes_per_s=bps,
+                    copy_ratio=bps / copy_bps,
+                    cuda_graph=times.graph,
+                )
+            )
             parts.append(f"{phase} {ms:.3f} ms")
         print(", ".join(parts) + f" ({time.perf_counter() - t0:.1f} s)", flush=True)
         del res
     floors = {}
     for phase, ref in REFERENCE.items():
-        floors[phase] = {"method": ref, "bytes": c.nbytes(ref, phase),
-                         "ms": c.nbytes(ref, phase) / copy_bps * 1e3}
+        floors[phase] = {"method": ref, "bytes": c.nbytes(ref, phase), "ms": c.nbytes(ref, phase) / copy_bps * 1e3}
     speedups = {}
     for phase, ref in REFERENCE.items():
         ref_row = next((r for r in rows if r["method"] == ref and r.get("phase") == phase), None)
         if ref_row is None:
             continue
-        speedups[phase] = {r["method"]: r["ms"] / ref_row["ms"] for r in rows
-                           if r.get("phase") == phase and r["method"] != ref}
+        speedups[phase] = {
+            r["method"]: r["ms"] / ref_row["ms"] for r in rows if r.get("phase") == phase and r["method"] != ref
+        }
     return {"config": c.summary(), "results": rows, "floor": floors, "pme_speedup": speedups}
 
 
@@ -674,8 +745,12 @@ def print_case(out, copy_bps, describe):
         if r is None:
             return ["-"] * 4
         ratio = sp.get(phase, {}).get(m, 1.0 if m == REFERENCE[phase] else None)
-        return [fmt(r["ms"], ".3f"), fmt(r["bytes_per_s"] / 1e9, ".1f"), fmt(100 * r["copy_ratio"], ".0f") + "%",
-                fmt(ratio, ".2f")]
+        return [
+            fmt(r["ms"], ".3f"),
+            fmt(r["bytes_per_s"] / 1e9, ".1f"),
+            fmt(100 * r["copy_ratio"], ".0f") + "%",
+            fmt(ratio, ".2f"),
+        ]
 
     print(f"\n== {out['config']['name']}: {describe}")
     methods = [m for m in LOOKUP_METHODS if any(r["method"] == m for r in rows)]
@@ -689,8 +764,19 @@ def print_case(out, copy_bps, describe):
             if "skipped" in r or "error" in r:
                 table.append([f"  {m}: " + r.get("skipped", r.get("error", ""))] + [""] * 8)
         fl = out["floor"]
-        table.append(["floor (pme bytes / copy bw)", fmt(fl["forward"]["ms"], ".3f"), "", "", "",
-                      fmt(fl["forward_backward"]["ms"], ".3f"), "", "", ""])
+        table.append(
+            [
+                "floor (pme bytes / copy bw)",
+                fmt(fl["forward"]["ms"], ".3f"),
+                "",
+                "",
+                "",
+                fmt(fl["forward_backward"]["ms"], ".3f"),
+                "",
+                "",
+                "",
+            ]
+        )
         print_table(table)
         print("  pme x = the method's time / pme's time (pme's speed-up over it)")
     methods = [m for m in STEP_METHODS if any(r["method"] == m for r in rows)]
@@ -710,8 +796,10 @@ def print_case(out, copy_bps, describe):
 
 def print_table(table):
     """Left-aligned first column, right-aligned others; a row whose other cells are all "" is a note."""
+
     def is_note(row):
         return all(x == "" for x in row[1:])
+
     widths = [max(len(str(row[i])) for row in table if not is_note(row)) for i in range(len(table[0]))]
     for row in table:
         if is_note(row):
@@ -723,6 +811,7 @@ def print_table(table):
 def plot(path, outs, title):
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -749,14 +838,20 @@ def plot(path, outs, title):
             xs = [i - 0.4 + width * (k + 0.5) for i in range(len(configs))]
             ax.bar(xs, vals, width, label=m, color=color[m])
         floors = [o["floor"][phase]["ms"] for o in outs]
-        ax.scatter(range(len(configs)), floors, marker="_", s=600, color="black", zorder=3,
-                   label="floor: pme bytes / copy bw")
+        ax.scatter(
+            range(len(configs)), floors, marker="_", s=600, color="black", zorder=3, label="floor: pme bytes / copy bw"
+        )
         ax.set_yscale("log")
         ax.set_xticks(range(len(configs)))
         ax.set_xticklabels(configs, rotation=20, ha="right")
         ax.set_ylabel("ms (median)")
-        ax.set_title({"forward": "forward", "forward_backward": "forward + backward",
-                      "step": "training step (fwd + bwd + update)"}[phase])
+        ax.set_title(
+            {
+                "forward": "forward",
+                "forward_backward": "forward + backward",
+                "step": "training step (fwd + bwd + update)",
+            }[phase]
+        )
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2)
         ax.grid(axis="y", which="both", alpha=0.3)
     fig.suptitle(title, fontsize=10)
@@ -767,13 +862,19 @@ def plot(path, outs, title):
 
 
 def parse_args(argv=None):
-    configs = "\n".join(f"  {k:17s} {v['rows']:>12,} x {v['dim']:<4d} {v['dtype']:5s} {v['bags']:>6d} bags x "
-                         f"{v['pooling']:<3d} {v['dist']}" for k, v in CONFIGS.items())
+    configs = "\n".join(
+        f"  {k:17s} {v['rows']:>12,} x {v['dim']:<4d} {v['dtype']:5s} {v['bags']:>6d} bags x "
+        f"{v['pooling']:<3d} {v['dist']}"
+        for k, v in CONFIGS.items()
+    )
     groups = "\n".join(f"  {k:17s} {', '.join(v)}" for k, v in GROUPS.items())
     p = argparse.ArgumentParser(
-        prog="pme bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="pme bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"configurations:\n{configs}\n\ngroups (usable in --configs):\n{groups}\n\nmethods:\n  "
-               + "\n  ".join(ALL_METHODS))
+        + "\n  ".join(ALL_METHODS),
+    )
     p.add_argument("--configs", help="comma-separated configs or groups (default: gpu on CUDA, cpu on CPU)")
     p.add_argument("--quick", action="store_true", help="small CPU-sized run: config 'quick', few repeats")
     p.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
@@ -785,24 +886,32 @@ def parse_args(argv=None):
     p.add_argument("--dist", choices=["zipf", "uniform"], help="override the index distribution")
     p.add_argument("--dtype", choices=list(DTYPES), help="override the weight dtype")
     p.add_argument("--zipf-alpha", type=float, default=1.05, help="Zipf exponent (default 1.05)")
-    p.add_argument("--warmup", type=int, help="untimed calls first (default 5; on CPU at most max-seconds / 2 of "
-                                               "them)")
+    p.add_argument("--warmup", type=int, help="untimed calls first (default 5; on CPU at most max-seconds / 2 of them)")
     p.add_argument("--repeats", type=int, help="timed calls, median reported (default 50 on CUDA, 30 on CPU)")
-    p.add_argument("--max-seconds", type=float,
-                   help="stop repeating a phase after this many seconds (at least 3 repeats; default 5 on CUDA, "
-                        "2 on CPU)")
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        help="stop repeating a phase after this many seconds (at least 3 repeats; default 5 on CUDA, 2 on CPU)",
+    )
     p.add_argument("--copy-mb", type=int, help="copy-bandwidth buffer in MiB (default 1024 on CUDA, 512 on CPU)")
     p.add_argument("--flush-l2", action="store_true", help="CUDA: overwrite 2x L2 before each timed call")
-    p.add_argument("--cuda-graph", action="store_true",
-                   help="CUDA: time the forward phase as CUDA-graph replays (kernel time without Python/launch "
-                        "overhead; gather_index_add stays eager); the output file name gets a _graph suffix")
+    p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="CUDA: time the forward phase as CUDA-graph replays (kernel time without Python/launch "
+        "overhead; gather_index_add stays eager); the output file name gets a _graph suffix",
+    )
     p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
     p.add_argument("--mem-limit-gb", type=float, help="treat at most this much memory as free (tests the guard)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="build the inputs, print which methods would run or be skipped, time nothing")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="build the inputs, print which methods would run or be skipped, time nothing",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="JSON path (default benchmarks/results/lookup_<device>_<date>.json; the PNG "
-                                 "goes beside it)")
+    p.add_argument(
+        "--out", help="JSON path (default benchmarks/results/lookup_<device>_<date>.json; the PNG goes beside it)"
+    )
     p.add_argument("--no-save", action="store_true", help="print only, write no JSON or PNG")
     p.add_argument("--replot", metavar="JSON", help="only redraw the PNG of an earlier result file, run nothing")
     return p.parse_args(argv)
@@ -813,9 +922,12 @@ def main(argv=None):
     if args.replot:
         with open(args.replot) as f:
             doc = json.load(f)
-        png = plot(os.path.splitext(args.replot)[0] + ".png", doc["configs"],
-                   f"{doc['device']['name']}, torch {doc['device']['torch']}, copy "
-                   f"{doc['copy_bandwidth']['bytes_per_s'] / 1e9:.0f} GB/s")
+        png = plot(
+            os.path.splitext(args.replot)[0] + ".png",
+            doc["configs"],
+            f"{doc['device']['name']}, torch {doc['device']['torch']}, copy "
+            f"{doc['copy_bandwidth']['bytes_per_s'] / 1e9:.0f} GB/s",
+        )
         print(f"wrote {png}")
         return doc["configs"]
     warnings.filterwarnings("ignore", message="Sparse invariant checks")  # torch's sparse optimizers, each step
@@ -838,8 +950,14 @@ def main(argv=None):
     for m in methods:
         if m not in RUNNERS:
             sys.exit(f"unknown method {m!r}; known: {', '.join(ALL_METHODS)}")
-    overrides = {"rows": args.rows, "dim": args.dim, "bags": args.bags, "pooling": args.pooling_factor,
-                 "dist": args.dist, "dtype": args.dtype}
+    overrides = {
+        "rows": args.rows,
+        "dim": args.dim,
+        "bags": args.bags,
+        "pooling": args.pooling_factor,
+        "dist": args.dist,
+        "dtype": args.dtype,
+    }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     warmup = args.warmup if args.warmup is not None else 5
     max_seconds = args.max_seconds if args.max_seconds is not None else (5.0 if cuda else 2.0)
@@ -862,32 +980,51 @@ def main(argv=None):
         copy = {"bytes_per_s": float("nan"), "dry_run": True}
     else:
         copy = copy_bandwidth(device, copy_mb * 2**20, repeats=max(repeats, 10))
-        print(f"copy bandwidth: {copy['bytes_per_s'] / 1e9:.1f} GB/s (read + write, {copy['method']}, "
-              f"{copy_mb} MiB buffer, median)" + (f"; clone: {copy['clone_bytes_per_s'] / 1e9:.1f} GB/s"
-                                                  if "clone_bytes_per_s" in copy else ""))
+        print(
+            f"copy bandwidth: {copy['bytes_per_s'] / 1e9:.1f} GB/s (read + write, {copy['method']}, "
+            f"{copy_mb} MiB buffer, median)"
+            + (f"; clone: {copy['clone_bytes_per_s'] / 1e9:.1f} GB/s" if "clone_bytes_per_s" in copy else "")
+        )
     timer = Timer(device, warmup, repeats, max_seconds, args.flush_l2, args.cuda_graph)
 
     outs = []
     folder = os.path.join("benchmarks", "results") if os.path.isdir("benchmarks") else "."
-    path = args.out or os.path.join(folder, f"lookup_{device_slug(device)}_{time.strftime('%Y-%m-%d')}"
-                                            f"{'_graph' if args.cuda_graph and cuda else ''}.json")
+    path = args.out or os.path.join(
+        folder,
+        f"lookup_{device_slug(device)}_{time.strftime('%Y-%m-%d')}{'_graph' if args.cuda_graph and cuda else ''}.json",
+    )
 
     def save(complete):
         """Writes the JSON (atomically); called after every configuration, so a cut-short run keeps its results."""
         if args.dry_run or args.no_save:
             return
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        doc = {"benchmark": "bench_lookup", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-               "command": " ".join(["pme bench"] + (sys.argv[1:] if argv is None else list(argv))), "device": info,
-               "complete": complete, "configs_requested": list(configs),
-               "copy_bandwidth": copy, "timing": {"warmup": warmup, "repeats": repeats, "max_seconds": max_seconds,
-                                                  "flush_l2": bool(args.flush_l2 and cuda),
-                                                  "cuda_graph_forward": bool(args.cuda_graph and cuda),
-                                                  "clock": "torch.utils.benchmark.Timer (time.perf_counter"
-                                                           + (", CUDA synchronize around each call)" if cuda else ")"),
-                                                  "statistic": "median", "gc_paused_while_timing": True},
-               "mode": "sum", "index_dtype": "int64", "zipf_alpha": args.zipf_alpha, "seed": args.seed,
-               "bytes_formula": BYTES_FORMULA, "configs": outs}
+        doc = {
+            "benchmark": "bench_lookup",
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "command": " ".join(["pme bench"] + (sys.argv[1:] if argv is None else list(argv))),
+            "device": info,
+            "complete": complete,
+            "configs_requested": list(configs),
+            "copy_bandwidth": copy,
+            "timing": {
+                "warmup": warmup,
+                "repeats": repeats,
+                "max_seconds": max_seconds,
+                "flush_l2": bool(args.flush_l2 and cuda),
+                "cuda_graph_forward": bool(args.cuda_graph and cuda),
+                "clock": "torch.utils.benchmark.Timer (time.perf_counter"
+                + (", CUDA synchronize around each call)" if cuda else ")"),
+                "statistic": "median",
+                "gc_paused_while_timing": True,
+            },
+            "mode": "sum",
+            "index_dtype": "int64",
+            "zipf_alpha": args.zipf_alpha,
+            "seed": args.seed,
+            "bytes_formula": BYTES_FORMULA,
+            "configs": outs,
+        }
         with open(path + ".tmp", "w") as f:
             json.dump(doc, f, indent=1)
         os.replace(path + ".tmp", path)
@@ -908,8 +1045,10 @@ def main(argv=None):
         if not args.dry_run:
             print_case(out, copy["bytes_per_s"], c.describe())
             if not cuda and max(load_before, load_after) > (os.cpu_count() or 1):
-                print(f"NOTE: the 1-minute load average ({load_before:.1f} -> {load_after:.1f}) exceeds the "
-                      f"{os.cpu_count()} cores: other processes share the CPU and these timings are inflated")
+                print(
+                    f"NOTE: the 1-minute load average ({load_before:.1f} -> {load_after:.1f}) exceeds the "
+                    f"{os.cpu_count()} cores: other processes share the CPU and these timings are inflated"
+                )
         del c
         gc.collect()
         save(complete=False)
@@ -918,8 +1057,11 @@ def main(argv=None):
     if args.dry_run or args.no_save:
         return outs
     save(complete=True)
-    png = plot(os.path.splitext(path)[0] + ".png", outs,
-               f"{info['name']}, torch {info['torch']}, copy {copy['bytes_per_s'] / 1e9:.0f} GB/s")
+    png = plot(
+        os.path.splitext(path)[0] + ".png",
+        outs,
+        f"{info['name']}, torch {info['torch']}, copy {copy['bytes_per_s'] / 1e9:.0f} GB/s",
+    )
     print(f"wrote {path}" + (f" and {png}" if png else ""))
     return outs
 

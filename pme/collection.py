@@ -50,8 +50,16 @@ from torch import nn
 from . import ops, reference
 from .modules import _summary, parse_sizes
 
-__all__ = ["EmbeddingBagConfig", "MultiSizeEmbeddingBagCollection", "MultiSizeEmbeddingCollection", "KeyedOutput", "collection_lookup",
-           "collection_update_", "embedding_names", "convert"]
+__all__ = [
+    "EmbeddingBagConfig",
+    "MultiSizeEmbeddingBagCollection",
+    "MultiSizeEmbeddingCollection",
+    "KeyedOutput",
+    "collection_lookup",
+    "collection_update_",
+    "embedding_names",
+    "convert",
+]
 
 POOLINGS = {"sum": 0, "mean": 1}
 _F = 5  # fields of a feature row: table, key, column, width, pooling
@@ -99,8 +107,10 @@ def _pooling_name(p) -> str:
 def _table_of(cfg, i: int) -> _Table:
     for attr in ("num_embeddings", "embedding_dim", "feature_names"):
         if not hasattr(cfg, attr):
-            raise TypeError(f"tables[{i}] ({type(cfg).__name__}) has no {attr}: pass torchrec.EmbeddingBagConfig "
-                            f"or pme.collection.EmbeddingBagConfig")
+            raise TypeError(
+                f"tables[{i}] ({type(cfg).__name__}) has no {attr}: pass torchrec.EmbeddingBagConfig "
+                f"or pme.collection.EmbeddingBagConfig"
+            )
     V, D = cfg.num_embeddings, cfg.embedding_dim
     if not isinstance(V, int) or V < 1 or not isinstance(D, int) or D < 1:
         raise ValueError(f"tables[{i}]: num_embeddings and embedding_dim must be positive ints, got {V!r}, {D!r}")
@@ -155,7 +165,7 @@ class KeyedOutput:
     def to_dict(self) -> dict:
         """``{key: [B, width]}`` (views of ``values()``)."""
         o = self.offset_per_key()
-        return {k: self._values[:, o[i]:o[i + 1]] for i, k in enumerate(self._keys)}
+        return {k: self._values[:, o[i] : o[i + 1]] for i, k in enumerate(self._keys)}
 
     def __getitem__(self, key):
         return self.to_dict()[key]
@@ -174,18 +184,58 @@ def _is_kjt(x) -> bool:
 if ops.BUILD_INFO is not None:
 
     @torch.library.register_fake("pme::collection_forward")
-    def _(weight, offsets, table_rows, features, indices, bag_offsets, per_sample_weights, batch_size, out_width,
-          table_checked=False):
+    def _(
+        weight,
+        offsets,
+        table_rows,
+        features,
+        indices,
+        bag_offsets,
+        per_sample_weights,
+        batch_size,
+        out_width,
+        table_checked=False,
+    ):
         return weight.new_empty(batch_size, out_width)
 
     @torch.library.register_fake("pme::collection_backward")
-    def _(grad_out, weight, offsets, table_rows, features, indices, bag_offsets, per_sample_weights, batch_size,
-          psw_grad, table_checked=False):
+    def _(
+        grad_out,
+        weight,
+        offsets,
+        table_rows,
+        features,
+        indices,
+        bag_offsets,
+        per_sample_weights,
+        batch_size,
+        psw_grad,
+        table_checked=False,
+    ):
         return torch.empty_like(weight), weight.new_empty(indices.shape[0] if psw_grad else 0)
 
     @torch.library.register_fake("pme::collection_update_")
-    def _(weight, state1, state2, grad_out, offsets, table_rows, features, indices, bag_offsets, per_sample_weights,
-          batch_size, optimizer, lr, weight_decay, eps, beta1, beta2, step, table_checked=False):
+    def _(
+        weight,
+        state1,
+        state2,
+        grad_out,
+        offsets,
+        table_rows,
+        features,
+        indices,
+        bag_offsets,
+        per_sample_weights,
+        batch_size,
+        optimizer,
+        lr,
+        weight_decay,
+        eps,
+        beta1,
+        beta2,
+        step,
+        table_checked=False,
+    ):
         return None
 
     def _setup(ctx, inputs, output):
@@ -196,9 +246,19 @@ if ops.BUILD_INFO is not None:
 
     def _backward(ctx, grad_out):
         weight, offsets, table_rows, features, indices, bag_offsets, psw = ctx.saved_tensors
-        gw, gp = torch.ops.pme.collection_backward(grad_out.contiguous(), weight, offsets, table_rows, features,
-                                                   indices, bag_offsets, psw, ctx.batch_size, ctx.psw_grad,
-                                                   table_checked=True)  # the forward's table, saved unchanged
+        gw, gp = torch.ops.pme.collection_backward(
+            grad_out.contiguous(),
+            weight,
+            offsets,
+            table_rows,
+            features,
+            indices,
+            bag_offsets,
+            psw,
+            ctx.batch_size,
+            ctx.psw_grad,
+            table_checked=True,
+        )  # the forward's table, saved unchanged
         return gw, None, None, None, None, None, (gp if ctx.psw_grad else None), None, None, None
 
     torch.library.register_autograd("pme::collection_forward", _backward, setup_context=_setup)
@@ -215,10 +275,10 @@ def _virtual(weight, offsets, table_rows, features, indices, bag_offsets, psw, B
     rows = table_rows.tolist()
     vidx, vbo, vpsw = [], [torch.zeros(1, dtype=torch.int64, device=weight.device)], []
     m = 0
-    for t, g, col, w, pool in feats:
+    for t, g, _col, _w, _pool in feats:
         s, e = int(bo[g * B]), int(bo[g * B + B])
         vidx.append(indices[s:e].long() + rows[t])
-        vbo.append(bo[g * B + 1:g * B + B + 1] - s + m)
+        vbo.append(bo[g * B + 1 : g * B + B + 1] - s + m)
         if psw is not None:
             vpsw.append(psw[s:e])
         m += e - s
@@ -238,15 +298,17 @@ def _reference_forward(weight, offsets, table_rows, features, indices, bag_offse
         vt = rows[t + 1] - rows[t]
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= vt):
             j = int(((idx < 0) | (idx >= vt)).nonzero()[0])
-            raise IndexError(f"pme: index out of range: indices[{s + j}] = {int(idx[j])} (output block {k}) but table "
-                             f"{t} has {vt} rows")
-        lbo = bo[g * B:g * B + B + 1] - s
+            raise IndexError(
+                f"pme: index out of range: indices[{s + j}] = {int(idx[j])} (output block {k}) but table "
+                f"{t} has {vt} rows"
+            )
+        lbo = bo[g * B : g * B + B + 1] - s
         p = psw[s:e] if psw is not None else None
         e0, e1 = int(offsets[rows[t]]), int(offsets[rows[t + 1]])
-        toff = offsets[rows[t]:rows[t + 1] + 1] - e0
+        toff = offsets[rows[t] : rows[t + 1] + 1] - e0
         ops.check_offsets(toff, e1 - e0, w)
         o = reference.embedding_bag(weight[e0:e1], toff, idx, lbo, w, None, "mean" if pool else "sum", p, None)
-        out[:, col:col + w] = o
+        out[:, col : col + w] = o
     return out
 
 
@@ -267,8 +329,19 @@ def _collection_call(fn, weight, offsets, features, width):
     return ops._table_call(fn, weight, offsets, None, width)
 
 
-def collection_lookup(weight, offsets, table_rows, features, indices, bag_offsets, per_sample_weights=None, *,
-                      batch_size: int, out_width: int, _width=None):
+def collection_lookup(
+    weight,
+    offsets,
+    table_rows,
+    features,
+    indices,
+    bag_offsets,
+    per_sample_weights=None,
+    *,
+    batch_size: int,
+    out_width: int,
+    _width=None,
+):
     """One pooled lookup of every output block of a batch (normal form of ``csrc/collection.h``).
 
     Args:
@@ -283,16 +356,51 @@ def collection_lookup(weight, offsets, table_rows, features, indices, bag_offset
     The whole offset table is checked once per version (see pme.ops), every lookup on every call.
     """
     if ops._compiled(weight):
-        return _collection_call(lambda checked: torch.ops.pme.collection_forward(
-            weight, offsets, table_rows, features, indices, bag_offsets, per_sample_weights, int(batch_size),
-            int(out_width), table_checked=checked), weight, offsets, features, _width)
-    return _reference_forward(weight, offsets, table_rows, features, indices, bag_offsets, per_sample_weights,
-                              int(batch_size), int(out_width))
+        return _collection_call(
+            lambda checked: torch.ops.pme.collection_forward(
+                weight,
+                offsets,
+                table_rows,
+                features,
+                indices,
+                bag_offsets,
+                per_sample_weights,
+                int(batch_size),
+                int(out_width),
+                table_checked=checked,
+            ),
+            weight,
+            offsets,
+            features,
+            _width,
+        )
+    return _reference_forward(
+        weight, offsets, table_rows, features, indices, bag_offsets, per_sample_weights, int(batch_size), int(out_width)
+    )
 
 
-def collection_update_(weight, state1, state2, grad_out, offsets, table_rows, features, indices, bag_offsets,
-                       per_sample_weights=None, *, batch_size: int, optimizer="rowwise_adagrad", lr=0.01,
-                       weight_decay=0.0, eps=1e-8, beta1=0.9, beta2=0.999, step=1, _width=None):
+def collection_update_(
+    weight,
+    state1,
+    state2,
+    grad_out,
+    offsets,
+    table_rows,
+    features,
+    indices,
+    bag_offsets,
+    per_sample_weights=None,
+    *,
+    batch_size: int,
+    optimizer="rowwise_adagrad",
+    lr=0.01,
+    weight_decay=0.0,
+    eps=1e-8,
+    beta1=0.9,
+    beta2=0.999,
+    step=1,
+    _width=None,
+):
     """Fused backward + optimizer step of a collection lookup, in place, all tables in one call.
 
     ``grad_out`` ``[B, out_width]`` is the gradient of :func:`collection_lookup`'s output. The
@@ -302,25 +410,68 @@ def collection_update_(weight, state1, state2, grad_out, offsets, table_rows, fe
     if optimizer not in ops.OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {sorted(ops.OPTIMIZERS)}, got {optimizer!r}")
     if ops._compiled(weight):
-        _collection_call(lambda checked: torch.ops.pme.collection_update_(
-            weight, state1, state2, grad_out, offsets, table_rows, features, indices, bag_offsets, per_sample_weights,
-            int(batch_size), ops.OPTIMIZERS[optimizer], float(lr), float(weight_decay), float(eps), float(beta1),
-            float(beta2), int(step), table_checked=checked), weight, offsets, features, _width)
+        _collection_call(
+            lambda checked: torch.ops.pme.collection_update_(
+                weight,
+                state1,
+                state2,
+                grad_out,
+                offsets,
+                table_rows,
+                features,
+                indices,
+                bag_offsets,
+                per_sample_weights,
+                int(batch_size),
+                ops.OPTIMIZERS[optimizer],
+                float(lr),
+                float(weight_decay),
+                float(eps),
+                float(beta1),
+                float(beta2),
+                int(step),
+                table_checked=checked,
+            ),
+            weight,
+            offsets,
+            features,
+            _width,
+        )
         return
     B = int(batch_size)
-    vidx, vbo, vpsw, feats = _virtual(weight, offsets, table_rows, features, indices, bag_offsets,
-                                      per_sample_weights, B)
+    vidx, vbo, vpsw, feats = _virtual(
+        weight, offsets, table_rows, features, indices, bag_offsets, per_sample_weights, B
+    )
     # Mean blocks: their bags' gradient divided by the bag's length; every block padded to Wmax.
     Wmax = max([f[3] for f in feats] + [1])
     vgrad = grad_out.new_zeros(len(feats) * B, Wmax)
     lens = (vbo[1:] - vbo[:-1]).to(grad_out.dtype)
-    for k, (t, g, col, w, pool) in enumerate(feats):
-        gk = grad_out[:, col:col + w]
+    for k, (_t, _g, col, w, pool) in enumerate(feats):
+        gk = grad_out[:, col : col + w]
         if pool == 1:
-            gk = gk / lens[k * B:(k + 1) * B].clamp(min=1).unsqueeze(1)
-        vgrad[k * B:(k + 1) * B, :w] = gk
-    reference.sparse_update_(weight, state1, state2, vgrad, offsets, vidx, vbo, Wmax, None, "sum", vpsw, None,
-                             optimizer, lr, weight_decay, eps, beta1, beta2, step)
+            gk = gk / lens[k * B : (k + 1) * B].clamp(min=1).unsqueeze(1)
+        vgrad[k * B : (k + 1) * B, :w] = gk
+    reference.sparse_update_(
+        weight,
+        state1,
+        state2,
+        vgrad,
+        offsets,
+        vidx,
+        vbo,
+        Wmax,
+        None,
+        "sum",
+        vpsw,
+        None,
+        optimizer,
+        lr,
+        weight_decay,
+        eps,
+        beta1,
+        beta2,
+        step,
+    )
 
 
 class CollectionRows(NamedTuple):
@@ -341,9 +492,21 @@ class CollectionRows(NamedTuple):
     def update_(self, module, state1, state2, grad_out, **step) -> None:
         """One fused optimizer step of every table of ``module`` on these rows (:func:`collection_update_`);
         as ``pme.ops.BackwardRows.update_``."""
-        collection_update_(module.weight.data, state1, state2, grad_out, module.offsets, module.table_rows,
-                           self.features, self.indices, self.bag_offsets, self.per_sample_weights,
-                           batch_size=self.batch_size, _width=module._block_width(), **step)
+        collection_update_(
+            module.weight.data,
+            state1,
+            state2,
+            grad_out,
+            module.offsets,
+            module.table_rows,
+            self.features,
+            self.indices,
+            self.bag_offsets,
+            self.per_sample_weights,
+            batch_size=self.batch_size,
+            _width=module._block_width(),
+            **step,
+        )
 
 
 class _ConsumedCollectionLookup(torch.autograd.Function):
@@ -351,8 +514,18 @@ class _ConsumedCollectionLookup(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, anchor, consumer, module, indices, bag_offsets, features, psw, B):
-        out = collection_lookup(module.weight, module.offsets, module.table_rows, features, indices, bag_offsets,
-                                psw, batch_size=B, out_width=module.out_width, _width=module._block_width())
+        out = collection_lookup(
+            module.weight,
+            module.offsets,
+            module.table_rows,
+            features,
+            indices,
+            bag_offsets,
+            psw,
+            batch_size=B,
+            out_width=module.out_width,
+            _width=module._block_width(),
+        )
         ctx.consumer, ctx.module, ctx.B = consumer, module, B
         ctx.save_for_backward(indices, bag_offsets, features, psw)
         return out
@@ -360,8 +533,9 @@ class _ConsumedCollectionLookup(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         indices, bag_offsets, features, psw = ctx.saved_tensors
-        rows = CollectionRows(grad_out.contiguous().to(ctx.module.weight.dtype), indices, bag_offsets, features, psw,
-                              ctx.B)
+        rows = CollectionRows(
+            grad_out.contiguous().to(ctx.module.weight.dtype), indices, bag_offsets, features, psw, ctx.B
+        )
         ctx.consumer.consume(ctx.module, rows)
         return (None,) * 8
 
@@ -378,13 +552,16 @@ def _sizes_list(sizes, tables):
     if isinstance(sizes, Mapping):
         unknown = set(sizes) - {t.name for t in tables}
         if unknown:
-            raise KeyError(f"sizes names tables {sorted(unknown)} that the collection does not have "
-                           f"({[t.name for t in tables]})")
+            raise KeyError(
+                f"sizes names tables {sorted(unknown)} that the collection does not have ({[t.name for t in tables]})"
+            )
         return [sizes.get(t.name) for t in tables]
     if isinstance(sizes, (list, tuple)) and len(sizes) == len(tables):
         return list(sizes)
-    raise TypeError("sizes must be None, an int (every row of every table), a mapping {table name: sizes} or a "
-                    f"list with one sizes entry per table ({len(tables)} tables)")
+    raise TypeError(
+        "sizes must be None, an int (every row of every table), a mapping {table name: sizes} or a "
+        f"list with one sizes entry per table ({len(tables)} tables)"
+    )
 
 
 class MultiSizeEmbeddingBagCollection(nn.Module):
@@ -410,8 +587,9 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
 
     _state_prefix = "embedding_bags"  # state_dict keys: <prefix>.<table>.weight, as TorchRec's module
 
-    def __init__(self, tables, sizes=None, is_weighted: bool = False, device=None, dtype=None, optimizer=None,
-                 _weight=None):
+    def __init__(
+        self, tables, sizes=None, is_weighted: bool = False, device=None, dtype=None, optimizer=None, _weight=None
+    ):
         super().__init__()
         tabs = [_table_of(c, i) for i, c in enumerate(tables)]
         if not tabs:
@@ -464,8 +642,12 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
     # ---- tables ---------------------------------------------------------------------------
     def embedding_bag_configs(self) -> list:
         """The tables as :class:`EmbeddingBagConfig` (pme's; field for field TorchRec's)."""
-        return [EmbeddingBagConfig(t.num_embeddings, t.embedding_dim, t.name, list(t.feature_names), t.pooling,
-                                   t.init_max, t.init_min) for t in self._tables]
+        return [
+            EmbeddingBagConfig(
+                t.num_embeddings, t.embedding_dim, t.name, list(t.feature_names), t.pooling, t.init_max, t.init_min
+            )
+            for t in self._tables
+        ]
 
     @property
     def table_names(self) -> list:
@@ -488,7 +670,7 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
     def table_offsets(self, name) -> torch.Tensor:
         """``[V_t + 1]`` int64: the table's own offsets (starting at 0)."""
         r0, r1, e0, _ = self._row_span(self._table_index(name))
-        return self.offsets[r0:r1 + 1] - e0
+        return self.offsets[r0 : r1 + 1] - e0
 
     def table_weight(self, name) -> torch.Tensor:
         """``[total_t]``: a view of the table's rows in the flat buffer."""
@@ -525,21 +707,35 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
         for i, t in enumerate(self._tables):
             r0, r1, e0, e1 = self._row_span(i)
             dense = t.num_embeddings * t.embedding_dim
-            per[t.name] = {"rows": t.num_embeddings, "embedding_dim": t.embedding_dim, "stored_entries": e1 - e0,
-                           "dense_entries": dense, "entry_fraction": (e1 - e0) / dense,
-                           "bytes": (e1 - e0) * es + (r1 - r0 + 1) * 8, "dense_bytes": dense * es}
+            per[t.name] = {
+                "rows": t.num_embeddings,
+                "embedding_dim": t.embedding_dim,
+                "stored_entries": e1 - e0,
+                "dense_entries": dense,
+                "entry_fraction": (e1 - e0) / dense,
+                "bytes": (e1 - e0) * es + (r1 - r0 + 1) * 8,
+                "dense_bytes": dense * es,
+            }
         stored = self.weight.numel()
         dense = sum(p["dense_entries"] for p in per.values())
-        return {"tables": per, "stored_entries": stored, "dense_entries": dense, "entry_fraction": stored / dense,
-                "bytes": stored * es + self.offsets.numel() * 8, "dense_bytes": dense * es}
+        return {
+            "tables": per,
+            "stored_entries": stored,
+            "dense_entries": dense,
+            "entry_fraction": stored / dense,
+            "bytes": stored * es + self.offsets.numel() * 8,
+            "dense_bytes": dense * es,
+        }
 
     def extra_repr(self) -> str:
         lines = []
         for t in self._tables:
             s = self.sizes(t.name).cpu()
-            lines.append(f"({t.name}): {t.num_embeddings} x {t.embedding_dim}, pooling={t.pooling!r}, "
-                         f"features={list(t.feature_names)}, sizes={_summary(s)}, "
-                         f"stored={100 * int(s.sum()) / (t.num_embeddings * t.embedding_dim):.1f}% of dense")
+            lines.append(
+                f"({t.name}): {t.num_embeddings} x {t.embedding_dim}, pooling={t.pooling!r}, "
+                f"features={list(t.feature_names)}, sizes={_summary(s)}, "
+                f"stored={100 * int(s.sum()) / (t.num_embeddings * t.embedding_dim):.1f}% of dense"
+            )
         head = f"tables={len(self._tables)}, out_width={self.out_width}, stored={self.weight.numel():,}"
         if self.is_weighted:
             head += ", is_weighted=True"
@@ -565,8 +761,10 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
         rows = []
         for ti, f, col in self._blocks:
             if f not in pos:
-                raise KeyError(f"the input has no feature {f!r} (table {self._tables[ti].name!r} reads it); "
-                               f"its keys are {list(keys)}")
+                raise KeyError(
+                    f"the input has no feature {f!r} (table {self._tables[ti].name!r} reads it); "
+                    f"its keys are {list(keys)}"
+                )
             t = self._tables[ti]
             rows.append([ti, pos[f], col, t.embedding_dim, POOLINGS[t.pooling]])
         out = torch.tensor(rows, dtype=torch.int64).reshape(-1, _F).to(dev)
@@ -577,8 +775,9 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
         """Input -> (keys, indices, bag_offsets, weights or None, B)."""
         if _is_kjt(features):
             if getattr(features, "variable_stride_per_key", lambda: False)():
-                raise NotImplementedError("pme: a KeyedJaggedTensor with a variable batch per feature is not "
-                                          "supported yet")
+                raise NotImplementedError(
+                    "pme: a KeyedJaggedTensor with a variable batch per feature is not supported yet"
+                )
             keys = features.keys()
             values, offs = features.values(), features.offsets()
             w = features.weights_or_none()
@@ -589,8 +788,10 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
             base = 0
             for k, item in features.items():
                 if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
-                    raise TypeError(f"feature {k!r}: expected (values, offsets) or (values, offsets, weights), got "
-                                    f"{type(item).__name__}")
+                    raise TypeError(
+                        f"feature {k!r}: expected (values, offsets) or (values, offsets, weights), got "
+                        f"{type(item).__name__}"
+                    )
                 v, o = item[0], item[1]
                 if not isinstance(v, torch.Tensor) or not isinstance(o, torch.Tensor) or v.dim() != 1 or o.dim() != 1:
                     raise ValueError(f"feature {k!r}: values and offsets must be 1-D tensors")
@@ -599,11 +800,15 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
                 if B is None:
                     B = o.numel() - 1
                 elif o.numel() - 1 != B:
-                    raise ValueError(f"feature {k!r} has {o.numel() - 1} bags but the first feature has {B}; every "
-                                     "feature needs the same batch size")
+                    raise ValueError(
+                        f"feature {k!r} has {o.numel() - 1} bags but the first feature has {B}; every "
+                        "feature needs the same batch size"
+                    )
                 if o.numel() and (int(o[0]) != 0 or int(o[-1]) != v.numel()):
-                    raise ValueError(f"feature {k!r}: offsets must start at 0 and end at len(values) = {v.numel()}, "
-                                     f"got {int(o[0])} and {int(o[-1])}")
+                    raise ValueError(
+                        f"feature {k!r}: offsets must start at 0 and end at len(values) = {v.numel()}, "
+                        f"got {int(o[0])} and {int(o[-1])}"
+                    )
                 keys.append(k)
                 vals.append(v)
                 offl.append((o[1:] if offl else o).long() + base)
@@ -621,8 +826,10 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
             else:
                 w = None
         else:
-            raise TypeError("features must be a torchrec KeyedJaggedTensor or a mapping {feature: (values, offsets)}, "
-                            f"got {type(features).__name__}")
+            raise TypeError(
+                "features must be a torchrec KeyedJaggedTensor or a mapping {feature: (values, offsets)}, "
+                f"got {type(features).__name__}"
+            )
         if values.dtype not in ops.INDEX_DTYPES:
             raise TypeError(f"values (indices) must be int32 or int64, got {values.dtype}")
         dev = self.weight.device
@@ -652,8 +859,18 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
             anchor = torch.zeros((), device=self.weight.device, requires_grad=True)
             values = _ConsumedCollectionLookup.apply(anchor, self.optimizer, self, idx, bo, feats, psw, B)
         else:
-            values = collection_lookup(self.weight, self.offsets, self.table_rows, feats, idx, bo, psw,
-                                       batch_size=B, out_width=self.out_width, _width=self._block_width())
+            values = collection_lookup(
+                self.weight,
+                self.offsets,
+                self.table_rows,
+                feats,
+                idx,
+                bo,
+                psw,
+                batch_size=B,
+                out_width=self.out_width,
+                _width=self._block_width(),
+            )
         lengths = [self._tables[ti].embedding_dim for ti, _, _ in self._blocks]
         if _is_kjt(features):
             from torchrec.sparse.jagged_tensor import KeyedTensor
@@ -668,12 +885,15 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
         from .optim import FusedOptimizer
 
         if not isinstance(opt, FusedOptimizer):
-            raise TypeError(f"optimizer must be a pme.optim optimizer (SGD, RowwiseAdagrad, Adam), got "
-                            f"{type(opt).__name__}")
+            raise TypeError(
+                f"optimizer must be a pme.optim optimizer (SGD, RowwiseAdagrad, Adam), got {type(opt).__name__}"
+            )
         for b in opt.state(self):
             if not b.host and b.per is None and tuple(b.shape) != (0,):
-                raise NotImplementedError(f"pme: {type(opt).__name__}'s state {b.name} {tuple(b.shape)} is neither "
-                                          "per row nor per entry: a collection cannot save it table by table")
+                raise NotImplementedError(
+                    f"pme: {type(opt).__name__}'s state {b.name} {tuple(b.shape)} is neither "
+                    "per row nor per entry: a collection cannot save it table by table"
+                )
         opt.attach(self)
 
     def _apply(self, fn, recurse=True):
@@ -708,7 +928,7 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
             p = f"{prefix}{self._state_prefix}.{t.name}."
             w = self.weight[e0:e1]
             destination[p + "weight"] = (w if keep_vars else w.detach()).clone()
-            destination[p + "offsets"] = self.offsets[r0:r1 + 1] - e0
+            destination[p + "offsets"] = self.offsets[r0 : r1 + 1] - e0
             for b in per_table:
                 buf = getattr(self, b.name)
                 part = buf[r0:r1] if b.per == "row" else buf[e0:e1] if b.per == "entry" else buf[:0]
@@ -716,8 +936,9 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
         for b in host:
             destination[prefix + b.name] = getattr(self, b.name).detach().clone()
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         per_table, host = self._state()
         expected = []
         for t in self._tables:
@@ -734,13 +955,15 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
         # Validate every table first; replace nothing unless all are good.
         weights, offs, st = [], [], {b.name: [] for b in per_table}
         errors = []
-        for i, t in enumerate(self._tables):
+        for _i, t in enumerate(self._tables):
             p = f"{prefix}{self._state_prefix}.{t.name}."
             w, o = state_dict[p + "weight"], state_dict[p + "offsets"]
             try:
                 if not isinstance(o, torch.Tensor) or o.dtype != torch.int64 or o.shape != (t.num_embeddings + 1,):
-                    raise ValueError(f"offsets must be int64 [{t.num_embeddings + 1}], got "
-                                     f"{getattr(o, 'dtype', type(o))} {tuple(getattr(o, 'shape', ()))}")
+                    raise ValueError(
+                        f"offsets must be int64 [{t.num_embeddings + 1}], got "
+                        f"{getattr(o, 'dtype', type(o))} {tuple(getattr(o, 'shape', ()))}"
+                    )
                 if not isinstance(w, torch.Tensor) or w.dim() != 1 or w.dtype not in ops.WEIGHT_DTYPES:
                     raise ValueError("weight must be a 1-D float tensor")
                 o = o.detach().cpu()
@@ -780,7 +1003,7 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
             getattr(self, b.name).copy_(state_dict[prefix + b.name].reshape(()))
 
     # ---- constructors -----------------------------------------------------------------------
-    def subset(self, table_names) -> "MultiSizeEmbeddingBagCollection":
+    def subset(self, table_names) -> MultiSizeEmbeddingBagCollection:
         """A new collection of the named tables (in that order), with copies of their rows, sizes
         and fused-optimizer state: the unit a table-wise sharder places on one rank."""
         idx = [self._table_index(n) for n in table_names]
@@ -792,8 +1015,14 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
             opt = type(self.optimizer).__new__(type(self.optimizer))
             opt.__dict__.update(self.optimizer.__dict__)
         kwargs = {} if type(self) is not MultiSizeEmbeddingBagCollection else {"is_weighted": self.is_weighted}
-        new = type(self)(cfgs, {n: self.sizes(n).cpu() for n in table_names}, device=self.weight.device,
-                         dtype=self.weight.dtype, optimizer=opt, **kwargs)
+        new = type(self)(
+            cfgs,
+            {n: self.sizes(n).cpu() for n in table_names},
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+            optimizer=opt,
+            **kwargs,
+        )
         sd = self.state_dict()
         host = {b.name for b in self._state()[1]}
         keep = {k: v for k, v in sd.items() if k in host or k.split(".")[1] in set(table_names)}
@@ -810,8 +1039,15 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
         """
         configs = ebc.embedding_bag_configs()
         dense = {c.name: ebc.embedding_bags[c.name].weight.detach() for c in configs}
-        return cls.from_dense(configs, dense, sizes, scores=scores, order=order,
-                              is_weighted=kwargs.pop("is_weighted", ebc.is_weighted()), **kwargs)
+        return cls.from_dense(
+            configs,
+            dense,
+            sizes,
+            scores=scores,
+            order=order,
+            is_weighted=kwargs.pop("is_weighted", ebc.is_weighted()),
+            **kwargs,
+        )
 
     @classmethod
     def from_dense(cls, tables, dense, sizes=None, scores=None, order: str = "position", **kwargs):
@@ -833,8 +1069,10 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
         for t, s in zip(tabs, _sizes_list(sizes, tabs)):
             w = dense[t.name].detach()
             if w.shape != (t.num_embeddings, t.embedding_dim):
-                raise ValueError(f"table {t.name!r}: dense weight has shape {tuple(w.shape)}, expected "
-                                 f"({t.num_embeddings}, {t.embedding_dim})")
+                raise ValueError(
+                    f"table {t.name!r}: dense weight has shape {tuple(w.shape)}, expected "
+                    f"({t.num_embeddings}, {t.embedding_dim})"
+                )
             sz = parse_sizes(s, t.num_embeddings, t.embedding_dim).to(w.device)
             sc = scores.get(t.name)
             if sc is None:
@@ -895,13 +1133,16 @@ class MultiSizeEmbeddingCollection(MultiSizeEmbeddingBagCollection):
 
     def __init__(self, tables, sizes=None, device=None, dtype=None, _weight=None, optimizer=None):
         if optimizer is not None:
-            raise NotImplementedError("pme: MultiSizeEmbeddingCollection has no fused optimizer yet; train its "
-                                      "weight with a torch optimizer")
+            raise NotImplementedError(
+                "pme: MultiSizeEmbeddingCollection has no fused optimizer yet; train its weight with a torch optimizer"
+            )
         super().__init__(tables, sizes, is_weighted=False, device=device, dtype=dtype, _weight=_weight)
         dims = {t.embedding_dim for t in self._tables}
         if len(dims) != 1:
-            raise ValueError(f"all tables of an EmbeddingCollection must have the same embedding_dim (as TorchRec), "
-                             f"got {sorted(dims)}")
+            raise ValueError(
+                f"all tables of an EmbeddingCollection must have the same embedding_dim (as TorchRec), "
+                f"got {sorted(dims)}"
+            )
         self.embedding_dim = dims.pop()
 
     def forward(self, features):
@@ -912,16 +1153,20 @@ class MultiSizeEmbeddingCollection(MultiSizeEmbeddingBagCollection):
         parts, spans = [], []
         for ti, f, _ in self._blocks:
             if f not in pos:
-                raise KeyError(f"the input has no feature {f!r} (table {self._tables[ti].name!r} reads it); its keys "
-                               f"are {list(keys)}")
+                raise KeyError(
+                    f"the input has no feature {f!r} (table {self._tables[ti].name!r} reads it); its keys "
+                    f"are {list(keys)}"
+                )
             g = pos[f]
             s, e = int(bo[g * B]), int(bo[g * B + B])
             v = idx[s:e].long()
             vt = self._tables[ti].num_embeddings
             if v.numel() and (int(v.min()) < 0 or int(v.max()) >= vt):
                 j = int(((v < 0) | (v >= vt)).nonzero()[0])
-                raise IndexError(f"pme: index out of range: {f!r} value {j} = {int(v[j])} but table "
-                                 f"{self._tables[ti].name!r} has {vt} rows")
+                raise IndexError(
+                    f"pme: index out of range: {f!r} value {j} = {int(v[j])} but table "
+                    f"{self._tables[ti].name!r} has {vt} rows"
+                )
             parts.append(v + rows[ti])
             spans.append((s, e, g))
         flat = torch.cat(parts) if parts else idx.new_zeros(0, dtype=torch.int64)
@@ -931,9 +1176,9 @@ class MultiSizeEmbeddingCollection(MultiSizeEmbeddingBagCollection):
         if kjt:
             from torchrec.sparse.jagged_tensor import JaggedTensor
         for name, (s, e, g) in zip(self.embedding_names(), spans):
-            vals = emb[m:m + e - s]
+            vals = emb[m : m + e - s]
             m += e - s
-            offs = bo[g * B:g * B + B + 1] - s
+            offs = bo[g * B : g * B + B + 1] - s
             if kjt:
                 if vals.dtype in (torch.float16, torch.bfloat16):
                     vals = vals.float()  # as EmbeddingCollection

@@ -68,6 +68,19 @@ class _Shape:
         self.offsets = torch.empty(num_embeddings + 1, dtype=torch.int64, device="meta")
 
 
+def _grouped_columns(classes, D: int):
+    """The grouped layout's column map: ``col_of_size [D + 1]`` int64 (size 0 at column 0, each
+    class ``c`` at the sum of the classes before it, -1 for the other sizes) and the output width
+    (the sum of the classes)."""
+    col = torch.full((D + 1,), -1, dtype=torch.int64)
+    col[0] = 0
+    start = 0
+    for c in classes:
+        col[c] = start
+        start += c
+    return col, start
+
+
 def _classes_of_col(col_of_size, D: int) -> list[int]:
     """Size classes of a grouped layout's column map, checked to be exactly the map pme builds.
 
@@ -75,21 +88,20 @@ def _classes_of_col(col_of_size, D: int) -> list[int]:
     sizes with a slot) are read, the map is rebuilt from them, and the two must be equal.
     """
     if not isinstance(col_of_size, torch.Tensor) or col_of_size.dtype != torch.int64 or col_of_size.shape != (D + 1,):
-        raise ValueError(f"col_of_size must be an int64 tensor of shape ({D + 1},), got "
-                         f"{getattr(col_of_size, 'dtype', type(col_of_size))} of shape "
-                         f"{tuple(getattr(col_of_size, 'shape', ()))}")
+        raise ValueError(
+            f"col_of_size must be an int64 tensor of shape ({D + 1},), got "
+            f"{getattr(col_of_size, 'dtype', type(col_of_size))} of shape "
+            f"{tuple(getattr(col_of_size, 'shape', ()))}"
+        )
     col = col_of_size.detach().cpu()
     classes = [s for s in range(1, D + 1) if int(col[s]) != -1]
-    rebuilt = torch.full((D + 1,), -1, dtype=torch.int64)
-    rebuilt[0] = 0
-    start = 0
-    for c in classes:
-        rebuilt[c] = start
-        start += c
+    rebuilt, _ = _grouped_columns(classes, D)
     if not torch.equal(rebuilt, col):
         bad = int((rebuilt != col).nonzero()[0])
-        raise ValueError(f"col_of_size[{bad}] = {int(col[bad])} in the checkpoint is not the layout of its size "
-                         f"classes {classes} (expected {int(rebuilt[bad])}): derived data is rebuilt, not trusted")
+        raise ValueError(
+            f"col_of_size[{bad}] = {int(col[bad])} in the checkpoint is not the layout of its size "
+            f"classes {classes} (expected {int(rebuilt[bad])}): derived data is rebuilt, not trusted"
+        )
     return classes
 
 
@@ -101,14 +113,30 @@ class _MultiSizeTable(nn.Module):
     sizes (the module is re-shaped to the loaded one).
     """
 
-    def __init__(self, num_embeddings, embedding_dim, sizes=None, padding_idx=None, layout="padded",
-                 size_classes=None, project=False, device=None, dtype=None, _weight=None, max_norm=None,
-                 norm_type=2.0, scale_grad_by_freq=False, sparse=False):
+    def __init__(
+        self,
+        num_embeddings,
+        embedding_dim,
+        sizes=None,
+        padding_idx=None,
+        layout="padded",
+        size_classes=None,
+        project=False,
+        device=None,
+        dtype=None,
+        _weight=None,
+        max_norm=None,
+        norm_type=2.0,
+        scale_grad_by_freq=False,
+        sparse=False,
+    ):
         super().__init__()
         if max_norm is not None and (isinstance(max_norm, bool) or not isinstance(max_norm, (int, float))):
-            raise TypeError(f"max_norm must be a number or None, got {type(max_norm).__name__} (sizes is a "
-                            "keyword argument: MultiSizeEmbeddingBag(V, D, sizes=...), as nn.EmbeddingBag's third "
-                            "positional argument is max_norm)")
+            raise TypeError(
+                f"max_norm must be a number or None, got {type(max_norm).__name__} (sizes is a "
+                "keyword argument: MultiSizeEmbeddingBag(V, D, sizes=...), as nn.EmbeddingBag's third "
+                "positional argument is max_norm)"
+            )
         self.max_norm = max_norm
         self.norm_type = norm_type
         self.scale_grad_by_freq = bool(scale_grad_by_freq)
@@ -138,11 +166,16 @@ class _MultiSizeTable(nn.Module):
             _weight = torch.as_tensor(_weight)
             if _weight.shape == (num_embeddings, embedding_dim) and _weight.shape != (int(sizes.sum()),):
                 # a dense [V, D] table, as nn.Embedding takes it: each row keeps its first sizes[i] values
-                _weight = ops.prune_pack(_weight.detach(), _first_columns(num_embeddings, embedding_dim,
-                                                                         _weight.device), sizes.to(_weight.device))[0]
+                _weight = ops.prune_pack(
+                    _weight.detach(),
+                    _first_columns(num_embeddings, embedding_dim, _weight.device),
+                    sizes.to(_weight.device),
+                )[0]
             if _weight.shape != (int(sizes.sum()),):
-                raise ops.ArgumentError(f"_weight must be the flat buffer of shape ({int(sizes.sum())},) or a dense "
-                                        f"[{num_embeddings}, {embedding_dim}] table, got {tuple(_weight.shape)}")
+                raise ops.ArgumentError(
+                    f"_weight must be the flat buffer of shape ({int(sizes.sum())},) or a dense "
+                    f"[{num_embeddings}, {embedding_dim}] table, got {tuple(_weight.shape)}"
+                )
             self.weight = nn.Parameter(_weight.to(device=device, dtype=dtype))
         else:
             self.weight = nn.Parameter(torch.empty(int(sizes.sum()), device=device, dtype=dtype))
@@ -169,16 +202,12 @@ class _MultiSizeTable(nn.Module):
         present = {int(s) for s in torch.unique(sizes)} - {0}
         missing = present - set(classes)
         if missing:
-            raise ValueError(f"layout='grouped' needs every size in size_classes {classes}; sizes {sorted(missing)} "
-                             "are not (round the sizes to the classes first)")
-        col = torch.full((D + 1,), -1, dtype=torch.int64)
-        col[0] = 0
-        start = 0
-        for c in classes:
-            col[c] = start
-            start += c
+            raise ValueError(
+                f"layout='grouped' needs every size in size_classes {classes}; sizes {sorted(missing)} "
+                "are not (round the sizes to the classes first)"
+            )
+        col, self.width = _grouped_columns(classes, D)
         self.col_of_size = col.to(self.offsets.device)
-        self.width = start
         self.size_classes = classes
 
     def _identity_projection(self) -> torch.Tensor:
@@ -186,7 +215,7 @@ class _MultiSizeTable(nn.Module):
         P = torch.zeros(self.width, self.embedding_dim)
         for c in self.size_classes:
             start = int(self.col_of_size[c])
-            P[start:start + c, :c] = torch.eye(c)
+            P[start : start + c, :c] = torch.eye(c)
         return P
 
     @property
@@ -229,18 +258,27 @@ class _MultiSizeTable(nn.Module):
     def memory_report(self) -> dict:
         """Entries and bytes next to the dense table's."""
         dense = self.num_embeddings * self.embedding_dim
-        return {"rows": self.num_embeddings, "embedding_dim": self.embedding_dim, "stored_entries": self.num_stored(),
-                "dense_entries": dense, "entry_fraction": self.num_stored() / max(dense, 1),
-                "bytes": self.nbytes(), "dense_bytes": self.dense_nbytes(),
-                "compression": self.dense_nbytes() / max(self.nbytes(), 1)}
+        return {
+            "rows": self.num_embeddings,
+            "embedding_dim": self.embedding_dim,
+            "stored_entries": self.num_stored(),
+            "dense_entries": dense,
+            "entry_fraction": self.num_stored() / max(dense, 1),
+            "bytes": self.nbytes(),
+            "dense_bytes": self.dense_nbytes(),
+            "compression": self.dense_nbytes() / max(self.nbytes(), 1),
+        }
 
     def to_dense(self) -> torch.Tensor:
         """Dense view ``[V, width]`` (``width = D`` padded, ``sum(size_classes)`` grouped)."""
         return ops.to_dense(self.weight, self.offsets, self.width, self.col_of_size)
 
     def extra_repr(self) -> str:
-        s = (f"{self.num_embeddings}, {self.embedding_dim}, sizes={_summary(self.sizes.cpu())}, "
-             f"stored={self.num_stored():,} ({100 * self.num_stored() / max(1, self.num_embeddings * self.embedding_dim):.1f}% of dense)")
+        s = (
+            f"{self.num_embeddings}, {self.embedding_dim}, sizes={_summary(self.sizes.cpu())}, "
+            f"stored={self.num_stored():,} "
+            f"({100 * self.num_stored() / max(1, self.num_embeddings * self.embedding_dim):.1f}% of dense)"
+        )
         if self.layout != "padded":
             s += f", layout='grouped', size_classes={self.size_classes}"
             if self.project:
@@ -291,11 +329,13 @@ class _MultiSizeTable(nn.Module):
                 f"multi-size table of {V} rows and width {D} (a dense checkpoint must be [{V}, {D}], floating "
                 "point); load it into nn.EmbeddingBag / nn.Embedding and convert it with "
                 "MultiSizeEmbeddingBag.from_embedding_bag(module, sizes) (MultiSizeEmbedding.from_embedding, "
-                "or from_dense(weight, sizes, scores=...) to keep the best-scored entries)")
+                "or from_dense(weight, sizes, scores=...) to keep the best-scored entries)"
+            )
             state_dict[prefix + "weight"] = self.weight.detach()
         else:
-            state_dict[prefix + "weight"] = ops.prune_pack(w.detach(), _first_columns(V, D, w.device),
-                                                           self.sizes.to(w.device))[0]
+            state_dict[prefix + "weight"] = ops.prune_pack(
+                w.detach(), _first_columns(V, D, w.device), self.sizes.to(w.device)
+            )[0]
         # offsets, the grouped layout's columns, optimizer state, projection: stay as they are
         for name, t in list(self._buffers.items()) + list(self._parameters.items()):
             if t is not None and prefix + name not in state_dict:
@@ -309,8 +349,9 @@ class _MultiSizeTable(nn.Module):
     #   used as is);
     # - on any error (ours or the default loader's, e.g. a shape mismatch) every parameter,
     #   buffer and layout attribute of this table is restored: the module is bitwise unchanged.
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         self._adopt_dense_checkpoint(state_dict, prefix, error_msgs)
         n_err, n_missing, n_unexpected = len(error_msgs), len(missing_keys), len(unexpected_keys)
         try:
@@ -322,13 +363,15 @@ class _MultiSizeTable(nn.Module):
         try:
             if plan is not None:
                 self._relayout(*plan)
-            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                          unexpected_keys, error_msgs)
+            super()._load_from_state_dict(
+                state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+            )
         except BaseException:
             self._restore(snapshot)
             raise
-        failed = len(error_msgs) > n_err or (strict and (len(missing_keys) > n_missing
-                                                         or len(unexpected_keys) > n_unexpected))
+        failed = len(error_msgs) > n_err or (
+            strict and (len(missing_keys) > n_missing or len(unexpected_keys) > n_unexpected)
+        )
         if failed:  # load_state_dict raises after every module has been visited
             self._restore(snapshot)
 
@@ -369,8 +412,10 @@ class _MultiSizeTable(nn.Module):
             off = self.offsets
         else:
             if not isinstance(off, torch.Tensor) or off.dtype != torch.int64 or off.dim() != 1:
-                raise TypeError(f"offsets must be a 1-D int64 tensor, got {getattr(off, 'dtype', type(off))} of "
-                                f"shape {tuple(getattr(off, 'shape', ()))}")
+                raise TypeError(
+                    f"offsets must be a 1-D int64 tensor, got {getattr(off, 'dtype', type(off))} of "
+                    f"shape {tuple(getattr(off, 'shape', ()))}"
+                )
             if off.numel() != V + 1:
                 raise ValueError(f"offsets: the checkpoint has {off.numel() - 1} rows, this module has {V}")
             off = off.detach().cpu()
@@ -378,8 +423,10 @@ class _MultiSizeTable(nn.Module):
         total = int(off[-1])
         if w is not None:
             if not isinstance(w, torch.Tensor) or w.dtype not in ops.WEIGHT_DTYPES or w.dim() != 1:
-                raise TypeError(f"weight must be a 1-D float tensor, got {getattr(w, 'dtype', type(w))} of shape "
-                                f"{tuple(getattr(w, 'shape', ()))}")
+                raise TypeError(
+                    f"weight must be a 1-D float tensor, got {getattr(w, 'dtype', type(w))} of shape "
+                    f"{tuple(getattr(w, 'shape', ()))}"
+                )
             if w.numel() != total:
                 raise ValueError(f"weight has {w.numel()} entries but the checkpoint's offsets end at {total}")
         sizes = (off[1:] - off[:-1]).cpu()
@@ -393,15 +440,20 @@ class _MultiSizeTable(nn.Module):
                 classes = self.size_classes
             present = {int(x) for x in torch.unique(sizes)} - {0}
             if classes is not None and not present <= set(classes):
-                raise ValueError(f"sizes {sorted(present - set(classes))} have no slot in the checkpoint's "
-                                 f"col_of_size (size classes {classes})")
+                raise ValueError(
+                    f"sizes {sorted(present - set(classes))} have no slot in the checkpoint's "
+                    f"col_of_size (size classes {classes})"
+                )
         elif cos is not None:
             raise ValueError("the checkpoint has a col_of_size (grouped layout) but this table is padded")
         if not torch.equal(off.cpu(), self.offsets.cpu()) or (
-                classes is not None and list(classes) != list(self.size_classes)):
+            classes is not None and list(classes) != list(self.size_classes)
+        ):
             if w is None:
-                raise ValueError("the checkpoint has other sizes (offsets) but no weight: loading it would leave "
-                                 "the table without values")
+                raise ValueError(
+                    "the checkpoint has other sizes (offsets) but no weight: loading it would leave "
+                    "the table without values"
+                )
             plan = (off, sizes, classes)
         if getattr(self, "optimizer", None) is not None:
             self._check_optim_state(state_dict, prefix, V, total)
@@ -423,8 +475,9 @@ class _MultiSizeTable(nn.Module):
         self._set_layout(sizes)
         self.weight = nn.Parameter(self.weight.new_empty(int(sizes.sum())), requires_grad=self.weight.requires_grad)
         if self.projection is not None:
-            self.projection = nn.Parameter(self._identity_projection().to(self.projection),
-                                           requires_grad=self.projection.requires_grad)
+            self.projection = nn.Parameter(
+                self._identity_projection().to(self.projection), requires_grad=self.projection.requires_grad
+            )
         if getattr(self, "optimizer", None) is not None:
             for b in self.optimizer.state(self):
                 old = self._buffers.get(b.name)
@@ -446,16 +499,24 @@ class _MultiSizeTable(nn.Module):
         what ops.embedding_bag / ops.embedding do themselves)."""
         if self.max_norm is not None:
             flat = input.values() if input.is_nested else input
-            ops.embedding_renorm_(self.weight, self.offsets, flat, self.max_norm, self.norm_type, width=self.width,
-                                  col_of_size=self.col_of_size)
+            ops.embedding_renorm_(
+                self.weight,
+                self.offsets,
+                flat,
+                self.max_norm,
+                self.norm_type,
+                width=self.width,
+                col_of_size=self.col_of_size,
+            )
 
     def _apply_projection(self, out):
         return out @ self.projection if self.projection is not None else out
 
     # ---- constructors -----------------------------------------------------------------------
     @classmethod
-    def from_dense(cls, weight: torch.Tensor, sizes, scores: torch.Tensor | None = None, order: str = "position",
-                   **kwargs):
+    def from_dense(
+        cls, weight: torch.Tensor, sizes, scores: torch.Tensor | None = None, order: str = "position", **kwargs
+    ):
         """A table whose row ``i`` keeps ``sizes[i]`` entries of ``weight [V, D]``.
 
         Without ``scores`` a row keeps its first ``sizes[i]`` columns; with ``scores [V, D]`` it
@@ -477,11 +538,15 @@ class _MultiSizeTable(nn.Module):
     @classmethod
     def _pretrained(cls, embeddings, freeze, sizes, kwargs):
         if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2:
-            raise ops.ArgumentError("Embeddings parameter is expected to be 2-dimensional [V, D], got shape "
-                                    f"{tuple(getattr(embeddings, 'shape', ()))}")
+            raise ops.ArgumentError(
+                "Embeddings parameter is expected to be 2-dimensional [V, D], got shape "
+                f"{tuple(getattr(embeddings, 'shape', ()))}"
+            )
         if not embeddings.is_floating_point():
-            raise TypeError(f"pme tables hold float32, float64, float16 or bfloat16 values, got {embeddings.dtype} "
-                            "embeddings (integer tables are not supported); pass embeddings.float()")
+            raise TypeError(
+                f"pme tables hold float32, float64, float16 or bfloat16 values, got {embeddings.dtype} "
+                "embeddings (integer tables are not supported); pass embeddings.float()"
+            )
         m = cls.from_dense(embeddings, sizes, **kwargs)
         m.weight.requires_grad_(not freeze)
         return m
@@ -518,14 +583,46 @@ class MultiSizeEmbeddingBag(_MultiSizeTable):
     ``input [B, j]`` -> ``[B, output_dim]`` of the table's dtype.
     """
 
-    def __init__(self, num_embeddings, embedding_dim, max_norm=None, norm_type=2.0, scale_grad_by_freq=False,
-                 mode="mean", sparse=False, _weight=None, include_last_offset=False, padding_idx=None, device=None,
-                 dtype=None, *, sizes=None, layout="padded", size_classes=None, project=False, optimizer=None):
+    def __init__(
+        self,
+        num_embeddings,
+        embedding_dim,
+        max_norm=None,
+        norm_type=2.0,
+        scale_grad_by_freq=False,
+        mode="mean",
+        sparse=False,
+        _weight=None,
+        include_last_offset=False,
+        padding_idx=None,
+        device=None,
+        dtype=None,
+        *,
+        sizes=None,
+        layout="padded",
+        size_classes=None,
+        project=False,
+        optimizer=None,
+    ):
         if mode not in ops.MODES:
             raise ValueError(f"mode must be one of {sorted(ops.MODES)}, got {mode!r}")
         _check_fused(optimizer, sparse, scale_grad_by_freq)
-        super().__init__(num_embeddings, embedding_dim, sizes, padding_idx, layout, size_classes, project, device,
-                         dtype, _weight, max_norm, norm_type, scale_grad_by_freq, sparse)
+        super().__init__(
+            num_embeddings,
+            embedding_dim,
+            sizes,
+            padding_idx,
+            layout,
+            size_classes,
+            project,
+            device,
+            dtype,
+            _weight,
+            max_norm,
+            norm_type,
+            scale_grad_by_freq,
+            sparse,
+        )
         self.mode = mode
         self.include_last_offset = include_last_offset
         self.optimizer = None
@@ -541,26 +638,55 @@ class MultiSizeEmbeddingBag(_MultiSizeTable):
             self._renorm(input)
             out = self.optimizer.lookup(self, input, offsets, per_sample_weights)
         else:
-            out = ops.embedding_bag(self.weight, self.offsets, input, offsets, width=self.width,
-                                    col_of_size=self.col_of_size, mode=self.mode,
-                                    per_sample_weights=per_sample_weights, padding_idx=self.padding_idx,
-                                    include_last_offset=self.include_last_offset, max_norm=self.max_norm,
-                                    norm_type=self.norm_type, scale_grad_by_freq=self.scale_grad_by_freq,
-                                    sparse=self.sparse)
+            out = ops.embedding_bag(
+                self.weight,
+                self.offsets,
+                input,
+                offsets,
+                width=self.width,
+                col_of_size=self.col_of_size,
+                mode=self.mode,
+                per_sample_weights=per_sample_weights,
+                padding_idx=self.padding_idx,
+                include_last_offset=self.include_last_offset,
+                max_norm=self.max_norm,
+                norm_type=self.norm_type,
+                scale_grad_by_freq=self.scale_grad_by_freq,
+                sparse=self.sparse,
+            )
         return self._apply_projection(out)
 
     @classmethod
-    def from_pretrained(cls, embeddings, freeze=True, max_norm=None, norm_type=2.0, scale_grad_by_freq=False,
-                        mode="mean", sparse=False, include_last_offset=False, padding_idx=None, *, sizes=None,
-                        **kwargs):
+    def from_pretrained(
+        cls,
+        embeddings,
+        freeze=True,
+        max_norm=None,
+        norm_type=2.0,
+        scale_grad_by_freq=False,
+        mode="mean",
+        sparse=False,
+        include_last_offset=False,
+        padding_idx=None,
+        *,
+        sizes=None,
+        **kwargs,
+    ):
         """As ``nn.EmbeddingBag.from_pretrained`` (same positional order), plus keyword-only ``sizes``.
 
         ``embeddings [V, D]`` floating point (integer tables are refused); row ``i`` keeps its first
         ``sizes[i]`` values (default: all ``D``; ``scores=`` and ``order=`` as in :meth:`from_dense`);
         ``freeze=True`` (the default, as in torch) makes ``weight`` not require a gradient.
         """
-        kwargs.update(max_norm=max_norm, norm_type=norm_type, scale_grad_by_freq=scale_grad_by_freq, mode=mode,
-                      sparse=sparse, include_last_offset=include_last_offset, padding_idx=padding_idx)
+        kwargs.update(
+            max_norm=max_norm,
+            norm_type=norm_type,
+            scale_grad_by_freq=scale_grad_by_freq,
+            mode=mode,
+            sparse=sparse,
+            include_last_offset=include_last_offset,
+            padding_idx=padding_idx,
+        )
         return cls._pretrained(embeddings, freeze, sizes, kwargs)
 
     def extra_repr(self) -> str:
@@ -599,12 +725,43 @@ class MultiSizeEmbedding(_MultiSizeTable):
     ``[B, j]`` gives a nested ``[B, j, output_dim]``.
     """
 
-    def __init__(self, num_embeddings, embedding_dim, padding_idx=None, max_norm=None, norm_type=2.0,
-                 scale_grad_by_freq=False, sparse=False, _weight=None, _freeze=False, device=None, dtype=None, *,
-                 sizes=None, layout="padded", size_classes=None, project=False, optimizer=None):
+    def __init__(
+        self,
+        num_embeddings,
+        embedding_dim,
+        padding_idx=None,
+        max_norm=None,
+        norm_type=2.0,
+        scale_grad_by_freq=False,
+        sparse=False,
+        _weight=None,
+        _freeze=False,
+        device=None,
+        dtype=None,
+        *,
+        sizes=None,
+        layout="padded",
+        size_classes=None,
+        project=False,
+        optimizer=None,
+    ):
         _check_fused(optimizer, sparse, scale_grad_by_freq)
-        super().__init__(num_embeddings, embedding_dim, sizes, padding_idx, layout, size_classes, project, device,
-                         dtype, _weight, max_norm, norm_type, scale_grad_by_freq, sparse)
+        super().__init__(
+            num_embeddings,
+            embedding_dim,
+            sizes,
+            padding_idx,
+            layout,
+            size_classes,
+            project,
+            device,
+            dtype,
+            _weight,
+            max_norm,
+            norm_type,
+            scale_grad_by_freq,
+            sparse,
+        )
         self.weight.requires_grad_(not _freeze)
         self.optimizer = None
         if optimizer is not None:
@@ -616,23 +773,52 @@ class MultiSizeEmbedding(_MultiSizeTable):
             nested = input.is_nested
             flat = input.values() if nested else input.reshape(-1)
             bo = torch.arange(flat.numel() + 1, dtype=flat.dtype, device=flat.device)
-            out = self.optimizer.lookup(self, flat, bo, None, include_last_offset=True, mode="sum",
-                                        forward_padding=False)
-            out = (torch.nested.nested_tensor_from_jagged(out, input.offsets()) if nested
-                   else out.reshape(*input.shape, self.width))
+            out = self.optimizer.lookup(
+                self, flat, bo, None, include_last_offset=True, mode="sum", forward_padding=False
+            )
+            out = (
+                torch.nested.nested_tensor_from_jagged(out, input.offsets())
+                if nested
+                else out.reshape(*input.shape, self.width)
+            )
         else:
-            out = ops.embedding(self.weight, self.offsets, input, width=self.width, col_of_size=self.col_of_size,
-                                padding_idx=self.padding_idx, max_norm=self.max_norm, norm_type=self.norm_type,
-                                scale_grad_by_freq=self.scale_grad_by_freq, sparse=self.sparse)
+            out = ops.embedding(
+                self.weight,
+                self.offsets,
+                input,
+                width=self.width,
+                col_of_size=self.col_of_size,
+                padding_idx=self.padding_idx,
+                max_norm=self.max_norm,
+                norm_type=self.norm_type,
+                scale_grad_by_freq=self.scale_grad_by_freq,
+                sparse=self.sparse,
+            )
         return self._apply_projection(out)
 
     @classmethod
-    def from_pretrained(cls, embeddings, freeze=True, padding_idx=None, max_norm=None, norm_type=2.0,
-                        scale_grad_by_freq=False, sparse=False, *, sizes=None, **kwargs):
+    def from_pretrained(
+        cls,
+        embeddings,
+        freeze=True,
+        padding_idx=None,
+        max_norm=None,
+        norm_type=2.0,
+        scale_grad_by_freq=False,
+        sparse=False,
+        *,
+        sizes=None,
+        **kwargs,
+    ):
         """As ``nn.Embedding.from_pretrained`` (same positional order), plus keyword-only ``sizes``
         (see ``MultiSizeEmbeddingBag.from_pretrained``)."""
-        kwargs.update(padding_idx=padding_idx, max_norm=max_norm, norm_type=norm_type,
-                      scale_grad_by_freq=scale_grad_by_freq, sparse=sparse)
+        kwargs.update(
+            padding_idx=padding_idx,
+            max_norm=max_norm,
+            norm_type=norm_type,
+            scale_grad_by_freq=scale_grad_by_freq,
+            sparse=sparse,
+        )
         return cls._pretrained(embeddings, freeze, sizes, kwargs)
 
     @classmethod
@@ -648,9 +834,11 @@ class MultiSizeEmbedding(_MultiSizeTable):
 
 def _check_fused(optimizer, sparse, scale_grad_by_freq):
     if optimizer is not None and (sparse or scale_grad_by_freq):
-        raise ValueError("a fused optimizer (optimizer=...) updates the table inside backward and makes no "
-                         "gradient: it cannot be combined with sparse=True (a gradient for torch.optim) or "
-                         "scale_grad_by_freq")
+        raise ValueError(
+            "a fused optimizer (optimizer=...) updates the table inside backward and makes no "
+            "gradient: it cannot be combined with sparse=True (a gradient for torch.optim) or "
+            "scale_grad_by_freq"
+        )
 
 
 def _convert_table(cls, dense_weight, sizes, init, scores, kwargs):
@@ -670,8 +858,9 @@ def _convert_table(cls, dense_weight, sizes, init, scores, kwargs):
     return m
 
 
-def convert(model: nn.Module, sizes_by_module: Mapping[str, object], init: str = "kept", scores=None,
-            **kwargs) -> nn.Module:
+def convert(
+    model: nn.Module, sizes_by_module: Mapping[str, object], init: str = "kept", scores=None, **kwargs
+) -> nn.Module:
     """Swaps every ``nn.EmbeddingBag`` / ``nn.Embedding`` named in ``sizes_by_module``, in place.
 
     Args:
@@ -689,14 +878,16 @@ def convert(model: nn.Module, sizes_by_module: Mapping[str, object], init: str =
     for name, sizes in sizes_by_module.items():
         mod = modules.get(name)
         if isinstance(mod, nn.EmbeddingBag):
-            new = MultiSizeEmbeddingBag.from_embedding_bag(mod, sizes, init=init,
-                                                           scores=(scores or {}).get(name), **kwargs)
+            new = MultiSizeEmbeddingBag.from_embedding_bag(
+                mod, sizes, init=init, scores=(scores or {}).get(name), **kwargs
+            )
         elif isinstance(mod, nn.Embedding):
-            new = MultiSizeEmbedding.from_embedding(mod, sizes, init=init, scores=(scores or {}).get(name),
-                                                    **kwargs)
+            new = MultiSizeEmbedding.from_embedding(mod, sizes, init=init, scores=(scores or {}).get(name), **kwargs)
         else:
-            raise KeyError(f"{name!r} is not an nn.EmbeddingBag or nn.Embedding of the model "
-                           f"(found {type(mod).__name__ if mod is not None else 'nothing'})")
+            raise KeyError(
+                f"{name!r} is not an nn.EmbeddingBag or nn.Embedding of the model "
+                f"(found {type(mod).__name__ if mod is not None else 'nothing'})"
+            )
         parent_name, _, attr = name.rpartition(".")
         parent = modules[parent_name] if parent_name else model
         if isinstance(parent, (nn.ModuleDict, nn.ModuleList, nn.Sequential)):

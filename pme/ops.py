@@ -84,9 +84,11 @@ def _wheel_hint() -> str:
     from ._version import __version__
 
     want = "cpu" if torch.version.cuda is None else "cu" + torch.version.cuda.replace(".", "")
-    return (f"pip install --force-reinstall --no-deps 'pme=={__version__.split('+')[0]}+{want}' "
-            f"--extra-index-url https://<WHEEL_HOST>/whl/{want}/ (see README, Wheels), or build from source "
-            f"with `pip install --no-build-isolation --no-cache-dir --force-reinstall pme`")
+    return (
+        f"pip install --force-reinstall --no-deps 'pme=={__version__.split('+')[0]}+{want}' "
+        f"--extra-index-url https://<WHEEL_HOST>/whl/{want}/ (see README, Wheels), or build from source "
+        f"with `pip install --no-build-isolation --no-cache-dir --force-reinstall pme`"
+    )
 
 
 def _why_not_loaded(e: BaseException) -> str:
@@ -102,11 +104,15 @@ def _why_not_loaded(e: BaseException) -> str:
     have = f"torch {torch.__version__} ({'CUDA ' + torch.version.cuda if torch.version.cuda else 'CPU-only'})"
     text = f"{type(e).__name__}: {e}"
     if importlib.util.find_spec("pme._C") is None:
-        return (f"this installation of pme has no compiled extension (installed from source without a working C++ "
-                f"compiler, or with PME_NO_EXTENSION=1). For {have}: {_wheel_hint()}")
+        return (
+            f"this installation of pme has no compiled extension (installed from source without a working C++ "
+            f"compiler, or with PME_NO_EXTENSION=1). For {have}: {_wheel_hint()}"
+        )
     if re.search(r"lib(torch_cuda|c10_cuda|cudart)\.so", str(e)):
-        return (f"{text}. This pme{'+' + flavour if flavour else ''} binary has CUDA kernels for another CUDA than "
-                f"{have}. Install the matching pme: {_wheel_hint()}")
+        return (
+            f"{text}. This pme{'+' + flavour if flavour else ''} binary has CUDA kernels for another CUDA than "
+            f"{have}. Install the matching pme: {_wheel_hint()}"
+        )
     if "undefined symbol" in str(e):
         return f"{text}. pme's binary needs torch >= 2.10 (LibTorch stable ABI) but {have} is installed: upgrade torch"
     return text
@@ -124,15 +130,19 @@ def _load():
     if built != "none" and have is not None and built.split(".")[0] != have.split(".")[0]:
         raise ImportError(
             f"pme was built for CUDA {built} but torch {torch.__version__} uses CUDA {have}: the CUDA majors "
-            f"differ. Install the pme wheel of your CUDA flavour: {_wheel_hint()}")
+            f"differ. Install the pme wheel of your CUDA flavour: {_wheel_hint()}"
+        )
     return info, None
 
 
 BUILD_INFO, LOAD_ERROR = _load()
 if LOAD_ERROR is not None:
-    warnings.warn(f"pme: the compiled extension could not be loaded ({LOAD_ERROR}); running on the slow "
-                  "pure-PyTorch reference (pme/reference.py). pme.info() tells the backend.", RuntimeWarning,
-                  stacklevel=2)
+    warnings.warn(
+        f"pme: the compiled extension could not be loaded ({LOAD_ERROR}); running on the slow "
+        "pure-PyTorch reference (pme/reference.py). pme.info() tells the backend.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
 
 
 def backend() -> str:
@@ -148,8 +158,10 @@ def _compiled(t: torch.Tensor) -> bool:
         return True
     if t.device.type == "cuda":
         if BUILD_INFO.get("cuda", "none") == "none":
-            raise RuntimeError("pme: this build of pme has no CUDA kernels (a CPU-only build) but got CUDA "
-                               "tensors; install a +cuXXX wheel or rebuild with FORCE_CUDA=1")
+            raise RuntimeError(
+                "pme: this build of pme has no CUDA kernels (a CPU-only build) but got CUDA "
+                "tensors; install a +cuXXX wheel or rebuild with FORCE_CUDA=1"
+            )
         return True
     return False
 
@@ -165,33 +177,84 @@ def _same_device(op: str, **tensors):
     """
     devs = {name: t.device for name, t in tensors.items() if t is not None}
     if len(set(devs.values())) > 1:
-        raise RuntimeError(f"pme::{op}: all tensor arguments must be on one device, got "
-                           + ", ".join(f"{k} on {v}" for k, v in devs.items()))
+        raise RuntimeError(
+            f"pme::{op}: all tensor arguments must be on one device, got "
+            + ", ".join(f"{k} on {v}" for k, v in devs.items())
+        )
 
 
 if BUILD_INFO is not None:
 
     @torch.library.register_fake("pme::bag_forward")
-    def _(weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, out_width, mode, padding_idx,
-          table_checked=False):
-        _same_device("bag_forward", weight=weight, offsets=offsets, indices=indices, bag_offsets=bag_offsets,
-                     per_sample_weights=per_sample_weights, col_of_size=col_of_size)
+    def _(
+        weight,
+        offsets,
+        indices,
+        bag_offsets,
+        per_sample_weights,
+        col_of_size,
+        out_width,
+        mode,
+        padding_idx,
+        table_checked=False,
+    ):
+        _same_device(
+            "bag_forward",
+            weight=weight,
+            offsets=offsets,
+            indices=indices,
+            bag_offsets=bag_offsets,
+            per_sample_weights=per_sample_weights,
+            col_of_size=col_of_size,
+        )
         B = bag_offsets.shape[0] - 1
         out = weight.new_empty(B, out_width)
         argmax = offsets.new_empty((B, out_width) if mode == 2 else (0, 0))
         return out, argmax
 
     @torch.library.register_fake("pme::bag_backward")
-    def _(grad_out, weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, argmax, mode,
-          padding_idx, psw_grad, table_checked=False):
-        _same_device("bag_backward", grad_out=grad_out, weight=weight, offsets=offsets, indices=indices,
-                     bag_offsets=bag_offsets, per_sample_weights=per_sample_weights, col_of_size=col_of_size,
-                     argmax=argmax)
+    def _(
+        grad_out,
+        weight,
+        offsets,
+        indices,
+        bag_offsets,
+        per_sample_weights,
+        col_of_size,
+        argmax,
+        mode,
+        padding_idx,
+        psw_grad,
+        table_checked=False,
+    ):
+        _same_device(
+            "bag_backward",
+            grad_out=grad_out,
+            weight=weight,
+            offsets=offsets,
+            indices=indices,
+            bag_offsets=bag_offsets,
+            per_sample_weights=per_sample_weights,
+            col_of_size=col_of_size,
+            argmax=argmax,
+        )
         return torch.empty_like(weight), weight.new_empty(indices.shape[0] if psw_grad else 0)
 
     @torch.library.register_fake("pme::bag_backward_sparse")
-    def _(grad_out, weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, argmax, mode,
-          padding_idx, scale_grad_by_freq, table_checked=False):
+    def _(
+        grad_out,
+        weight,
+        offsets,
+        indices,
+        bag_offsets,
+        per_sample_weights,
+        col_of_size,
+        argmax,
+        mode,
+        padding_idx,
+        scale_grad_by_freq,
+        table_checked=False,
+    ):
         nnz = torch.library.get_ctx().new_dynamic_size()
         return offsets.new_empty(nnz), weight.new_empty(nnz)
 
@@ -202,24 +265,82 @@ if BUILD_INFO is not None:
 
     @torch.library.register_fake("pme::embedding_backward")
     def _(grad_out, weight, offsets, indices, col_of_size, padding_idx, table_checked=False):
-        _same_device("embedding_backward", grad_out=grad_out, weight=weight, offsets=offsets, indices=indices,
-                     col_of_size=col_of_size)
+        _same_device(
+            "embedding_backward",
+            grad_out=grad_out,
+            weight=weight,
+            offsets=offsets,
+            indices=indices,
+            col_of_size=col_of_size,
+        )
         return torch.empty_like(weight)
 
     @torch.library.register_fake("pme::sparse_update_")
-    def _(weight, state1, state2, grad_out, offsets, indices, bag_offsets, per_sample_weights, col_of_size,
-          argmax, mode, padding_idx, optimizer, lr, weight_decay, eps, beta1, beta2, step, table_checked=False):
-        _same_device("sparse_update_", weight=weight, state1=state1, state2=state2, grad_out=grad_out,
-                     offsets=offsets, indices=indices, bag_offsets=bag_offsets,
-                     per_sample_weights=per_sample_weights, col_of_size=col_of_size, argmax=argmax)
+    def _(
+        weight,
+        state1,
+        state2,
+        grad_out,
+        offsets,
+        indices,
+        bag_offsets,
+        per_sample_weights,
+        col_of_size,
+        argmax,
+        mode,
+        padding_idx,
+        optimizer,
+        lr,
+        weight_decay,
+        eps,
+        beta1,
+        beta2,
+        step,
+        table_checked=False,
+    ):
+        _same_device(
+            "sparse_update_",
+            weight=weight,
+            state1=state1,
+            state2=state2,
+            grad_out=grad_out,
+            offsets=offsets,
+            indices=indices,
+            bag_offsets=bag_offsets,
+            per_sample_weights=per_sample_weights,
+            col_of_size=col_of_size,
+            argmax=argmax,
+        )
         return None
 
     @torch.library.register_fake("pme::accumulate_scores_")
-    def _(scores, grad_out, weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, argmax,
-          mode, padding_idx, rule, table_checked=False):
-        _same_device("accumulate_scores_", scores=scores, grad_out=grad_out, weight=weight, offsets=offsets,
-                     indices=indices, bag_offsets=bag_offsets, per_sample_weights=per_sample_weights,
-                     col_of_size=col_of_size, argmax=argmax)
+    def _(
+        scores,
+        grad_out,
+        weight,
+        offsets,
+        indices,
+        bag_offsets,
+        per_sample_weights,
+        col_of_size,
+        argmax,
+        mode,
+        padding_idx,
+        rule,
+        table_checked=False,
+    ):
+        _same_device(
+            "accumulate_scores_",
+            scores=scores,
+            grad_out=grad_out,
+            weight=weight,
+            offsets=offsets,
+            indices=indices,
+            bag_offsets=bag_offsets,
+            per_sample_weights=per_sample_weights,
+            col_of_size=col_of_size,
+            argmax=argmax,
+        )
         return None
 
     @torch.library.register_fake("pme::topk_threshold")
@@ -245,9 +366,20 @@ if BUILD_INFO is not None:
 
     def _bag_backward(ctx, grad_out, _grad_argmax):
         weight, offsets, indices, bag_offsets, psw, col_of_size, argmax = ctx.saved_tensors
-        gw, gp = torch.ops.pme.bag_backward(grad_out.contiguous(), weight, offsets, indices, bag_offsets, psw,
-                                            col_of_size, argmax, ctx.mode, ctx.padding_idx, ctx.psw_grad,
-                                            table_checked=True)
+        gw, gp = torch.ops.pme.bag_backward(
+            grad_out.contiguous(),
+            weight,
+            offsets,
+            indices,
+            bag_offsets,
+            psw,
+            col_of_size,
+            argmax,
+            ctx.mode,
+            ctx.padding_idx,
+            ctx.psw_grad,
+            table_checked=True,
+        )
         return gw, None, None, None, (gp if ctx.psw_grad else None), None, None, None, None, None
 
     torch.library.register_autograd("pme::bag_forward", _bag_backward, setup_context=_bag_setup)
@@ -259,8 +391,9 @@ if BUILD_INFO is not None:
 
     def _emb_backward(ctx, grad_out):
         weight, offsets, indices, col_of_size = ctx.saved_tensors
-        gw = torch.ops.pme.embedding_backward(grad_out.contiguous(), weight, offsets, indices, col_of_size,
-                                              ctx.padding_idx, table_checked=True)
+        gw = torch.ops.pme.embedding_backward(
+            grad_out.contiguous(), weight, offsets, indices, col_of_size, ctx.padding_idx, table_checked=True
+        )
         return gw, None, None, None, None, None, None
 
     torch.library.register_autograd("pme::embedding_forward", _emb_backward, setup_context=_emb_setup)
@@ -280,17 +413,48 @@ if BUILD_INFO is not None:
         W = grad_out.shape[1]
         g_go = g_w = g_psw = None
         if ctx.needs_input_grad[0]:
-            g_go = (_linear_lookup(gg_w.contiguous(), offsets, indices, bag_offsets, psw, col, W, ctx.mode, ctx.pad,
-                                   argmax) if gg_w is not None else grad_out.new_zeros(grad_out.shape))
+            g_go = (
+                _linear_lookup(gg_w.contiguous(), offsets, indices, bag_offsets, psw, col, W, ctx.mode, ctx.pad, argmax)
+                if gg_w is not None
+                else grad_out.new_zeros(grad_out.shape)
+            )
             if ctx.psw_grad and gg_p is not None:
-                g_go = g_go + torch.ops.pme.bag_forward(weight, offsets, indices, bag_offsets, gg_p.contiguous(), col,
-                                                        W, 0, ctx.pad, table_checked=True)[0]
+                g_go = (
+                    g_go
+                    + torch.ops.pme.bag_forward(
+                        weight, offsets, indices, bag_offsets, gg_p.contiguous(), col, W, 0, ctx.pad, table_checked=True
+                    )[0]
+                )
         if ctx.needs_input_grad[1] and ctx.psw_grad and gg_p is not None:
-            g_w = torch.ops.pme.bag_backward(grad_out, weight, offsets, indices, bag_offsets, gg_p.contiguous(), col,
-                                             argmax, 0, ctx.pad, False, table_checked=True)[0]
+            g_w = torch.ops.pme.bag_backward(
+                grad_out,
+                weight,
+                offsets,
+                indices,
+                bag_offsets,
+                gg_p.contiguous(),
+                col,
+                argmax,
+                0,
+                ctx.pad,
+                False,
+                table_checked=True,
+            )[0]
         if ctx.needs_input_grad[5] and psw is not None and gg_w is not None:
-            g_psw = torch.ops.pme.bag_backward(grad_out, gg_w.contiguous(), offsets, indices, bag_offsets, psw, col,
-                                               argmax, ctx.mode, ctx.pad, True, table_checked=True)[1]
+            g_psw = torch.ops.pme.bag_backward(
+                grad_out,
+                gg_w.contiguous(),
+                offsets,
+                indices,
+                bag_offsets,
+                psw,
+                col,
+                argmax,
+                ctx.mode,
+                ctx.pad,
+                True,
+                table_checked=True,
+            )[1]
         return g_go, g_w, None, None, None, g_psw, None, None, None, None, None, None
 
     torch.library.register_autograd("pme::bag_backward", _bagbwd_backward, setup_context=_bagbwd_setup)
@@ -304,8 +468,9 @@ if BUILD_INFO is not None:
         grad_out, offsets, indices, col = ctx.saved_tensors
         if gg_w is None or not ctx.needs_input_grad[0]:
             return None, None, None, None, None, None, None
-        out = torch.ops.pme.embedding_forward(gg_w.contiguous(), offsets, indices, col, grad_out.shape[1], ctx.pad,
-                                              table_checked=True)
+        out = torch.ops.pme.embedding_forward(
+            gg_w.contiguous(), offsets, indices, col, grad_out.shape[1], ctx.pad, table_checked=True
+        )
         if ctx.pad >= 0:  # the padding row got no gradient: its lookups pass none back
             out = out.masked_fill((indices == ctx.pad).unsqueeze(1), 0)
         return out, None, None, None, None, None, None
@@ -320,8 +485,9 @@ def _linear_lookup(t, offsets, indices, bag_offsets, psw, col_of_size, width, mo
     implicit zero of the dense view won), i.e. the derivative of the max at that point.
     """
     if mode != 2:
-        return torch.ops.pme.bag_forward(t, offsets, indices, bag_offsets, psw, col_of_size, width, mode, pad,
-                                         table_checked=True)[0]
+        return torch.ops.pme.bag_forward(
+            t, offsets, indices, bag_offsets, psw, col_of_size, width, mode, pad, table_checked=True
+        )[0]
     B = bag_offsets.numel() - 1
     if indices.numel() == 0 or B == 0:
         return t.new_zeros(B, width)
@@ -350,10 +516,15 @@ class _BagLookup(torch.autograd.Function):
 
     @staticmethod
     def forward(weight, offsets, indices, bag_offsets, psw, col_of_size, width, mode, pad):
-        return _table_call(lambda checked: torch.ops.pme.bag_forward(weight, offsets, indices, bag_offsets, psw,
-                                                                     col_of_size, width, mode, pad,
-                                                                     table_checked=checked),
-                           weight, offsets, col_of_size, width)
+        return _table_call(
+            lambda checked: torch.ops.pme.bag_forward(
+                weight, offsets, indices, bag_offsets, psw, col_of_size, width, mode, pad, table_checked=checked
+            ),
+            weight,
+            offsets,
+            col_of_size,
+            width,
+        )
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -367,9 +538,20 @@ class _BagLookup(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, _grad_argmax):
         weight, offsets, indices, bag_offsets, psw, col_of_size, argmax = ctx.saved_tensors
-        gw, gp = torch.ops.pme.bag_backward(grad_out.contiguous(), weight, offsets, indices, bag_offsets, psw,
-                                            col_of_size, argmax, ctx.mode, ctx.pad, ctx.psw_grad,
-                                            table_checked=True)
+        gw, gp = torch.ops.pme.bag_backward(
+            grad_out.contiguous(),
+            weight,
+            offsets,
+            indices,
+            bag_offsets,
+            psw,
+            col_of_size,
+            argmax,
+            ctx.mode,
+            ctx.pad,
+            ctx.psw_grad,
+            table_checked=True,
+        )
         return gw, None, None, None, (gp if ctx.psw_grad else None), None, None, None, None
 
     @staticmethod
@@ -377,11 +559,22 @@ class _BagLookup(torch.autograd.Function):
         weight, offsets, indices, bag_offsets, psw, col_of_size, argmax = ctx.saved_tensors
         out_t = None
         if w_t is not None:
-            out_t = _linear_lookup(w_t.contiguous(), offsets, indices, bag_offsets, psw, col_of_size, ctx.width,
-                                   ctx.mode, ctx.pad, argmax)
+            out_t = _linear_lookup(
+                w_t.contiguous(), offsets, indices, bag_offsets, psw, col_of_size, ctx.width, ctx.mode, ctx.pad, argmax
+            )
         if psw_t is not None:
-            extra = torch.ops.pme.bag_forward(weight, offsets, indices, bag_offsets, psw_t.contiguous(), col_of_size,
-                                              ctx.width, 0, ctx.pad, table_checked=True)[0]
+            extra = torch.ops.pme.bag_forward(
+                weight,
+                offsets,
+                indices,
+                bag_offsets,
+                psw_t.contiguous(),
+                col_of_size,
+                ctx.width,
+                0,
+                ctx.pad,
+                table_checked=True,
+            )[0]
             out_t = extra if out_t is None else out_t + extra
         return out_t, None
 
@@ -396,8 +589,10 @@ def check_table(weight: torch.Tensor, offsets: torch.Tensor, col_of_size: torch.
     if weight.dtype not in WEIGHT_DTYPES:
         raise TypeError(f"weight must be float32, float64, float16 or bfloat16, got {weight.dtype}")
     if offsets.dim() != 1 or offsets.dtype != torch.int64 or offsets.numel() < 1:
-        raise ValueError(f"offsets must be a 1-D int64 tensor of V + 1 entries, got dtype {offsets.dtype} and "
-                         f"shape {tuple(offsets.shape)}")
+        raise ValueError(
+            f"offsets must be a 1-D int64 tensor of V + 1 entries, got dtype {offsets.dtype} and "
+            f"shape {tuple(offsets.shape)}"
+        )
     if offsets.device != weight.device:
         raise ValueError(f"offsets is on {offsets.device} but weight is on {weight.device}")
     if col_of_size is not None and (col_of_size.device != weight.device or col_of_size.dtype != torch.int64):
@@ -439,13 +634,22 @@ def _table_call(fn, weight, offsets, col_of_size, width):
         return fn(False)
     key = id(offsets)
     seen = _TABLES_PASSED.get(key)
-    checked = (seen is not None and seen[0]() is offsets and seen[1] == state and int(width) >= seen[2]
-               and (col_of_size is None or seen[3]() is col_of_size))
+    checked = (
+        seen is not None
+        and seen[0]() is offsets
+        and seen[1] == state
+        and int(width) >= seen[2]
+        and (col_of_size is None or seen[3]() is col_of_size)
+    )
     out = fn(checked)
     if not checked:
         cos_ref = (lambda: None) if col_of_size is None else weakref.ref(col_of_size)
-        _TABLES_PASSED[key] = (weakref.ref(offsets, lambda _r, k=key: _TABLES_PASSED.pop(k, None)), state,
-                               int(width), cos_ref)
+        _TABLES_PASSED[key] = (
+            weakref.ref(offsets, lambda _r, k=key: _TABLES_PASSED.pop(k, None)),
+            state,
+            int(width),
+            cos_ref,
+        )
     return out
 
 
@@ -456,8 +660,10 @@ def normalize_padding_idx(padding_idx, num_embeddings: int) -> int:
     if not isinstance(padding_idx, int) or isinstance(padding_idx, bool):
         raise TypeError(f"padding_idx must be an int or None, got {type(padding_idx).__name__}")
     if not -num_embeddings <= padding_idx < num_embeddings:
-        raise ArgumentError(f"padding_idx {padding_idx} is out of range for {num_embeddings} embeddings "
-                         f"(valid: {-num_embeddings} to {num_embeddings - 1})")
+        raise ArgumentError(
+            f"padding_idx {padding_idx} is out of range for {num_embeddings} embeddings "
+            f"(valid: {-num_embeddings} to {num_embeddings - 1})"
+        )
     return padding_idx + num_embeddings if padding_idx < 0 else padding_idx
 
 
@@ -468,13 +674,16 @@ class _PswModeError(ValueError, NotImplementedError):
 def _unnest_bags(input, offsets, per_sample_weights):
     """A jagged nested tensor of bags ``[B, j]`` -> (flat indices, ``[B + 1]`` offsets, flat weights)."""
     if input.layout != torch.jagged:
-        raise ValueError("a nested input must have layout=torch.jagged (one bag per component), as "
-                         "nn.EmbeddingBag takes it; build it with torch.nested.nested_tensor(..., layout=torch.jagged)")
+        raise ValueError(
+            "a nested input must have layout=torch.jagged (one bag per component), as "
+            "nn.EmbeddingBag takes it; build it with torch.nested.nested_tensor(..., layout=torch.jagged)"
+        )
     if offsets is not None:
         raise ValueError("offsets must be None when input is a nested tensor (its own offsets give the bags)")
     if input.dim() != 2:
-        raise ValueError(f"a nested input must be [B, j] (one bag of indices per component), got {input.dim()} "
-                         "dimensions")
+        raise ValueError(
+            f"a nested input must be [B, j] (one bag of indices per component), got {input.dim()} dimensions"
+        )
     if per_sample_weights is not None:
         if not per_sample_weights.is_nested:
             raise ValueError("if input is nested, per_sample_weights must be nested too (as in torch)")
@@ -503,14 +712,18 @@ def bag_inputs(weight, input, offsets=None, per_sample_weights=None, mode="mean"
         if mode != "sum":
             raise _PswModeError(f"per_sample_weights are only supported with mode='sum', got mode={mode!r}")
         if per_sample_weights.shape != input.shape:
-            raise ValueError(f"per_sample_weights has shape {tuple(per_sample_weights.shape)} but input has "
-                             f"shape {tuple(input.shape)}; they must match")
+            raise ValueError(
+                f"per_sample_weights has shape {tuple(per_sample_weights.shape)} but input has "
+                f"shape {tuple(input.shape)}; they must match"
+            )
         if per_sample_weights.dtype != weight.dtype:
-            raise DtypeError(f"per_sample_weights ({per_sample_weights.dtype}) must have the dtype of the table "
-                            f"({weight.dtype})")
+            raise DtypeError(
+                f"per_sample_weights ({per_sample_weights.dtype}) must have the dtype of the table ({weight.dtype})"
+            )
         if per_sample_weights.device != weight.device:
-            raise ValueError(f"per_sample_weights is on {per_sample_weights.device} but the table is on "
-                             f"{weight.device}")
+            raise ValueError(
+                f"per_sample_weights is on {per_sample_weights.device} but the table is on {weight.device}"
+            )
     if input.dim() == 2:
         if offsets is not None:
             raise ValueError("offsets must be None when input is 2-D [B, L] (each row is a bag)")
@@ -524,8 +737,10 @@ def bag_inputs(weight, input, offsets=None, per_sample_weights=None, mode="mean"
         if offsets is None:
             raise ValueError("offsets must be given when input is 1-D")
         if not isinstance(offsets, torch.Tensor) or offsets.dim() != 1:
-            raise ValueError(f"offsets must be a 1-D tensor, got {type(offsets).__name__} of shape "
-                             f"{tuple(getattr(offsets, 'shape', ()))}")
+            raise ValueError(
+                f"offsets must be a 1-D tensor, got {type(offsets).__name__} of shape "
+                f"{tuple(getattr(offsets, 'shape', ()))}"
+            )
         if offsets.dtype not in INDEX_DTYPES:
             raise DtypeError(f"offsets must be int32 or int64, got {offsets.dtype}")
         if offsets.device != weight.device:
@@ -566,17 +781,33 @@ def _check_last_offset(offsets: torch.Tensor, n: int):
         return
     last = int(offsets[-1])
     if last != n:
-        raise ValueError(f"include_last_offset=True: offsets[-1] = {last} must equal the number of indices {n} "
-                         f"(the last bag ends at the end of the input); nn.EmbeddingBag's results for "
-                         f"offsets[-1] < len(input) contradict its documentation and each other, so pme refuses them")
+        raise ValueError(
+            f"include_last_offset=True: offsets[-1] = {last} must equal the number of indices {n} "
+            f"(the last bag ends at the end of the input); nn.EmbeddingBag's results for "
+            f"offsets[-1] < len(input) contradict its documentation and each other, so pme refuses them"
+        )
 
 
 # --------------------------------------------------------------------------------------------
 # Public functions
 # --------------------------------------------------------------------------------------------
-def embedding_bag(weight, offsets, input, input_offsets=None, *, width, col_of_size=None, mode="mean",
-                  per_sample_weights=None, padding_idx=None, include_last_offset=False, max_norm=None,
-                  norm_type=2.0, scale_grad_by_freq=False, sparse=False):
+def embedding_bag(
+    weight,
+    offsets,
+    input,
+    input_offsets=None,
+    *,
+    width,
+    col_of_size=None,
+    mode="mean",
+    per_sample_weights=None,
+    padding_idx=None,
+    include_last_offset=False,
+    max_norm=None,
+    norm_type=2.0,
+    scale_grad_by_freq=False,
+    sparse=False,
+):
     """Pooled lookup into a flat multi-size table, like ``F.embedding_bag`` on its dense view.
 
     Args:
@@ -602,8 +833,9 @@ def embedding_bag(weight, offsets, input, input_offsets=None, *, width, col_of_s
     check_table(weight, offsets, col_of_size)
     V = offsets.numel() - 1
     pad = normalize_padding_idx(padding_idx, V)
-    indices, bag_offsets, psw, m = bag_inputs(weight, input, input_offsets, per_sample_weights, mode,
-                                              include_last_offset)
+    indices, bag_offsets, psw, m = bag_inputs(
+        weight, input, input_offsets, per_sample_weights, mode, include_last_offset
+    )
     if mode == "max" and scale_grad_by_freq:
         raise ValueError("max mode does not support scaling the gradient by the frequency (as in torch)")
     if mode == "max" and sparse:
@@ -613,23 +845,62 @@ def embedding_bag(weight, offsets, input, input_offsets=None, *, width, col_of_s
     if (sparse or scale_grad_by_freq) and torch.is_grad_enabled() and weight.requires_grad:
         if sparse:
             _keep_coalesced_flag(weight)
-        return _SparseGradLookup.apply(weight, psw, offsets, indices, bag_offsets, col_of_size, int(width), m, pad,
-                                       pad, bool(sparse), bool(scale_grad_by_freq))
+        return _SparseGradLookup.apply(
+            weight,
+            psw,
+            offsets,
+            indices,
+            bag_offsets,
+            col_of_size,
+            int(width),
+            m,
+            pad,
+            pad,
+            bool(sparse),
+            bool(scale_grad_by_freq),
+        )
     if _compiled(weight):
         if _forward_ad_active():
             return _BagLookup.apply(weight, offsets, indices, bag_offsets, psw, col_of_size, int(width), m, pad)[0]
-        out, _ = _table_call(lambda checked: _torch_error_types(torch.ops.pme.bag_forward, weight, offsets, indices,
-                                                                bag_offsets, psw, col_of_size, int(width), m, pad,
-                                                                table_checked=checked),
-                             weight, offsets, col_of_size, width)
+        out, _ = _table_call(
+            lambda checked: _torch_error_types(
+                torch.ops.pme.bag_forward,
+                weight,
+                offsets,
+                indices,
+                bag_offsets,
+                psw,
+                col_of_size,
+                int(width),
+                m,
+                pad,
+                table_checked=checked,
+            ),
+            weight,
+            offsets,
+            col_of_size,
+            width,
+        )
         return out
     _check_reference_lookup(indices, bag_offsets, offsets, weight, col_of_size, width)
-    return reference.embedding_bag(weight, offsets, indices, bag_offsets, width, col_of_size, mode, psw,
-                                   None if pad < 0 else pad)
+    return reference.embedding_bag(
+        weight, offsets, indices, bag_offsets, width, col_of_size, mode, psw, None if pad < 0 else pad
+    )
 
 
-def embedding(weight, offsets, input, *, width, col_of_size=None, padding_idx=None, max_norm=None, norm_type=2.0,
-              scale_grad_by_freq=False, sparse=False):
+def embedding(
+    weight,
+    offsets,
+    input,
+    *,
+    width,
+    col_of_size=None,
+    padding_idx=None,
+    max_norm=None,
+    norm_type=2.0,
+    scale_grad_by_freq=False,
+    sparse=False,
+):
     """Non-pooled lookup ``[*input.shape, width]``, like ``F.embedding`` on the dense view.
 
     The padding row is returned as stored and receives no gradient, as in ``F.embedding``.
@@ -641,11 +912,22 @@ def embedding(weight, offsets, input, *, width, col_of_size=None, padding_idx=No
     pad = normalize_padding_idx(padding_idx, offsets.numel() - 1)
     if isinstance(input, torch.Tensor) and input.is_nested:
         if input.layout != torch.jagged:
-            raise ValueError("a nested input must have layout=torch.jagged; build it with "
-                             "torch.nested.nested_tensor(..., layout=torch.jagged)")
-        out = embedding(weight, offsets, input.values(), width=width, col_of_size=col_of_size,
-                        padding_idx=padding_idx, max_norm=max_norm, norm_type=norm_type,
-                        scale_grad_by_freq=scale_grad_by_freq, sparse=sparse)
+            raise ValueError(
+                "a nested input must have layout=torch.jagged; build it with "
+                "torch.nested.nested_tensor(..., layout=torch.jagged)"
+            )
+        out = embedding(
+            weight,
+            offsets,
+            input.values(),
+            width=width,
+            col_of_size=col_of_size,
+            padding_idx=padding_idx,
+            max_norm=max_norm,
+            norm_type=norm_type,
+            scale_grad_by_freq=scale_grad_by_freq,
+            sparse=sparse,
+        )
         return torch.nested.nested_tensor_from_jagged(out, input.offsets())
     if not isinstance(input, torch.Tensor) or input.dtype not in INDEX_DTYPES:
         raise DtypeError(f"input must be an int32 or int64 tensor, got {getattr(input, 'dtype', type(input))}")
@@ -657,17 +939,41 @@ def embedding(weight, offsets, input, *, width, col_of_size=None, padding_idx=No
     if (sparse or scale_grad_by_freq) and torch.is_grad_enabled() and weight.requires_grad:
         if sparse:
             _keep_coalesced_flag(weight)
-        out = _SparseGradLookup.apply(weight, None, offsets, flat, None, col_of_size, int(width), MODES["sum"], -1,
-                                      pad, bool(sparse), bool(scale_grad_by_freq))
+        out = _SparseGradLookup.apply(
+            weight,
+            None,
+            offsets,
+            flat,
+            None,
+            col_of_size,
+            int(width),
+            MODES["sum"],
+            -1,
+            pad,
+            bool(sparse),
+            bool(scale_grad_by_freq),
+        )
         return out.reshape(*input.shape, width)
     if _compiled(weight):
         if _forward_ad_active():
             out = _torch_error_types(_EmbeddingLookup.apply, weight, offsets, flat, col_of_size, int(width), pad)
         else:
-            out = _table_call(lambda checked: _torch_error_types(torch.ops.pme.embedding_forward, weight, offsets,
-                                                                 flat, col_of_size, int(width), pad,
-                                                                 table_checked=checked),
-                              weight, offsets, col_of_size, width)
+            out = _table_call(
+                lambda checked: _torch_error_types(
+                    torch.ops.pme.embedding_forward,
+                    weight,
+                    offsets,
+                    flat,
+                    col_of_size,
+                    int(width),
+                    pad,
+                    table_checked=checked,
+                ),
+                weight,
+                offsets,
+                col_of_size,
+                width,
+            )
         return out.reshape(*input.shape, width)
     bo = torch.arange(flat.numel() + 1, dtype=flat.dtype, device=flat.device)
     _check_reference_lookup(flat, bo, offsets, weight, col_of_size, width)
@@ -747,28 +1053,65 @@ class _SparseGradLookup(torch.autograd.Function):
     ``bwd_pad`` the one that gets no gradient."""
 
     @staticmethod
-    def forward(ctx, weight, psw, offsets, indices, bag_offsets, col_of_size, width, mode, fwd_pad, bwd_pad, sparse,
-                scale):
+    def forward(
+        ctx, weight, psw, offsets, indices, bag_offsets, col_of_size, width, mode, fwd_pad, bwd_pad, sparse, scale
+    ):
         argmax = None
         if bag_offsets is None:
             bag_offsets = torch.arange(indices.numel() + 1, dtype=indices.dtype, device=indices.device)
             if _compiled(weight):
-                out = _table_call(lambda checked: _torch_error_types(torch.ops.pme.embedding_forward, weight,
-                                                                     offsets, indices, col_of_size, width, bwd_pad,
-                                                                     table_checked=checked),
-                                  weight, offsets, col_of_size, width)
+                out = _table_call(
+                    lambda checked: _torch_error_types(
+                        torch.ops.pme.embedding_forward,
+                        weight,
+                        offsets,
+                        indices,
+                        col_of_size,
+                        width,
+                        bwd_pad,
+                        table_checked=checked,
+                    ),
+                    weight,
+                    offsets,
+                    col_of_size,
+                    width,
+                )
             else:
                 _check_reference_lookup(indices, bag_offsets, offsets, weight, col_of_size, width)
                 out = reference.embedding(weight, offsets, indices, width, col_of_size)
         elif _compiled(weight):
-            out, argmax = _table_call(lambda checked: _torch_error_types(torch.ops.pme.bag_forward, weight, offsets,
-                                                                         indices, bag_offsets, psw, col_of_size,
-                                                                         width, mode, fwd_pad, table_checked=checked),
-                                      weight, offsets, col_of_size, width)
+            out, argmax = _table_call(
+                lambda checked: _torch_error_types(
+                    torch.ops.pme.bag_forward,
+                    weight,
+                    offsets,
+                    indices,
+                    bag_offsets,
+                    psw,
+                    col_of_size,
+                    width,
+                    mode,
+                    fwd_pad,
+                    table_checked=checked,
+                ),
+                weight,
+                offsets,
+                col_of_size,
+                width,
+            )
         else:
             _check_reference_lookup(indices, bag_offsets, offsets, weight, col_of_size, width)
-            out = reference.embedding_bag(weight, offsets, indices, bag_offsets, width, col_of_size,
-                                          _MODE_NAMES[mode], psw, None if fwd_pad < 0 else fwd_pad)
+            out = reference.embedding_bag(
+                weight,
+                offsets,
+                indices,
+                bag_offsets,
+                width,
+                col_of_size,
+                _MODE_NAMES[mode],
+                psw,
+                None if fwd_pad < 0 else fwd_pad,
+            )
         ctx.save_for_backward(weight, psw, offsets, indices, bag_offsets, col_of_size, argmax)
         ctx.width, ctx.mode, ctx.bwd_pad, ctx.sparse, ctx.scale = width, mode, bwd_pad, sparse, scale
         return out
@@ -781,28 +1124,71 @@ class _SparseGradLookup(torch.autograd.Function):
         am = argmax if argmax is not None else offsets.new_empty(0, 0)
         if ctx.needs_input_grad[0]:
             if _compiled(weight):
-                ent, val = torch.ops.pme.bag_backward_sparse(go, weight, offsets, indices, bag_offsets, psw,
-                                                             col_of_size, am, ctx.mode, ctx.bwd_pad, ctx.scale,
-                                                             table_checked=True)
+                ent, val = torch.ops.pme.bag_backward_sparse(
+                    go,
+                    weight,
+                    offsets,
+                    indices,
+                    bag_offsets,
+                    psw,
+                    col_of_size,
+                    am,
+                    ctx.mode,
+                    ctx.bwd_pad,
+                    ctx.scale,
+                    table_checked=True,
+                )
             else:
-                ent, val = reference.bag_backward_sparse(go, weight, offsets, indices, bag_offsets, ctx.width,
-                                                         col_of_size, _MODE_NAMES[ctx.mode], psw,
-                                                         None if ctx.bwd_pad < 0 else ctx.bwd_pad, ctx.scale)
+                ent, val = reference.bag_backward_sparse(
+                    go,
+                    weight,
+                    offsets,
+                    indices,
+                    bag_offsets,
+                    ctx.width,
+                    col_of_size,
+                    _MODE_NAMES[ctx.mode],
+                    psw,
+                    None if ctx.bwd_pad < 0 else ctx.bwd_pad,
+                    ctx.scale,
+                )
             if ctx.sparse:
-                gw = torch.sparse_coo_tensor(ent.unsqueeze(0), val, (weight.numel(),), is_coalesced=True,
-                                             check_invariants=False)
+                gw = torch.sparse_coo_tensor(
+                    ent.unsqueeze(0), val, (weight.numel(),), is_coalesced=True, check_invariants=False
+                )
                 _remember_coalesced(gw)
             else:
                 gw = torch.zeros_like(weight).index_put_((ent,), val)
         if psw is not None and ctx.needs_input_grad[1]:
             if _compiled(weight):
-                _, gp = torch.ops.pme.bag_backward(go, weight, offsets, indices, bag_offsets, psw, col_of_size, am,
-                                                   ctx.mode, ctx.bwd_pad, True, table_checked=True)
+                _, gp = torch.ops.pme.bag_backward(
+                    go,
+                    weight,
+                    offsets,
+                    indices,
+                    bag_offsets,
+                    psw,
+                    col_of_size,
+                    am,
+                    ctx.mode,
+                    ctx.bwd_pad,
+                    True,
+                    table_checked=True,
+                )
             else:
                 with torch.enable_grad():
                     p = psw.detach().requires_grad_(True)
-                    out = reference.embedding_bag(weight.detach(), offsets, indices, bag_offsets, ctx.width,
-                                                  col_of_size, "sum", p, None if ctx.bwd_pad < 0 else ctx.bwd_pad)
+                    out = reference.embedding_bag(
+                        weight.detach(),
+                        offsets,
+                        indices,
+                        bag_offsets,
+                        ctx.width,
+                        col_of_size,
+                        "sum",
+                        p,
+                        None if ctx.bwd_pad < 0 else ctx.bwd_pad,
+                    )
                     (gp,) = torch.autograd.grad(out, p, go)
         return gw, gp, None, None, None, None, None, None, None, None, None, None
 
@@ -840,14 +1226,23 @@ class StateBuffer(NamedTuple):
     def check(self, t) -> None:
         """Raises ValueError unless ``t`` (from a checkpoint) is a valid value of this buffer."""
         if self.host:  # a step count: a non-negative integer scalar
-            if (not isinstance(t, torch.Tensor) or t.numel() != 1 or t.is_floating_point() or t.dtype == torch.bool
-                    or not 0 <= int(t) < 2 ** 62):
-                raise ValueError(f"{self.name} must be a non-negative integer scalar tensor below 2**62 (a step "
-                                 f"count that can still be incremented), got {t!r}")
+            if (
+                not isinstance(t, torch.Tensor)
+                or t.numel() != 1
+                or t.is_floating_point()
+                or t.dtype == torch.bool
+                or not 0 <= int(t) < 2**62
+            ):
+                raise ValueError(
+                    f"{self.name} must be a non-negative integer scalar tensor below 2**62 (a step "
+                    f"count that can still be incremented), got {t!r}"
+                )
             return
         if not isinstance(t, torch.Tensor) or not t.is_floating_point() or tuple(t.shape) != tuple(self.shape):
-            raise ValueError(f"{self.name} must be a float tensor of shape {tuple(self.shape)}, got "
-                             f"{getattr(t, 'dtype', type(t))} of shape {tuple(getattr(t, 'shape', ()))}")
+            raise ValueError(
+                f"{self.name} must be a float tensor of shape {tuple(self.shape)}, got "
+                f"{getattr(t, 'dtype', type(t))} of shape {tuple(getattr(t, 'shape', ()))}"
+            )
         if t.numel() and not bool(torch.isfinite(t).all()):
             raise ValueError(f"{self.name} holds non-finite values")
         if self.nonnegative and t.numel() and bool((t < 0).any()):
@@ -877,9 +1272,21 @@ class BackwardRows(NamedTuple):
         ``grad_out`` replaces the rows' own (e.g. unscaled); ``step`` holds the optimizer's
         keywords (``optimizer``, ``lr``, ``weight_decay``, ``eps``, ``beta1``, ``beta2``, ``step``).
         """
-        sparse_update_(module.weight.data, state1, state2, grad_out, module.offsets, self.indices, self.bag_offsets,
-                       col_of_size=module.col_of_size, argmax=self.argmax, mode=self.mode,
-                       per_sample_weights=self.per_sample_weights, padding_idx=self.padding_idx, **step)
+        sparse_update_(
+            module.weight.data,
+            state1,
+            state2,
+            grad_out,
+            module.offsets,
+            self.indices,
+            self.bag_offsets,
+            col_of_size=module.col_of_size,
+            argmax=self.argmax,
+            mode=self.mode,
+            per_sample_weights=self.per_sample_weights,
+            padding_idx=self.padding_idx,
+            **step,
+        )
 
 
 class RowConsumer:
@@ -927,8 +1334,16 @@ class RowConsumer:
                 t = held[b.name]
                 module._buffers[b.name] = t if b.host else t.to(device=module.weight.device, dtype=b.dtype or acc)
 
-    def lookup(self, module, input, offsets=None, per_sample_weights=None, include_last_offset=None, mode=None,
-               forward_padding=True):
+    def lookup(
+        self,
+        module,
+        input,
+        offsets=None,
+        per_sample_weights=None,
+        include_last_offset=None,
+        mode=None,
+        forward_padding=True,
+    ):
         """Training forward of ``module`` ``[B, width]``; its backward feeds :meth:`consume`.
 
         nn.EmbeddingBag-style inputs; ``mode`` and ``include_last_offset`` default to the
@@ -941,8 +1356,9 @@ class RowConsumer:
         indices, bag_offsets, psw, m = bag_inputs(weight, input, offsets, per_sample_weights, mode, last)
         pad = -1 if module.padding_idx is None else module.padding_idx
         anchor = torch.zeros((), device=weight.device, requires_grad=True)  # makes the output need a gradient
-        return _ConsumedLookup.apply(anchor, self, module, indices, bag_offsets, psw, mode,
-                                     pad if forward_padding else -1, pad)
+        return _ConsumedLookup.apply(
+            anchor, self, module, indices, bag_offsets, psw, mode, pad if forward_padding else -1, pad
+        )
 
 
 class _ConsumedLookup(torch.autograd.Function):
@@ -953,13 +1369,37 @@ class _ConsumedLookup(torch.autograd.Function):
         weight, offsets, col = module.weight, module.offsets, module.col_of_size
         argmax = None
         if _compiled(weight):
-            out, argmax = _table_call(lambda checked: torch.ops.pme.bag_forward(
-                weight, offsets, indices, bag_offsets, psw, col, module.width, MODES[mode], fwd_pad,
-                table_checked=checked), weight, offsets, col, module.width)
+            out, argmax = _table_call(
+                lambda checked: torch.ops.pme.bag_forward(
+                    weight,
+                    offsets,
+                    indices,
+                    bag_offsets,
+                    psw,
+                    col,
+                    module.width,
+                    MODES[mode],
+                    fwd_pad,
+                    table_checked=checked,
+                ),
+                weight,
+                offsets,
+                col,
+                module.width,
+            )
         else:
-            out = embedding_bag(weight, offsets, indices, bag_offsets, width=module.width, col_of_size=col, mode=mode,
-                                per_sample_weights=psw, padding_idx=None if fwd_pad < 0 else fwd_pad,
-                                include_last_offset=True)
+            out = embedding_bag(
+                weight,
+                offsets,
+                indices,
+                bag_offsets,
+                width=module.width,
+                col_of_size=col,
+                mode=mode,
+                per_sample_weights=psw,
+                padding_idx=None if fwd_pad < 0 else fwd_pad,
+                include_last_offset=True,
+            )
         ctx.consumer, ctx.module, ctx.mode, ctx.pad = consumer, module, mode, upd_pad
         ctx.save_for_backward(indices, bag_offsets, psw, argmax)
         return out
@@ -969,8 +1409,15 @@ class _ConsumedLookup(torch.autograd.Function):
         indices, bag_offsets, psw, argmax = ctx.saved_tensors
         # per_sample_weights that require a gradient get it, from the weights before the consumer's step.
         gp = _psw_grad(ctx.module, grad_out, indices, bag_offsets, ctx.pad) if ctx.needs_input_grad[5] else None
-        rows = BackwardRows(grad_out.contiguous().to(ctx.module.weight.dtype), indices, bag_offsets, psw, argmax,
-                            ctx.mode, None if ctx.pad < 0 else ctx.pad)
+        rows = BackwardRows(
+            grad_out.contiguous().to(ctx.module.weight.dtype),
+            indices,
+            bag_offsets,
+            psw,
+            argmax,
+            ctx.mode,
+            None if ctx.pad < 0 else ctx.pad,
+        )
         ctx.consumer.consume(ctx.module, rows)
         return None, None, None, None, None, gp, None, None, None
 
@@ -982,8 +1429,9 @@ def _psw_grad(module, grad_out, indices, bag_offsets, pad):
     lookups past the last bag, as the unfused backward gives.
     """
     acc = acc_dtype(module.weight.dtype)
-    rows = embedding(module.weight.detach(), module.offsets, indices, width=module.width,
-                     col_of_size=module.col_of_size)  # [N, width], zero-padded
+    rows = embedding(
+        module.weight.detach(), module.offsets, indices, width=module.width, col_of_size=module.col_of_size
+    )  # [N, width], zero-padded
     counts = (bag_offsets[1:] - bag_offsets[:-1]).long()
     bag_of = torch.repeat_interleave(torch.arange(counts.numel(), device=indices.device), counts)
     n = bag_of.numel()
@@ -1001,9 +1449,15 @@ class _EmbeddingLookup(torch.autograd.Function):
 
     @staticmethod
     def forward(weight, offsets, indices, col_of_size, width, pad):
-        return _table_call(lambda checked: torch.ops.pme.embedding_forward(weight, offsets, indices, col_of_size,
-                                                                           width, pad, table_checked=checked),
-                           weight, offsets, col_of_size, width)
+        return _table_call(
+            lambda checked: torch.ops.pme.embedding_forward(
+                weight, offsets, indices, col_of_size, width, pad, table_checked=checked
+            ),
+            weight,
+            offsets,
+            col_of_size,
+            width,
+        )
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -1015,8 +1469,9 @@ class _EmbeddingLookup(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         weight, offsets, indices, col_of_size = ctx.saved_tensors
-        gw = torch.ops.pme.embedding_backward(grad_out.contiguous(), weight, offsets, indices, col_of_size, ctx.pad,
-                                              table_checked=True)
+        gw = torch.ops.pme.embedding_backward(
+            grad_out.contiguous(), weight, offsets, indices, col_of_size, ctx.pad, table_checked=True
+        )
         return gw, None, None, None, None, None
 
     @staticmethod
@@ -1024,8 +1479,9 @@ class _EmbeddingLookup(torch.autograd.Function):
         offsets, indices, col_of_size = ctx.saved_tensors
         if w_t is None:
             return None
-        return torch.ops.pme.embedding_forward(w_t.contiguous(), offsets, indices, col_of_size, ctx.width, ctx.pad,
-                                               table_checked=True)
+        return torch.ops.pme.embedding_forward(
+            w_t.contiguous(), offsets, indices, col_of_size, ctx.width, ctx.pad, table_checked=True
+        )
 
 
 def _check_reference_lookup(indices, bag_offsets, offsets, weight, col_of_size, width):
@@ -1035,15 +1491,19 @@ def _check_reference_lookup(indices, bag_offsets, offsets, weight, col_of_size, 
         lo, hi = int(indices.min()), int(indices.max())
         if lo < 0 or hi >= V:
             j = int(((indices < 0) | (indices >= V)).nonzero()[0])
-            raise IndexOutOfRangeError(f"pme: index out of range: indices[{j}] = {int(indices[j])} but the table has {V} rows")
+            raise IndexOutOfRangeError(
+                f"pme: index out of range: indices[{j}] = {int(indices[j])} but the table has {V} rows"
+            )
     if bag_offsets.numel():
         if int(bag_offsets[0]) != 0:
             raise ValueError(f"pme: bag offsets must start at 0, got offsets[0] = {int(bag_offsets[0])}")
         if bool((bag_offsets[1:] < bag_offsets[:-1]).any()):
             raise ValueError("pme: bag offsets must be non-decreasing")
         if int(bag_offsets[-1]) > indices.numel():
-            raise ValueError(f"pme: bag offsets point past the input: the last bag ends at {int(bag_offsets[-1])} "
-                             f"but there are only {indices.numel()} indices")
+            raise ValueError(
+                f"pme: bag offsets point past the input: the last bag ends at {int(bag_offsets[-1])} "
+                f"but there are only {indices.numel()} indices"
+            )
     check_offsets(offsets, weight.numel(), width if col_of_size is None else None)
     if col_of_size is not None:
         check_col_of_size(col_of_size, offsets, width)
@@ -1059,16 +1519,20 @@ def check_col_of_size(col_of_size: torch.Tensor, offsets: torch.Tensor, width: i
     cos = col_of_size.detach().cpu().tolist()
     for s_, c in enumerate(cos):
         if not (c == -1 or (c >= 0 and s_ <= width and c <= width - s_)):
-            raise ValueError(f"col_of_size[{s_}] = {c} is not a slot of the output width {width} for rows of size "
-                             f"{s_} (a column in [0, width - size], or -1 for a size that has no slot)")
+            raise ValueError(
+                f"col_of_size[{s_}] = {c} is not a slot of the output width {width} for rows of size "
+                f"{s_} (a column in [0, width - size], or -1 for a size that has no slot)"
+            )
     sizes = (offsets[1:] - offsets[:-1]).cpu()
     bad = (sizes >= len(cos)) | (sizes < 0)
     if not bool(bad.any()) and sizes.numel():
         bad = torch.as_tensor(cos, dtype=torch.int64)[sizes] < 0
     if bool(bad.any()):
         r = int(bad.nonzero()[0])
-        raise ValueError(f"row {r} has size {int(sizes[r])}, which has no slot in col_of_size: it does not fit in "
-                         f"the output width {width}")
+        raise ValueError(
+            f"row {r} has size {int(sizes[r])}, which has no slot in col_of_size: it does not fit in "
+            f"the output width {width}"
+        )
 
 
 def check_offsets(offsets: torch.Tensor, total: int, max_size: int | None = None):
@@ -1078,8 +1542,10 @@ def check_offsets(offsets: torch.Tensor, total: int, max_size: int | None = None
     sizes = offsets[1:] - offsets[:-1]
     if sizes.numel() and int(sizes.min()) < 0:
         r = int((sizes < 0).nonzero()[0])
-        raise ValueError(f"offsets must be non-decreasing: offsets[{r + 1}] = {int(offsets[r + 1])} < "
-                         f"offsets[{r}] = {int(offsets[r])}")
+        raise ValueError(
+            f"offsets must be non-decreasing: offsets[{r + 1}] = {int(offsets[r + 1])} < "
+            f"offsets[{r}] = {int(offsets[r])}"
+        )
     if int(offsets[-1]) != total:
         raise ValueError(f"offsets[-1] = {int(offsets[-1])} must equal the number of stored entries {total}")
     if max_size is not None and sizes.numel() and int(sizes.max()) > max_size:
@@ -1100,9 +1566,28 @@ def to_dense(weight, offsets, width, col_of_size=None):
     return reference.to_dense(weight, offsets, width, col_of_size)
 
 
-def sparse_update_(weight, state1, state2, grad_out, offsets, indices, bag_offsets, *, col_of_size=None,
-                   argmax=None, mode="mean", per_sample_weights=None, padding_idx=None, optimizer="sgd", lr=0.01,
-                   weight_decay=0.0, eps=1e-8, beta1=0.9, beta2=0.999, step=1):
+def sparse_update_(
+    weight,
+    state1,
+    state2,
+    grad_out,
+    offsets,
+    indices,
+    bag_offsets,
+    *,
+    col_of_size=None,
+    argmax=None,
+    mode="mean",
+    per_sample_weights=None,
+    padding_idx=None,
+    optimizer="sgd",
+    lr=0.01,
+    weight_decay=0.0,
+    eps=1e-8,
+    beta1=0.9,
+    beta2=0.999,
+    step=1,
+):
     """Fused backward + optimizer step, in place, on the rows of one batch (normal-form inputs).
 
     ``grad_out`` ``[B, width]`` is the gradient of the lookup's output. Duplicates are summed
@@ -1117,34 +1602,119 @@ def sparse_update_(weight, state1, state2, grad_out, offsets, indices, bag_offse
     pad = normalize_padding_idx(padding_idx, offsets.numel() - 1)
     if _compiled(weight):
         am = argmax if argmax is not None else offsets.new_empty(0, 0)
-        _table_call(lambda checked: torch.ops.pme.sparse_update_(
-            weight, state1, state2, grad_out, offsets, indices, bag_offsets, per_sample_weights, col_of_size, am,
-            MODES[mode], pad, OPTIMIZERS[optimizer], float(lr), float(weight_decay), float(eps), float(beta1),
-            float(beta2), int(step), table_checked=checked), weight, offsets, col_of_size, grad_out.shape[-1])
+        _table_call(
+            lambda checked: torch.ops.pme.sparse_update_(
+                weight,
+                state1,
+                state2,
+                grad_out,
+                offsets,
+                indices,
+                bag_offsets,
+                per_sample_weights,
+                col_of_size,
+                am,
+                MODES[mode],
+                pad,
+                OPTIMIZERS[optimizer],
+                float(lr),
+                float(weight_decay),
+                float(eps),
+                float(beta1),
+                float(beta2),
+                int(step),
+                table_checked=checked,
+            ),
+            weight,
+            offsets,
+            col_of_size,
+            grad_out.shape[-1],
+        )
         return
     check_table(weight, offsets, col_of_size)
     _check_reference_lookup(indices, bag_offsets, offsets, weight, col_of_size, grad_out.shape[1])
-    reference.sparse_update_(weight, state1, state2, grad_out, offsets, indices, bag_offsets, grad_out.shape[1],
-                             col_of_size, mode, per_sample_weights, None if pad < 0 else pad, optimizer, lr,
-                             weight_decay, eps, beta1, beta2, step)
+    reference.sparse_update_(
+        weight,
+        state1,
+        state2,
+        grad_out,
+        offsets,
+        indices,
+        bag_offsets,
+        grad_out.shape[1],
+        col_of_size,
+        mode,
+        per_sample_weights,
+        None if pad < 0 else pad,
+        optimizer,
+        lr,
+        weight_decay,
+        eps,
+        beta1,
+        beta2,
+        step,
+    )
 
 
-def accumulate_scores_(scores, grad_out, weight, offsets, indices, bag_offsets, *, col_of_size=None, argmax=None,
-                       mode="mean", per_sample_weights=None, padding_idx=None, rule="snip"):
+def accumulate_scores_(
+    scores,
+    grad_out,
+    weight,
+    offsets,
+    indices,
+    bag_offsets,
+    *,
+    col_of_size=None,
+    argmax=None,
+    mode="mean",
+    per_sample_weights=None,
+    padding_idx=None,
+    rule="snip",
+):
     """``scores [total] += |w * g|`` (``rule="snip"``) or ``g^2`` (``"grad"``) for the batch's rows."""
     if rule not in SCORE_RULES:
         raise ValueError(f"rule must be one of {sorted(SCORE_RULES)}, got {rule!r}")
     pad = normalize_padding_idx(padding_idx, offsets.numel() - 1)
     if _compiled(weight):
         am = argmax if argmax is not None else offsets.new_empty(0, 0)
-        _table_call(lambda checked: torch.ops.pme.accumulate_scores_(
-            scores, grad_out, weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, am, MODES[mode],
-            pad, SCORE_RULES[rule], table_checked=checked), weight, offsets, col_of_size, grad_out.shape[-1])
+        _table_call(
+            lambda checked: torch.ops.pme.accumulate_scores_(
+                scores,
+                grad_out,
+                weight,
+                offsets,
+                indices,
+                bag_offsets,
+                per_sample_weights,
+                col_of_size,
+                am,
+                MODES[mode],
+                pad,
+                SCORE_RULES[rule],
+                table_checked=checked,
+            ),
+            weight,
+            offsets,
+            col_of_size,
+            grad_out.shape[-1],
+        )
         return
     check_table(weight, offsets, col_of_size)
     _check_reference_lookup(indices, bag_offsets, offsets, weight, col_of_size, grad_out.shape[1])
-    reference.accumulate_scores_(scores, grad_out, weight, offsets, indices, bag_offsets, grad_out.shape[1],
-                                 col_of_size, mode, per_sample_weights, None if pad < 0 else pad, rule)
+    reference.accumulate_scores_(
+        scores,
+        grad_out,
+        weight,
+        offsets,
+        indices,
+        bag_offsets,
+        grad_out.shape[1],
+        col_of_size,
+        mode,
+        per_sample_weights,
+        None if pad < 0 else pad,
+        rule,
+    )
 
 
 def topk_threshold(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -1180,8 +1750,9 @@ def prune_pack(dense: torch.Tensor, scores: torch.Tensor, sizes: torch.Tensor, o
     if order not in ("score", "position"):
         raise ValueError(f"order must be 'score' or 'position', got {order!r}")
     if dense.dim() != 2 or scores.shape != dense.shape:
-        raise ValueError(f"dense and scores must be 2-D of the same shape, got {tuple(dense.shape)} and "
-                         f"{tuple(scores.shape)}")
+        raise ValueError(
+            f"dense and scores must be 2-D of the same shape, got {tuple(dense.shape)} and {tuple(scores.shape)}"
+        )
     sizes = torch.as_tensor(sizes, dtype=torch.int64, device=dense.device)
     if sizes.shape != (dense.shape[0],):
         raise ValueError(f"sizes must have one entry per row ({dense.shape[0]}), got shape {tuple(sizes.shape)}")

@@ -44,10 +44,16 @@ class FusedOptimizer(ops.RowConsumer):
 
     name = ""
 
-    def __init__(self, lr: float, weight_decay: float = 0.0, eps: float = 1e-8, beta1: float = 0.9,
-                 beta2: float = 0.999, grad_scale: float = 1.0):
-        for name, v in (("lr", lr), ("weight_decay", weight_decay), ("eps", eps), ("beta1", beta1),
-                        ("beta2", beta2)):
+    def __init__(
+        self,
+        lr: float,
+        weight_decay: float = 0.0,
+        eps: float = 1e-8,
+        beta1: float = 0.9,
+        beta2: float = 0.999,
+        grad_scale: float = 1.0,
+    ):
+        for name, v in (("lr", lr), ("weight_decay", weight_decay), ("eps", eps), ("beta1", beta1), ("beta2", beta2)):
             if isinstance(v, bool) or not isinstance(v, numbers.Real):
                 raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
         if not (math.isfinite(lr) and lr >= 0):
@@ -67,8 +73,11 @@ class FusedOptimizer(ops.RowConsumer):
 
     def state(self, module):
         """``optim_state1``/``optim_state2`` in the table's accumulation dtype, ``optim_step`` on the host."""
-        return [ops.StateBuffer("optim_state1", (0,)), ops.StateBuffer("optim_state2", (0,)),
-                ops.StateBuffer("optim_step", (), torch.int64, host=True)]
+        return [
+            ops.StateBuffer("optim_state1", (0,)),
+            ops.StateBuffer("optim_state2", (0,)),
+            ops.StateBuffer("optim_step", (), torch.int64, host=True),
+        ]
 
     def consume(self, module, rows):
         """One optimizer step on the rows of one fused lookup (``pme.ops.BackwardRows`` of a table, or
@@ -76,9 +85,19 @@ class FusedOptimizer(ops.RowConsumer):
         _check_grad_scale(self.grad_scale)
         module.optim_step += 1
         g = rows.grad_out if self.grad_scale == 1.0 else rows.grad_out / self.grad_scale
-        rows.update_(module, module.optim_state1, module.optim_state2, g, optimizer=self.name, lr=self.lr,
-                     weight_decay=self.weight_decay, eps=self.eps, beta1=self.beta1, beta2=self.beta2,
-                     step=int(module.optim_step))
+        rows.update_(
+            module,
+            module.optim_state1,
+            module.optim_state2,
+            g,
+            optimizer=self.name,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            eps=self.eps,
+            beta1=self.beta1,
+            beta2=self.beta2,
+            step=int(module.optim_step),
+        )
 
 
 def _rows(module) -> int:
@@ -133,7 +152,9 @@ class Adam(FusedOptimizer):
         super().__init__(lr, weight_decay, eps, betas[0], betas[1])
 
     def __repr__(self):
-        return f"Adam(lr={self.lr}, betas=({self.beta1}, {self.beta2}), eps={self.eps}, weight_decay={self.weight_decay})"
+        return (
+            f"Adam(lr={self.lr}, betas=({self.beta1}, {self.beta2}), eps={self.eps}, weight_decay={self.weight_decay})"
+        )
 
     def state(self, module):
         """``optim_state1`` (first moments) and ``optim_state2`` (second moments) ``[total]``, ``optim_step``."""

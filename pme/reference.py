@@ -63,8 +63,17 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def embedding_bag(weight, offsets, indices, bag_offsets, width, col_of_size=None, mode="mean",
-                  per_sample_weights=None, padding_idx=None):
+def embedding_bag(
+    weight,
+    offsets,
+    indices,
+    bag_offsets,
+    width,
+    col_of_size=None,
+    mode="mean",
+    per_sample_weights=None,
+    padding_idx=None,
+):
     """Pooled lookup ``[B, width]`` by ``F.embedding_bag`` on the dense view.
 
     Accumulates in float32 for float16/bfloat16 tables (as the kernels do) and casts back.
@@ -82,8 +91,15 @@ def embedding_bag(weight, offsets, indices, bag_offsets, width, col_of_size=None
         # F.embedding_bag rejects some empty inputs that the rule still defines: zeros.
         B = bag_offsets.numel() - 1
         return dense.new_zeros(B, width) + 0 * dense.sum()
-    out = F.embedding_bag(indices, dense.to(acc), bag_offsets, mode=mode, per_sample_weights=psw,
-                          include_last_offset=True, padding_idx=padding_idx)
+    out = F.embedding_bag(
+        indices,
+        dense.to(acc),
+        bag_offsets,
+        mode=mode,
+        per_sample_weights=psw,
+        include_last_offset=True,
+        padding_idx=padding_idx,
+    )
     return out.to(weight.dtype)
 
 
@@ -93,13 +109,22 @@ def embedding(weight, offsets, indices, width, col_of_size=None, padding_idx=Non
     return F.embedding(indices, dense, padding_idx=padding_idx)
 
 
-def summed_row_grads(grad_out, weight, offsets, indices, bag_offsets, width, col_of_size=None, mode="mean",
-                     per_sample_weights=None, padding_idx=None):
+def summed_row_grads(
+    grad_out,
+    weight,
+    offsets,
+    indices,
+    bag_offsets,
+    width,
+    col_of_size=None,
+    mode="mean",
+    per_sample_weights=None,
+    padding_idx=None,
+):
     """Gradient of ``sum(out * grad_out)`` w.r.t. the flat weight, and the rows it touches."""
     w = weight.detach().requires_grad_(True)
     with torch.enable_grad():
-        out = embedding_bag(w, offsets, indices, bag_offsets, width, col_of_size, mode, per_sample_weights,
-                            padding_idx)
+        out = embedding_bag(w, offsets, indices, bag_offsets, width, col_of_size, mode, per_sample_weights, padding_idx)
         (g,) = torch.autograd.grad(out, w, grad_out.to(out.dtype), allow_unused=True)
     if g is None:
         g = torch.zeros_like(weight)
@@ -110,13 +135,25 @@ def summed_row_grads(grad_out, weight, offsets, indices, bag_offsets, width, col
     return g, touched
 
 
-def bag_backward_sparse(grad_out, weight, offsets, indices, bag_offsets, width, col_of_size=None, mode="mean",
-                        per_sample_weights=None, padding_idx=None, scale_grad_by_freq=False):
+def bag_backward_sparse(
+    grad_out,
+    weight,
+    offsets,
+    indices,
+    bag_offsets,
+    width,
+    col_of_size=None,
+    mode="mean",
+    per_sample_weights=None,
+    padding_idx=None,
+    scale_grad_by_freq=False,
+):
     """Sparse gradient of the flat weight: ``(entries [nnz] int64 increasing, values [nnz])``, the
     stored entries of every row the batch looks up (padding excluded), duplicates summed; with
     ``scale_grad_by_freq`` each row's gradient is divided by its number of lookups."""
-    g, touched = summed_row_grads(grad_out, weight, offsets, indices, bag_offsets, width, col_of_size, mode,
-                                  per_sample_weights, padding_idx)
+    g, touched = summed_row_grads(
+        grad_out, weight, offsets, indices, bag_offsets, width, col_of_size, mode, per_sample_weights, padding_idx
+    )
     rows = touched.long().sort().values
     sizes = offsets[rows + 1] - offsets[rows]
     slot = torch.repeat_interleave(torch.arange(rows.numel(), device=rows.device), sizes)
@@ -130,16 +167,35 @@ def bag_backward_sparse(grad_out, weight, offsets, indices, bag_offsets, width, 
     return entries, values
 
 
-def sparse_update_(weight, state1, state2, grad_out, offsets, indices, bag_offsets, width, col_of_size=None,
-                   mode="mean", per_sample_weights=None, padding_idx=None, optimizer="sgd", lr=0.01,
-                   weight_decay=0.0, eps=1e-8, beta1=0.9, beta2=0.999, step=1):
+def sparse_update_(
+    weight,
+    state1,
+    state2,
+    grad_out,
+    offsets,
+    indices,
+    bag_offsets,
+    width,
+    col_of_size=None,
+    mode="mean",
+    per_sample_weights=None,
+    padding_idx=None,
+    optimizer="sgd",
+    lr=0.01,
+    weight_decay=0.0,
+    eps=1e-8,
+    beta1=0.9,
+    beta2=0.999,
+    step=1,
+):
     """Reference fused update: the dense optimizer step on the summed gradient, rows of the batch only.
 
     ``optimizer``: ``"sgd"``, ``"rowwise_adagrad"`` (``state1`` ``[V]``), ``"adam"``
     (``state1``/``state2`` ``[total]``; lazy: rows outside the batch keep their moments).
     """
-    g, touched = summed_row_grads(grad_out, weight, offsets, indices, bag_offsets, width, col_of_size, mode,
-                                  per_sample_weights, padding_idx)
+    g, touched = summed_row_grads(
+        grad_out, weight, offsets, indices, bag_offsets, width, col_of_size, mode, per_sample_weights, padding_idx
+    )
     acc = state1.dtype if state1.numel() else acc_dtype(weight.dtype)
     with torch.no_grad():
         for r in touched.tolist():
@@ -164,11 +220,24 @@ def sparse_update_(weight, state1, state2, grad_out, offsets, indices, bag_offse
             weight[lo:hi] = w.to(weight.dtype)
 
 
-def accumulate_scores_(scores, grad_out, weight, offsets, indices, bag_offsets, width, col_of_size=None,
-                       mode="mean", per_sample_weights=None, padding_idx=None, rule="snip"):
+def accumulate_scores_(
+    scores,
+    grad_out,
+    weight,
+    offsets,
+    indices,
+    bag_offsets,
+    width,
+    col_of_size=None,
+    mode="mean",
+    per_sample_weights=None,
+    padding_idx=None,
+    rule="snip",
+):
     """``scores += |w * g|`` (``snip``) or ``g^2`` (``grad``) on the rows of the batch."""
-    g, touched = summed_row_grads(grad_out, weight, offsets, indices, bag_offsets, width, col_of_size, mode,
-                                  per_sample_weights, padding_idx)
+    g, touched = summed_row_grads(
+        grad_out, weight, offsets, indices, bag_offsets, width, col_of_size, mode, per_sample_weights, padding_idx
+    )
     mask = torch.zeros(offsets.numel() - 1, dtype=torch.bool, device=weight.device)
     mask[touched] = True
     entry = mask[row_ids(offsets)]

@@ -49,10 +49,26 @@ from tqdm.auto import tqdm
 from . import ops
 from .modules import MultiSizeEmbedding, MultiSizeEmbeddingBag, convert
 
-__all__ = ["search", "SearchResult", "sizes_for_budget", "sizes_at_budget", "table_shapes", "token_counts",
-           "default_granularity", "uniform_sizes", "popularity_sizes", "random_sizes", "grouped_sizes",
-           "grouped_classes", "convert_grouped", "normalize_scores", "alignment_quantum", "batch_to", "RULES",
-           "METHODS"]
+__all__ = [
+    "search",
+    "SearchResult",
+    "sizes_for_budget",
+    "sizes_at_budget",
+    "table_shapes",
+    "token_counts",
+    "default_granularity",
+    "uniform_sizes",
+    "popularity_sizes",
+    "random_sizes",
+    "grouped_sizes",
+    "grouped_classes",
+    "convert_grouped",
+    "normalize_scores",
+    "alignment_quantum",
+    "batch_to",
+    "RULES",
+    "METHODS",
+]
 
 RULES = ("magnitude", "movement", "taylor", "saliency", "snip", "grad")
 NORMALIZE = ("field", "none")
@@ -77,10 +93,20 @@ class _Scorer(ops.RowConsumer):
         return [ops.StateBuffer("scores", (module.weight.numel(),), per="entry")]
 
     def consume(self, module, rows):
-        ops.accumulate_scores_(module.scores, rows.grad_out, module.weight, module.offsets, rows.indices,
-                               rows.bag_offsets, col_of_size=module.col_of_size, argmax=rows.argmax, mode=rows.mode,
-                               per_sample_weights=rows.per_sample_weights, padding_idx=rows.padding_idx,
-                               rule=self.rule)
+        ops.accumulate_scores_(
+            module.scores,
+            rows.grad_out,
+            module.weight,
+            module.offsets,
+            rows.indices,
+            rows.bag_offsets,
+            col_of_size=module.col_of_size,
+            argmax=rows.argmax,
+            mode=rows.mode,
+            per_sample_weights=rows.per_sample_weights,
+            padding_idx=rows.padding_idx,
+            rule=self.rule,
+        )
 
 
 @dataclass
@@ -116,18 +142,30 @@ class SearchResult:
         return self.kept_entries / max(1, self.dense_entries)
 
     def __repr__(self):
-        return (f"SearchResult(rule={self.rule!r}, normalize={self.normalize!r}, tables={len(self.sizes)}, "
-                f"kept={self.kept_entries:,} of {self.dense_entries:,} entries ({100 * self.fraction:.1f}%), "
-                f"warm-up steps={self.steps}, seconds={self.seconds:.2f})")
+        return (
+            f"SearchResult(rule={self.rule!r}, normalize={self.normalize!r}, tables={len(self.sizes)}, "
+            f"kept={self.kept_entries:,} of {self.dense_entries:,} entries ({100 * self.fraction:.1f}%), "
+            f"warm-up steps={self.steps}, seconds={self.seconds:.2f})"
+        )
 
     def for_budget(self, budget: float, per_table: bool = False, quantum: int = 1, min_size: int = 0):
         """The same scores cut at another budget (no new scoring): a new ``SearchResult``."""
         t0 = time.perf_counter()
         sizes, thr = sizes_for_budget(self.scores, budget, per_table=per_table, quantum=quantum, min_size=min_size)
         kept = sum(int(s.sum()) for s in sizes.values())
-        return SearchResult(sizes, self.scores, int(budget * self.dense_entries), kept, self.dense_entries, thr,
-                            self.seconds + time.perf_counter() - t0, self.rule, self.steps, self.batches,
-                            normalize=self.normalize)
+        return SearchResult(
+            sizes,
+            self.scores,
+            int(budget * self.dense_entries),
+            kept,
+            self.dense_entries,
+            thr,
+            self.seconds + time.perf_counter() - t0,
+            self.rule,
+            self.steps,
+            self.batches,
+            normalize=self.normalize,
+        )
 
     def convert(self, model: nn.Module, init: str = "fresh", **kwargs) -> nn.Module:
         """``pme.convert(model, self.sizes, ...)``: ``init="fresh"`` draws new values with the
@@ -159,8 +197,10 @@ def _top_up(sizes: dict, priority: dict, dims: dict, target: int, quantum: int) 
     until the total is within one quantum of ``target`` (never above it). Returns new sizes."""
     if _total(sizes) > target:
         floor = min(int(s.min()) for s in sizes.values() if s.numel())
-        raise ValueError(f"budget of {target} entries is below what the floor of {floor} per row allows "
-                         f"(below what min_size={floor} allows); lower min_size or raise the budget")
+        raise ValueError(
+            f"budget of {target} entries is below what the floor of {floor} per row allows "
+            f"(below what min_size={floor} allows); lower min_size or raise the budget"
+        )
     gap = (target - _total(sizes)) // quantum
     if gap <= 0:
         return sizes
@@ -177,7 +217,7 @@ def _top_up(sizes: dict, priority: dict, dims: dict, target: int, quantum: int) 
     out, start = {}, 0
     for n in names:
         v = sizes[n].numel()
-        out[n] = sizes[n] + add[start:start + v].to(sizes[n].device)
+        out[n] = sizes[n] + add[start : start + v].to(sizes[n].device)
         start += v
     return out
 
@@ -205,8 +245,10 @@ def sizes_for_budget(scores: dict, budget: float, per_table: bool = False, quant
 
     def sizes_at(k):
         t = ops.topk_threshold(flat, max(1, min(n, k)))
-        sizes = {name: _round_sizes(ops.prune_counts(sc.float(), t), sc.shape[1], quantum, min_size)
-                 for name, sc in scores.items()}
+        sizes = {
+            name: _round_sizes(ops.prune_counts(sc.float(), t), sc.shape[1], quantum, min_size)
+            for name, sc in scores.items()
+        }
         return sizes, float(t)
 
     lo, hi = 1, n  # find the largest k whose rounded total fits the target
@@ -226,8 +268,10 @@ def sizes_for_budget(scores: dict, budget: float, per_table: bool = False, quant
         else:
             hi = mid
     if best is None:
-        raise ValueError(f"budget {budget} is below what min_size={min_size} allows for every row; "
-                         "lower min_size (0 lets tokens be pruned away) or raise the budget")
+        raise ValueError(
+            f"budget {budget} is below what min_size={min_size} allows for every row; "
+            "lower min_size (0 lets tokens be pruned away) or raise the budget"
+        )
     sizes, t = best
     # the score of each row's next entry decides who gets the last quanta
     pri = {}
@@ -235,8 +279,9 @@ def sizes_for_budget(scores: dict, budget: float, per_table: bool = False, quant
         srt = torch.sort(sc.float(), dim=1, descending=True).values
         nxt = sizes[name].clamp(max=sc.shape[1] - 1).unsqueeze(1).to(srt.device)
         pri[name] = srt.gather(1, nxt).squeeze(1).cpu()
-    sizes = _top_up({k: v.cpu() for k, v in sizes.items()}, pri, {k: v.shape[1] for k, v in scores.items()},
-                    target, quantum)
+    sizes = _top_up(
+        {k: v.cpu() for k, v in sizes.items()}, pri, {k: v.shape[1] for k, v in scores.items()}, target, quantum
+    )
     return sizes, t
 
 
@@ -310,10 +355,25 @@ def token_counts(model: nn.Module, data, tables=None) -> dict:
     return out
 
 
-def search(model: nn.Module, loader, budget: float = 0.2, *, tables=None, rule: str = "magnitude",
-           normalize: str = "none", num_batches: int = 8, warmup_steps: int = 0, warmup_lr: float = 1e-3,
-           held_out=None, loss_fn=None, per_table: bool = False, quantum: int | None = None,
-           min_size: int | None = None, device=None, progress: bool = True) -> SearchResult:
+def search(
+    model: nn.Module,
+    loader,
+    budget: float = 0.2,
+    *,
+    tables=None,
+    rule: str = "magnitude",
+    normalize: str = "none",
+    num_batches: int = 8,
+    warmup_steps: int = 0,
+    warmup_lr: float = 1e-3,
+    held_out=None,
+    loss_fn=None,
+    per_table: bool = False,
+    quantum: int | None = None,
+    min_size: int | None = None,
+    device=None,
+    progress: bool = True,
+) -> SearchResult:
     """Finds a size for every row of the model's embedding tables by pruning (PME).
 
     Score a trained model: either pass one you trained (``warmup_steps=0``, the default; the
@@ -388,8 +448,10 @@ def search(model: nn.Module, loader, budget: float = 0.2, *, tables=None, rule: 
             if not got and n == 0:
                 raise ValueError("pme.search: the loader yielded no batch")
             if not got:
-                raise ValueError(f"pme.search: the loader ran out after {n} batches; {need} need more: "
-                                 "pass a re-iterable loader (a list, a DataLoader)")
+                raise ValueError(
+                    f"pme.search: the loader ran out after {n} batches; {need} need more: "
+                    "pass a re-iterable loader (a list, a DataLoader)"
+                )
 
     def note(batch):  # rows the data touches, for the per-field normalisation
         fields = batch.get("fields") if isinstance(batch, dict) else None
@@ -414,9 +476,11 @@ def search(model: nn.Module, loader, budget: float = 0.2, *, tables=None, rule: 
             opt.step()
             steps += 1
     # Full-width pme tables that accumulate scores in their backward.
-    convert(work, {n: wt[n].embedding_dim for n in chosen if not isinstance(wt[n], (MultiSizeEmbeddingBag,
-                                                                                     MultiSizeEmbedding))},
-            init="kept")
+    convert(
+        work,
+        {n: wt[n].embedding_dim for n in chosen if not isinstance(wt[n], (MultiSizeEmbeddingBag, MultiSizeEmbedding))},
+        init="kept",
+    )
     wt = dict(work.named_modules())
     kernel_rule = "grad" if rule == "grad" else "snip"
     for name in chosen:
@@ -434,8 +498,13 @@ def search(model: nn.Module, loader, budget: float = 0.2, *, tables=None, rule: 
         if rule == "saliency":
             source = tqdm(held_out, desc="pme.search saliency (held-out)", leave=False, disable=not progress)
         else:
-            source = tqdm((next(it) for _ in range(num_batches)), total=num_batches, leave=False,
-                          desc=f"pme.search scoring ({rule})", disable=not progress)
+            source = tqdm(
+                (next(it) for _ in range(num_batches)),
+                total=num_batches,
+                leave=False,
+                desc=f"pme.search scoring ({rule})",
+                disable=not progress,
+            )
         for b in source:
             b = batch_to(b, device)
             note(b)
@@ -456,11 +525,24 @@ def search(model: nn.Module, loader, budget: float = 0.2, *, tables=None, rule: 
     dense = sum(s.numel() for s in scores.values())
     kept = _total(sizes)
     seconds = time.perf_counter() - t0
-    stats = {n: {"rows": int(s.numel()), "mean_size": float(s.double().mean()), "min": int(s.min()),
-                 "max": int(s.max())} for n, s in sizes.items()}
-    return SearchResult({n: s.cpu() for n, s in sizes.items()}, {n: s.cpu() for n, s in scores.items()},
-                        int(budget * dense), kept, dense, thr, seconds, rule, steps, batches_done, stats,
-                        normalize)
+    stats = {
+        n: {"rows": int(s.numel()), "mean_size": float(s.double().mean()), "min": int(s.min()), "max": int(s.max())}
+        for n, s in sizes.items()
+    }
+    return SearchResult(
+        {n: s.cpu() for n, s in sizes.items()},
+        {n: s.cpu() for n, s in scores.items()},
+        int(budget * dense),
+        kept,
+        dense,
+        thr,
+        seconds,
+        rule,
+        steps,
+        batches_done,
+        stats,
+        normalize,
+    )
 
 
 def batch_to(batch, device, non_blocking: bool = False):
@@ -524,8 +606,9 @@ def _spread_rank(idx: torch.Tensor, n: int) -> torch.Tensor:
     return torch.remainder(idx * phi, 1.0)
 
 
-def popularity_sizes(counts: dict, dims: dict, budget: float, alpha: float = 0.3, quantum: int = 1,
-                     min_size: int = 0) -> dict:
+def popularity_sizes(
+    counts: dict, dims: dict, budget: float, alpha: float = 0.3, quantum: int = 1, min_size: int = 0
+) -> dict:
     """MDE's power rule per token: ``size ∝ count**alpha``, scaled to meet the budget.
 
     ``counts``: ``{name: [V] token frequencies}``; ``dims``: ``{name: D}``.
@@ -534,9 +617,12 @@ def popularity_sizes(counts: dict, dims: dict, budget: float, alpha: float = 0.3
     target = int(budget * dense)
     base = {n: (c.double().clamp(min=0) + 1) ** alpha for n, c in counts.items()}
     top = max(float(b.max()) for b in base.values())
-    sizes, lam = _fit_total(lambda lam: {n: _round_sizes((lam * b).round().long(), dims[n], quantum, min_size)
-                                         for n, b in base.items()},
-                            target, 0.0, 2.0 * max(dims.values()) / top * 1e3)
+    sizes, lam = _fit_total(
+        lambda lam: {n: _round_sizes((lam * b).round().long(), dims[n], quantum, min_size) for n, b in base.items()},
+        target,
+        0.0,
+        2.0 * max(dims.values()) / top * 1e3,
+    )
     return _top_up(sizes, {n: lam * b - sizes[n].double() for n, b in base.items()}, dims, target, quantum)
 
 
@@ -546,11 +632,17 @@ def random_sizes(shapes: dict, budget: float, quantum: int = 1, min_size: int = 
     base = {n: torch.rand(V, generator=gen, dtype=torch.float64) for n, (V, D) in shapes.items()}
     dense = sum(V * D for V, D in shapes.values())
     dims = {n: D for n, (_, D) in shapes.items()}
-    sizes, lam = _fit_total(lambda lam: {n: _round_sizes((lam * b * dims[n]).round().long(), dims[n], quantum,
-                                                         min_size) for n, b in base.items()},
-                            int(budget * dense), 0.0, 1e6)
-    return _top_up(sizes, {n: lam * b * dims[n] - sizes[n].double() for n, b in base.items()}, dims,
-                   int(budget * dense), quantum)
+    sizes, lam = _fit_total(
+        lambda lam: {
+            n: _round_sizes((lam * b * dims[n]).round().long(), dims[n], quantum, min_size) for n, b in base.items()
+        },
+        int(budget * dense),
+        0.0,
+        1e6,
+    )
+    return _top_up(
+        sizes, {n: lam * b * dims[n] - sizes[n].double() for n, b in base.items()}, dims, int(budget * dense), quantum
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -637,9 +729,20 @@ def convert_grouped(model: nn.Module, sizes: dict, share: bool = True) -> nn.Mod
 # ---------------------------------------------------------------------------------------------
 # One entry point for sizes at equal budget
 # ---------------------------------------------------------------------------------------------
-def sizes_at_budget(method: str, budget: float, *, model: nn.Module | None = None, result: SearchResult | None = None,
-                    data=None, counts: dict | None = None, tables=None, seed: int = 0, quantum: int | None = None,
-                    min_size: int | None = None, alpha: float = 0.3) -> dict | None:
+def sizes_at_budget(
+    method: str,
+    budget: float,
+    *,
+    model: nn.Module | None = None,
+    result: SearchResult | None = None,
+    data=None,
+    counts: dict | None = None,
+    tables=None,
+    seed: int = 0,
+    quantum: int | None = None,
+    min_size: int | None = None,
+    alpha: float = 0.3,
+) -> dict | None:
     """Sizes for ``budget`` (a fraction of the dense ``V * D`` entries), keyed by table name.
 
     Args:
@@ -687,8 +790,14 @@ def sizes_at_budget(method: str, budget: float, *, model: nn.Module | None = Non
     missing = [n for n in shapes if n not in counts]
     if missing:
         raise KeyError(f"counts lack tables {missing}")
-    return popularity_sizes({n: counts[n] for n in shapes}, {n: D for n, (_, D) in shapes.items()}, budget,
-                            alpha=alpha, quantum=q, min_size=floor)
+    return popularity_sizes(
+        {n: counts[n] for n in shapes},
+        {n: D for n, (_, D) in shapes.items()},
+        budget,
+        alpha=alpha,
+        quantum=q,
+        min_size=floor,
+    )
 
 
 class _CallableModule(types.ModuleType):

@@ -62,9 +62,8 @@ import re
 from collections.abc import Mapping
 
 import torch
-from torch import nn
 import torch.distributed as dist
-
+from torch import nn
 from torchrec.distributed.dist_data import KJTAllToAll, PooledEmbeddingsAllToAll, PooledEmbeddingsReduceScatter
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
@@ -72,14 +71,20 @@ from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
 from torchrec.distributed.planner.shard_estimators import EmbeddingPerfEstimator, EmbeddingStorageEstimator
 from torchrec.distributed.sharding.rw_sharding import RwSparseFeaturesDist
 from torchrec.distributed.types import Awaitable, LazyAwaitable, ModuleSharder, ShardedModule, ShardingType
-from torchrec.streamable import Multistreamable
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+from torchrec.streamable import Multistreamable
 
 from . import ops
 from .collection import MultiSizeEmbeddingBagCollection
 
-__all__ = ["MultiSizeEmbeddingBagCollectionSharder", "ShardedMultiSizeEmbeddingBagCollection",
-           "MultiSizeStorageEstimator", "planner", "merge_state_dicts", "shard_bytes"]
+__all__ = [
+    "MultiSizeEmbeddingBagCollectionSharder",
+    "ShardedMultiSizeEmbeddingBagCollection",
+    "MultiSizeStorageEstimator",
+    "planner",
+    "merge_state_dicts",
+    "shard_bytes",
+]
 
 SUPPORTED = (ShardingType.TABLE_WISE.value, ShardingType.COLUMN_WISE.value, ShardingType.ROW_WISE.value)
 _PIECE = re.compile(r"^(?P<t>.+):(?P<c0>\d+)-(?P<c1>\d+)of(?P<d>\d+)$")
@@ -122,7 +127,7 @@ def join_columns(pieces, num_rows: int):
     value past a gap (not a multi-size row)."""
     pieces = sorted(pieces, key=lambda p: p[0])
     total = torch.zeros(num_rows, dtype=torch.int64)
-    for k, (c0, c1, flat, ps) in enumerate(pieces):
+    for k, (c0, _c1, _flat, ps) in enumerate(pieces):
         ps = ps.cpu()
         if k and bool(((ps > 0) & (total < c0)).any()):
             bad = int(((ps > 0) & (total < c0)).nonzero()[0])
@@ -131,7 +136,7 @@ def join_columns(pieces, num_rows: int):
     off = torch.zeros(num_rows + 1, dtype=torch.int64)
     torch.cumsum(total, 0, out=off[1:])
     out = torch.zeros(int(off[-1]), dtype=pieces[0][2].dtype)
-    for c0, c1, flat, ps in pieces:
+    for c0, _c1, flat, ps in pieces:
         ps = ps.cpu()
         rows = torch.repeat_interleave(torch.arange(num_rows), ps)
         po = torch.zeros(num_rows + 1, dtype=torch.int64)
@@ -205,13 +210,16 @@ class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
         for ti, t in enumerate(self._tables):
             ps = table_shardings.get(t.name)
             if ps is None:
-                raise ValueError(f"the plan has no sharding for table {t.name!r}: pme shards every table of a "
-                                 "collection (give each a table_wise, column_wise or row_wise sharding)")
+                raise ValueError(
+                    f"the plan has no sharding for table {t.name!r}: pme shards every table of a "
+                    "collection (give each a table_wise, column_wise or row_wise sharding)"
+                )
             st = ps.sharding_type
             if st not in SUPPORTED:
                 raise NotImplementedError(
                     f"table {t.name!r}: sharding type {st!r} is not supported by pme's sharder (supported: "
-                    f"{list(SUPPORTED)}); shard this table table_wise, column_wise or row_wise")
+                    f"{list(SUPPORTED)}); shard this table table_wise, column_wise or row_wise"
+                )
             self.sharding_types[t.name] = st
             if st == ShardingType.ROW_WISE.value:
                 rw[ti] = self._row_blocks(t, ps.sharding_spec.shards)
@@ -222,11 +230,15 @@ class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
                 r0, c0 = sh.shard_offsets
                 nr, nc = sh.shard_sizes
                 if r0 != 0 or nr != t.num_embeddings:
-                    raise ValueError(f"table {t.name!r}: a {st} shard must hold every row, got rows "
-                                     f"[{r0}, {r0 + nr}) of {t.num_embeddings}")
+                    raise ValueError(
+                        f"table {t.name!r}: a {st} shard must hold every row, got rows "
+                        f"[{r0}, {r0 + nr}) of {t.num_embeddings}"
+                    )
                 if c0 != col or nc < 1:
-                    raise ValueError(f"table {t.name!r}: shards must cover columns 0..{t.embedding_dim} in order, "
-                                     f"got a shard at column {c0} of width {nc} after column {col}")
+                    raise ValueError(
+                        f"table {t.name!r}: shards must cover columns 0..{t.embedding_dim} in order, "
+                        f"got a shard at column {c0} of width {nc} after column {col}"
+                    )
                 rank = sh.placement.rank()
                 if not 0 <= rank < W:
                     raise ValueError(f"table {t.name!r}: shard placed on rank {rank} of a world of {W}")
@@ -241,8 +253,7 @@ class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
         # Table-wise / column-wise entries: (piece, feature) per rank, sent by one KJT all-to-all
         # and returned by one pooled all-to-all. Row-wise entries: (table, feature), bucketized by
         # row block to every rank and returned summed by a reduce-scatter.
-        self._entries = [[(ti, c0, c1, f) for ti, c0, c1 in p for f in self._tables[ti].feature_names]
-                         for p in pieces]
+        self._entries = [[(ti, c0, c1, f) for ti, c0, c1 in p for f in self._tables[ti].feature_names] for p in pieces]
         self._rw_entries = [(ti, f) for ti in sorted(rw) for f in self._tables[ti].feature_names]
         self._features_per_rank = [len(e) for e in self._entries]
         self._dims_per_rank = [sum(c1 - c0 for _, c0, c1, _ in e) for e in self._entries]
@@ -269,22 +280,37 @@ class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
             self._input_dist = KJTAllToAll(self._pg, self._features_per_rank)
             self._output_dist = PooledEmbeddingsAllToAll(self._pg, self._dims_per_rank)
         if self._rw_entries:
-            self._rw_input_dist = RwSparseFeaturesDist(self._pg, len(self._rw_entries),
-                                                       [self._tables[ti].num_embeddings for ti, _ in self._rw_entries],
-                                                       device=module.weight.device)
+            self._rw_input_dist = RwSparseFeaturesDist(
+                self._pg,
+                len(self._rw_entries),
+                [self._tables[ti].num_embeddings for ti, _ in self._rw_entries],
+                device=module.weight.device,
+            )
             self._rw_output_dist = PooledEmbeddingsReduceScatter(self._pg)
             # mean pooling: the shards pool by sum; the sum is divided by the bag's length after
             # the reduce-scatter (a shard sees only its rows' part of a bag)
-            self._rw_mean = [(k, self._tables[ti].embedding_dim) for k, (ti, _) in enumerate(self._rw_entries)
-                             if self._tables[ti].pooling == "mean"]
+            self._rw_mean = [
+                (k, self._tables[ti].embedding_dim)
+                for k, (ti, _) in enumerate(self._rw_entries)
+                if self._tables[ti].pooling == "mean"
+            ]
         # The local collections (one table per shard), kept out of _modules so that state_dict /
         # load_state_dict of parents see the sharded keys only.
         opt = module.optimizer
-        mine = [(_piece_name(self._tables[ti].name, c0, c1, self._tables[ti].embedding_dim), ti, "col", c0, c1)
-                for ti, c0, c1 in pieces[self._rank]]
+        mine = [
+            (_piece_name(self._tables[ti].name, c0, c1, self._tables[ti].embedding_dim), ti, "col", c0, c1)
+            for ti, c0, c1 in pieces[self._rank]
+        ]
         self.__dict__["local"] = self._make_local(mine, module, opt, lambda ti: self._tables[ti].pooling)
-        mine_rw = [(_row_name(self._tables[ti].name, *rw[ti][self._rank], self._tables[ti].num_embeddings), ti, "row",
-                    *rw[ti][self._rank]) for ti in sorted(rw)]
+        mine_rw = [
+            (
+                _row_name(self._tables[ti].name, *rw[ti][self._rank], self._tables[ti].num_embeddings),
+                ti,
+                "row",
+                *rw[ti][self._rank],
+            )
+            for ti in sorted(rw)
+        ]
         self.__dict__["local_rw"] = self._make_local(mine_rw, module, opt, lambda ti: "sum")
         self._shards = {"local": mine, "local_rw": mine_rw}
         full = module.state_dict()
@@ -298,16 +324,22 @@ class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
         ranks 0..W-1, as its bucketized input distribution assumes."""
         W, V = self._world, t.num_embeddings
         bs = -(-V // W)
-        got = sorted((sh.shard_offsets[0], sh.shard_sizes[0], sh.shard_offsets[1], sh.shard_sizes[1],
-                      sh.placement.rank()) for sh in shards)
+        got = sorted(
+            (sh.shard_offsets[0], sh.shard_sizes[0], sh.shard_offsets[1], sh.shard_sizes[1], sh.placement.rank())
+            for sh in shards
+        )
         want = [(k * bs, min(bs, V - k * bs), 0, t.embedding_dim, k) for k in range(W)]
         if any(n < 1 for _, n, _, _, _ in want):
-            raise ValueError(f"table {t.name!r}: {V} rows are too few for row_wise over {W} ranks (a rank would "
-                             "hold none); shard it table_wise")
+            raise ValueError(
+                f"table {t.name!r}: {V} rows are too few for row_wise over {W} ranks (a rank would "
+                "hold none); shard it table_wise"
+            )
         if got != want:
-            raise ValueError(f"table {t.name!r}: pme's row_wise sharding takes TorchRec's even row blocks (rank k "
-                             f"holds rows [k * {bs}, (k + 1) * {bs}) of {V}, all columns, every rank a block); got "
-                             f"(row offset, rows, column offset, columns, rank) = {got}")
+            raise ValueError(
+                f"table {t.name!r}: pme's row_wise sharding takes TorchRec's even row blocks (rank k "
+                f"holds rows [k * {bs}, (k + 1) * {bs}) of {V}, all columns, every rank a block); got "
+                f"(row offset, rows, column offset, columns, rank) = {got}"
+            )
         return [(r0, r0 + n) for r0, n, _, _, _ in want]
 
     def _make_local(self, shards, module, opt, pooling):
@@ -318,15 +350,20 @@ class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
             t = self._tables[ti]
             n = len(t.feature_names)
             rows, width = (b - a, t.embedding_dim) if kind == "row" else (t.num_embeddings, b - a)
-            cfgs.append(_Cfg(rows, width, name, [str(j) for j in range(k, k + n)], pooling(ti), t.init_max,
-                             t.init_min))
+            cfgs.append(_Cfg(rows, width, name, [str(j) for j in range(k, k + n)], pooling(ti), t.init_max, t.init_min))
             k += n
         if opt is not None:
             o = type(opt).__new__(type(opt))
             o.__dict__.update(opt.__dict__)
             opt = o
-        return MultiSizeEmbeddingBagCollection(cfgs, sizes=0, is_weighted=module.is_weighted,
-                                               device=module.weight.device, dtype=module.weight.dtype, optimizer=opt)
+        return MultiSizeEmbeddingBagCollection(
+            cfgs,
+            sizes=0,
+            is_weighted=module.is_weighted,
+            device=module.weight.device,
+            dtype=module.weight.dtype,
+            optimizer=opt,
+        )
 
     # ---- TorchRec's ShardedModule -------------------------------------------------------
     @property
@@ -346,24 +383,28 @@ class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
             for part, lst in ((wanted, hit[0]), (self._rw_entries, hit[1])):
                 for ti, f in part:
                     if f not in pos:
-                        raise KeyError(f"the input has no feature {f!r} (table {self._tables[ti].name!r} reads it); "
-                                       f"its keys are {list(keys)}")
+                        raise KeyError(
+                            f"the input has no feature {f!r} (table {self._tables[ti].name!r} reads it); "
+                            f"its keys are {list(keys)}"
+                        )
                     lst.append(pos[f])
             self._permute_cache[keys] = hit
         return hit
 
     def input_dist(self, ctx, features):
         if not isinstance(features, KeyedJaggedTensor):
-            raise TypeError(f"a sharded pme collection takes a torchrec KeyedJaggedTensor, got "
-                            f"{type(features).__name__}")
+            raise TypeError(
+                f"a sharded pme collection takes a torchrec KeyedJaggedTensor, got {type(features).__name__}"
+            )
         if features.variable_stride_per_key():
             raise NotImplementedError("pme: a KeyedJaggedTensor with a variable batch per feature is not supported")
         if self.is_weighted and features.weights_or_none() is None:
             raise ValueError("the collection is weighted (is_weighted=True) but the input carries no weights")
         ctx.batch_size = features.stride()
         if not self.is_weighted and features.weights_or_none() is not None:
-            features = KeyedJaggedTensor(keys=features.keys(), values=features.values(), lengths=features.lengths(),
-                                         stride=features.stride())
+            features = KeyedJaggedTensor(
+                keys=features.keys(), values=features.values(), lengths=features.lengths(), stride=features.stride()
+            )
         idx, idx_rw = self._permute_indices(features.keys())
         waits = []
         if self._input_dist is not None:
@@ -379,8 +420,14 @@ class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
     def _lookup(self, which, kjt):
         local = getattr(self, which)
         keys = [str(k) for k in range(len(kjt.keys()))]
-        local_kjt = KeyedJaggedTensor(keys=keys, values=kjt.values(), weights=kjt.weights_or_none(),
-                                      lengths=kjt.lengths(), offsets=kjt.offsets(), stride=kjt.stride())
+        local_kjt = KeyedJaggedTensor(
+            keys=keys,
+            values=kjt.values(),
+            weights=kjt.weights_or_none(),
+            lengths=kjt.lengths(),
+            offsets=kjt.offsets(),
+            stride=kjt.stride(),
+        )
         local.train(self.training)
         return local(local_kjt).values()
 
@@ -388,16 +435,24 @@ class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
         B = ctx.batch_size
         for kjt in dist_input:
             if kjt.stride() != B * self._world:
-                raise ValueError(f"every rank must feed the same batch size: this rank has {B} samples but the ranks "
-                                 f"sent {kjt.stride()} in all ({self._world} ranks)")
+                raise ValueError(
+                    f"every rank must feed the same batch size: this rank has {B} samples but the ranks "
+                    f"sent {kjt.stride()} in all ({self._world} ranks)"
+                )
         out = []
         k = 0
         if self._input_dist is not None:
             kjt = dist_input[k]
             k += 1
             if self.local is None:
-                out.append(torch.zeros(kjt.stride(), 0, device=kjt.values().device,
-                                       requires_grad=torch.is_grad_enabled() and self.training))
+                out.append(
+                    torch.zeros(
+                        kjt.stride(),
+                        0,
+                        device=kjt.values().device,
+                        requires_grad=torch.is_grad_enabled() and self.training,
+                    )
+                )
             else:
                 out.append(self._lookup("local", kjt))
         if self._rw_input_dist is not None:
@@ -427,7 +482,7 @@ class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
         def post(values):
             div = torch.ones_like(values)
             for (k, D), ln in zip(self._rw_mean, lengths):
-                div[:, offs[k]:offs[k] + D] = ln.to(values.dtype).unsqueeze(1)
+                div[:, offs[k] : offs[k] + D] = ln.to(values.dtype).unsqueeze(1)
             return values / div
 
         return post
@@ -456,6 +511,7 @@ class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
         ``embedding_bags.<table>:r<r0>-<r1>of<V>.*``, and ``optim_step`` with a fused optimizer."""
         if destination is None:
             from collections import OrderedDict
+
             destination = OrderedDict()
         for _, m in self._locals():
             step = destination.get(prefix + "optim_step")
@@ -493,7 +549,7 @@ class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
                 raise ValueError(f"{full}weight / offsets: {e}") from None
             if kind == "row":
                 e0, e1 = int(o[a]), int(o[b])
-                pw, po = w.detach().cpu()[e0:e1], o[a:b + 1] - e0
+                pw, po = w.detach().cpu()[e0:e1], o[a : b + 1] - e0
             else:
                 pw, psz = column_piece(w.detach().cpu(), o, a, b)
                 po = torch.zeros(t.num_embeddings + 1, dtype=torch.int64)
@@ -508,7 +564,7 @@ class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
                     if not isinstance(s, torch.Tensor) or s.shape != w.shape:
                         raise ValueError(f"{full}{k} must have {w.numel()} entries")
                     s = s.detach().cpu()
-                    s = s[int(o[a]):int(o[b])] if kind == "row" else column_piece(s, o, a, b)[0]
+                    s = s[int(o[a]) : int(o[b])] if kind == "row" else column_piece(s, o, a, b)[0]
                 elif how == "rows" and kind == "row":
                     if not isinstance(s, torch.Tensor) or s.shape != (t.num_embeddings,):
                         raise ValueError(f"{full}{k} must have {t.num_embeddings} entries")
@@ -524,11 +580,14 @@ class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
         other ranks' tables in it are skipped. Everything is checked before anything is replaced."""
         from torch.nn.modules.module import _IncompatibleKeys
 
-        missing = self._load(state_dict, lambda e: RuntimeError(
-            f"Error(s) in loading state_dict for {type(self).__name__}:\n\t{e}"))
+        missing = self._load(
+            state_dict, lambda e: RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}:\n\t{e}")
+        )
         if strict and missing:
-            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}: missing keys {missing} "
-                               f"(this rank holds {[n for w in self._shards.values() for n, *_ in w]})")
+            raise RuntimeError(
+                f"Error(s) in loading state_dict for {type(self).__name__}: missing keys {missing} "
+                f"(this rank holds {[n for w in self._shards.values() for n, *_ in w]})"
+            )
         return _IncompatibleKeys(missing, [])
 
     def _load(self, state_dict, error):
@@ -551,9 +610,10 @@ class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
             m.load_state_dict(sd, strict=False)
         return []
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        sub = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        sub = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
         try:
             missing_keys.extend(prefix + k for k in self._load(sub, ValueError))
         except (ValueError, RuntimeError) as e:
@@ -587,8 +647,7 @@ class _Both2(Awaitable):
 class _Cfg:
     """Table config of a shard (the fields pme.collection reads)."""
 
-    def __init__(self, num_embeddings, embedding_dim, name, feature_names, pooling, weight_init_max,
-                 weight_init_min):
+    def __init__(self, num_embeddings, embedding_dim, name, feature_names, pooling, weight_init_max, weight_init_min):
         self.num_embeddings, self.embedding_dim, self.name = num_embeddings, embedding_dim, name
         self.feature_names, self.pooling = feature_names, pooling
         self.weight_init_max, self.weight_init_min = weight_init_max, weight_init_min
@@ -610,9 +669,13 @@ class MultiSizeEmbeddingBagCollectionSharder(ModuleSharder[MultiSizeEmbeddingBag
 
     def shardable_parameters(self, module):
         """One meta tensor ``[V_t, D_t]`` per table (the dense shape the plan splits)."""
-        return {t.name: nn.Parameter(torch.empty(t.num_embeddings, t.embedding_dim, device="meta",
-                                                 dtype=module.weight.dtype), requires_grad=False)
-                for t in module._tables}
+        return {
+            t.name: nn.Parameter(
+                torch.empty(t.num_embeddings, t.embedding_dim, device="meta", dtype=module.weight.dtype),
+                requires_grad=False,
+            )
+            for t in module._tables
+        }
 
     def sharding_types(self, compute_device_type):
         return list(SUPPORTED)
@@ -629,8 +692,14 @@ class MultiSizeEmbeddingBagCollectionSharder(ModuleSharder[MultiSizeEmbeddingBag
 # --------------------------------------------------------------------------------------------
 # Planner: true multi-size bytes
 # --------------------------------------------------------------------------------------------
-def shard_bytes(module: MultiSizeEmbeddingBagCollection, table: str, c0: int = 0, c1: int | None = None,
-                r0: int = 0, r1: int | None = None) -> int:
+def shard_bytes(
+    module: MultiSizeEmbeddingBagCollection,
+    table: str,
+    c0: int = 0,
+    c1: int | None = None,
+    r0: int = 0,
+    r1: int | None = None,
+) -> int:
     """Bytes a shard (columns ``[c0, c1)`` of rows ``[r0, r1)``) of ``table`` holds: its stored
     entries, its offsets (int64, one per row + 1) and the fused optimizer's state (row-wise
     Adagrad one float per row, Adam two per entry)."""
@@ -646,7 +715,7 @@ def shard_bytes(module: MultiSizeEmbeddingBagCollection, table: str, c0: int = 0
     return entries * es + (r1 - r0 + 1) * 8 + state
 
 
-_NEVER = 2 ** 62  # bytes that fit no device
+_NEVER = 2**62  # bytes that fit no device
 
 
 class MultiSizeStorageEstimator(EmbeddingStorageEstimator):
@@ -680,17 +749,32 @@ class MultiSizeStorageEstimator(EmbeddingStorageEstimator):
                     st.ddr += true - was
 
 
-def planner(world_size: int, compute_device: str = "cpu", hbm_cap: int | None = None, ddr_cap: int | None = None,
-            batch_size: int = 512, constraints=None, **topology_kwargs) -> EmbeddingShardingPlanner:
+def planner(
+    world_size: int,
+    compute_device: str = "cpu",
+    hbm_cap: int | None = None,
+    ddr_cap: int | None = None,
+    batch_size: int = 512,
+    constraints=None,
+    **topology_kwargs,
+) -> EmbeddingShardingPlanner:
     """An ``EmbeddingShardingPlanner`` whose storage estimate knows pme's multi-size bytes.
 
     ``hbm_cap`` / ``ddr_cap`` are bytes per rank (TorchRec's ``Topology``). Use it as TorchRec's:
     ``plan = planner(2).collective_plan(model, [MultiSizeEmbeddingBagCollectionSharder()], pg)``.
     """
-    topo = Topology(world_size=world_size, compute_device=compute_device, hbm_cap=hbm_cap, ddr_cap=ddr_cap,
-                    local_world_size=topology_kwargs.pop("local_world_size", world_size), **topology_kwargs)
-    est = [EmbeddingPerfEstimator(topology=topo, constraints=constraints),
-           MultiSizeStorageEstimator(topology=topo, constraints=constraints)]
+    topo = Topology(
+        world_size=world_size,
+        compute_device=compute_device,
+        hbm_cap=hbm_cap,
+        ddr_cap=ddr_cap,
+        local_world_size=topology_kwargs.pop("local_world_size", world_size),
+        **topology_kwargs,
+    )
+    est = [
+        EmbeddingPerfEstimator(topology=topo, constraints=constraints),
+        MultiSizeStorageEstimator(topology=topo, constraints=constraints),
+    ]
     enum = EmbeddingEnumerator(topology=topo, batch_size=batch_size, constraints=constraints, estimator=est)
     return EmbeddingShardingPlanner(topology=topo, batch_size=batch_size, constraints=constraints, enumerator=enum)
 
@@ -736,8 +820,10 @@ def merge_state_dicts(state_dicts, prefix: str = "", optimizer: str | None = Non
                 break
             c = c1
         if c != width[t]:
-            raise ValueError(f"table {t!r}: column shards {[(a, b) for _, a, b in cols]} do not cover its "
-                             f"{width[t]} columns (is a rank's state_dict missing?)")
+            raise ValueError(
+                f"table {t!r}: column shards {[(a, b) for _, a, b in cols]} do not cover its "
+                f"{width[t]} columns (is a rank's state_dict missing?)"
+            )
         base = f"{prefix}embedding_bags.{t}."
         V = parts[cols[0]]["offsets"].numel() - 1
         sizes = {key: f["offsets"][1:] - f["offsets"][:-1] for key, f in parts.items()}
@@ -750,12 +836,15 @@ def merge_state_dicts(state_dicts, prefix: str = "", optimizer: str | None = Non
             if all(g.numel() == 0 for g in got):
                 out[base + field] = got[0]
             elif all(g.numel() == int(sizes[key].sum()) for g, key in zip(got, cols)):
-                out[base + field] = join_columns([(c0, c1, g, sizes[(t, c0, c1)])
-                                                  for g, (_, c0, c1) in zip(got, cols)], V)[0]
+                out[base + field] = join_columns(
+                    [(c0, c1, g, sizes[(t, c0, c1)]) for g, (_, c0, c1) in zip(got, cols)], V
+                )[0]
             else:
-                raise ValueError(f"table {t!r}: {field} is per row and per column shard (row-wise Adagrad); it has "
-                                 "no unsharded equivalent. Load this checkpoint into the same plan, or drop the "
-                                 "optimizer state")
+                raise ValueError(
+                    f"table {t!r}: {field} is per row and per column shard (row-wise Adagrad); it has "
+                    "no unsharded equivalent. Load this checkpoint into the same plan, or drop the "
+                    "optimizer state"
+                )
     for t, parts in row_pieces.items():
         rows = sorted(parts)
         r = 0
@@ -764,8 +853,9 @@ def merge_state_dicts(state_dicts, prefix: str = "", optimizer: str | None = Non
                 break
             r = r1
         if r != num_rows[t]:
-            raise ValueError(f"table {t!r}: row shards {rows} do not cover its {num_rows[t]} rows (is a rank's "
-                             "state_dict missing?)")
+            raise ValueError(
+                f"table {t!r}: row shards {rows} do not cover its {num_rows[t]} rows (is a rank's state_dict missing?)"
+            )
         base = f"{prefix}embedding_bags.{t}."
         out[base + "weight"] = torch.cat([parts[k]["weight"] for k in rows])
         off, e = [torch.zeros(1, dtype=torch.int64)], 0
@@ -803,15 +893,24 @@ def _example():  # pragma: no cover - run by hand / by the README's command
     ebc = MultiSizeEmbeddingBagCollection(tables, sizes, optimizer=RowwiseAdagrad(lr=0.05))
     sharder = MultiSizeEmbeddingBagCollectionSharder()
     plan = planner(world).collective_plan(ebc, [sharder], dist.group.WORLD)
-    model = DistributedModelParallel(ebc, env=ShardingEnv.from_process_group(dist.group.WORLD),
-                                     device=torch.device("cpu"), plan=plan, sharders=[sharder],
-                                     init_data_parallel=False)
+    model = DistributedModelParallel(
+        ebc,
+        env=ShardingEnv.from_process_group(dist.group.WORLD),
+        device=torch.device("cpu"),
+        plan=plan,
+        sharders=[sharder],
+        init_data_parallel=False,
+    )
     B = 32
     for step in range(3):
         g = torch.Generator().manual_seed(100 * step + rank)
         lengths = torch.randint(0, 4, (4 * B,), generator=g)
-        values = torch.cat([torch.randint(0, 1000 * (t + 1), (int(lengths[t * B:(t + 1) * B].sum()),), generator=g)
-                            for t in range(4)])
+        values = torch.cat(
+            [
+                torch.randint(0, 1000 * (t + 1), (int(lengths[t * B : (t + 1) * B].sum()),), generator=g)
+                for t in range(4)
+            ]
+        )
         kjt = KeyedJaggedTensor.from_lengths_sync([f"f{t}" for t in range(4)], values, lengths)
         out = model(kjt).wait()
         loss = out.values().pow(2).mean()

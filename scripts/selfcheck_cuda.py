@@ -81,7 +81,9 @@ def check_lookups(quick):
         aligned = rng.random() < 0.6
         D = rng.choice([4, 16, 64, 128, 200, 700]) if not grouped else 64
         q = 16 // torch.tensor([], dtype=dtype).element_size() if aligned else 1
-        sizes = sorted({0, max(q, D // 4 // q * q), max(q, D // 2 // q * q), D // q * q} | (set() if aligned else {1, D - 1}))
+        sizes = sorted(
+            {0, max(q, D // 4 // q * q), max(q, D // 2 // q * q), D // q * q} | (set() if aligned else {1, D - 1})
+        )
         sizes = [s for s in sizes if 0 <= s <= D]
         V = rng.choice([7, 100, 5000])
         w, off, cos, W = make_table(V, D, sizes, dtype, DEV, trial, grouped)
@@ -89,12 +91,23 @@ def check_lookups(quick):
             store = torch.zeros(w.numel() + 1, dtype=dtype, device=DEV)
             store[1:].copy_(w)
             w = store[1:]
-        idx, bo = batch(V, rng.choice([1, 5, 300]), rng.choice([1, 8, 40]), itype, trial, zipf=rng.random() < 0.5,
-                        trailing=rng.choice([0, 3]))
+        idx, bo = batch(
+            V,
+            rng.choice([1, 5, 300]),
+            rng.choice([1, 8, 40]),
+            itype,
+            trial,
+            zipf=rng.random() < 0.5,
+            trailing=rng.choice([0, 3]),
+        )
         idx, bo = idx.to(DEV), bo.to(DEV)
         mode = rng.choice([0, 1, 2])
         pad = rng.choice([-1, 0, V - 1])
-        psw = torch.randn(idx.numel(), dtype=torch.float64).to(dtype).to(DEV) if mode == 0 and rng.random() < 0.5 else None
+        psw = (
+            torch.randn(idx.numel(), dtype=torch.float64).to(dtype).to(DEV)
+            if mode == 0 and rng.random() < 0.5
+            else None
+        )
         cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
         out, am = ops.bag_forward(w, off, idx, bo, psw, cos, W, mode, pad)
         rout, ram = ops.bag_forward(cpu(w), cpu(off), cpu(idx), cpu(bo), cpu(psw), cpu(cos), W, mode, pad)
@@ -105,8 +118,9 @@ def check_lookups(quick):
         gw, gp = ops.bag_backward(go, w, off, idx, bo, psw, cos, am, mode, pad, psw is not None)
         gw2, gp2 = ops.bag_backward(go, w, off, idx, bo, psw, cos, am, mode, pad, psw is not None)
         assert torch.equal(gw, gw2) and torch.equal(gp, gp2), f"bag_backward not deterministic (trial {trial})"
-        rgw, rgp = ops.bag_backward(cpu(go), cpu(w), cpu(off), cpu(idx), cpu(bo), cpu(psw), cpu(cos), cpu(am), mode,
-                                    pad, psw is not None)
+        rgw, rgp = ops.bag_backward(
+            cpu(go), cpu(w), cpu(off), cpu(idx), cpu(bo), cpu(psw), cpu(cos), cpu(am), mode, pad, psw is not None
+        )
         close(gw, rgw, dtype, f"bag_backward trial {trial}")
         close(gp, rgp, dtype, f"grad_psw trial {trial}")
         # sparse gradient (sparse=True): the same entries as the CPU, values close, repeatable
@@ -114,8 +128,9 @@ def check_lookups(quick):
         se, sv = ops.bag_backward_sparse(go, w, off, idx, bo, psw, cos, am, mode, pad, scale)
         se2, sv2 = ops.bag_backward_sparse(go, w, off, idx, bo, psw, cos, am, mode, pad, scale)
         assert torch.equal(se, se2) and torch.equal(sv, sv2), f"bag_backward_sparse not deterministic ({trial})"
-        rse, rsv = ops.bag_backward_sparse(cpu(go), cpu(w), cpu(off), cpu(idx), cpu(bo), cpu(psw), cpu(cos),
-                                           cpu(am), mode, pad, scale)
+        rse, rsv = ops.bag_backward_sparse(
+            cpu(go), cpu(w), cpu(off), cpu(idx), cpu(bo), cpu(psw), cpu(cos), cpu(am), mode, pad, scale
+        )
         assert torch.equal(se.cpu(), rse), f"bag_backward_sparse entries differ (trial {trial})"
         close(sv, rsv, dtype, f"bag_backward_sparse trial {trial}")
         # non-pooled
@@ -123,8 +138,12 @@ def check_lookups(quick):
         re = ops.embedding_forward(cpu(w), cpu(off), cpu(idx), cpu(cos), W, pad)
         close(e, re, dtype, f"embedding_forward trial {trial}")
         ge = torch.randn(e.shape, dtype=torch.float64).to(dtype).to(DEV)
-        close(ops.embedding_backward(ge, w, off, idx, cos, pad), ops.embedding_backward(cpu(ge), cpu(w), cpu(off),
-              cpu(idx), cpu(cos), pad), dtype, f"embedding_backward trial {trial}")
+        close(
+            ops.embedding_backward(ge, w, off, idx, cos, pad),
+            ops.embedding_backward(cpu(ge), cpu(w), cpu(off), cpu(idx), cpu(cos), pad),
+            dtype,
+            f"embedding_backward trial {trial}",
+        )
         # fused updates and scores
         if True:  # every weight dtype; optimizer state and scores are float32 (float64 for float64)
             sd = torch.float64 if dtype == torch.float64 else torch.float32
@@ -142,8 +161,9 @@ def check_lookups(quick):
                 sc = torch.rand(w.numel(), dtype=sd)
                 a, b = sc.to(DEV), sc.clone()
                 ops.accumulate_scores_(a, go, w, off, idx, bo, psw, cos, am, mode, pad, rule)
-                ops.accumulate_scores_(b, cpu(go), cpu(w), cpu(off), cpu(idx), cpu(bo), cpu(psw), cpu(cos), cpu(am),
-                                       mode, pad, rule)
+                ops.accumulate_scores_(
+                    b, cpu(go), cpu(w), cpu(off), cpu(idx), cpu(bo), cpu(psw), cpu(cos), cpu(am), mode, pad, rule
+                )
                 close(a, b, dtype, f"accumulate_scores_ rule {rule} trial {trial} {dtype}")
         n += 1
     print(f"lookups, backward, updates, scores: {n} random configurations match the CPU kernels")
@@ -269,19 +289,53 @@ def check_errors():
     go = torch.ones(1, W, device=DEV)
     bad = [  # (call, message fragment), each must raise with PME_CUDA_VALIDATE=1
         (lambda: ops.bag_backward(go, w, off, idx, bo, None, None, none, 0, -1, False), "indices[2] = 10"),
-        (lambda: ops.sparse_update_(w.clone(), torch.empty(0, device=DEV), torch.empty(0, device=DEV), go, off, idx,
-                                    bo, None, None, none, 0, -1, 0, 0.1, 0.0, 1e-8, 0.9, 0.999, 1), "indices[2] = 10"),
-        (lambda: ops.bag_forward(w, off, idx[:2], torch.tensor([0, 2, 1], device=DEV), None, None, W, 0, -1),
-         "non-decreasing"),
-        (lambda: ops.bag_forward(w, off, idx[:2], torch.tensor([0, 3], device=DEV), None, None, W, 0, -1),
-         "past the input"),
-        (lambda: ops.bag_forward(w, off, idx[:2], torch.tensor([1, 2], device=DEV), None, None, W, 0, -1),
-         "start at 0"),
-        (lambda: ops.bag_forward(w, off, idx[:2], torch.tensor([0, 2], device=DEV), None, None, 3, 0, -1),
-         "output width 3"),
+        (
+            lambda: ops.sparse_update_(
+                w.clone(),
+                torch.empty(0, device=DEV),
+                torch.empty(0, device=DEV),
+                go,
+                off,
+                idx,
+                bo,
+                None,
+                None,
+                none,
+                0,
+                -1,
+                0,
+                0.1,
+                0.0,
+                1e-8,
+                0.9,
+                0.999,
+                1,
+            ),
+            "indices[2] = 10",
+        ),
+        (
+            lambda: ops.bag_forward(w, off, idx[:2], torch.tensor([0, 2, 1], device=DEV), None, None, W, 0, -1),
+            "non-decreasing",
+        ),
+        (
+            lambda: ops.bag_forward(w, off, idx[:2], torch.tensor([0, 3], device=DEV), None, None, W, 0, -1),
+            "past the input",
+        ),
+        (
+            lambda: ops.bag_forward(w, off, idx[:2], torch.tensor([1, 2], device=DEV), None, None, W, 0, -1),
+            "start at 0",
+        ),
+        (
+            lambda: ops.bag_forward(w, off, idx[:2], torch.tensor([0, 2], device=DEV), None, None, 3, 0, -1),
+            "output width 3",
+        ),
         (lambda: ops.embedding_forward(w, off, idx, None, W, -1), "indices[2] = 10"),
-        (lambda: ops.prune_pack(torch.zeros(2, 4, device=DEV), torch.zeros(2, 4, device=DEV),
-                                torch.tensor([0, 5, 6], device=DEV), False), "outside [0, D = 4]"),
+        (
+            lambda: ops.prune_pack(
+                torch.zeros(2, 4, device=DEV), torch.zeros(2, 4, device=DEV), torch.tensor([0, 5, 6], device=DEV), False
+            ),
+            "outside [0, D = 4]",
+        ),
     ]
     for call, frag in bad:
         try:
@@ -334,12 +388,32 @@ def check_edges():
                 assert torch.equal(out.cpu(), rout) and torch.equal(am.cpu(), ram), f"edge case {k} mode {mode}"
                 go = torch.randn(out.shape).to(DEV)
                 gw, _ = ops.bag_backward(go, wt, o, idx, bo, None, None, am, mode, pad, False)
-                rgw, _ = ops.bag_backward(go.cpu(), cpu(wt), cpu(o), cpu(idx), cpu(bo), None, None, ram, mode, pad,
-                                          False)
+                rgw, _ = ops.bag_backward(
+                    go.cpu(), cpu(wt), cpu(o), cpu(idx), cpu(bo), None, None, ram, mode, pad, False
+                )
                 assert torch.equal(gw.cpu(), rgw), f"edge case {k} mode {mode}: backward"
                 ws = wt.clone()
-                ops.sparse_update_(ws, torch.zeros(50, device=DEV), torch.empty(0, device=DEV), go, o, idx, bo, None,
-                                   None, am, mode, pad, 1, 0.1, 0.0, 1e-8, 0.9, 0.999, 1)
+                ops.sparse_update_(
+                    ws,
+                    torch.zeros(50, device=DEV),
+                    torch.empty(0, device=DEV),
+                    go,
+                    o,
+                    idx,
+                    bo,
+                    None,
+                    None,
+                    am,
+                    mode,
+                    pad,
+                    1,
+                    0.1,
+                    0.0,
+                    1e-8,
+                    0.9,
+                    0.999,
+                    1,
+                )
             e = ops.embedding_forward(wt, o, idx, None, width, pad)
             assert torch.equal(e.cpu(), ops.embedding_forward(cpu(wt), cpu(o), cpu(idx), None, width, pad))
     torch.cuda.synchronize()
@@ -363,22 +437,44 @@ def check_hot_rows(quick):
             go = torch.randn(out.shape, generator=g).to(DEV)
             gws = [ops.bag_backward(go, w, off, idx, bo, None, None, am, mode, 7, False)[0] for _ in range(2)]
             assert torch.equal(gws[0], gws[1]), f"hot rows D={D} mode {mode}: backward not deterministic"
-            rgw = ops.bag_backward(go.cpu(), w.cpu(), off.cpu(), idx.cpu(), bo.cpu(), None, None, am.cpu(), mode, 7,
-                                   False)[0]
+            rgw = ops.bag_backward(
+                go.cpu(), w.cpu(), off.cpu(), idx.cpu(), bo.cpu(), None, None, am.cpu(), mode, 7, False
+            )[0]
             close(gws[0], rgw, torch.float32, f"hot rows D={D} mode {mode}: backward")
             sp = [ops.bag_backward_sparse(go, w, off, idx, bo, None, None, am, mode, 7, mode != 2) for _ in range(2)]
             assert torch.equal(sp[0][0], sp[1][0]) and torch.equal(sp[0][1], sp[1][1]), "hot rows: sparse bwd"
-            rsp = ops.bag_backward_sparse(go.cpu(), w.cpu(), off.cpu(), idx.cpu(), bo.cpu(), None, None, am.cpu(),
-                                          mode, 7, mode != 2)
+            rsp = ops.bag_backward_sparse(
+                go.cpu(), w.cpu(), off.cpu(), idx.cpu(), bo.cpu(), None, None, am.cpu(), mode, 7, mode != 2
+            )
             assert torch.equal(sp[0][0].cpu(), rsp[0]), f"hot rows D={D} mode {mode}: sparse entries"
             close(sp[0][1], rsp[1], torch.float32, f"hot rows D={D} mode {mode}: sparse backward")
             for opt in (1, 2):
                 res = []
                 for dev in (DEV, DEV, "cpu"):
-                    t = [w.clone().to(dev), torch.ones(V if opt == 1 else w.numel(), device=dev),
-                         torch.ones(w.numel() if opt == 2 else 0, device=dev)]
-                    ops.sparse_update_(*t, go.to(dev), off.to(dev), idx.to(dev), bo.to(dev), None, None, am.to(dev),
-                                       mode, 7, opt, 0.05, 0.01, 1e-8, 0.9, 0.999, 2)
+                    t = [
+                        w.clone().to(dev),
+                        torch.ones(V if opt == 1 else w.numel(), device=dev),
+                        torch.ones(w.numel() if opt == 2 else 0, device=dev),
+                    ]
+                    ops.sparse_update_(
+                        *t,
+                        go.to(dev),
+                        off.to(dev),
+                        idx.to(dev),
+                        bo.to(dev),
+                        None,
+                        None,
+                        am.to(dev),
+                        mode,
+                        7,
+                        opt,
+                        0.05,
+                        0.01,
+                        1e-8,
+                        0.9,
+                        0.999,
+                        2,
+                    )
                     res.append(t)
                 assert all(torch.equal(a, b) for a, b in zip(res[0], res[1])), f"hot rows: opt {opt} not repeatable"
                 for a, b in zip(res[0], res[2]):
@@ -431,16 +527,19 @@ def check_graph():
     # replayed on new indices: equal to the same calls run eagerly.
     V = 1000
     go = torch.randn(bo.numel() - 1, W, device=DEV)
-    cap = [w.clone(), torch.zeros(w.numel(), device=DEV), torch.zeros(w.numel(), device=DEV),
-           torch.zeros(w.numel(), device=DEV)]  # weight, m, v, scores
+    cap = [
+        w.clone(),
+        torch.zeros(w.numel(), device=DEV),
+        torch.zeros(w.numel(), device=DEV),
+        torch.zeros(w.numel(), device=DEV),
+    ]  # weight, m, v, scores
     eager = [t.clone() for t in cap]
     idx_c = idx.clone()
 
     def step(t, ix):
         o, a = ops.bag_forward(t[0], off, ix, bo, None, None, W, 2, -1)
         ops.accumulate_scores_(t[3], go, t[0], off, ix, bo, None, None, a, 2, -1, 0)
-        ops.sparse_update_(t[0], t[1], t[2], go, off, ix, bo, None, None, a, 2, -1, 2, 0.01, 0.0, 1e-8, 0.9, 0.999,
-                           1)
+        ops.sparse_update_(t[0], t[1], t[2], go, off, ix, bo, None, None, a, 2, -1, 2, 0.01, 0.0, 1e-8, 0.9, 0.999, 1)
         thr = ops.topk_threshold(t[3], 100)
         return o, thr, ops.prune_counts(t[3].reshape(-1, 1), thr)
 
@@ -498,13 +597,37 @@ def bench():
             return sorted(times)[len(times) // 2]
 
         fwd = t(lambda: ops.bag_forward(w, off, idx, bo, None, None, D, 0, -1))
-        bytes_moved = (sz.to(DEV)[idx].sum().item() * 4 + B * D * 4 + idx.numel() * 8 * 2)
+        bytes_moved = sz.to(DEV)[idx].sum().item() * 4 + B * D * 4 + idx.numel() * 8 * 2
         out, am = ops.bag_forward(w, off, idx, bo, None, None, D, 0, -1)
         bwd = t(lambda: ops.bag_backward(go, w, off, idx, bo, None, None, am, 0, -1, False), 10)
-        upd = t(lambda: ops.sparse_update_(w, torch.empty(0, device=DEV), torch.empty(0, device=DEV), go, off, idx, bo,
-                                           None, None, am, 0, -1, 0, 1e-6, 0.0, 1e-8, 0.9, 0.999, 1), 10)
-        print(f"{dist:8s} forward {fwd * 1e3:8.1f} us ({bytes_moved / fwd / 1e9:6.0f} GB/s of the lookup's bytes; "
-              f"H100 copy: 2950 GB/s) | backward {bwd:.3f} ms | fused SGD {upd:.3f} ms")
+        upd = t(
+            lambda: ops.sparse_update_(
+                w,
+                torch.empty(0, device=DEV),
+                torch.empty(0, device=DEV),
+                go,
+                off,
+                idx,
+                bo,
+                None,
+                None,
+                am,
+                0,
+                -1,
+                0,
+                1e-6,
+                0.0,
+                1e-8,
+                0.9,
+                0.999,
+                1,
+            ),
+            10,
+        )
+        print(
+            f"{dist:8s} forward {fwd * 1e3:8.1f} us ({bytes_moved / fwd / 1e9:6.0f} GB/s of the lookup's bytes; "
+            f"H100 copy: 2950 GB/s) | backward {bwd:.3f} ms | fused SGD {upd:.3f} ms"
+        )
 
 
 if __name__ == "__main__":

@@ -18,8 +18,10 @@ REQUIRE_CUDA = os.environ.get("PME_REQUIRE_CUDA") == "1"
 
 def pytest_report_header(config):
     i = pme.info()
-    return (f"pme {i['version']} backend={i['backend']} built_cuda={i['built_cuda']} torch={i['torch']} "
-            f"cuda_available={i['cuda_available']}")
+    return (
+        f"pme {i['version']} backend={i['backend']} built_cuda={i['built_cuda']} torch={i['torch']} "
+        f"cuda_available={i['cuda_available']}"
+    )
 
 
 def pytest_sessionstart(session):
@@ -28,8 +30,11 @@ def pytest_sessionstart(session):
 
 
 def cuda_ready():
-    return (torch.cuda.is_available() and pme.ops.BUILD_INFO is not None
-            and pme.ops.BUILD_INFO.get("cuda", "none") != "none")
+    return (
+        torch.cuda.is_available()
+        and pme.ops.BUILD_INFO is not None
+        and pme.ops.BUILD_INFO.get("cuda", "none") != "none"
+    )
 
 
 def _device_params():

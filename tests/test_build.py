@@ -21,14 +21,17 @@ def setup_py():
     return mod
 
 
-@pytest.mark.parametrize("nvcc, expected", [
-    ((11, 7), "8.0;8.6+PTX"),
-    ((11, 8), "8.0;8.6;8.9;9.0+PTX"),
-    ((12, 6), "8.0;8.6;8.9;9.0+PTX"),
-    ((12, 8), "8.0;8.6;8.9;9.0;10.0;12.0+PTX"),
-    ((12, 9), "8.0;8.6;8.9;9.0;10.0;12.0+PTX"),
-    ((13, 0), "8.0;8.6;8.9;9.0;10.0;12.0+PTX"),
-])
+@pytest.mark.parametrize(
+    "nvcc, expected",
+    [
+        ((11, 7), "8.0;8.6+PTX"),
+        ((11, 8), "8.0;8.6;8.9;9.0+PTX"),
+        ((12, 6), "8.0;8.6;8.9;9.0+PTX"),
+        ((12, 8), "8.0;8.6;8.9;9.0;10.0;12.0+PTX"),
+        ((12, 9), "8.0;8.6;8.9;9.0;10.0;12.0+PTX"),
+        ((13, 0), "8.0;8.6;8.9;9.0;10.0;12.0+PTX"),
+    ],
+)
 def test_default_arch_list_by_version(setup_py, nvcc, expected):
     assert setup_py.default_arch_list(nvcc) == expected
 
@@ -45,13 +48,16 @@ def test_default_arch_list_from_nvcc_list(setup_py):
         setup_py.default_arch_list((10, 2), {"5.0", "7.0"})
 
 
-@pytest.mark.parametrize("cores, mem, expected", [
-    (2, 24.0, 2),    # this machine: cores bound
-    (16, 24.0, 12),  # memory bound: 2 GiB a job
-    (16, 3.9, 1),    # little memory: one job
-    (4, 0.5, 1),     # never zero
-    (64, 128.0, 64),
-])
+@pytest.mark.parametrize(
+    "cores, mem, expected",
+    [
+        (2, 24.0, 2),  # this machine: cores bound
+        (16, 24.0, 12),  # memory bound: 2 GiB a job
+        (16, 3.9, 1),  # little memory: one job
+        (4, 0.5, 1),  # never zero
+        (64, 128.0, 64),
+    ],
+)
 def test_default_max_jobs(setup_py, cores, mem, expected):
     assert setup_py.default_max_jobs(cores=cores, mem_gib=mem) == expected
 
@@ -98,19 +104,26 @@ def test_sdist_carries_the_sources_tests_and_scripts(tmp_path):
 
     root = SETUP.parent
     env = dict(os.environ, PME_NO_EXTENSION="1")
-    subprocess.run([sys.executable, str(SETUP), "-q", "sdist", "--dist-dir", str(tmp_path)], cwd=root, env=env,
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(SETUP), "-q", "sdist", "--dist-dir", str(tmp_path)],
+        cwd=root,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     (tarball,) = tmp_path.glob("pme-*.tar.gz")
     with tarfile.open(tarball) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
-    sources = {str(p.relative_to(root)) for p in (root / "csrc").rglob("*")
-               if p.is_file() and "__pycache__" not in p.parts}
+    sources = {
+        str(p.relative_to(root)) for p in (root / "csrc").rglob("*") if p.is_file() and "__pycache__" not in p.parts
+    }
     assert sources and sources <= names, sources - names
     assert {"tests/conftest.py", "scripts/setup.sh", "setup.py", "pme/ops.py", "MANIFEST.in"} <= names
     # the demo's toolkit (pme/recsys) and its tests travel too
     toolkit = {str(p.relative_to(root)) for d in ("pme/recsys", "tests/recsys") for p in (root / d).glob("*.py")}
-    assert {"pme/recsys/__init__.py", "pme/recsys/data.py", "tests/recsys/test_data.py"} <= toolkit <= names, \
+    assert {"pme/recsys/__init__.py", "pme/recsys/data.py", "tests/recsys/test_data.py"} <= toolkit <= names, (
         toolkit - names
+    )
     assert not [n for n in names if n.endswith((".so", ".o", ".pyc"))]
 
 

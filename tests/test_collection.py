@@ -6,8 +6,6 @@ entries. Tables of random sizes (zero and full rows), a feature shared by two ta
 mean pooling, weighted features, empty bags, the largest index, duplicates, int32 and int64.
 """
 
-import itertools
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -72,8 +70,14 @@ def dense_oracle(m, inp, dense=None):
         for f in t.feature_names:
             item = inp[f]
             psw = item[2].double() if len(item) == 3 and m.is_weighted else None
-            res[next(names)] = F.embedding_bag(item[0].long(), dense[t.name], item[1].long(), mode=t.pooling,
-                                               per_sample_weights=psw, include_last_offset=True)
+            res[next(names)] = F.embedding_bag(
+                item[0].long(),
+                dense[t.name],
+                item[1].long(),
+                mode=t.pooling,
+                per_sample_weights=psw,
+                include_last_offset=True,
+            )
     return res, dense
 
 
@@ -83,9 +87,16 @@ def stored_mask(m, name):
     return torch.arange(t.embedding_dim).unsqueeze(0) < s.unsqueeze(1)
 
 
-@pytest.mark.parametrize("pooling,weighted,index_dtype",
-                         [("sum", False, torch.int64), ("mean", False, torch.int32), ("sum", True, torch.int32),
-                          ("mixed", False, torch.int64), ("sum", True, torch.int64)])
+@pytest.mark.parametrize(
+    "pooling,weighted,index_dtype",
+    [
+        ("sum", False, torch.int64),
+        ("mean", False, torch.int32),
+        ("sum", True, torch.int32),
+        ("mixed", False, torch.int64),
+        ("sum", True, torch.int64),
+    ],
+)
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("max_len", [5, 1], ids=["multi-hot", "one-hot"])  # one-hot: the kernel's copy path
 def test_forward_and_gradients_equal_dense_view(pooling, weighted, index_dtype, seed, max_len):
@@ -104,8 +115,9 @@ def test_forward_and_gradients_equal_dense_view(pooling, weighted, index_dtype, 
     # Gradients: the dense gradient restricted to the stored entries, table by table.
     go = torch.randn_like(out.values())
     out.values().backward(go)
-    torch.autograd.backward([ref[k] for k in out.keys()], [go[:, a:b] for a, b in
-                                                             zip(out.offset_per_key()[:-1], out.offset_per_key()[1:])])
+    torch.autograd.backward(
+        [ref[k] for k in out.keys()], [go[:, a:b] for a, b in zip(out.offset_per_key()[:-1], out.offset_per_key()[1:])]
+    )
     for i, t in enumerate(m._tables):
         _, _, e0, e1 = m._row_span(i)
         got = m.weight.grad[e0:e1]
@@ -115,9 +127,10 @@ def test_forward_and_gradients_equal_dense_view(pooling, weighted, index_dtype, 
         # f0 feeds two tables: its weights' gradient is the sum of both blocks'.
         inp2 = {k: (v, o, w.detach().clone().requires_grad_()) for k, (v, o, w) in inp.items()}
         ref2, _ = dense_oracle(m, inp2)
-        torch.autograd.backward([ref2[k] for k in out.keys()], [go[:, a:b] for a, b in
-                                                                  zip(out.offset_per_key()[:-1],
-                                                                      out.offset_per_key()[1:])])
+        torch.autograd.backward(
+            [ref2[k] for k in out.keys()],
+            [go[:, a:b] for a, b in zip(out.offset_per_key()[:-1], out.offset_per_key()[1:])],
+        )
         for k in inp:
             torch.testing.assert_close(inp[k][2].grad, inp2[k][2].grad, rtol=1e-10, atol=1e-10)
 
@@ -132,8 +145,14 @@ def test_forward_dtypes_match_per_table_modules(dtype, max_len):
     out = m(inp).to_dict()
     names = iter(m.embedding_names())
     for t in tables:
-        single = pme.MultiSizeEmbeddingBag(t.num_embeddings, t.embedding_dim, sizes=sizes[t.name], mode=t.pooling,
-                                           include_last_offset=True, dtype=dtype)
+        single = pme.MultiSizeEmbeddingBag(
+            t.num_embeddings,
+            t.embedding_dim,
+            sizes=sizes[t.name],
+            mode=t.pooling,
+            include_last_offset=True,
+            dtype=dtype,
+        )
         with torch.no_grad():
             single.weight.copy_(m.table_weight(t.name))
         for f in t.feature_names:
@@ -157,14 +176,18 @@ def test_full_sizes_equal_nn_embedding_bag_float32():
 
 def test_all_empty_and_zero_batch():
     m, _, _ = make_collection(3, "mean")
-    inp = {f: (torch.zeros(0, dtype=torch.int64), torch.zeros(5, dtype=torch.int64)) for f in
-           ["f0", "f1", "f2", "f3", "f4"]}
+    inp = {
+        f: (torch.zeros(0, dtype=torch.int64), torch.zeros(5, dtype=torch.int64))
+        for f in ["f0", "f1", "f2", "f3", "f4"]
+    }
     out = m(inp).values()
     assert out.shape == (4, m.out_width) and bool((out == 0).all())
     out.sum().backward()
     assert bool((m.weight.grad == 0).all())
-    inp = {f: (torch.zeros(0, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)) for f in
-           ["f0", "f1", "f2", "f3", "f4"]}
+    inp = {
+        f: (torch.zeros(0, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))
+        for f in ["f0", "f1", "f2", "f3", "f4"]
+    }
     assert m(inp).values().shape == (0, m.out_width)
 
 
@@ -185,7 +208,7 @@ def _dense_step(m, inp, go, opt, state, step):
         touched = torch.zeros(t.num_embeddings, dtype=torch.bool)
         for f in t.feature_names:
             v, o = inp[f][0], inp[f][1]
-            touched[v[:int(o[-1])].long()] = True
+            touched[v[: int(o[-1])].long()] = True
         s1, s2, mm = state[t.name]
         for r in touched.nonzero().flatten().tolist():
             n = int(mask[r].sum())
@@ -199,8 +222,8 @@ def _dense_step(m, inp, go, opt, state, step):
             else:
                 mm[r, :n] = opt.beta1 * mm[r, :n] + (1 - opt.beta1) * gr
                 s2[r, :n] = opt.beta2 * s2[r, :n] + (1 - opt.beta2) * gr * gr
-                bc1, bc2 = 1 - opt.beta1 ** step, 1 - opt.beta2 ** step
-                w[r, :n] -= opt.lr * bc2 ** 0.5 / bc1 * mm[r, :n] / (s2[r, :n].sqrt() + opt.eps)
+                bc1, bc2 = 1 - opt.beta1**step, 1 - opt.beta2**step
+                w[r, :n] -= opt.lr * bc2**0.5 / bc1 * mm[r, :n] / (s2[r, :n].sqrt() + opt.eps)
         new[t.name] = w
     return new
 
@@ -208,14 +231,21 @@ def _dense_step(m, inp, go, opt, state, step):
 @pytest.mark.parametrize("opt_name", ["rowwise_adagrad", "sgd", "adam"])
 @pytest.mark.parametrize("pooling,weighted", [("sum", False), ("mixed", False), ("sum", True)])
 def test_fused_optimizer_trajectory_equals_dense_steps(opt_name, pooling, weighted):
-    opt = {"rowwise_adagrad": pme.optim.RowwiseAdagrad(lr=0.3, eps=1e-6),
-           "sgd": pme.optim.SGD(lr=0.2, weight_decay=0.01),
-           "adam": pme.optim.Adam(lr=0.05, weight_decay=0.01)}[opt_name]
+    opt = {
+        "rowwise_adagrad": pme.optim.RowwiseAdagrad(lr=0.3, eps=1e-6),
+        "sgd": pme.optim.SGD(lr=0.2, weight_decay=0.01),
+        "adam": pme.optim.Adam(lr=0.05, weight_decay=0.01),
+    }[opt_name]
     m, tables, _ = make_collection(11, pooling, weighted, optimizer=opt)
     assert not m.weight.requires_grad
-    state = {t.name: (torch.zeros(t.num_embeddings, dtype=torch.float64),
-                      torch.zeros(t.num_embeddings, t.embedding_dim, dtype=torch.float64),
-                      torch.zeros(t.num_embeddings, t.embedding_dim, dtype=torch.float64)) for t in m._tables}
+    state = {
+        t.name: (
+            torch.zeros(t.num_embeddings, dtype=torch.float64),
+            torch.zeros(t.num_embeddings, t.embedding_dim, dtype=torch.float64),
+            torch.zeros(t.num_embeddings, t.embedding_dim, dtype=torch.float64),
+        )
+        for t in m._tables
+    }
     for step in range(1, 5):
         inp = make_input(m, 7, 100 + step, torch.int32 if step % 2 else torch.int64, weighted)
         go = torch.randn(7, m.out_width, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
@@ -224,8 +254,9 @@ def test_fused_optimizer_trajectory_equals_dense_steps(opt_name, pooling, weight
         out.backward(go)
         assert m.weight.grad is None
         for t in m._tables:
-            torch.testing.assert_close(m.to_dense(t.name), want[t.name], rtol=1e-10, atol=1e-12,
-                                       msg=f"{t.name} step {step}")
+            torch.testing.assert_close(
+                m.to_dense(t.name), want[t.name], rtol=1e-10, atol=1e-12, msg=f"{t.name} step {step}"
+            )
     assert int(m.optim_step) == 4
 
 
@@ -233,8 +264,9 @@ def test_state_dict_per_table_round_trip_and_other_sizes():
     m, tables, sizes = make_collection(4, "mixed", optimizer=pme.optim.RowwiseAdagrad(lr=0.1))
     m(make_input(m, 5, 4)).values().sum().backward()
     sd = m.state_dict()
-    want = {f"embedding_bags.{t.name}.{k}" for t in tables for k in ("weight", "offsets", "optim_state1",
-                                                                      "optim_state2")} | {"optim_step"}
+    want = {
+        f"embedding_bags.{t.name}.{k}" for t in tables for k in ("weight", "offsets", "optim_state1", "optim_state2")
+    } | {"optim_step"}
     assert set(sd) == want
     assert m._state_per_row() == {"optim_state1": "rows", "optim_state2": "none"}
     t1 = m._tables[1]
@@ -271,7 +303,7 @@ def _corrupt_state(sd, what):
     elif what == "step_float":
         sd["optim_step"] = torch.tensor(2.0)
     elif what == "step_cannot_increment":
-        sd["optim_step"] = torch.tensor(2 ** 63 - 1)
+        sd["optim_step"] = torch.tensor(2**63 - 1)
     elif what == "second_moment_negative":
         s = sd["embedding_bags.t2.optim_state2"].clone()
         s[-1] = -1.0
@@ -285,8 +317,17 @@ def _corrupt_state(sd, what):
     return sd
 
 
-@pytest.mark.parametrize("what", ["step_negative", "step_float", "step_cannot_increment", "second_moment_negative",
-                                  "first_moment_nan", "moment_short"])
+@pytest.mark.parametrize(
+    "what",
+    [
+        "step_negative",
+        "step_float",
+        "step_cannot_increment",
+        "second_moment_negative",
+        "first_moment_nan",
+        "moment_short",
+    ],
+)
 def test_adam_state_per_entry_round_trip_and_bad_state_changes_nothing(what):
     """Adam's state is per stored entry: each table saves its own slice, a checkpoint of other
     sizes brings its state, and a bad step count or moment leaves the collection as it was."""
@@ -369,8 +410,8 @@ def test_operator_validation_is_overflow_safe():
     cases = [
         (lambda f: f.__setitem__((0, 0), 4), "table 4 is out of range"),
         (lambda f: f.__setitem__((0, 1), 9), "key 9 is out of range"),
-        (lambda f: f.__setitem__((0, 2), 2 ** 62), "do not fit in the output width"),
-        (lambda f: (f.__setitem__((0, 2), 2 ** 62), f.__setitem__((0, 3), 2 ** 62)), "do not fit"),
+        (lambda f: f.__setitem__((0, 2), 2**62), "do not fit in the output width"),
+        (lambda f: (f.__setitem__((0, 2), 2**62), f.__setitem__((0, 3), 2**62)), "do not fit"),
         (lambda f: f.__setitem__((0, 3), -1), "do not fit"),
         (lambda f: f.__setitem__((0, 4), 2), "pooling must be 0"),
     ]
@@ -384,7 +425,7 @@ def test_operator_validation_is_overflow_safe():
     with pytest.raises(RuntimeError, match="not G \\* B \\+ 1"):
         op(w, off, tr, feats, idx, bo, None, B - 1, m.out_width)
     bad = bo.clone()
-    bad[3] = 10 ** 6
+    bad[3] = 10**6
     with pytest.raises(RuntimeError, match="past the input"):
         op(w, off, tr, feats, idx, bad, None, B, m.out_width)
     with pytest.raises(RuntimeError, match="features must be an int64"):
@@ -403,27 +444,100 @@ def test_operator_validation_is_overflow_safe():
     with pytest.raises(RuntimeError, match="grad_out must be"):
         torch.ops.pme.collection_backward(go[:1], w, off, tr, feats, idx, bo, None, B, False)
     with pytest.raises(RuntimeError, match="state1"):
-        torch.ops.pme.collection_update_(w.clone(), torch.zeros(3, dtype=w.dtype), torch.zeros(0, dtype=w.dtype), go,
-                                         off, tr, feats, idx, bo, None, B, 1, 0.1, 0.0, 1e-8, 0.9, 0.999, 1)
+        torch.ops.pme.collection_update_(
+            w.clone(),
+            torch.zeros(3, dtype=w.dtype),
+            torch.zeros(0, dtype=w.dtype),
+            go,
+            off,
+            tr,
+            feats,
+            idx,
+            bo,
+            None,
+            B,
+            1,
+            0.1,
+            0.0,
+            1e-8,
+            0.9,
+            0.999,
+            1,
+        )
     # in-place arguments must not alias each other or a read-only argument
     V = off.numel() - 1
     w2 = w.clone()
     buf = torch.zeros(w2.numel() + V, dtype=w.dtype)
-    for s1, wt, name in ((w2[:V], w2, "weight is updated in place and must not share memory with state1"),
-                         (buf[:V], buf[V:], None)):
+    for s1, wt, name in (
+        (w2[:V], w2, "weight is updated in place and must not share memory with state1"),
+        (buf[:V], buf[V:], None),
+    ):
         if name is not None:
             with pytest.raises(RuntimeError, match=name):
-                torch.ops.pme.collection_update_(wt, s1, torch.zeros(0, dtype=w.dtype), go, off, tr, feats, idx, bo,
-                                                 None, B, 1, 0.1, 0.0, 1e-8, 0.9, 0.999, 1)
+                torch.ops.pme.collection_update_(
+                    wt,
+                    s1,
+                    torch.zeros(0, dtype=w.dtype),
+                    go,
+                    off,
+                    tr,
+                    feats,
+                    idx,
+                    bo,
+                    None,
+                    B,
+                    1,
+                    0.1,
+                    0.0,
+                    1e-8,
+                    0.9,
+                    0.999,
+                    1,
+                )
         else:  # neighbours in one buffer that do not overlap are fine
             wt.copy_(w)
-            torch.ops.pme.collection_update_(wt, s1, torch.zeros(0, dtype=w.dtype), go, off, tr, feats, idx, bo,
-                                             None, B, 1, 0.1, 0.0, 1e-8, 0.9, 0.999, 1)
+            torch.ops.pme.collection_update_(
+                wt,
+                s1,
+                torch.zeros(0, dtype=w.dtype),
+                go,
+                off,
+                tr,
+                feats,
+                idx,
+                bo,
+                None,
+                B,
+                1,
+                0.1,
+                0.0,
+                1e-8,
+                0.9,
+                0.999,
+                1,
+            )
     with pytest.raises(RuntimeError, match="must not share memory with grad_out"):
         g2 = torch.zeros(w.numel() + go.numel(), dtype=w.dtype)
-        torch.ops.pme.collection_update_(g2[:w.numel()], torch.zeros(V, dtype=w.dtype), torch.zeros(0, dtype=w.dtype),
-                                         g2[:go.numel()].view_as(go), off, tr, feats, idx, bo, None, B, 1, 0.1, 0.0,
-                                         1e-8, 0.9, 0.999, 1)
+        torch.ops.pme.collection_update_(
+            g2[: w.numel()],
+            torch.zeros(V, dtype=w.dtype),
+            torch.zeros(0, dtype=w.dtype),
+            g2[: go.numel()].view_as(go),
+            off,
+            tr,
+            feats,
+            idx,
+            bo,
+            None,
+            B,
+            1,
+            0.1,
+            0.0,
+            1e-8,
+            0.9,
+            0.999,
+            1,
+        )
 
 
 def test_one_call_for_all_tables():
@@ -445,22 +559,47 @@ def test_opcheck_collection_operators():
         feats, idx, bo, psw, B = _normal(m, make_input(m, 4, 8, weighted=weighted))
         w = m.weight.detach().clone().requires_grad_()
         p = psw.clone().requires_grad_() if psw is not None else None
-        torch.library.opcheck(torch.ops.pme.collection_forward, (w, m.offsets, m.table_rows, feats, idx, bo, p, B,
-                                                                 m.out_width))
+        torch.library.opcheck(
+            torch.ops.pme.collection_forward, (w, m.offsets, m.table_rows, feats, idx, bo, p, B, m.out_width)
+        )
         go = torch.randn(B, m.out_width)
-        torch.library.opcheck(torch.ops.pme.collection_backward,
-                              (go, w.detach(), m.offsets, m.table_rows, feats, idx, bo, psw, B, psw is not None))
-        torch.library.opcheck(torch.ops.pme.collection_update_,
-                              (w.detach().clone(), torch.zeros(m.offsets.numel() - 1), torch.zeros(0), go, m.offsets,
-                               m.table_rows, feats, idx, bo, psw, B, 1, 0.1, 0.0, 1e-8, 0.9, 0.999, 1))
+        torch.library.opcheck(
+            torch.ops.pme.collection_backward,
+            (go, w.detach(), m.offsets, m.table_rows, feats, idx, bo, psw, B, psw is not None),
+        )
+        torch.library.opcheck(
+            torch.ops.pme.collection_update_,
+            (
+                w.detach().clone(),
+                torch.zeros(m.offsets.numel() - 1),
+                torch.zeros(0),
+                go,
+                m.offsets,
+                m.table_rows,
+                feats,
+                idx,
+                bo,
+                psw,
+                B,
+                1,
+                0.1,
+                0.0,
+                1e-8,
+                0.9,
+                0.999,
+                1,
+            ),
+        )
 
 
 def test_gradcheck_float64():
     m, _, _ = make_collection(9, "mixed", dtype=torch.float64)
     feats, idx, bo, _, B = _normal(m, make_input(m, 3, 9, max_len=3))
     w = m.weight.detach().clone().requires_grad_()
-    torch.autograd.gradcheck(lambda w: torch.ops.pme.collection_forward(w, m.offsets, m.table_rows, feats, idx, bo,
-                                                                        None, B, m.out_width), (w,))
+    torch.autograd.gradcheck(
+        lambda w: torch.ops.pme.collection_forward(w, m.offsets, m.table_rows, feats, idx, bo, None, B, m.out_width),
+        (w,),
+    )
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -504,8 +643,10 @@ def test_non_pooled_collection_equals_embedding_on_dense_views(index_dtype):
 
     gen = torch.Generator().manual_seed(21)
     D = 8
-    tables = [EmbeddingBagConfig(int(V), D, f"t{i}", f) for i, (V, f) in
-              enumerate([(30, ["a", "b"]), (7, ["c"]), (12, ["a"])])]
+    tables = [
+        EmbeddingBagConfig(int(V), D, f"t{i}", f)
+        for i, (V, f) in enumerate([(30, ["a", "b"]), (7, ["c"]), (12, ["a"])])
+    ]
     sizes = {t.name: random_sizes(t.num_embeddings, D, gen) for t in tables}
     m = MultiSizeEmbeddingCollection(tables, sizes, dtype=torch.float64)
     rows = {"a": 12, "b": 30, "c": 7}
@@ -532,8 +673,9 @@ def test_non_pooled_collection_equals_embedding_on_dense_views(index_dtype):
     torch.autograd.backward([out[k][0] for k in out], [go[k] for k in out])
     for i, t in enumerate(tables):
         _, _, e0, e1 = m._row_span(i)
-        torch.testing.assert_close(m.weight.grad[e0:e1], dense[t.name].grad[stored_mask(m, t.name)], rtol=1e-12,
-                                   atol=1e-12)
+        torch.testing.assert_close(
+            m.weight.grad[e0:e1], dense[t.name].grad[stored_mask(m, t.name)], rtol=1e-12, atol=1e-12
+        )
     bad = dict(inp)
     bad["c"] = (torch.tensor([7], dtype=index_dtype), torch.tensor([0, 1, 1, 1, 1, 1], dtype=index_dtype))
     with pytest.raises(IndexError, match="'t1' has 7 rows"):
@@ -552,8 +694,8 @@ def test_subset_copies_tables_and_optimizer_state():
     assert sub.table_names == ["t3", "t1"] and int(sub.optim_step) == 1
     for n in ("t3", "t1"):
         assert torch.equal(sub.to_dense(n), m.to_dense(n))
-        r0, r1 = (int(x) for x in m.table_rows[m._table_index(n):m._table_index(n) + 2])
-        s0, s1 = (int(x) for x in sub.table_rows[sub._table_index(n):sub._table_index(n) + 2])
+        r0, r1 = (int(x) for x in m.table_rows[m._table_index(n) : m._table_index(n) + 2])
+        s0, s1 = (int(x) for x in sub.table_rows[sub._table_index(n) : sub._table_index(n) + 2])
         assert torch.equal(sub.optim_state1[s0:s1], m.optim_state1[r0:r1])
     sub_in = {k: inp[k] for k in ("f4", "f2")}
     want = m(inp).to_dict()

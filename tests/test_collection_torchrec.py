@@ -24,8 +24,12 @@ def configs(pooling=PoolingType.SUM, dims=(8, 16, 4, 12)):
     """4 tables, feature f0 read by t0 and t2 (names f0@t0, f0@t2), a table without features."""
     feats = [["f0", "f1"], ["f2"], ["f0", "f3"], []]
     rows = [50, 17, 33, 9]
-    return [EmbeddingBagConfig(num_embeddings=rows[t], embedding_dim=dims[t], name=f"t{t}", feature_names=feats[t],
-                               pooling=pooling) for t in range(4)]
+    return [
+        EmbeddingBagConfig(
+            num_embeddings=rows[t], embedding_dim=dims[t], name=f"t{t}", feature_names=feats[t], pooling=pooling
+        )
+        for t in range(4)
+    ]
 
 
 def make_kjt(ebc, B, seed, index_dtype=torch.int64, weighted=False, max_len=6):
@@ -54,12 +58,17 @@ def make_kjt(ebc, B, seed, index_dtype=torch.int64, weighted=False, max_len=6):
 
 
 def table_grads(m):
-    return {name: m.weight.grad[m._row_span(i)[2]:m._row_span(i)[3]] for i, name in enumerate(m.table_names)}
+    return {name: m.weight.grad[m._row_span(i)[2] : m._row_span(i)[3]] for i, name in enumerate(m.table_names)}
 
 
-@pytest.mark.parametrize("pooling,weighted,index_dtype", [(PoolingType.SUM, False, torch.int64),
-                                                          (PoolingType.MEAN, False, torch.int32),
-                                                          (PoolingType.SUM, True, torch.int64)])
+@pytest.mark.parametrize(
+    "pooling,weighted,index_dtype",
+    [
+        (PoolingType.SUM, False, torch.int64),
+        (PoolingType.MEAN, False, torch.int32),
+        (PoolingType.SUM, True, torch.int64),
+    ],
+)
 def test_full_sizes_equal_embedding_bag_collection(pooling, weighted, index_dtype):
     torch.manual_seed(0)
     ebc = EmbeddingBagCollection(configs(pooling), is_weighted=weighted)
@@ -80,8 +89,9 @@ def test_full_sizes_equal_embedding_bag_collection(pooling, weighted, index_dtyp
         torch.testing.assert_close(g, ebc.embedding_bags[name].weight.grad.reshape(-1), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("pooling,weighted", [(PoolingType.SUM, False), (PoolingType.MEAN, False),
-                                              (PoolingType.SUM, True)])
+@pytest.mark.parametrize(
+    "pooling,weighted", [(PoolingType.SUM, False), (PoolingType.MEAN, False), (PoolingType.SUM, True)]
+)
 @pytest.mark.parametrize("seed", [0, 1])
 def test_random_sizes_equal_dense_view(pooling, weighted, seed):
     gen = torch.Generator().manual_seed(seed)
@@ -98,7 +108,7 @@ def test_random_sizes_equal_dense_view(pooling, weighted, seed):
     go = torch.randn_like(want.values())
     want.values().backward(go)
     got.values().backward(go)
-    for i, (name, g) in enumerate(table_grads(m).items()):
+    for _i, (name, g) in enumerate(table_grads(m).items()):
         dense_grad = ebc.embedding_bags[name].weight.grad
         mask = torch.arange(dense_grad.shape[1]) < m.sizes(name).unsqueeze(1)
         torch.testing.assert_close(g, dense_grad[mask], rtol=1e-5, atol=1e-6)
@@ -107,22 +117,36 @@ def test_random_sizes_equal_dense_view(pooling, weighted, seed):
 def _tbe(specs, feature_table_map, pooling, lr, eps, weights):
     from fbgemm_gpu.split_embedding_configs import EmbOptimType, SparseType
     from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
-    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (ComputeDevice,
-                                                                        SplitTableBatchedEmbeddingBagsCodegen)
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+        ComputeDevice,
+        SplitTableBatchedEmbeddingBagsCodegen,
+    )
 
     tbe = SplitTableBatchedEmbeddingBagsCodegen(
-        [(V, D, EmbeddingLocation.HOST, ComputeDevice.CPU) for V, D in specs], feature_table_map=feature_table_map,
-        optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=lr, eps=eps,
+        [(V, D, EmbeddingLocation.HOST, ComputeDevice.CPU) for V, D in specs],
+        feature_table_map=feature_table_map,
+        optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+        learning_rate=lr,
+        eps=eps,
         pooling_mode=PoolingMode.MEAN if pooling == PoolingType.MEAN else PoolingMode.SUM,
-        weights_precision=SparseType.FP32, output_dtype=SparseType.FP32)
+        weights_precision=SparseType.FP32,
+        output_dtype=SparseType.FP32,
+    )
     with torch.no_grad():
         for dst, src in zip(tbe.split_embedding_weights(), weights):
             dst.copy_(src)
     return tbe
 
 
-@pytest.mark.parametrize("pooling,weighted,uniform", [(PoolingType.SUM, False, False), (PoolingType.SUM, False, True),
-                                                      (PoolingType.MEAN, False, True), (PoolingType.SUM, True, True)])
+@pytest.mark.parametrize(
+    "pooling,weighted,uniform",
+    [
+        (PoolingType.SUM, False, False),
+        (PoolingType.SUM, False, True),
+        (PoolingType.MEAN, False, True),
+        (PoolingType.SUM, True, True),
+    ],
+)
 def test_fused_rowwise_adagrad_trajectory_equals_fbgemm_tbe(pooling, weighted, uniform):
     """uniform=False: full sizes; uniform=True: every row of table t stores s_t < D_t entries, and
     TBE runs on [V_t, s_t] tables (the stored entries), its output padded to D_t."""
@@ -131,15 +155,23 @@ def test_fused_rowwise_adagrad_trajectory_equals_fbgemm_tbe(pooling, weighted, u
     stored = {k: max(4, v - v % 4) for k, v in stored.items()}  # TBE on CPU: widths of 4
     torch.manual_seed(3)
     lr, eps = 0.05, 1e-4
-    m = MultiSizeEmbeddingBagCollection(cfgs, stored, is_weighted=weighted,
-                                        optimizer=pme.optim.RowwiseAdagrad(lr=lr, eps=eps))
+    m = MultiSizeEmbeddingBagCollection(
+        cfgs, stored, is_weighted=weighted, optimizer=pme.optim.RowwiseAdagrad(lr=lr, eps=eps)
+    )
     blocks = [(ti, f) for ti, c in enumerate(cfgs) for f in (c.feature_names or [c.name])]
-    tbe = _tbe([(c.num_embeddings, stored[c.name]) for c in cfgs], [ti for ti, _ in blocks], pooling, lr, eps,
-               [m.to_dense(c.name)[:, :stored[c.name]] for c in cfgs])
+    tbe = _tbe(
+        [(c.num_embeddings, stored[c.name]) for c in cfgs],
+        [ti for ti, _ in blocks],
+        pooling,
+        lr,
+        eps,
+        [m.to_dense(c.name)[:, : stored[c.name]] for c in cfgs],
+    )
     dims = [cfgs[ti].embedding_dim for ti, _ in blocks]
     for step in range(4):
-        kjt = make_kjt(EmbeddingBagCollection(cfgs, is_weighted=weighted, device="meta"), 16, 50 + step,
-                       torch.int64, weighted)
+        kjt = make_kjt(
+            EmbeddingBagCollection(cfgs, is_weighted=weighted, device="meta"), 16, 50 + step, torch.int64, weighted
+        )
         go = torch.randn(16, sum(dims), generator=torch.Generator().manual_seed(step))
         got = m(kjt)
         got.values().backward(go)
@@ -155,15 +187,20 @@ def test_fused_rowwise_adagrad_trajectory_equals_fbgemm_tbe(pooling, weighted, u
         col, tcol, go_t, parts = 0, 0, [], []
         for (ti, _), D in zip(blocks, dims):
             s = stored[cfgs[ti].name]
-            parts.append((got.values()[:, col:col + s].detach(), out[:, tcol:tcol + s].detach()))
-            go_t.append(go[:, col:col + s])
+            parts.append((got.values()[:, col : col + s].detach(), out[:, tcol : tcol + s].detach()))
+            go_t.append(go[:, col : col + s])
             col, tcol = col + D, tcol + s
         for a, b in parts:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
         out.backward(torch.cat(go_t, 1))
         for c, w, st in zip(cfgs, tbe.split_embedding_weights(), tbe.split_optimizer_states()):
-            torch.testing.assert_close(m.to_dense(c.name)[:, :stored[c.name]], w, rtol=1e-5, atol=1e-6,
-                                       msg=lambda s, c=c: f"{c.name} step {step}: {s}")
+            torch.testing.assert_close(
+                m.to_dense(c.name)[:, : stored[c.name]],
+                w,
+                rtol=1e-5,
+                atol=1e-6,
+                msg=lambda s, c=c: f"{c.name} step {step}: {s}",
+            )
             r0, r1 = int(m.table_rows[m._table_index(c.name)]), int(m.table_rows[m._table_index(c.name) + 1])
             torch.testing.assert_close(m.optim_state1[r0:r1], st[0], rtol=1e-5, atol=1e-7)
 
@@ -184,17 +221,22 @@ def test_from_ebc_random_sizes_and_state_dict():
     # Into a model: DLRM with our collection in place of its EmbeddingBagCollection.
     from torchrec.models.dlrm import DLRM
 
-    cfgs = [EmbeddingBagConfig(num_embeddings=20 + t, embedding_dim=8, name=f"t{t}", feature_names=[f"f{t}"])
-            for t in range(3)]
-    model = DLRM(EmbeddingBagCollection(cfgs), dense_in_features=4, dense_arch_layer_sizes=[8, 8],
-                 over_arch_layer_sizes=[8, 1])
+    cfgs = [
+        EmbeddingBagConfig(num_embeddings=20 + t, embedding_dim=8, name=f"t{t}", feature_names=[f"f{t}"])
+        for t in range(3)
+    ]
+    model = DLRM(
+        EmbeddingBagCollection(cfgs), dense_in_features=4, dense_arch_layer_sizes=[8, 8], over_arch_layer_sizes=[8, 1]
+    )
     sizes = {"sparse_arch.embedding_bag_collection": {"t0": 4, "t1": 8, "t2": torch.randint(0, 9, (22,))}}
-    ref = MultiSizeEmbeddingBagCollection.from_ebc(model.sparse_arch.embedding_bag_collection,
-                                                    sizes["sparse_arch.embedding_bag_collection"])
+    ref = MultiSizeEmbeddingBagCollection.from_ebc(
+        model.sparse_arch.embedding_bag_collection, sizes["sparse_arch.embedding_bag_collection"]
+    )
     pme.collection.convert(model, sizes)
     assert isinstance(model.sparse_arch.embedding_bag_collection, MultiSizeEmbeddingBagCollection)
-    kjt = KeyedJaggedTensor.from_lengths_sync(keys=["f0", "f1", "f2"], values=torch.tensor([1, 2, 3, 4, 5, 6, 7]),
-                                              lengths=torch.tensor([1, 2, 1, 0, 2, 1]))
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=["f0", "f1", "f2"], values=torch.tensor([1, 2, 3, 4, 5, 6, 7]), lengths=torch.tensor([1, 2, 1, 0, 2, 1])
+    )
     out = model(torch.randn(2, 4), kjt)
     assert out.shape == (2, 1)
     out.sum().backward()
@@ -204,8 +246,9 @@ def test_from_ebc_random_sizes_and_state_dict():
 
 def test_kjt_errors():
     m = MultiSizeEmbeddingBagCollection(configs())
-    kjt = KeyedJaggedTensor.from_lengths_sync(keys=["f0", "f1"], values=torch.tensor([1, 2]),
-                                              lengths=torch.tensor([1, 0, 1, 0]))
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=["f0", "f1"], values=torch.tensor([1, 2]), lengths=torch.tensor([1, 0, 1, 0])
+    )
     with pytest.raises(KeyError, match="no feature 'f2'"):
         m(kjt)
     wm = MultiSizeEmbeddingBagCollection(configs(), is_weighted=True)
@@ -219,8 +262,10 @@ def test_non_pooled_collection_equals_embedding_collection():
 
     from pme.collection import MultiSizeEmbeddingCollection
 
-    cfgs = [EmbeddingConfig(num_embeddings=V, embedding_dim=8, name=f"t{i}", feature_names=f)
-            for i, (V, f) in enumerate([(40, ["f0", "f1"]), (9, ["f2"]), (25, ["f0"])])]
+    cfgs = [
+        EmbeddingConfig(num_embeddings=V, embedding_dim=8, name=f"t{i}", feature_names=f)
+        for i, (V, f) in enumerate([(40, ["f0", "f1"]), (9, ["f2"]), (25, ["f0"])])
+    ]
     gen = torch.Generator().manual_seed(5)
     sizes = {c.name: random_sizes(c.num_embeddings, 8, gen) for c in cfgs}
     m = MultiSizeEmbeddingCollection(cfgs, sizes)
@@ -228,9 +273,19 @@ def test_non_pooled_collection_equals_embedding_collection():
     with torch.no_grad():
         for name in m.table_names:
             ec.embeddings[name].weight.copy_(m.to_dense(name))
-    kjt = make_kjt(EmbeddingBagCollection([EmbeddingBagConfig(num_embeddings=c.num_embeddings, embedding_dim=8,
-                                                               name=c.name, feature_names=c.feature_names)
-                                           for c in cfgs], device="meta"), 7, 3)
+    kjt = make_kjt(
+        EmbeddingBagCollection(
+            [
+                EmbeddingBagConfig(
+                    num_embeddings=c.num_embeddings, embedding_dim=8, name=c.name, feature_names=c.feature_names
+                )
+                for c in cfgs
+            ],
+            device="meta",
+        ),
+        7,
+        3,
+    )
     want, got = ec(kjt), m(kjt)
     assert list(got) == list(want) == ["f0@t0", "f1", "f2", "f0@t2"]
     loss_w, loss_g = 0, 0
@@ -242,7 +297,7 @@ def test_non_pooled_collection_equals_embedding_collection():
         loss_g = loss_g + (got[k].values() * g).sum()
     loss_w.backward()
     loss_g.backward()
-    for i, name in enumerate(m.table_names):
+    for _i, name in enumerate(m.table_names):
         dg = ec.embeddings[name].weight.grad
         mask = torch.arange(8) < m.sizes(name).unsqueeze(1)
         torch.testing.assert_close(table_grads(m)[name], dg[mask], rtol=1e-5, atol=1e-6)

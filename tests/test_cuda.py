@@ -32,8 +32,9 @@ ERRORS = (ValueError, TypeError, IndexError, RuntimeError)
 def _dense_oracle(w, offsets, idx, off, D, mode, psw=None):
     """F.embedding_bag on the float64 dense view (padded layout)."""
     bo = torch.cat([off, off.new_tensor([idx.numel()])])
-    return reference.embedding_bag(w.double(), offsets, idx, bo, D, None, mode,
-                                   None if psw is None else psw.double(), None)
+    return reference.embedding_bag(
+        w.double(), offsets, idx, bo, D, None, mode, None if psw is None else psw.double(), None
+    )
 
 
 @needs_cuda
@@ -88,8 +89,13 @@ def test_cuda_graph_replays_fused_training_step(opt):
     def train_step(m):
         m(idx, off).backward(go)
 
-    batches = [(torch.randint(0, V, (B * L,), generator=torch.Generator().manual_seed(s)).cuda(),
-                torch.randn(B, D, generator=torch.Generator().manual_seed(100 + s)).cuda()) for s in range(6)]
+    batches = [
+        (
+            torch.randint(0, V, (B * L,), generator=torch.Generator().manual_seed(s)).cuda(),
+            torch.randn(B, D, generator=torch.Generator().manual_seed(100 + s)).cuda(),
+        )
+        for s in range(6)
+    ]
     # capture on a scratch copy so that warm-up steps do not move `graphed`
     scratch = pme.MultiSizeEmbeddingBag(V, D, sizes=sizes, mode="sum", device="cuda", optimizer=make())
     side = torch.cuda.Stream()
@@ -144,7 +150,7 @@ def test_unaligned_buffers_give_the_same_result(device, dtype, shift):
     sizes = torch.tensor([8, 16, 24, 64, 7, 13, 1, 0])[torch.randint(0, 8, (V,), generator=gen)]
     w, offsets, _, width, _ = make_table(V, D, dtype, device, sizes=sizes, seed=6)
     store = torch.zeros(w.numel() + 8, dtype=dtype, device=device)
-    shifted = store[shift:shift + w.numel()]
+    shifted = store[shift : shift + w.numel()]
     shifted.copy_(w)
     assert (shifted.data_ptr() % 16 == 0) == (shift == 0) or dtype != torch.float32
     idx, off = random_bags(V, 64, 12, gen, device=device)
@@ -165,9 +171,14 @@ def _free_bytes(device):
     return int(info["MemAvailable"].split()[0]) * 1024
 
 
-LARGE_DEVICES = [pytest.param("cuda", marks=needs_cuda, id="cuda"),
-                 pytest.param("cpu", id="cpu", marks=pytest.mark.skipif(
-                     os.environ.get("PME_LARGE_TESTS") != "1", reason="CPU variant: set PME_LARGE_TESTS=1"))]
+LARGE_DEVICES = [
+    pytest.param("cuda", marks=needs_cuda, id="cuda"),
+    pytest.param(
+        "cpu",
+        id="cpu",
+        marks=pytest.mark.skipif(os.environ.get("PME_LARGE_TESTS") != "1", reason="CPU variant: set PME_LARGE_TESTS=1"),
+    ),
+]
 
 
 @pytest.mark.parametrize("device", LARGE_DEVICES)
@@ -175,7 +186,7 @@ def test_table_beyond_2_31_elements(device):
     # fp16 rows of 128 entries: total = 2^31 + 128 * 1000 entries (4 GiB), so the last rows start
     # past 2^31 and any 32-bit offset arithmetic reads the wrong entries
     D, extra = 128, 1000
-    V = 2 ** 31 // D + extra
+    V = 2**31 // D + extra
     total = V * D
     need = total * 2 * 2 + V * 8 * 2  # table + flat gradient + offsets
     if _free_bytes(device) < need * 1.2:
@@ -184,11 +195,11 @@ def test_table_beyond_2_31_elements(device):
     offsets = torch.arange(0, total + 1, D, dtype=torch.int64, device=device)
     w = torch.zeros(total, dtype=dtype, device=device)
     gen = torch.Generator().manual_seed(7)
-    rows = torch.cat([torch.tensor([0, 1, V // 2, 2 ** 31 // D - 1]), torch.arange(V - extra, V)])
+    rows = torch.cat([torch.tensor([0, 1, V // 2, 2**31 // D - 1]), torch.arange(V - extra, V)])
     rows = rows[torch.randperm(rows.numel(), generator=gen)]
     vals = torch.randn(rows.numel(), D, generator=gen).to(dtype)
     for r, v in zip(rows.tolist(), vals):  # distinct values per row, set through plain torch slicing
-        w[r * D:(r + 1) * D] = v.to(device)
+        w[r * D : (r + 1) * D] = v.to(device)
     idx = rows.repeat(2).to(device)
     off = torch.arange(0, idx.numel(), 4, device=device)
     for mode in MODES:
@@ -202,10 +213,10 @@ def test_table_beyond_2_31_elements(device):
     go = torch.ones_like(out)
     (g,) = torch.autograd.grad(out, wp, go)
     for r in rows[:6].tolist() + [V - 1]:
-        seg = g[r * D:(r + 1) * D].float()
+        seg = g[r * D : (r + 1) * D].float()
         assert bool((seg == 2).all()), f"row {r}: gradient {seg[:4].tolist()}..."
     # nothing else written: the whole buffer sums to the lookups' gradient (chunks bound the memory)
-    assert sum(float(c.sum(dtype=torch.float32)) for c in g.split(2 ** 26)) == 2 * rows.numel() * D
+    assert sum(float(c.sum(dtype=torch.float32)) for c in g.split(2**26)) == 2 * rows.numel() * D
 
 
 @needs_cuda
@@ -222,8 +233,9 @@ def test_bad_input_raises_and_leaves_the_process_usable(monkeypatch):
     # PME_CUDA_VALIDATE=0: no synchronising check; the bad lookup is skipped, never read
     monkeypatch.setenv("PME_CUDA_VALIDATE", "0")
     out = ops.embedding_bag(w, offsets, idx, off, width=width, mode="sum")
-    keep = ops.embedding_bag(w, offsets, torch.tensor([1, 2, 3], device="cuda"), torch.tensor([0, 2], device="cuda"),
-                             width=width, mode="sum")
+    keep = ops.embedding_bag(
+        w, offsets, torch.tensor([1, 2, 3], device="cuda"), torch.tensor([0, 2], device="cuda"), width=width, mode="sum"
+    )
     torch.cuda.synchronize()
     assert torch.equal(out, keep)
     monkeypatch.setenv("PME_CUDA_VALIDATE", "1")
@@ -238,8 +250,9 @@ def test_hot_rows_are_deterministic_and_exact(mode):
     V, D, N = 1000, 64, 200_000
     w, offsets, _, width, _ = make_table(V, D, torch.float32, "cuda", seed=9)
     gen = torch.Generator().manual_seed(10)
-    idx = torch.where(torch.rand(N, generator=gen) < 0.7, torch.tensor(5),
-                      torch.randint(0, 50, (N,), generator=gen)).cuda()
+    idx = torch.where(
+        torch.rand(N, generator=gen) < 0.7, torch.tensor(5), torch.randint(0, 50, (N,), generator=gen)
+    ).cuda()
     off = torch.arange(0, N, 16, device="cuda")
     go = torch.randn(off.numel(), width, generator=gen).cuda()
     grads = []
@@ -255,8 +268,9 @@ def test_hot_rows_are_deterministic_and_exact(mode):
     # the fused step on the same batch: bitwise repeatable
     states = []
     for _ in range(2):
-        m = pme.MultiSizeEmbeddingBag(V, D, sizes=offsets.diff().cpu(), mode=mode, device="cuda",
-                                      optimizer=pme.optim.RowwiseAdagrad(lr=0.1))
+        m = pme.MultiSizeEmbeddingBag(
+            V, D, sizes=offsets.diff().cpu(), mode=mode, device="cuda", optimizer=pme.optim.RowwiseAdagrad(lr=0.1)
+        )
         m.weight.data.copy_(w)
         m(idx, off).backward(go)
         states.append((m.weight.clone(), m.optim_state1.clone()))

@@ -8,8 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 import pme
 from pme import ops, reference
@@ -29,8 +28,14 @@ def test_positional_order_is_torchs():
     assert m.mode == "sum" and m.max_norm is None and m.norm_type == 2.0 and not m.scale_grad_by_freq
     assert torch.equal(m.sizes, torch.full((4,), 3))
     m = pme.MultiSizeEmbeddingBag(4, 3, 1.5, 1.0, True, "mean", True, None, True, 2)
-    assert (m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse, m.include_last_offset, m.padding_idx) == \
-        (1.5, 1.0, True, True, True, 2)
+    assert (m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse, m.include_last_offset, m.padding_idx) == (
+        1.5,
+        1.0,
+        True,
+        True,
+        True,
+        2,
+    )
     e = pme.MultiSizeEmbedding(4, 3, 1, 2.0, 1.0, True, True)
     assert (e.padding_idx, e.max_norm, e.norm_type, e.scale_grad_by_freq, e.sparse) == (1, 2.0, 1.0, True, True)
     with pytest.raises(TypeError):
@@ -103,8 +108,9 @@ def _bag_by_embedding(idx, weight, bags, mode, scale):
 def test_torch_embedding_bag_scale_grad_by_freq_miscount_is_torchs():
     # the case behind _bag_by_embedding's note, so the day torch fixes it this test says so
     w = torch.zeros(3, 1, dtype=torch.float64, requires_grad=True)
-    F.embedding_bag(torch.tensor([0, 1, 1, 2]), w, torch.tensor([0]), mode="sum",
-                    scale_grad_by_freq=True).sum().backward()
+    F.embedding_bag(
+        torch.tensor([0, 1, 1, 2]), w, torch.tensor([0]), mode="sum", scale_grad_by_freq=True
+    ).sum().backward()
     m = pme.MultiSizeEmbeddingBag(3, 1, mode="sum", scale_grad_by_freq=True, dtype=torch.float64)
     m(torch.tensor([0, 1, 1, 2]), torch.tensor([0])).sum().backward()
     assert w.grad.flatten().tolist() == [1.0, 1.0, 0.5]  # torch: row 2 occurs once
@@ -112,13 +118,20 @@ def test_torch_embedding_bag_scale_grad_by_freq_miscount_is_torchs():
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.integers(1, 30), st.integers(0, 9), st.integers(0, 6), st.sampled_from(["sum", "mean"]), st.booleans(),
-       st.integers(0, 2**31 - 1))
+@given(
+    st.integers(1, 30),
+    st.integers(0, 9),
+    st.integers(0, 6),
+    st.sampled_from(["sum", "mean"]),
+    st.booleans(),
+    st.integers(0, 2**31 - 1),
+)
 def test_bag_backward_sparse_property(V, D, B, mode, scale, seed):
     gen = torch.Generator().manual_seed(seed)
     sizes = torch.randint(0, D + 1, (V,), generator=gen)
-    m = pme.MultiSizeEmbeddingBag(V, D, mode=mode, sparse=True, scale_grad_by_freq=scale, sizes=sizes,
-                                  dtype=torch.float64)
+    m = pme.MultiSizeEmbeddingBag(
+        V, D, mode=mode, sparse=True, scale_grad_by_freq=scale, sizes=sizes, dtype=torch.float64
+    )
     empty = torch.zeros(0, dtype=torch.int64)
     idx, bags = random_bags(V, B, 5, gen) if B else (empty, empty)
     out = m(idx, bags)
@@ -161,16 +174,20 @@ def test_bag_backward_sparse_opcheck():
     idx, bags = random_bags(20, 5, 4, torch.Generator().manual_seed(2))
     bo = torch.cat([bags, bags.new_tensor([idx.numel()])])
     go = torch.randn(5, width)
-    torch.library.opcheck(torch.ops.pme.bag_backward_sparse,
-                          (go, w, offsets, idx, bo, None, col, offsets.new_empty(0, 0), 1, -1, True),
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.pme.bag_backward_sparse,
+        (go, w, offsets, idx, bo, None, col, offsets.new_empty(0, 0), 1, -1, True),
+        test_utils=("test_schema", "test_faketensor"),
+    )
 
 
 def _mask_sparse_grad(weight, mask):
     """Hook: nn's sparse gradient of the dense view, restricted to the stored entries."""
+
     def hook(g):
         g = g.coalesce()
         return torch.sparse_coo_tensor(g.indices(), g.values() * mask[g.indices()[0]], g.shape)
+
     weight.register_hook(hook)
 
 
@@ -194,7 +211,7 @@ def test_sparse_training_trajectory_equals_nn(opt, mode, full):
     if not full:
         _mask_sparse_grad(ref.weight, _mask(sizes, D).to(dense.dtype))
     o_ref, o_m = OPTIMIZERS[opt](ref.parameters()), OPTIMIZERS[opt](m.parameters())
-    for step in range(6):
+    for _step in range(6):
         x = torch.randint(0, V, (7, 5), generator=gen)
         x[0, :3] = x[0, 0]  # duplicates
         x[1, 1] = 5  # padding
@@ -245,8 +262,10 @@ def test_scale_grad_by_freq_as_torch():
 def test_dense_state_dict_loads_first_entries():
     V, D = 12, 6
     sizes = torch.randint(0, D + 1, (V,), generator=torch.Generator().manual_seed(1))
-    for cls, nn_cls in ((pme.MultiSizeEmbeddingBag, torch.nn.EmbeddingBag),
-                        (pme.MultiSizeEmbedding, torch.nn.Embedding)):
+    for cls, nn_cls in (
+        (pme.MultiSizeEmbeddingBag, torch.nn.EmbeddingBag),
+        (pme.MultiSizeEmbedding, torch.nn.Embedding),
+    ):
         dense = nn_cls(V, D)
         for layout in ("padded", "grouped"):
             m = cls(V, D, sizes=sizes, layout=layout, optimizer=pme.optim.RowwiseAdagrad(lr=0.1))
@@ -285,8 +304,9 @@ def test_row_accessors():
 
 
 def test_nested_input():
-    nt = torch.nested.nested_tensor([torch.tensor([1, 2, 2]), torch.tensor([], dtype=torch.int64),
-                                     torch.tensor([3])], layout=torch.jagged)
+    nt = torch.nested.nested_tensor(
+        [torch.tensor([1, 2, 2]), torch.tensor([], dtype=torch.int64), torch.tensor([3])], layout=torch.jagged
+    )
     sizes = torch.tensor([4, 2, 0, 3, 1])
     w = torch.randn(5, 4)
     for mode in ("sum", "mean", "max"):
@@ -330,8 +350,7 @@ def test_error_types_are_torchs():
 
 def test_fused_optimizer_with_max_norm():
     w = 3 * torch.randn(10, 4)
-    m = pme.MultiSizeEmbeddingBag.from_pretrained(w, False, 1.0, mode="sum",
-                                                  optimizer=pme.optim.SGD(lr=0.0))
+    m = pme.MultiSizeEmbeddingBag.from_pretrained(w, False, 1.0, mode="sum", optimizer=pme.optim.SGD(lr=0.0))
     m(torch.tensor([[1, 2]])).sum().backward()
     norms = m.to_dense().norm(dim=1)
     assert bool((norms[1:3] <= 1.0 + 1e-5).all()) and torch.equal(m.to_dense()[3:], w[3:])

@@ -27,7 +27,7 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CANARY = 7777.0
-INT64_MAX = 2 ** 63 - 1
+INT64_MAX = 2**63 - 1
 BATCH = 30
 
 
@@ -38,12 +38,12 @@ def _guarded(t, torch):
     """A copy of t placed inside a larger buffer whose other entries are CANARY."""
     flat = t.reshape(-1)
     big = torch.full((flat.numel() + 64,), CANARY, dtype=t.dtype, device=t.device)
-    big[32:32 + flat.numel()] = flat
-    return big, big[32:32 + flat.numel()].view(t.shape)
+    big[32 : 32 + flat.numel()] = flat
+    return big, big[32 : 32 + flat.numel()].view(t.shape)
 
 
 def _canaries_ok(big, n):
-    return bool((big[:32] == CANARY).all()) and bool((big[32 + n:] == CANARY).all())
+    return bool((big[:32] == CANARY).all()) and bool((big[32 + n :] == CANARY).all())
 
 
 def _build_lookup(case, torch, pme, device):  # noqa: C901
@@ -66,24 +66,41 @@ def _build_lookup(case, torch, pme, device):  # noqa: C901
     bo[1:] = torch.cumsum(lens, 0)
     idt = torch.int32 if case["int32"] else torch.int64
     a = {
-        "weight": w, "offsets": m.offsets.clone(), "indices": idx.to(idt), "bag_offsets": bo.to(idt),
+        "weight": w,
+        "offsets": m.offsets.clone(),
+        "indices": idx.to(idt),
+        "bag_offsets": bo.to(idt),
         "psw": torch.rand(idx.numel(), generator=g) if case["psw"] and mode == 0 else None,
         "col_of_size": None if m.col_of_size is None else m.col_of_size.clone(),
-        "width": width, "mode": mode, "pad": case["pad"] % V if case["pad"] >= 0 and V else -1,
+        "width": width,
+        "mode": mode,
+        "pad": case["pad"] % V if case["pad"] >= 0 and V else -1,
         "grad_out": torch.randn(idx.numel() if case["op"].startswith("embedding") else B, width, generator=g),
         "argmax": None,
-        "lr": 0.1, "step": 1, "beta1": 0.9, "beta2": 0.999, "optimizer": case["optimizer"], "eps": 1e-8,
-        "weight_decay": 0.0, "rule": 0,
+        "lr": 0.1,
+        "step": 1,
+        "beta1": 0.9,
+        "beta2": 0.999,
+        "optimizer": case["optimizer"],
+        "eps": 1e-8,
+        "weight_decay": 0.0,
+        "rule": 0,
     }
     if mode == 2:
-        _, a["argmax"] = torch.ops.pme.bag_forward(a["weight"], a["offsets"], a["indices"], a["bag_offsets"], None,
-                                                   a["col_of_size"], width, 2, a["pad"])
+        _, a["argmax"] = torch.ops.pme.bag_forward(
+            a["weight"], a["offsets"], a["indices"], a["bag_offsets"], None, a["col_of_size"], width, 2, a["pad"]
+        )
     else:
         a["argmax"] = torch.empty(0, 0, dtype=torch.int64)
     total = w.numel()
     acc = torch.float32
-    a["state1"] = (torch.zeros(V, dtype=acc) if a["optimizer"] == 1 else
-                   torch.rand(total, generator=g) if a["optimizer"] == 2 else torch.empty(0))
+    a["state1"] = (
+        torch.zeros(V, dtype=acc)
+        if a["optimizer"] == 1
+        else torch.rand(total, generator=g)
+        if a["optimizer"] == 2
+        else torch.empty(0)
+    )
     a["state2"] = torch.rand(total, generator=g) if a["optimizer"] == 2 else torch.empty(0)
     a["scores"] = torch.zeros(total)
     for k, v in a.items():
@@ -110,7 +127,7 @@ def _corrupt(a, case, torch):
             if not t.is_floating_point():
                 v = int(v) if v == v and abs(v) != float("inf") else 0
             if t.dtype == torch.int32:
-                v = max(-(2 ** 31), min(2 ** 31 - 1, v))
+                v = max(-(2**31), min(2**31 - 1, v))
             t.view(-1)[i] = v
             a[target] = t
     elif how == "drop":  # one entry shorter
@@ -137,8 +154,7 @@ def _corrupt(a, case, torch):
 
 def _lookup_valid(a, op, torch):
     """The contract's verdict on a lookup-shaped call (independent of the kernels' own code)."""
-    devs = {v.device for k, v in a.items() if hasattr(v, "device") and v is not None
-            and (k in _USED[op])}
+    devs = {v.device for k, v in a.items() if hasattr(v, "device") and v is not None and (k in _USED[op])}
     if len(devs) != 1:
         return False
     w, off, idx, bo, psw, col = (a[k] for k in ("weight", "offsets", "indices", "bag_offsets", "psw", "col_of_size"))
@@ -214,8 +230,11 @@ def _lookup_valid(a, op, torch):
                 if s.dim() != 1 or s.numel() != w.numel() or s.dtype != torch.float32:
                     return False
         outs = [w] + ([s1] if opt >= 1 else []) + ([s2] if opt == 2 else [])
-        if _overlaps(outs, [a[k] for k in ("grad_out", "offsets", "indices", "bag_offsets", "psw", "col_of_size",
-                                             "argmax")] + [s1, s2]):
+        if _overlaps(
+            outs,
+            [a[k] for k in ("grad_out", "offsets", "indices", "bag_offsets", "psw", "col_of_size", "argmax")]
+            + [s1, s2],
+        ):
             return False
     if op == "accumulate_scores_":
         if a["rule"] not in (0, 1):
@@ -223,8 +242,10 @@ def _lookup_valid(a, op, torch):
         sc = a["scores"]
         if sc.dim() != 1 or sc.numel() != w.numel() or sc.dtype != torch.float32:
             return False
-        if _overlaps([sc], [a[k] for k in ("grad_out", "weight", "offsets", "indices", "bag_offsets", "psw",
-                                            "col_of_size", "argmax")]):
+        if _overlaps(
+            [sc],
+            [a[k] for k in ("grad_out", "weight", "offsets", "indices", "bag_offsets", "psw", "col_of_size", "argmax")],
+        ):
             return False
     return True
 
@@ -248,10 +269,29 @@ _USED = {
     "bag_backward": {"weight", "offsets", "indices", "bag_offsets", "psw", "col_of_size", "grad_out", "argmax"},
     "embedding_forward": {"weight", "offsets", "indices", "col_of_size"},
     "embedding_backward": {"weight", "offsets", "indices", "col_of_size", "grad_out"},
-    "sparse_update_": {"weight", "offsets", "indices", "bag_offsets", "psw", "col_of_size", "grad_out", "argmax",
-                       "state1", "state2"},
-    "accumulate_scores_": {"weight", "offsets", "indices", "bag_offsets", "psw", "col_of_size", "grad_out", "argmax",
-                           "scores"},
+    "sparse_update_": {
+        "weight",
+        "offsets",
+        "indices",
+        "bag_offsets",
+        "psw",
+        "col_of_size",
+        "grad_out",
+        "argmax",
+        "state1",
+        "state2",
+    },
+    "accumulate_scores_": {
+        "weight",
+        "offsets",
+        "indices",
+        "bag_offsets",
+        "psw",
+        "col_of_size",
+        "grad_out",
+        "argmax",
+        "scores",
+    },
 }
 
 
@@ -261,13 +301,20 @@ def _run_lookup(case, torch, pme, device):
     a = _build_lookup(case, torch, pme, device)
     _corrupt(a, case, torch)
     op = case["op"]
-    if a["mode"] == 2 and case["target"] != "argmax" and op in ("bag_backward", "sparse_update_",
-                                                                  "accumulate_scores_"):
+    if a["mode"] == 2 and case["target"] != "argmax" and op in ("bag_backward", "sparse_update_", "accumulate_scores_"):
         # a corrupted but still valid table or batch: the argmax must be the forward's on it
         try:
-            a["argmax"] = torch.ops.pme.bag_forward(a["weight"], a["offsets"], a["indices"], a["bag_offsets"],
-                                                    a["psw"], a["col_of_size"], a["grad_out"].shape[-1], 2,
-                                                    a["pad"])[1]
+            a["argmax"] = torch.ops.pme.bag_forward(
+                a["weight"],
+                a["offsets"],
+                a["indices"],
+                a["bag_offsets"],
+                a["psw"],
+                a["col_of_size"],
+                a["grad_out"].shape[-1],
+                2,
+                a["pad"],
+            )[1]
         except (RuntimeError, ValueError, TypeError, IndexError):
             pass  # invalid: the operator under test must say so itself
     # guard the buffers that the operator writes or reads by canaries (not when the case is
@@ -275,37 +322,91 @@ def _run_lookup(case, torch, pme, device):
     guards = {}
     for k in ("weight", "state1", "state2", "scores"):
         t = a[k]
-        if (case["how"] != "alias" and hasattr(t, "dim") and t.dim() == 1 and t.device.type != "meta"
-                and t.is_floating_point()):
+        if (
+            case["how"] != "alias"
+            and hasattr(t, "dim")
+            and t.dim() == 1
+            and t.device.type != "meta"
+            and t.is_floating_point()
+        ):
             guards[k], a[k] = _guarded(t, torch)
     valid = _lookup_valid(a, op, torch)
     before = {k: v.clone() for k, v in a.items() if hasattr(v, "clone") and v is not None and v.device.type != "meta"}
     modes = {0: "sum", 1: "mean", 2: "max"}
     try:
         if op == "bag_forward":
-            res = torch.ops.pme.bag_forward(a["weight"], a["offsets"], a["indices"], a["bag_offsets"], a["psw"],
-                                            a["col_of_size"], a["width"], a["mode"], a["pad"])[0]
+            res = torch.ops.pme.bag_forward(
+                a["weight"],
+                a["offsets"],
+                a["indices"],
+                a["bag_offsets"],
+                a["psw"],
+                a["col_of_size"],
+                a["width"],
+                a["mode"],
+                a["pad"],
+            )[0]
         elif op == "embedding_forward":
-            res = torch.ops.pme.embedding_forward(a["weight"], a["offsets"], a["indices"], a["col_of_size"],
-                                                  a["width"], a["pad"])
+            res = torch.ops.pme.embedding_forward(
+                a["weight"], a["offsets"], a["indices"], a["col_of_size"], a["width"], a["pad"]
+            )
         elif op == "bag_backward":
-            res = torch.ops.pme.bag_backward(a["grad_out"], a["weight"], a["offsets"], a["indices"],
-                                             a["bag_offsets"], a["psw"], a["col_of_size"], a["argmax"], a["mode"],
-                                             a["pad"], False)[0]
+            res = torch.ops.pme.bag_backward(
+                a["grad_out"],
+                a["weight"],
+                a["offsets"],
+                a["indices"],
+                a["bag_offsets"],
+                a["psw"],
+                a["col_of_size"],
+                a["argmax"],
+                a["mode"],
+                a["pad"],
+                False,
+            )[0]
         elif op == "embedding_backward":
             go = a["grad_out"]
-            res = torch.ops.pme.embedding_backward(go, a["weight"], a["offsets"], a["indices"], a["col_of_size"],
-                                                   a["pad"])
+            res = torch.ops.pme.embedding_backward(
+                go, a["weight"], a["offsets"], a["indices"], a["col_of_size"], a["pad"]
+            )
         elif op == "sparse_update_":
-            torch.ops.pme.sparse_update_(a["weight"], a["state1"], a["state2"], a["grad_out"], a["offsets"],
-                                         a["indices"], a["bag_offsets"], a["psw"], a["col_of_size"], a["argmax"],
-                                         a["mode"], a["pad"], a["optimizer"], a["lr"], a["weight_decay"], a["eps"],
-                                         a["beta1"], a["beta2"], a["step"])
+            torch.ops.pme.sparse_update_(
+                a["weight"],
+                a["state1"],
+                a["state2"],
+                a["grad_out"],
+                a["offsets"],
+                a["indices"],
+                a["bag_offsets"],
+                a["psw"],
+                a["col_of_size"],
+                a["argmax"],
+                a["mode"],
+                a["pad"],
+                a["optimizer"],
+                a["lr"],
+                a["weight_decay"],
+                a["eps"],
+                a["beta1"],
+                a["beta2"],
+                a["step"],
+            )
             res = a["weight"]
         else:
-            torch.ops.pme.accumulate_scores_(a["scores"], a["grad_out"], a["weight"], a["offsets"], a["indices"],
-                                             a["bag_offsets"], a["psw"], a["col_of_size"], a["argmax"], a["mode"],
-                                             a["pad"], a["rule"])
+            torch.ops.pme.accumulate_scores_(
+                a["scores"],
+                a["grad_out"],
+                a["weight"],
+                a["offsets"],
+                a["indices"],
+                a["bag_offsets"],
+                a["psw"],
+                a["col_of_size"],
+                a["argmax"],
+                a["mode"],
+                a["pad"],
+                a["rule"],
+            )
             res = a["scores"]
         if device == "cuda":
             torch.cuda.synchronize()
@@ -327,8 +428,14 @@ def _run_lookup(case, torch, pme, device):
         return "correct", "argmax values not compared"
     # the reference on the same (valid) arguments
     cpu = {k: (v.cpu() if hasattr(v, "cpu") else v) for k, v in before.items()}
-    w, off, idx, bo, col, W = cpu["weight"], cpu["offsets"], cpu["indices"], cpu.get("bag_offsets"), cpu.get(
-        "col_of_size"), a["width"]
+    w, off, idx, bo, col, W = (
+        cpu["weight"],
+        cpu["offsets"],
+        cpu["indices"],
+        cpu.get("bag_offsets"),
+        cpu.get("col_of_size"),
+        a["width"],
+    )
     if op not in ("bag_forward", "embedding_forward"):
         W = a["grad_out"].shape[1]
     psw = cpu.get("psw") if a["psw"] is not None else None
@@ -339,8 +446,9 @@ def _run_lookup(case, torch, pme, device):
         ref = reference.embedding(w, off, idx.long(), W, col, None)
     elif op in ("bag_backward", "embedding_backward"):
         if op == "bag_backward":
-            g, _ = reference.summed_row_grads(cpu["grad_out"], w, off, idx.long(), bo.long(), W, col,
-                                              modes[a["mode"]], psw, pad)
+            g, _ = reference.summed_row_grads(
+                cpu["grad_out"], w, off, idx.long(), bo.long(), W, col, modes[a["mode"]], psw, pad
+            )
         else:
             bo2 = torch.arange(idx.numel() + 1)
             g, _ = reference.summed_row_grads(cpu["grad_out"], w, off, idx.long(), bo2, W, col, "sum", None, pad)
@@ -348,13 +456,43 @@ def _run_lookup(case, torch, pme, device):
     elif op == "sparse_update_":
         ref = w.clone()
         s1, s2 = cpu["state1"].clone(), cpu["state2"].clone()
-        reference.sparse_update_(ref, s1, s2, cpu["grad_out"], off, idx.long(), bo.long(), W, col,
-                                 modes[a["mode"]], psw, pad, ["sgd", "rowwise_adagrad", "adam"][a["optimizer"]],
-                                 a["lr"], a["weight_decay"], a["eps"], a["beta1"], a["beta2"], a["step"])
+        reference.sparse_update_(
+            ref,
+            s1,
+            s2,
+            cpu["grad_out"],
+            off,
+            idx.long(),
+            bo.long(),
+            W,
+            col,
+            modes[a["mode"]],
+            psw,
+            pad,
+            ["sgd", "rowwise_adagrad", "adam"][a["optimizer"]],
+            a["lr"],
+            a["weight_decay"],
+            a["eps"],
+            a["beta1"],
+            a["beta2"],
+            a["step"],
+        )
     else:
         ref = cpu["scores"].clone()
-        reference.accumulate_scores_(ref, cpu["grad_out"], w, off, idx.long(), bo.long(), W, col,
-                                     modes[a["mode"]], psw, pad, ["snip", "grad"][a["rule"]])
+        reference.accumulate_scores_(
+            ref,
+            cpu["grad_out"],
+            w,
+            off,
+            idx.long(),
+            bo.long(),
+            W,
+            col,
+            modes[a["mode"]],
+            psw,
+            pad,
+            ["snip", "grad"][a["rule"]],
+        )
     ok = torch.allclose(res.cpu().double(), ref.double(), rtol=1e-4, atol=1e-5, equal_nan=True)
     return ("correct" if ok else "wrong answer"), ""
 
@@ -372,8 +510,13 @@ def _run_prune(case, torch, pme, device):
     sizes = torch.randint(0, D + 1, (V,), generator=g)
     off = torch.zeros(V + 1, dtype=torch.int64)
     off[1:] = torch.cumsum(sizes, 0)
-    a = {"scores": scores, "dense": dense, "offsets": off, "k": 1 + case["seed"] % max(1, V * D),
-         "threshold": torch.tensor(float(scores.view(-1)[0]) if V * D else 0.0)}
+    a = {
+        "scores": scores,
+        "dense": dense,
+        "offsets": off,
+        "k": 1 + case["seed"] % max(1, V * D),
+        "threshold": torch.tensor(float(scores.view(-1)[0]) if V * D else 0.0),
+    }
     target = case["target"]
     if case["how"] == "set" and target == "k":
         a["k"] = case["value"]
@@ -413,13 +556,23 @@ def _run_prune(case, torch, pme, device):
     else:
         oc = o.cpu()
         sz = (oc[1:] - oc[:-1]) if oc.dim() == 1 and oc.dtype == torch.int64 else None
-        valid = (devs_ok and d.dim() == 2 and s.shape == d.shape and s.dtype == torch.float32
-                 and sz is not None and oc.numel() == d.shape[0] + 1 and int(oc[0]) == 0
-                 and bool((sz >= 0).all()) and bool((sz <= d.shape[1]).all()))
+        valid = (
+            devs_ok
+            and d.dim() == 2
+            and s.shape == d.shape
+            and s.dtype == torch.float32
+            and sz is not None
+            and oc.numel() == d.shape[0] + 1
+            and int(oc[0]) == 0
+            and bool((sz >= 0).all())
+            and bool((sz <= d.shape[1]).all())
+        )
         if not valid:
             return "accepted an invalid call", ""
         ref = reference.prune_pack(d.cpu(), sc, oc, bool(case["seed"] % 2))
-        ok = res.shape == ref.shape and bool(((res.cpu() == ref) | (res.cpu().isnan() & ref.isnan())).all())  # NaN is data
+        ok = res.shape == ref.shape and bool(
+            ((res.cpu() == ref) | (res.cpu().isnan() & ref.isnan())).all()
+        )  # NaN is data
     return ("correct" if ok else "wrong answer"), ""
 
 
@@ -462,9 +615,11 @@ def _run_checkpoint(case, torch, pme, device):
     except (RuntimeError, ValueError, TypeError) as e:
         now = {k: v.detach().clone() for k, v in list(dst.named_parameters()) + list(dst.named_buffers())}
         if now.keys() != before.keys() or any(
-                now[k].shape != before[k].shape or now[k].dtype != before[k].dtype
-                or not torch.equal(now[k].cpu().view(-1).view(torch.uint8), before[k].cpu().view(-1).view(torch.uint8))
-                for k in now):
+            now[k].shape != before[k].shape
+            or now[k].dtype != before[k].dtype
+            or not torch.equal(now[k].cpu().view(-1).view(torch.uint8), before[k].cpu().view(-1).view(torch.uint8))
+            for k in now
+        ):
             return "failed load changed the module", str(e)[:200]
         if not torch.equal(dst(x), out_before):
             return "failed load changed the output", ""
@@ -480,9 +635,15 @@ def _run_checkpoint(case, torch, pme, device):
         return "loaded an inconsistent table", str(e)[:200]
     xs = torch.randint(0, V, (5, 4), generator=g).to(device)
     out = dst(xs)
-    ref = reference.embedding_bag(dst.weight.detach().cpu(), dst.offsets.cpu(), xs.reshape(-1).cpu(),
-                                  torch.arange(0, 21, 4), dst.width, None if dst.col_of_size is None else
-                                  dst.col_of_size.cpu(), "sum")
+    ref = reference.embedding_bag(
+        dst.weight.detach().cpu(),
+        dst.offsets.cpu(),
+        xs.reshape(-1).cpu(),
+        torch.arange(0, 21, 4),
+        dst.width,
+        None if dst.col_of_size is None else dst.col_of_size.cpu(),
+        "sum",
+    )
     if dst.projection is not None:
         ref = ref @ dst.projection.detach().cpu()
     if not torch.allclose(out.detach().cpu(), ref, rtol=1e-4, atol=1e-5, equal_nan=True):  # NaN values are data
@@ -506,8 +667,12 @@ def _worker():
 
     job = json.loads(sys.stdin.read())
     device = job["device"]
-    run = {"lookup": _run_lookup, "prune": _run_prune, "checkpoint": _run_checkpoint,
-           "abort": lambda *args: os.abort()}[job["kind"]]
+    run = {
+        "lookup": _run_lookup,
+        "prune": _run_prune,
+        "checkpoint": _run_checkpoint,
+        "abort": lambda *args: os.abort(),
+    }[job["kind"]]
     out = []
     for case in job["cases"]:
         verdict, msg = run(case, torch, pme, device)
@@ -523,22 +688,46 @@ if __name__ == "__main__" and "--worker" in sys.argv:
 # --------------------------------------------------------------------------------------------
 # Test side: hypothesis draws batches of cases; each batch runs in one subprocess
 # --------------------------------------------------------------------------------------------
-import torch  # noqa: E402
-from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import (  # noqa: E402
+    HealthCheck,
+    Phase,
+    given,
+    settings,
+    strategies as st,  # noqa: E402
+)
 
 from conftest import DEVICES  # noqa: E402
 
 # No shrinking: every example costs a subprocess; the failing batch is printed whole instead.
 # Fixed draws by default (a CI run is repeatable); PME_FUZZ_RANDOM=1 draws fresh cases to explore.
-_SETTINGS = settings(max_examples=int(os.environ.get("PME_FUZZ_BATCHES", "3")), deadline=None,
-                     derandomize=os.environ.get("PME_FUZZ_RANDOM", "0") != "1",
-                     phases=[Phase.explicit, Phase.reuse, Phase.generate],
-                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                            HealthCheck.data_too_large])
+_SETTINGS = settings(
+    max_examples=int(os.environ.get("PME_FUZZ_BATCHES", "3")),
+    deadline=None,
+    derandomize=os.environ.get("PME_FUZZ_RANDOM", "0") != "1",
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
-_NASTY = [-1, -2, 0, 1, 2, 3, 7, 8, 9, 255, 2 ** 31 - 1, 2 ** 31, 2 ** 32 + 1, 2 ** 62, INT64_MAX - 3, INT64_MAX,
-          -(2 ** 63), -(2 ** 31)]
+_NASTY = [
+    -1,
+    -2,
+    0,
+    1,
+    2,
+    3,
+    7,
+    8,
+    9,
+    255,
+    2**31 - 1,
+    2**31,
+    2**32 + 1,
+    2**62,
+    INT64_MAX - 3,
+    INT64_MAX,
+    -(2**63),
+    -(2**31),
+]
 
 
 def _values():
@@ -546,27 +735,75 @@ def _values():
 
 
 def _lookup_case():
-    return st.fixed_dictionaries({
-        "op": st.sampled_from(list(_USED)),
-        "seed": st.integers(0, 2 ** 20), "V": st.integers(1, 12), "D": st.integers(1, 9), "B": st.integers(0, 5),
-        "L": st.integers(0, 4), "layout": st.sampled_from(["padded", "grouped"]), "mode": st.integers(0, 2),
-        "int32": st.booleans(), "psw": st.booleans(), "pad": st.integers(-1, 12), "optimizer": st.integers(0, 2),
-        "target": st.sampled_from(["offsets", "col_of_size", "indices", "bag_offsets", "psw", "weight", "grad_out",
-                                   "argmax", "width", "mode", "pad", "lr", "step", "beta1", "beta2", "eps",
-                                   "weight_decay", "optimizer", "rule", "state1", "state2", "scores"]),
-        "how": st.sampled_from(["set", "set", "set", "set", "drop", "grow", "dtype", "meta", "2d", "alias", "none"]),
-        "pos": st.integers(0, 2 ** 16), "value": _values(),
-    })
+    return st.fixed_dictionaries(
+        {
+            "op": st.sampled_from(list(_USED)),
+            "seed": st.integers(0, 2**20),
+            "V": st.integers(1, 12),
+            "D": st.integers(1, 9),
+            "B": st.integers(0, 5),
+            "L": st.integers(0, 4),
+            "layout": st.sampled_from(["padded", "grouped"]),
+            "mode": st.integers(0, 2),
+            "int32": st.booleans(),
+            "psw": st.booleans(),
+            "pad": st.integers(-1, 12),
+            "optimizer": st.integers(0, 2),
+            "target": st.sampled_from(
+                [
+                    "offsets",
+                    "col_of_size",
+                    "indices",
+                    "bag_offsets",
+                    "psw",
+                    "weight",
+                    "grad_out",
+                    "argmax",
+                    "width",
+                    "mode",
+                    "pad",
+                    "lr",
+                    "step",
+                    "beta1",
+                    "beta2",
+                    "eps",
+                    "weight_decay",
+                    "optimizer",
+                    "rule",
+                    "state1",
+                    "state2",
+                    "scores",
+                ]
+            ),
+            "how": st.sampled_from(
+                ["set", "set", "set", "set", "drop", "grow", "dtype", "meta", "2d", "alias", "none"]
+            ),
+            "pos": st.integers(0, 2**16),
+            "value": _values(),
+        }
+    )
 
 
 def _run_batch(kind, cases, device):
     payload = json.dumps({"kind": kind, "device": device, "cases": cases})
-    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               PME_FUZZ_DEVICE=json.dumps(device))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker"], input=payload,
-                          capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, (f"the worker died (exit status {proc.returncode}): a crash on one of these cases\n"
-                                  f"{json.dumps(cases)[:4000]}\n--- stderr ---\n{proc.stderr[-4000:]}")
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="2",
+        PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        PME_FUZZ_DEVICE=json.dumps(device),
+    )
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--worker"],
+        input=payload,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert proc.returncode == 0, (
+        f"the worker died (exit status {proc.returncode}): a crash on one of these cases\n"
+        f"{json.dumps(cases)[:4000]}\n--- stderr ---\n{proc.stderr[-4000:]}"
+    )
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     bad = [r for r in results if r["verdict"] not in ("raised", "correct")]
     assert not bad, json.dumps(bad[:3], indent=1)
@@ -583,13 +820,18 @@ def test_fuzz_lookup_operators(device, cases):
 
 
 def _prune_case():
-    return st.fixed_dictionaries({
-        "op": st.sampled_from(["topk_threshold", "prune_counts", "prune_pack"]),
-        "seed": st.integers(0, 2 ** 20), "V": st.integers(1, 10), "D": st.integers(1, 9),
-        "target": st.sampled_from(["scores", "dense", "offsets", "k", "threshold"]),
-        "how": st.sampled_from(["set", "set", "drop", "grow", "dtype", "meta", "2d", "none"]),
-        "pos": st.integers(0, 2 ** 16), "value": st.one_of(_values(), st.sampled_from([float("nan"), float("inf")])),
-    })
+    return st.fixed_dictionaries(
+        {
+            "op": st.sampled_from(["topk_threshold", "prune_counts", "prune_pack"]),
+            "seed": st.integers(0, 2**20),
+            "V": st.integers(1, 10),
+            "D": st.integers(1, 9),
+            "target": st.sampled_from(["scores", "dense", "offsets", "k", "threshold"]),
+            "how": st.sampled_from(["set", "set", "drop", "grow", "dtype", "meta", "2d", "none"]),
+            "pos": st.integers(0, 2**16),
+            "value": st.one_of(_values(), st.sampled_from([float("nan"), float("inf")])),
+        }
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -600,15 +842,22 @@ def test_fuzz_pruning_operators(device, cases):
 
 
 def _checkpoint_case():
-    return st.fixed_dictionaries({
-        "seed": st.integers(0, 2 ** 20), "V": st.integers(1, 10), "D": st.integers(1, 9),
-        "layout": st.sampled_from(["padded", "grouped"]), "optimizer": st.integers(0, 2), "strict": st.booleans(),
-        "target": st.sampled_from(["offsets", "weight", "col_of_size", "optim_state1", "optim_state2", "optim_step",
-                                   "extra"]),
-        "how": st.sampled_from(["set", "set", "set", "drop", "grow", "dtype", "2d", "delete", "add", "none"]),
-        "pos": st.integers(0, 2 ** 16),
-        "value": st.one_of(_values(), st.sampled_from([float("nan"), float("inf"), -1.5])),
-    })
+    return st.fixed_dictionaries(
+        {
+            "seed": st.integers(0, 2**20),
+            "V": st.integers(1, 10),
+            "D": st.integers(1, 9),
+            "layout": st.sampled_from(["padded", "grouped"]),
+            "optimizer": st.integers(0, 2),
+            "strict": st.booleans(),
+            "target": st.sampled_from(
+                ["offsets", "weight", "col_of_size", "optim_state1", "optim_state2", "optim_step", "extra"]
+            ),
+            "how": st.sampled_from(["set", "set", "set", "drop", "grow", "dtype", "2d", "delete", "add", "none"]),
+            "pos": st.integers(0, 2**16),
+            "value": st.one_of(_values(), st.sampled_from([float("nan"), float("inf"), -1.5])),
+        }
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -11,7 +11,7 @@ import pme
 
 LIBRARY = ["ops", "modules", "optim", "search", "reference", "collection", "cli", "bench", "_version"]
 
-_BLOCKED = '''
+_BLOCKED = """
 import importlib, importlib.abc, sys
 
 class Block(importlib.abc.MetaPathFinder):
@@ -21,7 +21,7 @@ class Block(importlib.abc.MetaPathFinder):
         return None
 
 sys.meta_path.insert(0, Block())
-'''
+"""
 
 
 def _run(code):
@@ -30,7 +30,7 @@ def _run(code):
 
 
 def test_library_imports_and_runs_with_the_toolkit_blocked():
-    code = f'''
+    code = f"""
 import torch
 import pme
 for name in {LIBRARY!r}:
@@ -43,7 +43,7 @@ assert main(["info"]) == 0
 loaded = sorted(k for k in sys.modules if k.startswith("pme.recsys"))
 assert not loaded, loaded
 print("library ok")
-'''
+"""
     rc, out, err = _run(code)
     assert rc == 0, err
     assert "library ok" in out

@@ -15,8 +15,12 @@ from conftest import DEVICES, make_table, random_bags
 MODES = ["sum", "mean", "max"]
 LAYOUTS = ["padded", "grouped"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-TOL = {torch.float32: (1e-5, 1e-5), torch.float64: (1e-12, 1e-12), torch.float16: (2e-3, 2e-3),
-       torch.bfloat16: (1.6e-2, 1.6e-2)}
+TOL = {
+    torch.float32: (1e-5, 1e-5),
+    torch.float64: (1e-12, 1e-12),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
 
 
 def oracle(w, offsets, col, width, idx, bag_offsets, mode, psw, pad, grad_out):
@@ -24,11 +28,12 @@ def oracle(w, offsets, col, width, idx, bag_offsets, mode, psw, pad, grad_out):
     w64 = w.detach().double().requires_grad_(True)
     p64 = psw.detach().double().requires_grad_(True) if psw is not None else None
     dense = reference.to_dense(w64, offsets, width, col)
-    out = F.embedding_bag(idx.long(), dense, bag_offsets.long(), mode=mode, per_sample_weights=p64,
-                          padding_idx=pad) if idx.numel() and bag_offsets.numel() else (
-        dense.new_zeros(bag_offsets.numel(), width) + 0 * dense.sum())
-    grads = torch.autograd.grad(out, [w64] + ([p64] if p64 is not None else []), grad_out.double(),
-                                allow_unused=True)
+    out = (
+        F.embedding_bag(idx.long(), dense, bag_offsets.long(), mode=mode, per_sample_weights=p64, padding_idx=pad)
+        if idx.numel() and bag_offsets.numel()
+        else (dense.new_zeros(bag_offsets.numel(), width) + 0 * dense.sum())
+    )
+    grads = torch.autograd.grad(out, [w64] + ([p64] if p64 is not None else []), grad_out.double(), allow_unused=True)
     gw = grads[0] if grads[0] is not None else torch.zeros_like(w64)
     gp = None
     if p64 is not None:
@@ -42,12 +47,13 @@ def run_case(device, dtype, mode, layout, index_dtype, use_psw, pad_choice, seed
     pad = {"none": None, "first": 0, "negative": -2}[pad_choice]
     pad_row = None if pad is None else pad % V
     idx, bags = random_bags(V, B, L, gen, index_dtype, device, padding_idx=pad_row)
-    psw = (torch.randn(idx.shape, generator=gen).to(dtype).to(device) if use_psw else None)
+    psw = torch.randn(idx.shape, generator=gen).to(dtype).to(device) if use_psw else None
     w = w.requires_grad_(True)
     if psw is not None:
         psw.requires_grad_(True)
-    out = ops.embedding_bag(w, offsets, idx, bags, width=width, col_of_size=col, mode=mode, per_sample_weights=psw,
-                            padding_idx=pad)
+    out = ops.embedding_bag(
+        w, offsets, idx, bags, width=width, col_of_size=col, mode=mode, per_sample_weights=psw, padding_idx=pad
+    )
     grad_out = torch.randn(out.shape, generator=gen).to(dtype).to(device)
     gw, *rest = torch.autograd.grad(out, [w] + ([psw] if psw is not None else []), grad_out)
     ref_out, ref_gw, ref_gp = oracle(w, offsets, col, width, idx, bags, mode, psw, pad_row, grad_out)
@@ -78,15 +84,35 @@ def test_per_sample_weights(device, dtype, layout):
 
 @pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=40, deadline=None)
-@given(V=st.integers(1, 40), D=st.integers(1, 24), B=st.integers(0, 12), L=st.integers(0, 9),
-       mode=st.sampled_from(MODES), layout=st.sampled_from(LAYOUTS), seed=st.integers(0, 2**16),
-       pad=st.sampled_from(["none", "first", "negative"]), psw=st.booleans(),
-       index_dtype=st.sampled_from([torch.int32, torch.int64]))
+@given(
+    V=st.integers(1, 40),
+    D=st.integers(1, 24),
+    B=st.integers(0, 12),
+    L=st.integers(0, 9),
+    mode=st.sampled_from(MODES),
+    layout=st.sampled_from(LAYOUTS),
+    seed=st.integers(0, 2**16),
+    pad=st.sampled_from(["none", "first", "negative"]),
+    psw=st.booleans(),
+    index_dtype=st.sampled_from([torch.int32, torch.int64]),
+)
 def test_bag_random_tables(device, V, D, B, L, mode, layout, seed, pad, psw, index_dtype):
     if pad == "negative" and V < 2:
         pad = "first"
-    run_case(device, torch.float64, mode, layout, index_dtype, use_psw=psw and mode == "sum", pad_choice=pad,
-             seed=seed, V=V, D=D, B=B, L=L)
+    run_case(
+        device,
+        torch.float64,
+        mode,
+        layout,
+        index_dtype,
+        use_psw=psw and mode == "sum",
+        pad_choice=pad,
+        seed=seed,
+        V=V,
+        D=D,
+        B=B,
+        L=L,
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -110,10 +136,12 @@ def test_against_nn_embedding_bag(device, mode):
     mask = reference.to_dense(torch.ones_like(m.weight), m.offsets, D) > 0
     torch.testing.assert_close(dense_grad, ref.weight.grad * mask)
     # include_last_offset with 1-D input
-    m2 = pme.MultiSizeEmbeddingBag(V, D, sizes=sizes, mode=mode, include_last_offset=True, _weight=m.weight.detach(),
-                                   device=device)
-    ref2 = torch.nn.EmbeddingBag(V, D, mode=mode, include_last_offset=True, device=device,
-                                 _weight=ref.weight.detach().clone())
+    m2 = pme.MultiSizeEmbeddingBag(
+        V, D, sizes=sizes, mode=mode, include_last_offset=True, _weight=m.weight.detach(), device=device
+    )
+    ref2 = torch.nn.EmbeddingBag(
+        V, D, mode=mode, include_last_offset=True, device=device, _weight=ref.weight.detach().clone()
+    )
     idx = torch.randint(0, V, (20,), device=device)
     off = torch.tensor([0, 4, 4, 11, 20], device=device)
     torch.testing.assert_close(m2(idx, off), ref2(idx, off))
@@ -154,8 +182,9 @@ def test_gradcheck_float64(device, mode, layout):
     psw = torch.randn(idx.shape, dtype=torch.float64, device=device, requires_grad=True) if mode == "sum" else None
 
     def f(w, psw):
-        return ops.embedding_bag(w, offsets, idx, bags, width=width, col_of_size=col, mode=mode,
-                                 per_sample_weights=psw, padding_idx=2)
+        return ops.embedding_bag(
+            w, offsets, idx, bags, width=width, col_of_size=col, mode=mode, per_sample_weights=psw, padding_idx=2
+        )
 
     assert torch.autograd.gradcheck(f, (w, psw), eps=1e-6, atol=1e-7)
 
@@ -165,8 +194,14 @@ def test_large_index_and_empty_inputs(device):
     V, D = 1000, 8
     w, offsets, col, width, _ = make_table(V, D, torch.float32, device, seed=1)
     # all bags empty
-    out = ops.embedding_bag(w, offsets, torch.empty(0, dtype=torch.long, device=device),
-                            torch.zeros(3, dtype=torch.long, device=device), width=width, mode="max")
+    out = ops.embedding_bag(
+        w,
+        offsets,
+        torch.empty(0, dtype=torch.long, device=device),
+        torch.zeros(3, dtype=torch.long, device=device),
+        width=width,
+        mode="max",
+    )
     assert out.shape == (3, D) and bool((out == 0).all())
     # zero bags
     out = ops.embedding_bag(w, offsets, torch.empty(0, 4, dtype=torch.long, device=device), width=width)
@@ -206,17 +241,41 @@ def test_opcheck_every_operator():
         torch.library.opcheck(torch.ops.pme.bag_forward, (wg, offsets, idx, bo, psw, col, width, mode, 1))
         out, argmax = torch.ops.pme.bag_forward(w, offsets, idx, bo, psw, col, width, mode, 1)
         go = torch.randn_like(out)
-        torch.library.opcheck(torch.ops.pme.bag_backward,
-                              (go, w, offsets, idx, bo, psw, col, argmax, mode, 1, psw is not None))
+        torch.library.opcheck(
+            torch.ops.pme.bag_backward, (go, w, offsets, idx, bo, psw, col, argmax, mode, 1, psw is not None)
+        )
         torch.library.opcheck(torch.ops.pme.embedding_forward, (wg, offsets, idx, col, width, 1))
         gx = torch.randn(idx.numel(), width)
         torch.library.opcheck(torch.ops.pme.embedding_backward, (gx, w, offsets, idx, col, 1))
         state = torch.zeros(V), torch.empty(0)
-        torch.library.opcheck(torch.ops.pme.sparse_update_,
-                              (w.clone(), state[0].clone(), state[1], go, offsets, idx, bo, psw, col, argmax, mode, 1,
-                               1, 0.1, 0.0, 1e-8, 0.9, 0.999, 1))
-        torch.library.opcheck(torch.ops.pme.accumulate_scores_,
-                              (torch.zeros_like(w), go, w, offsets, idx, bo, psw, col, argmax, mode, 1, 0))
+        torch.library.opcheck(
+            torch.ops.pme.sparse_update_,
+            (
+                w.clone(),
+                state[0].clone(),
+                state[1],
+                go,
+                offsets,
+                idx,
+                bo,
+                psw,
+                col,
+                argmax,
+                mode,
+                1,
+                1,
+                0.1,
+                0.0,
+                1e-8,
+                0.9,
+                0.999,
+                1,
+            ),
+        )
+        torch.library.opcheck(
+            torch.ops.pme.accumulate_scores_,
+            (torch.zeros_like(w), go, w, offsets, idx, bo, psw, col, argmax, mode, 1, 0),
+        )
     scores = torch.rand(V, D)
     torch.library.opcheck(torch.ops.pme.topk_threshold, (scores, 17))
     t = torch.ops.pme.topk_threshold(scores, 17)
@@ -224,8 +283,11 @@ def test_opcheck_every_operator():
     sizes = torch.randint(0, D + 1, (V,))
     off = torch.zeros(V + 1, dtype=torch.long)
     off[1:] = sizes.cumsum(0)
-    torch.library.opcheck(torch.ops.pme.prune_pack, (torch.randn(V, D), scores, off, True),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.pme.prune_pack,
+        (torch.randn(V, D), scores, off, True),
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -278,7 +340,7 @@ def test_embedding_padding_idx_is_an_operator_argument():
         out.backward(go)
         (rg,) = torch.autograd.grad(ref, dense, go, retain_graph=True)
         torch.testing.assert_close(pme.MultiSizeEmbedding.from_dense(rg, sizes).weight, m.weight.grad)
-        assert bool((m.weight.grad[int(m.offsets[pad]):int(m.offsets[pad + 1])] == 0).all())
+        assert bool((m.weight.grad[int(m.offsets[pad]) : int(m.offsets[pad + 1])] == 0).all())
     w, offsets = m.weight.detach(), m.offsets
     with pytest.raises(RuntimeError, match="padding_idx 12 is out of range"):
         torch.ops.pme.embedding_forward(w, offsets, x.reshape(-1), None, D, V)
@@ -294,8 +356,10 @@ def test_noncontiguous_inputs_are_accepted(device):
     torch.testing.assert_close(out_t, out_c)
     idx = torch.randint(0, V, (40,), device=device)[::2]
     off = torch.tensor([0, 3, 9], device=device)
-    torch.testing.assert_close(ops.embedding_bag(w, offsets, idx, off, width=width),
-                               ops.embedding_bag(w, offsets, idx.contiguous(), off, width=width))
+    torch.testing.assert_close(
+        ops.embedding_bag(w, offsets, idx, off, width=width),
+        ops.embedding_bag(w, offsets, idx.contiguous(), off, width=width),
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -314,8 +378,20 @@ def test_cpu_forward_kernels_on_wide_tables(monkeypatch, dtype, D, mode):
     psw = torch.randn(idx.shape, generator=torch.Generator().manual_seed(D + 1)).to(dtype)
     for kernel in kernels:
         monkeypatch.setenv("PME_CPU_KERNEL", kernel)
-        run_case("cpu", dtype, mode, "padded", torch.int64, use_psw=mode == "sum", pad_choice="negative", seed=D,
-                 V=60, D=D, B=20, L=9)
+        run_case(
+            "cpu",
+            dtype,
+            mode,
+            "padded",
+            torch.int64,
+            use_psw=mode == "sum",
+            pad_choice="negative",
+            seed=D,
+            V=60,
+            D=D,
+            B=20,
+            L=9,
+        )
         outs[kernel] = ops.embedding_bag(w, offsets, idx, bags, width=width, mode=mode)
         weighted[kernel] = ops.embedding_bag(w, offsets, idx, bags, width=width, mode="sum", per_sample_weights=psw)
     # the same fp32 sums in the same order: identical outputs

@@ -1,13 +1,11 @@
 """Modules: construction, repr, memory, state_dict round-trips, convert, and bad input."""
 
-import io
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import pme
-from pme import ops, reference
+from pme import ops
 
 from conftest import DEVICES, make_table
 
@@ -76,16 +74,19 @@ def test_convert_swaps_tables_in_place():
     class Net(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.tables = torch.nn.ModuleDict({"a": torch.nn.EmbeddingBag(10, 8, mode="max", padding_idx=0),
-                                               "b": torch.nn.EmbeddingBag(7, 8, mode="sum")})
+            self.tables = torch.nn.ModuleDict(
+                {
+                    "a": torch.nn.EmbeddingBag(10, 8, mode="max", padding_idx=0),
+                    "b": torch.nn.EmbeddingBag(7, 8, mode="sum"),
+                }
+            )
             self.tok = torch.nn.Embedding(9, 4, padding_idx=2)
             self.seq = torch.nn.Sequential(torch.nn.EmbeddingBag(5, 8))
 
     net = Net()
     dense_a = net.tables["a"].weight.detach().clone()
     sizes_a = torch.randint(0, 9, (10,))
-    pme.convert(net, {"tables.a": sizes_a, "tables.b": 4, "tok": torch.tensor([4, 2, 4, 1, 0, 4, 4, 3, 2]),
-                      "seq.0": 8})
+    pme.convert(net, {"tables.a": sizes_a, "tables.b": 4, "tok": torch.tensor([4, 2, 4, 1, 0, 4, 4, 3, 2]), "seq.0": 8})
     assert isinstance(net.tables["a"], pme.MultiSizeEmbeddingBag) and net.tables["a"].mode == "max"
     assert net.tables["a"].padding_idx == 0
     assert isinstance(net.tok, pme.MultiSizeEmbedding) and net.tok.padding_idx == 2
@@ -184,8 +185,9 @@ def test_bad_arguments_are_named():
         m(torch.tensor([1, 2], device="meta"), torch.tensor([0]))
 
 
-@pytest.mark.parametrize("cls,nn_cls", [(pme.MultiSizeEmbeddingBag, torch.nn.EmbeddingBag),
-                                        (pme.MultiSizeEmbedding, torch.nn.Embedding)])
+@pytest.mark.parametrize(
+    "cls,nn_cls", [(pme.MultiSizeEmbeddingBag, torch.nn.EmbeddingBag), (pme.MultiSizeEmbedding, torch.nn.Embedding)]
+)
 @pytest.mark.parametrize("freeze", [True, False])
 def test_from_pretrained_is_nn_from_pretrained(cls, nn_cls, freeze):
     gen = torch.Generator().manual_seed(3)

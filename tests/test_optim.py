@@ -20,8 +20,9 @@ def _grad_out(B, width, step, device, dtype):
 
 def run_fused(opt, sizes, D, batches, mode, device, dtype=torch.float32, padding_idx=None, w0=None):
     """Trains a module with a fused optimizer on `batches` with fixed output gradients."""
-    m = pme.MultiSizeEmbeddingBag(len(sizes), D, sizes=sizes, mode=mode, padding_idx=padding_idx, device=device,
-                                  dtype=dtype, optimizer=opt)
+    m = pme.MultiSizeEmbeddingBag(
+        len(sizes), D, sizes=sizes, mode=mode, padding_idx=padding_idx, device=device, dtype=dtype, optimizer=opt
+    )
     if w0 is not None:
         m.weight.data.copy_(w0)
     for step, (idx, off) in enumerate(batches):
@@ -32,8 +33,9 @@ def run_fused(opt, sizes, D, batches, mode, device, dtype=torch.float32, padding
 
 def run_torch(make_opt, sizes, D, batches, mode, device, dtype, w0, padding_idx=None, sparse_grad=False):
     """Same training with a torch optimizer on the flat parameter, gradient through the dense view."""
-    m = pme.MultiSizeEmbeddingBag(len(sizes), D, sizes=sizes, mode=mode, padding_idx=padding_idx, device=device,
-                                  dtype=dtype)
+    m = pme.MultiSizeEmbeddingBag(
+        len(sizes), D, sizes=sizes, mode=mode, padding_idx=padding_idx, device=device, dtype=dtype
+    )
     w = torch.nn.Parameter(w0.clone())
     opt = make_opt([w])
     for step, (idx, off) in enumerate(batches):
@@ -60,8 +62,9 @@ def test_sgd_matches_torch_sgd(device, mode):
     batches = _batches(V, 5, 1, device)
     w0 = torch.randn(int(sizes.sum()), generator=torch.Generator().manual_seed(2)).to(device)
     fused = run_fused(pme.optim.SGD(lr=0.1), sizes, D, batches, mode, device, w0=w0, padding_idx=3)
-    ref = run_torch(lambda p: torch.optim.SGD(p, lr=0.1), sizes, D, batches, mode, device, torch.float32, w0,
-                    padding_idx=3)
+    ref = run_torch(
+        lambda p: torch.optim.SGD(p, lr=0.1), sizes, D, batches, mode, device, torch.float32, w0, padding_idx=3
+    )
     torch.testing.assert_close(fused.weight, ref, rtol=1e-6, atol=1e-6)
 
 
@@ -73,10 +76,12 @@ def test_rowwise_adagrad_with_unit_rows_is_torch_adagrad(device):
     sizes[7] = 0
     batches = _batches(V, 6, 3, device)
     w0 = torch.randn(int(sizes.sum()), generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(device)
-    fused = run_fused(pme.optim.RowwiseAdagrad(lr=0.3, eps=1e-10), sizes, 1, batches, "sum", device,
-                      dtype=torch.float64, w0=w0)
-    ref = run_torch(lambda p: torch.optim.Adagrad(p, lr=0.3, eps=1e-10), sizes, 1, batches, "sum", device,
-                    torch.float64, w0)
+    fused = run_fused(
+        pme.optim.RowwiseAdagrad(lr=0.3, eps=1e-10), sizes, 1, batches, "sum", device, dtype=torch.float64, w0=w0
+    )
+    ref = run_torch(
+        lambda p: torch.optim.Adagrad(p, lr=0.3, eps=1e-10), sizes, 1, batches, "sum", device, torch.float64, w0
+    )
     torch.testing.assert_close(fused.weight, ref, rtol=1e-12, atol=1e-12)
 
 
@@ -89,8 +94,9 @@ def test_adam_matches_torch_sparse_adam(device, mode, dtype):
     batches = _batches(V, 6, 6, device)
     w0 = torch.randn(int(sizes.sum()), generator=torch.Generator().manual_seed(7)).to(dtype).to(device)
     fused = run_fused(pme.optim.Adam(lr=0.05), sizes, D, batches, mode, device, dtype=dtype, w0=w0)
-    ref = run_torch(lambda p: torch.optim.SparseAdam(p, lr=0.05), sizes, D, batches, mode, device, dtype, w0,
-                    sparse_grad=True)
+    ref = run_torch(
+        lambda p: torch.optim.SparseAdam(p, lr=0.05), sizes, D, batches, mode, device, dtype, w0, sparse_grad=True
+    )
     tol = 1e-5 if dtype == torch.float32 else 1e-12
     torch.testing.assert_close(fused.weight, ref, rtol=tol, atol=tol)
 
@@ -111,12 +117,28 @@ def test_fused_update_matches_reference_float64(device, optimizer, layout, mode)
         idx, off = random_bags(V, 9, 6, gen, torch.int64, device, padding_idx=4)
         bo = torch.cat([off, off.new_tensor([idx.numel()])])
         psw = torch.randn(idx.shape, generator=gen, dtype=torch.float64).to(device) if mode == "sum" else None
-        out, argmax = (torch.ops.pme.bag_forward(w, offsets, idx, bo, psw, col, width, ops.MODES[mode], 4)
-                       if ops.backend() == "compiled" else (None, None))
+        out, argmax = (
+            torch.ops.pme.bag_forward(w, offsets, idx, bo, psw, col, width, ops.MODES[mode], 4)
+            if ops.backend() == "compiled"
+            else (None, None)
+        )
         go = torch.randn(bo.numel() - 1, width, generator=gen, dtype=torch.float64).to(device)
         kw = dict(optimizer=optimizer, lr=0.1, weight_decay=0.01, eps=1e-8, beta1=0.8, beta2=0.9, step=step)
-        ops.sparse_update_(w, s[0], s[1], go, offsets, idx, bo, col_of_size=col, argmax=argmax, mode=mode,
-                           per_sample_weights=psw, padding_idx=4, **kw)
+        ops.sparse_update_(
+            w,
+            s[0],
+            s[1],
+            go,
+            offsets,
+            idx,
+            bo,
+            col_of_size=col,
+            argmax=argmax,
+            mode=mode,
+            per_sample_weights=psw,
+            padding_idx=4,
+            **kw,
+        )
         reference.sparse_update_(w_ref, s_ref[0], s_ref[1], go, offsets, idx, bo, width, col, mode, psw, 4, **kw)
         torch.testing.assert_close(w, w_ref, rtol=1e-12, atol=1e-12)
         for a, b in zip(s, s_ref):
@@ -200,9 +222,11 @@ class _GradientCollector(ops.RowConsumer):
     (through the dense-view oracle) and sums it, plus a host-side call count and an int buffer."""
 
     def state(self, module):
-        return [ops.StateBuffer("grad_sum", (module.weight.numel(),)),
-                ops.StateBuffer("rows_seen", (module.num_embeddings,), torch.int64),
-                ops.StateBuffer("calls", (), torch.int64, host=True)]
+        return [
+            ops.StateBuffer("grad_sum", (module.weight.numel(),)),
+            ops.StateBuffer("rows_seen", (module.num_embeddings,), torch.int64),
+            ops.StateBuffer("calls", (), torch.int64, host=True),
+        ]
 
     def consume(self, module, rows):
         assert rows.grad_out.is_contiguous() and rows.grad_out.dtype == module.weight.dtype
@@ -210,8 +234,17 @@ class _GradientCollector(ops.RowConsumer):
         module.rows_seen[rows.indices.long()] += 1
         w = module.weight.detach().double().requires_grad_(True)
         with torch.enable_grad():
-            out = reference.embedding_bag(w, module.offsets, rows.indices, rows.bag_offsets, module.width,
-                                          module.col_of_size, rows.mode, rows.per_sample_weights, rows.padding_idx)
+            out = reference.embedding_bag(
+                w,
+                module.offsets,
+                rows.indices,
+                rows.bag_offsets,
+                module.width,
+                module.col_of_size,
+                rows.mode,
+                rows.per_sample_weights,
+                rows.padding_idx,
+            )
             out.backward(rows.grad_out.double())
         module.grad_sum += w.grad.to(module.grad_sum.dtype)
 
@@ -224,8 +257,11 @@ def test_row_consumer_receives_the_rows_of_the_plain_backward(mode, index_dtype,
     # gradient exactly (indices, bag offsets, per-sample weights, argmax mode, padding row).
     gen = torch.Generator().manual_seed(7)
     V, D = 30, 8
-    sizes = torch.randint(0, 3, (V,), generator=gen) * 4 if layout == "grouped" else torch.randint(0, D + 1, (V,),
-                                                                                                  generator=gen)
+    sizes = (
+        torch.randint(0, 3, (V,), generator=gen) * 4
+        if layout == "grouped"
+        else torch.randint(0, D + 1, (V,), generator=gen)
+    )
     kw = dict(mode=mode, padding_idx=V - 1, layout=layout, dtype=torch.float64)
     plain = pme.MultiSizeEmbeddingBag(V, D, sizes=sizes, **kw)
     fused = pme.MultiSizeEmbeddingBag(V, D, sizes=sizes, optimizer=_GradientCollector(), **kw)

@@ -15,8 +15,9 @@ from conftest import DEVICES
 
 @pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=60, deadline=None)
-@given(n=st.integers(1, 3000), k_frac=st.floats(0, 1), ties=st.booleans(), neg=st.booleans(),
-       seed=st.integers(0, 2**16))
+@given(
+    n=st.integers(1, 3000), k_frac=st.floats(0, 1), ties=st.booleans(), neg=st.booleans(), seed=st.integers(0, 2**16)
+)
 def test_topk_threshold_is_kthvalue(device, n, k_frac, ties, neg, seed):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, generator=gen)
@@ -115,8 +116,27 @@ def test_bench_cli_passes_options_through(tmp_path, capsys):
     from pme.cli import main
 
     out = tmp_path / "b.json"
-    assert main(["bench", "--quick", "--methods", "pme", "--rows", "1000", "--bags", "8", "--repeats", "3",
-                 "--copy-mb", "16", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--quick",
+                "--methods",
+                "pme",
+                "--rows",
+                "1000",
+                "--bags",
+                "8",
+                "--repeats",
+                "3",
+                "--copy-mb",
+                "16",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     doc = json.loads(out.read_text())
     assert doc["command"].startswith("pme bench --quick") and doc["complete"]
     (case,) = doc["configs"]
@@ -150,11 +170,13 @@ def test_search_float64_tables_and_custom_loss():
     n64 = Net(torch.float64)
     with torch.no_grad():
         n64.table.weight.copy_(n32.table.weight.double())
-    batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
-    r32 = search(n32, batches, budget=0.5, rule="taylor", num_batches=4, loss_fn=loss_fn, quantum=1, min_size=0,
-                 progress=False)
-    r64 = search(n64, batches, budget=0.5, rule="taylor", num_batches=4, loss_fn=loss_fn, quantum=1, min_size=0,
-                 progress=False)
+    batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]
+    r32 = search(
+        n32, batches, budget=0.5, rule="taylor", num_batches=4, loss_fn=loss_fn, quantum=1, min_size=0, progress=False
+    )
+    r64 = search(
+        n64, batches, budget=0.5, rule="taylor", num_batches=4, loss_fn=loss_fn, quantum=1, min_size=0, progress=False
+    )
     assert r64.kept_entries <= r64.budget_entries
     assert torch.equal(r32.sizes["table"], r64.sizes["table"])
     with pytest.raises(TypeError, match="loss_fn"):

@@ -11,8 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import pme
 from pme import ops, reference
@@ -36,8 +35,10 @@ def _same_state(m, before):
     for k in tensors:
         a, b = tensors[k], b_tensors[k]
         assert a.dtype == b.dtype and a.shape == b.shape, k
-        assert torch.equal(a.view(-1).view(torch.uint8) if a.is_floating_point() else a,
-                           b.view(-1).view(torch.uint8) if b.is_floating_point() else b), k
+        assert torch.equal(
+            a.view(-1).view(torch.uint8) if a.is_floating_point() else a,
+            b.view(-1).view(torch.uint8) if b.is_floating_point() else b,
+        ), k
 
 
 def _grouped_module(optimizer=None):
@@ -48,7 +49,7 @@ def _grouped_module(optimizer=None):
 # --------------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("value", [2 ** 63 - 4, 0, -2, 5, 2 ** 62])
+@pytest.mark.parametrize("value", [2**63 - 4, 0, -2, 5, 2**62])
 def test_tampered_col_of_size_in_a_checkpoint_is_refused(value, tmp_path):
     a = _grouped_module()
     sd = a.state_dict()
@@ -125,7 +126,7 @@ def _checkpoint_corruptions():
         sd["optim_step"] = torch.tensor(-3)
 
     def step_cannot_increment(sd):  # the next step would wrap to -2**63
-        sd["optim_step"] = torch.tensor(2 ** 63 - 1)
+        sd["optim_step"] = torch.tensor(2**63 - 1)
 
     def projection_shape(sd):  # the default loader's own check, after ours passed: rolled back
         sd["offsets"] = torch.arange(0, 81, 8)
@@ -141,20 +142,49 @@ def _checkpoint_corruptions():
         sd["optim_state2"] = torch.zeros(80)
         del sd["optim_step"]
 
-    return [offsets_decrease, offsets_too_wide, offsets_wrong_end, offsets_other_rows, offsets_float, weight_short,
-            weight_int, weight_missing_with_new_sizes, other_sizes_bad_state, state_nan, state_negative, step_float,
-            step_negative, step_cannot_increment, projection_shape, missing_key]
+    return [
+        offsets_decrease,
+        offsets_too_wide,
+        offsets_wrong_end,
+        offsets_other_rows,
+        offsets_float,
+        weight_short,
+        weight_int,
+        weight_missing_with_new_sizes,
+        other_sizes_bad_state,
+        state_nan,
+        state_negative,
+        step_float,
+        step_negative,
+        step_cannot_increment,
+        projection_shape,
+        missing_key,
+    ]
 
 
 @pytest.mark.parametrize("corrupt", _checkpoint_corruptions(), ids=lambda f: f.__name__)
 def test_failed_load_leaves_the_module_bitwise_unchanged(corrupt):
     torch.manual_seed(0)
-    m = pme.MultiSizeEmbeddingBag(10, 8, sizes=torch.tensor([4, 8, 0, 4, 8, 2, 8, 4, 2, 8]), layout="grouped",
-                                  project=True, mode="sum", optimizer=pme.optim.Adam(lr=0.1))
+    m = pme.MultiSizeEmbeddingBag(
+        10,
+        8,
+        sizes=torch.tensor([4, 8, 0, 4, 8, 2, 8, 4, 2, 8]),
+        layout="grouped",
+        project=True,
+        mode="sum",
+        optimizer=pme.optim.Adam(lr=0.1),
+    )
     x = torch.randint(0, 10, (4, 3))
     m(x).sum().backward()  # some optimizer state
-    src = pme.MultiSizeEmbeddingBag(10, 8, sizes=torch.tensor([4, 8, 0, 4, 8, 2, 8, 4, 2, 8]), layout="grouped",
-                                    project=True, mode="sum", optimizer=pme.optim.Adam(lr=0.1))
+    src = pme.MultiSizeEmbeddingBag(
+        10,
+        8,
+        sizes=torch.tensor([4, 8, 0, 4, 8, 2, 8, 4, 2, 8]),
+        layout="grouped",
+        project=True,
+        mode="sum",
+        optimizer=pme.optim.Adam(lr=0.1),
+    )
     src(x).sum().backward()
     sd = {k: v.clone() for k, v in src.state_dict().items()}
     corrupt(sd)
@@ -194,18 +224,37 @@ def _lookup_calls(w, off, col, width, idx, bo, grad_out, argmax):
         "bag_backward": lambda: torch.ops.pme.bag_backward(grad_out, w, off, idx, bo, None, col, argmax, 0, -1, False),
         "embedding_forward": lambda: torch.ops.pme.embedding_forward(w, off, idx, col, width, -1),
         "embedding_backward": lambda: torch.ops.pme.embedding_backward(
-            grad_out.new_zeros(idx.numel(), width), w, off, idx, col, -1),
+            grad_out.new_zeros(idx.numel(), width), w, off, idx, col, -1
+        ),
         "sparse_update_": lambda: torch.ops.pme.sparse_update_(
-            w.clone(), torch.empty(0, dtype=acc, device=dev), torch.empty(0, dtype=acc, device=dev), grad_out, off, idx,
-            bo, None, col, argmax,
-            0, -1, 0, 0.1, 0.0, 1e-8, 0.9, 0.999, 1),
+            w.clone(),
+            torch.empty(0, dtype=acc, device=dev),
+            torch.empty(0, dtype=acc, device=dev),
+            grad_out,
+            off,
+            idx,
+            bo,
+            None,
+            col,
+            argmax,
+            0,
+            -1,
+            0,
+            0.1,
+            0.0,
+            1e-8,
+            0.9,
+            0.999,
+            1,
+        ),
         "accumulate_scores_": lambda: torch.ops.pme.accumulate_scores_(
-            torch.zeros(w.numel(), dtype=acc, device=dev), grad_out, w, off, idx, bo, None, col, argmax, 0, -1, 0),
+            torch.zeros(w.numel(), dtype=acc, device=dev), grad_out, w, off, idx, bo, None, col, argmax, 0, -1, 0
+        ),
     }
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("value", [2 ** 63 - 4, 2 ** 63 - 1, -(2 ** 63), -2, "one past"])
+@pytest.mark.parametrize("value", [2**63 - 4, 2**63 - 1, -(2**63), -2, "one past"])
 def test_col_of_size_is_validated_by_every_lookup_operator(device, value):
     w, off, col, width, sizes = make_table(10, 8, layout="grouped", seed=3, device=device)
     col = col.clone()
@@ -213,7 +262,7 @@ def test_col_of_size_is_validated_by_every_lookup_operator(device, value):
     col[s] = width - s + 1 if value == "one past" else value
     idx, bo = torch.tensor([0, 0]), torch.tensor([0, 2])
     none = torch.empty(0, 0, dtype=torch.long)
-    for name, call in _lookup_calls(w, off, col, width, idx, bo, torch.zeros(1, width), none).items():
+    for _name, call in _lookup_calls(w, off, col, width, idx, bo, torch.zeros(1, width), none).items():
         with pytest.raises(RuntimeError, match=rf"col_of_size\[{s}\]"):
             call()
 
@@ -225,8 +274,9 @@ def test_decreasing_offsets_are_refused_even_for_rows_not_looked_up(device):
     idx, bo = torch.tensor([0, 2], device=device), torch.tensor([0, 2], device=device)
     with pytest.raises(RuntimeError, match="non-decreasing"):
         ops.embedding_bag(w, off, idx, bo[:1], width=8, mode="sum")
-    for name, call in _lookup_calls(w, off, None, 8, idx, bo, torch.zeros(1, 8),
-                                    torch.empty(0, 0, dtype=torch.long)).items():
+    for _name, call in _lookup_calls(
+        w, off, None, 8, idx, bo, torch.zeros(1, 8), torch.empty(0, 0, dtype=torch.long)
+    ).items():
         with pytest.raises(RuntimeError, match="non-decreasing"):
             call()
 
@@ -238,11 +288,12 @@ def test_cuda_validate_off_skips_bad_lookups_without_reading_out_of_bounds(devic
     buffer or the width are skipped); the process stays usable."""
     w, off, col, width, sizes = make_table(10, 8, layout="grouped", seed=3, device=device)
     col = col.clone()
-    col[int(sizes[0])] = 2 ** 63 - 4
+    col[int(sizes[0])] = 2**63 - 4
     monkeypatch.setenv("PME_CUDA_VALIDATE", "0")
     idx, bo = torch.tensor([0, 1, 2, 0], device=device), torch.tensor([0, 4], device=device)
-    for call in _lookup_calls(w, off, col, width, idx, bo, torch.zeros(1, width),
-                              torch.empty(0, 0, dtype=torch.long)).values():
+    for call in _lookup_calls(
+        w, off, col, width, idx, bo, torch.zeros(1, width), torch.empty(0, 0, dtype=torch.long)
+    ).values():
         call()
     torch.cuda.synchronize()  # no sticky device error
     monkeypatch.setenv("PME_CUDA_VALIDATE", "1")
@@ -253,7 +304,7 @@ def test_cuda_validate_off_skips_bad_lookups_without_reading_out_of_bounds(devic
 @pytest.mark.parametrize("device", DEVICES)
 def test_offsets_that_wrap_are_refused(device):
     # sizes whose sums wrap around int64: each row looks small, the total is consistent
-    big = 2 ** 62
+    big = 2**62
     off = torch.tensor([0, big, 2 * big - 1, 4], device=device)  # 2 * big - 1 fits; the last diff wraps
     w = torch.randn(4, device=device)
     with pytest.raises(RuntimeError):
@@ -263,17 +314,22 @@ def test_offsets_that_wrap_are_refused(device):
 def test_meta_and_real_tensors_mixed_raise():
     w, off, col, width, _ = make_table(6, 4, seed=1)
     idx, bo = torch.tensor([0, 1]), torch.tensor([0, 2])
-    meta = lambda t: t.to("meta")
+
+    def meta(t):
+        return t.to("meta")
+
     calls = {
         "bag_forward": lambda: torch.ops.pme.bag_forward(w, off, meta(idx), bo, None, None, width, 0, -1),
         "embedding_forward": lambda: torch.ops.pme.embedding_forward(meta(w), off, idx, None, width, -1),
-        "bag_backward": lambda: torch.ops.pme.bag_backward(torch.zeros(1, width), w, meta(off), idx, bo, None, None,
-                                                           torch.empty(0, 0, dtype=torch.long), 0, -1, False),
+        "bag_backward": lambda: torch.ops.pme.bag_backward(
+            torch.zeros(1, width), w, meta(off), idx, bo, None, None, torch.empty(0, 0, dtype=torch.long), 0, -1, False
+        ),
         "prune_counts": lambda: torch.ops.pme.prune_counts(torch.zeros(3, 4), meta(torch.tensor(0.5))),
-        "prune_pack": lambda: torch.ops.pme.prune_pack(torch.zeros(3, 4), meta(torch.zeros(3, 4)),
-                                                       torch.tensor([0, 1, 2, 3]), False),
+        "prune_pack": lambda: torch.ops.pme.prune_pack(
+            torch.zeros(3, 4), meta(torch.zeros(3, 4)), torch.tensor([0, 1, 2, 3]), False
+        ),
     }
-    for name, call in calls.items():
+    for _name, call in calls.items():
         with pytest.raises(RuntimeError, match="one device"):
             call()
 
@@ -292,8 +348,9 @@ def test_in_place_arguments_that_alias_raise():
         torch.ops.pme.sparse_update_(w_bad, none, none, *args, 0, 0.1, 0.0, 1e-8, 0.9, 0.999, 1)
     wa = torch.zeros(6, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="must not share memory"):  # Adam moments aliasing the weight
-        torch.ops.pme.sparse_update_(wa, wa, torch.zeros(6, dtype=torch.float64), *args, 2, 0.1, 0.0, 1e-8, 0.9,
-                                     0.999, 1)
+        torch.ops.pme.sparse_update_(
+            wa, wa, torch.zeros(6, dtype=torch.float64), *args, 2, 0.1, 0.0, 1e-8, 0.9, 0.999, 1
+        )
     with pytest.raises(RuntimeError, match="scores is updated in place"):
         torch.ops.pme.accumulate_scores_(wa, args[0], wa, *args[1:], 0)
 
@@ -308,12 +365,17 @@ def _signed_nan(neg):
 
 @pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(st.sampled_from(["nan", "-nan", "inf", "-inf", "0", "-0", "1", "-1", "2.5", "1e-40"]), min_size=1,
-                max_size=24), st.integers(1, 6), st.data())
+@given(
+    st.lists(
+        st.sampled_from(["nan", "-nan", "inf", "-inf", "0", "-0", "1", "-1", "2.5", "1e-40"]), min_size=1, max_size=24
+    ),
+    st.integers(1, 6),
+    st.data(),
+)
 def test_nan_scores_rank_below_every_number(device, tokens, D, data):
     vals = [float(t) if "nan" not in t else float(_signed_nan(t.startswith("-"))) for t in tokens]
     V = max(1, len(vals) // D)
-    vals = (vals * (V * D // len(vals) + 1))[:V * D]
+    vals = (vals * (V * D // len(vals) + 1))[: V * D]
     scores = torch.tensor(vals, dtype=torch.float32).view(V, D).to(device)
     k = data.draw(st.integers(1, V * D))
     t = ops.topk_threshold(scores, k)
@@ -333,7 +395,7 @@ def test_nan_scores_rank_below_every_number(device, tokens, D, data):
     # a NaN is never kept while a number of its row is dropped
     packed, offsets = ops.prune_pack(dense, scores, sizes, "position")
     for r in range(V):
-        kept = set(packed[int(offsets[r]):int(offsets[r + 1])].long().tolist())
+        kept = set(packed[int(offsets[r]) : int(offsets[r + 1])].long().tolist())
         row = scores[r].cpu()
         for c in range(D):
             if r * D + c in kept and bool(row[c].isnan()):
@@ -376,11 +438,21 @@ def test_torch_include_last_offset_short_is_inconsistent():
 # --------------------------------------------------------------------------------------------
 # Optimizer arguments and the fused path's per_sample_weights gradient
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs", [dict(lr=math.inf), dict(lr=math.nan), dict(lr=-1.0),
-                                    dict(lr=0.1, weight_decay=math.inf),
-                                    dict(lr=0.1, eps=math.nan), dict(lr=0.1, grad_scale=0.0),
-                                    dict(lr=0.1, grad_scale=math.inf), dict(lr=0.1, grad_scale=-2.0),
-                                    dict(lr=0.1, grad_scale=math.nan), dict(lr="0.1")])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(lr=math.inf),
+        dict(lr=math.nan),
+        dict(lr=-1.0),
+        dict(lr=0.1, weight_decay=math.inf),
+        dict(lr=0.1, eps=math.nan),
+        dict(lr=0.1, grad_scale=0.0),
+        dict(lr=0.1, grad_scale=math.inf),
+        dict(lr=0.1, grad_scale=-2.0),
+        dict(lr=0.1, grad_scale=math.nan),
+        dict(lr="0.1"),
+    ],
+)
 def test_optimizer_arguments_are_validated(kwargs):
     with pytest.raises((ValueError, TypeError)):
         pme.optim.FusedOptimizer(**kwargs)
@@ -395,8 +467,17 @@ def test_grad_scale_set_later_is_validated_and_raw_op_refuses_inf_lr():
         m(torch.tensor([[1, 2]])).sum().backward()
     assert torch.equal(m.weight, w0) and int(m.optim_step) == 0
     with pytest.raises(RuntimeError, match="finite"):
-        ops.sparse_update_(m.weight.detach(), m.optim_state1, m.optim_state2, torch.ones(1, 4), m.offsets,
-                           torch.tensor([1]), torch.tensor([0, 1]), mode="sum", lr=math.inf)
+        ops.sparse_update_(
+            m.weight.detach(),
+            m.optim_state1,
+            m.optim_state2,
+            torch.ones(1, 4),
+            m.offsets,
+            torch.tensor([1]),
+            torch.tensor([0, 1]),
+            mode="sum",
+            lr=math.inf,
+        )
 
 
 @pytest.mark.parametrize("pad", [None, 2])
@@ -404,15 +485,24 @@ def test_grad_scale_set_later_is_validated_and_raw_op_refuses_inf_lr():
 def test_fused_path_computes_the_per_sample_weights_gradient(pad, layout):
     torch.manual_seed(3)
     w, off, col, width, sizes = make_table(12, 8, layout=layout, seed=4)
-    m = pme.MultiSizeEmbeddingBag(12, 8, sizes=sizes, mode="sum", padding_idx=pad, layout=layout,
-                                  optimizer=pme.optim.RowwiseAdagrad(lr=0.1), _weight=w.clone())
+    m = pme.MultiSizeEmbeddingBag(
+        12,
+        8,
+        sizes=sizes,
+        mode="sum",
+        padding_idx=pad,
+        layout=layout,
+        optimizer=pme.optim.RowwiseAdagrad(lr=0.1),
+        _weight=w.clone(),
+    )
     idx, bo = random_bags(12, 6, 5, torch.Generator().manual_seed(5), padding_idx=pad)
     psw = torch.rand(idx.numel(), requires_grad=True)
     g = torch.randn(6, m.width)
     m(idx, bo, psw).backward(g)
     psw_ref = psw.detach().clone().requires_grad_()
-    ops.embedding_bag(w, off, idx, bo, width=width, col_of_size=col, mode="sum", per_sample_weights=psw_ref,
-                      padding_idx=pad).backward(g)
+    ops.embedding_bag(
+        w, off, idx, bo, width=width, col_of_size=col, mode="sum", per_sample_weights=psw_ref, padding_idx=pad
+    ).backward(g)
     torch.testing.assert_close(psw.grad, psw_ref.grad)
 
 
@@ -426,19 +516,27 @@ def test_fused_path_computes_the_per_sample_weights_gradient(pad, layout):
 def test_bag_double_backward_and_jvp(mode, layout, pad, index_dtype):
     w, off, col, width, _ = make_table(14, 6, torch.float64, layout=layout, seed=7)
     idx, bo = random_bags(14, 5, 6, torch.Generator().manual_seed(8), index_dtype, padding_idx=pad)
-    f = lambda w: ops.embedding_bag(w, off, idx, bo, width=width, col_of_size=col, mode=mode, padding_idx=pad)
+
+    def f(w):
+        return ops.embedding_bag(w, off, idx, bo, width=width, col_of_size=col, mode=mode, padding_idx=pad)
+
     w = w.requires_grad_()
     assert torch.autograd.gradgradcheck(f, (w,))
+
     # forward mode against the Jacobian of F.embedding_bag on the dense view (torch's own
     # embedding_bag has no forward-mode formula)
-    dense_f = lambda w: F.embedding_bag(idx.long(), reference.to_dense(w, off, width, col), bo.long(), mode=mode,
-                                        padding_idx=pad)
+    def dense_f(w):
+        return F.embedding_bag(
+            idx.long(), reference.to_dense(w, off, width, col), bo.long(), mode=mode, padding_idx=pad
+        )
+
     t = torch.randn_like(w)
     out, tangent = torch.func.jvp(f, (w.detach(),), (t,))
     J = torch.autograd.functional.jacobian(dense_f, w.detach())
     torch.testing.assert_close(out, dense_f(w.detach()))
     torch.testing.assert_close(tangent, (J.reshape(-1, w.numel()) @ t).reshape(out.shape))
     import torch.autograd.forward_ad as fwAD
+
     with fwAD.dual_level():
         y = f(fwAD.make_dual(w.detach(), t))
         torch.testing.assert_close(fwAD.unpack_dual(y).tangent, tangent)
@@ -448,7 +546,10 @@ def test_bag_double_backward_with_per_sample_weights():
     w, off, col, width, _ = make_table(10, 5, torch.float64, seed=9)
     idx, bo = random_bags(10, 4, 5, torch.Generator().manual_seed(2))
     psw = torch.rand(idx.numel(), dtype=torch.float64, requires_grad=True)
-    f = lambda w, p: ops.embedding_bag(w, off, idx, bo, width=width, mode="sum", per_sample_weights=p)
+
+    def f(w, p):
+        return ops.embedding_bag(w, off, idx, bo, width=width, mode="sum", per_sample_weights=p)
+
     assert torch.autograd.gradgradcheck(f, (w.requires_grad_(), psw))
     tw, tp = torch.randn_like(w), torch.randn_like(psw)
     _, tangent = torch.func.jvp(f, (w.detach(), psw.detach()), (tw, tp))
@@ -460,10 +561,16 @@ def test_bag_double_backward_with_per_sample_weights():
 def test_embedding_double_backward_and_jvp(pad, layout):
     w, off, col, width, _ = make_table(9, 6, torch.float64, layout=layout, seed=11)
     idx = torch.tensor([[0, 2, 8], [2, 5, 5]])
-    f = lambda w: ops.embedding(w, off, idx, width=width, col_of_size=col, padding_idx=pad)
+
+    def f(w):
+        return ops.embedding(w, off, idx, width=width, col_of_size=col, padding_idx=pad)
+
     assert torch.autograd.gradgradcheck(f, (w.requires_grad_(),))
     t = torch.randn_like(w)
-    dense_f = lambda w: F.embedding(idx, reference.to_dense(w, off, width, col), padding_idx=pad)
+
+    def dense_f(w):
+        return F.embedding(idx, reference.to_dense(w, off, width, col), padding_idx=pad)
+
     out, tangent = torch.func.jvp(f, (w.detach(),), (t,))
     out_ref, tangent_ref = torch.func.jvp(dense_f, (w.detach(),), (t,))
     torch.testing.assert_close(out, out_ref)
@@ -473,7 +580,7 @@ def test_embedding_double_backward_and_jvp(pad, layout):
 def test_to_dense_checks_the_table_whole():
     w, off, col, width, sizes = make_table(10, 8, layout="grouped", seed=3)
     bad = col.clone()
-    bad[int(sizes[0])] = 2 ** 63 - 4
+    bad[int(sizes[0])] = 2**63 - 4
     with pytest.raises(ValueError, match=r"col_of_size\[\d+\]"):
         ops.to_dense(w, off, width, bad)
     with pytest.raises(ValueError, match="non-decreasing"):
@@ -486,7 +593,7 @@ def test_reference_fallback_checks_the_table_too(monkeypatch):
     monkeypatch.setattr(ops, "_compiled", lambda t: False)
     w, off, col, width, sizes = make_table(10, 8, layout="grouped", seed=3)
     bad = col.clone()
-    bad[int(sizes[0])] = 2 ** 63 - 4
+    bad[int(sizes[0])] = 2**63 - 4
     idx, bo = torch.tensor([0, 1]), torch.tensor([0, 2])
     g = torch.ones(1, width)
     with pytest.raises(ValueError, match="col_of_size"):
@@ -496,8 +603,16 @@ def test_reference_fallback_checks_the_table_too(monkeypatch):
     with pytest.raises(ValueError, match="col_of_size"):
         ops.accumulate_scores_(torch.zeros(w.numel()), g, w, off, idx, bo, col_of_size=bad, mode="sum")
     with pytest.raises(ValueError, match="non-decreasing"):
-        ops.sparse_update_(torch.randn(10), torch.empty(0), torch.empty(0), torch.ones(1, 8),
-                           torch.tensor([0, 6, 2, 10]), idx, bo, mode="sum")
+        ops.sparse_update_(
+            torch.randn(10),
+            torch.empty(0),
+            torch.empty(0),
+            torch.ones(1, 8),
+            torch.tensor([0, 6, 2, 10]),
+            idx,
+            bo,
+            mode="sum",
+        )
     # and a valid call still matches the compiled kernels
     w1, w2 = w.clone(), w.clone()
     ops.sparse_update_(w1, torch.empty(0), torch.empty(0), g, off, idx, bo, col_of_size=col, mode="sum")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import pme
-from pme.search import normalize_scores, search, sizes_at_budget, sizes_for_budget, table_shapes
+from pme.search import normalize_scores, search, sizes_at_budget, table_shapes
 
 
 class _Net(torch.nn.Module):
@@ -19,10 +19,12 @@ class _Net(torch.nn.Module):
     def __init__(self, dtype=torch.float32, V=(30, 11), D=8):
         super().__init__()
         torch.manual_seed(3)
-        self.embeddings = torch.nn.ModuleDict({
-            "a": torch.nn.EmbeddingBag(V[0], D, mode="sum", dtype=dtype),
-            "b": torch.nn.EmbeddingBag(V[1], D, mode="mean", dtype=dtype),
-        })
+        self.embeddings = torch.nn.ModuleDict(
+            {
+                "a": torch.nn.EmbeddingBag(V[0], D, mode="sum", dtype=dtype),
+                "b": torch.nn.EmbeddingBag(V[1], D, mode="mean", dtype=dtype),
+            }
+        )
         self.head = torch.nn.Linear(2 * D, 1, dtype=dtype)
 
     def forward(self, batch):
@@ -51,18 +53,29 @@ def _dense_grads64(model, batch):
     b = {"fields": batch["fields"], "labels": batch["labels"].double()}
     loss = F.binary_cross_entropy_with_logits(m(b), b["labels"])
     loss.backward()
-    return {f"embeddings.{k}": (m.embeddings[k].weight.detach(), m.embeddings[k].weight.grad.detach())
-            for k in ("a", "b")}
+    return {
+        f"embeddings.{k}": (m.embeddings[k].weight.detach(), m.embeddings[k].weight.grad.detach()) for k in ("a", "b")
+    }
 
 
 @pytest.mark.parametrize("rule", ["taylor", "snip", "grad", "saliency"])
 def test_batch_scores_match_float64_autograd(rule):
     model = _Net()
     train, held = _batches(3, seed=1), _batches(2, seed=2)
-    r = search(model, train, budget=0.5, rule=rule, num_batches=3, normalize="none",
-               held_out=held if rule == "saliency" else None, quantum=1, min_size=0, progress=False)
+    r = search(
+        model,
+        train,
+        budget=0.5,
+        rule=rule,
+        num_batches=3,
+        normalize="none",
+        held_out=held if rule == "saliency" else None,
+        quantum=1,
+        min_size=0,
+        progress=False,
+    )
     expect = {n: torch.zeros(30 if n.endswith("a") else 11, 8, dtype=torch.float64) for n in r.scores}
-    for b in (held if rule == "saliency" else train):
+    for b in held if rule == "saliency" else train:
         for n, (w, g) in _dense_grads64(model, b).items():
             expect[n] += (g * g) if rule == "grad" else (w * g).abs()
     for n in r.scores:
@@ -76,8 +89,9 @@ def test_magnitude_movement_and_field_normalisation():
     for k in ("a", "b"):
         torch.testing.assert_close(r.scores[f"embeddings.{k}"], model.embeddings[k].weight.detach().abs())
     # movement: |w after 4 Adam steps - w before|, the warm-up replayed here
-    r = search(model, train, budget=0.5, rule="movement", warmup_steps=4, warmup_lr=1e-2, normalize="none",
-               progress=False)
+    r = search(
+        model, train, budget=0.5, rule="movement", warmup_steps=4, warmup_lr=1e-2, normalize="none", progress=False
+    )
     m = copy.deepcopy(model)
     opt = torch.optim.Adam(m.parameters(), lr=1e-2)
     for b in train:
@@ -85,11 +99,13 @@ def test_magnitude_movement_and_field_normalisation():
         F.binary_cross_entropy_with_logits(m(b), b["labels"]).backward()
         opt.step()
     for k in ("a", "b"):
-        torch.testing.assert_close(r.scores[f"embeddings.{k}"],
-                                   (m.embeddings[k].weight - model.embeddings[k].weight).detach().abs())
+        torch.testing.assert_close(
+            r.scores[f"embeddings.{k}"], (m.embeddings[k].weight - model.embeddings[k].weight).detach().abs()
+        )
     # per-field normalisation: divided by the mean over the rows the batches touched
-    rf = search(model, train, budget=0.5, rule="movement", warmup_steps=4, warmup_lr=1e-2, normalize="field",
-                progress=False)
+    rf = search(
+        model, train, budget=0.5, rule="movement", warmup_steps=4, warmup_lr=1e-2, normalize="field", progress=False
+    )
     for k in ("a", "b"):
         n = f"embeddings.{k}"
         seen = torch.zeros(r.scores[n].shape[0], dtype=torch.bool)
@@ -139,8 +155,12 @@ def test_search_mode_errors():
 
 
 @settings(max_examples=40, deadline=None)
-@given(vs=st.lists(st.integers(1, 300), min_size=1, max_size=6), D=st.sampled_from([8, 16, 64]),
-       budget=st.floats(0.02, 1.0), seed=st.integers(0, 1000))
+@given(
+    vs=st.lists(st.integers(1, 300), min_size=1, max_size=6),
+    D=st.sampled_from([8, 16, 64]),
+    budget=st.floats(0.02, 1.0),
+    seed=st.integers(0, 1000),
+)
 def test_sizes_at_budget_exact_for_every_method(vs, D, budget, seed):
     """Every method's total is floor(budget * V * D) or less than one quantum below it (when the
     rows have room), keyed by the model's table names."""

@@ -32,8 +32,13 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder  # noqa: E402
 from torchrec.distributed.model_parallel import DistributedModelParallel  # noqa: E402
 from torchrec.distributed.planner.types import ParameterConstraints, PlannerError  # noqa: E402
-from torchrec.distributed.sharding_plan import (column_wise, construct_module_sharding_plan,  # noqa: E402
-                                                data_parallel, row_wise, table_wise)
+from torchrec.distributed.sharding_plan import (  # noqa: E402
+    column_wise,
+    construct_module_sharding_plan,
+    data_parallel,
+    row_wise,
+    table_wise,
+)
 from torchrec.distributed.types import ShardingEnv, ShardingPlan  # noqa: E402
 
 import pme.optim  # noqa: E402
@@ -52,13 +57,20 @@ def configs(kind):
     pooling = PoolingType.MEAN if kind == "M" else PoolingType.SUM
     feats = [["f0", "f1"], ["f2"], ["f0", "f3"], []]
     rows, dims = [50, 17, 33, 9], [8, 16, 4, 12]
-    return [EmbeddingBagConfig(num_embeddings=rows[t], embedding_dim=dims[t], name=f"t{t}", feature_names=feats[t],
-                               pooling=pooling) for t in range(4)]
+    return [
+        EmbeddingBagConfig(
+            num_embeddings=rows[t], embedding_dim=dims[t], name=f"t{t}", feature_names=feats[t], pooling=pooling
+        )
+        for t in range(4)
+    ]
 
 
-OPTIMIZERS = {None: None, "sgd": lambda: pme.optim.SGD(lr=0.3),
-              "rowwise_adagrad": lambda: pme.optim.RowwiseAdagrad(lr=0.2),
-              "adam": lambda: pme.optim.Adam(lr=0.05)}
+OPTIMIZERS = {
+    None: None,
+    "sgd": lambda: pme.optim.SGD(lr=0.3),
+    "rowwise_adagrad": lambda: pme.optim.RowwiseAdagrad(lr=0.2),
+    "adam": lambda: pme.optim.Adam(lr=0.05),
+}
 
 
 def make_collection(kind, opt, seed=0, tables=None):
@@ -100,11 +112,12 @@ def rank_slice(kjt, rank, b):
         o = jt.offsets()
         s, e = int(o[rank * b]), int(o[(rank + 1) * b])
         vals.append(jt.values()[s:e])
-        lens.append(jt.lengths()[rank * b:(rank + 1) * b])
+        lens.append(jt.lengths()[rank * b : (rank + 1) * b])
         if jt.weights_or_none() is not None:
             ws.append(jt.weights()[s:e])
-    return KeyedJaggedTensor.from_lengths_sync(kjt.keys(), torch.cat(vals), torch.cat(lens),
-                                               weights=torch.cat(ws) if ws else None)
+    return KeyedJaggedTensor.from_lengths_sync(
+        kjt.keys(), torch.cat(vals), torch.cat(lens), weights=torch.cat(ws) if ws else None
+    )
 
 
 def make_plan(m, how, world):
@@ -113,31 +126,46 @@ def make_plan(m, how, world):
     if how == "tw":
         per = {n: table_wise(rank=i % world) for i, n in enumerate(names)}
     elif how == "cw":  # every table over all ranks, reusing a rank when world < 3
-        per = {n: column_wise(ranks=[(i + j) % world for j in range(max(2, world))][:max(2, min(world, 4))])
-               for i, n in enumerate(names)}
+        per = {
+            n: column_wise(ranks=[(i + j) % world for j in range(max(2, world))][: max(2, min(world, 4))])
+            for i, n in enumerate(names)
+        }
     elif how == "mixed":
-        per = {n: (table_wise(rank=(i + 1) % world) if i % 2
-                   else column_wise(ranks=[(i + j) % world for j in range(2)])) for i, n in enumerate(names)}
+        per = {
+            n: (table_wise(rank=(i + 1) % world) if i % 2 else column_wise(ranks=[(i + j) % world for j in range(2)]))
+            for i, n in enumerate(names)
+        }
     elif how == "rw":
         per = {n: row_wise() for n in names}
     elif how == "rwmix":  # row-wise next to the others (t3, 9 rows, row-wise only up to 3 ranks)
-        per = {"t0": row_wise(), "t1": column_wise(ranks=[1, 0]), "t2": table_wise(rank=world - 1),
-               "t3": row_wise() if world <= 3 else table_wise(rank=0)}
+        per = {
+            "t0": row_wise(),
+            "t1": column_wise(ranks=[1, 0]),
+            "t2": table_wise(rank=world - 1),
+            "t3": row_wise() if world <= 3 else table_wise(rank=0),
+        }
     elif how == "dp":
         per = {n: data_parallel() for n in names}
     elif how == "rw_small":
         per = {n: row_wise() for n in names}
     else:
         raise ValueError(how)
-    mp_plan = construct_module_sharding_plan(m, per, sharder=sharder, local_size=world, world_size=world,
-                                             device_type="cpu")
+    mp_plan = construct_module_sharding_plan(
+        m, per, sharder=sharder, local_size=world, world_size=world, device_type="cpu"
+    )
     return ShardingPlan({"": mp_plan}), sharder
 
 
 def shard_model(m, how, world):
     plan, sharder = make_plan(m, how, world)
-    return DistributedModelParallel(m, env=ShardingEnv.from_process_group(dist.group.WORLD), device=torch.device("cpu"),
-                                    plan=plan, sharders=[sharder], init_data_parallel=False)
+    return DistributedModelParallel(
+        m,
+        env=ShardingEnv.from_process_group(dist.group.WORLD),
+        device=torch.device("cpu"),
+        plan=plan,
+        sharders=[sharder],
+        init_data_parallel=False,
+    )
 
 
 def pieces_of(dmp):
@@ -157,9 +185,9 @@ def row_slice(sd, table, key, r0, r1, V):
     o = sd[f"embedding_bags.{table}.offsets"]
     v = sd[f"embedding_bags.{table}.{key}"]
     if key == "offsets":
-        return o[r0:r1 + 1] - o[r0]
+        return o[r0 : r1 + 1] - o[r0]
     if v.numel() == o[-1] and key != "optim_state1" or (key == "optim_state1" and v.numel() != V):
-        return v[int(o[r0]):int(o[r1])] if v.numel() else v
+        return v[int(o[r0]) : int(o[r1])] if v.numel() else v
     return v[r0:r1]
 
 
@@ -171,9 +199,15 @@ def column_split(m, pieces):
     for c in m.embedding_bag_configs():
         for c0, c1 in pieces[c.name]:
             name = sharding._piece_name(c.name, c0, c1, c.embedding_dim)
-            cfgs.append(EmbeddingBagConfig(num_embeddings=c.num_embeddings, embedding_dim=c1 - c0, name=name,
-                                           feature_names=list(c.feature_names) or [c.name],
-                                           pooling=PoolingType.MEAN if c.pooling == "mean" else PoolingType.SUM))
+            cfgs.append(
+                EmbeddingBagConfig(
+                    num_embeddings=c.num_embeddings,
+                    embedding_dim=c1 - c0,
+                    name=name,
+                    feature_names=list(c.feature_names) or [c.name],
+                    pooling=PoolingType.MEAN if c.pooling == "mean" else PoolingType.SUM,
+                )
+            )
             o = m.table_offsets(c.name)
             w, s = sharding.column_piece(m.table_weight(c.name).detach(), o, c0, c1)
             po = torch.zeros(o.numel(), dtype=torch.int64)
@@ -184,8 +218,9 @@ def column_split(m, pieces):
                 v = src[f"embedding_bags.{c.name}.{k}"]
                 sd[f"embedding_bags.{name}.{k}"] = v.clone()
     sd["optim_step"] = src["optim_step"]
-    split = MultiSizeEmbeddingBagCollection(cfgs, 0, is_weighted=m.is_weighted,
-                                            optimizer=type(m.optimizer)(**_opt_args(m.optimizer)))
+    split = MultiSizeEmbeddingBagCollection(
+        cfgs, 0, is_weighted=m.is_weighted, optimizer=type(m.optimizer)(**_opt_args(m.optimizer))
+    )
     split.load_state_dict(sd)
     return split
 
@@ -200,7 +235,7 @@ def split_values(split, m, kt, pieces):
     d = kt.to_dict()
     cols = []
     for c in m.embedding_bag_configs():
-        for f in (list(c.feature_names) or [c.name]):
+        for f in list(c.feature_names) or [c.name]:
             for c0, c1 in pieces[c.name]:
                 p = sharding._piece_name(c.name, c0, c1, c.embedding_dim)
                 cols.append(d[f if f in names else f"{f}@{p}"])
@@ -218,7 +253,7 @@ def close(a, b, what):
 
 
 def table_grads(m):
-    return {n: m.weight.grad[m._row_span(i)[2]:m._row_span(i)[3]] for i, n in enumerate(m.table_names)}
+    return {n: m.weight.grad[m._row_span(i)[2] : m._row_span(i)[3]] for i, n in enumerate(m.table_names)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,10 +274,10 @@ def run_training(kind, opt, how, world, rank):
         want = ref(kjt)
         wv = split_values(ref, m, want, pieces) if split else want.values()
         assert out.keys() == m.embedding_names()
-        close(out.values(), wv[rank * B:(rank + 1) * B], f"step {step} output")
+        close(out.values(), wv[rank * B : (rank + 1) * B], f"step {step} output")
         gen = torch.Generator().manual_seed(500 + step)
         G = torch.randn(wv.shape, generator=gen)
-        (out.values() * G[rank * B:(rank + 1) * B]).sum().backward()
+        (out.values() * G[rank * B : (rank + 1) * B]).sum().backward()
         (wv * G / world).sum().backward()
         if opt is None:  # gradients of the local shards equal the unsharded gradient's pieces
             got = table_grads(sm.local) if sm.local is not None else {}
@@ -253,7 +288,7 @@ def run_training(kind, opt, how, world, rank):
                 t = sm._tables[ti].name
                 o = ref.table_offsets(t)
                 if kind == "row":
-                    exp = want_g[t][int(o[a]):int(o[b])]
+                    exp = want_g[t][int(o[a]) : int(o[b])]
                 else:
                     exp = sharding.column_piece(want_g[t], o, a, b)[0]
                 close(got[name], exp, f"step {step} gradient of {name}")
@@ -268,8 +303,13 @@ def run_training(kind, opt, how, world, rank):
             if r is None:
                 close(v, rsd[k], k)
             else:
-                close(v, row_slice(rsd, r.group("t"), k.split(".")[-1], int(r.group("r0")), int(r.group("r1")),
-                                   int(r.group("v"))), k)
+                close(
+                    v,
+                    row_slice(
+                        rsd, r.group("t"), k.split(".")[-1], int(r.group("r0")), int(r.group("r1")), int(r.group("v"))
+                    ),
+                    k,
+                )
     else:
         merged = sharding.merge_state_dicts(all_gather(sd))
         assert sorted(merged) == sorted(rsd), (sorted(merged), sorted(rsd))
@@ -301,8 +341,8 @@ def scenario_checkpoint(world, rank, outdir):
         (want * G / world).sum().backward()
         for name, mod in (("other plan", other), ("same plan", same)):
             got = mod(rank_slice(kjt, rank, B)).wait().values()
-            close(got, want[rank * B:(rank + 1) * B], f"{name} after loading, step {step}")
-            (got * G[rank * B:(rank + 1) * B]).sum().backward()
+            close(got, want[rank * B : (rank + 1) * B], f"{name} after loading, step {step}")
+            (got * G[rank * B : (rank + 1) * B]).sum().backward()
     for name, mod in (("other plan", other), ("same plan", same)):
         m2 = sharding.merge_state_dicts(all_gather(mod.state_dict()))
         for k, v in ref.state_dict().items():
@@ -338,10 +378,10 @@ def scenario_reshard(world, rank, outdir):
     kjt = global_kjt(kind, B * world, 77)
     want = ref(kjt).values()
     got = dmp(rank_slice(kjt, rank, B)).wait().values()
-    close(got, want[rank * B:(rank + 1) * B], "resharded output")
+    close(got, want[rank * B : (rank + 1) * B], "resharded output")
     G = torch.randn(want.shape, generator=torch.Generator().manual_seed(1))
     (want * G / world).sum().backward()
-    (got * G[rank * B:(rank + 1) * B]).sum().backward()
+    (got * G[rank * B : (rank + 1) * B]).sum().backward()
     merged = sharding.merge_state_dicts(all_gather(dmp.state_dict()))
     for k, v in ref.state_dict().items():
         close(merged[k], v, f"resharded {k}")
@@ -358,13 +398,25 @@ def expect(exc, words, fn):
 
 def scenario_refusals(world, rank, outdir):
     m = make_collection("A", "sgd")
-    expect(NotImplementedError, ["data_parallel", "table_wise, column_wise or row_wise"],
-           lambda: shard_model(m, "dp", world))
+    expect(
+        NotImplementedError,
+        ["data_parallel", "table_wise, column_wise or row_wise"],
+        lambda: shard_model(m, "dp", world),
+    )
     plan, sharder = make_plan(m, "tw", world)
     del plan.plan[""]["t1"]
-    expect(ValueError, ["t1"], lambda: DistributedModelParallel(
-        m, env=ShardingEnv.from_process_group(dist.group.WORLD), device=torch.device("cpu"), plan=plan,
-        sharders=[sharder], init_data_parallel=False))
+    expect(
+        ValueError,
+        ["t1"],
+        lambda: DistributedModelParallel(
+            m,
+            env=ShardingEnv.from_process_group(dist.group.WORLD),
+            device=torch.device("cpu"),
+            plan=plan,
+            sharders=[sharder],
+            init_data_parallel=False,
+        ),
+    )
     dmp = shard_model(make_collection("A", "sgd"), "tw", world)
     kjt = global_kjt("A", B * world, 1)
     expect(TypeError, ["KeyedJaggedTensor"], lambda: dmp({"f0": (torch.zeros(1), torch.zeros(2))}))
@@ -397,19 +449,36 @@ def scenario_refusals_4(world, rank, outdir):
 
 
 SCENARIOS = {
-    1: {"tw_sgd": ("A", "sgd", "tw"), "cw_adam_weighted": ("W", "adam", "cw"),
-        "rw_rowwise_adagrad_mean": ("M", "rowwise_adagrad", "rw")},
-    2: {"tw_grad": ("A", None, "tw"), "tw_sgd": ("A", "sgd", "tw"),
+    1: {
+        "tw_sgd": ("A", "sgd", "tw"),
+        "cw_adam_weighted": ("W", "adam", "cw"),
+        "rw_rowwise_adagrad_mean": ("M", "rowwise_adagrad", "rw"),
+    },
+    2: {
+        "tw_grad": ("A", None, "tw"),
+        "tw_sgd": ("A", "sgd", "tw"),
         "tw_rowwise_adagrad": ("A", "rowwise_adagrad", "tw"),
-        "tw_adam_weighted": ("W", "adam", "tw"), "cw_grad_mean": ("M", None, "cw"), "cw_sgd": ("A", "sgd", "cw"),
-        "cw_adam_weighted": ("W", "adam", "cw"), "cw_rowwise_adagrad": ("A", "rowwise_adagrad", "cw"),
+        "tw_adam_weighted": ("W", "adam", "tw"),
+        "cw_grad_mean": ("M", None, "cw"),
+        "cw_sgd": ("A", "sgd", "cw"),
+        "cw_adam_weighted": ("W", "adam", "cw"),
+        "cw_rowwise_adagrad": ("A", "rowwise_adagrad", "cw"),
         "mixed_rowwise_adagrad_mean": ("M", "rowwise_adagrad", "mixed"),
-        "rw_grad_mean": ("M", None, "rw"), "rw_rowwise_adagrad": ("A", "rowwise_adagrad", "rw"),
-        "rw_adam_weighted": ("W", "adam", "rw"), "rwmix_rowwise_adagrad": ("A", "rowwise_adagrad", "rwmix"),
-        "checkpoint": scenario_checkpoint, "refusals": scenario_refusals},
-    4: {"tw_rowwise_adagrad": ("A", "rowwise_adagrad", "tw"), "cw_adam": ("A", "adam", "cw"),
-        "mixed_sgd_weighted": ("W", "sgd", "mixed"), "rwmix_adam_mean": ("M", "adam", "rwmix"),
-        "reshard_from_2": scenario_reshard, "refusals_4": scenario_refusals_4},
+        "rw_grad_mean": ("M", None, "rw"),
+        "rw_rowwise_adagrad": ("A", "rowwise_adagrad", "rw"),
+        "rw_adam_weighted": ("W", "adam", "rw"),
+        "rwmix_rowwise_adagrad": ("A", "rowwise_adagrad", "rwmix"),
+        "checkpoint": scenario_checkpoint,
+        "refusals": scenario_refusals,
+    },
+    4: {
+        "tw_rowwise_adagrad": ("A", "rowwise_adagrad", "tw"),
+        "cw_adam": ("A", "adam", "cw"),
+        "mixed_sgd_weighted": ("W", "sgd", "mixed"),
+        "rwmix_adam_mean": ("M", "adam", "rwmix"),
+        "reshard_from_2": scenario_reshard,
+        "refusals_4": scenario_refusals_4,
+    },
 }
 
 
@@ -492,12 +561,15 @@ def test_four_processes(world4, name):
 # Planner (one process)
 # --------------------------------------------------------------------------------------------
 def _criteo_like(rows=20000, D=64, n=4, frac_seed=0):
-    cfgs = [EmbeddingBagConfig(num_embeddings=rows, embedding_dim=D, name=f"t{t}", feature_names=[f"f{t}"])
-            for t in range(n)]
+    cfgs = [
+        EmbeddingBagConfig(num_embeddings=rows, embedding_dim=D, name=f"t{t}", feature_names=[f"f{t}"])
+        for t in range(n)
+    ]
     g = torch.Generator().manual_seed(frac_seed)
     mix = torch.tensor([D // 8, D // 4, D // 2, D])
-    sizes = {c.name: mix[torch.multinomial(torch.tensor([.55, .25, .15, .05]), rows, True, generator=g)]
-             for c in cfgs}
+    sizes = {
+        c.name: mix[torch.multinomial(torch.tensor([0.55, 0.25, 0.15, 0.05]), rows, True, generator=g)] for c in cfgs
+    }
     return cfgs, sizes
 
 
@@ -505,10 +577,10 @@ def test_planner_charges_true_multisize_bytes():
     cfgs, sizes = _criteo_like()
     m = MultiSizeEmbeddingBagCollection(cfgs, sizes)
     ebc = EmbeddingBagCollection(cfgs, device=torch.device("meta"))
-    pl = sharding.planner(2, ddr_cap=10 ** 9)
+    pl = sharding.planner(2, ddr_cap=10**9)
     pl.plan(m, [sharding.MultiSizeEmbeddingBagCollectionSharder()])
     got = {o.name: o.shards[0].storage.ddr for o in pl.get_selected_options()}
-    pd = sharding.planner(2, ddr_cap=10 ** 9)
+    pd = sharding.planner(2, ddr_cap=10**9)
     pd.plan(ebc, [EmbeddingBagCollectionSharder()])
     dense = {o.name: o.shards[0].storage.ddr for o in pd.get_selected_options()}
     for c in cfgs:
@@ -525,15 +597,17 @@ def test_planner_charges_true_multisize_bytes():
 
 def test_planner_keeps_row_wise_off_tables_too_small_for_it():
     # 3 rows over 4 ranks: TorchRec's row blocks would leave a rank empty, which the sharder refuses
-    cfgs = [EmbeddingBagConfig(num_embeddings=V, embedding_dim=8, name=f"t{i}", feature_names=[f"f{i}"])
-            for i, V in enumerate([3, 5, 4000])]
+    cfgs = [
+        EmbeddingBagConfig(num_embeddings=V, embedding_dim=8, name=f"t{i}", feature_names=[f"f{i}"])
+        for i, V in enumerate([3, 5, 4000])
+    ]
     m = MultiSizeEmbeddingBagCollection(cfgs, 4)
     sh = sharding.MultiSizeEmbeddingBagCollectionSharder()
     constraints = {c.name: ParameterConstraints(sharding_types=["row_wise"]) for c in cfgs}
     with pytest.raises(PlannerError):  # row-wise only: t0 and t1 cannot be placed
-        sharding.planner(4, ddr_cap=10 ** 9, constraints=constraints).plan(m, [sh])
+        sharding.planner(4, ddr_cap=10**9, constraints=constraints).plan(m, [sh])
     constraints = {"t2": ParameterConstraints(sharding_types=["row_wise"])}
-    plan = sharding.planner(4, ddr_cap=10 ** 9, constraints=constraints).plan(m, [sh]).plan[""]
+    plan = sharding.planner(4, ddr_cap=10**9, constraints=constraints).plan(m, [sh]).plan[""]
     assert plan["t2"].sharding_type == "row_wise"
     assert plan["t0"].sharding_type != "row_wise" and plan["t1"].sharding_type != "row_wise"
 
@@ -542,7 +616,7 @@ def test_planner_fits_more_rows_per_rank_than_dense():
     cfgs, sizes = _criteo_like()
     m = MultiSizeEmbeddingBagCollection(cfgs, sizes, optimizer=pme.optim.RowwiseAdagrad(lr=0.1))
     ebc = EmbeddingBagCollection(cfgs, device=torch.device("meta"))
-    cap = 6 * 10 ** 6  # bytes per rank: the 4 dense tables (5.1 MB each) need 20 MB
+    cap = 6 * 10**6  # bytes per rank: the 4 dense tables (5.1 MB each) need 20 MB
     plan = sharding.planner(2, ddr_cap=cap).plan(m, [sharding.MultiSizeEmbeddingBagCollectionSharder()])
     ranks = {n: p.ranks for n, p in plan.plan[""].items()}
     assert sorted(ranks) == [c.name for c in cfgs] and all(len(r) >= 1 for r in ranks.values())

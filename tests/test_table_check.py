@@ -102,8 +102,9 @@ def test_module_training_reuses_the_check_and_sees_a_loaded_table(device):
     for _ in range(3):
         emb(x).sum().backward()
     assert ops._TABLES_PASSED[id(emb.offsets)][0]() is emb.offsets
-    other = pme.MultiSizeEmbeddingBag(30, 8, sizes=sizes.flip(0), mode="sum",
-                                      optimizer=pme.optim.RowwiseAdagrad(lr=0.1)).to(device)
+    other = pme.MultiSizeEmbeddingBag(
+        30, 8, sizes=sizes.flip(0), mode="sum", optimizer=pme.optim.RowwiseAdagrad(lr=0.1)
+    ).to(device)
     emb.load_state_dict(other.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(emb(x), other(x))
@@ -120,8 +121,10 @@ def test_collection_checks_its_table_once_per_version(device):
     tables = [collection.EmbeddingBagConfig(6, 8, "a", ["fa"]), collection.EmbeddingBagConfig(5, 4, "b", ["fb"])]
     sizes = {"a": torch.tensor([8, 2, 4, 0, 8, 1]), "b": torch.tensor([4, 4, 1, 0, 2])}
     coll = collection.MultiSizeEmbeddingBagCollection(tables, sizes).to(device)
-    feats = {"fa": (torch.tensor([0, 1], device=device), torch.tensor([0, 1, 2], device=device)),
-             "fb": (torch.tensor([4, 0], device=device), torch.tensor([0, 2, 2], device=device))}
+    feats = {
+        "fa": (torch.tensor([0, 1], device=device), torch.tensor([0, 1, 2], device=device)),
+        "fb": (torch.tensor([4, 0], device=device), torch.tensor([0, 2, 2], device=device)),
+    }
     ref = coll(feats).values()
     assert ops._TABLES_PASSED[id(coll.offsets)][0]() is coll.offsets
     torch.testing.assert_close(coll(feats).values(), ref)
@@ -138,13 +141,15 @@ def test_raw_operator_with_a_false_promise_stays_in_bounds(device):
     w = torch.randn(10, device=device)
     off = torch.tensor([0, 6, 2, 10], device=device)  # row 1 runs backwards; rows 0 and 2 overlap
     bo = torch.tensor([0, 2], device=device)
-    out, _ = torch.ops.pme.bag_forward(w, off, torch.tensor([0, 2], device=device), bo, None, None, 8, 0, -1,
-                                       table_checked=True)
+    out, _ = torch.ops.pme.bag_forward(
+        w, off, torch.tensor([0, 2], device=device), bo, None, None, 8, 0, -1, table_checked=True
+    )
     dense = torch.zeros(2, 8, device=device)
     dense[0, :6], dense[1, :8] = w[0:6], w[2:10]
     torch.testing.assert_close(out, dense.sum(0, keepdim=True))
     with pytest.raises(RuntimeError, match="row 1"):
-        torch.ops.pme.bag_forward(w, off, torch.tensor([1, 0], device=device), bo, None, None, 8, 0, -1,
-                                  table_checked=True)
+        torch.ops.pme.bag_forward(
+            w, off, torch.tensor([1, 0], device=device), bo, None, None, 8, 0, -1, table_checked=True
+        )
     with pytest.raises(RuntimeError, match="non-decreasing"):
         torch.ops.pme.bag_forward(w, off, torch.tensor([0, 2], device=device), bo, None, None, 8, 0, -1)

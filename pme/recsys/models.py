@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
 from tqdm.auto import tqdm
 
 from .data import CTRDataset, batch_to
@@ -68,13 +67,13 @@ class FM(nn.Module):
         self,
         cardinality: Mapping[str, int],
         embedding_dim: int = 16,
-        mode_by_field: Optional[Mapping[str, str]] = None,
+        mode_by_field: Mapping[str, str] | None = None,
         num_dense: int = 0,
-        field_names: Optional[Sequence[str]] = None,
+        field_names: Sequence[str] | None = None,
         init_std: float = 0.01,
     ) -> None:
         super().__init__()
-        self.field_names: List[str] = list(field_names) if field_names is not None else list(cardinality)
+        self.field_names: list[str] = list(field_names) if field_names is not None else list(cardinality)
         if not self.field_names:
             raise ValueError("a model needs at least one field")
         missing = [f for f in self.field_names if f not in cardinality]
@@ -110,7 +109,7 @@ class FM(nn.Module):
             self.dense_embedding = None
 
     @classmethod
-    def from_dataset(cls, data: CTRDataset, embedding_dim: int = 16, **kwargs) -> "FM":
+    def from_dataset(cls, data: CTRDataset, embedding_dim: int = 16, **kwargs) -> FM:
         """Build from a dataset's fields, cardinalities, pooling modes and dense width."""
         kwargs.setdefault("mode_by_field", data.mode_by_field)
         kwargs.setdefault("num_dense", data.num_dense)
@@ -162,9 +161,9 @@ class DeepFM(FM):
         self,
         cardinality: Mapping[str, int],
         embedding_dim: int = 16,
-        mode_by_field: Optional[Mapping[str, str]] = None,
+        mode_by_field: Mapping[str, str] | None = None,
         num_dense: int = 0,
-        field_names: Optional[Sequence[str]] = None,
+        field_names: Sequence[str] | None = None,
         init_std: float = 0.01,
         hidden: Sequence[int] = (256, 128),
         dropout: float = 0.0,
@@ -173,7 +172,7 @@ class DeepFM(FM):
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         width = (len(self.field_names) + (1 if self.num_dense > 0 else 0)) * self.embedding_dim
-        layers: List[nn.Module] = []
+        layers: list[nn.Module] = []
         for h in hidden:
             layers += [nn.Linear(width, int(h)), nn.ReLU()]
             if dropout > 0:
@@ -247,7 +246,7 @@ def predict(model: nn.Module, data: CTRDataset, batch_size: int = 8192, device=N
     return torch.cat(outs) if outs else torch.zeros(0)
 
 
-def evaluate(model: nn.Module, data: CTRDataset, batch_size: int = 8192, device=None) -> Dict[str, float]:
+def evaluate(model: nn.Module, data: CTRDataset, batch_size: int = 8192, device=None) -> dict[str, float]:
     """``{"auc": ..., "logloss": ..., "n": rows}`` of ``model`` on ``data``."""
     logits = predict(model, data, batch_size, device)
     labels = data.labels.cpu()
@@ -275,17 +274,17 @@ def _make_optimizer(model: nn.Module, optimizer, lr: float, weight_decay: float)
 def train_model(
     model: nn.Module,
     train: CTRDataset,
-    val: Optional[CTRDataset] = None,
+    val: CTRDataset | None = None,
     epochs: int = 1,
     batch_size: int = 2048,
     lr: float = 1e-3,
-    optimizer: Union[str, torch.optim.Optimizer] = "adam",
+    optimizer: str | torch.optim.Optimizer = "adam",
     device=None,
     progress: bool = True,
-    seed: Optional[int] = 0,
+    seed: int | None = 0,
     weight_decay: float = 0.0,
-    max_steps: Optional[int] = None,
-) -> Dict[str, list]:
+    max_steps: int | None = None,
+) -> dict[str, list]:
     """Train ``model`` with binary cross-entropy on shuffled mini-batches.
 
     Args:
@@ -318,7 +317,7 @@ def train_model(
         torch.manual_seed(int(seed))
         gen = torch.Generator().manual_seed(int(seed))
     opt = _make_optimizer(model, optimizer, lr, weight_decay)
-    hist: Dict[str, list] = {k: [] for k in ("epoch", "train_loss", "val_auc", "val_logloss", "seconds", "steps")}
+    hist: dict[str, list] = {k: [] for k in ("epoch", "train_loss", "val_auc", "val_logloss", "seconds", "steps")}
     steps_per_epoch = (len(train_d) + int(batch_size) - 1) // int(batch_size)
     step = 0
     for epoch in range(int(epochs)):

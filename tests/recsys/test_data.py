@@ -36,8 +36,11 @@ def toy_dataset(n=37, seed=0, dense=True):
     ar = torch.arange(n + 1)
     return CTRDataset(
         field_names=["rid", "cat", "multi"],
-        values={"rid": torch.arange(n), "cat": torch.tensor([g.randrange(0, 4) for _ in range(n)]),
-                "multi": torch.tensor(flat, dtype=torch.int64)},
+        values={
+            "rid": torch.arange(n),
+            "cat": torch.tensor([g.randrange(0, 4) for _ in range(n)]),
+            "multi": torch.tensor(flat, dtype=torch.int64),
+        },
         offsets={"rid": ar, "cat": ar, "multi": torch.tensor(offs)},
         cardinality={"rid": n, "cat": 4, "multi": 6},
         labels=torch.tensor([g.random() < 0.5 for _ in range(n)], dtype=torch.float32),
@@ -45,15 +48,25 @@ def toy_dataset(n=37, seed=0, dense=True):
     )
 
 
-ML_USER = [("1", "24", "M", "technician", "85711"), ("2", "53", "F", "other", "94043"),
-           ("10", "24", "M", "writer", "T8H1N")]
-ML_ITEM = [("1", "Toy Story", "1995", "Animation Children's Comedy"),
-           ("2", "GoldenEye", "1995", "Action Adventure Thriller"),
-           ("3", "Mystery", "unkonwn", ""),
-           ("20", "Old", "1922", "Drama")]
-ML_INTER = [("1", "1", "5", "881250949"), ("2", "2", "3", "891717742"), ("10", "20", "4", "878887116"),
-            ("2", "3", "1", "880606923"), ("1", "2", "4", "886397596"),
-            ("7", "99", "2", "884182806")]  # user 7 and item 99 have no side information
+ML_USER = [
+    ("1", "24", "M", "technician", "85711"),
+    ("2", "53", "F", "other", "94043"),
+    ("10", "24", "M", "writer", "T8H1N"),
+]
+ML_ITEM = [
+    ("1", "Toy Story", "1995", "Animation Children's Comedy"),
+    ("2", "GoldenEye", "1995", "Action Adventure Thriller"),
+    ("3", "Mystery", "unkonwn", ""),
+    ("20", "Old", "1922", "Drama"),
+]
+ML_INTER = [
+    ("1", "1", "5", "881250949"),
+    ("2", "2", "3", "891717742"),
+    ("10", "20", "4", "878887116"),
+    ("2", "3", "1", "880606923"),
+    ("1", "2", "4", "886397596"),
+    ("7", "99", "2", "884182806"),
+]  # user 7 and item 99 have no side information
 
 
 def write_fake_ml100k(folder: Path):
@@ -85,7 +98,13 @@ def test_fake_movielens_fields_and_ids(tmp_path):
     # side features joined through the user / item ids
     vocab = d.vocab
     assert [vocab["occupation"][i] for i in d.values["occupation"].tolist()] == [
-        "technician", "other", "writer", "other", "technician", "<unk>"]
+        "technician",
+        "other",
+        "writer",
+        "other",
+        "technician",
+        "<unk>",
+    ]
     assert [vocab["zip"][i] for i in d.values["zip"].tolist()][2] == "T8H1N"
     assert vocab["age"] == ["<unk>", "24", "53"]
     years = [vocab["year"][i] for i in d.values["year"].tolist()]
@@ -139,7 +158,10 @@ def test_real_movielens_100k():
     assert (d.token_counts("user")[1:] > 0).all() and (d.token_counts("item")[1:] > 0).all()
     assert d.is_multi_valued("genres") and d.mode_by_field["genres"] == "mean"
     # labels against an independent read of the ratings
-    inter = Path(importlib.util.find_spec("recbole").submodule_search_locations[0]) / "dataset_example/ml-100k/ml-100k.inter"
+    inter = (
+        Path(importlib.util.find_spec("recbole").submodule_search_locations[0])
+        / "dataset_example/ml-100k/ml-100k.inter"
+    )
     ratings = [float(line.split("\t")[2]) for line in inter.read_text().splitlines()[1:] if line]
     assert d.labels.tolist() == [float(r >= 4) for r in ratings]
     for f in d.field_names:
@@ -154,8 +176,10 @@ def make_criteo_rows(n, seed=0):
     for _ in range(n):
         label = str(g.randrange(2))
         ints = ["" if g.random() < 0.2 else str(g.choice([-2, 0, 1, 5, 100, 3000])) for _ in range(13)]
-        cats = ["" if g.random() < 0.1 else g.choice(["68fd1e64", "80e26c9b", "fb936136", "0a519c5c", "deadbeef"])
-                for _ in range(26)]
+        cats = [
+            "" if g.random() < 0.1 else g.choice(["68fd1e64", "80e26c9b", "fb936136", "0a519c5c", "deadbeef"])
+            for _ in range(26)
+        ]
         rows.append([label] + ints + cats)
     return rows
 
@@ -228,8 +252,13 @@ def test_criteo_errors(tmp_path):
 # --------------------------------------------------------------------------- CTRDataset
 def test_validation_errors():
     ar = torch.arange(4)
-    ok = dict(field_names=["a"], values={"a": torch.tensor([1, 2, 0])}, offsets={"a": ar},
-              cardinality={"a": 3}, labels=torch.zeros(3))
+    ok = dict(
+        field_names=["a"],
+        values={"a": torch.tensor([1, 2, 0])},
+        offsets={"a": ar},
+        cardinality={"a": 3},
+        labels=torch.zeros(3),
+    )
     CTRDataset(**ok)
     with pytest.raises(ValueError, match="n \\+ 1"):
         CTRDataset(**{**ok, "offsets": {"a": torch.arange(3)}})
@@ -240,8 +269,15 @@ def test_validation_errors():
     with pytest.raises(ValueError, match="dense"):
         CTRDataset(**ok, dense=torch.zeros(2, 1))
     with pytest.raises(ValueError, match="module name"):
-        CTRDataset(**{**ok, "field_names": ["a.b"], "values": {"a.b": ok["values"]["a"]},
-                      "offsets": {"a.b": ar}, "cardinality": {"a.b": 3}})
+        CTRDataset(
+            **{
+                **ok,
+                "field_names": ["a.b"],
+                "values": {"a.b": ok["values"]["a"]},
+                "offsets": {"a.b": ar},
+                "cardinality": {"a.b": 3},
+            }
+        )
 
 
 def test_subset_and_slice_match_reference():
@@ -292,7 +328,9 @@ def test_split_bad_fractions(fr):
         toy_dataset().split(fr)
 
 
-@pytest.mark.parametrize("shuffle,bs,drop_last", [(False, 8, False), (True, 8, False), (True, 100, False), (True, 8, True)])
+@pytest.mark.parametrize(
+    "shuffle,bs,drop_last", [(False, 8, False), (True, 8, False), (True, 100, False), (True, 8, True)]
+)
 def test_batches_cover_rows_once(shuffle, bs, drop_last):
     d = toy_dataset(n=37)
     seen, sizes = [], []
@@ -322,8 +360,14 @@ def test_batches_cover_rows_once(shuffle, bs, drop_last):
 
 def test_shuffle_is_seeded():
     d = toy_dataset(n=50)
-    order = lambda s: [t for b in d.batches(7, shuffle=True, generator=torch.Generator().manual_seed(s))
-                       for t in b["fields"]["rid"][0].tolist()]
+
+    def order(s):
+        return [
+            t
+            for b in d.batches(7, shuffle=True, generator=torch.Generator().manual_seed(s))
+            for t in b["fields"]["rid"][0].tolist()
+        ]
+
     assert order(5) == order(5) and order(5) != order(6)
 
 
@@ -423,8 +467,12 @@ def test_from_columns_against_python_reference(seed):
     joined = ["|".join(str(t) for t in b) if g.random() < 0.9 else None for b in multi]
     labels = [g.randint(0, 1) for _ in range(n)]
     min_count = g.choice([1, 2])
-    ds = pdata.from_columns({"s": single, "m": multi, "j": joined, "y": labels}, label="y",
-                            multi_valued={"m": None, "j": "|"}, min_count=min_count)
+    ds = pdata.from_columns(
+        {"s": single, "m": multi, "j": joined, "y": labels},
+        label="y",
+        multi_valued={"m": None, "j": "|"},
+        min_count=min_count,
+    )
     assert ds.field_names == ["s", "m", "j"] and ds.labels.tolist() == [float(v) for v in labels]
 
     def norm(t):
@@ -439,9 +487,11 @@ def test_from_columns_against_python_reference(seed):
             kept = sorted(kept)
         return ["<unk>"] + kept
 
-    refs = {"s": [[] if t is None else [norm(t)] for t in single],
-            "m": [[norm(t) for t in b] for b in multi],
-            "j": [[] if s is None else [t for t in s.split("|") if t] for s in joined]}
+    refs = {
+        "s": [[] if t is None else [norm(t)] for t in single],
+        "m": [[norm(t) for t in b] for b in multi],
+        "j": [[] if s is None else [t for t in s.split("|") if t] for s in joined],
+    }
     for f, bags in refs.items():
         voc = vocab_of(bags)
         assert ds.vocab[f] == voc and ds.cardinality[f] == len(voc)
@@ -454,8 +504,7 @@ def test_from_columns_against_python_reference(seed):
 
 
 def test_from_columns_vocab_reuse_dense_and_errors():
-    train = pdata.from_columns({"u": ["a", "b", "a"], "d": [1.0, None, 3], "y": [1, 0, True]}, label="y",
-                               dense=["d"])
+    train = pdata.from_columns({"u": ["a", "b", "a"], "d": [1.0, None, 3], "y": [1, 0, True]}, label="y", dense=["d"])
     assert train.dense.tolist() == [[1.0], [0.0], [3.0]] and train.dense_names == ["d"]
     test = pdata.from_columns({"u": ["b", "new", None], "y": [0, 1, 0]}, label="y", vocab=train.vocab)
     assert test.vocab["u"] == train.vocab["u"] == ["<unk>", "a", "b"]
@@ -484,12 +533,25 @@ def test_from_dataframe_matches_from_columns_and_trains():
     pd = pytest.importorskip("pandas")
     import numpy as np
 
-    df = pd.DataFrame({"user": ["u1", "u2", "u1", None], "age": [20, 30, np.nan, 20],
-                       "genres": [["a", "b"], [], ["b"], ["c", "a", "a"]], "clicked": [1, 0, 1, 0]})
+    df = pd.DataFrame(
+        {
+            "user": ["u1", "u2", "u1", None],
+            "age": [20, 30, np.nan, 20],
+            "genres": [["a", "b"], [], ["b"], ["c", "a", "a"]],
+            "clicked": [1, 0, 1, 0],
+        }
+    )
     ds = pdata.from_dataframe(df, label="clicked", multi_valued=["genres"])
-    ref = pdata.from_columns({"user": ["u1", "u2", "u1", None], "age": [20, 30, None, 20],
-                              "genres": [["a", "b"], [], ["b"], ["c", "a", "a"]], "clicked": [1, 0, 1, 0]},
-                             label="clicked", multi_valued=["genres"])
+    ref = pdata.from_columns(
+        {
+            "user": ["u1", "u2", "u1", None],
+            "age": [20, 30, None, 20],
+            "genres": [["a", "b"], [], ["b"], ["c", "a", "a"]],
+            "clicked": [1, 0, 1, 0],
+        },
+        label="clicked",
+        multi_valued=["genres"],
+    )
     for f in ds.field_names:
         assert torch.equal(ds.values[f], ref.values[f]) and torch.equal(ds.offsets[f], ref.offsets[f])
         assert ds.vocab[f] == ref.vocab[f]
@@ -523,7 +585,10 @@ def test_adult_errors(tmp_path):
     (tmp_path / "adult.test").write_text("|1x3 Cross validator\n")
     with pytest.raises(ValueError, match="expected 15"):
         pdata.load_adult(tmp_path)
-    row = "39, State-gov, 77516, Bachelors, 13, Never-married, Adm-clerical, Not-in-family, White, Male, 0, 0, 40, ?, maybe\n"
+    row = (
+        "39, State-gov, 77516, Bachelors, 13, Never-married, Adm-clerical, Not-in-family, White, Male, 0, 0, 40, ?, "
+        "maybe\n"
+    )
     (tmp_path / "adult.data").write_text(row)
     with pytest.raises(ValueError, match="income must be"):
         pdata.load_adult(tmp_path)

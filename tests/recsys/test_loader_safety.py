@@ -14,10 +14,20 @@ def _criteo_line(i1="5"):
     return "\t".join(["1", i1] + ["3"] * 12 + ["a1b2"] * 26) + "\n"
 
 
-@pytest.mark.parametrize("bad, why", [("9" * 401, "401-digit value, outside the int64"),
-                                      ("-" + "9" * 30, "30-digit value"), ("9223372036854775808", "outside the int64"),
-                                      ("1_000", "'1_000'"), (" 7 ", "' 7 '"), ("\u0661\u0662", "ASCII digits"),
-                                      ("\u00b2", "ASCII digits"), ("0x10", "'0x10'"), ("1e3", "'1e3'")])
+@pytest.mark.parametrize(
+    "bad, why",
+    [
+        ("9" * 401, "401-digit value, outside the int64"),
+        ("-" + "9" * 30, "30-digit value"),
+        ("9223372036854775808", "outside the int64"),
+        ("1_000", "'1_000'"),
+        (" 7 ", "' 7 '"),
+        ("\u0661\u0662", "ASCII digits"),
+        ("\u00b2", "ASCII digits"),
+        ("0x10", "'0x10'"),
+        ("1e3", "'1e3'"),
+    ],
+)
 def test_criteo_rejects_bad_integers_naming_file_and_line(tmp_path, bad, why):
     f = tmp_path / "day.tsv"
     f.write_text(_criteo_line() + _criteo_line() + _criteo_line(bad), encoding="utf-8")
@@ -29,7 +39,7 @@ def test_criteo_accepts_int64_extremes(tmp_path):
     f = tmp_path / "ok.tsv"
     f.write_text(_criteo_line("9223372036854775807") + _criteo_line("-9223372036854775808"), encoding="utf-8")
     d = load_criteo(f, min_count=1)
-    assert torch.allclose(d.dense[:, 0], torch.tensor([math.log1p(2.0 ** 63), -math.log1p(2.0 ** 63)]))
+    assert torch.allclose(d.dense[:, 0], torch.tensor([math.log1p(2.0**63), -math.log1p(2.0**63)]))
 
 
 def test_criteo_non_utf8_and_broken_gzip_name_the_line(tmp_path):

@@ -14,8 +14,8 @@ from pme.recsys.models import FM, DeepFM, auc, evaluate, log_loss, predict, trai
 
 # --------------------------------------------------------------------------- metrics
 def brute_force_auc(y, s):
-    pos = [a for a, l in zip(s, y) if l > 0.5]
-    neg = [a for a, l in zip(s, y) if l <= 0.5]
+    pos = [a for a, label in zip(s, y) if label > 0.5]
+    neg = [a for a, label in zip(s, y) if label <= 0.5]
     wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg)
     return wins / (len(pos) * len(neg))
 
@@ -58,8 +58,11 @@ def small_data(n=64, dense=False, seed=0):
     ar = torch.arange(n + 1)
     return CTRDataset(
         field_names=["a", "b", "tags"],
-        values={"a": torch.randint(0, 10, (n,), generator=g), "b": torch.randint(0, 7, (n,), generator=g),
-                "tags": torch.randint(0, 5, (int(offs[-1]),), generator=g)},
+        values={
+            "a": torch.randint(0, 10, (n,), generator=g),
+            "b": torch.randint(0, 7, (n,), generator=g),
+            "tags": torch.randint(0, 5, (int(offs[-1]),), generator=g),
+        },
         offsets={"a": ar, "b": ar, "tags": offs},
         cardinality={"a": 10, "b": 7, "tags": 5},
         labels=(torch.rand(n, generator=g) < 0.5).float(),

@@ -11,8 +11,16 @@ import torch.nn.functional as F
 
 import pme
 from pme.recsys import data, models
-from pme.search import (batch_to, convert_grouped, grouped_sizes, popularity_sizes, projection_entries, search,
-                        sizes_for_budget, uniform_sizes)
+from pme.search import (
+    batch_to,
+    convert_grouped,
+    grouped_sizes,
+    popularity_sizes,
+    projection_entries,
+    search,
+    sizes_for_budget,
+    uniform_sizes,
+)
 
 
 def _loader(ds, bs=512, seed=0):
@@ -31,8 +39,17 @@ def test_search_recovers_planted_sizes():
     torch.manual_seed(1)
     model = models.FM.from_dataset(train, embedding_dim=16)
     frac = sum(int(t.sum()) for t in true.values()) / sum(t.numel() * 16 for t in true.values())
-    r = search(model, _loader(train, 1024, 1), budget=frac, num_batches=20, warmup_steps=150, warmup_lr=1e-2,
-               quantum=1, min_size=0, progress=False)
+    r = search(
+        model,
+        _loader(train, 1024, 1),
+        budget=frac,
+        num_batches=20,
+        warmup_steps=150,
+        warmup_lr=1e-2,
+        quantum=1,
+        min_size=0,
+        progress=False,
+    )
     counts = {f"embeddings.{f}": train.token_counts(f) for f in train.field_names}
     pop = popularity_sizes(counts, {n: 16 for n in counts}, frac)
 
@@ -67,8 +84,17 @@ def test_search_budget_rounding_and_conversion():
     r2 = r.for_budget(0.75, quantum=4, min_size=4)
     assert r2.kept_entries > r.kept_entries
     for rule in ("magnitude", "grad"):
-        assert search(model := models.FM.from_dataset(ds, embedding_dim=16), _loader(ds), budget=0.3, rule=rule,
-                      num_batches=1, progress=False).kept_entries > 0
+        assert (
+            search(
+                model := models.FM.from_dataset(ds, embedding_dim=16),
+                _loader(ds),
+                budget=0.3,
+                rule=rule,
+                num_batches=1,
+                progress=False,
+            ).kept_entries
+            > 0
+        )
 
 
 def test_search_bad_input():
@@ -92,8 +118,7 @@ def test_search_bad_input():
     with pytest.raises(ValueError, match="below what min_size=4 allows"):
         sizes_for_budget({"a": torch.rand(10, 8)}, 0.1, quantum=4, min_size=4)
     # the default floor drops to 0 when the budget is under two quanta a token
-    r = search(models.FM.from_dataset(ds, embedding_dim=8), _loader(ds), budget=0.2, num_batches=1,
-               progress=False)
+    r = search(models.FM.from_dataset(ds, embedding_dim=8), _loader(ds), budget=0.2, num_batches=1, progress=False)
     assert r.kept_entries <= r.budget_entries
 
 
@@ -142,8 +167,11 @@ def test_uniform_is_exact_at_20_percent():
     """The old rule landed at 18.8% of a 20% budget (MovieLens width 64); two adjacent sizes now
     meet it, spread evenly over the rows."""
     ds = data.load_movielens_100k() if _have_movielens() else None
-    shapes = ({f"embeddings.{f}": (ds.cardinality[f], 64) for f in ds.field_names} if ds is not None
-              else {"embeddings.a": (944, 64), "embeddings.b": (1683, 64), "embeddings.c": (975, 64)})
+    shapes = (
+        {f"embeddings.{f}": (ds.cardinality[f], 64) for f in ds.field_names}
+        if ds is not None
+        else {"embeddings.a": (944, 64), "embeddings.b": (1683, 64), "embeddings.c": (975, 64)}
+    )
     dense = sum(v * d for v, d in shapes.values())
     s = uniform_sizes(shapes, 0.2)
     assert sum(int(x.sum()) for x in s.values()) == int(0.2 * dense)
@@ -184,10 +212,14 @@ def test_grouped_layout_shares_projections_on_many_small_tables():
         convert_grouped(m, s)
         projs = {id(t.projection) for t in m.embeddings.values()}
         assert len(projs) == 1
-        n_params = sum(t.weight.numel() for t in m.embeddings.values()) + next(iter(m.embeddings.values())).projection.numel()
+        n_params = (
+            sum(t.weight.numel() for t in m.embeddings.values()) + next(iter(m.embeddings.values())).projection.numel()
+        )
         assert n_params == used
-        batch = {"fields": {f"f{i}": (torch.randint(0, v, (32,)), torch.arange(32)) for i, v in enumerate(vs)},
-                 "labels": torch.randint(0, 2, (32,)).float()}
+        batch = {
+            "fields": {f"f{i}": (torch.randint(0, v, (32,)), torch.arange(32)) for i, v in enumerate(vs)},
+            "labels": torch.randint(0, 2, (32,)).float(),
+        }
         loss = F.binary_cross_entropy_with_logits(m(batch), batch["labels"])
         loss.backward()
         p = next(iter(m.embeddings.values())).projection
