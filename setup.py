@@ -68,8 +68,9 @@ def _nvcc_version(cuda_home):
 def _nvcc_sms(cuda_home):
     """The sm_XY codes this nvcc can build ({'8.0', '9.0', ...}), or None if it cannot say."""
     try:
-        out = subprocess.check_output([os.path.join(cuda_home, "bin", "nvcc"), "--list-gpu-code"], text=True,
-                                      stderr=subprocess.DEVNULL)
+        out = subprocess.check_output(
+            [os.path.join(cuda_home, "bin", "nvcc"), "--list-gpu-code"], text=True, stderr=subprocess.DEVNULL
+        )
     except (OSError, subprocess.CalledProcessError):
         return None
     sms = {f"{m[:-1]}.{m[-1]}" for m in re.findall(r"sm_(\d+)", out)}
@@ -89,8 +90,9 @@ def resolve_cuda_home(cuda_home):
         with tempfile.TemporaryDirectory() as tmp:
             src = os.path.join(tmp, "x.cu")
             open(src, "w").close()
-            out = subprocess.run([nvcc, "--dryrun", "-c", src, "-o", os.path.join(tmp, "x.o")], text=True,
-                                 capture_output=True).stderr
+            out = subprocess.run(
+                [nvcc, "--dryrun", "-c", src, "-o", os.path.join(tmp, "x.o")], text=True, capture_output=True
+            ).stderr
     except OSError:
         return cuda_home
     m = re.search(r"_HERE_=(\S+)", out)
@@ -130,9 +132,10 @@ def _available_mem_gib():
     with open("/proc/meminfo") as f:
         info = dict(line.split(":", 1) for line in f)
     avail = int(info["MemAvailable"].split()[0]) * 1024
-    for limit_f, usage_f in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                             ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                              "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+    for limit_f, usage_f in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
         try:
             with open(limit_f) as f:
                 limit = f.read().strip()
@@ -166,8 +169,9 @@ def _compiler_works(cxx):
         with open(src, "w") as f:
             f.write("int pme_probe() { return 0; }\n")
         try:
-            r = subprocess.run([*cxx.split(), "-c", src, "-o", os.path.join(tmp, "probe.o")], capture_output=True,
-                               timeout=120)
+            r = subprocess.run(
+                [*cxx.split(), "-c", src, "-o", os.path.join(tmp, "probe.o")], capture_output=True, timeout=120
+            )
         except (OSError, subprocess.SubprocessError):
             return False
         return r.returncode == 0
@@ -197,8 +201,10 @@ def get_extensions():
     except ImportError as e:
         if set(sys.argv[1:]) & {"sdist", "egg_info", "dist_info"}:
             return [], cmdclass  # metadata and the source distribution need no torch
-        sys.exit(f"setup.py: pme needs torch at build time ({e}). Install torch first, then "
-                 "`pip install --no-build-isolation .`")
+        sys.exit(
+            f"setup.py: pme needs torch at build time ({e}). Install torch first, then "
+            "`pip install --no-build-isolation .`"
+        )
 
     debug = _flag("DEBUG")
     force_cuda = _flag("FORCE_CUDA")
@@ -233,8 +239,7 @@ def get_extensions():
             why.append(f"no working nvcc under CUDA_HOME={cuda_home!r} (set CUDA_HOME to the toolkit root)")
         sys.exit("setup.py: FORCE_CUDA=1 but CUDA cannot be built: " + "; ".join(why))
     if use_cuda and torch.version.cuda.split(".")[0] != str(nvcc_version[0]):
-        msg = (f"nvcc {nvcc_version[0]}.{nvcc_version[1]} does not match the CUDA major of torch "
-               f"({torch.version.cuda})")
+        msg = f"nvcc {nvcc_version[0]}.{nvcc_version[1]} does not match the CUDA major of torch ({torch.version.cuda})"
         if force_cuda:
             sys.exit("setup.py: " + msg)
         _say(f"warning: {msg}; building CPU only")
@@ -254,18 +259,24 @@ def get_extensions():
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         build = [f'-DPME_CUDA_ARCHS="{archs_label(archs)}"', f"-DPME_CUDA_VERSION={nvcc_version[0]}.{nvcc_version[1]}"]
         cxx += ["-DPME_WITH_CUDA", "-DUSE_CUDA"] + build
-        nvcc = opt + defines + ["-DPME_WITH_CUDA", "-DUSE_CUDA", "-std=c++17", "--expt-relaxed-constexpr",
-                                "-lineinfo"] + build
+        nvcc = (
+            opt
+            + defines
+            + ["-DPME_WITH_CUDA", "-DUSE_CUDA", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+            + build
+        )
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         depends += sorted(glob.glob(os.path.join("csrc", "**", "*.cuh"), recursive=True))
-        _say(f"building CPU + CUDA kernels (torch {torch.__version__}, CUDA_HOME {cuda_home}, nvcc "
-             f"{nvcc_version[0]}.{nvcc_version[1]}, archs {archs}, MAX_JOBS={os.environ['MAX_JOBS']})")
-        ext = cpp_extension.CUDAExtension("pme._C", sources, depends=depends,
-                                          extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs)
+        _say(
+            f"building CPU + CUDA kernels (torch {torch.__version__}, CUDA_HOME {cuda_home}, nvcc "
+            f"{nvcc_version[0]}.{nvcc_version[1]}, archs {archs}, MAX_JOBS={os.environ['MAX_JOBS']})"
+        )
+        ext = cpp_extension.CUDAExtension(
+            "pme._C", sources, depends=depends, extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs
+        )
     else:
         _say(f"building CPU kernels only (torch {torch.__version__}, MAX_JOBS={os.environ['MAX_JOBS']})")
-        ext = cpp_extension.CppExtension("pme._C", sources, depends=depends, extra_compile_args={"cxx": cxx},
-                                         **kwargs)
+        ext = cpp_extension.CppExtension("pme._C", sources, depends=depends, extra_compile_args={"cxx": cxx}, **kwargs)
 
     class build_ext(cpp_extension.BuildExtension):
         """torch's BuildExtension; a failed compile leaves a reference-only installation, except when
@@ -277,8 +288,9 @@ def get_extensions():
             except Exception as e:  # noqa: BLE001 - CompileError, LinkError, ninja's RuntimeError, OSError
                 if strict or self.inplace or getattr(self, "editable_mode", False):
                     raise
-                _say(NO_EXTENSION_WARNING.format(why=f"building the compiled extension failed: "
-                                                     f"{type(e).__name__}: {e}"))
+                _say(
+                    NO_EXTENSION_WARNING.format(why=f"building the compiled extension failed: {type(e).__name__}: {e}")
+                )
                 self.extensions = []
 
     cmdclass["build_ext"] = build_ext
