@@ -1600,60 +1600,11 @@ def sparse_update_(
     if mode not in MODES:
         raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
     pad = normalize_padding_idx(padding_idx, offsets.numel() - 1)
-    if _compiled(weight):
-        am = argmax if argmax is not None else offsets.new_empty(0, 0)
-        _table_call(
-            lambda checked: torch.ops.pme.sparse_update_(
-                weight,
-                state1,
-                state2,
-                grad_out,
-                offsets,
-                indices,
-                bag_offsets,
-                per_sample_weights,
-                col_of_size,
-                am,
-                MODES[mode],
-                pad,
-                OPTIMIZERS[optimizer],
-                float(lr),
-                float(weight_decay),
-                float(eps),
-                float(beta1),
-                float(beta2),
-                int(step),
-                table_checked=checked,
-            ),
-            weight,
-            offsets,
-            col_of_size,
-            grad_out.shape[-1],
-        )
-        return
-    check_table(weight, offsets, col_of_size)
-    _check_reference_lookup(indices, bag_offsets, offsets, weight, col_of_size, grad_out.shape[1])
-    reference.sparse_update_(
-        weight,
-        state1,
-        state2,
-        grad_out,
-        offsets,
-        indices,
-        bag_offsets,
-        grad_out.shape[1],
-        col_of_size,
-        mode,
-        per_sample_weights,
-        None if pad < 0 else pad,
-        optimizer,
-        lr,
-        weight_decay,
-        eps,
-        beta1,
-        beta2,
-        step,
-    )
+    hyper = (optimizer, float(lr), float(weight_decay), float(eps), float(beta1), float(beta2), int(step))
+    _row_operator(
+        "sparse_update_", (weight, state1, state2, grad_out), weight, grad_out, offsets, indices, bag_offsets,
+        col_of_size, argmax, mode, per_sample_weights, pad, (OPTIMIZERS[optimizer], *hyper[1:]), hyper,
+    )  # fmt: skip
 
 
 def accumulate_scores_(
@@ -1675,46 +1626,29 @@ def accumulate_scores_(
     if rule not in SCORE_RULES:
         raise ValueError(f"rule must be one of {sorted(SCORE_RULES)}, got {rule!r}")
     pad = normalize_padding_idx(padding_idx, offsets.numel() - 1)
+    _row_operator(
+        "accumulate_scores_", (scores, grad_out, weight), weight, grad_out, offsets, indices, bag_offsets,
+        col_of_size, argmax, mode, per_sample_weights, pad, (SCORE_RULES[rule],), (rule,),
+    )  # fmt: skip
+
+
+def _row_operator(name, lead, weight, grad_out, offsets, indices, bag_offsets, col_of_size, argmax, mode, psw, pad,
+                  compiled_tail, reference_tail):  # fmt: skip
+    """Runs the fused row operator ``name`` (``sparse_update_`` or ``accumulate_scores_``) on the
+    compiled kernels or the reference: ``lead`` are its tensors before the table's normal form
+    (the in-place ones and ``grad_out``), the tails its own arguments (codes for the operator,
+    names for the reference)."""
+    width = grad_out.shape[-1]
     if _compiled(weight):
         am = argmax if argmax is not None else offsets.new_empty(0, 0)
-        _table_call(
-            lambda checked: torch.ops.pme.accumulate_scores_(
-                scores,
-                grad_out,
-                weight,
-                offsets,
-                indices,
-                bag_offsets,
-                per_sample_weights,
-                col_of_size,
-                am,
-                MODES[mode],
-                pad,
-                SCORE_RULES[rule],
-                table_checked=checked,
-            ),
-            weight,
-            offsets,
-            col_of_size,
-            grad_out.shape[-1],
-        )
+        op = getattr(torch.ops.pme, name)
+        args = (*lead, offsets, indices, bag_offsets, psw, col_of_size, am, MODES[mode], pad, *compiled_tail)
+        _table_call(lambda checked: op(*args, table_checked=checked), weight, offsets, col_of_size, width)
         return
     check_table(weight, offsets, col_of_size)
-    _check_reference_lookup(indices, bag_offsets, offsets, weight, col_of_size, grad_out.shape[1])
-    reference.accumulate_scores_(
-        scores,
-        grad_out,
-        weight,
-        offsets,
-        indices,
-        bag_offsets,
-        grad_out.shape[1],
-        col_of_size,
-        mode,
-        per_sample_weights,
-        None if pad < 0 else pad,
-        rule,
-    )
+    _check_reference_lookup(indices, bag_offsets, offsets, weight, col_of_size, width)
+    ref_args = (*lead, offsets, indices, bag_offsets, width, col_of_size, mode, psw, None if pad < 0 else pad)
+    getattr(reference, name)(*ref_args, *reference_tail)
 
 
 def topk_threshold(scores: torch.Tensor, k: int) -> torch.Tensor:
