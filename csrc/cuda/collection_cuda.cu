@@ -134,6 +134,20 @@ __global__ void coll_validate_lookups_kernel(Coll<I> c, unsigned long long* err)
   }
 }
 
+// The block table [F, 5] on the host (a small read, one synchronisation).
+inline std::vector<int64_t> read_blocks(const Ctx& ctx, const int64_t* feat, int64_t F) {
+  std::vector<int64_t> f(static_cast<size_t>(F * kFFields));
+  if (F) read_device(ctx, f.data(), feat, F * kFFields);
+  return f;
+}
+
+// The widest block (at least 1), as the CPU's max_width.
+inline int64_t max_width_of(const std::vector<int64_t>& f) {
+  int64_t m = 1;
+  for (size_t k = 0; k + kFFields <= f.size(); k += kFFields) m = std::max(m, f[k + kFWidth]);
+  return m;
+}
+
 // Checks everything the CPU backend checks and throws its messages (host synchronisation);
 // skipped when PME_CUDA_VALIDATE=0 or while capturing a CUDA graph.
 template <class I>
@@ -141,13 +155,10 @@ void coll_validate(const Ctx& ctx, const Tensor& like, const Coll<I>& c, bool we
   if (!validation_enabled() || ctx.capturing()) return;
   // The widest block bounds every row's size (as on the CPU): the (small) block table is read
   // once, unless the whole-table scan is skipped.
-  int64_t wmax = -1;
-  if (!table_checked) {
-    std::vector<int64_t> f(static_cast<size_t>(c.F * kFFields));
-    if (c.F) read_device(ctx, f.data(), c.feat, c.F * kFFields);
-    wmax = 1;
-    for (int64_t k = 0; k < c.F; ++k) wmax = std::max(wmax, f[k * kFFields + kFWidth]);
-  }
+  // The block table is read once for both uses (the widest block; the pooling of weighted blocks).
+  const std::vector<int64_t> blocks =
+      !table_checked || weighted ? read_blocks(ctx, c.feat, c.F) : std::vector<int64_t>{};
+  const int64_t wmax = table_checked ? -1 : max_width_of(blocks);
   Tensor err_t = torch::stable::new_empty(like, {kCNumErr}, ScalarType::Long);
   auto* err = static_cast<unsigned long long*>(err_t.mutable_data_ptr());
   PME_CUDA_CHECK(cudaMemsetAsync(err, 0xff, kCNumErr * sizeof(unsigned long long), ctx.stream));
@@ -183,11 +194,8 @@ void coll_validate(const Ctx& ctx, const Tensor& like, const Coll<I>& c, bool we
     PME_CHECK(false, "features[", k, "]: pooling must be 0 (sum) or 1 (mean), got ", f[kFPooling]);
   }
   if (weighted && c.F > 0) {
-    // Weights with a mean block: read the (small) block table once.
-    std::vector<int64_t> f(static_cast<size_t>(c.F * kFFields));
-    read_device(ctx, f.data(), c.feat, c.F * kFFields);
     for (int64_t k = 0; k < c.F; ++k) {
-      PME_CHECK(f[k * kFFields + kFPooling] == kSum, "features[", k,
+      PME_CHECK(blocks[k * kFFields + kFPooling] == kSum, "features[", k,
                 "]: per_sample_weights are only supported with sum pooling (as nn.EmbeddingBag)");
     }
   }
@@ -225,8 +233,7 @@ void coll_validate(const Ctx& ctx, const Tensor& like, const Coll<I>& c, bool we
   if (h[kCLookup] == kFine) return;
   const int64_t j = static_cast<int64_t>(h[kCLookup]);
   // The first block whose key holds j and whose table rejects it names the problem.
-  std::vector<int64_t> f(static_cast<size_t>(c.F * kFFields));
-  read_device(ctx, f.data(), c.feat, c.F * kFFields);
+  const std::vector<int64_t> f = read_blocks(ctx, c.feat, c.F);
   std::vector<int64_t> rows(static_cast<size_t>(c.T + 1));
   read_device(ctx, rows.data(), c.rows, c.T + 1);
   I iv = 0;
@@ -449,11 +456,7 @@ __global__ void psw_sum_kernel(const acc_t<T>* dot, const int64_t* ranges, int64
 }
 
 int64_t max_width_host(const Ctx& ctx, const Tensor& features, int64_t F) {
-  std::vector<int64_t> f(static_cast<size_t>(F * kFFields));
-  if (F) read_device(ctx, f.data(), features.const_data_ptr<int64_t>(), F * kFFields);
-  int64_t m = 1;
-  for (int64_t k = 0; k < F; ++k) m = std::max(m, f[k * kFFields + kFWidth]);
-  return m;
+  return max_width_of(read_blocks(ctx, features.const_data_ptr<int64_t>(), F));
 }
 
 // Builds the virtual single-table form of the batch and runs make_op(T{}) on every touched row;
