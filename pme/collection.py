@@ -181,98 +181,61 @@ def _is_kjt(x) -> bool:
 # --------------------------------------------------------------------------------------------
 # Operators: fake kernels and autograd (schemas in csrc/registration.cpp)
 # --------------------------------------------------------------------------------------------
+class _Batch(NamedTuple):
+    """A batch of a collection in the operators' normal form (``csrc/collection.h``): the
+    arguments every collection operator takes after ``offsets``, in their order."""
+
+    table_rows: torch.Tensor
+    features: torch.Tensor
+    indices: torch.Tensor
+    bag_offsets: torch.Tensor
+    per_sample_weights: torch.Tensor | None
+    batch_size: int
+
+
 if ops.BUILD_INFO is not None:
 
-    @torch.library.register_fake("pme::collection_forward")
-    def _(
-        weight,
-        offsets,
-        table_rows,
-        features,
-        indices,
-        bag_offsets,
-        per_sample_weights,
-        batch_size,
-        out_width,
-        table_checked=False,
-    ):
-        return weight.new_empty(batch_size, out_width)
+    @ops.register_fake("collection_forward")
+    def _(a):
+        return a.weight.new_empty(a.batch_size, a.out_width)
 
-    @torch.library.register_fake("pme::collection_backward")
-    def _(
-        grad_out,
-        weight,
-        offsets,
-        table_rows,
-        features,
-        indices,
-        bag_offsets,
-        per_sample_weights,
-        batch_size,
-        psw_grad,
-        table_checked=False,
-    ):
-        return torch.empty_like(weight), weight.new_empty(indices.shape[0] if psw_grad else 0)
+    @ops.register_fake("collection_backward")
+    def _(a):
+        return torch.empty_like(a.weight), a.weight.new_empty(a.indices.shape[0] if a.psw_grad else 0)
 
-    @torch.library.register_fake("pme::collection_update_")
-    def _(
-        weight,
-        state1,
-        state2,
-        grad_out,
-        offsets,
-        table_rows,
-        features,
-        indices,
-        bag_offsets,
-        per_sample_weights,
-        batch_size,
-        optimizer,
-        lr,
-        weight_decay,
-        eps,
-        beta1,
-        beta2,
-        step,
-        table_checked=False,
-    ):
+    @ops.register_fake("collection_update_")
+    def _(a):
         return None
 
     def _setup(ctx, inputs, output):
-        weight, offsets, table_rows, features, indices, bag_offsets, psw, batch_size, out_width = inputs[:9]
-        ctx.batch_size = batch_size
-        ctx.psw_grad = psw is not None and ctx.needs_input_grad[6]
-        ctx.save_for_backward(weight, offsets, table_rows, features, indices, bag_offsets, psw)
+        weight, offsets, *args = inputs[:8]
+        batch = _Batch(*args)
+        ctx.batch_size = batch.batch_size
+        ctx.psw_grad = batch.per_sample_weights is not None and ctx.needs_input_grad[6]
+        ctx.save_for_backward(weight, offsets, *batch[:5])
 
     def _backward(ctx, grad_out):
-        weight, offsets, table_rows, features, indices, bag_offsets, psw = ctx.saved_tensors
+        weight, offsets, *tensors = ctx.saved_tensors
+        batch = _Batch(*tensors, ctx.batch_size)
+        # the forward's table, saved unchanged: checked
         gw, gp = torch.ops.pme.collection_backward(
-            grad_out.contiguous(),
-            weight,
-            offsets,
-            table_rows,
-            features,
-            indices,
-            bag_offsets,
-            psw,
-            ctx.batch_size,
-            ctx.psw_grad,
-            table_checked=True,
-        )  # the forward's table, saved unchanged
+            grad_out.contiguous(), weight, offsets, *batch, ctx.psw_grad, table_checked=True
+        )
         return gw, None, None, None, None, None, (gp if ctx.psw_grad else None), None, None, None
 
     torch.library.register_autograd("pme::collection_forward", _backward, setup_context=_setup)
 
 
-def _virtual(weight, offsets, table_rows, features, indices, bag_offsets, psw, B):
+def _virtual(weight, batch: _Batch):
     """The batch as one lookup of the global table (reference path): every (block, lookup) pair
     becomes a lookup of global row ``table_rows[t] + index``, block k sample b a bag ``k * B + b``.
 
     Returns ``(vidx [M] int64, vbo [F * B + 1] int64, vpsw [M] or None, blocks)``.
     """
-    feats = features.tolist()
-    bo = bag_offsets.long()
-    rows = table_rows.tolist()
+    feats = batch.features.tolist()
+    bo = batch.bag_offsets.long()
+    rows = batch.table_rows.tolist()
+    indices, psw, B = batch.indices, batch.per_sample_weights, batch.batch_size
     vidx, vbo, vpsw = [], [torch.zeros(1, dtype=torch.int64, device=weight.device)], []
     m = 0
     for t, g, _col, _w, _pool in feats:
@@ -286,15 +249,16 @@ def _virtual(weight, offsets, table_rows, features, indices, bag_offsets, psw, B
     return vidx, torch.cat(vbo), (torch.cat(vpsw) if psw is not None and vpsw else psw), feats
 
 
-def _reference_forward(weight, offsets, table_rows, features, indices, bag_offsets, psw, B, out_width):
+def _reference_forward(weight, offsets, batch: _Batch, out_width):
     """Pure-PyTorch collection lookup (pme.reference, one block at a time)."""
+    B, psw = batch.batch_size, batch.per_sample_weights
     out = weight.new_zeros(B, out_width)
-    feats = features.tolist()
-    rows = table_rows.tolist()
-    bo = bag_offsets.long()
+    feats = batch.features.tolist()
+    rows = batch.table_rows.tolist()
+    bo = batch.bag_offsets.long()
     for k, (t, g, col, w, pool) in enumerate(feats):
         s, e = int(bo[g * B]), int(bo[g * B + B])
-        idx = indices[s:e].long()
+        idx = batch.indices[s:e].long()
         vt = rows[t + 1] - rows[t]
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= vt):
             j = int(((idx < 0) | (idx >= vt)).nonzero()[0])
@@ -355,28 +319,16 @@ def collection_lookup(
     Returns ``[batch_size, out_width]`` of weight's dtype; differentiable in weight and the weights.
     The whole offset table is checked once per version (see pme.ops), every lookup on every call.
     """
+    batch = _Batch(table_rows, features, indices, bag_offsets, per_sample_weights, int(batch_size))
     if ops._compiled(weight):
         return _collection_call(
-            lambda checked: torch.ops.pme.collection_forward(
-                weight,
-                offsets,
-                table_rows,
-                features,
-                indices,
-                bag_offsets,
-                per_sample_weights,
-                int(batch_size),
-                int(out_width),
-                table_checked=checked,
-            ),
+            lambda checked: torch.ops.pme.collection_forward(weight, offsets, *batch, int(out_width), checked),
             weight,
             offsets,
             features,
             _width,
         )
-    return _reference_forward(
-        weight, offsets, table_rows, features, indices, bag_offsets, per_sample_weights, int(batch_size), int(out_width)
-    )
+    return _reference_forward(weight, offsets, batch, int(out_width))
 
 
 def collection_update_(
@@ -409,39 +361,17 @@ def collection_update_(
     """
     if optimizer not in ops.OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {sorted(ops.OPTIMIZERS)}, got {optimizer!r}")
+    batch = _Batch(table_rows, features, indices, bag_offsets, per_sample_weights, int(batch_size))
+    hyper = (float(lr), float(weight_decay), float(eps), float(beta1), float(beta2), int(step))
     if ops._compiled(weight):
+        code = ops.OPTIMIZERS[optimizer]
+        args = (weight, state1, state2, grad_out, offsets, *batch, code, *hyper)
         _collection_call(
-            lambda checked: torch.ops.pme.collection_update_(
-                weight,
-                state1,
-                state2,
-                grad_out,
-                offsets,
-                table_rows,
-                features,
-                indices,
-                bag_offsets,
-                per_sample_weights,
-                int(batch_size),
-                ops.OPTIMIZERS[optimizer],
-                float(lr),
-                float(weight_decay),
-                float(eps),
-                float(beta1),
-                float(beta2),
-                int(step),
-                table_checked=checked,
-            ),
-            weight,
-            offsets,
-            features,
-            _width,
+            lambda checked: torch.ops.pme.collection_update_(*args, checked), weight, offsets, features, _width
         )
         return
-    B = int(batch_size)
-    vidx, vbo, vpsw, feats = _virtual(
-        weight, offsets, table_rows, features, indices, bag_offsets, per_sample_weights, B
-    )
+    B = batch.batch_size
+    vidx, vbo, vpsw, feats = _virtual(weight, batch)
     # Mean blocks: their bags' gradient divided by the bag's length; every block padded to Wmax.
     Wmax = max([f[3] for f in feats] + [1])
     vgrad = grad_out.new_zeros(len(feats) * B, Wmax)
@@ -451,27 +381,8 @@ def collection_update_(
         if pool == 1:
             gk = gk / lens[k * B : (k + 1) * B].clamp(min=1).unsqueeze(1)
         vgrad[k * B : (k + 1) * B, :w] = gk
-    reference.sparse_update_(
-        weight,
-        state1,
-        state2,
-        vgrad,
-        offsets,
-        vidx,
-        vbo,
-        Wmax,
-        None,
-        "sum",
-        vpsw,
-        None,
-        optimizer,
-        lr,
-        weight_decay,
-        eps,
-        beta1,
-        beta2,
-        step,
-    )
+    lookup = (offsets, vidx, vbo, Wmax, None, "sum", vpsw, None)  # pme.reference's order
+    reference.sparse_update_(weight, state1, state2, vgrad, *lookup, optimizer, *hyper)
 
 
 class CollectionRows(NamedTuple):
@@ -492,21 +403,16 @@ class CollectionRows(NamedTuple):
     def update_(self, module, state1, state2, grad_out, **step) -> None:
         """One fused optimizer step of every table of ``module`` on these rows (:func:`collection_update_`);
         as ``pme.ops.BackwardRows.update_``."""
-        collection_update_(
-            module.weight.data,
-            state1,
-            state2,
-            grad_out,
-            module.offsets,
-            module.table_rows,
-            self.features,
-            self.indices,
-            self.bag_offsets,
-            self.per_sample_weights,
-            batch_size=self.batch_size,
-            _width=module._block_width(),
-            **step,
-        )
+        args, kwargs = self.operator_args(module)
+        collection_update_(module.weight.data, state1, state2, grad_out, *args, **kwargs, **step)
+
+    def operator_args(self, module):
+        """These rows of ``module``'s tables as :func:`collection_lookup` and :func:`collection_update_`
+        take them after their leading tensors: ``(offsets, table_rows, features, indices,
+        bag_offsets, per_sample_weights)`` and the keywords ``batch_size``, ``_width``."""
+        args = (module.offsets, module.table_rows, self.features, self.indices, self.bag_offsets)
+        kwargs = {"batch_size": self.batch_size, "_width": module._block_width()}
+        return (*args, self.per_sample_weights), kwargs
 
 
 class _ConsumedCollectionLookup(torch.autograd.Function):
@@ -514,18 +420,7 @@ class _ConsumedCollectionLookup(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, anchor, consumer, module, indices, bag_offsets, features, psw, B):
-        out = collection_lookup(
-            module.weight,
-            module.offsets,
-            module.table_rows,
-            features,
-            indices,
-            bag_offsets,
-            psw,
-            batch_size=B,
-            out_width=module.out_width,
-            _width=module._block_width(),
-        )
+        out = module._lookup(CollectionRows(None, indices, bag_offsets, features, psw, B))
         ctx.consumer, ctx.module, ctx.B = consumer, module, B
         ctx.save_for_backward(indices, bag_offsets, features, psw)
         return out
@@ -847,6 +742,11 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
         return keys, values.contiguous(), offs.contiguous(), (w.contiguous() if w is not None else None), int(B)
 
     # ---- forward ----------------------------------------------------------------------------
+    def _lookup(self, rows: CollectionRows):
+        """:func:`collection_lookup` of a batch (``rows`` without its ``grad_out``)."""
+        args, kwargs = rows.operator_args(self)
+        return collection_lookup(self.weight, *args, out_width=self.out_width, **kwargs)
+
     def forward(self, features):
         """KeyedJaggedTensor -> KeyedTensor, or ``{feature: (values, offsets[, weights])}`` -> KeyedOutput.
 
@@ -859,18 +759,7 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
             anchor = torch.zeros((), device=self.weight.device, requires_grad=True)
             values = _ConsumedCollectionLookup.apply(anchor, self.optimizer, self, idx, bo, feats, psw, B)
         else:
-            values = collection_lookup(
-                self.weight,
-                self.offsets,
-                self.table_rows,
-                feats,
-                idx,
-                bo,
-                psw,
-                batch_size=B,
-                out_width=self.out_width,
-                _width=self._block_width(),
-            )
+            values = self._lookup(CollectionRows(None, idx, bo, feats, psw, B))
         lengths = [self._tables[ti].embedding_dim for ti, _, _ in self._blocks]
         if _is_kjt(features):
             from torchrec.sparse.jagged_tensor import KeyedTensor

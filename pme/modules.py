@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 
 import torch
@@ -113,22 +114,24 @@ class _MultiSizeTable(nn.Module):
     sizes (the module is re-shaped to the loaded one).
     """
 
+    # Every argument is given by the subclasses (by name, see _table_args): the defaults are the
+    # public constructors', in the positional orders of nn.EmbeddingBag and nn.Embedding.
     def __init__(
         self,
         num_embeddings,
         embedding_dim,
-        sizes=None,
-        padding_idx=None,
-        layout="padded",
-        size_classes=None,
-        project=False,
-        device=None,
-        dtype=None,
-        _weight=None,
-        max_norm=None,
-        norm_type=2.0,
-        scale_grad_by_freq=False,
-        sparse=False,
+        sizes,
+        padding_idx,
+        layout,
+        size_classes,
+        project,
+        device,
+        dtype,
+        _weight,
+        max_norm,
+        norm_type,
+        scale_grad_by_freq,
+        sparse,
     ):
         super().__init__()
         if max_norm is not None and (isinstance(max_norm, bool) or not isinstance(max_norm, (int, float))):
@@ -512,6 +515,11 @@ class _MultiSizeTable(nn.Module):
     def _apply_projection(self, out):
         return out @ self.projection if self.projection is not None else out
 
+    def _lookup_options(self) -> dict:
+        """The table's keyword arguments of ops.embedding_bag and ops.embedding."""
+        names = ("col_of_size", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
+        return {"width": self.width, **{k: getattr(self, k) for k in names}}
+
     # ---- constructors -----------------------------------------------------------------------
     @classmethod
     def from_dense(
@@ -536,7 +544,13 @@ class _MultiSizeTable(nn.Module):
         return cls(V, D, sizes=sizes, _weight=flat, **kwargs)
 
     @classmethod
-    def _pretrained(cls, embeddings, freeze, sizes, kwargs):
+    def _pretrained(cls, args: dict):
+        """``from_pretrained`` of a subclass from its arguments by name (its ``locals()``):
+        ``embeddings``, ``freeze``, ``sizes`` and ``kwargs``; every other one is a constructor keyword
+        (nn's ``from_pretrained`` takes them positionally)."""
+        args = {k: v for k, v in args.items() if k not in ("cls", "__class__")}
+        embeddings, freeze, sizes = args.pop("embeddings"), args.pop("freeze"), args.pop("sizes")
+        kwargs = {**args.pop("kwargs"), **args}
         if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2:
             raise ops.ArgumentError(
                 "Embeddings parameter is expected to be 2-dimensional [V, D], got shape "
@@ -550,6 +564,14 @@ class _MultiSizeTable(nn.Module):
         m = cls.from_dense(embeddings, sizes, **kwargs)
         m.weight.requires_grad_(not freeze)
         return m
+
+
+def _table_args(args: dict) -> dict:
+    """The arguments of ``_MultiSizeTable.__init__`` among a subclass constructor's ``locals()``."""
+    return {k: args[k] for k in _TABLE_ARGS}
+
+
+_TABLE_ARGS = tuple(inspect.signature(_MultiSizeTable.__init__).parameters)[1:]  # all but self
 
 
 class MultiSizeEmbeddingBag(_MultiSizeTable):
@@ -607,22 +629,7 @@ class MultiSizeEmbeddingBag(_MultiSizeTable):
         if mode not in ops.MODES:
             raise ValueError(f"mode must be one of {sorted(ops.MODES)}, got {mode!r}")
         _check_fused(optimizer, sparse, scale_grad_by_freq)
-        super().__init__(
-            num_embeddings,
-            embedding_dim,
-            sizes,
-            padding_idx,
-            layout,
-            size_classes,
-            project,
-            device,
-            dtype,
-            _weight,
-            max_norm,
-            norm_type,
-            scale_grad_by_freq,
-            sparse,
-        )
+        super().__init__(**_table_args(locals()))
         self.mode = mode
         self.include_last_offset = include_last_offset
         self.optimizer = None
@@ -643,16 +650,10 @@ class MultiSizeEmbeddingBag(_MultiSizeTable):
                 self.offsets,
                 input,
                 offsets,
-                width=self.width,
-                col_of_size=self.col_of_size,
                 mode=self.mode,
                 per_sample_weights=per_sample_weights,
-                padding_idx=self.padding_idx,
                 include_last_offset=self.include_last_offset,
-                max_norm=self.max_norm,
-                norm_type=self.norm_type,
-                scale_grad_by_freq=self.scale_grad_by_freq,
-                sparse=self.sparse,
+                **self._lookup_options(),
             )
         return self._apply_projection(out)
 
@@ -678,16 +679,7 @@ class MultiSizeEmbeddingBag(_MultiSizeTable):
         ``sizes[i]`` values (default: all ``D``; ``scores=`` and ``order=`` as in :meth:`from_dense`);
         ``freeze=True`` (the default, as in torch) makes ``weight`` not require a gradient.
         """
-        kwargs.update(
-            max_norm=max_norm,
-            norm_type=norm_type,
-            scale_grad_by_freq=scale_grad_by_freq,
-            mode=mode,
-            sparse=sparse,
-            include_last_offset=include_last_offset,
-            padding_idx=padding_idx,
-        )
-        return cls._pretrained(embeddings, freeze, sizes, kwargs)
+        return cls._pretrained(locals())
 
     def extra_repr(self) -> str:
         s = super().extra_repr() + f", mode={self.mode!r}"
@@ -746,22 +738,7 @@ class MultiSizeEmbedding(_MultiSizeTable):
         optimizer=None,
     ):
         _check_fused(optimizer, sparse, scale_grad_by_freq)
-        super().__init__(
-            num_embeddings,
-            embedding_dim,
-            sizes,
-            padding_idx,
-            layout,
-            size_classes,
-            project,
-            device,
-            dtype,
-            _weight,
-            max_norm,
-            norm_type,
-            scale_grad_by_freq,
-            sparse,
-        )
+        super().__init__(**_table_args(locals()))
         self.weight.requires_grad_(not _freeze)
         self.optimizer = None
         if optimizer is not None:
@@ -782,18 +759,7 @@ class MultiSizeEmbedding(_MultiSizeTable):
                 else out.reshape(*input.shape, self.width)
             )
         else:
-            out = ops.embedding(
-                self.weight,
-                self.offsets,
-                input,
-                width=self.width,
-                col_of_size=self.col_of_size,
-                padding_idx=self.padding_idx,
-                max_norm=self.max_norm,
-                norm_type=self.norm_type,
-                scale_grad_by_freq=self.scale_grad_by_freq,
-                sparse=self.sparse,
-            )
+            out = ops.embedding(self.weight, self.offsets, input, **self._lookup_options())
         return self._apply_projection(out)
 
     @classmethod
@@ -812,14 +778,7 @@ class MultiSizeEmbedding(_MultiSizeTable):
     ):
         """As ``nn.Embedding.from_pretrained`` (same positional order), plus keyword-only ``sizes``
         (see ``MultiSizeEmbeddingBag.from_pretrained``)."""
-        kwargs.update(
-            padding_idx=padding_idx,
-            max_norm=max_norm,
-            norm_type=norm_type,
-            scale_grad_by_freq=scale_grad_by_freq,
-            sparse=sparse,
-        )
-        return cls._pretrained(embeddings, freeze, sizes, kwargs)
+        return cls._pretrained(locals())
 
     @classmethod
     def from_embedding(cls, module: nn.Embedding, sizes, init: str = "kept", scores=None, **kwargs):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 import weakref
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import torch
@@ -183,218 +184,168 @@ def _same_device(op: str, **tensors):
         )
 
 
+def register_fake(name: str):
+    """Decorator: ``result(a)`` becomes the fake (meta) kernel of ``pme::name``.
+
+    ``a`` holds the call's arguments by their names in the operator's schema
+    (``csrc/registration.cpp``); every tensor argument is first checked to be on one device
+    (:func:`_same_device`). Also used by ``pme.collection`` for its operators.
+    """
+    names = [arg.name for arg in getattr(torch.ops.pme, name).default._schema.arguments]
+
+    def register(result):
+        def fake(*args, **kwargs):
+            a = SimpleNamespace(**dict(zip(names, args)), **kwargs)
+            _same_device(name, **{k: v for k, v in vars(a).items() if isinstance(v, torch.Tensor)})
+            return result(a)
+
+        torch.library.register_fake(f"pme::{name}")(fake)
+        return result
+
+    return register
+
+
+class _Bags(NamedTuple):
+    """A pooled lookup in the operators' normal form, less the values it reads (``weight``, or a
+    tensor shaped like it, is given to each call): the fields are ``bag_forward``'s arguments after
+    ``weight``, in its order, and the backward operators take the same ones around ``argmax``.
+
+    ``mode`` is the pooling code (``MODES``), ``padding_idx`` -1 for none. ``bag_offsets=None``
+    (before :class:`_SparseGradLookup` fills it in) is the non-pooled lookup.
+    """
+
+    offsets: torch.Tensor
+    indices: torch.Tensor
+    bag_offsets: torch.Tensor | None
+    per_sample_weights: torch.Tensor | None
+    col_of_size: torch.Tensor | None
+    width: int
+    mode: int
+    padding_idx: int
+
+    def lookup(self, weight, table_checked=True):
+        """``pme::bag_forward``: ``(out [B, width], argmax)``."""
+        return torch.ops.pme.bag_forward(weight, *self, table_checked=table_checked)
+
+    def embedding(self, weight, table_checked=True):
+        """``pme::embedding_forward`` of the indices (the bags and their weights unused): ``[N, width]``."""
+        return torch.ops.pme.embedding_forward(
+            weight, self.offsets, self.indices, self.col_of_size, self.width, self.padding_idx, table_checked
+        )
+
+    def row_args(self, argmax):
+        """The arguments every backward-side operator (``bag_backward``, ``bag_backward_sparse``,
+        ``sparse_update_``, ``accumulate_scores_``) takes after its leading tensors."""
+        return (*self[:5], argmax, self.mode, self.padding_idx)
+
+    def backward(self, grad_out, weight, argmax, psw_grad):
+        """``pme::bag_backward`` on a checked table: ``(weight grad, per_sample_weights grad)``."""
+        return torch.ops.pme.bag_backward(grad_out, weight, *self.row_args(argmax), psw_grad, table_checked=True)
+
+    def weighted(self, psw):
+        """The sum lookup weighted by ``psw`` (what a lookup is linear in, besides the weight)."""
+        return self._replace(per_sample_weights=psw.contiguous(), mode=MODES["sum"])
+
+    def reference_args(self):
+        """This lookup as the ``pme.reference`` functions take it after their leading tensors."""
+        pad = None if self.padding_idx < 0 else self.padding_idx
+        psw, mode = self.per_sample_weights, _MODE_NAMES[self.mode]
+        return (self.offsets, self.indices, self.bag_offsets, self.width, self.col_of_size, mode, psw, pad)
+
+    def memo_call(self, weight, fn):
+        """``fn(table_checked)`` through the whole-table-check memo (:func:`_table_call`)."""
+        return _table_call(fn, weight, self.offsets, self.col_of_size, self.width)
+
+
+def _save(ctx, bags: _Bags, *tensors):
+    """Saves a lookup and more tensors (weight, argmax, ...; None allowed) for backward; returns
+    the tensors saved (for ``save_for_forward``)."""
+    saved = (*bags[:5], *tensors)
+    ctx.save_for_backward(*saved)
+    ctx.bag_args = bags[5:]
+    return saved
+
+
+def _saved(ctx):
+    """What :func:`_save` saved: ``(the lookup, (the further tensors))``."""
+    t = ctx.saved_tensors
+    return _Bags(*t[:5], *ctx.bag_args), t[5:]
+
+
+def _bag_setup(ctx, inputs, output):
+    weight, *args = inputs[:9]
+    bags = _Bags(*args)
+    ctx.psw_grad = bags.per_sample_weights is not None and ctx.needs_input_grad[4]
+    return _save(ctx, bags, weight, output[1])
+
+
+def _bag_backward(ctx, grad_out, _grad_argmax=None):
+    """Backward of ``pme::bag_forward``: gradients of (weight, its 8 normal-form arguments, table_checked)."""
+    bags, (weight, argmax) = _saved(ctx)
+    gw, gp = bags.backward(grad_out.contiguous(), weight, argmax, ctx.psw_grad)
+    return gw, None, None, None, (gp if ctx.psw_grad else None), None, None, None, None, None
+
+
+def _emb_setup(ctx, inputs, output):
+    weight, offsets, indices, col_of_size, out_width, padding_idx = inputs[:6]
+    ctx.width, ctx.padding_idx = out_width, padding_idx
+    saved = (weight, offsets, indices, col_of_size)
+    ctx.save_for_backward(*saved)
+    return saved
+
+
+def _emb_backward(ctx, grad_out):
+    """Backward of ``pme::embedding_forward``: gradients of its 7 arguments."""
+    weight, offsets, indices, col_of_size = ctx.saved_tensors
+    gw = torch.ops.pme.embedding_backward(
+        grad_out.contiguous(), weight, offsets, indices, col_of_size, ctx.padding_idx, table_checked=True
+    )
+    return gw, None, None, None, None, None, None
+
+
 if BUILD_INFO is not None:
 
-    @torch.library.register_fake("pme::bag_forward")
-    def _(
-        weight,
-        offsets,
-        indices,
-        bag_offsets,
-        per_sample_weights,
-        col_of_size,
-        out_width,
-        mode,
-        padding_idx,
-        table_checked=False,
-    ):
-        _same_device(
-            "bag_forward",
-            weight=weight,
-            offsets=offsets,
-            indices=indices,
-            bag_offsets=bag_offsets,
-            per_sample_weights=per_sample_weights,
-            col_of_size=col_of_size,
-        )
-        B = bag_offsets.shape[0] - 1
-        out = weight.new_empty(B, out_width)
-        argmax = offsets.new_empty((B, out_width) if mode == 2 else (0, 0))
-        return out, argmax
+    @register_fake("bag_forward")
+    def _(a):
+        B = a.bag_offsets.shape[0] - 1
+        argmax_shape = (B, a.out_width) if a.pooling == 2 else (0, 0)
+        return a.weight.new_empty(B, a.out_width), a.offsets.new_empty(argmax_shape)
 
-    @torch.library.register_fake("pme::bag_backward")
-    def _(
-        grad_out,
-        weight,
-        offsets,
-        indices,
-        bag_offsets,
-        per_sample_weights,
-        col_of_size,
-        argmax,
-        mode,
-        padding_idx,
-        psw_grad,
-        table_checked=False,
-    ):
-        _same_device(
-            "bag_backward",
-            grad_out=grad_out,
-            weight=weight,
-            offsets=offsets,
-            indices=indices,
-            bag_offsets=bag_offsets,
-            per_sample_weights=per_sample_weights,
-            col_of_size=col_of_size,
-            argmax=argmax,
-        )
-        return torch.empty_like(weight), weight.new_empty(indices.shape[0] if psw_grad else 0)
+    @register_fake("bag_backward")
+    def _(a):
+        return torch.empty_like(a.weight), a.weight.new_empty(a.indices.shape[0] if a.psw_grad else 0)
 
-    @torch.library.register_fake("pme::bag_backward_sparse")
-    def _(
-        grad_out,
-        weight,
-        offsets,
-        indices,
-        bag_offsets,
-        per_sample_weights,
-        col_of_size,
-        argmax,
-        mode,
-        padding_idx,
-        scale_grad_by_freq,
-        table_checked=False,
-    ):
+    @register_fake("bag_backward_sparse")
+    def _(a):
         nnz = torch.library.get_ctx().new_dynamic_size()
-        return offsets.new_empty(nnz), weight.new_empty(nnz)
+        return a.offsets.new_empty(nnz), a.weight.new_empty(nnz)
 
-    @torch.library.register_fake("pme::embedding_forward")
-    def _(weight, offsets, indices, col_of_size, out_width, padding_idx, table_checked=False):
-        _same_device("embedding_forward", weight=weight, offsets=offsets, indices=indices, col_of_size=col_of_size)
-        return weight.new_empty(indices.shape[0], out_width)
+    @register_fake("embedding_forward")
+    def _(a):
+        return a.weight.new_empty(a.indices.shape[0], a.out_width)
 
-    @torch.library.register_fake("pme::embedding_backward")
-    def _(grad_out, weight, offsets, indices, col_of_size, padding_idx, table_checked=False):
-        _same_device(
-            "embedding_backward",
-            grad_out=grad_out,
-            weight=weight,
-            offsets=offsets,
-            indices=indices,
-            col_of_size=col_of_size,
-        )
-        return torch.empty_like(weight)
+    @register_fake("embedding_backward")
+    def _(a):
+        return torch.empty_like(a.weight)
 
-    @torch.library.register_fake("pme::sparse_update_")
-    def _(
-        weight,
-        state1,
-        state2,
-        grad_out,
-        offsets,
-        indices,
-        bag_offsets,
-        per_sample_weights,
-        col_of_size,
-        argmax,
-        mode,
-        padding_idx,
-        optimizer,
-        lr,
-        weight_decay,
-        eps,
-        beta1,
-        beta2,
-        step,
-        table_checked=False,
-    ):
-        _same_device(
-            "sparse_update_",
-            weight=weight,
-            state1=state1,
-            state2=state2,
-            grad_out=grad_out,
-            offsets=offsets,
-            indices=indices,
-            bag_offsets=bag_offsets,
-            per_sample_weights=per_sample_weights,
-            col_of_size=col_of_size,
-            argmax=argmax,
-        )
+    @register_fake("sparse_update_")
+    @register_fake("accumulate_scores_")
+    def _(a):
         return None
 
-    @torch.library.register_fake("pme::accumulate_scores_")
-    def _(
-        scores,
-        grad_out,
-        weight,
-        offsets,
-        indices,
-        bag_offsets,
-        per_sample_weights,
-        col_of_size,
-        argmax,
-        mode,
-        padding_idx,
-        rule,
-        table_checked=False,
-    ):
-        _same_device(
-            "accumulate_scores_",
-            scores=scores,
-            grad_out=grad_out,
-            weight=weight,
-            offsets=offsets,
-            indices=indices,
-            bag_offsets=bag_offsets,
-            per_sample_weights=per_sample_weights,
-            col_of_size=col_of_size,
-            argmax=argmax,
-        )
-        return None
+    @register_fake("topk_threshold")
+    def _(a):
+        return a.scores.new_empty(())
 
-    @torch.library.register_fake("pme::topk_threshold")
-    def _(scores, k):
-        return scores.new_empty(())
+    @register_fake("prune_counts")
+    def _(a):
+        return a.scores.new_empty(a.scores.shape[0], dtype=torch.int64)
 
-    @torch.library.register_fake("pme::prune_counts")
-    def _(scores, threshold):
-        _same_device("prune_counts", scores=scores, threshold=threshold)
-        return scores.new_empty(scores.shape[0], dtype=torch.int64)
-
-    @torch.library.register_fake("pme::prune_pack")
-    def _(dense, scores, offsets, by_score):
-        _same_device("prune_pack", dense=dense, scores=scores, offsets=offsets)
-        total = torch.library.get_ctx().new_dynamic_size()
-        return dense.new_empty(total)
-
-    def _bag_setup(ctx, inputs, output):
-        weight, offsets, indices, bag_offsets, psw, col_of_size, out_width, mode, padding_idx = inputs[:9]
-        ctx.mode, ctx.padding_idx = mode, padding_idx
-        ctx.psw_grad = psw is not None and ctx.needs_input_grad[4]
-        ctx.save_for_backward(weight, offsets, indices, bag_offsets, psw, col_of_size, output[1])
-
-    def _bag_backward(ctx, grad_out, _grad_argmax):
-        weight, offsets, indices, bag_offsets, psw, col_of_size, argmax = ctx.saved_tensors
-        gw, gp = torch.ops.pme.bag_backward(
-            grad_out.contiguous(),
-            weight,
-            offsets,
-            indices,
-            bag_offsets,
-            psw,
-            col_of_size,
-            argmax,
-            ctx.mode,
-            ctx.padding_idx,
-            ctx.psw_grad,
-            table_checked=True,
-        )
-        return gw, None, None, None, (gp if ctx.psw_grad else None), None, None, None, None, None
+    @register_fake("prune_pack")
+    def _(a):
+        return a.dense.new_empty(torch.library.get_ctx().new_dynamic_size())
 
     torch.library.register_autograd("pme::bag_forward", _bag_backward, setup_context=_bag_setup)
-
-    def _emb_setup(ctx, inputs, output):
-        weight, offsets, indices, col_of_size, out_width, padding_idx = inputs[:6]
-        ctx.padding_idx = padding_idx
-        ctx.save_for_backward(weight, offsets, indices, col_of_size)
-
-    def _emb_backward(ctx, grad_out):
-        weight, offsets, indices, col_of_size = ctx.saved_tensors
-        gw = torch.ops.pme.embedding_backward(
-            grad_out.contiguous(), weight, offsets, indices, col_of_size, ctx.padding_idx, table_checked=True
-        )
-        return gw, None, None, None, None, None, None
 
     torch.library.register_autograd("pme::embedding_forward", _emb_backward, setup_context=_emb_setup)
 
@@ -404,57 +355,23 @@ if BUILD_INFO is not None:
     # the backward is also linear in them (and their gradient linear in weight and grad_out),
     # which gives the other terms.
     def _bagbwd_setup(ctx, inputs, output):
-        grad_out, weight, offsets, indices, bag_offsets, psw, col_of_size, argmax, mode, pad, psw_grad = inputs[:11]
-        ctx.mode, ctx.pad, ctx.psw_grad = mode, pad, psw_grad
-        ctx.save_for_backward(grad_out, weight, offsets, indices, bag_offsets, psw, col_of_size, argmax)
+        grad_out, weight, offsets, indices, bag_offsets, psw, col, argmax, mode, pad, psw_grad = inputs[:11]
+        ctx.psw_grad = psw_grad
+        bags = _Bags(offsets, indices, bag_offsets, psw, col, grad_out.shape[1], mode, pad)
+        _save(ctx, bags, grad_out, weight, argmax)
 
     def _bagbwd_backward(ctx, gg_w, gg_p):
-        grad_out, weight, offsets, indices, bag_offsets, psw, col, argmax = ctx.saved_tensors
-        W = grad_out.shape[1]
+        bags, (grad_out, weight, argmax) = _saved(ctx)
         g_go = g_w = g_psw = None
+        by_p = ctx.psw_grad and gg_p is not None  # the incoming gradient of per_sample_weights' gradient
         if ctx.needs_input_grad[0]:
-            g_go = (
-                _linear_lookup(gg_w.contiguous(), offsets, indices, bag_offsets, psw, col, W, ctx.mode, ctx.pad, argmax)
-                if gg_w is not None
-                else grad_out.new_zeros(grad_out.shape)
-            )
-            if ctx.psw_grad and gg_p is not None:
-                g_go = (
-                    g_go
-                    + torch.ops.pme.bag_forward(
-                        weight, offsets, indices, bag_offsets, gg_p.contiguous(), col, W, 0, ctx.pad, table_checked=True
-                    )[0]
-                )
-        if ctx.needs_input_grad[1] and ctx.psw_grad and gg_p is not None:
-            g_w = torch.ops.pme.bag_backward(
-                grad_out,
-                weight,
-                offsets,
-                indices,
-                bag_offsets,
-                gg_p.contiguous(),
-                col,
-                argmax,
-                0,
-                ctx.pad,
-                False,
-                table_checked=True,
-            )[0]
-        if ctx.needs_input_grad[5] and psw is not None and gg_w is not None:
-            g_psw = torch.ops.pme.bag_backward(
-                grad_out,
-                gg_w.contiguous(),
-                offsets,
-                indices,
-                bag_offsets,
-                psw,
-                col,
-                argmax,
-                ctx.mode,
-                ctx.pad,
-                True,
-                table_checked=True,
-            )[1]
+            g_go = _linear_lookup(gg_w, bags, argmax) if gg_w is not None else grad_out.new_zeros(grad_out.shape)
+            if by_p:
+                g_go = g_go + bags.weighted(gg_p).lookup(weight)[0]
+        if ctx.needs_input_grad[1] and by_p:
+            g_w = bags.weighted(gg_p).backward(grad_out, weight, argmax, False)[0]
+        if ctx.needs_input_grad[5] and bags.per_sample_weights is not None and gg_w is not None:
+            g_psw = bags.backward(grad_out, gg_w.contiguous(), argmax, True)[1]
         return g_go, g_w, None, None, None, g_psw, None, None, None, None, None, None
 
     torch.library.register_autograd("pme::bag_backward", _bagbwd_backward, setup_context=_bagbwd_setup)
@@ -478,23 +395,22 @@ if BUILD_INFO is not None:
     torch.library.register_autograd("pme::embedding_backward", _embbwd_backward, setup_context=_embbwd_setup)
 
 
-def _linear_lookup(t, offsets, indices, bag_offsets, psw, col_of_size, width, mode, pad, argmax):
+def _linear_lookup(t, bags: _Bags, argmax):
     """The pooled lookup of ``t`` (a ``[total]`` tensor shaped like weight) as a linear map.
 
     sum / mean: the lookup itself. max: the entries the forward's argmax picked (0 where the
     implicit zero of the dense view won), i.e. the derivative of the max at that point.
     """
-    if mode != 2:
-        return torch.ops.pme.bag_forward(
-            t, offsets, indices, bag_offsets, psw, col_of_size, width, mode, pad, table_checked=True
-        )[0]
-    B = bag_offsets.numel() - 1
-    if indices.numel() == 0 or B == 0:
+    t = t.contiguous()
+    if bags.mode != MODES["max"]:
+        return bags.lookup(t)[0]
+    B, width = bags.bag_offsets.numel() - 1, bags.width
+    if bags.indices.numel() == 0 or B == 0:
         return t.new_zeros(B, width)
     hit = argmax >= 0
-    rows = indices.long()[argmax.clamp(min=0)]
-    lo = offsets[rows]
-    col0 = 0 if col_of_size is None else col_of_size[offsets[rows + 1] - lo]
+    rows = bags.indices.long()[argmax.clamp(min=0)]
+    lo = bags.offsets[rows]
+    col0 = 0 if bags.col_of_size is None else bags.col_of_size[bags.offsets[rows + 1] - lo]
     entry = lo + torch.arange(width, device=t.device) - col0
     return torch.where(hit, t[entry.masked_fill(~hit, 0)], t.new_zeros(()))
 
@@ -507,7 +423,8 @@ def _forward_ad_active() -> bool:
 
 
 class _BagLookup(torch.autograd.Function):
-    """The pooled lookup with a forward-mode derivative (used while forward AD is active).
+    """The pooled lookup with a forward-mode derivative (used while forward AD is active), called
+    as ``apply(weight, *bags)``.
 
     The lookup is linear in the weight: its tangent is the lookup of the weight's tangent (max:
     gathered through the argmax), plus, for per_sample_weights, the lookup weighted by theirs.
@@ -515,66 +432,27 @@ class _BagLookup(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(weight, offsets, indices, bag_offsets, psw, col_of_size, width, mode, pad):
-        return _table_call(
-            lambda checked: torch.ops.pme.bag_forward(
-                weight, offsets, indices, bag_offsets, psw, col_of_size, width, mode, pad, table_checked=checked
-            ),
-            weight,
-            offsets,
-            col_of_size,
-            width,
-        )
+    def forward(weight, *args):
+        bags = _Bags(*args)
+        return bags.memo_call(weight, lambda checked: bags.lookup(weight, checked))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        weight, offsets, indices, bag_offsets, psw, col_of_size, width, mode, pad = inputs
-        ctx.width, ctx.mode, ctx.pad = width, mode, pad
-        ctx.psw_grad = psw is not None and ctx.needs_input_grad[4]
+        ctx.save_for_forward(*_bag_setup(ctx, inputs, output))
         ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(weight, offsets, indices, bag_offsets, psw, col_of_size, output[1])
-        ctx.save_for_forward(weight, offsets, indices, bag_offsets, psw, col_of_size, output[1])
 
     @staticmethod
     def backward(ctx, grad_out, _grad_argmax):
-        weight, offsets, indices, bag_offsets, psw, col_of_size, argmax = ctx.saved_tensors
-        gw, gp = torch.ops.pme.bag_backward(
-            grad_out.contiguous(),
-            weight,
-            offsets,
-            indices,
-            bag_offsets,
-            psw,
-            col_of_size,
-            argmax,
-            ctx.mode,
-            ctx.pad,
-            ctx.psw_grad,
-            table_checked=True,
-        )
-        return gw, None, None, None, (gp if ctx.psw_grad else None), None, None, None, None
+        return _bag_backward(ctx, grad_out)[:9]  # no table_checked argument here
 
     @staticmethod
     def jvp(ctx, w_t, _o, _i, _b, psw_t, _c, _w, _m, _p):
-        weight, offsets, indices, bag_offsets, psw, col_of_size, argmax = ctx.saved_tensors
+        bags, (weight, argmax) = _saved(ctx)
         out_t = None
         if w_t is not None:
-            out_t = _linear_lookup(
-                w_t.contiguous(), offsets, indices, bag_offsets, psw, col_of_size, ctx.width, ctx.mode, ctx.pad, argmax
-            )
+            out_t = _linear_lookup(w_t, bags, argmax)
         if psw_t is not None:
-            extra = torch.ops.pme.bag_forward(
-                weight,
-                offsets,
-                indices,
-                bag_offsets,
-                psw_t.contiguous(),
-                col_of_size,
-                ctx.width,
-                0,
-                ctx.pad,
-                table_checked=True,
-            )[0]
+            extra = bags.weighted(psw_t).lookup(weight)[0]
             out_t = extra if out_t is None else out_t + extra
         return out_t, None
 
@@ -842,50 +720,16 @@ def embedding_bag(
         raise ValueError("max mode does not support sparse weights (as in torch)")
     if max_norm is not None:
         embedding_renorm_(weight, offsets, indices, max_norm, norm_type, width=width, col_of_size=col_of_size)
+    bags = _Bags(offsets, indices, bag_offsets, psw, col_of_size, int(width), m, pad)
     if (sparse or scale_grad_by_freq) and torch.is_grad_enabled() and weight.requires_grad:
         if sparse:
             _keep_coalesced_flag(weight)
-        return _SparseGradLookup.apply(
-            weight,
-            psw,
-            offsets,
-            indices,
-            bag_offsets,
-            col_of_size,
-            int(width),
-            m,
-            pad,
-            pad,
-            bool(sparse),
-            bool(scale_grad_by_freq),
-        )
+        return _SparseGradLookup.apply(weight, *bags, pad, bool(sparse), bool(scale_grad_by_freq))
     if _compiled(weight):
         if _forward_ad_active():
-            return _BagLookup.apply(weight, offsets, indices, bag_offsets, psw, col_of_size, int(width), m, pad)[0]
-        out, _ = _table_call(
-            lambda checked: _torch_error_types(
-                torch.ops.pme.bag_forward,
-                weight,
-                offsets,
-                indices,
-                bag_offsets,
-                psw,
-                col_of_size,
-                int(width),
-                m,
-                pad,
-                table_checked=checked,
-            ),
-            weight,
-            offsets,
-            col_of_size,
-            width,
-        )
-        return out
-    _check_reference_lookup(indices, bag_offsets, offsets, weight, col_of_size, width)
-    return reference.embedding_bag(
-        weight, offsets, indices, bag_offsets, width, col_of_size, mode, psw, None if pad < 0 else pad
-    )
+            return _BagLookup.apply(weight, *bags)[0]
+        return bags.memo_call(weight, lambda checked: _torch_error_types(bags.lookup, weight, checked))[0]
+    return _reference_bag(weight, bags)
 
 
 def embedding(
@@ -936,47 +780,20 @@ def embedding(
     flat = input.reshape(-1).contiguous()
     if max_norm is not None:
         embedding_renorm_(weight, offsets, flat, max_norm, norm_type, width=width, col_of_size=col_of_size)
+    bags = _Bags(offsets, flat, None, None, col_of_size, int(width), MODES["sum"], pad)
     if (sparse or scale_grad_by_freq) and torch.is_grad_enabled() and weight.requires_grad:
         if sparse:
             _keep_coalesced_flag(weight)
-        out = _SparseGradLookup.apply(
-            weight,
-            None,
-            offsets,
-            flat,
-            None,
-            col_of_size,
-            int(width),
-            MODES["sum"],
-            -1,
-            pad,
-            bool(sparse),
-            bool(scale_grad_by_freq),
-        )
+        out = _SparseGradLookup.apply(weight, *bags, pad, bool(sparse), bool(scale_grad_by_freq))
         return out.reshape(*input.shape, width)
     if _compiled(weight):
         if _forward_ad_active():
             out = _torch_error_types(_EmbeddingLookup.apply, weight, offsets, flat, col_of_size, int(width), pad)
         else:
-            out = _table_call(
-                lambda checked: _torch_error_types(
-                    torch.ops.pme.embedding_forward,
-                    weight,
-                    offsets,
-                    flat,
-                    col_of_size,
-                    int(width),
-                    pad,
-                    table_checked=checked,
-                ),
-                weight,
-                offsets,
-                col_of_size,
-                width,
-            )
+            out = bags.memo_call(weight, lambda checked: _torch_error_types(bags.embedding, weight, checked))
         return out.reshape(*input.shape, width)
     bo = torch.arange(flat.numel() + 1, dtype=flat.dtype, device=flat.device)
-    _check_reference_lookup(flat, bo, offsets, weight, col_of_size, width)
+    _check_reference_lookup(weight, bags._replace(bag_offsets=bo))
     return reference.embedding(weight, offsets, input, width, col_of_size, None if pad < 0 else pad)
 
 
@@ -1048,110 +865,46 @@ def _remember_coalesced(gw):
 class _SparseGradLookup(torch.autograd.Function):
     """A lookup whose weight gradient comes from ``pme::bag_backward_sparse``: a coalesced sparse
     COO tensor ``[total]`` (``sparse=True``) or, with only ``scale_grad_by_freq``, its dense
-    scatter. ``bag_offsets=None`` is the non-pooled lookup (nn.Embedding). ``fwd_pad`` is the
-    padding row the forward skips (-1 for the non-pooled lookup, which returns it as stored),
-    ``bwd_pad`` the one that gets no gradient."""
+    scatter. Called as ``apply(weight, *bags, bwd_pad, sparse, scale)``: the lookup (a
+    :class:`_Bags`, whose padding row the forward skips), then the padding row that gets no
+    gradient. ``bag_offsets=None`` is the non-pooled lookup (nn.Embedding), which returns the
+    padding row as stored."""
 
     @staticmethod
-    def forward(
-        ctx, weight, psw, offsets, indices, bag_offsets, col_of_size, width, mode, fwd_pad, bwd_pad, sparse, scale
-    ):
+    def forward(ctx, weight, *args):
+        bags, (bwd_pad, sparse, scale) = _Bags(*args[:8]), args[8:]
+        pooled = bags.bag_offsets is not None
+        if not pooled:
+            idx = bags.indices
+            bags = bags._replace(bag_offsets=torch.arange(idx.numel() + 1, dtype=idx.dtype, device=idx.device))
         argmax = None
-        if bag_offsets is None:
-            bag_offsets = torch.arange(indices.numel() + 1, dtype=indices.dtype, device=indices.device)
-            if _compiled(weight):
-                out = _table_call(
-                    lambda checked: _torch_error_types(
-                        torch.ops.pme.embedding_forward,
-                        weight,
-                        offsets,
-                        indices,
-                        col_of_size,
-                        width,
-                        bwd_pad,
-                        table_checked=checked,
-                    ),
-                    weight,
-                    offsets,
-                    col_of_size,
-                    width,
-                )
-            else:
-                _check_reference_lookup(indices, bag_offsets, offsets, weight, col_of_size, width)
-                out = reference.embedding(weight, offsets, indices, width, col_of_size)
-        elif _compiled(weight):
-            out, argmax = _table_call(
-                lambda checked: _torch_error_types(
-                    torch.ops.pme.bag_forward,
-                    weight,
-                    offsets,
-                    indices,
-                    bag_offsets,
-                    psw,
-                    col_of_size,
-                    width,
-                    mode,
-                    fwd_pad,
-                    table_checked=checked,
-                ),
-                weight,
-                offsets,
-                col_of_size,
-                width,
-            )
+        if _compiled(weight):
+            call = bags.lookup if pooled else bags.embedding
+            out = bags.memo_call(weight, lambda checked: _torch_error_types(call, weight, checked))
+            if pooled:
+                out, argmax = out
+        elif pooled:
+            out = _reference_bag(weight, bags)
         else:
-            _check_reference_lookup(indices, bag_offsets, offsets, weight, col_of_size, width)
-            out = reference.embedding_bag(
-                weight,
-                offsets,
-                indices,
-                bag_offsets,
-                width,
-                col_of_size,
-                _MODE_NAMES[mode],
-                psw,
-                None if fwd_pad < 0 else fwd_pad,
-            )
-        ctx.save_for_backward(weight, psw, offsets, indices, bag_offsets, col_of_size, argmax)
-        ctx.width, ctx.mode, ctx.bwd_pad, ctx.sparse, ctx.scale = width, mode, bwd_pad, sparse, scale
+            _check_reference_lookup(weight, bags)
+            out = reference.embedding(weight, bags.offsets, bags.indices, bags.width, bags.col_of_size)
+        _save(ctx, bags._replace(padding_idx=bwd_pad), weight, argmax)
+        ctx.sparse, ctx.scale = sparse, scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        weight, psw, offsets, indices, bag_offsets, col_of_size, argmax = ctx.saved_tensors
+        bags, (weight, argmax) = _saved(ctx)
         go = grad_out.contiguous()
         gw = gp = None
-        am = argmax if argmax is not None else offsets.new_empty(0, 0)
+        am = argmax if argmax is not None else bags.offsets.new_empty(0, 0)
         if ctx.needs_input_grad[0]:
             if _compiled(weight):
                 ent, val = torch.ops.pme.bag_backward_sparse(
-                    go,
-                    weight,
-                    offsets,
-                    indices,
-                    bag_offsets,
-                    psw,
-                    col_of_size,
-                    am,
-                    ctx.mode,
-                    ctx.bwd_pad,
-                    ctx.scale,
-                    table_checked=True,
+                    go, weight, *bags.row_args(am), ctx.scale, table_checked=True
                 )
             else:
-                ent, val = reference.bag_backward_sparse(
-                    go,
-                    weight,
-                    offsets,
-                    indices,
-                    bag_offsets,
-                    ctx.width,
-                    col_of_size,
-                    _MODE_NAMES[ctx.mode],
-                    psw,
-                    None if ctx.bwd_pad < 0 else ctx.bwd_pad,
-                    ctx.scale,
-                )
+                ent, val = reference.bag_backward_sparse(go, weight, *bags.reference_args(), ctx.scale)
             if ctx.sparse:
                 gw = torch.sparse_coo_tensor(
                     ent.unsqueeze(0), val, (weight.numel(),), is_coalesced=True, check_invariants=False
@@ -1159,38 +912,16 @@ class _SparseGradLookup(torch.autograd.Function):
                 _remember_coalesced(gw)
             else:
                 gw = torch.zeros_like(weight).index_put_((ent,), val)
-        if psw is not None and ctx.needs_input_grad[1]:
+        psw = bags.per_sample_weights
+        if psw is not None and ctx.needs_input_grad[4]:
             if _compiled(weight):
-                _, gp = torch.ops.pme.bag_backward(
-                    go,
-                    weight,
-                    offsets,
-                    indices,
-                    bag_offsets,
-                    psw,
-                    col_of_size,
-                    am,
-                    ctx.mode,
-                    ctx.bwd_pad,
-                    True,
-                    table_checked=True,
-                )
+                gp = bags.backward(go, weight, am, True)[1]
             else:
                 with torch.enable_grad():
                     p = psw.detach().requires_grad_(True)
-                    out = reference.embedding_bag(
-                        weight.detach(),
-                        offsets,
-                        indices,
-                        bag_offsets,
-                        ctx.width,
-                        col_of_size,
-                        "sum",
-                        p,
-                        None if ctx.bwd_pad < 0 else ctx.bwd_pad,
-                    )
+                    out = reference.embedding_bag(weight.detach(), *bags.weighted(p).reference_args())
                     (gp,) = torch.autograd.grad(out, p, go)
-        return gw, gp, None, None, None, None, None, None, None, None, None, None
+        return (gw, None, None, None, gp) + (None,) * 7
 
 
 _MODE_NAMES = {v: k for k, v in MODES.items()}
@@ -1272,21 +1003,15 @@ class BackwardRows(NamedTuple):
         ``grad_out`` replaces the rows' own (e.g. unscaled); ``step`` holds the optimizer's
         keywords (``optimizer``, ``lr``, ``weight_decay``, ``eps``, ``beta1``, ``beta2``, ``step``).
         """
-        sparse_update_(
-            module.weight.data,
-            state1,
-            state2,
-            grad_out,
-            module.offsets,
-            self.indices,
-            self.bag_offsets,
-            col_of_size=module.col_of_size,
-            argmax=self.argmax,
-            mode=self.mode,
-            per_sample_weights=self.per_sample_weights,
-            padding_idx=self.padding_idx,
-            **step,
-        )
+        args, kwargs = self.operator_args(module)
+        sparse_update_(module.weight.data, state1, state2, grad_out, *args, **kwargs, **step)
+
+    def operator_args(self, module):
+        """These rows of ``module``'s table as :func:`sparse_update_` and :func:`accumulate_scores_`
+        take them after their leading tensors: ``(offsets, indices, bag_offsets)`` and the keywords."""
+        kwargs = {"col_of_size": module.col_of_size, "per_sample_weights": self.per_sample_weights}
+        kwargs.update(argmax=self.argmax, mode=self.mode, padding_idx=self.padding_idx)
+        return (module.offsets, self.indices, self.bag_offsets), kwargs
 
 
 class RowConsumer:
@@ -1366,40 +1091,14 @@ class _ConsumedLookup(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, anchor, consumer, module, indices, bag_offsets, psw, mode, fwd_pad, upd_pad):
-        weight, offsets, col = module.weight, module.offsets, module.col_of_size
+        weight = module.weight
+        bags = _Bags(module.offsets, indices, bag_offsets, psw, module.col_of_size, module.width, MODES[mode], fwd_pad)
         argmax = None
         if _compiled(weight):
-            out, argmax = _table_call(
-                lambda checked: torch.ops.pme.bag_forward(
-                    weight,
-                    offsets,
-                    indices,
-                    bag_offsets,
-                    psw,
-                    col,
-                    module.width,
-                    MODES[mode],
-                    fwd_pad,
-                    table_checked=checked,
-                ),
-                weight,
-                offsets,
-                col,
-                module.width,
-            )
+            out, argmax = bags.memo_call(weight, lambda checked: bags.lookup(weight, checked))
         else:
-            out = embedding_bag(
-                weight,
-                offsets,
-                indices,
-                bag_offsets,
-                width=module.width,
-                col_of_size=col,
-                mode=mode,
-                per_sample_weights=psw,
-                padding_idx=None if fwd_pad < 0 else fwd_pad,
-                include_last_offset=True,
-            )
+            check_table(weight, module.offsets, module.col_of_size)
+            out = _reference_bag(weight, bags)
         ctx.consumer, ctx.module, ctx.mode, ctx.pad = consumer, module, mode, upd_pad
         ctx.save_for_backward(indices, bag_offsets, psw, argmax)
         return out
@@ -1450,9 +1149,7 @@ class _EmbeddingLookup(torch.autograd.Function):
     @staticmethod
     def forward(weight, offsets, indices, col_of_size, width, pad):
         return _table_call(
-            lambda checked: torch.ops.pme.embedding_forward(
-                weight, offsets, indices, col_of_size, width, pad, table_checked=checked
-            ),
+            lambda checked: torch.ops.pme.embedding_forward(weight, offsets, indices, col_of_size, width, pad, checked),
             weight,
             offsets,
             col_of_size,
@@ -1461,31 +1158,25 @@ class _EmbeddingLookup(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        weight, offsets, indices, col_of_size, width, pad = inputs
-        ctx.pad, ctx.width = pad, width
-        ctx.save_for_backward(weight, offsets, indices, col_of_size)
-        ctx.save_for_forward(offsets, indices, col_of_size)
+        ctx.save_for_forward(*_emb_setup(ctx, inputs, output))
 
     @staticmethod
     def backward(ctx, grad_out):
-        weight, offsets, indices, col_of_size = ctx.saved_tensors
-        gw = torch.ops.pme.embedding_backward(
-            grad_out.contiguous(), weight, offsets, indices, col_of_size, ctx.pad, table_checked=True
-        )
-        return gw, None, None, None, None, None
+        return _emb_backward(ctx, grad_out)[:6]  # no table_checked argument here
 
     @staticmethod
     def jvp(ctx, w_t, _o, _i, _c, _w, _p):
-        offsets, indices, col_of_size = ctx.saved_tensors
+        _weight, offsets, indices, col_of_size = ctx.saved_tensors
         if w_t is None:
             return None
         return torch.ops.pme.embedding_forward(
-            w_t.contiguous(), offsets, indices, col_of_size, ctx.width, ctx.pad, table_checked=True
+            w_t.contiguous(), offsets, indices, col_of_size, ctx.width, ctx.padding_idx, table_checked=True
         )
 
 
-def _check_reference_lookup(indices, bag_offsets, offsets, weight, col_of_size, width):
+def _check_reference_lookup(weight, bags: _Bags):
     """Value checks the compiled kernels do natively, for the reference path."""
+    offsets, indices, bag_offsets = bags.offsets, bags.indices, bags.bag_offsets
     V = offsets.numel() - 1
     if indices.numel():
         lo, hi = int(indices.min()), int(indices.max())
@@ -1504,6 +1195,17 @@ def _check_reference_lookup(indices, bag_offsets, offsets, weight, col_of_size, 
                 f"pme: bag offsets point past the input: the last bag ends at {int(bag_offsets[-1])} "
                 f"but there are only {indices.numel()} indices"
             )
+    _check_whole_table(weight, offsets, bags.width, bags.col_of_size)
+
+
+def _reference_bag(weight, bags: _Bags):
+    """The pooled lookup on the reference, after the value checks the kernels make."""
+    _check_reference_lookup(weight, bags)
+    return reference.embedding_bag(weight, *bags.reference_args())
+
+
+def _check_whole_table(weight, offsets, width: int, col_of_size):
+    """The O(V) check of a table that every operator makes (unless told it passed before)."""
     check_offsets(offsets, weight.numel(), width if col_of_size is None else None)
     if col_of_size is not None:
         check_col_of_size(col_of_size, offsets, width)
@@ -1560,9 +1262,7 @@ def to_dense(weight, offsets, width, col_of_size=None):
     as every lookup operator does.
     """
     check_table(weight, offsets, col_of_size)
-    check_offsets(offsets, weight.numel(), int(width) if col_of_size is None else None)
-    if col_of_size is not None:
-        check_col_of_size(col_of_size, offsets, int(width))
+    _check_whole_table(weight, offsets, int(width), col_of_size)
     return reference.to_dense(weight, offsets, width, col_of_size)
 
 
@@ -1597,14 +1297,10 @@ def sparse_update_(
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
-    pad = normalize_padding_idx(padding_idx, offsets.numel() - 1)
-    hyper = (optimizer, float(lr), float(weight_decay), float(eps), float(beta1), float(beta2), int(step))
-    _row_operator(
-        "sparse_update_", (weight, state1, state2, grad_out), weight, grad_out, offsets, indices, bag_offsets,
-        col_of_size, argmax, mode, per_sample_weights, pad, (OPTIMIZERS[optimizer], *hyper[1:]), hyper,
-    )  # fmt: skip
+    bags = _rows_of(offsets, indices, bag_offsets, per_sample_weights, col_of_size, grad_out, mode, padding_idx)
+    hyper = (float(lr), float(weight_decay), float(eps), float(beta1), float(beta2), int(step))
+    lead = (weight, state1, state2, grad_out)
+    _row_operator("sparse_update_", lead, weight, bags, argmax, (OPTIMIZERS[optimizer], *hyper), (optimizer, *hyper))
 
 
 def accumulate_scores_(
@@ -1625,30 +1321,33 @@ def accumulate_scores_(
     """``scores [total] += |w * g|`` (``rule="snip"``) or ``g^2`` (``"grad"``) for the batch's rows."""
     if rule not in SCORE_RULES:
         raise ValueError(f"rule must be one of {sorted(SCORE_RULES)}, got {rule!r}")
+    bags = _rows_of(offsets, indices, bag_offsets, per_sample_weights, col_of_size, grad_out, mode, padding_idx)
+    _row_operator("accumulate_scores_", (scores, grad_out, weight), weight, bags, argmax, (SCORE_RULES[rule],), (rule,))
+
+
+def _rows_of(offsets, indices, bag_offsets, psw, col_of_size, grad_out, mode, padding_idx) -> _Bags:
+    """The arguments of a fused row operator (:func:`sparse_update_`, :func:`accumulate_scores_`),
+    checked, as a lookup whose output's gradient is ``grad_out`` ``[B, width]``."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
     pad = normalize_padding_idx(padding_idx, offsets.numel() - 1)
-    _row_operator(
-        "accumulate_scores_", (scores, grad_out, weight), weight, grad_out, offsets, indices, bag_offsets,
-        col_of_size, argmax, mode, per_sample_weights, pad, (SCORE_RULES[rule],), (rule,),
-    )  # fmt: skip
+    return _Bags(offsets, indices, bag_offsets, psw, col_of_size, grad_out.shape[-1], MODES[mode], pad)
 
 
-def _row_operator(name, lead, weight, grad_out, offsets, indices, bag_offsets, col_of_size, argmax, mode, psw, pad,
-                  compiled_tail, reference_tail):  # fmt: skip
+def _row_operator(name, lead, weight, bags: _Bags, argmax, compiled_tail, reference_tail):
     """Runs the fused row operator ``name`` (``sparse_update_`` or ``accumulate_scores_``) on the
-    compiled kernels or the reference: ``lead`` are its tensors before the table's normal form
-    (the in-place ones and ``grad_out``), the tails its own arguments (codes for the operator,
-    names for the reference)."""
-    width = grad_out.shape[-1]
+    compiled kernels or the reference: ``lead`` are its tensors before the lookup (the in-place
+    ones and ``grad_out``), the tails its own arguments (codes for the operator, names for the
+    reference)."""
     if _compiled(weight):
-        am = argmax if argmax is not None else offsets.new_empty(0, 0)
+        am = argmax if argmax is not None else bags.offsets.new_empty(0, 0)
+        args = (*lead, *bags.row_args(am), *compiled_tail)
         op = getattr(torch.ops.pme, name)
-        args = (*lead, offsets, indices, bag_offsets, psw, col_of_size, am, MODES[mode], pad, *compiled_tail)
-        _table_call(lambda checked: op(*args, table_checked=checked), weight, offsets, col_of_size, width)
+        bags.memo_call(weight, lambda checked: op(*args, table_checked=checked))
         return
-    check_table(weight, offsets, col_of_size)
-    _check_reference_lookup(indices, bag_offsets, offsets, weight, col_of_size, width)
-    ref_args = (*lead, offsets, indices, bag_offsets, width, col_of_size, mode, psw, None if pad < 0 else pad)
-    getattr(reference, name)(*ref_args, *reference_tail)
+    check_table(weight, bags.offsets, bags.col_of_size)
+    _check_reference_lookup(weight, bags)
+    getattr(reference, name)(*lead, *bags.reference_args(), *reference_tail)
 
 
 def topk_threshold(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -85,19 +85,9 @@ class FusedOptimizer(ops.RowConsumer):
         _check_grad_scale(self.grad_scale)
         module.optim_step += 1
         g = rows.grad_out if self.grad_scale == 1.0 else rows.grad_out / self.grad_scale
-        rows.update_(
-            module,
-            module.optim_state1,
-            module.optim_state2,
-            g,
-            optimizer=self.name,
-            lr=self.lr,
-            weight_decay=self.weight_decay,
-            eps=self.eps,
-            beta1=self.beta1,
-            beta2=self.beta2,
-            step=int(module.optim_step),
-        )
+        hyper = {k: getattr(self, k) for k in ("lr", "weight_decay", "eps", "beta1", "beta2")}
+        step = int(module.optim_step)
+        rows.update_(module, module.optim_state1, module.optim_state2, g, optimizer=self.name, step=step, **hyper)
 
 
 def _rows(module) -> int:

@@ -93,20 +93,8 @@ class _Scorer(ops.RowConsumer):
         return [ops.StateBuffer("scores", (module.weight.numel(),), per="entry")]
 
     def consume(self, module, rows):
-        ops.accumulate_scores_(
-            module.scores,
-            rows.grad_out,
-            module.weight,
-            module.offsets,
-            rows.indices,
-            rows.bag_offsets,
-            col_of_size=module.col_of_size,
-            argmax=rows.argmax,
-            mode=rows.mode,
-            per_sample_weights=rows.per_sample_weights,
-            padding_idx=rows.padding_idx,
-            rule=self.rule,
-        )
+        args, kwargs = rows.operator_args(module)
+        ops.accumulate_scores_(module.scores, rows.grad_out, module.weight, *args, rule=self.rule, **kwargs)
 
 
 @dataclass

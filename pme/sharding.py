@@ -782,6 +782,16 @@ def planner(
 # --------------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------------
+def _covered(spans) -> int:
+    """Where the shards ``spans`` (sorted ``(start, end)`` pairs) stop covering ``0, 1, ...`` without a gap."""
+    end = 0
+    for start, stop in spans:
+        if start != end:
+            break
+        end = stop
+    return end
+
+
 def merge_state_dicts(state_dicts, prefix: str = "", optimizer: str | None = None) -> dict:
     """Joins the ranks' ``state_dict`` s (any world size) into the unsharded form.
 
@@ -814,12 +824,7 @@ def merge_state_dicts(state_dicts, prefix: str = "", optimizer: str | None = Non
     for t, parts in pieces.items():
         parts = {k[:3]: v for k, v in parts.items()}
         cols = sorted(parts)
-        c = 0
-        for _, c0, c1 in cols:
-            if c0 != c:
-                break
-            c = c1
-        if c != width[t]:
+        if _covered([(c0, c1) for _, c0, c1 in cols]) != width[t]:
             raise ValueError(
                 f"table {t!r}: column shards {[(a, b) for _, a, b in cols]} do not cover its "
                 f"{width[t]} columns (is a rank's state_dict missing?)"
@@ -847,12 +852,7 @@ def merge_state_dicts(state_dicts, prefix: str = "", optimizer: str | None = Non
                 )
     for t, parts in row_pieces.items():
         rows = sorted(parts)
-        r = 0
-        for r0, r1 in rows:
-            if r0 != r:
-                break
-            r = r1
-        if r != num_rows[t]:
+        if _covered(rows) != num_rows[t]:
             raise ValueError(
                 f"table {t!r}: row shards {rows} do not cover its {num_rows[t]} rows (is a rank's state_dict missing?)"
             )

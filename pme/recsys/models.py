@@ -149,26 +149,18 @@ class DeepFM(FM):
     embeddings ``[B, F' * D]`` (``F' = F + 1`` with dense features).
 
     Args:
-        hidden: MLP hidden widths (ReLU after each).
-        dropout: dropout probability after each hidden layer (0 = none).
-        (the rest as in :class:`FM`)
+        hidden: (keyword-only) MLP hidden widths (ReLU after each).
+        dropout: (keyword-only) dropout probability after each hidden layer (0 = none).
+        (the rest as in :class:`FM`, in its order)
 
     Attributes:
         mlp: ``nn.Sequential`` ending in ``nn.Linear(hidden[-1], 1)``.
     """
 
     def __init__(
-        self,
-        cardinality: Mapping[str, int],
-        embedding_dim: int = 16,
-        mode_by_field: Mapping[str, str] | None = None,
-        num_dense: int = 0,
-        field_names: Sequence[str] | None = None,
-        init_std: float = 0.01,
-        hidden: Sequence[int] = (256, 128),
-        dropout: float = 0.0,
+        self, cardinality: Mapping[str, int], *args, hidden: Sequence[int] = (256, 128), dropout: float = 0.0, **kwargs
     ) -> None:
-        super().__init__(cardinality, embedding_dim, mode_by_field, num_dense, field_names, init_std)
+        super().__init__(cardinality, *args, **kwargs)  # FM's arguments, in FM's order
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         width = (len(self.field_names) + (1 if self.num_dense > 0 else 0)) * self.embedding_dim
