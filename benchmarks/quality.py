@@ -31,7 +31,14 @@ import time
 import torch
 
 from pme.recsys import data
-from pme.recsys.experiment import DEFAULT_VARIANTS, ExperimentConfig, paired_differences, run_experiment, summarize
+from pme.recsys.experiment import (
+    DEFAULT_VARIANTS,
+    ExperimentConfig,
+    paired_differences,
+    plot_auc_curves,
+    run_experiment,
+    summarize,
+)
 
 LOADERS = {"movielens": data.load_movielens_100k, "adult": data.load_adult}
 TITLES = {"movielens": "MovieLens-100K", "adult": "census adult"}
@@ -228,23 +235,9 @@ def plots(name, rows, out_dir):
     except ImportError:
         return []
     summary = summarize(rows)
-    full = [s for s in summary if s["method"] == "full"][0]
     files = []
     fig, ax = plt.subplots(figsize=(7, 4.3))
-    for m in PME_METHODS + BASELINES:
-        pts = sorted((s["budget"], s["auc"][0], s["auc"][1]) for s in summary if s["method"] == m)
-        if pts:
-            ax.errorbar(
-                [100 * p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3, label=m
-            )
-    ax.axhline(full["auc"][0], color="k", ls="--", lw=1, label="full width (100%)")
-    ax.axhspan(
-        full["auc"][0] - full["auc"][1],
-        full["auc"][0] + full["auc"][1],
-        color="k",
-        alpha=0.08,
-        label="full ± 1 std over seeds (seed noise)",
-    )
+    plot_auc_curves(ax, summary, PME_METHODS + BASELINES, lambda s: 100 * s["budget"], lambda f: "full width (100%)")
     files.append(
         _save_budget_plot(
             plt,

@@ -27,6 +27,7 @@ __all__ = [
     "grouped_classes",
     "DEFAULT_VARIANTS",
     "paired_differences",
+    "plot_auc_curves",
 ]
 
 BASELINES = ("uniform", "popularity", "random")
@@ -441,6 +442,26 @@ def write_report(
     return {"summary": summary, "plots": plots}
 
 
+def plot_auc_curves(ax, summary: list, methods, x_of, full_label) -> dict | None:
+    """Draws test AUC (mean ± std over seeds) against ``x_of(summary row)`` for each of
+    ``methods``, the full-size AUC as a dashed line labelled ``full_label(full row)`` and, with
+    several seeds, its ± 1 std band (the seed noise). Returns the full-size summary row (None if
+    the summary has none)."""
+    for method in methods:
+        pts = sorted((x_of(s), s["auc"][0], s["auc"][1]) for s in summary if s["method"] == method)
+        if pts:
+            ax.errorbar(
+                [p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", label=method, capsize=3
+            )
+    full = next((s for s in summary if s["method"] == "full"), None)
+    if full is not None:
+        ax.axhline(full["auc"][0], color="k", ls="--", lw=1, label=full_label(full))
+        if full["seeds"] > 1:
+            lo, hi = full["auc"][0] - full["auc"][1], full["auc"][0] + full["auc"][1]
+            ax.axhspan(lo, hi, color="k", alpha=0.08, label="full ± 1 std over seeds (seed noise)")
+    return full
+
+
 def _plots(out_dir, summary, rows, train, cfg) -> list:
     try:
         import matplotlib
@@ -452,24 +473,14 @@ def _plots(out_dir, summary, rows, train, cfg) -> list:
     files = []
     # AUC vs parameters, one line per method
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    full = [s for s in summary if s["method"] == "full"]
-    for method in METHODS:
-        pts = sorted((s["params"], s["auc"][0], s["auc"][1]) for s in summary if s["method"] == method)
-        if pts:
-            ax.errorbar(
-                [p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", label=method, capsize=3
-            )
-    if full:
-        f0 = full[0]
-        ax.axhline(f0["auc"][0], color="k", ls="--", lw=1, label=f"full width (D={cfg.dim}, {f0['params']:,} params)")
-        if f0["seeds"] > 1:
-            ax.axhspan(
-                f0["auc"][0] - f0["auc"][1],
-                f0["auc"][0] + f0["auc"][1],
-                color="k",
-                alpha=0.08,
-                label="full ± 1 std over seeds (noise)",
-            )
+    f0 = plot_auc_curves(
+        ax,
+        summary,
+        METHODS,
+        lambda s: s["params"],
+        lambda f: f"full width (D={cfg.dim}, {f['params']:,} params)",
+    )
+    if f0 is not None:
         for b in sorted({s["budget"] for s in summary if s["budget"] < 1}):
             ax.axvline(b * f0["params"], color="grey", lw=0.5, ls=":")
             ax.text(b * f0["params"], ax.get_ylim()[0], f" {b:.0%}", fontsize=7, va="bottom")
