@@ -53,6 +53,8 @@ import pme
 from pme.bench import cpu_model
 from pme.collection import EmbeddingBagConfig, MultiSizeEmbeddingBagCollection
 
+from _common import save_json  # benchmarks/, the script's folder
+
 CRITEO_KAGGLE = [
     1460,
     583,
@@ -390,11 +392,8 @@ def main(argv=None):
         r["ratios"] = ratios(r)
         for k, v in r["ratios"].items():
             print(f"  {r['config']:20s} {r['threads']}t  {k:48s} {v:6.2f}x")
-    os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"collection_cpu_{dt.date.today().isoformat()}")
-    with open(stem + ".json", "w") as f:
-        json.dump({"meta": meta, "results": results}, f, indent=1)
-    print(f"wrote {stem}.json")
+    save_json({"meta": meta, "results": results}, stem + ".json")
     plot(stem + ".png", results)
 
 

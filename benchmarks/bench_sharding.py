@@ -42,7 +42,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -52,6 +51,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_collection import CRITEO_KAGGLE, SIZE_MIX, draw_sizes, zipf_rows  # noqa: E402  (one table list)
+
+from _common import save_json  # noqa: E402
 
 
 def cards_for(cap, scale=1.0):
@@ -274,18 +275,13 @@ def _worker(rank, world, port, args, out_path):
     dist.destroy_process_group()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_world(world, args):
     import torch.multiprocessing as mp
+    from torch.distributed.elastic.utils.distributed import get_free_port
 
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "out.json")
-        mp.spawn(_worker, args=(world, free_port(), args, path), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, get_free_port(), args, path), nprocs=world, join=True)
         with open(path) as f:
             return json.load(f)
 
@@ -391,10 +387,7 @@ def main(argv=None):
     out = args.out or os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "results", f"sharding{tag}_cpu_{report['date']}.json"
     )
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(report, f, indent=1)
-    print(f"wrote {out}")
+    save_json(report, out)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
@@ -43,6 +42,8 @@ from torch.utils.benchmark import Timer
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import pme  # noqa: E402
 from pme.bench import cpu_model  # noqa: E402
+
+from _common import save_json  # noqa: E402  (benchmarks/, the script's folder)
 
 warnings.filterwarnings("ignore", message="Sparse invariant checks")
 
@@ -193,10 +194,7 @@ def main():
                 args.rows, D, args.bags, args.pooling, dist, args.device, gen, args.min_run_time, args.zipf_alpha
             )
             doc["configs"].append({"rows": args.rows, "dim": D, "dist": dist, "results": res})
-            os.makedirs(os.path.dirname(out), exist_ok=True)
-            with open(out, "w") as f:
-                json.dump(doc, f, indent=1)
-    print(f"wrote {out}")
+            save_json(doc, out)  # after every configuration: a run cut short keeps its results
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ from torch.utils import benchmark
 
 import pme
 
+from _common import save_json  # benchmarks/, the script's folder
+
 
 def median_ms(f, repeats):
     """Median of ``repeats`` timed calls (each one ``torch.utils.benchmark.Timer.timeit(1)``), after 5 untimed."""
@@ -83,8 +85,7 @@ def main():
         device="cpu",
     )
     print(json.dumps(res, indent=1))
-    with open(a.out, "w") as fh:
-        json.dump(res, fh, indent=1)
+    save_json(res, a.out)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,17 @@ def close(a, b, dtype, what):
     assert err <= TOL[dtype] * scale, f"{what}: max error {err:g} (tolerance {TOL[dtype] * scale:g})"
 
 
+def update_(t, go, off, idx, bo, am, mode, pad, opt=0, lr=0.1, weight_decay=0.0, step=1):
+    """ops.sparse_update_ of t = [weight, state1, state2] in place (no per-sample weights, padded
+    layout, eps 1e-8, betas 0.9 / 0.999); opt 0 SGD (states empty), 1 row-wise Adagrad, 2 Adam."""
+    ops.sparse_update_(*t, go, off, idx, bo, None, None, am, mode, pad, opt, lr, weight_decay, 1e-8, 0.9, 0.999, step)
+
+
+def sgd_state(w):
+    """[w, state1, state2] of an SGD step: no optimizer state."""
+    return [w, torch.empty(0, device=w.device), torch.empty(0, device=w.device)]
+
+
 def check_lookups(quick):
     n = 0
     rng = random.Random(0)
@@ -290,27 +301,7 @@ def check_errors():
     bad = [  # (call, message fragment), each must raise with PME_CUDA_VALIDATE=1
         (lambda: ops.bag_backward(go, w, off, idx, bo, None, None, none, 0, -1, False), "indices[2] = 10"),
         (
-            lambda: ops.sparse_update_(
-                w.clone(),
-                torch.empty(0, device=DEV),
-                torch.empty(0, device=DEV),
-                go,
-                off,
-                idx,
-                bo,
-                None,
-                None,
-                none,
-                0,
-                -1,
-                0,
-                0.1,
-                0.0,
-                1e-8,
-                0.9,
-                0.999,
-                1,
-            ),
+            lambda: update_(sgd_state(w.clone()), go, off, idx, bo, none, 0, -1),
             "indices[2] = 10",
         ),
         (
@@ -392,28 +383,8 @@ def check_edges():
                     go.cpu(), cpu(wt), cpu(o), cpu(idx), cpu(bo), None, None, ram, mode, pad, False
                 )
                 assert torch.equal(gw.cpu(), rgw), f"edge case {k} mode {mode}: backward"
-                ws = wt.clone()
-                ops.sparse_update_(
-                    ws,
-                    torch.zeros(50, device=DEV),
-                    torch.empty(0, device=DEV),
-                    go,
-                    o,
-                    idx,
-                    bo,
-                    None,
-                    None,
-                    am,
-                    mode,
-                    pad,
-                    1,
-                    0.1,
-                    0.0,
-                    1e-8,
-                    0.9,
-                    0.999,
-                    1,
-                )
+                t = [wt.clone(), torch.zeros(50, device=DEV), torch.empty(0, device=DEV)]
+                update_(t, go, o, idx, bo, am, mode, pad, opt=1)
             e = ops.embedding_forward(wt, o, idx, None, width, pad)
             assert torch.equal(e.cpu(), ops.embedding_forward(cpu(wt), cpu(o), cpu(idx), None, width, pad))
     torch.cuda.synchronize()
@@ -456,24 +427,8 @@ def check_hot_rows(quick):
                         torch.ones(V if opt == 1 else w.numel(), device=dev),
                         torch.ones(w.numel() if opt == 2 else 0, device=dev),
                     ]
-                    ops.sparse_update_(
-                        *t,
-                        go.to(dev),
-                        off.to(dev),
-                        idx.to(dev),
-                        bo.to(dev),
-                        None,
-                        None,
-                        am.to(dev),
-                        mode,
-                        7,
-                        opt,
-                        0.05,
-                        0.01,
-                        1e-8,
-                        0.9,
-                        0.999,
-                        2,
+                    update_(
+                        t, go.to(dev), off.to(dev), idx.to(dev), bo.to(dev), am.to(dev), mode, 7, opt, 0.05, 0.01, 2
                     )
                     res.append(t)
                 assert all(torch.equal(a, b) for a, b in zip(res[0], res[1])), f"hot rows: opt {opt} not repeatable"
@@ -539,7 +494,7 @@ def check_graph():
     def step(t, ix):
         o, a = ops.bag_forward(t[0], off, ix, bo, None, None, W, 2, -1)
         ops.accumulate_scores_(t[3], go, t[0], off, ix, bo, None, None, a, 2, -1, 0)
-        ops.sparse_update_(t[0], t[1], t[2], go, off, ix, bo, None, None, a, 2, -1, 2, 0.01, 0.0, 1e-8, 0.9, 0.999, 1)
+        update_(t[:3], go, off, ix, bo, a, 2, -1, opt=2, lr=0.01)
         thr = ops.topk_threshold(t[3], 100)
         return o, thr, ops.prune_counts(t[3].reshape(-1, 1), thr)
 
@@ -600,30 +555,7 @@ def bench():
         bytes_moved = sz.to(DEV)[idx].sum().item() * 4 + B * D * 4 + idx.numel() * 8 * 2
         out, am = ops.bag_forward(w, off, idx, bo, None, None, D, 0, -1)
         bwd = t(lambda: ops.bag_backward(go, w, off, idx, bo, None, None, am, 0, -1, False), 10)
-        upd = t(
-            lambda: ops.sparse_update_(
-                w,
-                torch.empty(0, device=DEV),
-                torch.empty(0, device=DEV),
-                go,
-                off,
-                idx,
-                bo,
-                None,
-                None,
-                am,
-                0,
-                -1,
-                0,
-                1e-6,
-                0.0,
-                1e-8,
-                0.9,
-                0.999,
-                1,
-            ),
-            10,
-        )
+        upd = t(lambda: update_(sgd_state(w), go, off, idx, bo, am, 0, -1, lr=1e-6), 10)
         print(
             f"{dist:8s} forward {fwd * 1e3:8.1f} us ({bytes_moved / fwd / 1e9:6.0f} GB/s of the lookup's bytes; "
             f"H100 copy: 2950 GB/s) | backward {bwd:.3f} ms | fused SGD {upd:.3f} ms"

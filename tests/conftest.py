@@ -78,16 +78,23 @@ def make_table(V, D, dtype=torch.float32, device="cpu", layout="padded", seed=0,
     return w, m.offsets.to(device), (None if m.col_of_size is None else m.col_of_size.to(device)), m.width, sizes
 
 
+def random_jagged(V, B, max_len, gen, empty=0):
+    """One feature's bags, int64: indices in [0, V) and [B] lengths in [0, max_len], bag ``empty``
+    empty (None: no bag forced empty); the first index is the largest (V - 1), the second a duplicate."""
+    lens = torch.randint(0, max_len + 1, (B,), generator=gen)
+    if empty is not None:
+        lens[empty] = 0
+    idx = torch.randint(0, V, (int(lens.sum()),), generator=gen)
+    if idx.numel() >= 3:
+        idx[0] = V - 1
+        idx[1] = idx[2]
+    return idx, lens
+
+
 def random_bags(V, B, max_len, gen, index_dtype=torch.int64, device="cpu", padding_idx=None):
     """1-D indices and [B] offsets with duplicates, empty bags, the largest index and padding."""
-    lens = torch.randint(0, max_len + 1, (B,), generator=gen)
-    if B >= 2:
-        lens[0] = 0  # an empty bag
-    n = int(lens.sum())
-    idx = torch.randint(0, V, (n,), generator=gen)
-    if n >= 3:
-        idx[0] = V - 1  # the largest index
-        idx[1] = idx[2]  # a duplicate
+    idx, lens = random_jagged(V, B, max_len, gen, empty=0 if B >= 2 else None)
+    n = idx.numel()
     if padding_idx is not None and n >= 4:
         idx[3] = padding_idx
     offsets = torch.zeros(B, dtype=torch.int64)

@@ -401,6 +401,13 @@ def _normal(m, inp):
     return m._features(keys), idx, bo, psw, B
 
 
+def _adagrad_args(weight, state1, grad_out, table):
+    """collection_update_'s arguments for one row-wise Adagrad step (optimizer 1: state1 [V], no
+    state2) of ``weight`` by ``grad_out``; ``table`` = (offsets, table_rows, features, indices,
+    bag_offsets, per_sample_weights, B)."""
+    return (weight, state1, torch.zeros(0, dtype=weight.dtype), grad_out, *table, 1, 0.1, 0.0, 1e-8, 0.9, 0.999, 1)
+
+
 def test_operator_validation_is_overflow_safe():
     m, _, _ = make_collection(2, "sum")
     feats, idx, bo, psw, B = _normal(m, make_input(m, 4, 2))
@@ -441,29 +448,11 @@ def test_operator_validation_is_overflow_safe():
     with pytest.raises(RuntimeError, match="exceeds the table's width"):
         op(w, off, tr, narrow, idx, bo, None, B, m.out_width)
     go = torch.randn(B, m.out_width, dtype=w.dtype)
+    table = (off, tr, feats, idx, bo, None, B)
     with pytest.raises(RuntimeError, match="grad_out must be"):
         torch.ops.pme.collection_backward(go[:1], w, off, tr, feats, idx, bo, None, B, False)
     with pytest.raises(RuntimeError, match="state1"):
-        torch.ops.pme.collection_update_(
-            w.clone(),
-            torch.zeros(3, dtype=w.dtype),
-            torch.zeros(0, dtype=w.dtype),
-            go,
-            off,
-            tr,
-            feats,
-            idx,
-            bo,
-            None,
-            B,
-            1,
-            0.1,
-            0.0,
-            1e-8,
-            0.9,
-            0.999,
-            1,
-        )
+        torch.ops.pme.collection_update_(*_adagrad_args(w.clone(), torch.zeros(3, dtype=w.dtype), go, table))
     # in-place arguments must not alias each other or a read-only argument
     V = off.numel() - 1
     w2 = w.clone()
@@ -474,69 +463,14 @@ def test_operator_validation_is_overflow_safe():
     ):
         if name is not None:
             with pytest.raises(RuntimeError, match=name):
-                torch.ops.pme.collection_update_(
-                    wt,
-                    s1,
-                    torch.zeros(0, dtype=w.dtype),
-                    go,
-                    off,
-                    tr,
-                    feats,
-                    idx,
-                    bo,
-                    None,
-                    B,
-                    1,
-                    0.1,
-                    0.0,
-                    1e-8,
-                    0.9,
-                    0.999,
-                    1,
-                )
+                torch.ops.pme.collection_update_(*_adagrad_args(wt, s1, go, table))
         else:  # neighbours in one buffer that do not overlap are fine
             wt.copy_(w)
-            torch.ops.pme.collection_update_(
-                wt,
-                s1,
-                torch.zeros(0, dtype=w.dtype),
-                go,
-                off,
-                tr,
-                feats,
-                idx,
-                bo,
-                None,
-                B,
-                1,
-                0.1,
-                0.0,
-                1e-8,
-                0.9,
-                0.999,
-                1,
-            )
+            torch.ops.pme.collection_update_(*_adagrad_args(wt, s1, go, table))
     with pytest.raises(RuntimeError, match="must not share memory with grad_out"):
         g2 = torch.zeros(w.numel() + go.numel(), dtype=w.dtype)
         torch.ops.pme.collection_update_(
-            g2[: w.numel()],
-            torch.zeros(V, dtype=w.dtype),
-            torch.zeros(0, dtype=w.dtype),
-            g2[: go.numel()].view_as(go),
-            off,
-            tr,
-            feats,
-            idx,
-            bo,
-            None,
-            B,
-            1,
-            0.1,
-            0.0,
-            1e-8,
-            0.9,
-            0.999,
-            1,
+            *_adagrad_args(g2[: w.numel()], torch.zeros(V, dtype=w.dtype), g2[: go.numel()].view_as(go), table)
         )
 
 
@@ -563,32 +497,11 @@ def test_opcheck_collection_operators():
             torch.ops.pme.collection_forward, (w, m.offsets, m.table_rows, feats, idx, bo, p, B, m.out_width)
         )
         go = torch.randn(B, m.out_width)
-        torch.library.opcheck(
-            torch.ops.pme.collection_backward,
-            (go, w.detach(), m.offsets, m.table_rows, feats, idx, bo, psw, B, psw is not None),
-        )
+        table = (m.offsets, m.table_rows, feats, idx, bo, psw, B)
+        torch.library.opcheck(torch.ops.pme.collection_backward, (go, w.detach(), *table, psw is not None))
         torch.library.opcheck(
             torch.ops.pme.collection_update_,
-            (
-                w.detach().clone(),
-                torch.zeros(m.offsets.numel() - 1),
-                torch.zeros(0),
-                go,
-                m.offsets,
-                m.table_rows,
-                feats,
-                idx,
-                bo,
-                psw,
-                B,
-                1,
-                0.1,
-                0.0,
-                1e-8,
-                0.9,
-                0.999,
-                1,
-            ),
+            _adagrad_args(w.detach().clone(), torch.zeros(m.offsets.numel() - 1), go, table),
         )
 
 

@@ -17,7 +17,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 import pme  # noqa: E402
 from pme.collection import MultiSizeEmbeddingBagCollection  # noqa: E402
 
-from conftest import random_sizes  # noqa: E402
+from conftest import random_jagged, random_sizes  # noqa: E402
 
 
 def configs(pooling=PoolingType.SUM, dims=(8, 16, 4, 12)):
@@ -43,12 +43,7 @@ def make_kjt(ebc, B, seed, index_dtype=torch.int64, weighted=False, max_len=6):
     keys = sorted(rows, reverse=True)
     values, lengths = [], []
     for f in keys:
-        ln = torch.randint(0, max_len + 1, (B,), generator=gen)
-        ln[0] = 0
-        v = torch.randint(0, rows[f], (int(ln.sum()),), generator=gen)
-        if v.numel() >= 3:
-            v[0] = rows[f] - 1
-            v[1] = v[2]
+        v, ln = random_jagged(rows[f], B, max_len, gen)
         values.append(v)
         lengths.append(ln)
     values = torch.cat(values).to(index_dtype)

@@ -87,9 +87,7 @@ def _build_lookup(case, torch, pme, device):  # noqa: C901
         "rule": 0,
     }
     if mode == 2:
-        _, a["argmax"] = torch.ops.pme.bag_forward(
-            a["weight"], a["offsets"], a["indices"], a["bag_offsets"], None, a["col_of_size"], width, 2, a["pad"]
-        )
+        _, a["argmax"] = _call("bag_forward", {**a, "psw": None, "mode": 2}, torch)
     else:
         a["argmax"] = torch.empty(0, 0, dtype=torch.int64)
     total = w.numel()
@@ -264,35 +262,24 @@ def _overlaps(outs, others):
     return False
 
 
-_USED = {
-    "bag_forward": {"weight", "offsets", "indices", "bag_offsets", "psw", "col_of_size"},
-    "bag_backward": {"weight", "offsets", "indices", "bag_offsets", "psw", "col_of_size", "grad_out", "argmax"},
-    "embedding_forward": {"weight", "offsets", "indices", "col_of_size"},
-    "embedding_backward": {"weight", "offsets", "indices", "col_of_size", "grad_out"},
-    "sparse_update_": {
-        "weight",
-        "offsets",
-        "indices",
-        "bag_offsets",
-        "psw",
-        "col_of_size",
-        "grad_out",
-        "argmax",
-        "state1",
-        "state2",
-    },
-    "accumulate_scores_": {
-        "weight",
-        "offsets",
-        "indices",
-        "bag_offsets",
-        "psw",
-        "col_of_size",
-        "grad_out",
-        "argmax",
-        "scores",
-    },
+# Each lookup-shaped operator's arguments in schema order, named as in the argument dict
+_TABLE = ("weight", "offsets", "indices", "bag_offsets", "psw", "col_of_size")
+_HYPER = ("optimizer", "lr", "weight_decay", "eps", "beta1", "beta2", "step")
+_ARGS = {
+    "bag_forward": (*_TABLE, "width", "mode", "pad"),
+    "bag_backward": ("grad_out", *_TABLE, "argmax", "mode", "pad"),  # then psw_grad
+    "embedding_forward": ("weight", "offsets", "indices", "col_of_size", "width", "pad"),
+    "embedding_backward": ("grad_out", "weight", "offsets", "indices", "col_of_size", "pad"),
+    "sparse_update_": ("weight", "state1", "state2", "grad_out", *_TABLE[1:], "argmax", "mode", "pad", *_HYPER),
+    "accumulate_scores_": ("scores", "grad_out", *_TABLE, "argmax", "mode", "pad", "rule"),
 }
+# the tensors each one reads or writes (they must share a device)
+_USED = {op: set(names) - {"width", "mode", "pad", "rule", *_HYPER} for op, names in _ARGS.items()}
+
+
+def _call(op, a, torch, **kw):
+    """torch.ops.pme.<op> on the argument dict a (keywords: the arguments a does not hold)."""
+    return getattr(torch.ops.pme, op)(*(a[k] for k in _ARGS[op]), **kw)
 
 
 def _run_lookup(case, torch, pme, device):
@@ -304,17 +291,7 @@ def _run_lookup(case, torch, pme, device):
     if a["mode"] == 2 and case["target"] != "argmax" and op in ("bag_backward", "sparse_update_", "accumulate_scores_"):
         # a corrupted but still valid table or batch: the argmax must be the forward's on it
         try:
-            a["argmax"] = torch.ops.pme.bag_forward(
-                a["weight"],
-                a["offsets"],
-                a["indices"],
-                a["bag_offsets"],
-                a["psw"],
-                a["col_of_size"],
-                a["grad_out"].shape[-1],
-                2,
-                a["pad"],
-            )[1]
+            a["argmax"] = _call("bag_forward", {**a, "width": a["grad_out"].shape[-1], "mode": 2}, torch)[1]
         except (RuntimeError, ValueError, TypeError, IndexError):
             pass  # invalid: the operator under test must say so itself
     # guard the buffers that the operator writes or reads by canaries (not when the case is
@@ -334,80 +311,11 @@ def _run_lookup(case, torch, pme, device):
     before = {k: v.clone() for k, v in a.items() if hasattr(v, "clone") and v is not None and v.device.type != "meta"}
     modes = {0: "sum", 1: "mean", 2: "max"}
     try:
-        if op == "bag_forward":
-            res = torch.ops.pme.bag_forward(
-                a["weight"],
-                a["offsets"],
-                a["indices"],
-                a["bag_offsets"],
-                a["psw"],
-                a["col_of_size"],
-                a["width"],
-                a["mode"],
-                a["pad"],
-            )[0]
-        elif op == "embedding_forward":
-            res = torch.ops.pme.embedding_forward(
-                a["weight"], a["offsets"], a["indices"], a["col_of_size"], a["width"], a["pad"]
-            )
-        elif op == "bag_backward":
-            res = torch.ops.pme.bag_backward(
-                a["grad_out"],
-                a["weight"],
-                a["offsets"],
-                a["indices"],
-                a["bag_offsets"],
-                a["psw"],
-                a["col_of_size"],
-                a["argmax"],
-                a["mode"],
-                a["pad"],
-                False,
-            )[0]
-        elif op == "embedding_backward":
-            go = a["grad_out"]
-            res = torch.ops.pme.embedding_backward(
-                go, a["weight"], a["offsets"], a["indices"], a["col_of_size"], a["pad"]
-            )
-        elif op == "sparse_update_":
-            torch.ops.pme.sparse_update_(
-                a["weight"],
-                a["state1"],
-                a["state2"],
-                a["grad_out"],
-                a["offsets"],
-                a["indices"],
-                a["bag_offsets"],
-                a["psw"],
-                a["col_of_size"],
-                a["argmax"],
-                a["mode"],
-                a["pad"],
-                a["optimizer"],
-                a["lr"],
-                a["weight_decay"],
-                a["eps"],
-                a["beta1"],
-                a["beta2"],
-                a["step"],
-            )
-            res = a["weight"]
-        else:
-            torch.ops.pme.accumulate_scores_(
-                a["scores"],
-                a["grad_out"],
-                a["weight"],
-                a["offsets"],
-                a["indices"],
-                a["bag_offsets"],
-                a["psw"],
-                a["col_of_size"],
-                a["argmax"],
-                a["mode"],
-                a["pad"],
-                a["rule"],
-            )
-            res = a["scores"]
+        res = _call(op, a, torch, **({"psw_grad": False} if op == "bag_backward" else {}))
+        if op in ("bag_forward", "bag_backward"):
+            res = res[0]  # (output, argmax) / (grad_weight, grad_psw)
+        elif op in ("sparse_update_", "accumulate_scores_"):
+            res = a["weight" if op == "sparse_update_" else "scores"]  # updated in place
         if device == "cuda":
             torch.cuda.synchronize()
     except (RuntimeError, ValueError, TypeError, IndexError) as e:
@@ -440,59 +348,26 @@ def _run_lookup(case, torch, pme, device):
         W = a["grad_out"].shape[1]
     psw = cpu.get("psw") if a["psw"] is not None else None
     pad = None if a["pad"] < 0 else a["pad"]
-    if op == "bag_forward":
-        ref = reference.embedding_bag(w, off, idx.long(), bo.long(), W, col, modes[a["mode"]], psw, pad)
-    elif op == "embedding_forward":
-        ref = reference.embedding(w, off, idx.long(), W, col, None)
-    elif op in ("bag_backward", "embedding_backward"):
-        if op == "bag_backward":
-            g, _ = reference.summed_row_grads(
-                cpu["grad_out"], w, off, idx.long(), bo.long(), W, col, modes[a["mode"]], psw, pad
-            )
+    if op in ("embedding_forward", "embedding_backward"):
+        if op == "embedding_forward":
+            ref = reference.embedding(w, off, idx.long(), W, col, None)
         else:
             bo2 = torch.arange(idx.numel() + 1)
-            g, _ = reference.summed_row_grads(cpu["grad_out"], w, off, idx.long(), bo2, W, col, "sum", None, pad)
-        ref = g
-    elif op == "sparse_update_":
-        ref = w.clone()
-        s1, s2 = cpu["state1"].clone(), cpu["state2"].clone()
-        reference.sparse_update_(
-            ref,
-            s1,
-            s2,
-            cpu["grad_out"],
-            off,
-            idx.long(),
-            bo.long(),
-            W,
-            col,
-            modes[a["mode"]],
-            psw,
-            pad,
-            ["sgd", "rowwise_adagrad", "adam"][a["optimizer"]],
-            a["lr"],
-            a["weight_decay"],
-            a["eps"],
-            a["beta1"],
-            a["beta2"],
-            a["step"],
-        )
-    else:
-        ref = cpu["scores"].clone()
-        reference.accumulate_scores_(
-            ref,
-            cpu["grad_out"],
-            w,
-            off,
-            idx.long(),
-            bo.long(),
-            W,
-            col,
-            modes[a["mode"]],
-            psw,
-            pad,
-            ["snip", "grad"][a["rule"]],
-        )
+            ref, _ = reference.summed_row_grads(cpu["grad_out"], w, off, idx.long(), bo2, W, col, "sum", None, pad)
+    else:  # the pooled operators: the reference takes the same lookup arguments after their own
+        lookup = (off, idx.long(), bo.long(), W, col, modes[a["mode"]], psw, pad)
+        if op == "bag_forward":
+            ref = reference.embedding_bag(w, *lookup)
+        elif op == "bag_backward":
+            ref, _ = reference.summed_row_grads(cpu["grad_out"], w, *lookup)
+        elif op == "sparse_update_":
+            ref = w.clone()
+            s1, s2 = cpu["state1"].clone(), cpu["state2"].clone()
+            optimizer = ["sgd", "rowwise_adagrad", "adam"][a["optimizer"]]
+            reference.sparse_update_(ref, s1, s2, cpu["grad_out"], *lookup, optimizer, *(a[k] for k in _HYPER[1:]))
+        else:
+            ref = cpu["scores"].clone()
+            reference.accumulate_scores_(ref, cpu["grad_out"], w, *lookup, ["snip", "grad"][a["rule"]])
     ok = torch.allclose(res.cpu().double(), ref.double(), rtol=1e-4, atol=1e-5, equal_nan=True)
     return ("correct" if ok else "wrong answer"), ""
 
@@ -810,9 +685,17 @@ def _run_batch(kind, cases, device):
     return results
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@_SETTINGS
-@given(cases=st.lists(_lookup_case(), min_size=BATCH, max_size=BATCH))
+def _fuzz(case):
+    """A fuzz test's decorators: on every device, hypothesis draws batches of BATCH ``case()`` cases."""
+
+    def wrap(test):
+        test = given(cases=st.lists(case(), min_size=BATCH, max_size=BATCH))(test)
+        return pytest.mark.parametrize("device", DEVICES)(_SETTINGS(test))
+
+    return wrap
+
+
+@_fuzz(_lookup_case)
 def test_fuzz_lookup_operators(device, cases):
     if device == "cuda":  # meta mixes and aliases are host-side checks: the same on both
         cases = [dict(c) for c in cases]
@@ -834,9 +717,7 @@ def _prune_case():
     )
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@_SETTINGS
-@given(cases=st.lists(_prune_case(), min_size=BATCH, max_size=BATCH))
+@_fuzz(_prune_case)
 def test_fuzz_pruning_operators(device, cases):
     _run_batch("prune", cases, device)
 
@@ -860,9 +741,7 @@ def _checkpoint_case():
     )
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@_SETTINGS
-@given(cases=st.lists(_checkpoint_case(), min_size=BATCH, max_size=BATCH))
+@_fuzz(_checkpoint_case)
 def test_fuzz_checkpoints(device, cases):
     _run_batch("checkpoint", cases, device)
 

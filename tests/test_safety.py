@@ -41,9 +41,11 @@ def _same_state(m, before):
         ), k
 
 
-def _grouped_module(optimizer=None):
+def _grouped_module(optimizer=None, project=False):
     sizes = torch.tensor([4, 8, 0, 4, 8, 2, 8, 4, 2, 8])
-    return pme.MultiSizeEmbeddingBag(10, 8, sizes=sizes, layout="grouped", mode="sum", optimizer=optimizer)
+    return pme.MultiSizeEmbeddingBag(
+        10, 8, sizes=sizes, layout="grouped", project=project, mode="sum", optimizer=optimizer
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,26 +167,10 @@ def _checkpoint_corruptions():
 @pytest.mark.parametrize("corrupt", _checkpoint_corruptions(), ids=lambda f: f.__name__)
 def test_failed_load_leaves_the_module_bitwise_unchanged(corrupt):
     torch.manual_seed(0)
-    m = pme.MultiSizeEmbeddingBag(
-        10,
-        8,
-        sizes=torch.tensor([4, 8, 0, 4, 8, 2, 8, 4, 2, 8]),
-        layout="grouped",
-        project=True,
-        mode="sum",
-        optimizer=pme.optim.Adam(lr=0.1),
-    )
+    m = _grouped_module(pme.optim.Adam(lr=0.1), project=True)
     x = torch.randint(0, 10, (4, 3))
     m(x).sum().backward()  # some optimizer state
-    src = pme.MultiSizeEmbeddingBag(
-        10,
-        8,
-        sizes=torch.tensor([4, 8, 0, 4, 8, 2, 8, 4, 2, 8]),
-        layout="grouped",
-        project=True,
-        mode="sum",
-        optimizer=pme.optim.Adam(lr=0.1),
-    )
+    src = _grouped_module(pme.optim.Adam(lr=0.1), project=True)
     src(x).sum().backward()
     sd = {k: v.clone() for k, v in src.state_dict().items()}
     corrupt(sd)
@@ -219,6 +205,8 @@ def _lookup_calls(w, off, col, width, idx, bo, grad_out, argmax):
     acc = ops.acc_dtype(w.dtype)
     dev = w.device
     idx, bo, grad_out, argmax = idx.to(dev), bo.to(dev), grad_out.to(dev), argmax.to(dev)
+    no_state = torch.empty(0, dtype=acc, device=dev)  # SGD keeps no optimizer state
+    sgd = (0, 0.1, 0.0, 1e-8, 0.9, 0.999, 1)  # optimizer (SGD), lr, weight_decay, eps, beta1, beta2, step
     return {
         "bag_forward": lambda: torch.ops.pme.bag_forward(w, off, idx, bo, None, col, width, 0, -1),
         "bag_backward": lambda: torch.ops.pme.bag_backward(grad_out, w, off, idx, bo, None, col, argmax, 0, -1, False),
@@ -227,25 +215,7 @@ def _lookup_calls(w, off, col, width, idx, bo, grad_out, argmax):
             grad_out.new_zeros(idx.numel(), width), w, off, idx, col, -1
         ),
         "sparse_update_": lambda: torch.ops.pme.sparse_update_(
-            w.clone(),
-            torch.empty(0, dtype=acc, device=dev),
-            torch.empty(0, dtype=acc, device=dev),
-            grad_out,
-            off,
-            idx,
-            bo,
-            None,
-            col,
-            argmax,
-            0,
-            -1,
-            0,
-            0.1,
-            0.0,
-            1e-8,
-            0.9,
-            0.999,
-            1,
+            w.clone(), no_state, no_state.clone(), grad_out, off, idx, bo, None, col, argmax, 0, -1, *sgd
         ),
         "accumulate_scores_": lambda: torch.ops.pme.accumulate_scores_(
             torch.zeros(w.numel(), dtype=acc, device=dev), grad_out, w, off, idx, bo, None, col, argmax, 0, -1, 0

@@ -18,7 +18,6 @@ on 2 cores; each scenario is its own test below.
 
 import json
 import os
-import socket
 import traceback
 from datetime import timedelta
 
@@ -28,6 +27,7 @@ import torch
 torchrec = pytest.importorskip("torchrec")
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
+from torch.distributed.elastic.utils.distributed import get_free_port  # noqa: E402
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType  # noqa: E402
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder  # noqa: E402
 from torchrec.distributed.model_parallel import DistributedModelParallel  # noqa: E402
@@ -44,6 +44,8 @@ from torchrec.distributed.types import ShardingEnv, ShardingPlan  # noqa: E402
 import pme.optim  # noqa: E402
 from pme import sharding  # noqa: E402
 from pme.collection import MultiSizeEmbeddingBagCollection  # noqa: E402
+
+from conftest import random_jagged  # noqa: E402
 
 STEPS = 3
 B = 5  # samples per rank
@@ -89,12 +91,7 @@ def global_kjt(kind, n, seed):
     keys = ["f3", "t3", "f1", "f0", "f2"]
     vals, lens = [], []
     for i, k in enumerate(keys):
-        ln = torch.randint(0, 4, (n,), generator=g)
-        ln[i % n] = 0
-        v = torch.randint(0, rows[k], (int(ln.sum()),), generator=g)
-        if v.numel() >= 3:
-            v[0] = rows[k] - 1
-            v[1] = v[2]
+        v, ln = random_jagged(rows[k], n, 3, g, empty=i % n)
         vals.append(v)
         lens.append(ln)
     idt = torch.int32 if kind == "W" else torch.int64
@@ -502,14 +499,8 @@ def _worker(rank, world, port, outdir):
     dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(world, outdir):
-    mp.spawn(_worker, args=(world, _free_port(), str(outdir)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, get_free_port(), str(outdir)), nprocs=world, join=True)
     res = {}
     for r in range(world):
         with open(os.path.join(outdir, f"world{world}_rank{r}.json")) as f:

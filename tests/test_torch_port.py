@@ -486,27 +486,23 @@ def test_embedding_from_pretrained_options(kind):
     assert bool(out.detach().norm(p=opts["norm_type"], dim=1).le(opts["max_norm"]).all())
 
 
-def test_embedding_functional():
-    """test_embedding.py::TestEmbeddingNN::test_embedding_functional (pme.ops.embedding is the
-    functional form)"""
+@pytest.mark.parametrize(
+    "cls, pme_fn, torch_fn",
+    [
+        pytest.param(pme.MultiSizeEmbedding, ops.embedding, F.embedding, id="embedding"),
+        pytest.param(pme.MultiSizeEmbeddingBag, ops.embedding_bag, F.embedding_bag, id="embedding_bag"),
+    ],
+)
+def test_functional(cls, pme_fn, torch_fn):
+    """test_embedding.py::TestEmbeddingNN::test_embedding_functional and
+    test_embedding_bag_functional (pme.ops.embedding / embedding_bag are the functional forms)"""
     a = torch.tensor([[1, 3, 2], [0, 2, 1]])
     emb = torch.rand(4, 3)
-    m = pme.MultiSizeEmbedding(4, 3, _weight=emb)
-    torch.testing.assert_close(m(a), F.embedding(a, emb))
-    torch.testing.assert_close(ops.embedding(m.weight, m.offsets, a, width=3), F.embedding(a, emb))
-    m = pme.MultiSizeEmbedding.from_pretrained(emb, padding_idx=2)
-    torch.testing.assert_close(m(a), F.embedding(a, emb, padding_idx=2))
-
-
-def test_embedding_bag_functional():
-    """test_embedding.py::TestEmbeddingNN::test_embedding_bag_functional"""
-    a = torch.tensor([[1, 3, 2], [0, 2, 1]])
-    emb = torch.rand(4, 3)
-    m = pme.MultiSizeEmbeddingBag(4, 3, _weight=emb)
-    torch.testing.assert_close(m(a), F.embedding_bag(a, emb))
-    torch.testing.assert_close(ops.embedding_bag(m.weight, m.offsets, a, width=3), F.embedding_bag(a, emb))
-    m = pme.MultiSizeEmbeddingBag.from_pretrained(emb, padding_idx=2)
-    torch.testing.assert_close(m(a), F.embedding_bag(a, emb, padding_idx=2))
+    m = cls(4, 3, _weight=emb)
+    torch.testing.assert_close(m(a), torch_fn(a, emb))
+    torch.testing.assert_close(pme_fn(m.weight, m.offsets, a, width=3), torch_fn(a, emb))
+    m = cls.from_pretrained(emb, padding_idx=2)
+    torch.testing.assert_close(m(a), torch_fn(a, emb, padding_idx=2))
 
 
 def test_embedding_bag_padding_idx_error():
@@ -832,10 +828,20 @@ def _known_example_module(mode, wdtype, kind, sparse=False, include_last_offset=
 WDTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("wdtype", WDTYPES)
-@pytest.mark.parametrize("idx_dtype,off_dtype", list(itertools.product([torch.int32, torch.int64], repeat=2)))
-@pytest.mark.parametrize("trainable", [True, False])
+def _psw_cases(test):
+    """The cases of the two per_sample_weights-and-offsets tests: table kind x weight dtype x index
+    and offset dtypes x trainable per-sample weights."""
+    for mark in (
+        pytest.mark.parametrize("trainable", [True, False]),
+        pytest.mark.parametrize("idx_dtype,off_dtype", list(itertools.product([torch.int32, torch.int64], repeat=2))),
+        pytest.mark.parametrize("wdtype", WDTYPES),
+        pytest.mark.parametrize("kind", KINDS),
+    ):
+        test = mark(test)
+    return test
+
+
+@_psw_cases
 def test_EmbeddingBag_empty_per_sample_weights_and_offsets(kind, wdtype, idx_dtype, off_dtype, trainable):
     """test_embedding.py::TestEmbeddingNNDeviceType::test_EmbeddingBag_empty_per_sample_weights_and_offsets"""
     m, ref, mask = _known_example_module("sum", wdtype, kind)
@@ -850,10 +856,7 @@ def test_EmbeddingBag_empty_per_sample_weights_and_offsets(kind, wdtype, idx_dty
         assert psw.grad is None or psw.grad.numel() == 0
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("wdtype", WDTYPES)
-@pytest.mark.parametrize("idx_dtype,off_dtype", list(itertools.product([torch.int32, torch.int64], repeat=2)))
-@pytest.mark.parametrize("trainable", [True, False])
+@_psw_cases
 def test_EmbeddingBag_per_sample_weights_and_offsets(kind, wdtype, idx_dtype, off_dtype, trainable):
     """test_embedding.py::TestEmbeddingNNDeviceType::test_EmbeddingBag_per_sample_weights_and_offsets"""
     m, ref, mask = _known_example_module("sum", wdtype, kind)

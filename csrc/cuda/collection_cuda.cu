@@ -459,13 +459,19 @@ int64_t max_width_host(const Ctx& ctx, const Tensor& features, int64_t F) {
   return max_width_of(read_blocks(ctx, features.const_data_ptr<int64_t>(), F));
 }
 
+// for_each_collection_row's default after-step: nothing.
+struct NoAfter {
+  template <class... Args>
+  void operator()(Args&&...) const {}
+};
+
 // Builds the virtual single-table form of the batch and runs make_op(T{}) on every touched row;
 // after(...) may use the grouping and the virtual gradient (psw gradient).
-template <class MakeOp, class After>
+template <class MakeOp, class After = NoAfter>
 void for_each_collection_row(const Tensor& grad_out, const Tensor& weight, const Tensor& offsets,
                              const Tensor& table_rows, const Tensor& features, const Tensor& indices,
                              const Tensor& bag_offsets, const std::optional<Tensor>& psw, int64_t batch_size,
-                             bool table_checked, MakeOp&& make_op, After&& after) {
+                             bool table_checked, MakeOp&& make_op, After&& after = After{}) {
   const CollectionArgs a =
       check_collection_args(weight, offsets, table_rows, features, indices, bag_offsets, psw, batch_size);
   PME_CHECK(grad_out.dim() == 2 && grad_out.sizes()[0] == a.batch, "grad_out must be [", a.batch, ", out_width]");
@@ -533,13 +539,7 @@ std::tuple<Tensor, Tensor> collection_backward(Tensor grad_out, Tensor weight, T
   void* gw = grad_w.mutable_data_ptr();
   for_each_collection_row(
       grad_out, weight, offsets, table_rows, features, indices, bag_offsets, per_sample_weights, batch_size,
-      table_checked,
-      [&](auto tag) {
-        using T = decltype(tag);
-        GradWriteOp<T> op{};
-        op.gw = static_cast<T*>(gw);
-        return op;
-      },
+      table_checked, [&](auto tag) { return GradWriteOp<decltype(tag)>{{}, static_cast<decltype(tag)*>(gw)}; },
       [&](auto tag, const Ctx& ctx, const RowGroups& groups, const Tensor& vgrad, const Tensor& vrow, const Table& tab,
           const int64_t* ranges, int64_t M) {
         using T = decltype(tag);
@@ -578,14 +578,11 @@ void collection_update_(Tensor weight, Tensor state1, Tensor state2, Tensor grad
   void* s1 = optimizer != kSGD && state1.numel() ? state1.mutable_data_ptr() : nullptr;
   void* s2 = optimizer == kAdam && state2.numel() ? state2.mutable_data_ptr() : nullptr;
   void* w = weight.mutable_data_ptr();
-  for_each_collection_row(
-      grad_out, weight, offsets, table_rows, features, indices, bag_offsets, per_sample_weights, batch_size,
-      table_checked,
-      [&](auto tag) {
-        using T = decltype(tag);
-        return make_update_op<T>(w, s1, s2, optimizer, lr, weight_decay, eps, beta1, beta2, step);
-      },
-      [](auto, const Ctx&, const RowGroups&, const Tensor&, const Tensor&, const Table&, const int64_t*, int64_t) {});
+  for_each_collection_row(grad_out, weight, offsets, table_rows, features, indices, bag_offsets, per_sample_weights,
+                          batch_size, table_checked, [&](auto tag) {
+                            return make_update_op<decltype(tag)>(w, s1, s2, optimizer, lr, weight_decay, eps, beta1,
+                                                                 beta2, step);
+                          });
 }
 
 }  // namespace
