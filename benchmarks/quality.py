@@ -252,6 +252,9 @@ def plots(name, rows, out_dir):
     )
     fig, ax = plt.subplots(figsize=(7, 4.3))
     pd = paired_differences(rows, "pme", BASELINES)
+    if not pd:  # a run without the default mode (e.g. --methods pme_grouped) has no paired plot
+        plt.close(fig)
+        return files
     for k, against in enumerate(BASELINES):
         pts = sorted((p["budget"], p["mean"], p["std"]) for p in pd if p["against"] == against)
         x = [100 * p[0] * (1 + 0.04 * (k - 1)) for p in pts]
@@ -321,10 +324,13 @@ def main():
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     with open(os.path.join(args.out, "report.md"), "w") as f:
-        f.write(
-            "\n".join(md) + f"\n\nWall time of this run: {time.perf_counter() - t0:.0f} s "
-            f"({torch.get_num_threads()} torch thread(s)).\n"
+        secs = sum(r.get("train_seconds", 0.0) for res in results.values() for r in res["runs"])
+        made = (
+            "Rebuilt from results_partial_*.json (--report-only); the runs' logs hold their wall times."
+            if args.report_only
+            else f"Wall time of this run: {time.perf_counter() - t0:.0f} s ({torch.get_num_threads()} torch thread(s))."
         )
+        f.write("\n".join(md) + f"\n\n{made} Training time summed over all runs: {secs / 60:.0f} min.\n")
     print("\n".join(md))
 
 
