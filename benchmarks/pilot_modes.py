@@ -3,7 +3,8 @@
 Both data sets (MovieLens-100K, census adult), DeepFM width 64, 2 epochs, seeds 100 and 101
 (not the study's seeds 0-9), budgets 20% and 5%: PME variants (score rule x normalisation x
 trained / cheap warm-up) against uniform and popularity. Writes
-benchmarks/results/quality/pilot_<data>.json. Run: python benchmarks/pilot_modes.py [--data ml|adult]
+benchmarks/results/quality/pilot_<data><tag>.json. Run: python benchmarks/pilot_modes.py [--data ml|adult]
+[--seeds ...] [--epochs 2] [--budgets 0.2 0.05] [--variants ...] [--tag _name]
 """
 
 import argparse
@@ -20,6 +21,8 @@ VARIANTS = {
     "mag_field": {"mode": "trained", "rule": "magnitude", "normalize": "field"},
     "mag_none": {"mode": "trained", "rule": "magnitude", "normalize": "none"},
     "sal_field": {"mode": "trained", "rule": "saliency", "normalize": "field"},
+    "taylor_none": {"mode": "trained", "rule": "taylor", "normalize": "none"},
+    "taylor_field": {"mode": "trained", "rule": "taylor", "normalize": "field"},
     "cheap_mag_field": {"mode": "warmup", "rule": "magnitude", "normalize": "field", "warmup_epochs": 0.2},
     "cheap_move_field": {"mode": "warmup", "rule": "movement", "normalize": "field", "warmup_epochs": 0.2},
 }
@@ -29,7 +32,12 @@ def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--data", choices=["ml", "adult"], default="ml")
     p.add_argument("--seeds", type=int, nargs="+", default=[100, 101])
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.2, 0.05])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--tag", default="", help="suffix of the JSON file name (pilot_<data><tag>.json)")
     a = p.parse_args()
+    variants = {v: VARIANTS[v] for v in a.variants}
     torch.set_num_threads(1)
     ds = data.load_movielens_100k() if a.data == "ml" else data.load_adult()
     rows = []
@@ -38,18 +46,18 @@ def main():
         tr, va, te = ds.split(seed=seed)
         cfg = ExperimentConfig(
             dim=64,
-            epochs=2,
-            budgets=(0.2, 0.05),
+            epochs=a.epochs,
+            budgets=tuple(a.budgets),
             seeds=(seed,),
             progress=False,
-            variants=VARIANTS,
-            methods=tuple(VARIANTS) + ("uniform", "popularity"),
+            variants=variants,
+            methods=tuple(variants) + ("uniform", "popularity"),
         )
         rows += run_experiment(cfg, tr, va, te, log=lambda m: print(f"{time.time() - t0:.0f}s {m}", flush=True))
     out = {"rows": [{k: v for k, v in r.items() if k != "sizes"} for r in rows]}
-    out["paired"] = {v: paired_differences(rows, v, ("uniform", "popularity", "full")) for v in VARIANTS}
+    out["paired"] = {v: paired_differences(rows, v, ("uniform", "popularity", "full")) for v in variants}
     os.makedirs("benchmarks/results/quality", exist_ok=True)
-    with open(f"benchmarks/results/quality/pilot_{a.data}.json", "w") as f:
+    with open(f"benchmarks/results/quality/pilot_{a.data}{a.tag}.json", "w") as f:
         json.dump(out, f, indent=1)
     for v, ps in out["paired"].items():
         for q in ps:
