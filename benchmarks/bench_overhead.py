@@ -1,0 +1,97 @@
+"""Per-call cost of a small lookup: pme.MultiSizeEmbeddingBag against nn.EmbeddingBag.
+
+A batch of a few bags moves almost no bytes, so its time is the fixed cost of one call: Python,
+the operator dispatch (torch.library's autograd wrapper for pme), the input checks and the kernel
+launch. Both modules get the same table shape (V x D, sum pooling), the same indices (uniform, L
+lookups a bag) and the same bags; pme's rows have random sizes in [1, D]. Each case runs
+``--warmup`` calls, then ``--calls`` timed calls in a loop (time.perf_counter, CUDA synchronised
+once after the loop); the script prints microseconds per call and writes
+benchmarks/results/overhead_<device>_<date>.json.
+
+Run: python benchmarks/bench_overhead.py [--device cpu|cuda] [--bags 1 16 256] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+import torch
+
+import pme
+
+from _common import save_json  # benchmarks/, the script's folder
+
+
+def per_call_us(fn, calls, warmup, device):
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / calls * 1e6
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--rows", type=int, default=100_000, help="table rows V (default 100,000)")
+    p.add_argument("--dim", type=int, default=64, help="table width D (default 64)")
+    p.add_argument("--bags", type=int, nargs="+", default=[1, 16, 256], help="batch sizes (default 1 16 256)")
+    p.add_argument("--pooling-factor", type=int, default=32, help="lookups a bag L (default 32)")
+    p.add_argument("--calls", type=int, default=3000, help="timed calls a case (default 3000)")
+    p.add_argument("--warmup", type=int, default=200, help="untimed calls first (default 200)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads on CPU (default 1)")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/overhead_<device>_<date>.json)")
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    dev = torch.device(a.device)
+    g = torch.Generator().manual_seed(0)
+    sizes = torch.randint(1, a.dim + 1, (a.rows,), generator=g)
+    tables = {
+        "pme": pme.MultiSizeEmbeddingBag(a.rows, a.dim, mode="sum", sizes=sizes).to(dev),
+        "nn.EmbeddingBag": torch.nn.EmbeddingBag(a.rows, a.dim, mode="sum").to(dev),
+    }
+    rows = []
+    print(f"{'bags':>6} {'module':16} {'no grad us':>11} {'grad us':>9}")
+    for B in a.bags:
+        idx = torch.randint(0, a.rows, (B * a.pooling_factor,), generator=g).to(dev)
+        off = (torch.arange(B) * a.pooling_factor).to(dev)
+        for name, m in tables.items():
+
+            def call(m=m):
+                return m(idx, off)
+
+            with torch.no_grad():
+                no_grad = per_call_us(call, a.calls, a.warmup, dev)
+            grad = per_call_us(call, a.calls, a.warmup, dev)
+            rows.append({"bags": B, "module": name, "no_grad_us": no_grad, "grad_us": grad})
+            print(f"{B:>6} {name:16} {no_grad:11.1f} {grad:9.1f}", flush=True)
+    name = dev.type if dev.type == "cpu" else torch.cuda.get_device_name(dev).replace(" ", "-").lower()
+    doc = {
+        "what": "microseconds per call of a small sum-pooled lookup (forward only; 'grad': weight requires grad)",
+        "device": name,
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "pme": pme.info() if hasattr(pme, "info") else pme.__version__,
+        "threads": torch.get_num_threads(),
+        "rows": a.rows,
+        "dim": a.dim,
+        "pooling_factor": a.pooling_factor,
+        "indices": "uniform",
+        "calls": a.calls,
+        "load_average": os.getloadavg()[0],
+        "results": rows,
+    }
+    here = os.path.dirname(os.path.abspath(__file__))
+    save_json(doc, a.out or os.path.join(here, "results", f"overhead_{name}_{time.strftime('%Y-%m-%d')}.json"))
+
+
+if __name__ == "__main__":
+    main()
