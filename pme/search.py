@@ -180,6 +180,11 @@ def _total(sizes: dict) -> int:
     return sum(int(s.sum()) for s in sizes.values())
 
 
+def _per_table(flat: torch.Tensor, like: dict) -> dict:
+    """Splits ``flat`` (one entry per row of every table in ``like``'s order) back into ``{name: [V]}``."""
+    return dict(zip(like, torch.split(flat, [t.numel() for t in like.values()])))
+
+
 def _top_up(sizes: dict, priority: dict, dims: dict, target: int, quantum: int) -> dict:
     """Adds one quantum to the rows of highest ``priority`` (``{name: [V] float}``) that have room
     until the total is within one quantum of ``target`` (never above it). Returns new sizes."""
@@ -202,12 +207,7 @@ def _top_up(sizes: dict, priority: dict, dims: dict, target: int, quantum: int) 
     pick = torch.topk(pri, k, sorted=False).indices
     add = torch.zeros(pri.numel(), dtype=torch.int64)
     add[pick] = quantum
-    out, start = {}, 0
-    for n in names:
-        v = sizes[n].numel()
-        out[n] = sizes[n] + add[start : start + v].to(sizes[n].device)
-        start += v
-    return out
+    return {n: sizes[n] + a.to(sizes[n].device) for n, a in _per_table(add, sizes).items()}
 
 
 def sizes_for_budget(scores: dict, budget: float, per_table: bool = False, quantum: int = 1, min_size: int = 0):
@@ -687,10 +687,10 @@ def grouped_sizes(result: SearchResult, budget: float, quantum: int = 4):
         proj = used
     if sizes is None or _total(sizes) + projection_entries(sizes, dims) > target:
         return None
-    return _grouped_top_up(sizes, result.scores, dims, target - projection_entries(sizes, dims), quantum)
+    return _grouped_top_up(sizes, result.scores, dims, target - projection_entries(sizes, dims))
 
 
-def _grouped_top_up(sizes: dict, scores: dict, dims: dict, room: int, quantum: int) -> dict:
+def _grouped_top_up(sizes: dict, scores: dict, dims: dict, room: int) -> dict:
     """Snapping down leaves budget unused (at 50% on census adult, a third of it). Spend it:
     rounds of promoting rows to their next class, best gain first, where a row's gain is the mean
     score of the entries the promotion adds; only into classes its width already uses (the
@@ -699,17 +699,18 @@ def _grouped_top_up(sizes: dict, scores: dict, dims: dict, room: int, quantum: i
     used = {}
     for n in names:
         used.setdefault(dims[n], set()).update(int(c) for c in torch.unique(sizes[n]).tolist() if c > 0)
-    sizes = {n: sizes[n].clone() for n in names}
+    # the classes a row may move to, with D + 1 standing for "none above"
+    classes = {D: torch.tensor(sorted(cs) + [D + 1], dtype=torch.int64) for D, cs in used.items()}
     csum = {}  # per row, the cumulative sums of its scores in descending order, a 0 column first
     for n in names:
         srt = torch.sort(scores[n].detach().float().cpu(), dim=1, descending=True).values.double()
         csum[n] = torch.cat([torch.zeros(srt.shape[0], 1, dtype=torch.float64), srt.cumsum(1)], dim=1)
     left = room - _total(sizes)
-    for _ in range(4 * len(grouped_classes(max(dims.values()), quantum)) + 4):
+    while True:  # every round promotes at least one row or stops, and sizes are bounded by D
         nxt, cost, gain = {}, [], []
         for n in names:
-            cls = torch.tensor(sorted(used[dims[n]]) + [dims[n] + 1], dtype=torch.int64)
-            up = cls[torch.searchsorted(cls, sizes[n], right=True)]  # next used class (D + 1: none)
+            cls = classes[dims[n]]
+            up = cls[torch.searchsorted(cls, sizes[n], right=True)]  # the next used class
             ok = up <= dims[n]
             up = torch.where(ok, up, sizes[n])
             c = up - sizes[n]
@@ -725,11 +726,7 @@ def _grouped_top_up(sizes: dict, scores: dict, dims: dict, room: int, quantum: i
             break
         pick = torch.zeros(cost.numel(), dtype=torch.bool)
         pick[take] = True
-        start = 0
-        for n in names:
-            v = sizes[n].numel()
-            sizes[n] = torch.where(pick[start : start + v], nxt[n], sizes[n])
-            start += v
+        sizes = {n: torch.where(p, nxt[n], sizes[n]) for n, p in _per_table(pick, sizes).items()}
         left -= int(cost[take].sum())
     return sizes
 

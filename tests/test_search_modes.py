@@ -209,3 +209,34 @@ def test_rewound_conversion_keeps_initial_values():
             s = int(r.sizes[f"embeddings.{k}"][row])
             cols = torch.sort(torch.sort(-sc[row].double(), stable=True).indices[:s]).values
             torch.testing.assert_close(dense[row, :s], before[k][row, cols])
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("k", [0, 1, 3, 7])
+def test_grouped_top_up_promotes_the_best_next_entries_into_used_classes(seed, k):
+    """The budget left after snapping to classes goes to the rows whose promotion adds the
+    best-scored entries (mean score of the added entries, float64 oracle), only into classes the
+    width already uses, and never past the room."""
+    from pme.search import _grouped_top_up
+
+    g = torch.Generator().manual_seed(seed)
+    D = 16
+    scores = {"a": torch.rand(6, D, generator=g), "b": torch.rand(5, D, generator=g)}
+    sizes = {"a": torch.tensor([4, 4, 4, 4, 4, 8]), "b": torch.full((5,), 4)}  # classes used: 4 and 8
+    before = {n: s.clone() for n, s in sizes.items()}
+    room = sum(int(s.sum()) for s in sizes.values()) + 4 * k + 3  # k promotions of 4 entries fit, not k + 1
+    out = _grouped_top_up(sizes, scores, {"a": D, "b": D}, room)
+    # oracle: each size-4 row's gain is the mean of its 5th-8th best scores; the k best rise to 8
+    gain = []
+    for n in ("a", "b"):
+        srt = torch.sort(scores[n].double(), dim=1, descending=True).values
+        gain += [(n, i, float(srt[i, 4:8].mean())) for i in range(len(sizes[n])) if sizes[n][i] == 4]
+    best = sorted(gain, key=lambda t: -t[2])[:k]
+    want = {n: sizes[n].clone() for n in sizes}
+    for n, i, _ in best:
+        want[n][i] = 8
+    for n in sizes:
+        assert torch.equal(out[n], want[n]), (n, out[n], want[n])
+        assert set(out[n].tolist()) <= {4, 8}  # 16 is no class of this width yet: its projection is not counted
+    assert sum(int(s.sum()) for s in out.values()) <= room
+    assert all(torch.equal(sizes[n], before[n]) for n in sizes)  # the input is left as it was
