@@ -234,3 +234,62 @@ def test_grouped_layout_shares_projections_on_many_small_tables():
 
 def test_data_reexports_the_one_batch_mover():
     assert data.batch_to is batch_to
+
+
+@pytest.mark.parametrize("init", ["kept", "fresh"])
+def test_experiment_methods_start_from_the_full_models_initial_values(monkeypatch, init):
+    """With ``init="kept"`` (the default) a seed's methods start from the full-size model's initial
+    values, each row keeping its first entries and zeros after; ``"fresh"`` draws new values. The
+    training is stubbed out: what is checked is the model each method starts training from."""
+    from pme.recsys import experiment
+
+    ds, _ = data.make_planted(num_rows=400, num_fields=2, vocab=20, dim=8, seed=0)
+    train, val, test = ds.split(seed=0)
+    start = []  # {field: dense [V, D] table} of every model handed to training, in order
+
+    def no_training(cfg, model, *args):
+        dense = {}
+        for f, t in model.embeddings.items():
+            dense[f] = (t.to_dense() if isinstance(t, pme.MultiSizeEmbeddingBag) else t.weight).detach().clone()
+        start.append(dense)
+        return {"auc": 0.5, "logloss": 0.7, "val_auc": 0.5, "train_seconds": 1.0}
+
+    monkeypatch.setattr(experiment, "_train_eval", no_training)
+    cfg = experiment.ExperimentConfig(dim=8, budgets=(0.5,), methods=("uniform",), progress=False, init=init)
+    rows = experiment.run_experiment(cfg, train, val, test, log=lambda m: None)
+    assert [r["method"] for r in rows] == ["full", "uniform"]
+    full, small = start
+    for f, w in small.items():
+        kept = w != 0
+        assert 0 < int(kept.sum()) < w.numel()  # a multi-size table at half the entries
+        if init == "kept":  # each row: the full table's first entries, then zeros
+            cols = torch.arange(w.shape[1])
+            first = cols[None, :] < kept.sum(1, keepdim=True)
+            assert torch.equal(kept, first)
+            assert torch.equal(w[kept], full[f][kept])
+        else:
+            assert not torch.equal(w[kept], full[f][kept])
+
+
+@pytest.mark.parametrize("seeds", [1, 3])
+def test_plot_auc_curves_draws_methods_full_line_and_noise(seeds):
+    """One curve per method present (in budget order), the full-size line, and the ±1 std band only
+    when there are several seeds; returns the full-size row."""
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pme.recsys.experiment import plot_auc_curves
+
+    summary = [{"method": "full", "budget": 1.0, "auc": (0.78, 0.004), "seeds": seeds}]
+    summary += [{"method": "pme", "budget": b, "auc": (0.77 + b / 100, 0.002), "seeds": seeds} for b in (0.5, 0.1)]
+    fig, ax = plt.subplots()
+    full = plot_auc_curves(ax, summary, ("pme", "uniform"), lambda s: 100 * s["budget"], lambda f: "full")
+    _, labels = ax.get_legend_handles_labels()
+    plt.close(fig)
+    assert full is summary[0]
+    assert "pme" in labels and "uniform" not in labels and "full" in labels
+    assert any("std" in x for x in labels) == (seeds > 1)
+    line = next(c for c in ax.containers if c.get_label() == "pme").lines[0]
+    assert list(line.get_xdata()) == [10.0, 50.0]
+    assert list(line.get_ydata()) == pytest.approx([0.771, 0.775])
