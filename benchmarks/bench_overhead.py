@@ -79,7 +79,7 @@ def main():
         "device": name,
         "cpu": platform.processor() or platform.machine(),
         "torch": torch.__version__,
-        "pme": pme.info() if hasattr(pme, "info") else pme.__version__,
+        "pme": pme.info(),
         "threads": torch.get_num_threads(),
         "rows": a.rows,
         "dim": a.dim,

@@ -80,6 +80,8 @@ class ExperimentConfig:
                 raise ValueError(
                     f"unknown method {m!r}: not a baseline {BASELINES} nor a variant {list(self.variants)}"
                 )
+        if self.init not in ("kept", "fresh"):
+            raise ValueError(f"init must be 'kept' or 'fresh', got {self.init!r}")
 
 
 def _embedding_stats(model) -> dict:

@@ -271,6 +271,13 @@ def test_experiment_methods_start_from_the_full_models_initial_values(monkeypatc
             assert not torch.equal(w[kept], full[f][kept])
 
 
+def test_experiment_config_refuses_an_unknown_init():
+    from pme.recsys.experiment import ExperimentConfig
+
+    with pytest.raises(ValueError, match="init must be 'kept' or 'fresh', got 'rewind'"):
+        ExperimentConfig(init="rewind")
+
+
 @pytest.mark.parametrize("seeds", [1, 3])
 def test_plot_auc_curves_draws_methods_full_line_and_noise(seeds):
     """One curve per method present (in budget order), the full-size line, and the ±1 std band only
