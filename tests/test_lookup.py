@@ -363,6 +363,38 @@ def test_noncontiguous_inputs_are_accepted(device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("D", [16, 32, 48, 64, 128, 256])
+@pytest.mark.parametrize("full_share", [1.0, 0.5])
+def test_cpu_forward_full_width_rows(monkeypatch, dtype, D, full_share):
+    """Rows as wide as the table take the register kernels' whole-step path (plain loads, one
+    branch per row): all rows full (a table at full size), or half of them mixed with shorter
+    rows; the last row is full, so the whole loads read up to the buffer's last entry. Every
+    kernel equals the portable one and the float64 oracle (within the dtype's rounding)."""
+    gen = torch.Generator().manual_seed(D)
+    V = 50
+    sizes = torch.where(torch.rand(V, generator=gen) < full_share, D, torch.randint(0, D, (V,), generator=gen))
+    sizes[-1] = D
+    w, offsets, col, width, _ = make_table(V, D, dtype, "cpu", seed=D, sizes=sizes)
+    idx, bags = random_bags(V, 30, 12, gen, torch.int64)
+    idx[0] = V - 1
+    psw = torch.randn(idx.shape, generator=gen).to(dtype)
+    ends = torch.cat([bags, torch.tensor([idx.numel()])])  # the oracle takes [B + 1] bag offsets
+    expect = reference.embedding_bag(w.double(), offsets, idx, ends, width, col, "sum", psw.double())
+    mean_expect = reference.embedding_bag(w.double(), offsets, idx, ends, width, col, "mean")
+    outs, means = {}, {}
+    for kernel in ["avx512", "avx2", "generic"]:
+        monkeypatch.setenv("PME_CPU_KERNEL", kernel)
+        outs[kernel] = ops.embedding_bag(w, offsets, idx, bags, width=width, mode="sum", per_sample_weights=psw)
+        means[kernel] = ops.embedding_bag(w, offsets, idx, bags, width=width, mode="mean")
+    tol = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
+    for kernel in outs:
+        torch.testing.assert_close(outs[kernel].double(), expect, rtol=tol, atol=tol, msg=kernel)
+        torch.testing.assert_close(means[kernel].double(), mean_expect, rtol=tol, atol=tol, msg=kernel)
+        assert torch.equal(means[kernel], means["generic"]), kernel  # the same fp32 sums in the same order
+    assert torch.equal(outs["avx2"], outs["avx512"])  # both one FMA per weighted entry
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("D", [5, 13, 40, 64, 100, 128, 200, 255, 256, 257, 300])
 @pytest.mark.parametrize("mode", ["sum", "mean"])
 def test_cpu_forward_kernels_on_wide_tables(monkeypatch, dtype, D, mode):

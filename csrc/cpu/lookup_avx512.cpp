@@ -111,7 +111,7 @@ struct Avx512Acc {
   PME_AVX512 inline void zero(std::integer_sequence<int, V...>) {
     ((a[V] = _mm512_setzero_ps()), ...);
   }
-  template <bool kWeighted, int K>
+  template <bool kWeighted, int K, bool kWhole>  // kWhole (all live): the same masked load, at no cost
   PME_AVX512 inline void step(const T* row, int live, float s) {
     __m512 x[kPer];
     Row::load(row + kStep * K, Row::mask(live, K), x);

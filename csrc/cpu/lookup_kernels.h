@@ -156,9 +156,9 @@ void bag_forward_generic(const T* w, const TableView& table, const I* idx, const
 //   Acc::kSteps          steps that cover the width (a step is 64 bytes of a row: one
 //                        AVX-512 register's load, two AVX2 ones; the same steps for both),
 //   acc.zero()           clears the sums,
-//   acc.step<kW, k>(row, live, s)  adds (s times, kW) step k of a row of `live` entries,
-//                        called only when k * kStep < live; it reads the row's own bytes and
-//                        nothing past them,
+//   acc.step<kW, k, kWhole>(row, live, s)  adds (s times, kW) step k of a row of `live`
+//                        entries, called only when k * kStep < live (kWhole: every entry of
+//                        the step is live); it reads the row's own bytes and nothing past them,
 //   acc.finish(o, W, n)  divides by n (when n > 0) and stores W outputs rounded as
 //                        static_cast<T>(float) does.
 // Row entries are widened exactly (fp16 by F16C, bf16 by a 16-bit shift), summed in fp32 in
@@ -170,11 +170,18 @@ void bag_forward_generic(const T* w, const TableView& table, const I* idx, const
 // inlined into a function without the target, hence Acc methods that are not always_inline).
 
 // Only the live steps of a row: one branch per step, rows of the common small sizes skip most.
+// A row that fills every step (a full-size row when the width is a whole number of steps) takes
+// one branch in all, and its steps are whole (kWhole: plain loads where the kernel has them).
 // The step numbers are template arguments, so that every accumulator is named by a constant
 // from the start (a loop over them, unrolled only late, left the sums in memory).
 template <bool kWeighted, class Acc, class T, int... K>
 inline void add_live_steps(Acc& acc, const T* row, int live, float s, std::integer_sequence<int, K...>) {
-  ((Acc::kStep * K < live ? acc.template step<kWeighted, K>(row, live, s) : void()), ...);
+  constexpr int kFull = Acc::kStep * Acc::kSteps;
+  if (live == kFull) {
+    (acc.template step<kWeighted, K, true>(row, kFull, s), ...);
+  } else {
+    ((Acc::kStep * K < live ? acc.template step<kWeighted, K, false>(row, live, s) : void()), ...);
+  }
 }
 
 template <class Acc, class T, class I, bool kWeighted>
