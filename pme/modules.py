@@ -135,7 +135,6 @@ class _MultiSizeTable(nn.Module):
         size_classes=None,
         project=False,
         optimizer=None,
-        _freeze=False,
     ):
         if optimizer is not None and (sparse or scale_grad_by_freq):
             raise ValueError(
@@ -197,7 +196,6 @@ class _MultiSizeTable(nn.Module):
             self.projection = nn.Parameter(self._identity_projection().to(device=device, dtype=dtype))
         else:
             self.register_parameter("projection", None)
-        self.weight.requires_grad_(not _freeze)
         self.optimizer = None
         if optimizer is not None:
             optimizer.attach(self)
@@ -739,7 +737,9 @@ class MultiSizeEmbedding(_MultiSizeTable):
         sizes=None,
         **options,
     ):
-        super().__init__(**_table_args(locals()), sizes=sizes, _freeze=_freeze, **options)
+        super().__init__(**_table_args(locals()), sizes=sizes, **options)
+        if _freeze:  # (a fused optimizer has already turned the gradient off)
+            self.weight.requires_grad_(False)
 
     def forward(self, input):
         if self.optimizer is not None and self.training and torch.is_grad_enabled():
