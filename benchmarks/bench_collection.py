@@ -38,7 +38,6 @@ distribution, every median) and a PNG of the same name.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import gc
 import json
@@ -50,10 +49,9 @@ import torch
 from torch.utils.benchmark import Timer
 
 import pme
-from pme.bench import cpu_model
 from pme.collection import EmbeddingBagConfig, MultiSizeEmbeddingBagCollection
 
-from _common import save_json  # benchmarks/, the script's folder
+from _common import machine, parser, save_json  # benchmarks/, the script's folder
 
 CRITEO_KAGGLE = [
     1460,
@@ -337,37 +335,23 @@ def plot(path, results):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    results_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    p = parser(__doc__, out=results_dir)
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch thread counts (default 1 2)")
     p.add_argument("--hots", type=int, nargs="+", default=[1, 20], help="lookups per feature and sample (1 20)")
     p.add_argument("--batch", type=int, default=2048, help="samples per batch (2048)")
-    p.add_argument("--dim", type=int, default=64, help="table width D (64)")
     p.add_argument("--cap", type=int, default=2_000_000, help="rows per table at most (2M)")
     p.add_argument("--scale", type=float, default=1.0, help="multiply the cardinalities (quick runs: 0.01)")
     p.add_argument("--alpha", type=float, default=1.05, help="Zipf exponent of the indices (1.05)")
     p.add_argument("--min-run-time", type=float, default=1.0, help="seconds per blocked_autorange (1.0)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-single", action="store_true", help="skip the single-table comparison")
-    p.add_argument("--note", default="", help="free text stored in the JSON (e.g. 'machine shared with 4 jobs')")
-    p.add_argument(
-        "--out",
-        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
-        help="folder of the JSON and PNG (benchmarks/results)",
-    )
     args = p.parse_args(argv)
     import fbgemm_gpu
     import torchrec  # noqa: F401
 
-    info = pme.info()
     meta = {
-        "device": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
+        **machine(args.note),
         "fbgemm_gpu": getattr(fbgemm_gpu, "__version__", "?"),
-        "pme": info["version"],
-        "backend": info["backend"],
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "note": args.note,
         "tables": "Criteo Kaggle cardinalities capped",
         "cap": args.cap,
         "scale": args.scale,

@@ -9,16 +9,14 @@ Times ``torch.ops.pme.bag_forward`` (sum, padded, fp32), median of --repeats cal
 - ``forward`` / ``forward_checked``: --bags x --lookups uniform lookups on the V-row table,
   without / with ``table_checked=True``;
 - ``ops_forward``: the same through ``pme.ops.embedding_bag`` (its memo of passed tables).
-Prints and saves JSON (sizes, threads, CPU, torch) to --out.
+Prints and saves JSON (sizes, threads, the machine: CPU model, torch, pme) to --out.
 
     python benchmarks/bench_validation.py --rows 1000000 --threads 1
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import platform
 import statistics
 
 import torch
@@ -26,7 +24,7 @@ from torch.utils import benchmark
 
 import pme
 
-from _common import save_json  # benchmarks/, the script's folder
+from _common import machine, parser, save_json  # benchmarks/, the script's folder
 
 
 def median_ms(f, repeats):
@@ -38,17 +36,15 @@ def median_ms(f, repeats):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__, out="benchmarks/results/validation_cpu.json")
     ap.add_argument("--rows", type=int, default=1_000_000, help="V, rows of the table (default 1M)")
-    ap.add_argument("--dim", type=int, default=64, help="D, the width (default 64); sizes D/8..D")
     ap.add_argument("--bags", type=int, default=2048, help="bags of the forward (default 2048)")
     ap.add_argument("--lookups", type=int, default=32, help="lookups per bag (default 32)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--repeats", type=int, default=40, help="timed calls per figure (default 40)")
-    ap.add_argument("--out", default="benchmarks/results/validation_cpu.json", help="JSON output path")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(a.seed)
     V, D = a.rows, a.dim
     sizes = (torch.randint(1, 9, (V,), generator=g) * D) // 8
     off = torch.zeros(V + 1, dtype=torch.int64)
@@ -80,9 +76,8 @@ def main():
         lookups=a.lookups,
         threads=a.threads,
         repeats=a.repeats,
-        cpu=platform.processor() or platform.machine(),
-        torch=torch.__version__,
-        device="cpu",
+        seed=a.seed,
+        **machine(a.note),
     )
     print(json.dumps(res, indent=1))
     save_json(res, a.out)

@@ -73,28 +73,15 @@ def _demo(args):
 
 
 def _search(args):
-    import torch
+    from .recsys.experiment import ExperimentConfig, run_search
 
-    from .recsys import models
-    from .search import search
-
-    train, val, test = _load_movielens(args.seed)
-    torch.manual_seed(args.seed)
-    model = {"fm": models.FM, "deepfm": models.DeepFM}[args.model].from_dataset(train, embedding_dim=args.dim)
-    gen = torch.Generator().manual_seed(args.seed)
-    warm = -(-len(train) // 2048) if args.warmup_steps is None else args.warmup_steps  # default: one epoch
-    kw = {"held_out": list(val.batches(8192))} if args.rule == "saliency" else {}
-    r = search(
-        model,
-        train.batches(2048, shuffle=True, generator=gen),
-        budget=args.budget,
-        rule=args.rule,
-        normalize=args.normalize,
-        num_batches=args.batches,
-        warmup_steps=warm,
-        per_table=args.per_table,
-        **kw,
-    )
+    train, val, _ = _load_movielens(args.seed)
+    variant = {"mode": "warmup", "rule": args.rule, "normalize": args.normalize, "num_batches": args.batches}
+    variant.update(per_table=args.per_table, warmup_epochs=1)  # default warm-up: one epoch
+    if args.warmup_steps is not None:
+        variant["warmup_steps"] = args.warmup_steps
+    cfg = ExperimentConfig(model=args.model, dim=args.dim, budgets=(args.budget,), methods=("pme",))
+    r, _ = run_search(cfg, variant, None, train, val, args.seed)
     print(r)
     for name, s in r.sizes.items():
         print(

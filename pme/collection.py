@@ -55,6 +55,7 @@ __all__ = [
     "MultiSizeEmbeddingBagCollection",
     "MultiSizeEmbeddingCollection",
     "KeyedOutput",
+    "Batch",
     "collection_lookup",
     "collection_update_",
     "embedding_names",
@@ -181,9 +182,16 @@ def _is_kjt(x) -> bool:
 # --------------------------------------------------------------------------------------------
 # Operators: fake kernels and autograd (schemas in csrc/registration.cpp)
 # --------------------------------------------------------------------------------------------
-class _Batch(NamedTuple):
+class Batch(NamedTuple):
     """A batch of a collection in the operators' normal form (``csrc/collection.h``): the
-    arguments every collection operator takes after ``offsets``, in their order."""
+    arguments every collection operator takes after ``offsets``, in their order.
+
+    ``table_rows`` ``[T + 1]`` int64, table t's global rows; ``features`` ``[F, 5]`` int64 rows of
+    (table, key, first output column, width, pooling 0 sum / 1 mean); ``indices`` ``[N]``
+    int32/int64, local to each table; ``bag_offsets`` ``[G * B + 1]`` (same dtype), key g sample b
+    = bag ``g * B + b``; ``per_sample_weights`` ``[N]`` of the weight's dtype (sum pooling only)
+    or None; ``batch_size`` B.
+    """
 
     table_rows: torch.Tensor
     features: torch.Tensor
@@ -209,14 +217,14 @@ if ops.BUILD_INFO is not None:
 
     def _setup(ctx, inputs, output):
         weight, offsets, *args = inputs[:8]
-        batch = _Batch(*args)
+        batch = Batch(*args)
         ctx.batch_size = batch.batch_size
         ctx.psw_grad = batch.per_sample_weights is not None and ctx.needs_input_grad[6]
         ctx.save_for_backward(weight, offsets, *batch[:5])
 
     def _backward(ctx, grad_out):
         weight, offsets, *tensors = ctx.saved_tensors
-        batch = _Batch(*tensors, ctx.batch_size)
+        batch = Batch(*tensors, ctx.batch_size)
         # the forward's table, saved unchanged: checked
         gw, gp = torch.ops.pme.collection_backward(
             grad_out.contiguous(), weight, offsets, *batch, ctx.psw_grad, table_checked=True
@@ -226,7 +234,7 @@ if ops.BUILD_INFO is not None:
     torch.library.register_autograd("pme::collection_forward", _backward, setup_context=_setup)
 
 
-def _virtual(weight, batch: _Batch):
+def _virtual(weight, batch: Batch):
     """The batch as one lookup of the global table (reference path): every (block, lookup) pair
     becomes a lookup of global row ``table_rows[t] + index``, block k sample b a bag ``k * B + b``.
 
@@ -249,7 +257,7 @@ def _virtual(weight, batch: _Batch):
     return vidx, torch.cat(vbo), (torch.cat(vpsw) if psw is not None and vpsw else psw), feats
 
 
-def _reference_forward(weight, offsets, batch: _Batch, out_width):
+def _reference_forward(weight, offsets, batch: Batch, out_width):
     """Pure-PyTorch collection lookup (pme.reference, one block at a time)."""
     B, psw = batch.batch_size, batch.per_sample_weights
     out = weight.new_zeros(B, out_width)
@@ -293,39 +301,23 @@ def _collection_call(fn, weight, offsets, features, width):
     return ops._table_call(fn, weight, offsets, None, width)
 
 
-def collection_lookup(
-    weight,
-    offsets,
-    table_rows,
-    features,
-    indices,
-    bag_offsets,
-    per_sample_weights=None,
-    *,
-    batch_size: int,
-    out_width: int,
-    _width=None,
-):
+def collection_lookup(weight, offsets, batch: Batch, *, out_width: int, _width=None):
     """One pooled lookup of every output block of a batch (normal form of ``csrc/collection.h``).
 
     Args:
         weight: ``[total]`` flat rows of all tables; offsets ``[V + 1]`` int64.
-        table_rows: ``[T + 1]`` int64, table t's global rows. features: ``[F, 5]`` int64 rows of
-            (table, key, first output column, width, pooling 0 sum / 1 mean).
-        indices: ``[N]`` int32/int64, local to each table; bag_offsets ``[G * B + 1]`` (same dtype),
-            key g sample b = bag ``g * B + b``.
-        per_sample_weights: ``[N]`` of weight's dtype (sum pooling only) or None.
+        batch: the :class:`Batch` (tables, output blocks, indices, bags, weights, batch size).
 
-    Returns ``[batch_size, out_width]`` of weight's dtype; differentiable in weight and the weights.
-    The whole offset table is checked once per version (see pme.ops), every lookup on every call.
+    Returns ``[batch.batch_size, out_width]`` of weight's dtype; differentiable in weight and the
+    weights. The whole offset table is checked once per version (see pme.ops), every lookup on every call.
     """
-    batch = _Batch(table_rows, features, indices, bag_offsets, per_sample_weights, int(batch_size))
+    batch = Batch(*batch[:5], int(batch[5]))
     if ops._compiled(weight):
         return _collection_call(
             lambda checked: torch.ops.pme.collection_forward(weight, offsets, *batch, int(out_width), checked),
             weight,
             offsets,
-            features,
+            batch.features,
             _width,
         )
     return _reference_forward(weight, offsets, batch, int(out_width))
@@ -337,37 +329,27 @@ def collection_update_(
     state2,
     grad_out,
     offsets,
-    table_rows,
-    features,
-    indices,
-    bag_offsets,
-    per_sample_weights=None,
+    batch: Batch,
     *,
-    batch_size: int,
     optimizer="rowwise_adagrad",
-    lr=0.01,
-    weight_decay=0.0,
-    eps=1e-8,
-    beta1=0.9,
-    beta2=0.999,
     step=1,
     _width=None,
+    **hyper,
 ):
     """Fused backward + optimizer step of a collection lookup, in place, all tables in one call.
 
-    ``grad_out`` ``[B, out_width]`` is the gradient of :func:`collection_lookup`'s output. The
-    gradients of a row's duplicates (within a bag, across samples, and across output blocks that
-    share its table) are summed first, then one step is taken, as pme.optim documents.
+    ``grad_out`` ``[B, out_width]`` is the gradient of :func:`collection_lookup`'s output for
+    ``batch``. The gradients of a row's duplicates (within a bag, across samples, and across output
+    blocks that share its table) are summed first, then one step is taken, as pme.optim documents.
+    ``optimizer``, ``step`` and the keywords ``hyper`` (``lr=0.1``, ...) as in
+    ``pme.ops.sparse_update_`` (:class:`pme.ops.Hyperparameters`).
     """
-    if optimizer not in ops.OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {sorted(ops.OPTIMIZERS)}, got {optimizer!r}")
-    batch = _Batch(table_rows, features, indices, bag_offsets, per_sample_weights, int(batch_size))
-    hyper = (float(lr), float(weight_decay), float(eps), float(beta1), float(beta2), int(step))
+    hp = ops.Hyperparameters.of(optimizer, **hyper)
+    batch = Batch(*batch[:5], int(batch[5]))
     if ops._compiled(weight):
-        code = ops.OPTIMIZERS[optimizer]
-        args = (weight, state1, state2, grad_out, offsets, *batch, code, *hyper)
+        args = (weight, state1, state2, grad_out, offsets, *batch, *hp.operator_args(step))
         _collection_call(
-            lambda checked: torch.ops.pme.collection_update_(*args, checked), weight, offsets, features, _width
+            lambda checked: torch.ops.pme.collection_update_(*args, checked), weight, offsets, batch.features, _width
         )
         return
     B = batch.batch_size
@@ -381,8 +363,8 @@ def collection_update_(
         if pool == 1:
             gk = gk / lens[k * B : (k + 1) * B].clamp(min=1).unsqueeze(1)
         vgrad[k * B : (k + 1) * B, :w] = gk
-    lookup = (offsets, vidx, vbo, Wmax, None, "sum", vpsw, None)  # pme.reference's order
-    reference.sparse_update_(weight, state1, state2, vgrad, *lookup, optimizer, *hyper)
+    lookup = reference.Lookup(offsets, vidx, vbo, Wmax, mode="sum", per_sample_weights=vpsw)
+    reference.sparse_update_(weight, state1, state2, vgrad, lookup, hp, int(step))
 
 
 class CollectionRows(NamedTuple):
@@ -408,11 +390,9 @@ class CollectionRows(NamedTuple):
 
     def operator_args(self, module):
         """These rows of ``module``'s tables as :func:`collection_lookup` and :func:`collection_update_`
-        take them after their leading tensors: ``(offsets, table_rows, features, indices,
-        bag_offsets, per_sample_weights)`` and the keywords ``batch_size``, ``_width``."""
-        args = (module.offsets, module.table_rows, self.features, self.indices, self.bag_offsets)
-        kwargs = {"batch_size": self.batch_size, "_width": module._block_width()}
-        return (*args, self.per_sample_weights), kwargs
+        take them after their leading tensors: ``(offsets, the Batch)`` and the keyword ``_width``."""
+        batch = Batch(module.table_rows, self.features, self.indices, self.bag_offsets, *self[4:])
+        return (module.offsets, batch), {"_width": module._block_width()}
 
 
 class _ConsumedCollectionLookup(torch.autograd.Function):

@@ -114,17 +114,14 @@ class _MultiSizeTable(nn.Module):
     sizes (the module is re-shaped to the loaded one).
     """
 
-    # Every argument is given by the subclasses (by name, see _table_args): the defaults are the
-    # public constructors', in the positional orders of nn.EmbeddingBag and nn.Embedding.
+    # The arguments before ``*`` are nn's, given by the subclasses by name (see _table_args), whose
+    # constructors hold the defaults in the positional orders of nn.EmbeddingBag and nn.Embedding;
+    # pme's own keyword-only options are declared here, once, with their defaults.
     def __init__(
         self,
         num_embeddings,
         embedding_dim,
-        sizes,
         padding_idx,
-        layout,
-        size_classes,
-        project,
         device,
         dtype,
         _weight,
@@ -132,7 +129,19 @@ class _MultiSizeTable(nn.Module):
         norm_type,
         scale_grad_by_freq,
         sparse,
+        *,
+        sizes=None,
+        layout="padded",
+        size_classes=None,
+        project=False,
+        optimizer=None,
     ):
+        if optimizer is not None and (sparse or scale_grad_by_freq):
+            raise ValueError(
+                "a fused optimizer (optimizer=...) updates the table inside backward and makes no "
+                "gradient: it cannot be combined with sparse=True (a gradient for torch.optim) or "
+                "scale_grad_by_freq"
+            )
         super().__init__()
         if max_norm is not None and (isinstance(max_norm, bool) or not isinstance(max_norm, (int, float))):
             raise TypeError(
@@ -187,6 +196,9 @@ class _MultiSizeTable(nn.Module):
             self.projection = nn.Parameter(self._identity_projection().to(device=device, dtype=dtype))
         else:
             self.register_parameter("projection", None)
+        self.optimizer = None
+        if optimizer is not None:
+            optimizer.attach(self)
 
     # ---- layout ---------------------------------------------------------------------------
     def _set_layout(self, sizes: torch.Tensor):
@@ -567,11 +579,13 @@ class _MultiSizeTable(nn.Module):
 
 
 def _table_args(args: dict) -> dict:
-    """The arguments of ``_MultiSizeTable.__init__`` among a subclass constructor's ``locals()``."""
+    """nn's arguments of ``_MultiSizeTable.__init__`` among a subclass constructor's ``locals()``."""
     return {k: args[k] for k in _TABLE_ARGS}
 
 
-_TABLE_ARGS = tuple(inspect.signature(_MultiSizeTable.__init__).parameters)[1:]  # all but self
+_TABLE_ARGS = [
+    p.name for p in inspect.signature(_MultiSizeTable.__init__).parameters.values() if p.kind == p.POSITIONAL_OR_KEYWORD
+][1:]  # nn's arguments, all but self
 
 
 class MultiSizeEmbeddingBag(_MultiSizeTable):
@@ -580,7 +594,8 @@ class MultiSizeEmbeddingBag(_MultiSizeTable):
     Args:
         num_embeddings: ``V``, rows of the table.
         embedding_dim: ``D``, the largest row and the output width (padded layout).
-        sizes: (keyword-only) per-row lengths in ``[0, D]``: ``None`` (all ``D``), an int, or ``V`` ints.
+        sizes: (keyword-only, as the four options below) per-row lengths in ``[0, D]``: ``None``
+            (all ``D``), an int, or ``V`` ints.
         mode: ``"sum"``, ``"mean"`` (default, as nn.EmbeddingBag) or ``"max"``.
         padding_idx, include_last_offset, device, dtype: as nn.EmbeddingBag.
         _weight: initial values: the flat buffer ``[sum(sizes)]``, or a dense ``[V, D]`` table
@@ -592,6 +607,8 @@ class MultiSizeEmbeddingBag(_MultiSizeTable):
             projection (one ``s x D`` block per size, MDE-style), giving ``[B, D]``.
         optimizer: a ``pme.optim`` optimizer: ``loss.backward()`` then updates the table in
             place (fused sparse update) and ``weight`` gets no ``.grad``.
+        options: ``layout``, ``size_classes``, ``project`` and ``optimizer`` by keyword (declared
+            once, with their defaults, for both tables; an unknown keyword raises TypeError).
 
     max_norm, norm_type, scale_grad_by_freq, sparse: as nn.EmbeddingBag, on the dense view: rows
     looked up are renormalised in place (``max_norm``), each row's gradient is divided by its
@@ -621,20 +638,13 @@ class MultiSizeEmbeddingBag(_MultiSizeTable):
         dtype=None,
         *,
         sizes=None,
-        layout="padded",
-        size_classes=None,
-        project=False,
-        optimizer=None,
+        **options,
     ):
         if mode not in ops.MODES:
             raise ValueError(f"mode must be one of {sorted(ops.MODES)}, got {mode!r}")
-        _check_fused(optimizer, sparse, scale_grad_by_freq)
-        super().__init__(**_table_args(locals()))
+        super().__init__(**_table_args(locals()), sizes=sizes, **options)
         self.mode = mode
         self.include_last_offset = include_last_offset
-        self.optimizer = None
-        if optimizer is not None:
-            optimizer.attach(self)
 
     def forward(self, input, offsets=None, per_sample_weights=None):
         """``input [N]`` + ``offsets [B]`` (``[B + 1]`` with include_last_offset), or ``input [B, L]``.
@@ -697,14 +707,7 @@ class MultiSizeEmbeddingBag(_MultiSizeTable):
         ``init="kept"`` keeps each row's first ``sizes[i]`` values (or its best by ``scores``);
         ``init="fresh"`` draws new values with the standard deviation of the original table.
         """
-        if not isinstance(module, nn.EmbeddingBag):
-            raise TypeError(f"expected an nn.EmbeddingBag, got {type(module).__name__}")
-        for attr in ("max_norm", "norm_type", "scale_grad_by_freq", "sparse"):
-            kwargs.setdefault(attr, getattr(module, attr))
-        kwargs.setdefault("mode", module.mode)
-        kwargs.setdefault("padding_idx", module.padding_idx)
-        kwargs.setdefault("include_last_offset", module.include_last_offset)
-        return _convert_table(cls, module.weight, sizes, init, scores, kwargs)
+        return _convert_table(cls, module, nn.EmbeddingBag, sizes, init, scores, kwargs)
 
 
 class MultiSizeEmbedding(_MultiSizeTable):
@@ -732,17 +735,11 @@ class MultiSizeEmbedding(_MultiSizeTable):
         dtype=None,
         *,
         sizes=None,
-        layout="padded",
-        size_classes=None,
-        project=False,
-        optimizer=None,
+        **options,
     ):
-        _check_fused(optimizer, sparse, scale_grad_by_freq)
-        super().__init__(**_table_args(locals()))
-        self.weight.requires_grad_(not _freeze)
-        self.optimizer = None
-        if optimizer is not None:
-            optimizer.attach(self)
+        super().__init__(**_table_args(locals()), sizes=sizes, **options)
+        if _freeze:  # (a fused optimizer has already turned the gradient off)
+            self.weight.requires_grad_(False)
 
     def forward(self, input):
         if self.optimizer is not None and self.training and torch.is_grad_enabled():
@@ -783,24 +780,32 @@ class MultiSizeEmbedding(_MultiSizeTable):
     @classmethod
     def from_embedding(cls, module: nn.Embedding, sizes, init: str = "kept", scores=None, **kwargs):
         """Multi-size copy of an ``nn.Embedding`` (see ``MultiSizeEmbeddingBag.from_embedding_bag``)."""
-        if not isinstance(module, nn.Embedding):
-            raise TypeError(f"expected an nn.Embedding, got {type(module).__name__}")
-        for attr in ("max_norm", "norm_type", "scale_grad_by_freq", "sparse"):
-            kwargs.setdefault(attr, getattr(module, attr))
-        kwargs.setdefault("padding_idx", module.padding_idx)
-        return _convert_table(cls, module.weight, sizes, init, scores, kwargs)
+        return _convert_table(cls, module, nn.Embedding, sizes, init, scores, kwargs)
 
 
-def _check_fused(optimizer, sparse, scale_grad_by_freq):
-    if optimizer is not None and (sparse or scale_grad_by_freq):
-        raise ValueError(
-            "a fused optimizer (optimizer=...) updates the table inside backward and makes no "
-            "gradient: it cannot be combined with sparse=True (a gradient for torch.optim) or "
-            "scale_grad_by_freq"
-        )
+# What a copy of an nn table keeps of it (the arguments of its constructor of those names).
+_KEPT_ATTRS = {
+    nn.Embedding: ("max_norm", "norm_type", "scale_grad_by_freq", "sparse", "padding_idx"),
+    nn.EmbeddingBag: (
+        "max_norm",
+        "norm_type",
+        "scale_grad_by_freq",
+        "sparse",
+        "padding_idx",
+        "mode",
+        "include_last_offset",
+    ),
+}
 
 
-def _convert_table(cls, dense_weight, sizes, init, scores, kwargs):
+def _convert_table(cls, module, nn_type, sizes, init, scores, kwargs):
+    """``cls.from_embedding_bag`` / ``from_embedding``: a multi-size copy of ``module`` (an
+    ``nn_type``) keeping its ``_KEPT_ATTRS`` unless ``kwargs`` gives them."""
+    if not isinstance(module, nn_type):
+        raise TypeError(f"expected an nn.{nn_type.__name__}, got {type(module).__name__}")
+    for attr in _KEPT_ATTRS[nn_type]:
+        kwargs.setdefault(attr, getattr(module, attr))
+    dense_weight = module.weight
     if init not in ("kept", "fresh"):
         raise ValueError(f"init must be 'kept' or 'fresh', got {init!r}")
     w = dense_weight.detach()

@@ -16,6 +16,9 @@ Normal form of a lookup (what the operators take):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
+import numbers
 import warnings
 import weakref
 from types import SimpleNamespace
@@ -33,6 +36,7 @@ __all__ = [
     "to_dense",
     "sparse_update_",
     "accumulate_scores_",
+    "Hyperparameters",
     "topk_threshold",
     "prune_counts",
     "prune_pack",
@@ -50,6 +54,70 @@ SCORE_RULES = {"snip": 0, "grad": 1}
 WEIGHT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
 acc_dtype = reference.acc_dtype  # accumulation / optimizer-state dtype of a table dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class Hyperparameters:
+    """The hyperparameters of one fused optimizer step (:func:`sparse_update_`,
+    ``pme.collection.collection_update_``, ``pme.reference.sparse_update_``).
+
+    ``optimizer``: ``"sgd"``, ``"rowwise_adagrad"`` or ``"adam"`` (a key of ``OPTIMIZERS``);
+    ``lr``, ``weight_decay``, ``eps`` real numbers ``>= 0`` and finite; ``beta1``, ``beta2`` (Adam's
+    moment decays) in ``[0, 1)``. Checked when built: ``ValueError`` for a bad value, ``TypeError``
+    for a value that is not a real number. A ``pme.optim`` optimizer gives its own with
+    ``hyperparameters()``; the step count is not one of them (it is the caller's state).
+    """
+
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    beta1: float = 0.9
+    beta2: float = 0.999
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}")
+        for f in dataclasses.fields(self)[1:]:
+            v = getattr(self, f.name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise TypeError(f"{f.name} must be a real number, got {type(v).__name__}")
+        for name in ("lr", "weight_decay", "eps"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} must be >= 0 and finite, got {v}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError(f"betas must be in [0, 1), got ({self.beta1}, {self.beta2})")
+
+    @classmethod
+    def of(cls, optimizer, **fields) -> Hyperparameters:
+        """``optimizer`` as the fused operators take it: a :class:`Hyperparameters`, a ``pme.optim``
+        optimizer (its ``hyperparameters()``) or a name; ``fields`` (``lr=0.1``, ...) replace
+        those of the first two and complete a name (the older spelling ``optimizer="adam", lr=0.1``)."""
+        if isinstance(optimizer, str):
+            return cls(optimizer, **fields)
+        if callable(getattr(optimizer, "hyperparameters", None)):
+            optimizer = optimizer.hyperparameters()
+        if not isinstance(optimizer, cls):
+            raise TypeError(
+                f"optimizer must be a pme.ops.Hyperparameters, a pme.optim optimizer or one of "
+                f"{sorted(OPTIMIZERS)}, got {type(optimizer).__name__}"
+            )
+        return dataclasses.replace(optimizer, **fields) if fields else optimizer
+
+    def operator_args(self, step: int) -> tuple:
+        """The fused operators' trailing arguments: ``(optimizer code, lr, weight_decay, eps, beta1,
+        beta2, step)``."""
+        return (
+            OPTIMIZERS[self.optimizer],
+            *(float(getattr(self, f.name)) for f in dataclasses.fields(self)[1:]),
+            int(step),
+        )
+
+
+def _pop_hyperparameters(keywords: dict) -> dict:
+    """Takes the :class:`Hyperparameters` fields given as keywords (``lr=0.1``, ...) out of ``keywords``."""
+    return {f.name: keywords.pop(f.name) for f in dataclasses.fields(Hyperparameters) if f.name in keywords}
 
 
 # Errors of the types PyTorch raises for the same mistake, so that code (and tests) written
@@ -246,11 +314,13 @@ class _Bags(NamedTuple):
         """The sum lookup weighted by ``psw`` (what a lookup is linear in, besides the weight)."""
         return self._replace(per_sample_weights=psw.contiguous(), mode=MODES["sum"])
 
-    def reference_args(self):
-        """This lookup as the ``pme.reference`` functions take it after their leading tensors."""
+    def reference_args(self) -> reference.Lookup:
+        """This lookup as the ``pme.reference`` functions take it (``embedding_bag(weight, *it)``)."""
         pad = None if self.padding_idx < 0 else self.padding_idx
         psw, mode = self.per_sample_weights, _MODE_NAMES[self.mode]
-        return (self.offsets, self.indices, self.bag_offsets, self.width, self.col_of_size, mode, psw, pad)
+        return reference.Lookup(
+            self.offsets, self.indices, self.bag_offsets, self.width, self.col_of_size, mode, psw, pad
+        )
 
     def memo_call(self, weight, fn):
         """``fn(table_checked)`` through the whole-table-check memo (:func:`_table_call`)."""
@@ -904,7 +974,7 @@ class _SparseGradLookup(torch.autograd.Function):
                     go, weight, *bags.row_args(am), ctx.scale, table_checked=True
                 )
             else:
-                ent, val = reference.bag_backward_sparse(go, weight, *bags.reference_args(), ctx.scale)
+                ent, val = reference.bag_backward_sparse(go, weight, bags.reference_args(), ctx.scale)
             if ctx.sparse:
                 gw = torch.sparse_coo_tensor(
                     ent.unsqueeze(0), val, (weight.numel(),), is_coalesced=True, check_invariants=False
@@ -1000,8 +1070,8 @@ class BackwardRows(NamedTuple):
     def update_(self, module, state1, state2, grad_out, **step) -> None:
         """One fused optimizer step of ``module``'s table on these rows (:func:`sparse_update_`).
 
-        ``grad_out`` replaces the rows' own (e.g. unscaled); ``step`` holds the optimizer's
-        keywords (``optimizer``, ``lr``, ``weight_decay``, ``eps``, ``beta1``, ``beta2``, ``step``).
+        ``grad_out`` replaces the rows' own (e.g. unscaled); ``step`` holds :func:`sparse_update_`'s
+        keywords ``optimizer`` (a :class:`Hyperparameters`, ...) and ``step``.
         """
         args, kwargs = self.operator_args(module)
         sparse_update_(module.weight.data, state1, state2, grad_out, *args, **kwargs, **step)
@@ -1267,78 +1337,70 @@ def to_dense(weight, offsets, width, col_of_size=None):
 
 
 def sparse_update_(
-    weight,
-    state1,
-    state2,
-    grad_out,
-    offsets,
-    indices,
-    bag_offsets,
-    *,
-    col_of_size=None,
-    argmax=None,
-    mode="mean",
-    per_sample_weights=None,
-    padding_idx=None,
-    optimizer="sgd",
-    lr=0.01,
-    weight_decay=0.0,
-    eps=1e-8,
-    beta1=0.9,
-    beta2=0.999,
-    step=1,
+    weight, state1, state2, grad_out, offsets, indices, bag_offsets, *, optimizer="sgd", step=1, **lookup
 ):
     """Fused backward + optimizer step, in place, on the rows of one batch (normal-form inputs).
 
-    ``grad_out`` ``[B, width]`` is the gradient of the lookup's output. Duplicates are summed
-    first, as a dense optimizer step on the summed gradient would. ``optimizer``: ``"sgd"``,
-    ``"rowwise_adagrad"`` (``state1`` ``[V]`` float32), ``"adam"`` (``state1``, ``state2``
-    ``[total]`` float32; rows outside the batch keep their moments, as torch.optim.SparseAdam).
+    ``grad_out`` ``[B, width]`` is the gradient of the output of the lookup ``offsets`` ``[V + 1]``
+    int64, ``indices`` ``[N]`` and ``bag_offsets`` ``[B + 1]`` (int32/int64), and the keywords in
+    ``lookup``: ``col_of_size`` (``[D + 1]`` int64, grouped layout, or None), ``argmax`` (``[B,
+    width]`` int64, the forward's, for ``mode="max"``), ``mode`` (``"sum"``, ``"mean"`` (default)
+    or ``"max"``), ``per_sample_weights`` (``[N]``, sum, or None), ``padding_idx`` (a row the update
+    skips, or None). Duplicates are summed first, as a dense optimizer step on the summed gradient
+    would.
+
+    ``optimizer``: a :class:`Hyperparameters`, a ``pme.optim`` optimizer or a name, whose fields
+    keywords such as ``lr=0.1`` complete or replace (:meth:`Hyperparameters.of`); ``step`` the
+    step count (1 for the first; Adam's bias correction). ``"sgd"`` needs no state,
+    ``"rowwise_adagrad"`` ``state1`` ``[V]``, ``"adam"`` ``state1``, ``state2`` ``[total]`` (rows
+    outside the batch keep their moments, as torch.optim.SparseAdam), in the table's
+    accumulation dtype (float32; float64 for a float64 table).
     """
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
-    bags = _rows_of(offsets, indices, bag_offsets, per_sample_weights, col_of_size, grad_out, mode, padding_idx)
-    hyper = (float(lr), float(weight_decay), float(eps), float(beta1), float(beta2), int(step))
+    hyper = Hyperparameters.of(optimizer, **_pop_hyperparameters(lookup))
+    bags, argmax = _fused_lookup(offsets, indices, bag_offsets, grad_out, **lookup)
     lead = (weight, state1, state2, grad_out)
-    _row_operator("sparse_update_", lead, weight, bags, argmax, (OPTIMIZERS[optimizer], *hyper), (optimizer, *hyper))
+    _row_operator("sparse_update_", lead, weight, bags, argmax, hyper.operator_args(step), (hyper, int(step)))
 
 
-def accumulate_scores_(
-    scores,
-    grad_out,
-    weight,
+def accumulate_scores_(scores, grad_out, weight, offsets, indices, bag_offsets, *, rule="snip", **lookup):
+    """``scores [total] += |w * g|`` (``rule="snip"``) or ``g^2`` (``"grad"``) for the batch's rows.
+
+    The lookup as :func:`sparse_update_` takes it (``lookup``: ``col_of_size``, ``argmax``, ``mode``,
+    ``per_sample_weights``, ``padding_idx``).
+    """
+    if rule not in SCORE_RULES:
+        raise ValueError(f"rule must be one of {sorted(SCORE_RULES)}, got {rule!r}")
+    bags, argmax = _fused_lookup(offsets, indices, bag_offsets, grad_out, **lookup)
+    _row_operator("accumulate_scores_", (scores, grad_out, weight), weight, bags, argmax, (SCORE_RULES[rule],), (rule,))
+
+
+def _fused_lookup(
     offsets,
     indices,
     bag_offsets,
+    grad_out,
     *,
     col_of_size=None,
     argmax=None,
     mode="mean",
     per_sample_weights=None,
     padding_idx=None,
-    rule="snip",
 ):
-    """``scores [total] += |w * g|`` (``rule="snip"``) or ``g^2`` (``"grad"``) for the batch's rows."""
-    if rule not in SCORE_RULES:
-        raise ValueError(f"rule must be one of {sorted(SCORE_RULES)}, got {rule!r}")
-    bags = _rows_of(offsets, indices, bag_offsets, per_sample_weights, col_of_size, grad_out, mode, padding_idx)
-    _row_operator("accumulate_scores_", (scores, grad_out, weight), weight, bags, argmax, (SCORE_RULES[rule],), (rule,))
-
-
-def _rows_of(offsets, indices, bag_offsets, psw, col_of_size, grad_out, mode, padding_idx) -> _Bags:
-    """The arguments of a fused row operator (:func:`sparse_update_`, :func:`accumulate_scores_`),
-    checked, as a lookup whose output's gradient is ``grad_out`` ``[B, width]``."""
+    """The lookup whose output gradient ``grad_out`` ``[B, width]`` a fused row operator
+    (:func:`sparse_update_`, :func:`accumulate_scores_`) takes, checked: ``(the lookup, argmax)``.
+    The one declaration of those operators' lookup keywords (documented in :func:`sparse_update_`)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
     pad = normalize_padding_idx(padding_idx, offsets.numel() - 1)
-    return _Bags(offsets, indices, bag_offsets, psw, col_of_size, grad_out.shape[-1], MODES[mode], pad)
+    bags = _Bags(offsets, indices, bag_offsets, per_sample_weights, col_of_size, grad_out.shape[-1], MODES[mode], pad)
+    return bags, argmax
 
 
 def _row_operator(name, lead, weight, bags: _Bags, argmax, compiled_tail, reference_tail):
     """Runs the fused row operator ``name`` (``sparse_update_`` or ``accumulate_scores_``) on the
     compiled kernels or the reference: ``lead`` are its tensors before the lookup (the in-place
-    ones and ``grad_out``), the tails its own arguments (codes for the operator, names for the
-    reference)."""
+    ones and ``grad_out``), the tails its own arguments (codes for the operator, as the reference
+    takes them for the reference)."""
     if _compiled(weight):
         am = argmax if argmax is not None else bags.offsets.new_empty(0, 0)
         args = (*lead, *bags.row_args(am), *compiled_tail)
@@ -1347,7 +1409,7 @@ def _row_operator(name, lead, weight, bags: _Bags, argmax, compiled_tail, refere
         return
     check_table(weight, bags.offsets, bags.col_of_size)
     _check_reference_lookup(weight, bags)
-    getattr(reference, name)(*lead, *bags.reference_args(), *reference_tail)
+    getattr(reference, name)(*lead, bags.reference_args(), *reference_tail)
 
 
 def topk_threshold(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -36,7 +36,9 @@ import torch
 
 from . import ops
 
-__all__ = ["SGD", "RowwiseAdagrad", "Adam", "FusedOptimizer"]
+__all__ = ["SGD", "RowwiseAdagrad", "Adam", "FusedOptimizer", "Hyperparameters"]
+
+Hyperparameters = ops.Hyperparameters  # what an optimizer's hyperparameters() gives
 
 
 class FusedOptimizer(ops.RowConsumer):
@@ -53,23 +55,18 @@ class FusedOptimizer(ops.RowConsumer):
         beta2: float = 0.999,
         grad_scale: float = 1.0,
     ):
-        for name, v in (("lr", lr), ("weight_decay", weight_decay), ("eps", eps), ("beta1", beta1), ("beta2", beta2)):
-            if isinstance(v, bool) or not isinstance(v, numbers.Real):
-                raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
-        if not (math.isfinite(lr) and lr >= 0):
-            raise ValueError(f"lr must be >= 0 and finite, got {lr}")
-        if not (math.isfinite(weight_decay) and weight_decay >= 0):
-            raise ValueError(f"weight_decay must be >= 0 and finite, got {weight_decay}")
-        if not (math.isfinite(eps) and eps >= 0):
-            raise ValueError(f"eps must be >= 0 and finite, got {eps}")
-        if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
-            raise ValueError(f"betas must be in [0, 1), got ({beta1}, {beta2})")
+        ops.Hyperparameters(lr=lr, weight_decay=weight_decay, eps=eps, beta1=beta1, beta2=beta2)  # checks them
         _check_grad_scale(grad_scale)
         self.lr, self.weight_decay, self.eps, self.beta1, self.beta2 = lr, weight_decay, eps, beta1, beta2
         self.grad_scale = grad_scale
 
     def __repr__(self):
         return f"{type(self).__name__}(lr={self.lr}, weight_decay={self.weight_decay})"
+
+    def hyperparameters(self) -> ops.Hyperparameters:
+        """This optimizer's step as ``pme.ops.sparse_update_`` takes it (checked again: the attributes
+        may have been changed since, e.g. by a learning-rate schedule)."""
+        return ops.Hyperparameters(self.name, self.lr, self.weight_decay, self.eps, self.beta1, self.beta2)
 
     def state(self, module):
         """``optim_state1``/``optim_state2`` in the table's accumulation dtype, ``optim_step`` on the host."""
@@ -83,11 +80,10 @@ class FusedOptimizer(ops.RowConsumer):
         """One optimizer step on the rows of one fused lookup (``pme.ops.BackwardRows`` of a table, or
         ``pme.collection.CollectionRows`` of a collection: both apply it with ``update_``)."""
         _check_grad_scale(self.grad_scale)
+        hyper = self.hyperparameters()
         module.optim_step += 1
         g = rows.grad_out if self.grad_scale == 1.0 else rows.grad_out / self.grad_scale
-        hyper = {k: getattr(self, k) for k in ("lr", "weight_decay", "eps", "beta1", "beta2")}
-        step = int(module.optim_step)
-        rows.update_(module, module.optim_state1, module.optim_state2, g, optimizer=self.name, step=step, **hyper)
+        rows.update_(module, module.optim_state1, module.optim_state2, g, optimizer=hyper, step=int(module.optim_step))
 
 
 def _rows(module) -> int:

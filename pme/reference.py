@@ -15,16 +15,21 @@ Conventions shared with the compiled operators (see ``pme/ops.py``):
   (``None``: the ``padded`` layout, every row starts at column 0).
 - ``bag_offsets``: ``[B + 1]`` (the last entry closes the last bag).
 - ``mode``: ``"sum"``, ``"mean"`` or ``"max"``; ``padding_idx``: a row index or ``None``.
+
+The backward-side oracles take a pooled lookup as one :class:`Lookup` (the arguments of
+:func:`embedding_bag` after ``weight``), the optimizer step as one ``pme.ops.Hyperparameters``.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "Lookup",
     "row_ids",
     "to_dense",
     "embedding_bag",
@@ -109,51 +114,41 @@ def embedding(weight, offsets, indices, width, col_of_size=None, padding_idx=Non
     return F.embedding(indices, dense, padding_idx=padding_idx)
 
 
-def summed_row_grads(
-    grad_out,
-    weight,
-    offsets,
-    indices,
-    bag_offsets,
-    width,
-    col_of_size=None,
-    mode="mean",
-    per_sample_weights=None,
-    padding_idx=None,
-):
+class Lookup(NamedTuple):
+    """A pooled lookup of a flat table: :func:`embedding_bag`'s arguments after ``weight``, in its
+    order (``embedding_bag(weight, *lookup)``), as the backward-side oracles take it."""
+
+    offsets: torch.Tensor
+    indices: torch.Tensor
+    bag_offsets: torch.Tensor
+    width: int
+    col_of_size: torch.Tensor | None = None
+    mode: str = "mean"
+    per_sample_weights: torch.Tensor | None = None
+    padding_idx: int | None = None
+
+
+def summed_row_grads(grad_out, weight, lookup: Lookup):
     """Gradient of ``sum(out * grad_out)`` w.r.t. the flat weight, and the rows it touches."""
     w = weight.detach().requires_grad_(True)
     with torch.enable_grad():
-        out = embedding_bag(w, offsets, indices, bag_offsets, width, col_of_size, mode, per_sample_weights, padding_idx)
+        out = embedding_bag(w, *lookup)
         (g,) = torch.autograd.grad(out, w, grad_out.to(out.dtype), allow_unused=True)
     if g is None:
         g = torch.zeros_like(weight)
-    n = int(bag_offsets[-1])
-    touched = indices[:n].long().unique()
-    if padding_idx is not None:
-        touched = touched[touched != padding_idx]
+    n = int(lookup.bag_offsets[-1])
+    touched = lookup.indices[:n].long().unique()
+    if lookup.padding_idx is not None:
+        touched = touched[touched != lookup.padding_idx]
     return g, touched
 
 
-def bag_backward_sparse(
-    grad_out,
-    weight,
-    offsets,
-    indices,
-    bag_offsets,
-    width,
-    col_of_size=None,
-    mode="mean",
-    per_sample_weights=None,
-    padding_idx=None,
-    scale_grad_by_freq=False,
-):
+def bag_backward_sparse(grad_out, weight, lookup: Lookup, scale_grad_by_freq=False):
     """Sparse gradient of the flat weight: ``(entries [nnz] int64 increasing, values [nnz])``, the
     stored entries of every row the batch looks up (padding excluded), duplicates summed; with
     ``scale_grad_by_freq`` each row's gradient is divided by its number of lookups."""
-    g, touched = summed_row_grads(
-        grad_out, weight, offsets, indices, bag_offsets, width, col_of_size, mode, per_sample_weights, padding_idx
-    )
+    g, touched = summed_row_grads(grad_out, weight, lookup)
+    offsets = lookup.offsets
     rows = touched.long().sort().values
     sizes = offsets[rows + 1] - offsets[rows]
     slot = torch.repeat_interleave(torch.arange(rows.numel(), device=rows.device), sizes)
@@ -161,41 +156,22 @@ def bag_backward_sparse(
     entries = offsets[rows][slot] + torch.arange(slot.numel(), device=rows.device) - start[slot]
     values = g[entries]
     if scale_grad_by_freq:
-        used = indices[: int(bag_offsets[-1])].long()
+        used = lookup.indices[: int(lookup.bag_offsets[-1])].long()
         counts = torch.bincount(used, minlength=offsets.numel() - 1)
         values = (values.to(acc_dtype(weight.dtype)) / counts[rows][slot]).to(weight.dtype)
     return entries, values
 
 
-def sparse_update_(
-    weight,
-    state1,
-    state2,
-    grad_out,
-    offsets,
-    indices,
-    bag_offsets,
-    width,
-    col_of_size=None,
-    mode="mean",
-    per_sample_weights=None,
-    padding_idx=None,
-    optimizer="sgd",
-    lr=0.01,
-    weight_decay=0.0,
-    eps=1e-8,
-    beta1=0.9,
-    beta2=0.999,
-    step=1,
-):
+def sparse_update_(weight, state1, state2, grad_out, lookup: Lookup, hyper, step=1):
     """Reference fused update: the dense optimizer step on the summed gradient, rows of the batch only.
 
-    ``optimizer``: ``"sgd"``, ``"rowwise_adagrad"`` (``state1`` ``[V]``), ``"adam"``
-    (``state1``/``state2`` ``[total]``; lazy: rows outside the batch keep their moments).
+    ``hyper``: a ``pme.ops.Hyperparameters``; ``optimizer`` ``"sgd"``, ``"rowwise_adagrad"``
+    (``state1`` ``[V]``) or ``"adam"`` (``state1``/``state2`` ``[total]``; lazy: rows outside the
+    batch keep their moments); ``step`` the step count (Adam's bias correction).
     """
-    g, touched = summed_row_grads(
-        grad_out, weight, offsets, indices, bag_offsets, width, col_of_size, mode, per_sample_weights, padding_idx
-    )
+    g, touched = summed_row_grads(grad_out, weight, lookup)
+    offsets = lookup.offsets
+    lr, eps, beta1, beta2 = hyper.lr, hyper.eps, hyper.beta1, hyper.beta2
     acc = state1.dtype if state1.numel() else acc_dtype(weight.dtype)
     with torch.no_grad():
         for r in touched.tolist():
@@ -203,44 +179,29 @@ def sparse_update_(
             if hi == lo:
                 continue
             w = weight[lo:hi].to(acc)
-            gr = g[lo:hi].to(acc) + weight_decay * w
-            if optimizer == "sgd":
+            gr = g[lo:hi].to(acc) + hyper.weight_decay * w
+            if hyper.optimizer == "sgd":
                 w = w - lr * gr
-            elif optimizer == "rowwise_adagrad":
+            elif hyper.optimizer == "rowwise_adagrad":
                 state1[r] += (gr * gr).mean()
                 w = w - lr * gr / (state1[r].sqrt() + eps)
-            elif optimizer == "adam":
+            elif hyper.optimizer == "adam":
                 m, v = state1[lo:hi], state2[lo:hi]
                 m.mul_(beta1).add_((1 - beta1) * gr)
                 v.mul_(beta2).add_((1 - beta2) * gr * gr)
                 bc1, bc2 = 1 - beta1**step, 1 - beta2**step
                 w = w - (lr * math.sqrt(bc2) / bc1) * m / (v.sqrt() + eps)  # SparseAdam's eps placement
             else:
-                raise ValueError(f"unknown optimizer {optimizer!r}")
+                raise ValueError(f"unknown optimizer {hyper.optimizer!r}")
             weight[lo:hi] = w.to(weight.dtype)
 
 
-def accumulate_scores_(
-    scores,
-    grad_out,
-    weight,
-    offsets,
-    indices,
-    bag_offsets,
-    width,
-    col_of_size=None,
-    mode="mean",
-    per_sample_weights=None,
-    padding_idx=None,
-    rule="snip",
-):
+def accumulate_scores_(scores, grad_out, weight, lookup: Lookup, rule="snip"):
     """``scores += |w * g|`` (``snip``) or ``g^2`` (``grad``) on the rows of the batch."""
-    g, touched = summed_row_grads(
-        grad_out, weight, offsets, indices, bag_offsets, width, col_of_size, mode, per_sample_weights, padding_idx
-    )
-    mask = torch.zeros(offsets.numel() - 1, dtype=torch.bool, device=weight.device)
+    g, touched = summed_row_grads(grad_out, weight, lookup)
+    mask = torch.zeros(lookup.offsets.numel() - 1, dtype=torch.bool, device=weight.device)
     mask[touched] = True
-    entry = mask[row_ids(offsets)]
+    entry = mask[row_ids(lookup.offsets)]
     g = g.to(scores.dtype)
     contrib = (weight.to(scores.dtype) * g).abs() if rule == "snip" else g * g
     with torch.no_grad():

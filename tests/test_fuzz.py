@@ -22,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -353,21 +354,24 @@ def _run_lookup(case, torch, pme, device):
             ref = reference.embedding(w, off, idx.long(), W, col, None)
         else:
             bo2 = torch.arange(idx.numel() + 1)
-            ref, _ = reference.summed_row_grads(cpu["grad_out"], w, off, idx.long(), bo2, W, col, "sum", None, pad)
+            lookup = reference.Lookup(off, idx.long(), bo2, W, col, "sum", None, pad)
+            ref, _ = reference.summed_row_grads(cpu["grad_out"], w, lookup)
     else:  # the pooled operators: the reference takes the same lookup arguments after their own
-        lookup = (off, idx.long(), bo.long(), W, col, modes[a["mode"]], psw, pad)
+        lookup = reference.Lookup(off, idx.long(), bo.long(), W, col, modes[a["mode"]], psw, pad)
         if op == "bag_forward":
             ref = reference.embedding_bag(w, *lookup)
         elif op == "bag_backward":
-            ref, _ = reference.summed_row_grads(cpu["grad_out"], w, *lookup)
+            ref, _ = reference.summed_row_grads(cpu["grad_out"], w, lookup)
         elif op == "sparse_update_":
             ref = w.clone()
             s1, s2 = cpu["state1"].clone(), cpu["state2"].clone()
             optimizer = ["sgd", "rowwise_adagrad", "adam"][a["optimizer"]]
-            reference.sparse_update_(ref, s1, s2, cpu["grad_out"], *lookup, optimizer, *(a[k] for k in _HYPER[1:]))
+            # the raw operator takes any betas for SGD and Adagrad, which Hyperparameters refuses: duck-typed
+            hyper = types.SimpleNamespace(optimizer=optimizer, **{k: a[k] for k in _HYPER[1:-1]})
+            reference.sparse_update_(ref, s1, s2, cpu["grad_out"], lookup, hyper, a["step"])
         else:
             ref = cpu["scores"].clone()
-            reference.accumulate_scores_(ref, cpu["grad_out"], w, *lookup, ["snip", "grad"][a["rule"]])
+            reference.accumulate_scores_(ref, cpu["grad_out"], w, lookup, ["snip", "grad"][a["rule"]])
     ok = torch.allclose(res.cpu().double(), ref.double(), rtol=1e-4, atol=1e-5, equal_nan=True)
     return ("correct" if ok else "wrong answer"), ""
 

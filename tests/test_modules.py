@@ -222,3 +222,27 @@ def test_dtype_cast_keeps_the_optimizer_state():
     m.to("meta")
     assert m.weight.device.type == "meta" and m.optim_state1.device.type == "meta"
     assert m.optim_step.device.type == "cpu"
+
+
+@pytest.mark.parametrize("cls", [pme.MultiSizeEmbeddingBag, pme.MultiSizeEmbedding])
+def test_pme_keyword_options_are_shared_by_both_tables(cls):
+    """pme's keyword-only options (declared once, in the base class) work by keyword on both
+    tables, an unknown one is refused by name, torch's positional order is untouched, and a fused
+    optimizer leaves the weight without a gradient (nn.Embedding's _freeze=False included)."""
+    sizes = torch.tensor([4, 2, 4, 0, 2, 4])
+    m = cls(6, 4, sizes=sizes, layout="grouped", size_classes=[2, 4], project=True, optimizer=pme.optim.SGD(lr=0.1))
+    assert (m.layout, m.size_classes, m.project, m.output_dim) == ("grouped", [2, 4], True, 4)
+    assert isinstance(m.optimizer, pme.optim.SGD) and not m.weight.requires_grad and m.projection is not None
+    assert {"optim_state1", "optim_state2", "optim_step"} <= set(m.state_dict())
+    with pytest.raises(TypeError, match="unexpected keyword argument 'layuot'"):
+        cls(6, 4, layuot="grouped")
+    with pytest.raises(ValueError, match="fused optimizer"):
+        cls(6, 4, sparse=True, optimizer=pme.optim.SGD(lr=0.1))
+    # nn's positional order: EmbeddingBag (V, D, max_norm, ...), Embedding (V, D, padding_idx, ...)
+    third = cls(6, 4, 1)
+    assert (third.max_norm, third.padding_idx) == ((1, None) if cls is pme.MultiSizeEmbeddingBag else (None, 1))
+    for name in ("layout", "size_classes", "project", "optimizer"):
+        assert name in pme.MultiSizeEmbeddingBag.__doc__
+    if cls is pme.MultiSizeEmbedding:
+        frozen = cls(6, 4, None, None, 2.0, False, False, None, True)  # _freeze=True, positionally as nn.Embedding
+        assert not frozen.weight.requires_grad and cls(6, 4).weight.requires_grad

@@ -1,5 +1,8 @@
 """Fused sparse updates against torch optimizers on the dense view and the float64 reference."""
 
+import dataclasses
+import math
+
 import pytest
 import torch
 
@@ -139,7 +142,9 @@ def test_fused_update_matches_reference_float64(device, optimizer, layout, mode)
             padding_idx=4,
             **kw,
         )
-        reference.sparse_update_(w_ref, s_ref[0], s_ref[1], go, offsets, idx, bo, width, col, mode, psw, 4, **kw)
+        hyper = ops.Hyperparameters(optimizer, lr=0.1, weight_decay=0.01, eps=1e-8, beta1=0.8, beta2=0.9)
+        lookup = reference.Lookup(offsets, idx, bo, width, col, mode, psw, 4)
+        reference.sparse_update_(w_ref, s_ref[0], s_ref[1], go, lookup, hyper, step)
         torch.testing.assert_close(w, w_ref, rtol=1e-12, atol=1e-12)
         for a, b in zip(s, s_ref):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
@@ -318,3 +323,133 @@ def test_functional_row_operators_agree_across_backends(layout, monkeypatch):
     for a, b in zip(compiled, run(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert not torch.equal(compiled[0], w) and compiled[3].abs().sum() > 0  # both did something
+
+
+# --------------------------------------------------------------------------------------------
+# pme.ops.Hyperparameters: the one object for a fused step's hyperparameters
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad", "adam"])
+@pytest.mark.parametrize("compiled", [True, False])
+def test_hyperparameters_object_optimizer_and_keywords_take_the_same_step(optimizer, compiled, monkeypatch):
+    """sparse_update_ with a Hyperparameters, with a pme.optim optimizer and with the older
+    keywords (optimizer name, lr=..., ...) takes the same step, bit for bit, on the kernels and on
+    the reference; and the step is the dense-view oracle's (so the three cannot all ignore it)."""
+    if not compiled:
+        monkeypatch.setattr(ops, "_compiled", lambda t: False)
+    elif ops.backend() != "compiled":
+        pytest.skip("no compiled extension")
+    V, D = 30, 8
+    w, offsets, col, width, _ = make_table(V, D, torch.float64, layout="grouped", seed=21)
+    gen = torch.Generator().manual_seed(22)
+    idx, off = random_bags(V, 7, 5, gen, torch.int32, padding_idx=3)
+    bo = torch.cat([off, off.new_tensor([idx.numel()])])
+    go = torch.randn(7, width, generator=gen, dtype=torch.float64)
+    n1, n2 = {"sgd": (0, 0), "rowwise_adagrad": (V, 0), "adam": (w.numel(), w.numel())}[optimizer]
+    s0 = (torch.rand(n1, generator=gen, dtype=torch.float64), torch.rand(n2, generator=gen, dtype=torch.float64))
+    values = dict(lr=0.2, weight_decay=0.05, eps=1e-6, beta1=0.7, beta2=0.8)
+    fused_opt = {
+        "sgd": lambda: pme.optim.SGD(lr=0.2, weight_decay=0.05),
+        "rowwise_adagrad": lambda: pme.optim.RowwiseAdagrad(lr=0.2, weight_decay=0.05, eps=1e-6),
+        "adam": lambda: pme.optim.Adam(lr=0.2, betas=(0.7, 0.8), eps=1e-6, weight_decay=0.05),
+    }[optimizer]()
+    if optimizer != "adam":  # what SGD and Adagrad leave at the defaults (unused by their steps)
+        values.update(beta1=0.9, beta2=0.999, **({"eps": 1e-8} if optimizer == "sgd" else {}))
+    spellings = {
+        "keywords": dict(optimizer=optimizer, **values),
+        "object": dict(optimizer=ops.Hyperparameters(optimizer, **values)),
+        "optimizer": dict(optimizer=fused_opt),
+    }
+    lookup = dict(col_of_size=col, mode="mean", padding_idx=3)
+    results = {}
+    for name, kw in spellings.items():
+        wt, s1, s2 = w.clone(), s0[0].clone(), s0[1].clone()
+        ops.sparse_update_(wt, s1, s2, go, offsets, idx, bo, step=3, **lookup, **kw)
+        results[name] = (wt, s1, s2)
+    for name in ("object", "optimizer"):
+        for a, b in zip(results["keywords"], results[name], strict=True):
+            assert torch.equal(a, b), name
+    wr, s1, s2 = w.clone(), s0[0].clone(), s0[1].clone()
+    oracle = reference.Lookup(offsets, idx, bo, width, col, "mean", None, 3)
+    reference.sparse_update_(wr, s1, s2, go, oracle, ops.Hyperparameters(optimizer, **values), 3)
+    torch.testing.assert_close(results["object"][0], wr, rtol=1e-12, atol=1e-12)
+    assert not torch.equal(wr, w)
+
+
+def test_collection_update_takes_hyperparameters_and_keywords_alike():
+    """collection_update_ with a Hyperparameters equals the keyword spelling, and a field given
+    as a keyword next to an object replaces that field."""
+    import pme.collection as pc
+
+    tables = [pc.EmbeddingBagConfig(20, 8, "a", ["fa"]), pc.EmbeddingBagConfig(15, 4, "b", ["fb"], pooling="mean")]
+    m = pc.MultiSizeEmbeddingBagCollection(tables, sizes={"a": 5, "b": 3}, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(3)
+    inp = {
+        "fa": (torch.randint(0, 20, (7,), generator=gen), torch.tensor([0, 3, 3, 7])),
+        "fb": (torch.randint(0, 15, (4,), generator=gen), torch.tensor([0, 1, 4, 4])),
+    }
+    keys, idx, bo, psw, B = m._normal_form(inp)
+    batch = pc.Batch(m.table_rows, m._features(keys), idx, bo, psw, B)
+    go = torch.randn(B, m.out_width, generator=gen, dtype=torch.float64)
+    V = m.offsets.numel() - 1
+
+    def step(**kw):
+        w, s1 = m.weight.detach().clone(), torch.zeros(V, dtype=torch.float64)
+        pc.collection_update_(w, s1, torch.zeros(0, dtype=torch.float64), go, m.offsets, batch, step=1, **kw)
+        return w, s1
+
+    by_keywords = step(optimizer="rowwise_adagrad", lr=0.3, eps=1e-5)
+    by_object = step(optimizer=ops.Hyperparameters("rowwise_adagrad", lr=0.3, eps=1e-5))
+    by_both = step(optimizer=ops.Hyperparameters("rowwise_adagrad", lr=9.0, eps=1e-5), lr=0.3)
+    for a, b, c in zip(by_keywords, by_object, by_both, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    assert not torch.equal(by_keywords[0], m.weight.detach())
+
+
+def test_hyperparameters_refuse_bad_values_clearly():
+    H = ops.Hyperparameters
+    assert pme.optim.Hyperparameters is H
+    h = H("adam", lr=0.1)
+    assert (h.optimizer, h.lr, h.weight_decay, h.eps, h.beta1, h.beta2) == ("adam", 0.1, 0.0, 1e-8, 0.9, 0.999)
+    assert h.operator_args(4) == (ops.OPTIMIZERS["adam"], 0.1, 0.0, 1e-8, 0.9, 0.999, 4)
+    assert H.of(h) is h and H.of(h, lr=0.5) == H("adam", lr=0.5) and H.of("sgd", lr=2.0) == H("sgd", 2.0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        h.lr = 1.0
+    for kwargs, err, msg in [
+        (dict(optimizer="lamb"), ValueError, "optimizer must be one of"),
+        (dict(lr=-0.1), ValueError, "lr must be >= 0 and finite, got -0.1"),
+        (dict(lr=math.nan), ValueError, "lr must be >= 0 and finite"),
+        (dict(weight_decay=math.inf), ValueError, "weight_decay must be >= 0 and finite"),
+        (dict(eps=-1e-8), ValueError, "eps must be >= 0"),
+        (dict(beta1=1.0), ValueError, r"betas must be in \[0, 1\), got \(1.0, 0.999\)"),
+        (dict(beta2=-0.5), ValueError, "betas must be in"),
+        (dict(lr="0.1"), TypeError, "lr must be a real number, got str"),
+        (dict(eps=True), TypeError, "eps must be a real number, got bool"),
+    ]:
+        with pytest.raises(err, match=msg):
+            H(**kwargs)
+    with pytest.raises(TypeError, match="optimizer must be a pme.ops.Hyperparameters"):
+        H.of(42)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'momentum'"):
+        H.of("sgd", momentum=0.9)
+    # through the operator: refused before anything is written
+    w, offsets, col, width, _ = make_table(10, 4)
+    w0 = w.clone()
+    idx, bo, go = torch.tensor([1, 2]), torch.tensor([0, 2]), torch.randn(1, width)
+    with pytest.raises(ValueError, match="lr must be >= 0"):
+        ops.sparse_update_(w, torch.empty(0), torch.empty(0), go, offsets, idx, bo, optimizer=H(), lr=-1.0)
+    assert torch.equal(w, w0)
+
+
+def test_fused_optimizer_hyperparameters_follow_its_attributes():
+    """A pme.optim optimizer's hyperparameters() reflect later changes (a schedule), and a bad
+    value set later is refused at the next step, before the step count or the table moves."""
+    opt = pme.optim.RowwiseAdagrad(lr=0.1, eps=1e-6)
+    assert opt.hyperparameters() == ops.Hyperparameters("rowwise_adagrad", lr=0.1, eps=1e-6)
+    m = pme.MultiSizeEmbeddingBag(6, 4, mode="sum", optimizer=opt)
+    opt.lr = 0.05
+    assert opt.hyperparameters().lr == 0.05
+    opt.lr = -1.0
+    w0 = m.weight.detach().clone()
+    with pytest.raises(ValueError, match="lr must be >= 0"):
+        m(torch.tensor([[1, 2]])).sum().backward()
+    assert int(m.optim_step) == 0 and torch.equal(m.weight, w0)

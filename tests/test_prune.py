@@ -76,7 +76,9 @@ def test_accumulate_scores_matches_reference(device, rule, mode):
         out, argmax = torch.ops.pme.bag_forward(w, offsets, idx, bo, None, col, width, ops.MODES[mode], 2)
         go = torch.randn(out.shape, generator=gen).to(device)
         ops.accumulate_scores_(sc, go, w, offsets, idx, bo, argmax=argmax, mode=mode, padding_idx=2, rule=rule)
-        reference.accumulate_scores_(sc_ref, go, w, offsets, idx, bo, width, None, mode, None, 2, rule)
+        reference.accumulate_scores_(
+            sc_ref, go, w, reference.Lookup(offsets, idx, bo, width, None, mode, None, 2), rule
+        )
     torch.testing.assert_close(sc, sc_ref, rtol=1e-5, atol=1e-6)
 
 

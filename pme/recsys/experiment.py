@@ -22,6 +22,7 @@ from . import models
 __all__ = [
     "ExperimentConfig",
     "run_experiment",
+    "run_search",
     "write_report",
     "METHODS",
     "grouped_classes",
@@ -128,8 +129,12 @@ def _train_eval(cfg, model, train, val, test, seed):
     return {"auc": ev["auc"], "logloss": ev["logloss"], "val_auc": hist["val_auc"][-1], "train_seconds": secs}
 
 
-def _run_search(cfg, variant, full_model, train, val, seed, full_seconds):
-    """One PME search per (seed, variant); returns (SearchResult, cost in seconds)."""
+def run_search(cfg, variant, full_model, train, val, seed, full_seconds=0.0):
+    """One PME search of ``variant`` (a dict: ``mode``, ``rule``, ``normalize``, ``num_batches``,
+    ``warmup_epochs`` / ``warmup_share`` / ``warmup_steps``, ``per_table``) on the ``train`` split,
+    at ``max(cfg.budgets)``; returns (SearchResult, cost in seconds). ``full_model`` (the trained
+    full-size model, ``full_seconds`` its training time) is what ``mode="trained"`` scores; the
+    other modes score a fresh model of ``cfg`` (warmed up by the search)."""
     mode = variant.get("mode", "trained")
     gen = torch.Generator().manual_seed(seed)
     loader = train.batches(cfg.batch_size, shuffle=True, generator=gen)
@@ -140,6 +145,7 @@ def _run_search(cfg, variant, full_model, train, val, seed, full_seconds):
         device=cfg.device,
         progress=cfg.progress,
         budget=max(cfg.budgets),
+        per_table=variant.get("per_table", False),
     )
     if kw["rule"] == "saliency":
         kw["held_out"] = list(val.batches(8192))
@@ -148,7 +154,7 @@ def _run_search(cfg, variant, full_model, train, val, seed, full_seconds):
         return found, full_seconds + found.seconds
     steps_per_epoch = -(-len(train) // cfg.batch_size)
     epochs = variant["warmup_epochs"] if "warmup_epochs" in variant else variant.get("warmup_share", 0.08) * cfg.epochs
-    warm = 0 if mode == "init" else max(1, round(epochs * steps_per_epoch))
+    warm = 0 if mode == "init" else variant.get("warmup_steps", max(1, round(epochs * steps_per_epoch)))
     found = search(_make_model(cfg, train, seed), loader, warmup_steps=warm, warmup_lr=cfg.lr, **kw)
     return found, found.seconds
 
@@ -193,7 +199,7 @@ def run_experiment(cfg: ExperimentConfig, train, val, test, log=print) -> list:
             ["pme"] if any(m in cfg.methods for m in ("pme_grouped", "pme_rewound")) else []
         ):
             if v not in found:
-                found[v] = _run_search(cfg, cfg.variants[v], full, train, val, seed, full_secs)
+                found[v] = run_search(cfg, cfg.variants[v], full, train, val, seed, full_secs)
         for budget in cfg.budgets:
             for method in cfg.methods:
                 base = "pme" if method in ("pme_grouped", "pme_rewound") else method
