@@ -579,10 +579,22 @@ class _MultiSizeTable(nn.Module):
 
 
 def _table_args(args: dict) -> dict:
-    """nn's arguments of ``_MultiSizeTable.__init__`` among a subclass constructor's ``locals()``."""
-    return {k: args[k] for k in _TABLE_ARGS}
+    """The arguments of ``_MultiSizeTable.__init__`` among a subclass constructor's ``locals()``:
+    nn's by name, then ``sizes`` and pme's ``**options`` (an unknown one refused in the public
+    class's name, with the list of pme's options)."""
+    cls = type(args["self"]).__name__
+    unknown = sorted(set(args["options"]) - set(_PME_OPTIONS))
+    if unknown:
+        raise TypeError(
+            f"{cls}() got an unexpected keyword argument {unknown[0]!r} (pme's keyword options: "
+            f"sizes, {', '.join(_PME_OPTIONS)}; the rest are nn's, in its positional order)"
+        )
+    return {**{k: args[k] for k in _TABLE_ARGS}, "sizes": args["sizes"], **args["options"]}
 
 
+_PME_OPTIONS = [
+    p.name for p in inspect.signature(_MultiSizeTable.__init__).parameters.values() if p.kind == p.KEYWORD_ONLY
+][1:]  # layout, size_classes, project, optimizer (after sizes)
 _TABLE_ARGS = [
     p.name for p in inspect.signature(_MultiSizeTable.__init__).parameters.values() if p.kind == p.POSITIONAL_OR_KEYWORD
 ][1:]  # nn's arguments, all but self
@@ -642,7 +654,7 @@ class MultiSizeEmbeddingBag(_MultiSizeTable):
     ):
         if mode not in ops.MODES:
             raise ValueError(f"mode must be one of {sorted(ops.MODES)}, got {mode!r}")
-        super().__init__(**_table_args(locals()), sizes=sizes, **options)
+        super().__init__(**_table_args(locals()))
         self.mode = mode
         self.include_last_offset = include_last_offset
 
@@ -737,7 +749,7 @@ class MultiSizeEmbedding(_MultiSizeTable):
         sizes=None,
         **options,
     ):
-        super().__init__(**_table_args(locals()), sizes=sizes, **options)
+        super().__init__(**_table_args(locals()))
         if _freeze:  # (a fused optimizer has already turned the gradient off)
             self.weight.requires_grad_(False)
 
