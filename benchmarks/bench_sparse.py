@@ -9,8 +9,10 @@ with ``torch.utils.benchmark.Timer`` on the CPU (or ``--device cuda``):
   ``pme_multisize`` the same with sizes D/8, D/4, D/2, D drawn per row with probabilities
                     55/25/15/5% (about 26% of the dense entries; bench_lookup.py's rule)
 
-in two phases: ``fwd_bwd`` (forward + ``out.backward(g)``, the sparse gradient built) and
-``step`` (``zero_grad``, forward, backward and ``torch.optim.SparseAdam.step()``); and, for
+in three phases: ``fwd_bwd`` (forward + ``out.backward(g)``, the sparse gradient built),
+``step`` (``zero_grad``, forward, backward and ``torch.optim.SparseAdam.step()``) and
+``step_pme_adam`` (the same with ``pme.optim.SparseAdam``, torch's optimizer with pme's one-pass
+step, on every table, nn's included); and, for
 context, pme's fused lazy Adam (``optimizer=pme.optim.Adam``, SparseAdam's formula applied inside
 backward, no gradient tensor) on both tables (``pme_full_fused_adam``, ``pme_multisize_fused_adam``,
 phase ``step``). The output
@@ -116,19 +118,21 @@ def run_config(V, D, B, L, dist, device, gen, min_run_time, alpha):
         del m
     for name, make in tables.items():
         m = make()
-        opt = torch.optim.SparseAdam(m.parameters(), lr=1e-3)
 
         def fwd_bwd(m=m):
             m.weight.grad = None
             m(idx, offsets).backward(g)
 
-        def step(m=m, opt=opt):
-            opt.zero_grad()
-            m(idx, offsets).backward(g)
-            opt.step()
+        results.update(_time(name, "fwd_bwd", fwd_bwd, device, min_run_time))
+        for phase, opt_class in (("step", torch.optim.SparseAdam), ("step_pme_adam", pme.optim.SparseAdam)):
+            opt = opt_class(m.parameters(), lr=1e-3)
 
-        for phase, fn in (("fwd_bwd", fwd_bwd), ("step", step)):
-            results.update(_time(name, phase, fn, device, min_run_time))
+            def step(m=m, opt=opt):
+                opt.zero_grad()
+                m(idx, offsets).backward(g)
+                opt.step()
+
+            results.update(_time(name, phase, step, device, min_run_time))
         stored = m.weight.numel()
         results[f"{name}/stored_entries"] = stored
         del m, opt

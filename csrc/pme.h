@@ -284,6 +284,36 @@ inline void check_pack_args(const Tensor& dense, const Tensor& scores, const Ten
             " entries, got ", offsets.numel());
 }
 
+// Arguments of sparse_adam_ (torch.optim.SparseAdam's step on a coalesced sparse gradient):
+// param, exp_avg, exp_avg_sq alike (contiguous, float32 or float64, one device), seen as
+// [R, C] rows (R = size(0), C the rest); rows int64 [n]; values [n, C] of param's dtype. The
+// row numbers themselves (increasing, in [0, R)) are checked by the CPU kernel as it reads them.
+inline int64_t check_sparse_adam_args(const Tensor& param, const Tensor& exp_avg, const Tensor& exp_avg_sq,
+                                      const Tensor& rows, const Tensor& values) {
+  PME_CHECK(param.scalar_type() == ScalarType::Float || param.scalar_type() == ScalarType::Double,
+            "sparse_adam_: param must be float32 or float64, got ", dtype_name(param.scalar_type()));
+  PME_CHECK(param.dim() >= 1 && param.is_contiguous(), "sparse_adam_: param must be contiguous with >= 1 dimension");
+  const Tensor* same[] = {&exp_avg, &exp_avg_sq, &values};
+  const char* names[] = {"exp_avg", "exp_avg_sq", "values"};
+  for (int k = 0; k < 3; ++k) {
+    PME_CHECK(same[k]->scalar_type() == param.scalar_type() && same[k]->is_contiguous(), "sparse_adam_: ", names[k],
+              " must be contiguous ", dtype_name(param.scalar_type()), " like param");
+    check_same_device(*same[k], param, names[k]);
+  }
+  PME_CHECK(exp_avg.numel() == param.numel() && exp_avg_sq.numel() == param.numel(),
+            "sparse_adam_: exp_avg and exp_avg_sq must have param's ", param.numel(), " entries");
+  check_1d(rows, "sparse_adam_: rows");
+  PME_CHECK(rows.scalar_type() == ScalarType::Long, "sparse_adam_: rows must be int64");
+  check_same_device(rows, param, "rows");
+  const int64_t R = param.sizes()[0], C = R == 0 ? 0 : param.numel() / R;
+  PME_CHECK(values.numel() == rows.numel() * C, "sparse_adam_: values must hold ", C, " entries per row (",
+            rows.numel(), " rows), got ", values.numel());
+  check_no_overlap(param, "param", exp_avg, "exp_avg");
+  check_no_overlap(param, "param", exp_avg_sq, "exp_avg_sq");
+  check_no_overlap(exp_avg, "exp_avg", exp_avg_sq, "exp_avg_sq");
+  return C;
+}
+
 inline void check_score_args(const Tensor& scores, const Tensor& weight, int64_t rule) {
   PME_CHECK(rule == kSnip || rule == kGradSquared, "rule must be 0 (snip |w*g|) or 1 (g^2), got ", rule);
   check_state(scores, weight.numel(), weight, "scores");

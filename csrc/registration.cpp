@@ -75,6 +75,12 @@ STABLE_TORCH_LIBRARY(pme, m) {
       "Tensor offsets, Tensor indices, Tensor bag_offsets, Tensor? per_sample_weights, Tensor? col_of_size, "
       "Tensor argmax, int pooling, int padding_idx, int optimizer, float lr, float weight_decay, float eps, "
       "float beta1, float beta2, int step, bool table_checked=False) -> ()");
+  // torch.optim.SparseAdam's step on a coalesced sparse gradient (pme.optim.SparseAdam):
+  // param, exp_avg, exp_avg_sq as [R, C] rows; rows [n] int64 increasing; values [n, C]; the
+  // same float operations as torch's step, in place. step_size = lr * sqrt(1 - beta2^t) / (1 - beta1^t).
+  m.def(
+      "sparse_adam_(Tensor(a!) param, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor rows, Tensor values, "
+      "float beta1, float beta2, float eps, float step_size) -> ()");
   // Search: scores [total] f32 += |w * g| (rule 0, SNIP) or g^2 (rule 1) for the rows of a batch.
   m.def(
       "accumulate_scores_(Tensor(a!) scores, Tensor grad_out, Tensor weight, Tensor offsets, Tensor indices, "

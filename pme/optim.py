@@ -25,6 +25,9 @@ Interaction with PyTorch habits (see README "Fused sparse update"):
   across ranks (model parallel) or use the dense-gradient path.
 - The optimizer state (``optim_state1``, ``optim_state2``, ``optim_step``) lives in the
   module's buffers, so ``state_dict`` saves it and a resumed run follows the same trajectory.
+
+Not fused: ``SparseAdam`` is ``torch.optim.SparseAdam`` (for tables built with ``sparse=True``)
+with a step that is fast on the flat buffer's gradient (``pme/sparse_optim.py``).
 """
 
 from __future__ import annotations
@@ -35,8 +38,9 @@ import numbers
 import torch
 
 from . import ops
+from .sparse_optim import SparseAdam  # torch.optim's, with a fast step for flat buffers
 
-__all__ = ["SGD", "RowwiseAdagrad", "Adam", "FusedOptimizer", "Hyperparameters"]
+__all__ = ["SGD", "RowwiseAdagrad", "Adam", "FusedOptimizer", "Hyperparameters", "SparseAdam"]
 
 Hyperparameters = ops.Hyperparameters  # what an optimizer's hyperparameters() gives
 

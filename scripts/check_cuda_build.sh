@@ -34,7 +34,7 @@ assert info["backend"] == "compiled", info
 assert info["built_cuda"] not in (None, "none"), info
 ops = ["bag_forward", "bag_backward", "bag_backward_sparse", "embedding_forward", "embedding_backward",
        "sparse_update_", "accumulate_scores_", "topk_threshold", "prune_counts", "prune_pack",
-       "collection_forward", "collection_backward", "collection_update_"]
+       "collection_forward", "collection_backward", "collection_update_", "sparse_adam_"]
 missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"pme::{op}", "CUDA")]
 assert not missing, f"no CUDA kernel registered for {missing}"
 print(f"check_cuda_build: ok: CUDA {info['built_cuda']}, archs {info['built_archs']}, {len(ops)} operators "

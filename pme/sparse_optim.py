@@ -1,0 +1,106 @@
+"""``torch.optim.SparseAdam`` with a fast step for the sparse gradients of flat buffers.
+
+A table built with ``sparse=True`` gives its flat ``weight [total]`` a sparse COO gradient with
+one index per stored entry (pme keeps it coalesced). ``torch.optim.SparseAdam`` takes it, but its
+step adds each update back through a sparse tensor it rebuilds without the coalesced flag, and
+dense += sparse then runs one BLAS ``axpy`` call per entry: about 140 ns an entry, against 9 ns an
+entry for nn.EmbeddingBag's ``[rows, D]`` gradient, whose calls each cover a whole row.
+
+``pme.optim.SparseAdam`` is the same optimizer (a subclass: the same constructor, defaults,
+``param_groups`` and ``state`` entries, so its ``state_dict`` loads into torch's and back) whose
+step computes the update at the gradient's entries as torch does, operation for operation (the
+results are bitwise equal): in one pass by the ``pme::sparse_adam_`` operator (float32 and
+float64, CPU and CUDA), else (other dtypes, the pure-Python backend) by gathers,
+``index_copy_`` and ``index_add_``. It serves any parameter whose sparse gradient has one sparse dimension (pme's flat
+buffers and nn.Embedding/EmbeddingBag tables alike); another one takes torch's own step.
+
+    emb = pme.MultiSizeEmbeddingBag(V, D, sizes=sizes, mode="sum", sparse=True)
+    opt = pme.optim.SparseAdam(emb.parameters(), lr=1e-3)   # was torch.optim.SparseAdam
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.optim import _functional
+
+from . import ops
+
+__all__ = ["SparseAdam"]
+
+if ops.BUILD_INFO is not None:
+
+    @ops.register_fake("sparse_adam_")
+    def _(a):
+        return None
+
+
+class SparseAdam(torch.optim.SparseAdam):
+    """``torch.optim.SparseAdam`` (lazy Adam: only the gradient's entries move) with an indexed
+    step: the same arguments, state and results, bitwise; much faster on the one-index-per-entry
+    gradients of pme's flat buffers (see the module docstring).
+
+    Args:
+        params: the parameters (dense tensors whose gradients are sparse COO).
+        lr, betas, eps, maximize: as ``torch.optim.SparseAdam``.
+    """
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One step on every parameter that has a gradient; returns ``closure()``'s loss if given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr = group["lr"]
+            lr = lr.item() if isinstance(lr, torch.Tensor) else lr
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if not p.grad.is_sparse:
+                    raise RuntimeError(
+                        "SparseAdam does not support dense gradients, please consider Adam instead "
+                        "(or build the table with sparse=True)"
+                    )
+                state = self.state[p]
+                if len(state) == 0:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                args = (p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"])
+                hyper = dict(eps=group["eps"], beta1=beta1, beta2=beta2, lr=lr, maximize=group.get("maximize", False))
+                if p.grad.sparse_dim() == 1:
+                    _indexed_step(*args, **hyper)
+                else:  # several sparse dimensions: torch's own step
+                    _functional.sparse_adam([args[0]], [args[1]], [args[2]], [args[3]], [args[4]], **hyper)
+        return loss
+
+
+def _indexed_step(param, grad, exp_avg, exp_avg_sq, step, *, eps, beta1, beta2, lr, maximize):
+    """torch's ``sparse_adam`` for one parameter whose gradient has one sparse dimension, with
+    one pass over the entries (or gathers and indexed writes) in place of its sparse adds: the
+    same float operations in the same order; ``rows`` are unique and increasing once the gradient
+    is coalesced, so the writes do not collide."""
+    grad = (-grad if maximize else grad).coalesce()  # a no-op on pme's gradients (flagged coalesced)
+    rows = grad._indices()[0]
+    values = grad._values()
+    if values.numel() == 0:
+        return
+    step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+    state = (param, exp_avg, exp_avg_sq)
+    if (
+        ops._compiled(param) and param.dtype in (torch.float32, torch.float64) and all(t.is_contiguous() for t in state)
+    ):  # one pass over the entries in C++/CUDA (csrc/cpu/sparse_adam_cpu.cpp)
+        torch.ops.pme.sparse_adam_(*state, rows, values.contiguous(), beta1, beta2, eps, step_size)
+        return
+    old_avg = exp_avg.index_select(0, rows)
+    avg = values.sub(old_avg).mul_(1 - beta1).add_(old_avg)  # torch: old + (g - old) * (1 - beta1)
+    old_sq = exp_avg_sq.index_select(0, rows)
+    sq = values.pow(2).sub_(old_sq).mul_(1 - beta2).add_(old_sq)
+    exp_avg.index_copy_(0, rows, avg)
+    exp_avg_sq.index_copy_(0, rows, sq)
+    param.index_add_(0, rows, avg.div_(sq.sqrt_().add_(eps)).mul_(-step_size))
