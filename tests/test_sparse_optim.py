@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import pme
+
 from conftest import DEVICES, random_bags
 
 

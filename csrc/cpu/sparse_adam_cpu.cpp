@@ -49,8 +49,8 @@ void sparse_adam_(Tensor param, Tensor exp_avg, Tensor exp_avg_sq, Tensor rows, 
   const int64_t* r = rows.const_data_ptr<int64_t>();
   for (int64_t k = 0; k < n; ++k) {  // before any write: a bad call changes nothing
     PME_CHECK(r[k] >= 0 && r[k] < R, "sparse_adam_: rows[", k, "] = ", r[k], " is out of range for ", R, " rows");
-    PME_CHECK(k == 0 || r[k] > r[k - 1], "sparse_adam_: rows must be increasing (a coalesced gradient's), but rows[",
-              k, "] = ", r[k], " follows ", r[k - 1]);
+    PME_CHECK(k == 0 || r[k] > r[k - 1], "sparse_adam_: rows must be increasing (a coalesced gradient's), but rows[", k,
+              "] = ", r[k], " follows ", r[k - 1]);
   }
   if (n == 0 || C == 0) return;
   if (param.scalar_type() == ScalarType::Float) {
