@@ -1,6 +1,6 @@
 // CUDA twin of csrc/cpu/sparse_adam_cpu.cpp: torch.optim.SparseAdam's step on a coalesced
 // sparse gradient, one thread per (row, column) entry of the gradient. Each operation is rounded
-// on its own (the _rn intrinsics: no FMA contraction), as torch's step computes them. Rows are
+// on its own (no FMA contraction: mul_rn), as torch's step computes them. Rows are
 // increasing (a coalesced gradient's, so no two threads write one entry); a row outside
 // [0, R) is skipped rather than written (this device kernel does not read the rows back to
 // the host to report it; pme.optim.SparseAdam only passes a coalesced gradient's rows).
@@ -9,35 +9,13 @@
 namespace pme::cuda {
 namespace {
 
-__device__ __forceinline__ float sub_rn(float a, float b) {
-  return __fsub_rn(a, b);
-}
+// A product kept apart from the sum that follows it: nvcc would contract a * b + c into one FMA
+// (one rounding where torch rounds twice). Division and square root are IEEE by default.
 __device__ __forceinline__ float mul_rn(float a, float b) {
   return __fmul_rn(a, b);
 }
-__device__ __forceinline__ float add_rn(float a, float b) {
-  return __fadd_rn(a, b);
-}
-__device__ __forceinline__ float div_rn(float a, float b) {
-  return __fdiv_rn(a, b);
-}
-__device__ __forceinline__ float sqrt_rn(float a) {
-  return __fsqrt_rn(a);
-}
-__device__ __forceinline__ double sub_rn(double a, double b) {
-  return __dsub_rn(a, b);
-}
 __device__ __forceinline__ double mul_rn(double a, double b) {
   return __dmul_rn(a, b);
-}
-__device__ __forceinline__ double add_rn(double a, double b) {
-  return __dadd_rn(a, b);
-}
-__device__ __forceinline__ double div_rn(double a, double b) {
-  return __ddiv_rn(a, b);
-}
-__device__ __forceinline__ double sqrt_rn(double a) {
-  return __dsqrt_rn(a);
 }
 
 template <class T>
@@ -50,11 +28,11 @@ __global__ void __launch_bounds__(256) sparse_adam_kernel(T* p, T* m, T* v, cons
     if (r < 0 || r >= R) continue;
     const int64_t i = r * C + (j - k * C);
     const T g = values[j];
-    const T a = add_rn(mul_rn(sub_rn(g, m[i]), c1), m[i]);
-    const T b = add_rn(mul_rn(sub_rn(mul_rn(g, g), v[i]), c2), v[i]);
+    const T a = mul_rn(g - m[i], c1) + m[i];
+    const T b = mul_rn(mul_rn(g, g) - v[i], c2) + v[i];
     m[i] = a;
     v[i] = b;
-    p[i] = add_rn(p[i], mul_rn(div_rn(a, add_rn(sqrt_rn(b), e)), ss));
+    p[i] = p[i] + mul_rn(a / (sqrt(b) + e), ss);
   }
 }
 
