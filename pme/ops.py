@@ -219,6 +219,11 @@ def backend() -> str:
     return "compiled" if BUILD_INFO is not None else "reference"
 
 
+# Dispatch below the Autograd keys (what torch.library's own autograd wrapper does before its
+# redispatch); a no-op context on a torch without it.
+_below_autograd = getattr(torch._C, "_AutoDispatchBelowAutograd", contextlib.nullcontext)
+
+
 def _compiled(t: torch.Tensor) -> bool:
     """Whether the compiled kernels serve tensors on ``t``'s device."""
     if BUILD_INFO is None:
@@ -292,8 +297,16 @@ class _Bags(NamedTuple):
     padding_idx: int
 
     def lookup(self, weight, table_checked=True):
-        """``pme::bag_forward``: ``(out [B, width], argmax)``."""
-        return torch.ops.pme.bag_forward(weight, *self, table_checked=table_checked)
+        """``pme::bag_forward``: ``(out [B, width], argmax)``. When no gradient is wanted (grad
+        mode off, or neither the weight nor the per-sample weights require one) the call goes
+        straight to the kernel, past torch.library's autograd wrapper (about half of a small
+        call's fixed cost)."""
+        psw = self.per_sample_weights
+        wants_grad = torch.is_grad_enabled() and (weight.requires_grad or (psw is not None and psw.requires_grad))
+        if wants_grad or torch.compiler.is_compiling():  # (dynamo traces the op, not the guard)
+            return torch.ops.pme.bag_forward(weight, *self, table_checked=table_checked)
+        with _below_autograd():
+            return torch.ops.pme.bag_forward(weight, *self, table_checked=table_checked)
 
     def embedding(self, weight, table_checked=True):
         """``pme::embedding_forward`` of the indices (the bags and their weights unused): ``[N, width]``."""

@@ -319,6 +319,35 @@ def test_torch_compile_fullgraph(mode):
     torch.testing.assert_close(g_compiled, model.emb.weight.grad)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_no_grad_lookup_skips_autograd_and_gives_the_same_output(mode):
+    """A lookup that wants no gradient (no_grad, a frozen table, inference mode) is dispatched
+    past the autograd wrapper (torch.compile(fullgraph=True) traces the plain call): each gives
+    the graded call's output with no grad_fn; a frozen table with graded per-sample weights takes
+    the autograd path and their gradient flows."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(4)
+    V, D = 30, 8
+    m = pme.MultiSizeEmbeddingBag(V, D, sizes=torch.randint(0, D + 1, (V,), generator=gen), mode=mode)
+    idx, off = random_bags(V, 10, 6, gen)
+    graded = m(idx, off)
+    assert graded.grad_fn is not None
+    with torch.no_grad():
+        plain = m(idx, off)
+        compiled = torch.compile(m, fullgraph=True, backend="aot_eager")(idx, off)
+    with torch.inference_mode():
+        inference = m(idx, off)
+    for out in (plain, compiled, inference):
+        assert out.grad_fn is None and torch.equal(out, graded.detach())
+    m.weight.requires_grad_(False)
+    assert m(idx, off).grad_fn is None
+    if mode == "sum":
+        psw = torch.rand(idx.shape, generator=gen, requires_grad=True)
+        out = m(idx, off, per_sample_weights=psw)
+        out.sum().backward()
+        assert psw.grad is not None and psw.grad.abs().sum() > 0
+
+
 def test_embedding_padding_idx_is_an_operator_argument():
     # nn.Embedding semantics through the schema (no side channel): the forward returns the padding
     # row as stored, the backward skips it, also under torch.compile(fullgraph=True).
