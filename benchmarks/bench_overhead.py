@@ -58,7 +58,7 @@ def interleaved_us(cases, calls, warmup, rounds, device):
     """{name: (min, median) microseconds per call}: ``rounds`` rounds, each timing every case
     for calls // rounds calls in turn, so that a change of the machine's load hits all alike."""
     times = {name: [] for name in cases}
-    for name, (fn, ctx) in cases.items():
+    for fn, ctx in cases.values():
         with ctx():
             per_call_us(fn, warmup, 0, device)
     for _ in range(rounds):
