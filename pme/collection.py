@@ -314,7 +314,15 @@ def collection_lookup(weight, offsets, batch: Batch, *, out_width: int, _width=N
     batch = Batch(*batch[:5], int(batch[5]))
     if ops._compiled(weight):
         return _collection_call(
-            lambda checked: torch.ops.pme.collection_forward(weight, offsets, *batch, int(out_width), checked),
+            lambda checked: ops.forward_call(
+                torch.ops.pme.collection_forward,
+                (weight, batch.per_sample_weights),
+                weight,
+                offsets,
+                *batch,
+                int(out_width),
+                checked,
+            ),
             weight,
             offsets,
             batch.features,

@@ -224,6 +224,18 @@ def backend() -> str:
 _below_autograd = getattr(torch._C, "_AutoDispatchBelowAutograd", contextlib.nullcontext)
 
 
+def forward_call(op, graded, *args, **kwargs):
+    """``op(*args, **kwargs)`` for a forward operator whose autograd is registered here. When no
+    gradient is wanted (grad mode off, or none of the ``graded`` tensors requires one) the call goes
+    straight to the kernel, past torch.library's Python autograd wrapper (about 100 us of a small
+    call, benchmarks/bench_overhead.py). Under torch.compile dynamo traces the plain call."""
+    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in graded)
+    if wants_grad or torch.compiler.is_compiling():
+        return op(*args, **kwargs)
+    with _below_autograd():
+        return op(*args, **kwargs)
+
+
 def _compiled(t: torch.Tensor) -> bool:
     """Whether the compiled kernels serve tensors on ``t``'s device."""
     if BUILD_INFO is None:
@@ -297,22 +309,14 @@ class _Bags(NamedTuple):
     padding_idx: int
 
     def lookup(self, weight, table_checked=True):
-        """``pme::bag_forward``: ``(out [B, width], argmax)``. When no gradient is wanted (grad
-        mode off, or neither the weight nor the per-sample weights require one) the call goes
-        straight to the kernel, past torch.library's autograd wrapper (about half of a small
-        call's fixed cost)."""
-        psw = self.per_sample_weights
-        wants_grad = torch.is_grad_enabled() and (weight.requires_grad or (psw is not None and psw.requires_grad))
-        if wants_grad or torch.compiler.is_compiling():  # (dynamo traces the op, not the guard)
-            return torch.ops.pme.bag_forward(weight, *self, table_checked=table_checked)
-        with _below_autograd():
-            return torch.ops.pme.bag_forward(weight, *self, table_checked=table_checked)
+        """``pme::bag_forward``: ``(out [B, width], argmax)``."""
+        graded = (weight, self.per_sample_weights)
+        return forward_call(torch.ops.pme.bag_forward, graded, weight, *self, table_checked=table_checked)
 
     def embedding(self, weight, table_checked=True):
         """``pme::embedding_forward`` of the indices (the bags and their weights unused): ``[N, width]``."""
-        return torch.ops.pme.embedding_forward(
-            weight, self.offsets, self.indices, self.col_of_size, self.width, self.padding_idx, table_checked
-        )
+        args = (weight, self.offsets, self.indices, self.col_of_size, self.width, self.padding_idx, table_checked)
+        return forward_call(torch.ops.pme.embedding_forward, (weight,), *args)
 
     def row_args(self, argmax):
         """The arguments every backward-side operator (``bag_backward``, ``bag_backward_sparse``,

@@ -174,6 +174,29 @@ def test_full_sizes_equal_nn_embedding_bag_float32():
             torch.testing.assert_close(out[next(names)], eb(*inp[f]), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_no_grad_forward_equals_graded_forward(weighted):
+    """Without a gradient wanted (no_grad, inference mode) the collection's forward dispatches past
+    the autograd wrapper: the graded call's values, no grad_fn; a frozen collection with graded
+    per-sample weights still gets their gradient."""
+    m, _, _ = make_collection(3, "sum", weighted=weighted)
+    inp = make_input(m, 9, 3, weighted=weighted)
+    graded = m(inp).values()
+    assert graded.grad_fn is not None
+    with torch.no_grad():
+        plain = m(inp).values()
+    with torch.inference_mode():
+        inference = m(inp).values()
+    for out in (plain, inference):
+        assert out.grad_fn is None and torch.equal(out, graded.detach())
+    if weighted:
+        for p in m.parameters():
+            p.requires_grad_(False)
+        weights = {f: (v, o, w.clone().requires_grad_(True)) for f, (v, o, w) in inp.items()}
+        m(weights).values().sum().backward()
+        assert all(w.grad is not None for _, _, w in weights.values())
+
+
 def test_all_empty_and_zero_batch():
     m, _, _ = make_collection(3, "mean")
     inp = {

@@ -341,6 +341,11 @@ def test_no_grad_lookup_skips_autograd_and_gives_the_same_output(mode):
         assert out.grad_fn is None and torch.equal(out, graded.detach())
     m.weight.requires_grad_(False)
     assert m(idx, off).grad_fn is None
+    emb = pme.MultiSizeEmbedding(V, D, sizes=torch.randint(0, D + 1, (V,), generator=gen))
+    graded_rows = emb(idx)
+    with torch.no_grad():
+        rows = emb(idx)
+    assert graded_rows.grad_fn is not None and rows.grad_fn is None and torch.equal(rows, graded_rows.detach())
     if mode == "sum":
         psw = torch.rand(idx.shape, generator=gen, requires_grad=True)
         out = m(idx, off, per_sample_weights=psw)
