@@ -229,6 +229,48 @@ def test_backward_is_deterministic(device, mode):
     assert all(torch.equal(grads[0], g) for g in grads[1:])
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("V", [3000, 300_000])
+def test_backward_of_a_large_batch_equals_the_oracle(mode, V):
+    """Batches of 4096+ lookups group their rows with a radix sort (csrc/cpu/row_groups.h; small
+    batches use std::sort): with rows spanning 12 and 19 bits (two passes), duplicates, the
+    largest index and padding, the dense and the sparse gradient equal the float64 oracle's, and
+    the sums are in lookup order (the same bits on 1 and 2 threads)."""
+    D = 16
+    w, offsets, col, width, _ = make_table(V, D, torch.float64, "cpu", seed=V)
+    gen = torch.Generator().manual_seed(V + 1)
+    N = 9000
+    idx = torch.cat([torch.randint(0, V, (N // 2,), generator=gen), torch.randint(0, 50, (N // 2,), generator=gen)])
+    idx = idx[torch.randperm(N, generator=gen)]
+    idx[0] = V - 1
+    bags = torch.sort(torch.randint(0, N, (600,), generator=gen)).values
+    bags[0] = 0
+    go = torch.randn(bags.numel(), width, generator=gen, dtype=torch.float64)
+    ends = torch.cat([bags, bags.new_tensor([N])])
+    dense = w.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        ref_out = reference.embedding_bag(dense, offsets, idx, ends, width, col, mode, None, 7)
+        (expect,) = torch.autograd.grad(ref_out, dense, go)
+    grads, before = [], torch.get_num_threads()
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        try:
+            wi = w.clone().requires_grad_(True)
+            out = ops.embedding_bag(wi, offsets, idx, bags, width=width, mode=mode, padding_idx=7)
+            (g,) = torch.autograd.grad(out, wi, go)
+            grads.append(g)
+        finally:
+            torch.set_num_threads(before)
+    torch.testing.assert_close(grads[0], expect, rtol=1e-12, atol=1e-12)
+    assert torch.equal(grads[0], grads[1])
+    if mode != "max":
+        ws = w.clone().requires_grad_(True)
+        out = ops.embedding_bag(ws, offsets, idx, bags, width=width, mode=mode, padding_idx=7, sparse=True)
+        (gs,) = torch.autograd.grad(out, ws, go)
+        assert gs.is_sparse and gs.is_coalesced()
+        torch.testing.assert_close(gs.to_dense(), expect, rtol=1e-12, atol=1e-12)
+
+
 def test_opcheck_every_operator():
     V, D = 20, 8
     for layout, mode in itertools.product(LAYOUTS, range(3)):
