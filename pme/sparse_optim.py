@@ -8,11 +8,12 @@ entry for nn.EmbeddingBag's ``[rows, D]`` gradient, whose calls each cover a who
 
 ``pme.optim.SparseAdam`` is the same optimizer (a subclass: the same constructor, defaults,
 ``param_groups`` and ``state`` entries, so its ``state_dict`` loads into torch's and back) whose
-step computes the update at the gradient's entries as torch does, operation for operation (the
-results are bitwise equal): in one pass by the ``pme::sparse_adam_`` operator (float32 and
-float64, CPU and CUDA), else (other dtypes, the pure-Python backend) by gathers,
-``index_copy_`` and ``index_add_``. It serves any parameter whose sparse gradient has one sparse dimension (pme's flat
-buffers and nn.Embedding/EmbeddingBag tables alike); another one takes torch's own step.
+step computes the update at the gradient's entries as torch does, operation for operation: in
+one pass by the ``pme::sparse_adam_`` operator (float32 and float64, CPU and CUDA; equal to
+torch's within an ulp, as torch's CPU ``sqrt`` is not always correctly rounded and the kernel's
+is), else (other dtypes, the pure-Python backend) by gathers, ``index_copy_`` and ``index_add_``
+(bitwise torch's). It serves any parameter whose sparse gradient has one sparse dimension (pme's
+flat buffers and nn.Embedding/EmbeddingBag tables alike); another one takes torch's own step.
 
     emb = pme.MultiSizeEmbeddingBag(V, D, sizes=sizes, mode="sum", sparse=True)
     opt = pme.optim.SparseAdam(emb.parameters(), lr=1e-3)   # was torch.optim.SparseAdam
@@ -37,9 +38,9 @@ if ops.BUILD_INFO is not None:
 
 
 class SparseAdam(torch.optim.SparseAdam):
-    """``torch.optim.SparseAdam`` (lazy Adam: only the gradient's entries move) with an indexed
-    step: the same arguments, state and results, bitwise; much faster on the one-index-per-entry
-    gradients of pme's flat buffers (see the module docstring).
+    """``torch.optim.SparseAdam`` (lazy Adam: only the gradient's entries move) with a one-pass
+    step: the same arguments and state, the same results within float rounding; much faster on
+    the one-index-per-entry gradients of pme's flat buffers (see the module docstring).
 
     Args:
         params: the parameters (dense tensors whose gradients are sparse COO).
