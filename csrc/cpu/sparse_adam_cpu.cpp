@@ -3,8 +3,9 @@
 //   m' = (g - m) * (1 - beta1) + m,  v' = (g * g - v) * (1 - beta2) + v,
 //   p += (m' / (sqrt(v') + eps)) * -step_size,
 // each operation rounded on its own in the parameter's dtype, as torch's step computes them
-// (this file is compiled without FMA contraction: x86-64's baseline has no FMA), so the results
-// equal torch's bit for bit. Rows are disjoint: the parallel chunks never write the same entry.
+// (this file is compiled without FMA contraction: x86-64's baseline has no FMA). The moments
+// equal torch's bit for bit; the parameter can differ by an ulp where torch's CPU sqrt is not
+// correctly rounded (std::sqrt is). Rows are disjoint: the parallel chunks never write one entry.
 #include "pme.h"
 
 #include <algorithm>
