@@ -54,17 +54,17 @@ class SparseAdam(torch.optim.SparseAdam):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        for g, group in enumerate(self.param_groups):
             beta1, beta2 = group["betas"]
-            lr = group["lr"]
-            lr = lr.item() if isinstance(lr, torch.Tensor) else lr
-            for p in group["params"]:
+            lr = group["lr"].item() if isinstance(group["lr"], torch.Tensor) else group["lr"]
+            hyper = dict(eps=group["eps"], beta1=beta1, beta2=beta2, lr=lr, maximize=group.get("maximize", False))
+            for i, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
                 if not p.grad.is_sparse:
                     raise RuntimeError(
-                        "SparseAdam does not support dense gradients, please consider Adam instead "
-                        "(or build the table with sparse=True)"
+                        f"SparseAdam does not support dense gradients (parameter {i} of group {g}, shape "
+                        f"{tuple(p.shape)}), please consider Adam instead (or build the table with sparse=True)"
                     )
                 state = self.state[p]
                 if len(state) == 0:
@@ -73,11 +73,10 @@ class SparseAdam(torch.optim.SparseAdam):
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
                 args = (p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"])
-                hyper = dict(eps=group["eps"], beta1=beta1, beta2=beta2, lr=lr, maximize=group.get("maximize", False))
                 if p.grad.sparse_dim() == 1:
                     _indexed_step(*args, **hyper)
-                else:  # several sparse dimensions: torch's own step
-                    _functional.sparse_adam([args[0]], [args[1]], [args[2]], [args[3]], [args[4]], **hyper)
+                else:  # several sparse dimensions: torch's own step (it takes lists)
+                    _functional.sparse_adam(*([a] for a in args), **hyper)
         return loss
 
 

@@ -92,7 +92,7 @@ def test_sparse_adam_refuses_dense_gradients_and_keeps_torch_checks():
     m = pme.MultiSizeEmbeddingBag(10, 4, sizes=2, mode="sum")  # dense gradient
     opt = pme.optim.SparseAdam(m.parameters(), lr=0.1)
     m(torch.tensor([1, 2]), torch.tensor([0])).sum().backward()
-    with pytest.raises(RuntimeError, match="dense gradients.*sparse=True"):
+    with pytest.raises(RuntimeError, match=r"dense gradients \(parameter 0 of group 0, shape \(20,\)\).*sparse=True"):
         opt.step()
     with pytest.raises(ValueError, match="Invalid learning rate"):
         pme.optim.SparseAdam(m.parameters(), lr=-1.0)
@@ -133,3 +133,19 @@ def test_opcheck_sparse_adam():
         torch.ops.pme.sparse_adam_,
         (p, m, v, torch.tensor([1, 3]), torch.randn(2, 4, dtype=torch.float64), 0.9, 0.99, 1e-8, 0.01),
     )
+
+
+def test_sparse_adam_takes_torch_step_for_several_sparse_dims():
+    """A gradient with two sparse dimensions (not a table's) goes through torch's own step: the
+    same result as torch.optim.SparseAdam."""
+    gen = torch.Generator().manual_seed(9)
+    a = torch.randn(4, 5, generator=gen, requires_grad=True)
+    b = a.detach().clone().requires_grad_(True)
+    o_a, o_b = torch.optim.SparseAdam([a], lr=0.1), pme.optim.SparseAdam([b], lr=0.1)
+    for _ in range(3):
+        idx = torch.tensor([[0, 1, 3], [2, 4, 0]])
+        grad = torch.sparse_coo_tensor(idx, torch.randn(3, generator=gen), (4, 5))
+        a.grad, b.grad = grad.clone(), grad.clone()
+        o_a.step()
+        o_b.step()
+    assert b.grad.sparse_dim() == 2 and torch.equal(b, a)
