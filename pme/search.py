@@ -15,12 +15,18 @@ Data 2023; only the abstract is public, so the details below are ours):
    change of the loss when an entry is masked, ``|w * dL/dw|``, on held-out batches
    (``held_out=``; pass a few large batches: each batch adds ``|w * g_batch|``), and the older
    ``snip`` (``|w * g|`` on training batches) and ``grad`` (``g^2``).
-4. Optionally normalise per field (``normalize="field"``: every table's scores divided by their
+4. Optionally shrink toward what the table's rows have in common (``counts=``, the tokens'
+   training counts): a row seen ``n`` times keeps the weight ``n / (n + shrink * D)`` on its own
+   scores and gives the rest to its table's average score profile, so a row seen fewer times
+   than it has entries is sized mostly by its table. Trained magnitudes of rare ids are mostly
+   their initial values and noise; on MovieLens-100K they made PME lose to even sizes inside
+   the id fields, while a well-observed small vocabulary (census adult) is left as it was.
+5. Optionally normalise per field (``normalize="field"``: every table's scores divided by their
    mean over the rows the data touches) so that tables of very different cardinality and scale
    compete under one global budget. The default keeps raw scores (``"none"``): on both real data
    sets we tried, the trained magnitudes already compare across tables and the per-field
    normalisation lost (it hands large, weak fields budget that strong small ones used better).
-5. Keep the top entries under a budget (a fraction of all ``V * D`` entries, global across
+6. Keep the top entries under a budget (a fraction of all ``V * D`` entries, global across
    tables or per table); a token's size is its number of surviving entries ("capacity
    transfer"), rounded to the alignment quantum and clamped to ``[min_size, D]``. The threshold
    is found by radix select on the device (``pme.ops.topk_threshold``), adjusted by bisection
@@ -64,6 +70,7 @@ __all__ = [
     "grouped_classes",
     "convert_grouped",
     "normalize_scores",
+    "shrink_scores",
     "alignment_quantum",
     "batch_to",
     "RULES",
@@ -108,7 +115,8 @@ class SearchResult:
         dense_entries: ``sum(V * D)`` over the searched tables.
         threshold: the score threshold of the global budget (per table: a dict).
         seconds: wall time of warm-up + scoring + thresholding; ``steps``: warm-up steps,
-            ``batches``: scoring batches; ``rule``, ``normalize``: how entries were scored.
+            ``batches``: scoring batches; ``rule``, ``normalize``, ``shrink`` (None: no shrinkage):
+            how entries were scored.
     """
 
     sizes: dict
@@ -123,6 +131,7 @@ class SearchResult:
     batches: int = 0
     stats: dict = field(default_factory=dict)
     normalize: str = "none"
+    shrink: float | None = None
 
     @property
     def fraction(self) -> float:
@@ -131,7 +140,8 @@ class SearchResult:
 
     def __repr__(self):
         return (
-            f"SearchResult(rule={self.rule!r}, normalize={self.normalize!r}, tables={len(self.sizes)}, "
+            f"SearchResult(rule={self.rule!r}, normalize={self.normalize!r}, shrink={self.shrink}, "
+            f"tables={len(self.sizes)}, "
             f"kept={self.kept_entries:,} of {self.dense_entries:,} entries ({100 * self.fraction:.1f}%), "
             f"warm-up steps={self.steps}, seconds={self.seconds:.2f})"
         )
@@ -153,6 +163,7 @@ class SearchResult:
             self.steps,
             self.batches,
             normalize=self.normalize,
+            shrink=self.shrink,
         )
 
     def convert(self, model: nn.Module, init: str = "fresh", **kwargs) -> nn.Module:
@@ -293,6 +304,48 @@ def normalize_scores(scores: dict, how: str = "field", touched: dict | None = No
     return out
 
 
+def shrink_scores(scores: dict, counts: dict, strength: float = 1.0) -> dict:
+    """Pulls each row's scores toward its table's average score profile, the more the less the
+    row was seen (empirical-Bayes style shrinkage of noisy per-row evidence).
+
+    Args:
+        scores: ``{name: [V, D]}`` entry scores.
+        counts: ``{name: [V]}`` how often each token occurs in the training data (``token_counts``).
+        strength: ``k`` in the row's weight ``n / (n + k * D)``: at ``k = 1`` a row seen as many
+            times as it has entries keeps half of its own scores. 0 leaves the scores as they are.
+
+    Returns:
+        ``{name: [V, D] float32}``: entry ``j`` of row ``r`` becomes
+        ``w_r * s[r, j] + (1 - w_r) * p[rank of s[r, j] in its row]``, where ``p[k]`` is the mean
+        over the table's seen rows (every row when none was seen) of their k-th largest score. The
+        order of the entries inside a row is kept, so ``init="kept"`` keeps the same entries.
+    """
+    if not strength >= 0:
+        raise ValueError(f"shrink strength must be >= 0, got {strength}")
+    missing = [n for n in scores if n not in counts]
+    if missing:
+        raise KeyError(f"counts lack tables {missing} (give every searched table's token counts)")
+    out = {}
+    for name, sc in scores.items():
+        V, D = sc.shape
+        n = torch.as_tensor(counts[name]).reshape(-1).to(device=sc.device, dtype=torch.float64)
+        if n.numel() != V:
+            raise ValueError(f"counts[{name!r}] has {n.numel()} entries but the table has {V} rows")
+        if bool((n < 0).any()):
+            raise ValueError(f"counts[{name!r}] has negative entries")
+        if strength == 0 or V == 0:
+            out[name] = sc.float()
+            continue
+        srt, order = torch.sort(sc.double(), dim=1, descending=True, stable=True)
+        seen = n > 0
+        profile = (srt[seen] if bool(seen.any()) else srt).mean(0)
+        rank = torch.empty_like(order)
+        rank.scatter_(1, order, torch.arange(D, device=sc.device).expand(V, D).contiguous())
+        lam = (n / (n + strength * D)).unsqueeze(1)
+        out[name] = (lam * sc.double() + (1 - lam) * profile[rank]).float()
+    return out
+
+
 def _default_loss(model, batch):
     if not isinstance(batch, dict) or "labels" not in batch:
         raise TypeError("pme.search: batches are not dicts with 'labels'; pass loss_fn(model, batch) -> loss")
@@ -359,6 +412,8 @@ def search(
     per_table: bool = False,
     quantum: int | None = None,
     min_size: int | None = None,
+    counts: dict | None = None,
+    shrink: float = 1.0,
     device=None,
     progress: bool = True,
 ) -> SearchResult:
@@ -392,6 +447,11 @@ def search(
         quantum: sizes are multiples of it (default: 16 bytes' worth of the table's dtype, or 1
             when the budget is under two such quanta a token: see ``default_granularity``);
         min_size: smallest size (default: one quantum; 0 lets a token be pruned away).
+        counts: ``{table name: [V]}`` the tokens' counts in the training data (for a
+            ``CTRDataset``: ``token_counts(model, data)``). When given, rows seen fewer times
+            than they have entries are sized mostly by their table's average (``shrink_scores``
+            with ``strength=shrink``); recommended for id fields with rare tokens.
+        shrink: the shrinkage strength ``k`` (row weight ``n / (n + k * D)``); used with ``counts``.
 
     Returns:
         ``SearchResult`` with ``sizes`` per table name (use ``result.convert(model)``).
@@ -406,6 +466,8 @@ def search(
         raise ValueError(f"num_batches must be >= 1, got {num_batches}")
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    if not shrink >= 0:
+        raise ValueError(f"shrink must be >= 0, got {shrink}")
     if rule == "saliency" and held_out is None:
         raise ValueError("rule='saliency' needs held_out=<iterable of held-out batches>")
     if rule == "movement" and warmup_steps == 0:
@@ -508,6 +570,8 @@ def search(
         scores[name] = m.scores.reshape(m.num_embeddings, m.embedding_dim).detach().float()
     if not any(bool(t.any()) for t in touched.values()):
         touched = None  # no batch seen (a trained model scored by magnitude): every row counts
+    if counts is not None:
+        scores = shrink_scores(scores, counts, shrink)
     scores = normalize_scores(scores, normalize, touched)
     sizes, thr = sizes_for_budget(scores, budget, per_table, quantum, min_size)
     dense = sum(s.numel() for s in scores.values())
@@ -530,6 +594,7 @@ def search(
         batches_done,
         stats,
         normalize,
+        shrink if counts is not None else None,
     )
 
 

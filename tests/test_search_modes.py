@@ -240,3 +240,97 @@ def test_grouped_top_up_promotes_the_best_next_entries_into_used_classes(seed, k
         assert set(out[n].tolist()) <= {4, 8}  # 16 is no class of this width yet: its projection is not counted
     assert sum(int(s.sum()) for s in out.values()) <= room
     assert all(torch.equal(sizes[n], before[n]) for n in sizes)  # the input is left as it was
+
+
+def _shrink64(scores, counts, k):
+    """shrink_scores written out row by row in float64: the reference."""
+    out = {}
+    for name, sc in scores.items():
+        sc = sc.double()
+        V, D = sc.shape
+        n = counts[name].double()
+        rows = [r for r in range(V) if n[r] > 0] or list(range(V))
+        profile = torch.zeros(D, dtype=torch.float64)
+        for r in rows:
+            profile += torch.sort(sc[r], descending=True, stable=True).values
+        profile /= len(rows)
+        o = torch.empty_like(sc)
+        for r in range(V):
+            lam = n[r] / (n[r] + k * D)
+            order = torch.sort(sc[r], descending=True, stable=True).indices
+            for rank, j in enumerate(order.tolist()):
+                o[r, j] = lam * sc[r, j] + (1 - lam) * profile[rank]
+        out[name] = o
+    return out
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    V=st.integers(1, 12),
+    D=st.sampled_from([1, 4, 8]),
+    k=st.sampled_from([0.25, 1.0, 4.0]),
+    seed=st.integers(0, 1000),
+    ties=st.booleans(),
+)
+def test_shrink_scores_match_a_float64_reference(V, D, k, seed, ties):
+    """Against the row-by-row float64 formula: unseen rows (count 0), rare and frequent ones,
+    tied scores; the order of the entries inside every row is kept."""
+    from pme.search import shrink_scores
+
+    g = torch.Generator().manual_seed(seed)
+    sc = torch.rand(V, D, generator=g)
+    if ties:
+        sc = (sc * 3).floor()
+    counts = torch.randint(0, 3, (V,), generator=g) * torch.randint(0, 200, (V,), generator=g)
+    got = shrink_scores({"t": sc}, {"t": counts}, k)["t"]
+    want = _shrink64({"t": sc}, {"t": counts}, k)["t"]
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-7)
+    if not ties:
+        assert torch.equal(torch.argsort(got, 1, descending=True), torch.argsort(sc, 1, descending=True))
+
+
+def test_shrink_limits_and_search_with_counts():
+    """Strength 0 and very frequent tokens leave the scores as they are; tokens never seen all
+    get the table's profile (so the same size); search(counts=...) cuts the shrunk scores."""
+    from pme.search import default_granularity, shrink_scores, sizes_for_budget
+
+    sc = torch.rand(6, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(shrink_scores({"t": sc}, {"t": torch.zeros(6)}, 0.0)["t"], sc)
+    torch.testing.assert_close(shrink_scores({"t": sc}, {"t": torch.full((6,), 10**9)})["t"], sc)
+    counts = torch.tensor([0, 0, 0, 50, 50, 50])
+    out = shrink_scores({"t": sc}, {"t": counts})["t"]
+    unseen = torch.sort(out[:3], 1, descending=True).values
+    assert torch.equal(unseen[0], unseen[1]) and torch.equal(unseen[0], unseen[2])
+    # the profile is the mean of the seen rows' sorted scores
+    torch.testing.assert_close(unseen[0], torch.sort(sc[3:], 1, descending=True).values.mean(0))
+
+    model = _Net(D=16)
+    data = _batches(2)
+    counts = {"embeddings.a": torch.arange(30) % 4, "embeddings.b": torch.arange(11) * 7}
+    plain = search(model, data, budget=0.4, progress=False)
+    r = search(model, data, budget=0.4, counts=counts, shrink=2.0, progress=False)
+    assert r.shrink == 2.0 and plain.shrink is None
+    want = shrink_scores(plain.scores, counts, 2.0)
+    for n in want:
+        torch.testing.assert_close(r.scores[n], want[n])
+    q, floor = default_granularity(0.4, 16, 4)
+    sizes, _ = sizes_for_budget(want, 0.4, quantum=q, min_size=floor)
+    assert all(torch.equal(r.sizes[n], sizes[n]) for n in sizes)
+    assert "shrink=2.0" in repr(r) and "shrink=None" in repr(plain)
+
+
+def test_shrink_errors():
+    from pme.search import shrink_scores
+
+    sc = {"t": torch.rand(3, 4)}
+    with pytest.raises(KeyError, match=r"counts lack tables \['t'\]"):
+        shrink_scores(sc, {})
+    with pytest.raises(ValueError, match=r"counts\['t'\] has 2 entries but the table has 3 rows"):
+        shrink_scores(sc, {"t": torch.ones(2)})
+    with pytest.raises(ValueError, match="negative"):
+        shrink_scores(sc, {"t": torch.tensor([1, -1, 0])})
+    with pytest.raises(ValueError, match="strength must be >= 0"):
+        shrink_scores(sc, {"t": torch.ones(3)}, -1.0)
+    with pytest.raises(ValueError, match="shrink must be >= 0"):
+        search(_Net(), _batches(1), counts={}, shrink=-0.5, progress=False)

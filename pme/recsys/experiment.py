@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..modules import MultiSizeEmbeddingBag, convert
-from ..search import convert_grouped, grouped_classes, search, sizes_at_budget
+from ..search import convert_grouped, grouped_classes, search, sizes_at_budget, token_counts
 from . import models
 
 __all__ = [
@@ -32,17 +32,20 @@ __all__ = [
 ]
 
 BASELINES = ("uniform", "popularity", "random")
-METHODS = ("pme", "pme_cheap", "pme_grouped", "pme_rewound", "uniform", "popularity", "random")
+METHODS = ("pme", "pme_raw", "pme_cheap", "pme_grouped", "pme_rewound", "uniform", "popularity", "random")
 
 # The PME variants the experiment knows. ``mode="trained"``: score the full-size model trained for
 # the "full" baseline (search cost: that training run, which a full-size baseline needs anyway,
 # plus seconds); ``mode="warmup"``: score a fresh model after ``warmup_epochs`` epochs of Adam
 # inside the search (the cheap mode); ``mode="init"``: score at initialisation (the old way).
 # The default (magnitude, no per-field normalisation) won the pilot on both data sets
-# (benchmarks/pilot_modes.py; results/quality/pilot_*.log); the cheap mode warms up for 8% of one
-# training run so that its whole search stays within 10% of one.
+# (benchmarks/pilot_modes.py; results/quality/pilot_*.log); with ``shrink`` the rows' scores are
+# shrunk toward their table's profile by the tokens' training counts (search.shrink_scores; the
+# within-field pilot, results/quality/pilot_within_field/); ``pme_raw`` is the default before that.
+# The cheap mode warms up for 8% of one training run so that its whole search stays within 10% of one.
 DEFAULT_VARIANTS = {
-    "pme": {"mode": "trained", "rule": "magnitude", "normalize": "none"},
+    "pme": {"mode": "trained", "rule": "magnitude", "normalize": "none", "shrink": 1.0},
+    "pme_raw": {"mode": "trained", "rule": "magnitude", "normalize": "none"},
     "pme_cheap": {"mode": "warmup", "rule": "magnitude", "normalize": "none", "warmup_share": 0.08},
 }
 
@@ -131,7 +134,8 @@ def _train_eval(cfg, model, train, val, test, seed):
 
 def run_search(cfg, variant, full_model, train, val, seed, full_seconds=0.0):
     """One PME search of ``variant`` (a dict: ``mode``, ``rule``, ``normalize``, ``num_batches``,
-    ``warmup_epochs`` / ``warmup_share`` / ``warmup_steps``, ``per_table``) on the ``train`` split,
+    ``warmup_epochs`` / ``warmup_share`` / ``warmup_steps``, ``per_table``, ``shrink``: the
+    strength of the shrinkage by the tokens' counts in ``train``, none when absent) on the ``train`` split,
     at ``max(cfg.budgets)``; returns (SearchResult, cost in seconds). ``full_model`` (the trained
     full-size model, ``full_seconds`` its training time) is what ``mode="trained"`` scores; the
     other modes score a fresh model of ``cfg`` (warmed up by the search)."""
@@ -149,13 +153,17 @@ def run_search(cfg, variant, full_model, train, val, seed, full_seconds=0.0):
     )
     if kw["rule"] == "saliency":
         kw["held_out"] = list(val.batches(8192))
+    model = full_model if mode == "trained" else _make_model(cfg, train, seed)
+    if variant.get("shrink") is not None:
+        kw["counts"] = token_counts(model, train)
+        kw["shrink"] = float(variant["shrink"])
     if mode == "trained":
-        found = search(full_model, loader, warmup_steps=0, **kw)
+        found = search(model, loader, warmup_steps=0, **kw)
         return found, full_seconds + found.seconds
     steps_per_epoch = -(-len(train) // cfg.batch_size)
     epochs = variant["warmup_epochs"] if "warmup_epochs" in variant else variant.get("warmup_share", 0.08) * cfg.epochs
     warm = 0 if mode == "init" else variant.get("warmup_steps", max(1, round(epochs * steps_per_epoch)))
-    found = search(_make_model(cfg, train, seed), loader, warmup_steps=warm, warmup_lr=cfg.lr, **kw)
+    found = search(model, loader, warmup_steps=warm, warmup_lr=cfg.lr, **kw)
     return found, found.seconds
 
 
@@ -334,8 +342,10 @@ def markdown_table(summary: list) -> str:
 
 _EXPLAIN = {
     "full": "every table at full width D (the reference)",
-    "pme": "PME, default: sizes from the magnitudes |w| of the trained full-size model, then the model "
+    "pme": "PME, default: sizes from the magnitudes |w| of the trained full-size model, each row's scores "
+    "shrunk toward its table's average the fewer times its token occurs in the training data, then the model "
     "retrained with them from its initial values (search cost: that full-size training run plus seconds)",
+    "pme_raw": "PME as `pme` without the shrinkage by token counts (the default before it)",
     "pme_cheap": "PME, cheap mode: the same scores after a short warm-up inside the search instead of a full "
     "training run",
     "pme_grouped": "PME's sizes snapped to power-of-two classes, grouped layout with one learned projection per "

@@ -300,3 +300,24 @@ def test_plot_auc_curves_draws_methods_full_line_and_noise(seeds):
     line = next(c for c in ax.containers if c.get_label() == "pme").lines[0]
     assert list(line.get_xdata()) == [10.0, 50.0]
     assert list(line.get_ydata()) == pytest.approx([0.771, 0.775])
+
+
+def test_experiment_default_shrinks_by_the_training_counts():
+    """The study's default variant scores the trained model and shrinks by the training split's
+    token counts: its scores equal ``shrink_scores`` of the raw variant's with those counts."""
+    from pme.recsys import experiment
+    from pme.search import shrink_scores, token_counts
+
+    ds, _ = data.make_planted(num_rows=600, num_fields=2, vocab=40, dim=8, seed=2)
+    train, val, _ = ds.split(seed=0)
+    cfg = experiment.ExperimentConfig(dim=8, budgets=(0.3,), methods=("pme",), progress=False)
+    model = experiment._make_model(cfg, train, 0)
+    raw, _ = experiment.run_search(cfg, experiment.DEFAULT_VARIANTS["pme_raw"], model, train, val, 0)
+    got, _ = experiment.run_search(cfg, experiment.DEFAULT_VARIANTS["pme"], model, train, val, 0)
+    counts = token_counts(model, train)
+    assert any(bool((c < 8).any()) for c in counts.values())  # some rows are shrunk a lot
+    want = shrink_scores(raw.scores, counts, experiment.DEFAULT_VARIANTS["pme"]["shrink"])
+    assert got.shrink == 1.0 and raw.shrink is None
+    for n in want:
+        torch.testing.assert_close(got.scores[n], want[n])
+    assert got.kept_entries == raw.kept_entries  # the same budget
