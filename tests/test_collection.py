@@ -678,3 +678,30 @@ def test_one_hot_bad_index_is_refused_with_its_position(weighted):
     pos = sum(inp[k][0].numel() for k in inp if k < "f2") + int(o[j])  # in the concatenated values
     with pytest.raises(RuntimeError, match=rf"index out of range: indices\[{pos}\]"):
         m(inp)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_one_hot_output_larger_than_the_cache_equals_dense_view(weighted):
+    """A one-hot float32 batch whose output passes 8 MiB: the copy path writes unweighted rows by
+    streaming stores where a row's columns are 16-byte aligned and its width a multiple of 4 (t0-t2
+    here), plain copies elsewhere (width 5, unaligned rows, weighted). Every entry must equal the
+    dense view's, and the first bags the same call on a small batch gives."""
+    m, tables, sizes = make_collection(3, "sum" if weighted else "mixed", weighted, dtype=torch.float32)
+    B = 40_000  # out_width 53 floats: 8.1 MiB of output
+    inp = make_input(m, B, 3, torch.int64, weighted, max_len=1)
+    assert B * m.out_width * 4 >= 8 << 20
+    with torch.no_grad():
+        out = m(inp)
+        small = m(
+            {
+                k: tuple(x[: int(item[1][64])] if i != 1 else x[:65] for i, x in enumerate(item))
+                for k, item in inp.items()
+            }
+        )
+    ref, _ = dense_oracle(m, inp)
+    for k, v in out.to_dict().items():
+        if weighted:
+            torch.testing.assert_close(v.double(), ref[k].detach(), rtol=1e-6, atol=1e-6, msg=k)
+        else:  # one row per bag: the stored float32 value itself
+            assert torch.equal(v, ref[k].detach().float()), k
+    assert torch.equal(out.values()[:64], small.values())
