@@ -28,7 +28,10 @@ mix): ``single_pme`` vs ``single_nn_embedding_bag`` forward.
 
 Timing: torch.utils.benchmark.Timer(...).blocked_autorange(min_run_time=``--min-run-time``) with
 ``num_threads`` set, median per call; methods run one after the other for each configuration, so
-the ratios of a configuration come from one run. FBGEMM's CPU TBE backward ran its scalar
+the ratios of a configuration come from one run. With ``--rounds N`` the methods of a configuration
+take turns N times (min-run-time / N seconds each) and each figure is the median over rounds; the
+ratios then say in how many rounds pme was the faster (the shared host's slow spells fall on
+every method alike). FBGEMM's CPU TBE backward ran its scalar
 reference kernels on this machine (it reported no AVX2 in-process; see /work/shared/MACHINES.md),
 which flatters any rival's step figures. The build machine is shared: say so next to any figure.
 
@@ -42,6 +45,7 @@ import datetime as dt
 import gc
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -107,6 +111,17 @@ def median_ms(fn, threads, min_run_time):
     t = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
     m = t.blocked_autorange(min_run_time=min_run_time)
     return m.median * 1e3
+
+
+def time_methods(methods, threads, args):
+    """``{name: fn}`` -> ``({name: median ms}, {name: [ms per round]})``: ``args.rounds`` rounds, each
+    timing every method once in turn (``min_run_time / rounds`` seconds each), so that a slow spell
+    of the shared host falls on every method alike; the figure is the median over the rounds."""
+    per = {name: [] for name in methods}
+    for _ in range(args.rounds):
+        for name, fn in methods.items():
+            per[name].append(median_ms(fn, threads, args.min_run_time / args.rounds))
+    return {n: statistics.median(v) for n, v in per.items()}, per
 
 
 def build(args):
@@ -243,9 +258,12 @@ def run_collection(args, built, results):
                 "lookups": int(values.numel()),
                 "ms": {},
             }
+            row["rounds"] = {}
             for phase, ms in methods.items():
-                for name, fn in ms.items():
-                    row["ms"][f"{phase}/{name}"] = median_ms(fn, threads, args.min_run_time)
+                med, by_round = time_methods(ms, threads, args)
+                for name in ms:
+                    row["ms"][f"{phase}/{name}"] = med[name]
+                    row["rounds"][f"{phase}/{name}"] = by_round[name]
                     print(
                         f"  {row['config']} {threads}t {phase:8s} {name:22s} {row['ms'][f'{phase}/{name}']:9.3f} ms",
                         flush=True,
@@ -275,8 +293,10 @@ def run_single(args, results):
 
     for threads in args.threads:
         row = {"config": f"single_1Mx{D}_zipf", "batch": B, "threads": threads, "lookups": B * L, "ms": {}}
-        for name, fn in (("single_pme", f_pme), ("single_nn_embedding_bag", f_eb)):
-            row["ms"][f"forward/{name}"] = median_ms(fn, threads, args.min_run_time)
+        med, by_round = time_methods({"single_pme": f_pme, "single_nn_embedding_bag": f_eb}, threads, args)
+        row["rounds"] = {f"forward/{n}": v for n, v in by_round.items()}
+        for name in med:
+            row["ms"][f"forward/{name}"] = med[name]
             print(
                 f"  {row['config']} {threads}t forward  {name:22s} {row['ms'][f'forward/{name}']:9.3f} ms", flush=True
             )
@@ -296,6 +316,19 @@ def ratios(row):
     if "forward/single_pme" in ms:
         out["forward: nn_embedding_bag / pme"] = ms["forward/single_nn_embedding_bag"] / ms["forward/single_pme"]
     return out
+
+
+def round_wins(row):
+    """Per ratio of ``ratios``: in how many rounds pme was the faster (the rounds are paired)."""
+    rd = row.get("rounds", {})
+    pairs = {
+        "forward: fbgemm_tbe / pme_collection": ("forward/fbgemm_tbe", "forward/pme_collection"),
+        "forward: torchrec_ebc / pme_collection": ("forward/torchrec_ebc", "forward/pme_collection"),
+        "forward: pme_per_table / pme_collection": ("forward/pme_per_table", "forward/pme_collection"),
+        "step: fbgemm_tbe_fused / pme_collection_fused": ("step/fbgemm_tbe_fused", "step/pme_collection_fused"),
+        "forward: nn_embedding_bag / pme": ("forward/single_nn_embedding_bag", "forward/single_pme"),
+    }
+    return {k: sum(o > p for o, p in zip(rd[a], rd[b])) for k, (a, b) in pairs.items() if a in rd and b in rd}
 
 
 def plot(path, results):
@@ -345,6 +378,13 @@ def main(argv=None):
     p.add_argument("--alpha", type=float, default=1.05, help="Zipf exponent of the indices (1.05)")
     p.add_argument("--min-run-time", type=float, default=1.0, help="seconds per blocked_autorange (1.0)")
     p.add_argument("--no-single", action="store_true", help="skip the single-table comparison")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="interleaved rounds: each round times every method of a configuration once in turn, "
+        "min-run-time / rounds seconds each; figures are medians over rounds (default 1: one after the other)",
+    )
     args = p.parse_args(argv)
     import fbgemm_gpu
     import torchrec  # noqa: F401
@@ -360,6 +400,7 @@ def main(argv=None):
         "indices": f"zipf({args.alpha}), int64",
         "min_run_time": args.min_run_time,
         "timer": "torch.utils.benchmark.Timer.blocked_autorange, median",
+        "rounds": args.rounds,
     }
     print(json.dumps(meta))
     results = []
@@ -374,8 +415,10 @@ def main(argv=None):
     print("\nratios (> 1: pme faster)")
     for r in results:
         r["ratios"] = ratios(r)
+        r["rounds_pme_faster"] = round_wins(r)
         for k, v in r["ratios"].items():
-            print(f"  {r['config']:20s} {r['threads']}t  {k:48s} {v:6.2f}x")
+            w = r["rounds_pme_faster"].get(k)
+            print(f"  {r['config']:20s} {r['threads']}t  {k:48s} {v:6.2f}x  (pme faster in {w}/{args.rounds} rounds)")
     stem = os.path.join(args.out, f"collection_cpu_{dt.date.today().isoformat()}")
     save_json({"meta": meta, "results": results}, stem + ".json")
     plot(stem + ".png", results)
