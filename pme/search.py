@@ -729,23 +729,42 @@ def projection_entries(sizes: dict, dims: dict) -> int:
 def grouped_sizes(result: SearchResult, budget: float, quantum: int = 4):
     """PME sizes snapped down to the grouped layout's classes, with the shared per-size
     projections counted in the budget, then the budget that snapping left unused spent on
-    promoting the best-scored rows to their next class: ``{name: [V]}``, or None when the
-    projections alone leave no room (then the padded layout is the one to use)."""
+    promoting the best-scored rows to their next class: ``{name: [V]}``, or None when even the
+    smallest classes leave no room (then the padded layout is the one to use).
+
+    The classes are powers of two times ``quantum`` (times 1 when the budget leaves fewer than two
+    quanta a token, as ``default_granularity``). A class of size ``s`` costs an ``[s, D]``
+    projection, so at small budgets the largest classes are left out, largest first, until the
+    projections and every token's smallest class fit: on census adult's 13 tables (520 tokens) at
+    width 64, 10% of the entries keeps classes up to 8, where all classes (4 to 64) would cost more
+    projection entries (7,936) than the whole budget (3,328)."""
     dims = {n: int(s.shape[1]) for n, s in result.scores.items()}
+    q = quantum if budget * min(dims.values()) >= 2 * quantum else 1
+    caps = sorted({c for D in set(dims.values()) for c in grouped_classes(D, q)}, reverse=True)
+    for cap in caps:
+        sizes = _grouped_fit(result, budget, q, cap, dims)
+        if sizes is not None:
+            return sizes
+    return None
+
+
+def _grouped_fit(result: SearchResult, budget: float, quantum: int, cap: int, dims: dict):
+    """``grouped_sizes`` with the classes up to ``cap``: None when they do not fit the budget."""
     dense = result.dense_entries
     target = int(budget * dense)
+    classes = {n: [c for c in grouped_classes(D, quantum) if c <= cap] for n, D in dims.items()}
+    floor = min(cs[0] for cs in classes.values())
     proj = 0
     sizes = None
     for _ in range(6):
         b = (target - proj) / dense
         if b <= 0:
             return None
-        floor = min(grouped_classes(min(dims.values()), quantum)[0], quantum)
         try:  # every token keeps at least the smallest class (snapping down must not zero it)
             cut = result.for_budget(b, quantum=1, min_size=floor)
         except ValueError:
             return None
-        sizes = {n: _snap_down(s, grouped_classes(dims[n], quantum)) for n, s in cut.sizes.items()}
+        sizes = {n: _snap_down(s.clamp(max=cap), classes[n]) for n, s in cut.sizes.items()}
         used = projection_entries(sizes, dims)
         if used <= proj:
             break
@@ -846,7 +865,7 @@ def sizes_at_budget(
             ``data``, a ``CTRDataset``, or ``counts``), ``"random"`` (``seed``), or ``"grouped"``
             (PME sizes snapped to power-of-two classes, the per-size projections shared by
             tables of the same width and counted in the budget; use ``convert_grouped``; returns
-            None when the projections alone exceed the budget).
+            None when no set of classes, with their projections, fits the budget).
         model: the model with full-size tables (``uniform``/``popularity``/``random``; table names
             and shapes come from it); ``result`` serves for ``pme``/``grouped``.
         quantum, min_size: the size grid and floor (default: ``default_granularity``;

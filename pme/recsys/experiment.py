@@ -211,7 +211,7 @@ def run_experiment(cfg: ExperimentConfig, train, val, test, log=print) -> list:
         for budget in cfg.budgets:
             for method in cfg.methods:
                 base = "pme" if method in ("pme_grouped", "pme_rewound") else method
-                why = "the shared per-size projections alone exceed the budget"
+                why = "no set of size classes fits the budget with its shared projections"
                 try:
                     if base in found:
                         r, cost = found[base]

@@ -193,16 +193,23 @@ def _have_movielens():
 
 def test_grouped_layout_shares_projections_on_many_small_tables():
     """13 tables of 3-124 rows (the census data's shape), width 64: per-table projections would
-    exceed a 20% budget; shared per-size projections fit, are counted, and train."""
+    exceed a 20% budget; shared per-size projections fit, are counted, and train. At 10% and 5%
+    all classes' projections would exceed the budget: the largest classes are left out (and the
+    classes start at 1 where the budget leaves fewer than two quanta a token)."""
     vs = [75, 9, 17, 17, 8, 15, 7, 6, 3, 124, 100, 97, 42]
     card = {f"f{i}": v for i, v in enumerate(vs)}
     g = torch.Generator().manual_seed(0)
     scores = {f"embeddings.f{i}": torch.rand(v, 64, generator=g) for i, v in enumerate(vs)}
     dense = sum(vs) * 64
     r = pme.search.SearchResult({}, scores, 0, 0, dense, None, 0.0, "magnitude")
-    for budget in (0.5, 0.2):
+    for budget in (0.5, 0.2, 0.1, 0.05):
         s = grouped_sizes(r, budget)
         assert s is not None
+        classes = sorted({int(c) for x in s.values() for c in x.unique()})
+        if budget <= 0.1:  # all classes 4..64 would cost 7,936 projection entries: over the budget
+            assert max(classes) < 64 and sum(classes) * 64 < budget * dense
+        if budget == 0.05:
+            assert min(classes) == 1  # 3.2 entries a token on average: classes from 1
         dims = {n: 64 for n in s}
         used = sum(int(x.sum()) for x in s.values()) + projection_entries(s, dims)
         assert used <= budget * dense
@@ -229,7 +236,16 @@ def test_grouped_layout_shares_projections_on_many_small_tables():
         assert p.grad is not None and float(p.grad.abs().sum()) > 0
         # the projection appears once among the parameters an optimizer sees
         assert sum(1 for q in m.parameters() if q is p) == 1
-    assert grouped_sizes(r, 0.01) is None  # projections alone exceed 1%
+    assert grouped_sizes(r, 0.01) is None  # one entry for each of the 520 tokens exceeds 1% (332)
+    # A few rows whose every entry outscores the rest: PME gives them the full width at any budget,
+    # so class 64 (a 4,096-entry projection, over a 10% budget of 3,328) must be left out.
+    spiked = {n: x.clone() for n, x in scores.items()}
+    spiked["embeddings.f9"][:3] += 10.0
+    r2 = pme.search.SearchResult({}, spiked, 0, 0, dense, None, 0.0, "magnitude")
+    assert int(r2.for_budget(0.1, quantum=1, min_size=1).sizes["embeddings.f9"][:3].min()) == 64
+    s = grouped_sizes(r2, 0.1)
+    assert s is not None and int(s["embeddings.f9"][:3].max()) < 64
+    assert sum(int(x.sum()) for x in s.values()) + projection_entries(s, {n: 64 for n in s}) <= 0.1 * dense
 
 
 def test_data_reexports_the_one_batch_mover():
