@@ -121,6 +121,16 @@ def _bench(args):
 RULES = ("magnitude", "movement", "taylor", "saliency", "snip", "grad")  # pme.search.RULES, without importing torch
 
 
+def _add_shrink(q):
+    q.add_argument(
+        "--shrink",
+        type=float,
+        default=1.0,
+        help="shrink rows toward their table's average by their tokens' training counts: a row seen n times keeps "
+        "the weight n / (n + SHRINK * D) on its own scores (default 1.0; 0 turns it off)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pme",
@@ -178,13 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.08,
         help="pme_cheap's warm-up as a share of one training run (default 0.08)",
     )
-    q.add_argument(
-        "--shrink",
-        type=float,
-        default=1.0,
-        help="shrink rows toward their table's average by their tokens' training counts: a row seen n times keeps "
-        "the weight n / (n + SHRINK * D) on its own scores (default 1.0; 0 turns it off)",
-    )
+    _add_shrink(q)
     q.add_argument("--search-batches", type=int, default=4, help="scoring mini-batches of taylor/snip/grad (default 4)")
     q.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     q.add_argument("--fast", action="store_true", help="one budget, one epoch, two methods (a smoke test)")
@@ -203,13 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Adam steps on the copy before scoring (default: one epoch; scores need a trained model)",
     )
-    q.add_argument(
-        "--shrink",
-        type=float,
-        default=1.0,
-        help="shrink rows toward their table's average by their tokens' training counts: a row seen n times keeps "
-        "the weight n / (n + SHRINK * D) on its own scores (default 1.0; 0 turns it off)",
-    )
+    _add_shrink(q)
     q.add_argument("--per-table", action="store_true", help="apply the budget to each table")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", default=None, help="JSON file for the sizes")

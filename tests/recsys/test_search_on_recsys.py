@@ -137,6 +137,27 @@ def test_demo_fast_run(tmp_path):
     assert (tmp_path / "auc_vs_params.png").stat().st_size > 1000
 
 
+def test_cli_search_writes_sizes_with_and_without_the_shrinkage(tmp_path):
+    """`pme search` on MovieLens-100K: the sizes JSON meets the budget; --shrink 0 (raw scores)
+    and the default (shrunk by token counts) give different sizes from the same warmed-up model."""
+    import json
+
+    from pme.cli import main
+
+    if not _have_movielens():
+        pytest.skip("MovieLens-100K not installed")
+    out = {}
+    for k in ("0", "1"):
+        f = tmp_path / f"sizes_{k}.json"
+        assert (
+            main(["search", "--budget", "0.2", "--dim", "8", "--warmup-steps", "3", "--shrink", k, "--out", str(f)])
+            == 0
+        )
+        out[k] = json.loads(f.read_text())
+        assert out[k]["kept"] <= int(0.2 * out[k]["dense"]) and out[k]["kept"] > 0.19 * out[k]["dense"]
+    assert out["0"]["sizes"] != out["1"]["sizes"]
+
+
 def test_search_callable_after_submodule_imports():
     """``from pme.search import ...`` and ``import pme.recsys.experiment`` used to leave the module
     (not callable) as ``pme.search``; a fresh interpreter imports them in the bad order and calls
