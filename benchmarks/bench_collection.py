@@ -303,32 +303,26 @@ def run_single(args, results):
         results.append(row)
 
 
+# Each ratio: its label, the other method's timing key, pme's timing key (> 1: pme faster).
+RATIOS = (
+    ("forward: fbgemm_tbe / pme_collection", "forward/fbgemm_tbe", "forward/pme_collection"),
+    ("forward: torchrec_ebc / pme_collection", "forward/torchrec_ebc", "forward/pme_collection"),
+    ("forward: pme_per_table / pme_collection", "forward/pme_per_table", "forward/pme_collection"),
+    ("step: fbgemm_tbe_fused / pme_collection_fused", "step/fbgemm_tbe_fused", "step/pme_collection_fused"),
+    ("forward: nn_embedding_bag / pme", "forward/single_nn_embedding_bag", "forward/single_pme"),
+)
+
+
 def ratios(row):
+    """The ratios of ``RATIOS`` whose methods ``row`` timed."""
     ms = row["ms"]
-    out = {}
-    if "forward/pme_collection" in ms:
-        p = ms["forward/pme_collection"]
-        for k in ("fbgemm_tbe", "torchrec_ebc", "pme_per_table"):
-            out[f"forward: {k} / pme_collection"] = ms[f"forward/{k}"] / p
-        out["step: fbgemm_tbe_fused / pme_collection_fused"] = (
-            ms["step/fbgemm_tbe_fused"] / ms["step/pme_collection_fused"]
-        )
-    if "forward/single_pme" in ms:
-        out["forward: nn_embedding_bag / pme"] = ms["forward/single_nn_embedding_bag"] / ms["forward/single_pme"]
-    return out
+    return {k: ms[a] / ms[b] for k, a, b in RATIOS if a in ms and b in ms}
 
 
 def round_wins(row):
     """Per ratio of ``ratios``: in how many rounds pme was the faster (the rounds are paired)."""
     rd = row.get("rounds", {})
-    pairs = {
-        "forward: fbgemm_tbe / pme_collection": ("forward/fbgemm_tbe", "forward/pme_collection"),
-        "forward: torchrec_ebc / pme_collection": ("forward/torchrec_ebc", "forward/pme_collection"),
-        "forward: pme_per_table / pme_collection": ("forward/pme_per_table", "forward/pme_collection"),
-        "step: fbgemm_tbe_fused / pme_collection_fused": ("step/fbgemm_tbe_fused", "step/pme_collection_fused"),
-        "forward: nn_embedding_bag / pme": ("forward/single_nn_embedding_bag", "forward/single_pme"),
-    }
-    return {k: sum(o > p for o, p in zip(rd[a], rd[b])) for k, (a, b) in pairs.items() if a in rd and b in rd}
+    return {k: sum(o > p for o, p in zip(rd[a], rd[b])) for k, a, b in RATIOS if a in rd and b in rd}
 
 
 def plot(path, results):

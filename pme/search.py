@@ -739,7 +739,7 @@ def grouped_sizes(result: SearchResult, budget: float, quantum: int = 4):
     width 64, 10% of the entries keeps classes up to 8, where all classes (4 to 64) would cost more
     projection entries (7,936) than the whole budget (3,328)."""
     dims = {n: int(s.shape[1]) for n, s in result.scores.items()}
-    q = quantum if budget * min(dims.values()) >= 2 * quantum else 1
+    q, _ = default_granularity(budget, min(dims.values()), quantum)
     caps = sorted({c for D in set(dims.values()) for c in grouped_classes(D, q)}, reverse=True)
     for cap in caps:
         sizes = _grouped_fit(result, budget, q, cap, dims)

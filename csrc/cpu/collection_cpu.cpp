@@ -272,7 +272,8 @@ Tensor collection_forward(Tensor weight, Tensor offsets, Tensor table_rows, Tens
       const T* psw = per_sample_weights ? per_sample_weights->const_data_ptr<T>() : nullptr;
       const int64_t W = max_width(v.feat, v.F);
       const CpuKernel kernel = cpu_kernel();  // getenv once per call, not per chunk
-      const bool stream = a.batch * out_width * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
+      const bool stream =
+          std::is_same_v<T, float> && a.batch * out_width * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
       torch::stable::parallel_for(0, v.F * v.B, kRun, [&](int64_t p0, int64_t p1) {
         std::vector<T> tmp(kRun * W);
         forward_range<T, I>(kernel, v, w, psw, p0, p1, o, tmp.data(), stream, bad);
