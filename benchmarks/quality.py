@@ -82,6 +82,9 @@ def reuse_rows(rows, name, args):
     this run's rows win where both have a (seed, budget, method). Stops if a seed's full-size AUC differs."""
     with open(os.path.join(args.reuse, f"results_partial_{name}.json")) as f:
         old = json.load(f)["rows"]
+    bad = [x for x in args.rename if "=" not in x]
+    if bad:
+        raise SystemExit(f"--rename takes OLD=NEW (OLD= drops a method), got {bad}")
     rename = dict(x.split("=", 1) for x in args.rename)
     mine = {(r["seed"], r["budget"], r["method"]) for r in rows}
     full = {r["seed"]: r["auc"] for r in rows if r["method"] == "full"}
