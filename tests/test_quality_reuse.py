@@ -36,7 +36,9 @@ def test_reuse_merges_renames_drops_and_checks_the_full_runs(tmp_path):
     args = SimpleNamespace(
         reuse=str(tmp_path), rename=["pme=pme_raw", "pme_rewound="], methods=["pme", "pme_rewound", "pme_grouped"]
     )
-    got = {(r["budget"], r["method"]): r["auc"] for r in q.reuse_rows(new, "adult", args)}
+    merged = q.reuse_rows(new, "adult", args)
+    assert len(merged) == 5  # one row per (seed, budget, method): the old full-size row not twice
+    got = {(r["budget"], r["method"]): r["auc"] for r in merged}
     assert got == {
         (1.0, "full"): 0.80,
         (0.2, "pme"): 0.75,
