@@ -25,6 +25,17 @@ VARIANTS = {
     "taylor_field": {"mode": "trained", "rule": "taylor", "normalize": "field"},
     "cheap_mag_field": {"mode": "warmup", "rule": "magnitude", "normalize": "field", "warmup_epochs": 0.2},
     "cheap_move_field": {"mode": "warmup", "rule": "movement", "normalize": "field", "warmup_epochs": 0.2},
+    # the cheap mode's default (8% of the run's steps) and the rules tried against it after the study
+    "cheap_mag": {"mode": "warmup", "rule": "magnitude", "normalize": "none", "warmup_share": 0.08},
+    "cheap_move": {"mode": "warmup", "rule": "movement", "normalize": "none", "warmup_share": 0.08},
+    "cheap_taylor": {"mode": "warmup", "rule": "taylor", "normalize": "none", "warmup_share": 0.08, "num_batches": 8},
+    "cheap_mag_shrink": {
+        "mode": "warmup",
+        "rule": "magnitude",
+        "normalize": "none",
+        "warmup_share": 0.08,
+        "shrink": 1.0,
+    },
 }
 
 
@@ -51,11 +62,11 @@ def main():
             seeds=(seed,),
             progress=False,
             variants=variants,
-            methods=tuple(variants) + ("uniform", "popularity"),
+            methods=tuple(variants) + ("uniform", "popularity", "random"),
         )
         rows += run_experiment(cfg, tr, va, te, log=lambda m: print(f"{time.time() - t0:.0f}s {m}", flush=True))
     out = {"rows": [{k: v for k, v in r.items() if k != "sizes"} for r in rows]}
-    out["paired"] = {v: paired_differences(rows, v, ("uniform", "popularity", "full")) for v in variants}
+    out["paired"] = {v: paired_differences(rows, v, ("uniform", "popularity", "random", "full")) for v in variants}
     os.makedirs("benchmarks/results/quality", exist_ok=True)
     with open(f"benchmarks/results/quality/pilot_{a.data}{a.tag}.json", "w") as f:
         json.dump(out, f, indent=1)

@@ -10,13 +10,17 @@ field's share is spread over its tokens:
 - ``pmefield_pop``: each field's total from PME, spread by MDE's count^0.3 inside the field;
 - ``pme_pertable``: every field gets the budget's share, spread by PME's scores inside it;
 - ``shrink<k>``: PME's scores shrunk by token counts (``pme.search.shrink_scores``, strength k);
+- ``bins<k>`` (``--bins``): the same shrinkage, but toward the mean profile of the rows seen about as
+  often (count bins ``floor(log2(n + 1))`` of the table, backed off to the table's mean by 10 rows'
+  weight) instead of the whole table's: tried after the study, not adopted (benchmarks/README.md);
 - ``uniform``, ``popularity``: the baselines.
 
 Prints one line per run (AUC and its difference to full size) and writes
 ``<out>/pilot_within_field_<data>_<seed>.json``.
 
 Run: python benchmarks/pilot_within_field.py movielens 100 [--budgets 0.2 0.05] [--shrink 0.25 1 4]
-     [--parts] (--parts adds the field/within-field variants)
+     [--parts] [--bins 1 4] (--parts adds the field/within-field variants, --bins the count-bin
+     shrinkage at the given strengths)
 """
 
 import argparse
@@ -43,6 +47,27 @@ def spread(totals: dict, shapes: dict, counts=None) -> dict:
     return out
 
 
+def shrink_to_bins(scores: dict, counts: dict, strength: float, backoff: float = 10.0) -> dict:
+    """``shrink_scores`` with each row pulled toward the mean sorted profile of its count bin
+    (``floor(log2(n + 1))``; a bin of ``m`` rows gets ``m / (m + backoff)`` of its own mean and the
+    rest from the whole table's), so that rare rows borrow from rows about as rare."""
+    out = {}
+    for name, sc in scores.items():
+        V, D = sc.shape
+        n = torch.as_tensor(counts[name]).reshape(-1).double()
+        srt, order = torch.sort(sc.double(), dim=1, descending=True, stable=True)
+        b = torch.floor(torch.log2(n + 1)).long()
+        nb = int(b.max()) + 1
+        sums = torch.zeros(nb, D, dtype=torch.float64).index_add_(0, b, srt)
+        m = torch.bincount(b, minlength=nb).double().unsqueeze(1)
+        profile = (sums + backoff * srt.mean(0)) / (m + backoff)
+        rank = torch.empty_like(order)
+        rank.scatter_(1, order, torch.arange(D).expand(V, D).contiguous())
+        lam = (n / (n + strength * D)).unsqueeze(1)
+        out[name] = (lam * sc.double() + (1 - lam) * profile[b].gather(1, rank)).float()
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", choices=["movielens", "adult"])
@@ -50,6 +75,7 @@ def main():
     p.add_argument("--budgets", type=float, nargs="+", default=[0.2, 0.05])
     p.add_argument("--shrink", type=float, nargs="*", default=[0.25, 1.0, 4.0], help="strengths k to try")
     p.add_argument("--parts", action="store_true", help="add pmefield_even, pmefield_pop, pme_pertable")
+    p.add_argument("--bins", type=float, nargs="*", default=[], help="strengths k of the count-bin shrinkage to try")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "quality"))
     a = p.parse_args()
     torch.set_num_threads(1)
@@ -62,7 +88,8 @@ def main():
     found, _ = run_search(cfg, DEFAULT_VARIANTS["pme_raw"], full, train, val, a.seed)
     counts = token_counts(full, train)
     shapes = {n: tuple(s.shape) for n, s in found.scores.items()}
-    shrunk = {k: shrink_scores(found.scores, counts, k) for k in a.shrink}
+    shrunk = {f"shrink{k:g}": shrink_scores(found.scores, counts, k) for k in a.shrink}
+    shrunk.update({f"bins{k:g}": shrink_to_bins(found.scores, counts, k) for k in a.bins})
     for b in a.budgets:
         sizes = {"pme": sizes_at_budget("pme", b, result=found)}
         if a.parts:
@@ -72,7 +99,7 @@ def main():
             sizes["pme_pertable"] = found.for_budget(b, per_table=True, quantum=1, min_size=1).sizes
         for k, sc in shrunk.items():
             r = type(found)({}, sc, 0, 0, found.dense_entries, 0.0, 0.0, found.rule)
-            sizes[f"shrink{k:g}"] = sizes_at_budget("pme", b, result=r)
+            sizes[k] = sizes_at_budget("pme", b, result=r)
         sizes["uniform"] = sizes_at_budget("uniform", b, model=full)
         sizes["popularity"] = sizes_at_budget("popularity", b, model=full, data=train)
         for m, sz in sizes.items():
@@ -85,7 +112,8 @@ def main():
                 f"{a.data} {a.seed} {b} {m} {r['auc']:.4f} {r['auc'] - res['auc']:+.4f}  mean sizes {mean}", flush=True
             )
     os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, f"pilot_within_field_{a.data}_{a.seed}.json"), "w") as f:
+    tag = "_bins" if a.bins else ""
+    with open(os.path.join(a.out, f"pilot_within_field_{a.data}_{a.seed}{tag}.json"), "w") as f:
         json.dump(out, f, indent=1)
 
 
