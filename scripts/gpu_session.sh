@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# The GPU checks of issues 3, 4 and 6, in stages that each fit one call of the GPU machine
-# (at most 10 minutes each, about 30 minutes in all). See --help.
+# The GPU checks of issues 3, 4 and 6 (issue 10), in stages; the most important ones fit one call
+# of the GPU machine of about 8 minutes (a task is lent 15 minutes of device time in all, the
+# machine's start included). See --help.
 set -uo pipefail
 
 usage() {
   cat <<'EOF'
-Usage: scripts/gpu_session.sh STAGE [STAGE...]
+Usage: scripts/gpu_session.sh [--within SECONDS] STAGE [STAGE...]
+
+--within SECONDS: a deadline for the whole call. Each stage's long command runs under `timeout`
+with the smaller of its own cap and the time left, and a stage that finds under 10 s left is
+skipped (reported as rc=124), so a call always ends in time to bring its logs back.
 
 Here (no GPU):
   prep       download the test/benchmark dependencies for the GPU machine's Python (3.12) into
@@ -14,14 +19,20 @@ Here (no GPU):
 
 On the GPU machine (torch 2.11.0+cu130, Python 3.12, no network), in this order:
   deps       install wheelhouse/gpu-deps into a --target folder (nothing of the system is changed)
-  wheel      issue 6: install the carried +cu130 wheel (built against torch 2.14.1) and run the whole
-             test suite against the installed copy under the machine's torch (PME_REQUIRE_CUDA=1);
-             the installed copy then serves the later stages
+  wheel      issue 6: install the carried +cu130 wheel (built against torch 2.14.1), show `pme info`
+             and run the CUDA variants of the test suite (pytest -k cuda) against the installed copy
+             under the machine's torch (PME_REQUIRE_CUDA=1; cap 240 s); the installed copy then
+             serves the later stages
+  suite      the rest of the test suite (pytest -k "not cuda") against the installed copy: with
+             `wheel`, the whole suite
   build      build pme._C in place from this tree (sm_90 only, all cores) and use it for the later
              stages (instead of, or after, `wheel` when the kernels changed)
   selfcheck  scripts/selfcheck_cuda.py --quick (every CUDA operator against the CPU one)
   tests      the test suite from this tree with PME_REQUIRE_CUDA=1 (needs `build`)
-  sanitize   compute-sanitizer memcheck and racecheck over a small selfcheck
+  sanitize   compute-sanitizer memcheck and racecheck over a small selfcheck (cap 100 s each)
+  bench1     benchmarks/bench_lookup.py on the headline configuration only (10M x 128, 16384 x 32,
+             Zipf): pme, nn.EmbeddingBag dense / per size, the fused row-wise Adagrad step against
+             sparse nn.EmbeddingBag + Adagrad, and the copy bandwidth (cap 150 s)
   bench      benchmarks/bench_lookup.py --configs gpu (PME_CUDA_VALIDATE=0): every method, the
              issue's five configurations; JSON + PNG into benchmarks/results/ and $OUT/results
   graph      the same for the headline, bf16 and latency configurations, forward timed as CUDA-graph
@@ -29,11 +40,13 @@ On the GPU machine (torch 2.11.0+cu130, Python 3.12, no network), in this order:
   profile    Nsight Compute (ncu.txt) on pme's forward, forward + backward and fused row-wise Adagrad
              step of the headline configuration
 
-Typical session (carry "wheelhouse"; each call writes <stage>.log under $OUT and summary.txt):
-  bash scripts/gpu_session.sh deps wheel selfcheck     # issue 6 proof + the CUDA tests (installed copy)
-  bash scripts/gpu_session.sh bench                    # issues 3 and 4 figures
-  bash scripts/gpu_session.sh graph profile sanitize
-After a kernel fix: `build tests` instead of `wheel`.
+One call, most important first (carry "wheelhouse"; logs as they go: <stage>.log under $OUT, and
+summary.txt; run with the device's timeout_s at about 540):
+  bash scripts/gpu_session.sh --within 480 deps wheel bench1 sanitize suite
+    wheel: issue 6's proof and every CUDA kernel against the oracle; bench1: the figures of the
+    issue 3 and 4 targets; sanitize: memcheck and racecheck; suite: the CPU rest of the suite.
+Later calls, if time is left: `--within 480 bench graph`, `--within 480 profile`. After a kernel
+fix: `build tests` instead of `wheel suite`.
 A failing stage is reported and the next one still runs; the exit status is that of the
 first failure. State kept between calls on a warm machine: $PME_GPU_STATE (default /tmp/pme-gpu).
 Env: PYTHON (default python3), OUT (default out/gpu), PME_GPU_PYVER (prep: the GPU machine's
@@ -44,6 +57,12 @@ EOF
 
 [ $# -ge 1 ] || { usage >&2; exit 2; }
 case "$1" in -h|--help) usage; exit 0 ;; esac
+DEADLINE=0
+if [ "$1" = --within ]; then
+  [[ "${2:-}" =~ ^[0-9]+$ ]] || { echo "--within takes a number of seconds, got '${2:-}'" >&2; exit 2; }
+  DEADLINE=$(( $(date +%s) + $2 )); shift 2
+fi
+[ $# -ge 1 ] || { usage >&2; exit 2; }
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -56,6 +75,15 @@ DEPS="$STATE/deps"
 live_path() { cat "$STATE/live" 2>/dev/null || echo "$ROOT"; }
 use_pme() { export PYTHONPATH="$(live_path):$DEPS${PYTHONPATH:+:$PYTHONPATH}"; }
 say() { echo "[gpu_session $(date +%H:%M:%S)] $*"; }
+left() { if [ "$DEADLINE" -gt 0 ]; then echo $(( DEADLINE - $(date +%s) )); else echo 1000000; fi; }
+# capped CAP CMD...: CMD under timeout, at most CAP seconds and never past the deadline
+capped() {
+  local cap=$1 l; shift
+  l=$(left)
+  [ "$l" -lt "$cap" ] && cap=$l
+  if [ "$cap" -lt 10 ]; then say "no time left for: $*"; return 124; fi
+  timeout "$cap" "$@"
+}
 
 stage_prep() {
   local VPY="$ROOT/.venv/bin/python"
@@ -87,10 +115,20 @@ stage_wheel() {
   [ -n "$whl" ] || { say "no +cu13x wheel in wheelhouse/ (run the prep stage here and carry wheelhouse)"; return 1; }
   rm -rf "$STATE/wheel"
   PME_FIND_LINKS="$ROOT/wheelhouse/gpu-deps" PME_CHECK_DIR="$STATE/wheel" PYTHON="$PY" \
-    bash scripts/check_wheel.sh "$whl" system -- -q -p no:logging --junitxml="$OUT/wheel-junit.xml"
+    capped 240 bash scripts/check_wheel.sh "$whl" system -- -q -p no:logging -k cuda --junitxml="$OUT/wheel-junit.xml"
   local rc=$?
   [ -d "$STATE/wheel/site/pme" ] && echo "$STATE/wheel/site" > "$STATE/live"
   return $rc
+}
+
+stage_suite() {  # the tests `wheel` left out, in the folder check_wheel.sh copied them to
+  [ -d "$STATE/wheel/run/tests" ] || { say "suite: run the wheel stage first"; return 1; }
+  (
+    cd "$STATE/wheel/run" || exit 1
+    export PYTHONPATH="$STATE/wheel/site:$DEPS" PME_CHECK_INSTALL="$STATE/wheel/site"
+    PME_REQUIRE_COMPILED=1 PME_REQUIRE_CUDA=1 capped 100000 "$PY" -m pytest -q -p no:logging -k "not cuda" \
+      --junitxml="$OUT/suite-junit.xml"
+  )
 }
 
 stage_build() {
@@ -107,13 +145,13 @@ pme_info() {
 
 stage_selfcheck() {
   use_pme
-  pme_info && "$PY" scripts/selfcheck_cuda.py --quick
+  pme_info && capped 200 "$PY" scripts/selfcheck_cuda.py --quick
 }
 
 stage_tests() {
   [ "$(live_path)" = "$ROOT" ] || { say "tests: this tree is not built (run the build stage)"; return 1; }
   use_pme
-  PME_REQUIRE_COMPILED=1 PME_REQUIRE_CUDA=1 "$PY" -m pytest -q -p no:logging --junitxml="$OUT/tests-junit.xml"
+  PME_REQUIRE_COMPILED=1 PME_REQUIRE_CUDA=1 capped 100000 "$PY" -m pytest -q -p no:logging --junitxml="$OUT/tests-junit.xml"
 }
 
 stage_sanitize() {
@@ -124,7 +162,7 @@ stage_sanitize() {
   local rc=0
   for tool in memcheck racecheck; do
     say "compute-sanitizer --tool $tool"
-    timeout "${PME_SANITIZE_TIMEOUT:-280}" "$cs" --tool "$tool" --error-exitcode 9 --target-processes all \
+    capped "${PME_SANITIZE_TIMEOUT:-100}" "$cs" --tool "$tool" --error-exitcode 9 --target-processes all \
       "$PY" scripts/selfcheck_cuda.py --quick || rc=1
   done
   return $rc
@@ -134,16 +172,21 @@ bench_run() {  # bench_lookup.py with the sync-free kernels; copies the new resu
   use_pme
   mkdir -p "$OUT/results"
   touch "$STATE/bench.marker"
-  # inside one 10-minute call: stop in time to copy what was measured (the JSON is saved per config)
-  PME_CUDA_VALIDATE=0 timeout "${PME_BENCH_TIMEOUT:-540}" "$PY" benchmarks/bench_lookup.py "$@"
+  # stop in time to copy what was measured (the JSON is saved per config)
+  PME_CUDA_VALIDATE=0 capped "${BENCH_CAP:-540}" "$PY" benchmarks/bench_lookup.py "$@"
   local rc=$?
-  [ $rc -eq 124 ] && say "bench_lookup stopped after ${PME_BENCH_TIMEOUT:-540} s; the JSON holds the configs done"
+  [ $rc -eq 124 ] && say "bench_lookup stopped at its cap or the deadline; the JSON holds the configs done"
   find benchmarks/results -maxdepth 1 -type f -newer "$STATE/bench.marker" -exec cp {} "$OUT/results/" \;
   return $rc
 }
 
 stage_bench() {
   bench_run --configs gpu --max-seconds 2
+}
+
+stage_bench1() {
+  BENCH_CAP=150 bench_run --configs machines_zipf --max-seconds 1 \
+    --methods pme,eb_dense,per_size,pme_fused_rowwise_adagrad,eb_sparse_adagrad
 }
 
 stage_graph() {
@@ -187,7 +230,7 @@ run()
 torch.cuda.synchronize()
 torch.cuda.cudart().cudaProfilerStop()
 PY
-  PME_CUDA_VALIDATE=0 "$ncu" --profile-from-start off --target-processes all \
+  PME_CUDA_VALIDATE=0 capped 400 "$ncu" --profile-from-start off --target-processes all \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
     --section WarpStateStats "$PY" "$STATE/profile_driver.py" > "$OUT/ncu.txt" 2>&1
   local rc=$?
@@ -199,7 +242,7 @@ PY
 FIRST_FAIL=0
 SUMMARY=()
 for st in "$@"; do
-  case "$st" in prep|deps|wheel|build|selfcheck|tests|sanitize|bench|graph|profile) ;; *)
+  case "$st" in prep|deps|wheel|suite|build|selfcheck|tests|sanitize|bench1|bench|graph|profile) ;; *)
     echo "unknown stage: $st" >&2; usage >&2; exit 2 ;; esac
   say "stage $st: start (log: $OUT/$st.log)"
   t0=$(date +%s)
