@@ -917,6 +917,16 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def pick_device(name: str | None) -> torch.device:
+    """The device to run on: ``name`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``), by default CUDA where it
+    is available; ``"cuda"`` without an index means the current CUDA device (``torch.cuda.set_device``
+    refuses a device without an index)."""
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.replot:
@@ -933,7 +943,7 @@ def main(argv=None):
     warnings.filterwarnings("ignore", message="Sparse invariant checks")  # torch's sparse optimizers, each step
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     cuda = device.type == "cuda"

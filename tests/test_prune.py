@@ -183,3 +183,19 @@ def test_search_float64_tables_and_custom_loss():
     assert torch.equal(r32.sizes["table"], r64.sizes["table"])
     with pytest.raises(TypeError, match="loss_fn"):
         search(n32, batches, budget=0.5, rule="taylor", progress=False)
+
+
+def test_bench_takes_cuda_without_an_index(monkeypatch):
+    """`pme bench --device cuda` (and the default on a GPU machine) names the current CUDA device:
+    torch.cuda.set_device refuses torch.device("cuda"), which once stopped the GPU benchmark."""
+    import pme.bench
+    from torch.cuda._utils import _get_device_index
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    dev = pme.bench.pick_device("cuda")
+    assert dev == torch.device("cuda", 3)
+    assert _get_device_index(dev) == 3  # what set_device does with its argument
+    assert pme.bench.pick_device("cuda:1") == torch.device("cuda", 1)
+    assert pme.bench.pick_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pme.bench.pick_device(None) == torch.device("cpu")
