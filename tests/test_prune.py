@@ -188,8 +188,9 @@ def test_search_float64_tables_and_custom_loss():
 def test_bench_takes_cuda_without_an_index(monkeypatch):
     """`pme bench --device cuda` (and the default on a GPU machine) names the current CUDA device:
     torch.cuda.set_device refuses torch.device("cuda"), which once stopped the GPU benchmark."""
-    import pme.bench
     from torch.cuda._utils import _get_device_index
+
+    import pme.bench
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     dev = pme.bench.pick_device("cuda")
