@@ -315,7 +315,7 @@ def collection_lookup(weight, offsets, batch: Batch, *, out_width: int, _width=N
     if ops._compiled(weight):
         return _collection_call(
             lambda checked: ops.forward_call(
-                torch.ops.pme.collection_forward,
+                torch.ops.pme.collection_forward.default,
                 (weight, batch.per_sample_weights),
                 weight,
                 offsets,

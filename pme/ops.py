@@ -228,7 +228,9 @@ def forward_call(op, graded, *args, **kwargs):
     """``op(*args, **kwargs)`` for a forward operator whose autograd is registered here. When no
     gradient is wanted (grad mode off, or none of the ``graded`` tensors requires one) the call goes
     straight to the kernel, past torch.library's Python autograd wrapper (about 100 us of a small
-    call, benchmarks/bench_overhead.py). Under torch.compile dynamo traces the plain call."""
+    call, benchmarks/bench_overhead.py). Under torch.compile dynamo traces the plain call. The hot
+    paths pass the resolved overload (``torch.ops.pme.<op>.default``) and positional arguments: the
+    overload packet's resolution of keyword arguments cost about 6 us of a 60 us call."""
     wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in graded)
     if wants_grad or torch.compiler.is_compiling():
         return op(*args, **kwargs)
@@ -240,9 +242,9 @@ def _compiled(t: torch.Tensor) -> bool:
     """Whether the compiled kernels serve tensors on ``t``'s device."""
     if BUILD_INFO is None:
         return False
-    if t.device.type == "cpu":
+    if t.is_cpu:
         return True
-    if t.device.type == "cuda":
+    if t.is_cuda:
         if BUILD_INFO.get("cuda", "none") == "none":
             raise RuntimeError(
                 "pme: this build of pme has no CUDA kernels (a CPU-only build) but got CUDA "
@@ -311,12 +313,12 @@ class _Bags(NamedTuple):
     def lookup(self, weight, table_checked=True):
         """``pme::bag_forward``: ``(out [B, width], argmax)``."""
         graded = (weight, self.per_sample_weights)
-        return forward_call(torch.ops.pme.bag_forward, graded, weight, *self, table_checked=table_checked)
+        return forward_call(torch.ops.pme.bag_forward.default, graded, weight, *self, table_checked)
 
     def embedding(self, weight, table_checked=True):
         """``pme::embedding_forward`` of the indices (the bags and their weights unused): ``[N, width]``."""
         args = (weight, self.offsets, self.indices, self.col_of_size, self.width, self.padding_idx, table_checked)
-        return forward_call(torch.ops.pme.embedding_forward, (weight,), *args)
+        return forward_call(torch.ops.pme.embedding_forward.default, (weight,), *args)
 
     def row_args(self, argmax):
         """The arguments every backward-side operator (``bag_backward``, ``bag_backward_sparse``,
