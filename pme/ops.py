@@ -504,6 +504,20 @@ def _linear_lookup(t, bags: _Bags, argmax):
     return torch.where(hit, t[entry.masked_fill(~hit, 0)], t.new_zeros(()))
 
 
+def _eager_grad(*tensors) -> bool:
+    """Whether an eager call (not traced by torch.compile) wants a gradient of one of ``tensors``
+    (None allowed). Such calls take the lookups' own autograd.Functions (``_BagLookup``,
+    ``_EmbeddingLookup``) instead of the operators' registered autograd: torch.library's wrapper
+    fills the schema's defaults in Python on every call, about 100 us of a small call
+    (benchmarks/bench_overhead.py); a Function in the ``forward(ctx, ...)`` form costs a fraction of
+    that (:class:`_BagLookupEager`). Traced calls keep the
+    registered autograd (the operator-level formula torch.compile and opcheck see); both run the
+    same backward operators."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    return any(t is not None and t.requires_grad for t in tensors)
+
+
 def _forward_ad_active() -> bool:
     """Whether a forward-mode AD level (torch.autograd.forward_ad or a torch.func transform) is open."""
     if torch.compiler.is_compiling():
@@ -512,8 +526,8 @@ def _forward_ad_active() -> bool:
 
 
 class _BagLookup(torch.autograd.Function):
-    """The pooled lookup with a forward-mode derivative (used while forward AD is active), called
-    as ``apply(weight, *bags)``.
+    """The pooled lookup with a forward-mode derivative, called as ``apply(weight, *bags)``: used
+    while forward AD is active and by eager calls that want a gradient (:func:`_eager_grad`).
 
     The lookup is linear in the weight: its tangent is the lookup of the weight's tangent (max:
     gathered through the argmax), plus, for per_sample_weights, the lookup weighted by theirs.
@@ -544,6 +558,22 @@ class _BagLookup(torch.autograd.Function):
             extra = bags.weighted(psw_t).lookup(weight)[0]
             out_t = extra if out_t is None else out_t + extra
         return out_t, None
+
+
+class _BagLookupEager(torch.autograd.Function):
+    """:class:`_BagLookup` for eager calls that want a gradient (:func:`_eager_grad`), written with
+    ``forward(ctx, ...)``: ``Function.apply`` binds a separate ``setup_context``'s default arguments
+    through ``inspect.signature`` on every call (about 40 us), this form skips that. No forward-mode
+    derivative and no functorch transforms (those take :class:`_BagLookup`)."""
+
+    @staticmethod
+    def forward(ctx, weight, *args):
+        out = _BagLookup.forward(weight, *args)
+        _bag_setup(ctx, (weight, *args), out)
+        ctx.mark_non_differentiable(out[1])
+        return out
+
+    backward = _BagLookup.backward
 
 
 # --------------------------------------------------------------------------------------------
@@ -816,7 +846,9 @@ def embedding_bag(
         return _SparseGradLookup.apply(weight, *bags, pad, bool(sparse), bool(scale_grad_by_freq))
     if _compiled(weight):
         if _forward_ad_active():
-            return _BagLookup.apply(weight, *bags)[0]
+            return _torch_error_types(_BagLookup.apply, weight, *bags)[0]
+        if _eager_grad(weight, psw):
+            return _torch_error_types(_BagLookupEager.apply, weight, *bags)[0]
         return bags.memo_call(weight, lambda checked: _torch_error_types(bags.lookup, weight, checked))[0]
     return _reference_bag(weight, bags)
 
@@ -876,8 +908,9 @@ def embedding(
         out = _SparseGradLookup.apply(weight, *bags, pad, bool(sparse), bool(scale_grad_by_freq))
         return out.reshape(*input.shape, width)
     if _compiled(weight):
-        if _forward_ad_active():
-            out = _torch_error_types(_EmbeddingLookup.apply, weight, offsets, flat, col_of_size, int(width), pad)
+        if _forward_ad_active() or _eager_grad(weight):
+            fn = _EmbeddingLookup if _forward_ad_active() else _EmbeddingLookupEager
+            out = _torch_error_types(fn.apply, weight, offsets, flat, col_of_size, int(width), pad)
         else:
             out = bags.memo_call(weight, lambda checked: _torch_error_types(bags.embedding, weight, checked))
         return out.reshape(*input.shape, width)
@@ -1231,14 +1264,17 @@ def _psw_grad(module, grad_out, indices, bag_offsets, pad):
 
 
 class _EmbeddingLookup(torch.autograd.Function):
-    """Non-pooled lookup with a forward-mode derivative (used while forward AD is active): the
+    """Non-pooled lookup with a forward-mode derivative (used while forward AD is active, and by
+    eager calls that want a gradient, :func:`_eager_grad`): the
     tangent is the lookup of the weight's tangent (the padding row included, as ``F.embedding``'s).
     The backward is the operator's own (twice differentiable)."""
 
     @staticmethod
     def forward(weight, offsets, indices, col_of_size, width, pad):
         return _table_call(
-            lambda checked: torch.ops.pme.embedding_forward(weight, offsets, indices, col_of_size, width, pad, checked),
+            lambda checked: torch.ops.pme.embedding_forward.default(
+                weight, offsets, indices, col_of_size, width, pad, checked
+            ),
             weight,
             offsets,
             col_of_size,
@@ -1261,6 +1297,19 @@ class _EmbeddingLookup(torch.autograd.Function):
         return torch.ops.pme.embedding_forward(
             w_t.contiguous(), offsets, indices, col_of_size, ctx.width, ctx.padding_idx, table_checked=True
         )
+
+
+class _EmbeddingLookupEager(torch.autograd.Function):
+    """:class:`_EmbeddingLookup` for eager calls that want a gradient, in the ``forward(ctx, ...)``
+    form (see :class:`_BagLookupEager`)."""
+
+    @staticmethod
+    def forward(ctx, weight, *args):
+        out = _EmbeddingLookup.forward(weight, *args)
+        _emb_setup(ctx, (weight, *args), out)
+        return out
+
+    backward = _EmbeddingLookup.backward
 
 
 def _check_reference_lookup(weight, bags: _Bags):

@@ -522,6 +522,36 @@ def test_bag_double_backward_with_per_sample_weights():
     torch.testing.assert_close(tangent, f(tw, psw.detach()) + f(w.detach(), tp))  # bilinear
 
 
+@pytest.mark.parametrize("layout", ["padded", "grouped"])
+def test_eager_lookups_with_grad_take_the_light_autograd_function(layout):
+    """Eager calls that want a gradient go through _BagLookupEager / _EmbeddingLookupEager, not
+    torch.library's autograd wrapper (about 100 us a call, benchmarks/bench_overhead.py), and their
+    gradients equal those of the operator's registered formula, bit for bit."""
+    w, off, col, width, _ = make_table(12, 6, torch.float64, layout=layout, seed=5)
+    idx, bo = random_bags(12, 5, 5, torch.Generator().manual_seed(3), padding_idx=2)
+    psw = torch.rand(idx.numel(), dtype=torch.float64, requires_grad=True)
+    w = w.requires_grad_()
+    out = ops.embedding_bag(
+        w, off, idx, bo, width=width, col_of_size=col, mode="sum", per_sample_weights=psw, padding_idx=2
+    )
+    assert type(out.grad_fn).__name__ == "_BagLookupEagerBackward"
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (w, psw), g)
+    full = torch.cat([bo, bo.new_full((1,), idx.numel())])
+    raw = torch.ops.pme.bag_forward(w, off, idx, full, psw, col, width, ops.MODES["sum"], 2)[0]
+    assert type(raw.grad_fn).__name__ != "_BagLookupEagerBackward"
+    want = torch.autograd.grad(raw, (w, psw), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with torch.no_grad():
+        assert ops.embedding_bag(w, off, idx, bo, width=width, col_of_size=col).grad_fn is None
+    e = ops.embedding(w, off, idx[:7], width=width, col_of_size=col, padding_idx=2)
+    assert type(e.grad_fn.next_functions[0][0]).__name__ == "_EmbeddingLookupEagerBackward"  # under a view
+    ge = torch.randn_like(e)
+    raw_e = torch.ops.pme.embedding_forward(w, off, idx[:7], col, width, 2)
+    torch.testing.assert_close(torch.autograd.grad(e, w, ge)[0], torch.autograd.grad(raw_e, w, ge)[0], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("pad", [None, 2])
 @pytest.mark.parametrize("layout", ["padded", "grouped"])
 def test_embedding_double_backward_and_jvp(pad, layout):
