@@ -233,6 +233,21 @@ if ops.BUILD_INFO is not None:
 
     torch.library.register_autograd("pme::collection_forward", _backward, setup_context=_setup)
 
+    class _CollectionLookupEager(torch.autograd.Function):
+        """``collection_forward`` for eager calls that want a gradient (``pme.ops._eager_grad``): the
+        registered formula's setup and backward in the ``forward(ctx, ...)`` form, past
+        torch.library's autograd wrapper (about 190 µs of a small graded call; see
+        ``pme.ops._BagLookupEager``)."""
+
+        @staticmethod
+        def forward(ctx, weight, offsets, *args):
+            op = torch.ops.pme.collection_forward.default
+            out = ops.forward_call(op, (), weight, offsets, *args)  # grad is off in here: the kernel
+            _setup(ctx, (weight, offsets, *args), out)
+            return out
+
+        backward = staticmethod(_backward)
+
 
 def _virtual(weight, batch: Batch):
     """The batch as one lookup of the global table (reference path): every (block, lookup) pair
@@ -313,21 +328,19 @@ def collection_lookup(weight, offsets, batch: Batch, *, out_width: int, _width=N
     """
     batch = Batch(*batch[:5], int(batch[5]))
     if ops._compiled(weight):
-        return _collection_call(
-            lambda checked: ops.forward_call(
-                torch.ops.pme.collection_forward.default,
-                (weight, batch.per_sample_weights),
-                weight,
-                offsets,
-                *batch,
-                int(out_width),
-                checked,
-            ),
-            weight,
-            offsets,
-            batch.features,
-            _width,
-        )
+        graded = (weight, batch.per_sample_weights)
+        if ops._eager_grad(*graded) and not ops._forward_ad_active():
+
+            def call(checked):
+                return _CollectionLookupEager.apply(weight, offsets, *batch, int(out_width), checked)
+
+        else:
+
+            def call(checked):
+                op = torch.ops.pme.collection_forward.default
+                return ops.forward_call(op, graded, weight, offsets, *batch, int(out_width), checked)
+
+        return _collection_call(call, weight, offsets, batch.features, _width)
     return _reference_forward(weight, offsets, batch, int(out_width))
 
 

@@ -528,6 +528,30 @@ def test_opcheck_collection_operators():
         )
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_eager_graded_forward_takes_the_light_autograd_function(weighted):
+    """An eager call that wants a gradient goes through _CollectionLookupEager, not torch.library's
+    autograd wrapper (benchmarks/bench_overhead.py's reason), with gradients equal to those of the
+    operator's registered formula, bit for bit."""
+    m, _, _ = make_collection(8, "sum" if weighted else "mixed", weighted, dtype=torch.float64)
+    inp = make_input(m, 6, 8, weighted=weighted)
+    feats, idx, bo, psw, B = _normal(m, inp)
+    w = m.weight.detach().clone().requires_grad_()
+    p = psw.clone().requires_grad_() if psw is not None else None
+    batch = pme.collection.Batch(m.table_rows, feats, idx, bo, p, B)
+    out = pme.collection.collection_lookup(w, m.offsets, batch, out_width=m.out_width)
+    assert type(out.grad_fn).__name__ == "_CollectionLookupEagerBackward"
+    raw = torch.ops.pme.collection_forward(w, m.offsets, m.table_rows, feats, idx, bo, p, B, m.out_width)
+    assert type(raw.grad_fn).__name__ != "_CollectionLookupEagerBackward"
+    torch.testing.assert_close(out, raw, rtol=0, atol=0)
+    go = torch.randn_like(out)
+    wrt = (w, p) if p is not None else (w,)
+    for a, b in zip(torch.autograd.grad(out, wrt, go), torch.autograd.grad(raw, wrt, go)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with torch.no_grad():
+        assert pme.collection.collection_lookup(w, m.offsets, batch, out_width=m.out_width).grad_fn is None
+
+
 def test_gradcheck_float64():
     m, _, _ = make_collection(9, "mixed", dtype=torch.float64)
     feats, idx, bo, _, B = _normal(m, make_input(m, 3, 9, max_len=3))
