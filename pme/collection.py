@@ -242,7 +242,7 @@ if ops.BUILD_INFO is not None:
         @staticmethod
         def forward(ctx, weight, offsets, *args):
             op = torch.ops.pme.collection_forward.default
-            out = ops.forward_call(op, (), weight, offsets, *args)  # grad is off in here: the kernel
+            out = ops.forward_call(op, (), weight, offsets, *args)  # grad is off in here: straight to the kernel
             _setup(ctx, (weight, offsets, *args), out)
             return out
 

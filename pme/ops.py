@@ -224,6 +224,11 @@ def backend() -> str:
 _below_autograd = getattr(torch._C, "_AutoDispatchBelowAutograd", contextlib.nullcontext)
 
 
+def _wants_grad(*tensors) -> bool:
+    """Grad mode is on and one of ``tensors`` (None allowed) requires a gradient."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def forward_call(op, graded, *args, **kwargs):
     """``op(*args, **kwargs)`` for a forward operator whose autograd is registered here. When no
     gradient is wanted (grad mode off, or none of the ``graded`` tensors requires one) the call goes
@@ -231,8 +236,7 @@ def forward_call(op, graded, *args, **kwargs):
     call, benchmarks/bench_overhead.py). Under torch.compile dynamo traces the plain call. The hot
     paths pass the resolved overload (``torch.ops.pme.<op>.default``) and positional arguments: the
     overload packet's resolution of keyword arguments cost about 6 us of a 60 us call."""
-    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in graded)
-    if wants_grad or torch.compiler.is_compiling():
+    if _wants_grad(*graded) or torch.compiler.is_compiling():
         return op(*args, **kwargs)
     with _below_autograd():
         return op(*args, **kwargs)
@@ -505,17 +509,14 @@ def _linear_lookup(t, bags: _Bags, argmax):
 
 
 def _eager_grad(*tensors) -> bool:
-    """Whether an eager call (not traced by torch.compile) wants a gradient of one of ``tensors``
-    (None allowed). Such calls take the lookups' own autograd.Functions (``_BagLookup``,
-    ``_EmbeddingLookup``) instead of the operators' registered autograd: torch.library's wrapper
-    fills the schema's defaults in Python on every call, about 100 us of a small call
-    (benchmarks/bench_overhead.py); a Function in the ``forward(ctx, ...)`` form costs a fraction of
-    that (:class:`_BagLookupEager`). Traced calls keep the
+    """Whether an eager call (not traced by torch.compile) wants a gradient of one of ``tensors``.
+    Such calls take light autograd.Functions in the ``forward(ctx, ...)`` form (:class:`_BagLookupEager`,
+    :class:`_EmbeddingLookupEager`, ``pme.collection._CollectionLookupEager``) instead of the
+    operators' registered autograd: torch.library's wrapper fills the schema's defaults in Python on
+    every call, about 100 us of a small call (benchmarks/bench_overhead.py). Traced calls keep the
     registered autograd (the operator-level formula torch.compile and opcheck see); both run the
     same backward operators."""
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return False
-    return any(t is not None and t.requires_grad for t in tensors)
+    return not torch.compiler.is_compiling() and _wants_grad(*tensors)
 
 
 def _forward_ad_active() -> bool:
@@ -526,8 +527,8 @@ def _forward_ad_active() -> bool:
 
 
 class _BagLookup(torch.autograd.Function):
-    """The pooled lookup with a forward-mode derivative, called as ``apply(weight, *bags)``: used
-    while forward AD is active and by eager calls that want a gradient (:func:`_eager_grad`).
+    """The pooled lookup with a forward-mode derivative (used while forward AD is active; other
+    eager calls that want a gradient take :class:`_BagLookupEager`), called as ``apply(weight, *bags)``.
 
     The lookup is linear in the weight: its tangent is the lookup of the weight's tangent (max:
     gathered through the argmax), plus, for per_sample_weights, the lookup weighted by theirs.
@@ -908,8 +909,8 @@ def embedding(
         out = _SparseGradLookup.apply(weight, *bags, pad, bool(sparse), bool(scale_grad_by_freq))
         return out.reshape(*input.shape, width)
     if _compiled(weight):
-        if _forward_ad_active() or _eager_grad(weight):
-            fn = _EmbeddingLookup if _forward_ad_active() else _EmbeddingLookupEager
+        fn = _EmbeddingLookup if _forward_ad_active() else _EmbeddingLookupEager if _eager_grad(weight) else None
+        if fn is not None:
             out = _torch_error_types(fn.apply, weight, offsets, flat, col_of_size, int(width), pad)
         else:
             out = bags.memo_call(weight, lambda checked: _torch_error_types(bags.embedding, weight, checked))
@@ -1264,9 +1265,9 @@ def _psw_grad(module, grad_out, indices, bag_offsets, pad):
 
 
 class _EmbeddingLookup(torch.autograd.Function):
-    """Non-pooled lookup with a forward-mode derivative (used while forward AD is active, and by
-    eager calls that want a gradient, :func:`_eager_grad`): the
-    tangent is the lookup of the weight's tangent (the padding row included, as ``F.embedding``'s).
+    """Non-pooled lookup with a forward-mode derivative (used while forward AD is active; other
+    eager calls that want a gradient take :class:`_EmbeddingLookupEager`): the tangent is the
+    lookup of the weight's tangent (the padding row included, as ``F.embedding``'s).
     The backward is the operator's own (twice differentiable)."""
 
     @staticmethod

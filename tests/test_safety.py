@@ -552,6 +552,34 @@ def test_eager_lookups_with_grad_take_the_light_autograd_function(layout):
     torch.testing.assert_close(torch.autograd.grad(e, w, ge)[0], torch.autograd.grad(raw_e, w, ge)[0], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("path", ["no_grad", "grad", "forward_ad"])
+def test_bad_index_is_an_index_error_on_every_path(path):
+    """An index past the table raises pme's IndexOutOfRangeError (an IndexError, as nn.Embedding's)
+    naming its position, whichever route the call takes: no gradient, an eager graded call
+    (_BagLookupEager / _EmbeddingLookupEager), or forward AD (_BagLookup / _EmbeddingLookup)."""
+    import torch.autograd.forward_ad as fwAD
+
+    w, off, col, width, _ = make_table(10, 4, torch.float64, seed=1)
+    idx = torch.tensor([1, 2, 10, 3])
+    bo = torch.tensor([0, 2])
+    calls = {
+        "bag": lambda w: ops.embedding_bag(w, off, idx, bo, width=width, mode="sum"),
+        "embedding": lambda w: ops.embedding(w, off, idx, width=width),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ops.IndexOutOfRangeError, match=r"indices\[2\] = 10"):
+            if path == "no_grad":
+                with torch.no_grad():
+                    call(w)
+            elif path == "grad":
+                call(w.clone().requires_grad_())
+            else:
+                with fwAD.dual_level():
+                    call(fwAD.make_dual(w, torch.ones_like(w)))
+        assert issubclass(ops.IndexOutOfRangeError, IndexError), name
+    assert ops.embedding_bag(w, off, idx[:2], bo[:1], width=width).shape == (1, width)  # still usable
+
+
 @pytest.mark.parametrize("pad", [None, 2])
 @pytest.mark.parametrize("layout", ["padded", "grouped"])
 def test_embedding_double_backward_and_jvp(pad, layout):
