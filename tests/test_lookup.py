@@ -515,3 +515,70 @@ def test_cpu_forward_kernels_on_wide_tables(monkeypatch, dtype, D, mode):
             ops.embedding_bag(w, offsets, torch.tensor([1, 2, 3, 60, 61]), torch.tensor([0, 2]), width=width)
         with pytest.raises(RuntimeError, match="does not fit in the output width"):
             ops.embedding_bag(w, offsets, torch.tensor([1, 0, 3]), torch.tensor([0, 2]), width=D - 1)
+
+
+_GUARD_PAGE_SCRIPT = r"""
+import ctypes, mmap, sys
+import torch
+from pme import ops, reference
+
+def before_a_guard_page(n, dtype, keep):
+    # A [n] tensor whose last byte is the last one before a page that cannot be read.
+    size = torch.empty((), dtype=dtype).element_size()
+    page = mmap.PAGESIZE
+    pages = (n * size + page - 1) // page + 1
+    mm = mmap.mmap(-1, pages * page)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    assert libc.mprotect(addr + (pages - 1) * page, page, 0) == 0, ctypes.get_errno()  # PROT_NONE
+    keep.append(mm)
+    return torch.frombuffer(mm, dtype=dtype, count=n, offset=(pages - 1) * page - n * size)
+
+keep = []
+gen = torch.Generator().manual_seed(0)
+for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    for D in (16, 40, 64, 256):
+        V = 30
+        sizes = torch.randint(0, D + 1, (V,), generator=gen)
+        sizes[-4:] = torch.tensor([D, 3, 1, 2]).clamp(max=D)  # short rows end the buffer
+        offsets = torch.zeros(V + 1, dtype=torch.int64)
+        offsets[1:] = torch.cumsum(sizes, 0)
+        w = before_a_guard_page(int(offsets[-1]), dtype, keep)
+        w.copy_(torch.randn(w.numel(), generator=gen).to(dtype))
+        idx = torch.cat([torch.arange(V), torch.arange(V - 4, V).repeat(3), torch.randint(0, V, (40,), generator=gen)])
+        bags = torch.arange(0, idx.numel(), 5)
+        ends = torch.cat([bags, torch.tensor([idx.numel()])])
+        psw = torch.randn(idx.shape, generator=gen).to(dtype)
+        expect = reference.embedding_bag(w.double(), offsets, idx, ends, D, None, "sum", psw.double())
+        for kernel in sys.argv[1:]:
+            import os
+            os.environ["PME_CPU_KERNEL"] = kernel
+            for mode in ("sum", "mean"):
+                ops.embedding_bag(w, offsets, idx, bags, width=D, mode=mode)
+            out = ops.embedding_bag(w, offsets, idx, bags, width=D, mode="sum", per_sample_weights=psw)
+            tol = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
+            torch.testing.assert_close(out.double(), expect, rtol=tol, atol=tol, msg=f"{kernel} {dtype} D={D}")
+print("OK")
+"""
+
+
+def test_cpu_forward_reads_nothing_past_the_buffer():
+    """The register kernels read a row with plain loads where its entries fill them and with masked
+    loads where it ends inside one (AVX2 fp32: per 8 entries). Here each table's buffer ends right
+    before a page that cannot be read, and its last rows are short (1, 2, 3 entries): a load that
+    reaches past the row's end would kill the subprocess (SIGSEGV). Every kernel also matches the
+    float64 oracle there, weighted, and runs sum and mean."""
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-c", _GUARD_PAGE_SCRIPT, "avx2", "avx512", "generic"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), (
+        f"the lookups next to an unreadable page ended with return code {r.returncode} "
+        f"(-11: a read past the buffer):\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+    )

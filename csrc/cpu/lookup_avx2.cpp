@@ -13,14 +13,14 @@ namespace {
 #define PME_AVX2 __attribute__((target("avx2,fma,f16c")))
 
 // ---- AVX2: 8 floats a register; a step of 64 bytes (16 fp32 or 32 fp16/bf16 entries, the same
-// steps as AVX-512, hence the same branches) is two 32-byte loads, without a branch of its own.
-// AVX2 masks loads only per 32-bit element: an fp32 step is two _mm256_maskload_ps of its live
-// entries; a 16-bit step loads its whole live pairs of entries with _mm256_maskload_epi32 and puts
-// the last live entry in from a scalar load (a row of odd length ends in half a pair), so it too
-// reads the row's own bytes only. Masked-out lanes read as 0, as with AVX-512's zero-masked loads.
-// A whole step (kWhole: every entry live) is two plain loads: AVX2's masked loads cost about
-// twice as much as plain ones on AMD CPUs (a full-width fp32 sum over a cached table: 0.68 ms
-// masked, 0.40 ms plain, in a C++ loop on this project's AMD EPYC).
+// steps as AVX-512, hence the same branches) is two 32-byte loads.
+// AVX2 masks loads only per 32-bit element: an fp32 step loads each half of 8 entries plainly when
+// it is whole and with _mm256_maskload_ps where the row ends inside it; a 16-bit step loads its whole live pairs of
+// entries with _mm256_maskload_epi32 and puts the last live entry in from a scalar load (a row of odd length ends in
+// half a pair), so it too reads the row's own bytes only. Masked-out lanes read as 0, as with AVX-512's zero-masked
+// loads. A whole step (kWhole: every entry live) is two plain loads: AVX2's masked loads cost about twice as much as
+// plain ones on AMD CPUs (a full-width fp32 sum over a cached table: 0.68 ms masked, 0.40 ms plain, in a C++ loop on
+// this project's AMD EPYC).
 template <class T>
 struct Avx2Row;
 
@@ -36,10 +36,23 @@ struct Avx2Row<float> {
       x[1] = _mm256_loadu_ps(p + 8);
       return;
     }
-    const __m256i n = _mm256_set1_epi32(live - 16 * k);  // live entries from p on, >= 1
-    // (A lane under a zero mask is not read and cannot fault, even past the end of the buffer.)
-    x[0] = _mm256_maskload_ps(p, _mm256_cmpgt_epi32(n, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
-    x[1] = _mm256_maskload_ps(p + 8, _mm256_cmpgt_epi32(n, _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15)));
+    // Each half of 8 entries: a plain load when it is whole, none when it is past the row, a
+    // masked load when the row ends inside it (a lane under a zero mask is not read and cannot
+    // fault, even past the end of the buffer). Rows of whole multiples of 8 entries, the common
+    // sizes, take plain loads only.
+    const int r = live - 16 * k;  // live entries from p on, >= 1
+    const __m256i n = _mm256_set1_epi32(r);
+    if (r >= 16) {
+      x[0] = _mm256_loadu_ps(p);
+      x[1] = _mm256_loadu_ps(p + 8);
+    } else if (r >= 8) {
+      x[0] = _mm256_loadu_ps(p);
+      x[1] = r > 8 ? _mm256_maskload_ps(p + 8, _mm256_cmpgt_epi32(n, _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15)))
+                   : _mm256_setzero_ps();
+    } else {
+      x[0] = _mm256_maskload_ps(p, _mm256_cmpgt_epi32(n, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+      x[1] = _mm256_setzero_ps();
+    }
   }
 };
 
