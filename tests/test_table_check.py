@@ -153,3 +153,34 @@ def test_raw_operator_with_a_false_promise_stays_in_bounds(device):
         )
     with pytest.raises(RuntimeError, match="non-decreasing"):
         torch.ops.pme.bag_forward(w, off, torch.tensor([0, 2], device=device), bo, None, None, 8, 0, -1)
+
+
+@pytest.mark.parametrize("kernel", ["avx512", "avx2", "generic"])
+@pytest.mark.parametrize(
+    "offsets, bad, good, why",
+    [
+        ([0, 9, 10], 0, 1, "wider than the width (9 > 8)"),
+        ([0, 6, -2, 0, 10], 2, 0, "starting before the buffer (-2)"),
+        ([0, 6, 12, 10], 1, 0, "ending past the buffer (12 > 10)"),
+        ([0, 7, 3, 10], 1, 0, "running backwards (7 > 3)"),
+    ],
+)
+def test_false_promise_every_kernel_refuses_a_bad_span(monkeypatch, kernel, offsets, bad, good, why):
+    """table_checked=True on a table that never passed (its first and last offsets right, which
+    every call checks), one looked-up row bad in each way the per-lookup check knows (padded
+    layout, width 8, buffer of 10): every CPU kernel refuses the lookup and names the row instead
+    of reading outside the row's bounds; the good row alone is looked up correctly."""
+    monkeypatch.setenv("PME_CPU_KERNEL", kernel)
+    w = torch.randn(10)
+    off = torch.tensor(offsets)
+    with pytest.raises(RuntimeError, match=f"row {bad}"):
+        torch.ops.pme.bag_forward(
+            w, off, torch.tensor([good, bad]), torch.tensor([0, 2]), None, None, 8, 0, -1, table_checked=True
+        )
+    out, _ = torch.ops.pme.bag_forward(
+        w, off, torch.tensor([good]), torch.tensor([0, 1]), None, None, 8, 0, -1, table_checked=True
+    )
+    lo, hi = offsets[good], offsets[good + 1]
+    expect = torch.zeros(1, 8)
+    expect[0, : hi - lo] = w[lo:hi]
+    torch.testing.assert_close(out, expect, msg=why)

@@ -13,14 +13,15 @@ namespace {
 #define PME_AVX2 __attribute__((target("avx2,fma,f16c")))
 
 // ---- AVX2: 8 floats a register; a step of 64 bytes (16 fp32 or 32 fp16/bf16 entries, the same
-// steps as AVX-512, hence the same branches) is two 32-byte loads.
-// AVX2 masks loads only per 32-bit element: an fp32 step loads each half of 8 entries plainly when
-// it is whole and with _mm256_maskload_ps where the row ends inside it; a 16-bit step loads its whole live pairs of
-// entries with _mm256_maskload_epi32 and puts the last live entry in from a scalar load (a row of odd length ends in
-// half a pair), so it too reads the row's own bytes only. Masked-out lanes read as 0, as with AVX-512's zero-masked
-// loads. A whole step (kWhole: every entry live) is two plain loads: AVX2's masked loads cost about twice as much as
-// plain ones on AMD CPUs (a full-width fp32 sum over a cached table: 0.68 ms masked, 0.40 ms plain, in a C++ loop on
-// this project's AMD EPYC).
+// steps as AVX-512, hence the same branches) is two 32-byte loads, one per half of the step.
+// A half that the row fills is a plain load, a half past the row's end is not loaded (zero), and
+// a half in which the row ends is a masked load. AVX2 masks loads only per 32-bit element, so in
+// a 16-bit half the whole live pairs of entries come under a mask and, for a row of odd length,
+// the last entry from a scalar load: every load reads the row's own bytes only, and masked-out
+// lanes read as 0, as with AVX-512's zero-masked loads. Plain loads wherever possible because
+// AVX2's masked loads cost about twice as much on AMD CPUs (a full-width fp32 sum over a cached
+// table: 0.68 ms masked, 0.40 ms plain, in a C++ loop on this project's AMD EPYC); rows whose
+// sizes are multiples of 8 entries (fp32) or 16 (16-bit), the common ones, take no masked load.
 template <class T>
 struct Avx2Row;
 
@@ -74,20 +75,32 @@ struct Avx2Row16 {
     Row::widen(v[0], x[0], x[1]);
     Row::widen(v[1], x[2], x[3]);
   }
+  // Step k's 32 entries, the lanes past the row zero: each half of 16 entries a plain load when it
+  // is whole, none when it is past the row, part() where the row ends inside it.
   PME_AVX2 static inline void load16(const uint16_t* row, int k, int live, __m256i* v) {
     const uint16_t* p = row + 32 * k;
-    const int r = live - 32 * k < 32 ? live - 32 * k : 32;  // live entries in this step, 1..32
-    const __m256i pairs = _mm256_set1_epi32(r >> 1);        // whole pairs of live entries
-    v[0] = _mm256_maskload_epi32(reinterpret_cast<const int*>(p),
-                                 _mm256_cmpgt_epi32(pairs, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
-    v[1] = _mm256_maskload_epi32(reinterpret_cast<const int*>(p + 16),
-                                 _mm256_cmpgt_epi32(pairs, _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15)));
-    // The last live entry, read alone (when r is even it was read already: the same value).
-    const __m256i last = _mm256_set1_epi16(static_cast<int16_t>(r - 1));
-    const __m256i value = _mm256_set1_epi16(static_cast<int16_t>(p[r - 1]));
-    const __m256i lane = _mm256_setr_epi16(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    v[0] = _mm256_blendv_epi8(v[0], value, _mm256_cmpeq_epi16(lane, last));
-    v[1] = _mm256_blendv_epi8(v[1], value, _mm256_cmpeq_epi16(_mm256_add_epi16(lane, _mm256_set1_epi16(16)), last));
+    const int r = live - 32 * k;  // live entries from p on, >= 1
+    if (r >= 16) {
+      v[0] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+      v[1] = r >= 32 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16))
+                     : (r > 16 ? part(p + 16, r - 16) : _mm256_setzero_si256());
+    } else {
+      v[0] = part(p, r);
+      v[1] = _mm256_setzero_si256();
+    }
+  }
+  // The first n (1..15) entries from q, the other lanes zero: the whole pairs under a mask of
+  // 32-bit lanes, and for odd n the last entry from a scalar load (so only the row's own bytes).
+  PME_AVX2 static inline __m256i part(const uint16_t* q, int n) {
+    const __m256i pairs = _mm256_set1_epi32(n >> 1);
+    __m256i v = _mm256_maskload_epi32(reinterpret_cast<const int*>(q),
+                                      _mm256_cmpgt_epi32(pairs, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+    if (n & 1) {
+      const __m256i lane = _mm256_setr_epi16(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+      const __m256i at = _mm256_cmpeq_epi16(lane, _mm256_set1_epi16(static_cast<int16_t>(n - 1)));
+      v = _mm256_blendv_epi8(v, _mm256_set1_epi16(static_cast<int16_t>(q[n - 1])), at);
+    }
+    return v;
   }
 };
 
