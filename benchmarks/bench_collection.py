@@ -271,15 +271,29 @@ def run_collection(args, built, results):
             results.append(row)
 
 
-def run_single(args, results):
-    gen = torch.Generator().manual_seed(args.seed + 2)
-    V, D, B, L = 1_000_000, args.dim, 2048, 32
+SINGLE = (1_000_000, 2048, 32)  # the single-table case: rows, bags, lookups a bag
+
+
+def single_table(seed, D, alpha, dist="zipf"):
+    """The single-table case (also benchmarks/probe_loop.py's): a 1M x D pme table with the size mix,
+    nn.EmbeddingBag on its dense view, and 2048 bags of 32 indices (Zipf(alpha) or uniform).
+    Returns ``(pme module, nn module, indices [N], offsets [B])``."""
+    V, B, L = SINGLE
+    gen = torch.Generator().manual_seed(seed + 2)
     sizes = draw_sizes(V, D, gen)
-    dense = torch.randn(V, D, generator=gen)
-    m = pme.MultiSizeEmbeddingBag.from_dense(dense, sizes, mode="sum")
+    m = pme.MultiSizeEmbeddingBag.from_dense(torch.randn(V, D, generator=gen), sizes, mode="sum")
     eb = torch.nn.EmbeddingBag.from_pretrained(m.to_dense(), mode="sum")
-    idx = zipf_rows(V, B * L, args.alpha, gen)
-    off = torch.arange(0, B * L, L)
+    if dist == "zipf":
+        idx = zipf_rows(V, B * L, alpha, gen)
+    else:
+        idx = torch.randint(0, V, (B * L,), generator=gen)
+    return m, eb, idx, torch.arange(0, B * L, L)
+
+
+def run_single(args, results):
+    V, B, L = SINGLE
+    D = args.dim
+    m, eb, idx, off = single_table(args.seed, D, args.alpha)
     with torch.no_grad():
         torch.testing.assert_close(m(idx, off), eb(idx, off), rtol=1e-5, atol=1e-5)
 

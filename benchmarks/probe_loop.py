@@ -36,9 +36,9 @@ import tempfile
 import time
 
 import torch
-from bench_collection import draw_sizes, zipf_rows
+from bench_collection import SINGLE, single_table
 
-import pme
+import pme  # noqa: F401  (registers torch.ops.pme, timed below)
 
 from _common import machine, parser, save_json  # benchmarks/, the script's folder
 
@@ -77,16 +77,9 @@ def main(argv=None):
     if args.dim != 64:
         p.error("the probe's loops are written for --dim 64")
     torch.set_num_threads(1)
-    gen = torch.Generator().manual_seed(args.seed + 2)
-    V, D, B, L = 1_000_000, 64, 2048, 32
-    sizes = draw_sizes(V, D, gen)
-    m = pme.MultiSizeEmbeddingBag.from_dense(torch.randn(V, D, generator=gen), sizes, mode="sum")
-    eb = torch.nn.EmbeddingBag.from_pretrained(m.to_dense(), mode="sum")
-    if args.dist == "zipf":
-        idx = zipf_rows(V, B * L, args.alpha, gen)
-    else:
-        idx = torch.randint(0, V, (B * L,), generator=gen)
-    off = torch.arange(0, B * L, L)
+    V, B, L = SINGLE
+    D = 64
+    m, eb, idx, off = single_table(args.seed, D, args.alpha, args.dist)
     bo = torch.cat([off, torch.tensor([B * L])])
     out = torch.empty(B, D)
     bad = ctypes.c_int64(-1)

@@ -518,7 +518,7 @@ def test_cpu_forward_kernels_on_wide_tables(monkeypatch, dtype, D, mode):
 
 
 _GUARD_PAGE_SCRIPT = r"""
-import ctypes, mmap, sys
+import ctypes, mmap, os, sys
 import torch
 from pme import ops, reference
 
@@ -552,7 +552,6 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
         psw = torch.randn(idx.shape, generator=gen).to(dtype)
         expect = reference.embedding_bag(w.double(), offsets, idx, ends, D, None, "sum", psw.double())
         for kernel in sys.argv[1:]:
-            import os
             os.environ["PME_CPU_KERNEL"] = kernel
             for mode in ("sum", "mean"):
                 ops.embedding_bag(w, offsets, idx, bags, width=D, mode=mode)

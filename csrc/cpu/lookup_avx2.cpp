@@ -37,10 +37,8 @@ struct Avx2Row<float> {
       x[1] = _mm256_loadu_ps(p + 8);
       return;
     }
-    // Each half of 8 entries: a plain load when it is whole, none when it is past the row, a
-    // masked load when the row ends inside it (a lane under a zero mask is not read and cannot
-    // fault, even past the end of the buffer). Rows of whole multiples of 8 entries, the common
-    // sizes, take plain loads only.
+    // Each half of 8 entries as the header says (a lane under a zero mask is not read and cannot
+    // fault, even past the end of the buffer).
     const int r = live - 16 * k;  // live entries from p on, >= 1
     const __m256i n = _mm256_set1_epi32(r);
     if (r >= 16) {

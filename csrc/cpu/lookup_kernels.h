@@ -105,15 +105,13 @@ __attribute__((always_inline)) inline void prefetch_ahead(const T* w, const Tabl
   } else if (j + kAheadRow >= jend) {
     return;
   }
-  {
-    const uint64_t r = static_cast<uint64_t>(static_cast<int64_t>(idx[j + kAheadRow]));
-    if (r < static_cast<uint64_t>(t.num_rows)) {
-      // Integer arithmetic: the offsets are not checked yet, the address may be anything.
-      const uintptr_t lo = reinterpret_cast<uintptr_t>(w) + static_cast<uintptr_t>(t.offsets[r]) * sizeof(T);
-      const uintptr_t hi = reinterpret_cast<uintptr_t>(w) + static_cast<uintptr_t>(t.offsets[r + 1]) * sizeof(T);
-      __builtin_prefetch(reinterpret_cast<const void*>(lo));
-      __builtin_prefetch(reinterpret_cast<const void*>(hi - 1));
-    }
+  const uint64_t r = static_cast<uint64_t>(static_cast<int64_t>(idx[j + kAheadRow]));
+  if (r < static_cast<uint64_t>(t.num_rows)) {
+    // Integer arithmetic: the offsets are not checked yet, the address may be anything.
+    const uintptr_t lo = reinterpret_cast<uintptr_t>(w) + static_cast<uintptr_t>(t.offsets[r]) * sizeof(T);
+    const uintptr_t hi = reinterpret_cast<uintptr_t>(w) + static_cast<uintptr_t>(t.offsets[r + 1]) * sizeof(T);
+    __builtin_prefetch(reinterpret_cast<const void*>(lo));
+    __builtin_prefetch(reinterpret_cast<const void*>(hi - 1));
   }
 }
 
@@ -142,7 +140,7 @@ inline bool locate(const TableView& t, const I* idx, int64_t j, int64_t pad, std
     return false;
   }
   size = hi - lo;
-  if (kPadded) {
+  if constexpr (kPadded) {
     col = 0;
     return true;
   }
