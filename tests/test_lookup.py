@@ -517,7 +517,7 @@ def test_cpu_forward_kernels_on_wide_tables(monkeypatch, dtype, D, mode):
             ops.embedding_bag(w, offsets, torch.tensor([1, 0, 3]), torch.tensor([0, 2]), width=D - 1)
 
 
-_GUARD_PAGE_SCRIPT = r"""
+_GUARD_PAGE_HELPER = r"""
 import ctypes, mmap, os, sys
 import torch
 from pme import ops, reference
@@ -534,7 +534,11 @@ def before_a_guard_page(n, dtype, keep):
     assert libc.mprotect(addr + (pages - 1) * page, page, 0) == 0, ctypes.get_errno()  # PROT_NONE
     keep.append(mm)
     return torch.frombuffer(mm, dtype=dtype, count=n, offset=(pages - 1) * page - n * size)
+"""
 
+_GUARD_PAGE_SCRIPT = (
+    _GUARD_PAGE_HELPER
+    + r"""
 keep = []
 gen = torch.Generator().manual_seed(0)
 for dtype in (torch.float32, torch.float16, torch.bfloat16):
@@ -560,6 +564,66 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
             torch.testing.assert_close(out.double(), expect, rtol=tol, atol=tol, msg=f"{kernel} {dtype} D={D}")
 print("OK")
 """
+)
+
+
+# Bad indices against an offset table that ends before an unreadable page, through the raw
+# operator (no Python check first): every kernel must refuse them before reading the table.
+_GUARD_INDEX_SCRIPT = (
+    _GUARD_PAGE_HELPER
+    + r"""
+keep = []
+V, D = 50, 64
+sizes = torch.tensor([8, 16, 32, 64, 0] * 10)
+offsets = before_a_guard_page(V + 1, torch.int64, keep)
+offsets.zero_()
+offsets[1:] = torch.cumsum(sizes, 0)
+w = torch.randn(int(offsets[-1]))
+for kernel in sys.argv[1:]:
+    os.environ["PME_CPU_KERNEL"] = kernel
+    for dtype in (torch.int32, torch.int64):
+        big = 2**31 - 1 if dtype == torch.int32 else 2**40
+        for bad in (V, V + 1, big, -1, -big):
+            for n, at in ((40, 17), (9000, 8191)):  # a short batch, and one past a check run
+                idx = torch.randint(0, V, (n,), dtype=dtype)
+                idx[at] = bad
+                bags = torch.arange(0, n + 1, 8, dtype=dtype)
+                bags[-1] = n
+                try:
+                    torch.ops.pme.bag_forward(w, offsets, idx, bags, None, None, D, 0, -1, True)
+                except (RuntimeError, IndexError) as e:  # the raw operator raises RuntimeError
+                    assert f"indices[{at}] = {bad}" in str(e), (kernel, dtype, bad, str(e))
+                else:
+                    raise AssertionError(f"{kernel} {dtype}: index {bad} at {at} was not refused")
+    idx = torch.randint(0, V, (40,))
+    out = torch.ops.pme.bag_forward(w, offsets, idx, torch.arange(0, 41, 8), None, None, D, 0, -1, True)[0]
+    dense = reference.to_dense(w, offsets, D)
+    torch.testing.assert_close(out, dense[idx].view(5, 8, D).sum(1), msg=kernel)  # still usable
+print("OK")
+"""
+)
+
+
+def test_cpu_forward_refuses_bad_indices_before_reading_the_offsets():
+    """Indices one and two past the table, the largest int32 / a far int64, -1 and a far negative
+    one, in batches of 40 and of 9000 lookups (past one run of the register kernels' vectorised
+    index check), int32 and int64, through the raw operator (table_checked=True: no Python check
+    and no whole-table scan first), with the offset table ending right before a page that cannot
+    be read. Every kernel must raise an error naming the position and value, without reading
+    offsets[V + 1] or anything further (a read there kills the subprocess), and work after."""
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-c", _GUARD_INDEX_SCRIPT, "avx2", "avx512", "generic"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), (
+        f"bad indices next to an unreadable page ended with return code {r.returncode} "
+        f"(-11: a read past the offsets):\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+    )
 
 
 def test_cpu_forward_reads_nothing_past_the_buffer():

@@ -11,6 +11,7 @@
 #include "cpu/validate_cpu.h"
 #include "lookup_ops.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -82,10 +83,22 @@ void bag_forward_range(CpuKernel kernel, const T* w, const TableView& t, const I
 #if PME_HAVE_SIMD_KERNELS
   if constexpr (!std::is_same_v<T, double>) {
     if (kernel != CpuKernel::kGeneric && mode != kMax && t.col_of_size == nullptr && t.width >= 1 && t.width <= 256) {
-      if (kernel == CpuKernel::kAvx512)
-        bag_sum_avx512(w, t, idx, bo, b0, b1, psw, mode == kMean, pad, out, bad);
-      else
-        bag_sum_avx2(w, t, idx, bo, b0, b1, psw, mode == kMean, pad, out, bad);
+      // Runs of bags of at least kCheckRun lookups (the indices stay in cache between the two
+      // passes): their indices checked in one vectorised pass, then the register kernel, which
+      // tests only the spans; a run with a bad index goes to the portable kernel, which finds it.
+      constexpr int64_t kCheckRun = 4096;
+      for (int64_t c0 = b0; c0 < b1;) {
+        const int64_t j0 = bag_begin(bo, c0);
+        const int64_t c1 = bo ? std::upper_bound(bo + c0 + 1, bo + b1, static_cast<I>(j0 + kCheckRun)) - bo
+                              : std::min(b1, c0 + kCheckRun);
+        if (!indices_in_range(idx, j0, bag_begin(bo, c1), t.num_rows))
+          bag_forward_generic(w, t, idx, bo, c0, c1, psw, mode, pad, out, argmax, bad);
+        else if (kernel == CpuKernel::kAvx512)
+          bag_sum_avx512(w, t, idx, bo, c0, c1, psw, mode == kMean, pad, out, bad);
+        else
+          bag_sum_avx2(w, t, idx, bo, c0, c1, psw, mode == kMean, pad, out, bad);
+        c0 = c1;
+      }
       return;
     }
   }

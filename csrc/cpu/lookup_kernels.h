@@ -96,7 +96,9 @@ constexpr int64_t kAheadRow = 8;
 // distances away from the chunk's end.
 // Always inlined: GCC's IPA takes a function whose only effect is __builtin_prefetch for a
 // pure one and deletes its calls (the previous forward's prefetch lambda compiled to nothing).
-template <class T, class I>
+// kIndexChecked: every index in [.., jend) is known to be in range (the register kernels'
+// batches, see indices_in_range), so the row prefetch needs no test of its own.
+template <bool kIndexChecked = false, class T, class I>
 __attribute__((always_inline)) inline void prefetch_ahead(const T* w, const TableView& t, const I* idx, int64_t j,
                                                           int64_t jend) {
   if (__builtin_expect(j + kAheadOffsets < jend, 1)) {
@@ -106,7 +108,7 @@ __attribute__((always_inline)) inline void prefetch_ahead(const T* w, const Tabl
     return;
   }
   const uint64_t r = static_cast<uint64_t>(static_cast<int64_t>(idx[j + kAheadRow]));
-  if (r < static_cast<uint64_t>(t.num_rows)) {
+  if (kIndexChecked || r < static_cast<uint64_t>(t.num_rows)) {
     // Integer arithmetic: the offsets are not checked yet, the address may be anything.
     const uintptr_t lo = reinterpret_cast<uintptr_t>(w) + static_cast<uintptr_t>(t.offsets[r]) * sizeof(T);
     const uintptr_t hi = reinterpret_cast<uintptr_t>(w) + static_cast<uintptr_t>(t.offsets[r + 1]) * sizeof(T);
@@ -119,11 +121,12 @@ __attribute__((always_inline)) inline void prefetch_ahead(const T* w, const Tabl
 // throws after the kernel), else the row's start, size and output column. A row is read only
 // after these checks: index in range, row inside the buffer, row inside the output width.
 // kPadded: the caller knows the layout is padded (t.col_of_size == nullptr, column 0).
-template <bool kPadded = false, class I>
+// kIndexChecked: the caller has checked this lookup's index (indices_in_range).
+template <bool kPadded = false, bool kIndexChecked = false, class I>
 inline bool locate(const TableView& t, const I* idx, int64_t j, int64_t pad, std::atomic<int64_t>& bad, int64_t& lo,
                    int64_t& size, int64_t& col) {
   const int64_t r = static_cast<int64_t>(idx[j]);
-  if (__builtin_expect(static_cast<uint64_t>(r) >= static_cast<uint64_t>(t.num_rows), 0)) {
+  if (!kIndexChecked && __builtin_expect(static_cast<uint64_t>(r) >= static_cast<uint64_t>(t.num_rows), 0)) {
     note_bad(bad, j);
     return false;
   }
@@ -205,9 +208,9 @@ inline void bag_sum_simd(const T* w, const TableView& table, const I* idx, const
     acc.zero();
     int64_t n = 0;
     for (int64_t j = start; j < end; ++j) {
-      prefetch_ahead(w, t, idx, j, jend);
+      prefetch_ahead<true>(w, t, idx, j, jend);
       int64_t lo, size, col;
-      if (!locate<true>(t, idx, j, pad, bad, lo, size, col)) continue;
+      if (!locate<true, true>(t, idx, j, pad, bad, lo, size, col)) continue;
       ++n;
       const T* row = w + lo;
       const int live = static_cast<int>(size);  // <= W <= 256
@@ -250,9 +253,15 @@ inline void with_accumulators(int64_t W, bool weighted, Run&& run) {
     with_width(std::false_type{});
 }
 
+// Whether idx[j0, j1) are all in [0, rows): one vectorised pass (AVX2), run before a register
+// kernel on the same lookups, which then tests only the rows' spans (a batch's indices are
+// read-only while the operator runs). Called only on a CPU with AVX2.
+template <class I>
+bool indices_in_range(const I* idx, int64_t j0, int64_t j1, int64_t rows);
+
 // The register kernels' entry points: sum (mean: mean = true) over bags [b0, b1), padded
 // layout, 1 <= t.width <= 256, T in {float, Half, BFloat16}; called only on a CPU that has
-// the instruction set (cpu_kernel()).
+// the instruction set (cpu_kernel()), for lookups whose indices indices_in_range has passed.
 template <class T, class I>
 void bag_sum_avx512(const T* w, const TableView& t, const I* idx, const I* bo, int64_t b0, int64_t b1, const T* psw,
                     bool mean, int64_t pad, T* out, std::atomic<int64_t>& bad);
