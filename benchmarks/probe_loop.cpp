@@ -13,10 +13,15 @@
 //           a whole half, masked for a partial one, none past the row: a branch on the size), 2
 //           two masked loads, the second from the row's start when its mask is empty (no branch,
 //           no address past the row),
-//   kPfTest the range test before the row prefetch reads the offsets.
+//   kPfTest the range test before the row prefetch reads the offsets,
+//   kPrePass every index checked in one pass before the loop (pme's register kernels since
+//           2026-11-28), and kRead 3: a step whose live entries fill whole halves (multiples of 8)
+//           read without a branch on the size (the second half, when the row ends before it,
+//           loaded from the first half's address and zeroed), others by halves.
 // A failing test only records the position (the probe is fed valid input).
 #include <immintrin.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 
@@ -45,7 +50,11 @@ __attribute__((target("avx2"), always_inline)) inline void add_step(__m256* a, c
   const float* p = row + 16 * K;
   const int r = live - 16 * K;
   __m256 x0, x1;
-  if (kRead == 0) {
+  if (kRead == 3 && r % 8 == 0) {  // clamped (pme's kernel now): whole halves, no branch on the size
+    const int64_t two = -static_cast<int64_t>(r > 8);
+    x0 = _mm256_loadu_ps(p);
+    x1 = _mm256_and_ps(_mm256_loadu_ps(p + (two & 8)), _mm256_castsi256_ps(_mm256_set1_epi64x(two)));
+  } else if (kRead == 0) {
     x0 = masked(p, r);
     x1 = masked(p + 8, r - 8);
   } else if (kRead == 2) {
@@ -77,10 +86,15 @@ __attribute__((target("avx2"), always_inline)) inline void add_row(__m256* a, co
   add_step<kRead, 3>(a, row, live);
 }
 
-template <bool kIndex, bool kSpan, int kRead, bool kPfTest>
+template <bool kIndex, bool kSpan, int kRead, bool kPfTest, bool kPrePass = false>
 __attribute__((target("avx2"), noinline)) int64_t loop(const Args& g) {
   const int64_t n_all = g.bag_offsets[g.num_bags];
   const uint64_t rows = static_cast<uint64_t>(g.num_rows), total = static_cast<uint64_t>(g.total);
+  if (kPrePass) {  // every index checked first, in one pass the compiler vectorises (pme: per 4096)
+    uint64_t top = 0;
+    for (int64_t j = 0; j < n_all; ++j) top = std::max(top, static_cast<uint64_t>(g.idx[j]));
+    if (n_all > 0 && top >= rows) return 0;
+  }
   const int64_t pad = -1;
   int64_t bad = -1;
   for (int64_t b = 0; b < g.num_bags; ++b) {
@@ -130,6 +144,8 @@ const Loop kLoops[] = {
     loop<false, false, 1, false>,  // reads only, by halves
     loop<true, true, 2, true>,     // pme's work, partial steps masked without an address past the row
     loop<false, false, 2, false>,  // reads only, the same
+    loop<false, true, 3, false, true>,  // index pre-pass + span test + clamped halves: pme's work now
+    loop<false, false, 3, false>,       // reads only, clamped
 };
 
 }  // namespace

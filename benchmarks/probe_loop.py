@@ -1,7 +1,7 @@
 """What each part of pme's CPU lookup loop costs: the single-table case of bench_collection.py
 (1M x 64 fp32, sizes 8/16/32/64 at 55/25/15/5%, 2048 bags x 32, Zipf(1.05) or uniform indices, 1
 thread) timed as nn.EmbeddingBag, pme's operator (``torch.ops.pme.bag_forward``, no Python
-around it) and six C++ loops over pme's own buffers (benchmarks/probe_loop.cpp, built here with
+around it) and ten C++ loops over pme's own buffers (benchmarks/probe_loop.cpp, built here with
 ``$CXX -O3 -mavx2 -mfma``; needs an x86-64 CPU with AVX2):
 
   reads only        pme's prefetches and row reads, no test (partial steps: two masked loads)
@@ -13,6 +13,10 @@ around it) and six C++ loops over pme's own buffers (benchmarks/probe_loop.cpp, 
   pme, masked near  pme's work, a partial step as two masked loads, the second from the row's
                     start when it is empty (no branch on the size, no address past the row)
   reads, masked near the first loop read that way
+  pre-pass + clamped pme's work since 2026-11-28: the indices checked in one pass first (no index
+                    or prefetch test per lookup), the span test, whole halves read without a
+                    branch on the row's size (the AVX2 fp32 kernel's clamped())
+  reads, clamped    the first loop read that way
 
 Each loop's output is checked against nn.EmbeddingBag before timing. Every round times each
 method for ``--calls`` calls in a row (warm rows, as the benchmarks time), the methods in turn, so
@@ -52,6 +56,8 @@ LOOPS = [
     "reads, by halves",
     "pme, masked near",
     "reads, masked near",
+    "pre-pass + clamped",
+    "reads, clamped",
 ]
 
 

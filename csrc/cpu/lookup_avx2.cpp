@@ -24,12 +24,15 @@ namespace {
 // lanes read as 0, as with AVX-512's zero-masked loads. Plain loads wherever possible because
 // AVX2's masked loads cost about twice as much on AMD CPUs (a full-width fp32 sum over a cached
 // table: 0.68 ms masked, 0.40 ms plain, in a C++ loop on this project's AMD EPYC); rows whose
-// sizes are multiples of 8 entries (fp32) or 16 (16-bit), the common ones, take no masked load.
-// Such a row also takes no branch on its size inside a step (clamped()): the second half, when the
-// row ends before it, is loaded from the first half's address and zeroed by an AND, so it reads
-// the row's own bytes and no line the row does not touch. A branch there would follow the sizes
-// of the rows in turn, which a mix of sizes makes unpredictable (probe_loop.py: 0.74 mispredicted
-// branches a lookup by halves, 0.25 clamped, on the benchmark's 8/16/32/64 mix).
+// sizes are multiples of 8 entries take no masked load (a 16-bit half holding 8 live entries, the
+// 16-bit quantum, is one plain 16-byte load).
+// An fp32 row of whole halves also takes no branch on its size inside a step (clamped()): the
+// second half, when the row ends before it, is loaded from the first half's address and zeroed
+// by an AND, so it reads the row's own bytes and no line the row does not touch. A branch there
+// would follow the sizes of the rows in turn, which a mix of sizes makes unpredictable
+// (probe_loop.cpp under callgrind: 0.74 mispredicted branches a lookup by halves, 0.24 clamped,
+// on the benchmark's 8/16/32/64 mix). The 16-bit kernels keep the branches: the same per 16-byte
+// quarter (four loads a step) was slower there.
 // A step's two halves of kHalf entries (32 bytes each) from p, r (a multiple of kHalf, >= kHalf)
 // live entries from p on: the first half whole, the second whole when r > kHalf, else loaded from
 // p and zeroed (see above), without a branch.
@@ -121,6 +124,9 @@ struct Avx2Row16 {
   // The first n (1..15) entries from q, the other lanes zero: the whole pairs under a mask of
   // 32-bit lanes, and for odd n the last entry from a scalar load (so only the row's own bytes).
   PME_AVX2 static inline __m256i part(const uint16_t* q, int n) {
+    // 8 entries (the 16-bit quantum: the common partial half) are one plain 16-byte load.
+    if (__builtin_expect(n == 8, 1))
+      return _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
     const __m256i pairs = _mm256_set1_epi32(n >> 1);
     __m256i v = _mm256_maskload_epi32(reinterpret_cast<const int*>(q),
                                       _mm256_cmpgt_epi32(pairs, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
