@@ -604,6 +604,21 @@ print("OK")
 )
 
 
+def _run_guarded(script, what, where):
+    """Runs one of the guard-page scripts for every CPU kernel in a subprocess (a read into the
+    unreadable page kills it, not pytest); fails unless it printed OK."""
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-c", script, "avx2", "avx512", "generic"], capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), (
+        f"{what} next to an unreadable page ended with return code {r.returncode} "
+        f"(-11: a read past {where}):\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+    )
+
+
 def test_cpu_forward_refuses_bad_indices_before_reading_the_offsets():
     """Indices one and two past the table, the largest int32 / a far int64, -1 and a far negative
     one, in batches of 40 and of 9000 lookups (past one run of the register kernels' vectorised
@@ -611,19 +626,7 @@ def test_cpu_forward_refuses_bad_indices_before_reading_the_offsets():
     and no whole-table scan first), with the offset table ending right before a page that cannot
     be read. Every kernel must raise an error naming the position and value, without reading
     offsets[V + 1] or anything further (a read there kills the subprocess), and work after."""
-    import subprocess
-    import sys
-
-    r = subprocess.run(
-        [sys.executable, "-c", _GUARD_INDEX_SCRIPT, "avx2", "avx512", "generic"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), (
-        f"bad indices next to an unreadable page ended with return code {r.returncode} "
-        f"(-11: a read past the offsets):\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
-    )
+    _run_guarded(_GUARD_INDEX_SCRIPT, "bad indices", "the offsets")
 
 
 def test_cpu_forward_reads_nothing_past_the_buffer():
@@ -632,16 +635,4 @@ def test_cpu_forward_reads_nothing_past_the_buffer():
     before a page that cannot be read, and its last rows are short (1, 2, 3 entries): a load that
     reaches past the row's end would kill the subprocess (SIGSEGV). Every kernel also matches the
     float64 oracle there, weighted, and runs sum and mean."""
-    import subprocess
-    import sys
-
-    r = subprocess.run(
-        [sys.executable, "-c", _GUARD_PAGE_SCRIPT, "avx2", "avx512", "generic"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), (
-        f"the lookups next to an unreadable page ended with return code {r.returncode} "
-        f"(-11: a read past the buffer):\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
-    )
+    _run_guarded(_GUARD_PAGE_SCRIPT, "the lookups", "the buffer")
