@@ -301,15 +301,12 @@ PME_AVX2 __attribute__((flatten)) void bag_sum_avx2_nv(const T* w, const TableVi
 }
 }  // namespace
 
-template <>
-bool indices_in_range<int64_t>(const int64_t* idx, int64_t j0, int64_t j1, int64_t rows) {
+template <class I>
+bool indices_in_range(const I* idx, int64_t j0, int64_t j1, int64_t rows) {
   return avx2_in_range(idx, j0, j1, rows);
 }
-
-template <>
-bool indices_in_range<int32_t>(const int32_t* idx, int64_t j0, int64_t j1, int64_t rows) {
-  return avx2_in_range(idx, j0, j1, rows);
-}
+template bool indices_in_range<int32_t>(const int32_t*, int64_t, int64_t, int64_t);
+template bool indices_in_range<int64_t>(const int64_t*, int64_t, int64_t, int64_t);
 
 template <class T, class I>
 void bag_sum_avx2(const T* w, const TableView& t, const I* idx, const I* bo, int64_t b0, int64_t b1, const T* psw,
