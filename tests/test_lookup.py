@@ -517,6 +517,27 @@ def test_cpu_forward_kernels_on_wide_tables(monkeypatch, dtype, D, mode):
             ops.embedding_bag(w, offsets, torch.tensor([1, 0, 3]), torch.tensor([0, 2]), width=D - 1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=str)
+def test_cpu_forward_across_index_check_runs(monkeypatch, dtype, index_dtype):
+    """The register kernels take a batch in runs of whole bags of at least 4096 lookups, each run's
+    indices checked in one pass first. A batch of about 15,000 lookups in bags of 0 to 60 (so runs
+    end at uneven places, some bags empty, duplicates, the largest index, a padding row) must
+    match the float64 oracle with every kernel, sum and mean, rows of every size up to the width."""
+    V, D, B = 300, 64, 500
+    w, offsets, _, width, _ = make_table(V, D, dtype, seed=7)
+    idx, bags = random_bags(V, B, 60, torch.Generator().manual_seed(7), index_dtype, padding_idx=5)
+    assert idx.numel() > 3 * 4096
+    ends = torch.cat([bags, bags.new_full((1,), idx.numel())])
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    for mode in ("sum", "mean"):
+        want = reference.embedding_bag(w.double(), offsets, idx, ends, width, None, mode, None, 5)
+        for kernel in ("avx512", "avx2", "generic"):
+            monkeypatch.setenv("PME_CPU_KERNEL", kernel)
+            got = ops.embedding_bag(w, offsets, idx, bags, width=width, mode=mode, padding_idx=5)
+            torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol, msg=f"{kernel} {mode}")
+
+
 _GUARD_PAGE_HELPER = r"""
 import ctypes, mmap, os, sys
 import torch

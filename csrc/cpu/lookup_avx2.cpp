@@ -33,23 +33,13 @@ namespace {
 // (probe_loop.cpp under callgrind: 0.74 mispredicted branches a lookup by halves, 0.24 clamped,
 // on the benchmark's 8/16/32/64 mix). The 16-bit kernels keep the branches: the same per 16-byte
 // quarter (four loads a step) was slower there.
-// A step's two halves of kHalf entries (32 bytes each) from p, r (a multiple of kHalf, >= kHalf)
-// live entries from p on: the first half whole, the second whole when r > kHalf, else loaded from
-// p and zeroed (see above), without a branch.
-template <int kHalf, class E>
-PME_AVX2 inline void clamped(const E* p, int r, __m256i* v) {
-  const int64_t two = -static_cast<int64_t>(r > kHalf);  // all ones or zero
-  v[0] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  v[1] = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + (two & kHalf))),
-                          _mm256_set1_epi64x(two));
-}
 
-template <int kHalf>
+// An fp32 step's two halves from p, r (a multiple of 8, >= 8) live entries from p on: the first
+// half whole, the second whole when r > 8, else loaded from p and zeroed (see above).
 PME_AVX2 inline void clamped(const float* p, int r, __m256* x) {
-  __m256i v[2];
-  clamped<kHalf>(p, r, v);
-  x[0] = _mm256_castsi256_ps(v[0]);
-  x[1] = _mm256_castsi256_ps(v[1]);
+  const int64_t two = -static_cast<int64_t>(r > 8);  // all ones or zero
+  x[0] = _mm256_loadu_ps(p);
+  x[1] = _mm256_and_ps(_mm256_loadu_ps(p + (two & 8)), _mm256_castsi256_ps(_mm256_set1_epi64x(two)));
 }
 
 template <class T>
@@ -71,7 +61,7 @@ struct Avx2Row<float> {
     // fault, even past the end of the buffer).
     const int r = live - 16 * k;  // live entries from p on, >= 1
     if (__builtin_expect(r % 8 == 0, 1)) {
-      clamped<8>(p, r, x);
+      clamped(p, r, x);
       return;
     }
     const __m256i n = _mm256_set1_epi32(r);
