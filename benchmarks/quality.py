@@ -51,7 +51,7 @@ from pme.recsys.experiment import (
 LOADERS = {"movielens": data.load_movielens_100k, "adult": data.load_adult}
 TITLES = {"movielens": "MovieLens-100K", "adult": "census adult"}
 BASELINES = ("uniform", "popularity", "random")
-PME_METHODS = ("pme", "pme_raw", "pme_rewound", "pme_cheap", "pme_grouped")
+PME_METHODS = ("pme", "pme_raw", "pme_rewound", "pme_cheap", "pme_taylor", "pme_grouped")
 
 
 def run_data(name, args, log):

@@ -14,7 +14,9 @@ Data 2023; only the abstract is public, so the details below are ours):
    batches at the end of training (weights frozen while scoring), ``saliency`` the first-order
    change of the loss when an entry is masked, ``|w * dL/dw|``, on held-out batches
    (``held_out=``; pass a few large batches: each batch adds ``|w * g_batch|``), and the older
-   ``snip`` (``|w * g|`` on training batches) and ``grad`` (``g^2``).
+   ``snip`` (``|w * g|`` on training batches) and ``grad`` (``g^2``). Or sum ``|w * g|`` while
+   you train the model yourself (:class:`TrainingScores`, hooks that only read) and cut those
+   scores with :func:`from_scores`.
 4. Optionally shrink toward what the table's rows have in common (``counts=``, the tokens'
    training counts): a row seen ``n`` times keeps the weight ``n / (n + shrink * D)`` on its own
    scores and gives the rest to its table's average score profile, so a row seen fewer times
@@ -57,6 +59,8 @@ from .modules import MultiSizeEmbedding, MultiSizeEmbeddingBag, convert
 
 __all__ = [
     "search",
+    "from_scores",
+    "TrainingScores",
     "SearchResult",
     "sizes_for_budget",
     "sizes_at_budget",
@@ -102,6 +106,139 @@ class _Scorer(ops.RowConsumer):
     def consume(self, module, rows):
         args, kwargs = rows.operator_args(module)
         ops.accumulate_scores_(module.scores, rows.grad_out, module.weight, *args, rule=self.rule, **kwargs)
+
+
+_TRAINING_RULES = {"taylor": "snip", "grad": "grad"}
+
+
+class _ScoringConsumer(ops.RowConsumer):
+    """Wraps a pme table's fused optimizer: each batch's rows first add their scores (with the
+    weights before the step), then go to the optimizer as before."""
+
+    def __init__(self, inner, owner, name):
+        self.inner, self.owner, self.name = inner, owner, name
+
+    def __repr__(self):
+        return f"{self.inner!r} + TrainingScores(rule={self.owner.rule!r})"
+
+    def __getattr__(self, name):  # the optimizer's own attributes (name, hyperparameters, ...)
+        if name in ("inner", "owner", "name"):
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def state(self, module):
+        return self.inner.state(module)
+
+    def state_kept(self, module):
+        return self.inner.state_kept(module)
+
+    def consume(self, module, rows):
+        if self.owner._tick(self.name):
+            args, kwargs = rows.operator_args(module)
+            rule = _TRAINING_RULES[self.owner.rule]
+            ops.accumulate_scores_(self.owner._acc[self.name], rows.grad_out, module.weight, *args, rule=rule, **kwargs)
+        self.inner.consume(module, rows)
+
+
+class TrainingScores:
+    """Accumulates entry scores of a model's full-size tables **while you train it**.
+
+    ``rule="taylor"`` adds ``|w * g|`` (``"grad"``: ``g^2``) of every training step, with the
+    weights before the step and the step's gradient (a row looked up twice in a batch counts
+    once, with its summed gradient), from backward pass ``start_step`` on: pass the number of
+    steps to let go by to score only the last part of training. Nothing in training changes
+    (the hooks only read), so the model you train for its own sake also gives PME its scores.
+
+    Works with ``nn.EmbeddingBag`` / ``nn.Embedding`` (dense or ``sparse=True`` gradients, any
+    optimizer: a hook after the gradient is accumulated) and full-width pme tables (with a fused
+    optimizer the scores come from the fused kernel ``pme.ops.accumulate_scores_``, before the
+    optimizer's update). One backward per optimizer step (a second backward before the step
+    would count the accumulated gradient twice).
+
+    Example::
+
+        acc = pme.search.TrainingScores(model, rule="taylor", start_step=3 * steps_per_epoch)
+        train(model, epochs=4)  # your loop, unchanged
+        result = pme.search.from_scores(acc.scores(), budget=0.2, counts=counts)
+        acc.remove()
+
+    Attributes:
+        steps: ``{table name: backward passes scored}``.
+    """
+
+    def __init__(self, model: nn.Module, tables=None, rule: str = "taylor", start_step: int = 0):
+        if rule not in _TRAINING_RULES:
+            raise ValueError(f"TrainingScores: rule must be one of {sorted(_TRAINING_RULES)}, got {rule!r}")
+        if int(start_step) < 0:
+            raise ValueError(f"TrainingScores: start_step must be >= 0, got {start_step}")
+        self.rule, self.start_step = rule, int(start_step)
+        self._tables, self._acc, self._seen, self._handles, self._wrapped = {}, {}, {}, [], {}
+        self.steps = {}
+        for name, m in _searchable(model, tables, who="TrainingScores", fused_ok=True).items():
+            w = m.weight
+            acc = torch.float64 if w.dtype == torch.float64 else torch.float32
+            self._tables[name] = m
+            self._acc[name] = torch.zeros(w.shape if w.dim() == 2 else (w.numel(),), dtype=acc, device=w.device)
+            self._seen[name], self.steps[name] = 0, 0
+            if isinstance(m, (MultiSizeEmbeddingBag, MultiSizeEmbedding)) and m.optimizer is not None:
+                self._wrapped[name] = m.optimizer
+                m.optimizer = _ScoringConsumer(m.optimizer, self, name)
+            else:
+                self._handles.append(w.register_post_accumulate_grad_hook(self._hook(name)))
+
+    def __repr__(self):
+        return (
+            f"TrainingScores(rule={self.rule!r}, tables={len(self._tables)}, start_step={self.start_step}, "
+            f"steps={self.steps})"
+        )
+
+    def _tick(self, name) -> bool:
+        self._seen[name] += 1
+        if self._seen[name] <= self.start_step:
+            return False
+        self.steps[name] += 1
+        return True
+
+    def _hook(self, name):
+        def add(param):
+            g = param.grad
+            if g is None or not self._tick(name):
+                return
+            acc = self._acc[name]
+            with torch.no_grad():
+                if g.is_sparse:
+                    g = g.coalesce()
+                    idx, vals = g.indices()[0], g.values().to(acc.dtype)
+                    w = param.detach().index_select(0, idx).to(acc.dtype)
+                    term = (w * vals).abs() if self.rule == "taylor" else vals * vals
+                    acc.index_add_(0, idx, term.reshape(idx.numel(), *acc.shape[1:]))
+                else:
+                    g = g.to(acc.dtype).reshape(acc.shape)
+                    w = param.detach().to(acc.dtype).reshape(acc.shape)
+                    acc.add_((w * g).abs() if self.rule == "taylor" else g * g)
+
+        return add
+
+    def scores(self) -> dict:
+        """``{table name: [V, D] float32}`` the scores so far (a copy)."""
+        return {
+            n: self._acc[n].reshape(m.num_embeddings, m.embedding_dim).float().clone() for n, m in self._tables.items()
+        }
+
+    def remove(self) -> None:
+        """Takes the hooks off and gives the fused tables their own optimizer back."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        for name, inner in self._wrapped.items():
+            self._tables[name].optimizer = inner
+        self._wrapped = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
 
 
 @dataclass
@@ -355,23 +492,26 @@ def _default_loss(model, batch):
 _TABLE_TYPES = (nn.EmbeddingBag, nn.Embedding, MultiSizeEmbeddingBag, MultiSizeEmbedding)
 
 
-def _searchable(model, tables):
+def _searchable(model, tables, who: str = "pme.search", fused_ok: bool = False):
+    """The full-size tables to score: ``tables`` (names) or every table wider than 1. A pme table
+    with a fused optimizer (no weight gradient) counts when ``fused_ok``."""
     found = {n: m for n, m in model.named_modules() if isinstance(m, _TABLE_TYPES)}
     if tables is None:
         chosen = {n: m for n, m in found.items() if getattr(m, "embedding_dim", 0) > 1}
     else:
         missing = [t for t in tables if t not in found]
         if missing:
-            raise KeyError(f"pme.search: {missing} are not embedding tables of the model (tables: {sorted(found)})")
+            raise KeyError(f"{who}: {missing} are not embedding tables of the model (tables: {sorted(found)})")
         chosen = {t: found[t] for t in tables}
     if not chosen:
-        raise ValueError("pme.search: the model has no embedding tables to search")
+        raise ValueError(f"{who}: the model has no embedding tables to search")
     for n, m in chosen.items():
-        w = m.weight
-        if not w.requires_grad:
-            raise ValueError(f"pme.search: table {n!r} does not require gradients (frozen?); the score needs them")
-        if isinstance(m, (MultiSizeEmbeddingBag, MultiSizeEmbedding)) and int(m.sizes.min()) != m.embedding_dim:
-            raise ValueError(f"pme.search: table {n!r} is already multi-size; search from full-size tables")
+        pme_table = isinstance(m, (MultiSizeEmbeddingBag, MultiSizeEmbedding))
+        fused = fused_ok and pme_table and m.optimizer is not None
+        if not m.weight.requires_grad and not fused:
+            raise ValueError(f"{who}: table {n!r} does not require gradients (frozen?); the score needs them")
+        if pme_table and int(m.sizes.min()) != m.embedding_dim:
+            raise ValueError(f"{who}: table {n!r} is already multi-size; search from full-size tables")
     return chosen
 
 
@@ -570,13 +710,18 @@ def search(
         scores[name] = m.scores.reshape(m.num_embeddings, m.embedding_dim).detach().float()
     if not any(bool(t.any()) for t in touched.values()):
         touched = None  # no batch seen (a trained model scored by magnitude): every row counts
+    return _result(
+        scores, budget, t0, rule, steps, batches_done, counts, shrink, normalize, touched, per_table, quantum, min_size
+    )
+
+
+def _result(scores, budget, t0, rule, steps, batches, counts, shrink, normalize, touched, per_table, quantum, min_size):
+    """Shrinks, normalises and cuts ``scores`` at ``budget``: the ``SearchResult``."""
     if counts is not None:
         scores = shrink_scores(scores, counts, shrink)
     scores = normalize_scores(scores, normalize, touched)
     sizes, thr = sizes_for_budget(scores, budget, per_table, quantum, min_size)
     dense = sum(s.numel() for s in scores.values())
-    kept = _total(sizes)
-    seconds = time.perf_counter() - t0
     stats = {
         n: {"rows": int(s.numel()), "mean_size": float(s.double().mean()), "min": int(s.min()), "max": int(s.max())}
         for n, s in sizes.items()
@@ -585,17 +730,67 @@ def search(
         {n: s.cpu() for n, s in sizes.items()},
         {n: s.cpu() for n, s in scores.items()},
         int(budget * dense),
-        kept,
+        _total(sizes),
         dense,
         thr,
-        seconds,
+        time.perf_counter() - t0,
         rule,
         steps,
-        batches_done,
+        batches,
         stats,
         normalize,
         shrink if counts is not None else None,
     )
+
+
+def from_scores(
+    scores: dict,
+    budget: float = 0.2,
+    *,
+    counts: dict | None = None,
+    shrink: float = 1.0,
+    normalize: str = "none",
+    per_table: bool = False,
+    quantum: int | None = None,
+    min_size: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    rule: str = "given",
+) -> SearchResult:
+    """PME's sizes from entry scores you already have (e.g. ``TrainingScores.scores()``): the
+    same shrinkage, normalisation and budget cut as :func:`search`, with no model.
+
+    Args:
+        scores: ``{table name: [V, D]}`` non-negative entry scores (higher: keep).
+        budget, counts, shrink, normalize, per_table, quantum, min_size: as in :func:`search`
+            (``normalize="field"`` averages over every row here).
+        dtype: the tables' dtype, for the default quantum (16 bytes' worth of it).
+        rule: what the scores are, recorded in the result.
+
+    Returns:
+        ``SearchResult`` (``result.for_budget(b)`` cuts the same scores at another budget).
+    """
+    if not 0 < budget <= 1:
+        raise ValueError(f"budget must be in (0, 1], got {budget}")
+    if normalize not in NORMALIZE:
+        raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
+    if not shrink >= 0:
+        raise ValueError(f"shrink must be >= 0, got {shrink}")
+    if not scores:
+        raise ValueError("from_scores: no tables in scores")
+    for n, sc in scores.items():
+        if not isinstance(sc, torch.Tensor) or sc.dim() != 2 or sc.shape[1] < 1:
+            raise ValueError(
+                f"from_scores: scores[{n!r}] must be a [V, D] tensor, got {getattr(sc, 'shape', type(sc))}"
+            )
+        if not sc.is_floating_point():
+            raise TypeError(f"from_scores: scores[{n!r}] must be floating point, got {sc.dtype}")
+    t0 = time.perf_counter()
+    dim = min(int(sc.shape[1]) for sc in scores.values())
+    q_default, floor_default = default_granularity(budget, dim, alignment_quantum(dtype))
+    quantum = q_default if quantum is None else int(quantum)
+    min_size = min(floor_default, quantum) if min_size is None else int(min_size)
+    scores = {n: sc.detach().float() for n, sc in scores.items()}
+    return _result(scores, budget, t0, rule, 0, 0, counts, shrink, normalize, None, per_table, quantum, min_size)
 
 
 def batch_to(batch, device, non_blocking: bool = False):

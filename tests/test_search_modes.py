@@ -334,3 +334,137 @@ def test_shrink_errors():
         shrink_scores(sc, {"t": torch.ones(3)}, -1.0)
     with pytest.raises(ValueError, match="shrink must be >= 0"):
         search(_Net(), _batches(1), counts={}, shrink=-0.5, progress=False)
+
+
+def _reference_training_scores(model, batches, make_opt, rule, start_step):
+    """Trains a copy of ``model`` in float64 with ``make_opt``; before each step after the first
+    ``start_step``, adds ``|w * g|`` (``taylor``) or ``g^2`` (``grad``) of the step's gradient."""
+    m = copy.deepcopy(model).double()
+    opt = make_opt(m.parameters())
+    ref = {f"embeddings.{k}": torch.zeros_like(m.embeddings[k].weight) for k in ("a", "b")}
+    for step, b in enumerate(batches):
+        opt.zero_grad(set_to_none=True)
+        F.binary_cross_entropy_with_logits(m(b), b["labels"].double()).backward()
+        if step >= start_step:
+            for k in ("a", "b"):
+                w, g = m.embeddings[k].weight.detach(), m.embeddings[k].weight.grad
+                g = g.to_dense() if g.is_sparse else g
+                ref[f"embeddings.{k}"] += (w * g).abs() if rule == "taylor" else g * g
+        opt.step()
+    return ref
+
+
+@pytest.mark.parametrize("rule", ["taylor", "grad"])
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("start_step", [0, 3])
+def test_training_scores_follow_a_float64_training_run(rule, sparse, start_step):
+    """TrainingScores on plain nn.EmbeddingBag tables (dense and sparse gradients, duplicates, empty
+    bags, the largest index) equals the float64 sum of each step's |w * g| / g^2 along the
+    same training trajectory, from ``start_step`` on; training itself is unchanged."""
+    model = _Net()
+    for k in ("a", "b"):
+        model.embeddings[k].sparse = sparse
+    batches = _batches(7)
+    make_opt = (lambda p: torch.optim.SGD(p, lr=0.5)) if sparse else (lambda p: torch.optim.Adam(p, lr=0.05))
+    ref = _reference_training_scores(model, batches, make_opt, rule, start_step)
+    plain = copy.deepcopy(model)
+    acc = pme.search.TrainingScores(model, rule=rule, start_step=start_step)
+    for m_ in (plain, model):
+        opt = make_opt(m_.parameters())
+        for b in batches:
+            opt.zero_grad(set_to_none=True)
+            F.binary_cross_entropy_with_logits(m_(b), b["labels"]).backward()
+            opt.step()
+    got = acc.scores()
+    assert acc.steps == {n: len(batches) - start_step for n in ref}
+    for n, r in ref.items():
+        assert got[n].dtype == torch.float32 and got[n].shape == r.shape
+        torch.testing.assert_close(got[n].double(), r, rtol=1e-4, atol=1e-6)
+        assert bool((r > 0).any())
+    for k in ("a", "b"):  # the hooks only read: the same weights as without them, bit for bit
+        assert torch.equal(plain.embeddings[k].weight, model.embeddings[k].weight)
+    acc.remove()
+    model(batches[0]).sum().backward()
+    assert all(torch.equal(got[n], acc.scores()[n]) for n in got)  # removed: nothing more added
+
+
+@pytest.mark.parametrize("rule", ["taylor", "grad"])
+def test_training_scores_through_a_fused_optimizer(rule):
+    """A full-width pme table with a fused SGD: the scores come from the fused kernel before the
+    update and equal the float64 run of torch SGD on the same table; remove() gives the table its
+    optimizer back."""
+    V, D, lr = 23, 8, 0.3
+    gen = torch.Generator().manual_seed(5)
+    w0 = torch.randn(V * D, generator=gen)
+    fused = pme.MultiSizeEmbeddingBag(V, D, mode="sum", optimizer=pme.optim.SGD(lr=lr))
+    fused.weight.data.copy_(w0)
+    inner = fused.optimizer
+    ref_w = w0.double().reshape(V, D).clone()
+    ref = torch.zeros(V, D, dtype=torch.float64)
+    acc = pme.search.TrainingScores(torch.nn.ModuleDict({"t": fused}), rule=rule, start_step=1)
+    assert "TrainingScores" in repr(fused.optimizer)
+    for step in range(5):
+        lens = torch.randint(0, 5, (9,), generator=gen)
+        idx = torch.randint(0, V, (int(lens.sum()),), generator=gen)
+        idx[:2] = V - 1  # the largest index, twice in one bag
+        off = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)[:-1]])
+        go = torch.randn(9, D, generator=gen)
+        fused(idx, off).backward(go)
+        g = torch.zeros(V, D, dtype=torch.float64)  # the table's gradient: sum of its bags' output gradients
+        g.index_add_(0, idx, go.double().repeat_interleave(lens, 0))
+        if step >= 1:
+            ref += (ref_w * g).abs() if rule == "taylor" else g * g
+        ref_w -= lr * g
+    torch.testing.assert_close(fused.weight.detach().double().reshape(V, D), ref_w, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(acc.scores()["t"].double(), ref, rtol=1e-4, atol=1e-5)
+    assert acc.steps == {"t": 4}
+    acc.remove()
+    assert fused.optimizer is inner
+
+
+def test_from_scores_equals_search_on_the_same_scores():
+    """from_scores cuts given scores exactly as search does (magnitude of a model, with counts):
+    the same sizes, meeting the budget; a second budget through for_budget."""
+    model = _Net()
+    counts = {"embeddings.a": torch.arange(30), "embeddings.b": torch.arange(11) * 3}
+    found = search(model, _batches(2), budget=0.3, rule="magnitude", counts=counts, progress=False)
+    mine = pme.search.from_scores(
+        {n: model.embeddings[n.rpartition(".")[2]].weight.detach().abs() for n in found.sizes},
+        0.3,
+        counts=counts,
+        rule="magnitude",
+    )
+    for n in found.sizes:
+        assert torch.equal(found.sizes[n], mine.sizes[n])
+    assert mine.kept_entries <= mine.budget_entries == int(0.3 * (30 + 11) * 8)
+    assert mine.shrink == 1.0 and mine.rule == "magnitude"
+    other = mine.for_budget(0.25, quantum=1, min_size=1)
+    assert sum(int(s.sum()) for s in other.sizes.values()) == int(0.25 * (30 + 11) * 8)
+
+
+def test_training_scores_and_from_scores_errors():
+    model = _Net()
+    with pytest.raises(ValueError, match="rule must be one of"):
+        pme.search.TrainingScores(model, rule="magnitude")
+    with pytest.raises(ValueError, match="start_step must be >= 0"):
+        pme.search.TrainingScores(model, start_step=-1)
+    with pytest.raises(KeyError, match="not embedding tables"):
+        pme.search.TrainingScores(model, tables=["embeddings.zz"])
+    frozen = _Net()
+    frozen.embeddings["a"].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="'embeddings.a' does not require gradients"):
+        pme.search.TrainingScores(frozen)
+    sized = torch.nn.ModuleDict({"t": pme.MultiSizeEmbeddingBag(5, 8, sizes=torch.tensor([8, 4, 8, 8, 8]))})
+    with pytest.raises(ValueError, match="already multi-size"):
+        pme.search.TrainingScores(sized)
+    good = {"t": torch.rand(5, 8)}
+    with pytest.raises(ValueError, match="budget must be in"):
+        pme.search.from_scores(good, 0.0)
+    with pytest.raises(ValueError, match=r"scores\['t'\] must be a \[V, D\] tensor"):
+        pme.search.from_scores({"t": torch.rand(40)}, 0.5)
+    with pytest.raises(TypeError, match="floating point"):
+        pme.search.from_scores({"t": torch.ones(5, 8, dtype=torch.int64)}, 0.5)
+    with pytest.raises(ValueError, match="no tables"):
+        pme.search.from_scores({}, 0.5)
+    with pytest.raises(KeyError, match="counts lack tables"):
+        pme.search.from_scores(good, 0.5, counts={})

@@ -16,7 +16,15 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..modules import MultiSizeEmbeddingBag, convert
-from ..search import convert_grouped, grouped_classes, search, sizes_at_budget, token_counts
+from ..search import (
+    TrainingScores,
+    convert_grouped,
+    from_scores,
+    grouped_classes,
+    search,
+    sizes_at_budget,
+    token_counts,
+)
 from . import models
 
 __all__ = [
@@ -32,7 +40,17 @@ __all__ = [
 ]
 
 BASELINES = ("uniform", "popularity", "random")
-METHODS = ("pme", "pme_raw", "pme_cheap", "pme_grouped", "pme_rewound", "uniform", "popularity", "random")
+METHODS = (
+    "pme",
+    "pme_raw",
+    "pme_cheap",
+    "pme_taylor",
+    "pme_grouped",
+    "pme_rewound",
+    "uniform",
+    "popularity",
+    "random",
+)
 
 # The PME variants the experiment knows. ``mode="trained"``: score the full-size model trained for
 # the "full" baseline (search cost: that training run, which a full-size baseline needs anyway,
@@ -43,10 +61,13 @@ METHODS = ("pme", "pme_raw", "pme_cheap", "pme_grouped", "pme_rewound", "uniform
 # shrunk toward their table's profile by the tokens' training counts (search.shrink_scores; the
 # within-field pilot, results/quality/pilot_within_field/); ``pme_raw`` is the default before that.
 # The cheap mode warms up for 8% of one training run so that its whole search stays within 10% of one.
+# ``mode="accumulated"``: |w * g| summed during the last ``score_share`` of the full-size run itself
+# (search.TrainingScores; the hooks only read, so that run and its AUC are unchanged).
 DEFAULT_VARIANTS = {
     "pme": {"mode": "trained", "rule": "magnitude", "normalize": "none", "shrink": 1.0},
     "pme_raw": {"mode": "trained", "rule": "magnitude", "normalize": "none"},
     "pme_cheap": {"mode": "warmup", "rule": "magnitude", "normalize": "none", "warmup_share": 0.08},
+    "pme_taylor": {"mode": "accumulated", "rule": "taylor", "normalize": "none", "shrink": 1.0, "score_share": 0.25},
 }
 
 
@@ -132,14 +153,29 @@ def _train_eval(cfg, model, train, val, test, seed):
     return {"auc": ev["auc"], "logloss": ev["logloss"], "val_auc": hist["val_auc"][-1], "train_seconds": secs}
 
 
-def run_search(cfg, variant, full_model, train, val, seed, full_seconds=0.0):
+def run_search(cfg, variant, full_model, train, val, seed, full_seconds=0.0, scores=None):
     """One PME search of ``variant`` (a dict: ``mode``, ``rule``, ``normalize``, ``num_batches``,
     ``warmup_epochs`` / ``warmup_share`` / ``warmup_steps``, ``per_table``, ``shrink``: the
     strength of the shrinkage by the tokens' counts in ``train``, none when absent) on the ``train`` split,
     at ``max(cfg.budgets)``; returns (SearchResult, cost in seconds). ``full_model`` (the trained
     full-size model, ``full_seconds`` its training time) is what ``mode="trained"`` scores; the
-    other modes score a fresh model of ``cfg`` (warmed up by the search)."""
+    other modes score a fresh model of ``cfg`` (warmed up by the search); ``mode="accumulated"`` cuts
+    ``scores`` (what ``TrainingScores`` summed during the full-size run)."""
     mode = variant.get("mode", "trained")
+    if mode == "accumulated":
+        if scores is None:
+            raise ValueError("mode='accumulated' needs the scores summed during the full-size run (scores=)")
+        counts = token_counts(full_model, train) if variant.get("shrink") is not None else None
+        found = from_scores(
+            scores,
+            max(cfg.budgets),
+            counts=counts,
+            shrink=float(variant.get("shrink") or 0.0),
+            normalize=variant.get("normalize", "none"),
+            per_table=variant.get("per_table", False),
+            rule=variant.get("rule", "taylor"),
+        )
+        return found, full_seconds + found.seconds
     gen = torch.Generator().manual_seed(seed)
     loader = train.batches(cfg.batch_size, shuffle=True, generator=gen)
     kw = dict(
@@ -185,9 +221,19 @@ def run_experiment(cfg: ExperimentConfig, train, val, test, log=print) -> list:
         done += 1
         log(f"[{done}/{total}] {msg}")
 
+    accumulated = [m for m in cfg.methods if cfg.variants.get(m, {}).get("mode") == "accumulated"]
+    steps_per_epoch = -(-len(train) // cfg.batch_size)
     for seed in cfg.seeds:
         full = _make_model(cfg, train, seed)
+        scorers = {}
+        for m in accumulated:  # |w * g| over the last part of the full-size run (hooks that only read)
+            v = cfg.variants[m]
+            start = round((1 - v.get("score_share", 0.25)) * cfg.epochs * steps_per_epoch)
+            scorers[m] = TrainingScores(full, rule=v.get("rule", "taylor"), start_step=start)
         res = _train_eval(cfg, full, train, val, test, seed)
+        summed = {m: sc.scores() for m, sc in scorers.items()}
+        for sc in scorers.values():
+            sc.remove()
         rows.append(
             {
                 "seed": seed,
@@ -207,7 +253,7 @@ def run_experiment(cfg: ExperimentConfig, train, val, test, log=print) -> list:
             ["pme"] if any(m in cfg.methods for m in ("pme_grouped", "pme_rewound")) else []
         ):
             if v not in found:
-                found[v] = run_search(cfg, cfg.variants[v], full, train, val, seed, full_secs)
+                found[v] = run_search(cfg, cfg.variants[v], full, train, val, seed, full_secs, summed.get(v))
         for budget in cfg.budgets:
             for method in cfg.methods:
                 base = "pme" if method in ("pme_grouped", "pme_rewound") else method
@@ -348,6 +394,8 @@ _EXPLAIN = {
     "pme_raw": "PME as `pme` without the shrinkage by token counts (the default before it)",
     "pme_cheap": "PME, cheap mode: the same scores after a short warm-up inside the search instead of a full "
     "training run",
+    "pme_taylor": "PME with |w * g| summed over the last quarter of the full-size training run (while it trains), "
+    "shrunk by token counts as `pme`",
     "pme_grouped": "PME's sizes snapped to power-of-two classes, grouped layout with one learned projection per "
     "class shared by all tables of the same width (counted in the budget)",
     "pme_rewound": "PME's sizes, retrained from the full-size model's initial values of the surviving entries",

@@ -358,3 +358,36 @@ def test_experiment_default_shrinks_by_the_training_counts():
     for n in want:
         torch.testing.assert_close(got.scores[n], want[n])
     assert got.kept_entries == raw.kept_entries  # the same budget
+
+
+def test_experiment_taylor_scores_the_last_quarter_of_the_full_run_without_changing_it(monkeypatch):
+    """``pme_taylor`` sums |w * g| over the last quarter of the full-size run's steps: that run's
+    AUC is the same to the bit as without it, its sizes meet the budget, and its search cost is that
+    run plus the cut."""
+    from pme.recsys import experiment
+
+    ds, _ = data.make_planted(num_rows=900, num_fields=2, vocab=30, dim=8, seed=1)
+    train, val, test = ds.split(seed=0)
+    starts = []
+    real = experiment.TrainingScores
+
+    def recording(model, **kw):
+        starts.append(kw["start_step"])
+        return real(model, **kw)
+
+    monkeypatch.setattr(experiment, "TrainingScores", recording)
+    kw = dict(dim=8, budgets=(0.5,), epochs=2, batch_size=128, progress=False)
+    with_taylor = experiment.run_experiment(
+        experiment.ExperimentConfig(methods=("pme_taylor", "uniform"), **kw), train, val, test, log=lambda m: None
+    )
+    without = experiment.run_experiment(
+        experiment.ExperimentConfig(methods=("uniform",), **kw), train, val, test, log=lambda m: None
+    )
+    steps = 2 * -(-len(train) // 128)
+    assert starts == [round(0.75 * steps)]
+    full = {r["method"]: r for r in with_taylor}
+    assert full["full"]["auc"] == without[0]["auc"]
+    assert full["uniform"]["auc"] == without[1]["auc"]
+    t = full["pme_taylor"]
+    assert t["dense_params"] // 2 - 4 * 2 <= t["params"] <= t["dense_params"] // 2
+    assert t["search_share"] >= 1.0
