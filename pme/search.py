@@ -153,7 +153,9 @@ class TrainingScores:
     optimizer: a hook after the gradient is accumulated) and full-width pme tables (with a fused
     optimizer the scores come from the fused kernel ``pme.ops.accumulate_scores_``, before the
     optimizer's update). One backward per optimizer step (a second backward before the step
-    would count the accumulated gradient twice).
+    would count the accumulated gradient twice). ``start_step`` counts the table's backward
+    passes: on the fused path a table looked up twice in one step (a shared table) counts two.
+    Rows no step touched score 0.
 
     Example::
 

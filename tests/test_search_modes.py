@@ -389,27 +389,33 @@ def test_training_scores_follow_a_float64_training_run(rule, sparse, start_step)
 
 
 @pytest.mark.parametrize("rule", ["taylor", "grad"])
-def test_training_scores_through_a_fused_optimizer(rule):
-    """A full-width pme table with a fused SGD: the scores come from the fused kernel before the
-    update and equal the float64 run of torch SGD on the same table; remove() gives the table its
-    optimizer back."""
+@pytest.mark.parametrize("path", ["fused", "autograd"])
+def test_training_scores_on_pme_tables(rule, path):
+    """A full-width pme table, with a fused SGD (the scores come from the fused kernel before the
+    update) or through autograd and torch SGD on its flat weight (the hook): equal to the float64
+    SGD run on the same table; remove() gives the fused table its optimizer back."""
     V, D, lr = 23, 8, 0.3
     gen = torch.Generator().manual_seed(5)
     w0 = torch.randn(V * D, generator=gen)
-    fused = pme.MultiSizeEmbeddingBag(V, D, mode="sum", optimizer=pme.optim.SGD(lr=lr))
+    fused = pme.MultiSizeEmbeddingBag(V, D, mode="sum", optimizer=pme.optim.SGD(lr=lr) if path == "fused" else None)
     fused.weight.data.copy_(w0)
     inner = fused.optimizer
+    opt = torch.optim.SGD(fused.parameters(), lr=lr) if path == "autograd" else None
     ref_w = w0.double().reshape(V, D).clone()
     ref = torch.zeros(V, D, dtype=torch.float64)
     acc = pme.search.TrainingScores(torch.nn.ModuleDict({"t": fused}), rule=rule, start_step=1)
-    assert "TrainingScores" in repr(fused.optimizer)
+    assert ("TrainingScores" in repr(fused.optimizer)) == (path == "fused")
     for step in range(5):
         lens = torch.randint(0, 5, (9,), generator=gen)
         idx = torch.randint(0, V, (int(lens.sum()),), generator=gen)
         idx[:2] = V - 1  # the largest index, twice in one bag
         off = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)[:-1]])
         go = torch.randn(9, D, generator=gen)
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
         fused(idx, off).backward(go)
+        if opt is not None:
+            opt.step()
         g = torch.zeros(V, D, dtype=torch.float64)  # the table's gradient: sum of its bags' output gradients
         g.index_add_(0, idx, go.double().repeat_interleave(lens, 0))
         if step >= 1:
