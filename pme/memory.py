@@ -1,0 +1,88 @@
+"""Host memory for pme's tables: large CPU buffers on 2 MiB pages where the OS allows it.
+
+A CPU lookup reads a row's offset and then the row: two dependent random reads into tables of
+tens to hundreds of MiB. With 4 KiB pages nearly every one of them also misses the TLB, and the
+page walk lengthens the chain of the row's address. Linux backs anonymous memory with 2 MiB
+transparent huge pages when the memory is advised ``MADV_HUGEPAGE`` (THP mode ``madvise``, the
+common default) or always (mode ``always``); mode ``never`` turns them off.
+
+pme advises its own tables (the flat buffer, the offset table, a collection's buffers) when it
+allocates them: a fresh buffer is advised before its first write, so its pages are huge from the
+start; a buffer the caller passed in (shared with the caller, as ``nn.Embedding(_weight=...)``
+shares it) is advised in place and may be collapsed into huge pages later by the kernel. Only
+CPU buffers of at least 4 MiB, only the 2 MiB-aligned part of each. PyTorch does the same for
+every CPU allocation of the process with ``THP_MEM_ALLOC_ENABLE=1``. ``PME_HUGE_PAGES=0`` turns
+pme's advice off (read when a table is allocated).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+import torch
+
+__all__ = ["huge_pages_enabled", "advise_huge_pages", "fresh_table"]
+
+MIN_BYTES = 4 << 20
+_HUGE = 2 << 20
+_MADV_DONTNEED, _MADV_HUGEPAGE = 4, 14  # linux/mman.h
+
+
+def _load_madvise():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_MADVISE = _load_madvise()
+
+
+def huge_pages_enabled() -> bool:
+    """Whether pme advises its tables for huge pages: Linux, and ``PME_HUGE_PAGES`` not ``0``."""
+    return _MADVISE is not None and os.environ.get("PME_HUGE_PAGES", "1") != "0"
+
+
+def _big_cpu(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.is_contiguous() and t.numel() * t.element_size() >= MIN_BYTES
+
+
+def advise_huge_pages(t: torch.Tensor, fresh: bool = False) -> bool:
+    """Advises the 2 MiB-aligned part of ``t``'s memory ``MADV_HUGEPAGE``; True if it did.
+
+    ``fresh=True`` says ``t``'s values do not matter yet (a buffer about to be written in full):
+    its pages in that part are also given back (``MADV_DONTNEED``), so that memory the allocator
+    reused, already backed by small pages, is backed by huge pages from the next write. Nothing
+    happens (False) off Linux, with ``PME_HUGE_PAGES=0``, for tensors not on the CPU, not
+    contiguous or under 4 MiB, or when the kernel refuses (THP compiled out). Without ``fresh``
+    the values are untouched either way.
+    """
+    if not huge_pages_enabled() or not _big_cpu(t):
+        return False
+    start = t.data_ptr()
+    lo = -(-start // _HUGE) * _HUGE
+    hi = (start + t.numel() * t.element_size()) // _HUGE * _HUGE
+    if hi <= lo or _MADVISE(lo, hi - lo, _MADV_HUGEPAGE) != 0:
+        return False
+    if fresh:
+        _MADVISE(lo, hi - lo, _MADV_DONTNEED)
+    return True
+
+
+def fresh_table(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` in fresh memory advised before the copy writes it, so that its pages are huge
+    from the first write; ``t`` unchanged where huge pages do not apply (see
+    :func:`advise_huge_pages`). Only for buffers pme just made: the copy ends any sharing."""
+    if not huge_pages_enabled() or not _big_cpu(t):
+        return t
+    out = torch.empty_like(t, memory_format=torch.contiguous_format)
+    if not advise_huge_pages(out, fresh=True):
+        return t
+    return out.copy_(t)

@@ -1,0 +1,98 @@
+"""pme.memory: pme's big CPU tables are advised for 2 MiB pages, values and sharing unchanged."""
+
+import sys
+
+import pytest
+import torch
+
+import pme
+from pme import memory
+
+linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="transparent huge pages are Linux's")
+
+
+def _thp_mode():
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return None
+    return text[text.index("[") + 1 : text.index("]")]
+
+
+def _vma_of(addr):
+    """The /proc/self/smaps fields of the mapping holding ``addr``."""
+    fields, inside = {}, False
+    for line in open("/proc/self/smaps"):
+        head = line.split()
+        if "-" in head[0] and not head[0].endswith(":"):
+            lo, hi = (int(x, 16) for x in head[0].split("-"))
+            if inside:
+                break
+            inside = lo <= addr < hi
+        elif inside:
+            fields[head[0].rstrip(":")] = head[1]
+    return fields
+
+
+def _interior(t):
+    """An address in the 2 MiB-aligned part of ``t``'s memory."""
+    huge = 2 << 20
+    return -(-t.data_ptr() // huge) * huge + 4096
+
+
+def test_fresh_table_copies_big_cpu_tensors_and_leaves_the_rest(monkeypatch):
+    big = torch.randn(3 << 20)  # 12 MiB
+    out = memory.fresh_table(big)
+    assert torch.equal(out, big) and out.dtype == big.dtype and out.is_contiguous()
+    if memory.huge_pages_enabled():
+        assert out.data_ptr() != big.data_ptr()  # a fresh buffer, advised before the copy
+    small = torch.randn(1000)
+    assert memory.fresh_table(small) is small and not memory.advise_huge_pages(small)
+    strided = big[::2]
+    assert memory.fresh_table(strided) is strided and not memory.advise_huge_pages(strided)
+    monkeypatch.setenv("PME_HUGE_PAGES", "0")
+    assert not memory.huge_pages_enabled()
+    assert memory.fresh_table(big) is big and not memory.advise_huge_pages(big)
+
+
+@linux
+@pytest.mark.parametrize("build", ["from_dense", "constructor", "collection"])
+def test_tables_are_advised_for_huge_pages(build, monkeypatch):
+    """The flat buffer and the offset table of a big table are advised (THPeligible in the kernel's
+    own account of the mapping) unless PME_HUGE_PAGES=0; the lookups are the same either way."""
+    if not memory.huge_pages_enabled():
+        pytest.skip("PME_HUGE_PAGES=0")
+    mode = _thp_mode()
+    if mode not in ("madvise", "always"):
+        pytest.skip(f"transparent huge pages: {mode!r}")
+    V, D = 600_000, 8  # offsets 4.6 MiB, flat buffer about 14 MiB
+
+    def make():
+        if build == "from_dense":
+            return pme.MultiSizeEmbeddingBag.from_dense(torch.randn(V, D), torch.full((V,), 6))
+        if build == "constructor":
+            return pme.MultiSizeEmbeddingBag(V, D, sizes=torch.full((V,), 6))
+        tables = [pme.collection.EmbeddingBagConfig(name="t", num_embeddings=V, embedding_dim=D, feature_names=["f"])]
+        return pme.MultiSizeEmbeddingBagCollection(tables, sizes={"t": torch.full((V,), 6)})
+
+    on = make()
+    for t in (on.weight, on.offsets):
+        assert _vma_of(_interior(t)).get("THPeligible") == "1", build
+    idx = torch.tensor([0, V - 1, 17, 17])
+    if build != "collection":
+        monkeypatch.setenv("PME_HUGE_PAGES", "0")
+        off = make()
+        off.weight.data.copy_(on.weight.detach())
+        # (not checked: that off's memory is not advised; the allocator may hand it memory that an
+        # advised table had before)
+        with torch.no_grad():
+            assert torch.equal(on(idx, torch.tensor([0, 2])), off(idx, torch.tensor([0, 2])))
+
+
+def test_a_given_flat_buffer_stays_shared():
+    """A flat buffer passed in is advised in place, not copied: the table shares it (as
+    nn.Embedding(_weight=...) does)."""
+    V, D = 300_000, 8
+    flat = torch.randn(V * 4)
+    m = pme.MultiSizeEmbeddingBag(V, D, sizes=torch.full((V,), 4), _weight=flat)
+    assert m.weight.data_ptr() == flat.data_ptr()
