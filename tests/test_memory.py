@@ -96,3 +96,17 @@ def test_a_given_flat_buffer_stays_shared():
     flat = torch.randn(V * 4)
     m = pme.MultiSizeEmbeddingBag(V, D, sizes=torch.full((V,), 4), _weight=flat)
     assert m.weight.data_ptr() == flat.data_ptr()
+
+
+@linux
+def test_fused_optimizer_state_is_advised_and_zero():
+    """A fused optimizer's big per-entry state (Adam's two moments) is advised and starts at zero."""
+    if not memory.huge_pages_enabled() or _thp_mode() not in ("madvise", "always"):
+        pytest.skip("no huge pages here")
+    V, D = 300_000, 8  # per-entry state 9.6 MiB each
+    m = pme.MultiSizeEmbeddingBag(V, D, sizes=torch.full((V,), 8), optimizer=pme.optim.Adam(lr=0.01))
+    states = [t for n, t in m.named_buffers() if t.numel() == m.weight.numel() and n != "offsets"]
+    assert len(states) == 2
+    for t in states:
+        assert not bool(t.any())
+        assert _vma_of(_interior(t)).get("THPeligible") == "1"
