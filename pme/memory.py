@@ -8,11 +8,11 @@ common default) or always (mode ``always``); mode ``never`` turns them off.
 
 pme advises its own tables (the flat buffer, the offset table, a collection's buffers, a fused
 optimizer's state) when it allocates them: a fresh buffer is advised before its first write, so
-its pages are huge from the start; a buffer the caller passed in (shared with the caller, as ``nn.Embedding(_weight=...)``
-shares it) is advised in place and may be collapsed into huge pages later by the kernel. Only
-CPU buffers of at least 4 MiB, only the 2 MiB-aligned part of each. PyTorch does the same for
-every CPU allocation of the process with ``THP_MEM_ALLOC_ENABLE=1``. ``PME_HUGE_PAGES=0`` turns
-pme's advice off (read when a table is allocated).
+its pages are huge from the start; a buffer the caller passed in (shared with the caller, as
+``nn.Embedding(_weight=...)`` shares it) is advised in place and may be collapsed into huge pages
+later by the kernel. Only CPU buffers of at least 4 MiB, only the 2 MiB-aligned part of each.
+PyTorch does the same for every CPU allocation of the process with ``THP_MEM_ALLOC_ENABLE=1``.
+``PME_HUGE_PAGES=0`` turns pme's advice off (read when a table is allocated).
 """
 
 from __future__ import annotations
