@@ -11,12 +11,15 @@ The single table of bench_collection.py (1M rows, width 64, the 55/25/15/5% size
   memory an advised table had);
 - ``pme``: the pme table as pme builds it (advised).
 
+``--step``: instead, the training step (forward, backward and pme's fused Adam update, whose two
+moments are as large as the table) of the pme table on small and on huge pages.
+
 Each (distribution, threads) runs in its own process, ``--repeats`` times; every run prints and
 the JSON keeps the medians of ``--rounds`` rounds of ``--calls`` calls, the time ratios and how
 much of each table the kernel put on huge pages (``AnonHugePages`` of its mappings).
 
-Run: python benchmarks/bench_huge_pages.py [--repeats 3] [--threads 1 2] [--dist zipf uniform]
-Writes benchmarks/results/huge_pages_cpu_<date>.json.
+Run: python benchmarks/bench_huge_pages.py [--repeats 3] [--threads 1 2] [--dist zipf uniform] [--step]
+Writes benchmarks/results/huge_pages_cpu_<date>.json (``huge_pages_step_cpu_<date>.json``).
 """
 
 import argparse
@@ -93,6 +96,49 @@ def one(dist: str, threads: int, rounds: int, calls: int) -> dict:
     }
 
 
+def one_step(dist: str, threads: int, rounds: int, calls: int) -> dict:
+    import torch
+
+    sys.path.insert(0, HERE)
+    import bench_collection as bc
+
+    import pme
+
+    torch.set_num_threads(threads)
+
+    def build():
+        m, _, idx, off = bc.single_table(0, 64, 1.05, dist)
+        t = pme.MultiSizeEmbeddingBag(m.num_embeddings, 64, sizes=m.sizes, mode="sum", optimizer=pme.optim.Adam())
+        with torch.no_grad():
+            t.weight.copy_(m.weight)
+        return t, idx, off
+
+    os.environ["PME_HUGE_PAGES"] = "0"
+    small, idx, off = build()
+    os.environ["PME_HUGE_PAGES"] = "1"
+    huge, _, _ = build()
+    grad = torch.ones(off.numel(), 64)
+    fns = {"pme_small": small, "pme": huge}
+    times = {k: [] for k in fns}
+    for t in fns.values():
+        t(idx, off).backward(grad)
+    for _ in range(rounds):
+        for k, t in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                t(idx, off).backward(grad)
+            times[k].append((time.perf_counter() - t0) / calls)
+    ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    state = [b for n, b in huge.named_buffers() if b.numel() == huge.weight.numel() and n != "offsets"]
+    return {
+        "dist": dist,
+        "threads": threads,
+        "ms": ms,
+        "pme/pme_small": ms["pme"] / ms["pme_small"],
+        "huge_pages_mib": {"pme": [_huge_mib(huge.weight)] + [_huge_mib(b) for b in state]},
+    }
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dist", nargs="+", default=["zipf", "uniform"], choices=["zipf", "uniform"])
@@ -100,11 +146,12 @@ def main():
     p.add_argument("--repeats", type=int, default=3, help="processes per (distribution, threads)")
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--calls", type=int, default=20)
+    p.add_argument("--step", action="store_true", help="time the fused Adam training step instead")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--one", nargs=2, metavar=("DIST", "THREADS"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.one:
-        print(json.dumps(one(a.one[0], int(a.one[1]), a.rounds, a.calls)))
+        print(json.dumps((one_step if a.step else one)(a.one[0], int(a.one[1]), a.rounds, a.calls)))
         return
     runs = []
     for r in range(a.repeats):
@@ -120,10 +167,18 @@ def main():
                     str(a.rounds),
                     "--calls",
                     str(a.calls),
-                ]
+                ] + (["--step"] if a.step else [])
                 env = {k: v for k, v in os.environ.items() if k not in ("PME_HUGE_PAGES", "THP_MEM_ALLOC_ENABLE")}
                 res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout)
                 runs.append(res)
+                if a.step:
+                    print(
+                        f"[{r + 1}/{a.repeats}] {dist:7s} {th}t  step ms pme_small {res['ms']['pme_small']:.2f} "
+                        f"pme {res['ms']['pme']:.2f} | pme/pme_small {res['pme/pme_small']:.2f} "
+                        f"| huge MiB {res['huge_pages_mib']}",
+                        flush=True,
+                    )
+                    continue
                 print(
                     f"[{r + 1}/{a.repeats}] {dist:7s} {th}t  ms nn {res['ms']['nn']:.3f} "
                     f"nn_huge {res['ms']['nn_huge']:.3f} "
@@ -144,7 +199,8 @@ def main():
         "time ratios": "lower is better for the numerator",
     }
     os.makedirs(a.out, exist_ok=True)
-    path = os.path.join(a.out, f"huge_pages_cpu_{meta['date']}.json")
+    kind = "huge_pages_step_cpu" if a.step else "huge_pages_cpu"
+    path = os.path.join(a.out, f"{kind}_{meta['date']}.json")
     with open(path, "w") as f:
         json.dump({"meta": meta, "runs": runs}, f, indent=1)
     print("wrote", path)
