@@ -8,7 +8,7 @@ Main entry points: ``MultiSizeEmbeddingBag``, ``MultiSizeEmbedding``, ``convert`
 ``pme.optim``, the functions of ``pme.ops`` and ``info()``.
 """
 
-from . import ops, optim, reference
+from . import memory, ops, optim, reference
 from ._version import __version__
 from .collection import MultiSizeEmbeddingBagCollection, MultiSizeEmbeddingCollection
 from .modules import MultiSizeEmbedding, MultiSizeEmbeddingBag, convert
@@ -41,7 +41,8 @@ def __getattr__(name):
 
 def info() -> dict:
     """Version, flavour, the CUDA version and archs the binary carries, the torch it runs on,
-    and which backend is live (``"compiled"`` or ``"reference"``, with the reason)."""
+    which backend is live (``"compiled"`` or ``"reference"``, with the reason), and whether pme puts
+    its CPU tables on huge pages (``pme.memory``)."""
     import platform
     import re
 
@@ -75,4 +76,5 @@ def info() -> dict:
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
+        "huge_pages": memory.describe(),
     }

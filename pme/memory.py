@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-__all__ = ["huge_pages_enabled", "advise_huge_pages", "fresh_table"]
+__all__ = ["huge_pages_enabled", "advise_huge_pages", "fresh_table", "describe"]
 
 MIN_BYTES = 4 << 20
 _HUGE = 2 << 20
@@ -48,6 +48,23 @@ _MADVISE = _load_madvise()
 def huge_pages_enabled() -> bool:
     """Whether pme advises its tables for huge pages: Linux, and ``PME_HUGE_PAGES`` not ``0``."""
     return _MADVISE is not None and os.environ.get("PME_HUGE_PAGES", "1") != "0"
+
+
+def describe() -> str:
+    """One line for ``pme info``: whether pme advises its tables, and the kernel's THP mode."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            text = f.read()
+        mode = text[text.index("[") + 1 : text.index("]")]
+    except (OSError, ValueError):
+        mode = "unknown"
+    if _MADVISE is None:
+        return "no (not Linux)"
+    if not huge_pages_enabled():
+        return f"no (PME_HUGE_PAGES=0; THP mode {mode})"
+    if mode == "never":
+        return "no (THP mode never)"
+    return f"yes: tables of 4 MiB or more advised (THP mode {mode})"
 
 
 def _big_cpu(t: torch.Tensor) -> bool:

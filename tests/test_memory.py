@@ -110,3 +110,11 @@ def test_fused_optimizer_state_is_advised_and_zero():
     for t in states:
         assert not bool(t.any())
         assert _vma_of(_interior(t)).get("THPeligible") == "1"
+
+
+def test_info_says_whether_tables_go_on_huge_pages(monkeypatch):
+    line = pme.info()["huge_pages"]
+    assert line.startswith("yes" if memory.huge_pages_enabled() and _thp_mode() != "never" else "no")
+    monkeypatch.setenv("PME_HUGE_PAGES", "0")
+    if sys.platform.startswith("linux"):
+        assert pme.info()["huge_pages"].startswith("no (PME_HUGE_PAGES=0")
