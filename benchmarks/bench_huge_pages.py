@@ -50,6 +50,19 @@ def _huge_mib(t) -> int:
     return kib >> 10
 
 
+def _interleaved(fns: dict, rounds: int, calls: int) -> dict:
+    """``{name: median ms per call}``: every ``fn()`` timed for ``calls`` calls in turn, ``rounds``
+    times, so that a slow spell of the host falls on all of them alike."""
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                f()
+            times[k].append((time.perf_counter() - t0) / calls)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+
 def one(dist: str, threads: int, rounds: int, calls: int) -> dict:
     import torch
 
@@ -71,18 +84,11 @@ def one(dist: str, threads: int, rounds: int, calls: int) -> dict:
         "pme_small": [_huge_mib(pme_small.weight), _huge_mib(pme_small.offsets)],
         "pme": [_huge_mib(pme_huge.weight), _huge_mib(pme_huge.offsets)],
     }
-    times = {k: [] for k in fns}
     with torch.no_grad():
         ref = nn_small(idx, off)
         for f in fns.values():
             torch.testing.assert_close(f(idx, off), ref, rtol=1e-5, atol=1e-5)
-        for _ in range(rounds):
-            for k, f in fns.items():
-                t0 = time.perf_counter()
-                for _ in range(calls):
-                    f(idx, off)
-                times[k].append((time.perf_counter() - t0) / calls)
-    ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+        ms = _interleaved({k: (lambda f=f: f(idx, off)) for k, f in fns.items()}, rounds, calls)
     return {
         "dist": dist,
         "threads": threads,
@@ -119,16 +125,9 @@ def one_step(dist: str, threads: int, rounds: int, calls: int) -> dict:
     huge, _, _ = build()
     grad = torch.ones(off.numel(), 64)
     fns = {"pme_small": small, "pme": huge}
-    times = {k: [] for k in fns}
     for t in fns.values():
         t(idx, off).backward(grad)
-    for _ in range(rounds):
-        for k, t in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                t(idx, off).backward(grad)
-            times[k].append((time.perf_counter() - t0) / calls)
-    ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    ms = _interleaved({k: (lambda t=t: t(idx, off).backward(grad)) for k, t in fns.items()}, rounds, calls)
     state = [b for n, b in huge.named_buffers() if b.numel() == huge.weight.numel() and n != "offsets"]
     return {
         "dist": dist,

@@ -59,6 +59,13 @@ def spread(totals: dict, shapes: dict, counts=None) -> dict:
     return out
 
 
+def _rank(sc: torch.Tensor) -> torch.Tensor:
+    """``[V, D]`` each entry's place in its row, best score first (ties by position)."""
+    V, D = sc.shape
+    rank = torch.empty(V, D, dtype=torch.int64)
+    return rank.scatter_(1, torch.argsort(sc, dim=1, descending=True, stable=True), torch.arange(D).expand(V, D))
+
+
 def shrink_to_bins(scores: dict, counts: dict, strength: float, backoff: float = 10.0) -> dict:
     """``shrink_scores`` with each row pulled toward the mean sorted profile of its count bin
     (``floor(log2(n + 1))``; a bin of ``m`` rows gets ``m / (m + backoff)`` of its own mean and the
@@ -67,16 +74,14 @@ def shrink_to_bins(scores: dict, counts: dict, strength: float, backoff: float =
     for name, sc in scores.items():
         V, D = sc.shape
         n = torch.as_tensor(counts[name]).reshape(-1).double()
-        srt, order = torch.sort(sc.double(), dim=1, descending=True, stable=True)
+        srt = torch.sort(sc.double(), dim=1, descending=True, stable=True).values
         b = torch.floor(torch.log2(n + 1)).long()
         nb = int(b.max()) + 1
         sums = torch.zeros(nb, D, dtype=torch.float64).index_add_(0, b, srt)
         m = torch.bincount(b, minlength=nb).double().unsqueeze(1)
         profile = (sums + backoff * srt.mean(0)) / (m + backoff)
-        rank = torch.empty_like(order)
-        rank.scatter_(1, order, torch.arange(D).expand(V, D).contiguous())
         lam = (n / (n + strength * D)).unsqueeze(1)
-        out[name] = (lam * sc.double() + (1 - lam) * profile[b].gather(1, rank)).float()
+        out[name] = (lam * sc.double() + (1 - lam) * profile[b].gather(1, _rank(sc))).float()
     return out
 
 
@@ -85,17 +90,15 @@ def shrink_toward(scores: dict, counts: dict, prior: str) -> dict:
     of the table's rows weighted by their own weights ``n / (n + D)``; ``"zero"``, nothing."""
     out = {}
     for name, sc in scores.items():
-        V, D = sc.shape
+        D = sc.shape[1]
         lam = torch.as_tensor(counts[name]).reshape(-1).double()
         lam = (lam / (lam + D)).unsqueeze(1)
         if prior == "zero":
             out[name] = (lam * sc.double()).float()
             continue
-        srt, order = torch.sort(sc.double(), dim=1, descending=True, stable=True)
+        srt = torch.sort(sc.double(), dim=1, descending=True, stable=True).values
         profile = (lam * srt).sum(0) / lam.sum().clamp(min=1e-12)
-        rank = torch.empty_like(order)
-        rank.scatter_(1, order, torch.arange(D).expand(V, D).contiguous())
-        out[name] = (lam * sc.double() + (1 - lam) * profile[rank]).float()
+        out[name] = (lam * sc.double() + (1 - lam) * profile[_rank(sc)]).float()
     return out
 
 
@@ -103,12 +106,7 @@ def floored(scores: dict, floor: dict) -> dict:
     """Scores whose ``floor[name][r]`` best entries of each row always survive the threshold."""
     out = {}
     for name, sc in scores.items():
-        V, D = sc.shape
-        rank = torch.empty(V, D, dtype=torch.int64)
-        rank.scatter_(
-            1, torch.argsort(sc, dim=1, descending=True, stable=True), torch.arange(D).expand(V, D).contiguous()
-        )
-        out[name] = torch.where(rank < floor[name].unsqueeze(1), torch.full_like(sc, 1e6), sc)
+        out[name] = torch.where(_rank(sc) < floor[name].unsqueeze(1), torch.full_like(sc, 1e6), sc)
     return out
 
 
@@ -118,12 +116,7 @@ def truncated_auc(full, scores: dict, sizes: dict, val) -> float:
     mods = dict(model.named_modules())
     with torch.no_grad():
         for name, sc in scores.items():
-            V, D = sc.shape
-            rank = torch.empty(V, D, dtype=torch.int64)
-            rank.scatter_(
-                1, torch.argsort(sc, dim=1, descending=True, stable=True), torch.arange(D).expand(V, D).contiguous()
-            )
-            mods[name].weight.mul_((rank < sizes[name].unsqueeze(1)).to(mods[name].weight.dtype))
+            mods[name].weight.mul_((_rank(sc) < sizes[name].unsqueeze(1)).to(mods[name].weight.dtype))
     return models.evaluate(model, val)["auc"]
 
 

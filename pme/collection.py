@@ -47,8 +47,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from . import ops, reference
-from .memory import advise_huge_pages, fresh_table
+from . import memory, ops, reference
 from .modules import _summary, parse_sizes
 
 __all__ = [
@@ -513,7 +512,7 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
         self.out_width = col
         self._feature_cache: dict = {}
         per_table = [parse_sizes(s, t.num_embeddings, t.embedding_dim) for s, t in zip(_sizes_list(sizes, tabs), tabs)]
-        self.register_buffer("offsets", fresh_table(self._global_offsets(per_table).to(device)))
+        self.register_buffer("offsets", memory.fresh_table(self._global_offsets(per_table).to(device)))
         rows = torch.zeros(len(tabs) + 1, dtype=torch.int64)
         torch.cumsum(torch.tensor([t.num_embeddings for t in tabs]), 0, out=rows[1:])
         self.register_buffer("table_rows", rows.to(device))
@@ -521,12 +520,9 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
         if _weight is not None:
             if _weight.shape != (total,):
                 raise ValueError(f"_weight must have shape ({total},), got {tuple(_weight.shape)}")
-            w = _weight.detach().to(device=device, dtype=dtype)
-            fresh = fresh_table(w)  # a copy on huge pages, or w as it is (then copied here)
-            self.weight = nn.Parameter(fresh if fresh is not w else w.clone())
+            self.weight = nn.Parameter(memory.fresh_table(_weight.detach().to(device=device, dtype=dtype), copy=True))
         else:
-            self.weight = nn.Parameter(torch.empty(total, device=device, dtype=dtype))
-            advise_huge_pages(self.weight, fresh=True)  # reset_parameters writes it next (pme.memory)
+            self.weight = nn.Parameter(memory.empty(total, dtype, device))  # reset_parameters fills it
             self.reset_parameters()
         self.optimizer = None
         if optimizer is not None:
@@ -881,14 +877,14 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
             error_msgs.extend(errors)
             return
         sizes = [o[1:] - o[:-1] for o in offs]
-        new_off = fresh_table(self._global_offsets(sizes).to(self.offsets.device))
+        new_off = memory.fresh_table(self._global_offsets(sizes).to(self.offsets.device))
         dev, dtype = self.weight.device, self.weight.dtype
         flat = torch.cat([w.detach().to(device=dev, dtype=dtype) for w in weights])
         with torch.no_grad():
             if flat.numel() == self.weight.numel():
                 self.weight.copy_(flat)
             else:
-                self.weight = nn.Parameter(fresh_table(flat), requires_grad=self.weight.requires_grad)
+                self.weight = nn.Parameter(memory.fresh_table(flat), requires_grad=self.weight.requires_grad)
         self.offsets = new_off
         for b in per_table:
             buf = getattr(self, b.name)

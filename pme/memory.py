@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-__all__ = ["huge_pages_enabled", "advise_huge_pages", "fresh_table", "describe"]
+__all__ = ["huge_pages_enabled", "advise_huge_pages", "empty", "fresh_table", "thp_mode", "describe"]
 
 MIN_BYTES = 4 << 20
 _HUGE = 2 << 20
@@ -50,14 +50,19 @@ def huge_pages_enabled() -> bool:
     return _MADVISE is not None and os.environ.get("PME_HUGE_PAGES", "1") != "0"
 
 
-def describe() -> str:
-    """One line for ``pme info``: whether pme advises its tables, and the kernel's THP mode."""
+def thp_mode() -> str | None:
+    """The kernel's transparent huge page mode (``"always"``, ``"madvise"``, ``"never"``), or None."""
     try:
         with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
             text = f.read()
-        mode = text[text.index("[") + 1 : text.index("]")]
+        return text[text.index("[") + 1 : text.index("]")]
     except (OSError, ValueError):
-        mode = "unknown"
+        return None
+
+
+def describe() -> str:
+    """One line for ``pme info``: whether pme advises its tables, and the kernel's THP mode."""
+    mode = thp_mode()
     if _MADVISE is None:
         return "no (not Linux)"
     if not huge_pages_enabled():
@@ -93,13 +98,19 @@ def advise_huge_pages(t: torch.Tensor, fresh: bool = False) -> bool:
     return True
 
 
-def fresh_table(t: torch.Tensor) -> torch.Tensor:
-    """A copy of ``t`` in fresh memory advised before the copy writes it, so that its pages are huge
-    from the first write; ``t`` unchanged where huge pages do not apply (see
-    :func:`advise_huge_pages`). Only for buffers pme just made: the copy ends any sharing."""
+def empty(shape, dtype: torch.dtype, device=None) -> torch.Tensor:
+    """``torch.empty(shape)`` for a table pme is about to fill in full: a big CPU one advised for
+    huge pages before its first write (:func:`advise_huge_pages` with ``fresh=True``)."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    advise_huge_pages(out, fresh=True)
+    return out
+
+
+def fresh_table(t: torch.Tensor, copy: bool = False) -> torch.Tensor:
+    """``t`` in memory advised for huge pages before it was written: a copy where huge pages apply
+    (see :func:`advise_huge_pages`), else ``t`` itself, or a plain copy with ``copy=True`` (for a
+    caller that needs its own buffer either way). Only for buffers pme owns: the copy ends any
+    sharing."""
     if not huge_pages_enabled() or not _big_cpu(t):
-        return t
-    out = torch.empty_like(t, memory_format=torch.contiguous_format)
-    if not advise_huge_pages(out, fresh=True):
-        return t
-    return out.copy_(t)
+        return t.clone(memory_format=torch.contiguous_format) if copy else t
+    return empty(t.shape, t.dtype, t.device).copy_(t)

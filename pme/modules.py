@@ -8,8 +8,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from . import ops
-from .memory import advise_huge_pages, fresh_table
+from . import memory, ops
 
 __all__ = ["MultiSizeEmbeddingBag", "MultiSizeEmbedding", "convert", "parse_sizes"]
 
@@ -172,14 +171,14 @@ class _MultiSizeTable(nn.Module):
         self.project = project
         self._size_classes = size_classes
         sizes = parse_sizes(sizes, num_embeddings, embedding_dim)
-        self.register_buffer("offsets", fresh_table(_offsets_of(sizes).to(device)))
+        self.register_buffer("offsets", memory.fresh_table(_offsets_of(sizes).to(device)))
         self.register_buffer("col_of_size", None)
         self._set_layout(sizes)
         if _weight is not None:
             _weight = torch.as_tensor(_weight)
             if _weight.shape == (num_embeddings, embedding_dim) and _weight.shape != (int(sizes.sum()),):
                 # a dense [V, D] table, as nn.Embedding takes it: each row keeps its first sizes[i] values
-                _weight = fresh_table(
+                _weight = memory.fresh_table(
                     ops.prune_pack(
                         _weight.detach(),
                         _first_columns(num_embeddings, embedding_dim, _weight.device),
@@ -192,10 +191,9 @@ class _MultiSizeTable(nn.Module):
                     f"[{num_embeddings}, {embedding_dim}] table, got {tuple(_weight.shape)}"
                 )
             self.weight = nn.Parameter(_weight.to(device=device, dtype=dtype))
-            advise_huge_pages(self.weight)  # in place: a flat buffer given is shared, as nn.Embedding shares it
+            memory.advise_huge_pages(self.weight)  # in place: a flat buffer given is shared, as nn.Embedding shares it
         else:
-            self.weight = nn.Parameter(torch.empty(int(sizes.sum()), device=device, dtype=dtype))
-            advise_huge_pages(self.weight, fresh=True)  # reset_parameters writes it next (pme.memory)
+            self.weight = nn.Parameter(memory.empty(int(sizes.sum()), dtype, device))  # reset_parameters fills it
             self.reset_parameters()
         if project:
             self.projection = nn.Parameter(self._identity_projection().to(device=device, dtype=dtype))
@@ -489,12 +487,14 @@ class _MultiSizeTable(nn.Module):
     def _relayout(self, off, sizes, classes):
         """Takes the checkpoint's sizes: offsets, derived layout, fresh weight / state of the new shape."""
         dev = self.offsets.device
-        self.offsets = fresh_table(off.to(dev, torch.int64).clone())
+        self.offsets = memory.fresh_table(off.to(dev, torch.int64), copy=True)
         if self.layout == "grouped":
             self._size_classes = classes
         self._set_layout(sizes)
-        self.weight = nn.Parameter(self.weight.new_empty(int(sizes.sum())), requires_grad=self.weight.requires_grad)
-        advise_huge_pages(self.weight, fresh=True)  # the checkpoint's values are copied in next
+        self.weight = nn.Parameter(  # the checkpoint's values are copied in next
+            memory.empty(int(sizes.sum()), self.weight.dtype, self.weight.device),
+            requires_grad=self.weight.requires_grad,
+        )
         if self.projection is not None:
             self.projection = nn.Parameter(
                 self._identity_projection().to(self.projection), requires_grad=self.projection.requires_grad
@@ -565,7 +565,7 @@ class _MultiSizeTable(nn.Module):
         if scores is None:
             scores = _first_columns(V, D, w.device)
         flat, _ = ops.prune_pack(w, scores.detach().float(), sizes, order)
-        flat = fresh_table(flat)  # ours alone: a copy on huge pages (pme.memory)
+        flat = memory.fresh_table(flat)  # ours alone: a copy on huge pages (pme.memory)
         kwargs.setdefault("dtype", weight.dtype)
         kwargs.setdefault("device", weight.device)
         return cls(V, D, sizes=sizes, _weight=flat, **kwargs)

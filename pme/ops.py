@@ -26,8 +26,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import reference
-from .memory import advise_huge_pages
+from . import memory, reference
 
 __all__ = [
     "backend",
@@ -1164,9 +1163,7 @@ class RowConsumer:
         acc = acc_dtype(module.weight.dtype)
         for b in self.state(module):
             dev = torch.device("cpu") if b.host else module.weight.device
-            buf = torch.empty(b.shape, dtype=b.dtype or acc, device=dev)
-            advise_huge_pages(buf, fresh=True)  # big host state on 2 MiB pages (pme.memory); zeroed next
-            module.register_buffer(b.name, buf.zero_())
+            module.register_buffer(b.name, memory.empty(b.shape, b.dtype or acc, dev).zero_())  # huge pages
         module.weight.requires_grad_(False)
         module.optimizer = self
 

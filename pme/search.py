@@ -320,6 +320,24 @@ def default_granularity(budget: float, dim: int, quantum: int) -> tuple:
     return (quantum, quantum) if budget * dim >= 2 * quantum else (1, 1)
 
 
+def _grid(budget: float, dim: int, dtype: torch.dtype, quantum, min_size) -> tuple:
+    """``(quantum, min_size)``: the given ones, or ``default_granularity``'s for the narrowest width
+    ``dim`` and the tables' ``dtype`` (a default floor is at most one quantum)."""
+    q_default, floor_default = default_granularity(budget, dim, alignment_quantum(dtype))
+    q = q_default if quantum is None else int(quantum)
+    return q, (min(floor_default, q) if min_size is None else int(min_size))
+
+
+def _check_cut(budget: float, normalize: str, shrink: float) -> None:
+    """The arguments of the cut that ``search`` and ``from_scores`` share."""
+    if normalize not in NORMALIZE:
+        raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
+    if not 0 < budget <= 1:
+        raise ValueError(f"budget must be in (0, 1], got {budget}")
+    if not shrink >= 0:
+        raise ValueError(f"shrink must be >= 0, got {shrink}")
+
+
 def _round_sizes(counts: torch.Tensor, D: int, quantum: int, min_size: int) -> torch.Tensor:
     q = quantum
     s = torch.div(counts + q // 2, q, rounding_mode="floor") * q
@@ -600,16 +618,11 @@ def search(
     """
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
-    if normalize not in NORMALIZE:
-        raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
-    if not 0 < budget <= 1:
-        raise ValueError(f"budget must be in (0, 1], got {budget}")
+    _check_cut(budget, normalize, shrink)
     if num_batches < 1 and rule in ("taylor", "snip", "grad"):
         raise ValueError(f"num_batches must be >= 1, got {num_batches}")
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-    if not shrink >= 0:
-        raise ValueError(f"shrink must be >= 0, got {shrink}")
     if rule == "saliency" and held_out is None:
         raise ValueError("rule='saliency' needs held_out=<iterable of held-out batches>")
     if rule == "movement" and warmup_steps == 0:
@@ -618,10 +631,7 @@ def search(
     t0 = time.perf_counter()
     chosen = _searchable(model, tables)
     dtype = next(iter(chosen.values())).weight.dtype
-    dim = min(m.embedding_dim for m in chosen.values())
-    q_default, floor_default = default_granularity(budget, dim, alignment_quantum(dtype))
-    quantum = q_default if quantum is None else int(quantum)
-    min_size = min(floor_default, quantum) if min_size is None else int(min_size)
+    quantum, min_size = _grid(budget, min(m.embedding_dim for m in chosen.values()), dtype, quantum, min_size)
     work = copy.deepcopy(model)
     if device is not None:
         work = work.to(device)
@@ -771,12 +781,7 @@ def from_scores(
     Returns:
         ``SearchResult`` (``result.for_budget(b)`` cuts the same scores at another budget).
     """
-    if not 0 < budget <= 1:
-        raise ValueError(f"budget must be in (0, 1], got {budget}")
-    if normalize not in NORMALIZE:
-        raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
-    if not shrink >= 0:
-        raise ValueError(f"shrink must be >= 0, got {shrink}")
+    _check_cut(budget, normalize, shrink)
     if not scores:
         raise ValueError("from_scores: no tables in scores")
     for n, sc in scores.items():
@@ -787,10 +792,7 @@ def from_scores(
         if not sc.is_floating_point():
             raise TypeError(f"from_scores: scores[{n!r}] must be floating point, got {sc.dtype}")
     t0 = time.perf_counter()
-    dim = min(int(sc.shape[1]) for sc in scores.values())
-    q_default, floor_default = default_granularity(budget, dim, alignment_quantum(dtype))
-    quantum = q_default if quantum is None else int(quantum)
-    min_size = min(floor_default, quantum) if min_size is None else int(min_size)
+    quantum, min_size = _grid(budget, min(int(sc.shape[1]) for sc in scores.values()), dtype, quantum, min_size)
     scores = {n: sc.detach().float() for n, sc in scores.items()}
     return _result(scores, budget, t0, rule, 0, 0, counts, shrink, normalize, None, per_table, quantum, min_size)
 
@@ -1082,10 +1084,7 @@ def sizes_at_budget(
         if model is None:
             raise ValueError(f"method {method!r} needs model=<the model with full-size tables>")
         shapes = table_shapes(model, tables)
-    dim = min(D for _, D in shapes.values())
-    q0, floor0 = default_granularity(budget, dim, alignment_quantum(torch.float32))
-    q = q0 if quantum is None else int(quantum)
-    floor = min(floor0, q) if min_size is None else int(min_size)
+    q, floor = _grid(budget, min(D for _, D in shapes.values()), torch.float32, quantum, min_size)
     if method == "pme":
         return result.for_budget(budget, quantum=q, min_size=floor).sizes
     if method == "grouped":

@@ -11,14 +11,6 @@ from pme import memory
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="transparent huge pages are Linux's")
 
 
-def _thp_mode():
-    try:
-        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
-    except OSError:
-        return None
-    return text[text.index("[") + 1 : text.index("]")]
-
-
 def _vma_of(addr):
     """The /proc/self/smaps fields of the mapping holding ``addr``."""
     fields, inside = {}, False
@@ -48,6 +40,8 @@ def test_fresh_table_copies_big_cpu_tensors_and_leaves_the_rest(monkeypatch):
         assert out.data_ptr() != big.data_ptr()  # a fresh buffer, advised before the copy
     small = torch.randn(1000)
     assert memory.fresh_table(small) is small and not memory.advise_huge_pages(small)
+    own = memory.fresh_table(small, copy=True)  # a buffer of its own either way
+    assert torch.equal(own, small) and own.data_ptr() != small.data_ptr()
     strided = big[::2]
     assert memory.fresh_table(strided) is strided and not memory.advise_huge_pages(strided)
     monkeypatch.setenv("PME_HUGE_PAGES", "0")
@@ -62,7 +56,7 @@ def test_tables_are_advised_for_huge_pages(build, monkeypatch):
     own account of the mapping) unless PME_HUGE_PAGES=0; the lookups are the same either way."""
     if not memory.huge_pages_enabled():
         pytest.skip("PME_HUGE_PAGES=0")
-    mode = _thp_mode()
+    mode = memory.thp_mode()
     if mode not in ("madvise", "always"):
         pytest.skip(f"transparent huge pages: {mode!r}")
     V, D = 600_000, 8  # offsets 4.6 MiB, flat buffer about 14 MiB
@@ -101,7 +95,7 @@ def test_a_given_flat_buffer_stays_shared():
 @linux
 def test_fused_optimizer_state_is_advised_and_zero():
     """A fused optimizer's big per-entry state (Adam's two moments) is advised and starts at zero."""
-    if not memory.huge_pages_enabled() or _thp_mode() not in ("madvise", "always"):
+    if not memory.huge_pages_enabled() or memory.thp_mode() not in ("madvise", "always"):
         pytest.skip("no huge pages here")
     V, D = 300_000, 8  # per-entry state 9.6 MiB each
     m = pme.MultiSizeEmbeddingBag(V, D, sizes=torch.full((V,), 8), optimizer=pme.optim.Adam(lr=0.01))
@@ -114,7 +108,7 @@ def test_fused_optimizer_state_is_advised_and_zero():
 
 def test_info_says_whether_tables_go_on_huge_pages(monkeypatch):
     line = pme.info()["huge_pages"]
-    assert line.startswith("yes" if memory.huge_pages_enabled() and _thp_mode() != "never" else "no")
+    assert line.startswith("yes" if memory.huge_pages_enabled() and memory.thp_mode() != "never" else "no")
     monkeypatch.setenv("PME_HUGE_PAGES", "0")
     if sys.platform.startswith("linux"):
         assert pme.info()["huge_pages"].startswith("no (PME_HUGE_PAGES=0")

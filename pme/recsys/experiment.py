@@ -8,6 +8,7 @@ PNG plots.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -225,15 +226,14 @@ def run_experiment(cfg: ExperimentConfig, train, val, test, log=print) -> list:
     steps_per_epoch = -(-len(train) // cfg.batch_size)
     for seed in cfg.seeds:
         full = _make_model(cfg, train, seed)
-        scorers = {}
-        for m in accumulated:  # |w * g| over the last part of the full-size run (hooks that only read)
-            v = cfg.variants[m]
-            start = round((1 - v.get("score_share", 0.25)) * cfg.epochs * steps_per_epoch)
-            scorers[m] = TrainingScores(full, rule=v.get("rule", "taylor"), start_step=start)
-        res = _train_eval(cfg, full, train, val, test, seed)
-        summed = {m: sc.scores() for m, sc in scorers.items()}
-        for sc in scorers.values():
-            sc.remove()
+        with contextlib.ExitStack() as hooks:  # |w * g| over the last part of the full-size run (read only)
+            scorers = {}
+            for m in accumulated:
+                v = cfg.variants[m]
+                start = round((1 - v.get("score_share", 0.25)) * cfg.epochs * steps_per_epoch)
+                scorers[m] = hooks.enter_context(TrainingScores(full, rule=v.get("rule", "taylor"), start_step=start))
+            res = _train_eval(cfg, full, train, val, test, seed)
+            summed = {m: sc.scores() for m, sc in scorers.items()}
         rows.append(
             {
                 "seed": seed,
