@@ -50,7 +50,7 @@ def test_fresh_table_copies_big_cpu_tensors_and_leaves_the_rest(monkeypatch):
 
 
 @linux
-@pytest.mark.parametrize("build", ["from_dense", "constructor", "collection"])
+@pytest.mark.parametrize("build", ["from_dense", "constructor", "collection", "checkpoint"])
 def test_tables_are_advised_for_huge_pages(build, monkeypatch):
     """The flat buffer and the offset table of a big table are advised (THPeligible in the kernel's
     own account of the mapping) unless PME_HUGE_PAGES=0; the lookups are the same either way."""
@@ -66,6 +66,10 @@ def test_tables_are_advised_for_huge_pages(build, monkeypatch):
             return pme.MultiSizeEmbeddingBag.from_dense(torch.randn(V, D), torch.full((V,), 6))
         if build == "constructor":
             return pme.MultiSizeEmbeddingBag(V, D, sizes=torch.full((V,), 6))
+        if build == "checkpoint":  # a checkpoint of other sizes: new offsets and a new flat buffer
+            t = pme.MultiSizeEmbeddingBag(V, D, sizes=torch.full((V,), 2))
+            t.load_state_dict(pme.MultiSizeEmbeddingBag(V, D, sizes=torch.full((V,), 6)).state_dict())
+            return t
         tables = [pme.collection.EmbeddingBagConfig(name="t", num_embeddings=V, embedding_dim=D, feature_names=["f"])]
         return pme.MultiSizeEmbeddingBagCollection(tables, sizes={"t": torch.full((V,), 6)})
 
