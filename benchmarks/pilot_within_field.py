@@ -19,6 +19,11 @@ field's share is spread over its tokens:
   ``wprof`` (the shrinkage toward the profile of the table's rows weighted by their own weights
   ``n / (n + D)``, so the rarely seen rows do not set it), ``zero`` (the shrinkage toward zero:
   scores times ``n / (n + D)``), ``rarity`` (MDE's power rule upside down, count^-0.3);
+- ``--tries evidence evidence_zero`` (a fourth round, one seed, not adopted; benchmarks/README.md):
+  the shrinkage with each row's weight taken from its gradients during the full-size run instead
+  of its count (``GradientEvidence.reliability``: ``1 - sum g^2 / (sum g)^2`` over the row's
+  entries, the share of the summed gradient a consistent direction explains), toward the table's
+  profile or toward zero;
 - ``--by-count``: print each table's mean trained magnitude and movement per count bin
   (``floor(log2(n + 1))``): the diagnosis of the third round (rare rows' magnitudes under Adam);
 - ``--truncated``: also the validation AUC of the trained full-size model with the entries outside
@@ -29,7 +34,8 @@ Prints one line per run (AUC and its difference to full size) and writes
 ``<out>/pilot_within_field_<data>_<seed>.json``.
 
 Run: python benchmarks/pilot_within_field.py movielens 100 [--budgets 0.2 0.05] [--shrink 0.25 1 4]
-     [--parts] [--bins 1 4] [--tries movement popfloor wprof zero rarity] [--truncated]
+     [--parts] [--bins 1 4] [--tries movement popfloor wprof zero rarity evidence evidence_zero]
+     [--truncated]
      (--parts adds the field/within-field variants, --bins the count-bin shrinkage at the given
      strengths)
 """
@@ -102,6 +108,61 @@ def shrink_toward(scores: dict, counts: dict, prior: str) -> dict:
     return out
 
 
+class GradientEvidence:
+    """Sums each embedding entry's gradients and squared gradients over a training run (hooks after
+    each accumulation), for :meth:`reliability`."""
+
+    def __init__(self, model):
+        self.s1, self.s2, self.handles = {}, {}, []
+        for n, m in model.named_modules():
+            if isinstance(m, torch.nn.EmbeddingBag):
+                self.s1[n] = torch.zeros_like(m.weight, dtype=torch.float64)
+                self.s2[n] = torch.zeros_like(m.weight, dtype=torch.float64)
+                self.handles.append(m.weight.register_post_accumulate_grad_hook(self._hook(n)))
+
+    def _hook(self, n):
+        def add(p):
+            g = p.grad.detach().double()
+            self.s1[n].add_(g)
+            self.s2[n].add_(g * g)
+
+        return add
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+    def seen(self) -> dict:
+        """``[V]`` bool per row: some gradient reached it."""
+        return {n: self.s2[n].sum(1) > 0 for n in self.s2}
+
+    def reliability(self) -> dict:
+        """``[V]`` per row: ``1 - sum(S2) / sum(S1^2)`` over its entries, clamped to [0, 1]: the share
+        of the summed gradient's square that a consistent direction explains (0 for a row never
+        seen or seen once, or whose gradients point every way; towards 1 when they agree)."""
+        out = {}
+        for n in self.s1:
+            a, b = (self.s1[n] ** 2).sum(1), self.s2[n].sum(1)
+            out[n] = torch.where(a > 0, 1 - b / a.clamp(min=1e-300), torch.zeros_like(a)).clamp(0, 1)
+        return out
+
+
+def shrink_by(scores: dict, lam: dict, prior: str, seen: dict) -> dict:
+    """Each row's scores kept with its weight ``lam[name][r]`` in [0, 1], the rest from the mean
+    sorted score profile of the table's ``seen`` rows (``"profile"``, as ``shrink_scores``) or from
+    nothing (``"zero"``)."""
+    out = {}
+    for name, sc in scores.items():
+        w = lam[name].double().unsqueeze(1)
+        if prior == "zero":
+            out[name] = (w * sc.double()).float()
+            continue
+        srt = torch.sort(sc.double(), dim=1, descending=True, stable=True).values
+        rows = seen[name] if bool(seen[name].any()) else torch.ones_like(seen[name])
+        out[name] = (w * sc.double() + (1 - w) * srt[rows].mean(0)[_rank(sc)]).float()
+    return out
+
+
 def floored(scores: dict, floor: dict) -> dict:
     """Scores whose ``floor[name][r]`` best entries of each row always survive the threshold."""
     out = {}
@@ -132,7 +193,7 @@ def main():
         "--tries",
         nargs="*",
         default=[],
-        choices=["movement", "popfloor", "wprof", "zero", "rarity"],
+        choices=["movement", "popfloor", "wprof", "zero", "rarity", "evidence", "evidence_zero"],
         help="the third round's variants (see above)",
     )
     p.add_argument("--by-count", action="store_true", help="print |w_T| and |w_T - w_0| per count bin")
@@ -145,7 +206,10 @@ def main():
     cfg = ExperimentConfig(budgets=tuple(a.budgets) or (0.2,), seeds=(a.seed,), progress=False, methods=("pme",))
     full = _make_model(cfg, train, a.seed)
     w0 = {n: m.weight.detach().clone() for n, m in full.named_modules() if isinstance(m, torch.nn.EmbeddingBag)}
+    evid = GradientEvidence(full) if any(t.startswith("evidence") for t in a.tries) else None
     res = _train_eval(cfg, full, train, val, test, a.seed)
+    if evid is not None:
+        evid.remove()
     out = {"full": res["auc"]}
     found, _ = run_search(cfg, DEFAULT_VARIANTS["pme_raw"], full, train, val, a.seed)
     counts = token_counts(full, train)
@@ -160,14 +224,17 @@ def main():
                 rows = bins == k
                 if int(rows.sum()) >= 3:
                     mag, move = float(wt[rows].abs().mean()), float((wt - w0[n])[rows].abs().mean())
+                    rel = f" reliability {float(evid.reliability()[n][rows].mean()):.2f}" if evid else ""
                     print(
                         f"{a.data} {a.seed} by-count {n} n>={2**k - 1} rows {int(rows.sum())} "
-                        f"|w| {mag:.4f} move {move:.4f}"
+                        f"|w| {mag:.4f} move {move:.4f}{rel}"
                     )
     tries = {
         "movement": lambda: shrink_scores({n: (mods[n].weight.detach() - w0[n]).abs() for n in shapes}, counts, 1.0),
         "wprof": lambda: shrink_toward(found.scores, counts, "weighted"),
         "zero": lambda: shrink_toward(found.scores, counts, "zero"),
+        "evidence": lambda: shrink_by(found.scores, evid.reliability(), "profile", evid.seen()),
+        "evidence_zero": lambda: shrink_by(found.scores, evid.reliability(), "zero", evid.seen()),
     }
     shrunk.update({k: tries[k]() for k in a.tries if k in tries})
     default = shrink_scores(found.scores, counts, 1.0)  # the default's scores, for popfloor
