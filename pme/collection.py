@@ -175,6 +175,30 @@ class KeyedOutput:
         return f"KeyedOutput(keys={self._keys}, values={tuple(self._values.shape)})"
 
 
+def _variable_batch(features) -> bool:
+    """A torchrec KeyedJaggedTensor whose features have batch sizes of their own (VBE)."""
+    return _is_kjt(features) and bool(getattr(features, "variable_stride_per_key", lambda: False)())
+
+
+def _pad_variable_batch(offsets: torch.Tensor, strides) -> tuple:
+    """A VBE KJT's offsets (``sum(B_f) + 1``: feature f's ``B_f`` bags in turn) -> offsets of
+    ``max(B_f)`` bags per feature (each feature's bags, then empty ones), and that batch size."""
+    strides = [int(b) for b in strides]
+    if offsets.dim() != 1 or offsets.numel() != sum(strides) + 1:
+        raise ValueError(
+            f"the KeyedJaggedTensor has {offsets.numel()} offsets but its features' batch sizes {strides} "
+            f"need {sum(strides) + 1}"
+        )
+    B = max(strides, default=0)
+    b = torch.arange(1, B + 1, device=offsets.device)
+    starts = [0]
+    for n in strides:
+        starts.append(starts[-1] + n)
+    pick = [offsets.new_zeros(1, dtype=torch.int64)]
+    pick += [torch.clamp(b, max=n) + s for n, s in zip(strides, starts)]
+    return offsets[torch.cat(pick)], B
+
+
 def _is_kjt(x) -> bool:
     return all(hasattr(x, a) for a in ("keys", "values", "offsets", "weights_or_none", "stride"))
 
@@ -670,14 +694,14 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
     def _normal_form(self, features):
         """Input -> (keys, indices, bag_offsets, weights or None, B)."""
         if _is_kjt(features):
-            if getattr(features, "variable_stride_per_key", lambda: False)():
-                raise NotImplementedError(
-                    "pme: a KeyedJaggedTensor with a variable batch per feature is not supported yet"
-                )
             keys = features.keys()
             values, offs = features.values(), features.offsets()
             w = features.weights_or_none()
-            B = features.stride()
+            if _variable_batch(features):
+                # each feature's bags, then empty ones up to the largest feature's batch
+                offs, B = _pad_variable_batch(offs, features.stride_per_key())
+            else:
+                B = features.stride()
         elif isinstance(features, Mapping):
             keys, vals, offl, wl = [], [], [], []
             B = None
@@ -742,6 +766,48 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
             w = None  # as EmbeddingBagCollection: an unweighted collection ignores the input's weights
         return keys, values.contiguous(), offs.contiguous(), (w.contiguous() if w is not None else None), int(B)
 
+    def _inverse_rows(self, kjt, keys) -> torch.Tensor | None:
+        """For a KJT with a variable batch per feature: ``[B, out_width]`` int64, the row of the
+        lookup's output (``max_f B_f`` bags per feature) that each sample reads in each output
+        column, from the KJT's inverse indices (``inverse_indices[f][b]``: the bag of feature ``f``
+        that sample ``b`` uses), as ``EmbeddingBagCollection`` expands its pooled features."""
+        inv = kjt.inverse_indices_or_none()
+        strides = dict(zip(keys, kjt.stride_per_key()))
+        if inv is None and len(set(strides.values())) <= 1:
+            return None  # every feature has the same batch: nothing to expand (as EmbeddingBagCollection)
+        if inv is None:
+            raise ValueError(
+                "a KeyedJaggedTensor with a variable batch per feature needs inverse indices "
+                "(KeyedJaggedTensor(..., inverse_indices=(keys, [F, B] tensor))) that map every sample to its "
+                "bag of each feature, as EmbeddingBagCollection does"
+            )
+        names, table = inv
+        if not isinstance(table, torch.Tensor) or table.dim() != 2 or table.shape[0] != len(names):
+            raise ValueError(
+                f"inverse indices must be (keys, [len(keys), B] tensor), got {len(names)} keys and a tensor of shape "
+                f"{tuple(getattr(table, 'shape', ()))}"
+            )
+        if table.dtype not in ops.INDEX_DTYPES or table.is_floating_point():
+            raise TypeError(f"inverse indices must be int32 or int64, got {table.dtype}")
+        where = {n: i for i, n in enumerate(names)}
+        table = table.to(self.weight.device)
+        cols = []
+        for ti, f, _ in self._blocks:
+            if f not in where:
+                raise KeyError(f"the inverse indices have no feature {f!r}; their keys are {list(names)}")
+            r = table[where[f]].long()
+            bad = (r < 0) | (r >= strides[f])
+            if bool(bad.any()):
+                b = int(bad.nonzero()[0])
+                raise IndexError(
+                    f"inverse indices of feature {f!r}: sample {b} reads bag {int(r[b])} but the feature has "
+                    f"{strides[f]} bags"
+                )
+            cols.append(r.unsqueeze(1).expand(-1, self._tables[ti].embedding_dim))
+        if not cols:
+            return table.new_zeros((table.shape[1], 0), dtype=torch.int64)
+        return torch.cat(cols, dim=1)
+
     # ---- forward ----------------------------------------------------------------------------
     def _lookup(self, rows: CollectionRows):
         """:func:`collection_lookup` of a batch (``rows`` without its ``grad_out``)."""
@@ -752,15 +818,21 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
         """KeyedJaggedTensor -> KeyedTensor, or ``{feature: (values, offsets[, weights])}`` -> KeyedOutput.
 
         Values ``[B, out_width]``: output block ``feature`` of table ``t`` in columns of width
-        ``D_t``, equal to ``nn.EmbeddingBag(mode=t.pooling)`` on the table's dense view.
+        ``D_t``, equal to ``nn.EmbeddingBag(mode=t.pooling)`` on the table's dense view. A KJT with
+        a variable batch per feature (``stride_per_key_per_rank`` and ``inverse_indices``, B the
+        inverse indices' width) is pooled per feature and expanded as ``EmbeddingBagCollection``
+        does: sample ``b`` reads bag ``inverse_indices[f][b]`` of feature ``f``.
         """
         keys, idx, bo, psw, B = self._normal_form(features)
         feats = self._features(keys)
+        rows_of = self._inverse_rows(features, keys) if _variable_batch(features) else None  # VBE
         if self.optimizer is not None and self.training and torch.is_grad_enabled():
             anchor = torch.zeros((), device=self.weight.device, requires_grad=True)
             values = _ConsumedCollectionLookup.apply(anchor, self.optimizer, self, idx, bo, feats, psw, B)
         else:
             values = self._lookup(CollectionRows(None, idx, bo, feats, psw, B))
+        if rows_of is not None:
+            values = values.gather(0, rows_of)  # each sample's row of every feature's pooled bags
         lengths = [self._tables[ti].embedding_dim for ti, _, _ in self._blocks]
         if _is_kjt(features):
             from torchrec.sparse.jagged_tensor import KeyedTensor
@@ -1038,6 +1110,8 @@ class MultiSizeEmbeddingCollection(MultiSizeEmbeddingBagCollection):
     def forward(self, features):
         keys, idx, bo, _, B = self._normal_form(features)
         pos = {k: i for i, k in enumerate(keys)}
+        # a variable batch per feature (VBE): feature g has its own B_g bags (then empty ones to B)
+        nbags = dict(zip(keys, features.stride_per_key())) if _variable_batch(features) else {}
         bo = bo.long()
         rows = self.table_rows.tolist()
         parts, spans = [], []
@@ -1068,7 +1142,7 @@ class MultiSizeEmbeddingCollection(MultiSizeEmbeddingBagCollection):
         for name, (s, e, g) in zip(self.embedding_names(), spans):
             vals = emb[m : m + e - s]
             m += e - s
-            offs = bo[g * B : g * B + B + 1] - s
+            offs = bo[g * B : g * B + nbags.get(keys[g], B) + 1] - s
             if kjt:
                 if vals.dtype in (torch.float16, torch.bfloat16):
                     vals = vals.float()  # as EmbeddingCollection

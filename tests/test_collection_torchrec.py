@@ -239,6 +239,143 @@ def test_from_ebc_random_sizes_and_state_dict():
     torch.testing.assert_close(ref(kjt).values(), model.sparse_arch.embedding_bag_collection(kjt).values())
 
 
+def make_vbe_kjt(ebc, B, seed, index_dtype=torch.int64, weighted=False, max_len=6):
+    """A KJT with a variable batch per feature (TorchRec's VBE): feature f has its own B_f in
+    [1, B] bags (B for the second key, B // 2 for the last; empty bags, the largest index,
+    duplicates) and inverse indices [F, B] that map each of the B samples to one of them (every
+    bag used at least once)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = {}
+    for c in ebc.embedding_bag_configs():
+        for f in c.feature_names:
+            rows[f] = min(rows.get(f, c.num_embeddings), c.num_embeddings)
+    keys = sorted(rows, reverse=True)
+    values, lengths, strides, inverse = [], [], [], []
+    for i, f in enumerate(keys):
+        # the second feature has the whole batch, the last half of it, the others any share
+        bf = (
+            B if i == 1 else max(1, B // 2) if i == len(keys) - 1 else int(torch.randint(1, B + 1, (1,), generator=gen))
+        )
+        v, ln = random_jagged(rows[f], bf, max_len, gen)
+        values.append(v)
+        lengths.append(ln)
+        strides.append([bf])
+        inverse.append(torch.cat([torch.randperm(bf, generator=gen), torch.randint(0, bf, (B,), generator=gen)])[:B])
+    values = torch.cat(values).to(index_dtype)
+    lengths = torch.cat(lengths).to(torch.int32 if index_dtype == torch.int32 else torch.int64)
+    w = torch.rand(values.numel(), generator=gen) + 0.5 if weighted else None
+    return KeyedJaggedTensor(
+        keys=keys,
+        values=values,
+        lengths=lengths,
+        weights=w,
+        stride_per_key_per_rank=strides,
+        inverse_indices=(keys, torch.stack(inverse)),
+    )
+
+
+def expanded(kjt):
+    """The same batch as a KJT of one batch size: every sample's own copy of each feature's bag."""
+    inv_keys, inv = kjt.inverse_indices()
+    d = kjt.to_dict()
+    values, lengths, weights = [], [], []
+    for k in kjt.keys():
+        jt, rows = d[k], inv[inv_keys.index(k)]
+        o = jt.offsets()
+        for b in rows.tolist():
+            values.append(jt.values()[o[b] : o[b + 1]])
+            if jt.weights_or_none() is not None:
+                weights.append(jt.weights()[o[b] : o[b + 1]])
+        lengths.append(jt.lengths()[rows])
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=kjt.keys(),
+        values=torch.cat(values),
+        lengths=torch.cat(lengths),
+        weights=torch.cat(weights) if weights else None,
+    )
+
+
+@pytest.mark.parametrize(
+    "pooling,weighted,index_dtype",
+    [
+        (PoolingType.SUM, False, torch.int64),
+        (PoolingType.MEAN, False, torch.int32),
+        (PoolingType.SUM, True, torch.int64),
+    ],
+)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_variable_batch_per_feature_equals_embedding_bag_collection(pooling, weighted, index_dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    cfgs = configs(pooling)
+    sizes = {c.name: random_sizes(c.num_embeddings, c.embedding_dim, gen) for c in cfgs}
+    m = MultiSizeEmbeddingBagCollection(cfgs, sizes, is_weighted=weighted)
+    ebc = EmbeddingBagCollection(configs(pooling), is_weighted=weighted)
+    with torch.no_grad():
+        for name in m.table_names:
+            ebc.embedding_bags[name].weight.copy_(m.to_dense(name))
+    kjt = make_vbe_kjt(ebc, 9, 20 + seed, index_dtype, weighted)
+    assert kjt.variable_stride_per_key() and len(set(kjt.stride_per_key())) > 1
+    want, got = ebc(kjt), m(kjt)
+    assert got.keys() == want.keys() and got.values().shape == want.values().shape == (9, m.out_width)
+    torch.testing.assert_close(got.values(), want.values(), rtol=1e-6, atol=1e-6)
+    # the same batch with every sample's bags spelled out gives the same output
+    torch.testing.assert_close(m(expanded(kjt)).values(), got.values(), rtol=1e-6, atol=1e-6)
+    go = torch.randn_like(want.values())
+    want.values().backward(go)
+    got.values().backward(go)
+    for name, g in table_grads(m).items():
+        dense_grad = ebc.embedding_bags[name].weight.grad
+        mask = torch.arange(dense_grad.shape[1]) < m.sizes(name).unsqueeze(1)
+        torch.testing.assert_close(g, dense_grad[mask], rtol=1e-5, atol=1e-6)
+
+
+def test_variable_batch_per_feature_fused_step_equals_expanded_batch():
+    """A fused row-wise Adagrad step on a VBE batch moves the tables as on the same batch spelled
+    out sample by sample (each pooled bag's gradient is the sum over the samples that read it)."""
+    gen = torch.Generator().manual_seed(3)
+    cfgs = configs()
+    sizes = {c.name: random_sizes(c.num_embeddings, c.embedding_dim, gen) for c in cfgs}
+    a = MultiSizeEmbeddingBagCollection(cfgs, sizes, optimizer=pme.optim.RowwiseAdagrad(lr=0.1))
+    b = MultiSizeEmbeddingBagCollection(cfgs, sizes, optimizer=pme.optim.RowwiseAdagrad(lr=0.1))
+    with torch.no_grad():
+        b.weight.copy_(a.weight)
+    for step in range(3):
+        kjt = make_vbe_kjt(EmbeddingBagCollection(cfgs, device="meta"), 7, 40 + step)
+        go = torch.randn(7, a.out_width, generator=gen)
+        a(kjt).values().backward(go)
+        b(expanded(kjt)).values().backward(go)
+        torch.testing.assert_close(a.weight, b.weight, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(a.weight, MultiSizeEmbeddingBagCollection(cfgs, sizes).weight)
+
+
+def test_variable_batch_per_feature_errors():
+    m = MultiSizeEmbeddingBagCollection(configs())
+    kjt = make_vbe_kjt(EmbeddingBagCollection(configs(), device="meta"), 5, 7)
+    no_inverse = KeyedJaggedTensor(
+        keys=kjt.keys(),
+        values=kjt.values(),
+        lengths=kjt.lengths(),
+        stride_per_key_per_rank=kjt.stride_per_key_per_rank(),
+    )
+    with pytest.raises(ValueError, match="needs inverse indices"):
+        m(no_inverse)
+    keys, inv = kjt.inverse_indices()
+    bad = inv.clone()
+    f = keys.index("f2")
+    bad[f, 3] = kjt.stride_per_key()[kjt.keys().index("f2")]  # one past the feature's bags
+    with pytest.raises(IndexError, match="feature 'f2': sample 3 reads bag"):
+        m(
+            KeyedJaggedTensor(
+                keys=kjt.keys(),
+                values=kjt.values(),
+                lengths=kjt.lengths(),
+                stride_per_key_per_rank=kjt.stride_per_key_per_rank(),
+                inverse_indices=(keys, bad),
+            )
+        )
+    assert m(kjt).values().shape == (5, m.out_width)  # still usable
+
+
 def test_kjt_errors():
     m = MultiSizeEmbeddingBagCollection(configs())
     kjt = KeyedJaggedTensor.from_lengths_sync(
@@ -296,3 +433,32 @@ def test_non_pooled_collection_equals_embedding_collection():
         dg = ec.embeddings[name].weight.grad
         mask = torch.arange(8) < m.sizes(name).unsqueeze(1)
         torch.testing.assert_close(table_grads(m)[name], dg[mask], rtol=1e-5, atol=1e-6)
+
+
+def test_non_pooled_collection_variable_batch_per_feature():
+    """EmbeddingCollection on a VBE KJT: each feature's jagged output has its own bags."""
+    from torchrec import EmbeddingCollection, EmbeddingConfig
+
+    from pme.collection import MultiSizeEmbeddingCollection
+
+    cfgs = [
+        EmbeddingConfig(num_embeddings=V, embedding_dim=8, name=f"t{i}", feature_names=f)
+        for i, (V, f) in enumerate([(40, ["f0", "f1"]), (9, ["f2"]), (25, ["f3"])])
+    ]
+    gen = torch.Generator().manual_seed(6)
+    m = MultiSizeEmbeddingCollection(cfgs, {c.name: random_sizes(c.num_embeddings, 8, gen) for c in cfgs})
+    ec = EmbeddingCollection(cfgs)
+    with torch.no_grad():
+        for name in m.table_names:
+            ec.embeddings[name].weight.copy_(m.to_dense(name))
+    bag_cfgs = [
+        EmbeddingBagConfig(num_embeddings=c.num_embeddings, embedding_dim=8, name=c.name, feature_names=c.feature_names)
+        for c in cfgs
+    ]
+    kjt = make_vbe_kjt(EmbeddingBagCollection(bag_cfgs, device="meta"), 6, 8)
+    assert len(set(kjt.stride_per_key())) > 1
+    want, got = ec(kjt), m(kjt)
+    assert list(got) == list(want)
+    for k in want:
+        assert torch.equal(got[k].lengths().long(), want[k].lengths().long())
+        torch.testing.assert_close(got[k].values(), want[k].values(), rtol=1e-6, atol=1e-6)
