@@ -766,15 +766,15 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
             w = None  # as EmbeddingBagCollection: an unweighted collection ignores the input's weights
         return keys, values.contiguous(), offs.contiguous(), (w.contiguous() if w is not None else None), int(B)
 
-    def _inverse_rows(self, kjt, keys) -> torch.Tensor | None:
-        """For a KJT with a variable batch per feature: ``[B, out_width]`` int64, the row of the
-        lookup's output (``max_f B_f`` bags per feature) that each sample reads in each output
-        column, from the KJT's inverse indices (``inverse_indices[f][b]``: the bag of feature ``f``
-        that sample ``b`` uses), as ``EmbeddingBagCollection`` expands its pooled features."""
+    def _inverse_rows(self, kjt, keys) -> list | None:
+        """For a KJT with a variable batch per feature: ``[(column, width, rows [B] int64)]`` per
+        output block, ``rows[b]`` the bag of the block's feature that sample ``b`` reads (the KJT's
+        inverse indices, as ``EmbeddingBagCollection`` expands its pooled features); None when
+        every feature has the same batch and there are no inverse indices (nothing to expand)."""
         inv = kjt.inverse_indices_or_none()
         strides = dict(zip(keys, kjt.stride_per_key()))
         if inv is None and len(set(strides.values())) <= 1:
-            return None  # every feature has the same batch: nothing to expand (as EmbeddingBagCollection)
+            return None
         if inv is None:
             raise ValueError(
                 "a KeyedJaggedTensor with a variable batch per feature needs inverse indices "
@@ -787,26 +787,25 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
                 f"inverse indices must be (keys, [len(keys), B] tensor), got {len(names)} keys and a tensor of shape "
                 f"{tuple(getattr(table, 'shape', ()))}"
             )
-        if table.dtype not in ops.INDEX_DTYPES or table.is_floating_point():
+        if table.dtype not in ops.INDEX_DTYPES:
             raise TypeError(f"inverse indices must be int32 or int64, got {table.dtype}")
         where = {n: i for i, n in enumerate(names)}
-        table = table.to(self.weight.device)
-        cols = []
-        for ti, f, _ in self._blocks:
-            if f not in where:
-                raise KeyError(f"the inverse indices have no feature {f!r}; their keys are {list(names)}")
-            r = table[where[f]].long()
-            bad = (r < 0) | (r >= strides[f])
-            if bool(bad.any()):
-                b = int(bad.nonzero()[0])
-                raise IndexError(
-                    f"inverse indices of feature {f!r}: sample {b} reads bag {int(r[b])} but the feature has "
-                    f"{strides[f]} bags"
-                )
-            cols.append(r.unsqueeze(1).expand(-1, self._tables[ti].embedding_dim))
-        if not cols:
-            return table.new_zeros((table.shape[1], 0), dtype=torch.int64)
-        return torch.cat(cols, dim=1)
+        feats = list(dict.fromkeys(f for _, f, _ in self._blocks))  # each feature once, in block order
+        missing = [f for f in feats if f not in where]
+        if missing:
+            raise KeyError(f"the inverse indices have no feature {missing[0]!r}; their keys are {list(names)}")
+        dev = self.weight.device
+        rows = table.to(dev)[[where[f] for f in feats]].long()  # [features, B]
+        limit = torch.tensor([strides[f] for f in feats], dtype=torch.int64, device=dev)
+        bad = (rows < 0) | (rows >= limit.unsqueeze(1))
+        if bool(bad.any()):  # one check for all features
+            u, b = (int(x) for x in bad.nonzero()[0])
+            raise IndexError(
+                f"inverse indices of feature {feats[u]!r}: sample {b} reads bag {int(rows[u, b])} but the feature "
+                f"has {strides[feats[u]]} bags"
+            )
+        of = {f: rows[u] for u, f in enumerate(feats)}
+        return [(col, self._tables[ti].embedding_dim, of[f]) for ti, f, col in self._blocks]
 
     # ---- forward ----------------------------------------------------------------------------
     def _lookup(self, rows: CollectionRows):
@@ -831,8 +830,10 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
             values = _ConsumedCollectionLookup.apply(anchor, self.optimizer, self, idx, bo, feats, psw, B)
         else:
             values = self._lookup(CollectionRows(None, idx, bo, feats, psw, B))
-        if rows_of is not None:
-            values = values.gather(0, rows_of)  # each sample's row of every feature's pooled bags
+        if rows_of is not None:  # each sample's bag of every feature, block by block
+            B = rows_of[0][2].numel() if rows_of else B
+            parts = [values[:, c : c + d].index_select(0, r) for c, d, r in rows_of]
+            values = torch.cat(parts, dim=1) if parts else values.new_zeros(B, 0)
         lengths = [self._tables[ti].embedding_dim for ti, _, _ in self._blocks]
         if _is_kjt(features):
             from torchrec.sparse.jagged_tensor import KeyedTensor
