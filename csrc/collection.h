@@ -19,6 +19,10 @@
 
 #include "pme.h"
 
+#include <algorithm>
+#include <utility>
+#include <vector>
+
 namespace pme {
 
 // Registers the collection operators (the backend's functions of those names) in library block m.
@@ -84,6 +88,24 @@ inline CollectionArgs check_collection_args(const Tensor& weight, const Tensor& 
   return {offsets.numel() - 1, table_rows.numel() - 1, features.sizes()[0], G, batch_size, indices.numel()};
 }
 
+// Output blocks write disjoint column ranges (gaps allowed; empty blocks anywhere): two blocks on
+// one column would race for it and leave other columns unwritten. feat is the [F, 5] block table
+// on the host, each row's columns already checked to lie in [0, out_width).
+inline void check_blocks_disjoint(const int64_t* feat, int64_t F) {
+  std::vector<std::pair<int64_t, int64_t>> spans;  // (first column, block), non-empty blocks
+  for (int64_t k = 0; k < F; ++k) {
+    if (feat[k * kFFields + kFWidth] > 0) spans.emplace_back(feat[k * kFFields + kFCol], k);
+  }
+  std::sort(spans.begin(), spans.end());
+  for (size_t i = 1; i < spans.size(); ++i) {
+    const int64_t* a = feat + spans[i - 1].second * kFFields;
+    const int64_t* b = feat + spans[i].second * kFFields;
+    PME_CHECK(b[kFCol] >= a[kFCol] + a[kFWidth], "features[", spans[i - 1].second, "] and features[", spans[i].second,
+              "] write overlapping output columns [", a[kFCol], ", ", a[kFCol] + a[kFWidth], ") and [", b[kFCol], ", ",
+              b[kFCol] + b[kFWidth], "): each column belongs to one block");
+  }
+}
+
 // The values of table_rows and features, read on the host (CPU backend; the CUDA backend runs
 // the same tests in a kernel). Overflow-safe: every sum is bounded before it is formed.
 inline void check_collection_meta(const int64_t* table_rows, const int64_t* features, const CollectionArgs& a,
@@ -109,6 +131,7 @@ inline void check_collection_meta(const int64_t* table_rows, const int64_t* feat
     PME_CHECK(!weighted || f[kFPooling] == kSum, "features[", k,
               "]: per_sample_weights are only supported with sum pooling (as nn.EmbeddingBag)");
   }
+  check_blocks_disjoint(features, a.num_blocks);
 }
 
 }  // namespace pme

@@ -11,7 +11,9 @@
 
 #include <cmath>
 #include <cstdint>
+#include <exception>
 #include <initializer_list>
+#include <limits>
 #include <optional>
 #include <string>
 #include <utility>
@@ -117,16 +119,38 @@ struct LookupArgs {
   bool implicit_bags;   // non-pooled lookup: bag b is lookup b
 };
 
+// A new [rows, cols] tensor like `like` (its dtype and device; zero-filled when `zero`), or a pme
+// error that names the operator's output when it cannot be allocated (more memory than there is,
+// or more elements than int64 holds), where the allocator's own message names nothing of ours.
+inline Tensor new_output(const Tensor& like, int64_t rows, int64_t cols, const char* what, bool zero = false) {
+  PME_CHECK(rows >= 0 && cols >= 0, what, " = [", rows, ", ", cols, "] is not a shape");
+  PME_CHECK(rows == 0 || cols <= std::numeric_limits<int64_t>::max() / 16 / rows, what, " = [", rows, ", ", cols,
+            "] has more elements than a tensor can hold");
+  try {
+    return zero ? torch::stable::new_zeros(like, {rows, cols}) : torch::stable::new_empty(like, {rows, cols});
+  } catch (const std::exception& e) {
+    const double gib = static_cast<double>(rows) * static_cast<double>(cols) *
+                       static_cast<double>(like.element_size()) / (1024.0 * 1024.0 * 1024.0);
+    PME_CHECK(false, "cannot allocate ", what, " = [", rows, ", ", cols, "] (", gib, " GiB): ", e.what());
+  }
+  return like;  // not reached
+}
+
+// A table's offsets argument (before anything reads it as int64): 1-D int64, V + 1 >= 1 entries.
+inline void check_offsets_arg(const Tensor& offsets) {
+  check_1d(offsets, "offsets");
+  PME_CHECK(offsets.scalar_type() == ScalarType::Long, "offsets must be int64, got ",
+            dtype_name(offsets.scalar_type()));
+  PME_CHECK(offsets.numel() >= 1, "offsets must have V + 1 >= 1 entries");
+}
+
 inline LookupArgs check_lookup_args(const Tensor& weight, const Tensor& offsets, const Tensor& indices,
                                     const std::optional<Tensor>& bag_offsets,
                                     const std::optional<Tensor>& per_sample_weights,
                                     const std::optional<Tensor>& col_of_size, int64_t mode, int64_t padding_idx) {
   check_1d(weight, "weight");
-  check_1d(offsets, "offsets");
+  check_offsets_arg(offsets);
   check_1d(indices, "indices");
-  PME_CHECK(offsets.scalar_type() == ScalarType::Long, "offsets must be int64, got ",
-            dtype_name(offsets.scalar_type()));
-  PME_CHECK(offsets.numel() >= 1, "offsets must have V + 1 >= 1 entries");
   check_same_device(offsets, weight, "offsets");
   check_same_device(indices, weight, "indices");
   LookupArgs a{offsets.numel() - 1, indices.numel(), indices.numel(), true};
@@ -153,6 +177,9 @@ inline LookupArgs check_lookup_args(const Tensor& weight, const Tensor& offsets,
   if (col_of_size.has_value()) {
     check_1d(*col_of_size, "col_of_size");
     PME_CHECK(col_of_size->scalar_type() == ScalarType::Long, "col_of_size must be int64");
+    // empty is not "no map" (None is): entry s is the column of rows of size s, so at least size 0's
+    PME_CHECK(col_of_size->numel() >= 1,
+              "col_of_size is empty: it needs an entry per row size from 0 (or None for the padded layout)");
     check_same_device(*col_of_size, weight, "col_of_size");
   }
   PME_CHECK(mode == kSum || mode == kMean || mode == kMax, "mode must be 0 (sum), 1 (mean) or 2 (max), got ", mode);
@@ -196,6 +223,7 @@ inline void check_state(const Tensor& state, int64_t numel, const Tensor& weight
 inline void check_update_args(const Tensor& weight, const Tensor& state1, const Tensor& state2, const Tensor& offsets,
                               int64_t optimizer, double lr, double weight_decay, double eps, double beta1, double beta2,
                               int64_t step) {
+  check_offsets_arg(offsets);  // the callers read it as int64 before the lookup's own checks
   PME_CHECK(optimizer == kSGD || optimizer == kRowwiseAdagrad || optimizer == kAdam,
             "optimizer must be 0 (SGD), 1 (row-wise Adagrad) or 2 (Adam), got ", optimizer);
   PME_CHECK(std::isfinite(lr) && lr >= 0 && std::isfinite(weight_decay) && weight_decay >= 0 && std::isfinite(eps) &&
@@ -314,7 +342,8 @@ inline int64_t check_sparse_adam_args(const Tensor& param, const Tensor& exp_avg
   return C;
 }
 
-inline void check_score_args(const Tensor& scores, const Tensor& weight, int64_t rule) {
+inline void check_score_args(const Tensor& scores, const Tensor& weight, const Tensor& offsets, int64_t rule) {
+  check_offsets_arg(offsets);  // the callers read it as int64 before the lookup's own checks
   PME_CHECK(rule == kSnip || rule == kGradSquared, "rule must be 0 (snip |w*g|) or 1 (g^2), got ", rule);
   check_state(scores, weight.numel(), weight, "scores");
 }

@@ -751,6 +751,10 @@ def bag_inputs(weight, input, offsets=None, per_sample_weights=None, mode="mean"
                 raise ValueError("offsets must have at least one entry when include_last_offset=True")
             _check_last_offset(offsets, indices.numel())
             bag_offsets = offsets
+        elif offsets.numel() == 0:
+            # no bag starts: zero bags, as nn.EmbeddingBag ([0, D] out); the indices all lie past
+            # the last bag, where they are range-checked but not read
+            bag_offsets = offsets.new_zeros(1)
         else:
             bag_offsets = torch.cat([offsets, offsets.new_full((1,), indices.numel())])
     else:

@@ -431,6 +431,32 @@ def _adagrad_args(weight, state1, grad_out, table):
     return (weight, state1, torch.zeros(0, dtype=weight.dtype), grad_out, *table, 1, 0.1, 0.0, 1e-8, 0.9, 0.999, 1)
 
 
+def test_blocks_writing_the_same_columns_are_refused():
+    """Two output blocks on one column would race for it and leave other columns unwritten
+    (uninitialised output): forward, backward and the fused update refuse them; gaps are fine."""
+    m, _, _ = make_collection(2, "sum")
+    feats, idx, bo, psw, B = _normal(m, make_input(m, 4, 2))
+    w, off, tr = m.weight.detach(), m.offsets, m.table_rows
+    f = feats.clone()
+    f[1, 2] = f[0, 2] + f[0, 3] - 1  # block 1 starts on block 0's last column
+    go = torch.randn(B, m.out_width, dtype=w.dtype)
+    msg = r"features\[0\] and features\[1\] write overlapping output columns"
+    with pytest.raises(RuntimeError, match=msg):
+        torch.ops.pme.collection_forward(w, off, tr, f, idx, bo, None, B, m.out_width)
+    with pytest.raises(RuntimeError, match=msg):
+        torch.ops.pme.collection_backward(go, w, off, tr, f, idx, bo, None, B, False)
+    w2, s1 = w.clone(), torch.zeros(off.numel() - 1, dtype=pme.ops.acc_dtype(w.dtype))
+    with pytest.raises(RuntimeError, match=msg):
+        torch.ops.pme.collection_update_(*_adagrad_args(w2, s1, go, (off, tr, f, idx, bo, None, B)))
+    assert torch.equal(w2, w) and not s1.any()
+    # a gap instead: every block moved one column right in a wider output, column 0 is zero
+    g = feats.clone()
+    g[:, 2] += 1
+    out = torch.ops.pme.collection_forward(w, off, tr, g, idx, bo, None, B, m.out_width + 1)
+    ref = torch.ops.pme.collection_forward(w, off, tr, feats, idx, bo, None, B, m.out_width)
+    assert torch.equal(out[:, 1:], ref) and not out[:, 0].any()
+
+
 def test_operator_validation_is_overflow_safe():
     m, _, _ = make_collection(2, "sum")
     feats, idx, bo, psw, B = _normal(m, make_input(m, 4, 2))

@@ -238,6 +238,54 @@ def test_col_of_size_is_validated_by_every_lookup_operator(device, value):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_empty_col_of_size_is_refused_by_every_lookup_operator(device):
+    """An empty map is not the padded layout (None is): every row's size would have no slot."""
+    w, off, col, width, _ = make_table(10, 8, layout="grouped", seed=3, device=device)
+    idx, bo = torch.tensor([0, 0]), torch.tensor([0, 2])
+    none = torch.empty(0, 0, dtype=torch.long)
+    empty = col[:0]
+    for name, call in _lookup_calls(w, off, empty, width, idx, bo, torch.zeros(1, width), none).items():
+        with pytest.raises(RuntimeError, match="col_of_size is empty"):
+            call()
+        assert name  # every operator refused it
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_int32_offsets_are_refused_by_name_by_every_lookup_operator(device):
+    w, off, _, width, _ = make_table(10, 8, seed=3, device=device)
+    idx, bo = torch.tensor([0, 9]), torch.tensor([0, 2])
+    none = torch.empty(0, 0, dtype=torch.long)
+    calls = _lookup_calls(w, off.int(), None, width, idx, bo, torch.zeros(1, width), none)
+    for _name, call in calls.items():
+        with pytest.raises(RuntimeError, match="offsets must be int64, got int32"):
+            call()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_an_output_too_large_to_allocate_is_a_clear_error(device):
+    w, off, _, _, _ = make_table(10, 8, seed=3, device=device)
+    idx, bo = torch.tensor([0, 9], device=device), torch.tensor([0, 2], device=device)
+    with pytest.raises(RuntimeError, match=r"cannot allocate the output \[bags, out_width\] = \[1, 1099511627776\]"):
+        torch.ops.pme.bag_forward(w, off, idx, bo, None, None, 2**40, 0, -1)
+    with pytest.raises(RuntimeError, match="more elements than a tensor can hold"):
+        torch.ops.pme.embedding_forward(w, off, idx, None, 2**62, -1)
+    assert torch.ops.pme.bag_forward(w, off, idx, bo, None, None, 8, 0, -1)[0].shape == (1, 8)  # still usable
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_empty_offsets_give_no_bags_as_nn_embedding_bag(mode):
+    """1-D input with no bag starts: zero bags ([0, D]) as nn.EmbeddingBag, indices still checked."""
+    w, sizes = torch.randn(6, 4), torch.tensor([4, 1, 0, 3, 2, 4])
+    m = pme.MultiSizeEmbeddingBag.from_dense(w, sizes, mode=mode)
+    idx, empty = torch.tensor([0, 5, 5]), torch.zeros(0, dtype=torch.int64)
+    want = F.embedding_bag(idx, m.to_dense(), empty, mode=mode) if mode != "max" else torch.zeros(0, 4)
+    got = m(idx, empty)
+    assert got.shape == want.shape == (0, 4)
+    with pytest.raises(IndexError, match="indices\\[1\\] = 6"):
+        m(torch.tensor([0, 6]), empty)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_decreasing_offsets_are_refused_even_for_rows_not_looked_up(device):
     w = torch.randn(10, device=device)
     off = torch.tensor([0, 6, 2, 10], device=device)  # rows 0 and 2 overlap; only they are looked up

@@ -255,7 +255,7 @@ Tensor collection_forward(Tensor weight, Tensor offsets, Tensor table_rows, Tens
   const CollectionArgs a = check_collection_args(weight, offsets, table_rows, features, indices, bag_offsets,
                                                  per_sample_weights, batch_size);
   PME_CHECK(out_width >= 0, "out_width must be >= 0, got ", out_width);
-  Tensor out = torch::stable::new_empty(weight, {a.batch, out_width});
+  Tensor out = new_output(weight, a.batch, out_width, "the output [batch_size, out_width]");
   dispatch_index(indices.scalar_type(), "indices", [&](auto itag) {
     using I = decltype(itag);
     const View<I> v = make_view<I>(a, weight, offsets, table_rows, features, indices, bag_offsets, out_width,

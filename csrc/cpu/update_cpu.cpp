@@ -50,7 +50,7 @@ void sparse_update_(Tensor weight, Tensor state1, Tensor state2, Tensor grad_out
 void accumulate_scores_(Tensor scores, Tensor grad_out, Tensor weight, Tensor offsets, Tensor indices,
                         Tensor bag_offsets, std::optional<Tensor> per_sample_weights, std::optional<Tensor> col_of_size,
                         Tensor argmax, int64_t mode, int64_t padding_idx, int64_t rule, bool table_checked) {
-  check_score_args(scores, weight, rule);
+  check_score_args(scores, weight, offsets, rule);
   check_in_place({{&scores, "scores"}}, lookup_inputs(grad_out, &weight, offsets, indices, bag_offsets,
                                                       per_sample_weights, col_of_size, argmax));
   const int64_t* off = offsets.const_data_ptr<int64_t>();

@@ -153,11 +153,10 @@ inline int64_t max_width_of(const std::vector<int64_t>& f) {
 template <class I>
 void coll_validate(const Ctx& ctx, const Tensor& like, const Coll<I>& c, bool weighted, bool table_checked) {
   if (!validation_enabled() || ctx.capturing()) return;
-  // The widest block bounds every row's size (as on the CPU): the (small) block table is read
-  // once, unless the whole-table scan is skipped.
-  // The block table is read once for both uses (the widest block; the pooling of weighted blocks).
-  const std::vector<int64_t> blocks =
-      !table_checked || weighted ? read_blocks(ctx, c.feat, c.F) : std::vector<int64_t>{};
+  // The (small) block table is read once for its three uses: the widest block (it bounds every
+  // row's size, as on the CPU, unless the whole-table scan is skipped), the pooling of weighted
+  // blocks, and the blocks' disjoint columns.
+  const std::vector<int64_t> blocks = read_blocks(ctx, c.feat, c.F);
   const int64_t wmax = table_checked ? -1 : max_width_of(blocks);
   Tensor err_t = torch::stable::new_empty(like, {kCNumErr}, ScalarType::Long);
   auto* err = static_cast<unsigned long long*>(err_t.mutable_data_ptr());
@@ -193,6 +192,7 @@ void coll_validate(const Ctx& ctx, const Tensor& like, const Coll<I>& c, bool we
               f[kFCol], ", ", f[kFCol], " + ", f[kFWidth], ") do not fit in the output width ", c.out_width);
     PME_CHECK(false, "features[", k, "]: pooling must be 0 (sum) or 1 (mean), got ", f[kFPooling]);
   }
+  if (c.B > 0) check_blocks_disjoint(blocks.data(), c.F);  // columns in range now (kCFeature)
   if (weighted && c.F > 0) {
     for (int64_t k = 0; k < c.F; ++k) {
       PME_CHECK(blocks[k * kFFields + kFPooling] == kSum, "features[", k,
@@ -324,7 +324,7 @@ Tensor collection_forward(Tensor weight, Tensor offsets, Tensor table_rows, Tens
                                                  per_sample_weights, batch_size);
   PME_CHECK(out_width >= 0, "out_width must be >= 0, got ", out_width);
   const Ctx ctx(weight);
-  Tensor out = torch::stable::new_zeros(weight, {a.batch, out_width});
+  Tensor out = new_output(weight, a.batch, out_width, "the output [batch_size, out_width]", /*zero=*/true);
   dispatch_index(indices.scalar_type(), "indices", [&](auto itag) {
     using I = decltype(itag);
     const Coll<I> c = make_coll<I>(a, weight, offsets, table_rows, features, indices, bag_offsets, out_width);

@@ -334,8 +334,9 @@ std::tuple<Tensor, Tensor> lookup_forward(const Tensor& weight, const Tensor& of
   PME_CHECK(out_width >= 0, "out_width must be >= 0, got ", out_width);
   const Ctx ctx(weight);
   const Table tab = make_table(weight, offsets, col_of_size, out_width);
-  Tensor out = torch::stable::new_empty(weight, {la.num_bags, out_width});
-  Tensor argmax = torch::stable::new_empty(offsets, {mode == kMax ? la.num_bags : 0, mode == kMax ? out_width : 0});
+  Tensor out = new_output(weight, la.num_bags, out_width, "the output [bags, out_width]");
+  Tensor argmax =
+      new_output(offsets, mode == kMax ? la.num_bags : 0, mode == kMax ? out_width : 0, "argmax [bags, out_width]");
   dispatch_index(indices.scalar_type(), "indices", [&](auto itag) {
     using I = decltype(itag);
     const I* idx = indices.const_data_ptr<I>();
