@@ -198,6 +198,62 @@ def batch(cards, B, hots, alpha, gen):
     return kjt, values, offsets, per
 
 
+def vbe_batch(cards, B, hots, alpha, gen, share):
+    """A KJT with a variable batch per feature (TorchRec's VBE): every odd feature is a per-user
+    feature deduplicated ``share`` times (``B / share`` bags, each sample reading a random one
+    through the inverse indices), the even ones have a bag per sample."""
+    from torchrec import KeyedJaggedTensor
+
+    keys = [f"f{i}" for i in range(len(cards))]
+    strides = [B if i % 2 == 0 else max(1, B // share) for i in range(len(cards))]
+    values = torch.cat([zipf_rows(V, n * hots, alpha, gen) for V, n in zip(cards, strides)])
+    inverse = torch.stack([torch.arange(B) if n == B else torch.randint(0, n, (B,), generator=gen) for n in strides])
+    return KeyedJaggedTensor(
+        keys=keys,
+        values=values,
+        lengths=torch.full((sum(strides),), hots, dtype=torch.int64),
+        stride_per_key_per_rank=[[n] for n in strides],
+        inverse_indices=(keys, inverse),
+    )
+
+
+def run_vbe(args, built, results):
+    """The forward on VBE batches (``--vbe SHARE``): pme's collection against TorchRec's
+    EmbeddingBagCollection, which pools each feature's own bags and then expands them."""
+    coll, _, _, ebc, cards, _ = built
+    gen = torch.Generator().manual_seed(args.seed + 3)
+    coll.eval()
+    for hots in args.hots:
+        kjt = vbe_batch(cards, args.batch, hots, args.alpha, gen, args.vbe)
+        with torch.no_grad():
+            torch.testing.assert_close(ebc(kjt).values(), coll(kjt).values(), rtol=1e-4, atol=1e-4)
+
+        def fwd_pme(kjt=kjt):
+            with torch.no_grad():
+                return coll(kjt).values()
+
+        def fwd_ebc(kjt=kjt):
+            with torch.no_grad():
+                return ebc(kjt).values()
+
+        for threads in args.threads:
+            row = {
+                "config": f"criteo26_{hots}hot_vbe{args.vbe}",
+                "hots": hots,
+                "batch": args.batch,
+                "threads": threads,
+                "lookups": int(kjt.values().numel()),
+                "ms": {},
+            }
+            med, by_round = time_methods({"pme_collection": fwd_pme, "torchrec_ebc": fwd_ebc}, threads, args)
+            row["rounds"] = {f"forward/{n}": v for n, v in by_round.items()}
+            for name in med:
+                row["ms"][f"forward/{name}"] = med[name]
+                print(f"  {row['config']} {threads}t forward  {name:22s} {med[name]:9.3f} ms", flush=True)
+            results.append(row)
+    coll.train()
+
+
 def run_collection(args, built, results):
     coll, per_table, tbe, ebc, cards, sizes = built
     gen = torch.Generator().manual_seed(args.seed + 1)
@@ -387,6 +443,15 @@ def main(argv=None):
     p.add_argument("--min-run-time", type=float, default=1.0, help="seconds per blocked_autorange (1.0)")
     p.add_argument("--no-single", action="store_true", help="skip the single-table comparison")
     p.add_argument(
+        "--vbe",
+        type=int,
+        default=0,
+        metavar="SHARE",
+        help="also time the forward on VBE batches (a variable batch per feature): every odd feature "
+        "deduplicated SHARE times, pme against TorchRec's EmbeddingBagCollection (default 0: off)",
+    )
+    p.add_argument("--no-collection", action="store_true", help="skip the collection's own configurations")
+    p.add_argument(
         "--rounds",
         type=int,
         default=1,
@@ -415,7 +480,10 @@ def main(argv=None):
     built = build(args)
     meta["rows"] = sum(built[4])
     meta["stored_fraction"] = built[0].weight.numel() / (meta["rows"] * args.dim)
-    run_collection(args, built, results)
+    if not args.no_collection:
+        run_collection(args, built, results)
+    if args.vbe:
+        run_vbe(args, built, results)
     del built
     gc.collect()
     if not args.no_single:
