@@ -23,6 +23,9 @@ forward (under torch.no_grad()), output ``[B, 26 * D]``:
 step (forward + backward of a fixed random output gradient + fused row-wise Adagrad):
   ``pme_collection_fused``  the collection with optimizer=pme.optim.RowwiseAdagrad.
   ``fbgemm_tbe_fused``      TBE with EXACT_ROWWISE_ADAGRAD (the update runs in its backward).
+with ``--vbe SHARE``, the forward on VBE batches (a variable batch per feature: every odd feature
+has B / SHARE bags, each sample reading one through the KJT's inverse indices), pme's collection
+against ``torchrec_ebc``;
 and, as the issue's third target, one table (1M x D, 2048 bags x 32 Zipf lookups, the same size
 mix): ``single_pme`` vs ``single_nn_embedding_bag`` forward.
 
