@@ -84,11 +84,9 @@ def test_full_sizes_equal_embedding_bag_collection(pooling, weighted, index_dtyp
         torch.testing.assert_close(g, ebc.embedding_bags[name].weight.grad.reshape(-1), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize(
-    "pooling,weighted", [(PoolingType.SUM, False), (PoolingType.MEAN, False), (PoolingType.SUM, True)]
-)
-@pytest.mark.parametrize("seed", [0, 1])
-def test_random_sizes_equal_dense_view(pooling, weighted, seed):
+def random_sized_pair(pooling, weighted, seed):
+    """A collection of random row sizes over configs(pooling), and an EmbeddingBagCollection
+    holding its zero-padded dense views."""
     gen = torch.Generator().manual_seed(seed)
     cfgs = configs(pooling)
     sizes = {c.name: random_sizes(c.num_embeddings, c.embedding_dim, gen) for c in cfgs}
@@ -97,16 +95,31 @@ def test_random_sizes_equal_dense_view(pooling, weighted, seed):
     with torch.no_grad():
         for name in m.table_names:
             ebc.embedding_bags[name].weight.copy_(m.to_dense(name))
-    kjt = make_kjt(ebc, 12, 10 + seed, torch.int64, weighted)
-    want, got = ebc(kjt), m(kjt)
-    torch.testing.assert_close(got.values(), want.values(), rtol=1e-6, atol=1e-6)
+    return m, ebc
+
+
+def assert_grads_of_stored_entries(m, ebc, want, got):
+    """Back-propagates one random output gradient through both outputs: pme's table gradients
+    equal EBC's dense ones restricted to the stored entries."""
     go = torch.randn_like(want.values())
     want.values().backward(go)
     got.values().backward(go)
-    for _i, (name, g) in enumerate(table_grads(m).items()):
+    for name, g in table_grads(m).items():
         dense_grad = ebc.embedding_bags[name].weight.grad
         mask = torch.arange(dense_grad.shape[1]) < m.sizes(name).unsqueeze(1)
         torch.testing.assert_close(g, dense_grad[mask], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "pooling,weighted", [(PoolingType.SUM, False), (PoolingType.MEAN, False), (PoolingType.SUM, True)]
+)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_random_sizes_equal_dense_view(pooling, weighted, seed):
+    m, ebc = random_sized_pair(pooling, weighted, seed)
+    kjt = make_kjt(ebc, 12, 10 + seed, torch.int64, weighted)
+    want, got = ebc(kjt), m(kjt)
+    torch.testing.assert_close(got.values(), want.values(), rtol=1e-6, atol=1e-6)
+    assert_grads_of_stored_entries(m, ebc, want, got)
 
 
 def _tbe(specs, feature_table_map, pooling, lr, eps, weights):
@@ -305,14 +318,7 @@ def expanded(kjt):
 )
 @pytest.mark.parametrize("seed", [0, 1])
 def test_variable_batch_per_feature_equals_embedding_bag_collection(pooling, weighted, index_dtype, seed):
-    gen = torch.Generator().manual_seed(seed)
-    cfgs = configs(pooling)
-    sizes = {c.name: random_sizes(c.num_embeddings, c.embedding_dim, gen) for c in cfgs}
-    m = MultiSizeEmbeddingBagCollection(cfgs, sizes, is_weighted=weighted)
-    ebc = EmbeddingBagCollection(configs(pooling), is_weighted=weighted)
-    with torch.no_grad():
-        for name in m.table_names:
-            ebc.embedding_bags[name].weight.copy_(m.to_dense(name))
+    m, ebc = random_sized_pair(pooling, weighted, seed)
     kjt = make_vbe_kjt(ebc, 9, 20 + seed, index_dtype, weighted)
     assert kjt.variable_stride_per_key() and len(set(kjt.stride_per_key())) > 1
     want, got = ebc(kjt), m(kjt)
@@ -320,13 +326,7 @@ def test_variable_batch_per_feature_equals_embedding_bag_collection(pooling, wei
     torch.testing.assert_close(got.values(), want.values(), rtol=1e-6, atol=1e-6)
     # the same batch with every sample's bags spelled out gives the same output
     torch.testing.assert_close(m(expanded(kjt)).values(), got.values(), rtol=1e-6, atol=1e-6)
-    go = torch.randn_like(want.values())
-    want.values().backward(go)
-    got.values().backward(go)
-    for name, g in table_grads(m).items():
-        dense_grad = ebc.embedding_bags[name].weight.grad
-        mask = torch.arange(dense_grad.shape[1]) < m.sizes(name).unsqueeze(1)
-        torch.testing.assert_close(g, dense_grad[mask], rtol=1e-5, atol=1e-6)
+    assert_grads_of_stored_entries(m, ebc, want, got)
 
 
 def test_variable_batch_per_feature_fused_step_equals_expanded_batch():
