@@ -32,14 +32,20 @@ def configs(pooling=PoolingType.SUM, dims=(8, 16, 4, 12)):
     ]
 
 
-def make_kjt(ebc, B, seed, index_dtype=torch.int64, weighted=False, max_len=6):
-    """KJT over every feature the collection reads (keys in reverse order), with empty bags,
-    the largest index of each feature's smallest table, duplicates."""
-    gen = torch.Generator().manual_seed(seed)
+def feature_rows(ebc) -> dict:
+    """{feature: rows of the smallest table that reads it} (its valid indices)."""
     rows = {}
     for c in ebc.embedding_bag_configs():
         for f in c.feature_names:
             rows[f] = min(rows.get(f, c.num_embeddings), c.num_embeddings)
+    return rows
+
+
+def make_kjt(ebc, B, seed, index_dtype=torch.int64, weighted=False, max_len=6):
+    """KJT over every feature the collection reads (keys in reverse order), with empty bags,
+    the largest index of each feature's smallest table, duplicates."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = feature_rows(ebc)
     keys = sorted(rows, reverse=True)
     values, lengths = [], []
     for f in keys:
@@ -258,10 +264,7 @@ def make_vbe_kjt(ebc, B, seed, index_dtype=torch.int64, weighted=False, max_len=
     duplicates) and inverse indices [F, B] that map each of the B samples to one of them (every
     bag used at least once)."""
     gen = torch.Generator().manual_seed(seed)
-    rows = {}
-    for c in ebc.embedding_bag_configs():
-        for f in c.feature_names:
-            rows[f] = min(rows.get(f, c.num_embeddings), c.num_embeddings)
+    rows = feature_rows(ebc)
     keys = sorted(rows, reverse=True)
     values, lengths, strides, inverse = [], [], [], []
     for i, f in enumerate(keys):
