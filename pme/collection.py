@@ -323,9 +323,19 @@ def _reference_forward(weight, offsets, batch: Batch, out_width):
         p = psw[s:e] if psw is not None else None
         e0, e1 = int(offsets[rows[t]]), int(offsets[rows[t + 1]])
         toff = offsets[rows[t] : rows[t + 1] + 1] - e0
-        ops.check_offsets(toff, e1 - e0, w)
-        o = reference.embedding_bag(weight[e0:e1], toff, idx, lbo, w, None, "mean" if pool else "sum", p, None)
-        out[:, col : col + w] = o
+        ops.check_offsets(toff, e1 - e0)
+        # as the operators: every row looked up here fits this block (others need only fit the widest)
+        big = (toff[idx + 1] - toff[idx]) > w
+        if bool(big.any()):
+            j = int(big.nonzero()[0])
+            raise ValueError(
+                f"pme: row {int(idx[j])} of table {t} has size {int(toff[idx[j] + 1] - toff[idx[j]])}: it does not "
+                f"fit in the width {w} of output block {k}"
+            )
+        # the dense view as wide as the table's widest row, cut to the block (the rows looked up fit it)
+        wt = max([w] + (toff[1:] - toff[:-1]).tolist())
+        o = reference.embedding_bag(weight[e0:e1], toff, idx, lbo, wt, None, "mean" if pool else "sum", p, None)
+        out[:, col : col + w] = o[:, :w]
     return out
 
 

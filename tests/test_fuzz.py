@@ -535,6 +535,247 @@ def _run_checkpoint(case, torch, pme, device):
     return "correct", ""
 
 
+# --- collections: collection_forward / collection_backward / collection_update_ -------------
+_COLL_ARGS = {
+    "collection_forward": (
+        "weight",
+        "offsets",
+        "table_rows",
+        "features",
+        "indices",
+        "bag_offsets",
+        "psw",
+        "B",
+        "width",
+    ),
+    "collection_backward": (
+        "grad_out",
+        "weight",
+        "offsets",
+        "table_rows",
+        "features",
+        "indices",
+        "bag_offsets",
+        "psw",
+        "B",
+    ),  # then psw_grad
+    "collection_update_": (
+        "weight",
+        "state1",
+        "state2",
+        "grad_out",
+        "offsets",
+        "table_rows",
+        "features",
+        "indices",
+        "bag_offsets",
+        "psw",
+        "B",
+        *_HYPER,
+    ),
+}
+_COLL_SCALARS = {"B", "width", *_HYPER}
+
+
+def _build_collection(case, torch, pme, device):
+    """Valid normal-form arguments of one collection call: 1-3 tables of widths 1-9 and random
+    row sizes, each read by one or two of 1-3 keys (a key may be read by two tables)."""
+    from pme.collection import EmbeddingBagConfig, MultiSizeEmbeddingBagCollection
+
+    g = torch.Generator().manual_seed(case["seed"])
+    T, G, B, L = case["T"], case["G"], case["B"], case["L"]
+    weighted = case["psw"]
+    tables, sizes = [], {}
+    for t in range(T):
+        V = int(torch.randint(1, 8, (1,), generator=g))
+        D = int(torch.randint(1, 10, (1,), generator=g))
+        keys = sorted(
+            {f"k{int(k)}" for k in torch.randint(0, G, (int(torch.randint(1, 3, (1,), generator=g)),), generator=g)}
+        )
+        pool = "sum" if weighted else ["sum", "mean"][int(torch.randint(0, 2, (1,), generator=g))]
+        tables.append(EmbeddingBagConfig(V, D, f"t{t}", keys, pool))
+        sizes[f"t{t}"] = torch.randint(0, D + 1, (V,), generator=g)
+    m = MultiSizeEmbeddingBagCollection(tables, sizes, is_weighted=weighted)
+    rows = {}
+    for c in tables:
+        for k in c.feature_names:
+            rows[k] = min(rows.get(k, c.num_embeddings), c.num_embeddings)
+    inp = {}
+    for k in sorted(rows):
+        lens = torch.randint(0, L + 1, (B,), generator=g)
+        o = torch.zeros(B + 1, dtype=torch.int64)
+        o[1:] = torch.cumsum(lens, 0)
+        v = torch.randint(0, rows[k], (int(o[-1]),), generator=g)
+        inp[k] = (v, o, torch.rand(v.numel(), generator=g)) if weighted else (v, o)
+    keys, idx, bo, psw, B = m._normal_form(inp)
+    idt = torch.int32 if case["int32"] else torch.int64
+    total, V = m.weight.numel(), m.offsets.numel() - 1
+    opt = case["optimizer"]
+    a = {
+        "weight": torch.randn(total, generator=g),
+        "offsets": m.offsets.clone(),
+        "table_rows": m.table_rows.clone(),
+        "features": m._features(keys).clone(),
+        "indices": idx.to(idt),
+        "bag_offsets": bo.to(idt),
+        "psw": psw,
+        "B": B,
+        "width": m.out_width,
+        "grad_out": torch.randn(B, m.out_width, generator=g),
+        "state1": torch.zeros(V) if opt == 1 else torch.rand(total, generator=g) if opt == 2 else torch.empty(0),
+        "state2": torch.rand(total, generator=g) if opt == 2 else torch.empty(0),
+        "optimizer": opt,
+        "lr": 0.1,
+        "weight_decay": 0.0,
+        "eps": 1e-8,
+        "beta1": 0.9,
+        "beta2": 0.999,
+        "step": 1,
+    }
+    return {k: (v.to(device) if hasattr(v, "to") else v) for k, v in a.items()}
+
+
+def _collection_valid(a, op, torch):  # noqa: C901
+    """The contract's verdict on a collection call (csrc/collection.h), from the arguments alone."""
+    used = [a[k] for k in _COLL_ARGS[op] if k not in _COLL_SCALARS and a[k] is not None]
+    if len({t.device for t in used}) != 1:
+        return False
+    w, off, tr, feats, idx, bo, psw, B = (
+        a[k] for k in ("weight", "offsets", "table_rows", "features", "indices", "bag_offsets", "psw", "B")
+    )
+    W = a["width"] if op == "collection_forward" else (a["grad_out"].shape[1] if a["grad_out"].dim() == 2 else -1)
+    if w.dim() != 1 or w.dtype != torch.float32 or off.dim() != 1 or off.dtype != torch.int64 or off.numel() < 1:
+        return False
+    if tr.dim() != 1 or tr.dtype != torch.int64 or tr.numel() < 1:
+        return False
+    if feats.dim() != 2 or feats.shape[1] != 5 or feats.dtype != torch.int64:
+        return False
+    if idx.dim() != 1 or idx.dtype not in (torch.int32, torch.int64) or bo.dim() != 1 or bo.dtype != idx.dtype:
+        return False
+    if not isinstance(B, int) or B < 0 or bo.numel() < 1 or (B > 0 and (bo.numel() - 1) % B):
+        return False
+    if not isinstance(W, int) or W < 0:
+        return False
+    G = (bo.numel() - 1) // B if B > 0 else 0
+    o, r, f, b = off.tolist(), tr.tolist(), feats.tolist(), bo.tolist()
+    V, T, N = len(o) - 1, len(r) - 1, idx.numel()
+    if o[0] != 0 or o[-1] != w.numel() or any(o[i + 1] < o[i] for i in range(V)):
+        return False
+    if r[0] != 0 or r[-1] != V or any(r[t + 1] < r[t] for t in range(T)):
+        return False
+    for t_, k_, c_, d_, p_ in f:
+        if not (0 <= t_ < T and (B == 0 or 0 <= k_ < G) and d_ >= 0 and 0 <= c_ <= W - d_ and p_ in (0, 1)):
+            return False
+        if psw is not None and p_ != 0:
+            return False
+    spans = sorted((c_, c_ + d_) for _, _, c_, d_, _ in f if d_ > 0)
+    if any(spans[i + 1][0] < spans[i][1] for i in range(len(spans) - 1)):
+        return False
+    widest = max([d_ for *_, d_, _ in f] + [1])
+    if any(o[i + 1] - o[i] > widest for i in range(V)):
+        return False
+    if b[0] != 0 or any(b[i + 1] < b[i] for i in range(len(b) - 1)) or b[-1] > N:
+        return False
+    if psw is not None and (psw.dim() != 1 or psw.numel() != N or psw.dtype != w.dtype):
+        return False
+    ix = idx.tolist()
+    for t_, k_, _, d_, _ in f:  # every lookup of every block: index in its table, row fits the block
+        for j in range(b[k_ * B] if B else 0, b[k_ * B + B] if B else 0):
+            if not 0 <= ix[j] < r[t_ + 1] - r[t_] or o[r[t_] + ix[j] + 1] - o[r[t_] + ix[j]] > d_:
+                return False
+    if op != "collection_forward":
+        go = a["grad_out"]
+        if go.dim() != 2 or go.shape[0] != B or go.dtype != w.dtype:
+            return False
+    if op == "collection_update_":
+        opt, s1, s2 = a["optimizer"], a["state1"], a["state2"]
+        if opt not in (0, 1, 2):
+            return False
+        for h in (a["lr"], a["eps"], a["weight_decay"]):
+            if not (isinstance(h, (int, float)) and h == h and abs(h) != float("inf") and h >= 0):
+                return False
+        if opt == 1 and (s1.dim() != 1 or s1.numel() != V or s1.dtype != torch.float32):
+            return False
+        if opt == 2:
+            if a["step"] < 1 or not (0 <= a["beta1"] < 1 and 0 <= a["beta2"] < 1):
+                return False
+            if any(s.dim() != 1 or s.numel() != w.numel() or s.dtype != torch.float32 for s in (s1, s2)):
+                return False
+        outs = [w] + ([s1] if opt >= 1 else []) + ([s2] if opt == 2 else [])
+        if _overlaps(
+            outs,
+            [a[k] for k in ("grad_out", "offsets", "table_rows", "features", "indices", "bag_offsets", "psw")]
+            + [s1, s2],
+        ):
+            return False
+    return True
+
+
+def _run_collection(case, torch, pme, device):
+    from unittest import mock
+
+    from pme import collection
+
+    a = _build_collection(case, torch, pme, device)
+    _corrupt(a, case, torch)
+    op = case["op"]
+    guards = {}
+    for k in ("weight", "state1", "state2"):
+        t = a[k]
+        if (
+            case["how"] != "alias"
+            and hasattr(t, "dim")
+            and t.dim() == 1
+            and t.device.type != "meta"
+            and t.is_floating_point()
+        ):
+            guards[k], a[k] = _guarded(t, torch)
+    valid = _collection_valid(a, op, torch)
+    before = {k: v.clone() for k, v in a.items() if hasattr(v, "clone") and v.device.type != "meta"}
+    try:
+        res = getattr(torch.ops.pme, op)(
+            *(a[k] for k in _COLL_ARGS[op]), *((False,) if op == "collection_backward" else ())
+        )
+        res = res[0] if op == "collection_backward" else a["weight"] if op == "collection_update_" else res
+        if device == "cuda":
+            torch.cuda.synchronize()
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        for k, big in guards.items():
+            if not _canaries_ok(big, a[k].numel()):
+                return "canary overwritten (" + k + ")", str(e)[:200]
+        return ("raised" if not valid else "refused a valid call"), str(e)[:300]
+    for k, big in guards.items():
+        if not _canaries_ok(big, a[k].numel()):
+            return "canary overwritten (" + k + ")", ""
+    if not valid:
+        return "accepted an invalid call", ""
+    if bool((res == CANARY).any()):
+        return "canary read", ""
+    cpu = {k: v.cpu() for k, v in before.items()}
+    batch = collection.Batch(*(cpu.get(k) for k in ("table_rows", "features", "indices", "bag_offsets", "psw")), a["B"])
+    w = cpu["weight"]
+    if op == "collection_forward":
+        ref = collection._reference_forward(w, cpu["offsets"], batch, a["width"])
+    elif op == "collection_backward":
+        wg = w.clone().requires_grad_(True)
+        out = collection._reference_forward(wg, cpu["offsets"], batch, cpu["grad_out"].shape[1])
+        (ref,) = torch.autograd.grad(out, wg, cpu["grad_out"], allow_unused=True)
+        ref = torch.zeros_like(w) if ref is None else ref
+    else:
+        ref = w.clone()
+        s1, s2 = cpu["state1"].clone(), cpu["state2"].clone()
+        name = ["sgd", "rowwise_adagrad", "adam"][a["optimizer"]]
+        hyper = {k: a[k] for k in ("lr", "weight_decay", "eps")}
+        if name == "adam":
+            hyper.update(beta1=a["beta1"], beta2=a["beta2"])
+        with mock.patch.object(pme.ops, "_compiled", lambda t: False):  # the reference path
+            collection.collection_update_(
+                ref, s1, s2, cpu["grad_out"], cpu["offsets"], batch, optimizer=name, step=a["step"], **hyper
+            )
+    ok = torch.allclose(res.detach().cpu().double(), ref.detach().double(), rtol=1e-4, atol=1e-5, equal_nan=True)
+    return ("correct" if ok else "wrong answer"), ""
+
+
 def _worker():
     if json.loads(os.environ.get("PME_FUZZ_DEVICE", '"cpu"')) == "cpu":
         import resource  # a runaway allocation fails with an error instead of waking the OOM killer
@@ -550,6 +791,7 @@ def _worker():
         "lookup": _run_lookup,
         "prune": _run_prune,
         "checkpoint": _run_checkpoint,
+        "collection": _run_collection,
         "abort": lambda *args: os.abort(),
     }[job["kind"]]
     out = []
@@ -748,6 +990,52 @@ def _checkpoint_case():
 @_fuzz(_checkpoint_case)
 def test_fuzz_checkpoints(device, cases):
     _run_batch("checkpoint", cases, device)
+
+
+def _collection_case():
+    return st.fixed_dictionaries(
+        {
+            "op": st.sampled_from(list(_COLL_ARGS)),
+            "seed": st.integers(0, 2**20),
+            "T": st.integers(1, 3),
+            "G": st.integers(1, 3),
+            "B": st.integers(0, 4),
+            "L": st.integers(0, 3),
+            "int32": st.booleans(),
+            "psw": st.booleans(),
+            "optimizer": st.integers(0, 2),
+            "target": st.sampled_from(
+                [
+                    "offsets",
+                    "table_rows",
+                    "features",
+                    "indices",
+                    "bag_offsets",
+                    "psw",
+                    "weight",
+                    "grad_out",
+                    "B",
+                    "width",
+                    "state1",
+                    "state2",
+                    "lr",
+                    "optimizer",
+                    "step",
+                    "beta1",
+                ]
+            ),
+            "how": st.sampled_from(
+                ["set", "set", "set", "set", "drop", "grow", "dtype", "meta", "2d", "alias", "none"]
+            ),
+            "pos": st.integers(0, 2**16),
+            "value": _values(),
+        }
+    )
+
+
+@_fuzz(_collection_case)
+def test_fuzz_collection_operators(device, cases):
+    _run_batch("collection", cases, device)
 
 
 def test_fuzz_worker_reports_a_crash():
