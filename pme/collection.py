@@ -175,26 +175,38 @@ class KeyedOutput:
         return f"KeyedOutput(keys={self._keys}, values={tuple(self._values.shape)})"
 
 
+def _inverse_indices(kjt):
+    """A KJT's inverse indices ``(keys, [F, B] tensor)``, or None; an empty tensor is none, as
+    ``EmbeddingBagCollection`` takes it."""
+    inv = kjt.inverse_indices_or_none()
+    if inv is None or (isinstance(inv[1], torch.Tensor) and inv[1].numel() == 0):
+        return None
+    return inv
+
+
 def _variable_batch(features) -> bool:
-    """A torchrec KeyedJaggedTensor whose features have batch sizes of their own (VBE)."""
-    return _is_kjt(features) and bool(getattr(features, "variable_stride_per_key", lambda: False)())
+    """A torchrec KeyedJaggedTensor whose features have batch sizes of their own (VBE), or that
+    maps samples to bags by inverse indices (``EmbeddingBagCollection`` applies them whenever
+    they are there)."""
+    if not _is_kjt(features):
+        return False
+    return bool(getattr(features, "variable_stride_per_key", lambda: False)()) or _inverse_indices(features) is not None
 
 
-def _pad_variable_batch(offsets: torch.Tensor, strides) -> tuple:
-    """A VBE KJT's offsets (``sum(B_f) + 1``: feature f's ``B_f`` bags in turn) -> offsets of
-    ``max(B_f)`` bags per feature (each feature's bags, then empty ones), and that batch size."""
+def _pad_variable_batch(offsets: torch.Tensor, strides, B: int) -> torch.Tensor:
+    """A VBE KJT's offsets (``sum(B_f) + 1``: feature f's ``B_f`` bags in turn) -> offsets of ``B``
+    bags per feature (each feature's first ``B`` bags, then empty ones)."""
     strides = [int(b) for b in strides]
     if offsets.dim() != 1 or offsets.numel() != sum(strides) + 1:
         raise ValueError(
             f"the KeyedJaggedTensor has {offsets.numel()} offsets but its features' batch sizes {strides} "
             f"need {sum(strides) + 1}"
         )
-    B = max(strides, default=0)
     n = torch.tensor(strides, dtype=torch.int64, device=offsets.device)
     first = torch.cumsum(n, 0) - n
     # bag b of feature f ends at offsets[first_f + min(b + 1, B_f)]
     ends = torch.minimum(torch.arange(1, B + 1, device=offsets.device), n.unsqueeze(1)) + first.unsqueeze(1)
-    return offsets[torch.cat([ends.new_zeros(1), ends.reshape(-1)])], B
+    return offsets[torch.cat([ends.new_zeros(1), ends.reshape(-1)])]
 
 
 class _VariableBatch(NamedTuple):
@@ -714,10 +726,20 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
             keys = features.keys()
             values, offs = features.values(), features.offsets()
             w = features.weights_or_none()
+            if offs.device.type == "cpu" and offs.numel() and int(offs[-1]) != values.numel():
+                raise ValueError(
+                    f"the KeyedJaggedTensor's bags end at {int(offs[-1])} but it has {values.numel()} values"
+                )
             if _variable_batch(features):
-                offs, B = _pad_variable_batch(offs, features.stride_per_key())
+                B = self._read_batch(features)
+                offs = _pad_variable_batch(offs, features.stride_per_key(), B)
             else:
                 B = features.stride()
+                if offs.dim() != 1 or offs.numel() != len(keys) * B + 1:
+                    raise ValueError(
+                        f"the KeyedJaggedTensor has {offs.numel()} offsets but {len(keys)} keys x batch {B} "
+                        f"need {len(keys) * B + 1}"
+                    )
         elif isinstance(features, Mapping):
             keys, vals, offl, wl = [], [], [], []
             B = None
@@ -782,14 +804,20 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
             w = None  # as EmbeddingBagCollection: an unweighted collection ignores the input's weights
         return keys, values.contiguous(), offs.contiguous(), (w.contiguous() if w is not None else None), int(B)
 
+    def _read_batch(self, kjt) -> int:
+        """A VBE KJT's batch as the collection pools it: the largest batch of a feature it reads."""
+        read = {f for _, f, _ in self._blocks}
+        return max([int(b) for k, b in zip(kjt.keys(), kjt.stride_per_key()) if k in read], default=0)
+
     def _variable_batch_rows(self, kjt) -> _VariableBatch | None:
         """A VBE KJT's inverse indices for the features the collection reads, checked (None when
         every feature has the same batch and there are none: nothing to expand)."""
         keys = list(kjt.keys())
         strides = [int(b) for b in kjt.stride_per_key()]
-        inv = kjt.inverse_indices_or_none()
+        inv = _inverse_indices(kjt)
         if inv is None:
-            if len(set(strides)) <= 1:
+            read = {f for _, f, _ in self._blocks}
+            if len({b for k, b in zip(keys, strides) if k in read}) <= 1:  # one batch: nothing to expand
                 return None
             raise ValueError(
                 "a KeyedJaggedTensor with a variable batch per feature needs inverse indices "

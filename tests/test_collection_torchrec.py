@@ -351,6 +351,47 @@ def test_variable_batch_per_feature_fused_step_equals_expanded_batch():
     assert not torch.equal(a.weight, MultiSizeEmbeddingBagCollection(cfgs, sizes).weight)
 
 
+def test_inverse_indices_are_applied_as_embedding_bag_collection_applies_them():
+    """EBC applies a KJT's inverse indices whenever they are there (also without a variable batch),
+    takes an empty inverse tensor for none, and looks only at the batches of features it reads."""
+    m, ebc = random_sized_pair(PoolingType.SUM, False, 4)
+    plain = make_kjt(ebc, 5, 4)
+    inv = torch.randint(0, 5, (len(plain.keys()), 7), generator=torch.Generator().manual_seed(1))
+    cases = {
+        "inverse, one batch": KeyedJaggedTensor(
+            keys=plain.keys(), values=plain.values(), lengths=plain.lengths(), inverse_indices=(plain.keys(), inv)
+        ),
+        "empty inverse": KeyedJaggedTensor(
+            keys=plain.keys(),
+            values=plain.values(),
+            lengths=plain.lengths(),
+            stride_per_key_per_rank=[[5]] * len(plain.keys()),
+            inverse_indices=(plain.keys(), inv[:, :0]),
+        ),
+        "an unread feature of another batch": KeyedJaggedTensor(
+            keys=[*plain.keys(), "unread"],
+            values=torch.cat([plain.values(), torch.tensor([1, 2, 3])]),
+            lengths=torch.cat([plain.lengths(), torch.tensor([1, 1, 1])]),
+            stride_per_key_per_rank=[[5]] * len(plain.keys()) + [[3]],
+        ),
+    }
+    for name, kjt in cases.items():
+        want, got = ebc(kjt), m(kjt)
+        assert got.values().shape == want.values().shape, name
+        torch.testing.assert_close(got.values(), want.values(), rtol=1e-6, atol=1e-6, msg=name)
+    assert m(cases["inverse, one batch"]).values().shape[0] == 7
+
+
+def test_malformed_kjt_layouts_are_refused():
+    m = MultiSizeEmbeddingBagCollection(configs())
+    kjt = make_kjt(EmbeddingBagCollection(configs(), device="meta"), 3, 0)
+    v, ln, keys = kjt.values(), kjt.lengths(), kjt.keys()
+    with pytest.raises(ValueError, match="offsets but .* keys x batch 2 need"):
+        m(KeyedJaggedTensor(keys=keys, values=v, lengths=ln, stride=2))
+    with pytest.raises(ValueError, match="bags end at .* but it has"):
+        m(KeyedJaggedTensor(keys=keys, values=torch.cat([v, v[:1]]), lengths=ln))
+
+
 def test_variable_batch_per_feature_errors():
     m = MultiSizeEmbeddingBagCollection(configs())
     kjt = make_vbe_kjt(EmbeddingBagCollection(configs(), device="meta"), 5, 7)
