@@ -721,7 +721,8 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
 
     def _normal_form(self, features):
         """Input -> (keys, indices, bag_offsets, weights or None, B). A KJT with a variable batch per
-        feature (VBE): each feature's ``B_f`` bags followed by empty ones up to ``B = max B_f``."""
+        feature (VBE): each feature's ``B_f`` bags followed by empty ones up to ``B``, the largest
+        ``B_f`` of the features the collection reads (:meth:`_read_batch`)."""
         if _is_kjt(features):
             keys = features.keys()
             values, offs = features.values(), features.offsets()
@@ -804,9 +805,13 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
             w = None  # as EmbeddingBagCollection: an unweighted collection ignores the input's weights
         return keys, values.contiguous(), offs.contiguous(), (w.contiguous() if w is not None else None), int(B)
 
+    def _read_keys(self) -> set:
+        """The input features some output block reads."""
+        return {f for _, f, _ in self._blocks}
+
     def _read_batch(self, kjt) -> int:
         """A VBE KJT's batch as the collection pools it: the largest batch of a feature it reads."""
-        read = {f for _, f, _ in self._blocks}
+        read = self._read_keys()
         return max([int(b) for k, b in zip(kjt.keys(), kjt.stride_per_key()) if k in read], default=0)
 
     def _variable_batch_rows(self, kjt) -> _VariableBatch | None:
@@ -815,8 +820,8 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
         keys = list(kjt.keys())
         strides = [int(b) for b in kjt.stride_per_key()]
         inv = _inverse_indices(kjt)
+        read = self._read_keys()
         if inv is None:
-            read = {f for _, f, _ in self._blocks}
             if len({b for k, b in zip(keys, strides) if k in read}) <= 1:  # one batch: nothing to expand
                 return None
             raise ValueError(
@@ -832,7 +837,6 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
             )
         if table.dtype not in ops.INDEX_DTYPES:
             raise TypeError(f"inverse indices must be int32 or int64, got {table.dtype}")
-        read = {f for _, f, _ in self._blocks}
         used = [k for k in keys if k in read]  # the features the collection reads, in the KJT's order
         where = {n: i for i, n in enumerate(names)}
         missing = [f for f in used if f not in where]

@@ -47,6 +47,45 @@ def _canaries_ok(big, n):
     return bool((big[:32] == CANARY).all()) and bool((big[32 + n :] == CANARY).all())
 
 
+def _guard(a, keys, case, torch):
+    """Puts the 1-D float buffers ``a[k]`` (``keys``) that an operator writes or reads between
+    canaries (not when the case is about aliasing: a copy would undo it); ``{k: big buffer}``."""
+    guards = {}
+    for k in keys:
+        t = a[k]
+        if (
+            case["how"] != "alias"
+            and hasattr(t, "dim")
+            and t.dim() == 1
+            and t.device.type != "meta"
+            and t.is_floating_point()
+        ):
+            guards[k], a[k] = _guarded(t, torch)
+    return guards
+
+
+def _judge(call, a, guards, valid, device, torch):
+    """Runs ``call()``: ``((verdict, message), None)`` when it raised, broke a canary, accepted an
+    invalid call or read a canary; ``(None, result)`` for a result to compare with the reference."""
+    try:
+        res = call()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        for k, big in guards.items():
+            if not _canaries_ok(big, a[k].numel()):
+                return ("canary overwritten (" + k + ")", str(e)[:200]), None
+        return (("raised" if not valid else "refused a valid call"), str(e)[:300]), None
+    for k, big in guards.items():
+        if not _canaries_ok(big, a[k].numel()):
+            return ("canary overwritten (" + k + ")", ""), None
+    if not valid:
+        return ("accepted an invalid call", ""), None
+    if res.is_floating_point() and bool((res == CANARY).any()):
+        return ("canary read", ""), None
+    return None, res
+
+
 def _build_lookup(case, torch, pme, device):  # noqa: C901
     """Valid normal-form arguments of one lookup-shaped call, from the case's seed and shape."""
     g = torch.Generator().manual_seed(case["seed"])
@@ -295,42 +334,22 @@ def _run_lookup(case, torch, pme, device):
             a["argmax"] = _call("bag_forward", {**a, "width": a["grad_out"].shape[-1], "mode": 2}, torch)[1]
         except (RuntimeError, ValueError, TypeError, IndexError):
             pass  # invalid: the operator under test must say so itself
-    # guard the buffers that the operator writes or reads by canaries (not when the case is
-    # about aliasing: a copy would undo it)
-    guards = {}
-    for k in ("weight", "state1", "state2", "scores"):
-        t = a[k]
-        if (
-            case["how"] != "alias"
-            and hasattr(t, "dim")
-            and t.dim() == 1
-            and t.device.type != "meta"
-            and t.is_floating_point()
-        ):
-            guards[k], a[k] = _guarded(t, torch)
+    guards = _guard(a, ("weight", "state1", "state2", "scores"), case, torch)
     valid = _lookup_valid(a, op, torch)
     before = {k: v.clone() for k, v in a.items() if hasattr(v, "clone") and v is not None and v.device.type != "meta"}
     modes = {0: "sum", 1: "mean", 2: "max"}
-    try:
+
+    def call():
         res = _call(op, a, torch, **({"psw_grad": False} if op == "bag_backward" else {}))
         if op in ("bag_forward", "bag_backward"):
-            res = res[0]  # (output, argmax) / (grad_weight, grad_psw)
-        elif op in ("sparse_update_", "accumulate_scores_"):
-            res = a["weight" if op == "sparse_update_" else "scores"]  # updated in place
-        if device == "cuda":
-            torch.cuda.synchronize()
-    except (RuntimeError, ValueError, TypeError, IndexError) as e:
-        for k, big in guards.items():
-            if not _canaries_ok(big, a[k].numel()):
-                return "canary overwritten (" + k + ")", str(e)[:200]
-        return ("raised" if not valid else "refused a valid call"), str(e)[:300]
-    for k, big in guards.items():
-        if not _canaries_ok(big, a[k].numel()):
-            return "canary overwritten (" + k + ")", ""
-    if not valid:
-        return "accepted an invalid call", ""
-    if res.is_floating_point() and bool((res == CANARY).any()):
-        return "canary read", ""
+            return res[0]  # (output, argmax) / (grad_weight, grad_psw)
+        if op in ("sparse_update_", "accumulate_scores_"):
+            return a["weight" if op == "sparse_update_" else "scores"]  # updated in place
+        return res
+
+    verdict, res = _judge(call, a, guards, valid, device, torch)
+    if verdict is not None:
+        return verdict
     if case["target"] == "argmax" and case["how"] == "set" and a["mode"] == 2:
         # argmax is trusted to be the forward's (its values only pick which lookup gets a
         # column's gradient; they are compared, never used as addresses): no crash is the bar
@@ -719,38 +738,19 @@ def _run_collection(case, torch, pme, device):
     a = _build_collection(case, torch, pme, device)
     _corrupt(a, case, torch)
     op = case["op"]
-    guards = {}
-    for k in ("weight", "state1", "state2"):
-        t = a[k]
-        if (
-            case["how"] != "alias"
-            and hasattr(t, "dim")
-            and t.dim() == 1
-            and t.device.type != "meta"
-            and t.is_floating_point()
-        ):
-            guards[k], a[k] = _guarded(t, torch)
+    guards = _guard(a, ("weight", "state1", "state2"), case, torch)
     valid = _collection_valid(a, op, torch)
     before = {k: v.clone() for k, v in a.items() if hasattr(v, "clone") and v.device.type != "meta"}
-    try:
+
+    def call():
         res = getattr(torch.ops.pme, op)(
             *(a[k] for k in _COLL_ARGS[op]), *((False,) if op == "collection_backward" else ())
         )
-        res = res[0] if op == "collection_backward" else a["weight"] if op == "collection_update_" else res
-        if device == "cuda":
-            torch.cuda.synchronize()
-    except (RuntimeError, ValueError, TypeError, IndexError) as e:
-        for k, big in guards.items():
-            if not _canaries_ok(big, a[k].numel()):
-                return "canary overwritten (" + k + ")", str(e)[:200]
-        return ("raised" if not valid else "refused a valid call"), str(e)[:300]
-    for k, big in guards.items():
-        if not _canaries_ok(big, a[k].numel()):
-            return "canary overwritten (" + k + ")", ""
-    if not valid:
-        return "accepted an invalid call", ""
-    if bool((res == CANARY).any()):
-        return "canary read", ""
+        return res[0] if op == "collection_backward" else a["weight"] if op == "collection_update_" else res
+
+    verdict, res = _judge(call, a, guards, valid, device, torch)
+    if verdict is not None:
+        return verdict
     cpu = {k: v.cpu() for k, v in before.items()}
     batch = collection.Batch(*(cpu.get(k) for k in ("table_rows", "features", "indices", "bag_offsets", "psw")), a["B"])
     w = cpu["weight"]
@@ -855,6 +855,15 @@ def _values():
     return st.one_of(st.sampled_from(_NASTY), st.integers(-100, 100))
 
 
+def _corruption():
+    """How a case corrupts its target: the strategies of ``_corrupt``'s "how", "pos" and "value"."""
+    return {
+        "how": st.sampled_from(["set", "set", "set", "set", "drop", "grow", "dtype", "meta", "2d", "alias", "none"]),
+        "pos": st.integers(0, 2**16),
+        "value": _values(),
+    }
+
+
 def _lookup_case():
     return st.fixed_dictionaries(
         {
@@ -896,11 +905,7 @@ def _lookup_case():
                     "scores",
                 ]
             ),
-            "how": st.sampled_from(
-                ["set", "set", "set", "set", "drop", "grow", "dtype", "meta", "2d", "alias", "none"]
-            ),
-            "pos": st.integers(0, 2**16),
-            "value": _values(),
+            **_corruption(),
         }
     )
 
@@ -1024,11 +1029,7 @@ def _collection_case():
                     "beta1",
                 ]
             ),
-            "how": st.sampled_from(
-                ["set", "set", "set", "set", "drop", "grow", "dtype", "meta", "2d", "alias", "none"]
-            ),
-            "pos": st.integers(0, 2**16),
-            "value": _values(),
+            **_corruption(),
         }
     )
 
