@@ -75,7 +75,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from torchrec.streamable import Multistreamable
 
 from . import ops
-from .collection import MultiSizeEmbeddingBagCollection
+from .collection import MultiSizeEmbeddingBagCollection, _inverse_indices
 
 __all__ = [
     "MultiSizeEmbeddingBagCollectionSharder",
@@ -396,8 +396,11 @@ class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
             raise TypeError(
                 f"a sharded pme collection takes a torchrec KeyedJaggedTensor, got {type(features).__name__}"
             )
-        if features.variable_stride_per_key():
-            raise NotImplementedError("pme: a KeyedJaggedTensor with a variable batch per feature is not supported")
+        if features.variable_stride_per_key() or _inverse_indices(features) is not None:
+            raise NotImplementedError(
+                "pme: a KeyedJaggedTensor with a variable batch per feature or inverse indices (VBE) is not supported "
+                "by a sharded collection (the unsharded MultiSizeEmbeddingBagCollection takes it)"
+            )
         if self.is_weighted and features.weights_or_none() is None:
             raise ValueError("the collection is weighted (is_weighted=True) but the input carries no weights")
         ctx.batch_size = features.stride()

@@ -417,6 +417,14 @@ def scenario_refusals(world, rank, outdir):
     dmp = shard_model(make_collection("A", "sgd"), "tw", world)
     kjt = global_kjt("A", B * world, 1)
     expect(TypeError, ["KeyedJaggedTensor"], lambda: dmp({"f0": (torch.zeros(1), torch.zeros(2))}))
+    # inverse indices (VBE) are not sharded: refused, not ignored
+    with_inverse = KeyedJaggedTensor(
+        keys=kjt.keys(),
+        values=kjt.values(),
+        lengths=kjt.lengths(),
+        inverse_indices=(kjt.keys(), torch.zeros(len(kjt.keys()), 3, dtype=torch.int64)),
+    )
+    expect(NotImplementedError, ["inverse indices"], lambda: dmp(with_inverse))
     # ranks feeding different batch sizes: refused on every rank (no hang)
     expect(ValueError, ["same batch size"], lambda: dmp(rank_slice(kjt, rank, B - rank % 2)).wait())
     # row-wise Adagrad state of column shards has no unsharded form
