@@ -255,7 +255,8 @@ class SearchResult:
         threshold: the score threshold of the global budget (per table: a dict).
         seconds: wall time of warm-up + scoring + thresholding; ``steps``: warm-up steps,
             ``batches``: scoring batches; ``rule``, ``normalize``, ``shrink`` (None: no shrinkage):
-            how entries were scored.
+            how entries were scored; ``per_table``: whether each table was cut at the budget on
+            its own (``for_budget`` keeps it unless told otherwise).
     """
 
     sizes: dict
@@ -271,6 +272,7 @@ class SearchResult:
     stats: dict = field(default_factory=dict)
     normalize: str = "none"
     shrink: float | None = None
+    per_table: bool = False
 
     @property
     def fraction(self) -> float:
@@ -285,9 +287,12 @@ class SearchResult:
             f"warm-up steps={self.steps}, seconds={self.seconds:.2f})"
         )
 
-    def for_budget(self, budget: float, per_table: bool = False, quantum: int = 1, min_size: int = 0):
-        """The same scores cut at another budget (no new scoring): a new ``SearchResult``."""
+    def for_budget(self, budget: float, per_table: bool | None = None, quantum: int = 1, min_size: int = 0):
+        """The same scores cut at another budget (no new scoring): a new ``SearchResult``.
+        ``per_table=None`` cuts as the search did (each table on its own when it was searched
+        with ``per_table=True``)."""
         t0 = time.perf_counter()
+        per_table = self.per_table if per_table is None else bool(per_table)
         sizes, thr = sizes_for_budget(self.scores, budget, per_table=per_table, quantum=quantum, min_size=min_size)
         kept = sum(int(s.sum()) for s in sizes.values())
         return SearchResult(
@@ -303,6 +308,7 @@ class SearchResult:
             self.batches,
             normalize=self.normalize,
             shrink=self.shrink,
+            per_table=per_table,
         )
 
     def convert(self, model: nn.Module, init: str = "fresh", **kwargs) -> nn.Module:
@@ -752,6 +758,7 @@ def _result(scores, budget, t0, rule, steps, batches, counts, shrink, normalize,
         stats,
         normalize,
         shrink if counts is not None else None,
+        bool(per_table),
     )
 
 

@@ -448,6 +448,29 @@ def test_from_scores_equals_search_on_the_same_scores():
     assert sum(int(s.sum()) for s in other.sizes.values()) == int(0.25 * (30 + 11) * 8)
 
 
+def test_per_table_result_stays_per_table_at_other_budgets():
+    """A search cut per table cuts every later budget per table too (for_budget and sizes_at_budget
+    used to fall back to the global cut): each table then holds its own share, and its sizes are
+    those of cutting its scores alone; per_table=False still asks for the global cut."""
+    model = _Net()
+    with torch.no_grad():  # table b's entries score far above a's: the global cut would starve a
+        model.embeddings["b"].weight.mul_(100)
+    found = search(model, _batches(2), budget=0.5, rule="magnitude", per_table=True, progress=False)
+    assert found.per_table
+    shapes = {"embeddings.a": (30, 8), "embeddings.b": (11, 8)}
+    for b in (0.5, 0.25, 0.15):
+        cut = found.for_budget(b, quantum=1, min_size=1)
+        assert cut.per_table
+        assert torch.equal(cut.sizes["embeddings.a"], sizes_at_budget("pme", b, result=found)["embeddings.a"])
+        for n, (V, D) in shapes.items():
+            alone, _ = pme.search.sizes_for_budget({n: found.scores[n]}, b, quantum=1, min_size=1)
+            assert torch.equal(cut.sizes[n], alone[n])
+            assert int(b * V * D) - 1 <= int(cut.sizes[n].sum()) <= int(b * V * D)
+    glob = found.for_budget(0.25, per_table=False, quantum=1, min_size=1)
+    assert not glob.per_table
+    assert int(glob.sizes["embeddings.b"].sum()) > int(0.25 * 11 * 8)  # the global cut favours b
+
+
 def test_training_scores_and_from_scores_errors():
     model = _Net()
     with pytest.raises(ValueError, match="rule must be one of"):
