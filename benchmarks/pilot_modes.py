@@ -36,6 +36,15 @@ VARIANTS = {
         "warmup_share": 0.08,
         "shrink": 1.0,
     },
+    # after the fourth round: the cheap scores only spread each table's share of the budget (the
+    # tables' totals as uniform sizes give them), since across tables they mostly measure counts
+    "cheap_mag_pertable": {
+        "mode": "warmup",
+        "rule": "magnitude",
+        "normalize": "none",
+        "warmup_share": 0.08,
+        "per_table": True,
+    },
 }
 
 
