@@ -25,6 +25,10 @@ Run:  python benchmarks/quality.py [--data movielens adult] [--seeds 0 1 ... 9] 
       [--dim 64] [--budgets 0.5 0.2 0.1 0.05] [--methods ...] [--out DIR] [--report-only]
       [--reuse DIR [--rename OLD=NEW ...]]
 
+Your own data: ``--data FILE.csv --label COL [--multi-valued COL[:SEP] ...] [--dense COL ...]
+[--ignore COL ...]`` (a CSV/TSV with a header row, read by ``pme.recsys.data.from_csv``; results
+keyed by the file's name up to its first dot).
+
 ``--reuse DIR`` takes the runs of the methods this run does not make from DIR's
 results_partial_<data>.json (after ``--rename``; ``OLD=`` drops a method): on one machine the runs
 are bitwise reproducible, so only a changed method needs retraining. Every seed's full-size AUC
@@ -38,6 +42,7 @@ import time
 
 import torch
 
+from pme import cli
 from pme.recsys import data
 from pme.recsys.experiment import (
     DEFAULT_VARIANTS,
@@ -48,14 +53,24 @@ from pme.recsys.experiment import (
     summarize,
 )
 
-LOADERS = {"movielens": data.load_movielens_100k, "adult": data.load_adult}
-TITLES = {"movielens": "MovieLens-100K", "adult": "census adult"}
+TITLES = dict(cli.TITLES)  # data set key -> title; a file of your own adds its own
+SOURCES = {}  # data set key -> the file it is read from (keys: built-in names and file stems)
 BASELINES = ("uniform", "popularity", "random")
 PME_METHODS = ("pme", "pme_raw", "pme_rewound", "pme_cheap", "pme_taylor", "pme_grouped")
 
 
+def load(name, args):
+    """The data set of key ``name`` (a built-in one, or the file ``SOURCES[name]`` read with the
+    file options of ``args``, which apply to every file given)."""
+    if name in data.DATASETS:
+        return data.DATASETS[name]()
+    ns = argparse.Namespace(**vars(args))
+    ns.data = SOURCES.get(name, name)
+    return cli.load_data(ns)[0]
+
+
 def run_data(name, args, log):
-    ds = LOADERS[name]()
+    ds = load(name, args)
     rows = []
     part = os.path.join(args.out, f"results_partial_{name}.json")
     methods = tuple(m for m in args.methods if not (m == "pme_grouped" and name in args.no_grouped))
@@ -330,7 +345,13 @@ def plots(name, rows, out_dir):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", nargs="+", default=["movielens", "adult"], choices=list(LOADERS))
+    p.add_argument(
+        "--data",
+        nargs="+",
+        default=["movielens", "adult"],
+        help="built-in data sets (movielens, adult) and/or CSV/TSV files of your own (with --label ...; "
+        "results are keyed by the file's name up to its first dot)",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
     p.add_argument("--model", default="deepfm", choices=["fm", "deepfm"])
     p.add_argument("--dim", type=int, default=64)
@@ -356,7 +377,21 @@ def main():
     p.add_argument(
         "--rename", nargs="*", default=[], help="OLD=NEW renames a reused method (OLD= drops it), e.g. pme=pme_raw"
     )
+    cli.add_data_arguments(p, data=False)
     args = p.parse_args()
+    keys = []
+    for d in args.data:
+        if d in data.DATASETS:
+            keys.append(d)
+            continue
+        if not os.path.isfile(d):
+            p.error(f"--data {d!r} is neither a built-in data set {sorted(data.DATASETS)} nor a file")
+        if args.label is None:
+            p.error(f"--data {d!r} is a file: give its 0/1 label column with --label")
+        key = os.path.basename(d).split(".")[0]
+        SOURCES[key], TITLES[key] = d, os.path.basename(d)
+        keys.append(key)
+    args.data = keys
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()

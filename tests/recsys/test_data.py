@@ -529,6 +529,88 @@ def test_from_columns_vocab_reuse_dense_and_errors():
         pdata.from_dataframe({"u": ["a"]}, label="y")
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_from_csv_equals_from_columns_on_the_same_cells(tmp_path, seed):
+    """A random file written by Python's csv module (quoted cells holding the delimiter, a newline
+    or quotes, empty cells, multi-valued cells, a dense and an ignored column, labels as 0/1 or
+    true/false, blank lines), as CSV, TSV and gzipped: the same dataset as from_columns on the cells."""
+    import csv as pycsv
+
+    g = random.Random(seed)
+    n = g.randint(1, 40)
+    toks = ["a", "b,c", 'q"t', "x y", "7", "line\nbreak", "é"]
+    cols = {
+        "rid": [str(i) for i in range(n)],
+        "s": ["" if g.random() < 0.2 else g.choice(toks) for _ in range(n)],
+        "m": ["|".join(g.choice(toks) for _ in range(g.randint(0, 3))) for _ in range(n)],
+        "price": ["" if g.random() < 0.2 else f"{g.uniform(-5, 5):.3f}" for _ in range(n)],
+        "y": [g.choice(["0", "1"]) for _ in range(n)],
+    }
+    labels = [float(v) for v in cols["y"]]
+    if seed % 2:
+        cols["y"] = [{"0": g.choice(["false", "False"]), "1": g.choice(["TRUE", "true"])}[v] for v in cols["y"]]
+    ref = pdata.from_columns(
+        {k: v for k, v in cols.items() if k not in ("rid", "y")} | {"y": labels},
+        label="y",
+        multi_valued={"m": "|"},
+        dense=["price"],
+    )
+    for name, delim in (("d.csv", ","), ("d.tsv", "\t"), ("d.csv.gz", ",")):
+        path = tmp_path / name
+        opener = gzip.open if name.endswith(".gz") else open
+        with opener(path, "wt", newline="", encoding="utf-8") as f:
+            w = pycsv.writer(f, delimiter=delim)
+            w.writerow(list(cols))
+            for i in range(n):
+                w.writerow([cols[k][i] for k in cols])
+                if g.random() < 0.2:
+                    f.write("\r\n" if g.random() < 0.5 else "\n")  # blank lines are skipped
+        ds = pdata.from_csv(path, "y", multi_valued=["m"], dense=["price"], ignore=["rid"])
+        assert ds.field_names == ["s", "m"] and ds.meta["name"] == name
+        assert ds.labels.tolist() == labels and torch.equal(ds.dense, ref.dense)
+        for f in ds.field_names:
+            assert ds.vocab[f] == ref.vocab[f], (name, f)
+            assert torch.equal(ds.values[f], ref.values[f]) and torch.equal(ds.offsets[f], ref.offsets[f])
+
+
+def test_from_csv_and_load_dataset_errors(tmp_path):
+    """Bad files and options are refused with what is wrong and where (the line, the column)."""
+
+    def write(text, name="d.csv"):
+        (tmp_path / name).write_text(text)
+        return tmp_path / name
+
+    with pytest.raises(FileNotFoundError, match="no such data file"):
+        pdata.from_csv(tmp_path / "none.csv", "y")
+    with pytest.raises(ValueError, match="no header row"):
+        pdata.from_csv(write("\n\n"), "y")
+    with pytest.raises(ValueError, match="a header and no data rows"):
+        pdata.from_csv(write("u,y\n"), "y")
+    with pytest.raises(ValueError, match=r"twice or not at all: \['u'\]"):
+        pdata.from_csv(write("u,u,y\na,b,1\n"), "y")
+    with pytest.raises(ValueError, match=r"d.csv:3: 3 fields, the header has 2"):
+        pdata.from_csv(write("u,y\na,1\nb,0,9\n"), "y")
+    with pytest.raises(ValueError, match=r"no column\(s\) \['price'\]"):
+        pdata.from_csv(write("u,y\na,1\n"), "y", dense=["price"])
+    with pytest.raises(ValueError, match="0 or 1"):
+        pdata.from_csv(write("u,y\na,2\n"), "y")
+    with pytest.raises(ValueError, match="labels must be numbers"):
+        pdata.from_csv(write("u,y\na,yes\n"), "y")
+    with pytest.raises(ValueError, match="dense columns must be numeric"):
+        pdata.from_csv(write("u,p,y\na,cheap,1\n"), "y", dense=["p"])
+    with pytest.raises(ValueError, match="one character"):
+        pdata.from_csv(write("u,y\na,1\n"), "y", delimiter="::")
+    with pytest.raises(ValueError, match="not valid UTF-8"):
+        (tmp_path / "bad.csv").write_bytes(b"u,y\n\xff,1\n")
+        pdata.from_csv(tmp_path / "bad.csv", "y")
+    with pytest.raises(ValueError, match="give its 0/1 label column"):
+        pdata.load_dataset(write("u,y\na,1\n"))
+    with pytest.raises(ValueError, match=r"\['dense', 'label'\] describe a file of your own"):
+        pdata.load_dataset("adult", label="y", dense=["x"], multi_valued=None, ignore=[])
+    ds = pdata.load_dataset(write("u,y\na,1\nb,0\n"), label="y", min_count=None, ignore=[])
+    assert ds.field_names == ["u"] and len(ds) == 2
+
+
 def test_from_dataframe_matches_from_columns_and_trains():
     pd = pytest.importorskip("pandas")
     import numpy as np

@@ -2,6 +2,7 @@
 conversions of FM / DeepFM, bad input, the demo end to end, and ``pme.search`` staying callable
 whatever was imported."""
 
+import os
 import subprocess
 import sys
 
@@ -150,12 +151,95 @@ def test_cli_search_writes_sizes_with_and_without_the_shrinkage(tmp_path):
     for k in ("0", "1"):
         f = tmp_path / f"sizes_{k}.json"
         assert (
-            main(["search", "--budget", "0.2", "--dim", "8", "--warmup-steps", "3", "--shrink", k, "--out", str(f)])
+            main(
+                ["search", "--mode", "warmup", "--budget", "0.2", "--dim", "8", "--warmup-steps", "3", "--shrink", k]
+                + ["--out", str(f)]
+            )
             == 0
         )
         out[k] = json.loads(f.read_text())
         assert out[k]["kept"] <= int(0.2 * out[k]["dense"]) and out[k]["kept"] > 0.19 * out[k]["dense"]
     assert out["0"]["sizes"] != out["1"]["sizes"]
+
+
+def _clicks_csv(path, n=1500, seed=0):
+    """A small click log of your own: users and items whose parity sets the label, tags, a price."""
+    g = torch.Generator().manual_seed(seed)
+    u, it = torch.randint(0, 120, (n,), generator=g), torch.randint(0, 40, (n,), generator=g)
+    noise = torch.rand(n, generator=g) < 0.2
+    with open(path, "w") as f:
+        f.write("req,user,item,tags,price,clicked\n")
+        for i in range(n):
+            y = int(bool(u[i] % 3 == 0) ^ bool(it[i] % 2 == 0) ^ bool(noise[i]))
+            tags = "|".join("abc"[: int(u[i]) % 4])
+            f.write(f"{i},u{int(u[i])},i{int(it[i])},{tags},{float(it[i]) / 7:.2f},{y}\n")
+    return [
+        "--data",
+        str(path),
+        "--label",
+        "clicked",
+        "--multi-valued",
+        "tags:|",
+        "--dense",
+        "price",
+        "--ignore",
+        "req",
+    ]
+
+
+def test_cli_search_and_demo_on_a_csv_file(tmp_path, capsys):
+    """`pme search` / `pme demo` on a CSV of your own: the sizes JSON has one entry per row of
+    every categorical column's table and meets the budget (trained mode, the default); the demo's
+    report names the file; a missing label or file is an error message and exit status 2."""
+    import json
+
+    from pme.cli import main
+
+    opts = _clicks_csv(tmp_path / "clicks.csv")
+    ds = data.from_csv(tmp_path / "clicks.csv", "clicked", multi_valued=["tags"], dense=["price"], ignore=["req"])
+    f = tmp_path / "sizes.json"
+    assert main(["search", *opts, "--budget", "0.25", "--dim", "8", "--epochs", "1", "--out", str(f)]) == 0
+    got = json.loads(f.read_text())
+    assert got["mode"] == "trained" and got["data"] == str(tmp_path / "clicks.csv")
+    assert sorted(got["sizes"]) == sorted(f"embeddings.{n}" for n in ("user", "item", "tags"))
+    for n in ("user", "item", "tags"):
+        assert len(got["sizes"][f"embeddings.{n}"]) == ds.cardinality[n]
+    assert int(0.25 * got["dense"]) - 8 < got["kept"] <= int(0.25 * got["dense"])
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "demo"
+    assert main(["demo", "--fast", *opts, "--dim", "8", "--out", str(out)]) == 0
+    assert (out / "report.md").read_text().startswith("# pme demo: clicks.csv")
+    capsys.readouterr()
+    assert main(["search", "--data", str(tmp_path / "clicks.csv")]) == 2
+    assert "give its 0/1 label column" in capsys.readouterr().err
+    assert main(["demo", "--data", str(tmp_path / "none.csv"), "--label", "y"]) == 2
+    assert "no such data file" in capsys.readouterr().err
+    assert main(["search", *opts, "--warmup-steps", "3"]) == 2
+    assert "--warmup-steps is for --mode warmup" in capsys.readouterr().err
+
+
+def test_quality_study_on_a_csv_file(tmp_path):
+    """benchmarks/quality.py --data FILE --label ...: the study's report and JSON, keyed by the
+    file's name, with the paired differences of both seeds."""
+    import json
+
+    pytest.importorskip("matplotlib")
+    opts = _clicks_csv(tmp_path / "clicks.csv", n=800)
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "quality.py")
+    cmd = [sys.executable, script, *opts, "--seeds", "0", "1", "--epochs", "1", "--dim", "8", "--budgets", "0.5"]
+    cmd += ["--methods", "pme", "uniform", "--out", str(tmp_path / "q")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "q" / "results.json").read_text())
+    runs = res["clicks"]["runs"]
+    assert sorted({(x["seed"], x["method"]) for x in runs}) == [
+        (s, m) for s in (0, 1) for m in ("full", "pme", "uniform")
+    ]
+    assert "## clicks.csv" in (tmp_path / "q" / "report.md").read_text()
+    bad = subprocess.run(
+        [sys.executable, script, "--data", str(tmp_path / "clicks.csv")], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "give its 0/1 label column with --label" in bad.stderr
 
 
 def test_search_callable_after_submodule_imports():
