@@ -82,6 +82,7 @@ def run_data(name, args, log):
             budgets=tuple(args.budgets),
             seeds=(seed,),
             epochs=args.epochs,
+            batch_size=args.batch_size,
             methods=methods,
             progress=False,
             variants={k: dict(v) for k, v in DEFAULT_VARIANTS.items()},
@@ -126,7 +127,7 @@ def _config(args, name, methods):
         "epochs": args.epochs,
         "budgets": args.budgets,
         "methods": list(methods),
-        "batch_size": 2048,
+        "batch_size": args.batch_size,
         "lr": 1e-3,
         "init": ExperimentConfig.init,
         "variants": v,
@@ -284,6 +285,7 @@ def _save_budget_plot(plt, fig, ax, budgets, ylabel, title, out_dir, fname):
     """Log budget axis (percent ticks), labels, legend; saves ``out_dir/fname``, returns ``fname``."""
     ax.set_xscale("log")
     ax.set_xticks(budgets, [f"{b}%" for b in budgets])
+    ax.minorticks_off()  # the log axis would label its minor ticks too (6x10^0, 3x10^1, ...)
     ax.set_xlabel("budget: embedding parameters as a share of the full-width tables")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -356,6 +358,9 @@ def main():
     p.add_argument("--model", default="deepfm", choices=["fm", "deepfm"])
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--epochs", type=int, default=4)
+    p.add_argument(
+        "--batch-size", type=int, default=2048, help="examples a step (default 2048; smaller for a small data set)"
+    )
     p.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.2, 0.1, 0.05])
     p.add_argument(
         "--methods",

@@ -45,6 +45,13 @@ def add_data_arguments(q, data: bool = True):
     g.add_argument("--dense", nargs="+", default=[], metavar="COL", help="the file's numeric columns (dense features)")
     g.add_argument("--ignore", nargs="+", default=[], metavar="COL", help="the file's columns to leave out")
     g.add_argument(
+        "--fields",
+        nargs="+",
+        default=None,
+        metavar="COL",
+        help="the file's categorical columns, when only some are wanted (default: all but the label, dense, ignored)",
+    )
+    g.add_argument(
         "--min-count", type=int, default=None, help="tokens seen fewer times map to the unknown id 0 (default 1)"
     )
     g.add_argument("--delimiter", default=None, help="the file's separator (default: tab for .tsv, else comma)")
@@ -65,6 +72,7 @@ def load_data(args):
         multi_valued=multi or None,
         dense=list(args.dense),
         ignore=list(args.ignore),
+        fields=args.fields,
         min_count=args.min_count,
         delimiter=args.delimiter,
     )

@@ -1032,6 +1032,7 @@ def from_csv(
     multi_valued: Sequence[str] | Mapping[str, str | None] | None = None,
     dense: Sequence[str] = (),
     ignore: Sequence[str] = (),
+    fields: Sequence[str] | None = None,
     min_count: int = 1,
     vocab: Mapping[str, Sequence[str]] | None = None,
     name: str | None = None,
@@ -1040,9 +1041,10 @@ def from_csv(
     no pandas needed): CSV, TSV, and either gzipped (``.gz``).
 
     The header names the columns; every later non-blank line is one example. Quoted cells
-    (``"a, b"``) are read as CSV reads them. Every column that is not the label, ``dense`` or
-    ``ignore`` is a categorical field, in the file's order; its cells are tokens (an empty cell
-    is the unknown id 0). Then as :func:`from_columns`.
+    (``"a, b"``) are read as CSV reads them. The categorical fields are ``fields`` (in that
+    order), or else every column that is not the label, ``dense`` or ``ignore``, in the file's
+    order (unnamed columns, such as a pandas index, left out); their cells are tokens (an empty
+    cell is the unknown id 0). Then as :func:`from_columns`.
 
     Args:
         path: the file.
@@ -1052,11 +1054,15 @@ def from_csv(
             (a list of names means the separator ``"|"``).
         dense: numeric columns used as dense features (an empty cell is 0).
         ignore: columns left out (ids, timestamps, free text).
+        fields: the categorical fields, when only some columns are wanted (the rest, but the label
+            and ``dense``, are left out). A header may repeat a name: unused, or used when its
+            copies hold the same cells on every line.
         min_count, vocab, name: as :func:`from_columns` (``name`` defaults to the file's name).
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: an empty file, a repeated column name, a line with another number of fields
+        ValueError: an empty file, a used column named twice with different cells, a line with
+            another number of fields
             than the header (named by line), an unknown column, labels that are not 0/1.
 
     Example::
@@ -1084,9 +1090,14 @@ def from_csv(
         except csv.Error as e:
             raise ValueError(f"{p}:{reader.line_num}: cannot read the line ({e})") from None
         header = [h.strip() for h in header]
-        twice = sorted({h for h in header if header.count(h) > 1})
-        if twice or "" in header:
-            raise ValueError(f"{p}: the header names a column twice or not at all: {twice or ['(empty)']}")
+        missing = [c for c in [label, *dense, *ignore, *(fields or ())] if c not in header]
+        if missing:
+            raise ValueError(f"{p}: no column(s) {missing}; the header has {header}")
+        if fields is None:  # unnamed columns (a pandas index) are left out
+            used = list(dict.fromkeys(h for h in header if h and h not in {label, *dense, *ignore}))
+            used += [label, *dense]
+        else:
+            used = [*fields, label, *dense]
         cells = [[] for _ in header]
         while True:
             try:
@@ -1105,18 +1116,24 @@ def from_csv(
                 c.append(v)
     if not cells[0]:
         raise ValueError(f"{p}: a header and no data rows")
-    cols = dict(zip(header, cells))
-    missing = [c for c in [label, *dense, *ignore] if c not in cols]
-    if missing:
-        raise ValueError(f"{p}: no column(s) {missing}; the header has {header}")
+    cols = {}
+    for h, c in zip(header, cells):
+        if h not in used:
+            continue
+        if h in cols and cols[h] != c:  # a repeated name is read only when its copies agree
+            row = next(i for i, (a, b) in enumerate(zip(cols[h], c)) if a != b)
+            raise ValueError(
+                f"{p}: the header names column {h!r} more than once and its copies differ (data row {row + 1}: "
+                f"{cols[h][row]!r} and {c[row]!r}); choose other columns (--fields / fields=)"
+            )
+        cols[h] = c
     cols[label] = [_csv_label(v) for v in cols[label]]
     if multi_valued is not None and not isinstance(multi_valued, Mapping):
         multi_valued = {str(f): "|" for f in multi_valued}
-    drop = {label, *dense, *ignore}
     return from_columns(
         cols,
         label,
-        fields=[h for h in header if h not in drop],
+        fields=[h for h in used if h not in {label, *dense}],
         multi_valued=multi_valued,
         dense=dense,
         min_count=min_count,

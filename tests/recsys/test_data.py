@@ -586,8 +586,20 @@ def test_from_csv_and_load_dataset_errors(tmp_path):
         pdata.from_csv(write("\n\n"), "y")
     with pytest.raises(ValueError, match="a header and no data rows"):
         pdata.from_csv(write("u,y\n"), "y")
-    with pytest.raises(ValueError, match=r"twice or not at all: \['u'\]"):
-        pdata.from_csv(write("u,u,y\na,b,1\n"), "y")
+    with pytest.raises(
+        ValueError, match=r"column 'u' more than once and its copies differ \(data row 2: 'b' and 'c'\)"
+    ):
+        pdata.from_csv(write("u,u,y\na,a,1\nb,c,0\n"), "y")
+    twin = pdata.from_csv(write("u,v,u,y\na,x,a,1\nb,x,b,0\n"), "y")  # copies that agree are one field
+    assert twin.field_names == ["u", "v"] and rows_of(twin, "u") == [[1], [2]]
+    # only the chosen fields are read: a repeated name elsewhere, an unnamed index column, the rest
+    ds = pdata.from_csv(write(",u,v,v,w,y\n0,a,b,c,d,1\n1,e,f,g,h,0\n"), "y", fields=["w", "u"])
+    assert ds.field_names == ["w", "u"] and rows_of(ds, "w") == [[1], [2]] and ds.labels.tolist() == [1.0, 0.0]
+    with pytest.raises(ValueError, match=r"'v' more than once"):
+        pdata.from_csv(write(",u,v,v,w,y\n0,a,b,c,d,1\n"), "y", fields=["v"])
+    assert pdata.from_csv(write(",u,w,y\n0,a,b,1\n"), "y").field_names == ["u", "w"]
+    with pytest.raises(ValueError, match=r"no column\(s\) \['z'\]"):
+        pdata.from_csv(write("u,y\na,1\n"), "y", fields=["z"])
     with pytest.raises(ValueError, match=r"d.csv:3: 3 fields, the header has 2"):
         pdata.from_csv(write("u,y\na,1\nb,0,9\n"), "y")
     with pytest.raises(ValueError, match=r"no column\(s\) \['price'\]"):

@@ -205,6 +205,9 @@ def test_cli_search_and_demo_on_a_csv_file(tmp_path, capsys):
     for n in ("user", "item", "tags"):
         assert len(got["sizes"][f"embeddings.{n}"]) == ds.cardinality[n]
     assert int(0.25 * got["dense"]) - 8 < got["kept"] <= int(0.25 * got["dense"])
+    picked = ["--data", str(tmp_path / "clicks.csv"), "--label", "clicked", "--fields", "item", "user"]
+    assert main(["search", *picked, "--dim", "8", "--epochs", "1", "--out", str(f)]) == 0
+    assert list(json.loads(f.read_text())["sizes"]) == ["embeddings.item", "embeddings.user"]
     pytest.importorskip("matplotlib")
     out = tmp_path / "demo"
     assert main(["demo", "--fast", *opts, "--dim", "8", "--out", str(out)]) == 0
