@@ -150,17 +150,18 @@ def _lines(path: Path, fh):
             raise ValueError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start} of the line)") from None
 
 
-def _rows(path: Path, fh, delimiter: str = "\t", skipinitialspace: bool = False):
+def _rows(path: Path, fh, delimiter: str = "\t", skipinitialspace: bool = False, quoting: int = csv.QUOTE_NONE):
     """``(line number, fields)`` of a delimited text file (TSV by default), read by :mod:`csv`.
 
-    Quotes are data (``QUOTE_NONE``), as in the Criteo, RecBole and UCI formats; blank lines
-    are skipped; a line csv cannot read, or that is not UTF-8 (:func:`_lines`), raises a
-    ValueError naming the file and the line.
+    Quotes are data by default (``QUOTE_NONE``), as in the Criteo, RecBole and UCI formats;
+    ``csv.QUOTE_MINIMAL`` reads quoted cells as CSV files write them (the line number is then
+    the last line of a row that spans several). Blank lines are skipped; a line csv cannot read,
+    or that is not UTF-8 (:func:`_lines`), raises a ValueError naming the file and the line.
     """
     reader = csv.reader(
         (text for _, text in _lines(path, fh)),
         delimiter=delimiter,
-        quoting=csv.QUOTE_NONE,
+        quoting=quoting,
         skipinitialspace=skipinitialspace,
     )
     while True:
@@ -1080,15 +1081,10 @@ def from_csv(
     if len(delimiter) != 1:
         raise ValueError(f"delimiter must be one character, got {delimiter!r}")
     with _open_binary(p) as fh:
-        reader = csv.reader((text for _, text in _lines(p, fh)), delimiter=delimiter)
-        try:
-            header = next(reader)
-            while not header:
-                header = next(reader)
-        except StopIteration:
-            raise ValueError(f"{p}: no header row (the first line must name the columns)") from None
-        except csv.Error as e:
-            raise ValueError(f"{p}:{reader.line_num}: cannot read the line ({e})") from None
+        rows = _rows(p, fh, delimiter=delimiter, quoting=csv.QUOTE_MINIMAL)
+        _, header = next(rows, (0, None))
+        if header is None:
+            raise ValueError(f"{p}: no header row (the first line must name the columns)")
         header = [h.strip() for h in header]
         missing = [c for c in [label, *dense, *ignore, *(fields or ())] if c not in header]
         if missing:
@@ -1099,18 +1095,10 @@ def from_csv(
         else:
             used = [*fields, label, *dense]
         cells = [[] for _ in header]
-        while True:
-            try:
-                row = next(reader)
-            except StopIteration:
-                break
-            except csv.Error as e:
-                raise ValueError(f"{p}:{reader.line_num}: cannot read the line ({e})") from None
-            if not row or row == [""]:
-                continue
+        for lineno, row in rows:
             if len(row) != len(header):
                 raise ValueError(
-                    f"{p}:{reader.line_num}: {len(row)} fields, the header has {len(header)} (delimiter {delimiter!r})"
+                    f"{p}:{lineno}: {len(row)} fields, the header has {len(header)} (delimiter {delimiter!r})"
                 )
             for c, v in zip(cells, row):
                 c.append(v)
