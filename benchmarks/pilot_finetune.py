@@ -12,9 +12,17 @@ rate). ``ft0`` rows are the same models before fine-tuning (pruned, not trained 
 ``full+`` trains the full-size model on for the same epochs (does the extra training alone move
 the full-size AUC?).
 
-Prints one line per run and writes ``<out>/pilot_finetune_<data>_<seed>.json``.
+``--rewind R`` (late rewinding, as in the lottery-ticket studies) replaces the fine-tuned rows: each
+method starts from the full-size model as it was after R of its epochs (the same run: the same
+seed gives the same first R epochs), keeps each row's best entries by the *final* trained |w|,
+and trains the remaining epochs of the schedule (fresh Adam state), so the pruned model is
+trained as long as the study's retrained ones (``rw`` rows).
+
+Prints one line per run and writes ``<out>/pilot_finetune_<data>_<seed>.json`` (``_rw<R>`` with
+``--rewind``).
 
 Run: python benchmarks/pilot_finetune.py movielens 100 101 102 [--budgets 0.5 0.2 0.1 0.05] [--epochs 1]
+     [--rewind 1]
 """
 
 import argparse
@@ -54,6 +62,7 @@ def main():
     p.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs after pruning")
     p.add_argument("--lr", type=float, default=None, help="fine-tuning learning rate (default: the study's)")
     p.add_argument("--no-scratch", action="store_true", help="skip the retrained-from-scratch rows")
+    p.add_argument("--rewind", type=int, default=0, help="late rewinding to this epoch instead of fine-tuning")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "quality"))
     a = p.parse_args()
     torch.set_num_threads(1)
@@ -67,6 +76,13 @@ def main():
         res = _train_eval(cfg, full, train, val, test, seed)
         out = {"full": res["auc"], "full_seconds": res["train_seconds"]}
         print(f"{a.data} {seed} full {res['auc']:.4f} ({res['train_seconds']:.1f} s)", flush=True)
+        if a.rewind:
+            snap = _make_model(cfg, train, seed)  # the full-size run again, stopped after `rewind` epochs
+            kw = dict(batch_size=cfg.batch_size, lr=cfg.lr, progress=False, seed=seed, device=cfg.device)
+            models.train_model(snap, train, val, epochs=a.rewind, **kw)
+            again = _make_model(cfg, train, seed)
+            models.train_model(again, train, val, epochs=cfg.epochs, **kw)
+            assert all(torch.equal(x, y) for x, y in zip(again.parameters(), full.parameters())), "not reproducible"
         more = copy.deepcopy(full)
         c = copy.copy(cfg)
         c.epochs, c.lr = a.epochs, a.lr or cfg.lr
@@ -81,9 +97,17 @@ def main():
             sizes["popularity"] = sizes_at_budget("popularity", b, model=full, data=train)
             sizes["random"] = sizes_at_budget("random", b, model=full, data=train, seed=seed)
             for m, sz in sizes.items():
-                before, after = fine_tuned(cfg, full, sz, magnitude, train, val, test, seed, a.epochs, a.lr)
-                out[f"{b}:{m}:ft0"], out[f"{b}:{m}:ft"] = before, after
-                print(f"{a.data} {seed} {b} {m} ft0 {before:.4f} ft {after:.4f} {after - res['auc']:+.4f}", flush=True)
+                if a.rewind:
+                    left = cfg.epochs - a.rewind
+                    _, after = fine_tuned(cfg, snap, sz, magnitude, train, val, test, seed, left, a.lr)
+                    out[f"{b}:{m}:rw"] = after
+                    print(f"{a.data} {seed} {b} {m} rw{a.rewind} {after:.4f} {after - res['auc']:+.4f}", flush=True)
+                else:
+                    before, after = fine_tuned(cfg, full, sz, magnitude, train, val, test, seed, a.epochs, a.lr)
+                    out[f"{b}:{m}:ft0"], out[f"{b}:{m}:ft"] = before, after
+                    print(
+                        f"{a.data} {seed} {b} {m} ft0 {before:.4f} ft {after:.4f} {after - res['auc']:+.4f}", flush=True
+                    )
                 if not a.no_scratch and m in ("pme", "uniform"):
                     model = _make_model(cfg, train, seed)
                     convert(model, sz, init="kept")
@@ -91,7 +115,8 @@ def main():
                     out[f"{b}:{m}:scratch"] = r["auc"]
                     print(f"{a.data} {seed} {b} {m} scratch {r['auc']:.4f} {r['auc'] - res['auc']:+.4f}", flush=True)
         out["seconds"] = time.perf_counter() - t0
-        with open(os.path.join(a.out, f"pilot_finetune_{a.data}_{seed}.json"), "w") as f:
+        tag = f"_rw{a.rewind}" if a.rewind else ""
+        with open(os.path.join(a.out, f"pilot_finetune_{a.data}_{seed}{tag}.json"), "w") as f:
             json.dump(out, f, indent=1)
 
 
