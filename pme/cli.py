@@ -113,6 +113,7 @@ def _demo(args):
         budgets=tuple(args.budgets),
         seeds=tuple(args.seeds),
         epochs=args.epochs,
+        batch_size=args.batch_size,
         device=device,
         search_batches=args.search_batches,
         variants=variants,
@@ -156,7 +157,13 @@ def _search(args):
     train, val, _ = ds.split(seed=args.seed)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg = ExperimentConfig(
-        model=args.model, dim=args.dim, budgets=(args.budget,), methods=("pme",), epochs=args.epochs, device=device
+        model=args.model,
+        dim=args.dim,
+        budgets=(args.budget,),
+        methods=("pme",),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        device=device,
     )
     variant = {"mode": args.mode, "rule": args.rule, "normalize": args.normalize, "num_batches": args.batches}
     variant.update(per_table=args.per_table, shrink=args.shrink or None)
@@ -217,6 +224,15 @@ def _add_shrink(q):
     )
 
 
+def _add_batch_size(q):
+    q.add_argument(
+        "--batch-size",
+        type=int,
+        default=2048,
+        help="examples a training step (default 2048; a small data set of your own wants fewer, e.g. 256)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pme",
@@ -254,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--seeds", type=int, nargs="+", default=[0])
     q.add_argument("--epochs", type=int, default=4)
+    _add_batch_size(q)
     q.add_argument(
         "--rule",
         choices=list(RULES),
@@ -302,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="score the full-size model trained for --epochs (default) or a copy after --warmup-steps",
     )
     q.add_argument("--epochs", type=int, default=4, help="training epochs of the full-size model (default 4)")
+    _add_batch_size(q)
     q.add_argument("--rule", choices=list(RULES), default="magnitude", help="entry score (default magnitude)")
     q.add_argument("--normalize", choices=["none", "field"], default="none")
     q.add_argument("--batches", type=int, default=8, help="scoring batches of taylor/snip/grad")

@@ -210,8 +210,10 @@ def test_cli_search_and_demo_on_a_csv_file(tmp_path, capsys):
     assert list(json.loads(f.read_text())["sizes"]) == ["embeddings.item", "embeddings.user"]
     pytest.importorskip("matplotlib")
     out = tmp_path / "demo"
-    assert main(["demo", "--fast", *opts, "--dim", "8", "--out", str(out)]) == 0
+    assert main(["demo", "--fast", *opts, "--dim", "8", "--batch-size", "256", "--out", str(out)]) == 0
     assert (out / "report.md").read_text().startswith("# pme demo: clicks.csv")
+    assert "batch 256" in (out / "report.md").read_text()
+    assert json.loads((out / "results.json").read_text())["config"]["batch_size"] == 256
     capsys.readouterr()
     assert main(["search", "--data", str(tmp_path / "clicks.csv")]) == 2
     assert "give its 0/1 label column" in capsys.readouterr().err
