@@ -1086,6 +1086,7 @@ def from_csv(
         if header is None:
             raise ValueError(f"{p}: no header row (the first line must name the columns)")
         header = [h.strip() for h in header]
+        header[0] = header[0].lstrip("\ufeff")  # the byte-order mark some editors write first
         missing = [c for c in [label, *dense, *ignore, *(fields or ())] if c not in header]
         if missing:
             raise ValueError(f"{p}: no column(s) {missing}; the header has {header}")
@@ -1093,6 +1094,9 @@ def from_csv(
             used = list(dict.fromkeys(h for h in header if h and h not in {label, *dense, *ignore}))
             used += [label, *dense]
         else:
+            both = [f for f in fields if f == label or f in dense]
+            if both:
+                raise ValueError(f"{p}: {both} cannot be categorical fields and the label or dense columns at once")
             used = [*fields, label, *dense]
         cells = [[] for _ in header]
         for lineno, row in rows:

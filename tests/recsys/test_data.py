@@ -600,6 +600,10 @@ def test_from_csv_and_load_dataset_errors(tmp_path):
     assert pdata.from_csv(write(",u,w,y\n0,a,b,1\n"), "y").field_names == ["u", "w"]
     with pytest.raises(ValueError, match=r"no column\(s\) \['z'\]"):
         pdata.from_csv(write("u,y\na,1\n"), "y", fields=["z"])
+    with pytest.raises(ValueError, match=r"\['y'\] cannot be categorical fields and the label"):
+        pdata.from_csv(write("u,y\na,1\n"), "y", fields=["u", "y"])
+    (tmp_path / "bom.csv").write_bytes("\ufeffu,y\r\na,1\r\n".encode())  # as some editors save a CSV
+    assert pdata.from_csv(tmp_path / "bom.csv", "y").field_names == ["u"]
     with pytest.raises(ValueError, match=r"d.csv:3: 3 fields, the header has 2"):
         pdata.from_csv(write("u,y\na,1\nb,0,9\n"), "y")
     with pytest.raises(ValueError, match=r"no column\(s\) \['price'\]"):
