@@ -939,12 +939,14 @@ def from_columns(
     not_fields = [f for f in seps if f not in fields]
     if not_fields:
         raise ValueError(f"multi_valued names {not_fields}, which are not categorical fields {fields}")
-    try:
-        y = [float(v) for v in y_raw]
-    except (TypeError, ValueError):
-        raise ValueError("labels must be numbers 0/1 or booleans") from None
-    if any(v not in (0.0, 1.0) for v in y):
-        raise ValueError("labels must be 0 or 1 (binary click-through labels)")
+    y = []
+    for i, v in enumerate(y_raw):
+        try:
+            y.append(float(v))
+        except (TypeError, ValueError):
+            raise ValueError(f"labels must be numbers 0/1 or booleans: row {i} holds {v!r}") from None
+        if y[-1] not in (0.0, 1.0):
+            raise ValueError(f"labels must be 0 or 1 (binary click-through labels): row {i} holds {v!r}")
 
     values, offsets, cards, vocabs = {}, {}, {}, {}
     for f in fields:
@@ -1065,6 +1067,9 @@ def from_csv(
         ValueError: an empty file, a used column named twice with different cells, a line with
             another number of fields
             than the header (named by line), an unknown column, labels that are not 0/1.
+
+    The whole file is read into memory as Python strings (fine for millions of cells, not for a
+    Criteo-sized log: :func:`load_criteo` reads that format).
 
     Example::
 

@@ -608,10 +608,12 @@ def test_from_csv_and_load_dataset_errors(tmp_path):
         pdata.from_csv(write("u,y\na,1\nb,0,9\n"), "y")
     with pytest.raises(ValueError, match=r"no column\(s\) \['price'\]"):
         pdata.from_csv(write("u,y\na,1\n"), "y", dense=["price"])
-    with pytest.raises(ValueError, match="0 or 1"):
-        pdata.from_csv(write("u,y\na,2\n"), "y")
-    with pytest.raises(ValueError, match="labels must be numbers"):
+    with pytest.raises(ValueError, match="0 or 1.*row 1 holds '2'"):
+        pdata.from_csv(write("u,y\na,1\na,2\n"), "y")
+    with pytest.raises(ValueError, match="labels must be numbers.*row 0 holds 'yes'"):
         pdata.from_csv(write("u,y\na,yes\n"), "y")
+    with pytest.raises(ValueError, match="labels must be numbers.*row 1 holds ''"):
+        pdata.from_csv(write("u,y\na,0\nb,\n"), "y")
     with pytest.raises(ValueError, match="dense columns must be numeric"):
         pdata.from_csv(write("u,p,y\na,cheap,1\n"), "y", dense=["p"])
     with pytest.raises(ValueError, match="one character"):
