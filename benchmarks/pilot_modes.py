@@ -36,6 +36,15 @@ VARIANTS = {
         "warmup_share": 0.08,
         "shrink": 1.0,
     },
+    # after the fifth round: movement (which removes the initial values' noise from the cheap
+    # scores) with the default's shrinkage by counts (which fixed rare rows on MovieLens-100K)
+    "cheap_move_shrink": {
+        "mode": "warmup",
+        "rule": "movement",
+        "normalize": "none",
+        "warmup_share": 0.08,
+        "shrink": 1.0,
+    },
     # after the fourth round: the cheap scores only spread each table's share of the budget (the
     # tables' totals as uniform sizes give them), since across tables they mostly measure counts
     "cheap_mag_pertable": {
