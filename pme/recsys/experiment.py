@@ -450,7 +450,8 @@ def explain(cfg: ExperimentConfig, rows: list, seconds: float | None = None) -> 
             "± 0.004 AUC for the full-size DeepFM at width 64 after 4 epochs (the quality study, "
             "`benchmarks/results/quality/report.md`, 10 seeds), larger than most differences between "
             "methods in a single run, so read a one-seed "
-            "ranking as anecdote; the study's paired per-seed differences are the evidence."
+            "ranking as anecdote; the study's paired per-seed differences are the evidence. To measure "
+            "it on this data, run several seeds (`pme demo --seeds 0 1 2 3 4`, or `benchmarks/quality.py`)."
         )
     bad = sorted({(r["budget"], r["method"], r["infeasible"]) for r in rows if "infeasible" in r})
     md += ["", "## Infeasible runs", ""]
