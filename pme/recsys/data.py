@@ -1065,8 +1065,8 @@ def from_csv(
     Raises:
         FileNotFoundError: no such file.
         ValueError: an empty file, a used column named twice with different cells, a line with
-            another number of fields
-            than the header (named by line), an unknown column, labels that are not 0/1.
+            another number of fields than the header (named by line), an unknown column, labels
+            that are not 0/1 (named by row).
 
     The whole file is read into memory as Python strings (fine for millions of cells, not for a
     Criteo-sized log: :func:`load_criteo` reads that format).
@@ -1103,20 +1103,20 @@ def from_csv(
             if both:
                 raise ValueError(f"{p}: {both} cannot be categorical fields and the label or dense columns at once")
             used = [*fields, label, *dense]
-        cells = [[] for _ in header]
+        keep = [i for i, h in enumerate(header) if h in used]  # only the used columns are kept
+        cells = [[] for _ in keep]
         for lineno, row in rows:
             if len(row) != len(header):
                 raise ValueError(
                     f"{p}:{lineno}: {len(row)} fields, the header has {len(header)} (delimiter {delimiter!r})"
                 )
-            for c, v in zip(cells, row):
-                c.append(v)
+            for c, i in zip(cells, keep):
+                c.append(row[i])
     if not cells[0]:
         raise ValueError(f"{p}: a header and no data rows")
     cols = {}
-    for h, c in zip(header, cells):
-        if h not in used:
-            continue
+    for i, c in zip(keep, cells):
+        h = header[i]
         if h in cols and cols[h] != c:  # a repeated name is read only when its copies agree
             row = next(i for i, (a, b) in enumerate(zip(cols[h], c)) if a != b)
             raise ValueError(
@@ -1145,9 +1145,9 @@ def load_dataset(source: str | os.PathLike, **csv_options) -> CTRDataset:
     ``label=`` required; ``None`` or an empty list means "not given"). Options given with a named
     data set are an error (they would be ignored)."""
     key = str(source)
-    csv_options = {k: v for k, v in csv_options.items() if v is not None}  # None: not given
+    csv_options = {k: v for k, v in csv_options.items() if v not in (None, [], (), {})}  # not given
     if key in DATASETS:
-        given = sorted(k for k, v in csv_options.items() if not (isinstance(v, (list, tuple, dict)) and not v))
+        given = sorted(csv_options)
         if given:
             raise ValueError(f"{given} describe a file of your own; {key!r} is a built-in data set")
         return DATASETS[key]()
