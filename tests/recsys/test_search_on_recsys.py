@@ -223,6 +223,25 @@ def test_cli_search_and_demo_on_a_csv_file(tmp_path, capsys):
     assert "--warmup-steps is for --mode warmup" in capsys.readouterr().err
 
 
+def test_cli_data_options_reach_the_reader(tmp_path):
+    """--delimiter, --multi-valued COL:SEP, --min-count and --ignore as the parser hands them to
+    load_data give the data set from_csv gives for the same options."""
+    from pme.cli import build_parser, load_data
+
+    f = tmp_path / "d.txt"
+    f.write_text("id;u;tags;y\n1;a;x/z;1\n2;a;z;0\n3;b;;1\n")
+    args = build_parser().parse_args(
+        ["search", "--data", str(f), "--label", "y", "--delimiter", ";", "--multi-valued", "tags:/"]
+        + ["--min-count", "2", "--ignore", "id"]
+    )
+    ds, title = load_data(args)
+    ref = data.from_csv(f, "y", delimiter=";", multi_valued={"tags": "/"}, min_count=2, ignore=["id"])
+    assert title == "d.txt" and ds.field_names == ref.field_names == ["u", "tags"]
+    assert ds.vocab == ref.vocab and ds.vocab["u"] == ["<unk>", "a"] and ds.vocab["tags"] == ["<unk>", "z"]
+    for n in ds.field_names:
+        assert torch.equal(ds.values[n], ref.values[n]) and torch.equal(ds.offsets[n], ref.offsets[n])
+
+
 def test_quality_study_on_a_csv_file(tmp_path):
     """benchmarks/quality.py --data FILE --label ...: the study's report and JSON, keyed by the
     file's name, with the paired differences of both seeds."""
