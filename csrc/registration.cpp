@@ -97,16 +97,16 @@ STABLE_TORCH_LIBRARY(pme, m) {
   // width, pooling), bag_offsets [G*B+1] key-major; output [B, out_width].
   m.def(
       "collection_forward(Tensor weight, Tensor offsets, Tensor table_rows, Tensor features, Tensor indices, "
-      "Tensor bag_offsets, Tensor? per_sample_weights, int batch_size, int out_width, "
+      "Tensor bag_offsets, Tensor? per_sample_weights, SymInt batch_size, int out_width, "
       "bool table_checked=False) -> Tensor");
   m.def(
       "collection_backward(Tensor grad_out, Tensor weight, Tensor offsets, Tensor table_rows, Tensor features, "
-      "Tensor indices, Tensor bag_offsets, Tensor? per_sample_weights, int batch_size, bool psw_grad, "
+      "Tensor indices, Tensor bag_offsets, Tensor? per_sample_weights, SymInt batch_size, bool psw_grad, "
       "bool table_checked=False) -> (Tensor, Tensor)");
   m.def(
       "collection_update_(Tensor(a!) weight, Tensor(b!) state1, Tensor(c!) state2, Tensor grad_out, "
       "Tensor offsets, Tensor table_rows, Tensor features, Tensor indices, Tensor bag_offsets, "
-      "Tensor? per_sample_weights, int batch_size, int optimizer, float lr, float weight_decay, float eps, "
+      "Tensor? per_sample_weights, SymInt batch_size, int optimizer, float lr, float weight_decay, float eps, "
       "float beta1, float beta2, int step, bool table_checked=False) -> ()");
 }
 

@@ -217,6 +217,50 @@ class _VariableBatch(NamedTuple):
     rows: torch.Tensor
 
 
+def _raise_bad_ends(offsets, values, names) -> None:
+    """The check of :func:`_check_bag_ends`, on the data (``names[k]`` "" for a whole
+    KeyedJaggedTensor, whose offsets TorchRec starts at 0)."""
+    for name, o, v in zip(names, offsets, values):
+        if o.numel() == 0:
+            continue
+        first, last, n = int(o[0]), int(o[-1]), v.numel()
+        if name == "" and last != n:
+            raise ValueError(f"the KeyedJaggedTensor's bags end at {last} but it has {n} values")
+        if name != "" and (first != 0 or last != n):
+            raise ValueError(
+                f"feature {name!r}: offsets must start at 0 and end at len(values) = {n}, got {first} and {last}"
+            )
+
+
+def _check_bag_ends(offsets, values, names) -> None:
+    """Raises ValueError unless every feature's bags (``offsets[k]``, ``[B + 1]``) start at 0 and
+    end at its number of values. Eager calls read the two ends here; a traced call (torch.compile,
+    torch.export) puts ``pme::check_bag_ends`` in its graph, which reads them when the graph runs
+    (the collection kernel checks only the concatenated bags, where a feature ending early would
+    lend its trailing values to the next feature's first bag)."""
+    if torch.compiler.is_compiling():
+        torch.ops.pme.check_bag_ends(list(offsets), list(values), _SEP.join(names))
+        return
+    _raise_bad_ends(offsets, values, names)
+
+
+_SEP = "\x1f"  # the ASCII unit separator, between the feature names given to pme::check_bag_ends
+
+
+@torch.library.custom_op("pme::check_bag_ends", mutates_args=())
+def _check_bag_ends_op(offsets: list[torch.Tensor], values: list[torch.Tensor], names: str) -> None:
+    """:func:`_check_bag_ends` as an operator (the names joined by ``_SEP``: a schema has no list of strings)."""
+    _raise_bad_ends(offsets, values, names.split(_SEP))
+
+
+@_check_bag_ends_op.register_fake
+def _(offsets, values, names):
+    return None
+
+
+torch.fx.node.has_side_effect(torch.ops.pme.check_bag_ends.default)  # kept in graphs: it returns nothing
+
+
 def _is_kjt(x) -> bool:
     return all(hasattr(x, a) for a in ("keys", "values", "offsets", "weights_or_none", "stride"))
 
@@ -360,15 +404,22 @@ def _max_block_width(features):
     return max(1, int(features[:, 3].max())) if features.shape[0] else 1
 
 
-def _collection_call(fn, weight, offsets, features, width):
-    """``fn(table_checked)`` through pme.ops' whole-table-check memo (``width``: the widest block)."""
+def _collection_call(fn, weight, offsets, features, width, trusted=False):
+    """``fn(table_checked)`` through pme.ops' whole-table-check memo (``width``: the widest block;
+    ``trusted``: a collection's own table, see ``pme.ops._table_call``)."""
     width = _max_block_width(features) if width is None else width
     if width is None:
         return fn(False)
-    return ops._table_call(fn, weight, offsets, None, width)
+    return ops._table_call(fn, weight, offsets, None, width, trusted)
 
 
-def collection_lookup(weight, offsets, batch: Batch, *, out_width: int, _width=None):
+def _batch_size(b):
+    """A batch size as the operators take it: an int, or kept symbolic while tracing (torch.export
+    with a dynamic batch)."""
+    return b if isinstance(b, torch.SymInt) else int(b)
+
+
+def collection_lookup(weight, offsets, batch: Batch, *, out_width: int, _width=None, _trusted=False):
     """One pooled lookup of every output block of a batch (normal form of ``csrc/collection.h``).
 
     Args:
@@ -376,9 +427,11 @@ def collection_lookup(weight, offsets, batch: Batch, *, out_width: int, _width=N
         batch: the :class:`Batch` (tables, output blocks, indices, bags, weights, batch size).
 
     Returns ``[batch.batch_size, out_width]`` of weight's dtype; differentiable in weight and the
-    weights. The whole offset table is checked once per version (see pme.ops), every lookup on every call.
+    weights. The whole offset table is checked once per version (see pme.ops), every lookup on every
+    call; ``_width`` (the widest block) and ``_trusted`` (a collection's own table) as
+    :meth:`CollectionRows.operator_args` gives them.
     """
-    batch = Batch(*batch[:5], int(batch[5]))
+    batch = Batch(*batch[:5], _batch_size(batch[5]))
     if ops._compiled(weight):
         graded = (weight, batch.per_sample_weights)
         if ops._eager_grad(*graded) and not ops._forward_ad_active():
@@ -392,7 +445,7 @@ def collection_lookup(weight, offsets, batch: Batch, *, out_width: int, _width=N
                 op = torch.ops.pme.collection_forward.default
                 return ops.forward_call(op, graded, weight, offsets, *batch, int(out_width), checked)
 
-        return _collection_call(call, weight, offsets, batch.features, _width)
+        return _collection_call(call, weight, offsets, batch.features, _width, _trusted)
     return _reference_forward(weight, offsets, batch, int(out_width))
 
 
@@ -407,6 +460,7 @@ def collection_update_(
     optimizer="rowwise_adagrad",
     step=1,
     _width=None,
+    _trusted=False,
     **hyper,
 ):
     """Fused backward + optimizer step of a collection lookup, in place, all tables in one call.
@@ -418,11 +472,16 @@ def collection_update_(
     ``pme.ops.sparse_update_`` (:class:`pme.ops.Hyperparameters`).
     """
     hp = ops.Hyperparameters.of(optimizer, **hyper)
-    batch = Batch(*batch[:5], int(batch[5]))
+    batch = Batch(*batch[:5], _batch_size(batch[5]))
     if ops._compiled(weight):
         args = (weight, state1, state2, grad_out, offsets, *batch, *hp.operator_args(step))
         _collection_call(
-            lambda checked: torch.ops.pme.collection_update_(*args, checked), weight, offsets, batch.features, _width
+            lambda checked: torch.ops.pme.collection_update_(*args, checked),
+            weight,
+            offsets,
+            batch.features,
+            _width,
+            _trusted,
         )
         return
     B = batch.batch_size
@@ -463,9 +522,10 @@ class CollectionRows(NamedTuple):
 
     def operator_args(self, module):
         """These rows of ``module``'s tables as :func:`collection_lookup` and :func:`collection_update_`
-        take them after their leading tensors: ``(offsets, the Batch)`` and the keyword ``_width``."""
+        take them after their leading tensors: ``(offsets, the Batch)`` and the keywords ``_width``
+        and ``_trusted`` (the module's own table: a traced call skips the whole-table scan)."""
         batch = Batch(module.table_rows, self.features, self.indices, self.bag_offsets, *self[4:])
-        return (module.offsets, batch), {"_width": module._block_width()}
+        return (module.offsets, batch), {"_width": module._block_width(), "_trusted": True}
 
 
 class _ConsumedCollectionLookup(torch.autograd.Function):
@@ -716,7 +776,8 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
             t = self._tables[ti]
             rows.append([ti, pos[f], col, t.embedding_dim, POOLINGS[t.pooling]])
         out = torch.tensor(rows, dtype=torch.int64).reshape(-1, _F).to(dev)
-        self._feature_cache[(keys, dev)] = out
+        if not torch.compiler.is_compiling():  # a traced tensor must not outlive its trace
+            self._feature_cache[(keys, dev)] = out
         return out
 
     def _normal_form(self, features):
@@ -727,10 +788,8 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
             keys = features.keys()
             values, offs = features.values(), features.offsets()
             w = features.weights_or_none()
-            if offs.device.type == "cpu" and offs.numel() and int(offs[-1]) != values.numel():
-                raise ValueError(
-                    f"the KeyedJaggedTensor's bags end at {int(offs[-1])} but it has {values.numel()} values"
-                )
+            if offs.device.type == "cpu":
+                _check_bag_ends([offs], [values], [""])
             if _variable_batch(features):
                 B = self._read_batch(features)
                 offs = _pad_variable_batch(offs, features.stride_per_key(), B)
@@ -763,11 +822,6 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
                         f"feature {k!r} has {o.numel() - 1} bags but the first feature has {B}; every "
                         "feature needs the same batch size"
                     )
-                if o.numel() and (int(o[0]) != 0 or int(o[-1]) != v.numel()):
-                    raise ValueError(
-                        f"feature {k!r}: offsets must start at 0 and end at len(values) = {v.numel()}, "
-                        f"got {int(o[0])} and {int(o[-1])}"
-                    )
                 keys.append(k)
                 vals.append(v)
                 offl.append((o[1:] if offl else o).long() + base)
@@ -775,6 +829,7 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
                 base += v.numel()
             if not keys:
                 raise ValueError("the input has no features")
+            _check_bag_ends([item[1] for item in features.values()], vals, keys)
             dtype = torch.int64 if any(v.dtype == torch.int64 for v in vals) else vals[0].dtype
             values = torch.cat([v.to(dtype) for v in vals])
             offs = torch.cat(offl)
@@ -803,7 +858,7 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
                 w = w.to(self.weight.dtype)
         elif w is not None:
             w = None  # as EmbeddingBagCollection: an unweighted collection ignores the input's weights
-        return keys, values.contiguous(), offs.contiguous(), (w.contiguous() if w is not None else None), int(B)
+        return keys, values.contiguous(), offs.contiguous(), (w.contiguous() if w is not None else None), _batch_size(B)
 
     def _read_keys(self) -> set:
         """The input features some output block reads."""

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import math
 import numbers
+import os
 import warnings
 import weakref
 from types import SimpleNamespace
@@ -345,9 +346,9 @@ class _Bags(NamedTuple):
             self.offsets, self.indices, self.bag_offsets, self.width, self.col_of_size, mode, psw, pad
         )
 
-    def memo_call(self, weight, fn):
+    def memo_call(self, weight, fn, trusted=False):
         """``fn(table_checked)`` through the whole-table-check memo (:func:`_table_call`)."""
-        return _table_call(fn, weight, self.offsets, self.col_of_size, self.width)
+        return _table_call(fn, weight, self.offsets, self.col_of_size, self.width, trusted)
 
 
 def _save(ctx, bags: _Bags, *tensors):
@@ -623,13 +624,19 @@ def _table_state(weight, offsets, col_of_size):
         return None
 
 
-def _table_call(fn, weight, offsets, col_of_size, width):
+def _table_call(fn, weight, offsets, col_of_size, width, trusted=False):
     """``fn(table_checked)``, with ``table_checked`` True when this table passed the whole-table
     check before (at this width or a smaller one) and has not changed since; a call that then
-    returns normally records that the table passed."""
+    returns normally records that the table passed.
+
+    A traced call (torch.compile, torch.export) cannot consult the memo: it checks the whole
+    table on every run of the graph (O(V)), unless ``trusted``: the table is a pme module's own,
+    which the module keeps valid (built valid, checkpoints checked on load, eager calls checked
+    once per version). Its graph then skips the scan; every lookup's span is still checked, so a
+    table broken behind the module's back gives wrong rows, never an access out of bounds."""
     state = _table_state(weight, offsets, col_of_size)
     if state is None:
-        return fn(False)
+        return fn(bool(trusted) and torch.compiler.is_compiling())
     key = id(offsets)
     seen = _TABLES_PASSED.get(key)
     checked = (
@@ -770,17 +777,23 @@ def _check_last_offset(offsets: torch.Tensor, n: int):
     run it to the end of the input, mean sums the short bag but divides by the long one), so
     there is nothing consistent to match: pme raises. On CUDA the check reads one value back
     (a synchronisation); it is skipped with ``PME_CUDA_VALIDATE=0`` and during graph capture,
-    and then the bags end where the offsets say (lookups past ``offsets[-1]`` are ignored).
+    and then the bags end where the offsets say (lookups past ``offsets[-1]`` are ignored). A
+    traced call (torch.compile, torch.export) puts ``pme::check_last_offset`` in its graph, which
+    makes the same check when the graph runs.
     """
-    if torch.compiler.is_compiling():  # a traced graph cannot read a value: the bags end at offsets[-1]
+    if torch.compiler.is_compiling():
+        torch.ops.pme.check_last_offset(offsets, n)
         return
-    if offsets.device.type == "cuda":
-        import os
-
-        if os.environ.get("PME_CUDA_VALIDATE", "1") == "0" or torch.cuda.is_current_stream_capturing():
-            return
     if offsets.device.type == "meta" or torch._guards.detect_fake_mode(offsets) is not None:
         return
+    _raise_bad_last_offset(offsets, n)
+
+
+def _raise_bad_last_offset(offsets: torch.Tensor, n: int):
+    """:func:`_check_last_offset` on the data (CUDA: unless validation is off or a graph is being captured)."""
+    if offsets.device.type == "cuda":
+        if os.environ.get("PME_CUDA_VALIDATE", "1") == "0" or torch.cuda.is_current_stream_capturing():
+            return
     last = int(offsets[-1])
     if last != n:
         raise ValueError(
@@ -788,6 +801,20 @@ def _check_last_offset(offsets: torch.Tensor, n: int):
             f"(the last bag ends at the end of the input); nn.EmbeddingBag's results for "
             f"offsets[-1] < len(input) contradict its documentation and each other, so pme refuses them"
         )
+
+
+@torch.library.custom_op("pme::check_last_offset", mutates_args=())
+def _check_last_offset_op(offsets: torch.Tensor, n: int) -> None:
+    """:func:`_check_last_offset` inside a traced graph (an operator, so that the graph keeps it)."""
+    _raise_bad_last_offset(offsets, n)
+
+
+@_check_last_offset_op.register_fake
+def _(offsets, n):
+    return None
+
+
+torch.fx.node.has_side_effect(torch.ops.pme.check_last_offset.default)  # kept in graphs: it returns nothing
 
 
 # --------------------------------------------------------------------------------------------
@@ -809,6 +836,7 @@ def embedding_bag(
     norm_type=2.0,
     scale_grad_by_freq=False,
     sparse=False,
+    _trusted=False,
 ):
     """Pooled lookup into a flat multi-size table, like ``F.embedding_bag`` on its dense view.
 
@@ -828,6 +856,8 @@ def embedding_bag(
         scale_grad_by_freq: each row's gradient divided by its number of lookups in the batch.
         sparse: the gradient of ``weight`` is a coalesced sparse COO tensor ``[total]`` holding
             only the entries of the rows looked up (for torch.optim.SparseAdam / SGD / Adagrad).
+        _trusted: internal (pme's modules): the table is a module's own, so a traced call skips
+            the whole-table check (:func:`_table_call`).
 
     Returns:
         ``[B, width]`` tensor of ``weight``'s dtype (accumulated in float32, or float64).
@@ -854,7 +884,7 @@ def embedding_bag(
             return _torch_error_types(_BagLookup.apply, weight, *bags)[0]
         if _eager_grad(weight, psw):
             return _torch_error_types(_BagLookupEager.apply, weight, *bags)[0]
-        return bags.memo_call(weight, lambda checked: _torch_error_types(bags.lookup, weight, checked))[0]
+        return bags.memo_call(weight, lambda checked: _torch_error_types(bags.lookup, weight, checked), _trusted)[0]
     return _reference_bag(weight, bags)
 
 
@@ -870,13 +900,14 @@ def embedding(
     norm_type=2.0,
     scale_grad_by_freq=False,
     sparse=False,
+    _trusted=False,
 ):
     """Non-pooled lookup ``[*input.shape, width]``, like ``F.embedding`` on the dense view.
 
     The padding row is returned as stored and receives no gradient, as in ``F.embedding``.
     ``input`` may be a jagged nested tensor ``[B, j]`` (the output is then ``[B, j, width]``,
-    nested). ``max_norm``, ``norm_type``, ``scale_grad_by_freq``, ``sparse`` as in
-    :func:`embedding_bag`.
+    nested). ``max_norm``, ``norm_type``, ``scale_grad_by_freq``, ``sparse`` and ``_trusted`` as
+    in :func:`embedding_bag`.
     """
     check_table(weight, offsets, col_of_size)
     pad = normalize_padding_idx(padding_idx, offsets.numel() - 1)
@@ -897,6 +928,7 @@ def embedding(
             norm_type=norm_type,
             scale_grad_by_freq=scale_grad_by_freq,
             sparse=sparse,
+            _trusted=_trusted,
         )
         return torch.nested.nested_tensor_from_jagged(out, input.offsets())
     if not isinstance(input, torch.Tensor) or input.dtype not in INDEX_DTYPES:
@@ -917,7 +949,7 @@ def embedding(
         if fn is not None:
             out = _torch_error_types(fn.apply, weight, offsets, flat, col_of_size, int(width), pad)
         else:
-            out = bags.memo_call(weight, lambda checked: _torch_error_types(bags.embedding, weight, checked))
+            out = bags.memo_call(weight, lambda checked: _torch_error_types(bags.embedding, weight, checked), _trusted)
         return out.reshape(*input.shape, width)
     bo = torch.arange(flat.numel() + 1, dtype=flat.dtype, device=flat.device)
     _check_reference_lookup(weight, bags._replace(bag_offsets=bo))
