@@ -789,11 +789,19 @@ def _check_last_offset(offsets: torch.Tensor, n: int):
     _raise_bad_last_offset(offsets, n)
 
 
+def _device_reads_off(t: torch.Tensor) -> bool:
+    """Whether a Python-side check must not read ``t``'s values back: a CUDA tensor while
+    ``PME_CUDA_VALIDATE=0`` or while a CUDA graph is being captured (a read would synchronise, or
+    break the capture)."""
+    if t.device.type != "cuda":
+        return False
+    return os.environ.get("PME_CUDA_VALIDATE", "1") == "0" or torch.cuda.is_current_stream_capturing()
+
+
 def _raise_bad_last_offset(offsets: torch.Tensor, n: int):
     """:func:`_check_last_offset` on the data (CUDA: unless validation is off or a graph is being captured)."""
-    if offsets.device.type == "cuda":
-        if os.environ.get("PME_CUDA_VALIDATE", "1") == "0" or torch.cuda.is_current_stream_capturing():
-            return
+    if _device_reads_off(offsets):
+        return
     last = int(offsets[-1])
     if last != n:
         raise ValueError(

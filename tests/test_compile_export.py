@@ -272,6 +272,14 @@ def test_aoti_package_of_a_collection_model():
     bad = list(a)
     bad[0] = bad[0].clone()
     bad[0][0] = 10**6
-    with pytest.raises(RuntimeError, match="index out of range"):
-        runner(*bad)
+    if _torch_at_least(2, 13):
+        with pytest.raises(RuntimeError, match="index out of range"):
+            runner(*bad)
+    else:  # torch 2.11's runtime prints the operator's error and fails the call with a generic one
+        with pytest.raises((RuntimeError, AttributeError)):
+            runner(*bad)
     torch.testing.assert_close(runner(*a), model(*a))
+
+
+def _torch_at_least(major, minor) -> bool:
+    return tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (major, minor)
