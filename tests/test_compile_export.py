@@ -17,7 +17,7 @@ from test_collection import make_collection, make_input
 import pme
 from pme import ops
 
-from conftest import random_sizes
+from conftest import DEVICES, random_sizes
 
 MODULE_CASES = [("bag", "sum"), ("bag", "mean"), ("bag", "max"), ("embedding", None)]
 
@@ -91,17 +91,18 @@ def test_a_traced_module_skips_the_table_scan_and_a_traced_table_keeps_it():
     assert captured_table_checked(c, feats) == [("pme::collection_forward", True)]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind,mode", MODULE_CASES)
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
-def test_compiled_modules_equal_eager_and_the_dense_view(kind, mode, index_dtype):
+def test_compiled_modules_equal_eager_and_the_dense_view(kind, mode, index_dtype, device):
     torch._dynamo.reset()
-    m = make_module(kind, mode, 2)
+    m = make_module(kind, mode, 2).to(device)
     compiled = torch.compile(m, fullgraph=True)  # Inductor
     for B, seed in ((9, 0), (5, 1)):  # a second batch shape: recompiled or dynamic, still right
-        idx, off = bags(60, B, seed, index_dtype)
+        idx, off = (t.to(device) for t in bags(60, B, seed, index_dtype))
         out = call(compiled, kind, idx, off)
         torch.testing.assert_close(out, dense_oracle(m, kind, mode, idx, off))
-        go = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(seed))
+        go = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(seed)).to(device)
         (g_compiled,) = torch.autograd.grad(out, m.weight, go)
         (g_eager,) = torch.autograd.grad(call(m, kind, idx, off), m.weight, go)
         torch.testing.assert_close(g_compiled, g_eager)
@@ -148,19 +149,21 @@ def test_compiled_include_last_offset_is_checked_when_the_graph_runs():
             fn(idx, short)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("weighted", [False, True])
-def test_compiled_collection_equals_eager_forward_and_backward(weighted):
+def test_compiled_collection_equals_eager_forward_and_backward(weighted, device):
     torch._dynamo.reset()
     c, _, _ = make_collection(4, pooling="mixed" if not weighted else "sum", weighted=weighted)
+    c = c.to(device)
     compiled = torch.compile(c, fullgraph=True)
     for B, seed in ((6, 0), (3, 1)):
-        feats = make_input(c, B, seed, weighted=weighted)
+        feats = {k: tuple(t.to(device) for t in item) for k, item in make_input(c, B, seed, weighted=weighted).items()}
         if weighted:
             feats = {k: (v, o, w.clone().requires_grad_(True)) for k, (v, o, w) in feats.items()}
         out = compiled(feats).values()
         ref = c(feats).values()
         torch.testing.assert_close(out, ref)
-        go = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(seed))
+        go = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(seed)).to(device)
         wanted = [c.weight] + ([t[2] for t in feats.values()] if weighted else [])
         for g, r in zip(torch.autograd.grad(out, wanted, go), torch.autograd.grad(ref, wanted, go)):
             torch.testing.assert_close(g, r)
