@@ -6,9 +6,11 @@ to ``pme.ops.embedding_bag`` inside a traced function is scanned on every run of
 every traced call was before modules were trusted. For each table size this times, in
 interleaved rounds (each case in turn, so a change of the host's load hits all alike), a no-grad
 forward of ``pme.MultiSizeEmbeddingBag`` (sum, sizes 8/16/32/64 of D = 64 at 55/25/15/5%,
-uniform indices) four ways: eager; ``torch.compile(fullgraph=True)`` (Inductor); the
-``torch.export`` program's module; and the compiled functional call (``pme.ops.embedding_bag`` on
-the module's tensors, scanned each run). Prints medians and writes
+uniform indices) five ways: eager; ``torch.compile(fullgraph=True)`` (Inductor); the
+``torch.export`` program's module; the compiled functional call (``pme.ops.embedding_bag`` on
+the module's tensors, scanned each run); and, eagerly, the same module built under
+``torch.inference_mode()`` (its tensors have no version counter, so no memo: a module's own table
+is trusted there too). Prints medians and writes
 ``benchmarks/results/compile_<device>_<date>.json``.
 
 Run: python benchmarks/bench_compile.py [--rows 1000000 4000000] [--bags 2048] [--threads 1]
@@ -56,6 +58,9 @@ def main():
             torch.multinomial(shares, V, replacement=True, generator=gen)
         ]
         m = pme.MultiSizeEmbeddingBag(V, D, sizes=sizes, mode="sum").eval()
+        with torch.inference_mode():  # inference tensors: no version counter, so no memo either
+            m_inf = pme.MultiSizeEmbeddingBag(V, D, sizes=sizes, mode="sum").eval()
+            m_inf.weight.copy_(m.weight)
         idx = torch.randint(0, V, (B * L,), generator=gen)
         off = torch.arange(0, B * L, L)
         w, o = m.weight.detach(), m.offsets
@@ -71,6 +76,7 @@ def main():
         exported = torch.export.export(m, (idx, off), dynamic_shapes=({0: torch.export.Dim("n")}, {0: batch})).module()
         cases = {
             "eager module": lambda: m(idx, off),
+            "eager module built in inference_mode": lambda: m_inf(idx, off),
             "compiled module": lambda: compiled(idx, off),
             "exported module": lambda: exported(idx, off),
             "compiled pme.ops call (table scanned)": lambda: compiled_fn(idx, off),

@@ -629,14 +629,15 @@ def _table_call(fn, weight, offsets, col_of_size, width, trusted=False):
     check before (at this width or a smaller one) and has not changed since; a call that then
     returns normally records that the table passed.
 
-    A traced call (torch.compile, torch.export) cannot consult the memo: it checks the whole
-    table on every run of the graph (O(V)), unless ``trusted``: the table is a pme module's own,
-    which the module keeps valid (built valid, checkpoints checked on load, eager calls checked
-    once per version). Its graph then skips the scan; every lookup's span is still checked, so a
-    table broken behind the module's back gives wrong rows, never an access out of bounds."""
+    Where there is no memo to consult (a traced call: torch.compile, torch.export; inference-mode
+    tensors, which have no version counter) the whole table is checked on every call (O(V)),
+    unless ``trusted``: the table is a pme module's own, which the module keeps valid (built
+    valid, checkpoints checked on load, other eager calls checked once per version). Such calls
+    skip the scan; every lookup's span is still checked, so a table broken behind the module's
+    back gives wrong rows, never an access out of bounds."""
     state = _table_state(weight, offsets, col_of_size)
     if state is None:
-        return fn(bool(trusted) and torch.compiler.is_compiling())
+        return fn(bool(trusted))
     key = id(offsets)
     seen = _TABLES_PASSED.get(key)
     checked = (

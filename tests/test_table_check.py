@@ -11,6 +11,7 @@ import gc
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import pme
 from pme import collection, ops
@@ -88,6 +89,34 @@ def test_inference_tensors_are_checked_every_call():
         off2[6] = off2[5] - 1
         with pytest.raises(RuntimeError, match="non-decreasing"):
             ops.embedding_bag(w, off2, idx, bo, width=width, mode="sum")
+
+
+def test_a_module_built_in_inference_mode_trusts_its_table_and_pme_ops_does_not():
+    """Inference tensors have no version counter, so no memo: a module's own table (built valid,
+    or loaded through its checked load_state_dict) skips the scan, as in a traced graph; a table
+    handed to pme.ops is scanned on every call; a looked-up row's span is checked either way."""
+    gen = torch.Generator().manual_seed(7)
+    sizes = torch.randint(1, 9, (12,), generator=gen)
+    with torch.inference_mode():
+        m = pme.MultiSizeEmbeddingBag(12, 8, sizes=sizes, mode="sum")
+        tables = [collection.EmbeddingBagConfig(12, 8, "a", ["fa"])]
+        coll = collection.MultiSizeEmbeddingBagCollection(tables, {"a": sizes})
+        coll.weight.copy_(m.weight)  # the same sizes: the same layout
+        loaded = pme.MultiSizeEmbeddingBag(12, 8, sizes=sizes.flip(0), mode="sum")
+        loaded.load_state_dict(m.state_dict())  # new sizes, through the checked load
+        m = loaded
+        assert m.offsets.is_inference() and coll.offsets.is_inference() and torch.equal(m.sizes, sizes)
+        idx, bo = _bag("cpu")  # rows 0 and 2
+        ref = F.embedding_bag(idx, m.to_dense(), bo, mode="sum")
+        for t in (m, coll):
+            t.offsets[6] = t.offsets[5] - 1  # rows 5 and 6 overlap; no lookup reads them: only a scan sees it
+        torch.testing.assert_close(m(idx, bo), ref)
+        torch.testing.assert_close(coll({"fa": (idx, torch.tensor([0, 2]))}).values(), ref)
+        with pytest.raises(RuntimeError, match="non-decreasing"):
+            ops.embedding_bag(m.weight, m.offsets, idx, bo, width=8, mode="sum")
+        m.offsets[1] = m.weight.numel() + 5  # row 0, which the batch reads, now overruns the buffer
+        with pytest.raises(RuntimeError, match="spans offsets"):
+            m(idx, bo)
 
 
 @pytest.mark.parametrize("device", DEVICES)
