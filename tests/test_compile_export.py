@@ -247,6 +247,26 @@ def test_exported_module_with_a_dynamic_batch_round_trips_and_checks_its_input()
     torch.testing.assert_close(ep.module()(idx, off), model(idx, off))
 
 
+def test_exported_grouped_and_non_pooled_tables():
+    """The grouped layout (a slot of columns per size class) and nn.Embedding's 2-D input, with a
+    padding row: exported with dynamic shapes, equal to the eager module at other shapes."""
+    gen = torch.Generator().manual_seed(12)
+    sizes = torch.tensor([4, 8, 16])[torch.randint(0, 3, (60,), generator=gen)]
+    grouped = pme.MultiSizeEmbeddingBag(60, 16, sizes=sizes, mode="mean", layout="grouped").eval()
+    emb = pme.MultiSizeEmbedding(60, 16, sizes=sizes, padding_idx=3).eval()
+    dim = torch.export.Dim
+    ep = _round_trip(torch.export.export(grouped, bags(60, 5, 0), dynamic_shapes=({0: dim("n")}, {0: dim("b", min=2)})))
+    for B, seed in ((5, 0), (9, 1)):
+        i, o = bags(60, B, seed)
+        torch.testing.assert_close(ep.module()(i, o), grouped(i, o))
+    x = torch.randint(0, 60, (4, 5), generator=gen)
+    ep = _round_trip(torch.export.export(emb, (x,), dynamic_shapes=({0: dim("rows", min=2), 1: dim("cols", min=2)},)))
+    for shape in ((4, 5), (7, 3)):
+        y = torch.randint(0, 60, shape, generator=gen)
+        y[0, 0] = 3
+        torch.testing.assert_close(ep.module()(y), F.embedding(y, emb.to_dense().detach()))
+
+
 def test_exported_collection_with_a_dynamic_batch_round_trips_and_checks_its_input():
     model = _CollectionRanker(7).eval()
     args = model.flat_input(5, 0)
