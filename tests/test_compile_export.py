@@ -280,17 +280,47 @@ def test_exported_collection_with_a_dynamic_batch_round_trips_and_checks_its_inp
         ep.module()(*bad)
 
 
-def test_aoti_package_of_a_collection_model():
-    """AOTInductor: the exported collection model compiled to a shared library and loaded back;
-    pme's operators run through the package's proxy executor (pme must be imported)."""
+# A serving process: it imports pme (which registers the operators), loads what was saved, runs it.
+_SERVE = """
+import sys, torch, pme
+kind, path, inputs, out = sys.argv[1:]
+args = torch.load(inputs)
+if kind == "export":
+    fn = torch.export.load(path).module()
+else:
+    fn = torch._inductor.aoti_load_package(path)
+torch.save(fn(*args), out)
+"""
+
+
+def _serve_in_a_fresh_process(kind, path, args, tmp_path):
+    import subprocess
+    import sys
+
+    torch.save(args, tmp_path / "inputs.pt")
+    subprocess.run(
+        [sys.executable, "-c", _SERVE, kind, str(path), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
+        check=True,
+        timeout=600,
+    )
+    return torch.load(tmp_path / "out.pt")
+
+
+def test_aoti_package_of_a_collection_model(tmp_path):
+    """AOTInductor: the exported collection model compiled to a shared library and loaded back,
+    here and in a fresh process that imports pme (pme's operators run through the package's
+    proxy executor); the exported program itself is also loaded there."""
     model = _CollectionRanker(8).eval()
     args = model.flat_input(5, 0)
     ep = torch.export.export(model, args, dynamic_shapes=model.dynamic_shapes())
-    buf = io.BytesIO()
-    torch._inductor.aoti_compile_and_package(ep, package_path=buf)
-    buf.seek(0)
-    runner = torch._inductor.aoti_load_package(buf)
+    torch.export.save(ep, tmp_path / "ranker.pt2")
+    path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "ranker_aoti.pt2"))
+    runner = torch._inductor.aoti_load_package(path)
     a = model.flat_input(9, 3)
+    with torch.no_grad():
+        want = model(*a)
+    for kind, saved in (("export", tmp_path / "ranker.pt2"), ("aoti", path)):
+        torch.testing.assert_close(_serve_in_a_fresh_process(kind, saved, a, tmp_path), want)
     torch.testing.assert_close(runner(*a), model(*a))
     bad = list(a)
     bad[0] = bad[0].clone()
