@@ -217,14 +217,15 @@ class _VariableBatch(NamedTuple):
     rows: torch.Tensor
 
 
-def _raise_bad_ends(offsets, values, names) -> None:
-    """The check of :func:`_check_bag_ends`, on the data (``names[k]`` "" for a whole
-    KeyedJaggedTensor, whose offsets TorchRec starts at 0); skipped for CUDA tensors under
-    ``PME_CUDA_VALIDATE=0`` and during CUDA graph capture, as pme.ops' checks are."""
-    for name, o, v in zip(names, offsets, values):
-        if o.numel() == 0 or ops._device_reads_off(o):
-            continue
-        first, last, n = int(o[0]), int(o[-1]), v.numel()
+def _raise_bad_ends(offsets: torch.Tensor, counts, names) -> None:
+    """The check of :func:`_check_bag_ends` on the data: one read of every feature's two ends
+    (``names[k]`` "" for a whole KeyedJaggedTensor, whose offsets TorchRec starts at 0); skipped
+    for CUDA tensors under ``PME_CUDA_VALIDATE=0`` and during CUDA graph capture, as pme.ops'
+    checks are."""
+    if offsets.shape[1] == 0 or ops._device_reads_off(offsets):
+        return
+    ends = offsets[:, [0, -1]].tolist()
+    for name, (first, last), n in zip(names, ends, counts):
         if name == "" and last != n:
             raise ValueError(f"the KeyedJaggedTensor's bags end at {last} but it has {n} values")
         if name != "" and (first != 0 or last != n):
@@ -233,29 +234,29 @@ def _raise_bad_ends(offsets, values, names) -> None:
             )
 
 
-def _check_bag_ends(offsets, values, names) -> None:
-    """Raises ValueError unless every feature's bags (``offsets[k]``, ``[B + 1]``) start at 0 and
-    end at its number of values. Eager calls read the two ends here; a traced call (torch.compile,
-    torch.export) puts ``pme::check_bag_ends`` in its graph, which reads them when the graph runs
-    (the collection kernel checks only the concatenated bags, where a feature ending early would
-    lend its trailing values to the next feature's first bag)."""
+def _check_bag_ends(offsets: torch.Tensor, counts, names) -> None:
+    """Raises ValueError unless every feature's bags (row ``k`` of ``offsets [F, B + 1]``) start at
+    0 and end at its number of values ``counts[k]``. Eager calls read the ends here; a traced call
+    (torch.compile, torch.export) puts ``pme::check_bag_ends`` in its graph, which reads them when
+    the graph runs (the collection kernel checks only the concatenated bags, where a feature ending
+    early would lend its trailing values to the next feature's first bag)."""
     if torch.compiler.is_compiling():
-        torch.ops.pme.check_bag_ends(list(offsets), list(values), _SEP.join(names))
+        torch.ops.pme.check_bag_ends(offsets, list(counts), _SEP.join(names))
         return
-    _raise_bad_ends(offsets, values, names)
+    _raise_bad_ends(offsets, counts, names)
 
 
 _SEP = "\x1f"  # the ASCII unit separator, between the feature names given to pme::check_bag_ends
 
 
 @torch.library.custom_op("pme::check_bag_ends", mutates_args=())
-def _check_bag_ends_op(offsets: list[torch.Tensor], values: list[torch.Tensor], names: str) -> None:
+def _check_bag_ends_op(offsets: torch.Tensor, counts: list[int], names: str) -> None:
     """:func:`_check_bag_ends` as an operator (the names joined by ``_SEP``: a schema has no list of strings)."""
-    _raise_bad_ends(offsets, values, names.split(_SEP))
+    _raise_bad_ends(offsets, counts, names.split(_SEP))
 
 
 @_check_bag_ends_op.register_fake
-def _(offsets, values, names):
+def _(offsets, counts, names):
     return None
 
 
@@ -790,7 +791,7 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
             values, offs = features.values(), features.offsets()
             w = features.weights_or_none()
             if offs.device.type == "cpu":
-                _check_bag_ends([offs], [values], [""])
+                _check_bag_ends(offs.unsqueeze(0), [values.numel()], [""])
             if _variable_batch(features):
                 B = self._read_batch(features)
                 offs = _pad_variable_batch(offs, features.stride_per_key(), B)
@@ -802,9 +803,8 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
                         f"need {len(keys) * B + 1}"
                     )
         elif isinstance(features, Mapping):
-            keys, vals, offl, wl = [], [], [], []
+            keys, vals, raw, wl = [], [], [], []
             B = None
-            base = 0
             for k, item in features.items():
                 if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
                     raise TypeError(
@@ -825,15 +825,21 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
                     )
                 keys.append(k)
                 vals.append(v)
-                offl.append((o[1:] if offl else o).long() + base)
+                raw.append(o.long())
                 wl.append(item[2] if len(item) == 3 else None)
-                base += v.numel()
             if not keys:
                 raise ValueError("the input has no features")
-            _check_bag_ends([item[1] for item in features.values()], vals, keys)
+            # every feature's bags at once: [F, B + 1], checked, then shifted by the values before it
+            raw = torch.stack(raw)
+            counts = [v.numel() for v in vals]
+            _check_bag_ends(raw, counts, keys)
+            starts = [0]
+            for n in counts[:-1]:
+                starts.append(starts[-1] + n)
+            shift = torch.tensor(starts, dtype=torch.int64, device=raw.device).unsqueeze(1)
+            offs = torch.cat([raw[0, :1], (raw[:, 1:] + shift).reshape(-1)])
             dtype = torch.int64 if any(v.dtype == torch.int64 for v in vals) else vals[0].dtype
-            values = torch.cat([v.to(dtype) for v in vals])
-            offs = torch.cat(offl)
+            values = torch.cat([v if v.dtype == dtype else v.to(dtype) for v in vals])
             if any(x is not None for x in wl):
                 if any(x is None for x in wl):
                     raise ValueError("either every feature carries weights or none does")
