@@ -13,7 +13,10 @@ the module's tensors, scanned each run); and, eagerly, the same module built und
 is trusted there too). Prints medians and writes
 ``benchmarks/results/compile_<device>_<date>.json``.
 
-Run: python benchmarks/bench_compile.py [--rows 1000000 4000000] [--bags 2048] [--threads 1]
+On CUDA (``--device cuda``) each round's calls end with a synchronisation, and the scanned
+case also pays the validation kernel's read-back.
+
+Run: python benchmarks/bench_compile.py [--device cpu|cuda] [--rows 1000000 4000000] [--bags 2048] [--threads 1]
 """
 
 from __future__ import annotations
@@ -31,16 +34,20 @@ from _common import machine, parser, save_json  # benchmarks/, the script's fold
 SIZE_MIX = ((8, 0.55), (16, 0.25), (32, 0.15), (64, 0.05))  # of D = 64, as MACHINES.md's configuration
 
 
-def ms_per_call(fn, calls):
+def ms_per_call(fn, calls, device):
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     for _ in range(calls):
         fn()
+    sync()
     return (time.perf_counter() - t0) / calls * 1e3
 
 
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
-    p = parser(__doc__, out=os.path.join(here, "results", f"compile_cpu_{time.strftime('%Y-%m-%d')}.json"))
+    p = parser(__doc__, out=os.path.join(here, "results", "compile_<device>_<date>.json"))
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 4_000_000], help="table rows V (1M 4M)")
     p.add_argument("--bags", type=int, default=2048, help="bags a batch (default 2048)")
     p.add_argument("--pooling-factor", type=int, default=32, help="lookups a bag (default 32)")
@@ -48,6 +55,11 @@ def main():
     p.add_argument("--rounds", type=int, default=9, help="interleaved rounds (default 9)")
     p.add_argument("--calls", type=int, default=10, help="timed calls a case a round (default 10)")
     a = p.parse_args()
+    device = torch.device(a.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    name = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).replace(" ", "-").lower()
+    a.out = a.out.replace("<device>", name).replace("<date>", time.strftime("%Y-%m-%d"))
     torch.set_num_threads(a.threads)
     gen = torch.Generator().manual_seed(a.seed)
     D, B, L = a.dim, a.bags, a.pooling_factor
@@ -57,12 +69,12 @@ def main():
         sizes = torch.tensor([max(1, D * d // 64) for d, _ in SIZE_MIX])[
             torch.multinomial(shares, V, replacement=True, generator=gen)
         ]
-        m = pme.MultiSizeEmbeddingBag(V, D, sizes=sizes, mode="sum").eval()
+        m = pme.MultiSizeEmbeddingBag(V, D, sizes=sizes, mode="sum").eval().to(device)
         with torch.inference_mode():  # inference tensors: no version counter, so no memo either
-            m_inf = pme.MultiSizeEmbeddingBag(V, D, sizes=sizes, mode="sum").eval()
+            m_inf = pme.MultiSizeEmbeddingBag(V, D, sizes=sizes, mode="sum").eval().to(device)
             m_inf.weight.copy_(m.weight)
-        idx = torch.randint(0, V, (B * L,), generator=gen)
-        off = torch.arange(0, B * L, L)
+        idx = torch.randint(0, V, (B * L,), generator=gen).to(device)
+        off = torch.arange(0, B * L, L).to(device)
         w, o = m.weight.detach(), m.offsets
 
         def functional(i, b, w=w, o=o):
@@ -89,7 +101,7 @@ def main():
             times = {name: [] for name in cases}
             for _ in range(a.rounds):
                 for name, fn in cases.items():
-                    times[name].append(ms_per_call(fn, a.calls))
+                    times[name].append(ms_per_call(fn, a.calls, device))
         eager = sorted(times["eager module"])[a.rounds // 2]
         for name, t in times.items():
             med = sorted(t)[a.rounds // 2]
@@ -100,6 +112,7 @@ def main():
         "exported (torch.export, dynamic batch), and a compiled functional call whose table is scanned each run; "
         "medians over interleaved rounds",
         "machine": machine(a.note),
+        "device": name,
         "threads": a.threads,
         "dim": D,
         "bags": B,

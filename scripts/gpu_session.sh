@@ -39,13 +39,16 @@ On the GPU machine (torch 2.11.0+cu130, Python 3.12, no network), in this order:
              replays (kernel time without launch overhead)
   profile    Nsight Compute (ncu.txt) on pme's forward, forward + backward and fused row-wise Adagrad
              step of the headline configuration
+  compile    benchmarks/bench_compile.py on the GPU (1M and 10M rows, 16384 bags x 32): eager against
+             torch.compile, torch.export, a module built in inference mode and a traced pme.ops call
+             that scans its table (cap 150 s; $OUT/results/compile_cuda.json)
 
 One call, most important first (carry "wheelhouse"; logs as they go: <stage>.log under $OUT, and
 summary.txt; run with the device's timeout_s at about 540):
   bash scripts/gpu_session.sh --within 480 deps wheel bench1 sanitize suite
     wheel: issue 6's proof and every CUDA kernel against the oracle; bench1: the figures of the
     issue 3 and 4 targets; sanitize: memcheck and racecheck; suite: the CPU rest of the suite.
-Later calls, if time is left: `--within 480 bench graph`, `--within 480 profile`. After a kernel
+Later calls, if time is left: `--within 480 bench graph`, `--within 480 profile compile`. After a kernel
 fix: `build tests` instead of `wheel suite`.
 A failing stage is reported and the next one still runs; the exit status is that of the
 first failure. State kept between calls on a warm machine: $PME_GPU_STATE (default /tmp/pme-gpu).
@@ -194,6 +197,13 @@ stage_graph() {
     --methods pme,eb_dense,per_size,pme_fused_rowwise_adagrad,eb_sparse_adagrad
 }
 
+stage_compile() {  # eager against compiled / exported / inference-mode calls on the GPU (bench_compile.py)
+  use_pme
+  mkdir -p "$OUT/results"
+  (cd benchmarks && capped 150 "$PY" bench_compile.py --device cuda --rows 1000000 10000000 --bags 16384 \
+    --rounds 7 --out "$OUT/results/compile_cuda.json")
+}
+
 stage_profile() {
   use_pme
   local ncu
@@ -242,7 +252,7 @@ PY
 FIRST_FAIL=0
 SUMMARY=()
 for st in "$@"; do
-  case "$st" in prep|deps|wheel|suite|build|selfcheck|tests|sanitize|bench1|bench|graph|profile) ;; *)
+  case "$st" in prep|deps|wheel|suite|build|selfcheck|tests|sanitize|bench1|bench|graph|profile|compile) ;; *)
     echo "unknown stage: $st" >&2; usage >&2; exit 2 ;; esac
   say "stage $st: start (log: $OUT/$st.log)"
   t0=$(date +%s)
