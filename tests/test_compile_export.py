@@ -8,6 +8,8 @@ the scan, and every lookup, bag and feature is still checked when the graph runs
 """
 
 import io
+import os
+import shutil
 
 import pytest
 import torch
@@ -20,6 +22,30 @@ from pme import ops
 from conftest import DEVICES, random_sizes
 
 MODULE_CASES = [("bag", "sum"), ("bag", "mean"), ("bag", "max"), ("embedding", None)]
+
+
+def _cxx_found() -> bool:
+    """Whether Inductor finds a C++ compiler: its CPU code and AOTInductor need one (pme itself,
+    installed from a wheel, does not)."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:
+        return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c)
+    try:
+        get_cpp_compiler()
+        return True
+    except Exception:
+        return False
+
+
+NO_CXX = not _cxx_found()
+needs_cxx = pytest.mark.skipif(NO_CXX, reason="Inductor's CPU code and AOTInductor need a C++ compiler; none found")
+
+
+def skip_without_cxx(device):
+    """Inductor on the CPU needs a C++ compiler (on CUDA it generates Triton)."""
+    if device == "cpu" and NO_CXX:
+        pytest.skip("Inductor's CPU code needs a C++ compiler; none found")
 
 
 def make_module(kind, mode, seed, V=60, D=16):
@@ -95,6 +121,7 @@ def test_a_traced_module_skips_the_table_scan_and_a_traced_table_keeps_it():
 @pytest.mark.parametrize("kind,mode", MODULE_CASES)
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 def test_compiled_modules_equal_eager_and_the_dense_view(kind, mode, index_dtype, device):
+    skip_without_cxx(device)
     torch._dynamo.reset()
     m = make_module(kind, mode, 2).to(device)
     compiled = torch.compile(m, fullgraph=True)  # Inductor
@@ -108,6 +135,7 @@ def test_compiled_modules_equal_eager_and_the_dense_view(kind, mode, index_dtype
         torch.testing.assert_close(g_compiled, g_eager)
 
 
+@needs_cxx
 def test_compiled_weighted_bags_with_a_padding_row():
     """per_sample_weights and padding_idx under torch.compile: forward against F.embedding_bag on
     the dense view, both gradients against the eager call."""
@@ -129,6 +157,7 @@ def test_compiled_weighted_bags_with_a_padding_row():
         torch.testing.assert_close(g, w)
 
 
+@needs_cxx
 def test_compiled_module_rejects_bad_input_and_stays_usable():
     torch._dynamo.reset()
     m = make_module("bag", "sum", 3)
@@ -155,6 +184,7 @@ def test_compiled_module_rejects_bad_input_and_stays_usable():
         m(*row5)
 
 
+@needs_cxx
 def test_compiled_include_last_offset_is_checked_when_the_graph_runs():
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(9)
@@ -173,6 +203,7 @@ def test_compiled_include_last_offset_is_checked_when_the_graph_runs():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("weighted", [False, True])
 def test_compiled_collection_equals_eager_forward_and_backward(weighted, device):
+    skip_without_cxx(device)
     torch._dynamo.reset()
     c, _, _ = make_collection(4, pooling="mixed" if not weighted else "sum", weighted=weighted)
     c = c.to(device)
@@ -190,6 +221,7 @@ def test_compiled_collection_equals_eager_forward_and_backward(weighted, device)
             torch.testing.assert_close(g, r)
 
 
+@needs_cxx
 def test_compiled_collection_checks_each_features_bags():
     torch._dynamo.reset()
     c, _, _ = make_collection(5)
@@ -327,6 +359,7 @@ def _serve_in_a_fresh_process(kind, path, args, tmp_path):
     return torch.load(tmp_path / "out.pt")
 
 
+@needs_cxx
 def test_aoti_package_of_a_collection_model(tmp_path):
     """AOTInductor: the exported collection model compiled to a shared library and loaded back,
     here and in a fresh process that imports pme (pme's operators run through the package's
