@@ -263,6 +263,34 @@ def _(offsets, counts, names):
 torch.fx.node.has_side_effect(torch.ops.pme.check_bag_ends.default)  # kept in graphs: it returns nothing
 
 
+def _raise_bad_inverse(rows: torch.Tensor, limits, names) -> None:
+    """A VBE batch's inverse indices ``rows [F, B]``: sample b of feature k reads one of its
+    ``limits[k]`` bags, or IndexError naming the first that does not (one host read for all
+    features; also on CUDA, where a bad one would make the expansion's gather fault)."""
+    limit = torch.tensor(limits, dtype=torch.int64, device=rows.device)
+    bad = (rows < 0) | (rows >= limit.unsqueeze(1))
+    if bool(bad.any()):
+        u, b = (int(x) for x in bad.nonzero()[0])
+        raise IndexError(
+            f"inverse indices of feature {names[u]!r}: sample {b} reads bag {int(rows[u, b])} but the feature "
+            f"has {limits[u]} bags"
+        )
+
+
+@torch.library.custom_op("pme::check_inverse_indices", mutates_args=())
+def _check_inverse_indices_op(rows: torch.Tensor, limits: list[int], names: str) -> None:
+    """:func:`_raise_bad_inverse` inside a traced graph (the names joined by ``_SEP``)."""
+    _raise_bad_inverse(rows, limits, names.split(_SEP))
+
+
+@_check_inverse_indices_op.register_fake
+def _(rows, limits, names):
+    return None
+
+
+torch.fx.node.has_side_effect(torch.ops.pme.check_inverse_indices.default)
+
+
 def _is_kjt(x) -> bool:
     return all(hasattr(x, a) for a in ("keys", "values", "offsets", "weights_or_none", "stride"))
 
@@ -907,14 +935,11 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
         dev = self.weight.device
         pos = {k: i for i, k in enumerate(keys)}
         rows = table.to(dev)[[where[f] for f in used]].long()  # [features, B]: bag within the feature
-        limit = torch.tensor([strides[pos[f]] for f in used], dtype=torch.int64, device=dev)
-        bad = (rows < 0) | (rows >= limit.unsqueeze(1))
-        if bool(bad.any()):  # one check (one host sync) for all features
-            u, b = (int(x) for x in bad.nonzero()[0])
-            raise IndexError(
-                f"inverse indices of feature {used[u]!r}: sample {b} reads bag {int(rows[u, b])} but the feature "
-                f"has {strides[pos[used[u]]]} bags"
-            )
+        limits = [strides[pos[f]] for f in used]
+        if torch.compiler.is_compiling():  # the graph keeps the check as an operator of its own
+            torch.ops.pme.check_inverse_indices(rows, limits, _SEP.join(used))
+        else:
+            _raise_bad_inverse(rows, limits, used)
         return _VariableBatch(used, rows)
 
     def _expand_outputs(self, values: torch.Tensor, vb: _VariableBatch) -> torch.Tensor:

@@ -567,3 +567,40 @@ def test_kjt_model_compiles_and_exports_with_a_dynamic_batch():
     for fn in (compiled, exported):
         with pytest.raises(RuntimeError, match="index out of range"):
             fn(bad, ln)
+
+
+def test_variable_batch_per_feature_under_torch_compile():
+    """A VBE batch through a compiled model (graph breaks allowed: TorchRec's KJT can make the
+    batch sizes data-dependent on a recompile): equal to the eager collection on two batches of
+    different layouts; a bad inverse index still raises the eager call's IndexError."""
+    torch.manual_seed(3)
+    ebc = EmbeddingBagCollection(configs(PoolingType.SUM))
+    m = MultiSizeEmbeddingBagCollection.from_ebc(ebc).eval()
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = m
+
+        def forward(self, kjt):
+            return self.m(kjt).values()
+
+    model = Model()
+    torch._dynamo.reset()
+    compiled = torch.compile(model)
+    for seed in (1, 2):
+        kjt = make_vbe_kjt(ebc, 8, seed)
+        torch.testing.assert_close(compiled(kjt), model(kjt))
+    inv_keys, inv = kjt.inverse_indices()
+    bad = inv.clone()
+    bad[0, 3] = 99
+    bad_kjt = KeyedJaggedTensor(
+        keys=kjt.keys(),
+        values=kjt.values(),
+        lengths=kjt.lengths(),
+        stride_per_key_per_rank=kjt.stride_per_key_per_rank(),
+        inverse_indices=(inv_keys, bad),
+    )
+    with pytest.raises(IndexError, match="sample 3 reads bag 99"):
+        compiled(bad_kjt)
+    torch.testing.assert_close(compiled(kjt), model(kjt))
