@@ -241,7 +241,7 @@ def _check_bag_ends(offsets: torch.Tensor, counts, names) -> None:
     the graph runs (the collection kernel checks only the concatenated bags, where a feature ending
     early would lend its trailing values to the next feature's first bag)."""
     if torch.compiler.is_compiling():
-        torch.ops.pme.check_bag_ends(offsets, list(counts), _SEP.join(names))
+        _check_bag_ends_op(offsets, list(counts), _SEP.join(names))
         return
     _raise_bad_ends(offsets, counts, names)
 
@@ -249,18 +249,10 @@ def _check_bag_ends(offsets: torch.Tensor, counts, names) -> None:
 _SEP = "\x1f"  # the ASCII unit separator, between the feature names given to pme::check_bag_ends
 
 
-@torch.library.custom_op("pme::check_bag_ends", mutates_args=())
+@ops.check_op("check_bag_ends")
 def _check_bag_ends_op(offsets: torch.Tensor, counts: list[int], names: str) -> None:
-    """:func:`_check_bag_ends` as an operator (the names joined by ``_SEP``: a schema has no list of strings)."""
+    """:func:`_check_bag_ends` inside a traced graph (the names joined by ``_SEP``)."""
     _raise_bad_ends(offsets, counts, names.split(_SEP))
-
-
-@_check_bag_ends_op.register_fake
-def _(offsets, counts, names):
-    return None
-
-
-torch.fx.node.has_side_effect(torch.ops.pme.check_bag_ends.default)  # kept in graphs: it returns nothing
 
 
 def _raise_bad_inverse(rows: torch.Tensor, limits, names) -> None:
@@ -277,18 +269,10 @@ def _raise_bad_inverse(rows: torch.Tensor, limits, names) -> None:
         )
 
 
-@torch.library.custom_op("pme::check_inverse_indices", mutates_args=())
+@ops.check_op("check_inverse_indices")
 def _check_inverse_indices_op(rows: torch.Tensor, limits: list[int], names: str) -> None:
     """:func:`_raise_bad_inverse` inside a traced graph (the names joined by ``_SEP``)."""
     _raise_bad_inverse(rows, limits, names.split(_SEP))
-
-
-@_check_inverse_indices_op.register_fake
-def _(rows, limits, names):
-    return None
-
-
-torch.fx.node.has_side_effect(torch.ops.pme.check_inverse_indices.default)
 
 
 def _is_kjt(x) -> bool:
@@ -937,7 +921,7 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
         rows = table.to(dev)[[where[f] for f in used]].long()  # [features, B]: bag within the feature
         limits = [strides[pos[f]] for f in used]
         if torch.compiler.is_compiling():  # the graph keeps the check as an operator of its own
-            torch.ops.pme.check_inverse_indices(rows, limits, _SEP.join(used))
+            _check_inverse_indices_op(rows, limits, _SEP.join(used))
         else:
             _raise_bad_inverse(rows, limits, used)
         return _VariableBatch(used, rows)

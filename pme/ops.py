@@ -297,6 +297,22 @@ def register_fake(name: str):
     return register
 
 
+def check_op(name: str):
+    """Decorator: ``check(...) -> None`` (raises on bad input) becomes the operator ``pme::name``,
+    which a traced call (torch.compile, torch.export) puts in its graph so that the check runs
+    with the graph: its fake kernel returns nothing, and it is marked as having a side effect so
+    that no graph drops it for an unused output. Returns the operator. The schema comes from the
+    function's annotations (a schema has no list of strings: several names go as one string)."""
+
+    def register(check):
+        torch.library.custom_op(f"pme::{name}", mutates_args=())(check).register_fake(lambda *a, **k: None)
+        op = getattr(torch.ops.pme, name).default
+        torch.fx.node.has_side_effect(op)
+        return op
+
+    return register
+
+
 class _Bags(NamedTuple):
     """A pooled lookup in the operators' normal form, less the values it reads (``weight``, or a
     tensor shaped like it, is given to each call): the fields are ``bag_forward``'s arguments after
@@ -783,7 +799,7 @@ def _check_last_offset(offsets: torch.Tensor, n: int):
     makes the same check when the graph runs.
     """
     if torch.compiler.is_compiling():
-        torch.ops.pme.check_last_offset(offsets, n)
+        _check_last_offset_op(offsets, n)
         return
     if offsets.device.type == "meta" or torch._guards.detect_fake_mode(offsets) is not None:
         return
@@ -812,18 +828,10 @@ def _raise_bad_last_offset(offsets: torch.Tensor, n: int):
         )
 
 
-@torch.library.custom_op("pme::check_last_offset", mutates_args=())
+@check_op("check_last_offset")
 def _check_last_offset_op(offsets: torch.Tensor, n: int) -> None:
-    """:func:`_check_last_offset` inside a traced graph (an operator, so that the graph keeps it)."""
+    """:func:`_check_last_offset` inside a traced graph."""
     _raise_bad_last_offset(offsets, n)
-
-
-@_check_last_offset_op.register_fake
-def _(offsets, n):
-    return None
-
-
-torch.fx.node.has_side_effect(torch.ops.pme.check_last_offset.default)  # kept in graphs: it returns nothing
 
 
 # --------------------------------------------------------------------------------------------
