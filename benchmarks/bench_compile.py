@@ -58,8 +58,8 @@ def main():
     device = torch.device(a.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    name = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).replace(" ", "-").lower()
-    a.out = a.out.replace("<device>", name).replace("<date>", time.strftime("%Y-%m-%d"))
+    dev_name = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).replace(" ", "-").lower()
+    a.out = a.out.replace("<device>", dev_name).replace("<date>", time.strftime("%Y-%m-%d"))
     torch.set_num_threads(a.threads)
     gen = torch.Generator().manual_seed(a.seed)
     D, B, L = a.dim, a.bags, a.pooling_factor
@@ -108,11 +108,11 @@ def main():
             results.append({"rows": V, "case": name, "median_ms": med, "ms_by_round": t, "vs_eager": med / eager})
             print(f"  {name:40s} {med:8.3f} ms  {med / eager:5.2f}x eager", flush=True)
     doc = {
-        "what": "no-grad forward of pme.MultiSizeEmbeddingBag (sum) eager, compiled (Inductor, fullgraph), "
-        "exported (torch.export, dynamic batch), and a compiled functional call whose table is scanned each run; "
-        "medians over interleaved rounds",
+        "what": "no-grad forward of pme.MultiSizeEmbeddingBag (sum) eager, eager when built under "
+        "torch.inference_mode(), compiled (Inductor, fullgraph), exported (torch.export, dynamic batch), and a "
+        "compiled functional call whose table is scanned each run; medians over interleaved rounds",
         "machine": machine(a.note),
-        "device": name,
+        "device": dev_name,
         "threads": a.threads,
         "dim": D,
         "bags": B,

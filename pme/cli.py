@@ -145,8 +145,7 @@ def _demo(args):
 def _search(args):
     import torch
 
-    from .recsys.experiment import ExperimentConfig, _make_model, run_search
-    from .recsys.models import train_model
+    from .recsys.experiment import ExperimentConfig, run_search, train_full_model
 
     if args.warmup_steps is not None and args.mode != "warmup":
         return _fail("search", "--warmup-steps is for --mode warmup (the default mode trains for --epochs)")
@@ -170,10 +169,7 @@ def _search(args):
     full = None
     if args.mode == "trained":  # the default: train the full-size model, then score it
         print(f"pme search: {title}, training the full-size {cfg.model} (width {cfg.dim}) for {cfg.epochs} epochs")
-        full = _make_model(cfg, train, args.seed)
-        train_model(
-            full, train, val, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=args.seed, device=device
-        )
+        full = train_full_model(cfg, train, val, args.seed)
     else:
         variant["warmup_epochs"] = 1  # one epoch unless --warmup-steps
         if args.warmup_steps is not None:

@@ -136,9 +136,10 @@ def _make_model(cfg, train, seed):
     return cls.from_dataset(train, embedding_dim=cfg.dim)
 
 
-def _train_eval(cfg, model, train, val, test, seed):
-    t0 = time.perf_counter()
-    hist = models.train_model(
+def _fit(cfg, model, train, val, seed):
+    """Trains ``model`` on ``train`` as every run of the study is trained (``cfg``'s epochs, batch,
+    learning rate, device); returns the training history."""
+    return models.train_model(
         model,
         train,
         val,
@@ -149,6 +150,19 @@ def _train_eval(cfg, model, train, val, test, seed):
         seed=seed,
         device=cfg.device,
     )
+
+
+def train_full_model(cfg, train, val, seed):
+    """The full-size model of ``cfg`` with ``seed``'s initial values, trained as the study trains
+    it (what the default search mode scores; ``pme search`` uses it)."""
+    model = _make_model(cfg, train, seed)
+    _fit(cfg, model, train, val, seed)
+    return model
+
+
+def _train_eval(cfg, model, train, val, test, seed):
+    t0 = time.perf_counter()
+    hist = _fit(cfg, model, train, val, seed)
     secs = time.perf_counter() - t0
     ev = models.evaluate(model, test, device=cfg.device)
     return {"auc": ev["auc"], "logloss": ev["logloss"], "val_auc": hist["val_auc"][-1], "train_seconds": secs}
