@@ -1198,7 +1198,8 @@ def convert(model: nn.Module, sizes_by_module: Mapping, init: str = "kept", scor
 
     if not isinstance(sizes_by_module, Mapping):
         raise TypeError("sizes_by_module must be a mapping {module name: sizes}")
-    named = dict(model.named_modules())
+    named = dict(model.named_modules(remove_duplicate=False))
+    modules._check_targets(named, sizes_by_module)
     rest = {}
     for name, sizes in sizes_by_module.items():
         mod = named.get(name)
@@ -1208,8 +1209,7 @@ def convert(model: nn.Module, sizes_by_module: Mapping, init: str = "kept", scor
         if init != "kept":
             raise NotImplementedError(f"pme: init={init!r} is not supported for collections (only 'kept')")
         new = MultiSizeEmbeddingBagCollection.from_ebc(mod, sizes, scores=(scores or {}).get(name), **kwargs)
-        parent_name, _, attr = name.rpartition(".")
-        setattr(named[parent_name] if parent_name else model, attr, new)
+        modules.replace_module(model, mod, new)
     if rest:
         modules.convert(model, rest, init=init, scores=scores, **kwargs)
     return model

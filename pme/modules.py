@@ -851,6 +851,37 @@ def _convert_table(cls, module, nn_type, sizes, init, scores, kwargs):
     return m
 
 
+def _check_targets(modules: dict, sizes_by_module: Mapping) -> None:
+    """Refuses the model itself as a target (there is no attribute to swap) and two names of one
+    shared (tied) table, which would get two sets of sizes."""
+    if "" in sizes_by_module:
+        raise ValueError(
+            "convert swaps tables inside a model, and the name '' is the model itself; build the "
+            "table directly (e.g. MultiSizeEmbeddingBag.from_embedding_bag(table, sizes))"
+        )
+    seen = {}
+    for name in sizes_by_module:
+        mod = modules.get(name)
+        if mod is not None and id(mod) in seen:
+            raise ValueError(
+                f"{seen[id(mod)]!r} and {name!r} are the same (tied) table: give its sizes once, "
+                "every reference to it is swapped"
+            )
+        seen[id(mod)] = name
+
+
+def replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> int:
+    """Puts ``new`` wherever ``model`` holds ``old`` as a submodule (every alias of a shared table,
+    inside ModuleDict / ModuleList / Sequential too). Returns how many references were swapped."""
+    n = 0
+    for parent in model.modules():
+        for key, child in parent._modules.items():
+            if child is old:
+                parent._modules[key] = new
+                n += 1
+    return n
+
+
 def convert(
     model: nn.Module, sizes_by_module: Mapping[str, object], init: str = "kept", scores=None, **kwargs
 ) -> nn.Module:
@@ -867,7 +898,8 @@ def convert(
     """
     if not isinstance(sizes_by_module, Mapping):
         raise TypeError("sizes_by_module must be a mapping {module name: sizes}")
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))
+    _check_targets(modules, sizes_by_module)
     for name, sizes in sizes_by_module.items():
         mod = modules.get(name)
         if isinstance(mod, nn.EmbeddingBag):
@@ -881,10 +913,5 @@ def convert(
                 f"{name!r} is not an nn.EmbeddingBag or nn.Embedding of the model "
                 f"(found {type(mod).__name__ if mod is not None else 'nothing'})"
             )
-        parent_name, _, attr = name.rpartition(".")
-        parent = modules[parent_name] if parent_name else model
-        if isinstance(parent, (nn.ModuleDict, nn.ModuleList, nn.Sequential)):
-            parent[attr if not isinstance(parent, (nn.ModuleList, nn.Sequential)) else int(attr)] = new
-        else:
-            setattr(parent, attr, new)
+        replace_module(model, mod, new)
     return model

@@ -256,7 +256,8 @@ class SearchResult:
         seconds: wall time of warm-up + scoring + thresholding; ``steps``: warm-up steps,
             ``batches``: scoring batches; ``rule``, ``normalize``, ``shrink`` (None: no shrinkage):
             how entries were scored; ``per_table``: whether each table was cut at the budget on
-            its own (``for_budget`` keeps it unless told otherwise).
+            its own (``for_budget`` keeps it unless told otherwise); ``dtype``: the tables' dtype
+            (it sets the default size quantum).
     """
 
     sizes: dict
@@ -273,6 +274,7 @@ class SearchResult:
     normalize: str = "none"
     shrink: float | None = None
     per_table: bool = False
+    dtype: torch.dtype = torch.float32
 
     @property
     def fraction(self) -> float:
@@ -287,12 +289,17 @@ class SearchResult:
             f"warm-up steps={self.steps}, seconds={self.seconds:.2f})"
         )
 
-    def for_budget(self, budget: float, per_table: bool | None = None, quantum: int = 1, min_size: int = 0):
+    def for_budget(
+        self, budget: float, per_table: bool | None = None, quantum: int | None = None, min_size: int | None = None
+    ):
         """The same scores cut at another budget (no new scoring): a new ``SearchResult``.
         ``per_table=None`` cuts as the search did (each table on its own when it was searched
-        with ``per_table=True``)."""
+        with ``per_table=True``); ``quantum`` / ``min_size`` default as in :func:`search` (the
+        grid of ``default_granularity`` for this budget and the tables' dtype)."""
         t0 = time.perf_counter()
         per_table = self.per_table if per_table is None else bool(per_table)
+        dims = [int(sc.shape[1]) for sc in self.scores.values()]
+        quantum, min_size = _grid(budget, min(dims), self.dtype, quantum, min_size)
         sizes, thr = sizes_for_budget(self.scores, budget, per_table=per_table, quantum=quantum, min_size=min_size)
         kept = sum(int(s.sum()) for s in sizes.values())
         return SearchResult(
@@ -309,6 +316,7 @@ class SearchResult:
             normalize=self.normalize,
             shrink=self.shrink,
             per_table=per_table,
+            dtype=self.dtype,
         )
 
     def convert(self, model: nn.Module, init: str = "fresh", **kwargs) -> nn.Module:
@@ -326,10 +334,24 @@ def default_granularity(budget: float, dim: int, quantum: int) -> tuple:
     return (quantum, quantum) if budget * dim >= 2 * quantum else (1, 1)
 
 
+def _check_budget(budget) -> float:
+    """``budget`` as a float in (0, 1], or a clear error."""
+    try:
+        b = float(budget)
+    except (TypeError, ValueError):
+        raise TypeError(f"budget must be a number in (0, 1], got {budget!r}") from None
+    if isinstance(budget, (str, bytes)) or not 0 < b <= 1:
+        raise ValueError(f"budget must be in (0, 1], got {budget!r}")
+    return b
+
+
 def _grid(budget: float, dim: int, dtype: torch.dtype, quantum, min_size) -> tuple:
     """``(quantum, min_size)``: the given ones, or ``default_granularity``'s for the narrowest width
     ``dim`` and the tables' ``dtype`` (a default floor is at most one quantum)."""
     q_default, floor_default = default_granularity(budget, dim, alignment_quantum(dtype))
+    for name, v in (("quantum", quantum), ("min_size", min_size)):
+        if v is not None and (isinstance(v, bool) or int(v) != v or int(v) < (1 if name == "quantum" else 0)):
+            raise ValueError(f"{name} must be an integer >= {1 if name == 'quantum' else 0}, got {v!r}")
     q = q_default if quantum is None else int(quantum)
     return q, (min(floor_default, q) if min_size is None else int(min_size))
 
@@ -338,8 +360,7 @@ def _check_cut(budget: float, normalize: str, shrink: float) -> None:
     """The arguments of the cut that ``search`` and ``from_scores`` share."""
     if normalize not in NORMALIZE:
         raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
-    if not 0 < budget <= 1:
-        raise ValueError(f"budget must be in (0, 1], got {budget}")
+    _check_budget(budget)
     if not shrink >= 0:
         raise ValueError(f"shrink must be >= 0, got {shrink}")
 
@@ -359,29 +380,34 @@ def _per_table(flat: torch.Tensor, like: dict) -> dict:
     return dict(zip(like, torch.split(flat, [t.numel() for t in like.values()])))
 
 
-def _top_up(sizes: dict, priority: dict, dims: dict, target: int, quantum: int) -> dict:
-    """Adds one quantum to the rows of highest ``priority`` (``{name: [V] float}``) that have room
-    until the total is within one quantum of ``target`` (never above it). Returns new sizes."""
+def _top_up(sizes: dict, priority, dims: dict, target: int, quantum: int) -> dict:
+    """Adds quanta to the rows of highest priority that have room until the total is within one
+    quantum of ``target`` (never above it), in rounds of at most one quantum a row, so that a gap
+    larger than one quantum a row (ties at a threshold, rows clamped to a narrow table's width)
+    still closes. ``priority``: ``{name: [V] float}``, or a function of the current sizes giving
+    it (recomputed each round). Returns new sizes."""
     if _total(sizes) > target:
         floor = min(int(s.min()) for s in sizes.values() if s.numel())
         raise ValueError(
             f"budget of {target} entries is below what the floor of {floor} per row allows "
             f"(below what min_size={floor} allows); lower min_size or raise the budget"
         )
-    gap = (target - _total(sizes)) // quantum
-    if gap <= 0:
-        return sizes
     names = list(sizes)
-    room = torch.cat([(sizes[n] + quantum <= dims[n]) for n in names])
-    pri = torch.cat([priority[n].double().reshape(-1) for n in names])
-    pri = torch.where(room, pri, torch.full_like(pri, -float("inf")))
-    k = min(gap, int(room.sum()))
-    if k <= 0:
-        return sizes
-    pick = torch.topk(pri, k, sorted=False).indices
-    add = torch.zeros(pri.numel(), dtype=torch.int64)
-    add[pick] = quantum
-    return {n: sizes[n] + a.to(sizes[n].device) for n, a in _per_table(add, sizes).items()}
+    while True:  # every round adds at least one quantum or stops; sizes are bounded by the widths
+        gap = (target - _total(sizes)) // quantum
+        if gap <= 0:
+            return sizes
+        room = torch.cat([(sizes[n] + quantum <= dims[n]).cpu() for n in names])
+        k = min(gap, int(room.sum()))
+        if k <= 0:
+            return sizes
+        pri_now = priority(sizes) if callable(priority) else priority
+        pri = torch.cat([pri_now[n].detach().double().reshape(-1).cpu() for n in names])
+        pri = torch.where(room, pri, torch.full_like(pri, -float("inf")))
+        pick = torch.topk(pri, k, sorted=False).indices
+        add = torch.zeros(pri.numel(), dtype=torch.int64)
+        add[pick] = quantum
+        sizes = {n: sizes[n] + a.to(sizes[n].device) for n, a in _per_table(add, sizes).items()}
 
 
 def sizes_for_budget(scores: dict, budget: float, per_table: bool = False, quantum: int = 1, min_size: int = 0):
@@ -392,8 +418,8 @@ def sizes_for_budget(scores: dict, budget: float, per_table: bool = False, quant
     scores best get one more quantum each until the total is within one quantum of the budget.
     Returns ``(sizes dict, threshold)``.
     """
-    if not 0 < budget <= 1:
-        raise ValueError(f"budget must be in (0, 1], got {budget}")
+    _check_budget(budget)
+    _grid(budget, 1, torch.float32, quantum, min_size)  # checks quantum >= 1, min_size >= 0
     if per_table:
         out, thr = {}, {}
         for name, sc in scores.items():
@@ -430,19 +456,31 @@ def sizes_for_budget(scores: dict, budget: float, per_table: bool = False, quant
         else:
             hi = mid
     if best is None:
-        raise ValueError(
-            f"budget {budget} is below what min_size={min_size} allows for every row; "
-            "lower min_size (0 lets tokens be pruned away) or raise the budget"
-        )
+        # no cut fits: ties at every threshold tried (equal scores keep whole groups of entries at
+        # once). Start from the floor and let the top-up pick entry by entry.
+        floor_sizes = {
+            name: torch.full((sc.shape[0],), min(max(min_size, 0), sc.shape[1]), dtype=torch.int64)
+            for name, sc in scores.items()
+        }
+        if _total(floor_sizes) > target:
+            raise ValueError(
+                f"budget {budget} ({target} entries) is below what min_size={min_size} allows for every "
+                f"row ({_total(floor_sizes)} entries); lower min_size (0 lets tokens be pruned away) "
+                "or raise the budget"
+            )
+        best = (floor_sizes, float("inf"))
     sizes, t = best
     # the score of each row's next entry decides who gets the last quanta
-    pri = {}
-    for name, sc in scores.items():
-        srt = torch.sort(sc.float(), dim=1, descending=True).values
-        nxt = sizes[name].clamp(max=sc.shape[1] - 1).unsqueeze(1).to(srt.device)
-        pri[name] = srt.gather(1, nxt).squeeze(1).cpu()
+    srt = {name: torch.sort(sc.detach().float().cpu(), dim=1, descending=True).values for name, sc in scores.items()}
+
+    def next_entry(cur):
+        return {
+            name: v.gather(1, cur[name].cpu().clamp(max=max(v.shape[1] - 1, 0)).unsqueeze(1)).squeeze(1)
+            for name, v in srt.items()
+        }
+
     sizes = _top_up(
-        {k: v.cpu() for k, v in sizes.items()}, pri, {k: v.shape[1] for k, v in scores.items()}, target, quantum
+        {k: v.cpu() for k, v in sizes.items()}, next_entry, {k: v.shape[1] for k, v in scores.items()}, target, quantum
     )
     return sizes, t
 
@@ -518,23 +556,37 @@ def _default_loss(model, batch):
 _TABLE_TYPES = (nn.EmbeddingBag, nn.Embedding, MultiSizeEmbeddingBag, MultiSizeEmbedding)
 
 
-def _searchable(model, tables, who: str = "pme.search", fused_ok: bool = False):
+def _searchable(model, tables, who: str = "pme.search", fused_ok: bool = False, needs_grad: bool = True):
     """The full-size tables to score: ``tables`` (names) or every table wider than 1. A pme table
-    with a fused optimizer (no weight gradient) counts when ``fused_ok``."""
+    with a fused optimizer (no weight gradient) counts when ``fused_ok``; a frozen table counts
+    unless ``needs_grad`` (the rule reads gradients)."""
     found = {n: m for n, m in model.named_modules() if isinstance(m, _TABLE_TYPES)}
+    if isinstance(tables, str):
+        tables = [tables]
     if tables is None:
         chosen = {n: m for n, m in found.items() if getattr(m, "embedding_dim", 0) > 1}
+        if not chosen and found:
+            raise ValueError(
+                f"{who}: the model's embedding tables {sorted(found)} are all of width 1, which a search "
+                "leaves alone by default; name them with tables=[...] to search them anyway"
+            )
     else:
         missing = [t for t in tables if t not in found]
         if missing:
             raise KeyError(f"{who}: {missing} are not embedding tables of the model (tables: {sorted(found)})")
         chosen = {t: found[t] for t in tables}
     if not chosen:
-        raise ValueError(f"{who}: the model has no embedding tables to search")
+        what = "tables=[] names no table" if tables is not None else "the model has no embedding tables to search"
+        raise ValueError(f"{who}: {what}")
+    if "" in chosen:
+        raise ValueError(
+            f"{who}: the model is itself an embedding table; wrap it in a module (e.g. "
+            "nn.ModuleDict({'table': table})) so that its sizes have a name to be converted by"
+        )
     for n, m in chosen.items():
         pme_table = isinstance(m, (MultiSizeEmbeddingBag, MultiSizeEmbedding))
         fused = fused_ok and pme_table and m.optimizer is not None
-        if not m.weight.requires_grad and not fused:
+        if needs_grad and not m.weight.requires_grad and not fused:
             raise ValueError(f"{who}: table {n!r} does not require gradients (frozen?); the score needs them")
         if pme_table and int(m.sizes.min()) != m.embedding_dim:
             raise ValueError(f"{who}: table {n!r} is already multi-size; search from full-size tables")
@@ -544,7 +596,10 @@ def _searchable(model, tables, who: str = "pme.search", fused_ok: bool = False):
 def table_shapes(model: nn.Module, tables=None) -> dict:
     """``{table name: (V, D)}`` of the tables ``pme.search`` would search (default: every
     embedding table wider than 1)."""
-    return {n: (int(m.num_embeddings), int(m.embedding_dim)) for n, m in _searchable(model, tables).items()}
+    return {
+        n: (int(m.num_embeddings), int(m.embedding_dim))
+        for n, m in _searchable(model, tables, needs_grad=False).items()
+    }
 
 
 def token_counts(model: nn.Module, data, tables=None) -> dict:
@@ -635,7 +690,7 @@ def search(
         raise ValueError("rule='movement' measures the change during the warm-up: pass warmup_steps > 0")
     loss_fn = loss_fn or _default_loss
     t0 = time.perf_counter()
-    chosen = _searchable(model, tables)
+    chosen = _searchable(model, tables, needs_grad=rule != "magnitude" or warmup_steps > 0)
     dtype = next(iter(chosen.values())).weight.dtype
     quantum, min_size = _grid(budget, min(m.embedding_dim for m in chosen.values()), dtype, quantum, min_size)
     work = copy.deepcopy(model)
@@ -729,11 +784,26 @@ def search(
     if not any(bool(t.any()) for t in touched.values()):
         touched = None  # no batch seen (a trained model scored by magnitude): every row counts
     return _result(
-        scores, budget, t0, rule, steps, batches_done, counts, shrink, normalize, touched, per_table, quantum, min_size
+        scores,
+        budget,
+        t0,
+        rule,
+        steps,
+        batches_done,
+        counts,
+        shrink,
+        normalize,
+        touched,
+        per_table,
+        quantum,
+        min_size,
+        dtype,
     )
 
 
-def _result(scores, budget, t0, rule, steps, batches, counts, shrink, normalize, touched, per_table, quantum, min_size):
+def _result(
+    scores, budget, t0, rule, steps, batches, counts, shrink, normalize, touched, per_table, quantum, min_size, dtype
+):
     """Shrinks, normalises and cuts ``scores`` at ``budget``: the ``SearchResult``."""
     if counts is not None:
         scores = shrink_scores(scores, counts, shrink)
@@ -741,7 +811,12 @@ def _result(scores, budget, t0, rule, steps, batches, counts, shrink, normalize,
     sizes, thr = sizes_for_budget(scores, budget, per_table, quantum, min_size)
     dense = sum(s.numel() for s in scores.values())
     stats = {
-        n: {"rows": int(s.numel()), "mean_size": float(s.double().mean()), "min": int(s.min()), "max": int(s.max())}
+        n: {
+            "rows": int(s.numel()),
+            "mean_size": float(s.double().mean()) if s.numel() else 0.0,
+            "min": int(s.min()) if s.numel() else 0,
+            "max": int(s.max()) if s.numel() else 0,
+        }
         for n, s in sizes.items()
     }
     return SearchResult(
@@ -759,6 +834,7 @@ def _result(scores, budget, t0, rule, steps, batches, counts, shrink, normalize,
         normalize,
         shrink if counts is not None else None,
         bool(per_table),
+        dtype,
     )
 
 
@@ -801,7 +877,7 @@ def from_scores(
     t0 = time.perf_counter()
     quantum, min_size = _grid(budget, min(int(sc.shape[1]) for sc in scores.values()), dtype, quantum, min_size)
     scores = {n: sc.detach().float() for n, sc in scores.items()}
-    return _result(scores, budget, t0, rule, 0, 0, counts, shrink, normalize, None, per_table, quantum, min_size)
+    return _result(scores, budget, t0, rule, 0, 0, counts, shrink, normalize, None, per_table, quantum, min_size, dtype)
 
 
 def batch_to(batch, device, non_blocking: bool = False):
@@ -843,8 +919,7 @@ def uniform_sizes(shapes: dict, budget: float, quantum: int = 1, min_size: int =
     adjacent sizes so the total meets the budget: every row gets the largest multiple ``s`` of
     ``quantum`` that fits, and evenly spread rows get ``s + quantum`` until the next quantum
     would overshoot ``floor(budget * sum(V * D))``. Clamped to ``[min_size, D]``."""
-    if not 0 < budget <= 1:
-        raise ValueError(f"budget must be in (0, 1], got {budget}")
+    _check_budget(budget)
     rows = sum(V for V, _ in shapes.values())
     target = int(budget * sum(V * D for V, D in shapes.values()))
     s = int(target // max(rows, 1)) // quantum * quantum
@@ -872,6 +947,12 @@ def popularity_sizes(
 
     ``counts``: ``{name: [V] token frequencies}``; ``dims``: ``{name: D}``.
     """
+    counts = {n: torch.as_tensor(c).reshape(-1) for n, c in counts.items()}
+    for n, c in counts.items():
+        bad = ~torch.isfinite(c.double()) | (c.double() < 0)
+        if bool(bad.any()):
+            r = int(bad.nonzero()[0])
+            raise ValueError(f"counts[{n!r}] must be finite and >= 0; row {r} holds {c[r].item()}")
     dense = sum(c.numel() * dims[n] for n, c in counts.items())
     target = int(budget * dense)
     base = {n: (c.double().clamp(min=0) + 1) ** alpha for n, c in counts.items()}
@@ -882,7 +963,7 @@ def popularity_sizes(
         0.0,
         2.0 * max(dims.values()) / top * 1e3,
     )
-    return _top_up(sizes, {n: lam * b - sizes[n].double() for n, b in base.items()}, dims, target, quantum)
+    return _top_up(sizes, lambda cur: {n: lam * b - cur[n].double() for n, b in base.items()}, dims, target, quantum)
 
 
 def random_sizes(shapes: dict, budget: float, quantum: int = 1, min_size: int = 0, seed: int = 0) -> dict:
@@ -900,7 +981,11 @@ def random_sizes(shapes: dict, budget: float, quantum: int = 1, min_size: int = 
         1e6,
     )
     return _top_up(
-        sizes, {n: lam * b * dims[n] - sizes[n].double() for n, b in base.items()}, dims, int(budget * dense), quantum
+        sizes,
+        lambda cur: {n: lam * b * dims[n] - cur[n].double() for n, b in base.items()},
+        dims,
+        int(budget * dense),
+        quantum,
     )
 
 
@@ -946,11 +1031,14 @@ def grouped_sizes(result: SearchResult, budget: float, quantum: int = 4):
     projection entries (7,936) than the whole budget (3,328)."""
     dims = {n: int(s.shape[1]) for n, s in result.scores.items()}
     q, _ = default_granularity(budget, min(dims.values()), quantum)
-    caps = sorted({c for D in set(dims.values()) for c in grouped_classes(D, q)}, reverse=True)
-    for cap in caps:
-        sizes = _grouped_fit(result, budget, q, cap, dims)
-        if sizes is not None:
-            return sizes
+    # the quantum's classes first; then classes from 1, whose small projections may fit a budget
+    # that the quantum's smallest class (a [quantum, D] projection) does not
+    for grid in dict.fromkeys((q, 1)):
+        caps = sorted({c for D in set(dims.values()) for c in grouped_classes(D, grid)}, reverse=True)
+        for cap in caps:
+            sizes = _grouped_fit(result, budget, grid, cap, dims)
+            if sizes is not None:
+                return sizes
     return None
 
 
@@ -1081,8 +1169,7 @@ def sizes_at_budget(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if not 0 < budget <= 1:
-        raise ValueError(f"budget must be in (0, 1], got {budget}")
+    _check_budget(budget)
     if method in ("pme", "grouped"):
         if result is None:
             raise ValueError(f"method {method!r} needs result=<pme.search(...) result>")
@@ -1093,7 +1180,7 @@ def sizes_at_budget(
         shapes = table_shapes(model, tables)
     q, floor = _grid(budget, min(D for _, D in shapes.values()), torch.float32, quantum, min_size)
     if method == "pme":
-        return result.for_budget(budget, quantum=q, min_size=floor).sizes
+        return result.for_budget(budget, quantum=quantum, min_size=min_size).sizes
     if method == "grouped":
         return grouped_sizes(result, budget, quantum=alignment_quantum(torch.float32))
     if method == "uniform":
@@ -1107,8 +1194,12 @@ def sizes_at_budget(
     missing = [n for n in shapes if n not in counts]
     if missing:
         raise KeyError(f"counts lack tables {missing}")
+    counts = {n: torch.as_tensor(counts[n]) for n in shapes}
+    for n, (V, _) in shapes.items():
+        if counts[n].numel() != V:
+            raise ValueError(f"counts[{n!r}] has {counts[n].numel()} entries but the table has {V} rows")
     return popularity_sizes(
-        {n: counts[n] for n in shapes},
+        counts,
         {n: D for n, (_, D) in shapes.items()},
         budget,
         alpha=alpha,

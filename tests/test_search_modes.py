@@ -191,6 +191,144 @@ def test_sizes_at_budget_exact_for_every_method(vs, D, budget, seed):
             assert int(x.min()) >= 0 and int(x.max()) <= D and bool((x % q == 0).all())
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    shapes=st.lists(st.tuples(st.integers(1, 200), st.sampled_from([2, 3, 5, 8, 16, 64, 65])), min_size=1, max_size=5),
+    budget=st.floats(0.02, 1.0),
+    ties=st.sampled_from(["none", "few levels", "zeros"]),
+    seed=st.integers(0, 1000),
+)
+def test_budget_met_with_mixed_widths_and_tied_scores(shapes, budget, ties, seed):
+    """Tables of different widths (uniform's one size clamps to the narrow ones) and scores that tie
+    across the threshold (rows no batch touched all score 0) still meet the budget: the total is at
+    most floor(budget * entries) and within one quantum of it unless no row has room left."""
+    names = [f"t{i}" for i in range(len(shapes))]
+    model = torch.nn.ModuleDict({n: torch.nn.EmbeddingBag(V, D) for n, (V, D) in zip(names, shapes)})
+    g = torch.Generator().manual_seed(seed)
+    scores = {}
+    for n, (V, D) in zip(names, shapes):
+        sc = torch.rand(V, D, generator=g)
+        if ties == "few levels":
+            sc = (sc * 3).floor() / 3
+        elif ties == "zeros":
+            sc[torch.rand(V, generator=g) < 0.5] = 0.0
+        scores[n] = sc
+    counts = {n: torch.randint(0, 50, (V,), generator=g) for n, (V, _) in zip(names, shapes)}
+    dense = sum(V * D for V, D in shapes)
+    target = int(budget * dense)
+    for method in ("uniform", "popularity", "random", "pme"):
+        try:
+            found = pme.search.from_scores(scores, budget) if method == "pme" else None
+            s = sizes_at_budget(method, budget, model=model, counts=counts, result=found, seed=seed)
+        except ValueError as e:  # a floor of one quantum a row can exceed a tiny budget
+            assert "below what" in str(e) and "min_size" in str(e), (method, str(e))
+            continue
+        q = (
+            1
+            if method == "uniform"
+            else pme.search._grid(budget, min(D for _, D in shapes), torch.float32, None, None)[0]
+        )
+        total = sum(int(x.sum()) for x in s.values())
+        assert total <= target, (method, total, target)
+        room = any(bool((s[n] + q <= D).any()) for n, (_, D) in zip(names, shapes))
+        if room:
+            assert total > target - q, (method, total, target, q)
+        for n, (_, D) in zip(names, shapes):
+            assert int(s[n].min()) >= 0 and int(s[n].max()) <= D
+
+
+def test_equal_scores_and_a_floor_that_fits_exactly():
+    """All-equal scores (every threshold keeps whole rows) and a budget that only the floor meets
+    give sizes, not an error."""
+    r = pme.search.from_scores({"a": torch.ones(200, 16)}, 0.2)
+    assert r.kept_entries == r.budget_entries == 640
+    sc = torch.rand(10, 5)
+    sc[0] += 10
+    r = pme.search.from_scores({"a": sc}, 0.2)  # 10 entries: every row at the floor of 1
+    assert r.sizes["a"].tolist() == [1] * 10
+    with pytest.raises(ValueError, match="below what min_size=1 allows"):
+        pme.search.from_scores({"a": sc}, 0.1)
+
+
+def test_for_budget_defaults_to_the_search_grid():
+    """``result.for_budget(b)`` cuts on the grid ``pme.search`` and ``sizes_at_budget('pme')`` use."""
+    g = torch.Generator().manual_seed(0)
+    found = pme.search.from_scores({"a": torch.rand(300, 16, generator=g), "b": torch.rand(50, 16, generator=g)}, 0.5)
+    for b in (0.5, 0.1):
+        cut = found.for_budget(b).sizes
+        same = sizes_at_budget("pme", b, result=found)
+        assert all(torch.equal(cut[n], same[n]) for n in cut)
+        assert min(int(x.min()) for x in cut.values()) >= 1
+    assert all(bool((x % 4 == 0).all()) for x in found.for_budget(0.5).sizes.values())
+    half = pme.search.from_scores({"a": torch.rand(300, 64, generator=g)}, 0.5, dtype=torch.float16)
+    assert bool((half.for_budget(0.5).sizes["a"] % 8 == 0).all())  # 16 bytes of fp16
+
+
+def test_grouped_falls_back_to_finer_classes():
+    """A budget too small for the quantum's smallest projection still gets classes from 1."""
+    m = torch.nn.ModuleDict({"a": torch.nn.EmbeddingBag(13, 64)})
+    found = pme.search.from_scores({"a": torch.rand(13, 64)}, 1.0)
+    for b in (0.1, 0.3, 0.7):
+        s = sizes_at_budget("grouped", b, result=found)
+        assert s is not None, b
+        used = pme.search.projection_entries(s, {"a": 64}) + int(s["a"].sum())
+        assert used <= int(b * 13 * 64)
+    assert m is not None
+
+
+def test_tied_tables_are_converted_everywhere():
+    """A table shared by two attributes (tied) is swapped under both names; naming both, or the
+    model itself, is refused."""
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = torch.nn.Embedding(100, 16)
+            self.dec = self.enc
+            self.more = torch.nn.ModuleDict({"alias": self.enc})
+
+    t = Tied()
+    found = pme.search(t, [], 0.3, progress=False)
+    assert list(found.sizes) == ["enc"]
+    found.convert(t)
+    assert isinstance(t.enc, pme.MultiSizeEmbedding) and t.dec is t.enc and t.more["alias"] is t.enc
+    t2 = Tied()
+    with pytest.raises(ValueError, match="same \\(tied\\) table"):
+        pme.convert(t2, {"enc": 16, "dec": 16})
+    bare = torch.nn.EmbeddingBag(10, 8)
+    with pytest.raises(ValueError, match="the model itself"):
+        pme.convert(bare, {"": 8})
+    with pytest.raises(ValueError, match="itself an embedding table"):
+        pme.search(bare, [], 0.5, progress=False)
+
+
+def test_search_argument_errors():
+    """Arguments of the wrong kind say so: a table name as a string, width-1 tables only, a string
+    budget, a bad grid, counts of the wrong length or not finite."""
+    model = torch.nn.ModuleDict({"emb": torch.nn.EmbeddingBag(10, 8), "bias": torch.nn.Embedding(10, 1)})
+    assert list(pme.search(model, [], 0.5, tables="emb", progress=False).sizes) == ["emb"]
+    with pytest.raises(ValueError, match="all of width 1"):
+        pme.search(torch.nn.ModuleDict({"bias": torch.nn.Embedding(10, 1)}), [], 0.5, progress=False)
+    with pytest.raises(ValueError, match="names no table"):
+        pme.search(model, [], 0.5, tables=[], progress=False)
+    with pytest.raises(TypeError, match="budget must be a number"):
+        pme.search(model, [], [0.5], progress=False)
+    with pytest.raises(ValueError, match="budget must be in"):
+        pme.search(model, [], "0.5", progress=False)
+    with pytest.raises(ValueError, match="quantum must be an integer >= 1"):
+        pme.search.from_scores({"a": torch.rand(4, 8)}, 0.5, quantum=0)
+    with pytest.raises(ValueError, match="min_size must be an integer >= 0"):
+        pme.search.sizes_for_budget({"a": torch.rand(4, 8)}, 0.5, min_size=-1)
+    with pytest.raises(ValueError, match="has 7 entries but the table has 10 rows"):
+        sizes_at_budget("popularity", 0.3, model=model, counts={"emb": torch.ones(7)})
+    with pytest.raises(ValueError, match="finite and >= 0; row 2"):
+        bad = torch.ones(10)
+        bad[2] = float("nan")
+        sizes_at_budget("popularity", 0.3, model=model, counts={"emb": bad})
+    one = pme.search.from_scores({"empty": torch.rand(0, 8), "a": torch.rand(5, 8)}, 0.5)
+    assert one.sizes["empty"].numel() == 0 and one.kept_entries <= one.budget_entries
+
+
 def test_rewound_conversion_keeps_initial_values():
     """``result.convert(initial_model, init="kept")`` restarts the surviving entries from their
     initial values (the best-scored ones of each row, in column order)."""

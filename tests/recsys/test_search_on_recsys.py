@@ -112,8 +112,10 @@ def test_search_bad_input():
         search(model, _loader(ds), budget=0.2, tables=["embeddings.nope"], progress=False)
     for p in model.embeddings.parameters():
         p.requires_grad_(False)
-    with pytest.raises(ValueError, match="does not require gradients"):
-        search(model, _loader(ds), budget=0.2, progress=False)
+    with pytest.raises(ValueError, match="does not require gradients"):  # a rule that reads gradients
+        search(model, _loader(ds), budget=0.2, rule="taylor", progress=False)
+    frozen = search(model, _loader(ds), budget=0.2, progress=False)  # |w| needs no gradient
+    assert 0 < frozen.kept_entries <= frozen.budget_entries
     with pytest.raises(ValueError, match="budget must be in"):
         sizes_for_budget({"a": torch.rand(3, 4)}, 0.0)
     with pytest.raises(ValueError, match="below what min_size=4 allows"):
@@ -221,6 +223,24 @@ def test_cli_search_and_demo_on_a_csv_file(tmp_path, capsys):
     assert "no such data file" in capsys.readouterr().err
     assert main(["search", *opts, "--warmup-steps", "3"]) == 2
     assert "--warmup-steps is for --mode warmup" in capsys.readouterr().err
+    assert main(["search", "--data", "adultt"]) == 2  # a typo of a built-in name
+    assert "no such data file 'adultt', nor a built-in data set" in capsys.readouterr().err
+    assert main(["search", *opts, "--out", str(tmp_path / "none" / "x.json")]) == 2  # before any training
+    assert "does not exist" in capsys.readouterr().err
+    # arguments are checked when parsed, not after a training run
+    for bad, says in (
+        (["--budget", "0"], "argument --budget: 0 is not in (0, 1]"),
+        (["--budget", "nan"], "argument --budget: nan is not in (0, 1]"),
+        (["--batch-size", "0"], "argument --batch-size: 0 is below 1"),
+        (["--shrink", "-1"], "argument --shrink: -1 is not a finite number >= 0"),
+        (["--dim", "x"], "argument --dim: 'x' is not an integer"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            main(["search", *opts, *bad])
+        assert e.value.code == 2 and says in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["demo", "--budgets", "0.2", "2"])
+    assert "argument --budgets: 2 is not in (0, 1]" in capsys.readouterr().err
 
 
 def test_cli_data_options_reach_the_reader(tmp_path):
