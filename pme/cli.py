@@ -149,6 +149,8 @@ def _search(args):
 
     if args.warmup_steps is not None and args.mode != "warmup":
         return _fail("search", "--warmup-steps is for --mode warmup (the default mode trains for --epochs)")
+    if _check_out_file(args.out):
+        return _fail("search", _check_out_file(args.out))
     try:
         ds, title = load_data(args)
     except (ValueError, FileNotFoundError) as e:
@@ -210,10 +212,64 @@ def _bench(args):
 RULES = ("magnitude", "movement", "taylor", "saliency", "snip", "grad")  # pme.search.RULES, without importing torch
 
 
+def _fraction(text: str) -> float:
+    """argparse type: a number in (0, 1] (a budget or a share of a training run)."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < x <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not in (0, 1]")
+    return x
+
+
+def _count(least: int):
+    """argparse type: an integer >= least."""
+
+    def parse(text: str) -> int:
+        try:
+            x = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if x < least:
+            raise argparse.ArgumentTypeError(f"{text} is below {least}")
+        return x
+
+    parse.__name__ = f"integer >= {least}"
+    return parse
+
+
+def _non_negative(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= x < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number >= 0")
+    return x
+
+
+def _check_out_file(path):
+    """Why ``path`` cannot be written (checked before a long run), or None."""
+    import os
+
+    if path is None:
+        return None
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return f"--out {path}: the folder {folder} does not exist"
+    if os.path.isdir(path):
+        return f"--out {path} is a folder; give a file name"
+    if not os.access(folder, os.W_OK):
+        return f"--out {path}: the folder {folder} is not writable"
+    return None
+
+
 def _add_shrink(q):
     q.add_argument(
         "--shrink",
-        type=float,
+        type=_non_negative,
         default=1.0,
         help="shrink rows toward their table's average by their tokens' training counts: a row seen n times keeps "
         "the weight n / (n + SHRINK * D) on its own scores (default 1.0; 0 turns it off)",
@@ -223,7 +279,7 @@ def _add_shrink(q):
 def _add_batch_size(q):
     q.add_argument(
         "--batch-size",
-        type=int,
+        type=_count(1),
         default=2048,
         help="examples a training step (default 2048; a small data set of your own wants fewer, e.g. 256)",
     )
@@ -256,16 +312,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
     q.add_argument("--model", choices=["fm", "deepfm"], default="deepfm")
-    q.add_argument("--dim", type=int, default=64, help="embedding width D (default 64)")
+    q.add_argument("--dim", type=_count(2), default=64, help="embedding width D (default 64)")
     q.add_argument(
         "--budgets",
-        type=float,
+        type=_fraction,
         nargs="+",
         default=[0.1, 0.2, 0.5],
         help="fractions of the dense embedding parameters to keep (default 0.1 0.2 0.5)",
     )
     q.add_argument("--seeds", type=int, nargs="+", default=[0])
-    q.add_argument("--epochs", type=int, default=4)
+    q.add_argument("--epochs", type=_count(1), default=4)
     _add_batch_size(q)
     q.add_argument(
         "--rule",
@@ -284,12 +340,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument(
         "--warmup-share",
-        type=float,
+        type=_fraction,
         default=0.08,
         help="pme_cheap's warm-up as a share of one training run (default 0.08)",
     )
     _add_shrink(q)
-    q.add_argument("--search-batches", type=int, default=4, help="scoring mini-batches of taylor/snip/grad (default 4)")
+    q.add_argument(
+        "--search-batches", type=_count(1), default=4, help="scoring mini-batches of taylor/snip/grad (default 4)"
+    )
     q.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     q.add_argument("--fast", action="store_true", help="one budget, one epoch, two methods (a smoke test)")
     add_data_arguments(q)
@@ -305,23 +363,23 @@ def build_parser() -> argparse.ArgumentParser:
             "weaker; see the README's quality study). Prints the sizes per table; --out saves them as JSON."
         ),
     )
-    q.add_argument("--budget", type=float, default=0.2, help="fraction of dense entries to keep (0, 1]")
+    q.add_argument("--budget", type=_fraction, default=0.2, help="fraction of dense entries to keep (0, 1]")
     q.add_argument("--model", choices=["fm", "deepfm"], default="deepfm")
-    q.add_argument("--dim", type=int, default=64)
+    q.add_argument("--dim", type=_count(2), default=64, help="embedding width D (default 64)")
     q.add_argument(
         "--mode",
         choices=["trained", "warmup"],
         default="trained",
         help="score the full-size model trained for --epochs (default) or a copy after --warmup-steps",
     )
-    q.add_argument("--epochs", type=int, default=4, help="training epochs of the full-size model (default 4)")
+    q.add_argument("--epochs", type=_count(1), default=4, help="training epochs of the full-size model (default 4)")
     _add_batch_size(q)
     q.add_argument("--rule", choices=list(RULES), default="magnitude", help="entry score (default magnitude)")
     q.add_argument("--normalize", choices=["none", "field"], default="none")
-    q.add_argument("--batches", type=int, default=8, help="scoring batches of taylor/snip/grad")
+    q.add_argument("--batches", type=_count(1), default=8, help="scoring batches of taylor/snip/grad")
     q.add_argument(
         "--warmup-steps",
-        type=int,
+        type=_count(1),
         default=None,
         help="--mode warmup: Adam steps on the copy before scoring (default: one epoch)",
     )

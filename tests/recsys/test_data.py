@@ -696,3 +696,31 @@ def test_adult_errors(tmp_path):
     (tmp_path / "adult.test").write_text("|1x3 Cross validator\n" + row.replace("maybe", ">50K."))
     d = pdata.load_adult(tmp_path)
     assert d.labels.tolist() == [0.0, 1.0] and rows_of(d, "native_country") == [[0], [0]]
+
+
+def test_dataframe_missing_values_duplicates_and_leaks():
+    """pandas' own missing scalar (pd.NA, nullable dtypes) maps to id 0 like None and NaN; a
+    DataFrame with two columns of one name, the label named as a field, no rows or no fields are
+    refused with a message saying which."""
+    pd = pytest.importorskip("pandas")
+
+    df = pd.DataFrame(
+        {"user": ["u1", None, "u2"], "age": [20, None, 30], "tags": [["a", pd.NA], [], None], "y": [1, 0, 1]}
+    )
+    df["user"] = df["user"].astype("string")
+    df["age"] = df["age"].astype("Int64")
+    ds = pdata.from_dataframe(df, label="y", fields=["user", "age", "tags"], multi_valued=["tags"])
+    assert ds.vocab["user"] == ["<unk>", "u1", "u2"] and ds.vocab["age"] == ["<unk>", "20", "30"]
+    assert ds.vocab["tags"] == ["<unk>", "a"]
+    assert ds.values["user"].tolist() == [1, 0, 2] and ds.values["age"].tolist() == [1, 0, 2]
+    dense = pd.DataFrame({"u": ["a", "b"], "x": pd.array([1.5, None], dtype="Float64"), "y": [0, 1]})
+    assert pdata.from_dataframe(dense, label="y", dense=["x"]).dense[:, 0].tolist() == [1.5, 0.0]
+    twice = pd.DataFrame([[1, 2, 0], [3, 4, 1]], columns=["u", "u", "y"])
+    with pytest.raises(ValueError, match=r"more than one column named \['u'\]"):
+        pdata.from_dataframe(twice, label="y")
+    with pytest.raises(ValueError, match=r"\['y'\] cannot be categorical fields and the label"):
+        pdata.from_dataframe(pd.DataFrame({"u": [1, 2], "y": [0, 1]}), label="y", fields=["u", "y"])
+    with pytest.raises(ValueError, match="no rows"):
+        pdata.from_dataframe(pd.DataFrame({"u": [], "y": []}), label="y")
+    with pytest.raises(ValueError, match="no categorical fields"):
+        pdata.from_dataframe(pd.DataFrame({"x": [1.0, 2.0], "y": [0, 1]}), label="y", dense=["x"])
