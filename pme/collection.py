@@ -558,8 +558,37 @@ class _ConsumedCollectionLookup(torch.autograd.Function):
         rows = CollectionRows(
             grad_out.contiguous().to(ctx.module.weight.dtype), indices, bag_offsets, features, psw, ctx.B
         )
+        # per_sample_weights that require a gradient get it, from the weights before the consumer's step
+        gp = _psw_grad(ctx.module, rows) if ctx.needs_input_grad[6] else None
         ctx.consumer.consume(ctx.module, rows)
-        return (None,) * 8
+        return None, None, None, None, None, None, gp, None
+
+
+def _psw_grad(module, rows: CollectionRows):
+    """Gradient of a collection's sum lookup w.r.t. its per_sample_weights ``[N]``: for lookup j,
+    ``<row of j, grad_out[bag of j, its block's columns]>`` summed over the output blocks that read
+    its feature (a feature read by several tables), as the unfused backward gives; accumulated in
+    ``acc_dtype``, returned in the weight's dtype. The rows come from one non-pooled lookup of the
+    global table (``[M, widest block]``, M = lookups over all blocks), not a gradient of the table."""
+    weight = module.weight.detach()
+    batch = Batch(
+        module.table_rows, rows.features, rows.indices, rows.bag_offsets, rows.per_sample_weights, rows.batch_size
+    )
+    vidx, _, _, feats = _virtual(weight, batch)
+    wmax = max([f[3] for f in feats] + [1])
+    acc = ops.acc_dtype(weight.dtype)
+    got = ops.embedding(weight, module.offsets, vidx, width=wmax, _trusted=True).to(acc)  # [M, wmax]
+    grad = rows.grad_out.to(acc)
+    B, bo = rows.batch_size, rows.bag_offsets.long()
+    gp = torch.zeros(rows.indices.numel(), dtype=acc, device=weight.device)
+    m = 0
+    for _t, g, col, w, _pool in feats:
+        s, e = int(bo[g * B]), int(bo[g * B + B])
+        counts = bo[g * B + 1 : g * B + B + 1] - bo[g * B : g * B + B]
+        bag = torch.repeat_interleave(torch.arange(B, device=weight.device), counts)
+        gp[s:e] += (got[m : m + e - s, :w] * grad[bag, col : col + w]).sum(1)
+        m += e - s
+    return gp.to(weight.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -817,15 +846,30 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
         elif isinstance(features, Mapping):
             keys, vals, raw, wl = [], [], [], []
             B = None
+            read = self._read_keys()
             for k, item in features.items():
                 if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
                     raise TypeError(
                         f"feature {k!r}: expected (values, offsets) or (values, offsets, weights), got "
                         f"{type(item).__name__}"
                     )
+                if k not in read:
+                    continue  # as EmbeddingBagCollection: a feature no table reads is ignored
                 v, o = item[0], item[1]
                 if not isinstance(v, torch.Tensor) or not isinstance(o, torch.Tensor) or v.dim() != 1 or o.dim() != 1:
                     raise ValueError(f"feature {k!r}: values and offsets must be 1-D tensors")
+                for what, x in (("values", v), ("offsets", o)):
+                    if x.dtype not in ops.INDEX_DTYPES:
+                        raise TypeError(f"feature {k!r}: {what} must be int32 or int64, got {x.dtype}")
+                if len(item) == 3 and item[2] is not None:
+                    wk = item[2]
+                    if not isinstance(wk, torch.Tensor) or wk.dim() != 1 or wk.numel() != v.numel():
+                        raise ValueError(
+                            f"feature {k!r}: weights must be 1-D with one entry per value ({v.numel()}), got "
+                            f"{tuple(wk.shape) if isinstance(wk, torch.Tensor) else type(wk).__name__}"
+                        )
+                    if not wk.is_floating_point():
+                        raise TypeError(f"feature {k!r}: weights must be floating point, got {wk.dtype}")
                 if o.numel() < 1:
                     raise ValueError(f"feature {k!r}: offsets must have B + 1 >= 1 entries (they include the end)")
                 if B is None:
@@ -840,7 +884,11 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
                 raw.append(o.long())
                 wl.append(item[2] if len(item) == 3 else None)
             if not keys:
-                raise ValueError("the input has no features")
+                raise ValueError(
+                    f"the input has none of the features the collection reads ({sorted(read)})"
+                    if features
+                    else "the input has no features"
+                )
             # every feature's bags at once: [F, B + 1], checked, then shifted by the values before it
             raw = torch.stack(raw)
             counts = [v.numel() for v in vals]
@@ -1050,7 +1098,18 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
             own = prefix + self._state_prefix + "."
             unexpected_keys.extend(k for k in state_dict if k.startswith(own) and k not in expected)
         if missing:
-            return
+            # Load the tables the checkpoint holds whole and keep the others as they are, as torch loads
+            # what matches (nn.Module.load_state_dict passes strict=True down and raises for the
+            # missing keys afterwards, with strict=True; strict=False returns them).
+            own = {}
+            self._save_to_state_dict(own, prefix, keep_vars=False)
+            state_dict = dict(state_dict)
+            for t in self._tables:
+                p = f"{prefix}{self._state_prefix}.{t.name}."
+                keys = [k for k in own if k.startswith(p)]
+                if any(k not in state_dict for k in keys):
+                    state_dict.update({k: own[k] for k in keys})
+            state_dict.update({k: own[k] for k in (prefix + b.name for b in host) if k not in state_dict})
         # Validate every table first; replace nothing unless all are good.
         weights, offs, st = [], [], {b.name: [] for b in per_table}
         errors = []
@@ -1163,6 +1222,13 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
             scores = {t.name: s for t, s in zip(tabs, scores)}
         flats = []
         first = next(iter(dense.values()))
+        if "dtype" not in kwargs:
+            dtypes = {n: d.dtype for n, d in dense.items()}
+            if len(set(dtypes.values())) > 1:
+                raise ValueError(
+                    f"the tables have different dtypes {dtypes}, and a collection holds all its tables in one "
+                    "buffer of one dtype: pass dtype= (e.g. dtype=torch.float32) to convert them"
+                )
         kwargs.setdefault("dtype", first.dtype)
         kwargs.setdefault("device", first.device)
         for t, s in zip(tabs, _sizes_list(sizes, tabs)):

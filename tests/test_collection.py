@@ -272,10 +272,20 @@ def test_fused_optimizer_trajectory_equals_dense_steps(opt_name, pooling, weight
     for step in range(1, 5):
         inp = make_input(m, 7, 100 + step, torch.int32 if step % 2 else torch.int64, weighted)
         go = torch.randn(7, m.out_width, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
-        want = _dense_step(m, inp, go, opt, state, step)
+        if weighted:  # the weights' gradient, from the table before the step (a feature read by two tables: both)
+            inp = {k: (v, o, w.clone().requires_grad_()) for k, (v, o, w) in inp.items()}
+            ref_in = {k: (v, o, w.detach().clone().requires_grad_()) for k, (v, o, w) in inp.items()}
+            ref, _ = dense_oracle(m, ref_in)
+            keys = embedding_names(m._tables)
+            cols = torch.tensor([0] + [ref[k].shape[1] for k in keys]).cumsum(0).tolist()
+            torch.autograd.backward([ref[k] for k in keys], [go[:, a:b] for a, b in zip(cols[:-1], cols[1:])])
+        want = _dense_step(m, {k: tuple(x.detach() for x in item) for k, item in inp.items()}, go, opt, state, step)
         out = m(inp).values()
         out.backward(go)
         assert m.weight.grad is None
+        if weighted:
+            for k in inp:
+                torch.testing.assert_close(inp[k][2].grad, ref_in[k][2].grad, rtol=1e-10, atol=1e-12, msg=k)
         for t in m._tables:
             torch.testing.assert_close(
                 m.to_dense(t.name), want[t.name], rtol=1e-10, atol=1e-12, msg=f"{t.name} step {step}"
@@ -388,6 +398,51 @@ def test_from_dense_keeps_first_entries_and_repr():
     assert m.memory_report()["stored_entries"] == int(sizes["a"].sum()) + 12
     r = repr(m)
     assert "(a): 10 x 8" in r and "pooling='mean'" in r
+
+
+def test_dict_input_checks_each_feature_and_ignores_unread_ones():
+    """Weights of the wrong length for one feature (the totals may still agree), float offsets or
+    values are refused with the feature's name; a feature no table reads is ignored, as
+    EmbeddingBagCollection does, even when its own offsets are bad."""
+    tables = [EmbeddingBagConfig(10, 2, "a", ["f1"]), EmbeddingBagConfig(10, 2, "b", ["f2"])]
+    m = MultiSizeEmbeddingBagCollection(tables, is_weighted=True)
+    t = torch.tensor
+    ok = {"f1": (t([0, 1, 2]), t([0, 3]), torch.ones(3)), "f2": (t([5]), t([0, 1]), t([2.0]))}
+    with pytest.raises(ValueError, match=r"feature 'f1': weights must be 1-D with one entry per value \(3\)"):
+        m({"f1": (t([0, 1, 2]), t([0, 3]), torch.ones(2)), "f2": (t([5]), t([0, 1]), t([1.0, 100.0]))})
+    with pytest.raises(TypeError, match="feature 'f2': offsets must be int32 or int64, got torch.float32"):
+        m({**ok, "f2": (t([5]), t([0.0, 1.0]), t([2.0]))})
+    with pytest.raises(TypeError, match="feature 'f1': values must be int32 or int64, got torch.bool"):
+        m({**ok, "f1": (t([True, False, True]), t([0, 3]), torch.ones(3))})
+    want = m(ok).values()
+    got = m({**ok, "unread": (t([5, 6]), t([0, 3, 2]))}).values()
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="none of the features the collection reads"):
+        m({"unread": (t([5]), t([0, 1]))})
+
+
+def test_partial_checkpoint_loads_the_whole_tables_it_holds():
+    """strict=False with some tables' keys: those tables are loaded, the others kept, the missing keys
+    reported (strict=True raises for them, as torch does)."""
+    cf = [EmbeddingBagConfig(6, 4, "a", ["f1"]), EmbeddingBagConfig(8, 2, "b", ["f2"])]
+    src = MultiSizeEmbeddingBagCollection(cf, 2)
+    dst = MultiSizeEmbeddingBagCollection(cf)
+    b_before = dst.to_dense("b").detach().clone()
+    got = dst.load_state_dict({k: v for k, v in src.state_dict().items() if ".a." in k}, strict=False)
+    assert got.missing_keys == ["embedding_bags.b.weight", "embedding_bags.b.offsets"]
+    assert torch.equal(dst.to_dense("a"), src.to_dense("a")) and torch.equal(dst.to_dense("b"), b_before)
+    assert torch.equal(dst.sizes("a"), src.sizes("a"))
+    with pytest.raises(RuntimeError, match="Missing key"):
+        MultiSizeEmbeddingBagCollection(cf).load_state_dict({k: v for k, v in src.state_dict().items() if ".a." in k})
+
+
+def test_from_dense_refuses_mixed_dtypes_unless_told():
+    tables = [EmbeddingBagConfig(10, 4, "a", ["x"]), EmbeddingBagConfig(6, 4, "b", ["y"])]
+    dense = {"a": torch.randn(10, 4).half(), "b": torch.randn(6, 4)}
+    with pytest.raises(ValueError, match="different dtypes"):
+        MultiSizeEmbeddingBagCollection.from_dense(tables, dense)
+    m = MultiSizeEmbeddingBagCollection.from_dense(tables, dense, dtype=torch.float32)
+    assert m.weight.dtype == torch.float32 and torch.equal(m.to_dense("b"), dense["b"])
 
 
 def test_bad_input_raises_clear_errors():
