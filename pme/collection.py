@@ -40,6 +40,7 @@ one rank are just the rows of ``features`` that rank holds.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -1011,11 +1012,17 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
         vb = self._variable_batch_rows(features) if _variable_batch(features) else None
         keys, idx, bo, psw, B = self._normal_form(features)
         feats = self._features(keys)
-        if self.optimizer is not None and self.training and torch.is_grad_enabled():
-            anchor = torch.zeros((), device=self.weight.device, requires_grad=True)
-            values = _ConsumedCollectionLookup.apply(anchor, self.optimizer, self, idx, bo, feats, psw, B)
-        else:
-            values = self._lookup(CollectionRows(None, idx, bo, feats, psw, B))
+        try:
+            if self.optimizer is not None and self.training and torch.is_grad_enabled():
+                anchor = torch.zeros((), device=self.weight.device, requires_grad=True)
+                values = _ConsumedCollectionLookup.apply(anchor, self.optimizer, self, idx, bo, feats, psw, B)
+            else:
+                values = self._lookup(CollectionRows(None, idx, bo, feats, psw, B))
+        except RuntimeError as e:
+            named = None if torch.compiler.is_compiling() else self._named_error(e, keys, bo, B)
+            if named is None:
+                raise
+            raise named from None
         if vb is not None:  # VBE: each feature's bags were pooled once; now each sample's copy
             values = self._expand_outputs(values, vb)
         lengths = [self._tables[ti].embedding_dim for ti, _, _ in self._blocks]
@@ -1026,6 +1033,26 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
                 values = values.float()  # EmbeddingBagCollection returns float32 for half tables
             return KeyedTensor(keys=self.embedding_names(), length_per_key=lengths, values=values)
         return KeyedOutput(self.embedding_names(), lengths, values)
+
+    _BAD_INDEX = re.compile(
+        r"index out of range: indices\[(\d+)\] = (-?\d+) \(key (\d+), output block \d+\) but table (\d+) has (\d+) rows"
+    )
+
+    def _named_error(self, e, keys, bo, B):
+        """The operators' message for a bad index (positions in the concatenated input, keys and
+        tables by number) said with the feature's and table's names and the position inside the
+        feature's own values; None for other errors."""
+        m = self._BAD_INDEX.search(str(e))
+        if m is None:
+            return None
+        j, i, g, t, vt = (int(x) for x in m.groups())
+        if g >= len(keys) or t >= len(self._tables):
+            return None
+        start = int(bo[g * B])
+        return type(e)(
+            f"pme: index out of range: feature {keys[g]!r} value {j - start} is {i}, but table "
+            f"{self._tables[t].name!r} has {vt} rows (valid: 0 to {vt - 1})"
+        )
 
     # ---- fused optimizer (a pme.ops.RowConsumer) --------------------------------------------
     def _attach(self, opt):
@@ -1083,10 +1110,43 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
         for b in host:
             destination[prefix + b.name] = getattr(self, b.name).detach().clone()
 
+    def _from_dense_checkpoint(self, state_dict, prefix, error_msgs):
+        """A table given as a dense ``[V, D]`` weight without offsets (a torchrec
+        ``EmbeddingBagCollection``'s checkpoint, whose keys are the same) keeps this collection's
+        sizes: each row its first ``sizes[i]`` values; the optimizer's state and step, when the
+        checkpoint has none, stay as they are (the sizes do not change). Returns the state dict to load."""
+        out = None
+        per_table, host = self._state()
+        own = None
+        for t in self._tables:
+            p = f"{prefix}{self._state_prefix}.{t.name}."
+            w = state_dict.get(p + "weight")
+            if not isinstance(w, torch.Tensor) or w.dim() != 2 or (p + "offsets") in state_dict:
+                continue
+            if tuple(w.shape) != (t.num_embeddings, t.embedding_dim) or w.dtype not in ops.WEIGHT_DTYPES:
+                error_msgs.append(
+                    f"{p}weight: a dense table must be a float [{t.num_embeddings}, {t.embedding_dim}] tensor, "
+                    f"got {w.dtype} {tuple(w.shape)}"
+                )
+                continue
+            if own is None:
+                own = {}
+                self._save_to_state_dict(own, prefix, keep_vars=False)
+                out = dict(state_dict)
+            offs = own[p + "offsets"]
+            keep = torch.arange(t.embedding_dim).unsqueeze(0) < (offs[1:] - offs[:-1]).unsqueeze(1)
+            out[p + "weight"] = w.detach()[keep.to(w.device)]
+            out[p + "offsets"] = offs
+            out.update({p + b.name: own[p + b.name] for b in per_table if (p + b.name) not in state_dict})
+        if out is not None:  # and the optimizer's step count, which such a checkpoint does not have
+            out.update({prefix + b.name: own[prefix + b.name] for b in host if (prefix + b.name) not in state_dict})
+        return state_dict if out is None else out
+
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
         per_table, host = self._state()
+        state_dict = self._from_dense_checkpoint(state_dict, prefix, error_msgs)
         expected = []
         for t in self._tables:
             p = f"{prefix}{self._state_prefix}.{t.name}."

@@ -434,6 +434,11 @@ def test_partial_checkpoint_loads_the_whole_tables_it_holds():
     assert torch.equal(dst.sizes("a"), src.sizes("a"))
     with pytest.raises(RuntimeError, match="Missing key"):
         MultiSizeEmbeddingBagCollection(cf).load_state_dict({k: v for k, v in src.state_dict().items() if ".a." in k})
+    # a dense [V, D] table (an EmbeddingBagCollection's checkpoint has these keys) keeps the sizes
+    dense = {"embedding_bags.a.weight": torch.randn(6, 4), "embedding_bags.b.weight": torch.randn(8, 2)}
+    assert not dst.load_state_dict(dense).missing_keys
+    assert torch.equal(dst.to_dense("a"), dense["embedding_bags.a.weight"] * stored_mask(dst, "a"))
+    assert torch.equal(dst.to_dense("b"), dense["embedding_bags.b.weight"])
 
 
 def test_from_dense_refuses_mixed_dtypes_unless_told():
@@ -453,11 +458,21 @@ def test_bad_input_raises_clear_errors():
     v, o = inp["f3"]
     v = v.clone()
     v[-1] = t2.num_embeddings
-    with pytest.raises(RuntimeError, match=f"index out of range.*table 2 has {t2.num_embeddings} rows"):
+    # said with the feature's and the table's names and the position in the feature's own values
+    at = v.numel() - 1
+    with pytest.raises(
+        RuntimeError,
+        match=f"index out of range: feature 'f3' value {at} is {t2.num_embeddings}, but table 't2' has "
+        f"{t2.num_embeddings} rows",
+    ):
         m({**inp, "f3": (v, o)})
     v[-1] = -1
-    with pytest.raises(RuntimeError, match="index out of range"):
+    with pytest.raises(RuntimeError, match=f"index out of range: feature 'f3' value {at} is -1, but table 't2'"):
         m({**inp, "f3": (v, o)})
+    # the raw operator keeps its positions in the concatenated input and the tables' numbers
+    keys, idx, bo, psw, B = m._normal_form({**inp, "f3": (v, o)})
+    with pytest.raises(RuntimeError, match=r"index out of range: indices\[\d+\] = -1 \(key \d+, output block"):
+        m._lookup(pme.collection.CollectionRows(None, idx, bo, m._features(keys), psw, B))
     with pytest.raises(KeyError, match="no feature 'f4'"):
         m({k: x for k, x in inp.items() if k != "f4"})
     with pytest.raises(ValueError, match="same batch size"):
@@ -780,8 +795,7 @@ def test_one_hot_bad_index_is_refused_with_its_position(weighted):
     j = int((o[1:] > o[:-1]).nonzero()[-1])  # the last non-empty bag
     v[int(o[j])] = m._tables[1].num_embeddings  # one past table t1's rows
     inp["f2"] = (v, o) + tuple(inp["f2"][2:])
-    pos = sum(inp[k][0].numel() for k in inp if k < "f2") + int(o[j])  # in the concatenated values
-    with pytest.raises(RuntimeError, match=rf"index out of range: indices\[{pos}\]"):
+    with pytest.raises(RuntimeError, match=rf"index out of range: feature 'f2' value {int(o[j])} is "):
         m(inp)
 
 

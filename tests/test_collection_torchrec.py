@@ -258,6 +258,27 @@ def test_from_ebc_random_sizes_and_state_dict():
     torch.testing.assert_close(ref(kjt).values(), model.sparse_arch.embedding_bag_collection(kjt).values())
 
 
+def test_load_an_embedding_bag_collection_checkpoint():
+    """A torchrec EmbeddingBagCollection's state_dict (dense [V, D] weights, the same keys) loads into
+    a pme collection of other sizes: each row keeps its first sizes[i] values, the sizes and a
+    fused optimizer's state stay; outputs then equal EBC's on the dense view."""
+    torch.manual_seed(3)
+    ebc = EmbeddingBagCollection(configs(), is_weighted=False)
+    gen = torch.Generator().manual_seed(4)
+    sizes = {c.name: random_sizes(c.num_embeddings, c.embedding_dim, gen) for c in configs()}
+    m = MultiSizeEmbeddingBagCollection(configs(), sizes, optimizer=pme.optim.RowwiseAdagrad(lr=0.1))
+    m.optim_state1.fill_(0.5)
+    assert not m.load_state_dict(ebc.state_dict()).missing_keys
+    for c in configs():
+        mask = torch.arange(c.embedding_dim) < sizes[c.name].unsqueeze(1)
+        assert torch.equal(m.to_dense(c.name), ebc.embedding_bags[c.name].weight.detach() * mask)
+        assert torch.equal(m.sizes(c.name), sizes[c.name])
+    assert bool((m.optim_state1 == 0.5).all())
+    bad = {k: v[:, :2] for k, v in ebc.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"a dense table must be a float \[\d+, \d+\] tensor"):
+        m.load_state_dict(bad)
+
+
 def make_vbe_kjt(ebc, B, seed, index_dtype=torch.int64, weighted=False, max_len=6):
     """A KJT with a variable batch per feature (TorchRec's VBE): feature f has its own B_f in
     [1, B] bags (B for the second key, B // 2 for the last; empty bags, the largest index,
