@@ -7,6 +7,7 @@
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/core/ScalarType.h>
 #include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Exception.h>
 #include <torch/headeronly/util/Half.h>
 
 #include <cmath>
@@ -15,6 +16,8 @@
 #include <initializer_list>
 #include <limits>
 #include <optional>
+#include <sstream>
+#include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
@@ -33,7 +36,22 @@ enum Optimizer : int64_t { kSGD = 0, kRowwiseAdagrad = 1, kAdam = 2 };
 // Score rules (accumulate_scores_).
 enum ScoreRule : int64_t { kSnip = 0, kGradSquared = 1 };
 
-#define PME_CHECK(cond, ...) STD_TORCH_CHECK(cond, "pme: ", __VA_ARGS__)
+// The message of a failed check: "pme: " and the arguments, streamed. Unlike STD_TORCH_CHECK's,
+// it leaves out the C++ function, file and line, which tell a user of the library nothing.
+template <class... Args>
+std::string check_message(const Args&... args) {
+  std::ostringstream s;
+  s << "pme: ";
+  ((s << args), ...);
+  return s.str();
+}
+
+#define PME_CHECK(cond, ...)                                       \
+  do {                                                             \
+    if (C10_UNLIKELY_OR_CONST(!(cond))) {                          \
+      throw std::runtime_error(::pme::check_message(__VA_ARGS__)); \
+    }                                                              \
+  } while (0)
 
 // Accumulation type: fp32 for fp16/bf16/fp32 weights, fp64 for fp64 weights (gradcheck).
 template <class T>

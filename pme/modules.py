@@ -519,7 +519,7 @@ class _MultiSizeTable(nn.Module):
         """``max_norm``: renormalise the rows ``input`` looks up, in place (the fused path's share of
         what ops.embedding_bag / ops.embedding do themselves)."""
         if self.max_norm is not None:
-            flat = input.values() if input.is_nested else input
+            flat = ops._packed(input).values() if input.is_nested else input
             ops.embedding_renorm_(
                 self.weight,
                 self.offsets,
@@ -774,6 +774,8 @@ class MultiSizeEmbedding(_MultiSizeTable):
         if self.optimizer is not None and self.training and torch.is_grad_enabled():
             self._renorm(input)
             nested = input.is_nested
+            if nested:
+                input = ops._packed(input)
             flat = input.values() if nested else input.reshape(-1)
             bo = torch.arange(flat.numel() + 1, dtype=flat.dtype, device=flat.device)
             out = self.optimizer.lookup(

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import math
 import numbers
+import operator
 import os
 import warnings
 import weakref
@@ -693,6 +694,18 @@ class _PswModeError(ValueError, NotImplementedError):
     """per_sample_weights with a mode other than sum (torch raises NotImplementedError)."""
 
 
+def _check_width(width):
+    """The output width as an int >= 0 (an integer of any kind: int, numpy or 0-d integer tensor,
+    SymInt), or a TypeError / ValueError; never a float cut down to an int."""
+    try:
+        w = operator.index(width)
+    except TypeError:
+        raise TypeError(f"width must be an integer, got {width!r}") from None
+    if w < 0:
+        raise ValueError(f"width must be >= 0, got {w}")
+    return w
+
+
 def _unnest_bags(input, offsets, per_sample_weights):
     """A jagged nested tensor of bags ``[B, j]`` -> (flat indices, ``[B + 1]`` offsets, flat weights)."""
     if input.layout != torch.jagged:
@@ -706,12 +719,27 @@ def _unnest_bags(input, offsets, per_sample_weights):
         raise ValueError(
             f"a nested input must be [B, j] (one bag of indices per component), got {input.dim()} dimensions"
         )
+    input = _packed(input)  # a view with holes (torch.nested.narrow): its bags packed first
     if per_sample_weights is not None:
         if not per_sample_weights.is_nested:
             raise ValueError("if input is nested, per_sample_weights must be nested too (as in torch)")
+        per_sample_weights = _packed(per_sample_weights)
+        if per_sample_weights.dim() != 2 or not torch.equal(per_sample_weights.offsets().cpu(), input.offsets().cpu()):
+            lens = (per_sample_weights.offsets().diff().tolist(), input.offsets().diff().tolist())
+            raise ValueError(
+                f"per_sample_weights has bags of lengths {lens[0]} but input has {lens[1]}; they must match "
+                "(one weight per index)"
+            )
         per_sample_weights = per_sample_weights.values().reshape(-1)
     values = input.values().reshape(-1)
     return values, input.offsets().to(values.dtype), per_sample_weights
+
+
+def _packed(nt):
+    """A jagged nested tensor whose components lie back to back in ``values()`` (``.contiguous()``
+    of a view with holes, e.g. from ``torch.nested.narrow``, whose ``offsets()`` alone do not give
+    its components)."""
+    return nt.contiguous() if nt.lengths() is not None else nt
 
 
 def bag_inputs(weight, input, offsets=None, per_sample_weights=None, mode="mean", include_last_offset=False):
@@ -731,6 +759,8 @@ def bag_inputs(weight, input, offsets=None, per_sample_weights=None, mode="mean"
     if input.device != weight.device:
         raise ValueError(f"input is on {input.device} but the table is on {weight.device}")
     if per_sample_weights is not None:
+        if not isinstance(per_sample_weights, torch.Tensor):
+            raise TypeError(f"per_sample_weights must be a tensor, got {type(per_sample_weights).__name__}")
         if mode != "sum":
             raise _PswModeError(f"per_sample_weights are only supported with mode='sum', got mode={mode!r}")
         if per_sample_weights.shape != input.shape:
@@ -880,6 +910,7 @@ def embedding_bag(
         ``[B, width]`` tensor of ``weight``'s dtype (accumulated in float32, or float64).
     """
     check_table(weight, offsets, col_of_size)
+    width = _check_width(width)
     V = offsets.numel() - 1
     pad = normalize_padding_idx(padding_idx, V)
     indices, bag_offsets, psw, m = bag_inputs(
@@ -927,6 +958,7 @@ def embedding(
     in :func:`embedding_bag`.
     """
     check_table(weight, offsets, col_of_size)
+    width = _check_width(width)
     pad = normalize_padding_idx(padding_idx, offsets.numel() - 1)
     if isinstance(input, torch.Tensor) and input.is_nested:
         if input.layout != torch.jagged:
@@ -934,6 +966,7 @@ def embedding(
                 "a nested input must have layout=torch.jagged; build it with "
                 "torch.nested.nested_tensor(..., layout=torch.jagged)"
             )
+        input = _packed(input)
         out = embedding(
             weight,
             offsets,

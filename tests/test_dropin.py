@@ -327,6 +327,31 @@ def test_nested_input():
     strided = torch.nested.nested_tensor([torch.tensor([1, 2]), torch.tensor([3])])
     with pytest.raises(ValueError, match="jagged"):
         m(strided)
+    # weights of another bag structure with the same total are refused (as torch does)
+    other = torch.nested.nested_tensor([torch.rand(2), torch.rand(1), torch.rand(1)], layout=torch.jagged)
+    with pytest.raises(ValueError, match=r"bags of lengths \[2, 1, 1\] but input has \[3, 0, 1\]"):
+        m(nt, per_sample_weights=other)
+
+
+def test_nested_input_with_holes():
+    """A jagged view with holes (torch.nested.narrow: its offsets() alone do not give its bags)
+    is read bag by bag, as its packed copy, for the bag, the non-pooled and the fused paths."""
+    full = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8], [0, 9, 9, 2]])
+    nt = torch.nested.narrow(full, 1, torch.tensor([0, 1, 2]), torch.tensor([2, 3, 0]), layout=torch.jagged)
+    assert nt.lengths() is not None
+    packed = nt.contiguous()
+    sizes = torch.tensor([4, 2, 0, 3, 1, 4, 4, 2, 1, 3])
+    w = torch.randn(10, 4)
+    for mode in ("sum", "mean", "max"):
+        m = pme.MultiSizeEmbeddingBag.from_pretrained(w, mode=mode, sizes=sizes)
+        ref = F.embedding_bag(packed.values(), m.to_dense(), packed.offsets(), mode=mode, include_last_offset=True)
+        torch.testing.assert_close(m(nt), ref)
+    e = pme.MultiSizeEmbedding.from_pretrained(w, sizes=sizes)
+    got = e(nt)
+    assert [t.shape[0] for t in got.unbind()] == [2, 3, 0]
+    torch.testing.assert_close(got.values(), F.embedding(packed.values(), e.to_dense()))
+    fused = pme.MultiSizeEmbedding.from_pretrained(w, sizes=sizes, freeze=False, optimizer=pme.optim.SGD(lr=0.1))
+    assert [t.shape[0] for t in fused(nt).unbind()] == [2, 3, 0]
 
 
 def test_error_types_are_torchs():

@@ -116,6 +116,50 @@ def test_bag_random_tables(device, V, D, B, L, mode, layout, seed, pad, psw, ind
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("D", [3, 8, 300])  # 300: past the width of one CUDA lane group
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10**6))
+def test_max_ties_nan_and_inf_follow_the_dense_view(device, D, seed):
+    """mode="max" on tables whose values tie (0 against the implicit zeros of short rows, equal
+    stored values), and hold NaN or infinities: output and gradient equal nn.EmbeddingBag's CPU
+    rule on the dense view (float64): the bag's first lookup sets every column, a later one replaces
+    a column only when strictly greater, an implicit zero that wins passes gradient to no entry."""
+    g = torch.Generator().manual_seed(seed)
+    V = 6
+    sizes = torch.randint(0, D + 1, (V,), generator=g)
+    sizes[int(torch.randint(0, V, (1,), generator=g))] = 0
+    levels = torch.tensor([-1.0, 0.0, -0.0, 1.0, float("nan"), float("-inf"), float("inf")], dtype=torch.float64)
+    weight = levels[torch.randint(0, len(levels), (int(sizes.sum()),), generator=g)]
+    offsets = torch.zeros(V + 1, dtype=torch.int64)
+    offsets[1:] = sizes.cumsum(0)
+    lens = torch.randint(0, 5, (7,), generator=g)
+    idx = torch.randint(0, V, (int(lens.sum()),), generator=g)
+    bo = torch.zeros(8, dtype=torch.int64)
+    bo[1:] = lens.cumsum(0)
+    pad = int(torch.randint(-1, V, (1,), generator=g))
+    pad = None if pad < 0 else pad
+    w = weight.clone().to(device).requires_grad_()
+    out = ops.embedding_bag(
+        w,
+        offsets.to(device),
+        idx.to(device),
+        bo.to(device),
+        width=D,
+        mode="max",
+        include_last_offset=True,
+        padding_idx=pad,
+    )
+    go = torch.randn(7, D, generator=g, dtype=torch.float64)
+    out.backward(go.to(device))
+    dense = reference.to_dense(weight, offsets, D).requires_grad_()
+    ref = F.embedding_bag(idx, dense, bo, mode="max", include_last_offset=True, padding_idx=pad)
+    ref.backward(go)
+    torch.testing.assert_close(out.cpu(), ref, rtol=0, atol=0, equal_nan=True)
+    mask = torch.arange(D) < sizes.unsqueeze(1)
+    torch.testing.assert_close(w.grad.cpu(), dense.grad[mask], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", MODES)
 def test_against_nn_embedding_bag(device, mode):
     """Module vs nn.EmbeddingBag holding the dense view: 2-D input, include_last_offset, padding."""

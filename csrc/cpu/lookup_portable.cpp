@@ -37,41 +37,46 @@ PME_CLONES void forward_bags(const T* w, const TableView& table, const I* idx, c
   const TableView t = table;  // a local copy stays in registers (the atomic in note_bad would force reloads)
   const int64_t W = t.width;
   std::vector<A> acc(W);
-  std::vector<int64_t> cov(mode == kMax ? W : 0);
   const int64_t jend = bag_begin(bo, b1);
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t start = bag_begin(bo, b), end = bag_begin(bo, b + 1);
     T* o = out + b * W;
     int64_t n = 0;
     if (mode == kMax) {
+      // As nn.EmbeddingBag on the dense view (CPU): the bag's first counted lookup sets every
+      // column (its stored entries, and zeros in the columns it does not store, which pass
+      // gradient to no entry); a later lookup's column replaces the current one only when it is
+      // strictly greater. So ties go to the earlier lookup, a NaN set first stays, a NaN later
+      // is never taken, and a stored -inf can be the max.
       int64_t* am = argmax + b * W;
-      std::fill(acc.begin(), acc.end(), -std::numeric_limits<A>::infinity());
-      std::fill(cov.begin(), cov.end(), 0);
+      std::fill(acc.begin(), acc.end(), A(0));
       std::fill(am, am + W, int64_t{-1});
       for (int64_t j = start; j < end; ++j) {
         prefetch_ahead(w, t, idx, j, jend);
         int64_t lo, size, col;
         if (!locate(t, idx, j, pad, bad, lo, size, col)) continue;
-        ++n;
         const T* row = w + lo;
-        for (int64_t c = 0; c < size; ++c) {
-          const A v = widen<A>(row[c]);
-          ++cov[col + c];
-          if (v > acc[col + c]) {
-            acc[col + c] = v;
+        if (n++ == 0) {
+          for (int64_t c = 0; c < size; ++c) {
+            acc[col + c] = widen<A>(row[c]);
             am[col + c] = j;
+          }
+          continue;
+        }
+        for (int64_t c = 0; c < W; ++c) {  // each column: the row's stored entry, or its implicit zero
+          if (c >= col && c < col + size) {
+            const A v = widen<A>(row[c - col]);
+            if (v > acc[c]) {
+              acc[c] = v;
+              am[c] = j;
+            }
+          } else if (A(0) > acc[c]) {
+            acc[c] = A(0);
+            am[c] = -1;
           }
         }
       }
-      // Columns that some token of the bag does not store hold an implicit zero in the
-      // dense view; it takes part in the max (and, winning, passes gradient to no entry).
-      for (int64_t c = 0; c < W; ++c) {
-        if (n == 0 || (cov[c] < n && acc[c] < A(0))) {
-          acc[c] = A(0);
-          am[c] = -1;
-        }
-        o[c] = narrow<T>(acc[c]);
-      }
+      for (int64_t c = 0; c < W; ++c) o[c] = narrow<T>(acc[c]);
       continue;
     }
     std::fill(acc.begin(), acc.end(), A(0));

@@ -167,11 +167,6 @@ __device__ __forceinline__ double recip_rn(double x) {
   return __drcp_rn(x);
 }
 
-template <class A>
-__device__ __forceinline__ A neg_inf() {
-  return -static_cast<A>(INFINITY);
-}
-
 // 16 bytes of T: the unit of vectorised loads and stores.
 template <class T>
 struct alignas(16) Pack {

@@ -132,24 +132,19 @@ __global__ void __launch_bounds__(256, (fwd_min_blocks<T, NV, MAX>())) bag_forwa
 
   A acc[NV][VEC];
   int64_t am[MAX ? NV : 1][MAX ? VEC : 1];
-  int32_t cov[MAX ? NV : 1][MAX ? VEC : 1];
 #pragma unroll
   for (int v = 0; v < NV; ++v) {
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
-      if constexpr (MAX) {
-        acc[v][e] = neg_inf<A>();
-        am[v][e] = -1;
-        cov[v][e] = 0;
-      } else {
-        acc[v][e] = A(0);
-      }
+      acc[v][e] = A(0);
+      if constexpr (MAX) am[v][e] = -1;
     }
   }
 
   int64_t start, end;
   bag_range(a.bo, b, a.N, start, end);
-  int n = 0;  // lookups that count (not padding, not skipped)
+  int n = 0;     // lookups that count (not padding, not skipped)
+  int seen = 0;  // max: whether a counted lookup has set the columns yet
   for (int64_t base = start; base < end; base += G) {
     const int m = static_cast<int>(min(static_cast<int64_t>(G), end - base));
     // Metadata of lookup base + t, loaded by lane t; size -1 marks a lookup to skip.
@@ -176,19 +171,33 @@ __global__ void __launch_bounds__(256, (fwd_min_blocks<T, NV, MAX>())) bag_forwa
       // Accumulate phase, in position order.
 #pragma unroll
       for (int u = 0; u < UNR; ++u) {
+        if constexpr (MAX) {
+          // As nn.EmbeddingBag on the dense view (CPU): the bag's first counted lookup sets every
+          // column (a column it does not store is an implicit zero that passes gradient to no
+          // entry); a later lookup's column replaces the current one only when strictly greater.
+          // So ties go to the earlier lookup, a NaN set first stays, a NaN later is never taken.
+          const bool counted = i + u < m && __shfl_sync(gmask, size, (i + u) & (G - 1), G) >= 0;
+          if (!counted) continue;  // uniform over the group
 #pragma unroll
-        for (int v = 0; v < NV; ++v) {
+          for (int v = 0; v < NV; ++v) {
 #pragma unroll
-          for (int e = 0; e < VEC; ++e) {
-            if (!((msk[u][v] >> e) & 1u)) continue;
-            const A x = to_acc(raw[u][v].v[e]);
-            if constexpr (MAX) {
-              ++cov[v][e];
-              if (x > acc[v][e]) {
+            for (int e = 0; e < VEC; ++e) {
+              const bool stored = (msk[u][v] >> e) & 1u;
+              const A x = stored ? to_acc(raw[u][v].v[e]) : A(0);
+              if (seen == 0 || x > acc[v][e]) {
                 acc[v][e] = x;
-                am[v][e] = base + i + u;
+                am[v][e] = stored ? base + i + u : -1;
               }
-            } else {
+            }
+          }
+          seen = 1;
+        } else {
+#pragma unroll
+          for (int v = 0; v < NV; ++v) {
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) {
+              if (!((msk[u][v] >> e) & 1u)) continue;
+              const A x = to_acc(raw[u][v].v[e]);
               acc[v][e] = a.psw != nullptr ? acc[v][e] + usc[u] * x : acc[v][e] + x;
             }
           }
@@ -208,15 +217,8 @@ __global__ void __launch_bounds__(256, (fwd_min_blocks<T, NV, MAX>())) bag_forwa
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
       A r = acc[v][e];
-      if constexpr (MAX) {
-        // Columns some token of the bag does not store hold an implicit zero that takes part
-        // in the max (and, winning, passes gradient to no entry). Empty bag: zeros.
-        if (n == 0 || (cov[v][e] < n && r < A(0))) {
-          r = A(0);
-          am[v][e] = -1;
-        }
-      } else if (a.mean && n > 0) {
-        r = r / static_cast<A>(n);
+      if constexpr (!MAX) {  // (max: an empty bag keeps the zeros and argmax -1 it started with)
+        if (a.mean && n > 0) r = r / static_cast<A>(n);
       }
       y.v[e] = from_acc<T>(r);
     }
