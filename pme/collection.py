@@ -276,6 +276,20 @@ def _check_inverse_indices_op(rows: torch.Tensor, limits: list[int], names: str)
     _raise_bad_inverse(rows, limits, names.split(_SEP))
 
 
+def _torchrec_configs():
+    """``(torchrec.EmbeddingBagConfig, PoolingType, DataType)``, or None without a usable torchrec."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchrec") is None:
+        return None
+    try:
+        from torchrec import EmbeddingBagConfig as config, PoolingType
+        from torchrec.types import DataType
+    except Exception:  # installed but broken (e.g. an fbgemm-gpu of another build): pme's configs
+        return None
+    return config, PoolingType, DataType
+
+
 def _is_kjt(x) -> bool:
     return all(hasattr(x, a) for a in ("keys", "values", "offsets", "weights_or_none", "stride"))
 
@@ -693,7 +707,26 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
 
     # ---- tables ---------------------------------------------------------------------------
     def embedding_bag_configs(self) -> list:
-        """The tables as :class:`EmbeddingBagConfig` (pme's; field for field TorchRec's)."""
+        """The tables as ``torchrec.EmbeddingBagConfig`` when torchrec is installed (as
+        EmbeddingBagCollection gives them, for planners and sharders), else as pme's
+        :class:`EmbeddingBagConfig` (the same fields; pooling ``"sum"`` / ``"mean"``)."""
+        tr = _torchrec_configs()
+        if tr is not None:
+            config, pooling, data_type = tr
+            kind = {torch.float16: "FP16", torch.bfloat16: "BF16"}.get(self.weight.dtype, "FP32")
+            return [
+                config(
+                    num_embeddings=t.num_embeddings,
+                    embedding_dim=t.embedding_dim,
+                    name=t.name,
+                    data_type=data_type[kind],
+                    feature_names=list(t.feature_names),
+                    pooling=pooling[t.pooling.upper()],
+                    weight_init_max=t.init_max,
+                    weight_init_min=t.init_min,
+                )
+                for t in self._tables
+            ]
         return [
             EmbeddingBagConfig(
                 t.num_embeddings, t.embedding_dim, t.name, list(t.feature_names), t.pooling, t.init_max, t.init_min

@@ -85,9 +85,10 @@ class FusedOptimizer(ops.RowConsumer):
         ``pme.collection.CollectionRows`` of a collection: both apply it with ``update_``)."""
         _check_grad_scale(self.grad_scale)
         hyper = self.hyperparameters()
-        module.optim_step += 1
+        step = int(module.optim_step) + 1
         g = rows.grad_out if self.grad_scale == 1.0 else rows.grad_out / self.grad_scale
-        rows.update_(module, module.optim_state1, module.optim_state2, g, optimizer=hyper, step=int(module.optim_step))
+        rows.update_(module, module.optim_state1, module.optim_state2, g, optimizer=hyper, step=step)
+        module.optim_step += 1  # only once the step has been taken (a refused step leaves the count)
 
 
 def _rows(module) -> int:

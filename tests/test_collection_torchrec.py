@@ -274,6 +274,13 @@ def test_load_an_embedding_bag_collection_checkpoint():
         assert torch.equal(m.to_dense(c.name), ebc.embedding_bags[c.name].weight.detach() * mask)
         assert torch.equal(m.sizes(c.name), sizes[c.name])
     assert bool((m.optim_state1 == 0.5).all())
+    # its configs are torchrec's (planners and sharders read pooling.value, data_type)
+    back = m.embedding_bag_configs()
+    assert all(isinstance(c, EmbeddingBagConfig) for c in back)
+    assert [(c.name, c.pooling, c.data_type) for c in back] == [
+        (c.name, c.pooling, torchrec.types.DataType.FP32) for c in configs()
+    ]
+    assert EmbeddingBagCollection(back).embedding_bag_configs()[0].num_embeddings == configs()[0].num_embeddings
     bad = {k: v[:, :2] for k, v in ebc.state_dict().items()}
     with pytest.raises(RuntimeError, match=r"a dense table must be a float \[\d+, \d+\] tensor"):
         m.load_state_dict(bad)

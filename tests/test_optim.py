@@ -453,3 +453,13 @@ def test_fused_optimizer_hyperparameters_follow_its_attributes():
     with pytest.raises(ValueError, match="lr must be >= 0"):
         m(torch.tensor([[1, 2]])).sum().backward()
     assert int(m.optim_step) == 0 and torch.equal(m.weight, w0)
+    # a step the operator refuses (its state corrupted) leaves the count too
+    opt.lr = 0.05
+    good = m.optim_state1.clone()
+    m.optim_state1 = torch.zeros(2, dtype=good.dtype)
+    with pytest.raises(RuntimeError, match="pme: "):
+        m(torch.tensor([[1, 2]])).sum().backward()
+    assert int(m.optim_step) == 0 and torch.equal(m.weight, w0)
+    m.optim_state1 = good
+    m(torch.tensor([[1, 2]])).sum().backward()
+    assert int(m.optim_step) == 1 and not torch.equal(m.weight, w0)

@@ -202,7 +202,7 @@ def column_split(m, pieces):
                     embedding_dim=c1 - c0,
                     name=name,
                     feature_names=list(c.feature_names) or [c.name],
-                    pooling=PoolingType.MEAN if c.pooling == "mean" else PoolingType.SUM,
+                    pooling=c.pooling,  # torchrec.PoolingType (embedding_bag_configs gives torchrec configs)
                 )
             )
             o = m.table_offsets(c.name)
