@@ -682,11 +682,12 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
         self.out_width = col
         self._feature_cache: dict = {}
         per_table = [parse_sizes(s, t.num_embeddings, t.embedding_dim) for s, t in zip(_sizes_list(sizes, tabs), tabs)]
-        self.register_buffer("offsets", memory.fresh_table(self._global_offsets(per_table).to(device)))
+        host_offsets = self._global_offsets(per_table)
+        self.register_buffer("offsets", memory.fresh_table(host_offsets.to(device)))
         rows = torch.zeros(len(tabs) + 1, dtype=torch.int64)
         torch.cumsum(torch.tensor([t.num_embeddings for t in tabs]), 0, out=rows[1:])
         self.register_buffer("table_rows", rows.to(device))
-        total = int(self.offsets[-1])
+        total = int(host_offsets[-1])  # (from the host copy: the meta device has no values)
         if _weight is not None:
             if _weight.shape != (total,):
                 raise ValueError(f"_weight must have shape ({total},), got {tuple(_weight.shape)}")
@@ -776,6 +777,8 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
 
     def reset_parameters(self):
         """Each table uniform in ``[weight_init_min, weight_init_max]`` (TorchRec's default)."""
+        if self.weight.is_meta:
+            return  # no values to draw on the meta device
         with torch.no_grad():
             for i, t in enumerate(self._tables):
                 _, _, e0, e1 = self._row_span(i)
@@ -1042,6 +1045,8 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
         inverse indices' width) gives what ``EmbeddingBagCollection`` gives: sample ``b`` reads
         bag ``inverse_indices[f][b]`` of feature ``f``.
         """
+        if self.weight.is_meta:  # shapes only (a model built on the meta device, as TorchRec does)
+            return self._keyed(features, self.weight.new_empty(self._meta_batch(features), self.out_width))
         vb = self._variable_batch_rows(features) if _variable_batch(features) else None
         keys, idx, bo, psw, B = self._normal_form(features)
         feats = self._features(keys)
@@ -1058,6 +1063,10 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
             raise named from None
         if vb is not None:  # VBE: each feature's bags were pooled once; now each sample's copy
             values = self._expand_outputs(values, vb)
+        return self._keyed(features, values)
+
+    def _keyed(self, features, values):
+        """``values [B, out_width]`` keyed by output name: a KeyedTensor for KJT input, else a KeyedOutput."""
         lengths = [self._tables[ti].embedding_dim for ti, _, _ in self._blocks]
         if _is_kjt(features):
             from torchrec.sparse.jagged_tensor import KeyedTensor
@@ -1066,6 +1075,15 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
                 values = values.float()  # EmbeddingBagCollection returns float32 for half tables
             return KeyedTensor(keys=self.embedding_names(), length_per_key=lengths, values=values)
         return KeyedOutput(self.embedding_names(), lengths, values)
+
+    def _meta_batch(self, features) -> int:
+        """The batch size of an input, from its shapes alone (the meta device has no values)."""
+        if _is_kjt(features):
+            inv = _inverse_indices(features) if _variable_batch(features) else None
+            return inv[1].shape[1] if inv is not None else features.stride()
+        if not isinstance(features, Mapping) or not features:
+            raise TypeError("features must be a KeyedJaggedTensor or a non-empty mapping {feature: (values, offsets)}")
+        return next(iter(features.values()))[1].numel() - 1
 
     _BAD_INDEX = re.compile(
         r"index out of range: indices\[(\d+)\] = (-?\d+) \(key (\d+), output block \d+\) but table (\d+) has (\d+) rows"

@@ -252,7 +252,7 @@ class _MultiSizeTable(nn.Module):
         self._zero_padding_row()
 
     def _zero_padding_row(self):
-        if self.padding_idx is not None:
+        if self.padding_idx is not None and not self.weight.is_meta:
             lo, hi = int(self.offsets[self.padding_idx]), int(self.offsets[self.padding_idx + 1])
             with torch.no_grad():
                 self.weight[lo:hi].zero_()
@@ -680,7 +680,7 @@ class MultiSizeEmbeddingBag(_MultiSizeTable):
 
         Returns ``[B, output_dim]``.
         """
-        if self.optimizer is not None and self.training and torch.is_grad_enabled():
+        if self.optimizer is not None and self.training and torch.is_grad_enabled() and not self.weight.is_meta:
             self._renorm(input)
             out = self.optimizer.lookup(self, input, offsets, per_sample_weights)
         else:
@@ -771,7 +771,7 @@ class MultiSizeEmbedding(_MultiSizeTable):
             self.weight.requires_grad_(False)
 
     def forward(self, input):
-        if self.optimizer is not None and self.training and torch.is_grad_enabled():
+        if self.optimizer is not None and self.training and torch.is_grad_enabled() and not self.weight.is_meta:
             self._renorm(input)
             nested = input.is_nested
             if nested:

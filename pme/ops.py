@@ -916,6 +916,8 @@ def embedding_bag(
     indices, bag_offsets, psw, m = bag_inputs(
         weight, input, input_offsets, per_sample_weights, mode, include_last_offset
     )
+    if weight.is_meta:  # shapes only (a model built on the meta device, as TorchRec does): no data to read
+        return weight.new_empty(bag_offsets.numel() - 1, width)
     if mode == "max" and scale_grad_by_freq:
         raise ValueError("max mode does not support scaling the gradient by the frequency (as in torch)")
     if mode == "max" and sparse:
@@ -985,6 +987,8 @@ def embedding(
         raise DtypeError(f"input must be an int32 or int64 tensor, got {getattr(input, 'dtype', type(input))}")
     if input.device != weight.device:
         raise ValueError(f"input is on {input.device} but the table is on {weight.device}")
+    if weight.is_meta:  # shapes only (see embedding_bag)
+        return weight.new_empty(*input.shape, width)
     flat = input.reshape(-1).contiguous()
     if max_norm is not None:
         embedding_renorm_(weight, offsets, flat, max_norm, norm_type, width=width, col_of_size=col_of_size)

@@ -388,3 +388,30 @@ def test_sizes_passed_where_max_norm_goes_is_refused():
         pme.MultiSizeEmbeddingBag(4, 3, torch.tensor([1, 2, 3, 3]))
     with pytest.raises(TypeError, match="max_norm must be a number"):
         pme.MultiSizeEmbedding(4, 3, None, [1, 2, 3, 3])
+
+
+def test_meta_device_gives_shapes():
+    """Built on (or moved to) the meta device, as TorchRec builds large models before placing
+    them, a table's forward gives the output's shape, as nn.EmbeddingBag / nn.Embedding do."""
+    meta = torch.device("meta")
+    idx, off = torch.tensor([1, 2, 3], device=meta), torch.tensor([0, 1], device=meta)
+    two_d = torch.zeros(3, 5, dtype=torch.long, device=meta)
+    for m in (
+        pme.MultiSizeEmbeddingBag(10, 4, device=meta),
+        pme.MultiSizeEmbeddingBag(10, 4, sizes=torch.tensor([4, 2] * 5)).to(meta),
+        pme.MultiSizeEmbeddingBag(10, 4, device=meta, optimizer=pme.optim.SGD(lr=0.1)),
+    ):
+        ref = torch.nn.EmbeddingBag(10, 4, device=meta)
+        assert m(idx, off).shape == ref(idx, off).shape == (2, 4) and m(idx, off).is_meta
+        assert m(two_d).shape == ref(two_d).shape == (3, 4)
+    e = pme.MultiSizeEmbedding(10, 4, padding_idx=2, device=meta)
+    assert e(two_d).shape == torch.nn.Embedding(10, 4, device=meta)(two_d).shape == (3, 5, 4)
+    c = pme.MultiSizeEmbeddingBagCollection(
+        [
+            pme.collection.EmbeddingBagConfig(10, 4, "a", ["f", "g"]),
+            pme.collection.EmbeddingBagConfig(7, 2, "b", ["h"]),
+        ],
+        device=meta,
+    )
+    out = c({k: (idx, torch.tensor([0, 1, 3], device=meta)) for k in ("f", "g", "h")})
+    assert out.values().shape == (2, 10) and out.keys() == ["f", "g", "h"] and out.values().is_meta
