@@ -117,6 +117,8 @@ def _table_of(cfg, i: int) -> _Table:
     if not isinstance(V, int) or V < 1 or not isinstance(D, int) or D < 1:
         raise ValueError(f"tables[{i}]: num_embeddings and embedding_dim must be positive ints, got {V!r}, {D!r}")
     name = getattr(cfg, "name", "") or f"t{i}"
+    if not isinstance(name, str) or "." in name:
+        raise ValueError(f"tables[{i}]: a table name is a state_dict key part and cannot contain '.', got {name!r}")
     feats = tuple(cfg.feature_names) or (name,)  # as TorchRec: a table without features reads its own name
     if not all(isinstance(f, str) and f for f in feats):
         raise ValueError(f"table {name!r}: feature_names must be a non-empty list of names, got {list(feats)}")
@@ -124,8 +126,9 @@ def _table_of(cfg, i: int) -> _Table:
         raise ValueError(f"table {name!r}: feature_names has duplicates: {list(feats)}")
     hi = getattr(cfg, "weight_init_max", None)
     lo = getattr(cfg, "weight_init_min", None)
+    # each bound defaults on its own to TorchRec's -+sqrt(1 / V) (as torchrec.EmbeddingBagConfig does)
     hi = math.sqrt(1.0 / V) if hi is None else float(hi)
-    lo = -hi if lo is None else float(lo)
+    lo = -math.sqrt(1.0 / V) if lo is None else float(lo)
     return _Table(name, V, D, feats, _pooling_name(getattr(cfg, "pooling", "sum")), lo, hi)
 
 
@@ -1427,6 +1430,14 @@ class MultiSizeEmbeddingCollection(MultiSizeEmbeddingBagCollection):
         # a variable batch per feature (VBE): feature g has its own B_g bags (then empty ones to B)
         nbags = dict(zip(keys, features.stride_per_key())) if _variable_batch(features) else {}
         bo = bo.long()
+        down = (bo[1:] < bo[:-1]).nonzero()
+        if down.numel():  # (the pooled operators check this themselves; here the offsets only cut)
+            p = int(down[0])
+            s0 = int(bo[(p // B) * B])  # the feature's first value
+            raise ValueError(
+                f"feature {keys[p // B]!r}: its offsets decrease at bag {p % B} ({int(bo[p]) - s0} then "
+                f"{int(bo[p + 1]) - s0}); lengths must be >= 0"
+            )
         rows = self.table_rows.tolist()
         parts, spans = [], []
         for ti, f, _ in self._blocks:

@@ -824,3 +824,23 @@ def test_one_hot_output_larger_than_the_cache_equals_dense_view(weighted):
         else:  # one row per bag: the stored float32 value itself
             assert torch.equal(v, ref[k].detach().float()), k
     assert torch.equal(out.values()[:64], small.values())
+
+
+def test_table_names_and_init_bounds_as_torchrec():
+    """A '.' in a table name (a state_dict key part) is refused; each init bound defaults on its own
+    to TorchRec's -+sqrt(1 / V)."""
+    with pytest.raises(ValueError, match="cannot contain '.'"):
+        MultiSizeEmbeddingBagCollection([EmbeddingBagConfig(4, 2, "a.b", ["f"])])
+    V = 400
+    m = MultiSizeEmbeddingBagCollection([EmbeddingBagConfig(V, 8, "a", ["f"], weight_init_max=1.0)])
+    w = m.weight.detach()
+    assert float(w.max()) > 0.5 and float(w.min()) >= -((1.0 / V) ** 0.5)
+
+
+def test_non_pooled_collection_refuses_decreasing_offsets():
+    """The non-pooled collection cuts the rows by the offsets without a pooled operator to check them:
+    offsets that decrease (a negative length) are refused with the feature and the bag."""
+    m = pme.MultiSizeEmbeddingCollection([EmbeddingBagConfig(10, 2, "a", ["f1", "f0"])])
+    t = torch.tensor
+    with pytest.raises(ValueError, match=r"feature 'f1': its offsets decrease at bag 1 \(3 then 1\)"):
+        m({"f0": (t([1]), t([0, 1, 1, 1])), "f1": (t([1, 2, 3, 4]), t([0, 3, 1, 4]))})
