@@ -46,6 +46,21 @@ std::string check_message(const Args&... args) {
   return s.str();
 }
 
+// "valid: 0 to V - 1", or that a table of no rows has none (for index messages).
+inline std::string valid_rows(int64_t V) {
+  return V > 0 ? "valid: 0 to " + std::to_string(V - 1) : "it has none to look up";
+}
+
+// Which of a row's span checks failed: the row spans [lo, hi) of a buffer of `total` entries and
+// is read into `width` columns (`width_name`: "the output width" or "the table's width").
+inline std::string span_fault(int64_t lo, int64_t hi, int64_t total, int64_t width, const char* width_name) {
+  if (hi < lo) return "its size " + std::to_string(hi - lo) + " is negative (offsets must be non-decreasing)";
+  if (lo < 0) return "it starts before the buffer (offsets must start at 0)";
+  if (hi > total) return "it overruns the " + std::to_string(total) + " stored entries";
+  return "its size " + std::to_string(hi - lo) + " does not fit in " + width_name + " " + std::to_string(width) +
+         " (sizes must be in [0, D])";
+}
+
 #define PME_CHECK(cond, ...)                                       \
   do {                                                             \
     if (C10_UNLIKELY_OR_CONST(!(cond))) {                          \

@@ -1105,7 +1105,7 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
         start = int(bo[g * B])
         return type(e)(
             f"pme: index out of range: feature {keys[g]!r} value {j - start} is {i}, but table "
-            f"{self._tables[t].name!r} has {vt} rows (valid: 0 to {vt - 1})"
+            f"{self._tables[t].name!r} has {vt} rows ({'valid: 0 to ' + str(vt - 1) if vt else 'it has none'})"
         )
 
     # ---- fused optimizer (a pme.ops.RowConsumer) --------------------------------------------

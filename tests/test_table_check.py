@@ -62,8 +62,12 @@ def test_an_unchanged_table_skips_the_scan_but_not_the_lookup_checks(device):
     off.data[6] = off[5] - 1  # unseen by the version counter
     torch.testing.assert_close(ops.embedding_bag(w, off, idx, bo, width=width, mode="sum"), ref)
     off.data[3] = w.numel() + 5  # row 2 (looked up) now overruns the buffer
-    with pytest.raises(RuntimeError, match="overruns"):
+    with pytest.raises(RuntimeError, match=f"row 2 .*: it overruns the {w.numel()} stored entries"):
         ops.embedding_bag(w, off, idx, bo, width=width, mode="sum")
+    off.data[3] = int(off[2]) - 1  # row 2 of negative size: the message says which check failed
+    with pytest.raises(RuntimeError, match="row 2 .*: its size -1 is negative"):
+        ops.embedding_bag(w, off, idx, bo, width=width, mode="sum")
+    off.data[3] = w.numel() + 5
     with pytest.raises(RuntimeError, match="does not fit"):  # a fresh tensor of the same values: checked
         ops.embedding_bag(w, off.clone(), idx, bo, width=width, mode="sum")
 

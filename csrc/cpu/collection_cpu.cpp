@@ -84,11 +84,11 @@ template <class I>
     if (v.row(f, j, lo, size) >= 0) continue;
     const int64_t t = f[kFTable], vt = v.rows[t + 1] - v.rows[t], i = static_cast<int64_t>(v.idx[j]);
     PME_CHECK(i >= 0 && i < vt, "index out of range: indices[", j, "] = ", i, " (key ", g, ", output block ", k,
-              ") but table ", t, " has ", vt, " rows (valid: 0 to ", vt - 1, ")");
+              ") but table ", t, " has ", vt, " rows (", valid_rows(vt), ")");
     const int64_t r = v.rows[t] + i;
     PME_CHECK(false, "row ", i, " of table ", t, " (global row ", r, ", indices[", j, "]) spans offsets[", r,
-              "] = ", v.off[r], " to offsets[", r + 1, "] = ", v.off[r + 1], ": its size is negative, overruns the ",
-              v.total, " stored entries, or exceeds the table's width ", f[kFWidth]);
+              "] = ", v.off[r], " to offsets[", r + 1, "] = ", v.off[r + 1], ": ",
+              span_fault(v.off[r], v.off[r + 1], v.total, f[kFWidth], "the table's width"));
   }
   PME_CHECK(false, "bad lookup at indices[", j, "]");
   throw std::runtime_error("unreachable");

@@ -141,14 +141,11 @@ inline bool lookup_row(const TableView& t, int64_t r, int64_t& lo, int64_t& size
 template <class I>
 [[noreturn]] void report_bad_lookup(const I* idx, int64_t j, const TableView& t) {
   const int64_t r = static_cast<int64_t>(idx[j]), V = t.num_rows;
-  PME_CHECK(r >= 0 && r < V, "index out of range: indices[", j, "] = ", r, " but the table has ", V,
-            " rows (valid: 0 to ", V - 1, ")");
-  const int64_t size =
-      static_cast<int64_t>(static_cast<uint64_t>(t.offsets[r + 1]) - static_cast<uint64_t>(t.offsets[r]));
+  PME_CHECK(r >= 0 && r < V, "index out of range: indices[", j, "] = ", r, " but the table has ", V, " rows (",
+            valid_rows(V), ")");
   PME_CHECK(false, "row ", r, " (indices[", j, "]) spans offsets[", r, "] = ", t.offsets[r], " to offsets[", r + 1,
-            "] = ", t.offsets[r + 1], ": its size ", size, " is negative, overruns the ", t.total,
-            " stored entries, or does not fit in the output width ", t.width,
-            " (offsets must be non-decreasing, sizes in [0, D])");
+            "] = ", t.offsets[r + 1], ": ",
+            span_fault(t.offsets[r], t.offsets[r + 1], t.total, t.width, "the output width"));
   throw std::runtime_error("unreachable");
 }
 

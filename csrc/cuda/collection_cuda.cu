@@ -245,14 +245,14 @@ void coll_validate(const Ctx& ctx, const Tensor& like, const Coll<I>& c, bool we
     if (j < read_bo(g * c.B) || j >= read_bo(g * c.B + c.B)) continue;
     const int64_t t = fk[kFTable], vt = rows[t + 1] - rows[t];
     PME_CHECK(i >= 0 && i < vt, "index out of range: indices[", j, "] = ", i, " (key ", g, ", output block ", k,
-              ") but table ", t, " has ", vt, " rows (valid: 0 to ", vt - 1, ")");
+              ") but table ", t, " has ", vt, " rows (", valid_rows(vt), ")");
     const int64_t r = rows[t] + i;
     int64_t o[2];
     read_device(ctx, o, c.off + r, 2);
     if (o[1] - o[0] >= 0 && o[0] >= 0 && o[1] <= c.total && o[1] - o[0] <= fk[kFWidth]) continue;
     PME_CHECK(false, "row ", i, " of table ", t, " (global row ", r, ", indices[", j, "]) spans offsets[", r,
-              "] = ", o[0], " to offsets[", r + 1, "] = ", o[1], ": its size is negative, overruns the ", c.total,
-              " stored entries, or exceeds the table's width ", fk[kFWidth]);
+              "] = ", o[0], " to offsets[", r + 1, "] = ", o[1], ": ",
+              span_fault(o[0], o[1], c.total, fk[kFWidth], "the table's width"));
   }
   PME_CHECK(false, "bad lookup at indices[", j, "]");
 }

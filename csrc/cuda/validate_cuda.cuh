@@ -205,14 +205,12 @@ void validate_lookups(const Ctx& ctx, const Tensor& like, const I* idx, int64_t 
     I rv = 0;
     read_device(ctx, &rv, idx + j);
     const int64_t r = static_cast<int64_t>(rv);
-    PME_CHECK(r >= 0 && r < t.V, "index out of range: indices[", j, "] = ", r, " but the table has ", t.V,
-              " rows (valid: 0 to ", t.V - 1, ")");
+    PME_CHECK(r >= 0 && r < t.V, "index out of range: indices[", j, "] = ", r, " but the table has ", t.V, " rows (",
+              valid_rows(t.V), ")");
     int64_t o[2];
     read_device(ctx, o, t.off + r, 2);
     PME_CHECK(false, "row ", r, " (indices[", j, "]) spans offsets[", r, "] = ", o[0], " to offsets[", r + 1,
-              "] = ", o[1], ": its size ", o[1] - o[0], " is negative, overruns the ", t.total,
-              " stored entries, or does not fit in the output width ", t.W,
-              " (offsets must be non-decreasing, sizes in [0, D])");
+              "] = ", o[1], ": ", span_fault(o[0], o[1], t.total, t.W, "the output width"));
   }
 }
 
