@@ -255,7 +255,7 @@ inline void check_state(const Tensor& state, int64_t numel, const Tensor& weight
 // The hyperparameters and state tensors of sparse_update_.
 inline void check_update_args(const Tensor& weight, const Tensor& state1, const Tensor& state2, const Tensor& offsets,
                               int64_t optimizer, double lr, double weight_decay, double eps, double beta1, double beta2,
-                              int64_t step) {
+                              double grad_scale, int64_t step) {
   check_offsets_arg(offsets);  // the callers read it as int64 before the lookup's own checks
   PME_CHECK(optimizer == kSGD || optimizer == kRowwiseAdagrad || optimizer == kAdam,
             "optimizer must be 0 (SGD), 1 (row-wise Adagrad) or 2 (Adam), got ", optimizer);
@@ -263,6 +263,7 @@ inline void check_update_args(const Tensor& weight, const Tensor& state1, const 
                 eps >= 0,
             "lr, weight_decay and eps must be finite and >= 0, got lr=", lr, ", weight_decay=", weight_decay,
             ", eps=", eps);
+  PME_CHECK(std::isfinite(grad_scale) && grad_scale > 0, "grad_scale must be finite and > 0, got ", grad_scale);
   if (optimizer == kRowwiseAdagrad) check_state(state1, offsets.numel() - 1, weight, "state1 (row-wise sum)");
   if (optimizer == kAdam) {
     PME_CHECK(step >= 1, "Adam needs step >= 1, got ", step);

@@ -74,7 +74,7 @@ STABLE_TORCH_LIBRARY(pme, m) {
       "sparse_update_(Tensor(a!) weight, Tensor(b!) state1, Tensor(c!) state2, Tensor grad_out, "
       "Tensor offsets, Tensor indices, Tensor bag_offsets, Tensor? per_sample_weights, Tensor? col_of_size, "
       "Tensor argmax, int pooling, int padding_idx, int optimizer, float lr, float weight_decay, float eps, "
-      "float beta1, float beta2, int step, bool table_checked=False) -> ()");
+      "float beta1, float beta2, float grad_scale, int step, bool table_checked=False) -> ()");
   // torch.optim.SparseAdam's step on a coalesced sparse gradient (pme.optim.SparseAdam):
   // param, exp_avg, exp_avg_sq as [R, C] rows; rows [n] int64 increasing; values [n, C]; the
   // same float operations as torch's step, in place. step_size = lr * sqrt(1 - beta2^t) / (1 - beta1^t).
@@ -107,7 +107,7 @@ STABLE_TORCH_LIBRARY(pme, m) {
       "collection_update_(Tensor(a!) weight, Tensor(b!) state1, Tensor(c!) state2, Tensor grad_out, "
       "Tensor offsets, Tensor table_rows, Tensor features, Tensor indices, Tensor bag_offsets, "
       "Tensor? per_sample_weights, SymInt batch_size, int optimizer, float lr, float weight_decay, float eps, "
-      "float beta1, float beta2, int step, bool table_checked=False) -> ()");
+      "float beta1, float beta2, float grad_scale, int step, bool table_checked=False) -> ()");
 }
 
 }  // namespace pme

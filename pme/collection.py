@@ -1167,10 +1167,9 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
     def _from_dense_checkpoint(self, state_dict, prefix, error_msgs):
         """A table given as a dense ``[V, D]`` weight without offsets (a torchrec
         ``EmbeddingBagCollection``'s checkpoint, whose keys are the same) keeps this collection's
-        sizes: each row its first ``sizes[i]`` values; the optimizer's state and step, when the
-        checkpoint has none, stay as they are (the sizes do not change). Returns the state dict to load."""
+        sizes: each row its first ``sizes[i]`` values (a fused optimizer's state then starts fresh,
+        :meth:`_fresh_optim_state`). Returns the state dict to load."""
         out = None
-        per_table, host = self._state()
         own = None
         for t in self._tables:
             p = f"{prefix}{self._state_prefix}.{t.name}."
@@ -1191,16 +1190,38 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
             keep = torch.arange(t.embedding_dim).unsqueeze(0) < (offs[1:] - offs[:-1]).unsqueeze(1)
             out[p + "weight"] = w.detach()[keep.to(w.device)]
             out[p + "offsets"] = offs
-            out.update({p + b.name: own[p + b.name] for b in per_table if (p + b.name) not in state_dict})
-        if out is not None:  # and the optimizer's step count, which such a checkpoint does not have
-            out.update({prefix + b.name: own[prefix + b.name] for b in host if (prefix + b.name) not in state_dict})
         return state_dict if out is None else out
+
+    def _fresh_optim_state(self, state_dict, prefix):
+        """A checkpoint of the tables' values without the fused optimizer's state (saved without
+        one, or a torchrec EmbeddingBagCollection's): the state of each such table starts fresh
+        (zeros; the step count 0 when no table has state). Returns the state dict to load."""
+        per_table, host = self._state()
+        if not per_table and not host:
+            return state_dict
+        out = dict(state_dict)
+        fresh_all = True
+        for t in self._tables:
+            p = f"{prefix}{self._state_prefix}.{t.name}."
+            have = [b for b in per_table if p + b.name in state_dict]
+            if have or p + "weight" not in state_dict or p + "offsets" not in state_dict:
+                fresh_all = fresh_all and not have
+                continue
+            w = state_dict[p + "weight"]
+            entries = w.numel() if isinstance(w, torch.Tensor) else 0  # (a bad weight is refused later)
+            for b in per_table:
+                n = t.num_embeddings if b.per == "row" else entries if b.per == "entry" else 0
+                out[p + b.name] = torch.zeros(n, dtype=getattr(self, b.name).dtype)
+        for b in host:
+            if prefix + b.name not in state_dict and fresh_all:
+                out[prefix + b.name] = torch.zeros_like(getattr(self, b.name))
+        return out
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
         per_table, host = self._state()
-        state_dict = self._from_dense_checkpoint(state_dict, prefix, error_msgs)
+        state_dict = self._fresh_optim_state(self._from_dense_checkpoint(state_dict, prefix, error_msgs), prefix)
         expected = []
         for t in self._tables:
             p = f"{prefix}{self._state_prefix}.{t.name}."

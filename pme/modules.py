@@ -384,6 +384,7 @@ class _MultiSizeTable(nn.Module):
             super()._load_from_state_dict(
                 state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
             )
+            self._fresh_optim_state(state_dict, prefix, missing_keys)
         except BaseException:
             self._restore(snapshot)
             raise
@@ -392,6 +393,21 @@ class _MultiSizeTable(nn.Module):
         )
         if failed:  # load_state_dict raises after every module has been visited
             self._restore(snapshot)
+
+    def _fresh_optim_state(self, state_dict, prefix, missing_keys):
+        """A checkpoint of the table's values without its fused optimizer's state (saved from a
+        table without one, e.g. pretrained weights to fine-tune): the state starts fresh (zeros,
+        step 0), and its keys are not missing."""
+        if getattr(self, "optimizer", None) is None or (prefix + "weight") not in state_dict:
+            return
+        names = [b.name for b in self.optimizer.state(self)]
+        if any(prefix + n in state_dict for n in names):
+            return  # the checkpoint has the state (a part of it missing is reported as missing)
+        with torch.no_grad():
+            for n in names:
+                getattr(self, n).zero_()
+                if prefix + n in missing_keys:
+                    missing_keys.remove(prefix + n)
 
     def _snapshot(self):
         """Everything a load may change: tensor objects with copies of their values, and attributes."""

@@ -65,7 +65,9 @@ class Hyperparameters:
 
     ``optimizer``: ``"sgd"``, ``"rowwise_adagrad"`` or ``"adam"`` (a key of ``OPTIMIZERS``);
     ``lr``, ``weight_decay``, ``eps`` real numbers ``>= 0`` and finite; ``beta1``, ``beta2`` (Adam's
-    moment decays) in ``[0, 1)``. Checked when built: ``ValueError`` for a bad value, ``TypeError``
+    moment decays) in ``[0, 1)``; ``grad_scale`` (finite, ``> 0``) divides the summed gradient first,
+    in the accumulation dtype (a ``GradScaler``'s scale: unscaling a 16-bit table's gradient in its
+    own dtype would flush the small values it protects). Checked when built: ``ValueError`` for a bad value, ``TypeError``
     for a value that is not a real number. A ``pme.optim`` optimizer gives its own with
     ``hyperparameters()``; the step count is not one of them (it is the caller's state).
     """
@@ -76,6 +78,7 @@ class Hyperparameters:
     eps: float = 1e-8
     beta1: float = 0.9
     beta2: float = 0.999
+    grad_scale: float = 1.0
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -90,6 +93,8 @@ class Hyperparameters:
                 raise ValueError(f"{name} must be >= 0 and finite, got {v}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ValueError(f"betas must be in [0, 1), got ({self.beta1}, {self.beta2})")
+        if not (math.isfinite(self.grad_scale) and self.grad_scale > 0):
+            raise ValueError(f"grad_scale must be > 0 and finite, got {self.grad_scale}")
 
     @classmethod
     def of(cls, optimizer, **fields) -> Hyperparameters:
@@ -109,7 +114,7 @@ class Hyperparameters:
 
     def operator_args(self, step: int) -> tuple:
         """The fused operators' trailing arguments: ``(optimizer code, lr, weight_decay, eps, beta1,
-        beta2, step)``."""
+        beta2, grad_scale, step)``."""
         return (
             OPTIMIZERS[self.optimizer],
             *(float(getattr(self, f.name)) for f in dataclasses.fields(self)[1:]),

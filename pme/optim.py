@@ -20,7 +20,8 @@ Interaction with PyTorch habits (see README "Fused sparse update"):
 - ``weight.requires_grad`` is False: dense optimizers skip it, ``zero_grad`` has nothing to do.
 - Gradient clipping does not see the table's gradient (it is consumed in backward).
 - AMP: fine with bf16 autocast; with ``GradScaler`` set ``optimizer.grad_scale`` to the
-  scaler's scale each step (the fused step divides by it); inf/NaN steps are not skipped.
+  scaler's scale each step (the fused step divides the summed gradient by it in float32, not in
+  a 16-bit table's dtype); inf/NaN steps are not skipped.
 - DDP: not supported for the fused path (each rank would update its own copy); shard tables
   across ranks (model parallel) or use the dense-gradient path.
 - The optimizer state (``optim_state1``, ``optim_state2``, ``optim_step``) lives in the
@@ -70,7 +71,9 @@ class FusedOptimizer(ops.RowConsumer):
     def hyperparameters(self) -> ops.Hyperparameters:
         """This optimizer's step as ``pme.ops.sparse_update_`` takes it (checked again: the attributes
         may have been changed since, e.g. by a learning-rate schedule)."""
-        return ops.Hyperparameters(self.name, self.lr, self.weight_decay, self.eps, self.beta1, self.beta2)
+        return ops.Hyperparameters(
+            self.name, self.lr, self.weight_decay, self.eps, self.beta1, self.beta2, float(self.grad_scale)
+        )
 
     def state(self, module):
         """``optim_state1``/``optim_state2`` in the table's accumulation dtype, ``optim_step`` on the host."""
@@ -86,8 +89,8 @@ class FusedOptimizer(ops.RowConsumer):
         _check_grad_scale(self.grad_scale)
         hyper = self.hyperparameters()
         step = int(module.optim_step) + 1
-        g = rows.grad_out if self.grad_scale == 1.0 else rows.grad_out / self.grad_scale
-        rows.update_(module, module.optim_state1, module.optim_state2, g, optimizer=hyper, step=step)
+        # (grad_scale is in hyper: the operators unscale the summed gradient in the accumulation dtype)
+        rows.update_(module, module.optim_state1, module.optim_state2, rows.grad_out, optimizer=hyper, step=step)
         module.optim_step += 1  # only once the step has been taken (a refused step leaves the count)
 
 

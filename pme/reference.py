@@ -179,7 +179,7 @@ def sparse_update_(weight, state1, state2, grad_out, lookup: Lookup, hyper, step
             if hi == lo:
                 continue
             w = weight[lo:hi].to(acc)
-            gr = g[lo:hi].to(acc) + hyper.weight_decay * w
+            gr = g[lo:hi].to(acc) / hyper.grad_scale + hyper.weight_decay * w
             if hyper.optimizer == "sgd":
                 w = w - lr * gr
             elif hyper.optimizer == "rowwise_adagrad":

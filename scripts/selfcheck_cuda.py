@@ -233,7 +233,7 @@ def check_collection(quick):
         for opt in (0, 1, 2):
             s1 = torch.rand(V if opt == 1 else total, dtype=sd) if opt else torch.zeros(0, dtype=sd)
             s2 = torch.rand(total, dtype=sd) if opt == 2 else torch.zeros(0, dtype=sd)
-            hyper = (opt, 0.05, 0.01, 1e-8, 0.9, 0.999, 3)
+            hyper = (opt, 0.05, 0.01, 1e-8, 0.9, 0.999, 1.0, 3)  # ..., beta2, grad_scale, step
             runs = []
             for _ in range(2):
                 t_ = [g.weight.detach().clone(), s1.clone().to(DEV), s2.clone().to(DEV)]

@@ -439,6 +439,13 @@ def test_partial_checkpoint_loads_the_whole_tables_it_holds():
     assert not dst.load_state_dict(dense).missing_keys
     assert torch.equal(dst.to_dense("a"), dense["embedding_bags.a.weight"] * stored_mask(dst, "a"))
     assert torch.equal(dst.to_dense("b"), dense["embedding_bags.b.weight"])
+    # weights without the fused optimizer's state: taken, with a fresh state
+    fused = MultiSizeEmbeddingBagCollection(cf, optimizer=pme.optim.Adam(lr=0.1))
+    fused(make_input(fused, 3, 0)).values().sum().backward()
+    assert int(fused.optim_step) == 1
+    assert not fused.load_state_dict(src.state_dict()).missing_keys
+    assert torch.equal(fused.to_dense("a"), src.to_dense("a")) and int(fused.optim_step) == 0
+    assert float(fused.optim_state1.abs().sum()) == 0 and fused.optim_state1.numel() == fused.weight.numel()
 
 
 def test_from_dense_refuses_mixed_dtypes_unless_told():
@@ -498,7 +505,7 @@ def _adagrad_args(weight, state1, grad_out, table):
     """collection_update_'s arguments for one row-wise Adagrad step (optimizer 1: state1 [V], no
     state2) of ``weight`` by ``grad_out``; ``table`` = (offsets, table_rows, features, indices,
     bag_offsets, per_sample_weights, B)."""
-    return (weight, state1, torch.zeros(0, dtype=weight.dtype), grad_out, *table, 1, 0.1, 0.0, 1e-8, 0.9, 0.999, 1)
+    return (weight, state1, torch.zeros(0, dtype=weight.dtype), grad_out, *table, 1, 0.1, 0.0, 1e-8, 0.9, 0.999, 1.0, 1)
 
 
 def test_blocks_writing_the_same_columns_are_refused():

@@ -121,6 +121,7 @@ def _build_lookup(case, torch, pme, device):  # noqa: C901
         "step": 1,
         "beta1": 0.9,
         "beta2": 0.999,
+        "grad_scale": 1.0,
         "optimizer": case["optimizer"],
         "eps": 1e-8,
         "weight_decay": 0.0,
@@ -258,6 +259,9 @@ def _lookup_valid(a, op, torch):
         for h in (a["lr"], a["eps"], a["weight_decay"]):
             if not (isinstance(h, (int, float)) and h == h and abs(h) != float("inf") and h >= 0):
                 return False
+        g_s = a["grad_scale"]
+        if not (isinstance(g_s, (int, float)) and g_s == g_s and abs(g_s) != float("inf") and g_s > 0):
+            return False
         s1, s2 = a["state1"], a["state2"]
         if opt == 1 and (s1.dim() != 1 or s1.numel() != V or s1.dtype != torch.float32):
             return False
@@ -304,7 +308,7 @@ def _overlaps(outs, others):
 
 # Each lookup-shaped operator's arguments in schema order, named as in the argument dict
 _TABLE = ("weight", "offsets", "indices", "bag_offsets", "psw", "col_of_size")
-_HYPER = ("optimizer", "lr", "weight_decay", "eps", "beta1", "beta2", "step")
+_HYPER = ("optimizer", "lr", "weight_decay", "eps", "beta1", "beta2", "grad_scale", "step")
 _ARGS = {
     "bag_forward": (*_TABLE, "width", "mode", "pad"),
     "bag_backward": ("grad_out", *_TABLE, "argmax", "mode", "pad"),  # then psw_grad
@@ -649,6 +653,7 @@ def _build_collection(case, torch, pme, device):
         "eps": 1e-8,
         "beta1": 0.9,
         "beta2": 0.999,
+        "grad_scale": 1.0,
         "step": 1,
     }
     return {k: (v.to(device) if hasattr(v, "to") else v) for k, v in a.items()}
@@ -713,6 +718,9 @@ def _collection_valid(a, op, torch):  # noqa: C901
         for h in (a["lr"], a["eps"], a["weight_decay"]):
             if not (isinstance(h, (int, float)) and h == h and abs(h) != float("inf") and h >= 0):
                 return False
+        g_s = a["grad_scale"]
+        if not (isinstance(g_s, (int, float)) and g_s == g_s and abs(g_s) != float("inf") and g_s > 0):
+            return False
         if opt == 1 and (s1.dim() != 1 or s1.numel() != V or s1.dtype != torch.float32):
             return False
         if opt == 2:
@@ -896,6 +904,7 @@ def _lookup_case():
                     "step",
                     "beta1",
                     "beta2",
+                    "grad_scale",
                     "eps",
                     "weight_decay",
                     "optimizer",

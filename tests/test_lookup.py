@@ -355,6 +355,7 @@ def test_opcheck_every_operator():
                 1e-8,
                 0.9,
                 0.999,
+                1.0,
                 1,
             ),
         )

@@ -410,7 +410,7 @@ def test_hyperparameters_refuse_bad_values_clearly():
     assert pme.optim.Hyperparameters is H
     h = H("adam", lr=0.1)
     assert (h.optimizer, h.lr, h.weight_decay, h.eps, h.beta1, h.beta2) == ("adam", 0.1, 0.0, 1e-8, 0.9, 0.999)
-    assert h.operator_args(4) == (ops.OPTIMIZERS["adam"], 0.1, 0.0, 1e-8, 0.9, 0.999, 4)
+    assert h.operator_args(4) == (ops.OPTIMIZERS["adam"], 0.1, 0.0, 1e-8, 0.9, 0.999, 1.0, 4)
     assert H.of(h) is h and H.of(h, lr=0.5) == H("adam", lr=0.5) and H.of("sgd", lr=2.0) == H("sgd", 2.0)
     with pytest.raises(dataclasses.FrozenInstanceError):
         h.lr = 1.0
@@ -463,3 +463,72 @@ def test_fused_optimizer_hyperparameters_follow_its_attributes():
     m.optim_state1 = good
     m(torch.tensor([[1, 2]])).sum().backward()
     assert int(m.optim_step) == 1 and not torch.equal(m.weight, w0)
+
+
+@pytest.mark.parametrize("opt", ["sgd", "rowwise_adagrad", "adam"])
+def test_weights_only_checkpoint_loads_with_a_fresh_optimizer_state(opt):
+    """Pretrained weights (a table without a fused optimizer, same or other sizes) load into a table
+    with one: the values are taken, the optimizer's state starts fresh, no key is missing; a
+    checkpoint with part of the state is still refused whole."""
+    make = {
+        "sgd": lambda: pme.optim.SGD(lr=0.1),
+        "rowwise_adagrad": lambda: pme.optim.RowwiseAdagrad(lr=0.1),
+        "adam": lambda: pme.optim.Adam(lr=0.1),
+    }[opt]
+    dst = pme.MultiSizeEmbeddingBag(5, 4, mode="sum", optimizer=make())
+    dst(torch.tensor([0, 1, 1]), torch.tensor([0, 2])).sum().backward()  # some state, step 1
+    for sizes in (None, torch.tensor([4, 1, 0, 2, 3])):
+        src = pme.MultiSizeEmbeddingBag(5, 4, mode="sum", sizes=sizes)
+        got = dst.load_state_dict(src.state_dict())
+        assert not got.missing_keys and not got.unexpected_keys
+        assert torch.equal(dst.weight, src.weight) and torch.equal(dst.offsets, src.offsets)
+        assert int(dst.optim_step) == 0 and float(dst.optim_state1.abs().sum()) == 0
+        assert float(dst.optim_state2.abs().sum()) == 0
+        w = dst.weight.detach().clone()
+        dst(torch.tensor([0]), torch.tensor([0])).sum().backward()
+        assert int(dst.optim_step) == 1 and not torch.equal(dst.weight, w)
+    full = pme.MultiSizeEmbeddingBag(5, 4, mode="sum", optimizer=make())
+    part = {k: v for k, v in full.state_dict().items() if k != "optim_step"}
+    before = dst.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="Missing key.*optim_step"):
+        dst.load_state_dict(part)
+    assert torch.equal(dst.weight, before)
+
+
+@pytest.mark.parametrize("opt", ["sgd", "rowwise_adagrad", "adam"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_grad_scale_is_divided_out_in_the_accumulation_dtype(opt, dtype):
+    """A GradScaler's scale on a 16-bit table: the scaled gradient is exact in the table's dtype, the
+    unscaled one would be flushed to zero or subnormals there; the step must equal a float64 step on
+    the unscaled gradient (to the table's rounding), and equal the functional form with the same
+    Hyperparameters (grad_scale included)."""
+    scale = 2.0**16
+    true = torch.tensor([[3e-8, 1e-7, 2.5e-7, 1e-6], [2e-7, -5e-8, 0.0, 4e-6]], dtype=torch.float64)
+    make = {
+        "sgd": lambda: pme.optim.SGD(lr=1000.0, weight_decay=0.01),
+        "rowwise_adagrad": lambda: pme.optim.RowwiseAdagrad(lr=0.01, eps=1e-10),
+        "adam": lambda: pme.optim.Adam(lr=0.01, eps=1e-10),
+    }[opt]
+    o = make()
+    o.grad_scale = scale
+    m = pme.MultiSizeEmbeddingBag(3, 4, mode="sum", dtype=dtype, optimizer=o)
+    with torch.no_grad():
+        m.weight.copy_(torch.linspace(-0.5, 0.5, 12))
+    w0 = m.weight.detach().double().clone()
+    idx, off = torch.tensor([0, 2, 2]), torch.tensor([0, 1])
+    m(idx, off).backward((true * scale).to(dtype))
+    # float64: the same step on the unscaled gradient (rows 0 and 2 get bags 0 and 2 x bag 1)
+    ref = pme.MultiSizeEmbeddingBag(3, 4, mode="sum", dtype=torch.float64, optimizer=make())
+    with torch.no_grad():
+        ref.weight.copy_(w0)
+    ref(idx, off).backward((true * scale).to(dtype).double() / scale)
+    tol = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-6}[dtype]
+    torch.testing.assert_close(m.weight.double(), ref.weight.detach(), rtol=tol, atol=tol * 1e-2)
+    if dtype == torch.float16:  # unscaled in fp16, 3e-8 * lr was flushed: the first entry stayed
+        assert bool(((m.weight.double() - w0).abs()[[0, 1, 2, 3]] > 0).all())
+    # functional form, same hyperparameters (grad_scale in them)
+    w = w0.to(dtype).clone()
+    s1, s2 = m.optim_state1.new_zeros(m.optim_state1.shape), m.optim_state2.new_zeros(m.optim_state2.shape)
+    bags = torch.tensor([0, 1, 3])  # the normal form: B + 1 bag offsets
+    ops.sparse_update_(w, s1, s2, (true * scale).to(dtype), m.offsets, idx, bags, mode="sum", optimizer=o, step=1)
+    torch.testing.assert_close(w, m.weight.detach(), rtol=0, atol=0)

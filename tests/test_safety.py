@@ -206,7 +206,16 @@ def _lookup_calls(w, off, col, width, idx, bo, grad_out, argmax):
     dev = w.device
     idx, bo, grad_out, argmax = idx.to(dev), bo.to(dev), grad_out.to(dev), argmax.to(dev)
     no_state = torch.empty(0, dtype=acc, device=dev)  # SGD keeps no optimizer state
-    sgd = (0, 0.1, 0.0, 1e-8, 0.9, 0.999, 1)  # optimizer (SGD), lr, weight_decay, eps, beta1, beta2, step
+    sgd = (
+        0,
+        0.1,
+        0.0,
+        1e-8,
+        0.9,
+        0.999,
+        1.0,
+        1,
+    )  # optimizer (SGD), lr, weight_decay, eps, beta1, beta2, grad_scale, step
     return {
         "bag_forward": lambda: torch.ops.pme.bag_forward(w, off, idx, bo, None, col, width, 0, -1),
         "bag_backward": lambda: torch.ops.pme.bag_backward(grad_out, w, off, idx, bo, None, col, argmax, 0, -1, False),
@@ -360,14 +369,14 @@ def test_in_place_arguments_that_alias_raise():
     none = torch.empty(0, dtype=torch.float64)
     am = torch.empty(0, 0, dtype=torch.long)
     args = (torch.ones(1, 2, dtype=torch.float64), off, torch.tensor([0]), torch.tensor([0, 1]), None, None, am, 0, -1)
-    torch.ops.pme.sparse_update_(w, none, none, *args, 0, 0.1, 0.0, 1e-8, 0.9, 0.999, 1)
+    torch.ops.pme.sparse_update_(w, none, none, *args, 0, 0.1, 0.0, 1e-8, 0.9, 0.999, 1.0, 1)
     w_bad = buf.view(torch.float64)[:6]  # the weight is the offsets' memory
     with pytest.raises(RuntimeError, match="weight is updated in place and must not share memory with offsets"):
-        torch.ops.pme.sparse_update_(w_bad, none, none, *args, 0, 0.1, 0.0, 1e-8, 0.9, 0.999, 1)
+        torch.ops.pme.sparse_update_(w_bad, none, none, *args, 0, 0.1, 0.0, 1e-8, 0.9, 0.999, 1.0, 1)
     wa = torch.zeros(6, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="must not share memory"):  # Adam moments aliasing the weight
         torch.ops.pme.sparse_update_(
-            wa, wa, torch.zeros(6, dtype=torch.float64), *args, 2, 0.1, 0.0, 1e-8, 0.9, 0.999, 1
+            wa, wa, torch.zeros(6, dtype=torch.float64), *args, 2, 0.1, 0.0, 1e-8, 0.9, 0.999, 1.0, 1
         )
     with pytest.raises(RuntimeError, match="scores is updated in place"):
         torch.ops.pme.accumulate_scores_(wa, args[0], wa, *args[1:], 0)
@@ -491,7 +500,7 @@ def test_grad_scale_set_later_is_validated_and_raw_op_refuses_inf_lr():
         with pytest.raises(RuntimeError, match="finite"):
             no_argmax = torch.empty(0, 0, dtype=torch.int64)
             head = (m.weight.detach(), m.optim_state1, m.optim_state2, *lookup, None, None, no_argmax, 0, -1)
-            torch.ops.pme.sparse_update_(*head, 0, math.inf, 0.0, 1e-8, 0.9, 0.999, 1)
+            torch.ops.pme.sparse_update_(*head, 0, math.inf, 0.0, 1e-8, 0.9, 0.999, 1.0, 1)
 
 
 @pytest.mark.parametrize("pad", [None, 2])

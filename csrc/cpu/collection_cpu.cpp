@@ -438,10 +438,10 @@ std::tuple<Tensor, Tensor> collection_backward(Tensor grad_out, Tensor weight, T
 void collection_update_(Tensor weight, Tensor state1, Tensor state2, Tensor grad_out, Tensor offsets, Tensor table_rows,
                         Tensor features, Tensor indices, Tensor bag_offsets, std::optional<Tensor> per_sample_weights,
                         int64_t batch_size, int64_t optimizer, double lr, double weight_decay, double eps, double beta1,
-                        double beta2, int64_t step, bool table_checked) {
+                        double beta2, double grad_scale, int64_t step, bool table_checked) {
   const CollectionArgs a = check_collection_args(weight, offsets, table_rows, features, indices, bag_offsets,
                                                  per_sample_weights, batch_size);
-  check_update_args(weight, state1, state2, offsets, optimizer, lr, weight_decay, eps, beta1, beta2, step);
+  check_update_args(weight, state1, state2, offsets, optimizer, lr, weight_decay, eps, beta1, beta2, grad_scale, step);
   check_update_in_place(weight, state1, state2,
                         {{&grad_out, "grad_out"},
                          {&offsets, "offsets"},
@@ -450,7 +450,7 @@ void collection_update_(Tensor weight, Tensor state1, Tensor state2, Tensor grad
                          {&indices, "indices"},
                          {&bag_offsets, "bag_offsets"},
                          {per_sample_weights ? &*per_sample_weights : nullptr, "per_sample_weights"}});
-  const Hyper h{optimizer, lr, weight_decay, eps, beta1, beta2, step};
+  const Hyper h{optimizer, lr, weight_decay, eps, beta1, beta2, 1.0 / grad_scale, step};
   with_grouped_collection(a, grad_out, weight, offsets, table_rows, features, indices, bag_offsets, per_sample_weights,
                           table_checked, [&](const auto& v, const Virtual& vl, const auto* go, const auto* psw) {
                             using T = std::decay_t<decltype(*go)>;

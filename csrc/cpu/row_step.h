@@ -12,6 +12,7 @@ namespace pme::cpu {
 struct Hyper {
   int64_t optimizer;
   double lr, weight_decay, eps, beta1, beta2;
+  double inv_scale;  // 1 / grad_scale: the summed gradient is unscaled in the accumulation type first
   int64_t step;
 };
 
@@ -19,6 +20,10 @@ struct Hyper {
 template <class T, class A>
 void apply_step(const Hyper& h, T* w, A* g, int64_t size, A* row_state, A* m, A* v) {
   const A wd = static_cast<A>(h.weight_decay), lr = static_cast<A>(h.lr), eps = static_cast<A>(h.eps);
+  if (h.inv_scale != 1.0) {  // (a GradScaler's scale, divided out here, not in the table's 16-bit dtype)
+    const A s = static_cast<A>(h.inv_scale);
+    for (int64_t c = 0; c < size; ++c) g[c] *= s;
+  }
   if (wd != A(0)) {
     for (int64_t c = 0; c < size; ++c) g[c] += wd * static_cast<A>(w[c]);
   }

@@ -26,12 +26,12 @@ void for_each_row(const Tensor& grad_out, const Tensor& weight, const Tensor& of
 void sparse_update_(Tensor weight, Tensor state1, Tensor state2, Tensor grad_out, Tensor offsets, Tensor indices,
                     Tensor bag_offsets, std::optional<Tensor> per_sample_weights, std::optional<Tensor> col_of_size,
                     Tensor argmax, int64_t mode, int64_t padding_idx, int64_t optimizer, double lr, double weight_decay,
-                    double eps, double beta1, double beta2, int64_t step, bool table_checked) {
-  check_update_args(weight, state1, state2, offsets, optimizer, lr, weight_decay, eps, beta1, beta2, step);
+                    double eps, double beta1, double beta2, double grad_scale, int64_t step, bool table_checked) {
+  check_update_args(weight, state1, state2, offsets, optimizer, lr, weight_decay, eps, beta1, beta2, grad_scale, step);
   check_update_in_place(
       weight, state1, state2,
       lookup_inputs(grad_out, nullptr, offsets, indices, bag_offsets, per_sample_weights, col_of_size, argmax));
-  const Hyper h{optimizer, lr, weight_decay, eps, beta1, beta2, step};
+  const Hyper h{optimizer, lr, weight_decay, eps, beta1, beta2, 1.0 / grad_scale, step};
   const int64_t* off = offsets.const_data_ptr<int64_t>();
   void* s1 = state1.numel() ? state1.mutable_data_ptr() : nullptr;
   void* s2 = state2.numel() ? state2.mutable_data_ptr() : nullptr;

@@ -565,8 +565,8 @@ std::tuple<Tensor, Tensor> collection_backward(Tensor grad_out, Tensor weight, T
 void collection_update_(Tensor weight, Tensor state1, Tensor state2, Tensor grad_out, Tensor offsets, Tensor table_rows,
                         Tensor features, Tensor indices, Tensor bag_offsets, std::optional<Tensor> per_sample_weights,
                         int64_t batch_size, int64_t optimizer, double lr, double weight_decay, double eps, double beta1,
-                        double beta2, int64_t step, bool table_checked) {
-  check_update_args(weight, state1, state2, offsets, optimizer, lr, weight_decay, eps, beta1, beta2, step);
+                        double beta2, double grad_scale, int64_t step, bool table_checked) {
+  check_update_args(weight, state1, state2, offsets, optimizer, lr, weight_decay, eps, beta1, beta2, grad_scale, step);
   check_update_in_place(weight, state1, state2,
                         {{&grad_out, "grad_out"},
                          {&offsets, "offsets"},
@@ -581,7 +581,7 @@ void collection_update_(Tensor weight, Tensor state1, Tensor state2, Tensor grad
   for_each_collection_row(grad_out, weight, offsets, table_rows, features, indices, bag_offsets, per_sample_weights,
                           batch_size, table_checked, [&](auto tag) {
                             return make_update_op<decltype(tag)>(w, s1, s2, optimizer, lr, weight_decay, eps, beta1,
-                                                                 beta2, step);
+                                                                 beta2, grad_scale, step);
                           });
 }
 

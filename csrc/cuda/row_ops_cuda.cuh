@@ -35,11 +35,16 @@ struct UpdateOp {
   A* s2;  // Adam: [total] second moments
   int64_t optimizer;
   A lr, wd, eps, b1, b2, one_minus_b1, one_minus_b2, step_size;
+  A inv_scale;  // 1 / grad_scale: the summed gradient is unscaled in the accumulation type first
 
   __device__ __forceinline__ bool row_norm() const { return optimizer == kRowwiseAdagrad; }
 
-  // Weight decay joins the gradient before anything else.
+  // The gradient unscaled (grad_scale), then weight decay joins it, before anything else.
   __device__ __forceinline__ void prepare(int64_t lo, int64_t c0, int64_t size, A (&g)[kVPL], int lane) const {
+    if (inv_scale != A(1)) {
+#pragma unroll
+      for (int i = 0; i < kVPL; ++i) g[i] *= inv_scale;
+    }
     if (wd == A(0)) return;
 #pragma unroll
     for (int i = 0; i < kVPL; ++i) {
@@ -87,7 +92,7 @@ struct UpdateOp {
 // CPU kernel computes them; w, s1, s2 point to the weight and the optimizer state (or null).
 template <class T>
 UpdateOp<T> make_update_op(void* w, void* s1, void* s2, int64_t optimizer, double lr, double weight_decay, double eps,
-                           double beta1, double beta2, int64_t step) {
+                           double beta1, double beta2, double grad_scale, int64_t step) {
   using A = acc_t<T>;
   UpdateOp<T> op{};
   op.w = static_cast<T*>(w);
@@ -101,6 +106,7 @@ UpdateOp<T> make_update_op(void* w, void* s1, void* s2, int64_t optimizer, doubl
   op.b2 = static_cast<A>(beta2);
   op.one_minus_b1 = A(1) - op.b1;
   op.one_minus_b2 = A(1) - op.b2;
+  op.inv_scale = static_cast<A>(1.0 / grad_scale);
   op.step_size = A(1);
   if (optimizer == kAdam) {
     const A bc1 = A(1) - static_cast<A>(std::pow(beta1, static_cast<double>(step)));
