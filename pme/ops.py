@@ -65,10 +65,10 @@ class Hyperparameters:
 
     ``optimizer``: ``"sgd"``, ``"rowwise_adagrad"`` or ``"adam"`` (a key of ``OPTIMIZERS``);
     ``lr``, ``weight_decay``, ``eps`` real numbers ``>= 0`` and finite; ``beta1``, ``beta2`` (Adam's
-    moment decays) in ``[0, 1)``; ``grad_scale`` (finite, ``> 0``) divides the summed gradient first,
-    in the accumulation dtype (a ``GradScaler``'s scale: unscaling a 16-bit table's gradient in its
-    own dtype would flush the small values it protects). Checked when built: ``ValueError`` for a bad value, ``TypeError``
-    for a value that is not a real number. A ``pme.optim`` optimizer gives its own with
+    moment decays) in ``[0, 1)``; ``grad_scale`` (finite, ``> 0``) divides the summed gradient
+    first, in the accumulation dtype (a ``GradScaler``'s scale: unscaling a 16-bit table's gradient
+    in its own dtype would flush the small values it protects). Checked when built: ``ValueError``
+    for a bad value, ``TypeError`` for a value that is not a real number. A ``pme.optim`` optimizer gives its own with
     ``hyperparameters()``; the step count is not one of them (it is the caller's state).
     """
 
