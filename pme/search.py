@@ -155,7 +155,9 @@ class TrainingScores:
     optimizer's update). One backward per optimizer step (a second backward before the step
     would count the accumulated gradient twice). ``start_step`` counts the table's backward
     passes: on the fused path a table looked up twice in one step (a shared table) counts two.
-    Rows no step touched score 0.
+    Rows no step touched score 0. The gradients are read as backward gives them: under a
+    ``GradScaler`` they are scaled, so a step counts in proportion to the scale of its time (a
+    constant scale changes nothing, the cut is relative; one that changes weights the steps).
 
     Example::
 
