@@ -1521,6 +1521,11 @@ def sparse_update_(
     accumulation dtype (float32; float64 for a float64 table).
     """
     hyper = Hyperparameters.of(optimizer, **_pop_hyperparameters(lookup))
+    _check_lookup_keywords("sparse_update_", lookup)
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+        raise TypeError(f"step must be an integer (the step count), got {step!r}")
+    if not 1 <= step < 2**62:
+        raise ValueError(f"step must be in [1, 2**62), got {step}")
     bags, argmax = _fused_lookup(offsets, indices, bag_offsets, grad_out, **lookup)
     lead = (weight, state1, state2, grad_out)
     _row_operator("sparse_update_", lead, weight, bags, argmax, hyper.operator_args(step), (hyper, int(step)))
@@ -1534,8 +1539,23 @@ def accumulate_scores_(scores, grad_out, weight, offsets, indices, bag_offsets, 
     """
     if rule not in SCORE_RULES:
         raise ValueError(f"rule must be one of {sorted(SCORE_RULES)}, got {rule!r}")
+    _check_lookup_keywords("accumulate_scores_", lookup)
     bags, argmax = _fused_lookup(offsets, indices, bag_offsets, grad_out, **lookup)
     _row_operator("accumulate_scores_", (scores, grad_out, weight), weight, bags, argmax, (SCORE_RULES[rule],), (rule,))
+
+
+_LOOKUP_KEYWORDS = ("col_of_size", "argmax", "mode", "per_sample_weights", "padding_idx")
+
+
+def _check_lookup_keywords(who: str, lookup: dict) -> None:
+    """Unknown keywords of the fused row operators, named with what they take."""
+    unknown = sorted(set(lookup) - set(_LOOKUP_KEYWORDS))
+    if unknown:
+        hyper = [f.name for f in dataclasses.fields(Hyperparameters)[1:]]
+        raise TypeError(
+            f"{who}() got unexpected keyword(s) {unknown}; it takes the lookup's {list(_LOOKUP_KEYWORDS)} "
+            f"and the optimizer's {hyper}"
+        )
 
 
 def _fused_lookup(
@@ -1576,10 +1596,23 @@ def _row_operator(name, lead, weight, bags: _Bags, argmax, compiled_tail, refere
     getattr(reference, name)(*lead, bags.reference_args(), *reference_tail)
 
 
+def _float_scores(scores: torch.Tensor) -> torch.Tensor:
+    """Scores as the pruning operators read them: float32 (other float dtypes converted)."""
+    if not isinstance(scores, torch.Tensor) or not scores.is_floating_point():
+        raise TypeError(f"scores must be a floating-point tensor, got {getattr(scores, 'dtype', type(scores))}")
+    return scores.detach().float()
+
+
 def topk_threshold(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``k``-th largest of ``scores`` (any shape, float32) as a 0-d tensor, found by radix select."""
-    if scores.dtype != torch.float32:
-        raise TypeError(f"scores must be float32, got {scores.dtype}")
+    """The ``k``-th largest of ``scores`` (any shape; float32, or float16 / bfloat16 / float64
+    read as float32) as a 0-d float32 tensor, found by radix select. ``k`` an integer."""
+    scores = _float_scores(scores)
+    if isinstance(k, bool):
+        raise TypeError(f"k must be an integer, got {k!r}")
+    try:
+        k = operator.index(k)
+    except TypeError:
+        raise TypeError(f"k must be an integer, got {k!r}") from None
     n = scores.numel()
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}] (the number of scores), got {k}")
@@ -1592,9 +1625,11 @@ def prune_counts(scores: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     """Per-row count of ``scores [V, D] >= threshold``: ``[V]`` int64."""
     if scores.dim() != 2:
         raise ValueError(f"scores must be 2-D [V, D], got shape {tuple(scores.shape)}")
-    if scores.dtype != torch.float32:
-        raise TypeError(f"scores must be float32, got {scores.dtype}")
-    threshold = torch.as_tensor(threshold, dtype=torch.float32, device=scores.device).reshape(())
+    scores = _float_scores(scores)
+    threshold = torch.as_tensor(threshold, dtype=torch.float32, device=scores.device)
+    if threshold.numel() != 1:
+        raise ValueError(f"threshold must be one number, got shape {tuple(threshold.shape)}")
+    threshold = threshold.reshape(())
     if _compiled(scores):
         return torch.ops.pme.prune_counts(scores, threshold)
     return reference.prune_counts(scores, threshold)
@@ -1612,7 +1647,10 @@ def prune_pack(dense: torch.Tensor, scores: torch.Tensor, sizes: torch.Tensor, o
         raise ValueError(
             f"dense and scores must be 2-D of the same shape, got {tuple(dense.shape)} and {tuple(scores.shape)}"
         )
-    sizes = torch.as_tensor(sizes, dtype=torch.int64, device=dense.device)
+    sizes = torch.as_tensor(sizes, device=dense.device)
+    if sizes.is_floating_point() or sizes.is_complex() or sizes.dtype == torch.bool:
+        raise TypeError(f"sizes must be integers, got {sizes.dtype}")
+    sizes = sizes.to(torch.int64)
     if sizes.shape != (dense.shape[0],):
         raise ValueError(f"sizes must have one entry per row ({dense.shape[0]}), got shape {tuple(sizes.shape)}")
     if sizes.numel() and (int(sizes.min()) < 0 or int(sizes.max()) > dense.shape[1]):

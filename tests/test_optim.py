@@ -532,3 +532,15 @@ def test_grad_scale_is_divided_out_in_the_accumulation_dtype(opt, dtype):
     bags = torch.tensor([0, 1, 3])  # the normal form: B + 1 bag offsets
     ops.sparse_update_(w, s1, s2, (true * scale).to(dtype), m.offsets, idx, bags, mode="sum", optimizer=o, step=1)
     torch.testing.assert_close(w, m.weight.detach(), rtol=0, atol=0)
+
+
+def test_functional_update_refuses_unknown_keywords_and_a_bad_step():
+    """sparse_update_'s keywords are the lookup's and the optimizer's: another one (momentum) is named
+    in a TypeError with the ones it takes; the step count is an integer >= 1."""
+    w, off, g = torch.randn(8), torch.tensor([0, 4, 8]), torch.randn(1, 4)
+    none = torch.zeros(0)
+    with pytest.raises(TypeError, match=r"unexpected keyword\(s\) \['momentum'\].*'grad_scale'"):
+        ops.sparse_update_(w, none, none, g, off, torch.tensor([0]), torch.tensor([0, 1]), momentum=0.9)
+    for bad, err in ((1.5, TypeError), (True, TypeError), (0, ValueError)):
+        with pytest.raises(err, match="step must be"):
+            ops.sparse_update_(w, none, none, g, off, torch.tensor([0]), torch.tensor([0, 1]), step=bad)

@@ -51,8 +51,21 @@ def test_prune_counts_and_pack_match_reference(device):
 def test_prune_bad_input():
     with pytest.raises(ValueError, match="k must be in"):
         ops.topk_threshold(torch.rand(10), 11)
-    with pytest.raises(TypeError, match="float32"):
-        ops.topk_threshold(torch.rand(10).double(), 1)
+    s = torch.rand(10).double()  # other float dtypes are read as float32, as prune_pack reads them
+    assert torch.equal(ops.topk_threshold(s, 3), ops.topk_threshold(s.float(), 3))
+    assert torch.equal(
+        ops.prune_counts(s.half().reshape(2, 5), 0.5), ops.prune_counts(s.half().float().reshape(2, 5), 0.5)
+    )
+    with pytest.raises(TypeError, match="floating-point"):
+        ops.topk_threshold(torch.arange(10), 1)
+    with pytest.raises(TypeError, match="k must be an integer, got 2.7"):
+        ops.topk_threshold(torch.rand(10), 2.7)
+    with pytest.raises(TypeError, match="k must be an integer, got True"):
+        ops.topk_threshold(torch.rand(10), True)
+    with pytest.raises(ValueError, match="threshold must be one number"):
+        ops.prune_counts(torch.rand(3, 4), torch.tensor([0.1, 0.2]))
+    with pytest.raises(TypeError, match="sizes must be integers"):
+        ops.prune_pack(torch.rand(3, 4), torch.rand(3, 4), torch.tensor([2.9, 1.0, 1.0]))
     with pytest.raises(ValueError, match="sizes must be in"):
         ops.prune_pack(torch.rand(3, 4), torch.rand(3, 4), torch.tensor([1, 5, 2]))
     with pytest.raises(ValueError, match="order"):
