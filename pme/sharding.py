@@ -404,6 +404,7 @@ class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
         if self.is_weighted and features.weights_or_none() is None:
             raise ValueError("the collection is weighted (is_weighted=True) but the input carries no weights")
         ctx.batch_size = features.stride()
+        self._check_same_batch(features)
         if not self.is_weighted and features.weights_or_none() is not None:
             features = KeyedJaggedTensor(
                 keys=features.keys(), values=features.values(), lengths=features.lengths(), stride=features.stride()
@@ -419,6 +420,23 @@ class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
                 ctx.rw_lengths = [ln[k].clamp(min=1) for k, _ in self._rw_mean]
             waits.append(self._rw_input_dist(kjt))
         return _Both(waits)
+
+    def _check_same_batch(self, features):
+        """Every rank must feed the same batch size. The all-to-alls only show the total, which a rank
+        whose batch is the ranks' mean cannot tell from a good one (it would go on into the output
+        all-to-all and wait there for the ranks that refused), so the ranks exchange their batch
+        sizes (one small all-gather a call) and all refuse together, naming each rank's."""
+        if self._world == 1:
+            return
+        dev = features.values().device
+        mine = torch.tensor([features.stride()], dtype=torch.int64, device=dev)
+        every = [torch.empty_like(mine) for _ in range(self._world)]
+        torch.distributed.all_gather(every, mine, group=self._pg)
+        sizes = torch.cat(every).tolist()
+        if len(set(sizes)) > 1:
+            raise ValueError(
+                f"every rank must feed the same batch size; the ranks fed {sizes} (rank r's at position r)"
+            )
 
     def _lookup(self, which, kjt):
         local = getattr(self, which)
@@ -436,7 +454,7 @@ class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
 
     def compute(self, ctx, dist_input):
         B = ctx.batch_size
-        for kjt in dist_input:
+        for kjt in dist_input:  # (input_dist has compared the ranks' batch sizes; a second line of defence)
             if kjt.stride() != B * self._world:
                 raise ValueError(
                     f"every rank must feed the same batch size: this rank has {B} samples but the ranks "
@@ -795,44 +813,51 @@ def _covered(spans) -> int:
     return end
 
 
-def merge_state_dicts(state_dicts, prefix: str = "", optimizer: str | None = None) -> dict:
+def merge_state_dicts(state_dicts, prefix: str | None = None, optimizer: str | None = None) -> dict:
     """Joins the ranks' ``state_dict`` s (any world size) into the unsharded form.
 
     Keys of whole tables and replicated keys pass through (the first rank's wins); the column
     shards ``<prefix>embedding_bags.<t>:<c0>-<c1>of<D>.*`` of each table are joined into
-    ``<prefix>embedding_bags.<t>.*``, and so are the row shards ``<t>:r<r0>-<r1>of<V>``. Raises
+    ``<prefix>embedding_bags.<t>.*``, and so are the row shards ``<t>:r<r0>-<r1>of<V>``.
+    ``prefix=None`` (the default) finds every collection in the model wherever it sits (e.g.
+    ``sparse_arch.embedding_bag_collection.``); a given prefix joins only that one's. Raises
     ValueError when a table's shards do not cover it, and for row-wise Adagrad state of column
     shards (one accumulator per row per shard has no unsharded equivalent: load it into the same
     plan instead).
     """
+    del optimizer  # (unused: the state's shapes say which optimizer wrote it)
     out, pieces, width, row_pieces, num_rows = {}, {}, {}, {}, {}
-    head = re.escape(prefix + "embedding_bags.")
-    pat = re.compile("^" + head + r"(?P<name>.+)\.(?P<field>weight|offsets|optim_state1|optim_state2)$")
+    head = r"(?P<pre>(?:.*\.)?)" if prefix is None else "(?P<pre>" + re.escape(prefix) + ")"
+    pat = re.compile(
+        "^" + head + r"embedding_bags\.(?P<name>[^.]+)\.(?P<field>weight|offsets|optim_state1|optim_state2)$"
+    )
     for sd in state_dicts:
         for k, v in sd.items():
             m = pat.match(k)
             r = _ROWS.match(m.group("name")) if m else None
             if r is not None:
+                t = (m.group("pre"), r.group("t"))
                 key = (int(r.group("r0")), int(r.group("r1")))
-                row_pieces.setdefault(r.group("t"), {}).setdefault(key, {})[m.group("field")] = v
-                num_rows[r.group("t")] = int(r.group("v"))
+                row_pieces.setdefault(t, {}).setdefault(key, {})[m.group("field")] = v
+                num_rows[t] = int(r.group("v"))
                 continue
             p = _PIECE.match(m.group("name")) if m else None
             if p is None:
                 out.setdefault(k, v)
                 continue
+            t = (m.group("pre"), p.group("t"))
             key = (p.group("t"), int(p.group("c0")), int(p.group("c1")), int(p.group("d")))
-            pieces.setdefault(p.group("t"), {}).setdefault(key, {})[m.group("field")] = v
-            width[p.group("t")] = int(p.group("d"))
-    for t, parts in pieces.items():
+            pieces.setdefault(t, {}).setdefault(key, {})[m.group("field")] = v
+            width[t] = int(p.group("d"))
+    for (pre, t), parts in pieces.items():
         parts = {k[:3]: v for k, v in parts.items()}
         cols = sorted(parts)
-        if _covered([(c0, c1) for _, c0, c1 in cols]) != width[t]:
+        if _covered([(c0, c1) for _, c0, c1 in cols]) != width[(pre, t)]:
             raise ValueError(
-                f"table {t!r}: column shards {[(a, b) for _, a, b in cols]} do not cover its "
-                f"{width[t]} columns (is a rank's state_dict missing?)"
+                f"table {pre}{t!r}: column shards {[(a, b) for _, a, b in cols]} do not cover its "
+                f"{width[(pre, t)]} columns (is a rank's state_dict missing?)"
             )
-        base = f"{prefix}embedding_bags.{t}."
+        base = f"{pre}embedding_bags.{t}."
         V = parts[cols[0]]["offsets"].numel() - 1
         sizes = {key: f["offsets"][1:] - f["offsets"][:-1] for key, f in parts.items()}
         flat, off = join_columns([(c0, c1, parts[(t, c0, c1)]["weight"], sizes[(t, c0, c1)]) for _, c0, c1 in cols], V)
@@ -849,17 +874,18 @@ def merge_state_dicts(state_dicts, prefix: str = "", optimizer: str | None = Non
                 )[0]
             else:
                 raise ValueError(
-                    f"table {t!r}: {field} is per row and per column shard (row-wise Adagrad); it has "
+                    f"table {pre}{t!r}: {field} is per row and per column shard (row-wise Adagrad); it has "
                     "no unsharded equivalent. Load this checkpoint into the same plan, or drop the "
                     "optimizer state"
                 )
-    for t, parts in row_pieces.items():
+    for (pre, t), parts in row_pieces.items():
         rows = sorted(parts)
-        if _covered(rows) != num_rows[t]:
+        if _covered(rows) != num_rows[(pre, t)]:
             raise ValueError(
-                f"table {t!r}: row shards {rows} do not cover its {num_rows[t]} rows (is a rank's state_dict missing?)"
+                f"table {pre}{t!r}: row shards {rows} do not cover its {num_rows[(pre, t)]} rows (is a rank's "
+                "state_dict missing?)"
             )
-        base = f"{prefix}embedding_bags.{t}."
+        base = f"{pre}embedding_bags.{t}."
         out[base + "weight"] = torch.cat([parts[k]["weight"] for k in rows])
         off, e = [torch.zeros(1, dtype=torch.int64)], 0
         for k in rows:

@@ -427,6 +427,13 @@ def scenario_refusals(world, rank, outdir):
     expect(NotImplementedError, ["inverse indices"], lambda: dmp(with_inverse))
     # ranks feeding different batch sizes: refused on every rank (no hang)
     expect(ValueError, ["same batch size"], lambda: dmp(rank_slice(kjt, rank, B - rank % 2)).wait())
+    if world >= 3:  # sizes whose total is B * world: ranks 2.. cannot tell from the total alone
+        mine = ([B - 1, B + 1] + [B] * (world - 2))[rank]
+        expect(
+            ValueError,
+            ["the ranks fed", str([B - 1, B + 1] + [B] * (world - 2))],
+            lambda: dmp(rank_slice(kjt, rank, mine)).wait(),
+        )
     # row-wise Adagrad state of column shards has no unsharded form
     dmp = shard_model(make_collection("A", "rowwise_adagrad"), "cw", world)
     expect(ValueError, ["row-wise Adagrad"], lambda: sharding.merge_state_dicts(all_gather(dmp.state_dict())))
@@ -621,3 +628,25 @@ def test_planner_fits_more_rows_per_rank_than_dense():
     assert sorted(ranks) == [c.name for c in cfgs] and all(len(r) >= 1 for r in ranks.values())
     with pytest.raises(PlannerError):
         sharding.planner(2, ddr_cap=cap).plan(ebc, [EmbeddingBagCollectionSharder()])
+
+
+def test_merge_finds_collections_nested_in_a_model():
+    """Shard keys of a collection inside a model (``sparse.ebc.embedding_bags.<t>:<c0>-<c1>of<D>.*``)
+    are joined without naming the prefix, and two collections of one model each under their own;
+    the merged state equals the unsharded collection's under its prefix."""
+    m = make_collection("A", "sgd")
+    pieces = {c.name: [(0, 1), (1, c.embedding_dim)] for c in m.embedding_bag_configs()}
+    split = column_split(m, pieces).state_dict()
+    ranks = [{}, {}]
+    for i, (k, v) in enumerate(sorted(split.items())):
+        for pre in ("sparse.ebc.", "other."):
+            ranks[i % 2][pre + k] = v
+    merged = sharding.merge_state_dicts(ranks)
+    want = m.state_dict()
+    for pre in ("sparse.ebc.", "other."):
+        for k, v in want.items():
+            assert torch.equal(merged[pre + k], v), pre + k
+    assert not any(":" in k for k in merged)
+    only = sharding.merge_state_dicts(ranks, prefix="other.")  # a given prefix joins that one only
+    assert any(":" in k and k.startswith("sparse.ebc.") for k in only)
+    assert all(torch.equal(only["other." + k], v) for k, v in want.items())
