@@ -349,14 +349,7 @@ def test_opcheck_every_operator():
                 argmax,
                 mode,
                 1,
-                1,
-                0.1,
-                0.0,
-                1e-8,
-                0.9,
-                0.999,
-                1.0,
-                1,
+                *ops.Hyperparameters("rowwise_adagrad", lr=0.1).operator_args(1),
             ),
         )
         torch.library.opcheck(

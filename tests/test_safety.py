@@ -206,16 +206,7 @@ def _lookup_calls(w, off, col, width, idx, bo, grad_out, argmax):
     dev = w.device
     idx, bo, grad_out, argmax = idx.to(dev), bo.to(dev), grad_out.to(dev), argmax.to(dev)
     no_state = torch.empty(0, dtype=acc, device=dev)  # SGD keeps no optimizer state
-    sgd = (
-        0,
-        0.1,
-        0.0,
-        1e-8,
-        0.9,
-        0.999,
-        1.0,
-        1,
-    )  # optimizer (SGD), lr, weight_decay, eps, beta1, beta2, grad_scale, step
+    sgd = ops.Hyperparameters("sgd", lr=0.1).operator_args(1)  # optimizer code, lr, ..., grad_scale, step
     return {
         "bag_forward": lambda: torch.ops.pme.bag_forward(w, off, idx, bo, None, col, width, 0, -1),
         "bag_backward": lambda: torch.ops.pme.bag_backward(grad_out, w, off, idx, bo, None, col, argmax, 0, -1, False),
