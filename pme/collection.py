@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from . import memory, ops, reference
-from .modules import _summary, parse_sizes
+from .modules import _summary, load_is_strict, parse_sizes
 
 __all__ = [
     "EmbeddingBagConfig",
@@ -1229,7 +1229,7 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
         expected += [prefix + b.name for b in host]
         missing = [k for k in expected if k not in state_dict]
         missing_keys.extend(missing)
-        if strict:
+        if load_is_strict(strict):
             own = prefix + self._state_prefix + "."
             unexpected_keys.extend(k for k in state_dict if k.startswith(own) and k not in expected)
         if missing:

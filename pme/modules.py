@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Mapping
 
 import torch
@@ -104,6 +105,23 @@ def _classes_of_col(col_of_size, D: int) -> list[int]:
             f"classes {classes} (expected {int(rebuilt[bad])}): derived data is rebuilt, not trusted"
         )
     return classes
+
+
+def load_is_strict(passed: bool) -> bool:
+    """Whether the ``load_state_dict`` running is strict. ``nn.Module.load_state_dict`` passes
+    ``strict=True`` to every module's ``_load_from_state_dict`` whatever it was called with (it
+    applies strictness afterwards, to the keys the modules report), so a module that undoes its
+    load on a missing or unexpected key must read the caller's own argument: from the frame of
+    ``nn.Module.load_state_dict``, or ``passed`` when the load did not come through it."""
+    code = nn.Module.load_state_dict.__code__
+    f = sys._getframe(1)
+    for _ in range(64):
+        if f is None:
+            break
+        if f.f_code is code:
+            return bool(f.f_locals.get("strict", passed))
+        f = f.f_back
+    return passed
 
 
 class _MultiSizeTable(nn.Module):
@@ -389,7 +407,7 @@ class _MultiSizeTable(nn.Module):
             self._restore(snapshot)
             raise
         failed = len(error_msgs) > n_err or (
-            strict and (len(missing_keys) > n_missing or len(unexpected_keys) > n_unexpected)
+            load_is_strict(strict) and (len(missing_keys) > n_missing or len(unexpected_keys) > n_unexpected)
         )
         if failed:  # load_state_dict raises after every module has been visited
             self._restore(snapshot)
@@ -687,6 +705,12 @@ class MultiSizeEmbeddingBag(_MultiSizeTable):
     ):
         if mode not in ops.MODES:
             raise ValueError(f"mode must be one of {sorted(ops.MODES)}, got {mode!r}")
+        if mode == "max" and options.get("project"):
+            raise ValueError(
+                "mode='max' cannot take project=True: each size class's slot of columns takes its own "
+                "max and the projection then adds the slots up, which is not the max over the bag; use "
+                "the padded layout for max pooling (or the grouped layout without a projection)"
+            )
         super().__init__(**_table_args(locals()))
         self.mode = mode
         self.include_last_offset = include_last_offset
@@ -857,15 +881,18 @@ def _convert_table(cls, module, nn_type, sizes, init, scores, kwargs):
         raise ValueError(f"init must be 'kept' or 'fresh', got {init!r}")
     w = dense_weight.detach()
     if init == "kept":
-        return cls.from_dense(w, sizes, scores=scores, **kwargs)
-    V, D = w.shape
-    kwargs.setdefault("dtype", w.dtype)
-    kwargs.setdefault("device", w.device)
-    m = cls(V, D, sizes=sizes, **kwargs)
-    std = float(w.float().std()) if w.numel() > 1 else 1.0
-    with torch.no_grad():
-        m.weight.normal_(0.0, std)
-    m._zero_padding_row()
+        m = cls.from_dense(w, sizes, scores=scores, **kwargs)
+    else:
+        V, D = w.shape
+        kwargs.setdefault("dtype", w.dtype)
+        kwargs.setdefault("device", w.device)
+        m = cls(V, D, sizes=sizes, **kwargs)
+        std = float(w.float().std()) if w.numel() > 1 else 1.0
+        with torch.no_grad():
+            m.weight.normal_(0.0, std)
+        m._zero_padding_row()
+    if not dense_weight.requires_grad and m.optimizer is None:  # a frozen table stays frozen
+        m.weight.requires_grad_(False)
     return m
 
 

@@ -44,6 +44,7 @@ keyed by the model's table names: :func:`sizes_at_budget`.
 from __future__ import annotations
 
 import copy
+import functools
 import sys
 import time
 import types
@@ -1126,14 +1127,26 @@ def convert_grouped(model: nn.Module, sizes: dict, share: bool = True) -> nn.Mod
         convert(model, group, init="fresh", layout="grouped", project=True, **kw)
     if share:
         modules = dict(model.named_modules())
-        first = {}
-        for n in sizes:
-            m = modules[n]
-            if m.embedding_dim in first:
-                m.projection = first[m.embedding_dim].projection
-            else:
-                first[m.embedding_dim] = m
+        groups = {}
+        for n in sizes:  # one projection per width (and dtype: a matmul takes one)
+            groups.setdefault((modules[n].embedding_dim, modules[n].weight.dtype), []).append(n)
+        groups = list(groups.values())
+        _tie_projections(groups, model)
+        # a load of other sizes or classes gives each table a projection of its own: tie them again
+        model.register_load_state_dict_post_hook(functools.partial(_tie_projections, groups))
     return model
+
+
+def _tie_projections(groups: list, model: nn.Module, _keys=None) -> None:
+    """Every table of a group (module names) uses the first one's projection, where the shapes
+    agree (also a ``load_state_dict`` post-hook: the tables saved one shared projection under each
+    name, so the first's loaded values are every table's)."""
+    modules = dict(model.named_modules())
+    for names in groups:
+        first = modules[names[0]].projection
+        for n in names[1:]:
+            if modules[n].projection.shape == first.shape:
+                modules[n].projection = first
 
 
 # ---------------------------------------------------------------------------------------------

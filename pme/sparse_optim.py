@@ -54,6 +54,14 @@ class SparseAdam(torch.optim.SparseAdam):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for g, group in enumerate(self.param_groups):  # every gradient checked before any step is taken
+            for i, p in enumerate(group["params"]):
+                if p.grad is not None and not p.grad.is_sparse:
+                    raise RuntimeError(
+                        f"SparseAdam does not support dense gradients (parameter {i} of group {g}, shape "
+                        f"{tuple(p.shape)}), please consider Adam instead: give SparseAdam the parameters "
+                        "with sparse gradients (a pme table built with sparse=True; not its projection)"
+                    )
         for g, group in enumerate(self.param_groups):
             beta1, beta2 = group["betas"]
             lr = group["lr"].item() if isinstance(group["lr"], torch.Tensor) else group["lr"]
@@ -61,11 +69,6 @@ class SparseAdam(torch.optim.SparseAdam):
             for i, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
-                if not p.grad.is_sparse:
-                    raise RuntimeError(
-                        f"SparseAdam does not support dense gradients (parameter {i} of group {g}, shape "
-                        f"{tuple(p.shape)}), please consider Adam instead (or build the table with sparse=True)"
-                    )
                 state = self.state[p]
                 if len(state) == 0:
                     state["step"] = 0

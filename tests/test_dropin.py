@@ -415,3 +415,48 @@ def test_meta_device_gives_shapes():
     )
     out = c({k: (idx, torch.tensor([0, 1, 3], device=meta)) for k in ("f", "g", "h")})
     assert out.values().shape == (2, 10) and out.keys() == ["f", "g", "h"] and out.values().is_meta
+
+
+def test_strict_false_loads_what_matches_and_strict_true_changes_nothing():
+    """torch passes strict=True to every module whatever load_state_dict was called with; a table
+    reads the caller's own: strict=False loads the table from a checkpoint with extra keys (a fused
+    optimizer's state into a plain table), strict=True refuses it and leaves the table bitwise."""
+    src = pme.MultiSizeEmbeddingBag(4, 8, sizes=[2, 4, 8, 4], mode="sum", optimizer=pme.optim.Adam(lr=0.1))
+    dst = pme.MultiSizeEmbeddingBag(4, 8, mode="sum")
+    w = dst.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="Unexpected key.*optim_state1"):
+        dst.load_state_dict(src.state_dict())
+    assert torch.equal(dst.weight, w) and dst.sizes.tolist() == [8] * 4
+    got = dst.load_state_dict(src.state_dict(), strict=False)
+    assert sorted(got.unexpected_keys) == ["optim_state1", "optim_state2", "optim_step"]
+    assert torch.equal(dst.weight, src.weight) and dst.sizes.tolist() == [2, 4, 8, 4]
+    model = torch.nn.Sequential(pme.MultiSizeEmbeddingBag(4, 8, mode="sum"))  # nested: the same
+    model.load_state_dict({f"0.{k}": v for k, v in src.state_dict().items()}, strict=False)
+    assert torch.equal(model[0].weight, src.weight)
+
+
+def test_grouped_projection_refuses_max_and_conversions_keep_freezing():
+    """mode='max' with a projection would add the size slots' maxima (not the bag's max): refused.
+    A frozen nn table converts to a frozen pme table."""
+    with pytest.raises(ValueError, match="mode='max' cannot take project=True"):
+        pme.MultiSizeEmbeddingBag(4, 8, sizes=[2, 4, 8, 4], mode="max", layout="grouped", project=True)
+    grouped_max = pme.MultiSizeEmbeddingBag(4, 8, sizes=[2, 4, 8, 4], mode="max", layout="grouped")
+    assert grouped_max(torch.tensor([0, 1]), torch.tensor([0])).shape == (1, 14)
+    frozen = torch.nn.Sequential(torch.nn.Embedding.from_pretrained(torch.randn(5, 8)))
+    pme.convert(frozen, {"0": 4})
+    assert not frozen[0].weight.requires_grad
+    trained = torch.nn.Sequential(torch.nn.EmbeddingBag(5, 8))
+    pme.convert(trained, {"0": 4}, init="fresh")
+    assert trained[0].weight.requires_grad
+
+
+def test_sparse_adam_checks_every_gradient_before_a_step():
+    """A grouped table with a projection and sparse=True: the projection's gradient is dense, so
+    pme.optim.SparseAdam refuses, as torch's does, before it changes anything."""
+    m = pme.MultiSizeEmbeddingBag(5, 8, sizes=[2, 4, 0, 8, 4], mode="sum", layout="grouped", project=True, sparse=True)
+    w0 = m.weight.detach().clone()
+    opt = pme.optim.SparseAdam(m.parameters())
+    m(torch.tensor([0, 1]), torch.tensor([0])).sum().backward()
+    with pytest.raises(RuntimeError, match="does not support dense gradients.*not its projection"):
+        opt.step()
+    assert torch.equal(m.weight, w0) and not opt.state

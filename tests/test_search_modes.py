@@ -635,3 +635,20 @@ def test_training_scores_and_from_scores_errors():
         pme.search.from_scores({}, 0.5)
     with pytest.raises(KeyError, match="counts lack tables"):
         pme.search.from_scores(good, 0.5, counts={})
+
+
+def test_shared_projection_survives_a_load_of_other_sizes():
+    """convert_grouped(share=True): one projection per width; a checkpoint of other sizes and classes
+    gives each table a projection of its own shape, and the model's load hook ties them again."""
+
+    def make():
+        return torch.nn.ModuleDict({n: torch.nn.EmbeddingBag(4, 8, mode="sum") for n in ("a", "b")})
+
+    src = pme.search.convert_grouped(make(), {"a": torch.tensor([2, 4, 4, 2]), "b": torch.tensor([4, 4, 2, 2])})
+    dst = pme.search.convert_grouped(make(), {"a": torch.tensor([4] * 4), "b": torch.tensor([4] * 4)})
+    assert dst["a"].projection is dst["b"].projection
+    dst.load_state_dict(src.state_dict())
+    assert dst["a"].projection is dst["b"].projection
+    assert torch.equal(dst["a"].projection, src["a"].projection)
+    x, o = torch.tensor([0, 1, 3]), torch.tensor([0, 2])
+    torch.testing.assert_close(dst["b"](x, o), src["b"](x, o))
