@@ -62,11 +62,11 @@ class SparseAdam(torch.optim.SparseAdam):
                         f"{tuple(p.shape)}), please consider Adam instead: give SparseAdam the parameters "
                         "with sparse gradients (a pme table built with sparse=True; not its projection)"
                     )
-        for g, group in enumerate(self.param_groups):
+        for group in self.param_groups:
             beta1, beta2 = group["betas"]
             lr = group["lr"].item() if isinstance(group["lr"], torch.Tensor) else group["lr"]
             hyper = dict(eps=group["eps"], beta1=beta1, beta2=beta2, lr=lr, maximize=group.get("maximize", False))
-            for i, p in enumerate(group["params"]):
+            for p in group["params"]:
                 if p.grad is None:
                     continue
                 state = self.state[p]
