@@ -508,6 +508,52 @@ def _adagrad_args(weight, state1, grad_out, table):
     return (weight, state1, torch.zeros(0, dtype=weight.dtype), grad_out, *table, 1, 0.1, 0.0, 1e-8, 0.9, 0.999, 1.0, 1)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_an_empty_batch_still_checks_its_features(device):
+    """With no samples (B = 0) a feature's key cannot be checked (bag_offsets has one entry for any
+    number of keys), but its table, columns and pooling can: every operator refuses a bad one, on
+    every device (the CUDA kernels checked blocks only with bags)."""
+    m, _, _ = make_collection(2, "sum")
+    m = m.to(device)
+    empty = {k: (v[:0].to(device), o[:1].to(device)) for k, (v, o) in make_input(m, 4, 2).items()}
+    feats, idx, bo, psw, B = _normal(m, empty)
+    assert B == 0
+    w, off, tr = m.weight.detach(), m.offsets, m.table_rows
+    go = torch.zeros(0, m.out_width, dtype=w.dtype, device=device)
+    for col, value, says in ((4, 2, "pooling must be 0"), (0, 9, "table 9 is out of range")):
+        f = feats.clone()
+        f[1, col] = value
+        with pytest.raises(RuntimeError, match=says):
+            torch.ops.pme.collection_forward(w, off, tr, f, idx, bo, None, 0, m.out_width)
+        with pytest.raises(RuntimeError, match=says):
+            torch.ops.pme.collection_backward(go, w, off, tr, f, idx, bo, None, 0, False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unchecked_decreasing_bag_offsets_never_fault(device, monkeypatch):
+    """Bag offsets that decrease inside a feature: the CPU refuses them always; CUDA with
+    PME_CUDA_VALIDATE=0 skips the check and must still stay inside its buffers (the backward's
+    virtual lookup sized each block from its first and last bags only)."""
+    monkeypatch.setenv("PME_CUDA_VALIDATE", "0")
+    m, _, _ = make_collection(3, "sum")
+    m = m.to(device)
+    feats, idx, bo, psw, B = _normal(m, {k: (v.to(device), o.to(device)) for k, (v, o) in make_input(m, 4, 3).items()})
+    bad = bo.clone()
+    bad[1] = bo[B]  # bag 0 of key 0 runs to the end of the key, bag 1 starts back at bo[1]'s old place
+    w, off, tr = m.weight.detach(), m.offsets, m.table_rows
+    go = torch.randn(B, m.out_width, dtype=w.dtype, device=device)
+    if device == "cpu":
+        with pytest.raises(RuntimeError, match="bag offsets must be non-decreasing"):
+            torch.ops.pme.collection_backward(go, w, off, tr, feats, idx, bad, None, B, False)
+        return
+    gw, _ = torch.ops.pme.collection_backward(go, w, off, tr, feats, idx, bad, None, B, False)
+    torch.cuda.synchronize()
+    assert gw.shape == w.shape and bool(torch.isfinite(gw).all())
+    s1 = torch.zeros(off.numel() - 1, dtype=pme.ops.acc_dtype(w.dtype), device=device)
+    torch.ops.pme.collection_update_(*_adagrad_args(w.clone(), s1, go, (off, tr, feats, idx, bad, None, B)))
+    torch.cuda.synchronize()
+
+
 def test_blocks_writing_the_same_columns_are_refused():
     """Two output blocks on one column would race for it and leave other columns unwritten
     (uninitialised output): forward, backward and the fused update refuse them; gaps are fine."""

@@ -192,7 +192,19 @@ void coll_validate(const Ctx& ctx, const Tensor& like, const Coll<I>& c, bool we
               f[kFCol], ", ", f[kFCol], " + ", f[kFWidth], ") do not fit in the output width ", c.out_width);
     PME_CHECK(false, "features[", k, "]: pooling must be 0 (sum) or 1 (mean), got ", f[kFPooling]);
   }
-  if (c.B > 0) check_blocks_disjoint(blocks.data(), c.F);  // columns in range now (kCFeature)
+  if (c.B == 0) {  // the kernel tests blocks only with bags (a key needs B > 0); the rest, as the CPU does
+    for (int64_t k = 0; k < c.F; ++k) {
+      const int64_t* f = blocks.data() + k * kFFields;
+      PME_CHECK(f[kFTable] >= 0 && f[kFTable] < c.T, "features[", k, "]: table ", f[kFTable], " is out of range for ",
+                c.T, " tables");
+      PME_CHECK(f[kFWidth] >= 0 && f[kFCol] >= 0 && f[kFCol] <= c.out_width - f[kFWidth], "features[", k,
+                "]: columns [", f[kFCol], ", ", f[kFCol], " + ", f[kFWidth], ") do not fit in the output width ",
+                c.out_width);
+      PME_CHECK(f[kFPooling] == kSum || f[kFPooling] == kMean, "features[", k,
+                "]: pooling must be 0 (sum) or 1 (mean), got ", f[kFPooling]);
+    }
+  }
+  check_blocks_disjoint(blocks.data(), c.F);  // columns in range now (kCFeature, or the loop above)
   if (weighted && c.F > 0) {
     for (int64_t k = 0; k < c.F; ++k) {
       PME_CHECK(blocks[k * kFFields + kFPooling] == kSum, "features[", k,
@@ -381,9 +393,13 @@ __global__ void virtual_kernel(Coll<I> c, const int64_t* ranges, int64_t M, int6
     }
     const int64_t k = p / c.B, b = p % c.B;
     const int64_t* f = c.feat + k * kFFields;
-    const int64_t j0 = ranges[k * 3], m0 = ranges[k * 3 + 2];
+    const int64_t j0 = ranges[k * 3], j1 = ranges[k * 3 + 1], m0 = ranges[k * 3 + 2];
     int64_t s = j0, e = j0;
     if (block_ok(c, f)) coll_bag(c, f, b, s, e);
+    // Inside the block's range [j0, j1), which M counted: bag offsets that decrease (unchecked,
+    // PME_CUDA_VALIDATE=0) must not write past this block's slots (rows not covered stay -1).
+    s = min(max(s, j0), j1);
+    e = min(max(e, s), j1);
     vbo[p] = m0 + s - j0;
     int64_t n = 0;
     for (int64_t j = s; j < e; ++j) {
@@ -480,6 +496,10 @@ void for_each_collection_row(const Tensor& grad_out, const Tensor& weight, const
   const int64_t Wg = grad_out.sizes()[1];
   const Tensor go = torch::stable::contiguous(grad_out);
   const Ctx ctx(weight);
+  // The widest block and the batch's lookup count are read back to size the work below, which a
+  // CUDA graph cannot capture: a clear error rather than the capture's own.
+  PME_CHECK(!ctx.capturing(), "the collection's backward and fused update read sizes back to the host and cannot be ",
+            "captured in a CUDA graph (capture the forward, or use per-table modules, whose fused step captures)");
   dispatch_index(indices.scalar_type(), "indices", [&](auto itag) {
     using I = decltype(itag);
     const Coll<I> c = make_coll<I>(a, weight, offsets, table_rows, features, indices, bag_offsets, Wg);
@@ -496,6 +516,9 @@ void for_each_collection_row(const Tensor& grad_out, const Tensor& weight, const
     Tensor vbo = torch::stable::new_empty(offsets, {F * B + 1});
     Tensor vrow = torch::stable::new_empty(offsets, {std::max<int64_t>(M, 1)});
     Tensor vpos = torch::stable::new_empty(offsets, {std::max<int64_t>(M, 1)});
+    // -1 (a lookup to skip) where no bag writes: only bad, unchecked bag offsets leave gaps
+    PME_CUDA_CHECK(cudaMemsetAsync(vrow.mutable_data_ptr(), 0xff, vrow.numel() * sizeof(int64_t), ctx.stream));
+    PME_CUDA_CHECK(cudaMemsetAsync(vpos.mutable_data_ptr(), 0, vpos.numel() * sizeof(int64_t), ctx.stream));
     dispatch_weight(weight.scalar_type(), "weight", [&](auto wtag) {
       using T = decltype(wtag);
       using A = acc_t<T>;

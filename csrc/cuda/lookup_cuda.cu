@@ -143,8 +143,8 @@ __global__ void __launch_bounds__(256, (fwd_min_blocks<T, NV, MAX>())) bag_forwa
 
   int64_t start, end;
   bag_range(a.bo, b, a.N, start, end);
-  int n = 0;     // lookups that count (not padding, not skipped)
-  int seen = 0;  // max: whether a counted lookup has set the columns yet
+  int64_t n = 0;  // lookups that count (not padding, not skipped): int64, a bag may hold 2^31 or more
+  int seen = 0;   // max: whether a counted lookup has set the columns yet
   for (int64_t base = start; base < end; base += G) {
     const int m = static_cast<int>(min(static_cast<int64_t>(G), end - base));
     // Metadata of lookup base + t, loaded by lane t; size -1 marks a lookup to skip.

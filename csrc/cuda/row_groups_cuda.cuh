@@ -142,7 +142,8 @@ __global__ void parts_count_kernel(const int32_t* seg, const int32_t* num_segmen
   for (int64_t s = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; s < n; s += stride) {
     uint64_t v = 0;
     if (s < U) {
-      const uint64_t np = static_cast<uint64_t>((seg[s + 1] - seg[s] + kPartLen - 1) / kPartLen);
+      const uint64_t np =
+          static_cast<uint64_t>((static_cast<int64_t>(seg[s + 1]) - seg[s] + kPartLen - 1) / kPartLen);  // 64-bit sum
       v = np | ((np > 1 ? np : 0) << 32);
     }
     packed[s] = v;
