@@ -12,7 +12,8 @@ its pages are huge from the start; a buffer the caller passed in (shared with th
 ``nn.Embedding(_weight=...)`` shares it) is advised in place and may be collapsed into huge pages
 later by the kernel. Only CPU buffers of at least 4 MiB, only the 2 MiB-aligned part of each.
 PyTorch does the same for every CPU allocation of the process with ``THP_MEM_ALLOC_ENABLE=1``.
-``PME_HUGE_PAGES=0`` turns pme's advice off (read when a table is allocated).
+``PME_HUGE_PAGES=0`` (or ``false`` / ``off`` / ``no``) turns pme's advice off (read when a table
+is allocated).
 """
 
 from __future__ import annotations
@@ -43,11 +44,13 @@ def _load_madvise():
 
 
 _MADVISE = _load_madvise()
+_OFF = ("0", "false", "off", "no")  # PME_HUGE_PAGES values that turn the advice off
 
 
 def huge_pages_enabled() -> bool:
-    """Whether pme advises its tables for huge pages: Linux, and ``PME_HUGE_PAGES`` not ``0``."""
-    return _MADVISE is not None and os.environ.get("PME_HUGE_PAGES", "1") != "0"
+    """Whether pme advises its tables for huge pages: Linux, and ``PME_HUGE_PAGES`` not ``0`` (or
+    ``false`` / ``off`` / ``no``)."""
+    return _MADVISE is not None and os.environ.get("PME_HUGE_PAGES", "1").strip().lower() not in _OFF
 
 
 def thp_mode() -> str | None:
@@ -66,7 +69,7 @@ def describe() -> str:
     if _MADVISE is None:
         return "no (not Linux)"
     if not huge_pages_enabled():
-        return f"no (PME_HUGE_PAGES=0; THP mode {mode})"
+        return f"no (PME_HUGE_PAGES={os.environ.get('PME_HUGE_PAGES')}; THP mode {mode})"
     if mode == "never":
         return "no (THP mode never)"
     return f"yes: tables of 4 MiB or more advised (THP mode {mode})"

@@ -187,6 +187,14 @@ class _MultiSizeTable(nn.Module):
         self.padding_idx = None if padding_idx is None else ops.normalize_padding_idx(padding_idx, num_embeddings)
         self.layout = layout
         self.project = project
+        if size_classes is not None:
+            if layout != "grouped":
+                raise ValueError("size_classes is for layout='grouped' (the padded layout has no slots)")
+            if isinstance(size_classes, (str, bytes)) or not hasattr(size_classes, "__iter__"):
+                raise TypeError(f"size_classes must be a sequence of ints, got {size_classes!r}")
+            bad = [c for c in size_classes if isinstance(c, bool) or int(c) != c]
+            if bad:
+                raise TypeError(f"size_classes must be ints, got {bad}")
         self._size_classes = size_classes
         sizes = parse_sizes(sizes, num_embeddings, embedding_dim)
         self.register_buffer("offsets", memory.fresh_table(_offsets_of(sizes).to(device)))

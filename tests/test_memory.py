@@ -47,6 +47,10 @@ def test_fresh_table_copies_big_cpu_tensors_and_leaves_the_rest(monkeypatch):
     monkeypatch.setenv("PME_HUGE_PAGES", "0")
     assert not memory.huge_pages_enabled()
     assert memory.fresh_table(big) is big and not memory.advise_huge_pages(big)
+    for off in ("false", "OFF", "no"):  # the other spellings of off
+        monkeypatch.setenv("PME_HUGE_PAGES", off)
+        assert not memory.huge_pages_enabled() and not pme.info()["huge_pages_advised"]
+        assert pme.info()["huge_pages"].startswith("no")
 
 
 @linux

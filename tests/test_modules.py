@@ -246,3 +246,15 @@ def test_pme_keyword_options_are_shared_by_both_tables(cls):
     if cls is pme.MultiSizeEmbedding:
         frozen = cls(6, 4, None, None, 2.0, False, False, None, True)  # _freeze=True, positionally as nn.Embedding
         assert not frozen.weight.requires_grad and cls(6, 4).weight.requires_grad
+
+
+def test_size_classes_are_checked():
+    """size_classes: a sequence of ints for the grouped layout; a float, bool, string or int, or
+    classes given to the padded layout (which would ignore them), are refused."""
+    for bad, err in (([2.5, 4], TypeError), ("24", TypeError), (4, TypeError), ([True, 4], TypeError)):
+        with pytest.raises(err, match="size_classes"):
+            pme.MultiSizeEmbeddingBag(3, 4, sizes=[2, 4, 4], layout="grouped", size_classes=bad)
+    with pytest.raises(ValueError, match="size_classes is for layout='grouped'"):
+        pme.MultiSizeEmbeddingBag(3, 4, sizes=[2, 4, 4], size_classes=[2, 4])
+    ok = pme.MultiSizeEmbeddingBag(3, 4, sizes=[2, 4, 4], layout="grouped", size_classes=torch.tensor([4, 2]))
+    assert ok.size_classes == [2, 4]
