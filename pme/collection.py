@@ -1412,7 +1412,8 @@ def convert(model: nn.Module, sizes_by_module: Mapping, init: str = "kept", scor
         new = MultiSizeEmbeddingBagCollection.from_ebc(mod, sizes, scores=(scores or {}).get(name), **kwargs)
         modules.replace_module(model, mod, new)
     if rest:
-        modules.convert(model, rest, init=init, scores=scores, **kwargs)
+        own = {n: sc for n, sc in (scores or {}).items() if n in rest}
+        modules.convert(model, rest, init=init, scores=own or None, **kwargs)
     return model
 
 

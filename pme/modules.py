@@ -634,6 +634,8 @@ class _MultiSizeTable(nn.Module):
             )
         m = cls.from_dense(embeddings, sizes, **kwargs)
         m.weight.requires_grad_(not freeze)
+        if m.projection is not None:  # frozen means the whole lookup, the projection included
+            m.projection.requires_grad_(not freeze)
         return m
 
 
@@ -953,6 +955,11 @@ def convert(
         raise TypeError("sizes_by_module must be a mapping {module name: sizes}")
     modules = dict(model.named_modules(remove_duplicate=False))
     _check_targets(modules, sizes_by_module)
+    stray = sorted(set(scores or {}) - set(sizes_by_module))
+    if stray:
+        raise KeyError(f"scores name {stray}, which are not among the tables to convert {sorted(sizes_by_module)}")
+    if scores and init != "kept":
+        raise ValueError("scores choose which entries init='kept' keeps; init='fresh' draws new values and uses none")
     for name, sizes in sizes_by_module.items():
         mod = modules.get(name)
         if isinstance(mod, nn.EmbeddingBag):

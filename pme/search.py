@@ -56,7 +56,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import ops
-from .modules import MultiSizeEmbedding, MultiSizeEmbeddingBag, convert
+from .modules import MultiSizeEmbedding, MultiSizeEmbeddingBag, convert, parse_sizes
 
 __all__ = [
     "search",
@@ -1117,6 +1117,10 @@ def convert_grouped(model: nn.Module, sizes: dict, share: bool = True) -> nn.Mod
     in place; with ``share=True`` every table of the same width uses one projection (the union of
     the classes present), as ``grouped_sizes`` counts it. Returns ``model``."""
     modules = dict(model.named_modules())
+    unknown = [n for n in sizes if not isinstance(modules.get(n), (nn.EmbeddingBag, nn.Embedding))]
+    if unknown:
+        raise KeyError(f"convert_grouped: {unknown} are not nn.EmbeddingBag / nn.Embedding tables of the model")
+    sizes = {n: parse_sizes(s, modules[n].num_embeddings, modules[n].embedding_dim) for n, s in sizes.items()}
     dims = {n: int(modules[n].embedding_dim) for n in sizes}
     classes = {}
     for n, s in sizes.items():

@@ -652,3 +652,24 @@ def test_shared_projection_survives_a_load_of_other_sizes():
     assert torch.equal(dst["a"].projection, src["a"].projection)
     x, o = torch.tensor([0, 1, 3]), torch.tensor([0, 2])
     torch.testing.assert_close(dst["b"](x, o), src["b"](x, o))
+
+
+def test_convert_arguments_are_checked():
+    """convert_grouped takes sizes as convert does (a list, an int) and shares one projection per
+    width and dtype; a wrong name is named. convert refuses scores for tables it does not convert,
+    and scores with init='fresh' (which keeps no entry). from_pretrained(freeze=True) freezes the
+    projection too."""
+    m = torch.nn.ModuleDict({"a": torch.nn.EmbeddingBag(4, 8), "b": torch.nn.EmbeddingBag(4, 8, dtype=torch.float64)})
+    pme.search.convert_grouped(m, {"a": [2, 4, 4, 2], "b": 4})
+    assert m["a"].sizes.tolist() == [2, 4, 4, 2] and m["a"].projection is not m["b"].projection
+    with pytest.raises(KeyError, match="'zz'"):
+        pme.search.convert_grouped(torch.nn.ModuleDict({"a": torch.nn.EmbeddingBag(4, 8)}), {"zz": 4})
+    one = torch.nn.ModuleDict({"a": torch.nn.EmbeddingBag(4, 8)})
+    with pytest.raises(KeyError, match=r"scores name \['b'\]"):
+        pme.convert(one, {"a": 4}, scores={"b": torch.rand(4, 8)})
+    with pytest.raises(ValueError, match="init='fresh' draws new values"):
+        pme.convert(one, {"a": 4}, init="fresh", scores={"a": torch.rand(4, 8)})
+    f = pme.MultiSizeEmbeddingBag.from_pretrained(
+        torch.randn(4, 8), sizes=[2, 4, 4, 2], layout="grouped", project=True, mode="sum"
+    )
+    assert not f.weight.requires_grad and not f.projection.requires_grad
