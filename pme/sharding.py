@@ -302,6 +302,11 @@ class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
             for ti, c0, c1 in pieces[self._rank]
         ]
         self.__dict__["local"] = self._make_local(mine, module, opt, lambda ti: self._tables[ti].pooling)
+        # the user's feature name of each local key ("0", "1", ...), for error messages
+        self._local_names = {
+            which: [f for _, ti, *_ in shards for f in self._tables[ti].feature_names]
+            for which, shards in (("local", mine),)
+        }
         mine_rw = [
             (
                 _row_name(self._tables[ti].name, *rw[ti][self._rank], self._tables[ti].num_embeddings),
@@ -312,6 +317,7 @@ class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
             for ti in sorted(rw)
         ]
         self.__dict__["local_rw"] = self._make_local(mine_rw, module, opt, lambda ti: "sum")
+        self._local_names["local_rw"] = [f for _, ti, *_ in mine_rw for f in self._tables[ti].feature_names]
         self._shards = {"local": mine, "local_rw": mine_rw}
         full = module.state_dict()
         for which in ("local", "local_rw"):
@@ -450,7 +456,22 @@ class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
             stride=kjt.stride(),
         )
         local.train(self.training)
-        return local(local_kjt).values()
+        try:
+            return local(local_kjt).values()
+        except RuntimeError as e:
+            m = _LOCAL_BAD_INDEX.search(str(e))
+            names = self._local_names.get(which, [])
+            if m is None or int(m.group(1)) >= len(names):
+                raise
+            where = (
+                "a row of that table's shard on this rank, as its row-wise split numbers it"
+                if which == "local_rw"
+                else "a position in the batch this rank received from every rank"
+            )
+            raise type(e)(
+                f"{str(e)[: m.start()]}feature {names[int(m.group(1))]!r}{str(e)[m.end() :]} (sharded: the value's "
+                f"position is {where}; the rank that fed it is one of the {self._world})"
+            ) from None
 
     def compute(self, ctx, dist_input):
         B = ctx.batch_size
@@ -811,6 +832,9 @@ def _covered(spans) -> int:
             break
         end = stop
     return end
+
+
+_LOCAL_BAD_INDEX = re.compile(r"feature '(\d+)'")  # a local collection's key in its bad-index message
 
 
 def merge_state_dicts(state_dicts, prefix: str | None = None, optimizer: str | None = None) -> dict:

@@ -460,11 +460,29 @@ def scenario_refusals_4(world, rank, outdir):
     expect(ValueError, ["t3", "too few"], lambda: shard_model(make_collection("A", "sgd"), "rw_small", world))
 
 
+def scenario_bad_index_named(world, rank, outdir):
+    """One process owns every shard (so no other rank waits): a bad index is named by the user's
+    feature, not the local collection's key number, for table-wise and row-wise shards."""
+    for how in ("tw", "rw"):
+        dmp = shard_model(make_collection("A", "sgd"), how, world)
+        kjt = global_kjt("A", 4, 1)
+        d = kjt.to_dict()
+        bad = {k: (jt.values().clone(), jt.lengths()) for k, jt in d.items()}
+        v, _ = bad["f1"]
+        v[0] = 1000  # f1 reads a table of 50 rows
+        keys = list(bad)
+        broken = KeyedJaggedTensor.from_lengths_sync(
+            keys, torch.cat([bad[k][0] for k in keys]), torch.cat([bad[k][1] for k in keys])
+        )
+        expect(RuntimeError, ["index out of range: feature 'f1'", "sharded"], lambda: dmp(broken).wait())
+
+
 SCENARIOS = {
     1: {
         "tw_sgd": ("A", "sgd", "tw"),
         "cw_adam_weighted": ("W", "adam", "cw"),
         "rw_rowwise_adagrad_mean": ("M", "rowwise_adagrad", "rw"),
+        "bad_index_named": scenario_bad_index_named,
     },
     2: {
         "tw_grad": ("A", None, "tw"),
