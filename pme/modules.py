@@ -257,8 +257,9 @@ class _MultiSizeTable(nn.Module):
     def _identity_projection(self) -> torch.Tensor:
         """``[width, D]``: the slot of size s maps to the first s output columns (== padded at init)."""
         P = torch.zeros(self.width, self.embedding_dim)
+        col, _ = _grouped_columns(self.size_classes, self.embedding_dim)  # the host's copy (also on meta)
         for c in self.size_classes:
-            start = int(self.col_of_size[c])
+            start = int(col[c])
             P[start : start + c, :c] = torch.eye(c)
         return P
 

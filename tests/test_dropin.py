@@ -404,6 +404,8 @@ def test_meta_device_gives_shapes():
         ref = torch.nn.EmbeddingBag(10, 4, device=meta)
         assert m(idx, off).shape == ref(idx, off).shape == (2, 4) and m(idx, off).is_meta
         assert m(two_d).shape == ref(two_d).shape == (3, 4)
+    grouped = pme.MultiSizeEmbedding(3, 8, sizes=[2, 4, 4], layout="grouped", project=True, device=meta)
+    assert grouped(two_d[:, :2]).shape == (3, 2, 8)
     e = pme.MultiSizeEmbedding(10, 4, padding_idx=2, device=meta)
     assert e(two_d).shape == torch.nn.Embedding(10, 4, device=meta)(two_d).shape == (3, 5, 4)
     c = pme.MultiSizeEmbeddingBagCollection(
