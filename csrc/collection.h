@@ -106,6 +106,20 @@ inline void check_blocks_disjoint(const int64_t* feat, int64_t F) {
   }
 }
 
+// One row k of features: its table, its key (only with bags: bag_offsets has G * B + 1 entries,
+// so the number of keys G is known only when B > 0), its columns and its pooling.
+inline void check_block(const int64_t* f, int64_t k, int64_t num_tables, int64_t num_keys, bool check_key,
+                        int64_t out_width) {
+  PME_CHECK(f[kFTable] >= 0 && f[kFTable] < num_tables, "features[", k, "]: table ", f[kFTable],
+            " is out of range for ", num_tables, " tables");
+  PME_CHECK(!check_key || (f[kFKey] >= 0 && f[kFKey] < num_keys), "features[", k, "]: key ", f[kFKey],
+            " is out of range for ", num_keys, " keys (bag_offsets has G * B + 1 entries)");
+  PME_CHECK(f[kFWidth] >= 0 && f[kFCol] >= 0 && f[kFCol] <= out_width - f[kFWidth], "features[", k, "]: columns [",
+            f[kFCol], ", ", f[kFCol], " + ", f[kFWidth], ") do not fit in the output width ", out_width);
+  PME_CHECK(f[kFPooling] == kSum || f[kFPooling] == kMean, "features[", k,
+            "]: pooling must be 0 (sum) or 1 (mean), got ", f[kFPooling]);
+}
+
 // The values of table_rows and features, read on the host (CPU backend; the CUDA backend runs
 // the same tests in a kernel). Overflow-safe: every sum is bounded before it is formed.
 inline void check_collection_meta(const int64_t* table_rows, const int64_t* features, const CollectionArgs& a,
@@ -120,14 +134,7 @@ inline void check_collection_meta(const int64_t* table_rows, const int64_t* feat
   PME_CHECK(out_width >= 0, "out_width must be >= 0, got ", out_width);
   for (int64_t k = 0; k < a.num_blocks; ++k) {
     const int64_t* f = features + k * kFFields;
-    PME_CHECK(f[kFTable] >= 0 && f[kFTable] < a.num_tables, "features[", k, "]: table ", f[kFTable],
-              " is out of range for ", a.num_tables, " tables");
-    PME_CHECK(a.batch == 0 || (f[kFKey] >= 0 && f[kFKey] < a.num_keys), "features[", k, "]: key ", f[kFKey],
-              " is out of range for ", a.num_keys, " keys (bag_offsets has G * B + 1 entries)");
-    PME_CHECK(f[kFWidth] >= 0 && f[kFCol] >= 0 && f[kFCol] <= out_width - f[kFWidth], "features[", k, "]: columns [",
-              f[kFCol], ", ", f[kFCol], " + ", f[kFWidth], ") do not fit in the output width ", out_width);
-    PME_CHECK(f[kFPooling] == kSum || f[kFPooling] == kMean, "features[", k,
-              "]: pooling must be 0 (sum) or 1 (mean), got ", f[kFPooling]);
+    check_block(f, k, a.num_tables, a.num_keys, a.batch > 0, out_width);
     PME_CHECK(!weighted || f[kFPooling] == kSum, "features[", k,
               "]: per_sample_weights are only supported with sum pooling (as nn.EmbeddingBag)");
   }

@@ -77,5 +77,5 @@ def info() -> dict:
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
         "huge_pages": memory.describe(),
-        "huge_pages_advised": memory.huge_pages_enabled() and memory.thp_mode() not in ("never", None),
+        "huge_pages_advised": memory.advised(),
     }

@@ -149,8 +149,9 @@ def _search(args):
 
     if args.warmup_steps is not None and args.mode != "warmup":
         return _fail("search", "--warmup-steps is for --mode warmup (the default mode trains for --epochs)")
-    if _check_out_file(args.out):
-        return _fail("search", _check_out_file(args.out))
+    why = _check_out_file(args.out)
+    if why:
+        return _fail("search", why)
     try:
         ds, title = load_data(args)
     except (ValueError, FileNotFoundError) as e:

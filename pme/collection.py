@@ -1170,7 +1170,6 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
         sizes: each row its first ``sizes[i]`` values (a fused optimizer's state then starts fresh,
         :meth:`_fresh_optim_state`). Returns the state dict to load."""
         out = None
-        own = None
         for t in self._tables:
             p = f"{prefix}{self._state_prefix}.{t.name}."
             w = state_dict.get(p + "weight")
@@ -1182,11 +1181,8 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
                     f"got {w.dtype} {tuple(w.shape)}"
                 )
                 continue
-            if own is None:
-                own = {}
-                self._save_to_state_dict(own, prefix, keep_vars=False)
-                out = dict(state_dict)
-            offs = own[p + "offsets"]
+            out = dict(state_dict) if out is None else out
+            offs = self.table_offsets(t.name).cpu()
             keep = torch.arange(t.embedding_dim).unsqueeze(0) < (offs[1:] - offs[:-1]).unsqueeze(1)
             out[p + "weight"] = w.detach()[keep.to(w.device)]
             out[p + "offsets"] = offs
@@ -1229,13 +1225,14 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
         expected += [prefix + b.name for b in host]
         missing = [k for k in expected if k not in state_dict]
         missing_keys.extend(missing)
-        if load_is_strict(strict):
+        strict = load_is_strict(strict)  # (torch passes strict=True down whatever the call said)
+        if strict:
             own = prefix + self._state_prefix + "."
             unexpected_keys.extend(k for k in state_dict if k.startswith(own) and k not in expected)
+        if missing and strict:
+            return  # all or nothing: torch raises for the missing keys
         if missing:
-            # Load the tables the checkpoint holds whole and keep the others as they are, as torch loads
-            # what matches (nn.Module.load_state_dict passes strict=True down and raises for the
-            # missing keys afterwards, with strict=True; strict=False returns them).
+            # strict=False: load the tables the checkpoint holds whole and keep the others as they are
             own = {}
             self._save_to_state_dict(own, prefix, keep_vars=False)
             state_dict = dict(state_dict)

@@ -53,6 +53,11 @@ def huge_pages_enabled() -> bool:
     return _MADVISE is not None and os.environ.get("PME_HUGE_PAGES", "1").strip().lower() not in _OFF
 
 
+def advised() -> bool:
+    """Whether pme's big tables get huge pages: the advice is on and the kernel's THP mode takes it."""
+    return huge_pages_enabled() and thp_mode() != "never"
+
+
 def thp_mode() -> str | None:
     """The kernel's transparent huge page mode (``"always"``, ``"madvise"``, ``"never"``), or None."""
     try:

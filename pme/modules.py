@@ -558,6 +558,11 @@ class _MultiSizeTable(nn.Module):
             super()._apply(fn, recurse)
         return self
 
+    def _fused_step(self) -> bool:
+        """Whether this call's backward takes the fused optimizer's step: an optimizer attached, in
+        training with grad enabled, and values to update (not on the meta device)."""
+        return self.optimizer is not None and self.training and torch.is_grad_enabled() and not self.weight.is_meta
+
     def _renorm(self, input):
         """``max_norm``: renormalise the rows ``input`` looks up, in place (the fused path's share of
         what ops.embedding_bag / ops.embedding do themselves)."""
@@ -731,7 +736,7 @@ class MultiSizeEmbeddingBag(_MultiSizeTable):
 
         Returns ``[B, output_dim]``.
         """
-        if self.optimizer is not None and self.training and torch.is_grad_enabled() and not self.weight.is_meta:
+        if self._fused_step():
             self._renorm(input)
             out = self.optimizer.lookup(self, input, offsets, per_sample_weights)
         else:
@@ -822,7 +827,7 @@ class MultiSizeEmbedding(_MultiSizeTable):
             self.weight.requires_grad_(False)
 
     def forward(self, input):
-        if self.optimizer is not None and self.training and torch.is_grad_enabled() and not self.weight.is_meta:
+        if self._fused_step():
             self._renorm(input)
             nested = input.is_nested
             if nested:

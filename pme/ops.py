@@ -699,16 +699,19 @@ class _PswModeError(ValueError, NotImplementedError):
     """per_sample_weights with a mode other than sum (torch raises NotImplementedError)."""
 
 
-def _check_width(width):
-    """The output width as an int >= 0 (an integer of any kind: int, numpy or 0-d integer tensor,
-    SymInt), or a TypeError / ValueError; never a float cut down to an int."""
+def as_int(value, name: str, least: int | None = None) -> int:
+    """``value`` as an int (an integer of any kind: int, numpy or 0-d integer tensor, SymInt;
+    never a bool, never a float cut down), ``>= least`` when given; else TypeError / ValueError
+    naming ``name``."""
     try:
-        w = operator.index(width)
+        if isinstance(value, bool):
+            raise TypeError
+        v = operator.index(value)
     except TypeError:
-        raise TypeError(f"width must be an integer, got {width!r}") from None
-    if w < 0:
-        raise ValueError(f"width must be >= 0, got {w}")
-    return w
+        raise TypeError(f"{name} must be an integer, got {value!r}") from None
+    if least is not None and v < least:
+        raise ValueError(f"{name} must be >= {least}, got {v}")
+    return v
 
 
 def _unnest_bags(input, offsets, per_sample_weights):
@@ -729,8 +732,12 @@ def _unnest_bags(input, offsets, per_sample_weights):
         if not per_sample_weights.is_nested:
             raise ValueError("if input is nested, per_sample_weights must be nested too (as in torch)")
         per_sample_weights = _packed(per_sample_weights)
-        if per_sample_weights.dim() != 2 or not torch.equal(per_sample_weights.offsets().cpu(), input.offsets().cpu()):
-            lens = (per_sample_weights.offsets().diff().tolist(), input.offsets().diff().tolist())
+        po, io = per_sample_weights.offsets(), input.offsets()
+        # (weights built on the input's offsets share the tensor: no comparison, no device read;
+        # weights on another device are refused by bag_inputs' device check)
+        same = po is io or po.device != io.device or (po.shape == io.shape and torch.equal(po, io))
+        if per_sample_weights.dim() != 2 or not same:
+            lens = (po.diff().tolist(), io.diff().tolist())
             raise ValueError(
                 f"per_sample_weights has bags of lengths {lens[0]} but input has {lens[1]}; they must match "
                 "(one weight per index)"
@@ -915,7 +922,7 @@ def embedding_bag(
         ``[B, width]`` tensor of ``weight``'s dtype (accumulated in float32, or float64).
     """
     check_table(weight, offsets, col_of_size)
-    width = _check_width(width)
+    width = as_int(width, "width", 0)
     V = offsets.numel() - 1
     pad = normalize_padding_idx(padding_idx, V)
     indices, bag_offsets, psw, m = bag_inputs(
@@ -965,7 +972,7 @@ def embedding(
     in :func:`embedding_bag`.
     """
     check_table(weight, offsets, col_of_size)
-    width = _check_width(width)
+    width = as_int(width, "width", 0)
     pad = normalize_padding_idx(padding_idx, offsets.numel() - 1)
     if isinstance(input, torch.Tensor) and input.is_nested:
         if input.layout != torch.jagged:
@@ -1522,10 +1529,9 @@ def sparse_update_(
     """
     hyper = Hyperparameters.of(optimizer, **_pop_hyperparameters(lookup))
     _check_lookup_keywords("sparse_update_", lookup)
-    if isinstance(step, bool) or not isinstance(step, numbers.Integral):
-        raise TypeError(f"step must be an integer (the step count), got {step!r}")
-    if not 1 <= step < 2**62:
-        raise ValueError(f"step must be in [1, 2**62), got {step}")
+    step = as_int(step, "step", 1)
+    if step >= 2**62:
+        raise ValueError(f"step must be below 2**62, got {step}")
     bags, argmax = _fused_lookup(offsets, indices, bag_offsets, grad_out, **lookup)
     lead = (weight, state1, state2, grad_out)
     _row_operator("sparse_update_", lead, weight, bags, argmax, hyper.operator_args(step), (hyper, int(step)))
@@ -1607,12 +1613,7 @@ def topk_threshold(scores: torch.Tensor, k: int) -> torch.Tensor:
     """The ``k``-th largest of ``scores`` (any shape; float32, or float16 / bfloat16 / float64
     read as float32) as a 0-d float32 tensor, found by radix select. ``k`` an integer."""
     scores = _float_scores(scores)
-    if isinstance(k, bool):
-        raise TypeError(f"k must be an integer, got {k!r}")
-    try:
-        k = operator.index(k)
-    except TypeError:
-        raise TypeError(f"k must be an integer, got {k!r}") from None
+    k = as_int(k, "k")
     n = scores.numel()
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}] (the number of scores), got {k}")

@@ -352,11 +352,8 @@ def _grid(budget: float, dim: int, dtype: torch.dtype, quantum, min_size) -> tup
     """``(quantum, min_size)``: the given ones, or ``default_granularity``'s for the narrowest width
     ``dim`` and the tables' ``dtype`` (a default floor is at most one quantum)."""
     q_default, floor_default = default_granularity(budget, dim, alignment_quantum(dtype))
-    for name, v in (("quantum", quantum), ("min_size", min_size)):
-        if v is not None and (isinstance(v, bool) or int(v) != v or int(v) < (1 if name == "quantum" else 0)):
-            raise ValueError(f"{name} must be an integer >= {1 if name == 'quantum' else 0}, got {v!r}")
-    q = q_default if quantum is None else int(quantum)
-    return q, (min(floor_default, q) if min_size is None else int(min_size))
+    q = q_default if quantum is None else ops.as_int(quantum, "quantum", 1)
+    return q, (min(floor_default, q) if min_size is None else ops.as_int(min_size, "min_size", 0))
 
 
 def _check_cut(budget: float, normalize: str, shrink: float) -> None:
@@ -422,7 +419,7 @@ def sizes_for_budget(scores: dict, budget: float, per_table: bool = False, quant
     Returns ``(sizes dict, threshold)``.
     """
     _check_budget(budget)
-    _grid(budget, 1, torch.float32, quantum, min_size)  # checks quantum >= 1, min_size >= 0
+    quantum, min_size = ops.as_int(quantum, "quantum", 1), ops.as_int(min_size, "min_size", 0)
     if per_table:
         out, thr = {}, {}
         for name, sc in scores.items():

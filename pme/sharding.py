@@ -150,11 +150,10 @@ def join_columns(pieces, num_rows: int):
 # The sharded module
 # --------------------------------------------------------------------------------------------
 class _Context(Multistreamable):
-    """Per-call state from input_dist to output_dist: the rank's batch size and, for mean-pooled
-    row-wise tables, the bag lengths that divide their sums."""
+    """Per-call state from input_dist to output_dist: for mean-pooled row-wise tables, the bag
+    lengths that divide their sums."""
 
     def __init__(self):
-        self.batch_size = 0
         self.rw_lengths = []
 
     def record_stream(self, stream):
@@ -302,11 +301,6 @@ class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
             for ti, c0, c1 in pieces[self._rank]
         ]
         self.__dict__["local"] = self._make_local(mine, module, opt, lambda ti: self._tables[ti].pooling)
-        # the user's feature name of each local key ("0", "1", ...), for error messages
-        self._local_names = {
-            which: [f for _, ti, *_ in shards for f in self._tables[ti].feature_names]
-            for which, shards in (("local", mine),)
-        }
         mine_rw = [
             (
                 _row_name(self._tables[ti].name, *rw[ti][self._rank], self._tables[ti].num_embeddings),
@@ -317,7 +311,6 @@ class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
             for ti in sorted(rw)
         ]
         self.__dict__["local_rw"] = self._make_local(mine_rw, module, opt, lambda ti: "sum")
-        self._local_names["local_rw"] = [f for _, ti, *_ in mine_rw for f in self._tables[ti].feature_names]
         self._shards = {"local": mine, "local_rw": mine_rw}
         full = module.state_dict()
         for which in ("local", "local_rw"):
@@ -409,7 +402,6 @@ class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
             )
         if self.is_weighted and features.weights_or_none() is None:
             raise ValueError("the collection is weighted (is_weighted=True) but the input carries no weights")
-        ctx.batch_size = features.stride()
         self._check_same_batch(features)
         if not self.is_weighted and features.weights_or_none() is not None:
             features = KeyedJaggedTensor(
@@ -460,7 +452,8 @@ class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
             return local(local_kjt).values()
         except RuntimeError as e:
             m = _LOCAL_BAD_INDEX.search(str(e))
-            names = self._local_names.get(which, [])
+            # local key k is the k-th feature of this rank's shards (_make_local numbers them so)
+            names = [f for _, ti, *_ in self._shards[which] for f in self._tables[ti].feature_names]
             if m is None or int(m.group(1)) >= len(names):
                 raise
             where = (
@@ -474,13 +467,6 @@ class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
             ) from None
 
     def compute(self, ctx, dist_input):
-        B = ctx.batch_size
-        for kjt in dist_input:  # (input_dist has compared the ranks' batch sizes; a second line of defence)
-            if kjt.stride() != B * self._world:
-                raise ValueError(
-                    f"every rank must feed the same batch size: this rank has {B} samples but the ranks "
-                    f"sent {kjt.stride()} in all ({self._world} ranks)"
-                )
         out = []
         k = 0
         if self._input_dist is not None:

@@ -180,31 +180,14 @@ void coll_validate(const Ctx& ctx, const Tensor& like, const Coll<I>& c, bool we
   }
   PME_CHECK(h[kCTableRowsEnd] == kFine, "table_rows[-1] = ", read1(c.rows + c.T),
             " must equal the number of rows V = ", c.V, " of offsets");
-  if (h[kCFeature] != kFine) {
+  if (h[kCFeature] != kFine) {  // the first block the kernel flagged, said as the CPU says it
     const int64_t k = static_cast<int64_t>(h[kCFeature]);
-    int64_t f[kFFields];
-    read_device(ctx, f, c.feat + k * kFFields, kFFields);
-    PME_CHECK(f[kFTable] >= 0 && f[kFTable] < c.T, "features[", k, "]: table ", f[kFTable], " is out of range for ",
-              c.T, " tables");
-    PME_CHECK(f[kFKey] >= 0 && f[kFKey] < c.G, "features[", k, "]: key ", f[kFKey], " is out of range for ", c.G,
-              " keys (bag_offsets has G * B + 1 entries)");
-    PME_CHECK(f[kFWidth] >= 0 && f[kFCol] >= 0 && f[kFCol] <= c.out_width - f[kFWidth], "features[", k, "]: columns [",
-              f[kFCol], ", ", f[kFCol], " + ", f[kFWidth], ") do not fit in the output width ", c.out_width);
-    PME_CHECK(false, "features[", k, "]: pooling must be 0 (sum) or 1 (mean), got ", f[kFPooling]);
+    check_block(blocks.data() + k * kFFields, k, c.T, c.G, true, c.out_width);
   }
-  if (c.B == 0) {  // the kernel tests blocks only with bags (a key needs B > 0); the rest, as the CPU does
-    for (int64_t k = 0; k < c.F; ++k) {
-      const int64_t* f = blocks.data() + k * kFFields;
-      PME_CHECK(f[kFTable] >= 0 && f[kFTable] < c.T, "features[", k, "]: table ", f[kFTable], " is out of range for ",
-                c.T, " tables");
-      PME_CHECK(f[kFWidth] >= 0 && f[kFCol] >= 0 && f[kFCol] <= c.out_width - f[kFWidth], "features[", k,
-                "]: columns [", f[kFCol], ", ", f[kFCol], " + ", f[kFWidth], ") do not fit in the output width ",
-                c.out_width);
-      PME_CHECK(f[kFPooling] == kSum || f[kFPooling] == kMean, "features[", k,
-                "]: pooling must be 0 (sum) or 1 (mean), got ", f[kFPooling]);
-    }
+  if (c.B == 0) {  // the kernel tests blocks only with bags (a key needs B > 0): the rest here
+    for (int64_t k = 0; k < c.F; ++k) check_block(blocks.data() + k * kFFields, k, c.T, c.G, false, c.out_width);
   }
-  check_blocks_disjoint(blocks.data(), c.F);  // columns in range now (kCFeature, or the loop above)
+  check_blocks_disjoint(blocks.data(), c.F);  // columns in range now
   if (weighted && c.F > 0) {
     for (int64_t k = 0; k < c.F; ++k) {
       PME_CHECK(blocks[k * kFFields + kFPooling] == kSum, "features[", k,
