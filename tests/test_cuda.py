@@ -287,3 +287,21 @@ def test_second_gpu():
         out = ops.embedding_bag(w, offsets, idx, off, width=width, mode="sum")
     assert out.device == torch.device("cuda:1")
     torch.testing.assert_close(out.double(), _dense_oracle(w, offsets, idx, off, D, "sum"))
+
+
+@needs_cuda
+def test_collection_backward_refuses_graph_capture_clearly():
+    """A collection's backward reads sizes back to the host, which a CUDA graph cannot capture: the
+    operator refuses with pme's message instead of failing inside the capture."""
+    cfg = [pme.collection.EmbeddingBagConfig(20, 8, "a", ["f"])]
+    m = pme.MultiSizeEmbeddingBagCollection(cfg, 4, device="cuda")
+    feats, B = m._features(["f"]), 2
+    idx, bo = torch.tensor([1, 2, 3], device="cuda"), torch.tensor([0, 1, 3], device="cuda")
+    w, off, tr = m.weight.detach(), m.offsets, m.table_rows
+    go = torch.zeros(B, m.out_width, device="cuda")
+    torch.ops.pme.collection_backward(go, w, off, tr, feats, idx, bo, None, B, False)  # fine eagerly
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+        with torch.cuda.graph(graph):
+            torch.ops.pme.collection_backward(go, w, off, tr, feats, idx, bo, None, B, False)

@@ -217,3 +217,15 @@ def test_false_promise_every_kernel_refuses_a_bad_span(monkeypatch, kernel, offs
     expect = torch.zeros(1, 8)
     expect[0, : hi - lo] = w[lo:hi]
     torch.testing.assert_close(out, expect, msg=why)
+
+
+def test_error_messages_name_the_fault_without_cpp_locations():
+    """The operators' messages start with "pme: " and name what is wrong; the C++ function, file
+    and line of the check are not part of them; a table of no rows says it has none."""
+    with pytest.raises(RuntimeError) as e:
+        ops.embedding_bag(
+            torch.zeros(0), torch.zeros(1, dtype=torch.int64), torch.tensor([0]), torch.tensor([0]), width=4
+        )
+    msg = str(e.value)
+    assert msg.startswith("pme: index out of range: indices[0] = 0 but the table has 0 rows (it has none to look up)")
+    assert ".cpp" not in msg and ".h:" not in msg

@@ -225,6 +225,8 @@ def test_cli_search_and_demo_on_a_csv_file(tmp_path, capsys):
     assert "--warmup-steps is for --mode warmup" in capsys.readouterr().err
     assert main(["search", "--data", "adultt"]) == 2  # a typo of a built-in name
     assert "no such data file 'adultt', nor a built-in data set" in capsys.readouterr().err
+    assert main(["search", "--data", str(tmp_path), "--label", "y"]) == 2  # a folder, not a file
+    assert "is a folder; give a CSV/TSV file" in capsys.readouterr().err
     assert main(["search", *opts, "--out", str(tmp_path / "none" / "x.json")]) == 2  # before any training
     assert "does not exist" in capsys.readouterr().err
     # arguments are checked when parsed, not after a training run
