@@ -868,6 +868,13 @@ def _column_list(values, name: str) -> list:
         raise TypeError(f"column {name!r} is not a sequence (got {type(values).__name__})") from None
 
 
+def _check_roles(fields, label, dense, where: str = "") -> None:
+    """A column is a categorical field, the label or a dense feature, never two of them."""
+    both = sorted(set(fields) & (set(dense) | ({label} if label is not None else set())))
+    if both:
+        raise ValueError(f"{where}{both} cannot be categorical fields and the label or dense columns at once")
+
+
 def from_columns(
     columns: Mapping[str, Sequence],
     label: str | Sequence,
@@ -940,9 +947,7 @@ def from_columns(
     unknown = [f for f in list(fields) + dense + list(seps) if f not in cols]
     if unknown:
         raise ValueError(f"unknown column(s) {unknown}; columns: {sorted(cols)}")
-    both = sorted(set(fields) & (set(dense) | ({label} if isinstance(label, str) else set())))
-    if both:
-        raise ValueError(f"{both} cannot be categorical fields and the label or dense columns at once")
+    _check_roles(fields, label if isinstance(label, str) else None, dense)
     twice = sorted({f for f in fields if fields.count(f) > 1})
     if twice:
         raise ValueError(f"fields {twice} are named more than once")
@@ -1117,9 +1122,7 @@ def from_csv(
             used = list(dict.fromkeys(h for h in header if h and h not in {label, *dense, *ignore}))
             used += [label, *dense]
         else:
-            both = [f for f in fields if f == label or f in dense]
-            if both:
-                raise ValueError(f"{p}: {both} cannot be categorical fields and the label or dense columns at once")
+            _check_roles(fields, label, dense, where=f"{p}: ")
             used = [*fields, label, *dense]
         keep = [i for i, h in enumerate(header) if h in used]  # only the used columns are kept
         cells = [[] for _ in keep]
