@@ -217,7 +217,7 @@ inline void bag_sum_simd(const T* w, const TableView& table, const I* idx, const
       const float s = kWeighted ? widen<float>(psw[j]) : 1.0f;
       add_live_steps<kWeighted>(acc, row, live, s, std::make_integer_sequence<int, Acc::kSteps>{});
     }
-    acc.finish(out + b * W, W, mean ? n : 0);
+    acc.finish(out + out_row(t, b), W, mean ? n : 0);
   }
 }
 

@@ -40,7 +40,7 @@ PME_CLONES void forward_bags(const T* w, const TableView& table, const I* idx, c
   const int64_t jend = bag_begin(bo, b1);
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t start = bag_begin(bo, b), end = bag_begin(bo, b + 1);
-    T* o = out + b * W;
+    T* o = out + out_row(t, b);
     int64_t n = 0;
     if (mode == kMax) {
       // As nn.EmbeddingBag on the dense view (CPU): the bag's first counted lookup sets every

@@ -18,7 +18,8 @@ enum class CpuKernel { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
 // parallel loop, and hand the result to every task.
 CpuKernel cpu_kernel();
 
-// Pools bags [0, n) into out [n, t.width]: bag b is lookups [bo[b], bo[b + 1]) of idx (positions
+// Pools bags [0, n) into out (bag b's t.width outputs at out + out_row(t, b): rows of t.out_stride
+// entries, or a dense [n, t.width]): bag b is lookups [bo[b], bo[b + 1]) of idx (positions
 // into idx, rows of table t), mode kSum or kMean, psw weights (or nullptr). A bad lookup (index
 // out of range, row outside the buffer or wider than t.width) is skipped and its position noted
 // in `bad` (the smallest wins); its row is never read.

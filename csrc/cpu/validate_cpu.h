@@ -23,7 +23,15 @@ struct TableView {
   int64_t num_cols;
   int64_t width;         // output width W
   bool checked = false;  // the caller vouches the whole-table scan passed before (table_checked)
+  // Entries from one bag's output row to the next; 0: width (a [bags, W] output). The forward
+  // kernels write bag b's outputs at out_row(t, b); max mode's argmax stays [bags, W].
+  int64_t out_stride = 0;
 };
+
+// Where bag b's output row starts, in entries from the output's start.
+inline int64_t out_row(const TableView& t, int64_t b) {
+  return b * (t.out_stride > 0 ? t.out_stride : t.width);
+}
 
 inline TableView make_table(const Tensor& weight, const Tensor& offsets, const std::optional<Tensor>& col_of_size,
                             int64_t width, bool checked = false) {
