@@ -1,7 +1,7 @@
 """Pure-PyTorch reference of every pme operator.
 
 This module is both the test oracle and the fallback used when the compiled extension cannot
-be loaded. It follows DESIGN.md's one-sentence rule literally: build the dense view of the
+be loaded. It follows the semantics' one-sentence rule (README "Semantics") literally: build the dense view of the
 multi-size table (each row zero-padded on the right, or placed in its size's slot for the
 ``grouped`` layout) and call ``F.embedding_bag`` / ``F.embedding`` on it. Autograd through the
 dense view gives gradients restricted to the stored entries. Memory is O(V * width): fine for
@@ -96,6 +96,10 @@ def embedding_bag(
         # F.embedding_bag rejects some empty inputs that the rule still defines: zeros.
         B = bag_offsets.numel() - 1
         return dense.new_zeros(B, width) + 0 * dense.sum()
+    if psw is not None and not bool(torch.isfinite(psw).all()):
+        return _weighted_stored_only(
+            dense.to(acc), weight, offsets, width, col_of_size, indices, bag_offsets, psw, padding_idx
+        ).to(weight.dtype)
     out = F.embedding_bag(
         indices,
         dense.to(acc),
@@ -106,6 +110,19 @@ def embedding_bag(
         padding_idx=padding_idx,
     )
     return out.to(weight.dtype)
+
+
+def _weighted_stored_only(dense, weight, offsets, width, col_of_size, indices, bag_offsets, psw, padding_idx):
+    """The weighted sum when a weight is not finite: each weight scales its row's stored entries
+    only (a column the row does not store adds nothing, where the dense view's 0 * inf would add
+    NaN), as every kernel computes it."""
+    stored = to_dense(torch.ones_like(weight, dtype=dense.dtype), offsets, width, col_of_size) != 0
+    idx = indices.long()
+    keep = stored[idx] if padding_idx is None else stored[idx] & (idx != padding_idx).unsqueeze(1)
+    terms = torch.where(keep, F.embedding(idx, dense) * psw.unsqueeze(1), dense.new_zeros(()))
+    counts = bag_offsets.long().diff()
+    bag = torch.repeat_interleave(torch.arange(counts.numel(), device=idx.device), counts)
+    return dense.new_zeros(bag_offsets.numel() - 1, width).index_add(0, bag, terms)
 
 
 def embedding(weight, offsets, indices, width, col_of_size=None, padding_idx=None):

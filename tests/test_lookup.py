@@ -555,6 +555,38 @@ def test_cpu_forward_kernels_on_wide_tables(monkeypatch, dtype, D, mode):
             ops.embedding_bag(w, offsets, torch.tensor([1, 0, 3]), torch.tensor([0, 2]), width=D - 1)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("D", [8, 16, 40, 64, 300])
+def test_non_finite_weights_scale_stored_entries_only_on_every_kernel(monkeypatch, dtype, D):
+    """A per-sample weight of inf, -inf or NaN scales its row's stored entries only: the columns a
+    row does not store stay 0 (the dense view's 0 * inf = NaN is not an entry of the table), with
+    every kernel (the register kernels multiply whole 64-byte steps: a run holding such a weight
+    goes to the portable kernel), the reference and across runs of 4096 lookups."""
+    gen = torch.Generator().manual_seed(D)
+    V = 40
+    w, offsets, col, width, sizes = make_table(V, D, dtype, "cpu", seed=D)
+    idx, bags = random_bags(V, 700, 9, gen, torch.int64)  # > 4096 lookups: several check runs
+    psw = torch.randn(idx.shape, generator=gen).to(dtype)
+    special = torch.randperm(idx.numel(), generator=gen)[:12]
+    psw[special] = torch.tensor([float("inf"), float("-inf"), float("nan")] * 4, dtype=dtype)
+    ends = torch.cat([bags, torch.tensor([idx.numel()])])
+    ref = reference.embedding_bag(w.double(), offsets, idx, ends, width, col, "sum", psw.double())
+    stored = (torch.arange(width) < sizes.unsqueeze(1))[idx]  # [N, W] which columns each lookup stores
+    bag_of = torch.repeat_interleave(torch.arange(bags.numel()), ends.diff())
+    touched = torch.zeros(bags.numel(), width, dtype=torch.bool).index_put_((bag_of,), stored, accumulate=True)
+    assert bool(torch.isnan(ref).any()) and bool((~touched).any())
+    assert not bool(torch.isnan(ref[~touched]).any())  # unstored columns of every bag stay finite
+    outs = {}
+    for kernel in ["avx512", "avx2", "generic"]:
+        monkeypatch.setenv("PME_CPU_KERNEL", kernel)
+        outs[kernel] = ops.embedding_bag(w, offsets, idx, bags, width=width, mode="sum", per_sample_weights=psw)
+        tol = {torch.float32: 1e-5, torch.float64: 1e-12, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
+        torch.testing.assert_close(outs[kernel].double(), ref, rtol=tol, atol=tol, equal_nan=True, msg=kernel)
+        assert torch.equal(torch.isnan(outs[kernel]), torch.isnan(ref)), kernel
+    for kernel in outs:  # the run with a non-finite weight is the portable kernel's on every path
+        assert torch.equal(outs[kernel].isnan(), outs["generic"].isnan())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=str)
 def test_cpu_forward_across_index_check_runs(monkeypatch, dtype, index_dtype):

@@ -70,6 +70,23 @@ CpuKernel cpu_kernel() {
 
 namespace {
 
+// Whether the weights psw[j0, j1) are all finite: the register kernels multiply whole 64-byte
+// steps, so a non-finite weight would turn the zero lanes past a row into NaN; a run with one goes
+// to the portable kernel, which scales the row's stored entries only (as the CUDA kernels and the
+// collection's one-hot copy do). Raw bits, an OR over a branch-free test: vectorised, no call.
+template <class T>
+bool weights_finite(const T* psw, int64_t j0, int64_t j1) {
+  using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, std::conditional_t<sizeof(T) == 8, uint64_t, uint16_t>>;
+  constexpr Bits kExp = sizeof(T) == 4                     ? Bits(0x7F800000u)
+                        : sizeof(T) == 8                   ? Bits(0x7FF0000000000000ull)
+                        : std::is_same_v<T, c10::BFloat16> ? Bits(0x7F80u)
+                                                           : Bits(0x7C00u);
+  const auto* bits = reinterpret_cast<const Bits*>(psw);
+  bool bad = false;
+  for (int64_t j = j0; j < j1; ++j) bad |= (bits[j] & kExp) == kExp;
+  return !bad;
+}
+
 // The one dispatch point of the forward kernels: bags [b0, b1) with the kernel chosen for the
 // call (cpu_kernel(), read once per call): a register kernel where one serves (sum / mean,
 // padded layout, width 1..256, not fp64), else the portable one. Each lookup is checked before
@@ -85,13 +102,15 @@ void bag_forward_range(CpuKernel kernel, const T* w, const TableView& t, const I
     if (kernel != CpuKernel::kGeneric && mode != kMax && t.col_of_size == nullptr && t.width >= 1 && t.width <= 256) {
       // Runs of bags of at least kCheckRun lookups (the indices stay in cache between the two
       // passes): their indices checked in one vectorised pass, then the register kernel, which
-      // tests only the spans; a run with a bad index goes to the portable kernel, which finds it.
+      // tests only the spans; a run with a bad index goes to the portable kernel, which finds it,
+      // and so does a run with a non-finite weight (weights_finite).
       constexpr int64_t kCheckRun = 4096;
       for (int64_t c0 = b0; c0 < b1;) {
         const int64_t j0 = bag_begin(bo, c0);
         const int64_t c1 = bo ? std::upper_bound(bo + c0 + 1, bo + b1, static_cast<I>(j0 + kCheckRun)) - bo
                               : std::min(b1, c0 + kCheckRun);
-        if (!indices_in_range(idx, j0, bag_begin(bo, c1), t.num_rows))
+        if (!indices_in_range(idx, j0, bag_begin(bo, c1), t.num_rows) ||
+            (psw != nullptr && !weights_finite(psw, j0, bag_begin(bo, c1))))
           bag_forward_generic(w, t, idx, bo, c0, c1, psw, mode, pad, out, argmax, bad);
         else if (kernel == CpuKernel::kAvx512)
           bag_sum_avx512(w, t, idx, bo, c0, c1, psw, mode == kMean, pad, out, bad);
