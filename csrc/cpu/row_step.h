@@ -41,14 +41,17 @@ void apply_step(const Hyper& h, T* w, A* g, int64_t size, A* row_state, A* m, A*
       break;
     }
     case kAdam: {
+      // 1 - beta and the bias corrections in double, as torch forms them: with a beta near 1,
+      // 1 - beta formed in float32 would cancel (beta2 = 0.9999999: 7% off the step).
       const A b1 = static_cast<A>(h.beta1), b2 = static_cast<A>(h.beta2);
-      const A bc1 = A(1) - static_cast<A>(std::pow(h.beta1, static_cast<double>(h.step)));
-      const A bc2 = A(1) - static_cast<A>(std::pow(h.beta2, static_cast<double>(h.step)));
+      const A c1 = static_cast<A>(1.0 - h.beta1), c2 = static_cast<A>(1.0 - h.beta2);
+      const double bc1 = 1.0 - std::pow(h.beta1, static_cast<double>(h.step));
+      const double bc2 = 1.0 - std::pow(h.beta2, static_cast<double>(h.step));
       // torch.optim.SparseAdam's form: eps is added to sqrt(v) before the bias correction.
-      const A step_size = lr * std::sqrt(bc2) / bc1;
+      const A step_size = static_cast<A>(h.lr * std::sqrt(bc2) / bc1);
       for (int64_t c = 0; c < size; ++c) {
-        m[c] = b1 * m[c] + (A(1) - b1) * g[c];
-        v[c] = b2 * v[c] + (A(1) - b2) * g[c] * g[c];
+        m[c] = b1 * m[c] + c1 * g[c];
+        v[c] = b2 * v[c] + c2 * g[c] * g[c];
         const A denom = std::sqrt(v[c]) + eps;
         w[c] = static_cast<T>(static_cast<A>(w[c]) - step_size * m[c] / denom);
       }

@@ -104,14 +104,15 @@ UpdateOp<T> make_update_op(void* w, void* s1, void* s2, int64_t optimizer, doubl
   op.eps = static_cast<A>(eps);
   op.b1 = static_cast<A>(beta1);
   op.b2 = static_cast<A>(beta2);
-  op.one_minus_b1 = A(1) - op.b1;
-  op.one_minus_b2 = A(1) - op.b2;
+  // 1 - beta and the bias corrections in double, as the CPU kernel (row_step.h) forms them.
+  op.one_minus_b1 = static_cast<A>(1.0 - beta1);
+  op.one_minus_b2 = static_cast<A>(1.0 - beta2);
   op.inv_scale = static_cast<A>(1.0 / grad_scale);
   op.step_size = A(1);
   if (optimizer == kAdam) {
-    const A bc1 = A(1) - static_cast<A>(std::pow(beta1, static_cast<double>(step)));
-    const A bc2 = A(1) - static_cast<A>(std::pow(beta2, static_cast<double>(step)));
-    op.step_size = op.lr * std::sqrt(bc2) / bc1;
+    const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
+    const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
+    op.step_size = static_cast<A>(lr * std::sqrt(bc2) / bc1);
   }
   return op;
 }
