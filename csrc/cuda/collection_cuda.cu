@@ -396,9 +396,10 @@ __global__ void virtual_kernel(Coll<I> c, const int64_t* ranges, int64_t M, int6
   }
 }
 
-// vgrad[(k * B + b), c] = grad_out[b, col_k + c] * scale (c < width_k), 0 past the block's width.
+// vgrad[(k * B + b), c] = grad_out[b, col_k + c] (c < width_k), 0 past the block's width; a mean
+// block's 1 / count joins in the accumulation type (GradSrc::bag_scale), as the CPU's does.
 template <class T, class I>
-__global__ void vgrad_kernel(Coll<I> c, const T* grad_out, int64_t Wg, const acc_t<T>* scale, int64_t Wmax, T* vgrad) {
+__global__ void vgrad_kernel(Coll<I> c, const T* grad_out, int64_t Wg, int64_t Wmax, T* vgrad) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t n = c.F * c.B * Wmax;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
@@ -407,7 +408,7 @@ __global__ void vgrad_kernel(Coll<I> c, const T* grad_out, int64_t Wg, const acc
     const int64_t b = p % c.B;
     T v = zero_value<T>();
     if (block_ok(c, f) && col < f[kFWidth] && f[kFCol] + col < Wg) {
-      v = from_acc<T>(to_acc(grad_out[b * Wg + f[kFCol] + col]) * scale[p]);
+      v = grad_out[b * Wg + f[kFCol] + col];
     }
     vgrad[i] = v;
   }
@@ -512,9 +513,8 @@ void for_each_collection_row(const Tensor& grad_out, const Tensor& weight, const
           static_cast<A*>(scale.mutable_data_ptr()));
       PME_CUDA_LAUNCH_CHECK();
       Tensor vgrad = torch::stable::new_empty(weight, {F * B, Wmax});
-      vgrad_kernel<T, I><<<ctx.grid(F * B * Wmax, 256), 256, 0, ctx.stream>>>(
-          c, go.const_data_ptr<T>(), Wg, static_cast<const A*>(scale.const_data_ptr()), Wmax,
-          vgrad.mutable_data_ptr<T>());
+      vgrad_kernel<T, I><<<ctx.grid(F * B * Wmax, 256), 256, 0, ctx.stream>>>(c, go.const_data_ptr<T>(), Wg, Wmax,
+                                                                              vgrad.mutable_data_ptr<T>());
       PME_CUDA_LAUNCH_CHECK();
       Tensor vpsw;
       const T* vp = nullptr;
@@ -528,7 +528,8 @@ void for_each_collection_row(const Tensor& grad_out, const Tensor& weight, const
       const Table tab{offsets.const_data_ptr<int64_t>(), a.num_rows, weight.numel(), nullptr, 0, Wmax};
       const RowGroups groups = group_by_row<int64_t>(ctx, offsets, vrow.const_data_ptr<int64_t>(), M,
                                                      vbo.const_data_ptr<int64_t>(), F * B, -1, tab, false);
-      const GradSrc<T> src{vgrad.const_data_ptr<T>(), Wmax, vp, nullptr, tab, kSum};
+      const GradSrc<T> src{
+          vgrad.const_data_ptr<T>(), Wmax, vp, nullptr, tab, kSum, static_cast<const A*>(scale.const_data_ptr())};
       run_row_op<T>(ctx, offsets, groups, src, make_op(T{}));
       after(T{}, ctx, groups, vgrad, vrow, tab, rg, M);
     });

@@ -302,6 +302,8 @@ Tensor prune_pack(Tensor dense, Tensor scores, Tensor offsets, bool by_score) {
   const int64_t V = dense.sizes()[0], D = dense.sizes()[1];
   PME_CHECK(D <= kPackMaxD, "prune_pack on CUDA supports rows of at most ", kPackMaxD, " entries, got D = ", D);
   const Ctx ctx(dense);
+  PME_CHECK(!ctx.capturing(), "prune_pack reads its output length back to the host and cannot be captured in a ",
+            "CUDA graph");
   const int64_t* off = offsets.const_data_ptr<int64_t>();
 
   // Validate the offsets and read the output length (one synchronisation: the output's shape

@@ -306,6 +306,7 @@ struct GradSrc {
   const int64_t* argmax;  // [B, W] (mode max) or nullptr
   Table table;
   int64_t mode;
+  const acc_t<T>* bag_scale = nullptr;  // [B] factor per bag (a collection's mean: 1 / count), or nullptr
 };
 
 // Calls f(i, c) for each of the lane's columns c = c0 + lane + 32 * i (i < kVPL) of a column
@@ -450,6 +451,7 @@ __global__ void __launch_bounds__(256) row_parts_kernel(GradSrc<T> src, RowGroup
         // Mean (never with per-sample weights): 1 / count, correctly rounded like the CPU's
         // 1 / count division (a reciprocal instead of the division's slow-path call).
         if (src.mode == kMean) sc = recip_rn(static_cast<A>(g.count[b]));
+        if (src.bag_scale != nullptr) sc *= src.bag_scale[b];  // exact for 1 (sum), 1 / count for mean
       }
     }
     const PartGrad<T> grad_chunk{src.grad_out, src.argmax, W, col, size, j, b, sc, len, lane, src.mode == kMax};

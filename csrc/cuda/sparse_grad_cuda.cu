@@ -64,6 +64,10 @@ std::tuple<Tensor, Tensor> bag_backward_sparse(Tensor grad_out, Tensor weight, T
                                                Tensor bag_offsets, std::optional<Tensor> per_sample_weights,
                                                std::optional<Tensor> col_of_size, Tensor argmax, int64_t mode,
                                                int64_t padding_idx, bool scale_grad_by_freq, bool table_checked) {
+  // The gradient's number of entries is read back to size it: a clear error rather than the capture's own.
+  PME_CHECK(
+      !Ctx(weight).capturing(), "a sparse gradient (sparse=True) reads its number of entries back to the host ",
+      "and cannot be captured in a CUDA graph (use the dense gradient or a fused optimizer, whose steps capture)");
   const int64_t N = indices.numel();
   Tensor entries, values;
   with_grouped_batch(grad_out, weight, offsets, indices, bag_offsets, per_sample_weights, col_of_size, argmax, mode,
