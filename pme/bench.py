@@ -30,7 +30,7 @@ What it measures
                          looked-up row, and index_add sums them into the [B * D] output. Building
                          the ragged index is part of the timed work (it depends on the batch).
 
-   and these *training-step* methods (issue 4), phase ``step`` (one forward, backward and
+   and these *training-step* methods, phase ``step`` (one forward, backward and
    optimizer update of the table; the output gradient g is a fixed random [B, D] tensor):
 
    ``pme_fused_rowwise_adagrad``  pme module with optimizer=pme.optim.RowwiseAdagrad: out.backward(g)
@@ -96,7 +96,7 @@ measured (``--replot`` draws its PNG).
 
 Examples::
 
-    pme bench                    # CPU: the cpu_* configs; GPU: the issue's configs
+    pme bench                    # CPU: the "cpu" group of configs; GPU: the "gpu" group
     pme bench --quick            # a small run (seconds)
     pme bench --configs machines,latency --methods pme,eb_dense
     pme bench --configs gpu --dry-run
@@ -861,6 +861,17 @@ def plot(path, outs, title):
     return path
 
 
+def _dim_arg(text: str) -> int:
+    """argparse type of --dim: the sizes are D/8 ... D, so D is a positive multiple of 8."""
+    try:
+        d = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if d <= 0 or d % 8:
+        raise argparse.ArgumentTypeError(f"must be a positive multiple of 8 (sizes D/8 ... D), got {d}")
+    return d
+
+
 def parse_args(argv=None):
     configs = "\n".join(
         f"  {k:17s} {v['rows']:>12,} x {v['dim']:<4d} {v['dtype']:5s} {v['bags']:>6d} bags x "
@@ -880,7 +891,7 @@ def parse_args(argv=None):
     p.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--rows", type=int, help="override V of every selected config")
-    p.add_argument("--dim", type=int, help="override D (a multiple of 8)")
+    p.add_argument("--dim", type=_dim_arg, help="override D (a positive multiple of 8)")
     p.add_argument("--bags", type=int, help="override B, bags per batch")
     p.add_argument("--pooling-factor", type=int, help="override L, lookups per bag")
     p.add_argument("--dist", choices=["zipf", "uniform"], help="override the index distribution")

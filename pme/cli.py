@@ -364,7 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
             "weaker; see the README's quality study). Prints the sizes per table; --out saves them as JSON."
         ),
     )
-    q.add_argument("--budget", type=_fraction, default=0.2, help="fraction of dense entries to keep (0, 1]")
+    q.add_argument(
+        "--budget", type=_fraction, default=0.2, help="fraction of dense entries to keep, in (0, 1] (default 0.2)"
+    )
     q.add_argument("--model", choices=["fm", "deepfm"], default="deepfm")
     q.add_argument("--dim", type=_count(2), default=64, help="embedding width D (default 64)")
     q.add_argument(
@@ -377,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_batch_size(q)
     q.add_argument("--rule", choices=list(RULES), default="magnitude", help="entry score (default magnitude)")
     q.add_argument("--normalize", choices=["none", "field"], default="none")
-    q.add_argument("--batches", type=_count(1), default=8, help="scoring batches of taylor/snip/grad")
+    q.add_argument("--batches", type=_count(1), default=8, help="scoring batches of taylor/snip/grad (default 8)")
     q.add_argument(
         "--warmup-steps",
         type=_count(1),

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from . import memory, ops, reference
-from .modules import _summary, load_is_strict, parse_sizes
+from .modules import _summary, built_on_host, load_is_strict, parse_sizes
 
 __all__ = [
     "EmbeddingBagConfig",
@@ -643,7 +643,7 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
             every table, ``{table name: sizes}`` or one entry per table, each entry as
             ``MultiSizeEmbeddingBag`` takes it (``None``, an int, or ``V_t`` ints in ``[0, D_t]``).
         is_weighted: the input carries per-lookup weights (sum pooling only).
-        device, dtype: of the flat buffer (float32 default).
+        device, dtype: of the flat buffer (default: torch's default device and dtype).
         optimizer: a ``pme.optim`` optimizer (``RowwiseAdagrad``, ``SGD``, ``Adam``): then
             ``loss.backward()`` updates every table of the collection in one fused call and
             ``weight`` gets no ``.grad``.
@@ -656,6 +656,7 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
 
     _state_prefix = "embedding_bags"  # state_dict keys: <prefix>.<table>.weight, as TorchRec's module
 
+    @built_on_host
     def __init__(
         self, tables, sizes=None, is_weighted: bool = False, device=None, dtype=None, optimizer=None, _weight=None
     ):
@@ -1055,6 +1056,7 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
         feats = self._features(keys)
         try:
             if self.optimizer is not None and self.training and torch.is_grad_enabled():
+                self.optimizer.check_attached(self)
                 anchor = torch.zeros((), device=self.weight.device, requires_grad=True)
                 values = _ConsumedCollectionLookup.apply(anchor, self.optimizer, self, idx, bo, feats, psw, B)
             else:
@@ -1080,7 +1082,14 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
         return KeyedOutput(self.embedding_names(), lengths, values)
 
     def _meta_batch(self, features) -> int:
-        """The batch size of an input, from its shapes alone (the meta device has no values)."""
+        """The batch size of an input, from its shapes alone (the meta device has no values); an
+        input with values (not on the meta device) is refused, as the tables refuse one."""
+        values = features.values() if _is_kjt(features) else None
+        if isinstance(features, Mapping) and features:
+            item = next(iter(features.values()))
+            values = item[0] if isinstance(item, (tuple, list)) and item else None
+        if isinstance(values, torch.Tensor) and not values.is_meta:
+            raise ValueError(f"input is on {values.device} but the collection is on meta (built on the meta device)")
         if _is_kjt(features):
             inv = _inverse_indices(features) if _variable_batch(features) else None
             return inv[1].shape[1] if inv is not None else features.stride()
@@ -1133,6 +1142,13 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
             with self.optimizer.state_kept(self):
                 super()._apply(fn, recurse)
         self._feature_cache = {}
+        return self
+
+    def share_memory(self):
+        """As ``nn.Module.share_memory``, the fused optimizer's state included."""
+        super().share_memory()
+        if self.optimizer is not None:
+            self.optimizer.share_state(self)
         return self
 
     # ---- state_dict per table ---------------------------------------------------------------
@@ -1216,6 +1232,12 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
+        if self.weight.is_meta:  # (offsets with no values: nothing to check a checkpoint against or copy into)
+            error_msgs.append(
+                f"{prefix or 'the module'}: a pme table or collection on the meta device cannot take a checkpoint "
+                "(its offsets are structure with no values there): build it on its real device and load it there"
+            )
+            return
         per_table, host = self._state()
         state_dict = self._fresh_optim_state(self._from_dense_checkpoint(state_dict, prefix, error_msgs), prefix)
         expected = []

@@ -124,6 +124,28 @@ def load_is_strict(passed: bool) -> bool:
     return passed
 
 
+def built_on_host(init):
+    """Decorates a module's ``__init__`` so that it can run under a default-device context
+    (``with torch.device("meta"):``, the meta-init idiom): the module's tensors go to ``device``,
+    which defaults to the context's device as nn modules' do, while the host-side helpers of the
+    build (sizes, offsets before they move) are made on the CPU, where their values can be read."""
+    sig = inspect.signature(init)
+
+    def wrapped(self, *args, **kwargs):
+        here = torch.get_default_device()
+        if here.type == "cpu":
+            return init(self, *args, **kwargs)
+        bound = sig.bind(self, *args, **kwargs)
+        if bound.arguments.get("device") is None:
+            bound.arguments["device"] = here
+        with torch.device("cpu"):
+            return init(*bound.args, **bound.kwargs)
+
+    wrapped.__signature__ = sig
+    wrapped.__doc__, wrapped.__name__, wrapped.__qualname__ = init.__doc__, init.__name__, init.__qualname__
+    return wrapped
+
+
 class _MultiSizeTable(nn.Module):
     """Storage shared by the two modules: flat ``weight`` ``[total]`` and ``offsets`` ``[V + 1]``.
 
@@ -135,6 +157,7 @@ class _MultiSizeTable(nn.Module):
     # The arguments before ``*`` are nn's, given by the subclasses by name (see _table_args), whose
     # constructors hold the defaults in the positional orders of nn.EmbeddingBag and nn.Embedding;
     # pme's own keyword-only options are declared here, once, with their defaults.
+    @built_on_host
     def __init__(
         self,
         num_embeddings,
@@ -214,7 +237,9 @@ class _MultiSizeTable(nn.Module):
             if _weight.shape != (int(sizes.sum()),):
                 raise ops.ArgumentError(
                     f"_weight must be the flat buffer of shape ({int(sizes.sum())},) or a dense "
-                    f"[{num_embeddings}, {embedding_dim}] table, got {tuple(_weight.shape)}"
+                    f"[{num_embeddings}, {embedding_dim}] table, got {tuple(_weight.shape)} (a table of another "
+                    "shape: build nn.EmbeddingBag / nn.Embedding from it and convert it with "
+                    "from_embedding_bag / from_embedding)"
                 )
             self.weight = nn.Parameter(_weight.to(device=device, dtype=dtype))
             memory.advise_huge_pages(self.weight)  # in place: a flat buffer given is shared, as nn.Embedding shares it
@@ -381,9 +406,12 @@ class _MultiSizeTable(nn.Module):
             state_dict[prefix + "weight"] = ops.prune_pack(
                 w.detach(), _first_columns(V, D, w.device), self.sizes.to(w.device)
             )[0]
-        # offsets, the grouped layout's columns, optimizer state, projection: stay as they are
+        # offsets, the grouped layout's columns, projection: stay as they are; a fused optimizer's
+        # state is left out, so that it starts fresh (_fresh_optim_state), as for any checkpoint of
+        # the values alone (new values with the old accumulators would be neither run's state)
+        optim = set() if getattr(self, "optimizer", None) is None else {b.name for b in self.optimizer.state(self)}
         for name, t in list(self._buffers.items()) + list(self._parameters.items()):
-            if t is not None and prefix + name not in state_dict:
+            if t is not None and prefix + name not in state_dict and name not in optim:
                 state_dict[prefix + name] = t.detach().clone()
 
     # One rule: everything derived is rebuilt, everything stored is validated, all or nothing.
@@ -397,6 +425,12 @@ class _MultiSizeTable(nn.Module):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
+        if self.weight.is_meta:  # (offsets with no values: nothing to check a checkpoint against or copy into)
+            error_msgs.append(
+                f"{prefix or 'the module'}: a pme table or collection on the meta device cannot take a checkpoint "
+                "(its offsets are structure with no values there): build it on its real device and load it there"
+            )
+            return
         self._adopt_dense_checkpoint(state_dict, prefix, error_msgs)
         n_err, n_missing, n_unexpected = len(error_msgs), len(missing_keys), len(unexpected_keys)
         try:
@@ -556,6 +590,14 @@ class _MultiSizeTable(nn.Module):
             return super()._apply(fn, recurse)
         with consumer.state_kept(self):
             super()._apply(fn, recurse)
+        return self
+
+    def share_memory(self):
+        """As ``nn.Module.share_memory``, the fused optimizer's state included (Hogwild-style
+        training steps one shared table and one shared state)."""
+        super().share_memory()
+        if getattr(self, "optimizer", None) is not None:
+            self.optimizer.share_state(self)
         return self
 
     def _fused_step(self) -> bool:

@@ -1197,7 +1197,8 @@ class StateBuffer(NamedTuple):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point() or tuple(t.shape) != tuple(self.shape):
             raise ValueError(
                 f"{self.name} must be a float tensor of shape {tuple(self.shape)}, got "
-                f"{getattr(t, 'dtype', type(t))} of shape {tuple(getattr(t, 'shape', ()))}"
+                f"{getattr(t, 'dtype', type(t))} of shape {tuple(getattr(t, 'shape', ()))} (a checkpoint "
+                "of another optimizer? drop its optim_* keys to load the values with a fresh state)"
             )
         if t.numel() and not bool(torch.isfinite(t).all()):
             raise ValueError(f"{self.name} holds non-finite values")
@@ -1260,6 +1261,17 @@ class RowConsumer:
         """Takes one batch's rows (called from backward, under no_grad)."""
         raise NotImplementedError
 
+    def check_attached(self, module):
+        """Raises a clear error when this consumer's state is not on ``module``: it was assigned to
+        ``module.optimizer`` instead of attached (which allocates the state)."""
+        missing = [b.name for b in self.state(module) if module._buffers.get(b.name) is None]
+        if missing:
+            raise RuntimeError(
+                f"{self!r} is not attached to this {type(module).__name__}: its state {missing} is missing. "
+                "Pass optimizer=... when building the table, or call optimizer.attach(table) "
+                "(assigning table.optimizer does not allocate the state)"
+            )
+
     def attach(self, module):
         """Allocates the state buffers (zeros) on ``module`` and makes its lookups fused."""
         acc = acc_dtype(module.weight.dtype)
@@ -1268,6 +1280,14 @@ class RowConsumer:
             module.register_buffer(b.name, memory.empty(b.shape, b.dtype or acc, dev).zero_())  # huge pages
         module.weight.requires_grad_(False)
         module.optimizer = self
+
+    def share_state(self, module):
+        """``share_memory_()`` on the state buffers (``module.share_memory()`` skips them, as every
+        ``_apply``: :meth:`state_kept`), so processes that share a model share its optimizer's state."""
+        for b in self.state(module):
+            t = module._buffers.get(b.name)
+            if t is not None:
+                t.share_memory_()
 
     @contextlib.contextmanager
     def state_kept(self, module):
@@ -1300,6 +1320,7 @@ class RowConsumer:
         module's. ``forward_padding=False`` returns the padding row as stored (nn.Embedding)
         while the update still skips it.
         """
+        self.check_attached(module)
         weight = module.weight
         mode = mode or module.mode
         last = module.include_last_offset if include_last_offset is None else include_last_offset

@@ -70,10 +70,11 @@ class FusedOptimizer(ops.RowConsumer):
 
     def hyperparameters(self) -> ops.Hyperparameters:
         """This optimizer's step as ``pme.ops.sparse_update_`` takes it (checked again: the attributes
-        may have been changed since, e.g. by a learning-rate schedule)."""
-        return ops.Hyperparameters(
-            self.name, self.lr, self.weight_decay, self.eps, self.beta1, self.beta2, float(self.grad_scale)
-        )
+        may have been changed since, e.g. by a learning-rate schedule). A one-element tensor
+        ``grad_scale`` is read here, once a step (on CUDA a synchronisation)."""
+        scale = float(self.grad_scale)
+        _check_grad_scale(scale)
+        return ops.Hyperparameters(self.name, self.lr, self.weight_decay, self.eps, self.beta1, self.beta2, scale)
 
     def state(self, module):
         """``optim_state1``/``optim_state2`` in the table's accumulation dtype, ``optim_step`` on the host."""
@@ -100,8 +101,9 @@ def _rows(module) -> int:
 
 
 def _check_grad_scale(scale):
-    """grad_scale divides the gradient: a positive finite number (a GradScaler's scale)."""
-    if isinstance(scale, torch.Tensor):  # its value is not read: that would synchronise a GPU
+    """grad_scale divides the gradient: a positive finite number (a GradScaler's scale), or a
+    one-element tensor holding one (its value is checked where the step reads it)."""
+    if isinstance(scale, torch.Tensor):
         if scale.numel() != 1:
             raise ValueError(f"grad_scale must be a number or a one-element tensor, got shape {tuple(scale.shape)}")
         return
@@ -144,6 +146,15 @@ class Adam(FusedOptimizer):
 
     def __init__(self, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
         super().__init__(lr, weight_decay, eps, betas[0], betas[1])
+
+    @property
+    def betas(self):
+        """``(beta1, beta2)``, as torch.optim.Adam names them; setting it sets both (checked at the step)."""
+        return (self.beta1, self.beta2)
+
+    @betas.setter
+    def betas(self, value):
+        self.beta1, self.beta2 = value
 
     def __repr__(self):
         return (

@@ -114,31 +114,44 @@ _TRAINING_RULES = {"taylor": "snip", "grad": "grad"}
 
 class _ScoringConsumer(ops.RowConsumer):
     """Wraps a pme table's fused optimizer: each batch's rows first add their scores (with the
-    weights before the step), then go to the optimizer as before."""
+    weights before the step), then go to the optimizer as before. Every attribute other than its
+    own three (``_inner``, ``_owner``, ``_table``) is the optimizer's, read and written: a
+    schedule's ``module.optimizer.lr = ...`` or a GradScaler's ``grad_scale`` reach the step."""
 
-    def __init__(self, inner, owner, name):
-        self.inner, self.owner, self.name = inner, owner, name
+    _OWN = ("_inner", "_owner", "_table")
+
+    def __init__(self, inner, owner, table):
+        for k, v in zip(self._OWN, (inner, owner, table)):
+            object.__setattr__(self, k, v)
 
     def __repr__(self):
-        return f"{self.inner!r} + TrainingScores(rule={self.owner.rule!r})"
+        return f"{self._inner!r} + TrainingScores(rule={self._owner.rule!r})"
 
-    def __getattr__(self, name):  # the optimizer's own attributes (name, hyperparameters, ...)
-        if name in ("inner", "owner", "name"):
+    def __getattr__(self, name):  # the optimizer's own attributes (name, lr, hyperparameters, ...)
+        if name in self._OWN:
             raise AttributeError(name)
-        return getattr(self.inner, name)
+        return getattr(self._inner, name)
+
+    def __setattr__(self, name, value):
+        if name in self._OWN:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._inner, name, value)
 
     def state(self, module):
-        return self.inner.state(module)
+        return self._inner.state(module)
 
     def state_kept(self, module):
-        return self.inner.state_kept(module)
+        return self._inner.state_kept(module)
 
     def consume(self, module, rows):
-        if self.owner._tick(self.name):
+        if self._owner._tick(self._table):
             args, kwargs = rows.operator_args(module)
-            rule = _TRAINING_RULES[self.owner.rule]
-            ops.accumulate_scores_(self.owner._acc[self.name], rows.grad_out, module.weight, *args, rule=rule, **kwargs)
-        self.inner.consume(module, rows)
+            rule = _TRAINING_RULES[self._owner.rule]
+            ops.accumulate_scores_(
+                self._owner._acc[self._table], rows.grad_out, module.weight, *args, rule=rule, **kwargs
+            )
+        self._inner.consume(module, rows)
 
 
 class TrainingScores:
@@ -1027,8 +1040,9 @@ def grouped_sizes(result: SearchResult, budget: float, quantum: int = 4):
     quanta a token, as ``default_granularity``). A class of size ``s`` costs an ``[s, D]``
     projection, so at small budgets the largest classes are left out, largest first, until the
     projections and every token's smallest class fit: on census adult's 13 tables (520 tokens) at
-    width 64, 10% of the entries keeps classes up to 8, where all classes (4 to 64) would cost more
-    projection entries (7,936) than the whole budget (3,328)."""
+    width 64, 10% of the entries (a budget of 3,328) leaves fewer than two quanta of 4 a token, so
+    the classes are powers of two from 1, and all of them (1 to 64) would cost 8,128 projection
+    entries, more than the whole budget: the largest go first (a run kept classes 1 to 16)."""
     dims = {n: int(s.shape[1]) for n, s in result.scores.items()}
     q, _ = default_granularity(budget, min(dims.values()), quantum)
     # the quantum's classes first; then classes from 1, whose small projections may fit a budget
@@ -1179,7 +1193,8 @@ def sizes_at_budget(
         model: the model with full-size tables (``uniform``/``popularity``/``random``; table names
             and shapes come from it); ``result`` serves for ``pme``/``grouped``.
         quantum, min_size: the size grid and floor (default: ``default_granularity``;
-            ``uniform`` uses steps of 1 with a floor of 1).
+            ``uniform`` uses steps of 1 with a floor of 1; ``grouped`` ignores both: its classes
+            follow :func:`grouped_sizes`).
 
     Every method's total is ``floor(budget * entries)`` or at most one quantum below it.
     """

@@ -901,3 +901,51 @@ def test_non_pooled_collection_refuses_decreasing_offsets():
     t = torch.tensor
     with pytest.raises(ValueError, match=r"feature 'f1': its offsets decrease at bag 1 \(3 then 1\)"):
         m({"f0": (t([1]), t([0, 1, 1, 1])), "f1": (t([1, 2, 3, 4]), t([0, 3, 1, 4]))})
+
+
+def test_meta_collection_gives_shapes_and_refuses_real_input():
+    """Built on the meta device (as TorchRec builds models): meta input gives the output's shape;
+    input with values is refused, as the tables refuse it, instead of returning a meta output."""
+    cfgs = [EmbeddingBagConfig(10, 4, "t0", ["f0"]), EmbeddingBagConfig(7, 6, "t1", ["f1"])]
+    m = MultiSizeEmbeddingBagCollection(cfgs, None, device="meta")
+    meta = {f: (torch.tensor([1, 2, 3], device="meta"), torch.tensor([0, 2, 3], device="meta")) for f in ("f0", "f1")}
+    out = m(meta)
+    assert out.values().is_meta and out.values().shape == (2, 10)
+    real = {f: (torch.tensor([1, 2, 3]), torch.tensor([0, 2, 3])) for f in ("f0", "f1")}
+    with pytest.raises(ValueError, match="input is on cpu but the collection is on meta"):
+        m(real)
+
+
+def test_non_finite_weights_give_one_answer_on_every_path_and_thread_count():
+    """Weighted features with inf / NaN weights: a one-hot run (copied) and a pooled run (the
+    kernels) scale the stored entries only, so the answer does not depend on how the runs fall,
+    i.e. on the thread count; it equals the reference's."""
+    from pme import reference
+
+    gen = torch.Generator().manual_seed(3)
+    cfgs = [EmbeddingBagConfig(30, 16, "t0", ["f0"])]
+    m = MultiSizeEmbeddingBagCollection(cfgs, {"t0": random_sizes(30, 16, gen)}, is_weighted=True)
+    B = 130
+    lengths = torch.ones(B, dtype=torch.int64)
+    lengths[0] = 2  # the first run of 64 bags is pooled, the others copied (one-hot)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    values = torch.randint(0, 30, (int(offsets[-1]),), generator=gen)
+    weights = torch.randn(values.shape, generator=gen)
+    weights[::3] = float("inf")
+    weights[1::7] = float("nan")
+    inp = {"f0": (values, offsets, weights)}
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            with torch.no_grad():
+                outs.append(m(inp).values())
+    finally:
+        torch.set_num_threads(threads)
+    ref = reference.embedding_bag(
+        m.table_weight("t0"), m.table_offsets("t0"), values, offsets, 16, None, "sum", weights
+    )
+    for out in outs:
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6, equal_nan=True)
+        assert torch.equal(out.isnan(), outs[0].isnan())

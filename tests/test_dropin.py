@@ -462,3 +462,55 @@ def test_sparse_adam_checks_every_gradient_before_a_step():
     with pytest.raises(RuntimeError, match="does not support dense gradients.*not its projection"):
         opt.step()
     assert torch.equal(m.weight, w0) and not opt.state
+
+
+@pytest.mark.parametrize("kind", ["bag", "embedding", "grouped", "fused", "collection"])
+def test_built_under_a_meta_device_context(kind):
+    """``with torch.device("meta"):`` (the meta-init idiom) builds every module on meta, sizes given
+    or not, as nn.EmbeddingBag builds (its sizes, offsets and grouped columns used to be made on
+    the context's device too, where their values cannot be read); meta input gives the real
+    module's shapes."""
+    from pme.collection import EmbeddingBagConfig, MultiSizeEmbeddingBagCollection
+
+    sizes = [1, 2, 3, 4, 0, 4]
+
+    def build():
+        if kind == "collection":
+            return MultiSizeEmbeddingBagCollection([EmbeddingBagConfig(6, 4, "t0", ["f0"])], {"t0": sizes})
+        if kind == "embedding":
+            return pme.MultiSizeEmbedding(6, 4, sizes=sizes)
+        opts = {"grouped": dict(layout="grouped"), "fused": dict(optimizer=pme.optim.RowwiseAdagrad(lr=0.1))}
+        return pme.MultiSizeEmbeddingBag(6, 4, mode="sum", sizes=sizes, **opts.get(kind, {}))
+
+    real = build()
+    with torch.device("meta"):
+        meta = build()
+    assert meta.weight.is_meta and meta.offsets.is_meta
+    idx, off = torch.tensor([0, 3, 5, 1]), torch.tensor([0, 2, 4])
+
+    def call(m, device):
+        i, o = idx.to(device), off.to(device)
+        if kind == "collection":
+            return m({"f0": (i, o)}).values()
+        return m(i) if kind == "embedding" else m(i, o[:-1])
+
+    with torch.no_grad():
+        assert call(meta, "meta").shape == call(real, "cpu").shape
+    if kind != "collection":  # (a collection's per-table state_dict slices by offsets: values meta lacks)
+        assert {k: v.shape for k, v in meta.state_dict().items()} == {k: v.shape for k, v in real.state_dict().items()}
+
+
+@pytest.mark.parametrize("assign", [False, True])
+def test_meta_modules_refuse_a_checkpoint_clearly(assign):
+    """A table or collection on the meta device has no offsets to check a checkpoint against or to
+    copy into: loading one is a clear error (it used to crash for a table, and to report success
+    while loading nothing for a collection), assign=True included."""
+    from pme.collection import EmbeddingBagConfig, MultiSizeEmbeddingBagCollection
+
+    cfgs = [EmbeddingBagConfig(6, 4, "t0", ["f0"])]
+    for make in (
+        lambda d: pme.MultiSizeEmbeddingBag(6, 4, sizes=[1, 2, 3, 4, 0, 4], device=d),
+        lambda d: MultiSizeEmbeddingBagCollection(cfgs, {"t0": [1, 2, 3, 4, 0, 4]}, device=d),
+    ):
+        with pytest.raises(RuntimeError, match="on the meta device cannot take a checkpoint"):
+            make("meta").load_state_dict(make("cpu").state_dict(), assign=assign)

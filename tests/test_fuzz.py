@@ -4,7 +4,7 @@ batch of cases runs in a fresh subprocess, so that a crash (SIGSEGV, abort, heap
 fails the test instead of killing pytest.
 
 Every case ends in one of two verdicts, judged by an independent oracle written from the
-contract (DESIGN.md 1-3, README Safety):
+contract (README "Semantics" and "Safety"):
 - "raised": a clear Python exception (RuntimeError, ValueError, TypeError, IndexError) for an
   argument the oracle calls invalid;
 - "correct": a result equal to the pure-PyTorch reference for arguments the oracle calls valid.

@@ -105,6 +105,33 @@ def test_adam_matches_torch_sparse_adam(device, mode, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("betas", [(0.9, 0.99999), (0.99999, 0.999), (0.999999, 0.9999999)])
+def test_adam_betas_near_one_float32_follows_float64(device, betas):
+    """1 - beta and the bias corrections are formed in double, as torch forms them: a float32
+    table's Adam updates stay within float32 rounding of torch's float64 SparseAdam when a beta is
+    near 1 (formed in float32 they cancelled: 4e-4 to 7e-2 of the update off)."""
+    V, D = 30, 8
+    sizes = torch.randint(0, D + 1, (V,), generator=torch.Generator().manual_seed(5))
+    batches = _batches(V, 4, 6, device)
+    w0 = torch.randn(int(sizes.sum()), generator=torch.Generator().manual_seed(7)).to(device)  # float32 values
+    fused = run_fused(pme.optim.Adam(lr=0.05, betas=betas), sizes, D, batches, "sum", device, w0=w0)
+    ref = run_torch(
+        lambda p: torch.optim.SparseAdam(p, lr=0.05, betas=betas),
+        sizes,
+        D,
+        batches,
+        "sum",
+        device,
+        torch.float64,
+        w0.double(),
+        sparse_grad=True,
+    )
+    moved, want = fused.weight.detach().double() - w0.double(), ref - w0.double()
+    assert want.abs().max() > 0.05
+    assert (moved - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad", "adam"])
 @pytest.mark.parametrize("layout", ["padded", "grouped"])
 @pytest.mark.parametrize("mode", ["sum", "mean", "max"])
@@ -487,6 +514,13 @@ def test_weights_only_checkpoint_loads_with_a_fresh_optimizer_state(opt):
         w = dst.weight.detach().clone()
         dst(torch.tensor([0]), torch.tensor([0])).sum().backward()
         assert int(dst.optim_step) == 1 and not torch.equal(dst.weight, w)
+    dense = torch.nn.EmbeddingBag(5, 4, mode="sum")  # a dense nn checkpoint: values too, state fresh
+    got = dst.load_state_dict(dense.state_dict())
+    assert not got.missing_keys and not got.unexpected_keys
+    kept = torch.arange(4) < dst.sizes.unsqueeze(1)  # each row keeps its first sizes[i] values
+    assert torch.equal(dst.to_dense(), dense.weight.detach() * kept)
+    assert int(dst.optim_step) == 0 and float(dst.optim_state1.abs().sum()) == 0
+    assert float(dst.optim_state2.abs().sum()) == 0
     full = pme.MultiSizeEmbeddingBag(5, 4, mode="sum", optimizer=make())
     part = {k: v for k, v in full.state_dict().items() if k != "optim_step"}
     before = dst.weight.detach().clone()
@@ -544,3 +578,85 @@ def test_functional_update_refuses_unknown_keywords_and_a_bad_step():
     for bad, err in ((1.5, TypeError), (True, TypeError), (0, ValueError)):
         with pytest.raises(err, match="step must be"):
             ops.sparse_update_(w, none, none, g, off, torch.tensor([0]), torch.tensor([0, 1]), step=bad)
+
+
+def test_optimizer_attributes_reach_the_step_through_training_scores():
+    """TrainingScores wraps a fused table's optimizer: a schedule's lr, a GradScaler's grad_scale
+    and Adam's betas set on ``table.optimizer`` must reach the step (they used to land on the
+    wrapper), and its name stays the optimizer's."""
+    m = pme.MultiSizeEmbeddingBag(6, 4, mode="sum", optimizer=pme.optim.SGD(lr=0.1))
+    plain = pme.MultiSizeEmbeddingBag(6, 4, mode="sum", optimizer=pme.optim.SGD(lr=0.1))
+    with torch.no_grad():
+        plain.weight.copy_(m.weight)
+    acc = pme.search.TrainingScores(torch.nn.ModuleDict({"t": m}))
+    assert m.optimizer.name == "sgd"
+    idx, off = torch.tensor([1, 2, 2]), torch.tensor([0, 1])
+    for lr, scale in [(0.0, 1.0), (1.0, 1.0), (0.5, 1000.0)]:
+        for table in (m, plain):
+            table.optimizer.lr, table.optimizer.grad_scale = lr, scale
+            table(idx, off).sum().backward()
+        assert torch.equal(m.weight, plain.weight), (lr, scale)
+    assert acc.steps["t"] == 3
+    acc.remove()
+    assert isinstance(m.optimizer, pme.optim.SGD) and m.optimizer.lr == 0.5
+
+
+def test_adam_betas_attribute_and_unattached_optimizer():
+    """``betas`` reads and sets beta1 / beta2 (as torch.optim.Adam names them); an optimizer
+    assigned to ``table.optimizer`` without being attached (no state) is a clear error at the
+    next training forward, and ``opt.attach(table)`` makes it work."""
+    opt = pme.optim.Adam(lr=0.1, betas=(0.8, 0.9))
+    assert opt.betas == (0.8, 0.9)
+    opt.betas = (0.5, 0.6)
+    assert (opt.beta1, opt.beta2) == (0.5, 0.6) and opt.hyperparameters().beta2 == 0.6
+    m = pme.MultiSizeEmbeddingBag(5, 4, mode="sum")
+    m.optimizer = opt
+    with pytest.raises(RuntimeError, match=r"not attached.*optimizer\.attach\(table\)"):
+        m(torch.tensor([1]), torch.tensor([0]))
+    opt.attach(m)
+    w0 = m.weight.detach().clone()
+    m(torch.tensor([1]), torch.tensor([0])).sum().backward()
+    assert int(m.optim_step) == 1 and not torch.equal(m.weight, w0)
+
+
+def test_tensor_grad_scale_is_checked_when_read():
+    """A one-element tensor grad_scale is read at the step; a non-positive or non-finite value is
+    refused there, and the step count stays."""
+    m = pme.MultiSizeEmbeddingBag(5, 4, mode="sum", optimizer=pme.optim.SGD(lr=0.1))
+    for bad in (torch.tensor(0.0), torch.tensor(float("inf")), torch.tensor([-2.0])):
+        m.optimizer.grad_scale = bad
+        with pytest.raises(ValueError, match="grad_scale must be a positive finite number"):
+            m(torch.tensor([1]), torch.tensor([0])).sum().backward()
+        assert int(m.optim_step) == 0
+    m.optimizer.grad_scale = torch.tensor(4.0)
+    m(torch.tensor([1]), torch.tensor([0])).sum().backward()
+    assert int(m.optim_step) == 1
+
+
+def test_share_memory_shares_the_fused_optimizer_state():
+    """``share_memory()`` (Hogwild-style training) puts the optimizer's state in shared memory with
+    the weight, table and collection alike: a step taken in another process moves both."""
+    import torch.multiprocessing as mp
+
+    from pme.collection import EmbeddingBagConfig, MultiSizeEmbeddingBagCollection
+
+    m = pme.MultiSizeEmbeddingBag(10, 4, mode="sum", optimizer=pme.optim.Adam(lr=0.1)).share_memory()
+    c = MultiSizeEmbeddingBagCollection(
+        [EmbeddingBagConfig(10, 4, "t0", ["f0"])], None, optimizer=pme.optim.RowwiseAdagrad(lr=0.1)
+    ).share_memory()
+    for mod in (m, c):
+        assert all(getattr(mod, n).is_shared() for n in ("weight", "optim_state1", "optim_state2", "optim_step"))
+    ctx = mp.get_context("fork")
+    p = ctx.Process(target=_step_both, args=(m, c))
+    p.start()
+    p.join(60)
+    if p.is_alive():
+        p.kill()
+    assert p.exitcode == 0
+    assert int(m.optim_step) == 1 and float(m.optim_state2.abs().sum()) > 0
+    assert int(c.optim_step) == 1 and float(c.optim_state1.abs().sum()) > 0
+
+
+def _step_both(m, c):
+    m(torch.tensor([1, 2]), torch.tensor([0])).sum().backward()
+    c({"f0": (torch.tensor([1, 2]), torch.tensor([0, 2]))}).values().sum().backward()
