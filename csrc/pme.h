@@ -164,7 +164,8 @@ inline Tensor new_output(const Tensor& like, int64_t rows, int64_t cols, const c
   } catch (const std::exception& e) {
     const double gib = static_cast<double>(rows) * static_cast<double>(cols) *
                        static_cast<double>(like.element_size()) / (1024.0 * 1024.0 * 1024.0);
-    PME_CHECK(false, "cannot allocate ", what, " = [", rows, ", ", cols, "] (", gib, " GiB): ", e.what());
+    // (not e.what(): through the stable ABI it is the dispatcher's call site, C++ paths included)
+    PME_CHECK(false, "cannot allocate ", what, " = [", rows, ", ", cols, "] (", gib, " GiB): not enough memory");
   }
   return like;  // not reached
 }

@@ -1055,7 +1055,7 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
         keys, idx, bo, psw, B = self._normal_form(features)
         feats = self._features(keys)
         try:
-            if self.optimizer is not None and self.training and torch.is_grad_enabled():
+            if self.optimizer is not None and self.training and torch.is_grad_enabled() and not self._frozen:
                 self.optimizer.check_attached(self)
                 anchor = torch.zeros((), device=self.weight.device, requires_grad=True)
                 values = _ConsumedCollectionLookup.apply(anchor, self.optimizer, self, idx, bo, feats, psw, B)
@@ -1142,6 +1142,17 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
             with self.optimizer.state_kept(self):
                 super()._apply(fn, recurse)
         self._feature_cache = {}
+        return self
+
+    _frozen = False  # requires_grad_(False) with a fused optimizer: no step
+
+    def requires_grad_(self, requires_grad: bool = True):
+        """As ``nn.Module.requires_grad_``; with a fused optimizer ``False`` freezes the collection
+        (no step in backward) and ``True`` lets it train again (its weight never requires a gradient)."""
+        super().requires_grad_(requires_grad)
+        if self.optimizer is not None:
+            self._frozen = not requires_grad
+            self.weight.requires_grad_(False)
         return self
 
     def share_memory(self):

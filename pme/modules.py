@@ -29,9 +29,13 @@ def parse_sizes(sizes, num_embeddings: int, embedding_dim: int) -> torch.Tensor:
     if isinstance(sizes, int):
         out = torch.full((num_embeddings,), sizes, dtype=torch.int64)
     else:
-        t = torch.as_tensor(sizes).detach().cpu()
+        if isinstance(sizes, str):
+            raise TypeError("sizes must be an int, a sequence of ints or a tensor, got a str")
+        t = torch.as_tensor(sizes, device="cpu") if not isinstance(sizes, torch.Tensor) else sizes.detach().cpu()
         if t.is_floating_point() or t.dtype == torch.bool:
             raise TypeError(f"sizes must be integers, got dtype {t.dtype}")
+        if t.dim() > 1:
+            raise ValueError(f"sizes must be 1-D with {num_embeddings} entries, got shape {tuple(t.shape)}")
         out = t.to(torch.int64).reshape(-1)
         if out.numel() != num_embeddings:
             raise ValueError(f"sizes has {out.numel()} entries but the table has {num_embeddings} rows")
@@ -177,6 +181,11 @@ class _MultiSizeTable(nn.Module):
         project=False,
         optimizer=None,
     ):
+        if optimizer is not None and not isinstance(optimizer, ops.RowConsumer):
+            raise TypeError(
+                f"optimizer must be a pme.optim optimizer (SGD, RowwiseAdagrad, Adam), got {type(optimizer).__name__} "
+                "(a torch.optim optimizer takes the parameters instead: build it over model.parameters())"
+            )
         if optimizer is not None and (sparse or scale_grad_by_freq):
             raise ValueError(
                 "a fused optimizer (optimizer=...) updates the table inside backward and makes no "
@@ -602,8 +611,25 @@ class _MultiSizeTable(nn.Module):
 
     def _fused_step(self) -> bool:
         """Whether this call's backward takes the fused optimizer's step: an optimizer attached, in
-        training with grad enabled, and values to update (not on the meta device)."""
-        return self.optimizer is not None and self.training and torch.is_grad_enabled() and not self.weight.is_meta
+        training with grad enabled, not frozen (``requires_grad_(False)``, ``freeze=True``), and
+        values to update (not on the meta device)."""
+        return (
+            self.optimizer is not None
+            and self.training
+            and torch.is_grad_enabled()
+            and not getattr(self, "_frozen", False)
+            and not self.weight.is_meta
+        )
+
+    def requires_grad_(self, requires_grad: bool = True):
+        """As ``nn.Module.requires_grad_``. With a fused optimizer (whose weight never requires a
+        gradient: backward steps it in place) ``False`` freezes the table, which then takes no step,
+        and ``True`` lets it train again."""
+        super().requires_grad_(requires_grad)
+        if getattr(self, "optimizer", None) is not None:
+            self._frozen = not requires_grad
+            self.weight.requires_grad_(False)
+        return self
 
     def _renorm(self, input):
         """``max_norm``: renormalise the rows ``input`` looks up, in place (the fused path's share of
@@ -669,6 +695,11 @@ class _MultiSizeTable(nn.Module):
         (nn's ``from_pretrained`` takes them positionally)."""
         args = {k: v for k, v in args.items() if k not in ("cls", "__class__")}
         embeddings, freeze, sizes = args.pop("embeddings"), args.pop("freeze"), args.pop("sizes")
+        if not isinstance(freeze, (bool, int)):
+            raise TypeError(
+                f"freeze must be a bool, got {type(freeze).__name__} (sizes is keyword-only: "
+                "from_pretrained(embeddings, sizes=...))"
+            )
         kwargs = {**args.pop("kwargs"), **args}
         if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2:
             raise ops.ArgumentError(
@@ -681,9 +712,8 @@ class _MultiSizeTable(nn.Module):
                 "embeddings (integer tables are not supported); pass embeddings.float()"
             )
         m = cls.from_dense(embeddings, sizes, **kwargs)
-        m.weight.requires_grad_(not freeze)
-        if m.projection is not None:  # frozen means the whole lookup, the projection included
-            m.projection.requires_grad_(not freeze)
+        # frozen means the whole lookup, the projection included, and no fused step either
+        m.requires_grad_(not freeze)
         return m
 
 
@@ -865,8 +895,8 @@ class MultiSizeEmbedding(_MultiSizeTable):
         **options,
     ):
         super().__init__(**_table_args(locals()))
-        if _freeze:  # (a fused optimizer has already turned the gradient off)
-            self.weight.requires_grad_(False)
+        if _freeze:  # (with a fused optimizer: no step)
+            self.requires_grad_(False)
 
     def forward(self, input):
         if self._fused_step():
@@ -949,8 +979,8 @@ def _convert_table(cls, module, nn_type, sizes, init, scores, kwargs):
         with torch.no_grad():
             m.weight.normal_(0.0, std)
         m._zero_padding_row()
-    if not dense_weight.requires_grad and m.optimizer is None:  # a frozen table stays frozen
-        m.weight.requires_grad_(False)
+    if not dense_weight.requires_grad:  # a frozen table stays frozen (with a fused optimizer: no step)
+        m.requires_grad_(False)
     return m
 
 

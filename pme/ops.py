@@ -695,7 +695,7 @@ def normalize_padding_idx(padding_idx, num_embeddings: int) -> int:
     return padding_idx + num_embeddings if padding_idx < 0 else padding_idx
 
 
-class _PswModeError(ValueError, NotImplementedError):
+class PerSampleWeightsModeError(ValueError, NotImplementedError):
     """per_sample_weights with a mode other than sum (torch raises NotImplementedError)."""
 
 
@@ -774,7 +774,7 @@ def bag_inputs(weight, input, offsets=None, per_sample_weights=None, mode="mean"
         if not isinstance(per_sample_weights, torch.Tensor):
             raise TypeError(f"per_sample_weights must be a tensor, got {type(per_sample_weights).__name__}")
         if mode != "sum":
-            raise _PswModeError(f"per_sample_weights are only supported with mode='sum', got mode={mode!r}")
+            raise PerSampleWeightsModeError(f"per_sample_weights are only supported with mode='sum', got mode={mode!r}")
         if per_sample_weights.shape != input.shape:
             raise ValueError(
                 f"per_sample_weights has shape {tuple(per_sample_weights.shape)} but input has "
@@ -1274,6 +1274,12 @@ class RowConsumer:
 
     def attach(self, module):
         """Allocates the state buffers (zeros) on ``module`` and makes its lookups fused."""
+        if not hasattr(module, "_fused_step") and not hasattr(module, "table_rows"):
+            raise TypeError(
+                f"{type(self).__name__}.attach() takes a pme table or collection (MultiSizeEmbeddingBag, "
+                f"MultiSizeEmbedding, MultiSizeEmbeddingBagCollection), got {type(module).__name__}; convert it "
+                "first (pme.convert, MultiSizeEmbeddingBag.from_embedding_bag)"
+            )
         acc = acc_dtype(module.weight.dtype)
         for b in self.state(module):
             dev = torch.device("cpu") if b.host else module.weight.device
@@ -1341,7 +1347,7 @@ class _ConsumedLookup(torch.autograd.Function):
         bags = _Bags(module.offsets, indices, bag_offsets, psw, module.col_of_size, module.width, MODES[mode], fwd_pad)
         argmax = None
         if _compiled(weight):
-            out, argmax = bags.memo_call(weight, lambda checked: bags.lookup(weight, checked))
+            out, argmax = bags.memo_call(weight, lambda checked: _torch_error_types(bags.lookup, weight, checked))
         else:
             check_table(weight, module.offsets, module.col_of_size)
             out = _reference_bag(weight, bags)

@@ -60,6 +60,12 @@ class FusedOptimizer(ops.RowConsumer):
         beta2: float = 0.999,
         grad_scale: float = 1.0,
     ):
+        if not isinstance(lr, numbers.Real) and hasattr(lr, "__iter__"):
+            raise TypeError(
+                f"{type(self).__name__} takes no parameters (got {type(lr).__name__} as lr): a fused optimizer is "
+                "attached to a pme table with optimizer=... when the table is built (for a parameter-based "
+                "optimizer use pme.optim.SparseAdam or torch.optim)"
+            )
         ops.Hyperparameters(lr=lr, weight_decay=weight_decay, eps=eps, beta1=beta1, beta2=beta2)  # checks them
         _check_grad_scale(grad_scale)
         self.lr, self.weight_decay, self.eps, self.beta1, self.beta2 = lr, weight_decay, eps, beta1, beta2
@@ -98,6 +104,17 @@ class FusedOptimizer(ops.RowConsumer):
 def _rows(module) -> int:
     """Rows of a table or of all tables of a collection (``offsets`` is ``[V + 1]``)."""
     return module.offsets.numel() - 1
+
+
+def _pair(betas):
+    """Adam's ``betas``: exactly two values (``(beta1, beta2)``)."""
+    try:
+        b = tuple(betas)
+    except TypeError:
+        raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}") from None
+    if len(b) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {len(b)} values")
+    return b
 
 
 def _check_grad_scale(scale):
@@ -145,7 +162,7 @@ class Adam(FusedOptimizer):
     name = "adam"
 
     def __init__(self, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
-        super().__init__(lr, weight_decay, eps, betas[0], betas[1])
+        super().__init__(lr, weight_decay, eps, *_pair(betas))
 
     @property
     def betas(self):
@@ -154,7 +171,7 @@ class Adam(FusedOptimizer):
 
     @betas.setter
     def betas(self, value):
-        self.beta1, self.beta2 = value
+        self.beta1, self.beta2 = _pair(value)
 
     def __repr__(self):
         return (

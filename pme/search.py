@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import operator
 import sys
 import time
 import types
@@ -361,6 +362,16 @@ def _check_budget(budget) -> float:
     return b
 
 
+def _check_quantum(quantum) -> None:
+    """The size grid's step: an integer >= 1."""
+    try:
+        q = operator.index(quantum)
+    except TypeError:
+        q = 0
+    if isinstance(quantum, bool) or q < 1:
+        raise ValueError(f"quantum must be an integer >= 1, got {quantum!r}")
+
+
 def _grid(budget: float, dim: int, dtype: torch.dtype, quantum, min_size) -> tuple:
     """``(quantum, min_size)``: the given ones, or ``default_granularity``'s for the narrowest width
     ``dim`` and the tables' ``dtype`` (a default floor is at most one quantum)."""
@@ -545,8 +556,7 @@ def shrink_scores(scores: dict, counts: dict, strength: float = 1.0) -> dict:
         n = torch.as_tensor(counts[name]).reshape(-1).to(device=sc.device, dtype=torch.float64)
         if n.numel() != V:
             raise ValueError(f"counts[{name!r}] has {n.numel()} entries but the table has {V} rows")
-        if bool((n < 0).any()):
-            raise ValueError(f"counts[{name!r}] has negative entries")
+        _check_finite_nonnegative(n, f"counts[{name!r}]")
         if strength == 0 or V == 0:
             out[name] = sc.float()
             continue
@@ -868,7 +878,8 @@ def from_scores(
     same shrinkage, normalisation and budget cut as :func:`search`, with no model.
 
     Args:
-        scores: ``{table name: [V, D]}`` non-negative entry scores (higher: keep).
+        scores: ``{table name: [V, D]}`` finite entry scores (higher: keep; non-negative where
+            ``counts`` shrink them).
         budget, counts, shrink, normalize, per_table, quantum, min_size: as in :func:`search`
             (``normalize="field"`` averages over every row here).
         dtype: the tables' dtype, for the default quantum (16 bytes' worth of it).
@@ -887,6 +898,7 @@ def from_scores(
             )
         if not sc.is_floating_point():
             raise TypeError(f"from_scores: scores[{n!r}] must be floating point, got {sc.dtype}")
+        _check_finite_nonnegative(sc.detach(), f"from_scores: scores[{n!r}]", nonnegative=False)
     t0 = time.perf_counter()
     quantum, min_size = _grid(budget, min(int(sc.shape[1]) for sc in scores.values()), dtype, quantum, min_size)
     scores = {n: sc.detach().float() for n, sc in scores.items()}
@@ -933,6 +945,7 @@ def uniform_sizes(shapes: dict, budget: float, quantum: int = 1, min_size: int =
     ``quantum`` that fits, and evenly spread rows get ``s + quantum`` until the next quantum
     would overshoot ``floor(budget * sum(V * D))``. Clamped to ``[min_size, D]``."""
     _check_budget(budget)
+    _check_quantum(quantum)
     rows = sum(V for V, _ in shapes.values())
     target = int(budget * sum(V * D for V, D in shapes.values()))
     s = int(target // max(rows, 1)) // quantum * quantum
@@ -953,6 +966,19 @@ def _spread_rank(idx: torch.Tensor, n: int) -> torch.Tensor:
     return torch.remainder(idx * phi, 1.0)
 
 
+def _check_finite_nonnegative(t: torch.Tensor, what: str, nonnegative: bool = True) -> None:
+    """Token counts are finite and >= 0, scores finite (a NaN from a diverged run would silently
+    decide sizes; a score only ranks, so its sign is the caller's)."""
+    bad = ~torch.isfinite(t.double())
+    if nonnegative:
+        bad |= t.double() < 0
+    if bool(bad.any()):
+        at = tuple(int(i) for i in bad.nonzero()[0])
+        where = f"row {at[0]}" if len(at) == 1 else f"row {at[0]}, column {at[1]}"
+        rule = "finite and >= 0" if nonnegative else "finite"
+        raise ValueError(f"{what} must be {rule}; {where} holds {t[at].item()}")
+
+
 def popularity_sizes(
     counts: dict, dims: dict, budget: float, alpha: float = 0.3, quantum: int = 1, min_size: int = 0
 ) -> dict:
@@ -960,12 +986,11 @@ def popularity_sizes(
 
     ``counts``: ``{name: [V] token frequencies}``; ``dims``: ``{name: D}``.
     """
+    _check_budget(budget)
+    _check_quantum(quantum)
     counts = {n: torch.as_tensor(c).reshape(-1) for n, c in counts.items()}
     for n, c in counts.items():
-        bad = ~torch.isfinite(c.double()) | (c.double() < 0)
-        if bool(bad.any()):
-            r = int(bad.nonzero()[0])
-            raise ValueError(f"counts[{n!r}] must be finite and >= 0; row {r} holds {c[r].item()}")
+        _check_finite_nonnegative(c, f"counts[{n!r}]")
     dense = sum(c.numel() * dims[n] for n, c in counts.items())
     target = int(budget * dense)
     base = {n: (c.double().clamp(min=0) + 1) ** alpha for n, c in counts.items()}
@@ -981,6 +1006,8 @@ def popularity_sizes(
 
 def random_sizes(shapes: dict, budget: float, quantum: int = 1, min_size: int = 0, seed: int = 0) -> dict:
     """Sizes drawn uniformly at random per row, then scaled to meet the budget."""
+    _check_budget(budget)
+    _check_quantum(quantum)
     gen = torch.Generator().manual_seed(seed)
     base = {n: torch.rand(V, generator=gen, dtype=torch.float64) for n, (V, D) in shapes.items()}
     dense = sum(V * D for V, D in shapes.values())
@@ -1043,6 +1070,8 @@ def grouped_sizes(result: SearchResult, budget: float, quantum: int = 4):
     width 64, 10% of the entries (a budget of 3,328) leaves fewer than two quanta of 4 a token, so
     the classes are powers of two from 1, and all of them (1 to 64) would cost 8,128 projection
     entries, more than the whole budget: the largest go first (a run kept classes 1 to 16)."""
+    _check_budget(budget)
+    _check_quantum(quantum)
     dims = {n: int(s.shape[1]) for n, s in result.scores.items()}
     q, _ = default_granularity(budget, min(dims.values()), quantum)
     # the quantum's classes first; then classes from 1, whose small projections may fit a budget

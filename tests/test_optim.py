@@ -660,3 +660,53 @@ def test_share_memory_shares_the_fused_optimizer_state():
 def _step_both(m, c):
     m(torch.tensor([1, 2]), torch.tensor([0])).sum().backward()
     c({"f0": (torch.tensor([1, 2]), torch.tensor([0, 2]))}).values().sum().backward()
+
+
+def test_frozen_fused_tables_take_no_step():
+    """A fused table that is frozen (``from_pretrained(freeze=True)``, ``_freeze``, a frozen nn table
+    converted with an optimizer, ``requires_grad_(False)``; a collection too) takes no step in
+    backward, as a frozen nn table with a dense optimizer does; ``requires_grad_(True)`` lets it
+    train again. (The fused step used to run whatever the flag said.)"""
+    from pme.collection import EmbeddingBagConfig, MultiSizeEmbeddingBagCollection
+
+    idx, off = torch.tensor([1, 2, 3]), torch.tensor([0, 2])
+    nn_frozen = torch.nn.ModuleDict({"t": torch.nn.EmbeddingBag.from_pretrained(torch.randn(6, 4), mode="sum")})
+    pme.convert(nn_frozen, {"t": torch.tensor([4, 1, 2, 3, 4, 0])}, optimizer=pme.optim.SGD(lr=1.0))
+    tables = [
+        pme.MultiSizeEmbeddingBag.from_pretrained(
+            torch.randn(6, 4), mode="sum", sizes=3, optimizer=pme.optim.SGD(lr=1.0)
+        ),
+        pme.MultiSizeEmbedding(6, 4, None, None, 2.0, False, False, None, True, optimizer=pme.optim.Adam(lr=1.0)),
+        nn_frozen["t"],
+        pme.MultiSizeEmbeddingBag(6, 4, mode="sum", optimizer=pme.optim.RowwiseAdagrad(lr=1.0)).requires_grad_(False),
+    ]
+    for m in tables:
+        w0 = m.weight.detach().clone()
+        out = m(idx) if isinstance(m, pme.MultiSizeEmbedding) else m(idx, off)
+        if out.requires_grad:
+            out.sum().backward()
+        assert torch.equal(m.weight, w0) and not m.weight.requires_grad, type(m).__name__
+        m.requires_grad_(True)
+        out = m(idx) if isinstance(m, pme.MultiSizeEmbedding) else m(idx, off)
+        out.sum().backward()
+        assert not torch.equal(m.weight, w0) and not m.weight.requires_grad, type(m).__name__
+    c = MultiSizeEmbeddingBagCollection(
+        [EmbeddingBagConfig(6, 4, "t0", ["f0"])], None, optimizer=pme.optim.SGD(lr=1.0)
+    ).requires_grad_(False)
+    w0 = c.weight.detach().clone()
+    out = c({"f0": (idx, torch.tensor([0, 2, 3]))}).values()
+    assert not out.requires_grad and torch.equal(c.weight, w0)
+    c.requires_grad_(True)
+    c({"f0": (idx, torch.tensor([0, 2, 3]))}).values().sum().backward()
+    assert not torch.equal(c.weight, w0)
+
+
+@pytest.mark.parametrize("cls", [pme.MultiSizeEmbedding, pme.MultiSizeEmbeddingBag])
+def test_fused_lookup_bad_index_is_an_index_error(cls):
+    """The fused training lookup raises what the plain one raises for a bad index (an IndexError,
+    as torch's), not a bare RuntimeError; nothing is stepped."""
+    m = cls(5, 4, optimizer=pme.optim.SGD(lr=0.1))
+    w0 = m.weight.detach().clone()
+    with pytest.raises(IndexError, match="out of range"):
+        m(torch.tensor([[1, 7]]))
+    assert torch.equal(m.weight, w0) and int(m.optim_step) == 0

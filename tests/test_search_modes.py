@@ -466,7 +466,7 @@ def test_shrink_errors():
         shrink_scores(sc, {})
     with pytest.raises(ValueError, match=r"counts\['t'\] has 2 entries but the table has 3 rows"):
         shrink_scores(sc, {"t": torch.ones(2)})
-    with pytest.raises(ValueError, match="negative"):
+    with pytest.raises(ValueError, match=r"counts\['t'\] must be finite and >= 0; row 1 holds -1"):
         shrink_scores(sc, {"t": torch.tensor([1, -1, 0])})
     with pytest.raises(ValueError, match="strength must be >= 0"):
         shrink_scores(sc, {"t": torch.ones(3)}, -1.0)
@@ -673,3 +673,44 @@ def test_convert_arguments_are_checked():
         torch.randn(4, 8), sizes=[2, 4, 4, 2], layout="grouped", project=True, mode="sum"
     )
     assert not f.weight.requires_grad and not f.projection.requires_grad
+
+
+def test_non_finite_or_negative_scores_and_counts_are_refused():
+    """Scores from a diverged run (NaN, inf) and NaN or negative token counts are refused with the
+    table and position named, instead of silently deciding sizes."""
+    good = torch.rand(6, 4)
+    for bad_value in (float("nan"), float("inf"), float("-inf")):
+        sc = good.clone()
+        sc[2, 1] = bad_value
+        with pytest.raises(ValueError, match=r"scores\['a'\] must be finite; row 2, column 1"):
+            pme.search.from_scores({"a": sc}, 0.5)
+    counts = torch.ones(6)
+    counts[3] = float("nan")
+    with pytest.raises(ValueError, match=r"counts\['a'\] must be finite and >= 0; row 3 holds nan"):
+        pme.search.from_scores({"a": good}, 0.5, counts={"a": counts})
+    counts[3] = -2.0
+    with pytest.raises(ValueError, match=r"counts\['a'\] must be finite and >= 0; row 3 holds -2"):
+        pme.search.from_scores({"a": good}, 0.5, counts={"a": counts})
+    assert int(pme.search.from_scores({"a": good}, 0.5).sizes["a"].sum()) > 0
+
+
+def test_baseline_size_rules_check_budget_and_quantum():
+    """uniform / random / popularity sizes and grouped_sizes refuse a budget outside (0, 1] and a
+    quantum below 1, as pme.search does (random used to give all-zero or all-full sizes, grouped a
+    None that reads as 'no classes fit', uniform a ZeroDivisionError)."""
+    shapes = {"a": (20, 8)}
+    counts = {"a": torch.arange(20.0)}
+    for call in (
+        lambda b, q: pme.search.uniform_sizes(shapes, b, quantum=q),
+        lambda b, q: pme.search.random_sizes(shapes, b, quantum=q),
+        lambda b, q: pme.search.popularity_sizes(counts, {"a": 8}, b, quantum=q),
+    ):
+        for b in (0, -0.5, 2):
+            with pytest.raises(ValueError, match="budget must be in"):
+                call(b, 1)
+        with pytest.raises(ValueError, match="quantum must be an integer >= 1"):
+            call(0.5, 0)
+        assert int(call(0.5, 2)["a"].sum()) == 80
+    result = pme.search.from_scores({"a": torch.rand(20, 8)}, 0.5)
+    with pytest.raises(ValueError, match="budget must be in"):
+        pme.search.grouped_sizes(result, 2)

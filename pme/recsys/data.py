@@ -49,7 +49,7 @@ from dataclasses import dataclass, field as dc_field
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..search import batch_to  # the one batch mover (re-exported: pme.recsys.data.batch_to)
 
@@ -190,7 +190,8 @@ class CTRDataset:
 
     Attributes:
         field_names: categorical field names, in model order.  They are used as
-            ``nn.ModuleDict`` keys, so they must not contain ``"."``.
+            ``nn.ModuleDict`` keys, so they must not contain ``"."`` nor be one of
+            ``nn.ModuleDict``'s own attribute names (``type``, ``items``, ``keys``, ...).
         values: per field, int64 ``[nnz_f]`` token ids in ``[0, cardinality[f])``.
         offsets: per field, int64 ``[n + 1]``; ``offsets[f][0] == 0`` and
             ``offsets[f][-1] == nnz_f``, non-decreasing.
@@ -224,6 +225,11 @@ class CTRDataset:
         for f in self.field_names:
             if not f or "." in f:
                 raise ValueError(f"field name {f!r} is not usable as a module name")
+            if hasattr(nn.ModuleDict, f):  # a ModuleDict key cannot shadow one of its attributes
+                raise ValueError(
+                    f"field name {f!r} is a name nn.ModuleDict keeps for itself (type, items, keys, values, "
+                    "train, float, ...): rename that column"
+                )
             if f not in self.values or f not in self.offsets or f not in self.cardinality:
                 raise ValueError(f"field {f!r} needs values, offsets and cardinality")
             v = torch.as_tensor(self.values[f], dtype=torch.int64)
@@ -853,10 +859,21 @@ def _is_missing(x) -> bool:
         return False
 
 
+# A decimal literal with an integral value ("5.0", "-3.00"): the text a float column writes.
+_INTEGRAL_DECIMAL_RE = re.compile(r"([+-]?[0-9]+)\.0*", re.ASCII)
+
+
 def _token(x) -> str:
-    if isinstance(x, float) and x.is_integer():
-        return str(int(x))  # 3.0 and 3 are one token
-    return str(x).strip()
+    """A cell's token: 3, 3.0, numpy's 3.0 and the text "3" or "3.0" are one token (a CSV that
+    pandas wrote from an int column with a missing value holds "3.0"; the same data as a
+    DataFrame holds 3)."""
+    if isinstance(x, float) or (hasattr(x, "is_integer") and hasattr(x, "dtype")):  # float, numpy floats
+        if math.isfinite(float(x)) and float(x).is_integer():
+            return str(int(x))
+        return str(x).strip()
+    s = str(x).strip()
+    m = _INTEGRAL_DECIMAL_RE.fullmatch(s)
+    return m.group(1) if m else s
 
 
 def _column_list(values, name: str) -> list:
@@ -971,12 +988,14 @@ def from_columns(
             sep = seps[f]
             bags = []
             for i, cell in enumerate(cols[f]):
+                if not isinstance(cell, str) and getattr(cell, "ndim", 0) >= 1 and hasattr(cell, "tolist"):
+                    cell = cell.tolist()  # a numpy array (pd.read_parquet's list cells)
                 if isinstance(cell, (list, tuple, set, frozenset)):
                     toks = [_token(t) for t in cell if not _is_missing(t)]
                 elif _is_missing(cell):
                     toks = []
                 elif sep is not None and isinstance(cell, str):
-                    toks = [t.strip() for t in cell.split(sep) if t.strip()]
+                    toks = [_token(t) for t in cell.split(sep) if t.strip()]
                 elif sep is None and isinstance(cell, str):
                     raise ValueError(
                         f"field {f!r}, row {i}: a multi-valued cell is a string; give its separator "
