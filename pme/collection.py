@@ -1101,10 +1101,20 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
         r"index out of range: indices\[(\d+)\] = (-?\d+) \(key (\d+), output block \d+\) but table (\d+) has (\d+) rows"
     )
 
+    _DECREASING = re.compile(r"bag offsets must be non-decreasing, but offsets\[(\d+)\]")
+
     def _named_error(self, e, keys, bo, B):
-        """The operators' message for a bad index (positions in the concatenated input, keys and
-        tables by number) said with the feature's and table's names and the position inside the
-        feature's own values; None for other errors."""
+        """The operators' message for a bad index or decreasing bag offsets (positions in the
+        concatenated input, keys and tables by number) said with the feature's and table's names
+        and the position inside the feature's own values; None for other errors."""
+        d = self._DECREASING.search(str(e))
+        if d is not None and B > 0 and (int(d.group(1)) - 1) // B < len(keys):
+            p = int(d.group(1)) - 1  # bags p and p + 1 of the concatenated batch
+            s0 = int(bo[(p // B) * B])  # the feature's first value
+            return type(e)(
+                f"pme: feature {keys[p // B]!r}: its offsets decrease at bag {p % B} ({int(bo[p]) - s0} then "
+                f"{int(bo[p + 1]) - s0}); lengths must be >= 0"
+            )
         m = self._BAD_INDEX.search(str(e))
         if m is None:
             return None

@@ -949,3 +949,13 @@ def test_non_finite_weights_give_one_answer_on_every_path_and_thread_count():
     for out in outs:
         torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6, equal_nan=True)
         assert torch.equal(out.isnan(), outs[0].isnan())
+
+
+def test_decreasing_offsets_inside_a_feature_name_the_feature():
+    """Offsets that decrease inside one feature (its ends right) are reported with the feature's
+    name and its own bag and offsets, not positions in the concatenated batch."""
+    cfgs = [EmbeddingBagConfig(10, 4, "t0", ["f1"]), EmbeddingBagConfig(10, 4, "t1", ["f2"])]
+    m = MultiSizeEmbeddingBagCollection(cfgs, None)
+    v = torch.tensor([1, 2, 3, 4])
+    with pytest.raises(RuntimeError, match=r"feature 'f2': its offsets decrease at bag 1 \(3 then 2\)"):
+        m({"f1": (v, torch.tensor([0, 1, 2, 4])), "f2": (v, torch.tensor([0, 3, 2, 4]))})
