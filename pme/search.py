@@ -608,7 +608,7 @@ def _searchable(model, tables, who: str = "pme.search", fused_ok: bool = False, 
         )
     for n, m in chosen.items():
         pme_table = isinstance(m, (MultiSizeEmbeddingBag, MultiSizeEmbedding))
-        fused = fused_ok and pme_table and m.optimizer is not None
+        fused = fused_ok and pme_table and m.optimizer is not None and not getattr(m, "_frozen", False)
         if needs_grad and not m.weight.requires_grad and not fused:
             raise ValueError(f"{who}: table {n!r} does not require gradients (frozen?); the score needs them")
         if pme_table and int(m.sizes.min()) != m.embedding_dim:
@@ -713,13 +713,17 @@ def search(
         raise ValueError("rule='movement' measures the change during the warm-up: pass warmup_steps > 0")
     loss_fn = loss_fn or _default_loss
     t0 = time.perf_counter()
-    chosen = _searchable(model, tables, needs_grad=rule != "magnitude" or warmup_steps > 0)
+    chosen = _searchable(model, tables, fused_ok=True, needs_grad=rule != "magnitude" or warmup_steps > 0)
     dtype = next(iter(chosen.values())).weight.dtype
     quantum, min_size = _grid(budget, min(m.embedding_dim for m in chosen.values()), dtype, quantum, min_size)
     work = copy.deepcopy(model)
     if device is not None:
         work = work.to(device)
     wt = dict(work.named_modules())
+    for n in chosen:  # a full-width table with a fused optimizer: its copy warms up and scores by plain gradients
+        if getattr(wt[n], "optimizer", None) is not None and not getattr(wt[n], "_frozen", False):
+            wt[n].optimizer = None
+            wt[n].weight.requires_grad_(True)
     before = {n: wt[n].weight.detach().clone() for n in chosen} if rule == "movement" else None
     touched = {n: torch.zeros(m.num_embeddings, dtype=torch.bool) for n, m in chosen.items()}
 

@@ -714,3 +714,31 @@ def test_baseline_size_rules_check_budget_and_quantum():
     result = pme.search.from_scores({"a": torch.rand(20, 8)}, 0.5)
     with pytest.raises(ValueError, match="budget must be in"):
         pme.search.grouped_sizes(result, 2)
+
+
+@pytest.mark.parametrize("rule", ["taylor", "magnitude"])
+def test_search_on_full_width_fused_tables_equals_the_plain_twin(rule):
+    """A full-width pme table with a fused optimizer is searchable with every rule (its copy scores
+    by plain gradients; it used to be refused as 'frozen?' for gradient rules): the sizes equal those
+    of the same table without the optimizer, and the model itself is not stepped."""
+    V, D = 30, 8
+
+    def model(fused):
+        opt = pme.optim.RowwiseAdagrad(lr=0.1) if fused else None
+        return torch.nn.ModuleDict({"t": pme.MultiSizeEmbeddingBag(V, D, mode="sum", optimizer=opt)})
+
+    a, b = model(True), model(False)
+    with torch.no_grad():
+        b["t"].weight.copy_(a["t"].weight)
+    w0 = a["t"].weight.detach().clone()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randint(0, V, (16,), generator=g), torch.randn(4, generator=g)) for _ in range(4)]
+
+    def loss_fn(m, batch):
+        idx, y = batch
+        return torch.nn.functional.mse_loss(m["t"](idx, torch.arange(0, 16, 4)).sum(1), y)
+
+    kw = dict(rule=rule, loss_fn=loss_fn, num_batches=4, progress=False)
+    ra, rb = pme.search(a, batches, 0.5, **kw), pme.search(b, batches, 0.5, **kw)
+    assert torch.equal(ra.sizes["t"], rb.sizes["t"])
+    assert int(a["t"].optim_step) == 0 and torch.equal(a["t"].weight, w0) and a["t"].optimizer is not None
