@@ -1165,6 +1165,14 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
             self.weight.requires_grad_(False)
         return self
 
+    def to_empty(self, *, device, recurse=True):
+        """Not supported: a collection's row layout (offsets, table rows) is structure that
+        ``to_empty`` would leave uninitialised; build the collection on its device."""
+        raise NotImplementedError(
+            f"{type(self).__name__}.to_empty(): the collection's offsets and table rows are structure, not "
+            "values to fill later; build it on its real device (device=...) and load a checkpoint there"
+        )
+
     def share_memory(self):
         """As ``nn.Module.share_memory``, the fused optimizer's state included."""
         super().share_memory()

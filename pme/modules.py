@@ -463,6 +463,24 @@ class _MultiSizeTable(nn.Module):
         )
         if failed:  # load_state_dict raises after every module has been visited
             self._restore(snapshot)
+        else:
+            self.__dict__.pop("_unloaded", None)  # (to_empty's uninitialised offsets are loaded now)
+
+    def to_empty(self, *, device, recurse=True):
+        """As ``nn.Module.to_empty``: storage on ``device`` with uninitialised values, the offsets
+        (the row sizes) included, so load a checkpoint (``load_state_dict``) before using the table;
+        a lookup before that is a clear error. A fused optimizer's state starts fresh (zeros)."""
+        super().to_empty(device=device, recurse=recurse)
+        self._unloaded = True
+        return self
+
+    def _check_loaded(self):
+        if self.__dict__.get("_unloaded"):
+            raise RuntimeError(
+                f"this {type(self).__name__} was materialised with to_empty(): its offsets (the row sizes) and "
+                "values are uninitialised; load a checkpoint with load_state_dict() first, or build the table on "
+                "its device"
+            )
 
     def _fresh_optim_state(self, state_dict, prefix, missing_keys):
         """A checkpoint of the table's values without its fused optimizer's state (saved from a
@@ -808,6 +826,7 @@ class MultiSizeEmbeddingBag(_MultiSizeTable):
 
         Returns ``[B, output_dim]``.
         """
+        self._check_loaded()
         if self._fused_step():
             self._renorm(input)
             out = self.optimizer.lookup(self, input, offsets, per_sample_weights)
@@ -899,6 +918,7 @@ class MultiSizeEmbedding(_MultiSizeTable):
             self.requires_grad_(False)
 
     def forward(self, input):
+        self._check_loaded()
         if self._fused_step():
             self._renorm(input)
             nested = input.is_nested

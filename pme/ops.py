@@ -1308,6 +1308,9 @@ class RowConsumer:
             acc = acc_dtype(module.weight.dtype)
             for b in specs:
                 t = held[b.name]
+                if t.is_meta and not module.weight.is_meta:  # to_empty(): a fresh state where the weight went
+                    dev = torch.device("cpu") if b.host else module.weight.device
+                    t = torch.zeros(t.shape, dtype=t.dtype if b.host else (b.dtype or acc), device=dev)
                 module._buffers[b.name] = t if b.host else t.to(device=module.weight.device, dtype=b.dtype or acc)
 
     def lookup(

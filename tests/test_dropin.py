@@ -514,3 +514,37 @@ def test_meta_modules_refuse_a_checkpoint_clearly(assign):
     ):
         with pytest.raises(RuntimeError, match="on the meta device cannot take a checkpoint"):
             make("meta").load_state_dict(make("cpu").state_dict(), assign=assign)
+
+
+@pytest.mark.parametrize("kind", ["bag", "embedding", "fused"])
+def test_to_empty_then_load_state_dict(kind):
+    """The meta-init idiom: build on meta, ``to_empty(device="cpu")``, load the checkpoint. Before
+    the load a lookup is a clear error (the offsets are uninitialised memory); after it the table
+    equals the one the checkpoint came from (a fused optimizer's state included). A collection
+    refuses ``to_empty`` clearly."""
+    from pme.collection import EmbeddingBagConfig, MultiSizeEmbeddingBagCollection
+
+    def build(device):
+        if kind == "embedding":
+            return pme.MultiSizeEmbedding(6, 4, sizes=[1, 2, 3, 4, 0, 4], device=device)
+        opt = pme.optim.Adam(lr=0.1) if kind == "fused" else None
+        return pme.MultiSizeEmbeddingBag(6, 4, mode="sum", sizes=[1, 2, 3, 4, 0, 4], device=device, optimizer=opt)
+
+    real = build("cpu")
+    idx, off = torch.tensor([0, 3, 5, 1]), torch.tensor([0, 2])
+
+    def call(m):
+        return m(idx) if kind == "embedding" else m(idx, off)
+
+    if kind == "fused":
+        call(real).sum().backward()  # some optimizer state to carry over
+    m = build("meta").to_empty(device="cpu")
+    with pytest.raises(RuntimeError, match=r"materialised with to_empty\(\).*load_state_dict"):
+        call(m)
+    m.load_state_dict(real.state_dict())
+    with torch.no_grad():
+        assert torch.equal(call(m), call(real))
+    assert {k: v.tolist() for k, v in m.state_dict().items()} == {k: v.tolist() for k, v in real.state_dict().items()}
+    c = MultiSizeEmbeddingBagCollection([EmbeddingBagConfig(6, 4, "t0", ["f0"])], None, device="meta")
+    with pytest.raises(NotImplementedError, match="build it on its real device"):
+        c.to_empty(device="cpu")
