@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from . import memory, ops, reference
-from .modules import _summary, built_on_host, load_is_strict, parse_sizes
+from .modules import _FusedStateOwner, _summary, built_on_host, load_is_strict, parse_sizes
 
 __all__ = [
     "EmbeddingBagConfig",
@@ -633,7 +633,7 @@ def _sizes_list(sizes, tables):
     )
 
 
-class MultiSizeEmbeddingBagCollection(nn.Module):
+class MultiSizeEmbeddingBagCollection(_FusedStateOwner, nn.Module):
     """TorchRec's ``EmbeddingBagCollection`` over multi-size tables, all in one flat buffer.
 
     Args:
@@ -1154,17 +1154,6 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
         self._feature_cache = {}
         return self
 
-    _frozen = False  # requires_grad_(False) with a fused optimizer: no step
-
-    def requires_grad_(self, requires_grad: bool = True):
-        """As ``nn.Module.requires_grad_``; with a fused optimizer ``False`` freezes the collection
-        (no step in backward) and ``True`` lets it train again (its weight never requires a gradient)."""
-        super().requires_grad_(requires_grad)
-        if self.optimizer is not None:
-            self._frozen = not requires_grad
-            self.weight.requires_grad_(False)
-        return self
-
     def to_empty(self, *, device, recurse=True):
         """Not supported: a collection's row layout (offsets, table rows) is structure that
         ``to_empty`` would leave uninitialised; build the collection on its device."""
@@ -1172,13 +1161,6 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
             f"{type(self).__name__}.to_empty(): the collection's offsets and table rows are structure, not "
             "values to fill later; build it on its real device (device=...) and load a checkpoint there"
         )
-
-    def share_memory(self):
-        """As ``nn.Module.share_memory``, the fused optimizer's state included."""
-        super().share_memory()
-        if self.optimizer is not None:
-            self.optimizer.share_state(self)
-        return self
 
     # ---- state_dict per table ---------------------------------------------------------------
     def _state(self):
@@ -1261,11 +1243,7 @@ class MultiSizeEmbeddingBagCollection(nn.Module):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
-        if self.weight.is_meta:  # (offsets with no values: nothing to check a checkpoint against or copy into)
-            error_msgs.append(
-                f"{prefix or 'the module'}: a pme table or collection on the meta device cannot take a checkpoint "
-                "(its offsets are structure with no values there): build it on its real device and load it there"
-            )
+        if self._refuse_meta_checkpoint(prefix, error_msgs):
             return
         per_table, host = self._state()
         state_dict = self._fresh_optim_state(self._from_dense_checkpoint(state_dict, prefix, error_msgs), prefix)

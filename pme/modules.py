@@ -150,7 +150,44 @@ def built_on_host(init):
     return wrapped
 
 
-class _MultiSizeTable(nn.Module):
+class _FusedStateOwner:
+    """What a pme table and a collection share as owners of a fused optimizer's state
+    (``self.optimizer``, a ``pme.ops.RowConsumer``, or None): freezing, shared memory, and the
+    refusal of a checkpoint while on the meta device. A mixin before ``nn.Module``."""
+
+    _frozen = False  # requires_grad_(False) with a fused optimizer: no step in backward
+
+    def requires_grad_(self, requires_grad: bool = True):
+        """As ``nn.Module.requires_grad_``. With a fused optimizer (whose weight never requires a
+        gradient: backward steps it in place) ``False`` freezes the module, which then takes no
+        step, and ``True`` lets it train again."""
+        super().requires_grad_(requires_grad)
+        if getattr(self, "optimizer", None) is not None:
+            self._frozen = not requires_grad
+            self.weight.requires_grad_(False)
+        return self
+
+    def share_memory(self):
+        """As ``nn.Module.share_memory``, the fused optimizer's state included (Hogwild-style
+        training steps one shared weight and one shared state)."""
+        super().share_memory()
+        if getattr(self, "optimizer", None) is not None:
+            self.optimizer.share_state(self)
+        return self
+
+    def _refuse_meta_checkpoint(self, prefix, error_msgs) -> bool:
+        """True (and an error for load_state_dict to raise) while on the meta device: the offsets
+        have no values there to check a checkpoint against or to copy into."""
+        if not self.weight.is_meta:
+            return False
+        error_msgs.append(
+            f"{prefix or 'the module'}: a pme table or collection on the meta device cannot take a checkpoint "
+            "(its offsets are structure with no values there): build it on its real device and load it there"
+        )
+        return True
+
+
+class _MultiSizeTable(_FusedStateOwner, nn.Module):
     """Storage shared by the two modules: flat ``weight`` ``[total]`` and ``offsets`` ``[V + 1]``.
 
     ``weight`` is an nn.Parameter; ``offsets`` (and ``col_of_size`` for the grouped layout) are
@@ -434,11 +471,7 @@ class _MultiSizeTable(nn.Module):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
-        if self.weight.is_meta:  # (offsets with no values: nothing to check a checkpoint against or copy into)
-            error_msgs.append(
-                f"{prefix or 'the module'}: a pme table or collection on the meta device cannot take a checkpoint "
-                "(its offsets are structure with no values there): build it on its real device and load it there"
-            )
+        if self._refuse_meta_checkpoint(prefix, error_msgs):
             return
         self._adopt_dense_checkpoint(state_dict, prefix, error_msgs)
         n_err, n_missing, n_unexpected = len(error_msgs), len(missing_keys), len(unexpected_keys)
@@ -619,14 +652,6 @@ class _MultiSizeTable(nn.Module):
             super()._apply(fn, recurse)
         return self
 
-    def share_memory(self):
-        """As ``nn.Module.share_memory``, the fused optimizer's state included (Hogwild-style
-        training steps one shared table and one shared state)."""
-        super().share_memory()
-        if getattr(self, "optimizer", None) is not None:
-            self.optimizer.share_state(self)
-        return self
-
     def _fused_step(self) -> bool:
         """Whether this call's backward takes the fused optimizer's step: an optimizer attached, in
         training with grad enabled, not frozen (``requires_grad_(False)``, ``freeze=True``), and
@@ -635,19 +660,9 @@ class _MultiSizeTable(nn.Module):
             self.optimizer is not None
             and self.training
             and torch.is_grad_enabled()
-            and not getattr(self, "_frozen", False)
+            and not self._frozen
             and not self.weight.is_meta
         )
-
-    def requires_grad_(self, requires_grad: bool = True):
-        """As ``nn.Module.requires_grad_``. With a fused optimizer (whose weight never requires a
-        gradient: backward steps it in place) ``False`` freezes the table, which then takes no step,
-        and ``True`` lets it train again."""
-        super().requires_grad_(requires_grad)
-        if getattr(self, "optimizer", None) is not None:
-            self._frozen = not requires_grad
-            self.weight.requires_grad_(False)
-        return self
 
     def _renorm(self, input):
         """``max_norm``: renormalise the rows ``input`` looks up, in place (the fused path's share of

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import operator
 import sys
 import time
 import types
@@ -362,16 +361,6 @@ def _check_budget(budget) -> float:
     return b
 
 
-def _check_quantum(quantum) -> None:
-    """The size grid's step: an integer >= 1."""
-    try:
-        q = operator.index(quantum)
-    except TypeError:
-        q = 0
-    if isinstance(quantum, bool) or q < 1:
-        raise ValueError(f"quantum must be an integer >= 1, got {quantum!r}")
-
-
 def _grid(budget: float, dim: int, dtype: torch.dtype, quantum, min_size) -> tuple:
     """``(quantum, min_size)``: the given ones, or ``default_granularity``'s for the narrowest width
     ``dim`` and the tables' ``dtype`` (a default floor is at most one quantum)."""
@@ -608,7 +597,7 @@ def _searchable(model, tables, who: str = "pme.search", fused_ok: bool = False, 
         )
     for n, m in chosen.items():
         pme_table = isinstance(m, (MultiSizeEmbeddingBag, MultiSizeEmbedding))
-        fused = fused_ok and pme_table and m.optimizer is not None and not getattr(m, "_frozen", False)
+        fused = fused_ok and pme_table and m.optimizer is not None and not m._frozen
         if needs_grad and not m.weight.requires_grad and not fused:
             raise ValueError(f"{who}: table {n!r} does not require gradients (frozen?); the score needs them")
         if pme_table and int(m.sizes.min()) != m.embedding_dim:
@@ -721,7 +710,7 @@ def search(
         work = work.to(device)
     wt = dict(work.named_modules())
     for n in chosen:  # a full-width table with a fused optimizer: its copy warms up and scores by plain gradients
-        if getattr(wt[n], "optimizer", None) is not None and not getattr(wt[n], "_frozen", False):
+        if getattr(wt[n], "optimizer", None) is not None and not wt[n]._frozen:
             wt[n].optimizer = None
             wt[n].weight.requires_grad_(True)
     before = {n: wt[n].weight.detach().clone() for n in chosen} if rule == "movement" else None
@@ -949,7 +938,7 @@ def uniform_sizes(shapes: dict, budget: float, quantum: int = 1, min_size: int =
     ``quantum`` that fits, and evenly spread rows get ``s + quantum`` until the next quantum
     would overshoot ``floor(budget * sum(V * D))``. Clamped to ``[min_size, D]``."""
     _check_budget(budget)
-    _check_quantum(quantum)
+    ops.as_int(quantum, "quantum", 1)
     rows = sum(V for V, _ in shapes.values())
     target = int(budget * sum(V * D for V, D in shapes.values()))
     s = int(target // max(rows, 1)) // quantum * quantum
@@ -991,7 +980,7 @@ def popularity_sizes(
     ``counts``: ``{name: [V] token frequencies}``; ``dims``: ``{name: D}``.
     """
     _check_budget(budget)
-    _check_quantum(quantum)
+    ops.as_int(quantum, "quantum", 1)
     counts = {n: torch.as_tensor(c).reshape(-1) for n, c in counts.items()}
     for n, c in counts.items():
         _check_finite_nonnegative(c, f"counts[{n!r}]")
@@ -1011,7 +1000,7 @@ def popularity_sizes(
 def random_sizes(shapes: dict, budget: float, quantum: int = 1, min_size: int = 0, seed: int = 0) -> dict:
     """Sizes drawn uniformly at random per row, then scaled to meet the budget."""
     _check_budget(budget)
-    _check_quantum(quantum)
+    ops.as_int(quantum, "quantum", 1)
     gen = torch.Generator().manual_seed(seed)
     base = {n: torch.rand(V, generator=gen, dtype=torch.float64) for n, (V, D) in shapes.items()}
     dense = sum(V * D for V, D in shapes.values())
@@ -1075,7 +1064,7 @@ def grouped_sizes(result: SearchResult, budget: float, quantum: int = 4):
     the classes are powers of two from 1, and all of them (1 to 64) would cost 8,128 projection
     entries, more than the whole budget: the largest go first (a run kept classes 1 to 16)."""
     _check_budget(budget)
-    _check_quantum(quantum)
+    ops.as_int(quantum, "quantum", 1)
     dims = {n: int(s.shape[1]) for n, s in result.scores.items()}
     q, _ = default_granularity(budget, min(dims.values()), quantum)
     # the quantum's classes first; then classes from 1, whose small projections may fit a budget
