@@ -305,3 +305,26 @@ def test_collection_backward_refuses_graph_capture_clearly():
     with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
         with torch.cuda.graph(graph):
             torch.ops.pme.collection_backward(go, w, off, tr, feats, idx, bo, None, B, False)
+
+
+@needs_cuda
+def test_sparse_backward_and_prune_pack_refuse_graph_capture_clearly():
+    """A sparse=True backward and prune_pack read a size back to the host: inside a CUDA graph
+    capture each refuses with pme's message instead of failing inside the capture."""
+    w, off, _, _, _ = make_table(20, 8, device="cuda", seed=1)
+    idx, bo = torch.tensor([1, 2, 3], device="cuda"), torch.tensor([0, 1, 3], device="cuda")
+    go = torch.ones(2, 8, device="cuda")
+    argmax = torch.empty(0, dtype=torch.int64, device="cuda")
+    args = (go, w, off, idx, bo, None, None, argmax, 0, -1, False)
+    torch.ops.pme.bag_backward_sparse(*args)  # fine eagerly
+    dense, scores = torch.randn(5, 8, device="cuda"), torch.rand(5, 8, device="cuda")
+    offsets = torch.arange(0, 21, 4, device="cuda")
+    torch.ops.pme.prune_pack(dense, scores, offsets, False)
+    torch.cuda.synchronize()
+    for call in (
+        lambda: torch.ops.pme.bag_backward_sparse(*args),
+        lambda: torch.ops.pme.prune_pack(dense, scores, offsets, False),
+    ):
+        with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+            with torch.cuda.graph(torch.cuda.CUDAGraph()):
+                call()

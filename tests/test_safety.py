@@ -694,3 +694,30 @@ def test_reference_fallback_checks_the_table_too(monkeypatch):
     monkeypatch.undo()
     ops.sparse_update_(w2, torch.empty(0), torch.empty(0), g, off, idx, bo, col_of_size=col, mode="sum")
     torch.testing.assert_close(w1, w2)
+
+
+def test_api_mistakes_get_errors_that_say_what_to_do():
+    """Mistakes a torch user makes with pme's API: each a clear error naming the fix, instead of a
+    silently wrong table (sizes in freeze's place, 2-D sizes, a third beta) or an unrelated error
+    later (attach() to an nn table, parameters or a torch optimizer given to pme.optim)."""
+    import subprocess
+    import sys
+
+    with pytest.raises(TypeError, match=r"attach\(\) takes a pme table or collection.*got EmbeddingBag"):
+        pme.optim.Adam(lr=0.1).attach(torch.nn.EmbeddingBag(5, 4))
+    with pytest.raises(TypeError, match="freeze must be a bool, got list.*sizes is keyword-only"):
+        pme.MultiSizeEmbeddingBag.from_pretrained(torch.randn(3, 4), [1, 2, 3])
+    with pytest.raises(ValueError, match=r"sizes must be 1-D with 10 entries, got shape \(2, 5\)"):
+        pme.MultiSizeEmbeddingBag(10, 4, sizes=torch.full((2, 5), 2))
+    with pytest.raises(TypeError, match="sizes must be an int, a sequence of ints or a tensor, got a str"):
+        pme.MultiSizeEmbeddingBag(10, 4, sizes="4")
+    with pytest.raises(ValueError, match=r"betas must be a pair \(beta1, beta2\), got 3 values"):
+        pme.optim.Adam(betas=(0.9, 0.99, 0.9))
+    with pytest.raises(TypeError, match="SGD takes no parameters"):
+        pme.optim.SGD(torch.nn.Linear(2, 2).parameters())
+    with pytest.raises(TypeError, match="optimizer must be a pme.optim optimizer"):
+        pme.MultiSizeEmbeddingBag(10, 4, optimizer=torch.optim.SGD)
+    run = subprocess.run(
+        [sys.executable, "-m", "pme", "bench", "--quick", "--dim", "12", "--no-save"], capture_output=True, text=True
+    )
+    assert run.returncode == 2 and "argument --dim: must be a positive multiple of 8" in run.stderr
