@@ -502,10 +502,9 @@ class _MultiSizeTable(_FusedStateOwner, nn.Module):
     def to_empty(self, *, device, recurse=True):
         """As ``nn.Module.to_empty``: storage on ``device`` with uninitialised values, the offsets
         (the row sizes) included, so load a checkpoint (``load_state_dict``) before using the table;
-        a lookup before that is a clear error. A fused optimizer's state starts fresh (zeros)."""
-        super().to_empty(device=device, recurse=recurse)
-        self._unloaded = True
-        return self
+        a lookup before that is a clear error (also when a parent module's ``to_empty`` moved it,
+        see ``_apply``). A fused optimizer's state starts fresh (zeros)."""
+        return super().to_empty(device=device, recurse=recurse)
 
     def _check_loaded(self):
         if self.__dict__.get("_unloaded"):
@@ -645,11 +644,18 @@ class _MultiSizeTable(_FusedStateOwner, nn.Module):
     def _apply(self, fn, recurse=True):
         # .to(dtype) / .half() / .bfloat16() cast every floating buffer; the state of an attached
         # fused optimizer or scorer (pme.ops.RowConsumer) has its own dtype and device rules.
+        # Off the meta device only to_empty (this table's or a parent's: both come here) can take
+        # it (.to() refuses to copy out of meta): the offsets are then uninitialised until a
+        # checkpoint is loaded (_check_loaded).
+        was_meta = self.offsets.is_meta
         consumer = getattr(self, "optimizer", None)
         if consumer is None:
-            return super()._apply(fn, recurse)
-        with consumer.state_kept(self):
             super()._apply(fn, recurse)
+        else:
+            with consumer.state_kept(self):
+                super()._apply(fn, recurse)
+        if was_meta and not self.offsets.is_meta:
+            self._unloaded = True
         return self
 
     def _fused_step(self) -> bool:

@@ -516,12 +516,14 @@ def test_meta_modules_refuse_a_checkpoint_clearly(assign):
             make("meta").load_state_dict(make("cpu").state_dict(), assign=assign)
 
 
+@pytest.mark.parametrize("via", ["table", "parent"])
 @pytest.mark.parametrize("kind", ["bag", "embedding", "fused"])
-def test_to_empty_then_load_state_dict(kind):
-    """The meta-init idiom: build on meta, ``to_empty(device="cpu")``, load the checkpoint. Before
-    the load a lookup is a clear error (the offsets are uninitialised memory); after it the table
-    equals the one the checkpoint came from (a fused optimizer's state included). A collection
-    refuses ``to_empty`` clearly."""
+def test_to_empty_then_load_state_dict(kind, via):
+    """The meta-init idiom: build on meta, ``to_empty(device="cpu")`` (the table's own, or a parent
+    module's, which reaches the table only through ``_apply``), load the checkpoint. Before the load
+    a lookup is a clear error (the offsets are uninitialised memory); after it the table equals the
+    one the checkpoint came from (a fused optimizer's state included). A collection refuses
+    ``to_empty`` clearly."""
     from pme.collection import EmbeddingBagConfig, MultiSizeEmbeddingBagCollection
 
     def build(device):
@@ -538,7 +540,11 @@ def test_to_empty_then_load_state_dict(kind):
 
     if kind == "fused":
         call(real).sum().backward()  # some optimizer state to carry over
-    m = build("meta").to_empty(device="cpu")
+    m = (
+        build("meta").to_empty(device="cpu")
+        if via == "table"
+        else torch.nn.Sequential(build("meta")).to_empty(device="cpu")[0]
+    )
     with pytest.raises(RuntimeError, match=r"materialised with to_empty\(\).*load_state_dict"):
         call(m)
     m.load_state_dict(real.state_dict())
