@@ -5,7 +5,8 @@ C++/CUDA kernels do the lookup, the backward, a fused sparse optimizer step and 
 that picks every row's length (PME: Pruning-based Multi-size Embedding, our reconstruction).
 
 Main entry points: ``MultiSizeEmbeddingBag``, ``MultiSizeEmbedding``, ``convert``, ``search``,
-``pme.optim``, the functions of ``pme.ops`` and ``info()``.
+``pme.optim``, the functions of ``pme.ops``, ``DistributedDataParallel`` (for ``sparse=True``
+tables) and ``info()``.
 """
 
 from . import memory, ops, optim, reference
@@ -25,6 +26,7 @@ __all__ = [
     "info",
     "MultiSizeEmbeddingBagCollection",
     "MultiSizeEmbeddingCollection",
+    "DistributedDataParallel",
 ]
 
 
@@ -36,6 +38,10 @@ def __getattr__(name):
         import importlib
 
         return importlib.import_module(".search", __name__)
+    if name == "DistributedDataParallel":  # torch.distributed loads on first use only
+        from .ddp import DistributedDataParallel
+
+        return DistributedDataParallel
     raise AttributeError(f"module 'pme' has no attribute {name!r}")
 
 
