@@ -339,6 +339,8 @@ class _Bags(NamedTuple):
 
     def lookup(self, weight, table_checked=True):
         """``pme::bag_forward``: ``(out [B, width], argmax)``."""
+        if _functorch_active():  # (a backward formula inside torch.func: the Function it accepts)
+            return _BagLookup.apply(weight, *self)
         graded = (weight, self.per_sample_weights)
         return forward_call(torch.ops.pme.bag_forward.default, graded, weight, *self, table_checked)
 
@@ -354,6 +356,8 @@ class _Bags(NamedTuple):
 
     def backward(self, grad_out, weight, argmax, psw_grad):
         """``pme::bag_backward`` on a checked table: ``(weight grad, per_sample_weights grad)``."""
+        if _functorch_active():
+            return _BagBackward.apply(grad_out, weight, *self.row_args(argmax), psw_grad, True)
         return torch.ops.pme.bag_backward(grad_out, weight, *self.row_args(argmax), psw_grad, table_checked=True)
 
     def weighted(self, psw):
@@ -413,9 +417,8 @@ def _emb_setup(ctx, inputs, output):
 def _emb_backward(ctx, grad_out):
     """Backward of ``pme::embedding_forward``: gradients of its 7 arguments."""
     weight, offsets, indices, col_of_size = ctx.saved_tensors
-    gw = torch.ops.pme.embedding_backward(
-        grad_out.contiguous(), weight, offsets, indices, col_of_size, ctx.padding_idx, table_checked=True
-    )
+    args = (grad_out.contiguous(), weight, offsets, indices, col_of_size, ctx.padding_idx, True)
+    gw = _EmbeddingBackward.apply(*args) if _functorch_active() else torch.ops.pme.embedding_backward(*args)
     return gw, None, None, None, None, None, None
 
 
@@ -465,50 +468,115 @@ if BUILD_INFO is not None:
 
     torch.library.register_autograd("pme::embedding_forward", _emb_backward, setup_context=_emb_setup)
 
-    # Double backward. The lookups are linear in the weight, so their backward is linear in
-    # the output gradient: the backward of the backward is the lookup of the incoming
-    # gradient-gradient (max: gathered through the forward's argmax). With per_sample_weights
-    # the backward is also linear in them (and their gradient linear in weight and grad_out),
-    # which gives the other terms.
-    def _bagbwd_setup(ctx, inputs, output):
-        grad_out, weight, offsets, indices, bag_offsets, psw, col, argmax, mode, pad, psw_grad = inputs[:11]
-        ctx.psw_grad = psw_grad
-        bags = _Bags(offsets, indices, bag_offsets, psw, col, grad_out.shape[1], mode, pad)
-        _save(ctx, bags, grad_out, weight, argmax)
 
-    def _bagbwd_backward(ctx, gg_w, gg_p):
-        bags, (grad_out, weight, argmax) = _saved(ctx)
-        g_go = g_w = g_psw = None
-        by_p = ctx.psw_grad and gg_p is not None  # the incoming gradient of per_sample_weights' gradient
-        if ctx.needs_input_grad[0]:
-            g_go = _linear_lookup(gg_w, bags, argmax) if gg_w is not None else grad_out.new_zeros(grad_out.shape)
-            if by_p:
-                g_go = g_go + bags.weighted(gg_p).lookup(weight)[0]
-        if ctx.needs_input_grad[1] and by_p:
-            g_w = bags.weighted(gg_p).backward(grad_out, weight, argmax, False)[0]
-        if ctx.needs_input_grad[5] and bags.per_sample_weights is not None and gg_w is not None:
-            g_psw = bags.backward(grad_out, gg_w.contiguous(), argmax, True)[1]
-        return g_go, g_w, None, None, None, g_psw, None, None, None, None, None, None
+# Double backward. The lookups are linear in the weight, so their backward is linear in
+# the output gradient: the backward of the backward is the lookup of the incoming
+# gradient-gradient (max: gathered through the forward's argmax). With per_sample_weights
+# the backward is also linear in them (and their gradient linear in weight and grad_out),
+# which gives the other terms.
+def _bagbwd_setup(ctx, inputs, output):
+    grad_out, weight, offsets, indices, bag_offsets, psw, col, argmax, mode, pad, psw_grad = inputs[:11]
+    ctx.psw_grad = psw_grad
+    bags = _Bags(offsets, indices, bag_offsets, psw, col, grad_out.shape[1], mode, pad)
+    _save(ctx, bags, grad_out, weight, argmax)
 
+
+def _bagbwd_backward(ctx, gg_w, gg_p):
+    bags, (grad_out, weight, argmax) = _saved(ctx)
+    g_go = g_w = g_psw = None
+    by_p = ctx.psw_grad and gg_p is not None  # the incoming gradient of per_sample_weights' gradient
+    if ctx.needs_input_grad[0]:
+        g_go = _linear_lookup(gg_w, bags, argmax) if gg_w is not None else grad_out.new_zeros(grad_out.shape)
+        if by_p:
+            g_go = g_go + bags.weighted(gg_p).lookup(weight)[0]
+    if ctx.needs_input_grad[1] and by_p:
+        g_w = bags.weighted(gg_p).backward(grad_out, weight, argmax, False)[0]
+    if ctx.needs_input_grad[5] and bags.per_sample_weights is not None and gg_w is not None:
+        g_psw = bags.backward(grad_out, gg_w.contiguous(), argmax, True)[1]
+    return g_go, g_w, None, None, None, g_psw, None, None, None, None, None, None
+
+
+def _embbwd_setup(ctx, inputs, output):
+    grad_out, weight, offsets, indices, col_of_size, padding_idx = inputs[:6]
+    ctx.pad = padding_idx
+    ctx.save_for_backward(grad_out, offsets, indices, col_of_size)
+
+
+def _embbwd_backward(ctx, gg_w):
+    grad_out, offsets, indices, col = ctx.saved_tensors
+    if gg_w is None or not ctx.needs_input_grad[0]:
+        return None, None, None, None, None, None, None
+    args = (gg_w.contiguous(), offsets, indices, col, grad_out.shape[1], ctx.pad)
+    out = _EmbeddingLookup.apply(*args) if _functorch_active() else torch.ops.pme.embedding_forward(*args, True)
+    if ctx.pad >= 0:  # the padding row got no gradient: its lookups pass none back
+        out = out.masked_fill((indices == ctx.pad).unsqueeze(1), 0)
+    return out, None, None, None, None, None, None
+
+
+if BUILD_INFO is not None:
     torch.library.register_autograd("pme::bag_backward", _bagbwd_backward, setup_context=_bagbwd_setup)
 
-    def _embbwd_setup(ctx, inputs, output):
-        grad_out, weight, offsets, indices, col_of_size, padding_idx = inputs[:6]
-        ctx.pad = padding_idx
-        ctx.save_for_backward(grad_out, offsets, indices, col_of_size)
-
-    def _embbwd_backward(ctx, gg_w):
-        grad_out, offsets, indices, col = ctx.saved_tensors
-        if gg_w is None or not ctx.needs_input_grad[0]:
-            return None, None, None, None, None, None, None
-        out = torch.ops.pme.embedding_forward(
-            gg_w.contiguous(), offsets, indices, col, grad_out.shape[1], ctx.pad, table_checked=True
-        )
-        if ctx.pad >= 0:  # the padding row got no gradient: its lookups pass none back
-            out = out.masked_fill((indices == ctx.pad).unsqueeze(1), 0)
-        return out, None, None, None, None, None, None
-
     torch.library.register_autograd("pme::embedding_backward", _embbwd_backward, setup_context=_embbwd_setup)
+
+
+def _functorch_active() -> bool:
+    """Whether a torch.func transform (grad, vjp, jacrev, ...) is open: the backward operators are then
+    called through :class:`_BagBackward` / :class:`_EmbeddingBackward`, since torch.library's autograd
+    wrapper (a Function without ``setup_context``) is refused inside such transforms."""
+    return torch._C._functorch.maybe_current_level() is not None
+
+
+def _vmap_by_loop(function):
+    """A ``vmap`` staticmethod for ``function`` (an autograd.Function whose operators have no
+    batching rule): the call once per batch element, the results stacked on dim 0. Correct under
+    every torch.func transform (``vmap``, ``jacrev``, per-sample gradients), one call per element."""
+
+    def vmap(info, in_dims, *args):
+        def element(i):
+            return function.apply(*(a if d is None else a.select(d, i) for a, d in zip(args, in_dims)))
+
+        outs = [element(i) for i in range(info.batch_size)]
+        if isinstance(outs[0], tuple):
+            stacked = tuple(torch.stack(parts) for parts in zip(*outs))
+            return stacked, (0,) * len(stacked)
+        return torch.stack(outs), 0
+
+    return staticmethod(vmap)
+
+
+class _BagBackward(torch.autograd.Function):
+    """``pme::bag_backward`` (its 12 schema arguments) differentiable inside torch.func transforms,
+    with the operator's own double-backward formula."""
+
+    @staticmethod
+    def forward(*args):
+        with _below_autograd():
+            return torch.ops.pme.bag_backward.default(*args)
+
+    setup_context = staticmethod(_bagbwd_setup)
+
+    @staticmethod
+    def backward(ctx, gg_w, gg_p):
+        return _bagbwd_backward(ctx, gg_w, gg_p)
+
+
+class _EmbeddingBackward(torch.autograd.Function):
+    """``pme::embedding_backward`` (its 7 schema arguments), as :class:`_BagBackward`."""
+
+    @staticmethod
+    def forward(*args):
+        with _below_autograd():
+            return torch.ops.pme.embedding_backward.default(*args)
+
+    setup_context = staticmethod(_embbwd_setup)
+
+    @staticmethod
+    def backward(ctx, gg_w):
+        return _embbwd_backward(ctx, gg_w)
+
+
+_BagBackward.vmap = _vmap_by_loop(_BagBackward)
+_EmbeddingBackward.vmap = _vmap_by_loop(_EmbeddingBackward)
 
 
 def _linear_lookup(t, bags: _Bags, argmax):
@@ -582,6 +650,9 @@ class _BagLookup(torch.autograd.Function):
             extra = bags.weighted(psw_t).lookup(weight)[0]
             out_t = extra if out_t is None else out_t + extra
         return out_t, None
+
+
+_BagLookup.vmap = _vmap_by_loop(_BagLookup)
 
 
 class _BagLookupEager(torch.autograd.Function):
@@ -1430,6 +1501,9 @@ class _EmbeddingLookup(torch.autograd.Function):
         return torch.ops.pme.embedding_forward(
             w_t.contiguous(), offsets, indices, col_of_size, ctx.width, ctx.padding_idx, table_checked=True
         )
+
+
+_EmbeddingLookup.vmap = _vmap_by_loop(_EmbeddingLookup)
 
 
 class _EmbeddingLookupEager(torch.autograd.Function):

@@ -652,6 +652,75 @@ def test_embedding_double_backward_and_jvp(pad, layout):
     torch.testing.assert_close(tangent, tangent_ref)
 
 
+@pytest.mark.parametrize("mode", ["sum", "mean", "max", "embedding"])
+@pytest.mark.parametrize("layout", ["padded", "grouped"])
+def test_torch_func_transforms(mode, layout):
+    """torch.func's grad, vjp, jacrev, vmap, per-sample gradients (vmap of grad) and grad of grad
+    over a lookup equal torch.autograd on the same function, and the lookup's Jacobian equals that
+    of F.embedding_bag / F.embedding on the dense view (the backward operators inside a transform go
+    through Functions with setup_context; vmap calls the lookup once per batch element)."""
+    from torch.func import grad, jacrev, vjp, vmap
+
+    w, off, col, width, _ = make_table(11, 6, torch.float64, layout=layout, seed=4)
+    idx, bo = random_bags(11, 4, 5, torch.Generator().manual_seed(6), torch.int32, padding_idx=3)
+    pad = 3 if mode != "max" else None
+    w0 = w.detach()
+
+    def f(w, p=None):
+        if mode == "embedding":
+            return ops.embedding(w, off, idx, width=width, col_of_size=col, padding_idx=pad)
+        kw = {"per_sample_weights": p} if p is not None else {}
+        return ops.embedding_bag(w, off, idx, bo, width=width, col_of_size=col, mode=mode, padding_idx=pad, **kw)
+
+    def dense_f(w):
+        dense = reference.to_dense(w, off, width, col)
+        if mode == "embedding":
+            return F.embedding(idx.long(), dense, padding_idx=pad)
+        return F.embedding_bag(idx.long(), dense, bo.long(), mode=mode, padding_idx=pad)
+
+    g_out = torch.randn_like(f(w0))
+
+    def loss(w):
+        return (f(w) * g_out).sum() + (f(w) ** 2).sum()
+
+    wr = w0.clone().requires_grad_()
+    want = torch.autograd.grad(loss(wr), wr)[0]
+    torch.testing.assert_close(grad(loss)(w0), want)
+    out, pull = vjp(f, w0)
+    torch.testing.assert_close(out, f(w0))
+    torch.testing.assert_close(pull(g_out)[0], torch.autograd.grad(f(wr), wr, g_out)[0])
+    J = jacrev(f)(w0)
+    torch.testing.assert_close(J, torch.autograd.functional.jacobian(dense_f, w0))
+    tangents = torch.randn(3, w0.numel(), dtype=w0.dtype)
+    torch.testing.assert_close(vmap(f)(w0 + tangents), torch.stack([f(w0 + t) for t in tangents]))
+    hess = torch.autograd.functional.hessian(loss, w0)
+    torch.testing.assert_close(jacrev(grad(loss))(w0), hess)
+
+    # per-sample gradients: one gradient per bag (vmap over the bags, grad over the table)
+    rows = torch.randint(0, 11, (5, 3), generator=torch.Generator().manual_seed(1))
+
+    def per_bag(w, r):
+        if mode == "embedding":
+            return (ops.embedding(w, off, r, width=width, col_of_size=col) ** 2).sum()
+        return (ops.embedding_bag(w, off, r.unsqueeze(0), width=width, col_of_size=col, mode=mode) ** 2).sum()
+
+    got = vmap(grad(per_bag), in_dims=(None, 0))(w0, rows)
+    for r, g in zip(rows, got):
+        wr = w0.clone().requires_grad_()
+        torch.testing.assert_close(g, torch.autograd.grad(per_bag(wr, r), wr)[0])
+    if mode == "sum":  # per_sample_weights: both gradients, and the weights' gradient of the weights' gradient
+        p0 = torch.rand(idx.numel(), dtype=w0.dtype)
+
+        def loss_p(w, p):
+            return (f(w, p) ** 2).sum()
+
+        wr, pr = w0.clone().requires_grad_(), p0.clone().requires_grad_()
+        for a, b in zip(grad(loss_p, argnums=(0, 1))(w0, p0), torch.autograd.grad(loss_p(wr, pr), (wr, pr))):
+            torch.testing.assert_close(a, b)
+        hp = torch.autograd.functional.hessian(lambda p: loss_p(w0, p), p0)
+        torch.testing.assert_close(jacrev(grad(loss_p, argnums=1), argnums=1)(w0, p0), hp)
+
+
 def test_to_dense_checks_the_table_whole():
     w, off, col, width, sizes = make_table(10, 8, layout="grouped", seed=3)
     bad = col.clone()
