@@ -899,7 +899,8 @@ class MultiSizeEmbeddingBag(_MultiSizeTable):
     @classmethod
     def from_embedding_bag(cls, module: nn.EmbeddingBag, sizes, init: str = "kept", scores=None, **kwargs):
         """Multi-size copy of an ``nn.EmbeddingBag`` (mode, padding_idx, include_last_offset,
-        max_norm, norm_type, scale_grad_by_freq and sparse kept).
+        max_norm, norm_type, scale_grad_by_freq and sparse kept), or of a padded-layout
+        ``MultiSizeEmbeddingBag`` at new sizes (its dense view; also its fused optimizer, with fresh state).
 
         ``init="kept"`` keeps each row's first ``sizes[i]`` values (or its best by ``scores``);
         ``init="fresh"`` draws new values with the standard deviation of the original table.
@@ -979,7 +980,8 @@ class MultiSizeEmbedding(_MultiSizeTable):
 
     @classmethod
     def from_embedding(cls, module: nn.Embedding, sizes, init: str = "kept", scores=None, **kwargs):
-        """Multi-size copy of an ``nn.Embedding`` (see ``MultiSizeEmbeddingBag.from_embedding_bag``)."""
+        """Multi-size copy of an ``nn.Embedding`` or a ``MultiSizeEmbedding`` (see
+        ``MultiSizeEmbeddingBag.from_embedding_bag``)."""
         return _convert_table(cls, module, nn.Embedding, sizes, init, scores, kwargs)
 
 
@@ -1000,15 +1002,25 @@ _KEPT_ATTRS = {
 
 def _convert_table(cls, module, nn_type, sizes, init, scores, kwargs):
     """``cls.from_embedding_bag`` / ``from_embedding``: a multi-size copy of ``module`` (an
-    ``nn_type``) keeping its ``_KEPT_ATTRS`` unless ``kwargs`` gives them."""
-    if not isinstance(module, nn_type):
-        raise TypeError(f"expected an nn.{nn_type.__name__}, got {type(module).__name__}")
+    ``nn_type``, or a pme table of the padded layout standing for one) keeping its ``_KEPT_ATTRS``
+    (and a pme table's fused optimizer, whose state starts fresh) unless ``kwargs`` gives them."""
+    if isinstance(module, cls):
+        if module.layout != "padded":
+            raise ValueError(
+                "convert takes pme tables of the padded layout (their dense view is [V, D]); this one is "
+                "grouped: convert its to_dense() through nn.EmbeddingBag.from_pretrained, or rebuild it"
+            )
+        kwargs.setdefault("optimizer", module.optimizer)
+        dense, stored = module.to_dense(), module.weight
+    elif isinstance(module, nn_type):
+        dense = stored = module.weight
+    else:
+        raise TypeError(f"expected an nn.{nn_type.__name__} or a {cls.__name__}, got {type(module).__name__}")
     for attr in _KEPT_ATTRS[nn_type]:
         kwargs.setdefault(attr, getattr(module, attr))
-    dense_weight = module.weight
     if init not in ("kept", "fresh"):
         raise ValueError(f"init must be 'kept' or 'fresh', got {init!r}")
-    w = dense_weight.detach()
+    w = dense.detach()
     if init == "kept":
         m = cls.from_dense(w, sizes, scores=scores, **kwargs)
     else:
@@ -1016,11 +1028,13 @@ def _convert_table(cls, module, nn_type, sizes, init, scores, kwargs):
         kwargs.setdefault("dtype", w.dtype)
         kwargs.setdefault("device", w.device)
         m = cls(V, D, sizes=sizes, **kwargs)
-        std = float(w.float().std()) if w.numel() > 1 else 1.0
+        std = float(stored.detach().float().std()) if stored.numel() > 1 else 1.0
         with torch.no_grad():
             m.weight.normal_(0.0, std)
         m._zero_padding_row()
-    if not dense_weight.requires_grad:  # a frozen table stays frozen (with a fused optimizer: no step)
+    # a frozen table stays frozen (with a fused optimizer, whose weight needs no gradient: no step)
+    frozen = module._frozen if getattr(module, "optimizer", None) is not None else not stored.requires_grad
+    if frozen:
         m.requires_grad_(False)
     return m
 
@@ -1059,7 +1073,9 @@ def replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> int:
 def convert(
     model: nn.Module, sizes_by_module: Mapping[str, object], init: str = "kept", scores=None, **kwargs
 ) -> nn.Module:
-    """Swaps every ``nn.EmbeddingBag`` / ``nn.Embedding`` named in ``sizes_by_module``, in place.
+    """Swaps every ``nn.EmbeddingBag`` / ``nn.Embedding`` named in ``sizes_by_module``, in place, for a
+    multi-size table (a padded-layout pme table named there is rebuilt at the new sizes from its dense
+    view, its fused optimizer kept with fresh state).
 
     Args:
         model: any module; tables are found by their ``named_modules()`` names.
@@ -1081,16 +1097,16 @@ def convert(
         raise ValueError("scores choose which entries init='kept' keeps; init='fresh' draws new values and uses none")
     for name, sizes in sizes_by_module.items():
         mod = modules.get(name)
-        if isinstance(mod, nn.EmbeddingBag):
+        if isinstance(mod, (nn.EmbeddingBag, MultiSizeEmbeddingBag)):
             new = MultiSizeEmbeddingBag.from_embedding_bag(
                 mod, sizes, init=init, scores=(scores or {}).get(name), **kwargs
             )
-        elif isinstance(mod, nn.Embedding):
+        elif isinstance(mod, (nn.Embedding, MultiSizeEmbedding)):
             new = MultiSizeEmbedding.from_embedding(mod, sizes, init=init, scores=(scores or {}).get(name), **kwargs)
         else:
             raise KeyError(
-                f"{name!r} is not an nn.EmbeddingBag or nn.Embedding of the model "
-                f"(found {type(mod).__name__ if mod is not None else 'nothing'})"
+                f"{name!r} is not an embedding table of the model (nn.EmbeddingBag, nn.Embedding or a pme "
+                f"table; found {type(mod).__name__ if mod is not None else 'nothing'})"
             )
         replace_module(model, mod, new)
     return model

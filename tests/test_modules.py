@@ -94,13 +94,60 @@ def test_convert_swaps_tables_in_place():
     d = net.tables["a"].to_dense()
     for i, s in enumerate(sizes_a.tolist()):
         torch.testing.assert_close(d[i, :s], dense_a[i, :s])
-    with pytest.raises(KeyError, match="not an nn.EmbeddingBag"):
+    with pytest.raises(KeyError, match="not an embedding table"):
         pme.convert(net, {"nothing.here": 3})
     # fresh init keeps the scale of the original table
     big = torch.nn.EmbeddingBag(2000, 16)
     torch.nn.init.normal_(big.weight, std=0.01)
     fresh = pme.MultiSizeEmbeddingBag.from_embedding_bag(big, 8, init="fresh")
     assert 0.008 < float(fresh.weight.detach().std()) < 0.012
+
+
+@pytest.mark.parametrize("init", ["kept", "fresh"])
+def test_convert_resizes_pme_tables(init):
+    """pme tables (padded layout) convert too: the flow of a model trained full width with a fused
+    optimizer (TrainingScores), then cut to the sizes found. The new table keeps the kind, the
+    nn-style options and the fused optimizer (the same object: a schedule that holds it still
+    applies; its state starts at zeros), takes the dense view's first entries (kept) or draws
+    values at the stored entries' scale (fresh), and trains; a frozen table stays frozen."""
+    g = torch.Generator().manual_seed(3)
+    opt = pme.optim.Adam(lr=0.05)
+    net = torch.nn.ModuleDict(
+        {
+            "bag": pme.MultiSizeEmbeddingBag(
+                12, 8, mode="mean", padding_idx=1, include_last_offset=True, optimizer=opt
+            ),
+            "tok": pme.MultiSizeEmbedding(9, 4, sizes=torch.randint(0, 5, (9,), generator=g), sparse=True),
+            "frozen": pme.MultiSizeEmbeddingBag.from_pretrained(torch.randn(6, 4, generator=g), mode="sum"),
+        }
+    )
+    net["bag"](torch.tensor([0, 3, 3, 11]), torch.tensor([0, 2, 4])).sum().backward()  # some Adam state
+    before = {k: m.to_dense().detach().clone() for k, m in net.items()}
+    sizes = {"bag": torch.randint(0, 9, (12,), generator=g), "tok": torch.randint(0, 5, (9,), generator=g), "frozen": 2}
+    pme.convert(net, sizes, init=init)
+    bag, tok, frozen = net["bag"], net["tok"], net["frozen"]
+    assert type(bag) is pme.MultiSizeEmbeddingBag and type(tok) is pme.MultiSizeEmbedding
+    assert (bag.mode, bag.padding_idx, bag.include_last_offset, tok.sparse) == ("mean", 1, True, True)
+    assert bag.optimizer is opt and int(bag.optim_step) == 0
+    assert not bag.optim_state1.any() and bag.optim_state1.numel() == bag.weight.numel()
+    assert torch.equal(bag.sizes, sizes["bag"]) and torch.equal(tok.sizes, sizes["tok"])
+    for name, m in net.items():
+        d = m.to_dense()
+        for i, s in enumerate(m.sizes.tolist()):
+            if init == "kept":
+                torch.testing.assert_close(d[i, :s], before[name][i, :s], rtol=0, atol=0)
+            assert not d[i, s:].any()
+    if init == "fresh":
+        assert not torch.equal(bag.to_dense()[:, :1], before["bag"][:, :1])
+    w0 = bag.weight.detach().clone()
+    bag(torch.tensor([0, 3, 3, 11]), torch.tensor([0, 2, 4])).sum().backward()
+    assert not torch.equal(bag.weight.detach(), w0) and int(bag.optim_step) == 1
+    assert not frozen.weight.requires_grad
+    grouped = pme.MultiSizeEmbeddingBag(6, 4, sizes=[1, 2, 4, 4, 2, 1], layout="grouped")
+    with pytest.raises(ValueError, match="padded layout"):
+        pme.convert(torch.nn.Sequential(grouped), {"0": 2})
+    with pytest.raises(TypeError, match="expected an nn.Embedding or a MultiSizeEmbedding, got MultiSizeEmbeddingBag"):
+        pme.MultiSizeEmbedding.from_embedding(bag, 2)
 
 
 @pytest.mark.parametrize("device", DEVICES)
