@@ -199,7 +199,10 @@ def _variable_batch(features) -> bool:
 
 def _pad_variable_batch(offsets: torch.Tensor, strides, B: int) -> torch.Tensor:
     """A VBE KJT's offsets (``sum(B_f) + 1``: feature f's ``B_f`` bags in turn) -> offsets of ``B``
-    bags per feature (each feature's first ``B`` bags, then empty ones)."""
+    bags per feature (each feature's first ``B`` bags, then empty ones). A feature with more than
+    ``B`` bags (one the collection does not read: ``B`` is the largest batch of those it reads)
+    keeps its later values in its last bag, so that the next feature still starts at its own first
+    value."""
     strides = [int(b) for b in strides]
     if offsets.dim() != 1 or offsets.numel() != sum(strides) + 1:
         raise ValueError(
@@ -210,6 +213,8 @@ def _pad_variable_batch(offsets: torch.Tensor, strides, B: int) -> torch.Tensor:
     first = torch.cumsum(n, 0) - n
     # bag b of feature f ends at offsets[first_f + min(b + 1, B_f)]
     ends = torch.minimum(torch.arange(1, B + 1, device=offsets.device), n.unsqueeze(1)) + first.unsqueeze(1)
+    if B > 0:
+        ends[:, -1] = first + n  # every feature's last bag ends where the feature does
     return offsets[torch.cat([ends.new_zeros(1), ends.reshape(-1)])]
 
 
@@ -633,6 +638,14 @@ def _sizes_list(sizes, tables):
     )
 
 
+def _table_sizes(sizes, t: _Table) -> torch.Tensor:
+    """One table's ``sizes`` entry as ``parse_sizes`` reads it, an error naming the table."""
+    try:
+        return parse_sizes(sizes, t.num_embeddings, t.embedding_dim)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"table {t.name!r}: {e}") from None
+
+
 class MultiSizeEmbeddingBagCollection(_FusedStateOwner, nn.Module):
     """TorchRec's ``EmbeddingBagCollection`` over multi-size tables, all in one flat buffer.
 
@@ -685,7 +698,7 @@ class MultiSizeEmbeddingBagCollection(_FusedStateOwner, nn.Module):
                 col += t.embedding_dim
         self.out_width = col
         self._feature_cache: dict = {}
-        per_table = [parse_sizes(s, t.num_embeddings, t.embedding_dim) for s, t in zip(_sizes_list(sizes, tabs), tabs)]
+        per_table = [_table_sizes(s, t) for s, t in zip(_sizes_list(sizes, tabs), tabs)]
         host_offsets = self._global_offsets(per_table)
         self.register_buffer("offsets", memory.fresh_table(host_offsets.to(device)))
         rows = torch.zeros(len(tabs) + 1, dtype=torch.int64)
@@ -754,6 +767,11 @@ class MultiSizeEmbeddingBagCollection(_FusedStateOwner, nn.Module):
         raise KeyError(f"no table {name!r} in the collection (tables: {self.table_names})")
 
     def _row_span(self, i: int):
+        if self.offsets.is_meta:
+            raise RuntimeError(
+                f"{type(self).__name__} is on the meta device, where its tables' row sizes are not known: the "
+                "per-table views, sizes, memory_report() and state_dict() need the collection built on a real device"
+            )
         r0, r1 = int(self.table_rows[i]), int(self.table_rows[i + 1])
         return r0, r1, int(self.offsets[r0]), int(self.offsets[r1])
 
@@ -822,6 +840,12 @@ class MultiSizeEmbeddingBagCollection(_FusedStateOwner, nn.Module):
     def extra_repr(self) -> str:
         lines = []
         for t in self._tables:
+            if self.offsets.is_meta:  # no sizes to show (a model built on the meta device, as TorchRec does)
+                lines.append(
+                    f"({t.name}): {t.num_embeddings} x {t.embedding_dim}, pooling={t.pooling!r}, "
+                    f"features={list(t.feature_names)}, sizes=? (meta device)"
+                )
+                continue
             s = self.sizes(t.name).cpu()
             lines.append(
                 f"({t.name}): {t.num_embeddings} x {t.embedding_dim}, pooling={t.pooling!r}, "
@@ -911,6 +935,11 @@ class MultiSizeEmbeddingBagCollection(_FusedStateOwner, nn.Module):
                         )
                     if not wk.is_floating_point():
                         raise TypeError(f"feature {k!r}: weights must be floating point, got {wk.dtype}")
+                for what, x in (("values", v), ("offsets", o), ("weights", item[2] if len(item) == 3 else None)):
+                    if x is not None and x.device != self.weight.device:
+                        raise ValueError(
+                            f"feature {k!r}: its {what} are on {x.device} but the collection is on {self.weight.device}"
+                        )
                 if o.numel() < 1:
                     raise ValueError(f"feature {k!r}: offsets must have B + 1 >= 1 entries (they include the end)")
                 if B is None:
@@ -943,7 +972,8 @@ class MultiSizeEmbeddingBagCollection(_FusedStateOwner, nn.Module):
             values = torch.cat([v if v.dtype == dtype else v.to(dtype) for v in vals])
             if any(x is not None for x in wl):
                 if any(x is None for x in wl):
-                    raise ValueError("either every feature carries weights or none does")
+                    without = [k for k, x in zip(keys, wl) if x is None]
+                    raise ValueError(f"either every feature carries weights or none does: features {without} have none")
                 w = torch.cat(wl)
             else:
                 w = None
@@ -962,6 +992,16 @@ class MultiSizeEmbeddingBagCollection(_FusedStateOwner, nn.Module):
         if self.is_weighted:
             if w is None:
                 raise ValueError("the collection is weighted (is_weighted=True) but the input carries no weights")
+            if not w.is_floating_point():
+                raise TypeError(f"the input's weights must be floating point, got {w.dtype}")
+            # (eager only: traced, the operator checks it, without tying two dynamic sizes in the graph)
+            if not torch.compiler.is_compiling() and (w.dim() != 1 or w.numel() != values.numel()):
+                raise ValueError(
+                    f"the input's weights must be 1-D with one entry per value ({values.numel()}), got shape "
+                    f"{tuple(w.shape)}"
+                )
+            if w.device != dev:
+                raise ValueError(f"the input's weights are on {w.device} but the collection is on {dev}")
             if w.dtype != self.weight.dtype:
                 w = w.to(self.weight.dtype)
         elif w is not None:
@@ -1376,11 +1416,11 @@ class MultiSizeEmbeddingBagCollection(_FusedStateOwner, nn.Module):
         (optional) picks the kept entries by score, as ``MultiSizeEmbeddingBag.from_dense``.
         """
         tabs = [_table_of(c, i) for i, c in enumerate(tables)]
-        if not isinstance(dense, Mapping):
-            dense = {t.name: d for t, d in zip(tabs, dense)}
-        scores = scores or {}
-        if not isinstance(scores, Mapping):
-            scores = {t.name: s for t, s in zip(tabs, scores)}
+        dense = _per_table(dense, tabs, "dense")
+        missing = [t.name for t in tabs if t.name not in dense]
+        if missing:
+            raise KeyError(f"dense has no weight for tables {missing} (it has {sorted(dense)})")
+        scores = _per_table(scores or {}, tabs, "scores")
         flats = []
         first = next(iter(dense.values()))
         if "dtype" not in kwargs:
@@ -1399,14 +1439,34 @@ class MultiSizeEmbeddingBagCollection(_FusedStateOwner, nn.Module):
                     f"table {t.name!r}: dense weight has shape {tuple(w.shape)}, expected "
                     f"({t.num_embeddings}, {t.embedding_dim})"
                 )
-            sz = parse_sizes(s, t.num_embeddings, t.embedding_dim).to(w.device)
+            sz = _table_sizes(s, t).to(w.device)
             sc = scores.get(t.name)
             if sc is None:
                 sc = -torch.arange(t.embedding_dim, dtype=torch.float32, device=w.device).expand_as(w).contiguous()
+            elif tuple(sc.shape) != tuple(w.shape):
+                raise ValueError(
+                    f"table {t.name!r}: scores have shape {tuple(sc.shape)}, expected {tuple(w.shape)} "
+                    "(the dense table's)"
+                )
             flat, _ = ops.prune_pack(w, sc.detach().float(), sz, order)
             flats.append(flat)
-        sizes_l = [parse_sizes(s, t.num_embeddings, t.embedding_dim) for s, t in zip(_sizes_list(sizes, tabs), tabs)]
+        sizes_l = [_table_sizes(s, t) for s, t in zip(_sizes_list(sizes, tabs), tabs)]
         return cls(tables, sizes=sizes_l, _weight=torch.cat(flats), **kwargs)
+
+
+def _per_table(x, tabs, what: str) -> dict:
+    """``{table name: tensor}`` from a mapping by name or a list in table order (``what`` names the
+    argument in errors): a name the collection does not have, or a list of another length, is refused."""
+    names = [t.name for t in tabs]
+    if isinstance(x, Mapping):
+        unknown = [k for k in x if k not in names]
+        if unknown:
+            raise KeyError(f"{what} names tables {unknown} that the collection does not have ({names})")
+        return dict(x)
+    x = list(x)
+    if len(x) != len(tabs):
+        raise ValueError(f"{what} has {len(x)} entries but there are {len(tabs)} tables ({names})")
+    return dict(zip(names, x))
 
 
 def _is_ebc(mod) -> bool:
@@ -1472,7 +1532,37 @@ class MultiSizeEmbeddingCollection(MultiSizeEmbeddingBagCollection):
             )
         self.embedding_dim = dims.pop()
 
+    def _meta_forward(self, features):
+        """Shapes only (a model built on the meta device, as TorchRec does): each output's values
+        ``[n_f, D]`` on meta, with the input feature's lengths (KJT) or offsets (mapping)."""
+        self._meta_batch(features)  # refuses an input with values
+        kjt = _is_kjt(features)
+        if kjt:
+            from torchrec.sparse.jagged_tensor import JaggedTensor
+
+            parts = features.to_dict()
+        elif isinstance(features, Mapping):
+            parts = features
+        out = {}
+        dtype = torch.float32 if kjt and self.weight.dtype in (torch.float16, torch.bfloat16) else self.weight.dtype
+        for name, (ti, f, _) in zip(self.embedding_names(), self._blocks):
+            if f not in parts:
+                raise KeyError(
+                    f"the input has no feature {f!r} (table {self._tables[ti].name!r} reads it); its keys "
+                    f"are {list(parts)}"
+                )
+            if kjt:
+                jt = parts[f]
+                vals = self.weight.new_empty(jt.values().shape[0], self.embedding_dim, dtype=dtype)
+                out[name] = JaggedTensor(values=vals, lengths=jt.lengths(), offsets=jt.offsets())
+            else:
+                v, o = parts[f][0], parts[f][1]
+                out[name] = (self.weight.new_empty(v.shape[0], self.embedding_dim, dtype=dtype), o)
+        return out
+
     def forward(self, features):
+        if self.weight.is_meta:
+            return self._meta_forward(features)
         keys, idx, bo, _, B = self._normal_form(features)
         pos = {k: i for i, k in enumerate(keys)}
         # a variable batch per feature (VBE): feature g has its own B_g bags (then empty ones to B)
@@ -1501,8 +1591,8 @@ class MultiSizeEmbeddingCollection(MultiSizeEmbeddingBagCollection):
             if v.numel() and (int(v.min()) < 0 or int(v.max()) >= vt):
                 j = int(((v < 0) | (v >= vt)).nonzero()[0])
                 raise IndexError(
-                    f"pme: index out of range: {f!r} value {j} = {int(v[j])} but table "
-                    f"{self._tables[ti].name!r} has {vt} rows"
+                    f"pme: index out of range: feature {f!r} value {j} is {int(v[j])}, but table "
+                    f"{self._tables[ti].name!r} has {vt} rows (valid: 0 to {vt - 1})"
                 )
             parts.append(v + rows[ti])
             spans.append((s, e, g))

@@ -461,6 +461,28 @@ def test_from_dense_refuses_mixed_dtypes_unless_told():
     assert m.weight.dtype == torch.float32 and torch.equal(m.to_dense("b"), dense["b"])
 
 
+def test_from_dense_checks_the_table_names_of_dense_and_scores():
+    """scores (and dense) keyed by a name the collection does not have are refused, not ignored
+    (a misspelt name would keep each row's first entries instead of its best); a missing dense
+    table, a list of another length and scores of another shape say which."""
+    tables = [EmbeddingBagConfig(10, 4, "a", ["x"]), EmbeddingBagConfig(6, 2, "b", ["y"])]
+    gen = torch.Generator().manual_seed(0)
+    dense = {"a": torch.randn(10, 4, generator=gen), "b": torch.randn(6, 2, generator=gen)}
+    best = MultiSizeEmbeddingBagCollection.from_dense(tables, dense, {"a": 2}, scores={"a": dense["a"].abs()})
+    kept = dense["a"].gather(1, dense["a"].abs().topk(2, 1).indices.sort(1).values)
+    torch.testing.assert_close(best.to_dense("a")[:, :2], kept, rtol=0, atol=0)
+    with pytest.raises(KeyError, match=r"scores names tables \['A'\] that the collection does not have"):
+        MultiSizeEmbeddingBagCollection.from_dense(tables, dense, {"a": 2}, scores={"A": dense["a"].abs()})
+    with pytest.raises(KeyError, match=r"dense names tables \['c'\]"):
+        MultiSizeEmbeddingBagCollection.from_dense(tables, {**dense, "c": torch.zeros(3, 2)})
+    with pytest.raises(KeyError, match=r"dense has no weight for tables \['b'\]"):
+        MultiSizeEmbeddingBagCollection.from_dense(tables, {"a": dense["a"]})
+    with pytest.raises(ValueError, match="dense has 1 entries but there are 2 tables"):
+        MultiSizeEmbeddingBagCollection.from_dense(tables, [dense["a"]])
+    with pytest.raises(ValueError, match=r"table 'a': scores have shape \(10, 3\), expected \(10, 4\)"):
+        MultiSizeEmbeddingBagCollection.from_dense(tables, dense, 2, scores=[torch.rand(10, 3), None])
+
+
 def test_bad_input_raises_clear_errors():
     m, _, _ = make_collection(2, "mixed")
     inp = make_input(m, 4, 2)
@@ -492,12 +514,39 @@ def test_bad_input_raises_clear_errors():
         m({**inp, "f4": (inp["f4"][0], inp["f4"][1] + 1)})
     with pytest.raises(TypeError, match="int32 or int64"):
         m({k: (x[0].float(), x[1]) for k, x in inp.items()})
+    wm, _, _ = make_collection(2, "sum", weighted=True)
+    winp = make_input(wm, 4, 2, weighted=True)
+    with pytest.raises(ValueError, match=r"every feature carries weights or none does: features \['f2'\] have none"):
+        wm({**winp, "f2": winp["f2"][:2]})
     with pytest.raises(ValueError, match="is_weighted=True needs sum pooling"):
         MultiSizeEmbeddingBagCollection([EmbeddingBagConfig(4, 4, "a", ["x"], "mean")], is_weighted=True)
     with pytest.raises(ValueError, match="unique"):
         MultiSizeEmbeddingBagCollection([EmbeddingBagConfig(4, 4, "a", ["x"]), EmbeddingBagConfig(4, 4, "a", ["y"])])
     with pytest.raises(ValueError, match="outside"):
         MultiSizeEmbeddingBagCollection([EmbeddingBagConfig(4, 4, "a", ["x"])], {"a": 5})
+
+
+def test_bad_sizes_and_misplaced_input_name_their_table_or_feature():
+    """A bad sizes entry says which table it is for; a feature whose values, offsets or weights
+    are on another device than the collection says which feature and which tensor (not torch's
+    error from concatenating the features)."""
+    cfgs = [EmbeddingBagConfig(4, 4, "a", ["x"]), EmbeddingBagConfig(6, 2, "b", ["y"])]
+    with pytest.raises(ValueError, match=r"table 'b': sizes\[0\] = 3 is outside \[0, embedding_dim = 2\]"):
+        MultiSizeEmbeddingBagCollection(cfgs, {"a": 4, "b": 3})
+    with pytest.raises(ValueError, match="table 'b': sizes has 2 entries but the table has 6 rows"):
+        MultiSizeEmbeddingBagCollection(cfgs, [None, [1, 2]])
+    with pytest.raises(ValueError, match="table 'a': sizes"):
+        MultiSizeEmbeddingBagCollection.from_dense(cfgs, [torch.zeros(4, 4), torch.zeros(6, 2)], {"a": 5})
+    m = MultiSizeEmbeddingBagCollection(cfgs, is_weighted=True)
+    t = torch.tensor
+    ok = {"x": (t([1, 2]), t([0, 1, 2]), t([1.0, 2.0])), "y": (t([3]), t([0, 0, 1]), t([0.5]))}
+    assert m(ok).values().shape == (2, 6)
+    meta = torch.device("meta")  # another device than the collection's, on every machine
+    for i, what in enumerate(("values", "offsets", "weights")):
+        item = list(ok["y"])
+        item[i] = item[i].to(meta)
+        with pytest.raises(ValueError, match=f"feature 'y': its {what} are on meta but the collection is on cpu"):
+            m({"x": ok["x"], "y": tuple(item)})
 
 
 def _normal(m, inp):
@@ -791,7 +840,7 @@ def test_non_pooled_collection_equals_embedding_on_dense_views(index_dtype):
         )
     bad = dict(inp)
     bad["c"] = (torch.tensor([7], dtype=index_dtype), torch.tensor([0, 1, 1, 1, 1, 1], dtype=index_dtype))
-    with pytest.raises(IndexError, match="'t1' has 7 rows"):
+    with pytest.raises(IndexError, match=r"feature 'c' value 0 is 7, but table 't1' has 7 rows \(valid: 0 to 6\)"):
         m(bad)
     assert set(m.state_dict()) == {f"embeddings.{t.name}.{k}" for t in tables for k in ("weight", "offsets")}
     with pytest.raises(ValueError, match="same embedding_dim"):
@@ -914,6 +963,29 @@ def test_meta_collection_gives_shapes_and_refuses_real_input():
     real = {f: (torch.tensor([1, 2, 3]), torch.tensor([0, 2, 3])) for f in ("f0", "f1")}
     with pytest.raises(ValueError, match="input is on cpu but the collection is on meta"):
         m(real)
+    # print(model) of a model built on meta works; what needs the sizes says why it has none
+    assert "sizes=? (meta device)" in repr(m)
+    with pytest.raises(RuntimeError, match="on the meta device, where its tables' row sizes are not known"):
+        m.sizes("t0")
+    with pytest.raises(RuntimeError, match="on the meta device"):
+        m.state_dict()
+
+
+def test_meta_non_pooled_collection_gives_shapes_and_refuses_real_input():
+    """The non-pooled collection on the meta device: one [n_f, D] meta output per embedding name,
+    with the feature's offsets, as EmbeddingCollection gives; real input refused."""
+    cfgs = [EmbeddingBagConfig(10, 4, "t0", ["f0", "f1"]), EmbeddingBagConfig(7, 4, "t1", ["f0"])]
+    m = pme.MultiSizeEmbeddingCollection(cfgs, device="meta")
+    assert "sizes=? (meta device)" in repr(m)
+    off = torch.tensor([0, 2, 3], device="meta")
+    out = m({"f0": (torch.tensor([1, 2, 3], device="meta"), off), "f1": (torch.tensor([4], device="meta"), off)})
+    assert list(out) == ["f0@t0", "f1", "f0@t1"]
+    assert [tuple(v.shape) for v, _ in out.values()] == [(3, 4), (1, 4), (3, 4)]
+    assert all(v.is_meta and o is off for v, o in out.values())
+    with pytest.raises(KeyError, match="no feature 'f1'"):
+        m({"f0": (torch.tensor([1, 2, 3], device="meta"), off)})
+    with pytest.raises(ValueError, match="input is on cpu but the collection is on meta"):
+        m({f: (torch.tensor([1, 2, 3]), torch.tensor([0, 2, 3])) for f in ("f0", "f1")})
 
 
 def test_non_finite_weights_give_one_answer_on_every_path_and_thread_count():

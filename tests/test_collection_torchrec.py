@@ -411,6 +411,46 @@ def test_inverse_indices_are_applied_as_embedding_bag_collection_applies_them():
     assert m(cases["inverse, one batch"]).values().shape[0] == 7
 
 
+def with_unread_feature(kjt, at):
+    """The VBE ``kjt`` with a feature no table reads inserted at key position ``at``, of more bags
+    than any other feature (2 values each, in range of every table of configs())."""
+    keys, strides, d = list(kjt.keys()), kjt.stride_per_key(), kjt.to_dict()
+    B_x = max(strides) + 2
+    order = [*keys[:at], "unread", *keys[at:]]
+    values, lengths, spkpr = [], [], []
+    for k in order:
+        if k == "unread":
+            values.append(torch.arange(2 * B_x) % 5)  # a shift reads them as wrong values, not as an error
+            lengths.append(torch.full((B_x,), 2))
+            spkpr.append([B_x])
+        else:
+            values.append(d[k].values())
+            lengths.append(d[k].lengths())
+            spkpr.append([strides[keys.index(k)]])
+    inv_keys, inv = kjt.inverse_indices()
+    return KeyedJaggedTensor(
+        keys=order,
+        values=torch.cat(values),
+        lengths=torch.cat(lengths),
+        stride_per_key_per_rank=spkpr,
+        inverse_indices=([*inv_keys, "unread"], torch.cat([inv, torch.zeros(1, inv.shape[1], dtype=inv.dtype)])),
+    )
+
+
+@pytest.mark.parametrize("at", [0, 2], ids=["first", "middle"])
+def test_variable_batch_with_an_unread_feature_of_a_larger_batch(at):
+    """A VBE KJT that also carries a feature no table reads, with more bags than any feature the
+    collection reads (the batch pme pools at): its extra bags must not shift the features after it
+    (which read the unread feature's last values as their first bag)."""
+    m, ebc = random_sized_pair(PoolingType.SUM, False, 5)
+    kjt = make_vbe_kjt(ebc, 6, 30)
+    x = with_unread_feature(kjt, at)
+    want, got = ebc(x), m(x)
+    torch.testing.assert_close(got.values(), want.values(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got.values(), m(kjt).values(), rtol=0, atol=0)
+    assert_grads_of_stored_entries(m, ebc, want, got)
+
+
 def test_malformed_kjt_layouts_are_refused():
     m = MultiSizeEmbeddingBagCollection(configs())
     kjt = make_kjt(EmbeddingBagCollection(configs(), device="meta"), 3, 0)
@@ -460,6 +500,14 @@ def test_kjt_errors():
     kjt = make_kjt(EmbeddingBagCollection(configs(), device="meta"), 3, 0)
     with pytest.raises(ValueError, match="carries no weights"):
         wm(kjt)
+    # weights that cannot be the lookups' weights: said so, not cast or left to the kernel
+    v, ln = kjt.values(), kjt.lengths()
+    with pytest.raises(TypeError, match="weights must be floating point, got torch.int64"):
+        wm(KeyedJaggedTensor(keys=kjt.keys(), values=v, lengths=ln, weights=torch.ones_like(v)))
+    with pytest.raises(ValueError, match=rf"one entry per value \({v.numel()}\), got shape \({v.numel() - 1},\)"):
+        wm(KeyedJaggedTensor(keys=kjt.keys(), values=v, lengths=ln, weights=torch.ones(v.numel() - 1)))
+    with pytest.raises(ValueError, match="weights are on meta but the collection is on cpu"):
+        wm(KeyedJaggedTensor(keys=kjt.keys(), values=v, lengths=ln, weights=torch.ones(v.numel(), device="meta")))
 
 
 def test_non_pooled_collection_equals_embedding_collection():
@@ -493,6 +541,10 @@ def test_non_pooled_collection_equals_embedding_collection():
     )
     want, got = ec(kjt), m(kjt)
     assert list(got) == list(want) == ["f0@t0", "f1", "f2", "f0@t2"]
+    # built on the meta device (as TorchRec builds models): the shapes of EmbeddingCollection's outputs
+    on_meta = MultiSizeEmbeddingCollection(cfgs, device="meta")(kjt.to("meta"))
+    assert list(on_meta) == list(want)
+    assert all(on_meta[k].values().is_meta and on_meta[k].values().shape == want[k].values().shape for k in want)
     loss_w, loss_g = 0, 0
     for k in want:
         torch.testing.assert_close(got[k].values(), want[k].values(), rtol=1e-6, atol=1e-6)
@@ -530,11 +582,13 @@ def test_non_pooled_collection_variable_batch_per_feature():
     ]
     kjt = make_vbe_kjt(EmbeddingBagCollection(bag_cfgs, device="meta"), 6, 8)
     assert len(set(kjt.stride_per_key())) > 1
-    want, got = ec(kjt), m(kjt)
-    assert list(got) == list(want)
-    for k in want:
-        assert torch.equal(got[k].lengths().long(), want[k].lengths().long())
-        torch.testing.assert_close(got[k].values(), want[k].values(), rtol=1e-6, atol=1e-6)
+    # also with a feature no table reads, of a larger batch, before the others
+    for x in (kjt, with_unread_feature(kjt, 0), with_unread_feature(kjt, 2)):
+        want, got = ec(x), m(x)
+        assert list(got) == list(want)
+        for k in want:
+            assert torch.equal(got[k].lengths().long(), want[k].lengths().long())
+            torch.testing.assert_close(got[k].values(), want[k].values(), rtol=1e-6, atol=1e-6)
 
 
 class _KJTRanker(torch.nn.Module):
