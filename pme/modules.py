@@ -390,8 +390,14 @@ class _MultiSizeTable(_FusedStateOwner, nn.Module):
         return ops.to_dense(self.weight, self.offsets, self.width, self.col_of_size)
 
     def extra_repr(self) -> str:
+        if self.offsets.is_meta:  # the row sizes are data the meta device does not hold
+            sizes = "? (meta device)"
+        elif self.__dict__.get("_unloaded"):
+            sizes = "? (to_empty: load a checkpoint)"
+        else:
+            sizes = _summary(self.sizes.cpu())
         s = (
-            f"{self.num_embeddings}, {self.embedding_dim}, sizes={_summary(self.sizes.cpu())}, "
+            f"{self.num_embeddings}, {self.embedding_dim}, sizes={sizes}, "
             f"stored={self.num_stored():,} "
             f"({100 * self.num_stored() / max(1, self.num_embeddings * self.embedding_dim):.1f}% of dense)"
         )
@@ -410,6 +416,9 @@ class _MultiSizeTable(_FusedStateOwner, nn.Module):
         if self.weight.dtype != torch.float32:
             s += f", dtype={self.weight.dtype}"
         return s
+
+    def _optimizer_repr(self) -> str:
+        return f", optimizer={self.optimizer!r}" if self.optimizer is not None else ""
 
     # ---- rows of the dense view -------------------------------------------------------------
     def row(self, i: int) -> torch.Tensor:
@@ -892,9 +901,7 @@ class MultiSizeEmbeddingBag(_MultiSizeTable):
         s = super().extra_repr() + f", mode={self.mode!r}"
         if self.include_last_offset:
             s += ", include_last_offset=True"
-        if self.optimizer is not None:
-            s += f", optimizer={self.optimizer!r}"
-        return s
+        return s + self._optimizer_repr()
 
     @classmethod
     def from_embedding_bag(cls, module: nn.EmbeddingBag, sizes, init: str = "kept", scores=None, **kwargs):
@@ -938,6 +945,9 @@ class MultiSizeEmbedding(_MultiSizeTable):
         super().__init__(**_table_args(locals()))
         if _freeze:  # (with a fused optimizer: no step)
             self.requires_grad_(False)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + self._optimizer_repr()
 
     def forward(self, input):
         self._check_loaded()

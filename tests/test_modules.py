@@ -25,6 +25,12 @@ def test_repr_and_memory():
     assert "layout='grouped'" in repr(g) and g.width == 14 and g.output_dim == 8
     e = pme.MultiSizeEmbedding(6, 8, sizes=sizes)
     assert repr(e).startswith("MultiSizeEmbedding(6, 8")
+    fused = pme.MultiSizeEmbedding(6, 8, sizes=sizes, optimizer=pme.optim.Adam(lr=0.5))
+    assert "optimizer=Adam(lr=0.5" in repr(fused)
+    # the meta device holds no sizes, nor does to_empty() before a checkpoint: said, not a crash
+    meta = pme.MultiSizeEmbeddingBag(6, 8, sizes=sizes, device="meta")
+    assert "sizes=? (meta device)" in repr(meta) and f"stored={int(sizes.sum())}" in repr(meta)
+    assert "sizes=? (to_empty: load a checkpoint)" in repr(torch.nn.Sequential(meta).to_empty(device="cpu"))
 
 
 @pytest.mark.parametrize("layout", ["padded", "grouped"])
