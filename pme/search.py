@@ -48,6 +48,7 @@ import functools
 import sys
 import time
 import types
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -575,6 +576,8 @@ def _searchable(model, tables, who: str = "pme.search", fused_ok: bool = False, 
     found = {n: m for n, m in model.named_modules() if isinstance(m, _TABLE_TYPES)}
     if isinstance(tables, str):
         tables = [tables]
+    elif tables is not None:
+        tables = list(tables)  # read twice below (a generator would be empty the second time)
     if tables is None:
         chosen = {n: m for n, m in found.items() if getattr(m, "embedding_dim", 0) > 1}
         if not chosen and found:
@@ -583,10 +586,20 @@ def _searchable(model, tables, who: str = "pme.search", fused_ok: bool = False, 
                 "leaves alone by default; name them with tables=[...] to search them anyway"
             )
     else:
-        missing = [t for t in tables if t not in found]
+        # a shared (tied) table may be named by any of its names (pme.convert swaps every reference)
+        every = {n: m for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, _TABLE_TYPES)}
+        missing = [t for t in tables if t not in every]
         if missing:
             raise KeyError(f"{who}: {missing} are not embedding tables of the model (tables: {sorted(found)})")
-        chosen = {t: found[t] for t in tables}
+        chosen, named = {}, {}
+        for t in tables:
+            if id(every[t]) in named and named[id(every[t])] != t:
+                raise ValueError(
+                    f"{who}: tables names {named[id(every[t])]!r} and {t!r}, which are the same (tied) table; "
+                    "name it once"
+                )
+            named[id(every[t])] = t
+            chosen[t] = every[t]
     if not chosen:
         what = "tables=[] names no table" if tables is not None else "the model has no embedding tables to search"
         raise ValueError(f"{who}: {what}")
@@ -603,6 +616,12 @@ def _searchable(model, tables, who: str = "pme.search", fused_ok: bool = False, 
         if pme_table and int(m.sizes.min()) != m.embedding_dim:
             raise ValueError(f"{who}: table {n!r} is already multi-size; search from full-size tables")
     return chosen
+
+
+def _tables_dtype(tables) -> torch.dtype:
+    """The dtype that sets the size quantum of ``tables``: the narrowest element among them (the
+    largest quantum), so that every table's rows stay 16-byte aligned."""
+    return min((m.weight.dtype for m in tables), key=lambda d: torch.empty((), dtype=d).element_size())
 
 
 def table_shapes(model: nn.Module, tables=None) -> dict:
@@ -703,12 +722,18 @@ def search(
     loss_fn = loss_fn or _default_loss
     t0 = time.perf_counter()
     chosen = _searchable(model, tables, fused_ok=True, needs_grad=rule != "magnitude" or warmup_steps > 0)
-    dtype = next(iter(chosen.values())).weight.dtype
+    on_meta = [n for n, m in chosen.items() if m.weight.is_meta]
+    if on_meta:
+        raise ValueError(
+            f"pme.search: tables {on_meta} are on the meta device and hold no values to score; materialise "
+            "and train the model first (the baselines of sizes_at_budget need only the shapes)"
+        )
+    dtype = _tables_dtype(chosen.values())
     quantum, min_size = _grid(budget, min(m.embedding_dim for m in chosen.values()), dtype, quantum, min_size)
     work = copy.deepcopy(model)
     if device is not None:
         work = work.to(device)
-    wt = dict(work.named_modules())
+    wt = dict(work.named_modules(remove_duplicate=False))
     for n in chosen:  # a full-width table with a fused optimizer: its copy warms up and scores by plain gradients
         if getattr(wt[n], "optimizer", None) is not None and not wt[n]._frozen:
             wt[n].optimizer = None
@@ -760,7 +785,7 @@ def search(
         {n: wt[n].embedding_dim for n in chosen if not isinstance(wt[n], (MultiSizeEmbeddingBag, MultiSizeEmbedding))},
         init="kept",
     )
-    wt = dict(work.named_modules())
+    wt = dict(work.named_modules(remove_duplicate=False))
     kernel_rule = "grad" if rule == "grad" else "snip"
     for name in chosen:
         _Scorer(kernel_rule).attach(wt[name])
@@ -797,6 +822,12 @@ def search(
     for name in chosen:
         m = wt[name]
         scores[name] = m.scores.reshape(m.num_embeddings, m.embedding_dim).detach().float()
+        _check_finite_nonnegative(  # a NaN would decide sizes silently
+            scores[name],
+            f"pme.search: the {rule} scores of table {name!r}",
+            nonnegative=False,
+            hint=" (the table's weights or gradients are not finite: a diverged training run?)",
+        )
     if not any(bool(t.any()) for t in touched.values()):
         touched = None  # no batch seen (a trained model scored by magnitude): every row counts
     return _result(
@@ -959,7 +990,7 @@ def _spread_rank(idx: torch.Tensor, n: int) -> torch.Tensor:
     return torch.remainder(idx * phi, 1.0)
 
 
-def _check_finite_nonnegative(t: torch.Tensor, what: str, nonnegative: bool = True) -> None:
+def _check_finite_nonnegative(t: torch.Tensor, what: str, nonnegative: bool = True, hint: str = "") -> None:
     """Token counts are finite and >= 0, scores finite (a NaN from a diverged run would silently
     decide sizes; a score only ranks, so its sign is the caller's)."""
     bad = ~torch.isfinite(t.double())
@@ -969,7 +1000,7 @@ def _check_finite_nonnegative(t: torch.Tensor, what: str, nonnegative: bool = Tr
         at = tuple(int(i) for i in bad.nonzero()[0])
         where = f"row {at[0]}" if len(at) == 1 else f"row {at[0]}, column {at[1]}"
         rule = "finite and >= 0" if nonnegative else "finite"
-        raise ValueError(f"{what} must be {rule}; {where} holds {t[at].item()}")
+        raise ValueError(f"{what} must be {rule}; {where} holds {t[at].item()}{hint}")
 
 
 def popularity_sizes(
@@ -987,7 +1018,7 @@ def popularity_sizes(
     dense = sum(c.numel() * dims[n] for n, c in counts.items())
     target = int(budget * dense)
     base = {n: (c.double().clamp(min=0) + 1) ** alpha for n, c in counts.items()}
-    top = max(float(b.max()) for b in base.values())
+    top = max((float(b.max()) for b in base.values() if b.numel()), default=1.0)
     sizes, lam = _fit_total(
         lambda lam: {n: _round_sizes((lam * b).round().long(), dims[n], quantum, min_size) for n, b in base.items()},
         target,
@@ -1149,7 +1180,14 @@ def convert_grouped(model: nn.Module, sizes: dict, share: bool = True) -> nn.Mod
     """Converts the tables to the grouped layout with a learned projection (output ``[B, D]``),
     in place; with ``share=True`` every table of the same width uses one projection (the union of
     the classes present), as ``grouped_sizes`` counts it. Returns ``model``."""
-    modules = dict(model.named_modules())
+    if sizes is None:
+        raise ValueError(
+            "convert_grouped: sizes is None: sizes_at_budget('grouped', ...) found no set of size classes "
+            "whose projections fit the budget; use the padded layout (pme.convert) at this budget"
+        )
+    if not isinstance(sizes, Mapping):
+        raise TypeError(f"convert_grouped: sizes must be a dict {{table name: sizes}}, got {type(sizes).__name__}")
+    modules = dict(model.named_modules(remove_duplicate=False))
     unknown = [n for n in sizes if not isinstance(modules.get(n), (nn.EmbeddingBag, nn.Embedding))]
     if unknown:
         raise KeyError(f"convert_grouped: {unknown} are not nn.EmbeddingBag / nn.Embedding tables of the model")
@@ -1163,7 +1201,7 @@ def convert_grouped(model: nn.Module, sizes: dict, share: bool = True) -> nn.Mod
         kw = {"size_classes": sorted(classes[D])} if share else {}
         convert(model, group, init="fresh", layout="grouped", project=True, **kw)
     if share:
-        modules = dict(model.named_modules())
+        modules = dict(model.named_modules(remove_duplicate=False))
         groups = {}
         for n in sizes:  # one projection per width (and dtype: a matmul takes one)
             groups.setdefault((modules[n].embedding_dim, modules[n].weight.dtype), []).append(n)
@@ -1178,7 +1216,7 @@ def _tie_projections(groups: list, model: nn.Module, _keys=None) -> None:
     """Every table of a group (module names) uses the first one's projection, where the shapes
     agree (also a ``load_state_dict`` post-hook: the tables saved one shared projection under each
     name, so the first's loaded values are every table's)."""
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))
     for names in groups:
         first = modules[names[0]].projection
         for n in names[1:]:
@@ -1227,15 +1265,18 @@ def sizes_at_budget(
         if result is None:
             raise ValueError(f"method {method!r} needs result=<pme.search(...) result>")
         shapes = {n: tuple(s.shape) for n, s in result.scores.items()}
+        dtype = result.dtype
     else:
         if model is None:
             raise ValueError(f"method {method!r} needs model=<the model with full-size tables>")
-        shapes = table_shapes(model, tables)
-    q, floor = _grid(budget, min(D for _, D in shapes.values()), torch.float32, quantum, min_size)
+        found = _searchable(model, tables, who="sizes_at_budget", needs_grad=False)
+        shapes = {n: (int(m.num_embeddings), int(m.embedding_dim)) for n, m in found.items()}
+        dtype = _tables_dtype(found.values())  # the quantum of the tables' dtype, as pme.search's
+    q, floor = _grid(budget, min(D for _, D in shapes.values()), dtype, quantum, min_size)
     if method == "pme":
         return result.for_budget(budget, quantum=quantum, min_size=min_size).sizes
     if method == "grouped":
-        return grouped_sizes(result, budget, quantum=alignment_quantum(torch.float32))
+        return grouped_sizes(result, budget, quantum=alignment_quantum(dtype))
     if method == "uniform":
         return uniform_sizes(shapes, budget, 1 if quantum is None else q, 1 if min_size is None else floor)
     if method == "random":

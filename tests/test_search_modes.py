@@ -742,3 +742,113 @@ def test_search_on_full_width_fused_tables_equals_the_plain_twin(rule):
     ra, rb = pme.search(a, batches, 0.5, **kw), pme.search(b, batches, 0.5, **kw)
     assert torch.equal(ra.sizes["t"], rb.sizes["t"])
     assert int(a["t"].optim_step) == 0 and torch.equal(a["t"].weight, w0) and a["t"].optimizer is not None
+
+
+@pytest.mark.parametrize("rule", ["magnitude", "taylor"])
+def test_non_finite_weights_are_refused_by_the_search(rule):
+    """A table with a NaN (a diverged run) used to be cut as if nothing were wrong: NaN scores
+    decided the sizes silently. The search names the table, the row and the column."""
+    model = _Net()
+    with torch.no_grad():
+        model.embeddings["a"].weight[3, 2] = float("nan")
+    where = "row 3, column 2" if rule == "magnitude" else "row 3, column"  # taylor: NaN * gradient
+    with pytest.raises(ValueError, match=f"{rule} scores of table 'embeddings.a' must be finite; {where}"):
+        pme.search(model, _batches(2), 0.5, rule=rule, num_batches=2, progress=False)
+    with torch.no_grad():
+        model.embeddings["a"].weight[3, 2] = float("inf")
+    with pytest.raises(ValueError, match="diverged"):
+        pme.search(model, _batches(2), 0.5, progress=False)
+
+
+def test_meta_tables_search_says_so_and_baselines_need_only_shapes():
+    """A model built on the meta device has shapes but no values: the search says that (it used to
+    fail inside torch with 'Tensor.item() cannot be called on meta tensors'); the baselines, which
+    need only the shapes, meet the budget."""
+    with torch.device("meta"):
+        model = _Net()
+    with pytest.raises(ValueError, match="meta device and hold no values"):
+        pme.search(model, None, 0.5, progress=False)
+    dense = 30 * 8 + 11 * 8
+    for method in ("uniform", "random"):
+        sizes = sizes_at_budget(method, 0.5, model=model)
+        assert sum(int(s.sum()) for s in sizes.values()) == dense // 2
+
+
+def test_a_tied_table_is_searched_under_the_name_given():
+    """``tables=`` may name any alias of a shared table (``pme.convert`` accepts every alias); it
+    used to be refused as 'not an embedding table of the model'. Two aliases of one table are
+    refused as such, by the search and by the baselines."""
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.enc = torch.nn.EmbeddingBag(40, 16)
+            self.dec = self.enc
+            self.other = torch.nn.EmbeddingBag(10, 16)
+
+    t = Tied()
+    found = pme.search(t, None, 0.25, tables=["dec", "other"], progress=False)
+    assert list(found.sizes) == ["dec", "other"]
+    assert torch.equal(found.sizes["dec"], pme.search(t, None, 0.25, progress=False).for_budget(0.25).sizes["enc"])
+    assert table_shapes(t, ["dec"]) == {"dec": (40, 16)}
+    for method in ("uniform", "random"):
+        assert list(sizes_at_budget(method, 0.25, model=t, tables=["dec"])) == ["dec"]
+    found.convert(t)
+    assert isinstance(t.enc, pme.MultiSizeEmbeddingBag) and t.dec is t.enc
+    assert torch.equal(t.enc.sizes, found.sizes["dec"])
+    t2 = Tied()
+    grouped = sizes_at_budget("grouped", 0.25, result=found)
+    pme.search.convert_grouped(t2, grouped)
+    assert t2.dec is t2.enc and torch.equal(t2.dec.sizes.cpu(), grouped["dec"])
+    with pytest.raises(ValueError, match="'enc' and 'dec', which are the same \\(tied\\) table"):
+        pme.search(Tied(), None, 0.25, tables=["enc", "dec"], progress=False)
+    with pytest.raises(ValueError, match="same \\(tied\\) table"):
+        sizes_at_budget("uniform", 0.25, model=Tied(), tables=["enc", "dec"])
+    with pytest.raises(KeyError, match="not embedding tables"):
+        pme.search(Tied(), None, 0.25, tables=["nope"], progress=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_baselines_round_to_the_quantum_of_the_tables_dtype(dtype):
+    """PME rounds half-precision tables to 8 entries (16 bytes); the popularity and random
+    baselines and the grouped classes used float32's 4 whatever the tables were, so their rows
+    were not 16-byte aligned and the methods were compared on different grids."""
+    model = _Net(dtype, V=(300, 50), D=32)
+    counts = {n: torch.arange(V) for n, (V, _) in table_shapes(model).items()}
+    result = pme.search(model, None, 0.5, progress=False)
+    assert result.dtype == dtype
+    for method in ("pme", "popularity", "random", "grouped"):
+        sizes = sizes_at_budget(method, 0.5, model=model, result=result, counts=counts)
+        for n, s in sizes.items():
+            assert bool((s % 8 == 0).all()), (method, n, torch.unique(s).tolist())
+
+
+def test_popularity_with_an_empty_table():
+    """A table of 0 rows next to others: popularity used to crash in torch's max() of nothing."""
+    model = torch.nn.ModuleDict({"none": torch.nn.EmbeddingBag(0, 8), "a": torch.nn.EmbeddingBag(20, 8)})
+    sizes = sizes_at_budget("popularity", 0.5, model=model, counts={"none": torch.zeros(0), "a": torch.arange(20)})
+    assert sizes["none"].numel() == 0 and int(sizes["a"].sum()) == 80
+
+
+def test_convert_grouped_names_an_infeasible_budget():
+    """sizes_at_budget('grouped', ...) returns None when no set of classes fits; passing that on
+    (as the README's example does) used to fail with "'NoneType' object is not iterable"."""
+    model = torch.nn.ModuleDict({"t": torch.nn.EmbeddingBag(2, 64)})
+    result = pme.search(model, None, 0.05, progress=False)
+    sizes = sizes_at_budget("grouped", 0.05, result=result)
+    assert sizes is None
+    with pytest.raises(ValueError, match="found no set of size classes.*padded layout"):
+        pme.search.convert_grouped(model, sizes)
+    with pytest.raises(TypeError, match="sizes must be a dict"):
+        pme.search.convert_grouped(model, [4, 4])
+
+
+def test_tables_given_as_a_generator():
+    """tables= read once as a list: a generator used to be spent by the check for unknown names,
+    leaving 'tables=[] names no table'."""
+    model = _Net()
+    assert list(pme.search(model, None, 0.5, tables=(n for n in ["embeddings.b"]), progress=False).sizes) == [
+        "embeddings.b"
+    ]
+    assert list(table_shapes(model, iter(["embeddings.a"]))) == ["embeddings.a"]

@@ -40,6 +40,7 @@ import csv
 import gzip
 import importlib.util
 import math
+import numbers
 import os
 import re
 import zlib
@@ -877,6 +878,8 @@ def _token(x) -> str:
 
 
 def _column_list(values, name: str) -> list:
+    if isinstance(values, (str, bytes)):  # list("abc") would make a column of its characters
+        raise TypeError(f"column {name!r} is a string ({values!r}), not a sequence of values")
     if hasattr(values, "tolist"):
         values = values.tolist()
     try:
@@ -890,6 +893,36 @@ def _check_roles(fields, label, dense, where: str = "") -> None:
     both = sorted(set(fields) & (set(dense) | ({label} if label is not None else set())))
     if both:
         raise ValueError(f"{where}{both} cannot be categorical fields and the label or dense columns at once")
+
+
+def _names(names, what: str) -> list[str]:
+    """Column names given as a list (or one name as a string: list("price") would be its letters)."""
+    if names is None:
+        return []
+    if isinstance(names, str):
+        return [names]
+    try:
+        return [str(n) for n in names]
+    except TypeError:
+        raise TypeError(f"{what} must be a list of column names, got {type(names).__name__}") from None
+
+
+def _several(cell) -> bool:
+    """True for a cell that holds several values (a list, tuple, set or array) rather than a token."""
+    if isinstance(cell, (str, bytes)):
+        return False
+    return isinstance(cell, (list, tuple, set, frozenset, dict)) or getattr(cell, "ndim", 0) >= 1
+
+
+def _field_token(x, f: str, i: int) -> str:
+    """:func:`_token` of one token of field ``f``, row ``i``; a token that holds several values is
+    refused (its repr would silently become a token)."""
+    if _several(x):
+        raise ValueError(
+            f"field {f!r}, row {i}: a token holds several values ({type(x).__name__} {x!r}); a multi-valued "
+            f"field's cells are flat lists of tokens (or name the field in multi_valued=[...])"
+        )
+    return _token(x)
 
 
 def from_columns(
@@ -938,9 +971,14 @@ def from_columns(
     """
     if not isinstance(columns, Mapping) or not columns:
         raise TypeError("columns must be a non-empty mapping {name: sequence}")
+    if isinstance(min_count, bool) or not isinstance(min_count, numbers.Real) or not float(min_count).is_integer():
+        raise TypeError(f"min_count must be a whole number, got {min_count!r}")
     if int(min_count) < 1:
         raise ValueError(f"min_count must be >= 1, got {min_count}")
     cols = {str(k): _column_list(v, str(k)) for k, v in columns.items()}
+    if len(cols) != len(columns):  # 1 and "1": one name once made str
+        names = [str(k) for k in columns]
+        raise ValueError(f"columns {sorted({n for n in names if names.count(n) > 1})} are named twice (as strings)")
     if isinstance(label, str):
         if label not in cols:
             raise ValueError(f"label column {label!r} not among the columns {sorted(cols)}")
@@ -953,18 +991,22 @@ def from_columns(
     bad = {k: len(v) for k, v in cols.items() if len(v) != n}
     if bad:
         raise ValueError(f"columns must all have {n} rows (the label's); lengths differ: {bad}")
-    dense = [str(d) for d in dense]
+    dense = _names(dense, "dense")
     if isinstance(multi_valued, Mapping):
         seps = {str(k): v for k, v in multi_valued.items()}
     else:
-        seps = {str(k): None for k in (multi_valued or ())}
+        seps = {k: None for k in _names(multi_valued, "multi_valued")}
+    for k, sep in seps.items():
+        if sep is not None and (not isinstance(sep, str) or not sep):
+            raise ValueError(f"multi_valued[{k!r}]: the separator must be a non-empty string or None, got {sep!r}")
+    label_name = label if isinstance(label, str) else None  # a label given as values names no column
     if fields is None:
-        fields = [k for k in cols if k != label and k not in dense]
-    fields = [str(f) for f in fields]
+        fields = [k for k in cols if k != label_name and k not in dense]
+    fields = _names(fields, "fields")
     unknown = [f for f in list(fields) + dense + list(seps) if f not in cols]
     if unknown:
         raise ValueError(f"unknown column(s) {unknown}; columns: {sorted(cols)}")
-    _check_roles(fields, label if isinstance(label, str) else None, dense)
+    _check_roles(fields, label_name, dense)
     twice = sorted({f for f in fields if fields.count(f) > 1})
     if twice:
         raise ValueError(f"fields {twice} are named more than once")
@@ -991,7 +1033,7 @@ def from_columns(
                 if not isinstance(cell, str) and getattr(cell, "ndim", 0) >= 1 and hasattr(cell, "tolist"):
                     cell = cell.tolist()  # a numpy array (pd.read_parquet's list cells)
                 if isinstance(cell, (list, tuple, set, frozenset)):
-                    toks = [_token(t) for t in cell if not _is_missing(t)]
+                    toks = [_field_token(t, f, i) for t in cell if _several(t) or not _is_missing(t)]
                 elif _is_missing(cell):
                     toks = []
                 elif sep is not None and isinstance(cell, str):
@@ -1002,15 +1044,28 @@ def from_columns(
                         f"(multi_valued={{{f!r}: '|'}}) or lists of tokens"
                     )
                 else:
-                    toks = [_token(cell)]
+                    toks = [_field_token(cell, f, i)]
                 bags.append(toks)
         else:
-            bags = [[] if _is_missing(c) else [_token(c)] for c in cols[f]]
+            bags = []
+            for i, c in enumerate(cols[f]):
+                if isinstance(c, str):  # the common case first (a blank string is missing)
+                    bags.append([_token(c)] if c.strip() else [])
+                else:
+                    bags.append([_field_token(c, f, i)] if _several(c) or not _is_missing(c) else [])
         if vocab is not None and f in vocab:
             id_to_tok = list(vocab[f])
             if not id_to_tok or id_to_tok[0] != UNKNOWN:
                 raise ValueError(f"vocab[{f!r}] must start with {UNKNOWN!r} (id 0)")
-            tid = {t: i for i, t in enumerate(id_to_tok) if i > 0}
+            tid = {}
+            for i, t in enumerate(id_to_tok[1:], 1):  # tokens compared as the data's are (3, 3.0, "3")
+                key = _token(t)
+                if key in tid:
+                    raise ValueError(
+                        f"vocab[{f!r}] holds the token {key!r} twice (ids {tid[key]} and {i}); a vocabulary "
+                        "gives every token one id"
+                    )
+                tid[key] = i
         else:
             counts = Counter(t for b in bags for t in b)
             id_to_tok, tid = _vocab(t for t, c in counts.items() if c >= int(min_count))
@@ -1022,12 +1077,21 @@ def from_columns(
         values[f], offsets[f], cards[f], vocabs[f] = v, o, len(id_to_tok), id_to_tok
     dense_t = None
     if dense:
-        try:
-            dense_t = torch.tensor(
-                [[0.0 if _is_missing(x) else float(x) for x in cols[d]] for d in dense], dtype=torch.float32
-            ).T.reshape(n, len(dense))
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"dense columns must be numeric ({e})") from None
+        rows = []
+        for d in dense:
+            col = []
+            for i, x in enumerate(cols[d]):
+                try:
+                    v = 0.0 if not _several(x) and _is_missing(x) else float(x)
+                except (TypeError, ValueError):
+                    raise ValueError(
+                        f"dense column {d!r}, row {i}: {x!r} is not a number (dense columns must be numeric)"
+                    ) from None
+                if not math.isfinite(v):  # an inf makes every loss NaN
+                    raise ValueError(f"dense column {d!r}, row {i}: {x!r} is not finite")
+                col.append(v)
+            rows.append(col)
+        dense_t = torch.tensor(rows, dtype=torch.float32).T.reshape(n, len(dense))
     return CTRDataset(
         field_names=fields,
         values=values,
@@ -1061,6 +1125,13 @@ def from_dataframe(df, label: str, **kwargs) -> CTRDataset:
         raise ValueError(f"the DataFrame has more than one column named {twice}; rename them first")
     if len(df) == 0:
         raise ValueError("the DataFrame has no rows")
+    if not isinstance(label, str):
+        try:  # a column named by a number (columns are named by str(name), as the fields are)
+            is_column = label in df.columns
+        except TypeError:  # unhashable: the labels' values
+            is_column = False
+        if is_column:
+            label = str(label)
     return from_columns({str(c): df[c] for c in df.columns}, label, **kwargs)
 
 
@@ -1127,6 +1198,10 @@ def from_csv(
         delimiter = "\t" if base.endswith((".tsv", ".tab")) else ","
     if len(delimiter) != 1:
         raise ValueError(f"delimiter must be one character, got {delimiter!r}")
+    dense, ignore = _names(dense, "dense"), _names(ignore, "ignore")
+    fields = None if fields is None else _names(fields, "fields")
+    if multi_valued is not None and not isinstance(multi_valued, Mapping):
+        multi_valued = _names(multi_valued, "multi_valued")
     with _open_binary(p) as fh:
         rows = _rows(p, fh, delimiter=delimiter, quoting=csv.QUOTE_MINIMAL)
         _, header = next(rows, (0, None))

@@ -301,6 +301,10 @@ def train_model(
     """
     if int(epochs) < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
+    if int(batch_size) <= 0:  # before steps_per_epoch divides by it
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if max_steps is not None and int(max_steps) < 0:
+        raise ValueError(f"max_steps must be >= 0, got {max_steps}")
     device = torch.device(device) if device is not None else _model_device(model)
     model.to(device)
     train_d = train.to(device)
@@ -319,6 +323,8 @@ def train_model(
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         rows = 0
         for batch in train_d.batches(batch_size, shuffle=True, generator=gen):
+            if max_steps is not None and step >= max_steps:  # max_steps=0: no step at all
+                break
             logits = model(batch)
             loss = F.binary_cross_entropy_with_logits(logits, batch["labels"])
             opt.zero_grad(set_to_none=True)
@@ -334,7 +340,7 @@ def train_model(
             if max_steps is not None and step >= max_steps:
                 break
         bar.close()
-        train_loss = float(loss_sum) / max(rows, 1)
+        train_loss = float(loss_sum) / rows if rows else float("nan")
         seconds = time.perf_counter() - t0
         if val is not None:
             m = evaluate(model, val, device=device)

@@ -754,3 +754,85 @@ def test_a_column_named_like_a_module_dict_attribute_is_refused():
     dataset says so, naming the column (the models used to fail with a raw KeyError)."""
     with pytest.raises(ValueError, match="field name 'type' is a name nn.ModuleDict keeps"):
         pdata.from_columns({"user": [1, 2, 3], "type": ["a", "b", "a"], "y": [0, 1, 0]}, label="y")
+
+
+def test_a_list_in_a_single_valued_field_is_refused_not_made_a_token():
+    """A field of lists that was not named in multi_valued, or a multi-valued cell holding a list,
+    used to become one token per distinct repr ("['a', 'b']"); now the field and row are named."""
+    pd = pytest.importorskip("pandas")
+    np = pytest.importorskip("numpy")
+    df = pd.DataFrame({"u": [1, 2], "g": [["a", "b"], ["b"]], "y": [1, 0]})
+    with pytest.raises(ValueError, match=r"field 'g', row 0: a token holds several values.*multi_valued"):
+        pdata.from_dataframe(df, label="y")
+    arrays = pd.DataFrame({"g": [np.array(["b"]), np.array(["a", "b"])], "y": [1, 0]})
+    with pytest.raises(ValueError, match="field 'g', row 0: a token holds several values"):
+        pdata.from_dataframe(arrays, label="y")
+    nested = {"g": [["a"], [["a", "b"], "c"]], "y": [1, 0]}
+    with pytest.raises(ValueError, match="field 'g', row 1: a token holds several values"):
+        pdata.from_columns(nested, label="y", multi_valued=["g"])
+    ds = pdata.from_dataframe(df, label="y", multi_valued=["g"])  # as it should have been
+    assert ds.vocab["g"] == ["<unk>", "a", "b"]
+
+
+def test_label_as_values_and_columns_named_by_numbers():
+    """The label may be given as values (an array or Series of n labels: the comparison with the
+    column names used to raise numpy's 'truth value of an array is ambiguous'), and a DataFrame's
+    label column may be named by a number, as its fields are (str(name))."""
+    pd = pytest.importorskip("pandas")
+    np = pytest.importorskip("numpy")
+    for y in (np.array([1, 0, 1]), pd.Series([1, 0, 1]), torch.tensor([1, 0, 1]), [1, 0, 1]):
+        ds = pdata.from_columns({"u": ["a", "b", "a"]}, label=y)
+        assert ds.field_names == ["u"] and ds.labels.tolist() == [1.0, 0.0, 1.0]
+    df = pd.DataFrame({0: ["a", "b", "a"], 1: [7, 8, 7], 2: [1, 0, 1]})
+    ds = pdata.from_dataframe(df, label=2)
+    assert ds.field_names == ["0", "1"] and ds.labels.tolist() == [1.0, 0.0, 1.0]
+    assert pdata.from_dataframe(df, label=np.array([0, 0, 1])).field_names == ["0", "1", "2"]
+    with pytest.raises(ValueError, match=r"columns \['1'\] are named twice"):  # one used to be dropped
+        pdata.from_columns({1: ["a", "b"], "1": ["c", "d"], "y": [1, 0]}, label="y")
+
+
+def test_one_column_name_given_as_a_string(tmp_path):
+    """dense="price" (or fields= / multi_valued= / ignore= as one string) names that column; it used
+    to be read as the list of its letters ("unknown column(s) ['p', 'r', 'i', 'c', 'e']")."""
+    cols = {"u": ["a", "b"], "g": ["x|y", "y"], "price": [1.5, 2.0], "junk": ["q", "r"], "y": [1, 0]}
+    ds = pdata.from_columns(cols, label="y", fields="g", multi_valued={"g": "|"}, dense="price")
+    assert ds.field_names == ["g"] and ds.dense_names == ["price"] and ds.dense[:, 0].tolist() == [1.5, 2.0]
+    lists = {"u": ["a", "b"], "g": [["x", "y"], ["y"]], "y": [1, 0]}
+    assert pdata.from_columns(lists, label="y", multi_valued="g").offsets["g"].tolist() == [0, 2, 3]
+    p = tmp_path / "d.csv"
+    p.write_text("u,g,price,junk,y\na,x|y,1.5,q,1\nb,y,2.0,r,0\n")
+    ds = pdata.from_csv(p, label="y", dense="price", ignore="junk", multi_valued="g")
+    assert ds.field_names == ["u", "g"] and ds.dense_names == ["price"] and ds.vocab["g"] == ["<unk>", "x", "y"]
+    with pytest.raises(TypeError, match="column 'u' is a string"):
+        pdata.from_columns({"u": "ab", "y": [1, 0]}, label="y")
+
+
+def test_dense_values_that_are_not_finite_numbers_are_named():
+    """A dense inf (every loss becomes NaN) used to be kept; a cell that is not a number gave an
+    error naming neither the column nor the row."""
+    cols = {"u": ["a", "b", "c"], "p": [1.0, float("inf"), 2.0], "y": [1, 0, 1]}
+    with pytest.raises(ValueError, match=r"dense column 'p', row 1: inf is not finite"):
+        pdata.from_columns(cols, label="y", dense=["p"])
+    cols["p"] = [1.0, None, "cheap"]
+    with pytest.raises(ValueError, match=r"dense column 'p', row 2: 'cheap' is not a number"):
+        pdata.from_columns(cols, label="y", dense=["p"])
+    cols["p"] = [1.0, None, float("nan")]  # missing -> 0, as documented
+    assert pdata.from_columns(cols, label="y", dense=["p"]).dense[:, 0].tolist() == [1.0, 0.0, 0.0]
+
+
+def test_reused_vocabulary_tokens_compare_as_the_datas_and_are_unique():
+    """A vocabulary of numbers ([<unk>, 1, 2, 3], as a user may write one) used to map every token
+    to 0, since the data's tokens are strings; a token listed twice silently lost its first id;
+    an empty separator and a fractional min_count are refused by name."""
+    ds = pdata.from_columns({"g": [1, 2, 3.0, "4"], "y": [1, 0, 1, 0]}, label="y", vocab={"g": ["<unk>", 1, 2, 3]})
+    assert ds.values["g"].tolist() == [1, 2, 3, 0]
+    with pytest.raises(ValueError, match=r"vocab\['g'\] holds the token 'a' twice \(ids 1 and 2\)"):
+        pdata.from_columns({"g": ["a", "b"], "y": [1, 0]}, label="y", vocab={"g": ["<unk>", "a", "a", "b"]})
+    with pytest.raises(ValueError, match=r"multi_valued\['g'\]: the separator must be a non-empty string"):
+        pdata.from_columns({"g": ["a|b", "b"], "y": [1, 0]}, label="y", multi_valued={"g": ""})
+    with pytest.raises(TypeError, match="min_count must be a whole number, got 1.5"):
+        pdata.from_columns({"g": ["a", "b"], "y": [1, 0]}, label="y", min_count=1.5)
+    # a vocabulary the library built round-trips unchanged
+    train = pdata.from_columns({"g": ["3", 3.5, "x", "02134"], "y": [1, 0, 1, 0]}, label="y")
+    again = pdata.from_columns({"g": ["3", 3.5, "x", "02134"], "y": [1, 0, 1, 0]}, label="y", vocab=train.vocab)
+    assert torch.equal(train.values["g"], again.values["g"]) and again.vocab == train.vocab

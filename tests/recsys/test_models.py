@@ -192,6 +192,21 @@ def test_train_seed_reproducible_and_max_steps():
     assert torch.equal(outs[0], outs[1])
 
 
+def test_train_max_steps_zero_and_bad_batch_size():
+    """max_steps=0 takes no step (it used to take one before checking); a batch size of 0 is named
+    (it used to be a ZeroDivisionError), and so is a negative max_steps."""
+    data, _ = make_planted(200, num_fields=2, vocab=10, dim=4, seed=1)
+    m = FM.from_dataset(data, embedding_dim=4)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    h = train_model(m, data, epochs=2, batch_size=32, progress=False, max_steps=0)
+    assert h["steps"] == [0] and math.isnan(h["train_loss"][0])
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    with pytest.raises(ValueError, match="batch_size must be positive, got 0"):
+        train_model(m, data, batch_size=0, progress=False)
+    with pytest.raises(ValueError, match="max_steps must be >= 0, got -1"):
+        train_model(m, data, batch_size=32, progress=False, max_steps=-1)
+
+
 def test_evaluate_matches_metrics():
     data, _ = make_planted(2_000, num_fields=2, vocab=20, dim=4, seed=2)
     m = FM.from_dataset(data, embedding_dim=4, init_std=0.3)
