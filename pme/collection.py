@@ -349,8 +349,9 @@ if ops.BUILD_INFO is not None:
         weight, offsets, *tensors = ctx.saved_tensors
         batch = Batch(*tensors, ctx.batch_size)
         # the forward's table, saved unchanged: checked
-        gw, gp = torch.ops.pme.collection_backward(
-            grad_out.contiguous(), weight, offsets, *batch, ctx.psw_grad, table_checked=True
+        args = (grad_out.contiguous(), weight, offsets, *batch, ctx.psw_grad, True)
+        gw, gp = (
+            _CollectionBackward.apply(*args) if ops._functorch_active() else torch.ops.pme.collection_backward(*args)
         )
         return gw, None, None, None, None, None, (gp if ctx.psw_grad else None), None, None, None
 
@@ -370,6 +371,60 @@ if ops.BUILD_INFO is not None:
             return out
 
         backward = staticmethod(_backward)
+
+    class _CollectionLookup(torch.autograd.Function):
+        """``collection_forward`` inside torch.func transforms (grad, vjp, jacrev, vmap) and under
+        forward-mode AD: the registered formula's setup and backward with ``setup_context`` (which
+        functorch requires), a forward-mode derivative (the lookup is linear in the weight and in
+        the per-sample weights), and ``vmap`` by one call per batch element."""
+
+        @staticmethod
+        def forward(weight, offsets, *args):
+            return ops.forward_call(torch.ops.pme.collection_forward.default, (), weight, offsets, *args)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            _setup(ctx, inputs, output)
+            ctx.save_for_forward(*inputs[:7])
+            ctx.rest = inputs[7:]
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            return _backward(ctx, grad_out)
+
+        @staticmethod
+        def jvp(ctx, w_t, *tangents):
+            weight, offsets, *batch = ctx.saved_tensors
+            psw_t = tangents[5]
+            out_t = None
+            if w_t is not None:
+                out_t = _CollectionLookup.apply(w_t.contiguous(), offsets, *batch, *ctx.rest)
+            if psw_t is not None:
+                extra = _CollectionLookup.apply(weight, offsets, *batch[:4], psw_t.contiguous(), *ctx.rest)
+                out_t = extra if out_t is None else out_t + extra
+            return out_t
+
+    _CollectionLookup.vmap = ops._vmap_by_loop(_CollectionLookup)
+
+    class _CollectionBackward(torch.autograd.Function):
+        """``collection_backward`` inside torch.func transforms: batched (jacrev, per-sample
+        gradients) by one call per element instead of torch's generic fallback, which warns. The
+        collection's lookup is differentiable once: no formula for its backward's backward."""
+
+        @staticmethod
+        def forward(*args):
+            with ops._below_autograd():
+                return torch.ops.pme.collection_backward.default(*args)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.mark_non_differentiable(*output)
+
+        @staticmethod
+        def backward(ctx, *grads):
+            raise RuntimeError("pme: a collection's lookup is differentiable once (no second derivative)")
+
+    _CollectionBackward.vmap = ops._vmap_by_loop(_CollectionBackward)
 
 
 def _virtual(weight, batch: Batch):
@@ -471,7 +526,12 @@ def collection_lookup(weight, offsets, batch: Batch, *, out_width: int, _width=N
     batch = Batch(*batch[:5], _batch_size(batch[5]))
     if ops._compiled(weight):
         graded = (weight, batch.per_sample_weights)
-        if ops._eager_grad(*graded) and not ops._forward_ad_active():
+        if ops._forward_ad_active():  # (or a torch.func transform)
+
+            def call(checked):
+                return _CollectionLookup.apply(weight, offsets, *batch, int(out_width), checked)
+
+        elif ops._eager_grad(*graded):
 
             def call(checked):
                 return _CollectionLookupEager.apply(weight, offsets, *batch, int(out_width), checked)

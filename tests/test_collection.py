@@ -764,6 +764,45 @@ def test_gradcheck_float64():
     )
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_torch_func_transforms(weighted):
+    """torch.func over a collection (functional_call): grad equals torch.autograd's, jacrev equals
+    torch.autograd.functional.jacobian, jvp (in the table and in the per-sample weights) equals the
+    Jacobian times the tangent, vmap equals a loop; no warning of torch's batching fallback."""
+    import warnings
+
+    from torch.func import functional_call, grad, jacrev, jvp, vmap
+
+    m, _, _ = make_collection(4, "sum" if weighted else "mixed", weighted=weighted)
+    inp = make_input(m, 3, 4, max_len=3, weighted=weighted)
+    w0 = m.weight.detach().clone()
+
+    def f(w, psw=None):
+        x = inp if psw is None else {k: (v[0], v[1], p) for (k, v), p in zip(inp.items(), psw)}
+        return functional_call(m, {"weight": w}, (x,)).values()
+
+    def loss(w):
+        return (f(w) ** 2).sum()
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*batching rule")  # torch's generic fallback
+        wr = w0.clone().requires_grad_()
+        torch.testing.assert_close(grad(loss)(w0), torch.autograd.grad(loss(wr), wr)[0])
+        J = jacrev(f)(w0)
+        torch.testing.assert_close(J, torch.autograd.functional.jacobian(f, w0))
+        t = torch.randn_like(w0)
+        out, out_t = jvp(f, (w0,), (t,))
+        torch.testing.assert_close(out, f(w0))
+        torch.testing.assert_close(out_t, (J.reshape(-1, w0.numel()) @ t).reshape(out.shape))
+        ws = torch.stack([w0, 2 * w0, -w0])
+        torch.testing.assert_close(vmap(f)(ws), torch.stack([f(w) for w in ws]))
+        if weighted:  # linear in the per-sample weights too
+            psw = [v[2] for v in inp.values()]
+            tp = [torch.randn_like(p) for p in psw]
+            _, pt = jvp(lambda *p: f(w0, p), tuple(psw), tuple(tp))
+            torch.testing.assert_close(pt, f(w0, tp))
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_deterministic_across_threads(threads):
     m, _, _ = make_collection(10, "mixed", dtype=torch.float32)
