@@ -827,6 +827,7 @@ class MultiSizeEmbeddingBagCollection(_FusedStateOwner, nn.Module):
         raise KeyError(f"no table {name!r} in the collection (tables: {self.table_names})")
 
     def _row_span(self, i: int):
+        self._check_materialised()
         if self.offsets.is_meta:
             raise RuntimeError(
                 f"{type(self).__name__} is on the meta device, where its tables' row sizes are not known: the "
@@ -900,10 +901,14 @@ class MultiSizeEmbeddingBagCollection(_FusedStateOwner, nn.Module):
     def extra_repr(self) -> str:
         lines = []
         for t in self._tables:
-            if self.offsets.is_meta:  # no sizes to show (a model built on the meta device, as TorchRec does)
+            # no sizes to show: built on the meta device (as TorchRec does), or moved off it by to_empty()
+            unknown = (
+                "meta device" if self.offsets.is_meta else "to_empty" if self.__dict__.get("_unmaterialised") else None
+            )
+            if unknown:
                 lines.append(
                     f"({t.name}): {t.num_embeddings} x {t.embedding_dim}, pooling={t.pooling!r}, "
-                    f"features={list(t.feature_names)}, sizes=? (meta device)"
+                    f"features={list(t.feature_names)}, sizes=? ({unknown})"
                 )
                 continue
             s = self.sizes(t.name).cpu()
@@ -952,6 +957,7 @@ class MultiSizeEmbeddingBagCollection(_FusedStateOwner, nn.Module):
         """Input -> (keys, indices, bag_offsets, weights or None, B). A KJT with a variable batch per
         feature (VBE): each feature's ``B_f`` bags followed by empty ones up to ``B``, the largest
         ``B_f`` of the features the collection reads (:meth:`_read_batch`)."""
+        self._check_materialised()
         if _is_kjt(features):
             keys = features.keys()
             values, offs = features.values(), features.offsets()
@@ -1246,21 +1252,34 @@ class MultiSizeEmbeddingBagCollection(_FusedStateOwner, nn.Module):
     def _apply(self, fn, recurse=True):
         # As pme.modules: the consumer's state keeps its own dtype and device rules (pme.ops.RowConsumer);
         # the feature tables are rebuilt on the new device.
+        was_meta = self.offsets.is_meta
         if self.optimizer is None:
             super()._apply(fn, recurse)
         else:
             with self.optimizer.state_kept(self):
                 super()._apply(fn, recurse)
         self._feature_cache = {}
+        if was_meta and not self.offsets.is_meta:
+            # off the meta device only to_empty (a parent module's: it reaches the collection
+            # here) can take it; the offsets and table rows are now uninitialised memory
+            self._unmaterialised = True
+            raise NotImplementedError(self._TO_EMPTY)
         return self
+
+    _TO_EMPTY = (
+        "to_empty(): a collection's offsets and table rows are structure, not values to fill later; build it "
+        "on its real device (device=...) and load a checkpoint there"
+    )
 
     def to_empty(self, *, device, recurse=True):
         """Not supported: a collection's row layout (offsets, table rows) is structure that
-        ``to_empty`` would leave uninitialised; build the collection on its device."""
-        raise NotImplementedError(
-            f"{type(self).__name__}.to_empty(): the collection's offsets and table rows are structure, not "
-            "values to fill later; build it on its real device (device=...) and load a checkpoint there"
-        )
+        ``to_empty`` would leave uninitialised; build the collection on its device. (A parent
+        module's ``to_empty`` raises the same, and the collection refuses every later use.)"""
+        raise NotImplementedError(f"{type(self).__name__}.{self._TO_EMPTY}")
+
+    def _check_materialised(self):
+        if self.__dict__.get("_unmaterialised"):
+            raise RuntimeError(f"{type(self).__name__} was moved off the meta device by {self._TO_EMPTY}")
 
     # ---- state_dict per table ---------------------------------------------------------------
     def _state(self):

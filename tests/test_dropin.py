@@ -554,3 +554,11 @@ def test_to_empty_then_load_state_dict(kind, via):
     c = MultiSizeEmbeddingBagCollection([EmbeddingBagConfig(6, 4, "t0", ["f0"])], None, device="meta")
     with pytest.raises(NotImplementedError, match="build it on its real device"):
         c.to_empty(device="cpu")
+    parent = torch.nn.ModuleDict({"c": c})  # a parent's to_empty reaches the collection through _apply
+    with pytest.raises(NotImplementedError, match="build it on its real device"):
+        parent.to_empty(device="cpu")
+    with pytest.raises(RuntimeError, match="moved off the meta device"):
+        c({"f0": (torch.tensor([1]), torch.tensor([0, 1]))})
+    with pytest.raises(RuntimeError, match="moved off the meta device"):
+        c.state_dict()
+    assert "sizes=? (to_empty)" in repr(c)
