@@ -1645,7 +1645,7 @@ def sparse_update_(
         raise ValueError(f"step must be below 2**62, got {step}")
     bags, argmax = _fused_lookup(offsets, indices, bag_offsets, grad_out, **lookup)
     lead = (weight, state1, state2, grad_out)
-    _row_operator("sparse_update_", lead, weight, bags, argmax, hyper.operator_args(step), (hyper, int(step)))
+    _row_operator("sparse_update_", lead, weight, bags, argmax, hyper.operator_args(step), (hyper, int(step)), grad_out)
 
 
 def accumulate_scores_(scores, grad_out, weight, offsets, indices, bag_offsets, *, rule="snip", **lookup):
@@ -1658,7 +1658,8 @@ def accumulate_scores_(scores, grad_out, weight, offsets, indices, bag_offsets, 
         raise ValueError(f"rule must be one of {sorted(SCORE_RULES)}, got {rule!r}")
     _check_lookup_keywords("accumulate_scores_", lookup)
     bags, argmax = _fused_lookup(offsets, indices, bag_offsets, grad_out, **lookup)
-    _row_operator("accumulate_scores_", (scores, grad_out, weight), weight, bags, argmax, (SCORE_RULES[rule],), (rule,))
+    lead = (scores, grad_out, weight)
+    _row_operator("accumulate_scores_", lead, weight, bags, argmax, (SCORE_RULES[rule],), (rule,), grad_out)
 
 
 _LOOKUP_KEYWORDS = ("col_of_size", "argmax", "mode", "per_sample_weights", "padding_idx")
@@ -1697,16 +1698,24 @@ def _fused_lookup(
     return bags, argmax
 
 
-def _row_operator(name, lead, weight, bags: _Bags, argmax, compiled_tail, reference_tail):
+def _row_operator(name, lead, weight, bags: _Bags, argmax, compiled_tail, reference_tail, grad_out):
     """Runs the fused row operator ``name`` (``sparse_update_`` or ``accumulate_scores_``) on the
     compiled kernels or the reference: ``lead`` are its tensors before the lookup (the in-place
     ones and ``grad_out``), the tails its own arguments (codes for the operator, as the reference
-    takes them for the reference)."""
+    takes them for the reference); ``grad_out`` (in ``lead``) is named in a width error."""
     if _compiled(weight):
         am = argmax if argmax is not None else bags.offsets.new_empty(0, 0)
         args = (*lead, *bags.row_args(am), *compiled_tail)
         op = getattr(torch.ops.pme, name)
-        bags.memo_call(weight, lambda checked: op(*args, table_checked=checked))
+        try:
+            bags.memo_call(weight, lambda checked: op(*args, table_checked=checked))
+        except RuntimeError as e:
+            if "does not fit in the output width" not in str(e):
+                raise
+            raise type(e)(  # the width here is grad_out's: say so, not only that the row is too wide
+                f"{e} (the output width of {name} is grad_out's: grad_out has shape {tuple(grad_out.shape)}; it "
+                "must be the lookup's output, as wide as the table)"
+            ) from None
         return
     check_table(weight, bags.offsets, bags.col_of_size)
     _check_reference_lookup(weight, bags)

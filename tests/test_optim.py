@@ -710,3 +710,22 @@ def test_fused_lookup_bad_index_is_an_index_error(cls):
     with pytest.raises(IndexError, match="out of range"):
         m(torch.tensor([[1, 7]]))
     assert torch.equal(m.weight, w0) and int(m.optim_step) == 0
+
+
+@pytest.mark.parametrize("op", ["sparse_update_", "accumulate_scores_"])
+def test_functional_row_operators_name_grad_out_when_it_is_too_narrow(op):
+    """The row operators take their output width from grad_out: one narrower than the table's rows
+    is named as the cause (the kernel's message alone blames a row), and nothing is written."""
+    t = pme.MultiSizeEmbeddingBag(10, 4, mode="sum", sizes=[1, 2, 3, 4, 4, 4, 4, 4, 0, 4])
+    idx, bo = torch.tensor([1, 2, 3]), torch.tensor([0, 1, 3])
+    w = t.weight.detach().clone()
+    scores = torch.zeros(w.numel())
+    narrow = torch.ones(2, 3)
+    with pytest.raises(RuntimeError, match=rf"output width of {op} is grad_out's: grad_out has shape \(2, 3\)"):
+        if op == "sparse_update_":
+            ops.sparse_update_(
+                w, torch.zeros(0), torch.zeros(0), narrow, t.offsets, idx, bo, mode="sum", optimizer="sgd", lr=0.1
+            )
+        else:
+            ops.accumulate_scores_(scores, narrow, w, t.offsets, idx, bo, mode="sum")
+    assert torch.equal(w, t.weight.detach()) and not scores.any()
