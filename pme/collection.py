@@ -298,6 +298,34 @@ def _torchrec_configs():
     return config, PoolingType, DataType
 
 
+class _Weighted:
+    """A collection's ``is_weighted``: called, as TorchRec's ``EmbeddingBagCollection.is_weighted()``
+    (which TorchRec code and sharders call), and read as a bool, as pme's attribute always was."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = bool(value)
+
+    def __call__(self) -> bool:
+        return self.value
+
+    def __bool__(self) -> bool:
+        return self.value
+
+    def __eq__(self, other):
+        return self.value == (other.value if isinstance(other, _Weighted) else other)
+
+    def __hash__(self):
+        return hash(self.value)
+
+    def __repr__(self):
+        return repr(self.value)
+
+    def __reduce__(self):
+        return (_Weighted, (self.value,))
+
+
 def _is_kjt(x) -> bool:
     return all(hasattr(x, a) for a in ("keys", "values", "offsets", "weights_or_none", "stride"))
 
@@ -747,7 +775,7 @@ class MultiSizeEmbeddingBagCollection(_FusedStateOwner, nn.Module):
             bad = [t.name for t in tabs if t.pooling != "sum"]
             raise ValueError(f"is_weighted=True needs sum pooling (as nn.EmbeddingBag); tables {bad} pool by mean")
         self._tables = tabs
-        self.is_weighted = bool(is_weighted)
+        self.is_weighted = _Weighted(is_weighted)
         self._embedding_names = embedding_names(tabs)
         # Output blocks: (table, feature name, first column), in output order.
         self._blocks = []

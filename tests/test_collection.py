@@ -407,6 +407,8 @@ def test_dict_input_checks_each_feature_and_ignores_unread_ones():
     EmbeddingBagCollection does, even when its own offsets are bad."""
     tables = [EmbeddingBagConfig(10, 2, "a", ["f1"]), EmbeddingBagConfig(10, 2, "b", ["f2"])]
     m = MultiSizeEmbeddingBagCollection(tables, is_weighted=True)
+    # is_weighted is TorchRec's method and pme's bool attribute at once
+    assert m.is_weighted() is True and m.is_weighted and not MultiSizeEmbeddingBagCollection(tables).is_weighted
     t = torch.tensor
     ok = {"f1": (t([0, 1, 2]), t([0, 3]), torch.ones(3)), "f2": (t([5]), t([0, 1]), t([2.0]))}
     with pytest.raises(ValueError, match=r"feature 'f1': weights must be 1-D with one entry per value \(3\)"):

@@ -74,7 +74,8 @@ def test_full_sizes_equal_embedding_bag_collection(pooling, weighted, index_dtyp
     torch.manual_seed(0)
     ebc = EmbeddingBagCollection(configs(pooling), is_weighted=weighted)
     m = MultiSizeEmbeddingBagCollection.from_ebc(ebc)
-    assert m.is_weighted == weighted
+    assert m.is_weighted() is ebc.is_weighted() is weighted  # TorchRec's method
+    assert bool(m.is_weighted) is weighted and m.is_weighted == weighted  # and pme's attribute
     kjt = make_kjt(ebc, 10, 1, index_dtype, weighted)
     want, got = ebc(kjt), m(kjt)
     assert type(got) is type(want)
