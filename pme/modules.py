@@ -695,7 +695,8 @@ class _MultiSizeTable(_FusedStateOwner, nn.Module):
             )
 
     def _apply_projection(self, out):
-        return out @ self.projection if self.projection is not None else out
+        p = self.projection  # (once: a registered parameter is read through nn.Module.__getattr__)
+        return out if p is None else out @ p
 
     def _lookup_options(self) -> dict:
         """The table's keyword arguments of ops.embedding_bag and ops.embedding (a dict literal: it
