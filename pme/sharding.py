@@ -43,9 +43,15 @@ the unsharded collection (``embedding_bags.<t>.weight`` / ``offsets`` / optimize
 shard under ``embedding_bags.<t>:<c0>-<c1>of<D>.<...>``, a row shard under
 ``embedding_bags.<t>:r<r0>-<r1>of<V>.<...>``, plus ``optim_step``. :func:`merge_state_dicts`
 joins the rank files into the unsharded form (loadable by the unsharded collection), and a
-sharded module loads either its own keys or the unsharded form (it takes its shards out of it):
-save on 2 ranks, merge, load on 4 is resharding. Loading validates everything before anything
-is replaced (the collection's all-or-nothing rule).
+sharded module loads either its own keys, the unsharded form (it takes its shards out of it) or
+a torchrec ``EmbeddingBagCollection``'s dense checkpoint: save on 2 ranks, merge, load on 4 is
+resharding. Loading validates everything before anything is replaced (the collection's
+all-or-nothing rule; under ``strict=True`` a missing shard changes nothing).
+
+The collection must be on a real device (not meta: its sizes are what the shards are cut by);
+each rank's shards are built on ``DistributedModelParallel``'s device straight from it, and they
+step with the collection's own fused optimizer object (``optimizer``; a change of its ``lr``
+reaches every shard).
 
 Planner: ``shardable_parameters`` shows each table as a meta tensor ``[V, D]`` (so plans are made
 in TorchRec's terms), and :class:`MultiSizeStorageEstimator` replaces the dense bytes TorchRec
@@ -65,17 +71,19 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.dist_data import KJTAllToAll, PooledEmbeddingsAllToAll, PooledEmbeddingsReduceScatter
+from torchrec.distributed.embedding_sharding import KJTListSplitsAwaitable
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
 from torchrec.distributed.planner.shard_estimators import EmbeddingPerfEstimator, EmbeddingStorageEstimator
 from torchrec.distributed.sharding.rw_sharding import RwSparseFeaturesDist
-from torchrec.distributed.types import Awaitable, LazyAwaitable, ModuleSharder, ShardedModule, ShardingType
+from torchrec.distributed.types import LazyAwaitable, ModuleSharder, ShardedModule, ShardingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from torchrec.streamable import Multistreamable
 
 from . import ops
 from .collection import MultiSizeEmbeddingBagCollection, _inverse_indices
+from .modules import load_is_strict
 
 __all__ = [
     "MultiSizeEmbeddingBagCollectionSharder",
@@ -160,6 +168,32 @@ class _Context(Multistreamable):
         pass
 
 
+def _table_views(module: MultiSizeEmbeddingBagCollection) -> dict:
+    """``module.state_dict()``'s keys and values as views of the collection's buffers (no copy of
+    the whole collection while the shards are cut from it)."""
+    per_table, host = module._state()
+    out = {}
+    for i, t in enumerate(module._tables):
+        r0, r1, e0, e1 = module._row_span(i)
+        p = f"embedding_bags.{t.name}."
+        out[p + "weight"] = module.weight.detach()[e0:e1]
+        out[p + "offsets"] = module.offsets[r0 : r1 + 1] - e0
+        for b in per_table:
+            buf = getattr(module, b.name)
+            out[p + b.name] = buf[r0:r1] if b.per == "row" else buf[e0:e1] if b.per == "entry" else buf[:0]
+    for b in host:
+        out[b.name] = getattr(module, b.name)
+    return out
+
+
+def _skip_dist_buffers(module, incompatible_keys):
+    """A parent's ``load_state_dict`` (torch's, not DistributedModelParallel's) also visits the
+    sharded module's TorchRec all-to-all modules, whose buffers (dimensions per rank, rebuilt from
+    the plan) its ``state_dict`` does not save: they are not missing."""
+    own = tuple("." + n for n, _ in module.named_buffers())
+    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not k.endswith(own)]
+
+
 class _KeyedAwaitable(LazyAwaitable[KeyedTensor]):
     def __init__(self, waits, perm, keys, lengths):
         super().__init__()
@@ -190,6 +224,15 @@ class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
         super().__init__()
         if env.process_group is None:
             raise ValueError("pme sharding needs a ShardingEnv with a process group (DistributedModelParallel's)")
+        if module.weight.is_meta:
+            raise ValueError(
+                "pme sharding: the MultiSizeEmbeddingBagCollection is on the meta device, where its sizes (offsets) "
+                "have no values to cut shards from; build it on the CPU (DistributedModelParallel then puts each "
+                "rank's shards on its device)"
+            )
+        # The shards are cut from the collection where it is and built on `device`: the whole
+        # collection never goes to a rank's device.
+        dev = torch.device(device) if device is not None else module.weight.device
         self._pg = env.process_group
         W = self._world = env.world_size
         self._rank = env.rank
@@ -197,6 +240,7 @@ class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
         self._names = module.embedding_names()
         self._lengths = [self._tables[ti].embedding_dim for ti, _, _ in module._blocks]
         self.is_weighted = module.is_weighted
+        self.optimizer = module.optimizer  # the fused optimizer every shard steps with (lr schedules: set its lr)
         self._opt_name = module.optimizer.name if module.optimizer is not None else None
         unknown = set(table_shardings) - {t.name for t in self._tables}
         if unknown:
@@ -283,7 +327,7 @@ class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
                 self._pg,
                 len(self._rw_entries),
                 [self._tables[ti].num_embeddings for ti, _ in self._rw_entries],
-                device=module.weight.device,
+                device=dev,
             )
             self._rw_output_dist = PooledEmbeddingsReduceScatter(self._pg)
             # mean pooling: the shards pool by sum; the sum is divided by the bag's length after
@@ -300,7 +344,7 @@ class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
             (_piece_name(self._tables[ti].name, c0, c1, self._tables[ti].embedding_dim), ti, "col", c0, c1)
             for ti, c0, c1 in pieces[self._rank]
         ]
-        self.__dict__["local"] = self._make_local(mine, module, opt, lambda ti: self._tables[ti].pooling)
+        self.__dict__["local"] = self._make_local(mine, module, opt, lambda ti: self._tables[ti].pooling, dev)
         mine_rw = [
             (
                 _row_name(self._tables[ti].name, *rw[ti][self._rank], self._tables[ti].num_embeddings),
@@ -310,13 +354,14 @@ class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
             )
             for ti in sorted(rw)
         ]
-        self.__dict__["local_rw"] = self._make_local(mine_rw, module, opt, lambda ti: "sum")
+        self.__dict__["local_rw"] = self._make_local(mine_rw, module, opt, lambda ti: "sum", dev)
         self._shards = {"local": mine, "local_rw": mine_rw}
-        full = module.state_dict()
+        full = _table_views(module)
         for which in ("local", "local_rw"):
             if getattr(self, which) is not None:
                 getattr(self, which).load_state_dict(self._local_state_from(full, which))
         self.train(module.training)
+        self.register_load_state_dict_post_hook(_skip_dist_buffers)
 
     def _row_blocks(self, t, shards):
         """Row-wise shards -> [(r0, r1) of rank k]; TorchRec's even blocks of ceil(V / W) rows on
@@ -341,7 +386,7 @@ class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
             )
         return [(r0, r0 + n) for r0, n, _, _, _ in want]
 
-    def _make_local(self, shards, module, opt, pooling):
+    def _make_local(self, shards, module, opt, pooling, device):
         if not shards:
             return None
         cfgs, k = [], 0
@@ -351,15 +396,13 @@ class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
             rows, width = (b - a, t.embedding_dim) if kind == "row" else (t.num_embeddings, b - a)
             cfgs.append(_Cfg(rows, width, name, [str(j) for j in range(k, k + n)], pooling(ti), t.init_max, t.init_min))
             k += n
-        if opt is not None:
-            o = type(opt).__new__(type(opt))
-            o.__dict__.update(opt.__dict__)
-            opt = o
+        # The optimizer object itself (it holds hyperparameters only; its state lives on each
+        # collection): a change of its lr (a schedule) reaches every shard, as unsharded.
         return MultiSizeEmbeddingBagCollection(
             cfgs,
             sizes=0,
             is_weighted=module.is_weighted,
-            device=module.weight.device,
+            device=device,
             dtype=module.weight.dtype,
             optimizer=opt,
         )
@@ -400,14 +443,19 @@ class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
                 "pme: a KeyedJaggedTensor with a variable batch per feature or inverse indices (VBE) is not supported "
                 "by a sharded collection (the unsharded MultiSizeEmbeddingBagCollection takes it)"
             )
+        problem = None  # refused on every rank together (see _check_same_batch)
         if self.is_weighted and features.weights_or_none() is None:
-            raise ValueError("the collection is weighted (is_weighted=True) but the input carries no weights")
-        self._check_same_batch(features)
+            problem = ValueError("the collection is weighted (is_weighted=True) but the input carries no weights")
+        else:
+            try:
+                idx, idx_rw = self._permute_indices(features.keys())
+            except KeyError as e:
+                problem = e
+        self._check_same_batch(features, problem)
         if not self.is_weighted and features.weights_or_none() is not None:
             features = KeyedJaggedTensor(
                 keys=features.keys(), values=features.values(), lengths=features.lengths(), stride=features.stride()
             )
-        idx, idx_rw = self._permute_indices(features.keys())
         waits = []
         if self._input_dist is not None:
             waits.append(self._input_dist(features.permute(idx)))
@@ -417,20 +465,36 @@ class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
                 ln = kjt.lengths().view(len(self._rw_entries), -1)
                 ctx.rw_lengths = [ln[k].clamp(min=1) for k, _ in self._rw_mean]
             waits.append(self._rw_input_dist(kjt))
-        return _Both(waits)
+        # TorchRec's awaitable of the input all-to-alls (TrainPipelineSparseDist's input-dist stage
+        # takes it apart; wait().wait() gives the KJTList compute() reads)
+        return KJTListSplitsAwaitable(waits, ctx)
 
-    def _check_same_batch(self, features):
+    def _check_same_batch(self, features, problem=None):
         """Every rank must feed the same batch size. The all-to-alls only show the total, which a rank
         whose batch is the ranks' mean cannot tell from a good one (it would go on into the output
         all-to-all and wait there for the ranks that refused), so the ranks exchange their batch
-        sizes (one small all-gather a call) and all refuse together, naming each rank's."""
+        sizes (one small all-gather a call) and all refuse together, naming each rank's. So are
+        inputs refused on one rank (``problem``: a feature missing, no weights): every rank raises,
+        instead of the others waiting in the all-to-all until the process group's timeout."""
         if self._world == 1:
+            if problem is not None:
+                raise problem
             return
         dev = features.values().device
-        mine = torch.tensor([features.stride()], dtype=torch.int64, device=dev)
+        mine = torch.tensor([features.stride(), problem is not None], dtype=torch.int64, device=dev)
         every = [torch.empty_like(mine) for _ in range(self._world)]
         torch.distributed.all_gather(every, mine, group=self._pg)
-        sizes = torch.cat(every).tolist()
+        gathered = torch.stack(every).tolist()
+        if any(bad for _, bad in gathered):
+            said = [None] * self._world
+            dist.all_gather_object(said, None if problem is None else str(problem.args[0]), group=self._pg)
+            if problem is not None:
+                raise type(problem)(f"{problem.args[0]} (every rank refuses this call)") from None
+            raise ValueError(
+                "the input of another rank was refused, so every rank refuses this call: "
+                + "; ".join(f"rank {r}: {m}" for r, m in enumerate(said) if m is not None)
+            )
+        sizes = [b for b, _ in gathered]
         if len(set(sizes)) > 1:
             raise ValueError(
                 f"every rank must feed the same batch size; the ranks fed {sizes} (rank r's at position r)"
@@ -563,6 +627,17 @@ class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
                     if own + k in state_dict:
                         out[f"embedding_bags.{name}.{k}"] = state_dict[own + k]
                 continue
+            dense = state_dict.get(full + "weight")
+            if isinstance(dense, torch.Tensor) and dense.dim() == 2 and full + "offsets" not in state_dict:
+                # a torchrec EmbeddingBagCollection's checkpoint ([V, D] per table): the shard's rows or
+                # columns of it; the local collection keeps each row's first values, as unsharded
+                if tuple(dense.shape) != (t.num_embeddings, t.embedding_dim):
+                    raise ValueError(
+                        f"{full}weight: a dense table must be [{t.num_embeddings}, {t.embedding_dim}], got "
+                        f"{tuple(dense.shape)}"
+                    )
+                out[f"embedding_bags.{name}.weight"] = dense.detach()[a:b] if kind == "row" else dense.detach()[:, a:b]
+                continue
             if full + "weight" not in state_dict or full + "offsets" not in state_dict:
                 continue  # reported as missing by the local collection
             w, o = state_dict[full + "weight"], state_dict[full + "offsets"]
@@ -604,72 +679,88 @@ class ShardedMultiSizeEmbeddingBagCollection(ShardedModule):
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
         """Loads this rank's shards from its own sharded keys or from the unsharded form
-        (:func:`merge_state_dicts`' output or an unsharded collection's ``state_dict``): the
-        other ranks' tables in it are skipped. Everything is checked before anything is replaced."""
+        (:func:`merge_state_dicts`' output, an unsharded collection's ``state_dict`` or a torchrec
+        ``EmbeddingBagCollection``'s dense one): the other ranks' tables in it are skipped.
+        Everything is checked before anything is replaced; ``strict=True`` with keys missing
+        changes nothing, ``strict=False`` loads the shards it holds whole and reports the rest."""
         from torch.nn.modules.module import _IncompatibleKeys
 
         missing = self._load(
-            state_dict, lambda e: RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}:\n\t{e}")
+            state_dict,
+            lambda e: RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}:\n\t{e}"),
+            strict,
         )
-        if strict and missing:
-            raise RuntimeError(
-                f"Error(s) in loading state_dict for {type(self).__name__}: missing keys {missing} "
-                f"(this rank holds {[n for w in self._shards.values() for n, *_ in w]})"
-            )
         return _IncompatibleKeys(missing, [])
 
-    def _load(self, state_dict, error):
-        parts, missing = [], []
+    def _load(self, state_dict, error, strict):
+        """Loads the local collections from ``state_dict``. Returns the missing keys (strict=False:
+        the shards the checkpoint holds whole are loaded, the others kept); raises ``error(message)``
+        for keys missing under strict=True and for bad values, with nothing replaced."""
+        parts = []
         try:
             for which, m in self._locals():
                 parts.append((m, self._local_state_from(state_dict, which)))
         except ValueError as e:
             raise error(e) from None
-        # All or nothing: each collection checks all its tables before replacing any; with two
-        # (row-wise shards next to others) the first is tried on a copy, so that an error in the
-        # second leaves both as they were.
-        for i, (m, sd) in enumerate(parts):
-            target = m if i == len(parts) - 1 and not missing else copy.deepcopy(m)
-            res = target.load_state_dict(sd, strict=False)
-            missing += res.missing_keys
-        if missing:
-            return missing
+        if not parts:
+            return []  # a rank without shards
+        if strict:
+            absent = [
+                n
+                for (w, _), (_, sd) in zip(self._locals(), parts)
+                for n, *_ in self._shards[w]
+                if f"embedding_bags.{n}.weight" not in sd
+            ]
+            if absent:
+                raise error(self._absent_message(state_dict, absent))
+        # All or nothing. Each local collection checks all its tables before it replaces any (and
+        # under strict=True replaces nothing when a key is missing); with two (row-wise shards next
+        # to others) the first is tried on a copy, so that an error in the second leaves both as
+        # they were.
+        missing = []
         for m, sd in parts[:-1]:
-            m.load_state_dict(sd, strict=False)
-        return []
+            missing += copy.deepcopy(m).load_state_dict(sd, strict=strict).missing_keys
+        missing += parts[-1][0].load_state_dict(parts[-1][1], strict=strict).missing_keys
+        for m, sd in parts[:-1]:
+            m.load_state_dict(sd, strict=strict)
+        return missing
+
+    def _absent_message(self, state_dict, absent) -> str:
+        """Says which of this rank's shards a checkpoint lacks, and what it holds of their tables."""
+        table_of = {n: self._tables[ti].name for w in self._shards.values() for n, ti, *_ in w}
+        held = {}
+        for k in state_dict:
+            m = re.match(r"^embedding_bags\.([^.]+)\.weight$", k)
+            if m is not None:
+                name = m.group(1)
+                held.setdefault((_PIECE.match(name) or _ROWS.match(name) or m).group(1), []).append(name)
+        other = {table_of[n]: sorted(held[table_of[n]]) for n in absent if table_of[n] in held}
+        msg = (
+            f"the checkpoint lacks this rank's shards {absent}: it has neither their own keys "
+            f"({', '.join(f'embedding_bags.{n}.weight / offsets' for n in absent)}) nor their whole tables' "
+            f"({', '.join(sorted({f'embedding_bags.{table_of[n]}.weight / offsets' for n in absent}))}); this rank "
+            f"holds {[n for w in self._shards.values() for n, *_ in w]}"
+        )
+        if other:
+            msg += (
+                f". It holds other shards of those tables ({other}): a rank's state_dict loads only into the same "
+                "plan on the same rank; join the ranks' state_dicts with pme.sharding.merge_state_dicts and load "
+                "that (into any plan)"
+            )
+        return msg
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
         sub = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
         try:
-            missing_keys.extend(prefix + k for k in self._load(sub, ValueError))
+            missing_keys.extend(prefix + k for k in self._load(sub, ValueError, load_is_strict(strict)))
         except (ValueError, RuntimeError) as e:
             error_msgs.append(str(e))
 
     def extra_repr(self):
         mine = [n for w in self._shards.values() for n, *_ in w]
         return f"rank={self._rank}/{self._world}, shards={mine}, sharding_types={self.sharding_types}"
-
-
-class _Both(Awaitable):
-    """Awaitable of a list of (awaitable of awaitable of KJT): waits give the list of KJTs."""
-
-    def __init__(self, items):
-        super().__init__()
-        self._items = items
-
-    def _wait_impl(self):
-        return _Both2([a.wait() for a in self._items])
-
-
-class _Both2(Awaitable):
-    def __init__(self, items):
-        super().__init__()
-        self._items = items
-
-    def _wait_impl(self):
-        return [a.wait() for a in self._items]
 
 
 class _Cfg:
@@ -712,8 +803,6 @@ class MultiSizeEmbeddingBagCollectionSharder(ModuleSharder[MultiSizeEmbeddingBag
         return [EmbeddingComputeKernel.FUSED.value]
 
     def shard(self, module, params, env, device=None, module_fqn=None):
-        if device is not None and module.weight.device != device:
-            module = module.to(device)
         return ShardedMultiSizeEmbeddingBagCollection(module, params, env, device)
 
 
@@ -734,6 +823,11 @@ def shard_bytes(
     t = module._tables[module._table_index(table)]
     c1 = t.embedding_dim if c1 is None else c1
     r1 = t.num_embeddings if r1 is None else r1
+    if not (0 <= c0 <= c1 <= t.embedding_dim and 0 <= r0 <= r1 <= t.num_embeddings):
+        raise ValueError(
+            f"table {table!r} ({t.num_embeddings} rows, {t.embedding_dim} columns) has no shard of columns "
+            f"[{c0}, {c1}) and rows [{r0}, {r1})"
+        )
     s = module.sizes(table)[r0:r1]
     entries = int((s - c0).clamp(0, c1 - c0).sum())
     es = module.weight.element_size()
@@ -872,15 +966,30 @@ def merge_state_dicts(state_dicts, prefix: str | None = None, optimizer: str | N
         sizes = {key: f["offsets"][1:] - f["offsets"][:-1] for key, f in parts.items()}
         flat, off = join_columns([(c0, c1, parts[(t, c0, c1)]["weight"], sizes[(t, c0, c1)]) for _, c0, c1 in cols], V)
         out[base + "weight"], out[base + "offsets"] = flat, off
-        for field in ("optim_state1", "optim_state2"):
-            got = [parts[key].get(field) for key in cols]
-            if all(g is None for g in got):
+        got = {f: [parts[key].get(f) for key in cols] for f in ("optim_state1", "optim_state2")}
+        for field, gs in got.items():
+            if any(g is None for g in gs) and not all(g is None for g in gs):
+                have = [(c0, c1) for g, (_, c0, c1) in zip(gs, cols) if g is not None]
+                raise ValueError(
+                    f"table {pre}{t!r}: column shards {have} have {field} and the others none (rank files of "
+                    "different optimizers?)"
+                )
+        # Row-wise Adagrad: optim_state1 one value per row of each shard, optim_state2 empty. Told
+        # apart from a per-entry state by optim_state2 too (a shard can store as many entries as it
+        # has rows).
+        per_row = (
+            any(g is not None and g.numel() for g in got["optim_state1"])
+            and all(g is None or g.numel() == 0 for g in got["optim_state2"])
+            and all(g.numel() == V for g in got["optim_state1"])
+        )
+        for field, gs in got.items():
+            if all(g is None for g in gs):
                 continue
-            if all(g.numel() == 0 for g in got):
-                out[base + field] = got[0]
-            elif all(g.numel() == int(sizes[key].sum()) for g, key in zip(got, cols)):
+            if all(g.numel() == 0 for g in gs):
+                out[base + field] = gs[0]
+            elif not per_row and all(g.numel() == int(sizes[key].sum()) for g, key in zip(gs, cols)):
                 out[base + field] = join_columns(
-                    [(c0, c1, g, sizes[(t, c0, c1)]) for g, (_, c0, c1) in zip(got, cols)], V
+                    [(c0, c1, g, sizes[(t, c0, c1)]) for g, (_, c0, c1) in zip(gs, cols)], V
                 )[0]
             else:
                 raise ValueError(
@@ -907,6 +1016,11 @@ def merge_state_dicts(state_dicts, prefix: str | None = None, optimizer: str | N
             got = [parts[k].get(field) for k in rows]
             if all(g is None for g in got):
                 continue
+            if any(g is None for g in got):
+                raise ValueError(
+                    f"table {pre}{t!r}: row shards {[k for k, g in zip(rows, got) if g is not None]} have {field} and "
+                    "the others none (rank files of different optimizers?)"
+                )
             out[base + field] = got[0] if all(g.numel() == 0 for g in got) else torch.cat(got)
     return out
 

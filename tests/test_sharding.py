@@ -434,6 +434,22 @@ def scenario_refusals(world, rank, outdir):
             ["the ranks fed", str([B - 1, B + 1] + [B] * (world - 2))],
             lambda: dmp(rank_slice(kjt, rank, mine)).wait(),
         )
+    # one rank's input refused (a feature missing, no weights for a weighted collection): every rank
+    # raises, naming that rank and why (the others used to wait in the all-to-all until the timeout)
+    mine = rank_slice(kjt, rank, B)
+    if rank == world - 1:
+        d = mine.to_dict()
+        mine = KeyedJaggedTensor.from_jt_dict({k: v for k, v in d.items() if k != "f2"})
+    expect(
+        KeyError if rank == world - 1 else ValueError,
+        ["'f2'", "every rank refuses"] + ([] if rank == world - 1 else [f"rank {world - 1}"]),
+        lambda: dmp(mine).wait(),
+    )
+    weighted = shard_model(make_collection("W", "sgd"), "rw", world)
+    wkjt = rank_slice(global_kjt("W", B * world, 2), rank, B)
+    if rank == 0:
+        wkjt = KeyedJaggedTensor.from_lengths_sync(wkjt.keys(), wkjt.values(), wkjt.lengths())
+    expect(ValueError, ["carries no weights", "every rank refuses"], lambda: weighted(wkjt).wait())
     # row-wise Adagrad state of column shards has no unsharded form
     dmp = shard_model(make_collection("A", "rowwise_adagrad"), "cw", world)
     expect(ValueError, ["row-wise Adagrad"], lambda: sharding.merge_state_dicts(all_gather(dmp.state_dict())))
@@ -477,12 +493,341 @@ def scenario_bad_index_named(world, rank, outdir):
         expect(RuntimeError, ["index out of range: feature 'f1'", "sharded"], lambda: dmp(broken).wait())
 
 
+def scenario_partial_load(world, rank, outdir):
+    """A checkpoint without one of the rank's shards: strict=True replaces nothing (in either local
+    collection: row shards next to others) and names the shard; strict=False loads the shards it
+    holds whole and reports the missing one's keys."""
+    dmp = shard_model(make_collection("A", "adam"), "rwmix", world)
+    own = dmp.state_dict()
+    shards = sorted({k.split(".")[1] for k in own if k.startswith("embedding_bags.")})
+    for drop in (next(n for n in shards if ":r" in n), next(n for n in shards if ":r" not in n)):
+        before = {k: v.clone() for k, v in dmp.state_dict().items()}
+        part = {
+            k: (v + 1 if k.endswith(".weight") else v)
+            for k, v in own.items()
+            if not k.startswith(f"embedding_bags.{drop}.")
+        }
+        expect(RuntimeError, [drop, "lacks"], lambda: dmp.load_state_dict(part))
+        for k, v in dmp.state_dict().items():
+            assert torch.equal(v, before[k]), f"{k} changed by a strict load refused for missing {drop}"
+        res = dmp.load_state_dict(part, strict=False)
+        assert sorted(res.missing_keys) == sorted(k for k in own if k.startswith(f"embedding_bags.{drop}.")), res
+        for k, v in dmp.state_dict().items():
+            want = before[k] + 1 if k.endswith(".weight") and not k.startswith(f"embedding_bags.{drop}.") else before[k]
+            assert torch.equal(v, want), f"{k} after a strict=False load without {drop}"
+        dmp.load_state_dict(own)
+
+
+def scenario_other_plan_rank_file(world, rank, outdir):
+    """A rank's own state_dict loaded into another plan: refused, saying to merge the rank files."""
+    src = shard_model(make_collection("A", "sgd"), "mixed", world)
+    dst = shard_model(make_collection("A", "sgd", seed=2), "rw", world)
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    expect(RuntimeError, ["lacks", "merge_state_dicts"], lambda: dst.load_state_dict(src.state_dict()))
+    assert all(torch.equal(v, before[k]) for k, v in dst.state_dict().items())
+    dst.load_state_dict(sharding.merge_state_dicts(all_gather(src.state_dict())))
+    kjt = global_kjt("A", B * world, 3)
+    close(
+        dst(rank_slice(kjt, rank, B)).wait().values(),
+        src(rank_slice(kjt, rank, B)).wait().values(),
+        "merged rank files loaded into another plan",
+    )
+
+
+def scenario_ebc_checkpoint(world, rank, outdir):
+    """A torchrec EmbeddingBagCollection's checkpoint (dense [V, D] weights) loads into every plan as
+    into the unsharded collection: each row keeps its first sizes[i] values."""
+    ebc = EmbeddingBagCollection(configs("A"))
+    dense = ebc.state_dict()
+    ref = make_collection("A", "adam")
+    ref.load_state_dict(dense)
+    kjt = global_kjt("A", B * world, 4)
+    want = ref(kjt).values()[rank * B : (rank + 1) * B]
+    for how in ("tw", "cw", "rw", "rwmix"):
+        dmp = shard_model(make_collection("A", "adam", seed=6), how, world)
+        dmp.load_state_dict(dense)
+        close(dmp(rank_slice(kjt, rank, B)).wait().values(), want, f"{how} after loading an EBC checkpoint")
+    bad = dict(dense)
+    bad["embedding_bags.t2.weight"] = bad["embedding_bags.t2.weight"][:, :2]
+    dmp = shard_model(make_collection("A", "adam"), "rw", world)
+    expect(RuntimeError, ["embedding_bags.t2.weight", "[33, 4]"], lambda: dmp.load_state_dict(bad))
+
+
+def scenario_lr_schedule(world, rank, outdir):
+    """The fused optimizer object given to the collection is the one every shard steps with: a
+    learning-rate change on it reaches the sharded module (row shards and the others), as unsharded."""
+    opt = pme.optim.SGD(lr=0.3)
+    m = make_collection("A", None)
+    m = MultiSizeEmbeddingBagCollection(configs("A"), {n: m.sizes(n) for n in m.table_names}, optimizer=opt)
+    dmp = shard_model(m, "rwmix", world)
+    assert dmp.module.optimizer is opt
+    before = {k: v.clone() for k, v in dmp.state_dict().items()}
+    opt.lr = 0.0
+    out = dmp(rank_slice(global_kjt("A", B * world, 5), rank, B)).wait()
+    out.values().pow(2).sum().backward()
+    for k, v in dmp.state_dict().items():
+        if k.endswith(".weight"):
+            assert torch.equal(v, before[k]), f"{k} moved with lr set to 0"
+
+
+def scenario_meta_refused(world, rank, outdir):
+    m = MultiSizeEmbeddingBagCollection(configs("A"), 3, device="meta")
+    expect(ValueError, ["meta device", "CPU"], lambda: shard_model(m, "tw", world))
+
+
+def scenario_plain_parent_load(world, rank, outdir):
+    """A model holding the sharded collection, loaded by torch's load_state_dict (not
+    DistributedModelParallel's): TorchRec's all-to-all buffers are not reported missing, and a
+    checkpoint without a table changes nothing under strict=True."""
+
+    class Model(torch.nn.Module):
+        def __init__(self, ebc):
+            super().__init__()
+            self.sparse = ebc
+
+    plan, sharder = make_plan(make_collection("A", "adam"), "mixed", world)
+    dmp = DistributedModelParallel(
+        Model(make_collection("A", "adam")),
+        env=ShardingEnv.from_process_group(dist.group.WORLD),
+        device=torch.device("cpu"),
+        plan=ShardingPlan({"sparse": plan.plan[""]}),
+        sharders=[sharder],
+        init_data_parallel=False,
+    )
+    sd = dmp.state_dict()
+    res = dmp.module.load_state_dict(sd)
+    assert not res.missing_keys and not res.unexpected_keys, res
+    before = {k: v.clone() for k, v in sd.items()}
+    part = {k: v + 1 for k, v in sd.items() if k.endswith(".weight") and ".t1." not in k}
+    part.update({k: v for k, v in sd.items() if not k.endswith(".weight") and ".t1." not in k})
+    expect(RuntimeError, ["t1"], lambda: dmp.module.load_state_dict(part))
+    assert all(torch.equal(v, before[k]) for k, v in dmp.state_dict().items()), "a refused load changed values"
+    res = dmp.module.load_state_dict(part, strict=False)
+    assert res.missing_keys and all(".t1." in k for k in res.missing_keys), res
+
+
+def scenario_train_pipeline(world, rank, outdir):
+    """TorchRec's TrainPipelineSparseDist (its input dist one batch ahead, the model's dense part under
+    DDP) trains a model holding the sharded collection (row-wise mean-pooled shards next to the
+    others, fused Adam) as the unsharded model trained on the whole batch; it used to fail in the
+    pipeline's input-dist stage ('_Both' object has no attribute 'awaitables')."""
+    from torchrec.datasets.utils import Batch
+    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+    class Model(torch.nn.Module):
+        def __init__(self, ebc):
+            super().__init__()
+            self.sparse = ebc
+            torch.manual_seed(1)
+            self.dense = torch.nn.Linear(ebc.out_width, 1)
+
+        def forward(self, batch):
+            pred = self.dense(self.sparse(batch.sparse_features).values()).squeeze(1)
+            return torch.nn.functional.mse_loss(pred, batch.labels), pred
+
+    ref = Model(make_collection("M", "adam"))
+    model = Model(make_collection("M", "adam"))
+    plan, sharder = make_plan(model.sparse, "rwmix", world)
+    dmp = DistributedModelParallel(
+        model,
+        env=ShardingEnv.from_process_group(dist.group.WORLD),
+        device=torch.device("cpu"),
+        plan=ShardingPlan({"sparse": plan.plan[""]}),
+        sharders=[sharder],
+    )
+    dense = [p for n, p in dmp.named_parameters() if "dense" in n]
+    pipe = TrainPipelineSparseDist(dmp, torch.optim.SGD(dense, lr=0.1), device=torch.device("cpu"))
+    ref_opt = torch.optim.SGD(ref.dense.parameters(), lr=0.1)
+    batches = []
+    for i in range(4):
+        kjt = global_kjt("M", B * world, 300 + i)
+        labels = torch.randn(B * world, generator=torch.Generator().manual_seed(i))
+        batches.append((kjt, labels))
+    it = iter(
+        [
+            Batch(
+                dense_features=torch.zeros(B, 1),
+                sparse_features=rank_slice(k, rank, B),
+                labels=y[rank * B : (rank + 1) * B],
+            )
+            for k, y in batches
+        ]
+    )
+    for step, (kjt, labels) in enumerate(batches):
+        got = pipe.progress(it)
+        ref_opt.zero_grad()
+        loss, want = ref(Batch(dense_features=torch.zeros(1), sparse_features=kjt, labels=labels))
+        loss.backward()
+        ref_opt.step()
+        close(got.detach(), want.detach()[rank * B : (rank + 1) * B], f"pipelined step {step}")
+    merged = sharding.merge_state_dicts(all_gather(dmp.module.sparse.state_dict()))
+    for k, v in ref.sparse.state_dict().items():
+        close(merged[k], v, f"after the pipeline: {k}")
+
+
+def scenario_random(world, rank, outdir):
+    """Random collections (1 to 4 tables of 1 to 40 rows and width 1 to 12, sum or mean pooling or
+    weighted, random sizes) under random plans (column shards of random widths on any ranks, a rank
+    may hold nothing), int32 or int64 values and lengths, batch 0 to 3 per rank: 2 steps against
+    the unsharded collection (itself checked against torchrec's EmbeddingBagCollection on the dense
+    views), the merged state, and the checkpoint loaded into a second random plan."""
+    for seed in range(8):
+        cfgs, weighted, plans, opt, idt, ldt, b = _draw(seed, world)
+        desc = f"draw {seed}: {[(c.num_embeddings, c.embedding_dim, c.feature_names) for c in cfgs]} {plans} {opt}"
+        try:
+            _random_case(cfgs, weighted, plans, opt, idt, ldt, b, world, rank)
+        except Exception as e:
+            raise AssertionError(f"{desc}: {e}") from e
+
+
+def _draw(seed, world):
+    import random
+
+    r = random.Random(seed)
+    weighted = r.random() < 0.3
+    cfgs = [
+        EmbeddingBagConfig(
+            num_embeddings=r.choice([1, 2, 3, 5, 17, 40]),
+            embedding_dim=r.choice([1, 2, 3, 4, 6, 8, 12]),
+            name=f"t{t}",
+            feature_names=r.sample(["f0", "f1", "f2", "f3"], r.randint(0, 2)),
+            pooling=PoolingType.SUM if weighted or r.random() < 0.5 else PoolingType.MEAN,
+        )
+        for t in range(r.randint(1, 4))
+    ]
+    plans = []
+    for _ in range(2):
+        per = {}
+        for c in cfgs:
+            kinds = ["tw"] + (["cw"] if c.embedding_dim >= 2 else [])
+            if (world - 1) * -(-c.num_embeddings // world) < c.num_embeddings:
+                kinds.append("rw")
+            k = r.choice(kinds)
+            if k == "cw":
+                cuts = sorted(r.sample(range(1, c.embedding_dim), r.randint(2, min(c.embedding_dim, 4)) - 1))
+                widths = [b - a for a, b in zip([0, *cuts], [*cuts, c.embedding_dim])]
+                per[c.name] = ("cw", [r.randrange(world) for _ in widths], widths)
+            else:
+                per[c.name] = (k, r.randrange(world))
+        plans.append(per)
+    opt = r.choice([None, "sgd", "adam", "rowwise_adagrad"])
+    if opt == "rowwise_adagrad" and any(p[0] == "cw" for p in plans[0].values()):
+        opt = "adam"  # (row-wise Adagrad on column shards has its own reference: run_training's)
+    return (
+        cfgs,
+        weighted,
+        plans,
+        opt,
+        r.choice([torch.int32, torch.int64]),
+        r.choice([torch.int32, torch.int64]),
+        r.choice([0, 1, 3]),
+    )
+
+
+def _column_shards(ranks, widths):
+    """column_wise with shards of the given widths on the given ranks (any order, ranks may repeat)."""
+    from torchrec.distributed.sharding_plan import _get_parameter_sharding
+
+    def gen(param, local_size, world_size, device_type, sharder):
+        sor, c = [], 0
+        for rk, w in zip(ranks, widths):
+            sor.append(([param.shape[0], w], [0, c], rk))
+            c += w
+        return _get_parameter_sharding(param, "column_wise", sor, local_size, device_type, sharder)
+
+    return gen
+
+
+def _shard_random(m, per, world):
+    sharder = sharding.MultiSizeEmbeddingBagCollectionSharder()
+    gens = {
+        n: table_wise(rank=p[1]) if p[0] == "tw" else row_wise() if p[0] == "rw" else _column_shards(p[1], p[2])
+        for n, p in per.items()
+    }
+    plan = construct_module_sharding_plan(
+        m, gens, sharder=sharder, local_size=world, world_size=world, device_type="cpu"
+    )
+    return DistributedModelParallel(
+        m,
+        env=ShardingEnv.from_process_group(dist.group.WORLD),
+        device=torch.device("cpu"),
+        plan=ShardingPlan({"": plan}),
+        sharders=[sharder],
+        init_data_parallel=False,
+    )
+
+
+def _random_case(cfgs, weighted, plans, opt, idt, ldt, b, world, rank):
+    def collection(seed):
+        torch.manual_seed(seed)
+        g = torch.Generator().manual_seed(7)
+        sizes = {c.name: torch.randint(0, c.embedding_dim + 1, (c.num_embeddings,), generator=g) for c in cfgs}
+        o = OPTIMIZERS[opt]
+        return MultiSizeEmbeddingBagCollection(cfgs, sizes, is_weighted=weighted, optimizer=o() if o else None)
+
+    def batch(seed):
+        g = torch.Generator().manual_seed(seed)
+        rows = {}
+        for c in cfgs:
+            for f in c.feature_names or [c.name]:
+                rows[f] = min(rows.get(f, c.num_embeddings), c.num_embeddings)
+        keys = sorted(rows)
+        lens = [torch.randint(0, 4, (b * world,), generator=g) for _ in keys]
+        vals = torch.cat([torch.randint(0, rows[k], (int(ln.sum()),), generator=g) for k, ln in zip(keys, lens)])
+        w = torch.rand(vals.numel(), generator=g) + 0.5 if weighted else None
+        full = KeyedJaggedTensor.from_lengths_sync(keys, vals.to(idt), torch.cat(lens).to(ldt), weights=w)
+        mine = (
+            rank_slice(full, rank, b)
+            if b
+            else KeyedJaggedTensor.from_lengths_sync(
+                keys, vals[:0].to(idt), torch.zeros(0, dtype=ldt), weights=w[:0] if weighted else None
+            )
+        )
+        return full, mine
+
+    ref = collection(0)
+    dmp = _shard_random(collection(0), plans[0], world)
+    ebc = EmbeddingBagCollection(cfgs, is_weighted=weighted)
+    for step in range(2):
+        full, mine = batch(100 + step)
+        want = ref(full)
+        with torch.no_grad():
+            for c in cfgs:
+                ebc.embedding_bags[c.name].weight.copy_(ref.to_dense(c.name))
+        close(want.values(), ebc(full).values(), f"step {step}: unsharded vs EmbeddingBagCollection")
+        out = dmp(mine).wait()
+        assert out.keys() == want.keys()
+        close(out.values(), want.values()[rank * b : (rank + 1) * b], f"step {step} output")
+        G = torch.randn(want.values().shape, generator=torch.Generator().manual_seed(step))
+        (out.values() * G[rank * b : (rank + 1) * b]).sum().backward()
+        (want.values() * G / world).sum().backward()
+        if opt is None:
+            for _, mod in dmp.module._locals():
+                mod.weight.grad = None
+            ref.weight.grad = None
+    parts = all_gather(dmp.state_dict())
+    merged = sharding.merge_state_dicts(parts)
+    assert sorted(merged) == sorted(ref.state_dict())
+    for k, v in ref.state_dict().items():
+        close(merged[k], v, k)
+    full, mine = batch(99)
+    want = ref(full).values()[rank * b : (rank + 1) * b]
+    other = _shard_random(collection(5), plans[1], world)
+    other.load_state_dict(merged)
+    close(other(mine).wait().values(), want, "merged checkpoint in another plan")
+    same = _shard_random(collection(6), plans[0], world)
+    same.load_state_dict(parts[rank])
+    close(same(mine).wait().values(), want, "rank file in the same plan")
+
+
 SCENARIOS = {
     1: {
         "tw_sgd": ("A", "sgd", "tw"),
         "cw_adam_weighted": ("W", "adam", "cw"),
         "rw_rowwise_adagrad_mean": ("M", "rowwise_adagrad", "rw"),
         "bad_index_named": scenario_bad_index_named,
+        "meta_refused": scenario_meta_refused,
+        "plain_parent_load": scenario_plain_parent_load,
     },
     2: {
         "tw_grad": ("A", None, "tw"),
@@ -500,6 +845,12 @@ SCENARIOS = {
         "rwmix_rowwise_adagrad": ("A", "rowwise_adagrad", "rwmix"),
         "checkpoint": scenario_checkpoint,
         "refusals": scenario_refusals,
+        "partial_load": scenario_partial_load,
+        "other_plan_rank_file": scenario_other_plan_rank_file,
+        "ebc_checkpoint": scenario_ebc_checkpoint,
+        "lr_schedule": scenario_lr_schedule,
+        "random": scenario_random,
+        "train_pipeline": scenario_train_pipeline,
     },
     4: {
         "tw_rowwise_adagrad": ("A", "rowwise_adagrad", "tw"),
@@ -617,6 +968,10 @@ def test_planner_charges_true_multisize_bytes():
     # a column shard holds the entries of its columns only
     s = sizes["t0"]
     assert sharding.shard_bytes(m, "t0", 8, 32) == int((s - 8).clamp(0, 24).sum()) * 4 + (len(s) + 1) * 8
+    # a shard the table does not have: refused (it was a count of bytes, even a negative one)
+    for bad in ({"c0": 8, "c1": 4}, {"c1": 65}, {"r0": 10, "r1": 2}, {"r1": 20001}):
+        with pytest.raises(ValueError, match="has no shard"):
+            sharding.shard_bytes(m, "t0", **bad)
 
 
 def test_planner_keeps_row_wise_off_tables_too_small_for_it():
@@ -668,3 +1023,32 @@ def test_merge_finds_collections_nested_in_a_model():
     only = sharding.merge_state_dicts(ranks, prefix="other.")  # a given prefix joins that one only
     assert any(":" in k and k.startswith("sparse.ebc.") for k in only)
     assert all(torch.equal(only["other." + k], v) for k, v in want.items())
+
+
+def test_merge_refuses_rowwise_adagrad_column_state_whatever_the_sizes():
+    """Row-wise Adagrad's per-row state of column shards is refused even when every shard stores as
+    many entries as the table has rows (it was joined as if per entry, into a state of the wrong
+    length); Adam's per-entry state of the same shards is joined."""
+    cfgs = [EmbeddingBagConfig(num_embeddings=6, embedding_dim=4, name="a", feature_names=["x"])]
+    sizes = {"a": torch.tensor([4, 4, 4, 0, 0, 0])}  # columns [0, 2) and [2, 4): 6 entries each
+    pieces = {"a": [(0, 2), (2, 4)]}
+    m = MultiSizeEmbeddingBagCollection(cfgs, sizes, optimizer=pme.optim.RowwiseAdagrad(lr=0.1))
+    with pytest.raises(ValueError, match="row-wise Adagrad"):
+        sharding.merge_state_dicts([column_split(m, pieces).state_dict()])
+    m = MultiSizeEmbeddingBagCollection(cfgs, sizes, optimizer=pme.optim.Adam(lr=0.1))
+    with torch.no_grad():
+        m.optim_state1.uniform_()
+        m.optim_state2.uniform_()
+    o, split = m.table_offsets("a"), {"optim_step": m.state_dict()["optim_step"]}
+    for c0, c1 in pieces["a"]:
+        p = f"embedding_bags.a:{c0}-{c1}of4."
+        split[p + "weight"], ps = sharding.column_piece(m.weight.detach(), o, c0, c1)
+        split[p + "offsets"] = torch.cat([torch.zeros(1, dtype=torch.int64), ps.cumsum(0)])
+        for k in ("optim_state1", "optim_state2"):
+            split[p + k] = sharding.column_piece(getattr(m, k), o, c0, c1)[0]
+    merged = sharding.merge_state_dicts([split])
+    for k, v in m.state_dict().items():
+        assert torch.equal(merged[k], v), k
+    del split["embedding_bags.a:2-4of4.optim_state2"]
+    with pytest.raises(ValueError, match="optim_state2"):
+        sharding.merge_state_dicts([split])
