@@ -31,6 +31,11 @@ def parse_sizes(sizes, num_embeddings: int, embedding_dim: int) -> torch.Tensor:
     else:
         if isinstance(sizes, str):
             raise TypeError("sizes must be an int, a sequence of ints or a tensor, got a str")
+        if isinstance(sizes, torch.Tensor) and sizes.is_meta:
+            raise ValueError(
+                "sizes is a meta tensor (made under torch.device('meta')?): the row sizes are values the table "
+                "is laid out by; make them on the CPU (device='cpu', or outside the with block)"
+            )
         t = torch.as_tensor(sizes, device="cpu") if not isinstance(sizes, torch.Tensor) else sizes.detach().cpu()
         if t.is_floating_point() or t.dtype == torch.bool:
             raise TypeError(f"sizes must be integers, got dtype {t.dtype}")

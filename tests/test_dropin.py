@@ -498,6 +498,10 @@ def test_built_under_a_meta_device_context(kind):
         assert call(meta, "meta").shape == call(real, "cpu").shape
     if kind != "collection":  # (a collection's per-table state_dict slices by offsets: values meta lacks)
         assert {k: v.shape for k, v in meta.state_dict().items()} == {k: v.shape for k, v in real.state_dict().items()}
+    # sizes made inside the block are meta too: no values to lay the table out by, said clearly
+    with torch.device("meta"), pytest.raises(ValueError, match="sizes is a meta tensor"):
+        sizes = torch.tensor([1, 2, 3, 4, 0, 4])
+        build()
 
 
 @pytest.mark.parametrize("assign", [False, True])
