@@ -434,25 +434,17 @@ if ops.BUILD_INFO is not None:
 
     _CollectionLookup.vmap = ops._vmap_by_loop(_CollectionLookup)
 
-    class _CollectionBackward(torch.autograd.Function):
-        """``collection_backward`` inside torch.func transforms: batched (jacrev, per-sample
-        gradients) by one call per element instead of torch's generic fallback, which warns. The
-        collection's lookup is differentiable once: no formula for its backward's backward."""
+    def _once(ctx, *grads):
+        raise RuntimeError("pme: a collection's lookup is differentiable once (no second derivative)")
 
-        @staticmethod
-        def forward(*args):
-            with ops._below_autograd():
-                return torch.ops.pme.collection_backward.default(*args)
-
-        @staticmethod
-        def setup_context(ctx, inputs, output):
-            ctx.mark_non_differentiable(*output)
-
-        @staticmethod
-        def backward(ctx, *grads):
-            raise RuntimeError("pme: a collection's lookup is differentiable once (no second derivative)")
-
-    _CollectionBackward.vmap = ops._vmap_by_loop(_CollectionBackward)
+    # inside torch.func transforms: batched (jacrev, per-sample gradients) by one call per element
+    # instead of torch's generic fallback, which warns
+    _CollectionBackward = ops.backward_function(
+        "collection_backward",
+        lambda ctx, inputs, output: ctx.mark_non_differentiable(*output),
+        _once,
+        "pme::collection_backward (differentiable once: no formula for its backward's backward)",
+    )
 
 
 def _virtual(weight, batch: Batch):

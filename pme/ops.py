@@ -550,39 +550,27 @@ def _vmap_by_loop(function):
     return staticmethod(vmap)
 
 
-class _BagBackward(torch.autograd.Function):
-    """``pme::bag_backward`` (its 12 schema arguments) differentiable inside torch.func transforms,
-    with the operator's own double-backward formula."""
+def backward_function(name: str, setup_context, backward, doc: str):
+    """The backward operator ``pme::name`` as an autograd.Function for torch.func transforms (called
+    with the schema's arguments, positionally): ``setup_context`` and ``backward`` its derivative
+    (the registered formula's), ``vmap`` one call per batch element. Also used by pme.collection."""
 
-    @staticmethod
     def forward(*args):
         with _below_autograd():
-            return torch.ops.pme.bag_backward.default(*args)
+            return getattr(torch.ops.pme, name).default(*args)
 
-    setup_context = staticmethod(_bagbwd_setup)
-
-    @staticmethod
-    def backward(ctx, gg_w, gg_p):
-        return _bagbwd_backward(ctx, gg_w, gg_p)
-
-
-class _EmbeddingBackward(torch.autograd.Function):
-    """``pme::embedding_backward`` (its 7 schema arguments), as :class:`_BagBackward`."""
-
-    @staticmethod
-    def forward(*args):
-        with _below_autograd():
-            return torch.ops.pme.embedding_backward.default(*args)
-
-    setup_context = staticmethod(_embbwd_setup)
-
-    @staticmethod
-    def backward(ctx, gg_w):
-        return _embbwd_backward(ctx, gg_w)
+    body = {"forward": staticmethod(forward), "setup_context": staticmethod(setup_context), "__doc__": doc}
+    function = type(f"_{name}_function", (torch.autograd.Function,), {**body, "backward": staticmethod(backward)})
+    function.vmap = _vmap_by_loop(function)
+    return function
 
 
-_BagBackward.vmap = _vmap_by_loop(_BagBackward)
-_EmbeddingBackward.vmap = _vmap_by_loop(_EmbeddingBackward)
+_BagBackward = backward_function(
+    "bag_backward", _bagbwd_setup, _bagbwd_backward, "pme::bag_backward with its double-backward formula"
+)
+_EmbeddingBackward = backward_function(
+    "embedding_backward", _embbwd_setup, _embbwd_backward, "pme::embedding_backward with its double-backward formula"
+)
 
 
 def _linear_lookup(t, bags: _Bags, argmax):
