@@ -11,7 +11,18 @@ import os
 import torch
 
 import pme
-from pme.bench import cpu_model
+from pme.bench import _positive, cpu_model
+from pme.cli import _count, _device, _fraction, _non_negative, _seed
+
+# argparse types the scripts share: pme's own, so a bad value is refused as `pme` refuses it
+at_least, device_arg, fraction, non_negative, positive, seed_arg = (
+    _count,
+    _device,
+    _fraction,
+    _non_negative,
+    _positive,
+    _seed,
+)
 
 
 def parser(doc: str, *, out: str, dim: int = 64) -> argparse.ArgumentParser:
@@ -19,8 +30,8 @@ def parser(doc: str, *, out: str, dim: int = 64) -> argparse.ArgumentParser:
     takes: ``--dim`` (the table width), ``--seed`` (of the generated data), ``--note`` (free text
     stored in the JSON) and ``--out`` (where the results go)."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dim", type=int, default=dim, help=f"D, the table width (default {dim})")
-    p.add_argument("--seed", type=int, default=0, help="seed of the generated tables and batches (default 0)")
+    p.add_argument("--dim", type=at_least(1), default=dim, help=f"D, the table width (default {dim})")
+    p.add_argument("--seed", type=seed_arg, default=0, help="seed of the generated tables and batches (default 0)")
     p.add_argument("--note", default="", help="free text stored in the JSON (e.g. 'machine shared with 4 jobs')")
     p.add_argument("--out", default=out, help=f"where the results go (default {out})")
     return p

@@ -58,7 +58,7 @@ from torch.utils.benchmark import Timer
 import pme
 from pme.collection import EmbeddingBagConfig, MultiSizeEmbeddingBagCollection
 
-from _common import machine, parser, save_json  # benchmarks/, the script's folder
+from _common import at_least, machine, non_negative, parser, positive, save_json  # benchmarks/, the script's folder
 
 CRITEO_KAGGLE = [
     1460,
@@ -437,17 +437,17 @@ def plot(path, results):
 def main(argv=None):
     results_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     p = parser(__doc__, out=results_dir)
-    p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch thread counts (default 1 2)")
-    p.add_argument("--hots", type=int, nargs="+", default=[1, 20], help="lookups per feature and sample (1 20)")
-    p.add_argument("--batch", type=int, default=2048, help="samples per batch (2048)")
-    p.add_argument("--cap", type=int, default=2_000_000, help="rows per table at most (2M)")
-    p.add_argument("--scale", type=float, default=1.0, help="multiply the cardinalities (quick runs: 0.01)")
-    p.add_argument("--alpha", type=float, default=1.05, help="Zipf exponent of the indices (1.05)")
-    p.add_argument("--min-run-time", type=float, default=1.0, help="seconds per blocked_autorange (1.0)")
+    p.add_argument("--threads", type=at_least(1), nargs="+", default=[1, 2], help="torch thread counts (default 1 2)")
+    p.add_argument("--hots", type=at_least(1), nargs="+", default=[1, 20], help="lookups per feature and sample (1 20)")
+    p.add_argument("--batch", type=at_least(1), default=2048, help="samples per batch (2048)")
+    p.add_argument("--cap", type=at_least(1), default=2_000_000, help="rows per table at most (2M)")
+    p.add_argument("--scale", type=positive, default=1.0, help="multiply the cardinalities (quick runs: 0.01)")
+    p.add_argument("--alpha", type=non_negative, default=1.05, help="Zipf exponent of the indices (1.05)")
+    p.add_argument("--min-run-time", type=positive, default=1.0, help="seconds per blocked_autorange (1.0)")
     p.add_argument("--no-single", action="store_true", help="skip the single-table comparison")
     p.add_argument(
         "--vbe",
-        type=int,
+        type=at_least(0),
         default=0,
         metavar="SHARE",
         help="also time the forward on VBE batches (a variable batch per feature): every odd feature "
@@ -456,7 +456,7 @@ def main(argv=None):
     p.add_argument("--no-collection", action="store_true", help="skip the collection's own configurations")
     p.add_argument(
         "--rounds",
-        type=int,
+        type=at_least(1),
         default=1,
         help="interleaved rounds: each round times every method of a configuration once in turn, "
         "min-run-time / rounds seconds each; figures are medians over rounds (default 1: one after the other)",

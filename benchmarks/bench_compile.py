@@ -29,7 +29,7 @@ import torch
 import pme
 from pme import ops
 
-from _common import machine, parser, save_json  # benchmarks/, the script's folder
+from _common import at_least, device_arg, machine, parser, save_json  # benchmarks/, the script's folder
 
 SIZE_MIX = ((8, 0.55), (16, 0.25), (32, 0.15), (64, 0.05))  # of D = 64, as MACHINES.md's configuration
 
@@ -47,13 +47,13 @@ def ms_per_call(fn, calls, device):
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
     p = parser(__doc__, out=os.path.join(here, "results", "compile_<device>_<date>.json"))
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 4_000_000], help="table rows V (1M 4M)")
-    p.add_argument("--bags", type=int, default=2048, help="bags a batch (default 2048)")
-    p.add_argument("--pooling-factor", type=int, default=32, help="lookups a bag (default 32)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    p.add_argument("--rounds", type=int, default=9, help="interleaved rounds (default 9)")
-    p.add_argument("--calls", type=int, default=10, help="timed calls a case a round (default 10)")
+    p.add_argument("--device", type=device_arg, default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--rows", type=at_least(1), nargs="+", default=[1_000_000, 4_000_000], help="table rows V (1M 4M)")
+    p.add_argument("--bags", type=at_least(1), default=2048, help="bags a batch (default 2048)")
+    p.add_argument("--pooling-factor", type=at_least(1), default=32, help="lookups a bag (default 32)")
+    p.add_argument("--threads", type=at_least(1), default=1, help="torch threads (default 1)")
+    p.add_argument("--rounds", type=at_least(1), default=9, help="interleaved rounds (default 9)")
+    p.add_argument("--calls", type=at_least(1), default=10, help="timed calls a case a round (default 10)")
     a = p.parse_args()
     device = torch.device(a.device)
     if device.type == "cuda" and device.index is None:

@@ -35,6 +35,21 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def at_least(least: int):
+    """argparse type: an integer >= least (pme.cli's, without importing torch in the parent)."""
+
+    def parse(text: str) -> int:
+        try:
+            x = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if x < least:
+            raise argparse.ArgumentTypeError(f"{text} is below {least}")
+        return x
+
+    return parse
+
+
 def _huge_mib(t) -> int:
     """MiB of ``t``'s memory that the kernel backs with huge pages (AnonHugePages of its mappings)."""
     lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
@@ -141,10 +156,10 @@ def one_step(dist: str, threads: int, rounds: int, calls: int) -> dict:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dist", nargs="+", default=["zipf", "uniform"], choices=["zipf", "uniform"])
-    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--repeats", type=int, default=3, help="processes per (distribution, threads)")
-    p.add_argument("--rounds", type=int, default=9)
-    p.add_argument("--calls", type=int, default=20)
+    p.add_argument("--threads", type=at_least(1), nargs="+", default=[1, 2])
+    p.add_argument("--repeats", type=at_least(1), default=3, help="processes per (distribution, threads)")
+    p.add_argument("--rounds", type=at_least(1), default=9)
+    p.add_argument("--calls", type=at_least(1), default=20)
     p.add_argument("--step", action="store_true", help="time the fused Adam training step instead")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--one", nargs=2, metavar=("DIST", "THREADS"), help=argparse.SUPPRESS)

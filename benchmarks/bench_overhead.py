@@ -26,7 +26,7 @@ import torch
 
 import pme
 
-from _common import save_json  # benchmarks/, the script's folder
+from _common import at_least, device_arg, save_json  # benchmarks/, the script's folder
 
 
 def per_call_us(fn, calls, warmup, device):
@@ -75,15 +75,19 @@ def _no_grad(fn):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--rows", type=int, default=100_000, help="table rows V (default 100,000)")
-    p.add_argument("--dim", type=int, default=64, help="table width D (default 64)")
-    p.add_argument("--bags", type=int, nargs="+", default=[1, 16, 256], help="batch sizes (default 1 16 256)")
-    p.add_argument("--pooling-factor", type=int, default=32, help="lookups a bag L (default 32)")
-    p.add_argument("--calls", type=int, default=3000, help="timed calls a case (default 3000)")
-    p.add_argument("--warmup", type=int, default=200, help="untimed calls first (default 200)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads on CPU (default 1)")
-    p.add_argument("--rounds", type=int, default=20, help="interleaved rounds the calls are split into (default 20)")
+    p.add_argument(
+        "--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda"
+    )
+    p.add_argument("--rows", type=at_least(1), default=100_000, help="table rows V (default 100,000)")
+    p.add_argument("--dim", type=at_least(1), default=64, help="table width D (default 64)")
+    p.add_argument("--bags", type=at_least(1), nargs="+", default=[1, 16, 256], help="batch sizes (default 1 16 256)")
+    p.add_argument("--pooling-factor", type=at_least(1), default=32, help="lookups a bag L (default 32)")
+    p.add_argument("--calls", type=at_least(1), default=3000, help="timed calls a case (default 3000)")
+    p.add_argument("--warmup", type=at_least(0), default=200, help="untimed calls first (default 200)")
+    p.add_argument("--threads", type=at_least(1), default=1, help="torch threads on CPU (default 1)")
+    p.add_argument(
+        "--rounds", type=at_least(1), default=20, help="interleaved rounds the calls are split into (default 20)"
+    )
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/overhead_<device>_<date>.json)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)

@@ -52,7 +52,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_collection import CRITEO_KAGGLE, SIZE_MIX, draw_sizes, zipf_rows  # noqa: E402  (one table list)
 
-from _common import save_json  # noqa: E402
+from _common import at_least, non_negative, positive, save_json, seed_arg  # noqa: E402
 
 
 def cards_for(cap, scale=1.0):
@@ -288,16 +288,16 @@ def run_world(world, args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--worlds", type=int, nargs="+", default=[2, 4], help="numbers of processes (default 2 4)")
-    p.add_argument("--cap", type=int, default=100_000, help="rows per table at most (default 100000)")
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--batch", type=int, default=512, help="samples per rank per step (default 512)")
-    p.add_argument("--hots", type=int, default=1, help="lookups per feature per sample (default 1)")
-    p.add_argument("--alpha", type=float, default=1.05, help="Zipf exponent of the indices")
-    p.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--worlds", type=at_least(1), nargs="+", default=[2, 4], help="numbers of processes (default 2 4)")
+    p.add_argument("--cap", type=at_least(1), default=100_000, help="rows per table at most (default 100000)")
+    p.add_argument("--dim", type=at_least(1), default=64)
+    p.add_argument("--batch", type=at_least(1), default=512, help="samples per rank per step (default 512)")
+    p.add_argument("--hots", type=at_least(1), default=1, help="lookups per feature per sample (default 1)")
+    p.add_argument("--alpha", type=non_negative, default=1.05, help="Zipf exponent of the indices")
+    p.add_argument("--steps", type=at_least(1), default=20, help="timed steps (default 20)")
+    p.add_argument("--warmup", type=at_least(0), default=3)
+    p.add_argument("--lr", type=positive, default=0.01)
+    p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument(
         "--sharding",
         choices=["tw", "cw", "rw"],
@@ -308,11 +308,11 @@ def main(argv=None):
     p.add_argument("--methods", nargs="+", default=["pme", "torchrec"], choices=["pme", "torchrec"])
     p.add_argument(
         "--plan-mb",
-        type=float,
+        type=non_negative,
         default=64.0,
         help="memory per rank (MB) for the planner comparison; 0 skips it (default 64)",
     )
-    p.add_argument("--plan-world", type=int, default=2)
+    p.add_argument("--plan-world", type=at_least(1), default=2)
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/sharding_cpu_<date>.json)")
     args = p.parse_args(argv)
 

@@ -43,9 +43,9 @@ from torch.utils.benchmark import Timer
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import pme  # noqa: E402
-from pme.bench import cpu_model  # noqa: E402
+from pme.bench import _dim_arg, cpu_model  # noqa: E402
 
-from _common import save_json  # noqa: E402  (benchmarks/, the script's folder)
+from _common import at_least, device_arg, non_negative, positive, save_json, seed_arg  # noqa: E402  (benchmarks/)
 
 warnings.filterwarnings("ignore", message="Sparse invariant checks")
 
@@ -141,16 +141,18 @@ def run_config(V, D, B, L, dist, device, gen, min_run_time, alpha):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
-    p.add_argument("--bags", type=int, default=2048, help="bags per batch (default 2048)")
-    p.add_argument("--pooling", type=int, default=32, help="lookups per bag (default 32)")
-    p.add_argument("--rows", type=int, default=1_000_000, help="table rows (default 1M)")
-    p.add_argument("--dims", type=int, nargs="+", default=[128, 64], help="widths (default 128 64)")
+    p.add_argument("--device", type=device_arg, default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--threads", type=at_least(1), default=1, help="CPU threads (default 1)")
+    p.add_argument("--bags", type=at_least(1), default=2048, help="bags per batch (default 2048)")
+    p.add_argument("--pooling", type=at_least(1), default=32, help="lookups per bag (default 32)")
+    p.add_argument("--rows", type=at_least(1), default=1_000_000, help="table rows (default 1M)")
+    p.add_argument(
+        "--dims", type=_dim_arg, nargs="+", default=[128, 64], help="widths, multiples of 8 (default 128 64)"
+    )
     p.add_argument("--dists", nargs="+", default=["zipf", "uniform"], choices=["zipf", "uniform"])
-    p.add_argument("--zipf-alpha", type=float, default=1.05)
-    p.add_argument("--min-run-time", type=float, default=2.0, help="seconds per measurement (default 2)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--zipf-alpha", type=non_negative, default=1.05)
+    p.add_argument("--min-run-time", type=positive, default=2.0, help="seconds per measurement (default 2)")
+    p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument("--quick", action="store_true", help="100k rows, width 64, Zipf only, short runs")
     p.add_argument("--note", default="", help="free text stored in the JSON (e.g. 'shared machine')")
     p.add_argument("--out", help="JSON path (default benchmarks/results/sparse_<device>_<date>.json)")

@@ -24,7 +24,7 @@ from torch.utils import benchmark
 
 import pme
 
-from _common import machine, parser, save_json  # benchmarks/, the script's folder
+from _common import at_least, machine, parser, save_json  # benchmarks/, the script's folder
 
 
 def median_ms(f, repeats):
@@ -37,11 +37,11 @@ def median_ms(f, repeats):
 
 def main():
     ap = parser(__doc__, out="benchmarks/results/validation_cpu.json")
-    ap.add_argument("--rows", type=int, default=1_000_000, help="V, rows of the table (default 1M)")
-    ap.add_argument("--bags", type=int, default=2048, help="bags of the forward (default 2048)")
-    ap.add_argument("--lookups", type=int, default=32, help="lookups per bag (default 32)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    ap.add_argument("--repeats", type=int, default=40, help="timed calls per figure (default 40)")
+    ap.add_argument("--rows", type=at_least(1), default=1_000_000, help="V, rows of the table (default 1M)")
+    ap.add_argument("--bags", type=at_least(1), default=2048, help="bags of the forward (default 2048)")
+    ap.add_argument("--lookups", type=at_least(1), default=32, help="lookups per bag (default 32)")
+    ap.add_argument("--threads", type=at_least(1), default=1, help="torch threads (default 1)")
+    ap.add_argument("--repeats", type=at_least(1), default=40, help="timed calls per figure (default 40)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     g = torch.Generator().manual_seed(a.seed)

@@ -44,7 +44,7 @@ from bench_collection import SINGLE, single_table
 
 import pme  # noqa: F401  (registers torch.ops.pme, timed below)
 
-from _common import machine, parser, save_json  # benchmarks/, the script's folder
+from _common import at_least, machine, non_negative, parser, save_json  # benchmarks/, the script's folder
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LOOPS = [
@@ -76,9 +76,9 @@ def build_probe(workdir: str) -> ctypes.CDLL:
 def main(argv=None):
     p = parser(__doc__, out=os.path.join(HERE, "results"))
     p.add_argument("--dist", choices=["zipf", "uniform"], default="zipf", help="index distribution (zipf)")
-    p.add_argument("--alpha", type=float, default=1.05, help="Zipf exponent (1.05)")
-    p.add_argument("--rounds", type=int, default=9, help="interleaved rounds (9)")
-    p.add_argument("--calls", type=int, default=20, help="timed calls of a method per round (20)")
+    p.add_argument("--alpha", type=non_negative, default=1.05, help="Zipf exponent (1.05)")
+    p.add_argument("--rounds", type=at_least(1), default=9, help="interleaved rounds (9)")
+    p.add_argument("--calls", type=at_least(1), default=20, help="timed calls of a method per round (20)")
     args = p.parse_args(argv)
     if args.dim != 64:
         p.error("the probe's loops are written for --dim 64")

@@ -354,17 +354,28 @@ def main():
         help="built-in data sets (movielens, adult) and/or CSV/TSV files of your own (with --label ...; "
         "results are keyed by the file's name up to its first dot)",
     )
-    p.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
+    p.add_argument("--seeds", type=cli._seed, nargs="+", default=list(range(10)))
     p.add_argument("--model", default="deepfm", choices=["fm", "deepfm"])
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--dim", type=cli._count(2), default=64, help="embedding width D (default 64)")
+    p.add_argument("--epochs", type=cli._count(1), default=4, help="training epochs of every model (default 4)")
     p.add_argument(
-        "--batch-size", type=int, default=2048, help="examples a step (default 2048; smaller for a small data set)"
+        "--batch-size",
+        type=cli._count(1),
+        default=2048,
+        help="examples a step (default 2048; smaller for a small data set)",
     )
-    p.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.2, 0.1, 0.05])
+    p.add_argument(
+        "--budgets",
+        type=cli._fraction,
+        nargs="+",
+        default=[0.5, 0.2, 0.1, 0.05],
+        help="fractions of the dense entries to keep, each in (0, 1] (default 0.5 0.2 0.1 0.05)",
+    )
     p.add_argument(
         "--methods",
         nargs="+",
+        choices=sorted(set(DEFAULT_VARIANTS) | set(BASELINES) | {"pme_grouped", "pme_rewound"}),
+        metavar="METHOD",
         default=["pme", "pme_rewound", "pme_cheap", "pme_grouped", "uniform", "popularity", "random"],
     )
     p.add_argument(
@@ -373,7 +384,7 @@ def main():
         default=["movielens"],
         help="data sets where pme_grouped is left out (to save time; default: movielens)",
     )
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
+    p.add_argument("--threads", type=cli._count(1), default=1, help="torch threads (default 1: the machine is shared)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "quality"))
     p.add_argument(
         "--report-only", action="store_true", help="rebuild report.md/results.json from results_partial_<data>.json"
@@ -397,6 +408,21 @@ def main():
         SOURCES[key], TITLES[key] = d, os.path.basename(d)
         keys.append(key)
     args.data = keys
+    bad = [x for x in args.rename if "=" not in x]
+    if bad:  # checked here too, not only after the training runs
+        p.error(f"--rename takes OLD=NEW (OLD= drops a method), got {bad}")
+    why = cli._check_out_folder(args.out)
+    if why:
+        p.error(why)
+    if args.report_only:
+        for name in args.data:
+            part = os.path.join(args.out, f"results_partial_{name}.json")
+            if not os.path.isfile(part):
+                p.error(f"--report-only: no {part} (an earlier run of this data set writes it)")
+    for name in args.data if args.reuse else []:
+        part = os.path.join(args.reuse, f"results_partial_{name}.json")
+        if not os.path.isfile(part):
+            p.error(f"--reuse {args.reuse}: no {part}")
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()

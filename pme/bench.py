@@ -872,7 +872,20 @@ def _dim_arg(text: str) -> int:
     return d
 
 
+def _positive(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < x < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number > 0")
+    return x
+
+
 def parse_args(argv=None):
+    from .cli import _count, _device, _non_negative, _seed
+
     configs = "\n".join(
         f"  {k:17s} {v['rows']:>12,} x {v['dim']:<4d} {v['dtype']:5s} {v['bags']:>6d} bags x "
         f"{v['pooling']:<3d} {v['dist']}"
@@ -889,22 +902,26 @@ def parse_args(argv=None):
     p.add_argument("--configs", help="comma-separated configs or groups (default: gpu on CUDA, cpu on CPU)")
     p.add_argument("--quick", action="store_true", help="small CPU-sized run: config 'quick', few repeats")
     p.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--rows", type=int, help="override V of every selected config")
+    p.add_argument("--device", type=_device, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--rows", type=_count(1), help="override V, the table's rows, of every selected config")
     p.add_argument("--dim", type=_dim_arg, help="override D (a positive multiple of 8)")
-    p.add_argument("--bags", type=int, help="override B, bags per batch")
-    p.add_argument("--pooling-factor", type=int, help="override L, lookups per bag")
+    p.add_argument("--bags", type=_count(1), help="override B, bags per batch")
+    p.add_argument("--pooling-factor", type=_count(1), help="override L, lookups per bag")
     p.add_argument("--dist", choices=["zipf", "uniform"], help="override the index distribution")
     p.add_argument("--dtype", choices=list(DTYPES), help="override the weight dtype")
-    p.add_argument("--zipf-alpha", type=float, default=1.05, help="Zipf exponent (default 1.05)")
-    p.add_argument("--warmup", type=int, help="untimed calls first (default 5; on CPU at most max-seconds / 2 of them)")
-    p.add_argument("--repeats", type=int, help="timed calls, median reported (default 50 on CUDA, 30 on CPU)")
+    p.add_argument(
+        "--zipf-alpha", type=_non_negative, default=1.05, help="Zipf exponent, >= 0 (0: uniform; default 1.05)"
+    )
+    p.add_argument(
+        "--warmup", type=_count(0), help="untimed calls first (default 5; on CPU at most max-seconds / 2 of them)"
+    )
+    p.add_argument("--repeats", type=_count(1), help="timed calls, median reported (default 50 on CUDA, 30 on CPU)")
     p.add_argument(
         "--max-seconds",
-        type=float,
+        type=_positive,
         help="stop repeating a phase after this many seconds (at least 3 repeats; default 5 on CUDA, 2 on CPU)",
     )
-    p.add_argument("--copy-mb", type=int, help="copy-bandwidth buffer in MiB (default 1024 on CUDA, 512 on CPU)")
+    p.add_argument("--copy-mb", type=_count(1), help="copy-bandwidth buffer in MiB (default 1024 on CUDA, 512 on CPU)")
     p.add_argument("--flush-l2", action="store_true", help="CUDA: overwrite 2x L2 before each timed call")
     p.add_argument(
         "--cuda-graph",
@@ -912,20 +929,24 @@ def parse_args(argv=None):
         help="CUDA: time the forward phase as CUDA-graph replays (kernel time without Python/launch "
         "overhead; gather_index_add stays eager); the output file name gets a _graph suffix",
     )
-    p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
-    p.add_argument("--mem-limit-gb", type=float, help="treat at most this much memory as free (tests the guard)")
+    p.add_argument("--threads", type=_count(1), help="torch.set_num_threads (CPU; default: torch's)")
+    p.add_argument(
+        "--mem-limit-gb", type=_positive, help="treat at most this many GiB of memory as free (tests the guard)"
+    )
     p.add_argument(
         "--dry-run",
         action="store_true",
         help="build the inputs, print which methods would run or be skipped, time nothing",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the sizes, indices and gradient (default 0)")
     p.add_argument(
         "--out", help="JSON path (default benchmarks/results/lookup_<device>_<date>.json; the PNG goes beside it)"
     )
     p.add_argument("--no-save", action="store_true", help="print only, write no JSON or PNG")
     p.add_argument("--replot", metavar="JSON", help="only redraw the PNG of an earlier result file, run nothing")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.error = p.error
+    return args
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -938,11 +959,27 @@ def pick_device(name: str | None) -> torch.device:
     return device
 
 
+def _cannot_save(path):
+    """Why the result file ``path`` (its folder made when missing) cannot be written, or None."""
+    from .cli import _folder_problem
+
+    if os.path.isdir(path):
+        return f"--out {path} is a folder; give a file name"
+    why = _folder_problem(os.path.dirname(os.path.abspath(path)))
+    return f"cannot save the results to {path}: {why}" if why else None
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.replot:
-        with open(args.replot) as f:
-            doc = json.load(f)
+        try:
+            with open(args.replot) as f:
+                doc = json.load(f)
+            doc["configs"], doc["device"]["name"], doc["device"]["torch"], doc["copy_bandwidth"]["bytes_per_s"]
+        except OSError as e:
+            args.error(f"--replot {args.replot}: {e.strerror or e}")
+        except (ValueError, KeyError, TypeError) as e:
+            args.error(f"--replot {args.replot} is not a result file of pme bench ({type(e).__name__}: {e})")
         png = plot(
             os.path.splitext(args.replot)[0] + ".png",
             doc["configs"],
@@ -952,7 +989,7 @@ def main(argv=None):
         print(f"wrote {png}")
         return doc["configs"]
     warnings.filterwarnings("ignore", message="Sparse invariant checks")  # torch's sparse optimizers, each step
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     if device.type == "cuda":
@@ -983,7 +1020,17 @@ def main(argv=None):
     warmup = args.warmup if args.warmup is not None else 5
     max_seconds = args.max_seconds if args.max_seconds is not None else (5.0 if cuda else 2.0)
     repeats = args.repeats if args.repeats is not None else (5 if args.quick else (50 if cuda else 30))
-    mem_limit = int(args.mem_limit_gb * 2**30) if args.mem_limit_gb else None
+    mem_limit = int(args.mem_limit_gb * 2**30) if args.mem_limit_gb is not None else None
+
+    folder = os.path.join("benchmarks", "results") if os.path.isdir("benchmarks") else "."
+    path = args.out or os.path.join(
+        folder,
+        f"lookup_{device_slug(device)}_{time.strftime('%Y-%m-%d')}{'_graph' if args.cuda_graph and cuda else ''}.json",
+    )
+    if not (args.dry_run or args.no_save):  # before any timing: the JSON is written after the first config
+        why = _cannot_save(path)
+        if why:
+            args.error(why)
 
     info = device_info(device)
     print(f"device: {info['name']}  [{device}]")
@@ -1009,11 +1056,6 @@ def main(argv=None):
     timer = Timer(device, warmup, repeats, max_seconds, args.flush_l2, args.cuda_graph)
 
     outs = []
-    folder = os.path.join("benchmarks", "results") if os.path.isdir("benchmarks") else "."
-    path = args.out or os.path.join(
-        folder,
-        f"lookup_{device_slug(device)}_{time.strftime('%Y-%m-%d')}{'_graph' if args.cuda_graph and cuda else ''}.json",
-    )
 
     def save(complete):
         """Writes the JSON (atomically); called after every configuration, so a cut-short run keeps its results."""

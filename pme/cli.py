@@ -52,7 +52,7 @@ def add_data_arguments(q, data: bool = True):
         help="the file's categorical columns, when only some are wanted (default: all but the label, dense, ignored)",
     )
     g.add_argument(
-        "--min-count", type=int, default=None, help="tokens seen fewer times map to the unknown id 0 (default 1)"
+        "--min-count", type=_count(1), default=None, help="tokens seen fewer times map to the unknown id 0 (default 1)"
     )
     g.add_argument("--delimiter", default=None, help="the file's separator (default: tab for .tsv, else comma)")
 
@@ -107,12 +107,17 @@ def _demo(args):
             "warmup_share": args.warmup_share,
         },
     }
+    why = _check_out_folder(args.out)
+    if why:
+        return _fail("demo", why)
+    budgets = args.budgets or ([0.2] if args.fast else [0.1, 0.2, 0.5])
+    epochs = args.epochs or (1 if args.fast else 4)
     cfg = ExperimentConfig(
         model=args.model,
         dim=args.dim,
-        budgets=tuple(args.budgets),
+        budgets=tuple(budgets),
         seeds=tuple(args.seeds),
-        epochs=args.epochs,
+        epochs=epochs,
         batch_size=args.batch_size,
         device=device,
         search_batches=args.search_batches,
@@ -120,7 +125,7 @@ def _demo(args):
     )
     cfg.methods = ("pme", "pme_cheap", "uniform", "popularity", "random")  # grouped: see benchmarks/quality.py
     if args.fast:
-        cfg.budgets, cfg.epochs, cfg.methods = (0.2,), 1, ("pme", "uniform")
+        cfg.methods = ("pme", "uniform")
     t0 = time.perf_counter()
     try:
         ds, title = load_data(args)
@@ -149,6 +154,12 @@ def _search(args):
 
     if args.warmup_steps is not None and args.mode != "warmup":
         return _fail("search", "--warmup-steps is for --mode warmup (the default mode trains for --epochs)")
+    if args.budget * args.dim < 1:  # every row keeps at least one entry
+        return _fail(
+            "search",
+            f"--budget {args.budget} of --dim {args.dim} is {args.budget * args.dim:g} entries a row on average, "
+            "below the one entry every row keeps: raise --budget or --dim",
+        )
     why = _check_out_file(args.out)
     if why:
         return _fail("search", why)
@@ -177,7 +188,10 @@ def _search(args):
         variant["warmup_epochs"] = 1  # one epoch unless --warmup-steps
         if args.warmup_steps is not None:
             variant["warmup_steps"] = args.warmup_steps
-    r, _ = run_search(cfg, variant, full, train, val, args.seed)
+    try:
+        r, _ = run_search(cfg, variant, full, train, val, args.seed)
+    except ValueError as e:  # the budget cannot be met (e.g. below one entry a row)
+        return _fail("search", e)
     print(r)
     for name, s in r.sizes.items():
         print(
@@ -185,20 +199,21 @@ def _search(args):
             f"max {int(s.max()):3d}"
         )
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(
-                {
-                    "budget": args.budget,
-                    "data": str(args.data),
-                    "mode": args.mode,
-                    "rule": r.rule,
-                    "kept": r.kept_entries,
-                    "dense": r.dense_entries,
-                    "seconds": r.seconds,
-                    "sizes": {n: s.tolist() for n, s in r.sizes.items()},
-                },
-                f,
-            )
+        doc = {
+            "budget": args.budget,
+            "data": str(args.data),
+            "mode": args.mode,
+            "rule": r.rule,
+            "kept": r.kept_entries,
+            "dense": r.dense_entries,
+            "seconds": r.seconds,
+            "sizes": {n: s.tolist() for n, s in r.sizes.items()},
+        }
+        try:
+            with open(args.out, "w") as f:
+                json.dump(doc, f)
+        except OSError as e:
+            return _fail("search", f"cannot write --out {args.out}: {e.strerror or e}")
         print(f"wrote {args.out}")
     return 0
 
@@ -220,7 +235,8 @@ def _fraction(text: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not 0 < x <= 1:
-        raise argparse.ArgumentTypeError(f"{text} is not in (0, 1]")
+        hint = f" (a fraction: {x / 100:g} for {x:g}%)" if 1 < x <= 100 else ""
+        raise argparse.ArgumentTypeError(f"{text} is not in (0, 1]{hint}")
     return x
 
 
@@ -251,20 +267,96 @@ def _non_negative(text: str) -> float:
     return x
 
 
-def _check_out_file(path):
-    """Why ``path`` cannot be written (checked before a long run), or None."""
+def _seed(text: str) -> int:
+    """argparse type: a seed, an integer in [0, 2**63) (what torch's generators take)."""
+    try:
+        x = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= x < 2**63:
+        raise argparse.ArgumentTypeError(f"{text} is not a seed in [0, 2**63)")
+    return x
+
+
+def _device(text: str) -> str:
+    """argparse type: ``cpu``, ``cuda`` or ``cuda:N``, refused when this machine lacks it."""
+    import torch
+
+    try:
+        d = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: give cpu, cuda or cuda:N") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "a CPU-only torch" if torch.version.cuda is None else "no CUDA device visible"
+            raise argparse.ArgumentTypeError(f"{text}: CUDA is not available here ({why}, torch {torch.__version__})")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif d.type != "cpu":
+        raise argparse.ArgumentTypeError(f"{text!r}: pme runs on cpu or cuda")
+    return text
+
+
+def _cannot_write_in(folder):
+    """Why no file can be created in the existing folder ``folder`` (tried, not read off its
+    permission bits, which root ignores), or None."""
+    import os
+    import tempfile
+
+    try:
+        fd, name = tempfile.mkstemp(dir=folder, prefix=".pme-write-check-")
+    except OSError as e:
+        return e.strerror or str(e)
+    os.close(fd)
+    os.unlink(name)
+    return None
+
+
+def _check_out_file(path, option="--out"):
+    """Why the file ``path`` cannot be written (checked before a long run), or None."""
     import os
 
     if path is None:
         return None
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        return f"--out {path}: the folder {folder} does not exist"
     if os.path.isdir(path):
-        return f"--out {path} is a folder; give a file name"
-    if not os.access(folder, os.W_OK):
-        return f"--out {path}: the folder {folder} is not writable"
-    return None
+        return f"{option} {path} is a folder; give a file name"
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.exists(folder):
+        return f"{option} {path}: the folder {folder} does not exist"
+    if not os.path.isdir(folder):
+        return f"{option} {path}: {folder} is a file, not a folder"
+    if os.path.exists(path):
+        try:
+            open(path, "a").close()  # appends nothing: the file is left as it is
+        except OSError as e:
+            return f"{option} {path} cannot be written: {e.strerror or e}"
+        return None
+    why = _cannot_write_in(folder)
+    return f"{option} {path}: cannot write in {folder} ({why})" if why else None
+
+
+def _folder_problem(folder):
+    """Why files cannot be written in ``folder`` once it is made (the missing folders of its path
+    are made in the nearest one that exists), or None; creates nothing."""
+    import os
+
+    parent = os.path.abspath(folder)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent} is a file, not a folder"
+    why = _cannot_write_in(parent)
+    return f"cannot write in {parent} ({why})" if why else None
+
+
+def _check_out_folder(path, option="--out"):
+    """Why the folder ``path`` (made when missing) cannot take the output files, or None; creates nothing."""
+    import os
+
+    if os.path.exists(path) and not os.path.isdir(path):
+        return f"{option} {path} is a file; give a folder (it is made when missing)"
+    why = _folder_problem(path)
+    return f"{option} {path}: {why}" if why else None
 
 
 def _add_shrink(q):
@@ -286,6 +378,18 @@ def _add_batch_size(q):
     )
 
 
+def _installed_version() -> str:
+    """pme's version as pme.info() gives it (the installed distribution's, local flavour included)."""
+    from importlib import metadata
+
+    from ._version import __version__
+
+    try:
+        return metadata.version("pme")
+    except metadata.PackageNotFoundError:  # a source tree on sys.path
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pme",
@@ -294,7 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
             "search (pruning-based multi-size embedding, our reconstruction)."
         ),
     )
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p.add_argument("--version", action="version", version=f"pme {_installed_version()}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{info,demo,search,bench}")
 
     q = sub.add_parser("info", help="version, flavour, CUDA/archs of the binary, torch, live backend")
     q.add_argument("--json", action="store_true", help="print JSON")
@@ -311,18 +416,27 @@ def build_parser() -> argparse.ArgumentParser:
             "--label COL runs it on your own data."
         ),
     )
-    q.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
-    q.add_argument("--model", choices=["fm", "deepfm"], default="deepfm")
+    q.add_argument(
+        "--out",
+        default="out/demo",
+        help="output folder, made when missing (default: out/demo): report.md, results.json and PNG plots",
+    )
+    q.add_argument(
+        "--model", choices=["fm", "deepfm"], default="deepfm", help="the model whose tables are sized (default deepfm)"
+    )
     q.add_argument("--dim", type=_count(2), default=64, help="embedding width D (default 64)")
     q.add_argument(
         "--budgets",
         type=_fraction,
         nargs="+",
-        default=[0.1, 0.2, 0.5],
-        help="fractions of the dense embedding parameters to keep (default 0.1 0.2 0.5)",
+        default=None,
+        help="fractions of the dense embedding parameters to keep, each in (0, 1] (default 0.1 0.2 0.5; "
+        "with --fast 0.2)",
     )
-    q.add_argument("--seeds", type=int, nargs="+", default=[0])
-    q.add_argument("--epochs", type=_count(1), default=4)
+    q.add_argument("--seeds", type=_seed, nargs="+", default=[0], help="one run of every method per seed (default 0)")
+    q.add_argument(
+        "--epochs", type=_count(1), default=None, help="training epochs of every model (default 4; with --fast 1)"
+    )
     _add_batch_size(q)
     q.add_argument(
         "--rule",
@@ -349,8 +463,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--search-batches", type=_count(1), default=4, help="scoring mini-batches of taylor/snip/grad (default 4)"
     )
-    q.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    q.add_argument("--fast", action="store_true", help="one budget, one epoch, two methods (a smoke test)")
+    q.add_argument("--device", type=_device, default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    q.add_argument(
+        "--fast",
+        action="store_true",
+        help="a smoke test: methods pme and uniform only, one budget (0.2) and one epoch unless --budgets / --epochs",
+    )
     add_data_arguments(q)
     q.set_defaults(func=_demo)
 
@@ -365,9 +483,14 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     q.add_argument(
-        "--budget", type=_fraction, default=0.2, help="fraction of dense entries to keep, in (0, 1] (default 0.2)"
+        "--budget",
+        type=_fraction,
+        default=0.2,
+        help="fraction of the dense entries (rows x width) to keep, in (0, 1]: 0.2 keeps 20%% (default 0.2)",
     )
-    q.add_argument("--model", choices=["fm", "deepfm"], default="deepfm")
+    q.add_argument(
+        "--model", choices=["fm", "deepfm"], default="deepfm", help="the model whose tables are sized (default deepfm)"
+    )
     q.add_argument("--dim", type=_count(2), default=64, help="embedding width D (default 64)")
     q.add_argument(
         "--mode",
@@ -378,7 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--epochs", type=_count(1), default=4, help="training epochs of the full-size model (default 4)")
     _add_batch_size(q)
     q.add_argument("--rule", choices=list(RULES), default="magnitude", help="entry score (default magnitude)")
-    q.add_argument("--normalize", choices=["none", "field"], default="none")
+    q.add_argument(
+        "--normalize", choices=["none", "field"], default="none", help="per-field score normalisation (default none)"
+    )
     q.add_argument("--batches", type=_count(1), default=8, help="scoring batches of taylor/snip/grad (default 8)")
     q.add_argument(
         "--warmup-steps",
@@ -388,9 +513,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_shrink(q)
     q.add_argument("--per-table", action="store_true", help="apply the budget to each table")
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    q.add_argument("--out", default=None, help="JSON file for the sizes")
+    q.add_argument("--seed", type=_seed, default=0, help="seed of the data split and the training (default 0)")
+    q.add_argument("--device", type=_device, default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    q.add_argument(
+        "--out",
+        default=None,
+        help='JSON file for the sizes: {"sizes": {table: [one size per row]}, "budget", "kept", "dense" '
+        '(entries), "data", "mode", "rule", "seconds"}',
+    )
     add_data_arguments(q)
     q.set_defaults(func=_search)
 
