@@ -13,7 +13,9 @@ its pages are huge from the start; a buffer the caller passed in (shared with th
 later by the kernel. Only CPU buffers of at least 4 MiB, only the 2 MiB-aligned part of each.
 PyTorch does the same for every CPU allocation of the process with ``THP_MEM_ALLOC_ENABLE=1``.
 ``PME_HUGE_PAGES=0`` (or ``false`` / ``off`` / ``no``) turns pme's advice off (read when a table
-is allocated).
+is allocated; ``1`` / ``true`` / ``on`` / ``yes`` keep it on, any other value warns and keeps it
+on). Where the kernel's THP mode is ``never`` pme neither advises nor copies. Tensor subclasses
+(FakeTensor under tracing) are left alone.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import warnings
 
 import torch
 
@@ -45,12 +48,32 @@ def _load_madvise():
 
 _MADVISE = _load_madvise()
 _OFF = ("0", "false", "off", "no")  # PME_HUGE_PAGES values that turn the advice off
+_ON = ("", "1", "true", "on", "yes")  # ... and those that keep it on (the default)
+_warned: set[str] = set()
+
+
+def _env_on() -> bool:
+    """``PME_HUGE_PAGES`` read: off for ``0`` / ``false`` / ``off`` / ``no`` (any case), on when unset
+    or ``1`` / ``true`` / ``on`` / ``yes``; any other value warns once, naming it, and keeps the
+    default (on)."""
+    raw = os.environ.get("PME_HUGE_PAGES")
+    value = "" if raw is None else raw.strip().lower()
+    if value in _OFF:
+        return False
+    if value not in _ON and raw not in _warned:
+        _warned.add(raw)
+        warnings.warn(
+            f"PME_HUGE_PAGES={raw!r} is not understood: pme keeps advising its tables for huge pages "
+            f"(the default); set it to one of {', '.join(_OFF)} to turn that off, or to 1 to keep it",
+            stacklevel=3,
+        )
+    return True
 
 
 def huge_pages_enabled() -> bool:
     """Whether pme advises its tables for huge pages: Linux, and ``PME_HUGE_PAGES`` not ``0`` (or
-    ``false`` / ``off`` / ``no``)."""
-    return _MADVISE is not None and os.environ.get("PME_HUGE_PAGES", "1").strip().lower() not in _OFF
+    ``false`` / ``off`` / ``no``; a value it does not know warns and counts as on)."""
+    return _MADVISE is not None and _env_on()
 
 
 def advised() -> bool:
@@ -81,7 +104,14 @@ def describe() -> str:
 
 
 def _big_cpu(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and t.is_contiguous() and t.numel() * t.element_size() >= MIN_BYTES
+    """A plain CPU tensor (not a subclass: a FakeTensor under tracing or FakeTensorMode has no memory
+    of its own, and reading its data_ptr is an error) that is contiguous and at least 4 MiB."""
+    return (
+        type(t) in (torch.Tensor, torch.nn.Parameter)
+        and t.device.type == "cpu"
+        and t.is_contiguous()
+        and t.numel() * t.element_size() >= MIN_BYTES
+    )
 
 
 def advise_huge_pages(t: torch.Tensor, fresh: bool = False) -> bool:
@@ -91,10 +121,11 @@ def advise_huge_pages(t: torch.Tensor, fresh: bool = False) -> bool:
     its pages in that part are also given back (``MADV_DONTNEED``), so that memory the allocator
     reused, already backed by small pages, is backed by huge pages from the next write. Nothing
     happens (False) off Linux, with ``PME_HUGE_PAGES=0``, for tensors not on the CPU, not
-    contiguous or under 4 MiB, or when the kernel refuses (THP compiled out). Without ``fresh``
-    the values are untouched either way.
+    contiguous or under 4 MiB, when the kernel's THP mode is ``never`` (the advice would not give
+    a huge page, and ``fresh`` would throw pages away for nothing), or when the kernel refuses (THP
+    compiled out). Without ``fresh`` the values are untouched either way.
     """
-    if not huge_pages_enabled() or not _big_cpu(t):
+    if not _big_cpu(t) or not advised():
         return False
     start = t.data_ptr()
     lo = -(-start // _HUGE) * _HUGE
@@ -118,7 +149,8 @@ def fresh_table(t: torch.Tensor, copy: bool = False) -> torch.Tensor:
     """``t`` in memory advised for huge pages before it was written: a copy where huge pages apply
     (see :func:`advise_huge_pages`), else ``t`` itself, or a plain copy with ``copy=True`` (for a
     caller that needs its own buffer either way). Only for buffers pme owns: the copy ends any
-    sharing."""
-    if not huge_pages_enabled() or not _big_cpu(t):
+    sharing. No copy where huge pages do not apply (THP mode ``never`` included): a copy of a big
+    table for nothing would double its memory while both live."""
+    if not _big_cpu(t) or not advised():
         return t.clone(memory_format=torch.contiguous_format) if copy else t
     return empty(t.shape, t.dtype, t.device).copy_(t)

@@ -390,3 +390,279 @@ def test_aoti_package_of_a_collection_model(tmp_path):
 
 def _torch_at_least(major, minor) -> bool:
     return tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (major, minor)
+
+
+def _random_lookup_case(seed):
+    """A random table (kind, layout, mode, padding row, include_last_offset, dtype, index dtype) and
+    three random batches for it (2-D or 1-D + offsets, per-sample weights where the mode takes them)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def draw(n):
+        return int(torch.randint(0, n, (), generator=gen))
+
+    V, D = 3 + draw(30), (1, 3, 8, 16)[draw(4)]
+    kind = ("bag", "bag", "embedding")[draw(3)]
+    dtype = (torch.float32, torch.float64)[draw(2)]
+    kw = {"dtype": dtype}
+    sizes = torch.randint(0, D + 1, (V,), generator=gen)
+    if kind == "bag":
+        kw["mode"] = ("sum", "mean", "max")[draw(3)]
+        kw["include_last_offset"] = draw(3) == 0
+        if draw(3) == 0:
+            classes = torch.tensor(sorted({min(D, 1 << draw(5)) for _ in range(3)}))
+            sizes = classes[torch.randint(0, len(classes), (V,), generator=gen)]
+            kw.update(layout="grouped", project=kw["mode"] != "max" and draw(2) == 0)
+    if draw(3) == 0:
+        kw["padding_idx"] = draw(2 * V) - V
+    cls = pme.MultiSizeEmbeddingBag if kind == "bag" else pme.MultiSizeEmbedding
+    m = cls(V, D, sizes=sizes, **kw)
+    weighted = kind == "bag" and kw["mode"] == "sum" and draw(2) == 0
+    two_d = kind == "embedding" or (draw(3) == 0 and not kw.get("include_last_offset"))
+    index_dtype = (torch.int32, torch.int64)[draw(2)]
+    batches = []
+    for _ in range(3):
+        B = 1 + draw(7)
+        if two_d:
+            idx = torch.randint(0, V, (B, draw(4) + (kind == "embedding")), generator=gen)
+            args = (idx.to(index_dtype),)
+        else:
+            lens = torch.randint(0, 4, (B,), generator=gen)
+            idx = torch.randint(0, V, (int(lens.sum()),), generator=gen)
+            off = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)])
+            off = off if kw.get("include_last_offset") else off[:-1]
+            args = (idx.to(index_dtype), off.to(index_dtype))
+        psw = torch.rand(idx.shape, generator=gen, dtype=dtype).requires_grad_(True) if weighted else None
+        batches.append((args, {"per_sample_weights": psw} if weighted else {}))
+    return m, batches, dict(V=V, D=D, kind=kind, two_d=two_d, index_dtype=index_dtype, **kw)
+
+
+@pytest.mark.parametrize("dynamic", [True, None])
+def test_compiled_lookups_follow_eager_on_random_draws(dynamic):
+    """Random tables and batches (the corner cases of _random_lookup_case, batch sizes 1 to 7 that
+    change between calls) through torch.compile(fullgraph=True) with AOTAutograd (the operators'
+    fake kernels and registered autograd, no C++ compiler needed): outputs and the gradients of
+    the weight, the projection and the per-sample weights equal the eager call's."""
+    for seed in range(12):
+        m, batches, case = _random_lookup_case(seed + (0 if dynamic else 100))
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda *a, **k: m(*a, **k), backend="aot_eager", fullgraph=True, dynamic=dynamic)
+        for args, kw in batches:
+            out, ref = compiled(*args, **kw), m(*args, **kw)
+            torch.testing.assert_close(out, ref, msg=lambda s: f"{case}: {s}")
+            wanted = [m.weight] + [t for t in (m.projection, kw.get("per_sample_weights")) if t is not None]
+            go = torch.randn(ref.shape, dtype=ref.dtype, generator=torch.Generator().manual_seed(seed))
+            got = torch.autograd.grad(out, wanted, go)
+            for g, w in zip(got, torch.autograd.grad(ref, wanted, go)):
+                torch.testing.assert_close(g, w, msg=lambda s: f"{case}: {s}")
+
+
+def test_compiled_training_with_sparse_gradients_and_frequency_scaling():
+    """scale_grad_by_freq traces with fullgraph=True (its gradient as eager's, divided by each
+    row's count in the batch); sparse=True breaks the graph and keeps its coalesced COO gradient;
+    a compiled model trained with pme.optim.SparseAdam follows the eager model under torch's."""
+    V, D = 20, 8
+    gen = torch.Generator().manual_seed(21)
+    sizes = random_sizes(V, D, gen)
+    idx, off = torch.tensor([1, 1, 1, 2, 3, 3, 5, 1, 19]), torch.tensor([0, 2, 2, 6])
+    for kw, fullgraph in ((dict(scale_grad_by_freq=True), True), (dict(sparse=True, scale_grad_by_freq=True), False)):
+        torch._dynamo.reset()
+        m = pme.MultiSizeEmbeddingBag(V, D, sizes=sizes, mode="mean", dtype=torch.float64, **kw)
+        compiled = torch.compile(m, backend="aot_eager", fullgraph=fullgraph)
+        go = torch.randn(4, D, dtype=torch.float64, generator=gen)
+        (g_c,) = torch.autograd.grad(compiled(idx, off), m.weight, go)
+        (g_e,) = torch.autograd.grad(m(idx, off), m.weight, go)
+        assert g_c.is_sparse == g_e.is_sparse == bool(kw.get("sparse"))
+        torch.testing.assert_close(g_c.to_dense(), g_e.to_dense())
+    torch._dynamo.reset()
+    ours = pme.MultiSizeEmbeddingBag(V, D, sizes=sizes, mode="sum", sparse=True, dtype=torch.float64)
+    ref = pme.MultiSizeEmbeddingBag(V, D, sizes=sizes, mode="sum", sparse=True, dtype=torch.float64)
+    ref.load_state_dict(ours.state_dict())
+    compiled = torch.compile(ours, backend="aot_eager")
+    o_ours, o_ref = pme.optim.SparseAdam(ours.parameters(), lr=0.05), torch.optim.SparseAdam(ref.parameters(), lr=0.05)
+    for _ in range(3):
+        i = torch.randint(0, V, (12,), generator=gen)
+        o = torch.tensor([0, 3, 3, 8])
+        for fn, opt in ((compiled, o_ours), (ref, o_ref)):
+            opt.zero_grad()
+            fn(i, o).pow(2).sum().backward()
+            opt.step()
+    torch.testing.assert_close(ours.weight, ref.weight, rtol=1e-12, atol=1e-12)
+
+
+def test_exported_bags_with_a_last_offset_and_weights_check_their_input():
+    """include_last_offset (offsets [B + 1]: its Dim starts at 3, as torch specialises a batch of 1)
+    with per-sample weights that share the indices' Dim: equal to eager at other shapes; a last
+    offset short of the input and weights of another length are refused when the program runs."""
+    gen = torch.Generator().manual_seed(31)
+    m = pme.MultiSizeEmbeddingBag(40, 8, sizes=random_sizes(40, 8, gen), mode="sum", include_last_offset=True)
+    m = m.double().eval()
+
+    class Weighted(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = m
+
+        def forward(self, i, o, w):
+            return self.m(i, o, per_sample_weights=w)
+
+    def batch(B, seed):
+        i, o = bags(40, B, seed)
+        return i, torch.cat([o, o.new_full((1,), i.numel())]), torch.rand(i.shape, dtype=torch.float64)
+
+    n = torch.export.Dim("n", max=1 << 30)
+    ep = _round_trip(
+        torch.export.export(
+            Weighted(), batch(6, 0), dynamic_shapes=({0: n}, {0: torch.export.Dim("b1", min=3)}, {0: n})
+        )
+    )
+    for B, seed in ((6, 0), (11, 1), (2, 2)):
+        a = batch(B, seed)
+        torch.testing.assert_close(ep.module()(*a), m(a[0], a[1], per_sample_weights=a[2]))
+    i, o, w = batch(5, 3)
+    short = o.clone()
+    short[-1] -= 1
+    with pytest.raises((ValueError, RuntimeError), match="include_last_offset=True: offsets\\[-1\\]"):
+        ep.module()(i, short, w)
+    with pytest.raises((AssertionError, RuntimeError, ValueError)):
+        ep.module()(i, o, w[:-1])
+    torch.testing.assert_close(ep.module()(i, o, w), m(i, o, per_sample_weights=w))
+
+
+@pytest.mark.parametrize("kind", ["bag", "embedding"])
+def test_exported_program_with_a_corrupted_table_raises(kind):
+    """A program's table is data in the saved file and the graph skips the whole-table scan: a
+    corrupted offset table (a row past the buffer, a negative size) must raise when a lookup
+    reaches it, never read out of bounds, and the program serves again once the table is right."""
+    m = make_module(kind, "sum", 41)
+    m.eval()
+    idx, off = bags(60, 6, 41)
+    args = (torch.arange(60), torch.tensor([0, 30])) if kind == "bag" else (torch.arange(60),)
+    ep = _round_trip(torch.export.export(m, args))
+    table = ep.state_dict["offsets"]
+    good = table.clone()
+    for value, msg in ((1 << 40, "overruns the"), (-(1 << 40), "is negative")):
+        table[7] = value
+        with pytest.raises(RuntimeError, match=f"spans offsets.*{msg}"):
+            ep.module()(*args)
+        table.copy_(good)
+    torch.testing.assert_close(ep.module()(*args), m(*args))
+
+
+def test_exported_sparse_and_frequency_scaled_tables_serve_their_lookup():
+    """sparse=True and scale_grad_by_freq change only the gradient: exported for serving (eval,
+    dynamic batch), the program's output equals the eager lookup's."""
+    gen = torch.Generator().manual_seed(51)
+    for kw in (dict(sparse=True), dict(scale_grad_by_freq=True)):
+        m = pme.MultiSizeEmbeddingBag(60, 16, sizes=random_sizes(60, 16, gen), mode="mean", **kw).eval()
+        dims = ({0: torch.export.Dim("n")}, {0: torch.export.Dim("b", min=2)})
+        ep = _round_trip(torch.export.export(m, bags(60, 5, 0), dynamic_shapes=dims))
+        with torch.no_grad():
+            for B, seed in ((5, 0), (9, 1)):
+                i, o = bags(60, B, seed)
+                torch.testing.assert_close(ep.module()(i, o), m(i, o))
+
+
+def test_compiled_modules_do_not_recompile_per_batch_size():
+    """Eight batch sizes through torch.compile (default dynamic=None): one static graph, then one
+    dynamic one; no pme path specialises on a batch size (past torch's recompile limit a model
+    would fall back to eager)."""
+    gen = torch.Generator().manual_seed(61)
+    V, D = 30, 8
+    sizes = random_sizes(V, D, gen)
+    batches = (4, 5, 6, 7, 9, 12, 17, 33)
+
+    def graphs(fn, inputs):
+        torch._dynamo.reset()
+        count = [0]
+
+        def backend(gm, example_inputs):
+            count[0] += 1
+            return gm.forward
+
+        compiled = torch.compile(fn, backend=backend)
+        for a in inputs:
+            compiled(*a)
+        return count[0]
+
+    def flat(B, last=False):
+        idx = torch.randint(0, V, (3 * B + 1,), generator=gen)
+        off = torch.arange(0, 3 * B, 3)
+        return idx, torch.cat([off, off.new_full((1,), 3 * B + 1)]) if last else off
+
+    bag = pme.MultiSizeEmbeddingBag(V, D, sizes=sizes, mode="mean")
+    last = pme.MultiSizeEmbeddingBag(V, D, sizes=sizes, mode="sum", include_last_offset=True)
+    emb = pme.MultiSizeEmbedding(V, D, sizes=sizes, padding_idx=0)
+    c, _, _ = make_collection(0)
+    cases = {
+        "bag": (bag, [flat(B) for B in batches]),
+        "bag 2-D": (bag, [(torch.randint(0, V, (B, 3), generator=gen),) for B in batches]),
+        "include_last_offset": (last, [flat(B, last=True) for B in batches]),
+        "weighted": (
+            lambda i, o: last(i, o, per_sample_weights=torch.ones(i.shape)),
+            [flat(B, last=True) for B in batches],
+        ),
+        "embedding": (emb, [(torch.randint(0, V, (B, 2), generator=gen),) for B in batches]),
+        "collection": (c, [(make_input(c, B, B),) for B in batches]),
+    }
+    for name, (fn, inputs) in cases.items():
+        assert graphs(fn, inputs) <= 2, name
+
+
+@needs_cxx
+def test_aoti_package_of_single_tables(tmp_path):
+    """AOTInductor with single tables: a bag table with include_last_offset, an nn.Embedding-style
+    table with a padding row and a grouped table with a projection and per-sample weights, one
+    dynamic batch; equal to eager, and every kind of bad input refused with pme's message while
+    the runner stays usable."""
+    gen = torch.Generator().manual_seed(71)
+    V, D = 50, 8
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = pme.MultiSizeEmbeddingBag(
+                V, D, sizes=random_sizes(V, D, gen), mode="mean", include_last_offset=True
+            )
+            self.b = pme.MultiSizeEmbedding(V, D, sizes=random_sizes(V, D, gen), padding_idx=1)
+            classes = torch.tensor([2, 4, 8])[torch.randint(0, 3, (V,), generator=gen)]
+            self.c = pme.MultiSizeEmbeddingBag(V, D, sizes=classes, mode="sum", layout="grouped", project=True)
+
+        def forward(self, i, o, x, w):
+            return self.a(i, o) + self.b(x).sum(1) + self.c(i, o[:-1], per_sample_weights=w)
+
+    model = Model().eval()
+
+    def batch(B, seed):
+        g = torch.Generator().manual_seed(seed)
+        i = torch.randint(0, V, (3 * B,), generator=g)
+        return (
+            i,
+            torch.arange(0, 3 * B + 1, 3),
+            torch.randint(0, V, (B, 4), generator=g),
+            torch.rand(3 * B, generator=g),
+        )
+
+    n, b = torch.export.Dim("n", max=1 << 30), torch.export.Dim("b", min=2, max=1 << 20)
+    dims = ({0: n}, {0: b + 1}, {0: b, 1: torch.export.Dim("k", min=2, max=64)}, {0: n})
+    ep = torch.export.export(model, batch(4, 0), dynamic_shapes=dims)
+    runner = torch._inductor.aoti_load_package(
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "tables.pt2"))
+    )
+    with torch.no_grad():
+        for B, seed in ((4, 0), (9, 1), (2, 2)):
+            a = batch(B, seed)
+            torch.testing.assert_close(runner(*a), model(*a))
+        i, o, x, w = batch(5, 3)
+        bad_inputs = (
+            (i.clone().fill_(V), o, x, w, "index out of range: indices\\[0\\] = 50"),
+            (i, o, x.clone().fill_(-1), w, "index out of range: indices\\[0\\] = -1"),
+            (i, o.clone().sub_(1).clamp_(min=0), x, w, "include_last_offset=True: offsets\\[-1\\]"),
+        )
+        for *bad, msg in bad_inputs:
+            if _torch_at_least(2, 13):
+                with pytest.raises(RuntimeError, match=msg):
+                    runner(*bad)
+            else:  # torch 2.11's runtime prints the operator's error and fails the call with a generic one
+                with pytest.raises((RuntimeError, AttributeError)):
+                    runner(*bad)
+        torch.testing.assert_close(runner(i, o, x, w), model(i, o, x, w))

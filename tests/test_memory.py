@@ -1,6 +1,7 @@
 """pme.memory: pme's big CPU tables are advised for 2 MiB pages, values and sharing unchanged."""
 
 import sys
+import warnings
 
 import pytest
 import torch
@@ -36,7 +37,7 @@ def test_fresh_table_copies_big_cpu_tensors_and_leaves_the_rest(monkeypatch):
     big = torch.randn(3 << 20)  # 12 MiB
     out = memory.fresh_table(big)
     assert torch.equal(out, big) and out.dtype == big.dtype and out.is_contiguous()
-    if memory.huge_pages_enabled():
+    if memory.advised():  # pme's advice on, and a THP mode that takes it
         assert out.data_ptr() != big.data_ptr()  # a fresh buffer, advised before the copy
     small = torch.randn(1000)
     assert memory.fresh_table(small) is small and not memory.advise_huge_pages(small)
@@ -54,7 +55,21 @@ def test_fresh_table_copies_big_cpu_tensors_and_leaves_the_rest(monkeypatch):
 
 
 @linux
-@pytest.mark.parametrize("build", ["from_dense", "constructor", "collection", "checkpoint"])
+@pytest.mark.parametrize(
+    "build",
+    [
+        "from_dense",
+        "constructor",
+        "collection",
+        "checkpoint",
+        "float64",
+        "embedding",
+        "from_pretrained",
+        "dense_weight",
+        "from_embedding_bag",
+        "dense_checkpoint",
+    ],
+)
 def test_tables_are_advised_for_huge_pages(build, monkeypatch):
     """The flat buffer and the offset table of a big table are advised (THPeligible in the kernel's
     own account of the mapping) unless PME_HUGE_PAGES=0; the lookups are the same either way."""
@@ -70,6 +85,22 @@ def test_tables_are_advised_for_huge_pages(build, monkeypatch):
             return pme.MultiSizeEmbeddingBag.from_dense(torch.randn(V, D), torch.full((V,), 6))
         if build == "constructor":
             return pme.MultiSizeEmbeddingBag(V, D, sizes=torch.full((V,), 6))
+        if build == "float64":  # a dtype of its own: the buffer is pme's, not a torch cast of it
+            return pme.MultiSizeEmbeddingBag(V, D, sizes=torch.full((V,), 6), dtype=torch.float64)
+        if build == "embedding":
+            return pme.MultiSizeEmbedding(V, D, sizes=torch.full((V,), 6))
+        if build == "from_pretrained":
+            return pme.MultiSizeEmbeddingBag.from_pretrained(torch.randn(V, D), sizes=torch.full((V,), 6))
+        if build == "dense_weight":  # nn's _weight [V, D], cast on the way in
+            return pme.MultiSizeEmbeddingBag(
+                V, D, sizes=torch.full((V,), 6), _weight=torch.randn(V, D), dtype=torch.float64
+            )
+        if build == "from_embedding_bag":
+            return pme.MultiSizeEmbeddingBag.from_embedding_bag(torch.nn.EmbeddingBag(V, D), torch.full((V,), 6))
+        if build == "dense_checkpoint":  # an nn.EmbeddingBag checkpoint loaded into the table
+            t = pme.MultiSizeEmbeddingBag(V, D, sizes=torch.full((V,), 6))
+            t.load_state_dict(torch.nn.EmbeddingBag(V, D).state_dict())
+            return t
         if build == "checkpoint":  # a checkpoint of other sizes: new offsets and a new flat buffer
             t = pme.MultiSizeEmbeddingBag(V, D, sizes=torch.full((V,), 2))
             t.load_state_dict(pme.MultiSizeEmbeddingBag(V, D, sizes=torch.full((V,), 6)).state_dict())
@@ -85,6 +116,9 @@ def test_tables_are_advised_for_huge_pages(build, monkeypatch):
         monkeypatch.setenv("PME_HUGE_PAGES", "0")
         off = make()
         off.weight.data.copy_(on.weight.detach())
+        if build == "embedding":
+            assert torch.equal(on(idx), off(idx))
+            return
         # (not checked: that off's memory is not advised; the allocator may hand it memory that an
         # advised table had before)
         with torch.no_grad():
@@ -120,3 +154,54 @@ def test_info_says_whether_tables_go_on_huge_pages(monkeypatch):
     monkeypatch.setenv("PME_HUGE_PAGES", "0")
     if sys.platform.startswith("linux"):
         assert pme.info()["huge_pages"].startswith("no (PME_HUGE_PAGES=0")
+
+
+def test_unknown_env_values_warn_and_keep_the_default(monkeypatch):
+    """PME_HUGE_PAGES takes 0 / false / off / no (off) and 1 / true / on / yes (on), any case; a
+    value it does not know (once silently on) warns, naming it and the spellings of off."""
+    monkeypatch.setattr(memory, "_warned", set(), raising=False)
+    for value in ("1", "TRUE", " on ", "yes", ""):
+        monkeypatch.setenv("PME_HUGE_PAGES", value)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert memory.huge_pages_enabled() == (memory._MADVISE is not None)
+    if memory._MADVISE is None:
+        pytest.skip("not Linux: the variable is not read")
+    monkeypatch.setenv("PME_HUGE_PAGES", "disabled")
+    with pytest.warns(UserWarning, match=r"PME_HUGE_PAGES='disabled' is not understood.*0, false, off, no"):
+        assert memory.huge_pages_enabled()
+    with warnings.catch_warnings():  # once per value
+        warnings.simplefilter("error")
+        assert memory.huge_pages_enabled()
+    monkeypatch.setenv("PME_HUGE_PAGES", "No")
+    assert not memory.huge_pages_enabled()
+
+
+def test_no_copy_for_nothing_when_thp_mode_is_never(monkeypatch):
+    """With the kernel's THP mode ``never`` huge pages do not apply: a big table is not copied
+    (the copy, once made, doubled its memory for nothing while both lived) nor advised."""
+    monkeypatch.setattr(memory, "thp_mode", lambda: "never")
+    big = torch.randn(3 << 20)  # 12 MiB
+    assert memory.fresh_table(big) is big
+    assert not memory.advise_huge_pages(big) and not memory.advise_huge_pages(big, fresh=True)
+    own = memory.fresh_table(big, copy=True)
+    assert torch.equal(own, big) and own.data_ptr() != big.data_ptr()
+    out = memory.empty((3 << 20,), torch.float32)
+    assert out.shape == (3 << 20,) and not memory.advised()
+    if memory._MADVISE is not None and memory.huge_pages_enabled():
+        assert pme.info()["huge_pages"] == "no (THP mode never)"
+
+
+def test_fake_tensors_are_left_alone():
+    """Under FakeTensorMode (tracing, memory estimates) a big "CPU" tensor has no memory: pme must
+    not read its data_ptr (torch warns that this is undefined behaviour, and madvise was then called
+    on the addresses from 0) nor copy it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with FakeTensorMode():
+            big = torch.empty(3 << 20)
+            assert not memory.advise_huge_pages(big) and not memory.advise_huge_pages(big, fresh=True)
+            assert memory.fresh_table(big) is big
+            assert memory.empty((3 << 20,), torch.float32).shape == (3 << 20,)

@@ -149,3 +149,140 @@ def test_sparse_adam_takes_torch_step_for_several_sparse_dims():
         o_a.step()
         o_b.step()
     assert b.grad.sparse_dim() == 2 and torch.equal(b, a)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sparse_adam_follows_torch_on_groups_accumulation_and_schedules(seed):
+    """Random draws, float64, against torch.optim.SparseAdam: two groups (a pme table and an
+    nn.Embedding with its own lr and maximize), gradients accumulated over two backward passes
+    (uncoalesced, duplicate entries), zero_grad(set_to_none=False) (empty gradients), steps where
+    one table has no gradient, a closure, a tensor lr and an lr schedule."""
+    gen = torch.Generator().manual_seed(100 + seed)
+    V, D = 20, 6
+    tensor_lr = seed % 2 == 1
+    pairs = []
+    for cls in (torch.optim.SparseAdam, pme.optim.SparseAdam):
+        torch.manual_seed(seed)
+        bag = pme.MultiSizeEmbeddingBag(
+            V,
+            D,
+            sizes=torch.randint(0, D + 1, (V,), generator=torch.Generator().manual_seed(seed)),
+            mode="sum",
+            sparse=True,
+            dtype=torch.float64,
+        )
+        emb = torch.nn.Embedding(V, D, sparse=True, dtype=torch.float64)
+        lr = torch.tensor(0.03) if tensor_lr else 0.03
+        opt = cls([{"params": bag.parameters()}, {"params": emb.parameters(), "lr": 0.2, "maximize": True}], lr=lr)
+        sched = torch.optim.lr_scheduler.StepLR(opt, 2, 0.5)
+        pairs.append((bag, emb, opt, sched))
+    for step in range(6):
+        draws = [torch.randint(0, V, (int(torch.randint(1, 12, (), generator=gen)),), generator=gen) for _ in range(2)]
+        use_emb = step % 3 != 2
+        for bag, emb, opt, sched in pairs:
+            opt.zero_grad(set_to_none=step % 2 == 0)
+
+            def closure():
+                loss = 0
+                for idx in draws:  # accumulated: the gradient is not coalesced
+                    part = bag(idx, torch.tensor([0, len(idx) // 2])).pow(2).sum()
+                    if use_emb:
+                        part = part + emb(idx).sin().sum()
+                    part.backward()
+                    loss = loss + part.detach()
+                return loss
+
+            opt.step(closure)
+            sched.step()
+    (b_ref, e_ref, o_ref, _), (b_ours, e_ours, o_ours, _) = pairs
+    for ref, ours in ((b_ref.weight, b_ours.weight), (e_ref.weight, e_ours.weight)):
+        torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(o_ours.state[ours][key], o_ref.state[ref][key], rtol=1e-12, atol=1e-12)
+        assert o_ours.state[ours]["step"] == o_ref.state[ref]["step"] > 0
+
+
+def test_sparse_adam_tensor_lr_takes_torch_step_size():
+    """A tensor lr (float32 0-dim, as torch.tensor(0.01) is): torch computes the step size in the
+    tensor's dtype; so does pme's step (once 1.5e-9 off torch's float64 trajectory), and its
+    indexed path stays bitwise torch's."""
+    for dtype, tol in ((torch.float64, 0.0), (torch.bfloat16, 0.0)):
+        gen = torch.Generator().manual_seed(11)
+        V, D = 30, 8
+        ref, ours = _tables("pme", V, D, dtype, "cpu", gen)
+        o_ref = torch.optim.SparseAdam(ref.parameters(), lr=torch.tensor(0.01))
+        o_ours = pme.optim.SparseAdam(ours.parameters(), lr=torch.tensor(0.01))
+        _train([(ref, o_ref), (ours, o_ours)], V, D, 4, gen, "cpu", dtype)
+        torch.testing.assert_close(ours.weight, ref.weight, rtol=tol, atol=tol)
+
+
+def test_sparse_adam_refuses_a_state_of_another_shape_before_any_step():
+    """An optimizer checkpoint of a table of other sizes: torch's step refuses it (sparse_mask);
+    pme's named the operator, or (bfloat16, the indexed path) read and wrote the wrong-sized
+    moments silently. Now a clear error naming the parameter, before any parameter moves."""
+    gen = torch.Generator().manual_seed(4)
+    first = pme.MultiSizeEmbeddingBag(10, 4, sizes=torch.full((10,), 4), mode="sum", sparse=True, dtype=torch.float64)
+    second = pme.MultiSizeEmbeddingBag(10, 4, sizes=torch.full((10,), 2), mode="sum", sparse=True, dtype=torch.bfloat16)
+    other = pme.MultiSizeEmbeddingBag(10, 4, sizes=torch.full((10,), 3), mode="sum", sparse=True, dtype=torch.bfloat16)
+    opt = pme.optim.SparseAdam([*first.parameters(), *second.parameters()], lr=0.1)
+    o_other = pme.optim.SparseAdam([*first.parameters(), *other.parameters()], lr=0.1)
+    _train([(first, o_other), (other, o_other)], 10, 4, 1, gen, "cpu", torch.float64)
+    opt.load_state_dict(copy.deepcopy(o_other.state_dict()))  # second's state has other's 30 entries
+    before = first.weight.detach().clone(), second.weight.detach().clone()
+    idx, off = torch.tensor([0, 3, 3, 9]), torch.tensor([0, 2])
+    opt.zero_grad()
+    (first(idx, off).sum() + second(idx, off).float().sum()).backward()
+    with pytest.raises(
+        RuntimeError, match=r"state of parameter 1 of group 0, shape \(20,\) has exp_avg of shape \(30,\)"
+    ):
+        opt.step()
+    assert torch.equal(first.weight, before[0]) and torch.equal(second.weight, before[1])
+    assert opt.state[first.weight]["step"] == 1  # not counted either
+    opt.state[second.weight] = {}  # a fresh state for the second; the first's moved off its device
+    opt.state[first.weight]["exp_avg"] = torch.zeros(first.weight.shape, device="meta")
+    with pytest.raises(
+        RuntimeError, match=r"parameter 0 of group 0, shape \(40,\) has exp_avg on meta, the parameter is on cpu"
+    ):
+        opt.step()
+    assert torch.equal(first.weight, before[0]) and torch.equal(second.weight, before[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA variant: no GPU")
+def test_sparse_adam_serves_cuda_nn_tables_under_a_cpu_only_build(monkeypatch):
+    """A CPU-only build of pme has no CUDA kernels; pme.optim.SparseAdam on a CUDA nn.Embedding
+    once raised "this build of pme has no CUDA kernels" where torch.optim.SparseAdam works. It
+    takes the indexed step (torch's operations) instead, bitwise torch's."""
+    from pme import ops
+
+    if ops.BUILD_INFO is None:
+        pytest.skip("the pure-Python backend")
+    monkeypatch.setattr(ops, "BUILD_INFO", {**ops.BUILD_INFO, "cuda": "none"})
+    gen = torch.Generator().manual_seed(8)
+    ref, ours = _tables("nn", 30, 8, torch.float32, "cuda", gen)
+    o_ref = torch.optim.SparseAdam(ref.parameters(), lr=0.05)
+    o_ours = pme.optim.SparseAdam(ours.parameters(), lr=0.05)
+    _train([(ref, o_ref), (ours, o_ours)], 30, 8, 3, gen, "cuda", torch.float32)
+    assert torch.equal(ours.weight, ref.weight)
+
+
+@pytest.mark.parametrize("kind", ["pme", "nn"])
+@pytest.mark.parametrize("cast", [torch.float64, torch.bfloat16], ids=str)
+def test_sparse_adam_after_the_model_is_cast(kind, cast):
+    """A model cast after the optimizer's first step (``.double()``, ``.bfloat16()``: the same
+    Parameter, its state still float32): torch's step goes on, casting as it adds; pme's raised
+    ("exp_avg must be contiguous float64 like param") or, on the indexed path, failed in
+    index_copy_. It now takes torch's step for that parameter, as torch.optim.SparseAdam does."""
+    gen = torch.Generator().manual_seed(17)
+    V, D = 20, 6
+    ref, ours = _tables(kind, V, D, torch.float32, "cpu", gen)
+    o_ref = torch.optim.SparseAdam(ref.parameters(), lr=0.05)
+    o_ours = pme.optim.SparseAdam(ours.parameters(), lr=0.05)
+    _train([(ref, o_ref), (ours, o_ours)], V, D, 2, gen, "cpu", torch.float32)
+    ref.to(cast), ours.to(cast)
+    assert o_ours.state[ours.weight]["exp_avg"].dtype == torch.float32
+    _train([(ref, o_ref), (ours, o_ours)], V, D, 2, gen, "cpu", cast)
+    assert ours.weight.dtype == cast
+    # (the float32 steps before the cast may differ by an ulp: the kernel's sqrt is correctly rounded)
+    torch.testing.assert_close(ours.weight, ref.weight, rtol=1e-6, atol=1e-6)
+    for key in ("exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(o_ours.state[ours.weight][key], o_ref.state[ref.weight][key], rtol=1e-6, atol=1e-6)
