@@ -371,10 +371,10 @@ if ops.BUILD_INFO is not None:
         batch = Batch(*args)
         ctx.batch_size = batch.batch_size
         ctx.psw_grad = batch.per_sample_weights is not None and ctx.needs_input_grad[6]
-        ctx.save_for_backward(weight, offsets, *batch[:5])
+        ops._save_tensors(ctx, (weight, offsets, *batch[:5]))  # (a collection built in inference mode too)
 
     def _backward(ctx, grad_out):
-        weight, offsets, *tensors = ctx.saved_tensors
+        weight, offsets, *tensors = ops._saved_tensors(ctx)
         batch = Batch(*tensors, ctx.batch_size)
         # the forward's table, saved unchanged: checked
         args = (grad_out.contiguous(), weight, offsets, *batch, ctx.psw_grad, True)

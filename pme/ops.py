@@ -383,18 +383,35 @@ class _Bags(NamedTuple):
         return _table_call(fn, weight, self.offsets, self.col_of_size, self.width, trusted)
 
 
+def _save_tensors(ctx, tensors):
+    """``ctx.save_for_backward(*tensors)``, except for a table built under ``torch.inference_mode()``:
+    inference tensors have no version counter, so autograd refuses to save them, while
+    nn.EmbeddingBag built so still computes gradients outside inference mode (it saves only the
+    batch). Those are kept on ``ctx`` as they are (a table changed in place before the backward is
+    then not noticed, as for any inference tensor). Read back with :func:`_saved_tensors`."""
+    if any(t is not None and t.is_inference() for t in tensors):
+        ctx.unversioned = tuple(tensors)
+    else:
+        ctx.save_for_backward(*tensors)
+
+
+def _saved_tensors(ctx):
+    unversioned = getattr(ctx, "unversioned", None)
+    return unversioned if unversioned is not None else ctx.saved_tensors
+
+
 def _save(ctx, bags: _Bags, *tensors):
     """Saves a lookup and more tensors (weight, argmax, ...; None allowed) for backward; returns
     the tensors saved (for ``save_for_forward``)."""
     saved = (*bags[:5], *tensors)
-    ctx.save_for_backward(*saved)
+    _save_tensors(ctx, saved)
     ctx.bag_args = bags[5:]
     return saved
 
 
 def _saved(ctx):
     """What :func:`_save` saved: ``(the lookup, (the further tensors))``."""
-    t = ctx.saved_tensors
+    t = _saved_tensors(ctx)
     return _Bags(*t[:5], *ctx.bag_args), t[5:]
 
 
@@ -416,13 +433,13 @@ def _emb_setup(ctx, inputs, output):
     weight, offsets, indices, col_of_size, out_width, padding_idx = inputs[:6]
     ctx.width, ctx.padding_idx = out_width, padding_idx
     saved = (weight, offsets, indices, col_of_size)
-    ctx.save_for_backward(*saved)
+    _save_tensors(ctx, saved)
     return saved
 
 
 def _emb_backward(ctx, grad_out):
     """Backward of ``pme::embedding_forward``: gradients of its 7 arguments."""
-    weight, offsets, indices, col_of_size = ctx.saved_tensors
+    weight, offsets, indices, col_of_size = _saved_tensors(ctx)
     args = (grad_out.contiguous(), weight, offsets, indices, col_of_size, ctx.padding_idx, True)
     gw = _EmbeddingBackward.apply(*args) if _functorch_active() else torch.ops.pme.embedding_backward(*args)
     return gw, None, None, None, None, None, None

@@ -123,6 +123,46 @@ def test_a_module_built_in_inference_mode_trusts_its_table_and_pme_ops_does_not(
             m(idx, bo)
 
 
+@pytest.mark.parametrize("kind", ["bag", "bag_weighted", "embedding", "sparse", "collection"])
+def test_tables_built_in_inference_mode_give_gradients_outside_it(kind):
+    """As nn.EmbeddingBag built under torch.inference_mode(): called outside it with grad enabled,
+    the lookup computes gradients (its table's tensors, which autograd cannot save, are kept
+    unversioned), equal to those of the same table built normally."""
+    gen = torch.Generator().manual_seed(3)
+    sizes = torch.randint(0, 9, (12,), generator=gen)
+    values = torch.randn(int(sizes.sum()), generator=gen)
+
+    def build():
+        if kind == "collection":
+            tables = [collection.EmbeddingBagConfig(12, 8, "a", ["fa"])]
+            c = collection.MultiSizeEmbeddingBagCollection(tables, {"a": sizes})
+        elif kind == "embedding":
+            c = pme.MultiSizeEmbedding(12, 8, sizes=sizes)
+        else:
+            c = pme.MultiSizeEmbeddingBag(12, 8, sizes=sizes, mode="sum", sparse=kind == "sparse")
+        with torch.no_grad():
+            c.weight.copy_(values)
+        return c
+
+    with torch.inference_mode():
+        inf = build()
+    plain = build()
+    assert inf.weight.is_inference() and not plain.weight.is_inference()
+    idx, bo = torch.tensor([0, 2, 2, 11, 5]), torch.tensor([0, 2, 2])
+    grads = []
+    for m in (inf, plain):
+        psw = torch.linspace(0.5, 1.5, 5, requires_grad=True) if kind == "bag_weighted" else None
+        if kind == "collection":
+            out = m({"fa": (idx, torch.tensor([0, 2, 2, 5]))}).values()
+        elif kind == "embedding":
+            out = m(idx)
+        else:
+            out = m(idx, bo, per_sample_weights=psw)
+        (out * torch.arange(out.numel()).reshape(out.shape)).sum().backward()
+        grads.append((m.weight.grad.to_dense(), psw.grad if psw is not None else None))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_module_training_reuses_the_check_and_sees_a_loaded_table(device):
     """A module's steps pass table_checked after the first call; load_state_dict replaces the
