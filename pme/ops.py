@@ -388,8 +388,9 @@ def _save_tensors(ctx, tensors):
     inference tensors have no version counter, so autograd refuses to save them, while
     nn.EmbeddingBag built so still computes gradients outside inference mode (it saves only the
     batch). Those are kept on ``ctx`` as they are (a table changed in place before the backward is
-    then not noticed, as for any inference tensor). Read back with :func:`_saved_tensors`."""
-    if any(t is not None and t.is_inference() for t in tensors):
+    then not noticed, as for any inference tensor). Read back with :func:`_saved_tensors`. (Not
+    asked while tracing: dynamo cannot trace ``is_inference()``.)"""
+    if not torch.compiler.is_compiling() and any(t is not None and t.is_inference() for t in tensors):
         ctx.unversioned = tuple(tensors)
     else:
         ctx.save_for_backward(*tensors)
