@@ -390,10 +390,12 @@ def _save_tensors(ctx, tensors):
     batch). Those are kept on ``ctx`` as they are (a table changed in place before the backward is
     then not noticed, as for any inference tensor). Read back with :func:`_saved_tensors`. (Not
     asked while tracing: dynamo cannot trace ``is_inference()``.)"""
-    if not torch.compiler.is_compiling() and any(t is not None and t.is_inference() for t in tensors):
-        ctx.unversioned = tuple(tensors)
-    else:
-        ctx.save_for_backward(*tensors)
+    if not torch.compiler.is_compiling():
+        for t in tensors:  # (a loop: on every graded call, a generator costs more)
+            if t is not None and t.is_inference():
+                ctx.unversioned = tuple(tensors)
+                return
+    ctx.save_for_backward(*tensors)
 
 
 def _saved_tensors(ctx):
