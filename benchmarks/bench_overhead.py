@@ -1,4 +1,5 @@
-"""Per-call cost of a small lookup: pme.MultiSizeEmbeddingBag against nn.EmbeddingBag.
+"""Per-call cost of a small lookup: pme.MultiSizeEmbeddingBag against nn.EmbeddingBag, and
+pme.MultiSizeEmbedding against nn.Embedding on the same indices (B x L of them, no pooling).
 
 A batch of a few bags moves almost no bytes, so its time is the fixed cost of one call: Python,
 the operator dispatch (torch.library's autograd wrapper for pme), the input checks and the kernel
@@ -94,33 +95,36 @@ def main():
     dev = torch.device(a.device)
     g = torch.Generator().manual_seed(0)
     sizes = torch.randint(1, a.dim + 1, (a.rows,), generator=g)
-    tables = {
-        "pme": pme.MultiSizeEmbeddingBag(a.rows, a.dim, mode="sum", sizes=sizes).to(dev),
-        "nn.EmbeddingBag": torch.nn.EmbeddingBag(a.rows, a.dim, mode="sum").to(dev),
+    tables = {  # name: (module, pooled: called with the bags' offsets)
+        "pme": (pme.MultiSizeEmbeddingBag(a.rows, a.dim, mode="sum", sizes=sizes).to(dev), True),
+        "nn.EmbeddingBag": (torch.nn.EmbeddingBag(a.rows, a.dim, mode="sum").to(dev), True),
+        "pme.MultiSizeEmbedding": (pme.MultiSizeEmbedding(a.rows, a.dim, sizes=sizes).to(dev), False),
+        "nn.Embedding": (torch.nn.Embedding(a.rows, a.dim).to(dev), False),
     }
     rows = []
-    print(f"{'bags':>6} {'case':34} {'min us':>8} {'median us':>10}")
+    print(f"{'bags':>6} {'case':40} {'min us':>8} {'median us':>10}")
     for B in a.bags:
         idx = torch.randint(0, a.rows, (B * a.pooling_factor,), generator=g).to(dev)
         off = (torch.arange(B) * a.pooling_factor).to(dev)
         cases = {}
-        for name, m in tables.items():
+        for name, (m, pooled) in tables.items():
 
-            def call(m=m):
-                return m(idx, off)
+            def call(m=m, pooled=pooled):
+                return m(idx, off) if pooled else m(idx)
 
             cases[f"{name}, no grad"] = (lambda call=call: _no_grad(call), contextlib.nullcontext)
             cases[f"{name}, grad"] = (call, contextlib.nullcontext)
         cases["pme, no grad, via autograd wrapper"] = (
-            lambda: _no_grad(lambda: tables["pme"](idx, off)),
+            lambda: _no_grad(lambda: tables["pme"][0](idx, off)),
             through_autograd_wrapper,
         )
         for case, (lo, mid) in interleaved_us(cases, a.calls, a.warmup, a.rounds, dev).items():
             rows.append({"bags": B, "case": case, "min_us": lo, "median_us": mid})
-            print(f"{B:>6} {case:34} {lo:8.1f} {mid:10.1f}", flush=True)
+            print(f"{B:>6} {case:40} {lo:8.1f} {mid:10.1f}", flush=True)
     name = dev.type if dev.type == "cpu" else torch.cuda.get_device_name(dev).replace(" ", "-").lower()
     doc = {
-        "what": "microseconds per call of a small sum-pooled lookup (forward only; 'grad': weight requires grad); "
+        "what": "microseconds per call of a small sum-pooled lookup, and of the non-pooled lookup of the same "
+        "indices (pme.MultiSizeEmbedding, nn.Embedding) (forward only; 'grad': weight requires grad); "
         "min and median over interleaved rounds; 'via autograd wrapper': pme's no-grad call as before it skipped "
         "torch.library's autograd wrapper",
         "device": name,
