@@ -1126,6 +1126,9 @@ def main(argv=None):
         f"{info['name']}, torch {info['torch']}, copy {copy['bytes_per_s'] / 1e9:.0f} GB/s",
     )
     print(f"wrote {path}" + (f" and {png}" if png else ""))
+    rows = [r for o in outs for r in o["results"]]
+    if rows and all("error" in r for r in rows):  # nothing was timed: a failed run, not a result
+        sys.exit(f"pme bench: every method failed ({rows[0]['error']}); the JSON records the errors")
     return outs
 
 

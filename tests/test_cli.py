@@ -160,3 +160,19 @@ def test_benchmark_scripts_refuse_bad_numbers(tmp_path, script, bad, says):
         cwd=tmp_path,
     )
     assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_bench_exits_non_zero_when_every_method_failed(tmp_path, monkeypatch):
+    """A run in which no method could be timed is a failure (exit status, not 0), with the JSON
+    recording each error; one method that runs is enough for a result."""
+    from pme import bench
+
+    def broken(c, timer):
+        raise RuntimeError("kaputt")
+
+    out = tmp_path / "b.json"
+    run = ["bench", "--quick", "--rows", "1000", "--bags", "4", "--methods", "pme", "--repeats", "3", "--copy-mb", "16"]
+    monkeypatch.setitem(bench.RUNNERS, "pme", broken)
+    with pytest.raises(SystemExit, match="every method failed \\(RuntimeError: kaputt\\)"):
+        main([*run, "--out", str(out)])
+    assert json.loads(out.read_text())["configs"][0]["results"][0]["error"] == "RuntimeError: kaputt"
