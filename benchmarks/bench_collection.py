@@ -39,7 +39,8 @@ reference kernels on this machine (it reported no AVX2 in-process; see /work/sha
 which flatters any rival's step figures. The build machine is shared: say so next to any figure.
 
 Output: a table on stdout, ``benchmarks/results/collection_<device>_<date>.json`` (device, sizes,
-distribution, every median) and a PNG of the same name.
+distribution, every median) and a PNG of the same name; ``--out`` names another folder for them,
+or, ending in ``.json``, the file itself (the PNG next to it).
 """
 
 from __future__ import annotations
@@ -498,7 +499,10 @@ def main(argv=None):
         for k, v in r["ratios"].items():
             w = r["rounds_pme_faster"].get(k)
             print(f"  {r['config']:20s} {r['threads']}t  {k:48s} {v:6.2f}x  (pme faster in {w}/{args.rounds} rounds)")
-    stem = os.path.join(args.out, f"collection_cpu_{dt.date.today().isoformat()}")
+    if args.out.endswith(".json"):  # a file named by the caller (else a folder, the dated name inside)
+        stem = args.out[: -len(".json")]
+    else:
+        stem = os.path.join(args.out, f"collection_cpu_{dt.date.today().isoformat()}")
     save_json({"meta": meta, "results": results}, stem + ".json")
     plot(stem + ".png", results)
 
