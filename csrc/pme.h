@@ -231,8 +231,8 @@ inline int64_t check_grad_args(const Tensor& grad_out, const Tensor& weight, con
   const int64_t W = grad_out.sizes()[1];
   if (mode == kMax) {
     PME_CHECK(argmax.dim() == 2 && argmax.sizes()[0] == a.num_bags && argmax.sizes()[1] == W &&
-                  argmax.scalar_type() == ScalarType::Long,
-              "argmax must be the int64 [B, width] tensor returned by the forward");
+                  argmax.scalar_type() == ScalarType::Long && argmax.is_contiguous(),
+              "argmax must be the contiguous int64 [B, width] tensor returned by the forward");
     check_same_device(argmax, weight, "argmax");
   }
   return W;

@@ -1599,11 +1599,22 @@ def check_col_of_size(col_of_size: torch.Tensor, offsets: torch.Tensor, width: i
 
 def check_offsets(offsets: torch.Tensor, total: int, max_size: int | None = None):
     """Full O(V) check of an offset table: starts at 0, non-decreasing, ends at ``total``."""
+    if (
+        not isinstance(offsets, torch.Tensor)
+        or offsets.dim() != 1
+        or offsets.dtype != torch.int64
+        or not offsets.numel()
+    ):
+        raise ValueError(
+            f"offsets must be a 1-D int64 tensor of V + 1 >= 1 entries, got {getattr(offsets, 'dtype', type(offsets))} "
+            f"of shape {tuple(getattr(offsets, 'shape', ()))}"
+        )
     if int(offsets[0]) != 0:
         raise ValueError(f"offsets[0] must be 0, got {int(offsets[0])}")
-    sizes = offsets[1:] - offsets[:-1]
-    if sizes.numel() and int(sizes.min()) < 0:
-        r = int((sizes < 0).nonzero()[0])
+    sizes = offsets[1:] - offsets[:-1]  # (may wrap for offsets far apart: order is compared directly)
+    decreasing = offsets[1:] < offsets[:-1]
+    if bool(decreasing.any()):
+        r = int(decreasing.nonzero()[0])
         raise ValueError(
             f"offsets must be non-decreasing: offsets[{r + 1}] = {int(offsets[r + 1])} < "
             f"offsets[{r}] = {int(offsets[r])}"
@@ -1702,6 +1713,14 @@ def _fused_lookup(
     if mode not in MODES:
         raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
     pad = normalize_padding_idx(padding_idx, offsets.numel() - 1)
+    if isinstance(indices, torch.Tensor) and isinstance(bag_offsets, torch.Tensor):
+        if indices.dtype != bag_offsets.dtype and {indices.dtype, bag_offsets.dtype} <= set(INDEX_DTYPES):
+            indices, bag_offsets = indices.long(), bag_offsets.long()  # as embedding_bag (and torch): both int64
+        indices, bag_offsets = indices.contiguous(), bag_offsets.contiguous()
+    if isinstance(per_sample_weights, torch.Tensor):
+        per_sample_weights = per_sample_weights.contiguous()
+    if isinstance(argmax, torch.Tensor):
+        argmax = argmax.contiguous()  # the kernels read argmax [B, width] as contiguous rows
     bags = _Bags(offsets, indices, bag_offsets, per_sample_weights, col_of_size, grad_out.shape[-1], MODES[mode], pad)
     return bags, argmax
 
@@ -1776,7 +1795,10 @@ def prune_pack(dense: torch.Tensor, scores: torch.Tensor, sizes: torch.Tensor, o
         raise ValueError(
             f"dense and scores must be 2-D of the same shape, got {tuple(dense.shape)} and {tuple(scores.shape)}"
         )
+    given = sizes
     sizes = torch.as_tensor(sizes, device=dense.device)
+    if not isinstance(given, torch.Tensor) and sizes.numel() == 0:
+        sizes = sizes.to(torch.int64)  # an empty list (no rows) is float32 to torch.as_tensor
     if sizes.is_floating_point() or sizes.is_complex() or sizes.dtype == torch.bool:
         raise TypeError(f"sizes must be integers, got {sizes.dtype}")
     sizes = sizes.to(torch.int64)
@@ -1786,7 +1808,8 @@ def prune_pack(dense: torch.Tensor, scores: torch.Tensor, sizes: torch.Tensor, o
         raise ValueError(f"sizes must be in [0, {dense.shape[1]}], got [{int(sizes.min())}, {int(sizes.max())}]")
     offsets = torch.zeros(sizes.numel() + 1, dtype=torch.int64, device=dense.device)
     torch.cumsum(sizes, 0, out=offsets[1:])
-    scores = scores.float()
+    dense = dense.detach()  # packing is not differentiable (the operator has no autograd formula)
+    scores = scores.detach().float()
     if _compiled(dense):
         return torch.ops.pme.prune_pack(dense, scores, offsets, order == "score"), offsets
     return reference.prune_pack(dense, scores, offsets, order == "score"), offsets
