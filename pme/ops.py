@@ -504,7 +504,7 @@ def _bagbwd_setup(ctx, inputs, output):
     grad_out, weight, offsets, indices, bag_offsets, psw, col, argmax, mode, pad, psw_grad = inputs[:11]
     ctx.psw_grad = psw_grad
     bags = _Bags(offsets, indices, bag_offsets, psw, col, grad_out.shape[1], mode, pad)
-    _save(ctx, bags, grad_out, weight, argmax)
+    return _save(ctx, bags, grad_out, weight, argmax)
 
 
 def _bagbwd_backward(ctx, gg_w, gg_p):
@@ -522,14 +522,44 @@ def _bagbwd_backward(ctx, gg_w, gg_p):
     return g_go, g_w, None, None, None, g_psw, None, None, None, None, None, None
 
 
+def _bagbwd_jvp(ctx, go_t, w_t, _o, _i, _b, psw_t, *_rest):
+    """Forward-mode derivative of ``pme::bag_backward`` (torch.func.hessian: forward over reverse).
+    The weight gradient is linear in grad_out (and, weighted, in per_sample_weights); the
+    per_sample_weights gradient is bilinear in grad_out and the weight."""
+    bags, (grad_out, weight, argmax) = _saved(ctx)
+    gw_t = gp_t = None
+    if go_t is not None:
+        gw_t, gp = bags.backward(go_t.contiguous(), weight, argmax, ctx.psw_grad)
+        gp_t = gp if ctx.psw_grad else None
+    if psw_t is not None and bags.per_sample_weights is not None:
+        extra = bags.weighted(psw_t).backward(grad_out, weight, argmax, False)[0]
+        gw_t = extra if gw_t is None else gw_t + extra
+    if w_t is not None and ctx.psw_grad:
+        extra = bags.backward(grad_out, w_t.contiguous(), argmax, True)[1]
+        gp_t = extra if gp_t is None else gp_t + extra
+    n = bags.indices.shape[0] if ctx.psw_grad else 0
+    return (torch.zeros_like(weight) if gw_t is None else gw_t), (weight.new_zeros(n) if gp_t is None else gp_t)
+
+
 def _embbwd_setup(ctx, inputs, output):
     grad_out, weight, offsets, indices, col_of_size, padding_idx = inputs[:6]
     ctx.pad = padding_idx
-    ctx.save_for_backward(grad_out, offsets, indices, col_of_size)
+    saved = (grad_out, offsets, indices, col_of_size, weight)
+    ctx.save_for_backward(*saved)
+    return saved
+
+
+def _embbwd_jvp(ctx, go_t, *_rest):
+    """Forward-mode derivative of ``pme::embedding_backward``: it is linear in grad_out (and does
+    not depend on the weight's values)."""
+    grad_out, offsets, indices, col, weight = ctx.saved_tensors
+    if go_t is None:
+        return torch.zeros_like(weight)
+    return _EmbeddingBackward.apply(go_t.contiguous(), weight, offsets, indices, col, ctx.pad, True)
 
 
 def _embbwd_backward(ctx, gg_w):
-    grad_out, offsets, indices, col = ctx.saved_tensors
+    grad_out, offsets, indices, col, _weight = ctx.saved_tensors
     if gg_w is None or not ctx.needs_input_grad[0]:
         return None, None, None, None, None, None, None
     args = (gg_w.contiguous(), offsets, indices, col, grad_out.shape[1], ctx.pad)
@@ -570,26 +600,35 @@ def _vmap_by_loop(function):
     return staticmethod(vmap)
 
 
-def backward_function(name: str, setup_context, backward, doc: str):
+def backward_function(name: str, setup_context, backward, doc: str, jvp=None):
     """The backward operator ``pme::name`` as an autograd.Function for torch.func transforms (called
     with the schema's arguments, positionally): ``setup_context`` and ``backward`` its derivative
-    (the registered formula's), ``vmap`` one call per batch element. Also used by pme.collection."""
+    (the registered formula's), ``vmap`` one call per batch element; with ``jvp`` also a
+    forward-mode derivative, reading what ``setup_context`` saved (it returns those tensors, which
+    are saved for the forward too). Also used by pme.collection."""
 
     def forward(*args):
         with _below_autograd():
             return getattr(torch.ops.pme, name).default(*args)
 
-    body = {"forward": staticmethod(forward), "setup_context": staticmethod(setup_context), "__doc__": doc}
+    def setup(ctx, inputs, output):
+        saved = setup_context(ctx, inputs, output)
+        if jvp is not None:
+            ctx.save_for_forward(*saved)
+
+    body = {"forward": staticmethod(forward), "setup_context": staticmethod(setup), "__doc__": doc}
+    if jvp is not None:
+        body["jvp"] = staticmethod(jvp)
     function = type(f"_{name}_function", (torch.autograd.Function,), {**body, "backward": staticmethod(backward)})
     function.vmap = _vmap_by_loop(function)
     return function
 
 
 _BagBackward = backward_function(
-    "bag_backward", _bagbwd_setup, _bagbwd_backward, "pme::bag_backward with its double-backward formula"
+    "bag_backward", _bagbwd_setup, _bagbwd_backward, "pme::bag_backward with its derivatives", _bagbwd_jvp
 )
 _EmbeddingBackward = backward_function(
-    "embedding_backward", _embbwd_setup, _embbwd_backward, "pme::embedding_backward with its double-backward formula"
+    "embedding_backward", _embbwd_setup, _embbwd_backward, "pme::embedding_backward with its derivatives", _embbwd_jvp
 )
 
 
@@ -1513,9 +1552,10 @@ class _EmbeddingLookup(torch.autograd.Function):
         _weight, offsets, indices, col_of_size = ctx.saved_tensors
         if w_t is None:
             return None
-        return torch.ops.pme.embedding_forward(
-            w_t.contiguous(), offsets, indices, col_of_size, ctx.width, ctx.padding_idx, table_checked=True
-        )
+        args = (w_t.contiguous(), offsets, indices, col_of_size, ctx.width, ctx.padding_idx)
+        if _functorch_active():  # (inside a transform: the Function, batched by its vmap rule)
+            return _EmbeddingLookup.apply(*args)
+        return torch.ops.pme.embedding_forward(*args, table_checked=True)
 
 
 _EmbeddingLookup.vmap = _vmap_by_loop(_EmbeddingLookup)

@@ -652,11 +652,12 @@ def test_embedding_double_backward_and_jvp(pad, layout):
     torch.testing.assert_close(tangent, tangent_ref)
 
 
+@pytest.mark.filterwarnings("error:There is a performance drop")  # torch's generic batching fallback
 @pytest.mark.parametrize("mode", ["sum", "mean", "max", "embedding"])
 @pytest.mark.parametrize("layout", ["padded", "grouped"])
 def test_torch_func_transforms(mode, layout):
-    """torch.func's grad, vjp, jacrev, vmap, per-sample gradients (vmap of grad) and grad of grad
-    over a lookup equal torch.autograd on the same function, and the lookup's Jacobian equals that
+    """torch.func's grad, vjp, jacrev, vmap, per-sample gradients (vmap of grad), grad of grad and
+    hessian (forward over reverse) over a lookup equal torch.autograd on the same function, and the lookup's Jacobian equals that
     of F.embedding_bag / F.embedding on the dense view (the backward operators inside a transform go
     through Functions with setup_context; vmap calls the lookup once per batch element)."""
     from torch.func import grad, jacrev, vjp, vmap
@@ -695,6 +696,7 @@ def test_torch_func_transforms(mode, layout):
     torch.testing.assert_close(vmap(f)(w0 + tangents), torch.stack([f(w0 + t) for t in tangents]))
     hess = torch.autograd.functional.hessian(loss, w0)
     torch.testing.assert_close(jacrev(grad(loss))(w0), hess)
+    torch.testing.assert_close(torch.func.hessian(loss)(w0), hess)  # forward over reverse
 
     # per-sample gradients: one gradient per bag (vmap over the bags, grad over the table)
     rows = torch.randint(0, 11, (5, 3), generator=torch.Generator().manual_seed(1))
@@ -719,6 +721,9 @@ def test_torch_func_transforms(mode, layout):
             torch.testing.assert_close(a, b)
         hp = torch.autograd.functional.hessian(lambda p: loss_p(w0, p), p0)
         torch.testing.assert_close(jacrev(grad(loss_p, argnums=1), argnums=1)(w0, p0), hp)
+        torch.testing.assert_close(torch.func.hessian(lambda p: loss_p(w0, p))(p0), hp)
+        hw = torch.autograd.functional.hessian(lambda w: loss_p(w, p0), w0)
+        torch.testing.assert_close(torch.func.hessian(lambda w: loss_p(w, p0))(w0), hw)
 
 
 def test_to_dense_checks_the_table_whole():
