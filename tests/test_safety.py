@@ -657,9 +657,10 @@ def test_embedding_double_backward_and_jvp(pad, layout):
 @pytest.mark.parametrize("layout", ["padded", "grouped"])
 def test_torch_func_transforms(mode, layout):
     """torch.func's grad, vjp, jacrev, vmap, per-sample gradients (vmap of grad), grad of grad and
-    hessian (forward over reverse) over a lookup equal torch.autograd on the same function, and the lookup's Jacobian equals that
-    of F.embedding_bag / F.embedding on the dense view (the backward operators inside a transform go
-    through Functions with setup_context; vmap calls the lookup once per batch element)."""
+    hessian (forward over reverse) over a lookup equal torch.autograd on the same function, and
+    the lookup's Jacobian equals that of F.embedding_bag / F.embedding on the dense view (the
+    backward operators inside a transform go through Functions with setup_context; vmap calls
+    the lookup once per batch element)."""
     from torch.func import grad, jacrev, vjp, vmap
 
     w, off, col, width, _ = make_table(11, 6, torch.float64, layout=layout, seed=4)
