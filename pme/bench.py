@@ -668,6 +668,11 @@ def fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
 
+def _cfg_summary(cfg: dict) -> str:
+    """A config's sizes in one phrase, for an error."""
+    return ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in cfg.items())
+
+
 def run_case(c: Case, methods, timer, copy_bps, mem_limit, dry_run, progress) -> dict:
     rows = []  # one per (method, phase)
     for i, name in enumerate(methods):
@@ -1098,7 +1103,11 @@ def main(argv=None):
         progress = f"[{ci + 1}/{len(configs)} {name}]"
         print(f"\n{progress} building inputs ...", end=" ", flush=True)
         t0 = time.perf_counter()
-        c = Case(name, cfg, device, args.seed, args.zipf_alpha)
+        try:
+            c = Case(name, cfg, device, args.seed, args.zipf_alpha)
+        except (MemoryError, RuntimeError) as e:  # e.g. --rows beyond the memory: one line, not a traceback
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            sys.exit(f"\npme bench: cannot build the inputs of {name} ({_cfg_summary(cfg)}): {first}")
         print(f"{time.perf_counter() - t0:.1f} s: {c.describe()}", flush=True)
         load_before = os.getloadavg()[0]
         out = run_case(c, methods, timer, copy["bytes_per_s"], mem_limit, args.dry_run, progress)

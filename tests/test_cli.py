@@ -176,3 +176,10 @@ def test_bench_exits_non_zero_when_every_method_failed(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="every method failed \\(RuntimeError: kaputt\\)"):
         main([*run, "--out", str(out)])
     assert json.loads(out.read_text())["configs"][0]["results"][0]["error"] == "RuntimeError: kaputt"
+
+
+def test_bench_inputs_beyond_the_memory_are_one_error_line(capsys):
+    """--rows far beyond the memory: the inputs cannot be built; one line naming the config, not a
+    traceback."""
+    with pytest.raises(SystemExit, match=r"cannot build the inputs of quick \(rows 10,000,000,000,000"):
+        main(["bench", "--quick", "--rows", str(10**13), "--bags", "4", "--methods", "pme", "--no-save"])
