@@ -50,6 +50,17 @@ def parse_sizes(sizes, num_embeddings: int, embedding_dim: int) -> torch.Tensor:
     return out
 
 
+def _storage_of(t: torch.Tensor):
+    """Where a plain tensor's values live (its data pointer), or None for a tensor subclass (a
+    FakeTensor under tracing has no memory) or one without storage."""
+    if type(t) not in (torch.Tensor, nn.Parameter):
+        return None
+    try:
+        return t.data_ptr()
+    except RuntimeError:
+        return None
+
+
 def _first_columns(V: int, D: int, device=None) -> torch.Tensor:
     """Scores ``[V, D]`` under which every row keeps its first columns (for ``prune_pack``)."""
     return -torch.arange(D, dtype=torch.float32, device=device).expand(V, D).contiguous()
@@ -662,6 +673,7 @@ class _MultiSizeTable(_FusedStateOwner, nn.Module):
         # it (.to() refuses to copy out of meta): the offsets are then uninitialised until a
         # checkpoint is loaded (_check_loaded).
         was_meta = self.offsets.is_meta
+        before = {} if was_meta else {n: _storage_of(getattr(self, n)) for n in ("weight", "offsets")}
         consumer = getattr(self, "optimizer", None)
         if consumer is None:
             super()._apply(fn, recurse)
@@ -670,6 +682,12 @@ class _MultiSizeTable(_FusedStateOwner, nn.Module):
                 super()._apply(fn, recurse)
         if was_meta and not self.offsets.is_meta:
             self._unloaded = True
+        for name, ptr in before.items():  # a cast or a move made new memory: on huge pages too (pme.memory)
+            t = getattr(self, name)
+            if ptr is not None and _storage_of(t) not in (ptr, None):
+                fresh = memory.fresh_table(t.data)
+                if fresh is not t.data:
+                    t.data = fresh
         return self
 
     def _fused_step(self) -> bool:

@@ -68,6 +68,8 @@ def test_fresh_table_copies_big_cpu_tensors_and_leaves_the_rest(monkeypatch):
         "dense_weight",
         "from_embedding_bag",
         "dense_checkpoint",
+        "cast",
+        "cast_fused",
     ],
 )
 def test_tables_are_advised_for_huge_pages(build, monkeypatch):
@@ -83,6 +85,11 @@ def test_tables_are_advised_for_huge_pages(build, monkeypatch):
     def make():
         if build == "from_dense":
             return pme.MultiSizeEmbeddingBag.from_dense(torch.randn(V, D), torch.full((V,), 6))
+        if build == "cast":  # .double() (or .half(), .to(dtype)) makes a new buffer: advised too
+            return pme.MultiSizeEmbeddingBag(V, D, sizes=torch.full((V,), 6)).double()
+        if build == "cast_fused":  # the same with a fused optimizer's state kept aside
+            opt = pme.optim.Adam(lr=0.1)
+            return pme.MultiSizeEmbeddingBag(V, D, sizes=torch.full((V,), 6), optimizer=opt).to(torch.float64)
         if build == "constructor":
             return pme.MultiSizeEmbeddingBag(V, D, sizes=torch.full((V,), 6))
         if build == "float64":  # a dtype of its own: the buffer is pme's, not a torch cast of it
