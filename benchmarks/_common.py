@@ -11,8 +11,8 @@ import os
 import torch
 
 import pme
-from pme.bench import _positive, cpu_model
-from pme.cli import _count, _device, _fraction, _non_negative, _seed
+from pme.bench import cpu_model
+from pme.cli import _count, _device, _fraction, _non_negative, _positive, _seed
 
 # argparse types the scripts share: pme's own, so a bad value is refused as `pme` refuses it
 at_least, device_arg, fraction, non_negative, positive, seed_arg = (

@@ -877,19 +877,8 @@ def _dim_arg(text: str) -> int:
     return d
 
 
-def _positive(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < x < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} is not a finite number > 0")
-    return x
-
-
 def parse_args(argv=None):
-    from .cli import _count, _device, _non_negative, _seed
+    from .cli import _count, _device, _non_negative, _positive, _seed
 
     configs = "\n".join(
         f"  {k:17s} {v['rows']:>12,} x {v['dim']:<4d} {v['dtype']:5s} {v['bags']:>6d} bags x "

@@ -228,12 +228,17 @@ def _bench(args):
 RULES = ("magnitude", "movement", "taylor", "saliency", "snip", "grad")  # pme.search.RULES, without importing torch
 
 
+def _parsed(text: str, kind):
+    """``kind(text)`` (int or float) for an argparse type; an ArgumentTypeError when it is not one."""
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+
+
 def _fraction(text: str) -> float:
     """argparse type: a number in (0, 1] (a budget or a share of a training run)."""
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    x = _parsed(text, float)
     if not 0 < x <= 1:
         hint = f" (a fraction: {x / 100:g} for {x:g}%)" if 1 < x <= 100 else ""
         raise argparse.ArgumentTypeError(f"{text} is not in (0, 1]{hint}")
@@ -244,10 +249,7 @@ def _count(least: int):
     """argparse type: an integer >= least."""
 
     def parse(text: str) -> int:
-        try:
-            x = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        x = _parsed(text, int)
         if x < least:
             raise argparse.ArgumentTypeError(f"{text} is below {least}")
         return x
@@ -258,21 +260,23 @@ def _count(least: int):
 
 def _non_negative(text: str) -> float:
     """argparse type: a finite number >= 0."""
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    x = _parsed(text, float)
     if not 0 <= x < float("inf"):
         raise argparse.ArgumentTypeError(f"{text} is not a finite number >= 0")
     return x
 
 
+def _positive(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    x = _parsed(text, float)
+    if not 0 < x < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number > 0")
+    return x
+
+
 def _seed(text: str) -> int:
     """argparse type: a seed, an integer in [0, 2**63) (what torch's generators take)."""
-    try:
-        x = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    x = _parsed(text, int)
     if not 0 <= x < 2**63:
         raise argparse.ArgumentTypeError(f"{text} is not a seed in [0, 2**63)")
     return x

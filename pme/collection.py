@@ -998,6 +998,7 @@ class MultiSizeEmbeddingBagCollection(_FusedStateOwner, nn.Module):
             keys, vals, raw, wl = [], [], [], []
             B = None
             read = self._read_keys()
+            dev = self.weight.device
             for k, item in features.items():
                 if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
                     raise TypeError(
@@ -1022,10 +1023,8 @@ class MultiSizeEmbeddingBagCollection(_FusedStateOwner, nn.Module):
                     if not wk.is_floating_point():
                         raise TypeError(f"feature {k!r}: weights must be floating point, got {wk.dtype}")
                 for what, x in (("values", v), ("offsets", o), ("weights", item[2] if len(item) == 3 else None)):
-                    if x is not None and x.device != self.weight.device:
-                        raise ValueError(
-                            f"feature {k!r}: its {what} are on {x.device} but the collection is on {self.weight.device}"
-                        )
+                    if x is not None and x.device != dev:
+                        raise ValueError(f"feature {k!r}: its {what} are on {x.device} but the collection is on {dev}")
                 if o.numel() < 1:
                     raise ValueError(f"feature {k!r}: offsets must have B + 1 >= 1 entries (they include the end)")
                 if B is None:

@@ -524,13 +524,6 @@ class _MultiSizeTable(_FusedStateOwner, nn.Module):
         else:
             self.__dict__.pop("_unloaded", None)  # (to_empty's uninitialised offsets are loaded now)
 
-    def to_empty(self, *, device, recurse=True):
-        """As ``nn.Module.to_empty``: storage on ``device`` with uninitialised values, the offsets
-        (the row sizes) included, so load a checkpoint (``load_state_dict``) before using the table;
-        a lookup before that is a clear error (also when a parent module's ``to_empty`` moved it,
-        see ``_apply``). A fused optimizer's state starts fresh (zeros)."""
-        return super().to_empty(device=device, recurse=recurse)
-
     def _check_loaded(self):
         if self.__dict__.get("_unloaded"):
             raise RuntimeError(
@@ -671,7 +664,7 @@ class _MultiSizeTable(_FusedStateOwner, nn.Module):
         # fused optimizer or scorer (pme.ops.RowConsumer) has its own dtype and device rules.
         # Off the meta device only to_empty (this table's or a parent's: both come here) can take
         # it (.to() refuses to copy out of meta): the offsets are then uninitialised until a
-        # checkpoint is loaded (_check_loaded).
+        # checkpoint is loaded (_check_loaded; a fused optimizer's state starts at zeros).
         was_meta = self.offsets.is_meta
         before = {} if was_meta else {n: _storage_of(getattr(self, n)) for n in ("weight", "offsets")}
         consumer = getattr(self, "optimizer", None)

@@ -255,19 +255,24 @@ def forward_call(op, graded, *args, **kwargs):
         return op(*args, **kwargs)
 
 
-def _compiled(t: torch.Tensor) -> bool:
-    """Whether the compiled kernels serve tensors on ``t``'s device."""
+def _kernels_serve(t: torch.Tensor) -> bool:
+    """Whether this build's compiled kernels serve tensors on ``t``'s device (False, not an error,
+    for CUDA tensors under a CPU-only build: see :func:`_compiled`)."""
     if BUILD_INFO is None:
         return False
-    if t.is_cpu:
+    return t.is_cpu or (t.is_cuda and BUILD_INFO.get("cuda", "none") != "none")
+
+
+def _compiled(t: torch.Tensor) -> bool:
+    """Whether the compiled kernels serve tensors on ``t``'s device; CUDA tensors under a CPU-only
+    build are an error (pme's tables have no other path there)."""
+    if _kernels_serve(t):
         return True
-    if t.is_cuda:
-        if BUILD_INFO.get("cuda", "none") == "none":
-            raise RuntimeError(
-                "pme: this build of pme has no CUDA kernels (a CPU-only build) but got CUDA "
-                "tensors; install a +cuXXX wheel or rebuild with FORCE_CUDA=1"
-            )
-        return True
+    if BUILD_INFO is not None and t.is_cuda:
+        raise RuntimeError(
+            "pme: this build of pme has no CUDA kernels (a CPU-only build) but got CUDA "
+            "tensors; install a +cuXXX wheel or rebuild with FORCE_CUDA=1"
+        )
     return False
 
 
@@ -733,11 +738,7 @@ def check_table(weight: torch.Tensor, offsets: torch.Tensor, col_of_size: torch.
         raise ValueError(f"weight must be a 1-D tensor (the flat buffer), got shape {tuple(weight.shape)}")
     if weight.dtype not in WEIGHT_DTYPES:
         raise TypeError(f"weight must be float32, float64, float16 or bfloat16, got {weight.dtype}")
-    if offsets.dim() != 1 or offsets.dtype != torch.int64 or offsets.numel() < 1:
-        raise ValueError(
-            f"offsets must be a 1-D int64 tensor of V + 1 entries, got dtype {offsets.dtype} and "
-            f"shape {tuple(offsets.shape)}"
-        )
+    check_offsets_form(offsets)
     if offsets.device != weight.device:
         raise ValueError(f"offsets is on {offsets.device} but weight is on {weight.device}")
     if col_of_size is not None and (col_of_size.device != weight.device or col_of_size.dtype != torch.int64):
@@ -1637,8 +1638,8 @@ def check_col_of_size(col_of_size: torch.Tensor, offsets: torch.Tensor, width: i
         )
 
 
-def check_offsets(offsets: torch.Tensor, total: int, max_size: int | None = None):
-    """Full O(V) check of an offset table: starts at 0, non-decreasing, ends at ``total``."""
+def check_offsets_form(offsets):
+    """An offset table's form (no values read): a 1-D int64 tensor of ``V + 1 >= 1`` entries."""
     if (
         not isinstance(offsets, torch.Tensor)
         or offsets.dim() != 1
@@ -1649,10 +1650,14 @@ def check_offsets(offsets: torch.Tensor, total: int, max_size: int | None = None
             f"offsets must be a 1-D int64 tensor of V + 1 >= 1 entries, got {getattr(offsets, 'dtype', type(offsets))} "
             f"of shape {tuple(getattr(offsets, 'shape', ()))}"
         )
+
+
+def check_offsets(offsets: torch.Tensor, total: int, max_size: int | None = None):
+    """Full O(V) check of an offset table: starts at 0, non-decreasing, ends at ``total``."""
+    check_offsets_form(offsets)
     if int(offsets[0]) != 0:
         raise ValueError(f"offsets[0] must be 0, got {int(offsets[0])}")
-    sizes = offsets[1:] - offsets[:-1]  # (may wrap for offsets far apart: order is compared directly)
-    decreasing = offsets[1:] < offsets[:-1]
+    decreasing = offsets[1:] < offsets[:-1]  # (compared, not subtracted: a difference may wrap)
     if bool(decreasing.any()):
         r = int(decreasing.nonzero()[0])
         raise ValueError(
@@ -1661,6 +1666,7 @@ def check_offsets(offsets: torch.Tensor, total: int, max_size: int | None = None
         )
     if int(offsets[-1]) != total:
         raise ValueError(f"offsets[-1] = {int(offsets[-1])} must equal the number of stored entries {total}")
+    sizes = offsets[1:] - offsets[:-1]  # (non-decreasing from 0: no wrap)
     if max_size is not None and sizes.numel() and int(sizes.max()) > max_size:
         r = int((sizes > max_size).nonzero()[0])
         raise ValueError(f"row {r} has size {int(sizes[r])}, larger than the width {max_size}")
@@ -1835,10 +1841,9 @@ def prune_pack(dense: torch.Tensor, scores: torch.Tensor, sizes: torch.Tensor, o
         raise ValueError(
             f"dense and scores must be 2-D of the same shape, got {tuple(dense.shape)} and {tuple(scores.shape)}"
         )
-    given = sizes
     sizes = torch.as_tensor(sizes, device=dense.device)
-    if not isinstance(given, torch.Tensor) and sizes.numel() == 0:
-        sizes = sizes.to(torch.int64)  # an empty list (no rows) is float32 to torch.as_tensor
+    if sizes.numel() == 0:
+        sizes = sizes.to(torch.int64)  # no rows (an empty list is float32 to torch.as_tensor)
     if sizes.is_floating_point() or sizes.is_complex() or sizes.dtype == torch.bool:
         raise TypeError(f"sizes must be integers, got {sizes.dtype}")
     sizes = sizes.to(torch.int64)

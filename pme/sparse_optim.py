@@ -121,16 +121,6 @@ class SparseAdam(torch.optim.SparseAdam):
                     raise RuntimeError(f"SparseAdam: the state of {where} has no 'step'")
 
 
-def _kernel_serves(t: torch.Tensor) -> bool:
-    """Whether this build's ``sparse_adam_`` serves ``t``'s device. Unlike ``ops._compiled`` it does
-    not raise for CUDA tensors under a CPU-only build: the optimizer also serves torch's own tables
-    (nn.Embedding on CUDA), which then take the indexed step, as torch's SparseAdam would serve them."""
-    info = ops.BUILD_INFO
-    if info is None:
-        return False
-    return t.is_cpu or (t.is_cuda and info.get("cuda", "none") != "none")
-
-
 def _to_scalar(lr):
     """``lr`` as torch's step takes it: a number, or a 0-dim tensor (a 1-element tensor squeezed)."""
     return lr.squeeze() if isinstance(lr, torch.Tensor) and lr.dim() != 0 else lr
@@ -150,7 +140,7 @@ def _indexed_step(param, grad, exp_avg, exp_avg_sq, step, *, eps, beta1, beta2, 
     step_size = _to_scalar(lr) * math.sqrt(1 - beta2**step) / (1 - beta1**step)
     state = (param, exp_avg, exp_avg_sq)
     if (
-        _kernel_serves(param)
+        ops._kernels_serve(param)
         and param.dtype in (torch.float32, torch.float64)
         and all(t.is_contiguous() for t in state)
     ):  # one pass over the entries in C++/CUDA (csrc/cpu/sparse_adam_cpu.cpp)
